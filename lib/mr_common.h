@@ -1,0 +1,44 @@
+/* mr_common.h: error codes and small helpers shared by every libmindroom module.
+ *
+ * Convention (STYLE.md): a fallible call returns an mr_err (MR_OK == 0) and,
+ * where it can say more, fills a caller-owned buffer `err` of `errlen` bytes
+ * with a one-line message that is safe to log and to show a caller (never a
+ * secret, never SQL text). */
+#ifndef MR_COMMON_H
+#define MR_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum {
+    MR_OK = 0,
+    MR_EINVAL,      /* bad input from a caller: 400 */
+    MR_EAUTH,       /* missing or invalid credentials: 401 */
+    MR_EFORBIDDEN,  /* valid credentials, wrong role: 403 */
+    MR_ENOTFOUND,   /* unknown id: 404 */
+    MR_ECONFLICT,   /* illegal state change: 409 */
+    MR_ETOOBIG,     /* body over the cap: 413 */
+    MR_ETRANSIENT,  /* database or upstream down, retry later: 503 */
+    MR_EINTERNAL    /* a bug or an impossible state: 500 */
+} mr_err;
+
+#define MR_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Returns a static, lowercase name for an error ("invalid", "transient"...). */
+const char *mr_err_name(mr_err e);
+
+/* Returns the HTTP status that an error maps to (400, 401, ... 503). */
+int mr_err_status(mr_err e);
+
+/* Writes a formatted message into err (if err != NULL) and returns e. */
+mr_err mr_seterr(char *err, size_t errlen, mr_err e, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Constant-time comparison of two byte strings. Returns 1 when equal.
+ * Time depends only on the lengths, never on the contents. */
+int mr_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
+
+/* Monotonic milliseconds, for durations and deadlines. */
+int64_t mr_now_ms(void);
+
+#endif

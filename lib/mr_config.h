@@ -1,0 +1,37 @@
+/* mr_config.h: configuration from the environment, read once at start-up.
+ *
+ * Fail fast: a missing required variable or a malformed value prints one clear
+ * line naming the variable (never its value when it is a secret) and exits 2,
+ * so a misconfigured function never starts serving. */
+#ifndef MR_CONFIG_H
+#define MR_CONFIG_H
+
+#include <stdint.h>
+
+/* Returns the value of `name`, or `def` when unset or empty. With def == NULL
+ * the variable is required: missing -> message and exit(2). The pointer is
+ * the environment's own; do not free. */
+const char *mr_config_str(const char *name, const char *def);
+
+/* Like mr_config_str for secrets: also exits when the value has leading or
+ * trailing whitespace or is shorter than min_len; the message never shows it. */
+const char *mr_config_secret(const char *name, const char *def, size_t min_len);
+
+/* Integer in [min, max]; unset -> def; malformed or out of range -> exit(2). */
+int64_t mr_config_int(const char *name, int64_t def, int64_t min, int64_t max);
+
+/* "1/true/yes/on" or "0/false/no/off"; unset -> def; anything else -> exit(2). */
+int mr_config_bool(const char *name, int def);
+
+/* Testable core of the above: parse `value` (may be NULL) for variable
+ * `name`. Returns MR_OK and fills *out, or MR_EINVAL with err filled. */
+#include "mr_common.h"
+mr_err mr_config_parse_int(const char *name, const char *value, int64_t def,
+                           int64_t min, int64_t max, int64_t *out,
+                           char *err, size_t errlen);
+mr_err mr_config_parse_bool(const char *name, const char *value, int def,
+                            int *out, char *err, size_t errlen);
+mr_err mr_config_check_secret(const char *name, const char *value, size_t min_len,
+                              char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,114 @@
+/* mr_http.h: the FastCGI worker runtime and one request's view of HTTP.
+ *
+ * A function binary is an mr_app handed to mr_app_main(). The runtime binds the
+ * unix socket (--socket PATH or MR_SOCKET), pre-forks --workers N (MR_WORKERS,
+ * default: online cores) workers, respawns a worker that dies, and on SIGTERM
+ * stops accepting, lets in-flight requests (and their deferred work) finish,
+ * and exits. Each worker opens its own mr_db and mr_httpc after fork.
+ *
+ * Per request the runtime: copies the CGI params it needs, generates or takes
+ * X-Request-Id, checks the method against app->methods (405), applies
+ * app->auth (401/403), reads the body with CONTENT_LENGTH range-checked and
+ * capped at MR_MAX_BODY bytes (default 65536; 413; a short read is 400), calls
+ * app->handle, sends a 500 if the handler sent nothing, logs one access line,
+ * finishes the FastCGI request (the client has its answer), and only then runs
+ * the deferred job, if the handler registered one. */
+#ifndef MR_HTTP_H
+#define MR_HTTP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cjson/cJSON.h>
+#include "mr_common.h"
+
+struct FCGX_Request;
+typedef struct mr_db mr_db;
+typedef struct mr_httpc mr_httpc;
+
+#define MR_DEFAULT_MAX_BODY 65536
+
+typedef enum {
+    MR_AUTH_NONE,      /* no JWT (the webhook checks Stripe-Signature itself) */
+    MR_AUTH_SERVICE,   /* JWT with role service_role, else 401/403 */
+    MR_AUTH_USER,      /* JWT with role service_role or authenticated (with a sub) */
+    MR_AUTH_CUSTOM     /* the handler authenticates (e.g. provisioner bearer token) */
+} mr_auth_mode;
+
+/* Who is calling, as RLS should see it. */
+typedef struct {
+    char role[64];       /* "service_role", "authenticated", or "" when MR_AUTH_NONE */
+    char sub[64];        /* auth.uid() for users, "" otherwise */
+    char *claims_json;   /* verified JWT payload (owned by the runtime), or NULL */
+} mr_identity;
+
+typedef struct mr_req {
+    struct FCGX_Request *fcgx;
+    /* Copies owned by the runtime, valid until the request (and its deferred job) ends. */
+    const char *method;          /* "GET", "POST", ... */
+    const char *path;            /* the part after /functions/v1/<name>, or the
+                                    full DOCUMENT_URI for the provisioner ("" if none) */
+    const char *query;           /* QUERY_STRING, "" if none */
+    const char *content_type;    /* "" if none */
+    const char *authorization;   /* raw Authorization header, "" if none */
+    const char *stripe_signature;/* "" if none */
+    const char *remote_addr;
+    const char *user_agent;
+    char request_id[64];
+    /* Body: exactly body_len bytes as received, plus a NUL for convenience. */
+    char *body;
+    size_t body_len;
+    mr_identity who;             /* filled by the runtime for MR_AUTH_SERVICE/USER */
+    mr_db *db;                   /* this worker's connection (lazily connected) */
+    mr_httpc *http;              /* this worker's libcurl handle */
+    int status;                  /* 0 until a reply has been sent */
+    int64_t started_ms;
+} mr_req;
+
+typedef struct {
+    const char *name;            /* "provision-instance": logs and the socket's default name */
+    const char *methods;         /* "POST" or "GET,POST" */
+    mr_auth_mode auth;
+    /* Parent, once, before fork: read and validate config (may exit(2)). May be NULL. */
+    void (*init)(void);
+    /* Worker, once after fork, after db/http are opened. May be NULL. */
+    void (*worker_init)(void);
+    /* Must reply exactly once with mr_reply_json or mr_reply_error. */
+    void (*handle)(mr_req *r);
+} mr_app;
+
+/* Runs the app; returns the process exit status (0 after a clean SIGTERM drain). */
+int mr_app_main(const mr_app *app, int argc, char **argv);
+
+/* Sends status + JSON body (Content-Type: application/json, X-Request-Id).
+ * Takes ownership of body and deletes it. Extra headers may be NULL or a
+ * NULL-terminated list of "Name: value" strings. */
+void mr_reply_json(mr_req *r, int status, cJSON *body);
+void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extra_headers);
+
+/* Sends {"error":{"code":code,"message":<formatted>}}. Never put secrets or SQL in it. */
+void mr_reply_error(mr_req *r, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Maps an mr_err to its status and code name and replies with message. */
+void mr_reply_err(mr_req *r, mr_err e, const char *message);
+
+/* Registers work to run after the response has been sent and the FastCGI request
+ * finished (the caller already has the answer). At most one job per request.
+ * arg is passed to fn and then to free_arg (may be NULL). */
+void mr_defer(mr_req *r, void (*fn)(mr_req *r, void *arg), void *arg, void (*free_arg)(void *));
+
+/* Parsing helpers usable from handlers and tests. */
+/* Extracts the token from "Bearer <token>" (case-insensitive scheme). NULL if absent. */
+const char *mr_http_bearer(const char *authorization);
+/* Validates a CONTENT_LENGTH value against max. Returns MR_OK with *len set,
+ * MR_EINVAL for malformed/negative, MR_ETOOBIG when over max. NULL/"" is 0. */
+mr_err mr_http_content_length(const char *value, size_t max, size_t *len);
+/* Reads exactly len bytes via reader(ctx, buf, n) (returns bytes read, 0 at EOF).
+ * Returns a malloc'd NUL-terminated buffer, or NULL with *e = MR_EINVAL (short read). */
+char *mr_http_read_exact(int (*reader)(void *ctx, char *buf, int n), void *ctx,
+                         size_t len, mr_err *e);
+/* Looks up key in an application/x-www-form-urlencoded query; copies the decoded
+ * value into out. Returns MR_OK, MR_ENOTFOUND, or MR_EINVAL (too long/bad escape). */
+mr_err mr_http_query_param(const char *query, const char *key, char *out, size_t cap);
+
+#endif

@@ -1,0 +1,41 @@
+/* mr_httpc.h: outbound HTTP on libcurl, one reusable easy handle per worker.
+ *
+ * Every call has a connect deadline and a total deadline; responses larger than
+ * max_body are cut off as an error; redirects are not followed; only http and
+ * https. A 5xx is a successful transfer: callers check status. */
+#ifndef MR_HTTPC_H
+#define MR_HTTPC_H
+
+#include <stddef.h>
+#include "mr_common.h"
+#include "mr_http.h"
+
+typedef struct {
+    long status;        /* HTTP status, 0 if no response */
+    char *body;         /* malloc'd, NUL-terminated; caller frees with mr_httpc_resp_free */
+    size_t body_len;
+} mr_httpc_resp;
+
+typedef struct {
+    const char *method;              /* "GET", "POST", "DELETE" */
+    const char *url;
+    const char *const *headers;      /* NULL-terminated "Name: value" list, or NULL */
+    const char *body;                /* may be NULL */
+    size_t body_len;
+    long connect_timeout_ms;         /* 0 -> 2000 */
+    long timeout_ms;                 /* 0 -> 10000 */
+    size_t max_body;                 /* 0 -> 1 MiB */
+} mr_httpc_req;
+
+/* Returns a handle owned by the caller; free with mr_httpc_close. */
+mr_httpc *mr_httpc_open(void);
+void mr_httpc_close(mr_httpc *c);
+
+/* Performs the request. Returns MR_OK with *resp filled (any HTTP status),
+ * MR_ETRANSIENT on connect failure, timeout or oversized body, MR_EINVAL for a
+ * bad URL or scheme. err says which. */
+mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
+                   char *err, size_t errlen);
+void mr_httpc_resp_free(mr_httpc_resp *resp);
+
+#endif

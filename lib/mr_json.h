@@ -1,0 +1,29 @@
+/* mr_json.h: typed, case-sensitive getters on cJSON.
+ *
+ * Every getter checks the type before reading and returns MR_OK, MR_ENOTFOUND
+ * (key absent or JSON null) or MR_EINVAL (present with the wrong type or out of
+ * range). Returned strings point into the cJSON tree: valid until it is deleted. */
+#ifndef MR_JSON_H
+#define MR_JSON_H
+
+#include <cjson/cJSON.h>
+#include <stdint.h>
+#include "mr_common.h"
+
+/* Parses exactly `len` bytes (need not be NUL-terminated). Returns a tree the
+ * caller frees with cJSON_Delete, or NULL on malformed input or trailing junk. */
+cJSON *mr_json_parse(const char *buf, size_t len);
+
+/* Walks a dotted path of object keys ("data.object.customer"). NULL if absent. */
+const cJSON *mr_json_path(const cJSON *root, const char *dotted);
+
+mr_err mr_json_str(const cJSON *obj, const char *key, const char **out);
+mr_err mr_json_bool(const cJSON *obj, const char *key, int *out);
+/* Integers are read from valuedouble: must be integral and within
+ * [-2^53, 2^53] (exactly representable), then within [min, max]. */
+mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, int64_t *out);
+
+/* Serializes without whitespace. Returns malloc'd text the caller frees with free(). */
+char *mr_json_print(const cJSON *item);
+
+#endif

@@ -1,0 +1,23 @@
+/* mr_log.h: one JSON object per line on stderr (nginx/systemd/docker collect it).
+ *
+ * Never pass a secret, a token, a request body or an env value to these. */
+#ifndef MR_LOG_H
+#define MR_LOG_H
+
+#include <stdint.h>
+
+typedef enum { MR_LOG_DEBUG, MR_LOG_INFO, MR_LOG_WARN, MR_LOG_ERROR } mr_log_level;
+
+/* Sets the function name stamped on every line ("provision-instance") and
+ * the minimum level (from MR_LOG_LEVEL at start-up). `name` must outlive logging. */
+void mr_log_init(const char *name, mr_log_level min);
+
+/* Logs {"time","level","function","pid","msg"} with msg formatted and JSON-escaped. */
+void mr_log(mr_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The per-request access line: time, function, request_id, method, status,
+ * duration_ms, role (NULL -> "none"). */
+void mr_log_request(const char *request_id, const char *method, int status,
+                    int64_t duration_ms, const char *role);
+
+#endif

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Manages a PostgreSQL 15 cluster kept in one directory (the stack's .run/pg or a
+# test's temporary directory). initdb refuses to run as root, so as root every
+# server command runs as the unprivileged `postgres` user, which owns the directory.
+#
+#   scripts/pg.sh init  DIR [PORT]   create (if missing) and start; PORT "" = unix socket only
+#   scripts/pg.sh start DIR          start an existing cluster
+#   scripts/pg.sh stop  DIR          fast shutdown (waits)
+#   scripts/pg.sh kill  DIR          immediate shutdown (crash-like; for failure drills)
+#   scripts/pg.sh url   DIR          print the libpq conninfo for the `mindroom` database
+#
+# The socket lives in DIR itself, so clusters in different directories never collide.
+# PG_FSYNC=off (tests only) trades durability for speed.
+set -euo pipefail
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+cmd=${1:?usage: pg.sh init|start|stop|kill|url DIR [PORT]}
+dir=$(realpath -m "${2:?DIR required}")
+port=${3-}
+
+as_owner() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+conninfo() {
+  local p; p=$(sed -n 's/^port = \([0-9]*\).*/\1/p' "$dir/data/postgresql.auto.conf" 2>/dev/null | tail -1)
+  echo "host=$dir port=${p:-5432} dbname=mindroom user=postgres"
+}
+
+start() {
+  as_owner "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null
+}
+
+case "$cmd" in
+init)
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    as_owner "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
+    tcp_port=${port:-5432}
+    {
+      echo "unix_socket_directories = '$dir'"
+      if [ -n "$port" ]; then echo "listen_addresses = '127.0.0.1'"; else echo "listen_addresses = ''"; fi
+      echo "port = $tcp_port"
+      echo "max_connections = 200"
+      echo "shared_buffers = 128MB"
+      echo "fsync = ${PG_FSYNC:-on}"
+      echo "synchronous_commit = ${PG_FSYNC:-on}"
+      echo "full_page_writes = ${PG_FSYNC:-on}"
+      echo "log_min_messages = warning"
+      echo "log_min_error_statement = panic"
+    } | as_owner tee "$dir/data/postgresql.auto.conf" >/dev/null
+    start
+    as_owner "$PGBIN/psql" -X -q -h "$dir" -p "$tcp_port" -U postgres -d postgres \
+      -c "CREATE DATABASE mindroom" >/dev/null
+  else
+    as_owner "$PGBIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1 || start
+  fi
+  conninfo
+  ;;
+start) start; conninfo ;;
+stop)  as_owner "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true ;;
+kill)  as_owner "$PGBIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true ;;
+url)   conninfo ;;
+*) echo "pg.sh: unknown command $cmd" >&2; exit 2 ;;
+esac
