@@ -121,13 +121,25 @@ static mr_err check_result(mr_db *db, PGresult *res, PGresult **out, char sqlsta
 
 static int peer_closed(PGconn *c)
 {
-    struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
-    if (p.fd < 0)
-        return 1;
-    if (poll(&p, 1, 0) <= 0)
-        return 0;
-    /* Readable while idle: a notice, or the server saying goodbye. */
-    return !PQconsumeInput(c) || PQstatus(c) != CONNECTION_OK;
+    /* Readable while idle means a notice or the server saying goodbye. The
+     * goodbye is a FATAL message followed by EOF, and one PQconsumeInput may
+     * stop after the message, so keep reading while there is more. */
+    for (int i = 0; i < 4; i++) {
+        struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
+        if (p.fd < 0)
+            return 1;
+        if (poll(&p, 1, 0) <= 0)
+            return 0;
+        if (!PQconsumeInput(c) || PQstatus(c) != CONNECTION_OK)
+            return 1;
+    }
+    return 0;
+}
+
+static void on_notice(void *arg, const char *message)
+{
+    (void)arg;
+    mr_log(MR_LOG_DEBUG, "database notice: %.300s", message);
 }
 
 static mr_err db_connect(mr_db *db, char *err, size_t errlen)
@@ -143,6 +155,7 @@ static mr_err db_connect(mr_db *db, char *err, size_t errlen)
         memcpy(db->last_state, "08001", 6);
         return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     }
+    PQsetNoticeProcessor(c, on_notice, NULL);
     const char *p[1] = {db->statement_timeout};
     PGresult *res = PQexecParams(c, "SELECT set_config('statement_timeout', $1, false)", 1, NULL,
                                  p, NULL, NULL, 0);
