@@ -235,15 +235,23 @@ class Stack:
     provisioner_port (nginx), provisioner_url, base_url, db (database name),
     procs (name -> Popen of each running function's master), functions (names
     started). Extra env given to the constructor wins over the defaults.
+    functions= limits which of FUNCTIONS start (default: every one built);
+    extra_functions= names more binaries from the build (e.g. "noop", the
+    runtime's test function) served at /functions/v1/<name> too.
     """
 
-    def __init__(self, pg, env=None, functions=None, workers=2):
+    def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=()):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.db = "mr_" + secrets.token_hex(6)
         self.bin = build_dir() / "bin"
         wanted = functions if functions is not None else FUNCTIONS
         self.functions = [f for f in wanted if os.access(self.bin / f, os.X_OK)]
+        for f in extra_functions:
+            if not os.access(self.bin / f, os.X_OK):
+                raise RuntimeError("%s not built in %s" % (f, self.bin))
+        self.extra_functions = list(extra_functions)
+        self.functions += self.extra_functions
         self.procs = {}
         self.nginx = None
         self.port = self.provisioner_port = None
@@ -266,6 +274,8 @@ class Stack:
         for d in ("sock", "log", "nginx", "conf.d"):
             (self.run / d).mkdir()
         self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
+        (self.run / "conf.d/extra-functions.conf").write_text("".join(
+            self.extra_location(f) for f in self.extra_functions))
         self._start_nginx()
         user = "authenticator" if self.pg.has_role("authenticator") else "postgres"
         self.env = {
@@ -323,6 +333,15 @@ class Stack:
                      ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user)):
             text = text.replace(k, v)
         return text
+
+    def extra_location(self, name):
+        """An nginx location serving binary `name` at /functions/v1/<name>."""
+        return ("location = /functions/v1/%(n)s {\n"
+                "    fastcgi_pass unix:%(run)s/sock/%(n)s.sock;\n"
+                "    include %(root)s/nginx/fastcgi.conf;\n"
+                "    fastcgi_param SCRIPT_NAME /functions/v1/%(n)s;\n"
+                "    fastcgi_param PATH_INFO \"\";\n"
+                "}\n") % {"n": name, "run": self.run, "root": ROOT}
 
     def _start_nginx(self):
         # Ports are picked free and then bound by nginx: another process may win
