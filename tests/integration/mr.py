@@ -69,6 +69,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_port(port, timeout=START_TIMEOUT):
+    """Waits until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError("nothing listening on 127.0.0.1:%d after %ss" % (port, timeout))
+
+
 def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
