@@ -140,12 +140,15 @@ split_statements() {
 
 psql_ <<'SQL'
 SET client_min_messages = warning;
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtext('supabase_migrations.schema_migrations')) AS locked \gset
 -- The Supabase CLI's own DDL for its history table (pkg/migration/history.go), so
--- whichever tool comes first creates the same table.
+-- whichever tool comes first creates the same table (columns version, statements, name).
 CREATE SCHEMA IF NOT EXISTS supabase_migrations;
 CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (version text NOT NULL PRIMARY KEY);
 ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS statements text[];
 ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS name text;
+COMMIT;
 SQL
 
 applied=$(psql_ -At -c 'SELECT version FROM supabase_migrations.schema_migrations')
