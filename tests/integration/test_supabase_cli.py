@@ -330,6 +330,29 @@ def test_cli_rejects_a_broken_copy_of_the_config(cluster, cli, tmp_path):
         assert message in p.stdout + p.stderr, f"{what}: {p.stdout}{p.stderr}"
 
 
+def test_cli_substitutes_env_values_in_the_config(cluster, cli, tmp_path):
+    # site_url and additional_redirect_urls come from env(...); nothing the CLI can do
+    # without Docker shows them, so check the mechanism on a value it validates.
+    db = cluster.new_db()
+    cfg = copy_project(str(tmp_path))
+    with open(cfg) as f:
+        text = f.read()
+    assert "major_version = 15" in text
+    with open(cfg, "w") as f:
+        f.write(text.replace("major_version = 15", 'major_version = "env(MRTEST_PG_MAJOR)"'))
+    run = lambda env: cli("migration", "list", "--db-url", cluster.db_url(db), workdir=str(tmp_path),
+                          env=env, check=False)
+    assert run({"MRTEST_PG_MAJOR": "15"}).returncode == 0
+    p = run({"MRTEST_PG_MAJOR": "11"})
+    assert p.returncode != 0 and "Invalid db.major_version: 11" in p.stderr, p.stderr
+    # Unset, the text stays as written (so MINDROOM_SITE_URL must be set for `supabase start`).
+    p = run({})
+    assert p.returncode != 0 and "Invalid db.major_version: env(MRTEST_PG_MAJOR)" in p.stderr, p.stderr
+    # The CLI also reads the project's .env.
+    (tmp_path / ".env").write_text("MRTEST_PG_MAJOR=15\n")
+    assert run({}).returncode == 0
+
+
 def test_config_declares_what_the_project_needs():
     with open(os.path.join(ROOT, "supabase", "config.toml"), "rb") as f:
         c = tomllib.load(f)
