@@ -25,7 +25,8 @@ install() {
       exit 1
     fi
     echo "supabase-cli: installing nodejs npm" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
   fi
   echo "supabase-cli: installing supabase@$version from the npm registry into $dir" >&2
   local tmp=$dir.tmp.$$
