@@ -84,11 +84,13 @@ SELECT r.rolname, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcanlogin, r.ro
 @pytest.fixture(scope="module")
 def supa():
     c = Cluster()
-    c.sql("postgres", PREPARE_CLUSTER)
-    c.sql("postgres", "CREATE DATABASE supa OWNER app_owner TEMPLATE template0")
-    c.sql("supa", PREPARE_DB)
-    yield c
-    c.close()
+    try:
+        c.sql("postgres", PREPARE_CLUSTER)
+        c.sql("postgres", "CREATE DATABASE supa OWNER app_owner TEMPLATE template0")
+        c.sql("supa", PREPARE_DB)
+        yield c
+    finally:
+        c.close()
 
 
 def migrations_only(tmp_path, *names):

@@ -15,10 +15,12 @@ THREADS = 8
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster()
-    assert c.migrate("mindroom").returncode == 0
-    assert c.psql_file("mindroom", SEED).returncode == 0
-    yield c
-    c.close()
+    try:
+        assert c.migrate("mindroom").returncode == 0
+        assert c.psql_file("mindroom", SEED).returncode == 0
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture
