@@ -459,7 +459,12 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
 
     int busy = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(inst, "busy"));
     if (!waited) {
-        *status = strcmp(res->outcome, "claimed") == 0 || busy ? 202 : 200;
+        /* A running instance that only owes its welcome email is answered as it is
+         * (200): the email goes out after the answer and never changes the instance. */
+        const char *action = "";
+        mr_json_str(cJSON_GetObjectItemCaseSensitive(res->reply, "step"), "action", &action);
+        int only_email = strcmp(res->outcome, "claimed") == 0 && strcmp(action, "email") == 0;
+        *status = !only_email && (strcmp(res->outcome, "claimed") == 0 || busy) ? 202 : 200;
         return out;
     }
     if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0) {

@@ -195,6 +195,16 @@ DECLARE
 BEGIN
     SELECT * INTO i FROM public.instances WHERE id = p_id;
     v_action := public.lifecycle_next_action(i, p_email);
+    -- Without a Resend key the email cannot be sent here; say so on the row and keep
+    -- the sweep from asking every minute (an hour later it asks again, in case a
+    -- key has been configured since).
+    IF v_action IS NULL AND NOT p_email AND i.status = 'running'
+       AND i.welcome_email_sent_at IS NULL
+       AND (i.welcome_email_next_at IS NULL OR i.welcome_email_next_at <= now()) THEN
+        UPDATE public.instances SET welcome_email_error = 'skipped: RESEND_API_KEY is not set',
+               welcome_email_next_at = now() + interval '1 hour'
+         WHERE id = p_id RETURNING * INTO i;
+    END IF;
     IF v_action IS NULL THEN
         RETURN jsonb_build_object('outcome', 'done', 'instance', public.lifecycle_instance_json(i));
     END IF;
