@@ -1,10 +1,14 @@
 /* mr_instance.c: see mr_instance.h. The rules (what is owed, which transition a
  * step makes, backoff) live in SQL; this file moves results between PostgreSQL,
  * the provisioner and Resend, and never holds a transaction across those calls. */
+#include <assert.h>
 #include <ctype.h>
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -36,6 +40,9 @@ void mr_instance_config_load(mr_instance_config *cfg)
     cfg->resend_base_url = mr_config_str("RESEND_BASE_URL", "https://api.resend.com");
     cfg->resend_from = mr_config_str("RESEND_FROM", "MindRoom <hello@mindroom.chat>");
     cfg->resend_timeout_ms = (long)mr_config_int("MR_RESEND_TIMEOUT_MS", 10000, 100, 120000);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int workers = (int)mr_config_int("MR_WORKERS", ncpu > 0 ? ncpu : 1, 1, 1024);
+    cfg->jobs = (int)mr_config_int("MR_PROVISION_JOBS", workers > 1 ? workers - 1 : 1, 1, 1024);
 
     /* The lease must outlive every step its holder can be inside; otherwise a slow
      * but healthy worker would lose it and a second one would repeat the call. */
@@ -79,6 +86,46 @@ int mr_instance_is_uuid(const char *s)
         }
     }
     return 1;
+}
+
+/* --- job slots --- */
+
+static pid_t *g_slots;   /* shared mapping: the pid of the worker in each slot, or 0 */
+static int g_nslots;
+
+void mr_instance_slots_init(int n)
+{
+    assert(n > 0);
+    void *m = mmap(NULL, sizeof(pid_t) * (size_t)n, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        fprintf(stderr, "mr_instance: cannot map %d job slots\n", n);
+        exit(2);
+    }
+    g_slots = m;
+    g_nslots = n;
+}
+
+int mr_instance_slot_acquire(void)
+{
+    if (!g_slots) return -1;
+    pid_t me = getpid();
+    for (int i = 0; i < g_nslots; i++) {
+        pid_t cur = __atomic_load_n(&g_slots[i], __ATOMIC_ACQUIRE);
+        /* Free, or left by a worker that died (a worker holds at most one slot, so
+         * its own pid in a slot is a dead predecessor's that had the same pid). */
+        int free_slot = cur == 0 || cur == me || (kill(cur, 0) != 0 && errno == ESRCH);
+        if (free_slot && __atomic_compare_exchange_n(&g_slots[i], &cur, me, 0,
+                                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return i;
+    }
+    return -1;
+}
+
+void mr_instance_slot_release(int slot)
+{
+    if (g_slots && slot >= 0 && slot < g_nslots)
+        __atomic_store_n(&g_slots[slot], 0, __ATOMIC_RELEASE);
 }
 
 /* --- database round trips --- */
@@ -464,7 +511,8 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
         const char *action = "";
         mr_json_str(cJSON_GetObjectItemCaseSensitive(res->reply, "step"), "action", &action);
         int only_email = strcmp(res->outcome, "claimed") == 0 && strcmp(action, "email") == 0;
-        *status = !only_email && (strcmp(res->outcome, "claimed") == 0 || busy) ? 202 : 200;
+        int pending = strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "queued") == 0;
+        *status = !only_email && (pending || busy) ? 202 : 200;
         return out;
     }
     if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0) {
@@ -494,6 +542,7 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
 typedef struct {
     const mr_instance_config *cfg;
     mr_instance_result res;
+    int slot;
 } job;
 
 static void job_run(mr_req *r, void *arg)
@@ -508,10 +557,12 @@ static void job_free(void *arg)
 {
     job *j = arg;
     mr_instance_result_free(&j->res);
+    mr_instance_slot_release(j->slot);
     free(j);
 }
 
-void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait)
+void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait,
+                       int slot)
 {
     char err[256] = "";
     int status = 200;
@@ -526,14 +577,22 @@ void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_res
         if (!j) {
             cJSON_Delete(body);
             mr_instance_result_free(res);
+            mr_instance_slot_release(slot);
             mr_reply_error(r, 500, "internal", "out of memory");
             return;
         }
         j->cfg = cfg;
+        j->slot = slot;
         j->res = *res;
         memset(res, 0, sizeof *res);
         mr_reply_json(r, status, body);
         mr_defer(r, job_run, j, job_free);
+        return;
+    }
+    if (wait && strcmp(res->outcome, "queued") == 0) {
+        mr_instance_result_free(res);
+        mr_reply_error(r, 503, "busy", "every worker of this function is busy with other "
+                       "instances; the work is recorded as owed, retry later");
         return;
     }
     mr_err e = MR_OK;
@@ -541,6 +600,7 @@ void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_res
         e = mr_instance_run(r->db, r->http, &r->who, cfg, res, err, sizeof err);
     else if (busy && wait)
         e = mr_instance_await(r->db, &r->who, res, cfg->wait_ms, err, sizeof err);
+    mr_instance_slot_release(slot);
     if (e != MR_OK) {
         mr_instance_result_free(res);
         mr_reply_err(r, e, err);

@@ -182,7 +182,8 @@ $$;
 -- Claims the instance's next action if there is one and nobody holds a live lease.
 -- Runs on a row the caller has locked. Returns {outcome, instance, step?}.
 --   outcome 'done': nothing owed; 'busy': another worker's lease is live;
---   'claimed': step holds the action and token.
+--   'claimed': step holds the action and token; 'queued': p_owner is NULL (the
+--   caller has no free worker to do the work): owed, left unclaimed for the sweep.
 CREATE OR REPLACE FUNCTION public.lifecycle_claim_locked(p_id uuid, p_owner text,
                                                          p_lease_s integer, p_email boolean)
 RETURNS jsonb
@@ -211,6 +212,10 @@ BEGIN
     IF i.claimed_by IS NOT NULL AND i.claim_expires_at > now() THEN
         RETURN jsonb_build_object('outcome', 'busy', 'instance', public.lifecycle_instance_json(i));
     END IF;
+    IF p_owner IS NULL THEN
+        RETURN jsonb_build_object('outcome', 'queued', 'action', v_action,
+                                  'instance', public.lifecycle_instance_json(i));
+    END IF;
     i := public.lifecycle_take(p_id, v_action, NULL, p_owner, p_lease_s);
     RETURN jsonb_build_object('outcome', 'claimed',
                               'instance', public.lifecycle_instance_json(i),
@@ -223,7 +228,7 @@ $$;
 --   not_found     no such subscription
 --   not_entitled  subscription status is not trialing/active/past_due (nothing written)
 --   conflict      the live instance is being destroyed, or its names are taken
---   done | busy | claimed   as lifecycle_claim_locked
+--   done | busy | claimed | queued   as lifecycle_claim_locked
 -- Ensures the live instance row exists (names from instance_names(), limits from
 -- plans, status provisioning), sets desired_status running and the plan's limits.
 CREATE OR REPLACE FUNCTION public.lifecycle_provision(p_subscription_id uuid, p_owner text,
@@ -295,7 +300,7 @@ $$;
 -- live instance, else the most recent one). p_mode 'stop' | 'destroy' | NULL (NULL:
 -- destroy when the subscription is cancelled or incomplete_expired, else stop).
 -- Returns {outcome, mode, instance?, step?}; outcome one of not_found, none (the
--- subscription has no instance), done, busy, claimed.
+-- subscription has no instance), done, busy, claimed, queued.
 -- Never downgrades: a stop asked of an instance owed destruction changes nothing.
 CREATE OR REPLACE FUNCTION public.lifecycle_deprovision(p_instance_id uuid, p_subscription_id uuid,
                                                         p_mode text, p_owner text,
@@ -375,6 +380,7 @@ DECLARE
     v_rejected boolean := coalesce((p_result->>'rejected')::boolean, false);
     v_error text := left(coalesce(p_result->>'error', 'unknown error'), 1000);
     v_next text;
+    v_target public.instance_status;
 BEGIN
     SELECT * INTO i FROM public.instances WHERE id = p_instance_id FOR UPDATE;
     IF NOT FOUND OR i.claimed_by IS DISTINCT FROM p_token THEN
@@ -402,11 +408,16 @@ BEGIN
              WHERE id = i.id RETURNING * INTO i;
         END IF;
     ELSIF v_ok THEN
+        v_target := CASE v_action
+                        WHEN 'stop' THEN 'stopped'::public.instance_status
+                        WHEN 'destroy' THEN 'deprovisioned'::public.instance_status
+                        ELSE 'running'::public.instance_status END;
+        -- The webhook may have moved the row on while we held the lease (a
+        -- cancellation marks it deprovisioning at once): then the outcome is
+        -- recorded but the newer status stays, and the next step follows from it.
         UPDATE public.instances SET
-               status = CASE v_action
-                   WHEN 'stop' THEN 'stopped'::public.instance_status
-                   WHEN 'destroy' THEN 'deprovisioned'::public.instance_status
-                   ELSE 'running'::public.instance_status END,
+               status = CASE WHEN public.instance_transition_allowed(status, v_target)
+                             THEN v_target ELSE status END,
                backend_url = coalesce(p_result->>'backend_url', backend_url),
                frontend_url = coalesce(p_result->>'frontend_url', frontend_url),
                matrix_server_url = coalesce(p_result->>'matrix_server_url', matrix_server_url),
@@ -421,7 +432,8 @@ BEGIN
         UPDATE public.instances SET
                -- A failed update or stop leaves the app as it was: still running.
                status = CASE WHEN v_action IN ('update', 'stop') THEN status
-                             ELSE 'failed'::public.instance_status END,
+                             WHEN public.instance_transition_allowed(status, 'failed') THEN 'failed'
+                             ELSE status END,
                error_message = v_error,
                last_error = v_error,
                attempts = attempts + 1,

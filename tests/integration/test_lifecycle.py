@@ -237,6 +237,26 @@ def test_provisioner_hanging_past_its_deadline_fails_without_holding_the_caller(
     prov.release()
 
 
+def test_with_every_job_slot_busy_calls_still_answer_at_once_and_leave_work_owed(stack, prov):
+    # MR_WORKERS=2 -> one job slot: while it hangs on the provisioner, the other
+    # worker still answers, and leaves new work owed (unclaimed) for the sweep.
+    a, b = new_subscription(stack, "starter"), new_subscription(stack, "starter")
+    prov.behave("hang")
+    assert provision(stack, a).status == 202
+    prov.wait_for(lambda p: p.create_calls(), timeout=3)
+    t0 = time.monotonic()
+    r = provision(stack, b)
+    assert r.status == 202 and time.monotonic() - t0 < 0.5, r
+    assert r.json["instance"]["status"] == "provisioning" and r.json["instance"]["busy"] is False
+    assert owed(stack, b) == [("create", "provision-instance", {"subscription_id": b})]
+    r = provision(stack, b, wait=True)
+    assert r.status == 503 and r.json["error"]["code"] == "busy", r
+    prov.release()
+    wait_status(stack, a, "failed", timeout=5)
+    r = provision(stack, b, wait=True)                   # the slot is free again
+    assert r.status == 200 and r.json["instance"]["status"] == "running", r
+
+
 def test_wait_true_reports_a_failure_as_503_with_the_instance_error(stack, prov):
     sid = new_subscription(stack, "starter")
     prov.next("fail")
