@@ -43,6 +43,7 @@ void mr_instance_config_load(mr_instance_config *cfg)
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int workers = (int)mr_config_int("MR_WORKERS", ncpu > 0 ? ncpu : 1, 1, 1024);
     cfg->jobs = (int)mr_config_int("MR_PROVISION_JOBS", workers > 1 ? workers - 1 : 1, 1, 1024);
+    cfg->drain = (int)mr_config_int("MR_PROVISION_DRAIN", 20, 0, 10000);
 
     /* The lease must outlive every step its holder can be inside; otherwise a slow
      * but healthy worker would lose it and a second one would repeat the call. */
@@ -210,6 +211,21 @@ mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const mr_insta
                       "SELECT public.lifecycle_deprovision($1::uuid, $2::uuid, $3, $4, $5::int,"
                       " $6::boolean)::text",
                       6, p, &reply, err, errlen);
+    if (e == MR_OK) fill_result(res, reply);
+    return e;
+}
+
+mr_err mr_instance_claim_next(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
+                              const char *owner, mr_instance_result *res, char *err, size_t errlen)
+{
+    char lease[16];
+    snprintf(lease, sizeof lease, "%d", cfg->lease_s);
+    const char *p[] = {cfg->function, owner, lease, cfg->resend_api_key ? "true" : "false"};
+    memset(res, 0, sizeof *res);
+    cJSON *reply = NULL;
+    mr_err e = q_json(db, who,
+                      "SELECT public.lifecycle_claim_next($1, $2, $3::int, $4::boolean)::text",
+                      4, p, &reply, err, errlen);
     if (e == MR_OK) fill_result(res, reply);
     return e;
 }
@@ -543,14 +559,35 @@ typedef struct {
     const mr_instance_config *cfg;
     mr_instance_result res;
     int slot;
+    char owner[160];
 } job;
 
 static void job_run(mr_req *r, void *arg)
 {
     job *j = arg;
     char err[256] = "";
-    if (mr_instance_run(r->db, r->http, &r->who, j->cfg, &j->res, err, sizeof err) != MR_OK)
+    if (mr_instance_run(r->db, r->http, &r->who, j->cfg, &j->res, err, sizeof err) != MR_OK) {
         mr_log(MR_LOG_ERROR, "deferred lifecycle work stopped: %s", err);
+        return;
+    }
+    /* Work left owed while this worker was busy ("queued" answers) is taken on now,
+     * under the same job slot, instead of waiting for the next sweep. */
+    for (int n = 0; n < j->cfg->drain && j->cfg->function; n++) {
+        mr_instance_result next;
+        if (mr_instance_claim_next(r->db, &r->who, j->cfg, j->owner, &next, err, sizeof err) != MR_OK) {
+            mr_log(MR_LOG_WARN, "draining owed work stopped: %s", err);
+            return;
+        }
+        int claimed = strcmp(next.outcome, "claimed") == 0;
+        mr_err e = claimed ? mr_instance_run(r->db, r->http, &r->who, j->cfg, &next, err, sizeof err)
+                           : MR_OK;
+        mr_instance_result_free(&next);
+        if (!claimed) return;
+        if (e != MR_OK) {
+            mr_log(MR_LOG_ERROR, "deferred lifecycle work stopped: %s", err);
+            return;
+        }
+    }
 }
 
 static void job_free(void *arg)
@@ -562,7 +599,7 @@ static void job_free(void *arg)
 }
 
 void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait,
-                       int slot)
+                       int slot, const char *owner)
 {
     char err[256] = "";
     int status = 200;
@@ -583,6 +620,7 @@ void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_res
         }
         j->cfg = cfg;
         j->slot = slot;
+        snprintf(j->owner, sizeof j->owner, "%s", owner ? owner : "");
         j->res = *res;
         memset(res, 0, sizeof *res);
         mr_reply_json(r, status, body);

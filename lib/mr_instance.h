@@ -29,6 +29,10 @@ typedef struct {
     const char *resend_from;         /* RESEND_FROM */
     long resend_timeout_ms;          /* MR_RESEND_TIMEOUT_MS */
     int jobs;                        /* MR_PROVISION_JOBS: workers busy with steps at once */
+    int drain;                       /* MR_PROVISION_DRAIN: owed items a worker takes on
+                                        after its own steps, before accepting again */
+    const char *function;            /* "provision-instance" or "deprovision-instance":
+                                        set by the function after loading */
 } mr_instance_config;
 
 /* Reads the configuration from the environment (mr_config_*: a bad value exits 2
@@ -79,6 +83,11 @@ mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const mr_insta
                                const char *mode, const char *owner,
                                mr_instance_result *res, char *err, size_t errlen);
 
+/* Claims the oldest instance owing work of cfg->function (lifecycle_claim_next):
+ * res->outcome "claimed" (run it with mr_instance_run) or "none". */
+mr_err mr_instance_claim_next(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
+                              const char *owner, mr_instance_result *res, char *err, size_t errlen);
+
 /* Carries out the claimed steps of res (outcome "claimed") until nothing more is
  * owed, a step fails, or the lease is lost; then replaces res with the final
  * outcome and instance. Never holds a transaction across an outbound call.
@@ -100,9 +109,10 @@ mr_err mr_instance_await(mr_db *db, const mr_identity *who, mr_instance_result *
  * -> 202 now and the steps run after the answer (mr_defer), or with wait the
  * steps run first and the answer is final; "busy" with wait -> polls first.
  * Outcomes not_found/not_entitled/conflict are the caller's to answer before.
- * slot (from mr_instance_slot_acquire, or -1) is released once the work is done. */
+ * slot (from mr_instance_slot_acquire, or -1) is released once the work is done;
+ * owner (copied) names the worker for the leases it takes draining owed work. */
 void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait,
-                       int slot);
+                       int slot, const char *owner);
 
 /* Builds the HTTP answer for a result: {"instance": {...}} plus, for a failed
  * waited-for step, an "error" object. Sets *status. Returns a new object the

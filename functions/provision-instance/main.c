@@ -17,6 +17,7 @@ static mr_instance_config cfg;
 static void init(void)
 {
     mr_instance_config_load(&cfg);
+    cfg.function = "provision-instance";
     mr_instance_slots_init(cfg.jobs);
 }
 
@@ -80,7 +81,7 @@ static void handle(mr_req *r)
         mr_instance_result_free(&res);
         return;
     }
-    mr_instance_reply(r, &cfg, &res, wait, slot);
+    mr_instance_reply(r, &cfg, &res, wait, slot, owner);
 }
 
 int main(int argc, char **argv)

@@ -471,10 +471,30 @@ AS $$
     SELECT public.lifecycle_instance_json(i) FROM public.instances i WHERE i.id = p_instance_id;
 $$;
 
+-- The action an instance owes *now*, or NULL: no live lease, its backoff passed
+-- (next_attempt_at), not a rejected failure (last_error 'rejected: ...' with no
+-- next_attempt_at: left to an operator), the welcome email past its own backoff,
+-- and provisioning work only for an entitled subscription (p_entitled).
+CREATE OR REPLACE FUNCTION public.lifecycle_due_action(i public.instances, p_entitled boolean,
+                                                       p_email boolean)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+    SELECT a FROM (SELECT public.lifecycle_next_action(i, p_email) AS a) x
+     WHERE a IS NOT NULL
+       AND i.status <> 'deprovisioned'
+       AND (i.claimed_by IS NULL OR i.claim_expires_at <= now())
+       AND CASE WHEN a = 'email'
+                THEN i.welcome_email_next_at IS NULL OR i.welcome_email_next_at <= now()
+                ELSE i.next_attempt_at <= now()
+                     OR (i.next_attempt_at IS NULL AND i.last_error IS NULL) END
+       AND (a IN ('stop', 'destroy') OR p_entitled);
+$$;
+
 -- For the periodic sweep: the instances that owe work now, with the exact call that
--- does it. Skips live leases, waits out backoff (next_attempt_at), leaves rejected
--- failures (last_error 'rejected: ...', no next_attempt_at) to an operator, and
--- only asks provision-instance for entitled subscriptions.
+-- does it (POST /functions/v1/<function_name> with body, service_role JWT), oldest
+-- due first. The sweep only asks; the functions' lease decides who works.
 CREATE OR REPLACE FUNCTION public.lifecycle_owed(p_limit integer DEFAULT 100)
 RETURNS TABLE (instance_id uuid, subscription_id uuid, action text,
                function_name text, body jsonb)
@@ -488,20 +508,50 @@ AS $$
                 THEN jsonb_build_object('instance_id', o.id, 'mode', o.action)
                 ELSE jsonb_build_object('subscription_id', o.subscription_id) END
       FROM (SELECT i.id, i.subscription_id, i.next_attempt_at, i.updated_at,
-                   i.welcome_email_next_at, i.last_error,
-                   public.lifecycle_next_action(i, true) AS action
+                   public.lifecycle_due_action(i, s.status IN ('trialing', 'active', 'past_due'),
+                                               true) AS action
               FROM public.instances i
-             WHERE i.status <> 'deprovisioned'
-               AND (i.claimed_by IS NULL OR i.claim_expires_at <= now())) o
-      JOIN public.subscriptions s ON s.id = o.subscription_id
+              JOIN public.subscriptions s ON s.id = i.subscription_id
+             WHERE i.status <> 'deprovisioned') o
      WHERE o.action IS NOT NULL
-       AND CASE WHEN o.action = 'email'
-                THEN o.welcome_email_next_at IS NULL OR o.welcome_email_next_at <= now()
-                ELSE o.next_attempt_at <= now()
-                     OR (o.next_attempt_at IS NULL AND o.last_error IS NULL) END
-       AND (o.action IN ('stop', 'destroy') OR s.status IN ('trialing', 'active', 'past_due'))
      ORDER BY o.next_attempt_at NULLS FIRST, o.updated_at
      LIMIT greatest(p_limit, 0);
+$$;
+
+-- A worker that has finished its own steps drains what is owed before it goes back
+-- to accepting requests: claims the oldest instance owing an action of its
+-- function ('provision-instance': create, start, update, email;
+-- 'deprovision-instance': stop, destroy), skipping rows other workers have locked.
+-- Returns lifecycle_claim_locked's answer, or {"outcome": "none"}.
+CREATE OR REPLACE FUNCTION public.lifecycle_claim_next(p_function text, p_owner text,
+                                                       p_lease_s integer, p_email boolean)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    v_id uuid;
+    v_actions text[] := CASE p_function
+        WHEN 'provision-instance' THEN ARRAY['create', 'start', 'update', 'email']
+        WHEN 'deprovision-instance' THEN ARRAY['stop', 'destroy'] END;
+BEGIN
+    IF v_actions IS NULL OR p_owner IS NULL THEN
+        RAISE EXCEPTION 'unknown function or no owner' USING ERRCODE = '22023';
+    END IF;
+    SELECT i.id INTO v_id
+      FROM public.instances i
+      JOIN public.subscriptions s ON s.id = i.subscription_id
+     WHERE i.status <> 'deprovisioned'
+       AND public.lifecycle_due_action(i, s.status IN ('trialing', 'active', 'past_due'), p_email)
+           = ANY (v_actions)
+     ORDER BY i.next_attempt_at NULLS FIRST, i.updated_at
+     LIMIT 1
+       FOR UPDATE OF i SKIP LOCKED;
+    IF v_id IS NULL THEN
+        RETURN jsonb_build_object('outcome', 'none');
+    END IF;
+    RETURN public.lifecycle_claim_locked(v_id, p_owner, p_lease_s, p_email);
+END;
 $$;
 
 -- Least privilege: only service_role (the functions' request identity) runs these.
@@ -516,9 +566,12 @@ REVOKE ALL ON FUNCTION public.lifecycle_provision(uuid, text, integer, boolean) 
 REVOKE ALL ON FUNCTION public.lifecycle_deprovision(uuid, uuid, text, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_finish(uuid, text, jsonb, integer, integer, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_get(uuid) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_due_action(public.instances, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.lifecycle_owed(integer) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_claim_next(text, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.lifecycle_provision(uuid, text, integer, boolean) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_deprovision(uuid, uuid, text, text, integer, boolean) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_finish(uuid, text, jsonb, integer, integer, integer, boolean) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_get(uuid) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_owed(integer) TO service_role;
+GRANT EXECUTE ON FUNCTION public.lifecycle_claim_next(text, text, integer, boolean) TO service_role;

@@ -35,7 +35,10 @@ def stack(pg, prov, resend):
 
 
 @pytest.fixture(autouse=True)
-def fresh_standins(prov, resend):
+def fresh_standins(stack, prov, resend):
+    # Each test starts with nothing owed: a worker that finishes its own steps
+    # drains owed work, and must not pick up what an earlier test left behind.
+    stack.sql("DELETE FROM public.instances")
     prov.reset()
     resend.reset()
     yield
