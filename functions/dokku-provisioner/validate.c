@@ -151,7 +151,7 @@ void prov_format_cpu(int64_t cpu_milli, char *out, size_t cap)
         snprintf(out, cap, "%lld", whole);
         return;
     }
-    char f[4];
+    char f[24];
     snprintf(f, sizeof f, "%03lld", frac);
     for (int i = 2; i > 0 && f[i] == '0'; i--) f[i] = '\0';
     snprintf(out, cap, "%lld.%s", whole, f);
