@@ -83,16 +83,6 @@ AS $$
             ELSE 0 END]
 $$;
 
--- Unix seconds (JSON number or numeric string) -> timestamptz; NULL stays NULL.
-CREATE FUNCTION public.stripe_ts(p_value jsonb)
-RETURNS timestamptz
-LANGUAGE sql IMMUTABLE
-SET search_path = ''
-AS $$
-    SELECT CASE WHEN p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN NULL
-                ELSE pg_catalog.to_timestamp((p_value #>> '{}')::bigint) END
-$$;
-
 -- An id field that Stripe sends either as a string or, when expanded, as an object.
 CREATE FUNCTION public.stripe_id(p_value jsonb)
 RETURNS text
@@ -212,8 +202,8 @@ BEGIN
 
     -- Before API version 2025-03-31 the period end is on the subscription; since, on
     -- each item.
-    v_period := coalesce(public.stripe_ts(v_obj -> 'current_period_end'),
-                         (SELECT max(public.stripe_ts(it -> 'current_period_end'))
+    v_period := coalesce(pg_catalog.to_timestamp((v_obj ->> 'current_period_end')::bigint),
+                         (SELECT pg_catalog.to_timestamp(max((it ->> 'current_period_end')::bigint))
                             FROM jsonb_array_elements(
                                  CASE WHEN jsonb_typeof(v_obj #> '{items,data}') = 'array'
                                       THEN v_obj #> '{items,data}' ELSE '[]'::jsonb END) AS it));
@@ -226,8 +216,8 @@ BEGIN
             trial_ends_at, current_period_end, cancelled_at, cancel_at_period_end,
             last_event_created, last_event_id)
         VALUES (v_account, v_stripe_id, v_price, v_plan.tier, v_status,
-                public.stripe_ts(v_obj -> 'trial_end'), v_period,
-                public.stripe_ts(v_obj -> 'canceled_at'),
+                pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint), v_period,
+                pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
                 coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
                 p_created, p_event_id)
         RETURNING * INTO v_sub;
@@ -236,9 +226,9 @@ BEGIN
             stripe_price_id      = v_price,
             tier                 = v_plan.tier,
             status               = v_status,
-            trial_ends_at        = public.stripe_ts(v_obj -> 'trial_end'),
+            trial_ends_at        = pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint),
             current_period_end   = v_period,
-            cancelled_at         = public.stripe_ts(v_obj -> 'canceled_at'),
+            cancelled_at         = pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
             cancel_at_period_end = coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
             last_event_created   = p_created,
             last_event_id        = p_event_id
@@ -310,6 +300,7 @@ DECLARE
     v_created  timestamptz;
     v_obj      jsonb := p_event -> 'data' -> 'object';
     v_prev     text;
+    v_known    boolean;
     v_result   text;
     v_action   text := 'none';
     v_sub      uuid;
@@ -323,25 +314,28 @@ BEGIN
        OR jsonb_typeof(v_obj) <> 'object' THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'not a Stripe event';
     END IF;
-    v_created := public.stripe_ts(p_event -> 'created');
+    v_created := pg_catalog.to_timestamp((p_event ->> 'created')::bigint);
 
-    -- Dedupe. A concurrent delivery of the same id waits here for the first one's
-    -- commit, then sees its final status below.
-    INSERT INTO public.stripe_events (id, type, created, api_version, livemode, payload)
-    VALUES (v_id, v_type, v_created, p_event ->> 'api_version',
-            coalesce((p_event ->> 'livemode')::boolean, false), p_event)
-    ON CONFLICT (id) DO NOTHING;
-    IF NOT FOUND THEN
-        SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id FOR UPDATE;
-        IF v_prev IN ('processed', 'ignored', 'stale')
-           OR (v_prev = 'failed' AND NOT p_force) THEN
-            RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
-                                      'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
-        END IF;
-        -- 'deferred' (or 'received', or 'failed' when forced): try again.
-        UPDATE public.stripe_events SET attempts = attempts + 1
-         WHERE id = v_id;
+    -- Dedupe, fast path: an event already handled is answered from a plain read.
+    -- No lock and no write, so a duplicate costs no commit flush.
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id;
+    IF v_prev IN ('processed', 'ignored', 'stale') OR (v_prev = 'failed' AND NOT p_force) THEN
+        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
+                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
     END IF;
+
+    -- Dedupe, for real: every delivery of one event id is serialized by this lock,
+    -- so of ten concurrent deliveries one applies and nine then read its outcome.
+    -- (A read after the wait sees the first one's commit: READ COMMITTED takes a
+    -- new snapshot per statement.)
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('stripe_event:' || v_id, 0));
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id;
+    v_known := FOUND;
+    IF v_prev IN ('processed', 'ignored', 'stale') OR (v_prev = 'failed' AND NOT p_force) THEN
+        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
+                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
+    END IF;
+    -- Otherwise new, or 'deferred' / 'failed' when forced: (re)apply.
 
     -- Apply in a subtransaction: an error below undoes every partial change and is
     -- recorded on the event instead.
@@ -401,11 +395,22 @@ BEGIN
         v_sub := NULL;
         v_inst := NULL;
     END IF;
-    UPDATE public.stripe_events SET
-        status       = v_result,
-        error        = v_error,
-        processed_at = CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END
-    WHERE id = v_id;
+    -- The event row is written once, with its outcome (a new event costs one insert,
+    -- not an insert and an update of its payload-sized row).
+    IF v_known THEN
+        UPDATE public.stripe_events SET
+            status       = v_result,
+            error        = v_error,
+            attempts     = attempts + 1,
+            processed_at = CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END
+        WHERE id = v_id;
+    ELSE
+        INSERT INTO public.stripe_events (id, type, created, api_version, livemode, payload,
+                                          status, error, processed_at)
+        VALUES (v_id, v_type, v_created, p_event ->> 'api_version',
+                coalesce((p_event ->> 'livemode')::boolean, false), p_event,
+                v_result, v_error, CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END);
+    END IF;
 
     RETURN jsonb_build_object('result', v_result, 'action', v_action, 'status', v_result,
                               'subscription_id', v_sub, 'instance_id', v_inst, 'error', v_error);
@@ -444,7 +449,6 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'public.stripe_subscription_status(text)',
         'public.stripe_event_rank(text, text)',
-        'public.stripe_ts(jsonb)',
         'public.stripe_id(jsonb)',
         'public.stripe_account_for(text, text)',
         'public.stripe_apply_subscription(jsonb, text, text, timestamptz)',
