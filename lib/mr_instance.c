@@ -474,8 +474,11 @@ mr_err mr_instance_run(mr_db *db, mr_httpc *http, const mr_identity *who,
         cJSON *result = cJSON_CreateObject();
         do_step(http, cfg, step, act, instance_id, result);
         int ok = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "ok"));
-        mr_log(ok ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms", instance_id, act,
-               ok ? "succeeded" : "failed", (long long)(mr_now_ms() - t0));
+        const char *why = NULL;
+        mr_json_str(result, "error", &why);
+        mr_log(ok ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms%s%s", instance_id,
+               act, ok ? "succeeded" : "failed", (long long)(mr_now_ms() - t0),
+               why ? ": " : "", why ? why : "");
 
         cJSON *reply = NULL;
         mr_err e = finish(db, who, cfg, instance_id, token, result, &reply, err, errlen);
@@ -534,14 +537,17 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
         *status = !only_email && (pending || busy) ? 202 : 200;
         return out;
     }
-    if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0) {
-        *status = 202; /* still someone else's (or past our wait): answer as it stands */
-        return out;
-    }
-    /* A failed welcome email never fails provisioning. */
     const char *st = "", *last = NULL;
     mr_json_str(inst, "status", &st);
     mr_json_str(inst, "last_error", &last);
+    /* Still someone else's, past our wait, or left mid-way by a worker that died
+     * (its lease ran out while we waited): answer as it stands, not as done. */
+    if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0 ||
+        strcmp(st, "provisioning") == 0 || strcmp(st, "deprovisioning") == 0) {
+        *status = 202;
+        return out;
+    }
+    /* A failed welcome email never fails provisioning. */
     int failed = strcmp(st, "failed") == 0 ||
                  (res->failed_action[0] && strcmp(res->failed_action, "email") != 0);
     if (failed && last) {

@@ -112,6 +112,11 @@ static void test_response_status(void **state)
                                NULL, 1, NULL), 202);
     assert_int_equal(status_of("{\"outcome\":\"lost\",\"instance\":{\"status\":\"provisioning\",\"busy\":true}}",
                                NULL, 1, NULL), 202);
+    /* The holder died while we waited: its lease is gone but the work is not done. */
+    assert_int_equal(status_of("{\"outcome\":\"busy\",\"instance\":{\"status\":\"provisioning\",\"busy\":false}}",
+                               NULL, 1, NULL), 202);
+    assert_int_equal(status_of("{\"outcome\":\"busy\",\"instance\":{\"status\":\"stopped\",\"busy\":false}}",
+                               NULL, 1, NULL), 200);
 }
 
 /* What mr_instance_slot_acquire returns in a fresh process (one that holds no
