@@ -53,7 +53,7 @@ typedef struct mr_req {
     const char *stripe_signature;/* "" if none */
     const char *remote_addr;
     const char *user_agent;
-    char request_id[64];
+    char request_id[65];         /* 1..64 chars of [A-Za-z0-9._-] */
     /* Body: exactly body_len bytes as received, plus a NUL for convenience. */
     char *body;
     size_t body_len;
