@@ -36,7 +36,7 @@ CREATE INDEX IF NOT EXISTS instances_lifecycle_live_idx
 CREATE OR REPLACE FUNCTION public.lifecycle_config_hash(i public.instances)
 RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     SELECT md5(jsonb_build_object(
         'memory_mb', i.memory_limit_mb,
@@ -45,29 +45,12 @@ AS $$
         'env', coalesce(i.environment_vars, '{}'::jsonb))::text);
 $$;
 
--- Memory and CPU for a subscription: the plan of its price, else the first plan of
--- its tier (the same choice the subscription-limits trigger makes).
-CREATE OR REPLACE FUNCTION public.lifecycle_plan_limits(p_subscription_id uuid,
-                                                         OUT memory_limit_mb integer,
-                                                         OUT cpu_limit numeric)
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, public
-AS $$
-    SELECT p.memory_limit_mb, p.cpu_limit
-      FROM public.subscriptions s
-      JOIN public.plans p ON p.stripe_price_id = s.stripe_price_id OR p.tier = s.tier
-     WHERE s.id = p_subscription_id
-     ORDER BY (p.stripe_price_id IS NOT DISTINCT FROM s.stripe_price_id) DESC,
-              p.stripe_price_id
-     LIMIT 1;
-$$;
-
 -- The next step the control plane owes this instance, or NULL when nothing is owed.
 -- p_email: whether welcome emails can be sent (RESEND_API_KEY configured).
 CREATE OR REPLACE FUNCTION public.lifecycle_next_action(i public.instances, p_email boolean)
 RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     SELECT CASE
         WHEN i.status = 'deprovisioned' THEN NULL
@@ -88,7 +71,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.lifecycle_instance_json(i public.instances)
 RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     SELECT jsonb_build_object(
         'id', i.id,
@@ -121,7 +104,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.lifecycle_step_json(i public.instances, p_action text)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
 DECLARE
     v_env jsonb;
@@ -170,7 +153,7 @@ CREATE OR REPLACE FUNCTION public.lifecycle_take(p_id uuid, p_action text, p_tok
                                                   p_owner text, p_lease_s integer)
 RETURNS public.instances
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     UPDATE public.instances SET
         claimed_by = coalesce(p_token, gen_random_uuid()::text || '/' || left(p_owner, 100)),
@@ -188,7 +171,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.lifecycle_live_instance_id(p_subscription_id uuid)
 RETURNS uuid
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     SELECT id FROM public.instances
      WHERE subscription_id = p_subscription_id AND status <> 'deprovisioned'
@@ -204,7 +187,7 @@ CREATE OR REPLACE FUNCTION public.lifecycle_claim_locked(p_id uuid, p_owner text
                                                          p_lease_s integer, p_email boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
 DECLARE
     i public.instances;
@@ -237,7 +220,7 @@ CREATE OR REPLACE FUNCTION public.lifecycle_provision(p_subscription_id uuid, p_
                                                       p_lease_s integer, p_email boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
 DECLARE
     s public.subscriptions;
@@ -258,8 +241,9 @@ BEGIN
                           WHERE x.id = public.lifecycle_live_instance_id(p_subscription_id)));
     END IF;
 
-    SELECT l.memory_limit_mb, l.cpu_limit INTO v_mem, v_cpu
-      FROM public.lifecycle_plan_limits(p_subscription_id) l;
+    -- The same plan the tier -> limits triggers (004) use.
+    SELECT p.memory_limit_mb, p.cpu_limit INTO v_mem, v_cpu
+      FROM public.plan_for(s.tier, s.stripe_price_id) p;
 
     v_id := public.lifecycle_live_instance_id(p_subscription_id);
     IF v_id IS NULL THEN
@@ -308,7 +292,7 @@ CREATE OR REPLACE FUNCTION public.lifecycle_deprovision(p_instance_id uuid, p_su
                                                         p_lease_s integer, p_email boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
 DECLARE
     i public.instances;
@@ -372,7 +356,7 @@ CREATE OR REPLACE FUNCTION public.lifecycle_finish(p_instance_id uuid, p_token t
                                                    p_email boolean)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
 DECLARE
     i public.instances;
@@ -460,7 +444,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.lifecycle_get(p_instance_id uuid)
 RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     SELECT public.lifecycle_instance_json(i) FROM public.instances i WHERE i.id = p_instance_id;
 $$;
@@ -473,7 +457,7 @@ CREATE OR REPLACE FUNCTION public.lifecycle_owed(p_limit integer DEFAULT 100)
 RETURNS TABLE (instance_id uuid, subscription_id uuid, action text,
                function_name text, body jsonb)
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, public
+SET search_path = ''
 AS $$
     SELECT o.id, o.subscription_id, o.action,
            CASE WHEN o.action IN ('stop', 'destroy') THEN 'deprovision-instance'
@@ -500,7 +484,6 @@ $$;
 
 -- Least privilege: only service_role (the functions' request identity) runs these.
 REVOKE ALL ON FUNCTION public.lifecycle_config_hash(public.instances) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_plan_limits(uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.lifecycle_next_action(public.instances, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.lifecycle_instance_json(public.instances) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.lifecycle_step_json(public.instances, text) FROM PUBLIC;
