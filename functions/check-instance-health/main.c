@@ -85,9 +85,9 @@ static void init(void)
 typedef struct {
     char instance_id[40];   /* "" = all */
     int sweep;
-} params;
+} call_params;
 
-static int parse_params(mr_req *r, params *p)
+static int parse_params(mr_req *r, call_params *p)
 {
     char v[64];
     mr_err e;
@@ -96,8 +96,8 @@ static int parse_params(mr_req *r, params *p)
     p->sweep = 1;
 
     e = mr_http_query_param(r->query, "instance_id", v, sizeof v);
-    if (e == MR_OK) {
-        snprintf(p->instance_id, sizeof p->instance_id, "%s", v);
+    if (e == MR_OK && strlen(v) < sizeof p->instance_id) {
+        memcpy(p->instance_id, v, strlen(v) + 1);
     } else if (e != MR_ENOTFOUND) {
         mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
         return -1;
@@ -331,6 +331,34 @@ static cJSON *run_sweep(mr_req *r)
     int64_t deadline = mr_now_ms() + cfg.sweep_budget_ms;
     mr_err e;
 
+    /* First the Stripe events stored as deferred (a transient reason): the
+     * webhook's own SQL redoes each in its own transaction, and whatever instance
+     * work that makes owed is picked up just below, in this same run. */
+    cJSON *ev = cJSON_CreateObject();
+    owed_ctx ec = {.limit = cfg.sweep_batch, .res = NULL};
+    int reprocessed = 0, ev_failed = 0;
+    mr_err ee = mr_db_tx(r->db, &r->who, events_tx, &ec, err, sizeof err);
+    if (ee != MR_OK) {
+        cJSON_AddStringToObject(ev, "error", err);
+    } else {
+        int n = PQntuples(ec.res);
+        cJSON_AddNumberToObject(ev, "owed", n);
+        for (int i = 0; i < n && mr_now_ms() < deadline; i++) {
+            reprocess_ctx rc = {.event_id = PQgetvalue(ec.res, i, 0)};
+            char rerr[256] = "";
+            if (mr_db_tx(r->db, &r->who, reprocess_tx, &rc, rerr, sizeof rerr) == MR_OK) {
+                reprocessed++;
+            } else {
+                mr_log(MR_LOG_WARN, "sweep: reprocessing stripe event %s: %s", rc.event_id, rerr);
+                ev_failed++;
+            }
+        }
+        PQclear(ec.res);
+    }
+    cJSON_AddNumberToObject(ev, "reprocessed", reprocessed);
+    cJSON_AddNumberToObject(ev, "failed", ev_failed);
+    cJSON_AddItemToObject(out, "stripe_events", ev);
+
     e = mr_db_tx(r->db, &r->who, owed_tx, &oc, err, sizeof err);
     if (e != MR_OK) {
         cJSON_AddStringToObject(out, "error", err);
@@ -394,32 +422,6 @@ static cJSON *run_sweep(mr_req *r)
     cJSON_AddNumberToObject(out, "deferred", skipped);
     cJSON_AddItemToObject(out, "items", items);
 
-    /* Stripe events stored as failed for a transient reason: the webhook's own
-     * SQL redoes each one in its own transaction. */
-    cJSON *ev = cJSON_CreateObject();
-    owed_ctx ec = {.limit = cfg.sweep_batch, .res = NULL};
-    int reprocessed = 0, ev_failed = 0;
-    e = mr_db_tx(r->db, &r->who, events_tx, &ec, err, sizeof err);
-    if (e != MR_OK) {
-        cJSON_AddStringToObject(ev, "error", err);
-    } else {
-        int n = PQntuples(ec.res);
-        cJSON_AddNumberToObject(ev, "owed", n);
-        for (int i = 0; i < n && mr_now_ms() < deadline; i++) {
-            reprocess_ctx rc = {.event_id = PQgetvalue(ec.res, i, 0)};
-            char rerr[256] = "";
-            if (mr_db_tx(r->db, &r->who, reprocess_tx, &rc, rerr, sizeof rerr) == MR_OK) {
-                reprocessed++;
-            } else {
-                mr_log(MR_LOG_WARN, "sweep: reprocessing stripe event %s: %s", rc.event_id, rerr);
-                ev_failed++;
-            }
-        }
-        PQclear(ec.res);
-    }
-    cJSON_AddNumberToObject(ev, "reprocessed", reprocessed);
-    cJSON_AddNumberToObject(ev, "failed", ev_failed);
-    cJSON_AddItemToObject(out, "stripe_events", ev);
     return out;
 }
 
@@ -427,7 +429,7 @@ static cJSON *run_sweep(mr_req *r)
 
 static void handle(mr_req *r)
 {
-    params p;
+    call_params p;
     select_ctx sc = {0};
     char err[256] = "";
     int is_service = strcmp(r->who.role, "service_role") == 0;
