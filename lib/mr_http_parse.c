@@ -34,9 +34,10 @@ mr_err mr_http_content_length(const char *value, size_t max, size_t *len)
             return MR_EINVAL;
     size_t v = 0;
     for (const char *p = value; *p; p++) {
-        v = v * 10 + (size_t)(*p - '0');
-        if (v > max)
-            return MR_ETOOBIG; /* stops before v can overflow */
+        size_t d = (size_t)(*p - '0');
+        if (d > max || v > (max - d) / 10)
+            return MR_ETOOBIG; /* v * 10 + d > max, checked without overflowing */
+        v = v * 10 + d;
     }
     *len = v;
     return MR_OK;

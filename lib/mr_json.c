@@ -41,6 +41,8 @@ const cJSON *mr_json_path(const cJSON *root, const char *dotted)
         memcpy(key, p, n);
         key[n] = '\0';
         cur = cJSON_GetObjectItemCaseSensitive(cur, key);
+        if (dot && dot[1] == '\0')
+            return NULL; /* "a." names no key */
         p = dot ? dot + 1 : NULL;
     }
     return cur;

@@ -134,7 +134,7 @@ BEGIN
     END IF;
     IF p_customer IS NOT NULL THEN
         IF v_cust IS NULL THEN
-            UPDATE public.accounts SET stripe_customer_id = p_customer, updated_at = now()
+            UPDATE public.accounts SET stripe_customer_id = p_customer
              WHERE id = v_id;
         ELSIF v_cust <> p_customer THEN
             RAISE EXCEPTION USING ERRCODE = 'MRW02', MESSAGE = 'account is linked to another Stripe customer';
@@ -241,8 +241,7 @@ BEGIN
             cancelled_at         = public.stripe_ts(v_obj -> 'canceled_at'),
             cancel_at_period_end = coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
             last_event_created   = p_created,
-            last_event_id        = p_event_id,
-            updated_at           = now()
+            last_event_id        = p_event_id
         WHERE s.id = v_sub.id
         RETURNING * INTO v_sub;
     END IF;
@@ -255,11 +254,11 @@ BEGIN
     IF v_status IN ('trialing', 'active', 'past_due') THEN
         IF v_inst.id IS NULL THEN
             SELECT * INTO v_names FROM public.instance_names(v_sub.id);
+            -- Memory and CPU come from the plan (trigger, 004); a tier change later
+            -- follows through the same trigger.
             INSERT INTO public.instances AS i (
-                subscription_id, dokku_app_name, subdomain, status, desired_status,
-                memory_limit_mb, cpu_limit)
-            VALUES (v_sub.id, v_names.dokku_app_name, v_names.subdomain, 'provisioning', 'running',
-                    v_plan.memory_limit_mb, v_plan.cpu_limit)
+                subscription_id, dokku_app_name, subdomain, status, desired_status)
+            VALUES (v_sub.id, v_names.dokku_app_name, v_names.subdomain, 'provisioning', 'running')
             RETURNING * INTO v_inst;
             action := 'provision';
         ELSIF v_inst.status = 'deprovisioning' THEN
@@ -267,14 +266,8 @@ BEGIN
             -- nothing is owed here; the destroy finishes.
             action := 'none';
         ELSE
-            UPDATE public.instances AS i SET
-                desired_status  = 'running',
-                memory_limit_mb = v_plan.memory_limit_mb,
-                cpu_limit       = v_plan.cpu_limit,
-                updated_at      = now()
-            WHERE i.id = v_inst.id
-              AND (i.desired_status, i.memory_limit_mb, i.cpu_limit)
-                  IS DISTINCT FROM ('running'::public.instance_status, v_plan.memory_limit_mb, v_plan.cpu_limit);
+            UPDATE public.instances AS i SET desired_status = 'running'
+             WHERE i.id = v_inst.id AND i.desired_status <> 'running';
             action := CASE v_inst.status
                           WHEN 'stopped' THEN 'resume'
                           WHEN 'failed'  THEN 'provision'
@@ -284,7 +277,7 @@ BEGIN
         END IF;
     ELSIF v_status IN ('unpaid', 'paused', 'incomplete_expired') THEN
         IF v_inst.id IS NOT NULL AND v_inst.status <> 'deprovisioning' THEN
-            UPDATE public.instances AS i SET desired_status = 'stopped', updated_at = now()
+            UPDATE public.instances AS i SET desired_status = 'stopped'
              WHERE i.id = v_inst.id AND i.desired_status <> 'stopped';
             action := CASE WHEN v_inst.status = 'stopped' THEN 'none' ELSE 'stop' END;
         END IF;
@@ -293,8 +286,7 @@ BEGIN
             -- Every live status may move to deprovisioning (state machine, 001/004).
             UPDATE public.instances AS i SET
                 desired_status = 'deprovisioned',
-                status         = 'deprovisioning',
-                updated_at     = now()
+                status         = 'deprovisioning'
             WHERE i.id = v_inst.id
               AND (i.desired_status <> 'deprovisioned' OR i.status <> 'deprovisioning');
             action := 'destroy';
@@ -347,7 +339,7 @@ BEGIN
                                       'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
         END IF;
         -- 'deferred' (or 'received', or 'failed' when forced): try again.
-        UPDATE public.stripe_events SET attempts = attempts + 1, updated_at = now()
+        UPDATE public.stripe_events SET attempts = attempts + 1
          WHERE id = v_id;
     END IF;
 
@@ -412,8 +404,7 @@ BEGIN
     UPDATE public.stripe_events SET
         status       = v_result,
         error        = v_error,
-        processed_at = CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END,
-        updated_at   = now()
+        processed_at = CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END
     WHERE id = v_id;
 
     RETURN jsonb_build_object('result', v_result, 'action', v_action, 'status', v_result,
