@@ -90,5 +90,25 @@ BEGIN
 END;
 $$;
 
+-- A (re)deployed instance starts counting afresh: whatever moves it into running
+-- (provision-instance after a redeploy, a start) clears the old failures, or the
+-- first failed probe after a redeploy would fail it again at once.
+CREATE OR REPLACE FUNCTION public.health_reset_on_running()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, public
+AS $$
+BEGIN
+    IF NEW.status = 'running' AND OLD.status IS DISTINCT FROM 'running' THEN
+        NEW.consecutive_failures := 0;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER instances_health_reset BEFORE UPDATE OF status ON public.instances
+    FOR EACH ROW EXECUTE FUNCTION public.health_reset_on_running();
+
+REVOKE ALL ON FUNCTION public.health_reset_on_running() FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.health_record(jsonb, integer) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.health_record(jsonb, integer) TO service_role;

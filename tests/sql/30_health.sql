@@ -1,6 +1,6 @@
 -- 30_health.sql: health_record() (030_health.sql).
 BEGIN;
-SELECT plan(20);
+SELECT plan(22);
 
 -- Fixtures: one account, three entitled subscriptions, their instances.
 INSERT INTO auth.users (id, aud, role, email)
@@ -60,6 +60,16 @@ SELECT results_eq($$SELECT action, function_name FROM public.lifecycle_owed(100)
                      WHERE instance_id = '30000000-0000-4000-8000-000000000201'$$,
                   $$VALUES ('create', 'provision-instance')$$,
                   'the sweep selection owes it a redeploy through provision-instance');
+
+-- 3b. A redeploy (failed -> provisioning -> running) starts the count afresh.
+UPDATE public.instances SET status = 'provisioning' WHERE id = '30000000-0000-4000-8000-000000000201';
+UPDATE public.instances SET status = 'running' WHERE id = '30000000-0000-4000-8000-000000000201';
+SELECT is((SELECT consecutive_failures FROM public.instances WHERE id = '30000000-0000-4000-8000-000000000201'),
+          0, 'running again: failures reset');
+SELECT is((SELECT marked_failed FROM public.health_record(
+              pg_temp.fail('30000000-0000-4000-8000-000000000201', 'unhealthy: HTTP 500'), 3)),
+          false, 'one failure after a redeploy does not fail it again');
+UPDATE public.instances SET status = 'failed' WHERE id = '30000000-0000-4000-8000-000000000201';
 
 -- 4. A row no longer running is not touched.
 SELECT is((SELECT count(*)::int FROM public.health_record(
