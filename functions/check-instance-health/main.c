@@ -395,8 +395,9 @@ static cJSON *run_sweep(mr_req *r)
         e = mr_httpc_do(r->http, &hq, &resp, cerr, sizeof cerr);
         cJSON_AddNumberToObject(item, "http_status", (double)resp.status);
         if (e == MR_OK && (resp.status == 200 || resp.status == 202)) {
-            /* 202: claimed by the callee; 200: nothing (left) to do, or someone else's lease. */
-            cJSON_AddStringToObject(item, "outcome", resp.status == 202 ? "claimed" : "done or busy");
+            /* 202: being worked on (claimed by this call, or another's live lease);
+             * 200: nothing (left) to do. Either way the owner of the lease does it. */
+            cJSON_AddStringToObject(item, "outcome", resp.status == 202 ? "in progress" : "done");
             accepted++;
         } else {
             char why[300];
@@ -446,6 +447,7 @@ static void handle(mr_req *r)
         return;
     }
     if (sc.instance_id && !sc.found) {
+        targets_free(&sc);
         mr_reply_error(r, 404, "not_found", "no instance %s", p.instance_id);
         return;
     }
