@@ -249,7 +249,7 @@ static mr_err record_tx(mr_db *db, void *arg, char *err, size_t errlen)
     }
     return mr_db_exec(db,
                       "SELECT instance_id::text, consecutive_failures, marked_failed "
-                      "  FROM public.health_record($1::jsonb, $2::integer)",
+                      "  FROM public.health_record($1::jsonb, $2::integer) ORDER BY instance_id",
                       2, params, &c->res, NULL, err, errlen);
 }
 
@@ -528,7 +528,7 @@ static void handle(mr_req *r)
     cJSON *out = cJSON_CreateObject();
     cJSON *results = cJSON_CreateArray();
     int healthy = 0, unhealthy = 0, unreachable = 0, marked = 0;
-    int recorded = PQntuples(rc.res);
+    int recorded = PQntuples(rc.res), k = 0;
     for (size_t i = 0; i < sc.n; i++) {
         const mr_probe *pr = map[i] == (size_t)-1 ? NULL : &probes[map[i]];
         cJSON *o = cJSON_CreateObject();
@@ -549,15 +549,16 @@ static void handle(mr_req *r)
             if (pr->outcome == MR_PROBE_HEALTHY) cJSON_AddNullToObject(o, "error");
             else cJSON_AddStringToObject(o, "error", pr->error[0] ? pr->error : pr->status);
         }
-        /* health_record returns rows in no promised order; match by id. */
-        for (int k = 0; k < recorded; k++) {
-            if (strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) != 0)
-                continue;
+        /* Targets and recorded rows are both in uuid order (uuid order is the
+         * order of their lowercase text), so one merge pass matches them; a
+         * target with no row was no longer running when recorded. */
+        while (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) < 0)
+            k++;
+        if (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) == 0) {
             int mf = strcmp(PQgetvalue(rc.res, k, 2), "t") == 0;
             cJSON_AddNumberToObject(o, "consecutive_failures", atoi(PQgetvalue(rc.res, k, 1)));
             cJSON_AddBoolToObject(o, "marked_failed", mf);
             marked += mf;
-            break;
         }
         cJSON_AddItemToArray(results, o);
     }
