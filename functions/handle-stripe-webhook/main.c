@@ -277,13 +277,12 @@ static void handle(mr_req *r)
 
     /* 2. The envelope. */
     cJSON *ev = mr_json_parse(r->body, r->body_len);
-    if (ev == NULL || !cJSON_IsObject(ev)) {
-        cJSON_Delete(ev);
-        mr_reply_error(r, 400, "malformed_json", "the body is not a JSON object");
+    if (ev == NULL) {
+        mr_reply_error(r, 400, "malformed_json", "the body is not valid JSON");
         return;
     }
     const cJSON *obj = mr_json_path(ev, "data.object");
-    if (mr_json_str(ev, "id", &id) != MR_OK || !*id || strlen(id) > 255
+    if (!cJSON_IsObject(ev) || mr_json_str(ev, "id", &id) != MR_OK || !*id || strlen(id) > 255
         || mr_json_str(ev, "type", &type) != MR_OK || !*type || strlen(type) > 255
         || mr_json_i64(ev, "created", 0, 253402300799LL, &created) != MR_OK
         || !cJSON_IsObject(obj)) {

@@ -310,6 +310,7 @@ DECLARE
     v_created  timestamptz;
     v_obj      jsonb := p_event -> 'data' -> 'object';
     v_prev     text;
+    v_known    boolean;
     v_result   text;
     v_action   text := 'none';
     v_sub      uuid;
@@ -325,23 +326,26 @@ BEGIN
     END IF;
     v_created := public.stripe_ts(p_event -> 'created');
 
-    -- Dedupe. A concurrent delivery of the same id waits here for the first one's
-    -- commit, then sees its final status below.
-    INSERT INTO public.stripe_events (id, type, created, api_version, livemode, payload)
-    VALUES (v_id, v_type, v_created, p_event ->> 'api_version',
-            coalesce((p_event ->> 'livemode')::boolean, false), p_event)
-    ON CONFLICT (id) DO NOTHING;
-    IF NOT FOUND THEN
-        SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id FOR UPDATE;
-        IF v_prev IN ('processed', 'ignored', 'stale')
-           OR (v_prev = 'failed' AND NOT p_force) THEN
-            RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
-                                      'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
-        END IF;
-        -- 'deferred' (or 'received', or 'failed' when forced): try again.
-        UPDATE public.stripe_events SET attempts = attempts + 1
-         WHERE id = v_id;
+    -- Dedupe, fast path: an event already handled is answered from a plain read.
+    -- No lock and no write, so a duplicate costs no commit flush.
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id;
+    IF v_prev IN ('processed', 'ignored', 'stale') OR (v_prev = 'failed' AND NOT p_force) THEN
+        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
+                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
     END IF;
+
+    -- Dedupe, for real: every delivery of one event id is serialized by this lock,
+    -- so of ten concurrent deliveries one applies and nine then read its outcome.
+    -- (A read after the wait sees the first one's commit: READ COMMITTED takes a
+    -- new snapshot per statement.)
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('stripe_event:' || v_id, 0));
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id;
+    v_known := FOUND;
+    IF v_prev IN ('processed', 'ignored', 'stale') OR (v_prev = 'failed' AND NOT p_force) THEN
+        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
+                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
+    END IF;
+    -- Otherwise new, or 'deferred' / 'failed' when forced: (re)apply.
 
     -- Apply in a subtransaction: an error below undoes every partial change and is
     -- recorded on the event instead.
@@ -401,11 +405,22 @@ BEGIN
         v_sub := NULL;
         v_inst := NULL;
     END IF;
-    UPDATE public.stripe_events SET
-        status       = v_result,
-        error        = v_error,
-        processed_at = CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END
-    WHERE id = v_id;
+    -- The event row is written once, with its outcome (a new event costs one insert,
+    -- not an insert and an update of its payload-sized row).
+    IF v_known THEN
+        UPDATE public.stripe_events SET
+            status       = v_result,
+            error        = v_error,
+            attempts     = attempts + 1,
+            processed_at = CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END
+        WHERE id = v_id;
+    ELSE
+        INSERT INTO public.stripe_events (id, type, created, api_version, livemode, payload,
+                                          status, error, processed_at)
+        VALUES (v_id, v_type, v_created, p_event ->> 'api_version',
+                coalesce((p_event ->> 'livemode')::boolean, false), p_event,
+                v_result, v_error, CASE WHEN v_result = 'deferred' THEN NULL ELSE now() END);
+    END IF;
 
     RETURN jsonb_build_object('result', v_result, 'action', v_action, 'status', v_result,
                               'subscription_id', v_sub, 'instance_id', v_inst, 'error', v_error);
