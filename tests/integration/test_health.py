@@ -309,3 +309,51 @@ def test_outside_base_domain_not_probed(strict_stack, standin):
     rw = row(s, literal)
     assert rw["health_status"] == "refused: outside base domain"
     assert rw["consecutive_failures"] == 1
+
+
+def test_sweep_reprocesses_deferred_stripe_event(stack, provisioner):
+    """A subscription event for a customer not linked yet is stored deferred; once
+    the account is linked, the sweep reprocesses it and, in the same run, asks
+    provision-instance for the instance it made owed."""
+    import json as jsonlib
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+    with open(os.path.join(fixtures, "stripe_subscription_created_basil.json")) as f:
+        e = jsonlib.load(f)
+    cust, sub = "cus_" + uuid.uuid4().hex[:14], "sub_" + uuid.uuid4().hex[:14]
+    e["id"], e["type"] = "evt_" + uuid.uuid4().hex[:14], "customer.subscription.created"
+    o = e["data"]["object"]
+    o["id"], o["customer"], o["status"], o["metadata"] = sub, cust, "active", {}
+    for item in o["items"]["data"]:
+        item["price"]["id"] = "price_starter"
+        item["subscription"] = sub
+        if "plan" in item:
+            item["plan"]["id"] = "price_starter"
+    body = jsonlib.dumps(e, separators=(",", ":")).encode()
+    r = stack.call("POST", "handle-stripe-webhook", body=body, headers=stack.stripe_headers(body))
+    assert r.status >= 500, r   # unknown account: deferred, Stripe should retry
+    assert stack.sql("SELECT status FROM public.stripe_events WHERE id = %s", e["id"])[0][0] == "deferred"
+
+    # Not due yet (backoff): the sweep leaves it.
+    r = check(stack)
+    assert r.json["sweep"]["stripe_events"]["reprocessed"] == 0, r.json["sweep"]
+
+    acct = make_account(stack)
+    stack.sql("UPDATE public.accounts SET stripe_customer_id = %s WHERE id = %s", cust, acct)
+    # Two hours pass (the updated_at trigger would stamp now(): bypass it).
+    stack.sql("SET session_replication_role = replica; "
+              "UPDATE public.stripe_events SET updated_at = now() - interval '2 hours' WHERE id = %s; "
+              "RESET session_replication_role", e["id"])
+    r = check(stack)
+    assert r.status == 200, r
+    ev = r.json["sweep"]["stripe_events"]
+    assert ev["reprocessed"] == 1 and ev["failed"] == 0, ev
+    assert stack.sql("SELECT status FROM public.stripe_events WHERE id = %s", e["id"])[0][0] == "processed"
+    iid, app = stack.sql(
+        "SELECT i.id::text, i.dokku_app_name FROM public.instances i "
+        "JOIN public.subscriptions s ON s.id = i.subscription_id WHERE s.stripe_subscription_id = %s", sub)[0]
+    assert [i["instance_id"] for i in r.json["sweep"]["items"]] == [iid], r.json["sweep"]
+    deadline = time.monotonic() + 20
+    while row(stack, iid)["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert row(stack, iid)["status"] == "running"
+    assert [c.json["app"] for c in provisioner.create_calls()].count(app) == 1
