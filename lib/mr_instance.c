@@ -1,10 +1,14 @@
 /* mr_instance.c: see mr_instance.h. The rules (what is owed, which transition a
  * step makes, backoff) live in SQL; this file moves results between PostgreSQL,
  * the provisioner and Resend, and never holds a transaction across those calls. */
+#include <assert.h>
 #include <ctype.h>
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -36,6 +40,10 @@ void mr_instance_config_load(mr_instance_config *cfg)
     cfg->resend_base_url = mr_config_str("RESEND_BASE_URL", "https://api.resend.com");
     cfg->resend_from = mr_config_str("RESEND_FROM", "MindRoom <hello@mindroom.chat>");
     cfg->resend_timeout_ms = (long)mr_config_int("MR_RESEND_TIMEOUT_MS", 10000, 100, 120000);
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int workers = (int)mr_config_int("MR_WORKERS", ncpu > 0 ? ncpu : 1, 1, 1024);
+    cfg->jobs = (int)mr_config_int("MR_PROVISION_JOBS", workers > 1 ? workers - 1 : 1, 1, 1024);
+    cfg->drain = (int)mr_config_int("MR_PROVISION_DRAIN", 20, 0, 10000);
 
     /* The lease must outlive every step its holder can be inside; otherwise a slow
      * but healthy worker would lose it and a second one would repeat the call. */
@@ -79,6 +87,46 @@ int mr_instance_is_uuid(const char *s)
         }
     }
     return 1;
+}
+
+/* --- job slots --- */
+
+static pid_t *g_slots;   /* shared mapping: the pid of the worker in each slot, or 0 */
+static int g_nslots;
+
+void mr_instance_slots_init(int n)
+{
+    assert(n > 0);
+    void *m = mmap(NULL, sizeof(pid_t) * (size_t)n, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        fprintf(stderr, "mr_instance: cannot map %d job slots\n", n);
+        exit(2);
+    }
+    g_slots = m;
+    g_nslots = n;
+}
+
+int mr_instance_slot_acquire(void)
+{
+    if (!g_slots) return -1;
+    pid_t me = getpid();
+    for (int i = 0; i < g_nslots; i++) {
+        pid_t cur = __atomic_load_n(&g_slots[i], __ATOMIC_ACQUIRE);
+        /* Free, or left by a worker that died (a worker holds at most one slot, so
+         * its own pid in a slot is a dead predecessor's that had the same pid). */
+        int free_slot = cur == 0 || cur == me || (kill(cur, 0) != 0 && errno == ESRCH);
+        if (free_slot && __atomic_compare_exchange_n(&g_slots[i], &cur, me, 0,
+                                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return i;
+    }
+    return -1;
+}
+
+void mr_instance_slot_release(int slot)
+{
+    if (g_slots && slot >= 0 && slot < g_nslots)
+        __atomic_store_n(&g_slots[slot], 0, __ATOMIC_RELEASE);
 }
 
 /* --- database round trips --- */
@@ -163,6 +211,21 @@ mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const mr_insta
                       "SELECT public.lifecycle_deprovision($1::uuid, $2::uuid, $3, $4, $5::int,"
                       " $6::boolean)::text",
                       6, p, &reply, err, errlen);
+    if (e == MR_OK) fill_result(res, reply);
+    return e;
+}
+
+mr_err mr_instance_claim_next(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
+                              const char *owner, mr_instance_result *res, char *err, size_t errlen)
+{
+    char lease[16];
+    snprintf(lease, sizeof lease, "%d", cfg->lease_s);
+    const char *p[] = {cfg->function, owner, lease, cfg->resend_api_key ? "true" : "false"};
+    memset(res, 0, sizeof *res);
+    cJSON *reply = NULL;
+    mr_err e = q_json(db, who,
+                      "SELECT public.lifecycle_claim_next($1, $2, $3::int, $4::boolean)::text",
+                      4, p, &reply, err, errlen);
     if (e == MR_OK) fill_result(res, reply);
     return e;
 }
@@ -459,7 +522,13 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
 
     int busy = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(inst, "busy"));
     if (!waited) {
-        *status = strcmp(res->outcome, "claimed") == 0 || busy ? 202 : 200;
+        /* A running instance that only owes its welcome email is answered as it is
+         * (200): the email goes out after the answer and never changes the instance. */
+        const char *action = "";
+        mr_json_str(cJSON_GetObjectItemCaseSensitive(res->reply, "step"), "action", &action);
+        int only_email = strcmp(res->outcome, "claimed") == 0 && strcmp(action, "email") == 0;
+        int pending = strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "queued") == 0;
+        *status = !only_email && (pending || busy) ? 202 : 200;
         return out;
     }
     if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0) {
@@ -489,24 +558,48 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
 typedef struct {
     const mr_instance_config *cfg;
     mr_instance_result res;
+    int slot;
+    char owner[160];
 } job;
 
 static void job_run(mr_req *r, void *arg)
 {
     job *j = arg;
     char err[256] = "";
-    if (mr_instance_run(r->db, r->http, &r->who, j->cfg, &j->res, err, sizeof err) != MR_OK)
+    if (mr_instance_run(r->db, r->http, &r->who, j->cfg, &j->res, err, sizeof err) != MR_OK) {
         mr_log(MR_LOG_ERROR, "deferred lifecycle work stopped: %s", err);
+        return;
+    }
+    /* Work left owed while this worker was busy ("queued" answers) is taken on now,
+     * under the same job slot, instead of waiting for the next sweep. */
+    for (int n = 0; n < j->cfg->drain && j->cfg->function; n++) {
+        mr_instance_result next;
+        if (mr_instance_claim_next(r->db, &r->who, j->cfg, j->owner, &next, err, sizeof err) != MR_OK) {
+            mr_log(MR_LOG_WARN, "draining owed work stopped: %s", err);
+            return;
+        }
+        int claimed = strcmp(next.outcome, "claimed") == 0;
+        mr_err e = claimed ? mr_instance_run(r->db, r->http, &r->who, j->cfg, &next, err, sizeof err)
+                           : MR_OK;
+        mr_instance_result_free(&next);
+        if (!claimed) return;
+        if (e != MR_OK) {
+            mr_log(MR_LOG_ERROR, "deferred lifecycle work stopped: %s", err);
+            return;
+        }
+    }
 }
 
 static void job_free(void *arg)
 {
     job *j = arg;
     mr_instance_result_free(&j->res);
+    mr_instance_slot_release(j->slot);
     free(j);
 }
 
-void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait)
+void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait,
+                       int slot, const char *owner)
 {
     char err[256] = "";
     int status = 200;
@@ -521,14 +614,23 @@ void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_res
         if (!j) {
             cJSON_Delete(body);
             mr_instance_result_free(res);
+            mr_instance_slot_release(slot);
             mr_reply_error(r, 500, "internal", "out of memory");
             return;
         }
         j->cfg = cfg;
+        j->slot = slot;
+        snprintf(j->owner, sizeof j->owner, "%s", owner ? owner : "");
         j->res = *res;
         memset(res, 0, sizeof *res);
         mr_reply_json(r, status, body);
         mr_defer(r, job_run, j, job_free);
+        return;
+    }
+    if (wait && strcmp(res->outcome, "queued") == 0) {
+        mr_instance_result_free(res);
+        mr_reply_error(r, 503, "busy", "every worker of this function is busy with other "
+                       "instances; the work is recorded as owed, retry later");
         return;
     }
     mr_err e = MR_OK;
@@ -536,6 +638,7 @@ void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_res
         e = mr_instance_run(r->db, r->http, &r->who, cfg, res, err, sizeof err);
     else if (busy && wait)
         e = mr_instance_await(r->db, &r->who, res, cfg->wait_ms, err, sizeof err);
+    mr_instance_slot_release(slot);
     if (e != MR_OK) {
         mr_instance_result_free(res);
         mr_reply_err(r, e, err);

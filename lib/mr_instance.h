@@ -28,12 +28,30 @@ typedef struct {
     const char *resend_base_url;     /* RESEND_BASE_URL */
     const char *resend_from;         /* RESEND_FROM */
     long resend_timeout_ms;          /* MR_RESEND_TIMEOUT_MS */
+    int jobs;                        /* MR_PROVISION_JOBS: workers busy with steps at once */
+    int drain;                       /* MR_PROVISION_DRAIN: owed items a worker takes on
+                                        after its own steps, before accepting again */
+    const char *function;            /* "provision-instance" or "deprovision-instance":
+                                        set by the function after loading */
 } mr_instance_config;
 
 /* Reads the configuration from the environment (mr_config_*: a bad value exits 2
  * naming the variable). Also exits when the lease is not longer than the longest
  * step it must cover. The strings are the environment's own. */
 void mr_instance_config_load(mr_instance_config *cfg);
+
+/* Job slots. A worker inside a provisioner call cannot accept requests, so if every
+ * worker were busy with steps, callers (the webhook's short-deadline kick, the
+ * sweep) would queue behind a slow or hanging provisioner. At most cfg->jobs
+ * workers (default: MR_WORKERS - 1) do steps at once; a request that finds no free
+ * slot leaves the work owed and unclaimed (outcome "queued", 202) for the sweep.
+ * The slots live in memory shared by the pre-forked workers: mr_instance_slots_init
+ * must run in the app's init (the parent, before fork). A slot held by a worker
+ * that died is taken back (its pid is gone). */
+void mr_instance_slots_init(int n);
+/* Returns a slot index, or -1 when all are taken. */
+int mr_instance_slot_acquire(void);
+void mr_instance_slot_release(int slot);
 
 /* Result of a request or of a step. */
 typedef struct {
@@ -51,7 +69,9 @@ void mr_instance_result_free(mr_instance_result *res);
 const cJSON *mr_instance_of(const mr_instance_result *res);
 
 /* provision-instance's transaction (as who, normally service_role). On MR_OK res is
- * filled (caller frees it); otherwise err says why (transient database failure...). */
+ * filled (caller frees it); otherwise err says why (transient database failure...).
+ * owner names the worker taking the lease; NULL when it holds no job slot (then
+ * owed work is reported "queued", never claimed). */
 mr_err mr_instance_provision(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
                              const char *subscription_id, const char *owner,
                              mr_instance_result *res, char *err, size_t errlen);
@@ -62,6 +82,11 @@ mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const mr_insta
                                const char *instance_id, const char *subscription_id,
                                const char *mode, const char *owner,
                                mr_instance_result *res, char *err, size_t errlen);
+
+/* Claims the oldest instance owing work of cfg->function (lifecycle_claim_next):
+ * res->outcome "claimed" (run it with mr_instance_run) or "none". */
+mr_err mr_instance_claim_next(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
+                              const char *owner, mr_instance_result *res, char *err, size_t errlen);
 
 /* Carries out the claimed steps of res (outcome "claimed") until nothing more is
  * owed, a step fails, or the lease is lost; then replaces res with the final
@@ -83,8 +108,11 @@ mr_err mr_instance_await(mr_db *db, const mr_identity *who, mr_instance_result *
  * over res (its contents; res itself may be on the caller's stack): "claimed"
  * -> 202 now and the steps run after the answer (mr_defer), or with wait the
  * steps run first and the answer is final; "busy" with wait -> polls first.
- * Outcomes not_found/not_entitled/conflict are the caller's to answer before. */
-void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait);
+ * Outcomes not_found/not_entitled/conflict are the caller's to answer before.
+ * slot (from mr_instance_slot_acquire, or -1) is released once the work is done;
+ * owner (copied) names the worker for the leases it takes draining owed work. */
+void mr_instance_reply(mr_req *r, const mr_instance_config *cfg, mr_instance_result *res, int wait,
+                       int slot, const char *owner);
 
 /* Builds the HTTP answer for a result: {"instance": {...}} plus, for a failed
  * waited-for step, an "error" object. Sets *status. Returns a new object the

@@ -17,6 +17,8 @@ static mr_instance_config cfg;
 static void init(void)
 {
     mr_instance_config_load(&cfg);
+    cfg.function = "deprovision-instance";
+    mr_instance_slots_init(cfg.jobs);
 }
 
 static void handle(mr_req *r)
@@ -53,11 +55,18 @@ static void handle(mr_req *r)
     if (me == MR_OK) snprintf(md, sizeof md, "%s", mode);
     cJSON_Delete(body);
     snprintf(owner, sizeof owner, "deprovision-instance:%d:%s", (int)getpid(), r->request_id);
+    /* Claim only with a job slot free (see mr_instance.h); otherwise leave it owed. */
+    int slot = mr_instance_slot_acquire();
 
     mr_instance_result res;
     mr_err e = mr_instance_deprovision(r->db, &r->who, &cfg, *inst ? inst : NULL,
-                                       *sub ? sub : NULL, *md ? md : NULL, owner,
+                                       *sub ? sub : NULL, *md ? md : NULL,
+                                       slot >= 0 ? owner : NULL,
                                        &res, err, sizeof err);
+    if (e != MR_OK || strcmp(res.outcome, "claimed") != 0) {
+        mr_instance_slot_release(slot); /* no steps for this worker to run */
+        slot = -1;
+    }
     if (e != MR_OK) {
         mr_reply_err(r, e, err);
         return;
@@ -77,7 +86,7 @@ static void handle(mr_req *r)
         mr_reply_json(r, 200, out);
         return;
     }
-    mr_instance_reply(r, &cfg, &res, wait);
+    mr_instance_reply(r, &cfg, &res, wait, slot, owner);
 }
 
 int main(int argc, char **argv)

@@ -17,6 +17,8 @@ static mr_instance_config cfg;
 static void init(void)
 {
     mr_instance_config_load(&cfg);
+    cfg.function = "provision-instance";
+    mr_instance_slots_init(cfg.jobs);
 }
 
 static void handle(mr_req *r)
@@ -44,9 +46,16 @@ static void handle(mr_req *r)
     snprintf(sub, sizeof sub, "%s", sid);
     cJSON_Delete(body);
     snprintf(owner, sizeof owner, "provision-instance:%d:%s", (int)getpid(), r->request_id);
+    /* Claim only with a job slot free (see mr_instance.h); otherwise leave it owed. */
+    int slot = mr_instance_slot_acquire();
 
     mr_instance_result res;
-    mr_err e = mr_instance_provision(r->db, &r->who, &cfg, sub, owner, &res, err, sizeof err);
+    mr_err e = mr_instance_provision(r->db, &r->who, &cfg, sub, slot >= 0 ? owner : NULL,
+                                     &res, err, sizeof err);
+    if (e != MR_OK || strcmp(res.outcome, "claimed") != 0) {
+        mr_instance_slot_release(slot); /* no steps for this worker to run */
+        slot = -1;
+    }
     if (e != MR_OK) {
         mr_reply_err(r, e, err);
         return;
@@ -72,7 +81,7 @@ static void handle(mr_req *r)
         mr_instance_result_free(&res);
         return;
     }
-    mr_instance_reply(r, &cfg, &res, wait);
+    mr_instance_reply(r, &cfg, &res, wait, slot, owner);
 }
 
 int main(int argc, char **argv)

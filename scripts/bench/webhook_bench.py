@@ -185,15 +185,22 @@ def main():
             print("bench webhook: wrk no-op function...", flush=True)
             results["noop"] = wrk_plain(s.url("noop"), CONNS, SECONDS)
 
-            # Half of the measured peak, offered through paced connections.
+            # Half of the measured peak, offered through paced connections: each
+            # connection waits `delay` ms before each request (closed loop; wrk2,
+            # which paces open-loop, is not packaged). A short calibration run
+            # measures the latency at that load, and the delay is set so that
+            # delay + p50 = one request period per connection.
             target = new["rps"] / 2
-            paced_conns = 4
-            delay = max(0, int(round(paced_conns * 1000.0 / target - new["p50_ms"])))
+            paced_conns = 2
+            period = paced_conns * 1000.0 / target
             paced_file = s.run / "paced.txt"
-            write_events(paced_file, int(target * SECONDS * 2) + 2000, "paced", secret)
+            write_events(paced_file, int(target * (SECONDS + 3) * 2) + 2000, "paced", secret)
+            calib = wrk(url, paced_conns, 3, [paced_file, 2, int(period)], threads=paced_conns)
+            delay = max(0, int(round(period - calib["p50_ms"])))
+            write_events(paced_file, int(target * SECONDS * 2) + 2000, "paced2", secret)
             print("bench webhook: paced new events (target %.0f/s, %d conns, delay %d ms)..."
                   % (target, paced_conns, delay), flush=True)
-            paced = wrk(url, paced_conns, SECONDS, [paced_file, 2, delay])
+            paced = wrk(url, paced_conns, SECONDS, [paced_file, 2, delay], threads=paced_conns)
             paced["target_rps"] = round(target, 1)
             paced["delay_ms"] = delay
             paced["connections"] = paced_conns

@@ -83,16 +83,6 @@ AS $$
             ELSE 0 END]
 $$;
 
--- Unix seconds (JSON number or numeric string) -> timestamptz; NULL stays NULL.
-CREATE FUNCTION public.stripe_ts(p_value jsonb)
-RETURNS timestamptz
-LANGUAGE sql IMMUTABLE
-SET search_path = ''
-AS $$
-    SELECT CASE WHEN p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN NULL
-                ELSE pg_catalog.to_timestamp((p_value #>> '{}')::bigint) END
-$$;
-
 -- An id field that Stripe sends either as a string or, when expanded, as an object.
 CREATE FUNCTION public.stripe_id(p_value jsonb)
 RETURNS text
@@ -212,8 +202,8 @@ BEGIN
 
     -- Before API version 2025-03-31 the period end is on the subscription; since, on
     -- each item.
-    v_period := coalesce(public.stripe_ts(v_obj -> 'current_period_end'),
-                         (SELECT max(public.stripe_ts(it -> 'current_period_end'))
+    v_period := coalesce(pg_catalog.to_timestamp((v_obj ->> 'current_period_end')::bigint),
+                         (SELECT pg_catalog.to_timestamp(max((it ->> 'current_period_end')::bigint))
                             FROM jsonb_array_elements(
                                  CASE WHEN jsonb_typeof(v_obj #> '{items,data}') = 'array'
                                       THEN v_obj #> '{items,data}' ELSE '[]'::jsonb END) AS it));
@@ -226,8 +216,8 @@ BEGIN
             trial_ends_at, current_period_end, cancelled_at, cancel_at_period_end,
             last_event_created, last_event_id)
         VALUES (v_account, v_stripe_id, v_price, v_plan.tier, v_status,
-                public.stripe_ts(v_obj -> 'trial_end'), v_period,
-                public.stripe_ts(v_obj -> 'canceled_at'),
+                pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint), v_period,
+                pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
                 coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
                 p_created, p_event_id)
         RETURNING * INTO v_sub;
@@ -236,9 +226,9 @@ BEGIN
             stripe_price_id      = v_price,
             tier                 = v_plan.tier,
             status               = v_status,
-            trial_ends_at        = public.stripe_ts(v_obj -> 'trial_end'),
+            trial_ends_at        = pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint),
             current_period_end   = v_period,
-            cancelled_at         = public.stripe_ts(v_obj -> 'canceled_at'),
+            cancelled_at         = pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
             cancel_at_period_end = coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
             last_event_created   = p_created,
             last_event_id        = p_event_id
@@ -324,7 +314,7 @@ BEGIN
        OR jsonb_typeof(v_obj) <> 'object' THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'not a Stripe event';
     END IF;
-    v_created := public.stripe_ts(p_event -> 'created');
+    v_created := pg_catalog.to_timestamp((p_event ->> 'created')::bigint);
 
     -- Dedupe, fast path: an event already handled is answered from a plain read.
     -- No lock and no write, so a duplicate costs no commit flush.
@@ -459,7 +449,6 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'public.stripe_subscription_status(text)',
         'public.stripe_event_rank(text, text)',
-        'public.stripe_ts(jsonb)',
         'public.stripe_id(jsonb)',
         'public.stripe_account_for(text, text)',
         'public.stripe_apply_subscription(jsonb, text, text, timestamptz)',

@@ -182,7 +182,8 @@ $$;
 -- Claims the instance's next action if there is one and nobody holds a live lease.
 -- Runs on a row the caller has locked. Returns {outcome, instance, step?}.
 --   outcome 'done': nothing owed; 'busy': another worker's lease is live;
---   'claimed': step holds the action and token.
+--   'claimed': step holds the action and token; 'queued': p_owner is NULL (the
+--   caller has no free worker to do the work): owed, left unclaimed for the sweep.
 CREATE OR REPLACE FUNCTION public.lifecycle_claim_locked(p_id uuid, p_owner text,
                                                          p_lease_s integer, p_email boolean)
 RETURNS jsonb
@@ -195,11 +196,25 @@ DECLARE
 BEGIN
     SELECT * INTO i FROM public.instances WHERE id = p_id;
     v_action := public.lifecycle_next_action(i, p_email);
+    -- Without a Resend key the email cannot be sent here; say so on the row and keep
+    -- the sweep from asking every minute (an hour later it asks again, in case a
+    -- key has been configured since).
+    IF v_action IS NULL AND NOT p_email AND i.status = 'running'
+       AND i.welcome_email_sent_at IS NULL
+       AND (i.welcome_email_next_at IS NULL OR i.welcome_email_next_at <= now()) THEN
+        UPDATE public.instances SET welcome_email_error = 'skipped: RESEND_API_KEY is not set',
+               welcome_email_next_at = now() + interval '1 hour'
+         WHERE id = p_id RETURNING * INTO i;
+    END IF;
     IF v_action IS NULL THEN
         RETURN jsonb_build_object('outcome', 'done', 'instance', public.lifecycle_instance_json(i));
     END IF;
     IF i.claimed_by IS NOT NULL AND i.claim_expires_at > now() THEN
         RETURN jsonb_build_object('outcome', 'busy', 'instance', public.lifecycle_instance_json(i));
+    END IF;
+    IF p_owner IS NULL THEN
+        RETURN jsonb_build_object('outcome', 'queued', 'action', v_action,
+                                  'instance', public.lifecycle_instance_json(i));
     END IF;
     i := public.lifecycle_take(p_id, v_action, NULL, p_owner, p_lease_s);
     RETURN jsonb_build_object('outcome', 'claimed',
@@ -213,7 +228,7 @@ $$;
 --   not_found     no such subscription
 --   not_entitled  subscription status is not trialing/active/past_due (nothing written)
 --   conflict      the live instance is being destroyed, or its names are taken
---   done | busy | claimed   as lifecycle_claim_locked
+--   done | busy | claimed | queued   as lifecycle_claim_locked
 -- Ensures the live instance row exists (names from instance_names(), limits from
 -- plans, status provisioning), sets desired_status running and the plan's limits.
 CREATE OR REPLACE FUNCTION public.lifecycle_provision(p_subscription_id uuid, p_owner text,
@@ -285,7 +300,7 @@ $$;
 -- live instance, else the most recent one). p_mode 'stop' | 'destroy' | NULL (NULL:
 -- destroy when the subscription is cancelled or incomplete_expired, else stop).
 -- Returns {outcome, mode, instance?, step?}; outcome one of not_found, none (the
--- subscription has no instance), done, busy, claimed.
+-- subscription has no instance), done, busy, claimed, queued.
 -- Never downgrades: a stop asked of an instance owed destruction changes nothing.
 CREATE OR REPLACE FUNCTION public.lifecycle_deprovision(p_instance_id uuid, p_subscription_id uuid,
                                                         p_mode text, p_owner text,
@@ -365,6 +380,7 @@ DECLARE
     v_rejected boolean := coalesce((p_result->>'rejected')::boolean, false);
     v_error text := left(coalesce(p_result->>'error', 'unknown error'), 1000);
     v_next text;
+    v_target public.instance_status;
 BEGIN
     SELECT * INTO i FROM public.instances WHERE id = p_instance_id FOR UPDATE;
     IF NOT FOUND OR i.claimed_by IS DISTINCT FROM p_token THEN
@@ -392,11 +408,16 @@ BEGIN
              WHERE id = i.id RETURNING * INTO i;
         END IF;
     ELSIF v_ok THEN
+        v_target := CASE v_action
+                        WHEN 'stop' THEN 'stopped'::public.instance_status
+                        WHEN 'destroy' THEN 'deprovisioned'::public.instance_status
+                        ELSE 'running'::public.instance_status END;
+        -- The webhook may have moved the row on while we held the lease (a
+        -- cancellation marks it deprovisioning at once): then the outcome is
+        -- recorded but the newer status stays, and the next step follows from it.
         UPDATE public.instances SET
-               status = CASE v_action
-                   WHEN 'stop' THEN 'stopped'::public.instance_status
-                   WHEN 'destroy' THEN 'deprovisioned'::public.instance_status
-                   ELSE 'running'::public.instance_status END,
+               status = CASE WHEN public.instance_transition_allowed(status, v_target)
+                             THEN v_target ELSE status END,
                backend_url = coalesce(p_result->>'backend_url', backend_url),
                frontend_url = coalesce(p_result->>'frontend_url', frontend_url),
                matrix_server_url = coalesce(p_result->>'matrix_server_url', matrix_server_url),
@@ -411,7 +432,8 @@ BEGIN
         UPDATE public.instances SET
                -- A failed update or stop leaves the app as it was: still running.
                status = CASE WHEN v_action IN ('update', 'stop') THEN status
-                             ELSE 'failed'::public.instance_status END,
+                             WHEN public.instance_transition_allowed(status, 'failed') THEN 'failed'
+                             ELSE status END,
                error_message = v_error,
                last_error = v_error,
                attempts = attempts + 1,
@@ -449,10 +471,30 @@ AS $$
     SELECT public.lifecycle_instance_json(i) FROM public.instances i WHERE i.id = p_instance_id;
 $$;
 
+-- The action an instance owes *now*, or NULL: no live lease, its backoff passed
+-- (next_attempt_at), not a rejected failure (last_error 'rejected: ...' with no
+-- next_attempt_at: left to an operator), the welcome email past its own backoff,
+-- and provisioning work only for an entitled subscription (p_entitled).
+CREATE OR REPLACE FUNCTION public.lifecycle_due_action(i public.instances, p_entitled boolean,
+                                                       p_email boolean)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+    SELECT a FROM (SELECT public.lifecycle_next_action(i, p_email) AS a) x
+     WHERE a IS NOT NULL
+       AND i.status <> 'deprovisioned'
+       AND (i.claimed_by IS NULL OR i.claim_expires_at <= now())
+       AND CASE WHEN a = 'email'
+                THEN i.welcome_email_next_at IS NULL OR i.welcome_email_next_at <= now()
+                ELSE i.next_attempt_at <= now()
+                     OR (i.next_attempt_at IS NULL AND i.last_error IS NULL) END
+       AND (a IN ('stop', 'destroy') OR p_entitled);
+$$;
+
 -- For the periodic sweep: the instances that owe work now, with the exact call that
--- does it. Skips live leases, waits out backoff (next_attempt_at), leaves rejected
--- failures (last_error 'rejected: ...', no next_attempt_at) to an operator, and
--- only asks provision-instance for entitled subscriptions.
+-- does it (POST /functions/v1/<function_name> with body, service_role JWT), oldest
+-- due first. The sweep only asks; the functions' lease decides who works.
 CREATE OR REPLACE FUNCTION public.lifecycle_owed(p_limit integer DEFAULT 100)
 RETURNS TABLE (instance_id uuid, subscription_id uuid, action text,
                function_name text, body jsonb)
@@ -466,20 +508,50 @@ AS $$
                 THEN jsonb_build_object('instance_id', o.id, 'mode', o.action)
                 ELSE jsonb_build_object('subscription_id', o.subscription_id) END
       FROM (SELECT i.id, i.subscription_id, i.next_attempt_at, i.updated_at,
-                   i.welcome_email_next_at, i.last_error,
-                   public.lifecycle_next_action(i, true) AS action
+                   public.lifecycle_due_action(i, s.status IN ('trialing', 'active', 'past_due'),
+                                               true) AS action
               FROM public.instances i
-             WHERE i.status <> 'deprovisioned'
-               AND (i.claimed_by IS NULL OR i.claim_expires_at <= now())) o
-      JOIN public.subscriptions s ON s.id = o.subscription_id
+              JOIN public.subscriptions s ON s.id = i.subscription_id
+             WHERE i.status <> 'deprovisioned') o
      WHERE o.action IS NOT NULL
-       AND CASE WHEN o.action = 'email'
-                THEN o.welcome_email_next_at IS NULL OR o.welcome_email_next_at <= now()
-                ELSE o.next_attempt_at <= now()
-                     OR (o.next_attempt_at IS NULL AND o.last_error IS NULL) END
-       AND (o.action IN ('stop', 'destroy') OR s.status IN ('trialing', 'active', 'past_due'))
      ORDER BY o.next_attempt_at NULLS FIRST, o.updated_at
      LIMIT greatest(p_limit, 0);
+$$;
+
+-- A worker that has finished its own steps drains what is owed before it goes back
+-- to accepting requests: claims the oldest instance owing an action of its
+-- function ('provision-instance': create, start, update, email;
+-- 'deprovision-instance': stop, destroy), skipping rows other workers have locked.
+-- Returns lifecycle_claim_locked's answer, or {"outcome": "none"}.
+CREATE OR REPLACE FUNCTION public.lifecycle_claim_next(p_function text, p_owner text,
+                                                       p_lease_s integer, p_email boolean)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    v_id uuid;
+    v_actions text[] := CASE p_function
+        WHEN 'provision-instance' THEN ARRAY['create', 'start', 'update', 'email']
+        WHEN 'deprovision-instance' THEN ARRAY['stop', 'destroy'] END;
+BEGIN
+    IF v_actions IS NULL OR p_owner IS NULL THEN
+        RAISE EXCEPTION 'unknown function or no owner' USING ERRCODE = '22023';
+    END IF;
+    SELECT i.id INTO v_id
+      FROM public.instances i
+      JOIN public.subscriptions s ON s.id = i.subscription_id
+     WHERE i.status <> 'deprovisioned'
+       AND public.lifecycle_due_action(i, s.status IN ('trialing', 'active', 'past_due'), p_email)
+           = ANY (v_actions)
+     ORDER BY i.next_attempt_at NULLS FIRST, i.updated_at
+     LIMIT 1
+       FOR UPDATE OF i SKIP LOCKED;
+    IF v_id IS NULL THEN
+        RETURN jsonb_build_object('outcome', 'none');
+    END IF;
+    RETURN public.lifecycle_claim_locked(v_id, p_owner, p_lease_s, p_email);
+END;
 $$;
 
 -- Least privilege: only service_role (the functions' request identity) runs these.
@@ -494,9 +566,12 @@ REVOKE ALL ON FUNCTION public.lifecycle_provision(uuid, text, integer, boolean) 
 REVOKE ALL ON FUNCTION public.lifecycle_deprovision(uuid, uuid, text, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_finish(uuid, text, jsonb, integer, integer, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_get(uuid) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_due_action(public.instances, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.lifecycle_owed(integer) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_claim_next(text, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.lifecycle_provision(uuid, text, integer, boolean) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_deprovision(uuid, uuid, text, text, integer, boolean) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_finish(uuid, text, jsonb, integer, integer, integer, boolean) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_get(uuid) TO service_role;
 GRANT EXECUTE ON FUNCTION public.lifecycle_owed(integer) TO service_role;
+GRANT EXECUTE ON FUNCTION public.lifecycle_claim_next(text, text, integer, boolean) TO service_role;

@@ -1,15 +1,23 @@
 -- 20_lifecycle.sql: the lease and the owed-work rules of 020_lifecycle.sql.
 BEGIN;
-SELECT plan(49);
+SELECT plan(54);
 
 -- Fixtures: the seed's account; one subscription per scenario.
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
   ('20000000-0000-4000-8000-000000000001', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'),
   ('22000000-0000-4000-8000-000000000002', '5eed5eed-0000-4000-8000-000000000001', 'price_free', 'free', 'unpaid'),
-  ('23000000-0000-4000-8000-000000000003', '5eed5eed-0000-4000-8000-000000000001', 'price_professional', 'professional', 'cancelled');
+  ('23000000-0000-4000-8000-000000000003', '5eed5eed-0000-4000-8000-000000000001', 'price_professional', 'professional', 'cancelled'),
+  ('24000000-0000-4000-8000-000000000004', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active');
 
 SET LOCAL role service_role;
 CREATE TEMP TABLE r (k text PRIMARY KEY, v jsonb);
+
+-- a caller without a free worker (p_owner NULL): the row is made, the work left owed.
+SELECT is(public.lifecycle_provision('20000000-0000-4000-8000-000000000001', NULL, 60, true)->>'outcome',
+          'queued', 'no free worker: queued, not claimed');
+SELECT results_eq($$SELECT status::text, claimed_by FROM public.instances
+                     WHERE subscription_id = '20000000-0000-4000-8000-000000000001'$$,
+                  $$VALUES ('provisioning', NULL::text)$$, 'queued: row exists, no lease');
 
 -- provision: creates the row with deterministic names and plan limits, claims it.
 INSERT INTO r VALUES ('p1', public.lifecycle_provision('20000000-0000-4000-8000-000000000001', 'w1', 60, true));
@@ -164,6 +172,22 @@ SELECT is(public.lifecycle_finish((SELECT (v#>>'{step,instance_id}')::uuid FROM 
           'rejected: provisioner delete answered 400', 'rejection recorded');
 SELECT is((SELECT count(*)::int FROM public.lifecycle_owed(100) WHERE subscription_id = '23000000-0000-4000-8000-000000000003'),
           0, 'a rejected failure is left to an operator');
+
+-- the webhook cancels while a create is in flight: the outcome is recorded, the
+-- newer status stays, and the same lease goes on to destroy.
+INSERT INTO r VALUES ('c1', public.lifecycle_provision('24000000-0000-4000-8000-000000000004', 'w1', 60, true));
+RESET role;
+UPDATE public.instances SET desired_status = 'deprovisioned', status = 'deprovisioning'
+ WHERE subscription_id = '24000000-0000-4000-8000-000000000004';
+SET LOCAL role service_role;
+INSERT INTO r VALUES ('c2', public.lifecycle_finish((SELECT (v#>>'{step,instance_id}')::uuid FROM r WHERE k = 'c1'),
+          (SELECT v#>>'{step,token}' FROM r WHERE k = 'c1'),
+          jsonb_build_object('ok', true, 'frontend_url', 'https://late'), 60, 30, 3600, true));
+SELECT is((SELECT v#>>'{step,action}' FROM r WHERE k = 'c2'), 'destroy', 'cancelled mid-create: destroy next');
+SELECT is((SELECT v#>>'{instance,status}' FROM r WHERE k = 'c2'), 'deprovisioning', 'status stays deprovisioning');
+SELECT is(public.lifecycle_finish((SELECT (v#>>'{step,instance_id}')::uuid FROM r WHERE k = 'c1'),
+          (SELECT v#>>'{step,token}' FROM r WHERE k = 'c1'), '{"ok": true}', 60, 30, 3600, true)#>>'{instance,status}',
+          'deprovisioned', 'then deprovisioned');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -33,6 +33,12 @@ class ProvisionerStandin(RecordingServer):
         self.apps = {}          # app -> {"state", "memory_mb", "cpu", "env", "subdomain"}
         self.creates = 0        # POST /apps that created a new app
 
+    def reset(self):
+        super().reset()
+        with self.lock:
+            self.apps.clear()
+            self.creates = 0
+
     def urls(self, sub):
         return {
             "backend_url": f"https://api.{sub}.{self.domain}",

@@ -24,6 +24,12 @@ class ResendStandin(RecordingServer):
         self.delivered = []      # Recorded, one per distinct delivery
         self._by_key = {}
 
+    def reset(self):
+        super().reset()
+        with self.lock:
+            self.delivered.clear()
+            self._by_key.clear()
+
     def answer(self, rec):
         if rec.method != "POST" or rec.path != "/emails":
             return 404, {"name": "not_found", "message": "no such route"}
