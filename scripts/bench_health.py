@@ -65,7 +65,7 @@ def main():
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
 
-    pg = mr.Cluster()
+    pg = mr.Cluster(fsync=True)  # as in production: every recorded round is a real commit
     ok = True
     try:
         pg.make_template()
