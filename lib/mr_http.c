@@ -740,10 +740,16 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
     sigaddset(&set, SIGCHLD);
     sigprocmask(SIG_BLOCK, &set, NULL);
 
+    struct stat bound;
+    int is_path = !strchr(socket_path, ':') && stat(socket_path, &bound) == 0;
+
     mr_log(MR_LOG_INFO, "listening on %s with %d workers", socket_path, (int)nworkers);
     int rc = supervise(fd, (int)nworkers);
     close(fd);
-    if (!strchr(socket_path, ':'))
+    /* Remove the socket only if it is still ours: a newer instance may have
+     * replaced it while this one drained. */
+    if (is_path && stat(socket_path, &st) == 0 && st.st_ino == bound.st_ino &&
+        st.st_dev == bound.st_dev)
         unlink(socket_path);
     curl_global_cleanup();
     return rc;

@@ -52,10 +52,7 @@ run_pytest() {
   local name=$1 path=$2 out
   [ -d "$path" ] || return 0
   out="$log/$name.out"
-  # Debian's python3 carries python3-pytest/psycopg2 (deps.sh); a pyenv or venv
-  # python3 earlier on PATH usually lacks them.
-  local py=python3; [ -x /usr/bin/python3 ] && py=/usr/bin/python3
-  "$py" -m pytest -q -p no:cacheprovider "$path" 2>&1 | tee "$out"
+  "${PYTHON:-/usr/bin/python3}" -m pytest -q -p no:cacheprovider "$path" 2>&1 | tee "$out"
   local p f e
   p=$(grep -Eo '[0-9]+ passed' "$out" | tail -1 | awk '{print $1}')
   f=$(grep -Eo '[0-9]+ failed' "$out" | tail -1 | awk '{print $1}')
