@@ -64,7 +64,7 @@ load_config() {
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
   # No dokku on this machine: the provisioner prints the commands it would run.
   if [ -z "${DOKKU_MODE:-}" ]; then
-    if command -v dokku >/dev/null; then DOKKU_MODE=real; else DOKKU_MODE=dry-run; fi
+    if command -v dokku >/dev/null; then DOKKU_MODE=local; else DOKKU_MODE=dry-run; fi
   fi
   set +a
 }
