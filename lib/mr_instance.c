@@ -27,10 +27,13 @@ void mr_instance_config_load(mr_instance_config *cfg)
     memset(cfg, 0, sizeof *cfg);
     cfg->provisioner_url = mr_config_str("DOKKU_PROVISIONER_URL", "http://127.0.0.1:8002");
     cfg->provisioner_token = mr_config_secret("DOKKU_PROVISIONER_TOKEN", NULL, 16);
-    /* A Dokku deploy builds and starts containers: minutes, not seconds. */
-    cfg->provisioner_timeout_ms = (long)mr_config_int("MR_PROVISION_TIMEOUT_MS", 600000, 100, 3600000);
+    /* A Dokku deploy pulls, builds and starts containers: minutes. The provisioner
+     * gives one deploy command 15 min (DOKKU_DEPLOY_TIMEOUT_MS) and nginx's
+     * provisioner listener reads for 20 min; wait a little longer than that, so the
+     * provisioner's own answer (even a timeout) arrives before ours expires. */
+    cfg->provisioner_timeout_ms = (long)mr_config_int("MR_PROVISION_TIMEOUT_MS", 1230000, 100, 7200000);
     cfg->connect_timeout_ms = (long)mr_config_int("MR_PROVISION_CONNECT_TIMEOUT_MS", 2000, 50, 60000);
-    cfg->lease_s = (int)mr_config_int("MR_PROVISION_LEASE_S", 900, 1, 86400);
+    cfg->lease_s = (int)mr_config_int("MR_PROVISION_LEASE_S", 1300, 1, 86400);
     cfg->backoff_base_s = (int)mr_config_int("MR_PROVISION_BACKOFF_BASE_S", 30, 1, 86400);
     cfg->backoff_cap_s = (int)mr_config_int("MR_PROVISION_BACKOFF_CAP_S", 3600, 1, 7 * 86400);
     cfg->wait_ms = (long)mr_config_int("MR_PROVISION_WAIT_MS", cfg->provisioner_timeout_ms + 5000,
