@@ -98,7 +98,8 @@ $$;
 -- Finds the account of a Stripe customer: by accounts.stripe_customer_id, else by
 -- p_account_id (metadata.account_id / client_reference_id), which is then linked to the
 -- customer. Raises MRW01 (deferred: retry later) when neither finds an account, and
--- MRW02 (permanent) when the named account is already linked to another customer.
+-- MRW02 (permanent) when the account id is not a uuid or the named account is already
+-- linked to another customer.
 CREATE FUNCTION public.stripe_account_for(p_customer text, p_account_id text)
 RETURNS uuid
 LANGUAGE plpgsql VOLATILE
@@ -114,8 +115,12 @@ BEGIN
             RETURN v_id;
         END IF;
     END IF;
-    IF p_account_id IS NULL OR p_account_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    IF p_account_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'MRW01', MESSAGE = 'unknown account: no account has this customer and no account id was given';
+    END IF;
+    IF p_account_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        -- Not an id at all: no retry can make it one.
+        RAISE EXCEPTION USING ERRCODE = 'MRW02', MESSAGE = 'account id is not a uuid';
     END IF;
     SELECT a.id, a.stripe_customer_id INTO v_id, v_cust
       FROM public.accounts a WHERE a.id = p_account_id::uuid FOR UPDATE;
@@ -241,7 +246,7 @@ BEGIN
     SELECT * INTO v_inst FROM public.instances i
      WHERE i.subscription_id = v_sub.id AND i.status <> 'deprovisioned' FOR UPDATE;
 
-    IF v_status IN ('trialing', 'active', 'past_due') THEN
+    IF public.is_entitled(v_status) THEN
         IF v_inst.id IS NULL THEN
             SELECT * INTO v_names FROM public.instance_names(v_sub.id);
             -- Memory and CPU come from the plan (trigger, 004); a tier change later

@@ -386,3 +386,26 @@ def test_db_restart_costs_no_failed_request_after_it(stack):
     for _ in range(4):
         r = stack.call("GET", "noop?sleep_ms=1")
         assert r.status == 200, r
+
+
+# ---- browsers --------------------------------------------------------------
+
+def test_cors_preflight_is_answered_by_nginx(stack):
+    """supabase-js in a browser preflights its call (Authorization, apikey,
+    x-client-info): nginx answers 204 with Supabase's CORS headers, and the
+    real call's answer (success or error) carries the origin header too."""
+    before = len(log_lines(stack, "check-instance-health"))
+    r = stack.call("OPTIONS", "check-instance-health", headers={
+        "Origin": "https://app.mindroom.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, x-client-info, apikey, content-type"})
+    assert r.status == 204, r
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    allowed = {h.strip() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "x-client-info", "apikey", "content-type"} <= allowed
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert len(log_lines(stack, "check-instance-health")) == before
+    r = stack.call("POST", "check-instance-health", json={}, headers={"Origin": "https://x.example"})
+    assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "*", r
+    r = stack.call("POST", "/functions/v1/nope", json={}, headers={"Origin": "https://x.example"})
+    assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*", r
