@@ -85,12 +85,14 @@ mem_table() {
 
 # ---- sections --------------------------------------------------------------
 
-# nginx's own `return 200` against the noop function behind the same nginx.
+# nginx's own `return 200` against the noop function behind the same nginx, with
+# a bare libfcgi responder (no libmindroom) in between as the floor.
 bench_runtime() {
   echo "== runtime: nginx alone vs a no-op libmindroom function ($MR_WORKERS workers)"
   curl -sf "$BENCH_API/bench/noop" >/dev/null || { echo "bench: /bench/noop does not answer" >&2; return 1; }
   wrk_header
   wrk_run "nginx return 200 (/bench/static)" "$BENCH_API/bench/static"
+  wrk_run "bare libfcgi responder (/bench/bare)" "$BENCH_API/bench/bare"
   wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
   local rps=${WRK_RPS%.*}
   echo

@@ -11,10 +11,11 @@
 # Configuration: embedded local defaults; secrets are generated once into
 # .run/secrets.env and reused; a .env file overrides any of them (.env.example).
 # Logs: .run/log/<name>.log (JSON lines), nginx's in .run/log/nginx.*.log.
+# Tests run it elsewhere with MR_RUN_DIR (instead of .run) and MR_ENV_FILE (instead of .env).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RUN=$ROOT/.run
+RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
 FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner)
 
 die() { echo "stack: $*" >&2; exit 1; }
@@ -55,7 +56,8 @@ load_config() {
   . "$RUN/secrets.env"
   MR_BUILD=${MR_BUILD:-build/release}
   # shellcheck disable=SC1091
-  [ -f "$ROOT/.env" ] && . "$ROOT/.env"
+  local envfile=${MR_ENV_FILE:-$ROOT/.env}
+  [ -f "$envfile" ] && . "$envfile"
   API_LISTEN=${MR_API_LISTEN:-127.0.0.1:54321}
   PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
   PG_PORT=${MR_PG_PORT:-54322}
@@ -69,7 +71,12 @@ load_config() {
   set +a
 }
 
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# Running (a zombie waiting for its parent to reap it counts as gone).
+pid_alive() {
+  [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || return 1
+  local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -n "$st" ] && [ "$st" != Z ]
+}
 
 # Starts "$@" in its own session (Ctrl-C reaches only this script, which then
 # stops everything in order), output to .run/log/<name>.log, pid in .run/pids.
