@@ -246,7 +246,8 @@ class Stack:
     Attributes: env (dict, the functions' environment), run (Path), port and
     provisioner_port (nginx), provisioner_url, base_url, db (database name),
     procs (name -> Popen of each running function's master), functions (names
-    started). Extra env given to the constructor wins over the defaults.
+    started). Extra env given to the constructor wins over the defaults; a
+    value of None removes a default (e.g. {"FUNCTIONS_URL": None}).
     functions= limits which of FUNCTIONS start (default: every one built);
     extra_functions= names more binaries from the build (e.g. "noop", the
     runtime's test function) served at /functions/v1/<name> too;
