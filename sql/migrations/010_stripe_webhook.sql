@@ -321,14 +321,6 @@ BEGIN
     END IF;
     v_created := pg_catalog.to_timestamp((p_event ->> 'created')::bigint);
 
-    -- Dedupe, fast path: an event already handled is answered from a plain read.
-    -- No lock and no write, so a duplicate costs no commit flush.
-    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id;
-    IF v_prev IN ('processed', 'ignored', 'stale') OR (v_prev = 'failed' AND NOT p_force) THEN
-        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
-                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
-    END IF;
-
     -- Dedupe, for real: every delivery of one event id is serialized by this lock,
     -- so of ten concurrent deliveries one applies and nine then read its outcome.
     -- (A read after the wait sees the first one's commit: READ COMMITTED takes a
@@ -422,11 +414,25 @@ BEGIN
 END;
 $$;
 
+-- Dedupe, fast path first: an event already handled is answered from a plain read,
+-- before anything else is looked at. No lock and no write, so a duplicate costs no
+-- commit flush. (stripe_handle_event checks again under the event's lock.)
 CREATE FUNCTION public.process_stripe_event(p_event jsonb)
 RETURNS jsonb
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = ''
-AS $$ SELECT public.stripe_handle_event(p_event, false) $$;
+AS $$
+DECLARE
+    v_prev text;
+BEGIN
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = p_event ->> 'id';
+    IF v_prev IN ('processed', 'ignored', 'stale', 'failed') THEN
+        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
+                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
+    END IF;
+    RETURN public.stripe_handle_event(p_event, false);
+END;
+$$;
 
 -- Reprocesses a stored event that has not been handled successfully (deferred: unknown
 -- account; received: interrupted; failed: permanent error, e.g. after the operator added
