@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -234,3 +235,38 @@ def test_bad_configuration_stops_the_start(change, needle):
 def test_good_configuration_starts():
     status, err = start_with(GOOD)
     assert status is None, err
+
+
+def test_the_request_deadline_bounds_every_command(slow):
+    s, d = slow
+    s.env["PROVISIONER_REQUEST_TIMEOUT_MS"] = "1500"
+    s.restart_function("dokku-provisioner")
+    try:
+        d.tell("stall", "apps:exists", times=1, seconds=120)
+        t0 = time.monotonic()
+        r = s.call_provisioner("GET", "/apps/mr-deadline")
+        took = time.monotonic() - t0
+        assert r.status == 504 and r.json["error"]["code"] == "dokku_timeout", r
+        # Cut at the request's 1500 ms, not at the command's own 3000 ms.
+        assert re.fullmatch(r"apps:exists timed out after 1[0-9]{3} ms",
+                            r.json["error"]["message"]), r
+        assert took < 2.9, took
+    finally:
+        del s.env["PROVISIONER_REQUEST_TIMEOUT_MS"]
+        s.restart_function("dokku-provisioner")
+
+
+def test_a_bare_dokku_bin_is_found_in_path(slow):
+    s, d = slow
+    s.env["DOKKU_BIN"] = "dokku"
+    s.env["PATH"] = "%s:%s" % (STANDINS, os.environ.get("PATH", "/usr/bin:/bin"))
+    s.restart_function("dokku-provisioner")
+    try:
+        d.mark()
+        r = s.call_provisioner("GET", "/apps/mr-inpath")
+        assert r.status == 404, r
+        assert d.new_calls() == [["apps:exists", "mr-inpath"]]
+    finally:
+        s.env["DOKKU_BIN"] = str(STANDINS / "dokku")
+        del s.env["PATH"]
+        s.restart_function("dokku-provisioner")
