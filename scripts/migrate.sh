@@ -85,12 +85,15 @@ split_statements() {
 
 psql_ <<'SQL'
 SET client_min_messages = warning;
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtext('supabase_migrations.schema_migrations')) AS locked \gset
 CREATE SCHEMA IF NOT EXISTS supabase_migrations;
 CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (
     version    text PRIMARY KEY,
     name       text,
     statements text[]
 );
+COMMIT;
 SQL
 
 applied=$(psql_ -At -c 'SELECT version FROM supabase_migrations.schema_migrations')

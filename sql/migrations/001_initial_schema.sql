@@ -34,12 +34,12 @@ CREATE TABLE public.accounts (
 CREATE TABLE public.plans (
     stripe_price_id      text PRIMARY KEY,
     tier                 public.subscription_tier NOT NULL,
-    name                 text NOT NULL,
+    name                 text,                                           -- display name
     max_agents           integer NOT NULL CHECK (max_agents >= 0),
     max_messages_per_day integer CHECK (max_messages_per_day >= 0),   -- NULL = unlimited
     max_storage_gb       integer NOT NULL CHECK (max_storage_gb >= 0),
     memory_limit_mb      integer NOT NULL CHECK (memory_limit_mb > 0),
-    cpu_limit            numeric(4,2) NOT NULL CHECK (cpu_limit > 0),
+    cpu_limit            numeric(3,2) NOT NULL CHECK (cpu_limit > 0),    -- as instances.cpu_limit
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now()
 );

@@ -27,6 +27,15 @@ AS $$
     LIMIT 1
 $$;
 
+-- Entitled to an instance: trialing, active, past_due (the one place this is decided).
+CREATE FUNCTION public.is_entitled(p_status public.subscription_status)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = ''
+AS $$
+    SELECT p_status IN ('trialing', 'active', 'past_due')
+$$;
+
 -- True when the caller acts as service_role (SET ROLE service_role, or a superuser).
 -- authenticator is NOINHERIT, so it does not count until it switches role.
 CREATE FUNCTION public.is_service_role()
@@ -62,7 +71,7 @@ BEGIN
     FROM public.instances i
     JOIN public.subscriptions s ON i.subscription_id = s.id
     WHERE s.account_id = get_user_instance.user_id
-      AND s.status IN ('trialing', 'active', 'past_due')
+      AND public.is_entitled(s.status)
       AND i.status = 'running'
     ORDER BY i.created_at DESC, i.id
     LIMIT 1;
@@ -146,11 +155,13 @@ $$;
 REVOKE ALL ON FUNCTION public.instance_names(uuid) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.plan_for(public.subscription_tier, text) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.is_service_role() FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.is_entitled(public.subscription_status) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.get_user_instance(uuid) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.track_usage(uuid, text, text) FROM PUBLIC, anon, authenticated;
 
 GRANT EXECUTE ON FUNCTION public.instance_names(uuid) TO service_role;
 GRANT EXECUTE ON FUNCTION public.plan_for(public.subscription_tier, text) TO service_role;
 GRANT EXECUTE ON FUNCTION public.is_service_role() TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.is_entitled(public.subscription_status) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION public.get_user_instance(uuid) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION public.track_usage(uuid, text, text) TO service_role;

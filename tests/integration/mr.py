@@ -69,6 +69,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_port(port, timeout=START_TIMEOUT):
+    """Waits until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError("nothing listening on 127.0.0.1:%d after %ss" % (port, timeout))
+
+
 def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -140,10 +152,10 @@ class Cluster:
     """The session's PostgreSQL cluster (scripts/pg.sh in a temporary directory,
     unix socket only). The `pg` fixture yields one."""
 
-    def __init__(self):
+    def __init__(self, fsync=False):
         self.dir = Path(tempfile.mkdtemp(prefix="mr-pg-"))
         out = _run([str(ROOT / "scripts/pg.sh"), "init", str(self.dir)],
-                   env=dict(os.environ, PG_FSYNC="off"))
+                   env=dict(os.environ, PG_FSYNC="on" if fsync else "off"))
         self.base_conninfo = out.strip().splitlines()[-1]
         kv = dict(p.split("=", 1) for p in self.base_conninfo.split())
         self.host, self.port = kv["host"], kv["port"]
@@ -235,18 +247,30 @@ class Stack:
     provisioner_port (nginx), provisioner_url, base_url, db (database name),
     procs (name -> Popen of each running function's master), functions (names
     started). Extra env given to the constructor wins over the defaults.
+    functions= limits which of FUNCTIONS start (default: every one built);
+    extra_functions= names more binaries from the build (e.g. "noop", the
+    runtime's test function) served at /functions/v1/<name> too;
+    nginx_extra= is nginx text added inside the public server block (@RUN@ and
+    @ROOT@ replaced).
     """
 
-    def __init__(self, pg, env=None, functions=None, workers=2):
+    def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
+                 nginx_extra=""):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.db = "mr_" + secrets.token_hex(6)
         self.bin = build_dir() / "bin"
         wanted = functions if functions is not None else FUNCTIONS
         self.functions = [f for f in wanted if os.access(self.bin / f, os.X_OK)]
+        for f in extra_functions:
+            if not os.access(self.bin / f, os.X_OK):
+                raise RuntimeError("%s not built in %s" % (f, self.bin))
+        self.extra_functions = list(extra_functions)
+        self.functions += self.extra_functions
         self.procs = {}
         self.nginx = None
         self.port = self.provisioner_port = None
+        self._nginx_extra = nginx_extra
         self._extra_env = dict(env or {})
         self._workers = workers
         self.env = {}
@@ -266,6 +290,9 @@ class Stack:
         for d in ("sock", "log", "nginx", "conf.d"):
             (self.run / d).mkdir()
         self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
+        (self.run / "conf.d/extra-functions.conf").write_text("".join(
+            self.extra_location(f) for f in self.extra_functions) +
+            self._nginx_extra.replace("@RUN@", str(self.run)).replace("@ROOT@", str(ROOT)))
         self._start_nginx()
         user = "authenticator" if self.pg.has_role("authenticator") else "postgres"
         self.env = {
@@ -323,6 +350,15 @@ class Stack:
                      ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user)):
             text = text.replace(k, v)
         return text
+
+    def extra_location(self, name):
+        """An nginx location serving binary `name` at /functions/v1/<name>."""
+        return ("location = /functions/v1/%(n)s {\n"
+                "    fastcgi_pass unix:%(run)s/sock/%(n)s.sock;\n"
+                "    include %(root)s/nginx/fastcgi.conf;\n"
+                "    fastcgi_param SCRIPT_NAME /functions/v1/%(n)s;\n"
+                "    fastcgi_param PATH_INFO \"\";\n"
+                "}\n") % {"n": name, "run": self.run, "root": ROOT}
 
     def _start_nginx(self):
         # Ports are picked free and then bound by nginx: another process may win

@@ -4,7 +4,7 @@
 BEGIN;
 \ir _helpers.inc
 SELECT pg_temp.fixture();
-SELECT plan(68);
+SELECT plan(69);
 
 -- instance_names --------------------------------------------------------------------------
 SELECT results_eq($$SELECT * FROM public.instance_names('0123abcd-ef45-4678-9abc-def012345678')$$,
@@ -55,6 +55,10 @@ SELECT is(pg_temp.cell('service_role',
           $$UPDATE public.instances SET status = 'stopped' WHERE id = 'aaaaaaaa-0000-4000-8000-000000000003';
             SELECT * FROM public.get_user_instance('aaaaaaaa-0000-4000-8000-000000000001')$$),
           'ok:0', 'nothing while the instance is stopped');
+
+SELECT is(ARRAY(SELECT s::text FROM unnest(enum_range(NULL::public.subscription_status)) s
+                 WHERE public.is_entitled(s) ORDER BY 1),
+          ARRAY['active', 'past_due', 'trialing'], 'is_entitled: exactly trialing, active, past_due');
 
 -- track_usage ---------------------------------------------------------------------------------
 SELECT is(pg_temp.cell('anon', $$SELECT * FROM public.track_usage('aaaaaaaa-0000-4000-8000-000000000003')$$),
