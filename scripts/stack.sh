@@ -20,8 +20,12 @@ FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-i
 die() { echo "stack: $*" >&2; exit 1; }
 say() { echo "stack: $*" >&2; }
 
-# A Supabase-shaped HS256 JWT, minted with the stdlib (no dependency on the build).
+# A Supabase-shaped HS256 JWT: mr-jwt from the build, else Python's stdlib.
 mint_jwt() { # role exp_in_seconds
+  if [ -x "$ROOT/build/release/bin/mr-jwt" ]; then
+    "$ROOT/build/release/bin/mr-jwt" --role "$1" --exp "$2"
+    return
+  fi
   python3 - "$1" "$2" <<'EOF'
 import base64, hashlib, hmac, json, os, sys, time
 b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
@@ -60,7 +64,7 @@ load_config() {
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
   # No dokku on this machine: the provisioner prints the commands it would run.
   if [ -z "${DOKKU_MODE:-}" ]; then
-    if command -v dokku >/dev/null; then DOKKU_MODE=real; else DOKKU_MODE=dry-run; fi
+    if command -v dokku >/dev/null; then DOKKU_MODE=local; else DOKKU_MODE=dry-run; fi
   fi
   set +a
 }
@@ -131,8 +135,8 @@ cmd_run() {
   echo $$ > "$RUN/stack.pid"
   declare -gA PIDS=()
   trap shutdown EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
+  # Ctrl-C and `make stop` (SIGTERM) are the normal way out: a clean stop is success.
+  trap 'exit 0' INT TERM
 
   # PostgreSQL: the cluster persists in .run/pg; pending migrations and the
   # (idempotent) seed are applied on every start.
