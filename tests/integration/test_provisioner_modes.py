@@ -107,9 +107,12 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
               "-p", "2222", "dokku@dokku.example.com", "--"]
     assert calls[0] == prefix + ["apps:exists", "mr-ssh"]
     assert all(c[:len(prefix)] == prefix for c in calls)
-    # What the host ran after splitting the joined command line: exactly the
+    # What the host ran after splitting the joined command line: the "--" that
+    # ssh passed on (Dokku drops leading "--" arguments), then exactly the
     # create sequence, values intact (base64 has no spaces or glob characters).
-    dk = d.all_calls()
+    raw = d.all_calls()
+    assert raw and all(c[0] == "--" for c in raw), raw
+    dk = [c[1:] for c in raw]
     match(dk, create_sequence("mr-ssh", "sssh"))
     assert decode_config_args([c for c in dk if c[0] == "config:set"][0]) == env
     assert d.config("mr-ssh") == env
