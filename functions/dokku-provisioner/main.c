@@ -118,9 +118,9 @@ static void init(void)
         mr_log(MR_LOG_WARN, "dry_run: true; DOKKU_MODE=%s: commands are recorded, never run",
                *mode ? mode : "(unset)");
     else
-        mr_log(MR_LOG_INFO, "mode %s%s%s, image %s, domain %s, tls %s",
-               c->mode == PROV_MODE_SSH ? "ssh to " : "local ",
-               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, "", c->image, c->base_domain,
+        mr_log(MR_LOG_INFO, "mode %s %s, image %s, domain %s, tls %s",
+               c->mode == PROV_MODE_SSH ? "ssh to" : "local",
+               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, c->image, c->base_domain,
                c->tls ? "on" : "off");
 }
 
