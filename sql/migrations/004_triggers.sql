@@ -100,8 +100,11 @@ AS $$
 DECLARE
     p public.plans;
 BEGIN
-    SELECT (public.plan_for(s.tier, s.stripe_price_id)).* INTO p
-      FROM public.subscriptions s WHERE s.id = NEW.subscription_id;
+    -- LATERAL calls plan_for once; `(plan_for(...)).*` would call it once per column.
+    SELECT pf.* INTO p
+      FROM public.subscriptions s,
+           LATERAL public.plan_for(s.tier, s.stripe_price_id) pf
+     WHERE s.id = NEW.subscription_id;
     IF p.stripe_price_id IS NOT NULL THEN
         NEW.memory_limit_mb := p.memory_limit_mb;
         NEW.cpu_limit := p.cpu_limit;

@@ -161,6 +161,7 @@ DECLARE
     v_last      record;
     v_inst      public.instances;
     v_names     record;
+    v_old_price text;
 BEGIN
     action := 'none';
     stale := false;
@@ -213,6 +214,7 @@ BEGIN
                                  CASE WHEN jsonb_typeof(v_obj #> '{items,data}') = 'array'
                                       THEN v_obj #> '{items,data}' ELSE '[]'::jsonb END) AS it));
 
+    v_old_price := v_sub.stripe_price_id;
     IF v_sub.id IS NULL THEN
         v_account := public.stripe_account_for(public.stripe_id(v_obj -> 'customer'),
                                                v_obj #>> '{metadata,account_id}');
@@ -266,7 +268,10 @@ BEGIN
             action := CASE v_inst.status
                           WHEN 'stopped' THEN 'resume'
                           WHEN 'failed'  THEN 'provision'
+                          -- A new price means new limits: provision-instance
+                          -- pushes them to the provisioner (an update).
                           ELSE CASE WHEN v_inst.desired_status <> 'running'
+                                      OR v_old_price IS DISTINCT FROM v_price
                                     THEN 'provision' ELSE 'none' END
                       END;
         END IF;
