@@ -14,7 +14,8 @@
 #   SERVICE_TOKEN       a service_role JWT; SUPABASE_JWT_SECRET, STRIPE_WEBHOOK_SECRET,
 #                       DOKKU_PROVISIONER_TOKEN, MR_WORKERS as the functions have them
 # and these helpers: wrk_run LABEL URL [wrk args] (prints one table row and sets
-# WRK_RPS, WRK_P50, WRK_P99), mem_table (RSS and PSS of every worker).
+# WRK_RPS, WRK_P50, WRK_P99; WRK_PIDS=<pids> adds their CPU per request),
+# workers_of FUNCTION, mem_table (RSS and PSS of every worker).
 # Knobs: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (default 32),
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
@@ -43,23 +44,45 @@ trap cleanup EXIT
 
 # ---- helpers ---------------------------------------------------------------
 
-# wrk_run LABEL URL [extra wrk args...]: one row "label  req/s  p50  p99  errors".
+# wrk_run LABEL URL [extra wrk args...]: one row "label  req/s  p50  p99  [cpu/req]".
+# With WRK_PIDS set (comma-separated) and perf available, also the CPU those
+# processes spent per request (task-clock / requests): unlike requests/s it
+# hardly depends on what else the machine is doing.
 wrk_run() {
   local label=$1 url=$2; shift 2
-  local out
+  local out perf_out="" perf_pid=""
+  if [ -n "${WRK_PIDS:-}" ] && command -v perf >/dev/null; then
+    perf_out=$(mktemp)
+    perf stat -x, -e task-clock -p "$WRK_PIDS" -- sleep "$DURATION" 2>"$perf_out" &
+    perf_pid=$!
+  fi
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$@" "$url")
   WRK_RPS=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   WRK_P50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   WRK_P99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  local reqs cpu=""
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid" || true
+    cpu=$(awk -F, -v n="$reqs" '/task-clock/ && n > 0 {printf "%.1f us", $1 * 1000 / n}' "$perf_out")
+    rm -f "$perf_out"
+  fi
   local errs non2xx
   errs=$(awk '/Socket errors/ {print $0}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-  printf '%-34s %12s %10s %10s   %s\n' "$label" "$WRK_RPS" "$WRK_P50" "$WRK_P99" \
+  printf '%-38s %12s %10s %10s %12s   %s\n' "$label" "$WRK_RPS" "$WRK_P50" "$WRK_P99" "$cpu" \
     "${non2xx:+non-2xx: $non2xx }${errs}"
 }
 
 wrk_header() {
-  printf '%-34s %12s %10s %10s\n' "what (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)" "requests/s" "p50" "p99"
+  printf '%-38s %12s %10s %10s %12s\n' "what (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)" "requests/s" "p50" "p99" "worker CPU/req"
+}
+
+# workers_of FUNCTION: its worker pids, comma-separated.
+workers_of() {
+  local var=BENCH_PID_${1//-/_}
+  local master=${!var}
+  tr -s ' ' '\n' < "/proc/$master/task/$master/children" | grep . | paste -sd, -
 }
 
 kib() { awk -v k="$1" 'BEGIN { printf "%.2f MiB", k / 1024 }'; }
@@ -92,8 +115,8 @@ bench_runtime() {
   curl -sf "$BENCH_API/bench/noop" >/dev/null || { echo "bench: /bench/noop does not answer" >&2; return 1; }
   wrk_header
   wrk_run "nginx return 200 (/bench/static)" "$BENCH_API/bench/static"
-  wrk_run "bare libfcgi responder (/bench/bare)" "$BENCH_API/bench/bare"
-  wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
+  WRK_PIDS=$(workers_of bare) wrk_run "bare libfcgi responder (/bench/bare)" "$BENCH_API/bench/bare"
+  WRK_PIDS=$(workers_of noop) wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
   local rps=${WRK_RPS%.*}
   echo
   mem_table
