@@ -20,7 +20,7 @@
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECTIONS=(runtime)
+SECTIONS=(runtime webhook health)
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
@@ -137,6 +137,28 @@ bench_runtime() {
   [ "$MEM_MAX_PSS_KIB" -lt 6144 ] || { echo "runtime: a worker's PSS is over 6 MiB"; ok=0; }
   [ $ok -eq 1 ] && echo "runtime: targets met (>= 15,000 requests/s, < 6 MiB PSS per worker)"
   return 0
+}
+
+# check-instance-health: N running instances on the loopback health stand-in, 10 %
+# hanging; one whole call (select, concurrent probes, record, sweep) timed. Runs
+# its own stack (the probes need HEALTH_ALLOW_LOOPBACK=1); the bar: 1,000
+# instances within the probe deadline + 1 s. Knob: BENCH_HEALTH_ARGS (see
+# scripts/bench/health_bench.py --help), e.g. "--sizes 1000 --concurrency 1024".
+bench_health() {
+  echo "== health: probe round + sweep, 10 % of instances hanging"
+  # shellcheck disable=SC2086
+  MR_BUILD=$MR_BUILD "$PY" scripts/bench/health_bench.py ${BENCH_HEALTH_ARGS:-}
+}
+
+# handle-stripe-webhook (issue 4). Runs on its own stack (scripts/bench/webhook_bench.py:
+# fsync on, FUNCTIONS_URL unset so no provisioning follows, webhook and noop with
+# BENCH_WEBHOOK_WORKERS workers): pgbench of the same SQL as the ceiling, then wrk
+# with pre-signed unique new-subscription events, duplicates, the noop function,
+# and new events paced at half of the measured peak. Writes build/bench/webhook.json.
+bench_webhook() {
+  echo "== webhook: signed Stripe events through nginx vs pgbench of the same SQL"
+  BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_WEBHOOK_CONNECTIONS:-8} \
+    BENCH_WORKERS=${BENCH_WEBHOOK_WORKERS:-8} "$PY" scripts/bench/webhook_bench.py
 }
 
 # ---- main ------------------------------------------------------------------

@@ -3,7 +3,9 @@
 # records them the way the Supabase CLI does, in
 #   supabase_migrations.schema_migrations(version text primary key, name text, statements text[])
 # version = the digits before the first underscore of the file name, name = the rest
-# without .sql, statements = the file's SQL statements. A second run applies nothing.
+# without .sql, statements = the file's statements split exactly as the CLI splits them
+# (see split_statements). Either tool sees the other's work as done. A second run
+# applies nothing.
 # A failing file applies nothing of itself; the runner stops there and exits non-zero
 # with PostgreSQL's error on stderr.
 #
@@ -21,63 +23,116 @@ dir=${MR_MIGRATIONS_DIR:-$here/sql/migrations}
 
 psql_() { psql "$conn" -X -q -v ON_ERROR_STOP=1 "$@"; }
 
-# Splits SQL text into statements on top-level semicolons, honouring '...', E'...',
-# "...", $tag$...$tag$, -- comments and /* */ comments (nested). Prints a SQL array
-# literal expression ARRAY['stmt', ...]::text[] with each statement trimmed and without
-# its semicolon; comment-only pieces are dropped.
+# Splits a migration file into statements exactly as the Supabase CLI does
+# (pkg/parser: Split + SplitAndTrim), so both tools record the same `statements`.
+# The CLI's tokenizer is a small state machine, reproduced here state for state,
+# quirks included: a statement ends at a `;` outside '...', "...", $tag$...$tag$,
+# -- and /* */ comments (nested), (...) and BEGIN ATOMIC ... END; a backslash outside
+# those skips the next character; comments stay with the statement that follows
+# them; each piece loses its trailing `;` and surrounding white space (Go's
+# strings.TrimSpace, Unicode spaces included) and is dropped only if nothing is
+# left, so a trailing comment-only piece is kept. Works on bytes (LC_ALL=C), which
+# gives the same result as the CLI's rune-wise scan because every delimiter is ASCII.
+# Prints a SQL expression ARRAY['stmt', ...]::text[].
 split_statements() {
-  awk '
-    BEGIN { RS = "\001"; ORS = "" }
-    function flush(   s, t) {
-      s = cur; cur = ""
-      t = s
-      gsub(/^[ \t\r\n]+|[ \t\r\n]+$/, "", s)
-      if (!hascode || s == "") { hascode = 0; return }
-      hascode = 0
-      gsub(/\047/, "\047\047", s)
-      out = out (n++ ? ",\n" : "") "\047" s "\047"
-    }
-    {
-      text = $0; len = length(text); i = 1; cur = ""; n = 0; out = ""; hascode = 0
-      while (i <= len) {
-        c = substr(text, i, 1); c2 = substr(text, i, 2)
-        if (c2 == "--") {
-          j = index(substr(text, i), "\n"); if (j == 0) j = len - i + 2
-          cur = cur substr(text, i, j - 1); i += j - 1; continue
-        }
-        if (c2 == "/*") {
-          depth = 1; cur = cur c2; i += 2
-          while (i <= len && depth > 0) {
-            c2 = substr(text, i, 2)
-            if (c2 == "/*") { depth++; cur = cur c2; i += 2 }
-            else if (c2 == "*/") { depth--; cur = cur c2; i += 2 }
-            else { cur = cur substr(text, i, 1); i++ }
-          }
-          continue
-        }
-        if (c == "\047" || c == "\"") {
-          q = c; esc = (c == "\047" && i > 1 && substr(text, i - 1, 1) ~ /[eE]/ && (i == 2 || substr(text, i - 2, 1) !~ /[A-Za-z0-9_]/))
-          cur = cur c; i++; hascode = 1
-          while (i <= len) {
-            c = substr(text, i, 1)
-            if (esc && c == "\\") { cur = cur substr(text, i, 2); i += 2; continue }
-            cur = cur c; i++
-            if (c == q) { if (substr(text, i, 1) == q) { cur = cur q; i++ } else break }
-          }
-          continue
-        }
-        if (c == "$" && match(substr(text, i), /^\$([A-Za-z_][A-Za-z0-9_]*)?\$/) &&
-            (i == 1 || substr(text, i - 1, 1) !~ /[A-Za-z0-9_]/)) {
-          tag = substr(text, i, RLENGTH); cur = cur tag; i += RLENGTH; hascode = 1
-          j = index(substr(text, i), tag)
-          if (j == 0) { cur = cur substr(text, i); i = len + 1; continue }
-          cur = cur substr(text, i, j - 1 + length(tag)); i += j - 1 + length(tag); continue
-        }
-        if (c == ";") { flush(); i++; continue }
-        if (c !~ /[ \t\r\n]/) hascode = 1
-        cur = cur c; i++
+  LC_ALL=C awk '
+    BEGIN {
+      RS = "\001"; ORS = ""
+      # Go unicode.IsSpace: ASCII white space, U+0085, U+00A0, U+1680, U+2000-U+200A,
+      # U+2028, U+2029, U+202F, U+205F, U+3000 (as UTF-8 byte sequences).
+      ns = split("9 10 11 12 13 32 194,133 194,160 225,154,128 226,128,168 226,128,169 " \
+                 "226,128,175 226,129,159 227,128,128", spec, " ")
+      for (k = 128; k <= 138; k++) spec[++ns] = "226,128," k
+      for (k = 1; k <= ns; k++) {
+        m = split(spec[k], b, ","); sp[k] = ""
+        for (j = 1; j <= m; j++) sp[k] = sp[k] sprintf("%c", b[j] + 0)
       }
-      flush()
+    }
+    { text = text (NR > 1 ? RS : "") $0 }
+    function node(t) { nn++; T[nn] = t; return nn }
+    # ReadyState.Next: returns self (r), a new state, or 0 (emit the token).
+    function ready(r, i,   c, m) {
+      c = substr(text, i, 1)
+      if (c == "$") { m = node("tag"); OF[m] = i; return m }
+      if (c == "\047" || c == "\"") { m = node("quote"); DL[m] = c; ES[m] = 0; return m }
+      if (c == "-") return node("comment")
+      if (c == "/") { m = node("block"); DP[m] = 0; return m }
+      if (c == "\\") return node("escape")
+      if (c == ";") return 0
+      if (c == "(") { m = node("atomic"); PV[m] = r; DL[m] = ")"; return m }
+      if ((c == "c" || c == "C") && i - 5 >= st && toupper(substr(text, i - 5, 6)) == "ATOMIC") {
+        m = node("atomic"); PV[m] = r; DL[m] = "END"; return m
+      }
+      return r
+    }
+    function fresh(i) { return step(node("ready"), i) }
+    function step(s, i,   t, c, w, cur, k) {
+      t = T[s]; c = substr(text, i, 1)
+      if (t == "ready") return ready(s, i)
+      if (t == "comment") {
+        if (c == "-") { k = node("dollar"); DL[k] = "\n"; return k }
+        return fresh(i)
+      }
+      if (t == "block") {
+        w = substr(text, i - 1, 2)
+        if (w == "/*") { DP[s]++; return s }
+        if (DP[s] == 0) return fresh(i)
+        if (w == "*/") { DP[s]--; if (DP[s] == 0) return node("ready") }
+        return s
+      }
+      if (t == "quote") {
+        if (ES[s]) {
+          if (c == DL[s]) { ES[s] = 0; return s }
+          return fresh(i)
+        }
+        if (c == DL[s]) ES[s] = 1
+        return s
+      }
+      if (t == "dollar") {
+        k = length(DL[s])
+        if (substr(text, i - k + 1, k) == DL[s]) return node("ready")
+        return s
+      }
+      if (t == "tag") {
+        if (c == "$") { k = node("dollar"); DL[k] = substr(text, OF[s], i - OF[s] + 1); return k }
+        if (c ~ /[A-Za-z0-9_]/) return s
+        return fresh(i)
+      }
+      if (t == "escape") return node("ready")
+      # atomic: (...) or BEGIN ATOMIC ... END
+      cur = step(PV[s], i)
+      if (cur != 0) PV[s] = cur
+      if (T[PV[s]] == "ready") {
+        k = length(DL[s])
+        if (i - k + 1 >= st && toupper(substr(text, i - k + 1, k)) == DL[s]) return node("ready")
+      }
+      return s
+    }
+    function trim(s,   k, again, l) {
+      sub(/;+$/, "", s)
+      do {
+        again = 0
+        for (k = 1; k <= ns; k++) {
+          l = length(sp[k])
+          if (l && substr(s, 1, l) == sp[k]) { s = substr(s, l + 1); again = 1 }
+          if (l && length(s) >= l && substr(s, length(s) - l + 1) == sp[k]) { s = substr(s, 1, length(s) - l); again = 1 }
+        }
+      } while (again)
+      return s
+    }
+    function emit(tok) {
+      tok = trim(tok)
+      if (tok == "") return
+      gsub(/\047/, "\047\047", tok)
+      out = out (n++ ? ",\n" : "") "\047" tok "\047"
+    }
+    END {
+      len = length(text); st = 1; s = node("ready"); n = 0; out = ""
+      for (i = 1; i <= len; i++) {
+        s = step(s, i)
+        if (s == 0) { emit(substr(text, st, i - st + 1)); st = i + 1; s = node("ready") }
+      }
+      if (st <= len) emit(substr(text, st))
       print "ARRAY[" out "]::text[]"
     }
   ' "$1"
@@ -87,21 +142,26 @@ psql_ <<'SQL'
 SET client_min_messages = warning;
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtext('supabase_migrations.schema_migrations')) AS locked \gset
+-- The Supabase CLI's own DDL for its history table (pkg/migration/history.go), so
+-- whichever tool comes first creates the same table (columns version, statements, name).
 CREATE SCHEMA IF NOT EXISTS supabase_migrations;
-CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (
-    version    text PRIMARY KEY,
-    name       text,
-    statements text[]
-);
+CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (version text NOT NULL PRIMARY KEY);
+ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS statements text[];
+ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS name text;
 COMMIT;
 SQL
 
 applied=$(psql_ -At -c 'SELECT version FROM supabase_migrations.schema_migrations')
 count=0
-shopt -s nullglob
-for f in "$dir"/*.sql; do
-  base=$(basename "$f" .sql)
-  if [[ ! $base =~ ^([0-9]+)_(.+)$ ]]; then
+# Byte order of file names, as the CLI reads the directory (Go's os.ReadDir), whatever
+# the locale's collation.
+mapfile -t files < <(find -L "$dir" -mindepth 1 -maxdepth 1 -name '*.sql' ! -type d -printf '%f\n' | LC_ALL=C sort)
+for file in "${files[@]}"; do
+  f=$dir/$file
+  base=${file%.sql}
+  # The CLI's pattern ^([0-9]+)_(.*)\.sql$. It skips other files with a warning; the
+  # runner refuses them, so a misnamed migration is never silently left out.
+  if [[ ! $base =~ ^([0-9]+)_(.*)$ ]]; then
     echo "migrate: $f: name must be <digits>_<name>.sql" >&2; exit 2
   fi
   version=${BASH_REMATCH[1]}; name=${BASH_REMATCH[2]}
