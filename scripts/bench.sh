@@ -10,11 +10,12 @@
 #   BENCH_PROVISIONER   the provisioner listener
 #   BENCH_DB            superuser conninfo of the stack's database (psql "$BENCH_DB")
 #   BENCH_RUN           the run directory (sockets, logs in $BENCH_RUN/log)
-#   BENCH_PID_<fn>      master pid of each function (dashes as underscores)
+#   BENCH_PID_<fn>      master pid of each function (dashes as underscores), and nginx's
 #   SERVICE_TOKEN       a service_role JWT; SUPABASE_JWT_SECRET, STRIPE_WEBHOOK_SECRET,
 #                       DOKKU_PROVISIONER_TOKEN, MR_WORKERS as the functions have them
 # and these helpers: wrk_run LABEL URL [wrk args] (prints one table row and sets
-# WRK_RPS, WRK_P50, WRK_P99), mem_table (RSS and PSS of every worker).
+# WRK_RPS, WRK_P50, WRK_P99; CPU per request of nginx and of WRK_PIDS=<pids>),
+# workers_of FUNCTION, mem_table (RSS and PSS of every worker).
 # Knobs: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (default 32),
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
@@ -43,23 +44,51 @@ trap cleanup EXIT
 
 # ---- helpers ---------------------------------------------------------------
 
-# wrk_run LABEL URL [extra wrk args...]: one row "label  req/s  p50  p99  errors".
+# cpu_stat PIDS OUTFILE: task-clock of PIDS for DURATION seconds, in the background.
+cpu_stat() {
+  perf stat -x, -e task-clock -p "$1" -- sleep "$DURATION" 2>"$2" &
+}
+
+# wrk_run LABEL URL [extra wrk args...]: one row "label  req/s  p50  p99  cpu/req".
+# With perf available, also the CPU nginx's workers and (WRK_PIDS, comma-separated)
+# the function's workers spent per request (task-clock / requests): unlike
+# requests/s, it hardly depends on what else the machine is doing.
 wrk_run() {
   local label=$1 url=$2; shift 2
-  local out
+  local out reqs ncpu="" wcpu="" pids=() f
+  if command -v perf >/dev/null; then
+    cpu_stat "$(workers_of nginx)" "$tmp/perf.nginx"; pids+=($!)
+    if [ -n "${WRK_PIDS:-}" ]; then cpu_stat "$WRK_PIDS" "$tmp/perf.workers"; pids+=($!); fi
+  fi
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$@" "$url")
   WRK_RPS=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   WRK_P50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   WRK_P99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  for f in "${pids[@]}"; do wait "$f" || true; done
+  per_req() { awk -F, -v n="$reqs" '/task-clock/ && n > 0 {printf "%.1f us", $1 * 1000 / n}' "$1" 2>/dev/null; }
+  if [ ${#pids[@]} -gt 0 ]; then
+    ncpu=$(per_req "$tmp/perf.nginx")
+    [ -n "${WRK_PIDS:-}" ] && wcpu=$(per_req "$tmp/perf.workers")
+    rm -f "$tmp"/perf.*
+  fi
   local errs non2xx
   errs=$(awk '/Socket errors/ {print $0}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
-  printf '%-34s %12s %10s %10s   %s\n' "$label" "$WRK_RPS" "$WRK_P50" "$WRK_P99" \
+  printf '%-38s %11s %9s %9s %10s %10s   %s\n' "$label" "$WRK_RPS" "$WRK_P50" "$WRK_P99" "$ncpu" "$wcpu" \
     "${non2xx:+non-2xx: $non2xx }${errs}"
 }
 
 wrk_header() {
-  printf '%-34s %12s %10s %10s\n' "what (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)" "requests/s" "p50" "p99"
+  printf '%-38s %11s %9s %9s %10s %10s\n' "what (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)" "requests/s" "p50" "p99" "nginx CPU" "fn CPU"
+  echo "(CPU columns: per request, from perf stat task-clock of nginx's and the function's workers)"
+}
+
+# workers_of FUNCTION: its worker pids, comma-separated.
+workers_of() {
+  local var=BENCH_PID_${1//-/_}
+  local master=${!var}
+  tr -s ' ' '\n' < "/proc/$master/task/$master/children" | grep . | paste -sd, -
 }
 
 kib() { awk -v k="$1" 'BEGIN { printf "%.2f MiB", k / 1024 }'; }
@@ -92,9 +121,14 @@ bench_runtime() {
   curl -sf "$BENCH_API/bench/noop" >/dev/null || { echo "bench: /bench/noop does not answer" >&2; return 1; }
   wrk_header
   wrk_run "nginx return 200 (/bench/static)" "$BENCH_API/bench/static"
-  wrk_run "bare libfcgi responder (/bench/bare)" "$BENCH_API/bench/bare"
-  wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
+  WRK_PIDS=$(workers_of bare) wrk_run "bare libfcgi responder (/bench/bare)" "$BENCH_API/bench/bare"
+  WRK_PIDS=$(workers_of noop) wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
   local rps=${WRK_RPS%.*}
+  # Memory as a working worker has it: with its PostgreSQL connection open
+  # (two slow requests at once, so each noop worker opens one).
+  local i curls=()
+  for i in 1 2 3 4; do curl -sf "$BENCH_API/bench/noop?sleep_ms=300" >/dev/null & curls+=($!); done
+  wait "${curls[@]}"
   echo
   mem_table
   echo

@@ -63,6 +63,7 @@ def main():
             for k in ("SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "DOKKU_PROVISIONER_TOKEN",
                       "MR_WORKERS"):
                 lines[k] = s.env[k]
+            lines["BENCH_PID_nginx"] = str(s.nginx.pid)
             for name in s.functions:
                 lines["BENCH_PID_" + name.replace("-", "_")] = str(s.master_pid(name))
             tmp = envfile.with_suffix(".tmp")
