@@ -34,7 +34,7 @@ TEST_BINS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 .PHONY: all build tests test run stop bench valgrind fuzz drills clean deps
 all: build
-build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt
+build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BUILD)/bin/noop
 tests: $(TEST_BINS)
 
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
@@ -54,6 +54,12 @@ $(foreach f,$(FUNCS),$(eval $(call FUNC_RULE,$(f))))
 
 # Small command-line tools built from scripts/*.c (token minting, signing).
 $(BUILD)/bin/%: scripts/%.c $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -o $@
+
+# A function that is never deployed: `make bench` and the runtime's integration
+# tests (tests/bench/noop.c).
+$(BUILD)/bin/noop: tests/bench/noop.c $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -o $@
 

@@ -6,6 +6,7 @@
 #ifndef MR_CONFIG_H
 #define MR_CONFIG_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Returns the value of `name`, or `def` when unset or empty. With def == NULL

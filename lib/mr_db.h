@@ -14,6 +14,10 @@
 mr_db *mr_db_open(const char *conninfo);
 void mr_db_close(mr_db *db);
 
+/* Rolls back a transaction a request left open (so its locks and identity die
+ * with the request). The runtime calls it after every request; db may be NULL. */
+void mr_db_release(mr_db *db);
+
 /* The connection, connecting or resetting first if needed. NULL with err on failure
  * (MR_ETRANSIENT). The PGconn stays owned by db. */
 PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen);

@@ -12,7 +12,23 @@
  * capped at MR_MAX_BODY bytes (default 65536; 413; a short read is 400), calls
  * app->handle, sends a 500 if the handler sent nothing, logs one access line,
  * finishes the FastCGI request (the client has its answer), and only then runs
- * the deferred job, if the handler registered one. */
+ * the deferred job, if the handler registered one.
+ *
+ * Handlers and deferred jobs run with SIGTERM and SIGINT blocked (so a drain
+ * never interrupts their system calls) and SIGPIPE ignored. A child process
+ * inherits both: start programs with posix_spawn using POSIX_SPAWN_SETSIGMASK
+ * (empty set) and POSIX_SPAWN_SETSIGDEF (SIGPIPE, SIGTERM, SIGINT).
+ *
+ * Environment read at start-up (bad values stop the function, exit 2):
+ * MR_SOCKET, MR_WORKERS, MR_MAX_BODY, MR_SOCKET_MODE (octal, default 0666),
+ * MR_LOG_LEVEL, SUPABASE_JWT_SECRET and MR_JWT_LEEWAY_S (0..300, default 0)
+ * for MR_AUTH_SERVICE/USER, DATABASE_URL (optional: without it r->db is NULL),
+ * MR_DB_STATEMENT_TIMEOUT_MS (default 5000).
+ *
+ * Auth: the token comes from "Authorization: Bearer"; when Authorization is
+ * absent and "apikey" holds a JWT, that is verified instead (supabase-js sends
+ * both; Authorization wins). Missing/invalid -> 401 "unauthorized", wrong role
+ * -> 403 "forbidden". JWTs without exp are refused. */
 #ifndef MR_HTTP_H
 #define MR_HTTP_H
 
@@ -53,12 +69,13 @@ typedef struct mr_req {
     const char *stripe_signature;/* "" if none */
     const char *remote_addr;
     const char *user_agent;
-    char request_id[64];
+    char request_id[65];         /* 1..64 chars of [A-Za-z0-9._-] */
     /* Body: exactly body_len bytes as received, plus a NUL for convenience. */
     char *body;
     size_t body_len;
     mr_identity who;             /* filled by the runtime for MR_AUTH_SERVICE/USER */
-    mr_db *db;                   /* this worker's connection (lazily connected) */
+    mr_db *db;                   /* this worker's connection (lazily connected);
+                                    NULL when DATABASE_URL is unset */
     mr_httpc *http;              /* this worker's libcurl handle */
     int status;                  /* 0 until a reply has been sent */
     int64_t started_ms;

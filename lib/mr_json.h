@@ -20,7 +20,8 @@ const cJSON *mr_json_path(const cJSON *root, const char *dotted);
 mr_err mr_json_str(const cJSON *obj, const char *key, const char **out);
 mr_err mr_json_bool(const cJSON *obj, const char *key, int *out);
 /* Integers are read from valuedouble: must be integral and within
- * [-2^53, 2^53] (exactly representable), then within [min, max]. */
+ * [-(2^53-1), 2^53-1] (JavaScript's safe integers: 2^53 itself is refused
+ * because 2^53+1 parses to the same double), then within [min, max]. */
 mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, int64_t *out);
 
 /* Serializes without whitespace. Returns malloc'd text the caller frees with free(). */

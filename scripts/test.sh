@@ -52,7 +52,7 @@ run_pytest() {
   local name=$1 path=$2 out
   [ -d "$path" ] || return 0
   out="$log/$name.out"
-  python3 -m pytest -q -p no:cacheprovider "$path" 2>&1 | tee "$out"
+  "${PYTHON:-/usr/bin/python3}" -m pytest -q -p no:cacheprovider "$path" 2>&1 | tee "$out"
   local p f e
   p=$(grep -Eo '[0-9]+ passed' "$out" | tail -1 | awk '{print $1}')
   f=$(grep -Eo '[0-9]+ failed' "$out" | tail -1 | awk '{print $1}')

@@ -1,0 +1,140 @@
+/* mr_config.c: environment configuration, validated once at start-up.
+ *
+ * The parse/check functions are pure (tests call them); the mr_config_* wrappers
+ * read the environment and exit(2) with one line naming the variable. */
+#include "mr_config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+
+static void die(const char *msg)
+{
+    /* Plain text as well as a log line: this is read by a person starting the stack. */
+    fprintf(stderr, "config: %s\n", msg);
+    exit(2);
+}
+
+static const char *env(const char *name)
+{
+    const char *v = getenv(name);
+    return (v && *v) ? v : NULL;
+}
+
+const char *mr_config_str(const char *name, const char *def)
+{
+    const char *v = env(name);
+    if (v)
+        return v;
+    if (!def) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "%s is required but not set", name);
+        die(msg);
+    }
+    return def;
+}
+
+mr_err mr_config_check_secret(const char *name, const char *value, size_t min_len,
+                              char *err, size_t errlen)
+{
+    if (!value || !*value)
+        return mr_seterr(err, errlen, MR_EINVAL, "%s is required but not set", name);
+    size_t n = strlen(value);
+    /* Stray whitespace from a copy-paste would make every signature silently
+     * mismatch; refusing to start says what is wrong. */
+    if (isspace((unsigned char)value[0]) || isspace((unsigned char)value[n - 1]))
+        return mr_seterr(err, errlen, MR_EINVAL,
+                         "%s has leading or trailing whitespace", name);
+    for (size_t i = 0; i < n; i++)
+        if (iscntrl((unsigned char)value[i]))
+            return mr_seterr(err, errlen, MR_EINVAL, "%s contains control characters", name);
+    if (n < min_len)
+        return mr_seterr(err, errlen, MR_EINVAL, "%s is too short (%zu characters, need at least %zu)",
+                         name, n, min_len);
+    return MR_OK;
+}
+
+const char *mr_config_secret(const char *name, const char *def, size_t min_len)
+{
+    const char *v = getenv(name);
+    if (!v || !*v) {
+        if (def)
+            return def;
+    }
+    char msg[256];
+    if (mr_config_check_secret(name, v, min_len, msg, sizeof(msg)) != MR_OK)
+        die(msg);
+    return v;
+}
+
+mr_err mr_config_parse_int(const char *name, const char *value, int64_t def,
+                           int64_t min, int64_t max, int64_t *out,
+                           char *err, size_t errlen)
+{
+    if (!value || !*value) {
+        *out = def;
+        return MR_OK;
+    }
+    /* strtoll alone would accept " 12", "12abc" and saturate on overflow. */
+    const char *p = value;
+    if (*p == '-' || *p == '+')
+        p++;
+    if (!isdigit((unsigned char)*p))
+        return mr_seterr(err, errlen, MR_EINVAL, "%s is not an integer: \"%.32s\"", name, value);
+    errno = 0;
+    char *end;
+    long long v = strtoll(value, &end, 10);
+    if (*end != '\0')
+        return mr_seterr(err, errlen, MR_EINVAL, "%s is not an integer: \"%.32s\"", name, value);
+    if (errno == ERANGE || v < min || v > max)
+        return mr_seterr(err, errlen, MR_EINVAL, "%s must be between %" PRId64 " and %" PRId64,
+                         name, min, max);
+    *out = v;
+    return MR_OK;
+}
+
+int64_t mr_config_int(const char *name, int64_t def, int64_t min, int64_t max)
+{
+    int64_t v;
+    char msg[256];
+    if (mr_config_parse_int(name, getenv(name), def, min, max, &v, msg, sizeof(msg)) != MR_OK)
+        die(msg);
+    return v;
+}
+
+mr_err mr_config_parse_bool(const char *name, const char *value, int def,
+                            int *out, char *err, size_t errlen)
+{
+    static const char *const yes[] = {"1", "true", "yes", "on"};
+    static const char *const no[] = {"0", "false", "no", "off"};
+    if (!value || !*value) {
+        *out = def;
+        return MR_OK;
+    }
+    for (size_t i = 0; i < MR_ARRAY_LEN(yes); i++) {
+        if (strcasecmp(value, yes[i]) == 0) {
+            *out = 1;
+            return MR_OK;
+        }
+        if (strcasecmp(value, no[i]) == 0) {
+            *out = 0;
+            return MR_OK;
+        }
+    }
+    return mr_seterr(err, errlen, MR_EINVAL, "%s must be one of 1/true/yes/on or 0/false/no/off",
+                     name);
+}
+
+int mr_config_bool(const char *name, int def)
+{
+    int v;
+    char msg[256];
+    if (mr_config_parse_bool(name, getenv(name), def, &v, msg, sizeof(msg)) != MR_OK)
+        die(msg);
+    return v;
+}

@@ -1,0 +1,756 @@
+/* mr_http.c: the FastCGI worker runtime (parent supervisor, worker loop, one
+ * request's flow) and the reply functions.
+ *
+ * Process model: the parent binds the socket, forks N workers that each run
+ * FCGX_Accept_r on it, and then only supervises: respawns workers that die,
+ * and on SIGTERM/SIGINT forwards the signal and waits for every worker to
+ * finish its in-flight request (and deferred job) before exiting 0.
+ *
+ * Signals in a worker are blocked while a request is being served and only
+ * unblocked around FCGX_Accept_r: a SIGTERM therefore never interrupts a
+ * handler's read, write, libpq or libcurl call with EINTR, and it does break
+ * accept (FCGI_FAIL_ACCEPT_ON_INTR, handler without SA_RESTART). The one race
+ * left (the signal lands between the stop check and accept(2)) is closed by
+ * the parent re-sending SIGTERM every second while it drains. */
+#include "mr_http.h"
+
+#include <errno.h>
+#include <fcgiapp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <libpq-fe.h>
+
+#include "mr_config.h"
+#include "mr_db.h"
+#include "mr_httpc.h"
+#include "mr_json.h"
+#include "mr_jwt.h"
+#include "mr_log.h"
+
+#define MAX_WORKERS 256
+#define RESPAWN_MIN_UPTIME_MS 1000 /* a worker dying younger than this is a crash loop */
+#define LISTEN_BACKLOG 1024
+
+/* Process-wide settings, fixed in the parent before fork. */
+static const mr_app *g_app;
+static size_t g_max_body = MR_DEFAULT_MAX_BODY;
+static const char *g_jwt_secret;
+static long g_jwt_leeway;
+static char g_prefix[160]; /* "/functions/v1/<name>" */
+
+/* Worker state. */
+static volatile sig_atomic_t g_stop;
+static mr_db *g_db;
+static mr_httpc *g_http;
+
+/* The runtime's private view of a request: the public mr_req comes first so
+ * mr_defer can recover the rest from the handler's pointer. */
+typedef struct {
+    mr_req pub;
+    char *strings; /* one allocation holding every copied CGI param */
+    void (*job)(mr_req *r, void *arg);
+    void *job_arg;
+    void (*job_free)(void *);
+} req_ctx;
+
+/* ---- replies ---------------------------------------------------------- */
+
+static const char *reason(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 409: return "Conflict";
+    case 413: return "Payload Too Large";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "";
+    }
+}
+
+static void send_reply(mr_req *r, int status, const char *body, size_t len,
+                       const char *const *extra)
+{
+    if (!r->fcgx) {
+        mr_log(MR_LOG_ERROR, "reply after the request finished (request %s); dropped", r->request_id);
+        return;
+    }
+    if (r->status != 0) {
+        mr_log(MR_LOG_ERROR, "second reply to request %s (status %d after %d); dropped",
+               r->request_id, status, r->status);
+        return;
+    }
+    if (status < 100 || status > 599)
+        status = 500;
+    FCGX_Stream *out = r->fcgx->out;
+    char head[512];
+    int n = snprintf(head, sizeof(head),
+                     "Status: %d %s\r\nContent-Type: application/json\r\n"
+                     "Cache-Control: no-store\r\nX-Request-Id: %s\r\nContent-Length: %zu\r\n",
+                     status, reason(status), r->request_id, len);
+    FCGX_PutStr(head, n, out);
+    for (size_t i = 0; extra && extra[i]; i++) {
+        /* A CR or LF would let a value smuggle in a header or split the response. */
+        if (strpbrk(extra[i], "\r\n")) {
+            mr_log(MR_LOG_ERROR, "header with CR/LF dropped (request %s)", r->request_id);
+            continue;
+        }
+        FCGX_PutS(extra[i], out);
+        FCGX_PutStr("\r\n", 2, out);
+    }
+    FCGX_PutStr("\r\n", 2, out);
+    FCGX_PutStr(body, (int)len, out);
+    r->status = status;
+}
+
+void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extra_headers)
+{
+    char *text = body ? mr_json_print(body) : NULL;
+    cJSON_Delete(body);
+    if (!text) {
+        static const char oom[] =
+            "{\"error\":{\"code\":\"internal\",\"message\":\"could not build the response\"}}";
+        send_reply(r, 500, oom, sizeof(oom) - 1, NULL);
+        return;
+    }
+    send_reply(r, status, text, strlen(text), extra_headers);
+    free(text);
+}
+
+void mr_reply_json(mr_req *r, int status, cJSON *body)
+{
+    mr_reply_json_h(r, status, body, NULL);
+}
+
+static void reply_error_h(mr_req *r, int status, const char *code, const char *message,
+                          const char *const *extra)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *e = cJSON_AddObjectToObject(root, "error");
+    cJSON_AddStringToObject(e, "code", code);
+    cJSON_AddStringToObject(e, "message", message);
+    mr_reply_json_h(r, status, root, extra);
+}
+
+void mr_reply_error(mr_req *r, int status, const char *code, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    reply_error_h(r, status, code, msg, NULL);
+}
+
+void mr_reply_err(mr_req *r, mr_err e, const char *message)
+{
+    reply_error_h(r, mr_err_status(e), mr_err_name(e), message ? message : mr_err_name(e), NULL);
+}
+
+void mr_defer(mr_req *r, void (*fn)(mr_req *r, void *arg), void *arg, void (*free_arg)(void *))
+{
+    req_ctx *ctx = (req_ctx *)r;
+    if (ctx->job) {
+        mr_log(MR_LOG_ERROR, "second deferred job for request %s ignored", r->request_id);
+        if (free_arg)
+            free_arg(arg);
+        return;
+    }
+    ctx->job = fn;
+    ctx->job_arg = arg;
+    ctx->job_free = free_arg;
+}
+
+/* ---- one request -------------------------------------------------------- */
+
+static const char *param(FCGX_Request *rq, const char *name)
+{
+    const char *v = FCGX_GetParam(name, rq->envp);
+    return v ? v : "";
+}
+
+static int valid_request_id(const char *s)
+{
+    size_t n = 0;
+    for (; s[n]; n++) {
+        char c = s[n];
+        if (n >= 64 || !((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                         (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
+            return 0;
+    }
+    return n > 0;
+}
+
+static void new_request_id(char out[65])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char rnd[16];
+    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
+        /* Uniqueness, not secrecy, is what a request id needs. */
+        uint64_t a = (uint64_t)mr_now_ms() ^ ((uint64_t)getpid() << 32), b = (uint64_t)time(NULL);
+        memcpy(rnd, &a, 8);
+        memcpy(rnd + 8, &b, 8);
+    }
+    for (size_t i = 0; i < sizeof(rnd); i++) {
+        out[2 * i] = hex[rnd[i] >> 4];
+        out[2 * i + 1] = hex[rnd[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+/* Copies the CGI params a handler (or its deferred job, which runs after
+ * FCGX_Finish_r has freed them) may read into one allocation. */
+static int copy_params(req_ctx *ctx, FCGX_Request *rq)
+{
+    mr_req *r = &ctx->pub;
+    const char *uri = param(rq, "DOCUMENT_URI");
+    if (!*uri)
+        uri = param(rq, "SCRIPT_NAME");
+    size_t plen = strlen(g_prefix);
+    const char *path = uri;
+    if (strncmp(uri, g_prefix, plen) == 0 && (uri[plen] == '/' || uri[plen] == '\0'))
+        path = uri + plen;
+
+    const char *src[] = {
+        param(rq, "REQUEST_METHOD"), path, param(rq, "QUERY_STRING"),
+        param(rq, "CONTENT_TYPE"), param(rq, "HTTP_AUTHORIZATION"),
+        param(rq, "HTTP_STRIPE_SIGNATURE"), param(rq, "REMOTE_ADDR"),
+        param(rq, "HTTP_USER_AGENT"),
+    };
+    const char **dst[] = {
+        &r->method, &r->path, &r->query, &r->content_type, &r->authorization,
+        &r->stripe_signature, &r->remote_addr, &r->user_agent,
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < MR_ARRAY_LEN(src); i++)
+        total += strlen(src[i]) + 1;
+    char *p = malloc(total);
+    if (!p)
+        return -1;
+    ctx->strings = p;
+    for (size_t i = 0; i < MR_ARRAY_LEN(src); i++) {
+        size_t n = strlen(src[i]) + 1;
+        memcpy(p, src[i], n);
+        *dst[i] = p;
+        p += n;
+    }
+    return 0;
+}
+
+static int method_allowed(const char *method)
+{
+    const char *m = g_app->methods ? g_app->methods : "";
+    size_t n = strlen(method);
+    while (*m) {
+        const char *comma = strchr(m, ',');
+        size_t len = comma ? (size_t)(comma - m) : strlen(m);
+        if (len == n && n > 0 && strncmp(m, method, n) == 0)
+            return 1;
+        m += len;
+        if (*m == ',')
+            m++;
+    }
+    return 0;
+}
+
+/* A token-shaped apikey (three base64url parts): supabase-js sends the anon
+ * or service key there; a non-JWT key (sb_publishable_...) is ignored. */
+static int looks_like_jwt(const char *s)
+{
+    int dots = 0;
+    for (; *s; s++) {
+        if (*s == '.')
+            dots++;
+        else if (!((*s >= 'A' && *s <= 'Z') || (*s >= 'a' && *s <= 'z') ||
+                   (*s >= '0' && *s <= '9') || *s == '-' || *s == '_'))
+            return 0;
+    }
+    return dots == 2;
+}
+
+/* Verifies the caller's JWT and role. Replies 401/403 itself and returns -1
+ * on refusal; fills r->who on success.
+ *
+ * Authorization wins. Without it, a JWT in `apikey` is accepted as the token:
+ * supabase-js always sends Authorization when it has a session or key, so this
+ * only matters to clients that send the key alone, and the token is verified
+ * exactly the same way. */
+static int authenticate(mr_req *r, FCGX_Request *rq)
+{
+    const char *token = NULL;
+    if (*r->authorization) {
+        token = mr_http_bearer(r->authorization);
+        if (!token) {
+            mr_reply_error(r, 401, "unauthorized", "expected Authorization: Bearer <token>");
+            return -1;
+        }
+    } else {
+        const char *apikey = param(rq, "HTTP_APIKEY");
+        if (looks_like_jwt(apikey))
+            token = apikey;
+    }
+    if (!token) {
+        mr_reply_error(r, 401, "unauthorized", "missing bearer token");
+        return -1;
+    }
+    mr_jwt_claims c;
+    char why[128];
+    mr_err e = mr_jwt_verify(token, (const unsigned char *)g_jwt_secret, strlen(g_jwt_secret),
+                             time(NULL), g_jwt_leeway, &c, why, sizeof(why));
+    if (e != MR_OK) {
+        if (e == MR_EAUTH)
+            mr_reply_error(r, 401, "unauthorized", "invalid token: %s", why);
+        else
+            mr_reply_err(r, e, "could not verify the token");
+        return -1;
+    }
+    int ok = strcmp(c.role, "service_role") == 0 ||
+             (g_app->auth == MR_AUTH_USER && strcmp(c.role, "authenticated") == 0 && c.sub[0]);
+    if (!ok) {
+        memcpy(r->who.role, c.role, sizeof(r->who.role)); /* for the access log only */
+        mr_reply_error(r, 403, "forbidden", "role %s may not call %s",
+                       c.role[0] ? c.role : "(none)", g_app->name);
+        mr_jwt_claims_free(&c);
+        return -1;
+    }
+    memcpy(r->who.role, c.role, sizeof(r->who.role));
+    memcpy(r->who.sub, c.sub, sizeof(r->who.sub));
+    r->who.claims_json = c.claims_json; /* ownership moves to the request */
+    return 0;
+}
+
+static int fcgx_reader(void *ctx, char *buf, int n)
+{
+    return FCGX_GetStr(buf, n, (FCGX_Stream *)ctx);
+}
+
+static int read_body(mr_req *r, FCGX_Request *rq)
+{
+    size_t len;
+    mr_err e = mr_http_content_length(param(rq, "CONTENT_LENGTH"), g_max_body, &len);
+    if (e == MR_ETOOBIG) {
+        mr_reply_error(r, 413, "too_large", "request body exceeds %zu bytes", g_max_body);
+        return -1;
+    }
+    if (e != MR_OK) {
+        mr_reply_error(r, 400, "invalid", "malformed Content-Length");
+        return -1;
+    }
+    r->body = mr_http_read_exact(fcgx_reader, rq->in, len, &e);
+    if (!r->body) {
+        if (e == MR_EINVAL)
+            mr_reply_error(r, 400, "invalid", "request body shorter than Content-Length");
+        else
+            mr_reply_err(r, e, "could not read the request body");
+        return -1;
+    }
+    r->body_len = len;
+    return 0;
+}
+
+static void serve(FCGX_Request *rq)
+{
+    req_ctx ctx;
+    memset(&ctx, 0, sizeof(ctx));
+    mr_req *r = &ctx.pub;
+    r->fcgx = rq;
+    r->started_ms = mr_now_ms();
+    r->db = g_db;
+    r->http = g_http;
+
+    const char *xrid = param(rq, "HTTP_X_REQUEST_ID");
+    if (valid_request_id(xrid))
+        memcpy(r->request_id, xrid, strlen(xrid) + 1);
+    else
+        new_request_id(r->request_id);
+
+    if (copy_params(&ctx, rq) != 0) {
+        static const char *const empty = "";
+        r->method = r->path = r->query = r->content_type = r->authorization = empty;
+        r->stripe_signature = r->remote_addr = r->user_agent = empty;
+        mr_reply_error(r, 500, "internal", "out of memory");
+    } else if (!method_allowed(r->method)) {
+        char allow[160];
+        snprintf(allow, sizeof(allow), "Allow: %s", g_app->methods ? g_app->methods : "");
+        for (char *p = allow; *p; p++)
+            if (*p == ',')
+                *p = ' '; /* "GET POST" reads oddly but stays one token list */
+        const char *const hdrs[] = {allow, NULL};
+        char msg[128];
+        snprintf(msg, sizeof(msg), "method %.16s not allowed", r->method);
+        reply_error_h(r, 405, "method_not_allowed", msg, hdrs);
+    } else if ((g_app->auth == MR_AUTH_SERVICE || g_app->auth == MR_AUTH_USER) &&
+               authenticate(r, rq) != 0) {
+        /* replied */
+    } else if (read_body(r, rq) != 0) {
+        /* replied */
+    } else {
+        g_app->handle(r);
+    }
+    if (r->status == 0) {
+        mr_log(MR_LOG_ERROR, "handler sent no reply (request %s)", r->request_id);
+        mr_reply_error(r, 500, "internal", "the function did not answer");
+    }
+    mr_log_request(r->request_id, r->method, r->status, mr_now_ms() - r->started_ms, r->who.role);
+
+    /* The caller has the whole answer once the request is finished; whatever
+     * the handler deferred runs after that, off the caller's clock. */
+    FCGX_Finish_r(rq);
+    r->fcgx = NULL;
+    if (ctx.job) {
+        int64_t t0 = mr_now_ms();
+        ctx.job(r, ctx.job_arg);
+        mr_log(MR_LOG_DEBUG, "deferred job of %s took %lld ms", r->request_id,
+               (long long)(mr_now_ms() - t0));
+    }
+    if (ctx.job_free)
+        ctx.job_free(ctx.job_arg);
+    mr_db_release(g_db);
+    free(r->who.claims_json);
+    free(r->body);
+    free(ctx.strings);
+}
+
+/* ---- worker ------------------------------------------------------------ */
+
+static void on_stop(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+    FCGX_ShutdownPending();
+}
+
+static int worker_main(int listen_fd, pid_t parent)
+{
+    /* Die with the supervisor rather than serve on as an orphan nobody reaps. */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent)
+        return 0;
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: accept must return */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGCHLD, SIG_DFL);
+
+    sigset_t stopset;
+    sigemptyset(&stopset);
+    sigaddset(&stopset, SIGTERM);
+    sigaddset(&stopset, SIGINT);
+    /* Everything else the parent blocked goes back to normal; the stop
+     * signals stay blocked except around accept. */
+    sigprocmask(SIG_SETMASK, &stopset, NULL);
+
+    /* A function that needs no database must start without one. */
+    const char *dburl = getenv("DATABASE_URL");
+    if (dburl && *dburl)
+        g_db = mr_db_open(dburl);
+    g_http = mr_httpc_open();
+    if ((dburl && *dburl && !g_db) || !g_http) {
+        mr_log(MR_LOG_ERROR, "worker could not allocate its database or HTTP handle");
+        return 1;
+    }
+    if (g_app->worker_init)
+        g_app->worker_init();
+
+    FCGX_Request rq;
+    if (FCGX_InitRequest(&rq, listen_fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0) {
+        mr_log(MR_LOG_ERROR, "FCGX_InitRequest failed");
+        return 1;
+    }
+    int status = 0;
+    for (;;) {
+        sigprocmask(SIG_UNBLOCK, &stopset, NULL);
+        int rc = g_stop ? -1 : FCGX_Accept_r(&rq);
+        sigprocmask(SIG_BLOCK, &stopset, NULL);
+        if (rc < 0) {
+            if (g_stop)
+                break;
+            if (rc == -EINTR)
+                continue;
+            mr_log(MR_LOG_ERROR, "accept failed (%d); worker exits", rc);
+            status = 1;
+            break;
+        }
+        serve(&rq); /* a stop that arrived meanwhile waits for this to finish */
+        if (g_stop)
+            break;
+    }
+    FCGX_Free(&rq, 0);
+    mr_db_close(g_db);
+    mr_httpc_close(g_http);
+    g_db = NULL;
+    g_http = NULL;
+    return status;
+}
+
+/* ---- parent ------------------------------------------------------------ */
+
+static void usage(const char *name)
+{
+    fprintf(stderr,
+            "usage: %s [--socket PATH] [--workers N]\n"
+            "  --socket PATH  unix socket to listen on (MR_SOCKET; default ./%s.sock)\n"
+            "  --workers N    pre-forked workers (MR_WORKERS; default: online cores)\n",
+            name, name);
+}
+
+static mr_log_level parse_level(const char *s)
+{
+    static const char *const names[] = {"debug", "info", "warn", "error"};
+    for (size_t i = 0; i < MR_ARRAY_LEN(names); i++)
+        if (strcmp(s, names[i]) == 0)
+            return (mr_log_level)i;
+    fprintf(stderr, "config: MR_LOG_LEVEL must be debug, info, warn or error\n");
+    exit(2);
+}
+
+typedef struct {
+    pid_t pid;
+    int64_t started_ms;
+    int64_t respawn_at_ms; /* when pid == 0: earliest time to start it again */
+} slot;
+
+static pid_t spawn(slot *s, int listen_fd)
+{
+    pid_t parent = getpid();
+    fflush(NULL); /* or buffered output would be written twice */
+    pid_t pid = fork();
+    if (pid == 0) {
+        int st = worker_main(listen_fd, parent);
+        fflush(NULL);
+        exit(st);
+    }
+    if (pid < 0) {
+        mr_log(MR_LOG_ERROR, "fork failed: %s", strerror(errno));
+        s->pid = 0;
+        s->respawn_at_ms = mr_now_ms() + RESPAWN_MIN_UPTIME_MS;
+        return -1;
+    }
+    s->pid = pid;
+    s->started_ms = mr_now_ms();
+    return pid;
+}
+
+static void signal_all(slot *slots, int n, int sig)
+{
+    for (int i = 0; i < n; i++)
+        if (slots[i].pid > 0)
+            kill(slots[i].pid, sig);
+}
+
+/* Reaps every exited worker; returns how many are still alive. */
+static int reap(slot *slots, int n, int stopping)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < n; i++) {
+            if (slots[i].pid != pid)
+                continue;
+            slots[i].pid = 0;
+            if (stopping)
+                break;
+            int64_t now = mr_now_ms();
+            int young = now - slots[i].started_ms < RESPAWN_MIN_UPTIME_MS;
+            slots[i].respawn_at_ms = young ? now + RESPAWN_MIN_UPTIME_MS : now;
+            if (WIFSIGNALED(status))
+                mr_log(MR_LOG_WARN, "worker %d killed by signal %d; respawning", (int)pid,
+                       WTERMSIG(status));
+            else
+                mr_log(MR_LOG_WARN, "worker %d exited with status %d; respawning", (int)pid,
+                       WEXITSTATUS(status));
+            break;
+        }
+    }
+    int alive = 0;
+    for (int i = 0; i < n; i++)
+        alive += slots[i].pid > 0;
+    return alive;
+}
+
+static int supervise(int listen_fd, int nworkers)
+{
+    slot slots[MAX_WORKERS];
+    memset(slots, 0, sizeof(slots));
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGCHLD);
+
+    int stopping = 0;
+    int64_t last_kick = 0;
+    for (;;) {
+        int alive = reap(slots, nworkers, stopping);
+        int64_t now = mr_now_ms();
+        int64_t wait_ms = 1000;
+        if (!stopping) {
+            for (int i = 0; i < nworkers; i++) {
+                if (slots[i].pid != 0)
+                    continue;
+                if (now >= slots[i].respawn_at_ms)
+                    spawn(&slots[i], listen_fd);
+                else if (slots[i].respawn_at_ms - now < wait_ms)
+                    wait_ms = slots[i].respawn_at_ms - now;
+            }
+        } else {
+            if (alive == 0)
+                break;
+            if (now - last_kick >= 1000) {
+                signal_all(slots, nworkers, SIGTERM);
+                last_kick = now;
+            }
+        }
+        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000};
+        int sig = sigtimedwait(&set, NULL, &ts);
+        if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
+            stopping = 1;
+            mr_log(MR_LOG_INFO, "stopping: draining %d workers", reap(slots, nworkers, 1));
+            signal_all(slots, nworkers, SIGTERM);
+            last_kick = mr_now_ms();
+        }
+    }
+    mr_log(MR_LOG_INFO, "stopped");
+    return 0;
+}
+
+int mr_app_main(const mr_app *app, int argc, char **argv)
+{
+    g_app = app;
+    const char *socket_path = NULL;
+    const char *workers_arg = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--socket") == 0 && i + 1 < argc) {
+            socket_path = argv[++i];
+        } else if (strcmp(argv[i], "--workers") == 0 && i + 1 < argc) {
+            workers_arg = argv[++i];
+        } else {
+            usage(app->name);
+            return strcmp(argv[i], "--help") == 0 ? 0 : 2;
+        }
+    }
+
+    mr_log_init(app->name, parse_level(mr_config_str("MR_LOG_LEVEL", "info")));
+    snprintf(g_prefix, sizeof(g_prefix), "/functions/v1/%s", app->name);
+
+    /* Every setting is checked here, before fork, so a bad one stops the
+     * function at start-up instead of crash-looping its workers. */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int64_t nworkers;
+    char msg[256];
+    if (workers_arg) {
+        if (mr_config_parse_int("--workers", workers_arg, 0, 1, MAX_WORKERS, &nworkers, msg,
+                                sizeof(msg)) != MR_OK) {
+            fprintf(stderr, "config: %s\n", msg);
+            return 2;
+        }
+    } else {
+        nworkers = mr_config_int("MR_WORKERS", ncpu > 0 ? ncpu : 1, 1, MAX_WORKERS);
+    }
+    g_max_body = (size_t)mr_config_int("MR_MAX_BODY", MR_DEFAULT_MAX_BODY, 1, 64 << 20);
+    long mode;
+    const char *mode_s = mr_config_str("MR_SOCKET_MODE", "0666");
+    char *end;
+    mode = strtol(mode_s, &end, 8);
+    if (*end || mode < 0 || mode > 0777) {
+        fprintf(stderr, "config: MR_SOCKET_MODE must be an octal mode like 0660\n");
+        return 2;
+    }
+    if (!socket_path)
+        socket_path = mr_config_str("MR_SOCKET", "");
+    char default_path[200];
+    if (!*socket_path) {
+        snprintf(default_path, sizeof(default_path), "%s.sock", app->name);
+        socket_path = default_path;
+    }
+    if (app->auth == MR_AUTH_SERVICE || app->auth == MR_AUTH_USER) {
+        g_jwt_secret = mr_config_secret("SUPABASE_JWT_SECRET", NULL, 32);
+        g_jwt_leeway = (long)mr_config_int("MR_JWT_LEEWAY_S", 0, 0, 300);
+    }
+    const char *dburl = getenv("DATABASE_URL");
+    if (dburl && *dburl) {
+        char *perr = NULL;
+        PQconninfoOption *opts = PQconninfoParse(dburl, &perr);
+        if (!opts) {
+            /* libpq's message can quote the string, password included: not shown. */
+            fprintf(stderr, "config: DATABASE_URL is not a valid libpq connection string\n");
+            PQfreemem(perr);
+            return 2;
+        }
+        PQconninfoFree(opts);
+    }
+    mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", 5000, 0, 24 * 3600 * 1000);
+    if (app->init)
+        app->init();
+
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (FCGX_Init() != 0) {
+        mr_log(MR_LOG_ERROR, "FCGX_Init failed");
+        return 1;
+    }
+    struct stat st;
+    if (!strchr(socket_path, ':') && lstat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode))
+        unlink(socket_path); /* a stale socket from a previous run */
+    int fd = FCGX_OpenSocket(socket_path, LISTEN_BACKLOG);
+    if (fd < 0) {
+        mr_log(MR_LOG_ERROR, "cannot listen on %s: %s", socket_path, strerror(errno));
+        return 1;
+    }
+    /* nginx runs as another user; MR_SOCKET_MODE (default 0666) lets it connect.
+     * Restrict access with the directory's permissions or MR_SOCKET_MODE=0660. */
+    if (!strchr(socket_path, ':') && chmod(socket_path, (mode_t)mode) != 0) {
+        mr_log(MR_LOG_ERROR, "chmod %s: %s", socket_path, strerror(errno));
+        return 1;
+    }
+
+    /* The parent takes its signals synchronously (sigtimedwait); a write to a
+     * closed nginx connection must be an EPIPE error in workers, not death. */
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+
+    struct stat bound;
+    int is_path = !strchr(socket_path, ':') && stat(socket_path, &bound) == 0;
+
+    mr_log(MR_LOG_INFO, "listening on %s with %d workers", socket_path, (int)nworkers);
+    int rc = supervise(fd, (int)nworkers);
+    close(fd);
+    /* Remove the socket only if it is still ours: a newer instance may have
+     * replaced it while this one drained. */
+    if (is_path && stat(socket_path, &st) == 0 && st.st_ino == bound.st_ino &&
+        st.st_dev == bound.st_dev)
+        unlink(socket_path);
+    curl_global_cleanup();
+    return rc;
+}

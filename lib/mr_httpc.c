@@ -1,0 +1,154 @@
+/* mr_httpc.c: outbound HTTP with deadlines on one reusable libcurl handle.
+ *
+ * The easy handle is reset (options only) before each call, so connections
+ * and TLS sessions are reused across a worker's requests while no option of
+ * one call leaks into the next. */
+#include "mr_httpc.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+
+#define DEFAULT_CONNECT_MS 2000L
+#define DEFAULT_TIMEOUT_MS 10000L
+#define DEFAULT_MAX_BODY ((size_t)1 << 20)
+
+struct mr_httpc {
+    CURL *easy;
+};
+
+typedef struct {
+    char *buf;
+    size_t len, cap, max;
+    int too_big;
+} sink;
+
+mr_httpc *mr_httpc_open(void)
+{
+    /* Reference-counted by libcurl; the runtime already called it before fork. */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        return NULL;
+    mr_httpc *c = calloc(1, sizeof(*c));
+    if (!c) {
+        curl_global_cleanup();
+        return NULL;
+    }
+    c->easy = curl_easy_init();
+    if (!c->easy) {
+        free(c);
+        curl_global_cleanup();
+        return NULL;
+    }
+    return c;
+}
+
+void mr_httpc_close(mr_httpc *c)
+{
+    if (!c)
+        return;
+    curl_easy_cleanup(c->easy);
+    free(c);
+    curl_global_cleanup();
+}
+
+static size_t on_data(char *data, size_t size, size_t nmemb, void *userp)
+{
+    sink *s = userp;
+    size_t n = size * nmemb;
+    /* The cap is enforced on bytes received, whatever Content-Length claimed. */
+    if (n > s->max - s->len) {
+        s->too_big = 1;
+        return 0;
+    }
+    if (s->len + n + 1 > s->cap) {
+        size_t cap = s->cap ? s->cap : 4096;
+        while (cap < s->len + n + 1)
+            cap *= 2;
+        char *b = realloc(s->buf, cap);
+        if (!b)
+            return 0;
+        s->buf = b;
+        s->cap = cap;
+    }
+    memcpy(s->buf + s->len, data, n);
+    s->len += n;
+    s->buf[s->len] = '\0';
+    return n;
+}
+
+mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
+                   char *err, size_t errlen)
+{
+    memset(resp, 0, sizeof(*resp));
+    if (!c || !req->url || !req->method)
+        return mr_seterr(err, errlen, MR_EINVAL, "missing url or method");
+    CURL *e = c->easy;
+    curl_easy_reset(e);
+
+    sink s = {.max = req->max_body ? req->max_body : DEFAULT_MAX_BODY};
+    struct curl_slist *hdrs = NULL, *tmp;
+    for (size_t i = 0; req->headers && req->headers[i]; i++) {
+        if (!(tmp = curl_slist_append(hdrs, req->headers[i])))
+            goto oom;
+        hdrs = tmp;
+    }
+    /* Without this, curl waits up to a second for "100 Continue" on larger bodies. */
+    if (!(tmp = curl_slist_append(hdrs, "Expect:")))
+        goto oom;
+    hdrs = tmp;
+
+    curl_easy_setopt(e, CURLOPT_URL, req->url);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
+                     req->connect_timeout_ms > 0 ? req->connect_timeout_ms : DEFAULT_CONNECT_MS);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, req->timeout_ms > 0 ? req->timeout_ms : DEFAULT_TIMEOUT_MS);
+    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)s.max);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, hdrs);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, &s);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "mindroom-control-plane");
+    if (strcmp(req->method, "GET") == 0) {
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+    } else {
+        if (strcmp(req->method, "POST") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, req->method);
+        if (req->body || strcmp(req->method, "POST") == 0) {
+            curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
+            curl_easy_setopt(e, CURLOPT_POSTFIELDS, req->body ? req->body : "");
+        }
+    }
+
+    CURLcode rc = curl_easy_perform(e);
+    curl_slist_free_all(hdrs);
+    hdrs = NULL;
+    if (rc != CURLE_OK) {
+        free(s.buf);
+        if (s.too_big || rc == CURLE_FILESIZE_EXCEEDED)
+            return mr_seterr(err, errlen, MR_ETRANSIENT, "response larger than %zu bytes", s.max);
+        if (rc == CURLE_URL_MALFORMAT || rc == CURLE_UNSUPPORTED_PROTOCOL)
+            return mr_seterr(err, errlen, MR_EINVAL, "bad URL: %s", curl_easy_strerror(rc));
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "%s", curl_easy_strerror(rc));
+    }
+    curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &resp->status);
+    if (!s.buf && !(s.buf = calloc(1, 1)))
+        return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    resp->body = s.buf;
+    resp->body_len = s.len;
+    return MR_OK;
+
+oom:
+    curl_slist_free_all(hdrs);
+    return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+}
+
+void mr_httpc_resp_free(mr_httpc_resp *resp)
+{
+    if (!resp)
+        return;
+    free(resp->body);
+    resp->body = NULL;
+    resp->body_len = 0;
+}

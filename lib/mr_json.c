@@ -1,0 +1,108 @@
+/* mr_json.c: typed getters on cJSON with explicit lengths and range checks. */
+#include "mr_json.h"
+
+#include <math.h>
+#include <string.h>
+
+/* 2^53 - 1: above it doubles stop being exact, and 2^53 + 1 parses to 2^53,
+ * so 2^53 itself cannot be told apart from a rounded larger number. */
+#define MR_JSON_MAX_SAFE 9007199254740991.0
+
+cJSON *mr_json_parse(const char *buf, size_t len)
+{
+    if (!buf)
+        return NULL;
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+    if (!root)
+        return NULL;
+    /* cJSON stops after the first value; anything but whitespace after it
+     * (a second document, a NUL, junk) makes the input malformed. */
+    for (size_t i = (size_t)(end - buf); i < len; i++) {
+        char c = buf[i];
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+            cJSON_Delete(root);
+            return NULL;
+        }
+    }
+    return root;
+}
+
+const cJSON *mr_json_path(const cJSON *root, const char *dotted)
+{
+    const cJSON *cur = root;
+    const char *p = dotted;
+    char key[256];
+    while (cur && p && *p) {
+        const char *dot = strchr(p, '.');
+        size_t n = dot ? (size_t)(dot - p) : strlen(p);
+        if (n == 0 || n >= sizeof(key) || !cJSON_IsObject(cur))
+            return NULL;
+        memcpy(key, p, n);
+        key[n] = '\0';
+        cur = cJSON_GetObjectItemCaseSensitive(cur, key);
+        if (dot && dot[1] == '\0')
+            return NULL; /* "a." names no key */
+        p = dot ? dot + 1 : NULL;
+    }
+    return cur;
+}
+
+/* Common lookup: absent or null is MR_ENOTFOUND. */
+static mr_err lookup(const cJSON *obj, const char *key, const cJSON **item)
+{
+    if (!obj || !cJSON_IsObject(obj))
+        return MR_ENOTFOUND;
+    *item = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!*item || cJSON_IsNull(*item))
+        return MR_ENOTFOUND;
+    return MR_OK;
+}
+
+mr_err mr_json_str(const cJSON *obj, const char *key, const char **out)
+{
+    const cJSON *it;
+    mr_err e = lookup(obj, key, &it);
+    if (e != MR_OK)
+        return e;
+    if (!cJSON_IsString(it) || !it->valuestring)
+        return MR_EINVAL;
+    *out = it->valuestring;
+    return MR_OK;
+}
+
+mr_err mr_json_bool(const cJSON *obj, const char *key, int *out)
+{
+    const cJSON *it;
+    mr_err e = lookup(obj, key, &it);
+    if (e != MR_OK)
+        return e;
+    if (!cJSON_IsBool(it))
+        return MR_EINVAL;
+    *out = cJSON_IsTrue(it) ? 1 : 0;
+    return MR_OK;
+}
+
+mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, int64_t *out)
+{
+    const cJSON *it;
+    mr_err e = lookup(obj, key, &it);
+    if (e != MR_OK)
+        return e;
+    if (!cJSON_IsNumber(it))
+        return MR_EINVAL;
+    /* valueint saturates at INT_MAX; the double is the real value. */
+    double d = it->valuedouble;
+    if (!isfinite(d) || d != trunc(d) || d > MR_JSON_MAX_SAFE || d < -MR_JSON_MAX_SAFE)
+        return MR_EINVAL;
+    int64_t v = (int64_t)d;
+    if (v < min || v > max)
+        return MR_EINVAL;
+    *out = v;
+    return MR_OK;
+}
+
+char *mr_json_print(const cJSON *item)
+{
+    return item ? cJSON_PrintUnformatted(item) : NULL;
+}

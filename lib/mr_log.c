@@ -1,0 +1,139 @@
+/* mr_log.c: JSON lines on stderr.
+ *
+ * Each line is built in a stack buffer and written with one write(2), so lines
+ * from several workers sharing stderr never interleave mid-line. */
+#include "mr_log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LINE_MAX_BYTES 4096
+
+static const char *log_name = "mindroom";
+static mr_log_level log_min = MR_LOG_INFO;
+static const char *const level_names[] = {"debug", "info", "warn", "error"};
+
+void mr_log_init(const char *name, mr_log_level min)
+{
+    log_name = name ? name : "mindroom";
+    log_min = min;
+}
+
+typedef struct {
+    char buf[LINE_MAX_BYTES];
+    size_t len;
+} line;
+
+static void put_raw(line *l, const char *s, size_t n)
+{
+    /* Leave room for the closing "}\n"; a line that would overflow is cut. */
+    size_t room = sizeof(l->buf) - 3 - l->len;
+    if (n > room)
+        n = room;
+    memcpy(l->buf + l->len, s, n);
+    l->len += n;
+}
+
+static void put_str(line *l, const char *s)
+{
+    put_raw(l, s, strlen(s));
+}
+
+/* Appends s as JSON string content (without quotes). Control bytes become
+ * \u00XX so a hostile header value cannot forge a second log line. */
+static void put_escaped(line *l, const char *s)
+{
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        char esc[8];
+        if (c == '"' || c == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char)c;
+            put_raw(l, esc, 2);
+        } else if (c < 0x20 || c == 0x7f) {
+            snprintf(esc, sizeof(esc), "\\u%04x", c);
+            put_raw(l, esc, 6);
+        } else {
+            put_raw(l, (const char *)&c, 1);
+        }
+    }
+}
+
+static void begin_line(line *l, mr_log_level level)
+{
+    struct timeval tv;
+    struct tm tm;
+    char ts[64];
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    size_t n = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(ts + n, sizeof(ts) - n, ".%03dZ", (int)(tv.tv_usec / 1000));
+
+    l->len = 0;
+    put_str(l, "{\"time\":\"");
+    put_str(l, ts);
+    put_str(l, "\",\"level\":\"");
+    put_str(l, level_names[level]);
+    put_str(l, "\",\"function\":\"");
+    put_escaped(l, log_name);
+    char pid[32];
+    snprintf(pid, sizeof(pid), "\",\"pid\":%d", (int)getpid());
+    put_str(l, pid);
+}
+
+static void end_line(line *l)
+{
+    l->buf[l->len++] = '}';
+    l->buf[l->len++] = '\n';
+    const char *p = l->buf;
+    size_t left = l->len;
+    while (left > 0) {
+        ssize_t w = write(STDERR_FILENO, p, left);
+        if (w <= 0)
+            return; /* nowhere to report a failing stderr */
+        p += w;
+        left -= (size_t)w;
+    }
+}
+
+void mr_log(mr_log_level level, const char *fmt, ...)
+{
+    if (level < log_min || level > MR_LOG_ERROR)
+        return;
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+
+    line l;
+    begin_line(&l, level);
+    put_str(&l, ",\"msg\":\"");
+    put_escaped(&l, msg);
+    put_str(&l, "\"");
+    end_line(&l);
+}
+
+void mr_log_request(const char *request_id, const char *method, int status,
+                    int64_t duration_ms, const char *role)
+{
+    if (MR_LOG_INFO < log_min)
+        return;
+    line l;
+    char num[64];
+    begin_line(&l, MR_LOG_INFO);
+    put_str(&l, ",\"msg\":\"request\",\"request_id\":\"");
+    put_escaped(&l, request_id ? request_id : "");
+    put_str(&l, "\",\"method\":\"");
+    put_escaped(&l, method ? method : "");
+    snprintf(num, sizeof(num), "\",\"status\":%d,\"duration_ms\":%lld,\"role\":\"", status,
+             (long long)duration_ms);
+    put_str(&l, num);
+    put_escaped(&l, role && *role ? role : "none");
+    put_str(&l, "\"");
+    end_line(&l);
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# The local stack, as `make run` / `make stop` use it.
+#
+#   scripts/stack.sh run    foreground: PostgreSQL (.run/pg, TCP 127.0.0.1:54322,
+#                           data kept across runs), migrations + seed, every function
+#                           binary in $MR_BUILD/bin (default build/release/bin) on unix
+#                           sockets in .run/sock, nginx on 127.0.0.1:54321 (API) and
+#                           127.0.0.1:8002 (provisioner), the health timer. Ctrl-C stops it.
+#   scripts/stack.sh stop   stops a running stack from another terminal.
+#
+# Configuration: embedded local defaults; secrets are generated once into
+# .run/secrets.env and reused; a .env file overrides any of them (.env.example).
+# Logs: .run/log/<name>.log (JSON lines), nginx's in .run/log/nginx.*.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUN=$ROOT/.run
+FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner)
+
+die() { echo "stack: $*" >&2; exit 1; }
+say() { echo "stack: $*" >&2; }
+
+# A Supabase-shaped HS256 JWT, minted with the stdlib (no dependency on the build).
+mint_jwt() { # role exp_in_seconds
+  python3 - "$1" "$2" <<'EOF'
+import base64, hashlib, hmac, json, os, sys, time
+b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
+now = int(time.time())
+h = b(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+p = b(json.dumps({"iss": "supabase-demo", "role": sys.argv[1], "iat": now,
+                  "exp": now + int(sys.argv[2])}, separators=(",", ":")).encode())
+sig = hmac.new(os.environ["SUPABASE_JWT_SECRET"].encode(), (h + "." + p).encode(), hashlib.sha256)
+print(h + "." + p + "." + b(sig.digest()))
+EOF
+}
+
+load_config() {
+  mkdir -p "$RUN"
+  # Local secrets: generated on the first run, reused after (tokens stay valid).
+  if [ ! -f "$RUN/secrets.env" ]; then
+    umask 077
+    {
+      echo "SUPABASE_JWT_SECRET=$(openssl rand -hex 32)"
+      echo "STRIPE_WEBHOOK_SECRET=whsec_$(openssl rand -hex 24)"
+      echo "DOKKU_PROVISIONER_TOKEN=$(openssl rand -hex 32)"
+    } > "$RUN/secrets.env"
+    umask 022
+  fi
+  set -a
+  # shellcheck disable=SC1091
+  . "$RUN/secrets.env"
+  API_LISTEN=127.0.0.1:54321
+  PROVISIONER_LISTEN=127.0.0.1:8002
+  PG_PORT=54322
+  MR_BUILD=${MR_BUILD:-build/release}
+  # shellcheck disable=SC1091
+  [ -f "$ROOT/.env" ] && . "$ROOT/.env"
+  SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
+  FUNCTIONS_URL=${FUNCTIONS_URL:-http://$API_LISTEN/functions/v1}
+  DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
+  # No dokku on this machine: the provisioner prints the commands it would run.
+  if [ -z "${DOKKU_MODE:-}" ]; then
+    if command -v dokku >/dev/null; then DOKKU_MODE=real; else DOKKU_MODE=dry-run; fi
+  fi
+  set +a
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# Starts "$@" in its own session (Ctrl-C reaches only this script, which then
+# stops everything in order), output to .run/log/<name>.log, pid in .run/pids.
+spawn() { # name cmd...
+  local name=$1; shift
+  setsid "$@" >>"$RUN/log/$name.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/pids/$name.pid"
+  PIDS[$name]=$!
+}
+
+stop_pid() { # name signal
+  local pid=${PIDS[$1]:-}
+  pid_alive "$pid" || return 0
+  kill -"$2" "$pid" 2>/dev/null || true
+}
+
+wait_gone() { # timeout_s pid...
+  local deadline=$((SECONDS + $1)) p; shift
+  for p in "$@"; do
+    while pid_alive "$p" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    pid_alive "$p" && kill -KILL -- -"$p" 2>/dev/null; true
+  done
+}
+
+STOPPING=0
+shutdown() {
+  [ $STOPPING -eq 1 ] && return; STOPPING=1
+  trap '' INT TERM
+  echo; say "stopping"
+  stop_pid health-timer TERM
+  # nginx first (no new requests), then functions drain what they have in flight.
+  stop_pid nginx QUIT
+  local n pids=()
+  for n in "${FUNCTIONS[@]}"; do stop_pid "$n" TERM; pids+=("${PIDS[$n]:-}"); done
+  wait_gone 60 "${PIDS[nginx]:-}" "${pids[@]}" "${PIDS[health-timer]:-}"
+  scripts/pg.sh stop "$RUN/pg"
+  rm -rf "$RUN/pids" "$RUN/sock" "$RUN/stack.pid"
+  say "stopped"
+}
+
+health_timer() {
+  local api=http://$API_LISTEN/functions/v1/check-instance-health
+  trap 'kill $! 2>/dev/null; exit 0' TERM
+  while :; do
+    sleep 60 & wait $!
+    curl -sS -m 300 -X POST -H "Authorization: Bearer $(mint_jwt service_role 600)" \
+      -H 'Content-Type: application/json' -d '{}' "$api" || true
+    echo
+  done
+}
+
+cmd_run() {
+  load_config
+  if [ -f "$RUN/stack.pid" ] && pid_alive "$(cat "$RUN/stack.pid")"; then
+    die "already running (pid $(cat "$RUN/stack.pid")); scripts/stack.sh stop"
+  fi
+  command -v nginx >/dev/null || die "nginx not found (make deps)"
+  local bin=$MR_BUILD/bin
+  [[ $bin == /* ]] || bin=$ROOT/$bin
+  [ -d "$bin" ] || die "no binaries in $bin (make build)"
+  rm -rf "$RUN/sock" "$RUN/pids" "$RUN/nginx"
+  mkdir -p "$RUN/log" "$RUN/sock" "$RUN/pids" "$RUN/nginx" "$RUN/conf.d"
+  echo $$ > "$RUN/stack.pid"
+  declare -gA PIDS=()
+  trap shutdown EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+
+  # PostgreSQL: the cluster persists in .run/pg; pending migrations and the
+  # (idempotent) seed are applied on every start.
+  say "postgresql on 127.0.0.1:$PG_PORT (data in .run/pg)"
+  local admin
+  admin=$(scripts/pg.sh init "$RUN/pg" "$PG_PORT")
+  if [ -x scripts/migrate.sh ]; then scripts/migrate.sh "$admin" >&2; else say "no scripts/migrate.sh yet: schema not applied"; fi
+  [ -f sql/seed.sql ] && psql "$admin" -X -q -v ON_ERROR_STOP=1 -f sql/seed.sql >/dev/null
+  if [ -z "${DATABASE_URL:-}" ]; then
+    local user=postgres
+    [ "$(psql "$admin" -X -tAc "select 1 from pg_roles where rolname = 'authenticator'")" = 1 ] && user=authenticator
+    export DATABASE_URL="host=$RUN/pg port=$PG_PORT dbname=mindroom user=$user"
+  fi
+
+  # nginx from the dev template.
+  local user_line="# user: the current one"
+  [ "$(id -u)" -eq 0 ] && user_line="user root root;"
+  sed -e "s#@ROOT@#$ROOT#g; s#@RUN@#$RUN#g; s#@PUBLIC_LISTEN@#$API_LISTEN#g" \
+      -e "s#@PROVISIONER_LISTEN@#$PROVISIONER_LISTEN#g; s#@USER@#$user_line#g" \
+      nginx/dev.conf > "$RUN/nginx.conf"
+  nginx -t -q -p "$RUN/nginx" -c "$RUN/nginx.conf" -e "$RUN/log/nginx.error.log" \
+    || die "nginx config invalid (see above)"
+
+  # Functions, then nginx.
+  local n started=()
+  for n in "${FUNCTIONS[@]}"; do
+    [ -x "$bin/$n" ] || continue
+    MR_SOCKET=$RUN/sock/$n.sock spawn "$n" "$bin/$n"
+    started+=("$n")
+  done
+  [ ${#started[@]} -gt 0 ] || die "no function binaries in $bin"
+  for n in "${started[@]}"; do
+    local deadline=$((SECONDS + 30))
+    until [ -S "$RUN/sock/$n.sock" ]; do
+      pid_alive "${PIDS[$n]}" || { tail -20 "$RUN/log/$n.log" >&2; die "$n exited at start-up (.run/log/$n.log)"; }
+      [ $SECONDS -lt $deadline ] || die "$n: no socket after 30 s (.run/log/$n.log)"
+      sleep 0.1
+    done
+  done
+  spawn nginx nginx -p "$RUN/nginx" -c "$RUN/nginx.conf" -e "$RUN/log/nginx.error.log"
+  local deadline=$((SECONDS + 15))
+  until curl -s -o /dev/null "http://$API_LISTEN/"; do
+    pid_alive "${PIDS[nginx]}" || { tail -5 "$RUN/log/nginx.error.log" >&2; die "nginx did not start (port ${API_LISTEN##*:} or ${PROVISIONER_LISTEN##*:} in use?)"; }
+    [ $SECONDS -lt $deadline ] || die "nginx not answering on $API_LISTEN"
+    sleep 0.1
+  done
+  if [[ " ${started[*]} " == *" check-instance-health "* ]]; then
+    health_timer >>"$RUN/log/health-timer.log" 2>&1 &
+    PIDS[health-timer]=$!
+  fi
+
+  local token
+  token=$(mint_jwt service_role 86400)
+  cat >&2 <<EOF
+
+MindRoom control plane is up (Ctrl-C or \`make stop\` stops it).
+  API           http://$API_LISTEN/functions/v1/<name>   (${started[*]})
+  provisioner   $DOKKU_PROVISIONER_URL   (DOKKU_MODE=$DOKKU_MODE)
+  PostgreSQL    psql "host=127.0.0.1 port=$PG_PORT dbname=mindroom user=postgres"
+  logs          .run/log/   (health check every 60 s: .run/log/health-timer.log)
+
+A service_role token (valid 24 h) and a call:
+  export TOKEN=$token
+  curl -s -X POST http://$API_LISTEN/functions/v1/check-instance-health \\
+       -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{}'
+
+EOF
+  # Stay in the foreground; leave if a component dies.
+  while :; do
+    sleep 1 & wait $! || true
+    for n in nginx "${started[@]}"; do
+      pid_alive "${PIDS[$n]}" || { say "$n exited unexpectedly; see .run/log/$n.log"; exit 1; }
+    done
+  done
+}
+
+cmd_stop() {
+  local pid
+  pid=$(cat "$RUN/stack.pid" 2>/dev/null || true)
+  if pid_alive "$pid"; then
+    kill -TERM "$pid"
+    while pid_alive "$pid"; do sleep 0.2; done
+    say "stopped"
+    return
+  fi
+  # The foreground script is gone (killed hard): stop what it left behind.
+  local f
+  for f in "$RUN"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f"); pid_alive "$pid" && kill -TERM "$pid"
+  done
+  sleep 1
+  [ -d "$RUN/pg/data" ] && scripts/pg.sh stop "$RUN/pg"
+  rm -rf "$RUN/pids" "$RUN/sock" "$RUN/stack.pid"
+  say "nothing was running in the foreground; leftovers stopped"
+}
+
+case "${1:-}" in
+  run) cmd_run ;;
+  stop) cmd_stop ;;
+  *) echo "usage: scripts/stack.sh run|stop" >&2; exit 2 ;;
+esac

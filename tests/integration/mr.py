@@ -1,0 +1,577 @@
+"""Integration-test harness: real PostgreSQL, real nginx, the real function binaries.
+
+    pg                      session fixture (conftest.py): a throwaway cluster whose
+                            database `mindroom_template` is migrated and seeded.
+    with mr.Stack(pg, env={...}) as s:
+        s.call("POST", "provision-instance", json={...}, token=s.jwt())
+        s.sql("select status from instances where id = %s", iid)
+
+A Stack clones the template into a fresh database, renders nginx/dev.conf into a
+temporary run directory with free ports, starts every function binary found in
+$MR_BUILD/bin (default build/san/bin) on unix sockets there, then nginx, and
+waits until each answers. On exit it stops everything, fails if a sanitizer
+reported anything in a function's log, and drops the database. Function logs
+are in <run>/log/<name>.log; a failing test prints their tails (conftest.py).
+
+Stripe signatures and JWTs are computed here in Python (hmac), independently of
+libmindroom, so the tests check the C code against a second implementation.
+"""
+
+import base64
+import hashlib
+import hmac
+from http import client as httpclient
+import json as jsonlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parents[2]
+FUNCTIONS = (
+    "handle-stripe-webhook",
+    "provision-instance",
+    "deprovision-instance",
+    "check-instance-health",
+    "dokku-provisioner",
+)
+TEMPLATE_DB = "mindroom_template"
+# Environment variables a function inherits from the test process; everything
+# else it sees comes from Stack.env, so a developer's shell cannot leak in.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+                 "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS")
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                   "runtime error:", "ERROR: UndefinedBehaviorSanitizer")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+# Stacks currently running, so conftest.py can print their logs when a test fails.
+LIVE_STACKS = []
+
+
+def build_dir():
+    """The build whose binaries the stacks run: $MR_BUILD, default build/san."""
+    return (ROOT / os.environ.get("MR_BUILD", "build/san")).resolve()
+
+
+def free_port():
+    """A TCP port that was free a moment ago on 127.0.0.1 (callers retry on a race)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=START_TIMEOUT):
+    """Waits until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError("nothing listening on 127.0.0.1:%d after %ss" % (port, timeout))
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(payload, secret, header=None):
+    """An HS256 JWT of `payload` (dict) signed with `secret` (str or bytes).
+    `header` replaces {"alg":"HS256","typ":"JWT"} (e.g. to forge alg none)."""
+    if isinstance(secret, str):
+        secret = secret.encode()
+    h = header if header is not None else {"alg": "HS256", "typ": "JWT"}
+    signing_input = (_b64url(jsonlib.dumps(h, separators=(",", ":")).encode()) + "." +
+                     _b64url(jsonlib.dumps(payload, separators=(",", ":")).encode()))
+    sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + _b64url(sig)
+
+
+def stripe_sign(payload, secret, t=None):
+    """The Stripe-Signature header value for raw `payload` bytes with `secret`
+    ("whsec_..."), as Stripe computes it: HMAC-SHA256 over "<t>.<payload>"."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    t = int(time.time()) if t is None else int(t)
+    mac = hmac.new(secret.encode(), str(t).encode() + b"." + payload, hashlib.sha256)
+    return "t=%d,v1=%s" % (t, mac.hexdigest())
+
+
+class Response:
+    """An HTTP answer: status (int), headers (case-insensitive .get), text, json
+    (the parsed body, or None when it is not JSON), body (raw bytes)."""
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.text = body.decode("utf-8", "replace")
+        try:
+            self.json = jsonlib.loads(self.text) if self.text else None
+        except ValueError:
+            self.json = None
+
+    def __repr__(self):
+        return "<Response %d %s>" % (self.status, self.text[:300])
+
+
+def http(method, url, json=None, body=None, headers=None, token=None, timeout=60):
+    """One HTTP/1.1 request on a fresh connection; never raises on an HTTP status.
+    json= sends it encoded with Content-Type application/json; body= sends raw
+    bytes/str as is; token= adds "Authorization: Bearer <token>"."""
+    u = urllib.parse.urlsplit(url)
+    hdrs = dict(headers or {})
+    if json is not None:
+        body = jsonlib.dumps(json).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    if isinstance(body, str):
+        body = body.encode()
+    if token is not None:
+        hdrs["Authorization"] = "Bearer " + token
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        path = u.path + ("?" + u.query if u.query else "")
+        conn.request(method, path or "/", body=body, headers=hdrs)
+        r = conn.getresponse()
+        return Response(r.status, r.headers, r.read())
+    finally:
+        conn.close()
+
+
+class Cluster:
+    """The session's PostgreSQL cluster (scripts/pg.sh in a temporary directory,
+    unix socket only). The `pg` fixture yields one."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="mr-pg-"))
+        out = _run([str(ROOT / "scripts/pg.sh"), "init", str(self.dir)],
+                   env=dict(os.environ, PG_FSYNC="off"))
+        self.base_conninfo = out.strip().splitlines()[-1]
+        kv = dict(p.split("=", 1) for p in self.base_conninfo.split())
+        self.host, self.port = kv["host"], kv["port"]
+
+    def conninfo(self, dbname="mindroom", user="postgres"):
+        return "host=%s port=%s dbname=%s user=%s" % (self.host, self.port, dbname, user)
+
+    def sql(self, query, *params, dbname="mindroom"):
+        """Runs one statement as the superuser in autocommit; returns all rows (or [])."""
+        conn = psycopg2.connect(self.conninfo(dbname))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(query, params or None)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def make_template(self):
+        """Creates mindroom_template: every migration (scripts/migrate.sh) and the seed."""
+        self.sql("DROP DATABASE IF EXISTS %s" % TEMPLATE_DB)
+        self.sql("CREATE DATABASE %s" % TEMPLATE_DB)
+        conn = self.conninfo(TEMPLATE_DB)
+        migrate = ROOT / "scripts/migrate.sh"
+        if migrate.exists():
+            _run([str(migrate), conn])
+        else:
+            print("mr.py: scripts/migrate.sh not found, template database left empty")
+        seed = ROOT / "sql/seed.sql"
+        if seed.exists():
+            _run(["psql", conn, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(seed)])
+
+    def has_role(self, role):
+        return bool(self.sql("SELECT 1 FROM pg_roles WHERE rolname = %s", role))
+
+    def stop(self):
+        _run([str(ROOT / "scripts/pg.sh"), "stop", str(self.dir)])
+
+    def start(self):
+        _run([str(ROOT / "scripts/pg.sh"), "start", str(self.dir)])
+
+    def destroy(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _run(argv, env=None, timeout=300):
+    p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError("%s exited %d:\n%s%s" % (" ".join(argv), p.returncode, p.stdout, p.stderr))
+    return p.stdout
+
+
+def _children(pid):
+    """Pids whose parent is pid (the workers of a function's master process)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Field 4 (ppid) comes after the parenthesised command, which may hold spaces.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            kids.append(int(d))
+    return sorted(kids)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _sanitizer_report(text):
+    return any(m in text for m in SANITIZER_MARKS)
+
+
+class Stack:
+    """A whole stack for one test module: database, functions, nginx.
+
+    Attributes: env (dict, the functions' environment), run (Path), port and
+    provisioner_port (nginx), provisioner_url, base_url, db (database name),
+    procs (name -> Popen of each running function's master), functions (names
+    started). Extra env given to the constructor wins over the defaults.
+    functions= limits which of FUNCTIONS start (default: every one built);
+    extra_functions= names more binaries from the build (e.g. "noop", the
+    runtime's test function) served at /functions/v1/<name> too.
+    """
+
+    def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=()):
+        self.pg = pg
+        self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
+        self.db = "mr_" + secrets.token_hex(6)
+        self.bin = build_dir() / "bin"
+        wanted = functions if functions is not None else FUNCTIONS
+        self.functions = [f for f in wanted if os.access(self.bin / f, os.X_OK)]
+        for f in extra_functions:
+            if not os.access(self.bin / f, os.X_OK):
+                raise RuntimeError("%s not built in %s" % (f, self.bin))
+        self.extra_functions = list(extra_functions)
+        self.functions += self.extra_functions
+        self.procs = {}
+        self.nginx = None
+        self.port = self.provisioner_port = None
+        self._extra_env = dict(env or {})
+        self._workers = workers
+        self.env = {}
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def __enter__(self):
+        LIVE_STACKS.append(self)
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self):
+        for d in ("sock", "log", "nginx", "conf.d"):
+            (self.run / d).mkdir()
+        self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
+        (self.run / "conf.d/extra-functions.conf").write_text("".join(
+            self.extra_location(f) for f in self.extra_functions))
+        self._start_nginx()
+        user = "authenticator" if self.pg.has_role("authenticator") else "postgres"
+        self.env = {
+            "DATABASE_URL": self.pg.conninfo(self.db, user),
+            "SUPABASE_URL": self.base_url,
+            "SUPABASE_JWT_SECRET": secrets.token_urlsafe(40),
+            "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(24),
+            "FUNCTIONS_URL": self.base_url + "/functions/v1",
+            "DOKKU_PROVISIONER_URL": self.provisioner_url,
+            "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
+            "MR_WORKERS": str(self._workers),
+            "MR_LOG_LEVEL": "info",
+        }
+        self.env.update(self._extra_env)
+        for name in self.functions:
+            self._start_function(name)
+        for name in self.functions:
+            self._wait_function(name)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.close()
+        finally:
+            if self in LIVE_STACKS:
+                LIVE_STACKS.remove(self)
+        return False
+
+    def close(self):
+        """Stops functions (SIGTERM, then SIGKILL after STOP_TIMEOUT) and nginx,
+        drops the database, removes the run directory. Raises if a function's
+        log holds a sanitizer report (the run directory is then kept)."""
+        for name in list(self.procs):
+            self._stop_function(name)
+        if self.nginx is not None:
+            self._terminate(self.nginx)
+            self.nginx = None
+        try:
+            self.pg.sql('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % self.db)
+        except Exception as e:  # the cluster may be stopped by a failed drill
+            print("mr.py: could not drop %s: %s" % (self.db, e))
+        bad = [n for n in self.functions if _sanitizer_report(self.log(n))]
+        if bad:
+            raise AssertionError("sanitizer report in %s (logs kept in %s):\n%s" % (
+                ", ".join(bad), self.run, "\n".join(self.log_tail(n, 80) for n in bad)))
+        shutil.rmtree(self.run, ignore_errors=True)
+
+    # ---- nginx -----------------------------------------------------------
+
+    def render_nginx(self, public_listen, provisioner_listen):
+        """nginx/dev.conf with this stack's paths and listeners."""
+        text = (ROOT / "nginx/dev.conf").read_text()
+        user = "user root root;" if os.geteuid() == 0 else "# user: the current one"
+        for k, v in (("@ROOT@", str(ROOT)), ("@RUN@", str(self.run)),
+                     ("@PUBLIC_LISTEN@", public_listen),
+                     ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user)):
+            text = text.replace(k, v)
+        return text
+
+    def extra_location(self, name):
+        """An nginx location serving binary `name` at /functions/v1/<name>."""
+        return ("location = /functions/v1/%(n)s {\n"
+                "    fastcgi_pass unix:%(run)s/sock/%(n)s.sock;\n"
+                "    include %(root)s/nginx/fastcgi.conf;\n"
+                "    fastcgi_param SCRIPT_NAME /functions/v1/%(n)s;\n"
+                "    fastcgi_param PATH_INFO \"\";\n"
+                "}\n") % {"n": name, "run": self.run, "root": ROOT}
+
+    def _start_nginx(self):
+        # Ports are picked free and then bound by nginx: another process may win
+        # the race, so retry with fresh ports.
+        last = ""
+        for _ in range(5):
+            self.port, self.provisioner_port = free_port(), free_port()
+            conf = self.run / "nginx.conf"
+            conf.write_text(self.render_nginx("127.0.0.1:%d" % self.port,
+                                              "127.0.0.1:%d" % self.provisioner_port))
+            errlog = self.run / "log/nginx.error.log"
+            p = subprocess.Popen(["nginx", "-p", str(self.run / "nginx"), "-c", str(conf),
+                                  "-e", str(errlog)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=open(self.run / "log/nginx.stderr.log", "ab"),
+                                 start_new_session=True)
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and p.poll() is None:
+                if self._port_open(self.port) and self._port_open(self.provisioner_port):
+                    self.nginx = p
+                    return
+                time.sleep(0.02)
+            self._terminate(p)
+            last = self.log("nginx.error") + self.log("nginx.stderr")
+            if "Address already in use" not in last:
+                break
+        raise RuntimeError("nginx did not start:\n" + last)
+
+    @staticmethod
+    def _port_open(port):
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    @property
+    def base_url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def provisioner_url(self):
+        return "http://127.0.0.1:%d" % self.provisioner_port
+
+    # ---- functions -------------------------------------------------------
+
+    def socket_path(self, name):
+        return self.run / "sock" / (name + ".sock")
+
+    def _function_env(self, name):
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        env.update(self.env)
+        env["MR_SOCKET"] = str(self.socket_path(name))
+        return {k: str(v) for k, v in env.items() if v is not None}
+
+    def _start_function(self, name):
+        log = open(self.run / "log" / (name + ".log"), "ab")
+        self.procs[name] = subprocess.Popen(
+            [str(self.bin / name)], env=self._function_env(name), cwd=str(self.run),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def _wait_function(self, name):
+        """Until the function's socket accepts connections and it has all its
+        workers; raises with its log if it exits or takes too long."""
+        p = self.procs[name]
+        path = str(self.socket_path(name))
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise RuntimeError("%s exited %s at start-up:\n%s" % (
+                    name, p.returncode, self.log_tail(name)))
+            if os.path.exists(path) and len(self.workers(name)) >= self._expected_workers():
+                with socket.socket(socket.AF_UNIX) as s:
+                    if s.connect_ex(path) == 0:
+                        return
+            time.sleep(0.02)
+        raise RuntimeError("%s not ready after %ss:\n%s" % (name, START_TIMEOUT, self.log_tail(name)))
+
+    def _expected_workers(self):
+        try:
+            return max(1, int(self.env.get("MR_WORKERS", "1")))
+        except ValueError:
+            return 1
+
+    def _stop_function(self, name):
+        p = self.procs.pop(name, None)
+        if p is not None:
+            self._terminate(p)
+
+    @staticmethod
+    def _terminate(p, timeout=STOP_TIMEOUT):
+        """SIGTERM the process (it drains and exits), SIGKILL its group if it hangs.
+        Returns its exit status."""
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of its process group (stray workers)
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return p.wait()
+
+    def workers(self, name):
+        """Pids of the function's live worker processes."""
+        p = self.procs.get(name)
+        return _children(p.pid) if p is not None and p.poll() is None else []
+
+    def master_pid(self, name):
+        return self.procs[name].pid
+
+    def kill_worker(self, name):
+        """SIGKILLs one worker of the function; returns its pid. The master should
+        replace it (see wait_workers)."""
+        pids = self.workers(name)
+        assert pids, "%s has no workers" % name
+        os.kill(pids[0], signal.SIGKILL)
+        return pids[0]
+
+    def wait_workers(self, name, count=None, exclude=(), timeout=10.0):
+        """Waits until the function has `count` (default MR_WORKERS) live workers,
+        none of them in `exclude`; returns their pids."""
+        count = count or self._expected_workers()
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = [w for w in self.workers(name) if w not in exclude]
+            if len(pids) >= count:
+                return pids
+            if time.monotonic() > deadline:
+                raise AssertionError("%s has workers %s, wanted %d (log:\n%s)" % (
+                    name, pids, count, self.log_tail(name)))
+            time.sleep(0.02)
+
+    def stop_function(self, name):
+        """SIGTERMs the function and waits; returns its exit status."""
+        p = self.procs.pop(name)
+        return self._terminate(p)
+
+    def start_function(self, name):
+        """Starts the function with the current self.env and waits until ready."""
+        assert name not in self.procs, "%s already running" % name
+        self._start_function(name)
+        self._wait_function(name)
+
+    def restart_function(self, name):
+        """Stops (SIGTERM, drain) and starts the function again, picking up any
+        change to self.env."""
+        if name in self.procs:
+            self.stop_function(name)
+        self.start_function(name)
+
+    # ---- database --------------------------------------------------------
+
+    def sql(self, query, *params):
+        """Runs one statement on this stack's database as the superuser, in
+        autocommit; returns the rows as a list of tuples ([] without a result)."""
+        return self.pg.sql(query, *params, dbname=self.db)
+
+    def stop_db(self):
+        """Stops the whole session cluster (every stack's database)."""
+        self.pg.stop()
+
+    def start_db(self):
+        self.pg.start()
+
+    # ---- HTTP ------------------------------------------------------------
+
+    def url(self, name):
+        """http://127.0.0.1:<port>/functions/v1/<name> (name may carry /path?query)."""
+        return self.base_url + "/functions/v1/" + name
+
+    def call(self, method, name, json=None, body=None, headers=None, token=None, timeout=60):
+        """Calls a function through nginx; see http(). A name starting with "/"
+        is a raw path on the public listener."""
+        url = self.base_url + name if name.startswith("/") else self.url(name)
+        return http(method, url, json=json, body=body, headers=headers, token=token,
+                    timeout=timeout)
+
+    def call_provisioner(self, method, path, json=None, body=None, headers=None,
+                         token=None, timeout=60):
+        """Calls the provisioner listener; token defaults to DOKKU_PROVISIONER_TOKEN."""
+        if token is None:
+            token = self.env["DOKKU_PROVISIONER_TOKEN"]
+        return http(method, self.provisioner_url + path, json=json, body=body,
+                    headers=headers, token=token or None, timeout=timeout)
+
+    def jwt(self, role="service_role", sub=None, exp_in=3600, **claims):
+        """A JWT signed with this stack's SUPABASE_JWT_SECRET, shaped like
+        Supabase's: role, iss, iat, exp (now + exp_in) and sub when given.
+        Extra claims are merged; a claim set to None is left out."""
+        now = int(time.time())
+        payload = {"iss": "supabase-demo", "role": role, "iat": now, "exp": now + exp_in}
+        if sub is not None:
+            payload["sub"] = str(sub)
+        payload.update(claims)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return make_jwt(payload, self.env["SUPABASE_JWT_SECRET"])
+
+    def stripe_headers(self, payload):
+        """Headers for a webhook delivery of raw `payload` signed with the first secret."""
+        secret = self.env["STRIPE_WEBHOOK_SECRET"].split(",")[0]
+        return {"Content-Type": "application/json",
+                "Stripe-Signature": stripe_sign(payload, secret)}
+
+    # ---- logs ------------------------------------------------------------
+
+    def log(self, name):
+        """A log's text: a function name, "nginx.error", "nginx.access", "nginx.stderr"."""
+        try:
+            return (self.run / "log" / (name + ".log")).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, name, lines=60):
+        text = self.log(name).splitlines()[-lines:]
+        return "---- %s.log (%s)\n%s" % (name, self.run, "\n".join(text))
+
+    def all_logs(self, lines=60):
+        names = self.functions + ["nginx.error", "nginx.stderr"]
+        return "\n".join(self.log_tail(n, lines) for n in names if self.log(n))

@@ -1,0 +1,179 @@
+"""Both nginx configurations: `nginx -t` on each, and the production server
+block actually serving (TLS, rate limits with JSON 429, the provisioner kept off
+the public listener) in front of a test stack's functions.
+
+mindroom.conf is written for /etc/nginx, /run/mindroom and ports 80/443; the
+test rewrites only those paths and ports, so what runs is the file as shipped.
+"""
+
+import os
+import re
+import ssl
+import subprocess
+from http import client as httpclient
+from pathlib import Path
+
+import pytest
+
+import mr
+
+
+def nginx_t(conf, prefix):
+    p = subprocess.run(["nginx", "-t", "-p", str(prefix), "-c", str(conf),
+                        "-e", str(prefix / "error.log")],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return p.returncode, p.stdout
+
+
+def self_signed(dirpath):
+    cert, key = dirpath / "cert.pem", dirpath / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=api.mindroom.example", "-keyout", str(key), "-out", str(cert)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def production_conf(tmp, sockdir, ports):
+    """mindroom.conf with its system paths and ports moved into tmp, inside a
+    minimal nginx.conf (as /etc/nginx/nginx.conf would include it)."""
+    cert, key = self_signed(tmp)
+    (tmp / "log").mkdir(exist_ok=True)
+    text = (mr.ROOT / "nginx/mindroom.conf").read_text()
+    subs = [
+        ("/etc/letsencrypt/live/api.mindroom.example/fullchain.pem", str(cert)),
+        ("/etc/letsencrypt/live/api.mindroom.example/privkey.pem", str(key)),
+        ("/etc/nginx/mindroom/", str(mr.ROOT / "nginx") + "/"),
+        ("/run/mindroom/", str(sockdir) + "/"),
+        ("/var/log/nginx/", str(tmp / "log") + "/"),
+        ("listen 127.0.0.1:54321;", "listen 127.0.0.1:%d;" % ports["internal"]),
+        ("listen 127.0.0.1:8002;", "listen 127.0.0.1:%d;" % ports["provisioner"]),
+        ("listen 443 ssl http2;", "listen 127.0.0.1:%d ssl http2;" % ports["https"]),
+        ("listen 80;", "listen 127.0.0.1:%d;" % ports["http"]),
+    ]
+    for old, new in subs:
+        assert old in text, "mindroom.conf no longer has %r" % old
+        text = text.replace(old, new)
+    text = re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", text)  # no IPv6 in the sandbox
+    (tmp / "mindroom.conf").write_text(text)
+    user = "user root root;" if os.geteuid() == 0 else ""
+    wrapper = tmp / "nginx.conf"
+    wrapper.write_text("""%s
+daemon off;
+pid %s/nginx.pid;
+error_log %s/log/error.log warn;
+events { worker_connections 512; }
+http {
+    client_body_temp_path %s/body;
+    fastcgi_temp_path %s/fastcgi;
+    proxy_temp_path %s/proxy;
+    scgi_temp_path %s/scgi;
+    uwsgi_temp_path %s/uwsgi;
+    include %s/mindroom.conf;
+}
+""" % ((user,) + (tmp,) * 8))
+    return wrapper
+
+
+def test_dev_conf_passes_nginx_t(tmp_path):
+    s = mr.Stack.__new__(mr.Stack)  # only for render_nginx
+    s.run = tmp_path
+    for d in ("log", "nginx", "conf.d"):
+        (tmp_path / d).mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(s.render_nginx("127.0.0.1:%d" % mr.free_port(), "127.0.0.1:%d" % mr.free_port()))
+    assert "@" not in re.sub(r"#.*", "", conf.read_text()), "unreplaced placeholder"
+    rc, out = nginx_t(conf, tmp_path / "nginx")
+    assert rc == 0, out
+    assert "test is successful" in out
+
+
+def test_production_conf_passes_nginx_t(tmp_path):
+    ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner")}
+    conf = production_conf(tmp_path, tmp_path / "sock", ports)
+    rc, out = nginx_t(conf, tmp_path)
+    assert rc == 0, out
+    assert "test is successful" in out
+
+
+def test_body_caps_agree():
+    """nginx's client_max_body_size in both configs equals the C default cap."""
+    hdr = (mr.ROOT / "lib/mr_http.h").read_text()
+    cap = int(re.search(r"#define MR_DEFAULT_MAX_BODY (\d+)", hdr).group(1))
+    for name in ("dev.conf", "mindroom.conf"):
+        sizes = re.findall(r"client_max_body_size (\d+)k;", (mr.ROOT / "nginx" / name).read_text())
+        assert sizes and all(int(s) * 1024 == cap for s in sizes), (name, sizes)
+
+
+@pytest.fixture(scope="module")
+def prod(pg, tmp_path_factory):
+    """The production config serving a test stack's function sockets."""
+    with mr.Stack(pg) as s:
+        tmp = tmp_path_factory.mktemp("prod")
+        ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner")}
+        conf = production_conf(tmp, s.run / "sock", ports)
+        p = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "log/error.log")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        try:
+            mr.wait_port(ports["https"])
+            yield s, ports, tmp
+        finally:
+            mr.Stack._terminate(p)
+
+
+def https(ports, method, path, body=None, headers=None):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    c = httpclient.HTTPSConnection("127.0.0.1", ports["https"], context=ctx, timeout=30)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return mr.Response(r.status, r.headers, r.read())
+    finally:
+        c.close()
+
+
+def test_production_serves_functions_over_tls(prod):
+    s, ports, _ = prod
+    r = https(ports, "POST", "/functions/v1/provision-instance", body=b"{}",
+              headers={"Authorization": "Bearer " + s.jwt(role="anon")})
+    assert r.status == 403, r  # reached the function, which judged the role
+    assert r.headers.get("Strict-Transport-Security")
+    r = mr.http("GET", "http://127.0.0.1:%d/functions/v1/x" % ports["http"])
+    assert r.status == 301 and r.headers["Location"].startswith("https://")
+
+
+def test_production_provisioner_only_on_loopback_listener(prod):
+    s, ports, _ = prod
+    tok = s.env["DOKKU_PROVISIONER_TOKEN"]
+    for path in ("/apps", "/functions/v1/dokku-provisioner"):
+        r = https(ports, "GET", path, headers={"Authorization": "Bearer " + tok})
+        assert r.status == 404 and r.json["error"]["code"] == "not_found", r
+    r = mr.http("GET", "http://127.0.0.1:%d/apps/x" % ports["provisioner"], token=tok)
+    assert len([l for l in s.log("dokku-provisioner").splitlines()
+                if r.headers["X-Request-Id"] in l]) == 1
+
+
+def test_production_rate_limits_provision_with_json_429(prod):
+    s, ports, _ = prod
+    statuses = []
+    for _ in range(25):
+        r = https(ports, "POST", "/functions/v1/deprovision-instance", body=b"{}",
+                  headers={"Authorization": "Bearer " + s.jwt(role="anon")})
+        statuses.append(r.status)
+        if r.status == 429:
+            assert r.json == {"error": {"code": "rate_limited", "message": "too many requests"}}
+            assert r.headers["Content-Type"] == "application/json"
+            assert r.headers.get("Retry-After")
+    # burst=10 at 30 r/min: the first ~11 pass, the rest are limited.
+    assert 403 in statuses and statuses.count(429) >= 10, statuses
+    # The webhook's zone is separate and generous.
+    for _ in range(30):
+        r = https(ports, "POST", "/functions/v1/handle-stripe-webhook", body=b"{}")
+        assert r.status != 429, r
+    # The loopback listener (FUNCTIONS_URL) is not limited.
+    for _ in range(15):
+        r = mr.http("POST", "http://127.0.0.1:%d/functions/v1/deprovision-instance" % ports["internal"],
+                    json={}, token=s.jwt(role="anon"))
+        assert r.status == 403, r

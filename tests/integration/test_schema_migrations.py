@@ -1,0 +1,165 @@
+"""scripts/migrate.sh on a real cluster: records files like the Supabase CLI, applies
+nothing twice, applies nothing of a failing file, tolerates concurrent runners, and the
+statements it records rebuild the same schema."""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+from schema_cluster import Cluster, MIGRATIONS, migration_files
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    yield c
+    c.close()
+
+
+def test_fresh_database_applies_every_file_and_records_it(cluster):
+    db = cluster.new_db()
+    r = cluster.migrate(db)
+    assert r.returncode == 0, r.stderr
+    files = migration_files()
+    assert f"migrate: {len(files)} applied" in r.stdout
+    rows = cluster.sql(db, "SELECT version, name, statements FROM supabase_migrations.schema_migrations ORDER BY version")
+    expected = [re.match(r"^(\d+)_(.+)\.sql$", f).groups() for f in files]
+    assert [(v, n) for v, n, _ in rows] == expected
+    for (v, n, stmts), f in zip(rows, files):
+        assert stmts, f"{f}: no statements recorded"
+        assert all(s.strip() == s and s and not s.endswith(";") for s in stmts), f
+    # Column types exactly as the Supabase CLI's table.
+    cols = cluster.sql(db, """SELECT column_name, data_type FROM information_schema.columns
+                              WHERE table_schema = 'supabase_migrations' AND table_name = 'schema_migrations'
+                              ORDER BY ordinal_position""")
+    assert cols == [("version", "text"), ("name", "text"), ("statements", "ARRAY")]
+    pk = cluster.sql(db, """SELECT a.attname FROM pg_index i JOIN pg_attribute a
+                            ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                            WHERE i.indrelid = 'supabase_migrations.schema_migrations'::regclass AND i.indisprimary""")
+    assert pk == [("version",)]
+
+
+def test_recorded_statements_rebuild_the_same_schema(cluster):
+    db = cluster.new_db()
+    assert cluster.migrate(db).returncode == 0
+    stmts = cluster.sql(db, "SELECT version, statements FROM supabase_migrations.schema_migrations ORDER BY version")
+    db2 = cluster.new_db()
+    conn = cluster.connect(db2, autocommit=False)
+    with conn.cursor() as cur:
+        # The runner's own bookkeeping table, as it creates it (the rest must come
+        # from the recorded statements alone).
+        cur.execute("CREATE SCHEMA supabase_migrations; CREATE TABLE supabase_migrations.schema_migrations"
+                    " (version text PRIMARY KEY, name text, statements text[])")
+        for _, ss in stmts:
+            for s in ss:
+                cur.execute(s)
+    conn.commit()
+    conn.close()
+    assert cluster.dump_schema(db2) == cluster.dump_schema(db)
+
+
+def test_second_run_applies_nothing(cluster):
+    db = cluster.new_db()
+    assert cluster.migrate(db).returncode == 0
+    assert cluster.psql_file(db, os.path.join(os.path.dirname(MIGRATIONS), "seed.sql")).returncode == 0
+    before = cluster.dump_schema(db)
+    rows_before = cluster.sql(db, "SELECT * FROM supabase_migrations.schema_migrations ORDER BY version")
+    r = cluster.migrate(db)
+    assert r.returncode == 0, r.stderr
+    assert "migrate: 0 applied" in r.stdout
+    assert cluster.dump_schema(db) == before
+    assert cluster.sql(db, "SELECT * FROM supabase_migrations.schema_migrations ORDER BY version") == rows_before
+
+
+def test_seed_twice_is_harmless(cluster):
+    db = cluster.new_db()
+    assert cluster.migrate(db).returncode == 0
+    seed = os.path.join(os.path.dirname(MIGRATIONS), "seed.sql")
+    q = """SELECT (SELECT count(*) FROM auth.users), (SELECT count(*) FROM accounts),
+                  (SELECT count(*) FROM subscriptions), (SELECT count(*) FROM plans),
+                  (SELECT count(*) FROM audit_logs)"""
+    r1 = cluster.psql_file(db, seed)
+    assert r1.returncode == 0, r1.stderr
+    after1 = cluster.sql(db, q)
+    r2 = cluster.psql_file(db, seed)
+    assert r2.returncode == 0, r2.stderr
+    assert cluster.sql(db, q) == after1 == [(1, 1, 1, 4, 1)]
+
+
+def test_failing_file_applies_nothing_of_itself_and_stops(cluster, tmp_path):
+    db = cluster.new_db()
+    d = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, d)
+    (d / "900_bad.sql").write_text(
+        "CREATE TABLE public.half_done (id int);\n"
+        "INSERT INTO public.half_done VALUES (1);\n"
+        "SELECT 1 / 0;\n")
+    (d / "901_after.sql").write_text("CREATE TABLE public.after_bad (id int);\n")
+    r = cluster.migrate(db, migrations_dir=str(d))
+    assert r.returncode != 0
+    assert "division by zero" in r.stderr  # PostgreSQL's own error
+    assert "900_bad.sql" in r.stderr
+    assert cluster.sql(db, "SELECT to_regclass('public.half_done'), to_regclass('public.after_bad')") == [(None, None)]
+    versions = [v for (v,) in cluster.sql(db, "SELECT version FROM supabase_migrations.schema_migrations ORDER BY 1")]
+    assert versions == [f.split("_")[0] for f in migration_files()]
+    # Fixed, the next run applies exactly the two remaining files.
+    (d / "900_bad.sql").write_text("CREATE TABLE public.half_done (id int);\n")
+    r = cluster.migrate(db, migrations_dir=str(d))
+    assert r.returncode == 0, r.stderr
+    assert "migrate: 2 applied" in r.stdout
+    assert cluster.sql(db, "SELECT count(*) FROM supabase_migrations.schema_migrations WHERE version IN ('900', '901')") == [(2,)]
+
+
+def test_statement_splitting_honours_quotes_comments_and_dollar_quotes(cluster, tmp_path):
+    db = cluster.new_db()
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "1_tricky.sql").write_text(
+        "-- a comment; with a semicolon\n"
+        "CREATE TABLE t (a text DEFAULT 'x;y''z', \"b;c\" int);\n"
+        "/* block; /* nested; */ still comment; */\n"
+        "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $body$ BEGIN RETURN 'a;b'; END $body$;\n"
+        "INSERT INTO t (a) VALUES (E'back\\\\slash\\'; quote'), ($$dollar;$$);\n"
+        "-- trailing comment only\n")
+    r = cluster.migrate(db, migrations_dir=str(d))
+    assert r.returncode == 0, r.stderr
+    (stmts,) = cluster.sql(db, "SELECT statements FROM supabase_migrations.schema_migrations WHERE version = '1'")[0]
+    assert len(stmts) == 3, stmts
+    assert stmts[0].startswith("-- a comment; with a semicolon\nCREATE TABLE t")
+    assert stmts[1].endswith("END $body$")
+    assert stmts[2].endswith("($$dollar;$$)")
+    assert cluster.sql(db, "SELECT a FROM t ORDER BY a") == [("back\\slash'; quote",), ("dollar;",)]
+    assert cluster.sql(db, "SELECT f()") == [("a;b",)]
+
+
+def test_bad_file_name_is_refused(cluster, tmp_path):
+    db = cluster.new_db()
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "init.sql").write_text("CREATE TABLE x (a int);\n")
+    r = cluster.migrate(db, migrations_dir=str(d))
+    assert r.returncode != 0
+    assert "<digits>_<name>.sql" in r.stderr
+    assert cluster.sql(db, "SELECT to_regclass('public.x')") == [(None,)]
+
+
+def test_concurrent_runners_apply_each_file_once(cluster):
+    db = cluster.new_db()
+    results = []
+
+    def run():
+        results.append(cluster.migrate(db))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    applied = sum(int(re.search(r"migrate: (\d+) applied", r.stdout).group(1)) for r in results)
+    assert applied == len(migration_files())
+    assert cluster.sql(db, "SELECT count(*) FROM supabase_migrations.schema_migrations") == [(len(migration_files()),)]

@@ -1,0 +1,154 @@
+"""The migrations on a database prepared the way Supabase prepares one: the roles, the
+`auth` schema with auth.users and auth.uid()/role()/jwt() already exist and belong to
+another role (supabase_auth_admin), Supabase's default privileges grant everything in
+public to anon/authenticated/service_role, and the migrations run as a non-superuser
+database owner (Supabase's `postgres`). 000 must change nothing there, every migration
+must apply unchanged, applying twice must be a no-op, and the whole pgTAP suite must
+pass on the result."""
+import os
+import subprocess
+
+import pytest
+
+from schema_cluster import Cluster, MIGRATIONS, ROOT, SEED
+
+PREPARE_CLUSTER = """
+CREATE ROLE supabase_auth_admin LOGIN NOINHERIT CREATEROLE;
+CREATE ROLE anon NOLOGIN NOINHERIT;
+CREATE ROLE authenticated NOLOGIN NOINHERIT;
+CREATE ROLE service_role NOLOGIN NOINHERIT BYPASSRLS;
+CREATE ROLE authenticator LOGIN NOINHERIT;
+GRANT anon, authenticated, service_role TO authenticator;
+-- Supabase's `postgres`: owns the database, is not a superuser.
+CREATE ROLE app_owner LOGIN CREATEROLE;
+GRANT anon, authenticated, service_role TO app_owner;
+"""
+
+PREPARE_DB = """
+CREATE SCHEMA supabase_migrations AUTHORIZATION app_owner;
+CREATE TABLE supabase_migrations.schema_migrations (version text PRIMARY KEY, name text, statements text[]);
+ALTER TABLE supabase_migrations.schema_migrations OWNER TO app_owner;
+
+CREATE SCHEMA auth AUTHORIZATION supabase_auth_admin;
+SET ROLE supabase_auth_admin;
+CREATE TABLE auth.users (
+    instance_id uuid,
+    id uuid NOT NULL PRIMARY KEY,
+    aud varchar(255),
+    role varchar(255),
+    email varchar(255),
+    encrypted_password varchar(255),
+    email_confirmed_at timestamptz,
+    raw_app_meta_data jsonb,
+    raw_user_meta_data jsonb,
+    is_super_admin boolean,
+    created_at timestamptz,
+    updated_at timestamptz,
+    phone text UNIQUE DEFAULT NULL,
+    is_sso_user boolean NOT NULL DEFAULT false,
+    deleted_at timestamptz,
+    is_anonymous boolean NOT NULL DEFAULT false
+);
+CREATE UNIQUE INDEX users_email_partial_key ON auth.users (email) WHERE is_sso_user = false;
+CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+  select coalesce(nullif(current_setting('request.jwt.claim.sub', true), ''),
+                  (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'))::uuid $$;
+CREATE FUNCTION auth.role() RETURNS text LANGUAGE sql STABLE AS $$
+  select coalesce(nullif(current_setting('request.jwt.claim.role', true), ''),
+                  (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role'))::text $$;
+CREATE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS $$
+  select coalesce(nullif(current_setting('request.jwt.claim', true), ''),
+                  nullif(current_setting('request.jwt.claims', true), ''))::jsonb $$;
+GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role, app_owner;
+GRANT ALL ON auth.users TO app_owner;
+RESET ROLE;
+
+-- Supabase's default privileges for objects the project owner creates in public.
+ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA public GRANT ALL ON FUNCTIONS TO anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA public GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+
+-- pgTAP for the suite run at the end (as Supabase offers it: an extension).
+CREATE EXTENSION pgtap;
+"""
+
+ROLES_SNAPSHOT = """
+SELECT r.rolname, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcanlogin, r.rolbypassrls,
+       ARRAY(SELECT g.rolname || ':' || m.admin_option FROM pg_auth_members m
+               JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid ORDER BY 1)
+  FROM pg_roles r WHERE r.rolname NOT LIKE 'pg\\_%' ORDER BY r.rolname
+"""
+
+
+@pytest.fixture(scope="module")
+def supa():
+    c = Cluster()
+    try:
+        c.sql("postgres", PREPARE_CLUSTER)
+        c.sql("postgres", "CREATE DATABASE supa OWNER app_owner TEMPLATE template0")
+        c.sql("supa", PREPARE_DB)
+        yield c
+    finally:
+        c.close()
+
+
+def migrations_only(tmp_path, *names):
+    d = tmp_path / "only"
+    d.mkdir()
+    for n in names:
+        (d / n).write_text(open(os.path.join(MIGRATIONS, n)).read())
+    return str(d)
+
+
+def test_000_changes_nothing_on_a_supabase_database(supa, tmp_path):
+    roles = supa.sql("supa", ROLES_SNAPSHOT)
+    dump = supa.dump_schema("supa")
+    r = supa.migrate("supa", user="app_owner", migrations_dir=migrations_only(tmp_path, "000_supabase_compat.sql"))
+    assert r.returncode == 0, r.stderr
+    assert "migrate: 1 applied" in r.stdout
+    assert supa.sql("supa", ROLES_SNAPSHOT) == roles
+    assert supa.dump_schema("supa") == dump
+    owner = supa.sql("supa", """SELECT pg_get_userbyid(p.proowner), p.prosrc LIKE '%claim.sub%claims%'
+                                FROM pg_proc p WHERE p.oid = 'auth.uid()'::regprocedure""")
+    assert owner == [("supabase_auth_admin", True)], "Supabase's own auth.uid() stays"
+
+
+def test_all_migrations_apply_unchanged_as_the_non_superuser_owner(supa):
+    r = supa.migrate("supa", user="app_owner")
+    assert r.returncode == 0, r.stderr
+    versions = [v for (v,) in supa.sql("supa", "SELECT version FROM supabase_migrations.schema_migrations ORDER BY 1")]
+    assert versions == sorted(f.split("_")[0] for f in os.listdir(MIGRATIONS) if f.endswith(".sql"))
+    # Supabase's default privileges granted ALL to anon on every new table; 002 took it back.
+    assert supa.sql("supa", """SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname = 'public' AND c.relkind = 'r'
+                                  AND has_table_privilege('anon', c.oid, 'SELECT,INSERT,UPDATE,DELETE')""") == [(0,)]
+    assert supa.sql("supa", "SELECT has_function_privilege('authenticated', 'public.track_usage(uuid,text,text)', 'EXECUTE')") == [(False,)]
+    # The account trigger works for the auth admin writing auth.users.
+    supa.sql("supa", "INSERT INTO auth.users (id, email, raw_user_meta_data) VALUES "
+                     "('dddddddd-0000-4000-8000-000000000001', 'd@example.com', '{\"full_name\": \"D\"}')",
+             user="supabase_auth_admin")
+    assert supa.sql("supa", "SELECT email, full_name FROM public.accounts WHERE id = 'dddddddd-0000-4000-8000-000000000001'") \
+        == [("d@example.com", "D")]
+    supa.sql("supa", "DELETE FROM auth.users WHERE id = 'dddddddd-0000-4000-8000-000000000001'", user="supabase_auth_admin")
+
+
+def test_applying_twice_is_a_no_op(supa):
+    roles = supa.sql("supa", ROLES_SNAPSHOT)
+    dump = supa.dump_schema("supa")
+    r = supa.migrate("supa", user="app_owner")
+    assert r.returncode == 0, r.stderr
+    assert "migrate: 0 applied" in r.stdout
+    assert supa.dump_schema("supa") == dump
+    assert supa.sql("supa", ROLES_SNAPSHOT) == roles
+
+
+def test_pgtap_suite_passes_on_the_supabase_database(supa):
+    r = supa.psql_file("supa", SEED)
+    assert r.returncode == 0, r.stderr
+    r = supa.psql_file("supa", SEED)
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, PGHOST=supa.dir, PGDATABASE="supa", PGUSER="postgres")
+    p = subprocess.run(["pg_prove", "--ext", ".sql", "-r", os.path.join(ROOT, "tests", "sql")],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "Result: PASS" in p.stdout, p.stdout + p.stderr

@@ -1,0 +1,82 @@
+/* test_common.c: constant-time comparison and the error -> HTTP mapping. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <string.h>
+
+#include "mindroom.h"
+
+static void test_ct_equal(void **state)
+{
+    (void)state;
+    assert_true(mr_ct_equal("abc", 3, "abc", 3));
+    assert_false(mr_ct_equal("abc", 3, "abd", 3));
+    assert_false(mr_ct_equal("abc", 3, "xbc", 3));
+    assert_false(mr_ct_equal("abc", 3, "abcd", 4)); /* prefix is not equal */
+    assert_false(mr_ct_equal("abcd", 4, "abc", 3));
+    assert_true(mr_ct_equal("", 0, "", 0));
+    assert_false(mr_ct_equal("", 0, "a", 1));
+    assert_false(mr_ct_equal("a", 1, "", 0));
+    /* Embedded NULs are compared, not treated as terminators. */
+    assert_false(mr_ct_equal("a\0b", 3, "a\0c", 3));
+    assert_true(mr_ct_equal("a\0b", 3, "a\0b", 3));
+    /* A longer b whose extra byte is zero still differs in length. */
+    assert_false(mr_ct_equal("ab", 2, "ab\0", 3));
+}
+
+static void test_err_mapping(void **state)
+{
+    (void)state;
+    struct { mr_err e; int status; const char *name; } m[] = {
+        {MR_OK, 200, "ok"},
+        {MR_EINVAL, 400, "invalid"},
+        {MR_EAUTH, 401, "unauthorized"},
+        {MR_EFORBIDDEN, 403, "forbidden"},
+        {MR_ENOTFOUND, 404, "not_found"},
+        {MR_ECONFLICT, 409, "conflict"},
+        {MR_ETOOBIG, 413, "too_large"},
+        {MR_ETRANSIENT, 503, "transient"},
+        {MR_EINTERNAL, 500, "internal"},
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(m); i++) {
+        assert_int_equal(mr_err_status(m[i].e), m[i].status);
+        assert_string_equal(mr_err_name(m[i].e), m[i].name);
+    }
+    /* Out-of-range values are a bug, reported as one. */
+    assert_int_equal(mr_err_status((mr_err)99), 500);
+    assert_string_equal(mr_err_name((mr_err)-1), "internal");
+}
+
+static void test_seterr(void **state)
+{
+    (void)state;
+    char err[8];
+    assert_int_equal(mr_seterr(err, sizeof(err), MR_ECONFLICT, "x=%d", 123456789), MR_ECONFLICT);
+    assert_string_equal(err, "x=12345"); /* truncated, always terminated */
+    assert_int_equal(mr_seterr(NULL, 0, MR_EINVAL, "ignored"), MR_EINVAL);
+}
+
+static void test_now_ms(void **state)
+{
+    (void)state;
+    int64_t a = mr_now_ms();
+    struct timespec ts = {0, 20 * 1000000};
+    nanosleep(&ts, NULL);
+    int64_t b = mr_now_ms();
+    assert_true(b - a >= 20);
+    assert_true(b - a < 5000);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ct_equal),
+        cmocka_unit_test(test_err_mapping),
+        cmocka_unit_test(test_seterr),
+        cmocka_unit_test(test_now_ms),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

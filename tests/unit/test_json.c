@@ -1,0 +1,174 @@
+/* test_json.c: typed getters at the edges of what a double can hold. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "mindroom.h"
+
+static cJSON *parse(const char *s)
+{
+    cJSON *j = mr_json_parse(s, strlen(s));
+    assert_non_null(j);
+    return j;
+}
+
+static void test_i64_edges(void **state)
+{
+    (void)state;
+    cJSON *j = parse("{\"safe\":9007199254740991,\"neg_safe\":-9007199254740991,"
+                     "\"p53\":9007199254740992,\"n53\":-9007199254740992,"
+                     "\"p53p1\":9007199254740993,\"half\":1.5,\"exp\":1e3,\"huge\":1e400,"
+                     "\"zero\":0,\"negz\":-0,\"str\":\"42\",\"bool\":true,\"nul\":null,"
+                     "\"arr\":[1],\"int_max_plus\":2147483648}");
+    int64_t v = 0;
+    assert_int_equal(mr_json_i64(j, "safe", INT64_MIN, INT64_MAX, &v), MR_OK);
+    assert_true(v == 9007199254740991LL);
+    assert_int_equal(mr_json_i64(j, "neg_safe", INT64_MIN, INT64_MAX, &v), MR_OK);
+    assert_true(v == -9007199254740991LL);
+    /* 2^53+1 parses to the same double as 2^53: both are refused. */
+    assert_int_equal(mr_json_i64(j, "p53", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "n53", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "p53p1", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "half", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "exp", INT64_MIN, INT64_MAX, &v), MR_OK);
+    assert_true(v == 1000);
+    assert_int_equal(mr_json_i64(j, "huge", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "negz", INT64_MIN, INT64_MAX, &v), MR_OK);
+    assert_true(v == 0);
+    /* valueint would saturate here; the getter must not. */
+    assert_int_equal(mr_json_i64(j, "int_max_plus", INT64_MIN, INT64_MAX, &v), MR_OK);
+    assert_true(v == 2147483648LL);
+    /* Caller's range. */
+    assert_int_equal(mr_json_i64(j, "zero", 1, 10, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "exp", 0, 999, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "exp", 1000, 1000, &v), MR_OK);
+    /* Wrong types and absence. */
+    v = 7;
+    assert_int_equal(mr_json_i64(j, "str", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "bool", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "arr", INT64_MIN, INT64_MAX, &v), MR_EINVAL);
+    assert_int_equal(mr_json_i64(j, "nul", INT64_MIN, INT64_MAX, &v), MR_ENOTFOUND);
+    assert_int_equal(mr_json_i64(j, "missing", INT64_MIN, INT64_MAX, &v), MR_ENOTFOUND);
+    assert_true(v == 7); /* untouched on failure */
+    cJSON_Delete(j);
+}
+
+static void test_str_bool(void **state)
+{
+    (void)state;
+    cJSON *j = parse("{\"s\":\"x\",\"n\":1,\"b\":false,\"t\":true,\"bs\":\"true\",\"z\":null,\"S\":\"upper\"}");
+    const char *s = NULL;
+    int b = -1;
+    assert_int_equal(mr_json_str(j, "s", &s), MR_OK);
+    assert_string_equal(s, "x");
+    assert_int_equal(mr_json_str(j, "n", &s), MR_EINVAL);
+    assert_int_equal(mr_json_str(j, "z", &s), MR_ENOTFOUND);
+    assert_int_equal(mr_json_str(j, "S", &s), MR_OK);
+    assert_string_equal(s, "upper"); /* case-sensitive: "s" and "S" differ */
+    assert_int_equal(mr_json_bool(j, "b", &b), MR_OK);
+    assert_int_equal(b, 0);
+    assert_int_equal(mr_json_bool(j, "t", &b), MR_OK);
+    assert_int_equal(b, 1);
+    assert_int_equal(mr_json_bool(j, "bs", &b), MR_EINVAL);
+    assert_int_equal(mr_json_bool(j, "n", &b), MR_EINVAL);
+    assert_int_equal(mr_json_bool(j, "nope", &b), MR_ENOTFOUND);
+    /* Getters on a non-object. */
+    cJSON *arr = parse("[1,2]");
+    assert_int_equal(mr_json_str(arr, "s", &s), MR_ENOTFOUND);
+    assert_int_equal(mr_json_str(NULL, "s", &s), MR_ENOTFOUND);
+    cJSON_Delete(arr);
+    cJSON_Delete(j);
+}
+
+static void test_paths(void **state)
+{
+    (void)state;
+    cJSON *j = parse("{\"data\":{\"object\":{\"customer\":\"cus_1\",\"items\":{\"data\":[{\"x\":1}]},"
+                     "\"metadata\":{\"account_id\":\"a\"}}},\"type\":\"t\"}");
+    const cJSON *c = mr_json_path(j, "data.object.customer");
+    assert_non_null(c);
+    assert_string_equal(c->valuestring, "cus_1");
+    const char *s;
+    assert_int_equal(mr_json_str(mr_json_path(j, "data.object.metadata"), "account_id", &s), MR_OK);
+    assert_string_equal(s, "a");
+    assert_true(cJSON_IsArray(mr_json_path(j, "data.object.items.data")));
+    assert_ptr_equal(mr_json_path(j, "type"), cJSON_GetObjectItemCaseSensitive(j, "type"));
+    assert_null(mr_json_path(j, "data.object.missing"));
+    assert_null(mr_json_path(j, "data.object.customer.deeper")); /* through a string */
+    assert_null(mr_json_path(j, "data.object.items.data.x"));   /* through an array */
+    assert_null(mr_json_path(j, "data..object"));
+    assert_null(mr_json_path(j, ".data"));
+    assert_null(mr_json_path(j, "data."));
+    assert_null(mr_json_path(j, "Data.object"));
+    assert_null(mr_json_path(NULL, "data"));
+    /* A missing intermediate object makes the getter say "not found". */
+    assert_int_equal(mr_json_str(mr_json_path(j, "data.nothing"), "k", &s), MR_ENOTFOUND);
+    cJSON_Delete(j);
+}
+
+static void test_parse_length(void **state)
+{
+    (void)state;
+    const char buf[] = "{\"a\":1}{\"b\":2}";
+    /* Exactly the first document: fine, though the buffer goes on. */
+    cJSON *j = mr_json_parse(buf, 7);
+    assert_non_null(j);
+    cJSON_Delete(j);
+    /* Both: trailing junk. */
+    assert_null(mr_json_parse(buf, sizeof(buf) - 1));
+    /* Cut inside the document. */
+    assert_null(mr_json_parse(buf, 5));
+    /* Trailing whitespace is not junk; a NUL or other bytes are. */
+    j = mr_json_parse("{\"a\":1} \r\n\t", 11);
+    assert_non_null(j);
+    cJSON_Delete(j);
+    assert_null(mr_json_parse("{\"a\":1}\0", 8));
+    assert_null(mr_json_parse("{\"a\":1} x", 9));
+    assert_null(mr_json_parse("", 0));
+    assert_null(mr_json_parse("   ", 3));
+    assert_null(mr_json_parse(NULL, 3));
+    assert_null(mr_json_parse("{\"a\":}", 6));
+    assert_null(mr_json_parse("{'a':1}", 7));
+    /* Not NUL-terminated: the parser must stop at len (ASan checks the read). */
+    char *heap = malloc(7);
+    memcpy(heap, "[1,2,3]", 7);
+    j = mr_json_parse(heap, 7);
+    assert_non_null(j);
+    assert_int_equal(cJSON_GetArraySize(j), 3);
+    cJSON_Delete(j);
+    memcpy(heap, "[1,2,3", 6);
+    assert_null(mr_json_parse(heap, 6));
+    free(heap);
+    /* Scalars are documents too. */
+    j = mr_json_parse("42", 2);
+    assert_true(cJSON_IsNumber(j));
+    cJSON_Delete(j);
+}
+
+static void test_print(void **state)
+{
+    (void)state;
+    cJSON *j = parse("{ \"a\" : [ 1, 2 ],\n \"b\": \"x\\\"y\" }");
+    char *s = mr_json_print(j);
+    assert_string_equal(s, "{\"a\":[1,2],\"b\":\"x\\\"y\"}");
+    free(s);
+    cJSON_Delete(j);
+    assert_null(mr_json_print(NULL));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_i64_edges),
+        cmocka_unit_test(test_str_bool),
+        cmocka_unit_test(test_paths),
+        cmocka_unit_test(test_parse_length),
+        cmocka_unit_test(test_print),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
