@@ -20,6 +20,10 @@ mr_err mr_stripe_verify(const char *header, const char *body, size_t body_len,
                         const char *const *secrets, size_t nsecrets,
                         time_t now, long tolerance_s, char *err, size_t errlen);
 
+/* Computes lowercase hex HMAC-SHA256(secret, data) into hex[65] (NUL-terminated).
+ * The raw primitive, exposed so tests can check Stripe's published vectors. */
+void mr_stripe_hmac_hex(const char *secret, const void *data, size_t len, char hex[65]);
+
 /* Computes lowercase hex HMAC-SHA256(secret, "<t>.<body>") into hex[65]. */
 void mr_stripe_sign_hex(const char *secret, long long t, const char *body, size_t body_len,
                         char hex[65]);

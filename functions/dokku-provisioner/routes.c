@@ -1,0 +1,169 @@
+/* routes.c: who may call, which route, and what the answer looks like.
+ *
+ *   POST   /apps               create or update   200 (updated) / 201 (created)
+ *   GET    /apps/{app}         state              200, 404 not_found
+ *   POST   /apps/{app}/stop    ps:stop            200, 404 not_found
+ *   POST   /apps/{app}/start   ps:start           200, 404 not_found / not_deployed
+ *   DELETE /apps/{app}         apps:destroy       200 (also when the app is missing)
+ *
+ * The token is checked before the route, so an unauthenticated caller learns
+ * nothing about which paths exist. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "prov.h"
+
+static int authorized(const mr_req *r)
+{
+    const char *tok = mr_http_bearer(r->authorization);
+    if (!tok) return 0;
+    return mr_ct_equal(tok, strlen(tok), prov_cfg.token, strlen(prov_cfg.token));
+}
+
+static void reply_failure(mr_req *r, const prov_outcome *o, const char *err)
+{
+    mr_reply_error(r, o->fail_status ? o->fail_status : 500,
+                   o->fail_code ? o->fail_code : "internal", "%s", err);
+}
+
+static cJSON *base_answer(const char *app, const char *state)
+{
+    cJSON *j = cJSON_CreateObject();
+    if (!j) return NULL;
+    cJSON_AddStringToObject(j, "app", app);
+    cJSON_AddStringToObject(j, "state", state);
+    cJSON_AddBoolToObject(j, "dry_run", prov_cfg.mode == PROV_MODE_DRY_RUN);
+    return j;
+}
+
+static void answer(mr_req *r, int status, cJSON *j)
+{
+    if (!j) {
+        mr_reply_error(r, 500, "internal", "out of memory");
+        return;
+    }
+    mr_reply_json(r, status, j);
+}
+
+static void create_app(mr_req *r)
+{
+    char err[256];
+    cJSON *tree = NULL;
+    prov_spec *spec = calloc(1, sizeof *spec);
+    if (!spec) {
+        mr_reply_error(r, 500, "internal", "out of memory");
+        return;
+    }
+    if (prov_parse_spec(r->body, r->body_len, &prov_cfg, &tree, spec, err, sizeof err) != MR_OK) {
+        mr_reply_error(r, 400, "invalid_request", "%s", err);
+        goto done;
+    }
+    char urls[3][1024];
+    const char *tpls[3] = {prov_cfg.backend_tpl, prov_cfg.frontend_tpl, prov_cfg.matrix_tpl};
+    for (int i = 0; i < 3; i++) {
+        if (prov_expand_url(tpls[i], spec->app, spec->subdomain, &prov_cfg, urls[i],
+                            sizeof urls[i]) != MR_OK) {
+            mr_reply_error(r, 400, "invalid_request", "the app's URLs would be too long");
+            goto done;
+        }
+    }
+    prov_outcome o;
+    if (prov_apply(&prov_cfg, spec, &o, err, sizeof err) != MR_OK) {
+        reply_failure(r, &o, err);
+        goto done;
+    }
+    cJSON *j = base_answer(spec->app, o.state);
+    if (j) {
+        cJSON_AddStringToObject(j, "backend_url", urls[0]);
+        cJSON_AddStringToObject(j, "frontend_url", urls[1]);
+        cJSON_AddStringToObject(j, "matrix_server_url", urls[2]);
+        cJSON_AddBoolToObject(j, "created", !o.existed);
+        cJSON_AddBoolToObject(j, "deployed", o.deployed);
+        cJSON_AddBoolToObject(j, "restarted", o.restarted);
+    }
+    answer(r, o.status, j);
+done:
+    cJSON_Delete(tree);
+    free(spec);
+}
+
+static void app_action(mr_req *r, const char *app, const char *verb)
+{
+    char err[256];
+    prov_outcome o;
+    if (prov_app_action(&prov_cfg, app, verb, &o, err, sizeof err) != MR_OK) {
+        reply_failure(r, &o, err);
+        return;
+    }
+    cJSON *j = base_answer(app, o.state);
+    if (j && strcmp(verb, "destroy") == 0) cJSON_AddBoolToObject(j, "existed", o.existed);
+    answer(r, 200, j);
+}
+
+static void not_allowed(mr_req *r, const char *allow)
+{
+    char hdr[64];
+    snprintf(hdr, sizeof hdr, "Allow: %s", allow);
+    const char *const extra[] = {hdr, NULL};
+    cJSON *j = cJSON_CreateObject();
+    cJSON *e = cJSON_AddObjectToObject(j, "error");
+    cJSON_AddStringToObject(e, "code", "method_not_allowed");
+    cJSON_AddStringToObject(e, "message", "method not allowed on this path");
+    mr_reply_json_h(r, 405, j, extra);
+}
+
+void prov_handle(mr_req *r)
+{
+    if (!authorized(r)) {
+        const char *const extra[] = {"WWW-Authenticate: Bearer", NULL};
+        cJSON *j = cJSON_CreateObject();
+        cJSON *e = cJSON_AddObjectToObject(j, "error");
+        cJSON_AddStringToObject(e, "code", "unauthorized");
+        cJSON_AddStringToObject(e, "message", "missing or invalid bearer token");
+        mr_reply_json_h(r, 401, j, extra);
+        return;
+    }
+    const char *path = r->path ? r->path : "";
+    const char *m = r->method;
+
+    if (strcmp(path, "/apps") == 0) {
+        if (strcmp(m, "POST") == 0) create_app(r);
+        else not_allowed(r, "POST");
+        return;
+    }
+    if (strncmp(path, "/apps/", 6) != 0) {
+        mr_reply_error(r, 404, "not_found", "no such route");
+        return;
+    }
+
+    /* /apps/{app} or /apps/{app}/{action}; nginx has already decoded and
+     * normalized the path, so the name is checked exactly as it will be used. */
+    char app[PROV_NAME_MAX + 2];
+    const char *name = path + 6, *slash = strchr(name, '/');
+    size_t nl = slash ? (size_t)(slash - name) : strlen(name);
+    const char *action = slash ? slash + 1 : NULL;
+    if (nl == 0 || nl > PROV_NAME_MAX) {
+        mr_reply_error(r, 400, "invalid_app", "app name must match ^[a-z][a-z0-9-]{0,62}$");
+        return;
+    }
+    memcpy(app, name, nl);
+    app[nl] = '\0';
+    if (!prov_valid_name(app)) {
+        mr_reply_error(r, 400, "invalid_app", "app name must match ^[a-z][a-z0-9-]{0,62}$");
+        return;
+    }
+
+    if (!action) {
+        if (strcmp(m, "GET") == 0) app_action(r, app, "state");
+        else if (strcmp(m, "DELETE") == 0) app_action(r, app, "destroy");
+        else not_allowed(r, "GET, DELETE");
+        return;
+    }
+    if (strcmp(action, "stop") == 0 || strcmp(action, "start") == 0) {
+        if (strcmp(m, "POST") == 0) app_action(r, app, action);
+        else not_allowed(r, "POST");
+        return;
+    }
+    mr_reply_error(r, 404, "not_found", "no such route");
+}

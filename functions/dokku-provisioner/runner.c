@@ -1,0 +1,380 @@
+/* runner.c: runs one `dokku` command and nothing else.
+ *
+ * Always an argv array through posix_spawn, never a shell. Local mode execs
+ * DOKKU_BIN directly. SSH mode execs `ssh -o BatchMode=yes ... dokku@host --
+ * <args>`: ssh joins the arguments with spaces and Dokku's forced command
+ * word-splits them again on the host, so every argument must come from a
+ * narrow alphabet (names, numbers, the image, base64). validate.c guarantees
+ * that, and run_one() refuses anything else instead of trusting it.
+ *
+ * The child gets its own process group, stdin from /dev/null, stdout and
+ * stderr on pipes (kept, truncated, never logged: `config:set` echoes
+ * values), an environment without our secrets, and a deadline after which
+ * the whole group is killed: a stalled ssh or docker pull must not pin a
+ * worker forever. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "prov.h"
+
+extern char **environ;
+
+#define MAX_ARGV 320
+
+const char *prov_subcommand(const char *const *args)
+{
+    for (size_t i = 0; args[i]; i++)
+        if (args[i][0] != '-') return args[i];
+    return "dokku";
+}
+
+static int contains(const char *hay, size_t len, const char *needle)
+{
+    return len > 0 && memmem(hay, len, needle, strlen(needle)) != NULL;
+}
+
+int prov_lock_contended(const prov_result *res)
+{
+    /* Dokku: "<app> currently has a deploy lock in place. Exiting..." (exit 1). */
+    return res->status != 0 &&
+           (contains(res->err, res->err_len, "has a deploy lock in place") ||
+            contains(res->out, res->out_len, "has a deploy lock in place"));
+}
+
+/* A readable, value-free rendering of the command for the log. */
+static void describe(const char *const *args, char *buf, size_t cap)
+{
+    size_t n = (size_t)snprintf(buf, cap, "dokku");
+    for (size_t i = 0; args[i] && n < cap; i++) {
+        const char *eq = strchr(args[i], '=');
+        if (eq)
+            n += (size_t)snprintf(buf + n, cap - n, " %.*s=...", (int)(eq - args[i]), args[i]);
+        else
+            n += (size_t)snprintf(buf + n, cap - n, " %s", args[i]);
+    }
+}
+
+static int ssh_safe(const char *s)
+{
+    if (!*s) return 0;
+    for (const char *c = s; *c; c++) {
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+              strchr("._:@/+=,-", *c)))
+            return 0;
+    }
+    return 1;
+}
+
+/* The child's environment: ours minus anything that looks like a secret. */
+static char **child_env(void)
+{
+    static const char *const deny[] = {"TOKEN", "SECRET", "PASSWORD", "_KEY", "DATABASE_URL",
+                                        "API_KEY"};
+    size_t n = 0;
+    for (char **e = environ; *e; e++) n++;
+    char **out = calloc(n + 1, sizeof *out);
+    if (!out) return NULL;
+    size_t k = 0;
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        size_t nl = eq ? (size_t)(eq - *e) : strlen(*e);
+        int drop = 0;
+        for (size_t i = 0; i < MR_ARRAY_LEN(deny) && !drop; i++) {
+            size_t dl = strlen(deny[i]);
+            for (size_t j = 0; j + dl <= nl && !drop; j++)
+                if (strncmp(*e + j, deny[i], dl) == 0) drop = 1;
+        }
+        if (!drop) out[k++] = *e;
+    }
+    out[k] = NULL;
+    return out;
+}
+
+static void drain(int *fd, char *buf, size_t *len)
+{
+    char tmp[4096];
+    ssize_t r = read(*fd, tmp, sizeof tmp);
+    if (r > 0) {
+        size_t room = PROV_OUT_MAX - 1 - *len;
+        size_t take = (size_t)r < room ? (size_t)r : room;
+        memcpy(buf + *len, tmp, take);
+        *len += take;
+        buf[*len] = '\0';
+    } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+static void kill_group(pid_t pid)
+{
+    kill(-pid, SIGTERM);
+    for (int i = 0; i < 20; i++) {
+        if (waitpid(pid, NULL, WNOHANG) != 0) break;
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    kill(-pid, SIGKILL);
+}
+
+/* Spawns argv and waits for it within timeout_ms. Returns MR_OK with
+ * res->status, or MR_ETRANSIENT (not started, or timed out). */
+static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res,
+                         char *err, size_t errlen)
+{
+    int po[2] = {-1, -1}, pe[2] = {-1, -1};
+    if (pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0) {
+        if (po[0] >= 0) { close(po[0]); close(po[1]); }
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "cannot create pipes");
+    }
+    char **envp = child_env();
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&at);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, po[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, pe[1], 2);
+    /* Own process group (killed as a whole on the deadline), default signal
+     * dispositions and an empty mask whatever the worker has installed. */
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    sigdelset(&all, SIGKILL);
+    sigdelset(&all, SIGSTOP);
+    posix_spawnattr_setsigmask(&at, &none);
+    posix_spawnattr_setsigdefault(&at, &all);
+    posix_spawnattr_setpgroup(&at, 0);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+                                  POSIX_SPAWN_SETSIGDEF);
+    pid_t pid = -1;
+    int rc = envp ? posix_spawn(&pid, argv[0], &fa, &at, argv, envp) : ENOMEM;
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    free(envp);
+    close(po[1]);
+    close(pe[1]);
+    if (rc != 0) {
+        close(po[0]);
+        close(pe[0]);
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "cannot start %s: %s",
+                         strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0],
+                         strerror(rc));
+    }
+
+    int fds[2] = {po[0], pe[0]};
+    int64_t deadline = mr_now_ms() + timeout_ms, exited_at = -1;
+    int wstatus = 0, reaped = 0;
+    for (;;) {
+        if (!reaped) {
+            pid_t w = waitpid(pid, &wstatus, WNOHANG);
+            if (w == pid || (w < 0 && errno == ECHILD)) {
+                reaped = 1;
+                exited_at = mr_now_ms();
+            }
+        }
+        /* A grandchild may keep the pipes open after the child exited: stop
+         * reading shortly after the exit instead of waiting for their EOF. */
+        if ((fds[0] < 0 && fds[1] < 0 && reaped) || (reaped && mr_now_ms() - exited_at > 200))
+            break;
+        int64_t now = mr_now_ms();
+        if (!reaped && now >= deadline) {
+            kill_group(pid);
+            waitpid(pid, &wstatus, 0);
+            res->timed_out = 1;
+            break;
+        }
+        struct pollfd p[2];
+        nfds_t np = 0;
+        for (int i = 0; i < 2; i++)
+            if (fds[i] >= 0) p[np++] = (struct pollfd){.fd = fds[i], .events = POLLIN};
+        int wait = (int)(deadline - now < 50 ? deadline - now : 50);
+        if (wait < 0) wait = 0;
+        int pr = np ? poll(p, np, wait) : poll(NULL, 0, wait);
+        if (pr > 0) {
+            for (nfds_t i = 0; i < np; i++) {
+                if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+                if (p[i].fd == fds[0]) drain(&fds[0], res->out, &res->out_len);
+                else drain(&fds[1], res->err, &res->err_len);
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0) close(fds[i]);
+    if (res->timed_out) {
+        res->status = -1;
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "timed out after %lld ms",
+                         (long long)timeout_ms);
+    }
+    res->status = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus)
+                : WIFSIGNALED(wstatus) ? 128 + WTERMSIG(wstatus) : -1;
+    return MR_OK;
+}
+
+/* ---- dry-run: a registry of simulated apps, one file per app ---- */
+
+static void dry_path(const prov_config *cfg, const char *app, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s/dry-run/%s", cfg->state_dir, app);
+}
+
+static void dry_answer(const prov_config *cfg, const char *const *args, prov_result *res)
+{
+    const char *sub = prov_subcommand(args);
+    const char *app = NULL;
+    /* The app is the first non-flag argument after the subcommand. */
+    int seen = 0;
+    for (size_t i = 0; args[i]; i++) {
+        if (args[i][0] == '-') continue;
+        if (!seen) { seen = 1; continue; }
+        app = args[i];
+        break;
+    }
+    char path[1024], dir[1024];
+    snprintf(dir, sizeof dir, "%s/dry-run", cfg->state_dir);
+    mkdir(dir, 0700);
+    res->status = 0;
+    if (!app || !prov_valid_name(app)) return;
+    dry_path(cfg, app, path, sizeof path);
+    char state[16] = "";
+    FILE *f = fopen(path, "r");
+    if (f) {
+        if (!fgets(state, sizeof state, f)) state[0] = '\0';
+        fclose(f);
+    }
+    const char *write = NULL;
+    if (strcmp(sub, "apps:exists") == 0) {
+        res->status = f ? 0 : 1;
+    } else if (strcmp(sub, "apps:create") == 0) {
+        write = "created";
+    } else if (strcmp(sub, "git:from-image") == 0 || strcmp(sub, "ps:start") == 0 ||
+               strcmp(sub, "ps:restart") == 0) {
+        write = "running";
+    } else if (strcmp(sub, "ps:stop") == 0) {
+        write = "stopped";
+    } else if (strcmp(sub, "apps:destroy") == 0) {
+        unlink(path);
+    } else if (strcmp(sub, "ps:report") == 0) {
+        int deployed = strncmp(state, "running", 7) == 0 || strncmp(state, "stopped", 7) == 0;
+        int running = strncmp(state, "running", 7) == 0;
+        const char *flag = "";
+        for (size_t i = 1; args[i]; i++)
+            if (strncmp(args[i], "--", 2) == 0) flag = args[i];
+        snprintf(res->out, sizeof res->out, "%s\n",
+                 strcmp(flag, "--deployed") == 0 ? (deployed ? "true" : "false")
+                                                 : (running ? "true" : "false"));
+        res->out_len = strlen(res->out);
+    }
+    if (write) {
+        char tmp[1100];
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        FILE *w = fopen(tmp, "w");
+        if (w) {
+            fprintf(w, "%s\n", write);
+            if (fclose(w) == 0) rename(tmp, path);
+        }
+    }
+}
+
+/* ---- one attempt ---- */
+
+static mr_err run_one(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
+                      prov_result *res, char *err, size_t errlen)
+{
+    const char *argv[MAX_ARGV];
+    size_t n = 0;
+    char port[16];
+    char dest[512];
+    size_t nargs = 0;
+    while (args[nargs]) nargs++;
+    if (nargs + 20 >= MAX_ARGV)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "too many arguments");
+
+    if (cfg->mode == PROV_MODE_SSH) {
+        snprintf(port, sizeof port, "%lld", (long long)cfg->ssh_port);
+        snprintf(dest, sizeof dest, "%s@%s", cfg->ssh_user, cfg->host);
+        argv[n++] = cfg->ssh_bin;
+        argv[n++] = "-o"; argv[n++] = "BatchMode=yes";
+        argv[n++] = "-o"; argv[n++] = "ConnectTimeout=10";
+        argv[n++] = "-o"; argv[n++] = "ServerAliveInterval=15";
+        if (cfg->ssh_key[0]) {
+            argv[n++] = "-i"; argv[n++] = cfg->ssh_key;
+            argv[n++] = "-o"; argv[n++] = "IdentitiesOnly=yes";
+        }
+        static char khopt[1100];
+        if (cfg->known_hosts[0]) {
+            snprintf(khopt, sizeof khopt, "UserKnownHostsFile=%s", cfg->known_hosts);
+            argv[n++] = "-o"; argv[n++] = khopt;
+            argv[n++] = "-o"; argv[n++] = "StrictHostKeyChecking=yes";
+        }
+        argv[n++] = "-p"; argv[n++] = port;
+        argv[n++] = dest;
+        argv[n++] = "--";
+        for (size_t i = 0; i < nargs; i++) {
+            if (!ssh_safe(args[i]))
+                return mr_seterr(err, errlen, MR_EINTERNAL,
+                                 "refusing an argument unsafe for ssh in %s",
+                                 prov_subcommand(args));
+        }
+    } else {
+        argv[n++] = cfg->dokku_bin;
+    }
+    for (size_t i = 0; i < nargs; i++) argv[n++] = args[i];
+    argv[n] = NULL;
+    return spawn_wait((char *const *)argv, timeout_ms, res, err, errlen);
+}
+
+mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
+                  prov_result *res, char *err, size_t errlen)
+{
+    char what[1024];
+    describe(args, what, sizeof what);
+    const char *sub = prov_subcommand(args);
+    int64_t backoff = cfg->lock_backoff_ms;
+    memset(res, 0, sizeof *res);
+    res->status = -1;
+
+    if (cfg->mode == PROV_MODE_DRY_RUN) {
+        dry_answer(cfg, args, res);
+        mr_log(MR_LOG_INFO, "dry_run: true; would run: %s", what);
+        return MR_OK;
+    }
+
+    for (int attempt = 0;; attempt++) {
+        int retries = res->lock_retries;
+        memset(res, 0, sizeof *res);
+        res->lock_retries = retries;
+        int64_t t0 = mr_now_ms();
+        mr_err e = run_one(cfg, args, timeout_ms, res, err, errlen);
+        int64_t took = mr_now_ms() - t0;
+        if (e != MR_OK) {
+            mr_log(MR_LOG_ERROR, "%s: %s (%lld ms)", what, err, (long long)took);
+            /* Keep the message about the subcommand only. */
+            char why[200];
+            snprintf(why, sizeof why, "%s", err);
+            return mr_seterr(err, errlen, e, "%s %s", sub, why);
+        }
+        if (prov_lock_contended(res) && attempt < cfg->lock_retries) {
+            res->lock_retries++;
+            mr_log(MR_LOG_WARN, "%s: deploy lock held by another deploy; retry %d/%lld in %lld ms",
+                   what, attempt + 1, (long long)cfg->lock_retries, (long long)backoff);
+            struct timespec ts = {(time_t)(backoff / 1000), (long)(backoff % 1000) * 1000000L};
+            while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+            backoff = backoff * 2 > 30000 ? 30000 : backoff * 2;
+            continue;
+        }
+        mr_log(res->status == 0 ? MR_LOG_INFO : MR_LOG_WARN, "%s: exit %d (%lld ms)", what,
+               res->status, (long long)took);
+        return MR_OK;
+    }
+}

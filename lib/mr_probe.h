@@ -1,0 +1,60 @@
+/* mr_probe.h: many concurrent HTTP health probes on libcurl's multi interface.
+ *
+ * A probe is one GET with its own deadline, no redirects, no proxy, a capped
+ * body, and two guards against server-side request forgery:
+ *   1. the URL: scheme http or https, host equal to the base domain or under
+ *      it, or a loopback name/literal when allowed; a URL failing this is
+ *      never contacted;
+ *   2. the address actually connected to (checked in CURLOPT_OPENSOCKETFUNCTION,
+ *      after DNS and before connect(), so a name that resolves to a metadata,
+ *      private or loopback address is refused without a packet being sent and
+ *      without a window between check and use).
+ * Nothing here touches the database; the caller records the outcomes. */
+#ifndef MR_PROBE_H
+#define MR_PROBE_H
+
+#include <stddef.h>
+#include "mr_common.h"
+
+typedef enum {
+    MR_PROBE_HEALTHY,      /* a 2xx answer */
+    MR_PROBE_UNHEALTHY,    /* an answer that is not 2xx, an oversized one, or refused by the rules */
+    MR_PROBE_UNREACHABLE   /* no answer: refused connection, timeout, DNS, TLS... */
+} mr_probe_outcome;
+
+typedef struct {
+    const char *base_domain;  /* e.g. "mindroom.chat"; NULL or "" allows no domain */
+    int allow_loopback;       /* 127.0.0.0/8, ::1, "localhost" (local stack and tests) */
+    int allow_private;        /* RFC 1918, 100.64/10, fc00::/7 addresses */
+    long concurrency;         /* transfers in flight at once, >= 1 */
+    long timeout_ms;          /* per probe, connect included, >= 1 */
+    size_t max_body;          /* bytes of response body accepted, >= 1 */
+} mr_probe_opts;
+
+typedef struct {
+    const char *url;          /* in: full URL to GET; caller-owned, outlives mr_probe_run */
+    mr_probe_outcome outcome; /* out */
+    int contacted;            /* out: 1 when a connection was attempted */
+    long http_status;         /* out: 0 when there was no answer */
+    long latency_ms;          /* out: time the probe took (0 when never contacted) */
+    char status[96];          /* out: "healthy", "unhealthy: HTTP 500",
+                                 "unreachable: timeout after 2000 ms", "refused: ..." */
+    char error[256];          /* out: more detail for error_message, "" when healthy */
+} mr_probe;
+
+/* Checks url against the rules of guard 1 above. Returns MR_OK when it may be
+ * contacted, MR_EINVAL with why filled ("outside base domain", "scheme not
+ * allowed", "malformed URL") otherwise. */
+mr_err mr_probe_check_url(const char *url, const mr_probe_opts *o, char *why, size_t whylen);
+
+/* Classifies an address for guard 2. family is AF_INET or AF_INET6, addr points
+ * to a struct in_addr or in6_addr. Returns 1 when a probe may connect to it. */
+int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o);
+
+/* Runs all n probes, at most o->concurrency at once, and fills their outputs.
+ * Returns MR_OK (each probe's own outcome says how it went) or MR_EINTERNAL
+ * when the multi handle cannot be created (err filled); then no probe ran. */
+mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o,
+                    char *err, size_t errlen);
+
+#endif

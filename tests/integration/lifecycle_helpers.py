@@ -1,0 +1,116 @@
+"""Shared helpers of the lifecycle tests (test_lifecycle*.py)."""
+import os
+import sys
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "standins"))
+
+from provisioner import ProvisionerStandin  # noqa: E402,F401
+from resend import ResendStandin  # noqa: E402,F401
+
+PRICES = {"free": "price_free", "starter": "price_starter",
+          "professional": "price_professional", "enterprise": "price_enterprise"}
+LIMITS = {"free": (512, 0.5), "starter": (1024, 1.0),
+          "professional": (2048, 2.0), "enterprise": (4096, 4.0)}
+
+# Short deadlines so failure paths finish in seconds: one provisioner call may take
+# 1.5 s, a lease lasts 4 s, backoff starts at 1 s.
+FAST_ENV = {
+    "MR_PROVISION_TIMEOUT_MS": "1500",
+    "MR_PROVISION_CONNECT_TIMEOUT_MS": "500",
+    "MR_PROVISION_LEASE_S": "4",
+    "MR_PROVISION_BACKOFF_BASE_S": "1",
+    "MR_PROVISION_BACKOFF_CAP_S": "8",
+    "MR_PROVISION_WAIT_MS": "8000",
+    "MR_RESEND_TIMEOUT_MS": "1000",
+    "RESEND_FROM": "MindRoom <hello@mindroom.test>",
+}
+
+INSTANCE_COLS = ("id", "subscription_id", "status", "desired_status", "dokku_app_name",
+                 "subdomain", "backend_url", "frontend_url", "matrix_server_url",
+                 "memory_limit_mb", "cpu_limit", "attempts", "next_attempt_at",
+                 "last_error", "error_message", "provisioned_at", "deprovisioned_at",
+                 "welcome_email_sent_at", "welcome_email_error", "claimed_by",
+                 "claim_expires_at")
+
+
+def stack_env(prov, resend=None, **extra):
+    env = dict(FAST_ENV)
+    env["DOKKU_PROVISIONER_URL"] = prov.url
+    env["DOKKU_PROVISIONER_TOKEN"] = prov.token
+    if resend is not None:
+        env["RESEND_BASE_URL"] = resend.url
+        env["RESEND_API_KEY"] = resend.token
+    env.update(extra)
+    return env
+
+
+def new_account(s):
+    """A Supabase Auth user (the trigger makes the account); returns (id, email)."""
+    uid = str(uuid.uuid4())
+    email = "user-%s@example.com" % uid[:8]
+    s.sql("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
+          "'authenticated', %s)", uid, email)
+    return uid, email
+
+
+def new_subscription(s, tier="starter", status="active", account=None):
+    """An account (new unless given) with one subscription; returns the subscription id."""
+    acc = account or new_account(s)[0]
+    sid = str(uuid.uuid4())
+    s.sql("INSERT INTO public.subscriptions (id, account_id, stripe_subscription_id, "
+          "stripe_price_id, tier, status) VALUES (%s, %s, %s, %s, %s, %s)",
+          sid, acc, "sub_" + sid[:12], PRICES[tier], tier, status)
+    return sid
+
+
+def instances(s, sid):
+    rows = s.sql("SELECT %s FROM public.instances WHERE subscription_id = %%s "
+                 "ORDER BY created_at" % ", ".join(INSTANCE_COLS), sid)
+    return [dict(zip(INSTANCE_COLS, r)) for r in rows]
+
+
+def instance(s, sid):
+    rows = instances(s, sid)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def provision(s, sid, token=None, **body):
+    body = dict(body, subscription_id=sid)
+    return s.call("POST", "provision-instance", json=body,
+                  token=s.jwt() if token is None else token)
+
+
+def deprovision(s, token=None, **body):
+    return s.call("POST", "deprovision-instance", json=body,
+                  token=s.jwt() if token is None else token)
+
+
+def wait_until(fn, timeout=5.0, interval=0.05, what="condition"):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1fs waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def wait_status(s, sid, status, timeout=5.0):
+    return wait_until(lambda: (lambda i: i if i["status"] == status and not live_claim(i) else None)(
+        instance(s, sid)), timeout, what="instance of %s to be %s" % (sid, status))
+
+
+def live_claim(inst):
+    return inst["claimed_by"] is not None
+
+
+def owed(s, sid):
+    """The sweep's view (lifecycle_owed) of one subscription: [(action, function, body)]."""
+    return [(a, f, b) for a, f, b in s.sql(
+        "SELECT action, function_name, body FROM public.lifecycle_owed(1000) "
+        "WHERE subscription_id = %s", sid)]

@@ -1,0 +1,612 @@
+"""handle-stripe-webhook through real nginx and PostgreSQL, asserting rows.
+
+Events come from tests/fixtures/stripe_*.json (both payload shapes: before
+2025-03-31 current_period_end is on the subscription, since basil on
+items.data[]); each test rewrites ids, customer, status, price and created as
+it needs and signs the exact bytes it sends (mr.stripe_sign, Python hmac).
+FUNCTIONS_URL points at a recording stand-in, so the calls the webhook owes
+after answering can be asserted too.
+"""
+
+import copy
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import mr
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+OLD_SECRET = "whsec_old_" + uuid.uuid4().hex
+NEW_SECRET = "whsec_new_" + uuid.uuid4().hex
+
+
+# ---- a recording stand-in for FUNCTIONS_URL ------------------------------------
+
+class Recorder:
+    """Answers 202 to every POST and remembers (path, headers, json)."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+        rec = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n)
+                with rec.lock:
+                    rec.calls.append((self.path, dict(self.headers), json.loads(body or b"null")))
+                out = b'{"claimed":true}'
+                self.send_response(202)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, pred, timeout=10.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            with self.lock:
+                hits = [c for c in self.calls if pred(c)]
+            if hits:
+                return hits
+            time.sleep(0.05)
+        return []
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    r = Recorder()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def stack(pg, recorder):
+    env = {"STRIPE_WEBHOOK_SECRET": OLD_SECRET + "," + NEW_SECRET,
+           "FUNCTIONS_URL": recorder.url}
+    with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"]) as s:
+        yield s
+
+
+# ---- helpers ---------------------------------------------------------------------
+
+def fixture(name):
+    return json.loads((FIXTURES / name).read_text())
+
+
+def uid():
+    return uuid.uuid4().hex[:16]
+
+
+def new_account(stack, customer=None):
+    """An auth user (the 004 trigger creates the account), optionally linked to a
+    Stripe customer. Returns the account id."""
+    aid = str(uuid.uuid4())
+    stack.sql("INSERT INTO auth.users (id, email) VALUES (%s, %s)", aid, "u%s@example.com" % uid())
+    if customer:
+        stack.sql("UPDATE accounts SET stripe_customer_id = %s WHERE id = %s", customer, aid)
+    return aid
+
+
+def sub_event(kind="created", shape="basil", sub=None, customer=None, status="active",
+              price="price_starter", created=None, evt=None, account_id=None):
+    """A customer.subscription.<kind> event built from the fixture of that shape."""
+    name = {("created", "basil"): "stripe_subscription_created_basil.json",
+            ("created", "legacy"): "stripe_subscription_created_legacy.json",
+            ("deleted", "legacy"): "stripe_subscription_deleted_legacy.json"}.get(
+        (kind, shape), "stripe_subscription_updated_basil.json" if shape == "basil"
+        else "stripe_subscription_created_legacy.json")
+    e = fixture(name)
+    e["type"] = "customer.subscription." + kind
+    e["id"] = evt or "evt_" + uid()
+    if created is not None:
+        e["created"] = created
+    o = e["data"]["object"]
+    o["id"] = sub or "sub_" + uid()
+    o["customer"] = customer
+    o["status"] = status
+    o["metadata"] = {} if account_id is None else {"account_id": account_id}
+    for item in o["items"]["data"]:
+        item["price"]["id"] = price
+        item["subscription"] = o["id"]
+        if "plan" in item:
+            item["plan"]["id"] = price
+    if "plan" in o:
+        o["plan"]["id"] = price
+    return e
+
+
+def send(stack, event, secret=NEW_SECRET, raw=None, t=None, sig=None):
+    body = raw if raw is not None else json.dumps(event, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json",
+               "Stripe-Signature": sig if sig is not None else mr.stripe_sign(body, secret, t)}
+    return stack.call("POST", "handle-stripe-webhook", body=body, headers=headers)
+
+
+def one(stack, q, *p):
+    rows = stack.sql(q, *p)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def count(stack, q, *p):
+    return stack.sql(q, *p)[0][0]
+
+
+def sub_row(stack, stripe_sub):
+    return one(stack, "SELECT id, account_id, tier, status::text, stripe_price_id, max_agents,"
+                      " trial_ends_at, current_period_end, cancelled_at, cancel_at_period_end,"
+                      " last_event_id FROM subscriptions WHERE stripe_subscription_id = %s",
+               stripe_sub)
+
+
+def instances(stack, sub_id):
+    return stack.sql("SELECT id, status::text, desired_status::text, dokku_app_name, subdomain,"
+                     " memory_limit_mb, cpu_limit FROM instances WHERE subscription_id = %s"
+                     " ORDER BY created_at", sub_id)
+
+
+def event_row(stack, evt):
+    return one(stack, "SELECT status, error, attempts FROM stripe_events WHERE id = %s", evt)
+
+
+def total_writes(stack):
+    return stack.sql("SELECT (SELECT count(*) FROM stripe_events), (SELECT count(*) FROM subscriptions),"
+                     " (SELECT count(*) FROM instances), (SELECT count(*) FROM audit_logs),"
+                     " (SELECT count(*) FROM accounts WHERE stripe_customer_id IS NOT NULL)")[0]
+
+
+# ---- rejected input: nothing written -----------------------------------------------
+
+def test_bad_signatures_write_nothing(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    e = sub_event(customer=cust)
+    compact = json.dumps(e, separators=(",", ":")).encode()
+    before = total_writes(stack)
+    now = int(time.time())
+    cases = [
+        dict(secret="whsec_wrong"),                                     # unknown secret
+        dict(sig=""),                                                   # no header at all
+        dict(sig="t=%d" % now),                                         # no v1
+        dict(sig="t=%d,v0=%s" % (now, hmac.new(NEW_SECRET.encode(), b"%d.%s" % (now, compact),
+                                                   hashlib.sha256).hexdigest())),  # v0 only
+        dict(t=now - 301),                                              # too old
+        dict(t=now + 3600),                                             # far future
+        # signed compact, delivered re-serialized (same JSON, other bytes)
+        dict(raw=json.dumps(e, indent=2).encode(),
+             sig=mr.stripe_sign(compact, NEW_SECRET)),
+        # one byte changed after signing
+        dict(raw=compact.replace(b'"active"', b'"activf"'), sig=mr.stripe_sign(compact, NEW_SECRET)),
+    ]
+    for c in cases:
+        if c.get("sig") == "":
+            r = stack.call("POST", "handle-stripe-webhook", body=compact,
+                           headers={"Content-Type": "application/json"})
+        else:
+            r = send(stack, e, **c)
+        assert r.status == 400, (c, r)
+        assert r.json["error"]["code"] == "invalid_signature"
+    assert total_writes(stack) == before
+    # The same event, signed correctly with either rotated secret, goes through.
+    assert send(stack, e, secret=OLD_SECRET).status == 200
+    assert send(stack, e, secret=NEW_SECRET).json == {"received": True, "duplicate": True}
+
+
+def test_malformed_input_writes_nothing(stack):
+    before = total_writes(stack)
+    r = send(stack, None, raw=b'{"id": "evt_x", "type": ')
+    assert r.status == 400 and r.json["error"]["code"] == "malformed_json"
+    r = send(stack, None, raw=b'{"id":"evt_x"} trailing')
+    assert r.status == 400 and r.json["error"]["code"] == "malformed_json"
+    for bad in ({"type": "customer.created", "created": 1, "data": {"object": {}}},
+                {"id": "evt_x", "type": "customer.created", "created": "1", "data": {"object": {}}},
+                {"id": "evt_x", "type": "customer.created", "created": 1.5, "data": {"object": {}}},
+                {"id": "evt_x", "type": "customer.created", "created": 1, "data": {}},
+                [1, 2, 3]):
+        r = send(stack, bad)
+        assert r.status == 400 and r.json["error"]["code"] == "invalid_event", (bad, r)
+    # Over the body cap: nginx (and the function) answer 413.
+    big = fixture("stripe_customer_created.json")
+    big["data"]["object"]["metadata"] = {"pad": "x" * 70000}
+    r = send(stack, big)
+    assert r.status == 413
+    assert total_writes(stack) == before
+
+
+# ---- subscriptions and instances ----------------------------------------------------
+
+def test_create_basil_provisions(stack, recorder):
+    cust = "cus_" + uid()
+    aid = new_account(stack, cust)
+    e = sub_event(shape="basil", customer=cust, price="price_starter")
+    r = send(stack, e)
+    assert r.status == 200 and r.json == {"received": True}
+    s = sub_row(stack, e["data"]["object"]["id"])
+    assert str(s[1]) == aid and s[2] == "starter" and s[3] == "active" and s[5] == 3
+    # basil: current_period_end comes from items.data[]
+    assert int(s[7].timestamp()) == e["data"]["object"]["items"]["data"][0]["current_period_end"]
+    assert s[6] is None and s[8] is None and s[9] is False and s[10] == e["id"]
+    inst = instances(stack, s[0])
+    assert len(inst) == 1
+    hexid = str(s[0]).replace("-", "")[:12]
+    assert inst[0][1:5] == ("provisioning", "running", "mindroom-" + hexid, "m" + hexid)
+    assert inst[0][5] == 1024 and float(inst[0][6]) == 1.0
+    assert event_row(stack, e["id"]) == ("processed", None, 1)
+    # After the answer the webhook asked provision-instance, as service_role.
+    calls = recorder.wait_for(lambda c: c[2] == {"subscription_id": str(s[0])})
+    assert calls and calls[0][0] == "/provision-instance"
+    auth = calls[0][1]["Authorization"]
+    assert auth.startswith("Bearer ")
+    claims = verify_jwt(auth[7:], stack.env["SUPABASE_JWT_SECRET"])
+    assert claims["role"] == "service_role" and claims["exp"] > time.time()
+
+
+def verify_jwt(token, secret):
+    import base64
+    h, p, sig = token.split(".")
+    want = hmac.new(secret.encode(), (h + "." + p).encode(), hashlib.sha256).digest()
+    got = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    assert hmac.compare_digest(want, got)
+    assert json.loads(base64.urlsafe_b64decode(h + "=" * (-len(h) % 4)))["alg"] == "HS256"
+    return json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+
+
+def test_create_legacy_trialing(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    e = sub_event(shape="legacy", customer=cust, status="trialing", price="price_professional")
+    assert send(stack, e).status == 200
+    o = e["data"]["object"]
+    s = sub_row(stack, o["id"])
+    assert s[2] == "professional" and s[3] == "trialing" and s[5] == 10
+    # legacy: current_period_end and trial_end from the subscription itself
+    assert int(s[7].timestamp()) == o["current_period_end"]
+    assert int(s[6].timestamp()) == o["trial_end"]
+    inst = instances(stack, s[0])
+    assert len(inst) == 1 and inst[0][1:3] == ("provisioning", "running") and inst[0][5] == 2048
+
+
+def test_update_tier_change_limits_follow(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    sub = "sub_" + uid()
+    t = int(time.time()) - 100
+    assert send(stack, sub_event(sub=sub, customer=cust, price="price_starter", created=t)).status == 200
+    s = sub_row(stack, sub)
+    assert (s[2], s[5]) == ("starter", 3)
+    u = sub_event("updated", sub=sub, customer=cust, price="price_professional", created=t + 5)
+    u["data"]["object"]["cancel_at_period_end"] = True
+    assert send(stack, u).status == 200
+    s = sub_row(stack, sub)
+    assert (s[2], s[4], s[5], s[9]) == ("professional", "price_professional", 10, True)
+    inst = instances(stack, s[0])
+    assert len(inst) == 1 and inst[0][5] == 2048 and float(inst[0][6]) == 2.0
+
+
+# Stripe status -> (our status, instance rows created from scratch)
+STATUS_MAP = {
+    "incomplete": ("incomplete", 0), "incomplete_expired": ("incomplete_expired", 0),
+    "trialing": ("trialing", 1), "active": ("active", 1), "past_due": ("past_due", 1),
+    "canceled": ("cancelled", 0), "unpaid": ("unpaid", 0), "paused": ("paused", 0),
+}
+# Stripe status reached from active -> (instance status, desired_status, owed call)
+FROM_ACTIVE = {
+    "trialing": ("provisioning", "running", None), "active": ("provisioning", "running", None),
+    "past_due": ("provisioning", "running", None),
+    "unpaid": ("provisioning", "stopped", ("/deprovision-instance", "stop")),
+    "paused": ("provisioning", "stopped", ("/deprovision-instance", "stop")),
+    "incomplete_expired": ("provisioning", "stopped", ("/deprovision-instance", "stop")),
+    "canceled": ("deprovisioning", "deprovisioned", ("/deprovision-instance", "destroy")),
+}
+
+
+@pytest.mark.parametrize("status", sorted(STATUS_MAP))
+def test_every_status_on_creation(stack, status):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    e = sub_event(customer=cust, status=status)
+    assert send(stack, e).status == 200
+    s = sub_row(stack, e["data"]["object"]["id"])
+    assert s[3] == STATUS_MAP[status][0]
+    assert len(instances(stack, s[0])) == STATUS_MAP[status][1]
+
+
+@pytest.mark.parametrize("status", sorted(FROM_ACTIVE))
+def test_every_status_from_active(stack, recorder, status):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    sub = "sub_" + uid()
+    t = int(time.time()) - 100
+    assert send(stack, sub_event(sub=sub, customer=cust, created=t)).status == 200
+    kind = {"paused": "paused", "canceled": "updated"}.get(status, "updated")
+    assert send(stack, sub_event(kind, sub=sub, customer=cust, status=status, created=t + 1)).status == 200
+    s = sub_row(stack, sub)
+    assert s[3] == STATUS_MAP[status][0]
+    inst = instances(stack, s[0])
+    assert len(inst) == 1
+    want = FROM_ACTIVE[status]
+    assert inst[0][1:3] == want[:2]
+    if want[2]:
+        path, mode = want[2]
+        assert recorder.wait_for(lambda c: c[0] == path and c[2] == {"subscription_id": str(s[0]),
+                                                                        "mode": mode})
+
+
+def test_stopped_instance_is_resumed(stack, recorder):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    sub = "sub_" + uid()
+    t = int(time.time()) - 100
+    assert send(stack, sub_event(sub=sub, customer=cust, created=t)).status == 200
+    sid = sub_row(stack, sub)[0]
+    # The lifecycle ran it and then stopped it for non-payment.
+    stack.sql("UPDATE instances SET status = 'running' WHERE subscription_id = %s", sid)
+    assert send(stack, sub_event("updated", sub=sub, customer=cust, status="unpaid",
+                                 created=t + 1)).status == 200
+    stack.sql("UPDATE instances SET status = 'stopped' WHERE subscription_id = %s", sid)
+    n = len(recorder.calls)
+    assert send(stack, sub_event("updated", sub=sub, customer=cust, status="active",
+                                 created=t + 2)).status == 200
+    inst = instances(stack, sid)
+    assert len(inst) == 1 and inst[0][1:3] == ("stopped", "running")
+    assert recorder.wait_for(lambda c: recorder.calls.index(c) >= n and
+                             c[0] == "/provision-instance" and c[2] == {"subscription_id": str(sid)})
+
+
+def test_delete_deprovisions(stack, recorder):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    sub = "sub_" + uid()
+    t = int(time.time()) - 100
+    assert send(stack, sub_event(shape="legacy", sub=sub, customer=cust, created=t)).status == 200
+    d = sub_event("deleted", shape="legacy", sub=sub, customer=cust, status="canceled", created=t + 10)
+    assert send(stack, d).status == 200
+    s = sub_row(stack, sub)
+    assert s[3] == "cancelled" and int(s[8].timestamp()) == d["data"]["object"]["canceled_at"]
+    inst = instances(stack, s[0])
+    assert len(inst) == 1 and inst[0][1:3] == ("deprovisioning", "deprovisioned")
+    assert recorder.wait_for(lambda c: c[0] == "/deprovision-instance" and
+                             c[2] == {"subscription_id": str(s[0]), "mode": "destroy"})
+    # A late "updated ... active" from before the deletion changes nothing.
+    late = sub_event("updated", sub=sub, customer=cust, status="active", created=t + 5)
+    assert send(stack, late).json == {"received": True, "stale": True}
+    assert sub_row(stack, sub)[3] == "cancelled"
+
+
+# ---- idempotency and ordering -------------------------------------------------------
+
+def test_same_event_twice(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    e = sub_event(customer=cust)
+    assert send(stack, e).json == {"received": True}
+    before = total_writes(stack)
+    assert send(stack, e).json == {"received": True, "duplicate": True}
+    assert total_writes(stack) == before
+    assert event_row(stack, e["id"]) == ("processed", None, 1)
+
+
+def test_ten_concurrent_deliveries(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    e = sub_event(customer=cust)
+    audits = count(stack, "SELECT count(*) FROM audit_logs")
+    with ThreadPoolExecutor(10) as pool:
+        rs = list(pool.map(lambda _: send(stack, e), range(10)))
+    assert [r.status for r in rs] == [200] * 10
+    assert sum(1 for r in rs if r.json.get("duplicate")) == 9
+    s = sub_row(stack, e["data"]["object"]["id"])
+    assert len(instances(stack, s[0])) == 1
+    assert count(stack, "SELECT count(*) FROM subscriptions WHERE stripe_subscription_id = %s",
+                 e["data"]["object"]["id"]) == 1
+    assert event_row(stack, e["id"]) == ("processed", None, 1)
+    # one subscription.created and one instance.created audit row, nothing doubled
+    assert count(stack, "SELECT count(*) FROM audit_logs") == audits + 2
+
+
+def test_updated_before_created(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    sub = "sub_" + uid()
+    t = int(time.time()) - 100
+    u = sub_event("updated", sub=sub, customer=cust, price="price_professional", created=t + 3)
+    c = sub_event("created", sub=sub, customer=cust, price="price_starter", created=t)
+    assert send(stack, u).json == {"received": True}
+    assert send(stack, c).json == {"received": True, "stale": True}
+    s = sub_row(stack, sub)
+    assert (s[2], s[10]) == ("professional", u["id"])
+    assert len(instances(stack, s[0])) == 1
+    assert event_row(stack, c["id"])[0] == "stale"
+
+
+def test_older_event_after_newer(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    sub = "sub_" + uid()
+    t = int(time.time()) - 100
+    assert send(stack, sub_event(sub=sub, customer=cust, created=t)).status == 200
+    newer = sub_event("updated", sub=sub, customer=cust, status="active",
+                      price="price_professional", created=t + 20)
+    older = sub_event("updated", sub=sub, customer=cust, status="past_due", created=t + 10)
+    assert send(stack, newer).status == 200
+    assert send(stack, older).json == {"received": True, "stale": True}
+    s = sub_row(stack, sub)
+    assert (s[2], s[3], s[10]) == ("professional", "active", newer["id"])
+
+
+def test_same_second_events_converge(stack):
+    """Two orders of the same same-second events end in the same row: an update
+    beats the creation, and of two updates the later lifecycle status wins."""
+    t = int(time.time()) - 100
+    finals = []
+    for order in (0, 1):
+        cust = "cus_" + uid()
+        new_account(stack, cust)
+        sub = "sub_" + uid()
+        evs = [sub_event("created", sub=sub, customer=cust, price="price_starter", created=t),
+               sub_event("updated", sub=sub, customer=cust, status="active",
+                         price="price_professional", created=t),
+               sub_event("updated", sub=sub, customer=cust, status="past_due",
+                         price="price_professional", created=t)]
+        for e in (evs if order == 0 else reversed(evs)):
+            assert send(stack, e).status == 200
+        s = sub_row(stack, sub)
+        finals.append((s[2], s[3], s[10] == evs[2]["id"]))
+        assert len(instances(stack, s[0])) == 1
+    assert finals == [("professional", "past_due", True)] * 2
+
+
+# ---- accounts ------------------------------------------------------------------------
+
+def test_unknown_customer_then_checkout_then_redelivery(stack):
+    aid = new_account(stack)                      # signed up, not linked to Stripe yet
+    cust = "cus_" + uid()
+    e = sub_event(customer=cust)                  # no metadata.account_id
+    before = total_writes(stack)
+    r = send(stack, e)
+    assert r.status == 503 and r.json["error"]["code"] == "account_not_found"
+    st, err, attempts = event_row(stack, e["id"])
+    assert (st, attempts) == ("deferred", 1) and "unknown account" in err
+    after = total_writes(stack)
+    assert after[0] == before[0] + 1 and after[1:] == before[1:]   # only the event recorded
+
+    co = fixture("stripe_checkout_session_completed.json")
+    co["id"] = "evt_" + uid()
+    co["data"]["object"]["customer"] = cust
+    co["data"]["object"]["client_reference_id"] = aid
+    co["data"]["object"]["metadata"] = {}
+    assert send(stack, co).json == {"received": True}
+    assert one(stack, "SELECT stripe_customer_id FROM accounts WHERE id = %s", aid)[0] == cust
+
+    # Stripe's redelivery of the same event is processed now, not a duplicate.
+    assert send(stack, e).json == {"received": True}
+    assert event_row(stack, e["id"]) == ("processed", None, 2)
+    s = sub_row(stack, e["data"]["object"]["id"])
+    assert str(s[1]) == aid and len(instances(stack, s[0])) == 1
+    assert send(stack, e).json == {"received": True, "duplicate": True}
+
+
+def test_metadata_account_id_links_customer(stack):
+    aid = new_account(stack)
+    cust = "cus_" + uid()
+    e = sub_event(shape="legacy", customer=cust, account_id=aid)
+    assert send(stack, e).json == {"received": True}
+    assert one(stack, "SELECT stripe_customer_id FROM accounts WHERE id = %s", aid)[0] == cust
+    assert str(sub_row(stack, e["data"]["object"]["id"])[1]) == aid
+
+
+def test_deferred_event_reprocessed_by_sql(stack):
+    """The health sweep's path: public.reprocess_stripe_event(id)."""
+    aid = new_account(stack)
+    cust = "cus_" + uid()
+    e = sub_event(customer=cust)
+    assert send(stack, e).status == 503
+    stack.sql("UPDATE accounts SET stripe_customer_id = %s WHERE id = %s", cust, aid)
+    # As the sweep runs it: service_role, which is all the function needs.
+    out = one(stack, "SET ROLE service_role; SELECT public.reprocess_stripe_event(%s)", e["id"])[0]
+    assert out["result"] == "processed" and out["action"] == "provision"
+    assert event_row(stack, e["id"]) == ("processed", None, 2)
+
+
+def test_unknown_price_recorded(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    e = sub_event(customer=cust, price="price_nobody_knows_" + uid())
+    r = send(stack, e)
+    assert r.status == 200 and r.json["received"] is True and "unknown price" in r.json["failed"]
+    st, err, _ = event_row(stack, e["id"])
+    assert st == "failed" and "unknown price" in err
+    assert stack.sql("SELECT 1 FROM subscriptions WHERE stripe_subscription_id = %s",
+                     e["data"]["object"]["id"]) == []
+    assert send(stack, e).json == {"received": True, "duplicate": True}
+
+
+def test_unhandled_type_ignored(stack):
+    e = fixture("stripe_customer_created.json")
+    e["id"] = "evt_" + uid()
+    before = total_writes(stack)
+    assert send(stack, e).json == {"received": True, "ignored": True}
+    assert event_row(stack, e["id"])[0] == "ignored"
+    after = total_writes(stack)
+    assert after[0] == before[0] + 1 and after[1:] == before[1:]
+
+
+def test_invoices_audited(stack):
+    cust = "cus_" + uid()
+    aid = new_account(stack, cust)
+    for name, action in (("stripe_invoice_paid_basil.json", "stripe.invoice.paid"),
+                         ("stripe_invoice_payment_failed_legacy.json", "stripe.invoice.payment_failed")):
+        e = fixture(name)
+        e["id"] = "evt_" + uid()
+        e["data"]["object"]["customer"] = cust
+        assert send(stack, e).json == {"received": True}
+        row = one(stack, "SELECT action, details FROM audit_logs WHERE account_id = %s"
+                         " AND details->>'event_id' = %s", aid, e["id"])
+        assert row[0] == action
+        assert row[1]["invoice_id"] == e["data"]["object"]["id"]
+        assert row[1]["amount_due"] == e["data"]["object"]["amount_due"]
+        assert row[1]["subscription"].startswith("sub_")
+
+
+# ---- the database goes away ------------------------------------------------------------
+
+def test_database_stopped_mid_run(stack):
+    cust = "cus_" + uid()
+    new_account(stack, cust)
+    t = int(time.time()) - 100
+    first = sub_event(customer=cust, created=t)
+    assert send(stack, first).status == 200
+    during = [sub_event(customer=cust, created=t + i) for i in range(1, 4)]
+    stack.stop_db()
+    try:
+        for e in during:
+            r = send(stack, e)
+            assert r.status == 503 and r.json["error"]["code"] == "database_unavailable"
+    finally:
+        stack.start_db()
+    # Stripe redelivers everything, the already-applied one too.
+    assert send(stack, first).json == {"received": True, "duplicate": True}
+    for e in during:
+        assert send(stack, e).json == {"received": True}
+        s = sub_row(stack, e["data"]["object"]["id"])
+        assert len(instances(stack, s[0])) == 1
+        assert event_row(stack, e["id"]) == ("processed", None, 1)
+    for e in during:
+        assert send(stack, e).json == {"received": True, "duplicate": True}
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+def test_secret_with_whitespace_stops_startup(stack, tmp_path):
+    binary = mr.build_dir() / "bin" / "handle-stripe-webhook"
+    env = {k: os.environ[k] for k in ("PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS") if k in os.environ}
+    env.update({"STRIPE_WEBHOOK_SECRET": "whsec_aaa, whsec_bbb",
+                "DATABASE_URL": stack.env["DATABASE_URL"],
+                "MR_SOCKET": str(tmp_path / "s.sock")})
+    p = subprocess.run([str(binary)], env=env, capture_output=True, timeout=20)
+    assert p.returncode == 2
+    err = p.stderr.decode()
+    assert "STRIPE_WEBHOOK_SECRET" in err and "whitespace" in err
+    assert "whsec_aaa" not in err and "whsec_bbb" not in err

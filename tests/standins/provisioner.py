@@ -1,0 +1,87 @@
+"""Stand-in for the dokku-provisioner service (DOKKU_PROVISIONER_URL).
+
+Speaks the provisioner's HTTP contract (README, provisioner section):
+  POST   /apps                {app, subdomain, memory_mb, cpu, env} -> 200
+                              {app, state, backend_url, frontend_url, matrix_server_url}
+                              (creates, or updates and starts, an existing app)
+  POST   /apps/{app}/stop     -> 200 {app, state: "stopped"}; 404 unknown app
+  POST   /apps/{app}/start    -> 200 {app, state: "running", urls}; 404 unknown app
+  GET    /apps/{app}          -> 200 {app, state, ...}; 404 unknown app
+  DELETE /apps/{app}          -> 200 (also for a missing app)
+with `Authorization: Bearer <token>` compared in constant time (401 otherwise).
+Keeps the apps it was asked for in .apps, so a test can tell "one app" from "two".
+Failure behaviours come from RecordingServer (fail, reject, hang, slow).
+
+    with ProvisionerStandin(token="...") as p:
+        env = {"DOKKU_PROVISIONER_URL": p.url, "DOKKU_PROVISIONER_TOKEN": p.token}
+"""
+import re
+import secrets
+
+try:
+    from .recording import RecordingServer
+except ImportError:  # imported as a top-level module
+    from recording import RecordingServer
+
+APP_PATH = re.compile(r"^/apps/([a-z][a-z0-9-]{0,62})(?:/(start|stop))?$")
+
+
+class ProvisionerStandin(RecordingServer):
+    def __init__(self, token=None, domain="mindroom.test"):
+        super().__init__(token=token or secrets.token_hex(24))
+        self.domain = domain
+        self.apps = {}          # app -> {"state", "memory_mb", "cpu", "env", "subdomain"}
+        self.creates = 0        # POST /apps that created a new app
+
+    def reset(self):
+        super().reset()
+        with self.lock:
+            self.apps.clear()
+            self.creates = 0
+
+    def urls(self, sub):
+        return {
+            "backend_url": f"https://api.{sub}.{self.domain}",
+            "frontend_url": f"https://{sub}.{self.domain}",
+            "matrix_server_url": f"https://matrix.{sub}.{self.domain}",
+        }
+
+    def create_calls(self):
+        return self.recorded("POST", "/apps")
+
+    def answer(self, rec):
+        with self.lock:
+            return self._answer(rec)
+
+    def _answer(self, rec):
+        if rec.path == "/apps" and rec.method == "POST":
+            b = rec.json
+            if (not isinstance(b, dict) or not isinstance(b.get("app"), str)
+                    or not re.fullmatch(r"[a-z][a-z0-9-]{0,62}", b["app"])
+                    or not isinstance(b.get("subdomain"), str)
+                    or not isinstance(b.get("memory_mb"), int)
+                    or not isinstance(b.get("cpu"), (int, float))
+                    or not isinstance(b.get("env", {}), dict)):
+                return 400, {"error": {"code": "invalid", "message": "bad app request"}}
+            if b["app"] not in self.apps:
+                self.creates += 1
+            self.apps[b["app"]] = {"state": "running", "memory_mb": b["memory_mb"],
+                                   "cpu": b["cpu"], "env": dict(b.get("env") or {}),
+                                   "subdomain": b["subdomain"]}
+            return 200, dict(app=b["app"], state="running", **self.urls(b["subdomain"]))
+        m = APP_PATH.match(rec.path)
+        if not m:
+            return 404, {"error": {"code": "not_found", "message": "no such route"}}
+        app, verb = m.group(1), m.group(2)
+        known = self.apps.get(app)
+        if rec.method == "DELETE" and verb is None:
+            self.apps.pop(app, None)
+            return 200, {"app": app, "state": "deleted"}
+        if known is None:
+            return 404, {"error": {"code": "not_found", "message": f"no app {app}"}}
+        if rec.method == "GET" and verb is None:
+            return 200, dict(app=app, state=known["state"], **self.urls(known["subdomain"]))
+        if rec.method == "POST" and verb in ("start", "stop"):
+            known["state"] = "running" if verb == "start" else "stopped"
+            return 200, dict(app=app, state=known["state"], **self.urls(known["subdomain"]))
+        return 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
