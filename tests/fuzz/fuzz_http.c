@@ -1,5 +1,6 @@
 /* libFuzzer harness: the request edge: CONTENT_LENGTH parsing, exact-length body
- * reads with short input, the Bearer header and query-string decoding. */
+ * reads with short input, the Bearer header and query-string decoding.
+ * fuzz-targets: lib/mr_http_parse.c */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

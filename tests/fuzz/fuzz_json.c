@@ -1,5 +1,6 @@
 /* libFuzzer harness: JSON parsing with an explicit length and the typed getters
- * the webhook uses to pull fields out of a Stripe event. */
+ * the webhook uses to pull fields out of a Stripe event. 
+ * fuzz-targets: lib/mr_json.c */
 #include <stdint.h>
 #include <stdlib.h>
 #include "mr_json.h"

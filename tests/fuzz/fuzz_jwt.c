@@ -1,6 +1,7 @@
 /* libFuzzer harness: JWT parsing and HS256 verification on arbitrary tokens,
  * plus a round trip: a token signed from fuzzed claims must verify, or the
- * claims were not a JSON object. */
+ * claims were not a JSON object. 
+ * fuzz-targets: lib/mr_jwt.c */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

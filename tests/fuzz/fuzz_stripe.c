@@ -2,7 +2,8 @@
  * Input layout: header bytes, a NUL, then the body. The harness also signs the
  * body with a known secret and checks that the verifier accepts a well-formed
  * header built from that signature, so a parser change that rejects valid
- * headers fails here too, not only a crash. */
+ * headers fails here too, not only a crash. 
+ * fuzz-targets: lib/mr_stripe.c */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memcpy(header, data, hlen);
     header[hlen] = '\0';
     (void)mr_stripe_verify(header, body, blen, secrets, 2, 1700000000, 300, err, sizeof err);
+
+    /* The header bytes as a STRIPE_WEBHOOK_SECRET list (the config parser). */
+    char *storage;
+    const char *list[8];
+    size_t n;
+    if (mr_stripe_parse_secrets(header, &storage, list, 8, &n, err, sizeof err) == MR_OK) {
+        if (n == 0 || n > 8)
+            abort();
+        for (size_t i = 0; i < n; i++)
+            if (!*list[i] || strpbrk(list[i], " \t\r\n,"))
+                abort();
+        free(storage);
+    }
     free(header);
 
     char hex[65], good[160];
