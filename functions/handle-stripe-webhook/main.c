@@ -117,7 +117,11 @@ static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char 
         }
         if (st == PGRES_FATAL_ERROR && !state[0]) {
             const char *s = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-            snprintf(state, 6, "%s", s && strlen(s) == 5 ? s : "XX000");
+            /* libpq's own errors (the server died mid-pipeline) carry no SQLSTATE:
+             * a lost connection is transient (503, Stripe retries), not a 500. */
+            if (!(s && strlen(s) == 5))
+                s = PQstatus(c) != CONNECTION_OK ? "08006" : "XX000";
+            snprintf(state, 6, "%s", s);
             const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
             mr_log(MR_LOG_WARN, "database error %s: %.300s", state, m ? m : "");
         } else if (st == PGRES_TUPLES_OK && ++ntuples == 2 && PQntuples(res) == 1
