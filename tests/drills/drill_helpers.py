@@ -2,7 +2,6 @@
 concurrent delivery driver that records every answer, and a TCP gate that makes
 a service unreachable (connection refused) and reachable again on the same port."""
 import json
-import random
 import socket
 import threading
 import time
@@ -173,6 +172,12 @@ class Gate:
     def close(self):
         s, self._lsock = self._lsock, None
         if s is not None:
+            # shutdown first: close() alone leaves the socket listening while the
+            # accept thread still holds it, and connections would still succeed.
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
         with self._lock:
             for c in list(self._conns):
