@@ -11,17 +11,22 @@
 # Configuration: embedded local defaults; secrets are generated once into
 # .run/secrets.env and reused; a .env file overrides any of them (.env.example).
 # Logs: .run/log/<name>.log (JSON lines), nginx's in .run/log/nginx.*.log.
+# Tests run it elsewhere with MR_RUN_DIR (instead of .run) and MR_ENV_FILE (instead of .env).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RUN=$ROOT/.run
+RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
 FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner)
 
 die() { echo "stack: $*" >&2; exit 1; }
 say() { echo "stack: $*" >&2; }
 
-# A Supabase-shaped HS256 JWT, minted with the stdlib (no dependency on the build).
+# A Supabase-shaped HS256 JWT: mr-jwt from the build, else Python's stdlib.
 mint_jwt() { # role exp_in_seconds
+  if [ -x "$ROOT/build/release/bin/mr-jwt" ]; then
+    "$ROOT/build/release/bin/mr-jwt" --role "$1" --exp "$2"
+    return
+  fi
   python3 - "$1" "$2" <<'EOF'
 import base64, hashlib, hmac, json, os, sys, time
 b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
@@ -49,23 +54,29 @@ load_config() {
   set -a
   # shellcheck disable=SC1091
   . "$RUN/secrets.env"
-  API_LISTEN=127.0.0.1:54321
-  PROVISIONER_LISTEN=127.0.0.1:8002
-  PG_PORT=54322
   MR_BUILD=${MR_BUILD:-build/release}
   # shellcheck disable=SC1091
-  [ -f "$ROOT/.env" ] && . "$ROOT/.env"
+  local envfile=${MR_ENV_FILE:-$ROOT/.env}
+  [ -f "$envfile" ] && . "$envfile"
+  API_LISTEN=${MR_API_LISTEN:-127.0.0.1:54321}
+  PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
+  PG_PORT=${MR_PG_PORT:-54322}
   SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
   FUNCTIONS_URL=${FUNCTIONS_URL:-http://$API_LISTEN/functions/v1}
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
   # No dokku on this machine: the provisioner prints the commands it would run.
   if [ -z "${DOKKU_MODE:-}" ]; then
-    if command -v dokku >/dev/null; then DOKKU_MODE=real; else DOKKU_MODE=dry-run; fi
+    if command -v dokku >/dev/null; then DOKKU_MODE=local; else DOKKU_MODE=dry-run; fi
   fi
   set +a
 }
 
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# Running (a zombie waiting for its parent to reap it counts as gone).
+pid_alive() {
+  [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || return 1
+  local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+  [ -n "$st" ] && [ "$st" != Z ]
+}
 
 # Starts "$@" in its own session (Ctrl-C reaches only this script, which then
 # stops everything in order), output to .run/log/<name>.log, pid in .run/pids.
@@ -131,8 +142,8 @@ cmd_run() {
   echo $$ > "$RUN/stack.pid"
   declare -gA PIDS=()
   trap shutdown EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
+  # Ctrl-C and `make stop` (SIGTERM) are the normal way out: a clean stop is success.
+  trap 'exit 0' INT TERM
 
   # PostgreSQL: the cluster persists in .run/pg; pending migrations and the
   # (idempotent) seed are applied on every start.

@@ -69,6 +69,28 @@ static const char identity_sql[] =
     " set_config('request.jwt.claims', '{\"role\":\"service_role\"}', true)";
 static const char process_sql[] = "SELECT public.process_stripe_event($1::jsonb)::text";
 
+/* Both statements are prepared once per connection (parse and plan once, like
+ * pgbench -M prepared for the ceiling). A new connection has a new backend pid:
+ * that, not the PGconn pointer (which malloc may reuse), says "prepare again".
+ * EXECUTE on the function is checked when it runs, after the role switch. */
+static int prepared_pid;
+
+static int ensure_prepared(PGconn *c)
+{
+    if (prepared_pid != 0 && prepared_pid == PQbackendPID(c))
+        return 1;
+    PGresult *a = PQprepare(c, "mr_wh_identity", identity_sql, 0, NULL);
+    PGresult *b = PQresultStatus(a) == PGRES_COMMAND_OK
+                      ? PQprepare(c, "mr_wh_process", process_sql, 1, NULL) : NULL;
+    int ok = b != NULL && PQresultStatus(b) == PGRES_COMMAND_OK;
+    if (!ok)
+        mr_log(MR_LOG_WARN, "database prepare failed: %.200s", PQerrorMessage(c));
+    PQclear(a);
+    PQclear(b);
+    prepared_pid = ok ? PQbackendPID(c) : 0;
+    return ok;
+}
+
 /* Runs identity_sql and process_sql as one pipeline (one implicit transaction,
  * committed at Sync, rolled back entirely on any error). Returns MR_OK with
  * *out set to a malloc'd copy of the function's JSON result (caller frees), or
@@ -90,9 +112,11 @@ static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char 
     state[0] = '\0';
     if (c == NULL)
         return MR_ETRANSIENT;
+    if (!ensure_prepared(c))
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     if (!PQenterPipelineMode(c)
-        || !PQsendQueryParams(c, identity_sql, 0, NULL, NULL, NULL, NULL, 0)
-        || !PQsendQueryParams(c, process_sql, 1, NULL, params, lengths, formats, 0)
+        || !PQsendQueryPrepared(c, "mr_wh_identity", 0, NULL, NULL, NULL, 0)
+        || !PQsendQueryPrepared(c, "mr_wh_process", 1, params, lengths, formats, 0)
         || !PQpipelineSync(c)) {
         mr_log(MR_LOG_WARN, "database send failed: %.200s", PQerrorMessage(c));
         PQexitPipelineMode(c);
@@ -142,7 +166,8 @@ static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char 
         *out = NULL;
         *maybe_committed = 0;  /* an error aborts the implicit transaction */
         if (!strncmp(state, "08", 2) || !strncmp(state, "53", 2) || !strncmp(state, "57", 2)
-            || !strcmp(state, "40001") || !strcmp(state, "40P01") || !strcmp(state, "55P03"))
+            || !strcmp(state, "40001") || !strcmp(state, "40P01") || !strcmp(state, "55P03")
+            || !strcmp(state, "26000"))
             rc = mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later (%s)", state);
         else if (!strncmp(state, "22", 2))
             rc = mr_seterr(err, errlen, MR_EINVAL, "the event could not be stored (%s)", state);
@@ -171,6 +196,10 @@ static mr_err process_event(mr_db *db, const char *event, size_t len, char **out
         mr_err rc = run_pipeline(db, event, len, out, &maybe_committed, state, err, errlen);
         if (rc == MR_OK || rc != MR_ETRANSIENT || attempt >= 4)
             return rc;
+        if (!strcmp(state, "26000")) {
+            prepared_pid = 0;
+            continue;
+        }
         if (!strcmp(state, "40001") || !strcmp(state, "40P01")) {
             struct timespec ts = {0, (long)(2 + attempt * 5) * 1000000L};
             nanosleep(&ts, NULL);

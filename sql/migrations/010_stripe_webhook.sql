@@ -83,16 +83,6 @@ AS $$
             ELSE 0 END]
 $$;
 
--- Unix seconds (JSON number or numeric string) -> timestamptz; NULL stays NULL.
-CREATE FUNCTION public.stripe_ts(p_value jsonb)
-RETURNS timestamptz
-LANGUAGE sql IMMUTABLE
-SET search_path = ''
-AS $$
-    SELECT CASE WHEN p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN NULL
-                ELSE pg_catalog.to_timestamp((p_value #>> '{}')::bigint) END
-$$;
-
 -- An id field that Stripe sends either as a string or, when expanded, as an object.
 CREATE FUNCTION public.stripe_id(p_value jsonb)
 RETURNS text
@@ -108,7 +98,8 @@ $$;
 -- Finds the account of a Stripe customer: by accounts.stripe_customer_id, else by
 -- p_account_id (metadata.account_id / client_reference_id), which is then linked to the
 -- customer. Raises MRW01 (deferred: retry later) when neither finds an account, and
--- MRW02 (permanent) when the named account is already linked to another customer.
+-- MRW02 (permanent) when the account id is not a uuid or the named account is already
+-- linked to another customer.
 CREATE FUNCTION public.stripe_account_for(p_customer text, p_account_id text)
 RETURNS uuid
 LANGUAGE plpgsql VOLATILE
@@ -124,8 +115,12 @@ BEGIN
             RETURN v_id;
         END IF;
     END IF;
-    IF p_account_id IS NULL OR p_account_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    IF p_account_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'MRW01', MESSAGE = 'unknown account: no account has this customer and no account id was given';
+    END IF;
+    IF p_account_id !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        -- Not an id at all: no retry can make it one.
+        RAISE EXCEPTION USING ERRCODE = 'MRW02', MESSAGE = 'account id is not a uuid';
     END IF;
     SELECT a.id, a.stripe_customer_id INTO v_id, v_cust
       FROM public.accounts a WHERE a.id = p_account_id::uuid FOR UPDATE;
@@ -212,8 +207,8 @@ BEGIN
 
     -- Before API version 2025-03-31 the period end is on the subscription; since, on
     -- each item.
-    v_period := coalesce(public.stripe_ts(v_obj -> 'current_period_end'),
-                         (SELECT max(public.stripe_ts(it -> 'current_period_end'))
+    v_period := coalesce(pg_catalog.to_timestamp((v_obj ->> 'current_period_end')::bigint),
+                         (SELECT pg_catalog.to_timestamp(max((it ->> 'current_period_end')::bigint))
                             FROM jsonb_array_elements(
                                  CASE WHEN jsonb_typeof(v_obj #> '{items,data}') = 'array'
                                       THEN v_obj #> '{items,data}' ELSE '[]'::jsonb END) AS it));
@@ -226,8 +221,8 @@ BEGIN
             trial_ends_at, current_period_end, cancelled_at, cancel_at_period_end,
             last_event_created, last_event_id)
         VALUES (v_account, v_stripe_id, v_price, v_plan.tier, v_status,
-                public.stripe_ts(v_obj -> 'trial_end'), v_period,
-                public.stripe_ts(v_obj -> 'canceled_at'),
+                pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint), v_period,
+                pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
                 coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
                 p_created, p_event_id)
         RETURNING * INTO v_sub;
@@ -236,9 +231,9 @@ BEGIN
             stripe_price_id      = v_price,
             tier                 = v_plan.tier,
             status               = v_status,
-            trial_ends_at        = public.stripe_ts(v_obj -> 'trial_end'),
+            trial_ends_at        = pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint),
             current_period_end   = v_period,
-            cancelled_at         = public.stripe_ts(v_obj -> 'canceled_at'),
+            cancelled_at         = pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
             cancel_at_period_end = coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
             last_event_created   = p_created,
             last_event_id        = p_event_id
@@ -251,7 +246,7 @@ BEGIN
     SELECT * INTO v_inst FROM public.instances i
      WHERE i.subscription_id = v_sub.id AND i.status <> 'deprovisioned' FOR UPDATE;
 
-    IF v_status IN ('trialing', 'active', 'past_due') THEN
+    IF public.is_entitled(v_status) THEN
         IF v_inst.id IS NULL THEN
             SELECT * INTO v_names FROM public.instance_names(v_sub.id);
             -- Memory and CPU come from the plan (trigger, 004); a tier change later
@@ -324,15 +319,7 @@ BEGIN
        OR jsonb_typeof(v_obj) <> 'object' THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'not a Stripe event';
     END IF;
-    v_created := public.stripe_ts(p_event -> 'created');
-
-    -- Dedupe, fast path: an event already handled is answered from a plain read.
-    -- No lock and no write, so a duplicate costs no commit flush.
-    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = v_id;
-    IF v_prev IN ('processed', 'ignored', 'stale') OR (v_prev = 'failed' AND NOT p_force) THEN
-        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
-                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
-    END IF;
+    v_created := pg_catalog.to_timestamp((p_event ->> 'created')::bigint);
 
     -- Dedupe, for real: every delivery of one event id is serialized by this lock,
     -- so of ten concurrent deliveries one applies and nine then read its outcome.
@@ -427,11 +414,25 @@ BEGIN
 END;
 $$;
 
+-- Dedupe, fast path first: an event already handled is answered from a plain read,
+-- before anything else is looked at. No lock and no write, so a duplicate costs no
+-- commit flush. (stripe_handle_event checks again under the event's lock.)
 CREATE FUNCTION public.process_stripe_event(p_event jsonb)
 RETURNS jsonb
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = ''
-AS $$ SELECT public.stripe_handle_event(p_event, false) $$;
+AS $$
+DECLARE
+    v_prev text;
+BEGIN
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = p_event ->> 'id';
+    IF v_prev IN ('processed', 'ignored', 'stale', 'failed') THEN
+        RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
+                                  'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
+    END IF;
+    RETURN public.stripe_handle_event(p_event, false);
+END;
+$$;
 
 -- Reprocesses a stored event that has not been handled successfully (deferred: unknown
 -- account; received: interrupted; failed: permanent error, e.g. after the operator added
@@ -459,7 +460,6 @@ BEGIN
     FOREACH f IN ARRAY ARRAY[
         'public.stripe_subscription_status(text)',
         'public.stripe_event_rank(text, text)',
-        'public.stripe_ts(jsonb)',
         'public.stripe_id(jsonb)',
         'public.stripe_account_for(text, text)',
         'public.stripe_apply_subscription(jsonb, text, text, timestamptz)',

@@ -152,10 +152,10 @@ class Cluster:
     """The session's PostgreSQL cluster (scripts/pg.sh in a temporary directory,
     unix socket only). The `pg` fixture yields one."""
 
-    def __init__(self):
+    def __init__(self, fsync=False):
         self.dir = Path(tempfile.mkdtemp(prefix="mr-pg-"))
         out = _run([str(ROOT / "scripts/pg.sh"), "init", str(self.dir)],
-                   env=dict(os.environ, PG_FSYNC="off"))
+                   env=dict(os.environ, PG_FSYNC="on" if fsync else "off"))
         self.base_conninfo = out.strip().splitlines()[-1]
         kv = dict(p.split("=", 1) for p in self.base_conninfo.split())
         self.host, self.port = kv["host"], kv["port"]
@@ -246,13 +246,17 @@ class Stack:
     Attributes: env (dict, the functions' environment), run (Path), port and
     provisioner_port (nginx), provisioner_url, base_url, db (database name),
     procs (name -> Popen of each running function's master), functions (names
-    started). Extra env given to the constructor wins over the defaults.
+    started). Extra env given to the constructor wins over the defaults; a
+    value of None removes a default (e.g. {"FUNCTIONS_URL": None}).
     functions= limits which of FUNCTIONS start (default: every one built);
     extra_functions= names more binaries from the build (e.g. "noop", the
-    runtime's test function) served at /functions/v1/<name> too.
+    runtime's test function) served at /functions/v1/<name> too;
+    nginx_extra= is nginx text added inside the public server block (@RUN@ and
+    @ROOT@ replaced).
     """
 
-    def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=()):
+    def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
+                 nginx_extra=""):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.db = "mr_" + secrets.token_hex(6)
@@ -267,6 +271,7 @@ class Stack:
         self.procs = {}
         self.nginx = None
         self.port = self.provisioner_port = None
+        self._nginx_extra = nginx_extra
         self._extra_env = dict(env or {})
         self._workers = workers
         self.env = {}
@@ -287,7 +292,8 @@ class Stack:
             (self.run / d).mkdir()
         self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
         (self.run / "conf.d/extra-functions.conf").write_text("".join(
-            self.extra_location(f) for f in self.extra_functions))
+            self.extra_location(f) for f in self.extra_functions) +
+            self._nginx_extra.replace("@RUN@", str(self.run)).replace("@ROOT@", str(ROOT)))
         self._start_nginx()
         user = "authenticator" if self.pg.has_role("authenticator") else "postgres"
         self.env = {

@@ -190,7 +190,9 @@ def test_supabase_js_invoke_headers_pass_auth(stack):
     r = stack.call("POST", "provision-instance", json={"subscription_id": user},
                    headers={"Authorization": "Bearer " + stack.jwt(), "apikey": anon_key,
                             "x-client-info": "supabase-js/2.45.0"})
-    assert r.status not in (401, 403, 404, 405), r
+    assert r.status not in (401, 403, 405), r
+    logged = request_log(stack, "provision-instance", r.headers["X-Request-Id"])
+    assert [l.get("role") for l in logged] == ["service_role"], logged
     # Authorization wins over apikey: a user session with a service_role apikey
     # stays a user (403 on a service function).
     r = stack.call("POST", "provision-instance", json={},
@@ -382,3 +384,26 @@ def test_db_restart_costs_no_failed_request_after_it(stack):
     for _ in range(4):
         r = stack.call("GET", "noop?sleep_ms=1")
         assert r.status == 200, r
+
+
+# ---- browsers --------------------------------------------------------------
+
+def test_cors_preflight_is_answered_by_nginx(stack):
+    """supabase-js in a browser preflights its call (Authorization, apikey,
+    x-client-info): nginx answers 204 with Supabase's CORS headers, and the
+    real call's answer (success or error) carries the origin header too."""
+    before = len(log_lines(stack, "check-instance-health"))
+    r = stack.call("OPTIONS", "check-instance-health", headers={
+        "Origin": "https://app.mindroom.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, x-client-info, apikey, content-type"})
+    assert r.status == 204, r
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    allowed = {h.strip() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "x-client-info", "apikey", "content-type"} <= allowed
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert len(log_lines(stack, "check-instance-health")) == before
+    r = stack.call("POST", "check-instance-health", json={}, headers={"Origin": "https://x.example"})
+    assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "*", r
+    r = stack.call("POST", "/functions/v1/nope", json={}, headers={"Origin": "https://x.example"})
+    assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*", r

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# `make bench`: starts a throwaway stack (release build, PostgreSQL with fsync
+# on, nginx on free ports) and runs the benchmark sections against it.
+#
+#   scripts/bench.sh [section...]      default: every section in SECTIONS
+#
+# Adding a section: write `bench_<name>() { ... }` below and append <name> to
+# SECTIONS. A section sees the stack through these variables (tests/bench/stack.py):
+#   BENCH_API           http://127.0.0.1:<port> (public listener; /functions/v1/<name>)
+#   BENCH_PROVISIONER   the provisioner listener
+#   BENCH_DB            superuser conninfo of the stack's database (psql "$BENCH_DB")
+#   BENCH_RUN           the run directory (sockets, logs in $BENCH_RUN/log)
+#   BENCH_PID_<fn>      master pid of each function (dashes as underscores)
+#   SERVICE_TOKEN       a service_role JWT; SUPABASE_JWT_SECRET, STRIPE_WEBHOOK_SECRET,
+#                       DOKKU_PROVISIONER_TOKEN, MR_WORKERS as the functions have them
+# and these helpers: wrk_run LABEL URL [wrk args] (prints one table row and sets
+# WRK_RPS, WRK_P50, WRK_P99), mem_table (RSS and PSS of every worker).
+# Knobs: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (default 32),
+# BENCH_THREADS (default 2), MR_WORKERS (default: cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECTIONS=(runtime webhook)
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-32}
+THREADS=${BENCH_THREADS:-2}
+export MR_BUILD=${MR_BUILD:-build/release}
+# Debian's python3 has python3-psycopg2 (deps.sh); a pyenv/venv python3 first
+# on PATH usually does not.
+PY=python3; [ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+
+command -v wrk >/dev/null || { echo "bench: wrk not found (make deps)" >&2; exit 1; }
+[ -x "$MR_BUILD/bin/noop" ] || { echo "bench: $MR_BUILD/bin/noop missing (make build)" >&2; exit 1; }
+
+tmp=$(mktemp -d /tmp/mr-bench.XXXXXX)
+stack_pid=
+cleanup() {
+  if [ -n "$stack_pid" ] && kill -0 "$stack_pid" 2>/dev/null; then
+    kill -TERM "$stack_pid"; wait "$stack_pid" 2>/dev/null || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# ---- helpers ---------------------------------------------------------------
+
+# wrk_run LABEL URL [extra wrk args...]: one row "label  req/s  p50  p99  errors".
+wrk_run() {
+  local label=$1 url=$2; shift 2
+  local out
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$@" "$url")
+  WRK_RPS=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  WRK_P50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  WRK_P99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  local errs non2xx
+  errs=$(awk '/Socket errors/ {print $0}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+  printf '%-34s %12s %10s %10s   %s\n' "$label" "$WRK_RPS" "$WRK_P50" "$WRK_P99" \
+    "${non2xx:+non-2xx: $non2xx }${errs}"
+}
+
+wrk_header() {
+  printf '%-34s %12s %10s %10s\n' "what (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)" "requests/s" "p50" "p99"
+}
+
+kib() { awk -v k="$1" 'BEGIN { printf "%.2f MiB", k / 1024 }'; }
+
+# mem_table: RSS and PSS of each function's workers (PSS splits shared library
+# pages fairly among the processes that map them: the honest per-worker cost).
+mem_table() {
+  printf '%-24s %8s %12s %12s\n' function worker RSS PSS
+  local fn var master w rss pss maxpss=0
+  for fn in $BENCH_FUNCTIONS; do
+    var=BENCH_PID_${fn//-/_}
+    master=${!var}
+    for w in $(cat "/proc/$master/task/$master/children" 2>/dev/null); do
+      rss=$(awk '/^Rss:/ {print $2}' "/proc/$w/smaps_rollup")
+      pss=$(awk '/^Pss:/ {print $2}' "/proc/$w/smaps_rollup")
+      printf '%-24s %8s %12s %12s\n' "$fn" "$w" "$(kib "$rss")" "$(kib "$pss")"
+      [ "$pss" -gt "$maxpss" ] && maxpss=$pss
+    done
+  done
+  MEM_MAX_PSS_KIB=$maxpss
+  echo "largest worker PSS: $(kib "$maxpss") (target < 6 MiB)"
+}
+
+# ---- sections --------------------------------------------------------------
+
+# nginx's own `return 200` against the noop function behind the same nginx.
+bench_runtime() {
+  echo "== runtime: nginx alone vs a no-op libmindroom function ($MR_WORKERS workers)"
+  curl -sf "$BENCH_API/bench/noop" >/dev/null || { echo "bench: /bench/noop does not answer" >&2; return 1; }
+  wrk_header
+  wrk_run "nginx return 200 (/bench/static)" "$BENCH_API/bench/static"
+  wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
+  local rps=${WRK_RPS%.*}
+  echo
+  mem_table
+  echo
+  local ok=1
+  [ "$rps" -ge 15000 ] || { echo "runtime: $rps requests/s through the function is under the 15,000 target"; ok=0; }
+  [ "$MEM_MAX_PSS_KIB" -lt 6144 ] || { echo "runtime: a worker's PSS is over 6 MiB"; ok=0; }
+  [ $ok -eq 1 ] && echo "runtime: targets met (>= 15,000 requests/s, < 6 MiB PSS per worker)"
+  return 0
+}
+
+# handle-stripe-webhook (issue 4). Runs on its own stack (scripts/bench/webhook_bench.py:
+# fsync on, FUNCTIONS_URL unset so no provisioning follows, webhook and noop with
+# BENCH_WEBHOOK_WORKERS workers): pgbench of the same SQL as the ceiling, then wrk
+# with pre-signed unique new-subscription events, duplicates, the noop function,
+# and new events paced at half of the measured peak. Writes build/bench/webhook.json.
+bench_webhook() {
+  echo "== webhook: signed Stripe events through nginx vs pgbench of the same SQL"
+  BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_WEBHOOK_CONNECTIONS:-8} \
+    BENCH_WORKERS=${BENCH_WEBHOOK_WORKERS:-8} "$PY" scripts/bench/webhook_bench.py
+}
+
+# ---- main ------------------------------------------------------------------
+
+echo "bench: starting a stack ($MR_BUILD)..." >&2
+"$PY" tests/bench/stack.py "$tmp/stack.env" &
+stack_pid=$!
+for _ in $(seq 600); do
+  [ -f "$tmp/stack.env" ] && break
+  kill -0 "$stack_pid" 2>/dev/null || { echo "bench: the stack failed to start" >&2; exit 1; }
+  sleep 0.1
+done
+[ -f "$tmp/stack.env" ] || { echo "bench: the stack did not start in 60 s" >&2; exit 1; }
+# shellcheck disable=SC1091
+. "$tmp/stack.env"
+echo "bench: $(nproc) cores, $(uname -r), nginx $(nginx -v 2>&1 | sed 's/.*\///'), $(date -u +%FT%TZ)"
+
+sections=("$@"); [ ${#sections[@]} -eq 0 ] && sections=("${SECTIONS[@]}")
+for s in "${sections[@]}"; do
+  declare -F "bench_$s" >/dev/null || { echo "bench: no section $s" >&2; exit 2; }
+  echo
+  "bench_$s"
+done
