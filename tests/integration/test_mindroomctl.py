@@ -3,8 +3,9 @@ operator meets (no .env, stack down, wrong id, wrong secret, database down).
 
 mindroomctl runs as a subprocess with a scrubbed environment and its own .env
 file written by the test (as an operator's would be), and a stack directory
-(MINDROOMCTL_STACK_DIR) that is empty unless a test fills it, so a developer's
-own .env or .run/ cannot leak in.
+(MR_RUN_DIR, as scripts/stack.sh names it) that is empty unless a test fills it, so a developer's
+own .env or .run/ cannot leak in. The last test runs it against scripts/stack.sh
+itself (what `make run` starts) with no configuration at all.
 """
 import base64
 import hashlib
@@ -65,8 +66,8 @@ def ctl(*args, env=None, stack_dir=None, timeout=60):
     """Runs mindroomctl; returns CompletedProcess (text). Only PATH and HOME are
     inherited; env adds variables as an exported shell would."""
     e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    e["MINDROOMCTL_STACK_DIR"] = str(stack_dir or "/nonexistent-mindroomctl-stack")
-    e["MINDROOMCTL_ENV"] = "/nonexistent-mindroomctl.env"
+    e["MR_RUN_DIR"] = str(stack_dir or "/nonexistent-mindroomctl-stack")
+    e["MR_ENV_FILE"] = "/nonexistent-mindroomctl.env"
     e.update(env or {})
     return subprocess.run([CTL] + [str(a) for a in args], env=e, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=timeout)
@@ -312,3 +313,73 @@ def test_wrong_ids_are_explained(stack, envfile):
     # A secret that is not the stack's: the 401 says which setting to look at.
     p = ctl("--env", envfile, "health", "--no-sweep", env={"SUPABASE_JWT_SECRET": "x" * 40})
     fails(p, 1, "401", "SUPABASE_JWT_SECRET")
+
+
+# ---- against scripts/stack.sh (what `make run` starts), with no configuration -------------
+
+def test_every_subcommand_against_the_make_run_stack(tmp_path):
+    """stack.sh on free ports in a temporary run directory (MR_RUN_DIR, as in
+    test_stack_script.py); mindroomctl gets only the same MR_* variables an
+    operator's shell would have and finds secrets, API and database itself."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from test_stack_script import start, stop
+
+    base = Path(tempfile.mkdtemp(prefix="mr-ctl-stacksh-"))
+    os.chmod(base, 0o755)   # PostgreSQL runs as postgres when we are root
+    run = base / "run"
+    ports = [mr.free_port() for _ in range(3)]
+    mr_vars = {"MR_RUN_DIR": str(run), "MR_ENV_FILE": "/dev/null",
+               "MR_API_LISTEN": "127.0.0.1:%d" % ports[0], "MR_PG_PORT": str(ports[2])}
+    env = dict(os.environ, MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
+               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], **mr_vars)
+    for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL",
+              "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET"):
+        env.pop(k, None)
+    p = None
+    try:
+        p, _ = start(run, env)
+
+        def c(*args, **kw):
+            e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+            e.update(mr_vars)
+            return subprocess.run([CTL] + [str(a) for a in args], env=e, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, timeout=kw.get("timeout", 120))
+
+        superuser = "host=%s port=%s dbname=mindroom user=postgres" % (run / "pg", ports[2])
+
+        def q(sql, *params):
+            import psycopg2
+            conn = psycopg2.connect(superuser)
+            conn.autocommit = True
+            with conn, conn.cursor() as cur:
+                cur.execute(sql, params or None)
+                return cur.fetchall() if cur.description else []
+
+        ok(c("token"))
+        out = json.loads(ok(c("health", "--no-sweep")))
+        assert "checked" in out
+        uid = str(uuid.uuid4())
+        q("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
+          "'authenticated', %s)", uid, "ctl-%s@example.com" % uid[:8])
+        ev = sub_event(uid, "cus_s" + uuid.uuid4().hex[:8], "sub_s" + uuid.uuid4().hex[:8])
+        assert json.loads(ok(c("replay", write_event(tmp_path, ev)))) == {"received": True}
+        sid = q("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                ev["data"]["object"]["id"])[0][0]
+        # The dokku-provisioner of `make run` (dry-run) provisions it.
+        wait_until(lambda: q("SELECT status::text FROM public.instances WHERE subscription_id = %s",
+                             sid) == [("running",)], timeout=30, what="running via make run's stack")
+        assert "ctl-%s" % uid[:8] in ok(c("status"))
+        ok(c("deprovision", "--subscription", sid, "--mode", "stop", "--wait"))
+        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("stopped",)]
+        ok(c("provision", sid, "--wait"))
+        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("running",)]
+        ok(c("health"))
+        ok(c("failed-events"))
+        ok(c("stuck"))
+        fails(c("provision", str(uuid.uuid4())), 1, "no such subscription")
+    finally:
+        if p is not None:
+            stop(run, env, p)
+        shutil.rmtree(base, ignore_errors=True)
