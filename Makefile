@@ -34,7 +34,8 @@ TEST_BINS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 .PHONY: all build tests test run stop bench valgrind fuzz drills clean deps
 all: build
-build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BUILD)/bin/noop
+BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bin/%,$(wildcard tests/bench/*.c))
+build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BENCH_BINS)
 tests: $(TEST_BINS)
 
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
@@ -57,9 +58,9 @@ $(BUILD)/bin/%: scripts/%.c $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -o $@
 
-# A function that is never deployed: `make bench` and the runtime's integration
-# tests (tests/bench/noop.c).
-$(BUILD)/bin/noop: tests/bench/noop.c $(LIB_A)
+# Never deployed: `make bench` and the runtime's integration tests
+# (tests/bench/noop.c, a no-op libmindroom function; bare.c, libfcgi alone).
+$(BUILD)/bin/%: tests/bench/%.c $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -o $@
 

@@ -27,10 +27,13 @@ void mr_instance_config_load(mr_instance_config *cfg)
     memset(cfg, 0, sizeof *cfg);
     cfg->provisioner_url = mr_config_str("DOKKU_PROVISIONER_URL", "http://127.0.0.1:8002");
     cfg->provisioner_token = mr_config_secret("DOKKU_PROVISIONER_TOKEN", NULL, 16);
-    /* A Dokku deploy builds and starts containers: minutes, not seconds. */
-    cfg->provisioner_timeout_ms = (long)mr_config_int("MR_PROVISION_TIMEOUT_MS", 600000, 100, 3600000);
+    /* A Dokku deploy pulls, builds and starts containers: minutes. The provisioner
+     * gives one deploy command 15 min (DOKKU_DEPLOY_TIMEOUT_MS) and nginx's
+     * provisioner listener reads for 20 min; wait a little longer than that, so the
+     * provisioner's own answer (even a timeout) arrives before ours expires. */
+    cfg->provisioner_timeout_ms = (long)mr_config_int("MR_PROVISION_TIMEOUT_MS", 1230000, 100, 7200000);
     cfg->connect_timeout_ms = (long)mr_config_int("MR_PROVISION_CONNECT_TIMEOUT_MS", 2000, 50, 60000);
-    cfg->lease_s = (int)mr_config_int("MR_PROVISION_LEASE_S", 900, 1, 86400);
+    cfg->lease_s = (int)mr_config_int("MR_PROVISION_LEASE_S", 1300, 1, 86400);
     cfg->backoff_base_s = (int)mr_config_int("MR_PROVISION_BACKOFF_BASE_S", 30, 1, 86400);
     cfg->backoff_cap_s = (int)mr_config_int("MR_PROVISION_BACKOFF_CAP_S", 3600, 1, 7 * 86400);
     cfg->wait_ms = (long)mr_config_int("MR_PROVISION_WAIT_MS", cfg->provisioner_timeout_ms + 5000,
@@ -471,8 +474,11 @@ mr_err mr_instance_run(mr_db *db, mr_httpc *http, const mr_identity *who,
         cJSON *result = cJSON_CreateObject();
         do_step(http, cfg, step, act, instance_id, result);
         int ok = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "ok"));
-        mr_log(ok ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms", instance_id, act,
-               ok ? "succeeded" : "failed", (long long)(mr_now_ms() - t0));
+        const char *why = NULL;
+        mr_json_str(result, "error", &why);
+        mr_log(ok ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms%s%s", instance_id,
+               act, ok ? "succeeded" : "failed", (long long)(mr_now_ms() - t0),
+               why ? ": " : "", why ? why : "");
 
         cJSON *reply = NULL;
         mr_err e = finish(db, who, cfg, instance_id, token, result, &reply, err, errlen);
@@ -531,14 +537,17 @@ cJSON *mr_instance_response(const mr_instance_result *res, int waited, int *stat
         *status = !only_email && (pending || busy) ? 202 : 200;
         return out;
     }
-    if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0) {
-        *status = 202; /* still someone else's (or past our wait): answer as it stands */
-        return out;
-    }
-    /* A failed welcome email never fails provisioning. */
     const char *st = "", *last = NULL;
     mr_json_str(inst, "status", &st);
     mr_json_str(inst, "last_error", &last);
+    /* Still someone else's, past our wait, or left mid-way by a worker that died
+     * (its lease ran out while we waited): answer as it stands, not as done. */
+    if (busy || strcmp(res->outcome, "claimed") == 0 || strcmp(res->outcome, "lost") == 0 ||
+        strcmp(st, "provisioning") == 0 || strcmp(st, "deprovisioning") == 0) {
+        *status = 202;
+        return out;
+    }
+    /* A failed welcome email never fails provisioning. */
     int failed = strcmp(st, "failed") == 0 ||
                  (res->failed_action[0] && strcmp(res->failed_action, "email") != 0);
     if (failed && last) {

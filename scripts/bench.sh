@@ -19,7 +19,7 @@
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECTIONS=(runtime webhook)
+SECTIONS=(runtime webhook health)
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
@@ -85,12 +85,14 @@ mem_table() {
 
 # ---- sections --------------------------------------------------------------
 
-# nginx's own `return 200` against the noop function behind the same nginx.
+# nginx's own `return 200` against the noop function behind the same nginx, with
+# a bare libfcgi responder (no libmindroom) in between as the floor.
 bench_runtime() {
   echo "== runtime: nginx alone vs a no-op libmindroom function ($MR_WORKERS workers)"
   curl -sf "$BENCH_API/bench/noop" >/dev/null || { echo "bench: /bench/noop does not answer" >&2; return 1; }
   wrk_header
   wrk_run "nginx return 200 (/bench/static)" "$BENCH_API/bench/static"
+  wrk_run "bare libfcgi responder (/bench/bare)" "$BENCH_API/bench/bare"
   wrk_run "noop function (/bench/noop)" "$BENCH_API/bench/noop"
   local rps=${WRK_RPS%.*}
   echo
@@ -101,6 +103,17 @@ bench_runtime() {
   [ "$MEM_MAX_PSS_KIB" -lt 6144 ] || { echo "runtime: a worker's PSS is over 6 MiB"; ok=0; }
   [ $ok -eq 1 ] && echo "runtime: targets met (>= 15,000 requests/s, < 6 MiB PSS per worker)"
   return 0
+}
+
+# check-instance-health: N running instances on the loopback health stand-in, 10 %
+# hanging; one whole call (select, concurrent probes, record, sweep) timed. Runs
+# its own stack (the probes need HEALTH_ALLOW_LOOPBACK=1); the bar: 1,000
+# instances within the probe deadline + 1 s. Knob: BENCH_HEALTH_ARGS (see
+# scripts/bench/health_bench.py --help), e.g. "--sizes 1000 --concurrency 1024".
+bench_health() {
+  echo "== health: probe round + sweep, 10 % of instances hanging"
+  # shellcheck disable=SC2086
+  MR_BUILD=$MR_BUILD "$PY" scripts/bench/health_bench.py ${BENCH_HEALTH_ARGS:-}
 }
 
 # handle-stripe-webhook (issue 4). Runs on its own stack (scripts/bench/webhook_bench.py:

@@ -20,6 +20,7 @@
 #include <curl/curl.h>
 
 #include "mindroom.h"
+#include "mr_instance.h"
 #include "mr_probe.h"
 
 static struct {
@@ -140,18 +141,9 @@ static int parse_params(mr_req *r, call_params *p)
             p->sweep = sw;
         cJSON_Delete(body);
     }
-    if (p->instance_id[0]) {
-        /* Canonical 8-4-4-4-12 hex: the cast in SQL would also refuse it, but
-         * as a 400 here rather than a database error. */
-        const char *s = p->instance_id;
-        int ok = strlen(s) == 36;
-        for (int i = 0; ok && i < 36; i++)
-            ok = (i == 8 || i == 13 || i == 18 || i == 23) ? s[i] == '-'
-                 : strchr("0123456789abcdefABCDEF", s[i]) != NULL && s[i] != '\0';
-        if (!ok) {
-            mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
-            return -1;
-        }
+    if (p->instance_id[0] && !mr_instance_is_uuid(p->instance_id)) {
+        mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
+        return -1;
     }
     return 0;
 }

@@ -94,8 +94,11 @@ static void init(void)
             die("%s must be a number of CPUs in [0.001, 1024]", "PROVISIONER_MAX_CPU");
         c->max_cpu_milli = (int64_t)(v * 1000.0 + 0.5);
     }
+    /* Deadlines nest: one command < the whole request < provision-instance's
+     * MR_PROVISION_TIMEOUT_MS (600 s) < nginx's fastcgi_read_timeout (1200 s). */
     c->command_timeout_ms = mr_config_int("DOKKU_COMMAND_TIMEOUT_MS", 60000, 100, 3600000);
-    c->deploy_timeout_ms = mr_config_int("DOKKU_DEPLOY_TIMEOUT_MS", 900000, 100, 7200000);
+    c->deploy_timeout_ms = mr_config_int("DOKKU_DEPLOY_TIMEOUT_MS", 480000, 100, 7200000);
+    c->request_timeout_ms = mr_config_int("PROVISIONER_REQUEST_TIMEOUT_MS", 540000, 100, 7200000);
     c->lock_retries = mr_config_int("DOKKU_LOCK_RETRIES", 5, 0, 100);
     c->lock_backoff_ms = mr_config_int("DOKKU_LOCK_BACKOFF_MS", 2000, 1, 600000);
     c->app_lock_wait_ms = mr_config_int("PROVISIONER_APP_LOCK_WAIT_MS", 30000, 0, 3600000);
@@ -115,9 +118,9 @@ static void init(void)
         mr_log(MR_LOG_WARN, "dry_run: true; DOKKU_MODE=%s: commands are recorded, never run",
                *mode ? mode : "(unset)");
     else
-        mr_log(MR_LOG_INFO, "mode %s%s%s, image %s, domain %s, tls %s",
-               c->mode == PROV_MODE_SSH ? "ssh to " : "local ",
-               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, "", c->image, c->base_domain,
+        mr_log(MR_LOG_INFO, "mode %s %s, image %s, domain %s, tls %s",
+               c->mode == PROV_MODE_SSH ? "ssh to" : "local",
+               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, c->image, c->base_domain,
                c->tls ? "on" : "off");
 }
 

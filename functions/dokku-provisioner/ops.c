@@ -83,7 +83,7 @@ static void unlock_app(int fd)
 static mr_err run(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
                   prov_result *res, prov_outcome *out, char *err, size_t errlen)
 {
-    mr_err e = prov_dokku(cfg, args, timeout_ms, res, err, errlen);
+    mr_err e = prov_dokku(cfg, args, timeout_ms, out->deadline_ms, res, err, errlen);
     if (e != MR_OK) {
         out->fail_status = res->timed_out ? 504 : 503;
         out->fail_code = res->timed_out ? "dokku_timeout" : "dokku_unavailable";
@@ -249,6 +249,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                   char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
+    out->deadline_ms = mr_now_ms() + cfg->request_timeout_ms;
     prov_result *res = malloc(sizeof *res);
     if (!res) {
         out->fail_status = 500;
@@ -353,6 +354,7 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, const char *verb
                        prov_outcome *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
+    out->deadline_ms = mr_now_ms() + cfg->request_timeout_ms;
     prov_result *res = malloc(sizeof *res);
     if (!res) {
         out->fail_status = 500;

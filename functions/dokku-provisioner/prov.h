@@ -39,6 +39,7 @@ typedef struct {
     int64_t lock_retries;       /* DOKKU_LOCK_RETRIES */
     int64_t lock_backoff_ms;    /* DOKKU_LOCK_BACKOFF_MS: first wait, doubled each time */
     int64_t app_lock_wait_ms;   /* PROVISIONER_APP_LOCK_WAIT_MS: wait for another request on the app */
+    int64_t request_timeout_ms; /* PROVISIONER_REQUEST_TIMEOUT_MS: a whole request, all commands */
     const char *state_dir;      /* PROVISIONER_STATE_DIR */
     const char *frontend_tpl, *backend_tpl, *matrix_tpl; /* PROVISIONER_*_URL templates */
 } prov_config;
@@ -104,7 +105,8 @@ typedef struct {
 
 /* Runs `dokku <args...>` (args NULL-terminated; args[0] is the subcommand,
  * or a global flag such as "--force" followed by it) per cfg->mode, with a
- * deadline of timeout_ms, retrying deploy-lock contention with backoff.
+ * deadline of timeout_ms but never past deadline_ms (absolute, mr_now_ms();
+ * 0 for none), retrying deploy-lock contention with backoff within it.
  * Fills *res (caller-owned). Returns MR_OK when the command ran to an exit
  * status (any status: the caller decides what it means), MR_ETRANSIENT when
  * it could not be started or timed out, with err filled. Arguments containing
@@ -112,7 +114,7 @@ typedef struct {
  * spawned: the command is logged and answered by a simulated registry under
  * cfg->state_dir/dry-run. */
 mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
-                  prov_result *res, char *err, size_t errlen);
+                  int64_t deadline_ms, prov_result *res, char *err, size_t errlen);
 /* The subcommand of an argv (skips leading "--flags"), for messages. */
 const char *prov_subcommand(const char *const *args);
 /* 1 when a finished command's output reports Dokku's deploy lock held by another deploy. */
@@ -130,6 +132,7 @@ typedef struct {
      * 504 dokku_timeout, 503 dokku_unavailable or app_busy, 404 not_found...). */
     int fail_status;
     const char *fail_code;
+    int64_t deadline_ms;        /* the request's end (mr_now_ms()); no command runs past it */
 } prov_outcome;
 
 /* Creates or updates an app to match spec, resuming a half-created one.

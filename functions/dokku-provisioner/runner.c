@@ -145,6 +145,8 @@ static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, po[1], 1);
     posix_spawn_file_actions_adddup2(&fa, pe[1], 2);
+    /* Nothing else of ours: not the FastCGI sockets, not the database's. */
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
     /* Own process group (killed as a whole on the deadline), default signal
      * dispositions and an empty mask whatever the worker has installed. */
     sigset_t none, all;
@@ -158,7 +160,8 @@ static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res
     posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
                                   POSIX_SPAWN_SETSIGDEF);
     pid_t pid = -1;
-    int rc = envp ? posix_spawn(&pid, argv[0], &fa, &at, argv, envp) : ENOMEM;
+    /* posix_spawnp: a bare "dokku" or "ssh" is looked up in PATH. */
+    int rc = envp ? posix_spawnp(&pid, argv[0], &fa, &at, argv, envp) : ENOMEM;
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     free(envp);
@@ -335,7 +338,7 @@ static mr_err run_one(const prov_config *cfg, const char *const *args, int64_t t
 }
 
 mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
-                  prov_result *res, char *err, size_t errlen)
+                  int64_t deadline_ms, prov_result *res, char *err, size_t errlen)
 {
     char what[1024];
     describe(args, what, sizeof what);
@@ -354,8 +357,15 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeo
         int retries = res->lock_retries;
         memset(res, 0, sizeof *res);
         res->lock_retries = retries;
-        int64_t t0 = mr_now_ms();
-        mr_err e = run_one(cfg, args, timeout_ms, res, err, errlen);
+        int64_t t0 = mr_now_ms(), budget = timeout_ms;
+        if (deadline_ms > 0 && deadline_ms - t0 < budget) budget = deadline_ms - t0;
+        if (budget <= 0) {
+            res->timed_out = 1;
+            mr_log(MR_LOG_ERROR, "%s: not started, the request's deadline has passed", what);
+            return mr_seterr(err, errlen, MR_ETRANSIENT,
+                             "%s not started: the request's deadline has passed", sub);
+        }
+        mr_err e = run_one(cfg, args, budget, res, err, errlen);
         int64_t took = mr_now_ms() - t0;
         if (e != MR_OK) {
             mr_log(MR_LOG_ERROR, "%s: %s (%lld ms)", what, err, (long long)took);
@@ -364,7 +374,8 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeo
             snprintf(why, sizeof why, "%s", err);
             return mr_seterr(err, errlen, e, "%s %s", sub, why);
         }
-        if (prov_lock_contended(res) && attempt < cfg->lock_retries) {
+        if (prov_lock_contended(res) && attempt < cfg->lock_retries &&
+            (deadline_ms <= 0 || mr_now_ms() + backoff < deadline_ms)) {
             res->lock_retries++;
             mr_log(MR_LOG_WARN, "%s: deploy lock held by another deploy; retry %d/%lld in %lld ms",
                    what, attempt + 1, (long long)cfg->lock_retries, (long long)backoff);

@@ -555,18 +555,18 @@ END;
 $$;
 
 -- Least privilege: only service_role (the functions' request identity) runs these.
-REVOKE ALL ON FUNCTION public.lifecycle_config_hash(public.instances) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_next_action(public.instances, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_instance_json(public.instances) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_step_json(public.instances, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_take(uuid, text, text, text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_live_instance_id(uuid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION public.lifecycle_claim_locked(uuid, text, integer, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.lifecycle_config_hash(public.instances) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_next_action(public.instances, boolean) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_instance_json(public.instances) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_step_json(public.instances, text) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_take(uuid, text, text, text, integer) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_live_instance_id(uuid) FROM PUBLIC, anon, authenticated;
+REVOKE ALL ON FUNCTION public.lifecycle_claim_locked(uuid, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_provision(uuid, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_deprovision(uuid, uuid, text, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_finish(uuid, text, jsonb, integer, integer, integer, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_get(uuid) FROM PUBLIC, anon, authenticated;
-REVOKE ALL ON FUNCTION public.lifecycle_due_action(public.instances, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION public.lifecycle_due_action(public.instances, boolean, boolean) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_owed(integer) FROM PUBLIC, anon, authenticated;
 REVOKE ALL ON FUNCTION public.lifecycle_claim_next(text, text, integer, boolean) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.lifecycle_provision(uuid, text, integer, boolean) TO service_role;

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A stack for scripts/bench.sh: the integration harness's cluster (fsync on)
-and Stack, with the release build, `noop` and two bench-only locations:
+and Stack, with the release build, `noop`, `bare` and three bench-only locations:
 
     /bench/static   nginx answers `return 200` itself (the ceiling)
+    /bench/bare     libfcgi alone (tests/bench/bare.c): the floor for a function
     /bench/noop     the noop function (libmindroom's own cost per request)
 
 Writes shell `export` lines describing the stack to ENVFILE, then runs until
@@ -27,6 +28,11 @@ location = /bench/static {
     default_type application/json;
     return 200 '{"ok":true}';
 }
+location = /bench/bare {
+    access_log off;
+    fastcgi_pass unix:@RUN@/sock/bare.sock;
+    include @ROOT@/nginx/fastcgi.conf;
+}
 location = /bench/noop {
     access_log off;
     fastcgi_pass unix:@RUN@/sock/noop.sock;
@@ -44,7 +50,7 @@ def main():
     try:
         pg.make_template()
         workers = int(os.environ.get("MR_WORKERS", os.cpu_count() or 2))
-        with mr.Stack(pg, workers=workers, extra_functions=("noop",),
+        with mr.Stack(pg, workers=workers, extra_functions=("noop", "bare"),
                       nginx_extra=BENCH_LOCATIONS) as s:
             lines = {
                 "BENCH_API": s.base_url,

@@ -36,12 +36,16 @@ class Dokku:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def all_calls(self):
+    def records(self):
+        """Every call's full record: argv, pid, time, fds, env (names)."""
         try:
             lines = (self.dir / "calls.jsonl").read_text().splitlines()
         except FileNotFoundError:
             return []
-        return [json.loads(line)["argv"] for line in lines if line.strip()]
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def all_calls(self):
+        return [r["argv"] for r in self.records()]
 
     def mark(self):
         """Forget the calls so far: new_calls() returns only later ones."""

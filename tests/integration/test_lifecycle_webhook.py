@@ -99,7 +99,9 @@ def test_signed_subscription_created_is_running_within_two_seconds(stack, prov, 
     t0 = time.monotonic()
     c.send("customer.subscription.created", "active")
     inst = wait_status(stack, c.sid, "running", timeout=2.0)
-    assert time.monotonic() - t0 < 2.0
+    took = time.monotonic() - t0
+    assert took < 2.0
+    print("\nsubscription.created -> running with URLs: %.0f ms" % (took * 1000))
     assert inst["frontend_url"] and inst["backend_url"] and inst["matrix_server_url"]
     creates = prov.create_calls()
     assert len(creates) == 1
@@ -181,6 +183,10 @@ def test_a_hanging_provisioner_never_slows_the_webhook(stack, prov):
     # While it hangs: a stream of other events, each of them owing provisioning too.
     others = [Customer(stack) for _ in range(12)]
     lat = [c.send("customer.subscription.created", "active") for c in others]
+    print("\nwebhook latency, healthy provisioner: median %.1f ms, max %.1f ms; "
+          "provisioner hanging: median %.1f ms, max %.1f ms (%d events)" % (
+              statistics.median(base) * 1000, max(base) * 1000,
+              statistics.median(lat) * 1000, max(lat) * 1000, len(lat)))
     assert max(lat) < max(0.5, 3 * max(base)), (lat, base)
     assert statistics.median(lat) < 0.25, lat
 

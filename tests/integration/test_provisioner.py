@@ -424,3 +424,17 @@ def test_the_provisioner_is_not_on_the_public_listener(stack, dokku):
                     token=token)
         assert r.status == 404, (path, r)
     assert dokku.new_calls() == []
+
+
+def test_dokku_inherits_no_descriptors_and_no_secrets(stack, dokku):
+    assert post(stack, body("mr-inherit", "sinherit")).status == 201
+    recs = [r for r in dokku.records() if "mr-inherit" in r["argv"]]
+    assert recs
+    for r in recs:
+        # stdin, stdout, stderr and the stand-in's own directory listing: no
+        # FastCGI socket, no database connection, no lock file.
+        assert r["fds"] == [0, 1, 2, 3], r
+        for secret in ("DOKKU_PROVISIONER_TOKEN", "SUPABASE_JWT_SECRET", "DATABASE_URL",
+                       "STRIPE_WEBHOOK_SECRET"):
+            assert secret not in r["env"], r
+        assert "DOKKU_STANDIN_DIR" in r["env"] and "PATH" in r["env"]

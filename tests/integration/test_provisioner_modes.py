@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -106,9 +107,12 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
               "-p", "2222", "dokku@dokku.example.com", "--"]
     assert calls[0] == prefix + ["apps:exists", "mr-ssh"]
     assert all(c[:len(prefix)] == prefix for c in calls)
-    # What the host ran after splitting the joined command line: exactly the
+    # What the host ran after splitting the joined command line: the "--" that
+    # ssh passed on (Dokku drops leading "--" arguments), then exactly the
     # create sequence, values intact (base64 has no spaces or glob characters).
-    dk = d.all_calls()
+    raw = d.all_calls()
+    assert raw and all(c[0] == "--" for c in raw), raw
+    dk = [c[1:] for c in raw]
     match(dk, create_sequence("mr-ssh", "sssh"))
     assert decode_config_args([c for c in dk if c[0] == "config:set"][0]) == env
     assert d.config("mr-ssh") == env
@@ -234,3 +238,38 @@ def test_bad_configuration_stops_the_start(change, needle):
 def test_good_configuration_starts():
     status, err = start_with(GOOD)
     assert status is None, err
+
+
+def test_the_request_deadline_bounds_every_command(slow):
+    s, d = slow
+    s.env["PROVISIONER_REQUEST_TIMEOUT_MS"] = "1500"
+    s.restart_function("dokku-provisioner")
+    try:
+        d.tell("stall", "apps:exists", times=1, seconds=120)
+        t0 = time.monotonic()
+        r = s.call_provisioner("GET", "/apps/mr-deadline")
+        took = time.monotonic() - t0
+        assert r.status == 504 and r.json["error"]["code"] == "dokku_timeout", r
+        # Cut at the request's 1500 ms, not at the command's own 3000 ms.
+        assert re.fullmatch(r"apps:exists timed out after 1[0-9]{3} ms",
+                            r.json["error"]["message"]), r
+        assert took < 2.9, took
+    finally:
+        del s.env["PROVISIONER_REQUEST_TIMEOUT_MS"]
+        s.restart_function("dokku-provisioner")
+
+
+def test_a_bare_dokku_bin_is_found_in_path(slow):
+    s, d = slow
+    s.env["DOKKU_BIN"] = "dokku"
+    s.env["PATH"] = "%s:%s" % (STANDINS, os.environ.get("PATH", "/usr/bin:/bin"))
+    s.restart_function("dokku-provisioner")
+    try:
+        d.mark()
+        r = s.call_provisioner("GET", "/apps/mr-inpath")
+        assert r.status == 404, r
+        assert d.new_calls() == [["apps:exists", "mr-inpath"]]
+    finally:
+        s.env["DOKKU_BIN"] = str(STANDINS / "dokku")
+        del s.env["PATH"]
+        s.restart_function("dokku-provisioner")

@@ -10,6 +10,7 @@ PostgreSQL with ?sleep_ms=N.
 """
 
 import json
+import os
 import re
 import signal
 import threading
@@ -187,6 +188,7 @@ def test_supabase_js_invoke_headers_pass_auth(stack):
     assert [l.get("role") for l in logged] == ["authenticated"], logged
 
     # The same with the service_role key as bearer, as an ops script would call.
+    # (An unknown subscription is the handler's own 404 not_found: past auth.)
     r = stack.call("POST", "provision-instance", json={"subscription_id": user},
                    headers={"Authorization": "Bearer " + stack.jwt(), "apikey": anon_key,
                             "x-client-info": "supabase-js/2.45.0"})
@@ -341,8 +343,10 @@ def test_sigkilled_worker_is_replaced_and_service_continues(stack):
 def test_sigkilled_idle_workers_of_a_real_function_are_replaced(stack):
     name = "provision-instance"
     before = stack.wait_workers(name)
+    # Each pid by name: kill_worker() takes the first listed worker, which may be
+    # one just killed that has not become a zombie yet.
     for pid in before:
-        stack.kill_worker(name)
+        os.kill(pid, signal.SIGKILL)
     after = stack.wait_workers(name, exclude=before)
     assert not set(after) & set(before)
     for _ in range(10):

@@ -1,7 +1,7 @@
 """Stand-in for the dokku-provisioner service (DOKKU_PROVISIONER_URL).
 
 Speaks the provisioner's HTTP contract (README, provisioner section):
-  POST   /apps                {app, subdomain, memory_mb, cpu, env} -> 200
+  POST   /apps                {app, subdomain, memory_mb, cpu, env} -> 201 (new) / 200
                               {app, state, backend_url, frontend_url, matrix_server_url}
                               (creates, or updates and starts, an existing app)
   POST   /apps/{app}/stop     -> 200 {app, state: "stopped"}; 404 unknown app
@@ -63,12 +63,13 @@ class ProvisionerStandin(RecordingServer):
                     or not isinstance(b.get("cpu"), (int, float))
                     or not isinstance(b.get("env", {}), dict)):
                 return 400, {"error": {"code": "invalid", "message": "bad app request"}}
-            if b["app"] not in self.apps:
+            created = b["app"] not in self.apps
+            if created:
                 self.creates += 1
             self.apps[b["app"]] = {"state": "running", "memory_mb": b["memory_mb"],
                                    "cpu": b["cpu"], "env": dict(b.get("env") or {}),
                                    "subdomain": b["subdomain"]}
-            return 200, dict(app=b["app"], state="running", **self.urls(b["subdomain"]))
+            return (201 if created else 200), dict(app=b["app"], state="running", **self.urls(b["subdomain"]))
         m = APP_PATH.match(rec.path)
         if not m:
             return 404, {"error": {"code": "not_found", "message": "no such route"}}

@@ -5,7 +5,7 @@ N running instances are served by the loopback health stand-in, 10 % of them
 hanging until the probe deadline; one service_role call (probes + recording +
 sweep) is timed through real nginx and PostgreSQL, with the release build.
 
-    scripts/bench_health.py [--sizes 100,1000,5000] [--timeout-ms 2000]
+    scripts/bench/health_bench.py [--sizes 100,1000,5000] [--timeout-ms 2000]
                             [--concurrency 256] [--hang-pct 10] [--runs 3]
 
 Prints one line per size and checks the bar: with 1,000 instances one call
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests/integration"))
 sys.path.insert(0, str(ROOT / "tests/standins"))
 os.environ.setdefault("MR_BUILD", "build/release")
@@ -65,7 +65,7 @@ def main():
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
 
-    pg = mr.Cluster()
+    pg = mr.Cluster(fsync=True)  # as in production: every recorded round is a real commit
     ok = True
     try:
         pg.make_template()
