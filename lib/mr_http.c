@@ -46,6 +46,7 @@
 static const mr_app *g_app;
 static size_t g_max_body = MR_DEFAULT_MAX_BODY;
 static const char *g_jwt_secret;
+static const char *g_jwt_previous; /* SUPABASE_JWT_SECRET_PREVIOUS, or NULL */
 static long g_jwt_leeway;
 static char g_prefix[160]; /* "/functions/v1/<name>" */
 
@@ -318,8 +319,10 @@ static int authenticate(mr_req *r, FCGX_Request *rq)
     }
     mr_jwt_claims c;
     char why[128];
-    mr_err e = mr_jwt_verify(token, (const unsigned char *)g_jwt_secret, strlen(g_jwt_secret),
-                             time(NULL), g_jwt_leeway, &c, why, sizeof(why));
+    mr_err e = mr_jwt_verify2(token, (const unsigned char *)g_jwt_secret, strlen(g_jwt_secret),
+                              (const unsigned char *)g_jwt_previous,
+                              g_jwt_previous ? strlen(g_jwt_previous) : 0,
+                              time(NULL), g_jwt_leeway, &c, why, sizeof(why));
     if (e != MR_OK) {
         if (e == MR_EAUTH)
             mr_reply_error(r, 401, "unauthorized", "invalid token: %s", why);
@@ -692,6 +695,11 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
     }
     if (app->auth == MR_AUTH_SERVICE || app->auth == MR_AUTH_USER) {
         g_jwt_secret = mr_config_secret("SUPABASE_JWT_SECRET", NULL, 32);
+        /* Rotation: tokens signed with the previous secret stay valid until it
+         * is removed (README "operations"). */
+        g_jwt_previous = mr_config_secret("SUPABASE_JWT_SECRET_PREVIOUS", "", 32);
+        if (!*g_jwt_previous)
+            g_jwt_previous = NULL;
         g_jwt_leeway = (long)mr_config_int("MR_JWT_LEEWAY_S", 0, 0, 300);
     }
     const char *dburl = getenv("DATABASE_URL");

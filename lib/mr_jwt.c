@@ -147,6 +147,13 @@ static int string_claim(const cJSON *payload, const char *key, char *dst, size_t
 mr_err mr_jwt_verify(const char *token, const unsigned char *secret, size_t secret_len,
                      time_t now, long leeway_s, mr_jwt_claims *out, char *err, size_t errlen)
 {
+    return mr_jwt_verify2(token, secret, secret_len, NULL, 0, now, leeway_s, out, err, errlen);
+}
+
+mr_err mr_jwt_verify2(const char *token, const unsigned char *secret, size_t secret_len,
+                      const unsigned char *previous, size_t previous_len, time_t now,
+                      long leeway_s, mr_jwt_claims *out, char *err, size_t errlen)
+{
     memset(out, 0, sizeof(*out));
     if (!token || !*token)
         return mr_seterr(err, errlen, MR_EAUTH, "missing token");
@@ -179,7 +186,14 @@ mr_err mr_jwt_verify(const char *token, const unsigned char *secret, size_t secr
     char expect[HS256_SIG_B64_LEN + 1];
     if (hs256_b64(secret, secret_len, token, (size_t)(dot2 - token), expect) != 0)
         return mr_seterr(err, errlen, MR_EINTERNAL, "hmac failed");
-    if (!mr_ct_equal(expect, HS256_SIG_B64_LEN, dot2 + 1, slen))
+    int sig_ok = mr_ct_equal(expect, HS256_SIG_B64_LEN, dot2 + 1, slen);
+    /* During a rotation, a token signed with the previous secret passes too. */
+    if (!sig_ok && previous != NULL && previous_len > 0) {
+        if (hs256_b64(previous, previous_len, token, (size_t)(dot2 - token), expect) != 0)
+            return mr_seterr(err, errlen, MR_EINTERNAL, "hmac failed");
+        sig_ok = mr_ct_equal(expect, HS256_SIG_B64_LEN, dot2 + 1, slen);
+    }
+    if (!sig_ok)
         return mr_seterr(err, errlen, MR_EAUTH, "bad signature");
 
     cJSON *payload = decode_json_segment(dot1 + 1, plen, MR_JWT_MAX_TOKEN);

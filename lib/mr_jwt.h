@@ -24,6 +24,13 @@ typedef struct {
 mr_err mr_jwt_verify(const char *token, const unsigned char *secret, size_t secret_len,
                      time_t now, long leeway_s, mr_jwt_claims *out, char *err, size_t errlen);
 
+/* The same, accepting a signature by either `secret` or `previous` (NULL or
+ * length 0: none), for rotating SUPABASE_JWT_SECRET without downtime
+ * (SUPABASE_JWT_SECRET_PREVIOUS). Every other check is unchanged. */
+mr_err mr_jwt_verify2(const char *token, const unsigned char *secret, size_t secret_len,
+                      const unsigned char *previous, size_t previous_len, time_t now,
+                      long leeway_s, mr_jwt_claims *out, char *err, size_t errlen);
+
 void mr_jwt_claims_free(mr_jwt_claims *c);
 
 /* Signs a JSON payload object text with HS256. Returns a malloc'd token the

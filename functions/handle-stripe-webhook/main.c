@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "mindroom.h"
+#include "event.h"
 
 #define MAX_SECRETS 8
 #define KICK_TIMEOUT_MS 2000
@@ -140,7 +141,11 @@ static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char 
         }
         if (st == PGRES_FATAL_ERROR && !state[0]) {
             const char *s = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-            snprintf(state, 6, "%s", s && strlen(s) == 5 ? s : "XX000");
+            /* libpq's own errors (the server died mid-pipeline) carry no SQLSTATE:
+             * a lost connection is transient (503, Stripe retries), not a 500. */
+            if (!(s && strlen(s) == 5))
+                s = PQstatus(c) != CONNECTION_OK ? "08006" : "XX000";
+            snprintf(state, 6, "%s", s);
             const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
             mr_log(MR_LOG_WARN, "database error %s: %.300s", state, m ? m : "");
         } else if (st == PGRES_TUPLES_OK && ++ntuples == 2 && PQntuples(res) == 1
@@ -288,7 +293,6 @@ static void handle(mr_req *r)
 {
     char err[200];
     const char *id, *type, *result = NULL, *action = NULL, *sub = NULL, *evt_err = NULL;
-    int64_t created;
     mr_err e;
 
     /* 1. The signature, over exactly the bytes received. */
@@ -304,22 +308,16 @@ static void handle(mr_req *r)
         return;
     }
 
-    /* 2. The envelope. */
-    cJSON *ev = mr_json_parse(r->body, r->body_len);
-    if (ev == NULL) {
-        mr_reply_error(r, 400, "malformed_json", "the body is not valid JSON");
+    /* 2. The envelope (event.c). */
+    wh_event evt;
+    const char *code;
+    if (wh_event_parse(r->body, r->body_len, &evt, &code, err, sizeof err) != MR_OK) {
+        mr_reply_error(r, 400, code, "%s", err);
         return;
     }
-    const cJSON *obj = mr_json_path(ev, "data.object");
-    if (!cJSON_IsObject(ev) || mr_json_str(ev, "id", &id) != MR_OK || !*id || strlen(id) > 255
-        || mr_json_str(ev, "type", &type) != MR_OK || !*type || strlen(type) > 255
-        || mr_json_i64(ev, "created", 0, 253402300799LL, &created) != MR_OK
-        || !cJSON_IsObject(obj)) {
-        cJSON_Delete(ev);
-        mr_reply_error(r, 400, "invalid_event",
-                       "an event needs a string id and type, an integer created and data.object");
-        return;
-    }
+    cJSON *ev = evt.root;
+    id = evt.id;
+    type = evt.type;
 
     /* 3. One round trip. */
     char *out = NULL;

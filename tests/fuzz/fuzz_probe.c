@@ -1,5 +1,6 @@
 /* fuzz_probe.c: the health probe's URL rule (backend_url comes from the
- * database, which the provisioner and operators write) and address classes. */
+ * database, which the provisioner and operators write) and address classes.
+ * fuzz-targets: lib/mr_probe.c */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

@@ -1,6 +1,8 @@
 /* libFuzzer harness: the dokku-provisioner's POST /apps body parser and the
  * checks that decide what may reach a `dokku` command line. Whatever it
- * accepts must be made only of the alphabets the runner allows over ssh. */
+ * accepts must be made only of the alphabets the runner allows over ssh.
+ * validate.c is #included, so it is instrumented with the harness.
+ * fuzz-targets: lib/mr_json.c */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

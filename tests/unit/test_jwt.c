@@ -301,6 +301,49 @@ static void test_b64url_roundtrip(void **state)
     assert_int_equal(mr_b64url_decode("QR", 2, out, 8), -1); /* stray low bits */
 }
 
+static mr_err v2(const char *secret, const char *tok, const char *prev, mr_jwt_claims *c, char *why)
+{
+    return mr_jwt_verify2(tok, (const unsigned char *)secret, strlen(secret),
+                          (const unsigned char *)prev, prev ? strlen(prev) : 0, NOW, 0, c, why, 128);
+}
+
+/* Rotation: SUPABASE_JWT_SECRET_PREVIOUS. A token of either secret passes; a
+ * third secret's does not; the other checks (expiry) still apply to the
+ * previous secret's tokens; without a previous secret, its tokens fail. */
+static void test_previous_secret(void **state)
+{
+    (void)state;
+    static const char NEWER[] = "the-new-jwt-secret-after-rotation-0123456789";
+    static const char OTHER[] = "some-other-secret-that-was-never-configured!";
+    const char *payload = "{\"role\":\"service_role\",\"exp\":1700003600}";
+    char *by_old = mr_jwt_sign(payload, (const unsigned char *)SECRET, strlen(SECRET));
+    char *by_new = mr_jwt_sign(payload, (const unsigned char *)NEWER, strlen(NEWER));
+    char *by_other = mr_jwt_sign(payload, (const unsigned char *)OTHER, strlen(OTHER));
+    char *old_expired = mr_jwt_sign("{\"role\":\"service_role\",\"exp\":1699999999}",
+                                    (const unsigned char *)SECRET, strlen(SECRET));
+    mr_jwt_claims c;
+    char why[128];
+    assert_int_equal(v2(NEWER, by_new, SECRET, &c, why), MR_OK);
+    assert_string_equal(c.role, "service_role");
+    mr_jwt_claims_free(&c);
+    assert_int_equal(v2(NEWER, by_old, SECRET, &c, why), MR_OK);
+    mr_jwt_claims_free(&c);
+    assert_int_equal(v2(NEWER, by_other, SECRET, &c, why), MR_EAUTH);
+    assert_string_equal(why, "bad signature");
+    assert_null(c.claims_json);
+    assert_int_equal(v2(NEWER, old_expired, SECRET, &c, why), MR_EAUTH);
+    assert_string_equal(why, "expired");
+    const char *none = NULL;
+    assert_int_equal(v2(NEWER, by_old, none, &c, why), MR_EAUTH);
+    assert_string_equal(why, "bad signature");
+    assert_int_equal(v2(NEWER, by_new, none, &c, why), MR_OK);
+    mr_jwt_claims_free(&c);
+    free(by_old);
+    free(by_new);
+    free(by_other);
+    free(old_expired);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -314,6 +357,7 @@ int main(void)
         cmocka_unit_test(test_garbage_and_shape),
         cmocka_unit_test(test_huge_token),
         cmocka_unit_test(test_b64url_roundtrip),
+        cmocka_unit_test(test_previous_secret),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

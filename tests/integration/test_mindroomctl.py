@@ -1,0 +1,385 @@
+"""scripts/mindroomctl against a real stack: every subcommand, and the errors an
+operator meets (no .env, stack down, wrong id, wrong secret, database down).
+
+mindroomctl runs as a subprocess with a scrubbed environment and its own .env
+file written by the test (as an operator's would be), and a stack directory
+(MR_RUN_DIR, as scripts/stack.sh names it) that is empty unless a test fills it, so a developer's
+own .env or .run/ cannot leak in. The last test runs it against scripts/stack.sh
+itself (what `make run` starts) with no configuration at all.
+"""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import mr
+from lifecycle_helpers import (FAST_ENV, PRICES, ProvisionerStandin, ResendStandin, instance,
+                               new_account, wait_until)
+from health import HealthStandin
+
+CTL = str(mr.ROOT / "scripts/mindroomctl")
+COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
+            "failed-events", "stuck")
+
+
+@pytest.fixture(scope="module")
+def prov():
+    with ProvisionerStandin() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def probes():
+    with HealthStandin() as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def stack(pg, prov):
+    with ResendStandin() as resend:
+        env = dict(FAST_ENV, DOKKU_PROVISIONER_URL=prov.url, DOKKU_PROVISIONER_TOKEN=prov.token,
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+                   MINDROOM_BASE_DOMAIN="mindroom.test", HEALTH_ALLOW_LOOPBACK="1",
+                   HEALTH_TIMEOUT_MS="1000")
+        funcs = ["handle-stripe-webhook", "provision-instance", "deprovision-instance",
+                 "check-instance-health"]
+        with mr.Stack(pg, env=env, functions=funcs) as s:
+            yield s
+
+
+@pytest.fixture
+def envfile(stack, tmp_path):
+    """An operator's .env for this stack: the functions' own values."""
+    f = tmp_path / "ops.env"
+    keys = ("SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "FUNCTIONS_URL", "DATABASE_URL")
+    f.write_text("".join("%s='%s'\n" % (k, stack.env[k]) for k in keys))
+    return f
+
+
+def ctl(*args, env=None, stack_dir=None, timeout=60):
+    """Runs mindroomctl; returns CompletedProcess (text). Only PATH and HOME are
+    inherited; env adds variables as an exported shell would."""
+    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    e["MR_RUN_DIR"] = str(stack_dir or "/nonexistent-mindroomctl-stack")
+    e["MR_ENV_FILE"] = "/nonexistent-mindroomctl.env"
+    e.update(env or {})
+    return subprocess.run([CTL] + [str(a) for a in args], env=e, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+
+def ok(p):
+    assert p.returncode == 0, "exit %d\nstdout: %s\nstderr: %s" % (p.returncode, p.stdout, p.stderr)
+    return p.stdout
+
+
+def fails(p, code, *needles):
+    assert p.returncode == code, "exit %d (wanted %d)\nstdout: %s\nstderr: %s" % (
+        p.returncode, code, p.stdout, p.stderr)
+    for n in needles:
+        assert n in p.stderr, "%r not in stderr: %s" % (n, p.stderr)
+    return p.stderr
+
+
+def b64d(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def sub_event(account, customer, sub, status="active", tier="starter", created=None,
+              type_="customer.subscription.created", price=None):
+    t = int(time.time()) if created is None else created
+    obj = {"id": sub, "object": "subscription", "customer": customer, "status": status,
+           "metadata": {"account_id": account}, "cancel_at_period_end": False,
+           "items": {"object": "list", "data": [{
+               "id": "si_" + uuid.uuid4().hex[:10],
+               "price": {"id": price or PRICES[tier], "object": "price"},
+               "current_period_end": t + 30 * 86400}]}}
+    return {"id": "evt_" + uuid.uuid4().hex, "object": "event", "type": type_, "created": t,
+            "api_version": "2025-03-31.basil", "livemode": False, "data": {"object": obj}}
+
+
+def write_event(tmp_path, ev):
+    f = tmp_path / ("%s.json" % ev["id"])
+    f.write_bytes(json.dumps(ev, indent=2).encode())   # Stripe's bytes are pretty-printed too
+    return f
+
+
+def customer_running(stack, prov, envfile, tmp_path, tier="starter"):
+    """A new account whose subscription.created (replayed by mindroomctl) ends running."""
+    account, email = new_account(stack)
+    ev = sub_event(account, "cus_" + uuid.uuid4().hex[:12], "sub_" + uuid.uuid4().hex[:12], tier=tier)
+    out = ok(ctl("--env", envfile, "replay", write_event(tmp_path, ev)))
+    assert json.loads(out) == {"received": True}
+    sid = stack.sql("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                    ev["data"]["object"]["id"])[0][0]
+    inst = wait_until(lambda: (lambda i: i if i["status"] == "running" and not i["claimed_by"] else None)(
+        instance(stack, sid)), timeout=10, what="running")
+    return account, email, sid, inst
+
+
+# ---- help ---------------------------------------------------------------------
+
+def test_help_lists_every_command_and_each_has_its_own():
+    top = ok(ctl("--help"))
+    for c in COMMANDS:
+        assert "\n  %s" % c in top, c
+    for c in COMMANDS:
+        out = ok(ctl(c, "--help"))
+        assert out.startswith("usage: mindroomctl %s" % c), out
+    p = ctl()
+    assert p.returncode == 2 and "usage: mindroomctl" in p.stderr
+    fails(ctl("frobnicate"), 2, "unknown command: frobnicate")
+
+
+# ---- token ----------------------------------------------------------------------
+
+def test_token_is_accepted_by_the_stack_and_carries_the_claims(stack, envfile):
+    tok = ok(ctl("--env", envfile, "token")).strip()
+    r = stack.call("GET", "check-instance-health?sweep=0", token=tok)
+    assert r.status == 200, r
+    uid = str(uuid.uuid4())
+    tok = ok(ctl("--env", envfile, "token", "--role", "authenticated", "--sub", uid, "--exp", "60")).strip()
+    h, p, s = tok.split(".")
+    want = hmac.new(stack.env["SUPABASE_JWT_SECRET"].encode(), (h + "." + p).encode(),
+                    hashlib.sha256).digest()
+    assert hmac.compare_digest(b64d(s), want)
+    claims = json.loads(b64d(p))
+    assert claims["role"] == "authenticated" and claims["sub"] == uid
+    assert 55 <= claims["exp"] - int(time.time()) <= 61
+    fails(ctl("--env", envfile, "token", "--sub", "nope"), 2, "--sub takes a user uuid")
+    fails(ctl("--env", envfile, "token", "--exp", "-5"), 2, "--exp takes a number")
+
+
+def test_environment_wins_over_env_file_which_wins_over_stack_secrets(stack, envfile, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "secrets.env").write_text("SUPABASE_JWT_SECRET=%s\n" % ("s" * 40))
+    # Only the stack's generated secrets: they are used.
+    tok = ok(ctl("token", stack_dir=run)).strip()
+    h, p, s = tok.split(".")
+    assert hmac.compare_digest(b64d(s), hmac.new(b"s" * 40, (h + "." + p).encode(), hashlib.sha256).digest())
+    # .env overrides them: the stack accepts the token.
+    tok = ok(ctl("--env", envfile, "token", stack_dir=run)).strip()
+    assert stack.call("GET", "check-instance-health?sweep=0", token=tok).status == 200
+    # An exported variable overrides .env: the stack refuses the token.
+    tok = ok(ctl("--env", envfile, "token", stack_dir=run,
+                 env={"SUPABASE_JWT_SECRET": "e" * 40})).strip()
+    assert stack.call("GET", "check-instance-health?sweep=0", token=tok).status == 401
+
+
+# ---- replay, status, provision, deprovision, health ---------------------------------
+
+def test_replay_status_and_a_duplicate(stack, prov, envfile, tmp_path):
+    account, email, sid, inst = customer_running(stack, prov, envfile, tmp_path, "professional")
+    assert len([c for c in prov.create_calls() if c.json["app"] == inst["dokku_app_name"]]) == 1
+    out = ok(ctl("--env", envfile, "status"))
+    line = next(l for l in out.splitlines() if email in l)
+    for want in ("professional", "active", "running", inst["frontend_url"], inst["dokku_app_name"], sid):
+        assert want in line, (want, line)
+    # Replaying the very same file again is a duplicate: nothing changes.
+    f = sorted(tmp_path.glob("evt_*.json"))[-1]
+    out = ok(ctl("--env", envfile, "replay", f))
+    assert json.loads(out) == {"received": True, "duplicate": True}
+    assert len([c for c in prov.create_calls() if c.json["app"] == inst["dokku_app_name"]]) == 1
+
+
+def test_replay_with_the_wrong_secret_is_refused_and_writes_nothing(stack, envfile, tmp_path):
+    account, _ = new_account(stack)
+    ev = sub_event(account, "cus_x" + uuid.uuid4().hex[:8], "sub_x" + uuid.uuid4().hex[:8])
+    p = ctl("--env", envfile, "replay", write_event(tmp_path, ev),
+            env={"STRIPE_WEBHOOK_SECRET": "whsec_" + "0" * 48})
+    fails(p, 1, "handle-stripe-webhook answered HTTP 400", "invalid_signature")
+    assert stack.sql("SELECT count(*) FROM public.stripe_events WHERE id = %s", ev["id"]) == [(0,)]
+
+
+def test_deprovision_stop_then_provision_resumes_then_destroy(stack, prov, envfile, tmp_path):
+    _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
+    app = inst["dokku_app_name"]
+    out = json.loads(ok(ctl("--env", envfile, "deprovision", "--subscription", sid, "--mode", "stop", "--wait")))
+    assert instance(stack, sid)["status"] == "stopped", out
+    assert prov.recorded("POST", "/apps/%s/stop" % app)
+    out = ok(ctl("--env", envfile, "provision", sid, "--wait"))
+    i = instance(stack, sid)
+    assert i["status"] == "running" and i["dokku_app_name"] == app, out
+    # Destroy by instance id; a second time is a no-op success.
+    ok(ctl("--env", envfile, "deprovision", "--instance", inst["id"], "--mode", "destroy", "--wait"))
+    i = instance(stack, sid)
+    assert i["status"] == "deprovisioned" and i["deprovisioned_at"] is not None
+    assert app not in prov.apps
+    ok(ctl("--env", envfile, "deprovision", "--instance", inst["id"], "--mode", "destroy", "--wait"))
+    assert instance(stack, sid)["status"] == "deprovisioned"
+
+
+def test_health_of_one_instance_records_the_probe(stack, prov, probes, envfile, tmp_path):
+    _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
+    key = "ctl" + uuid.uuid4().hex[:8]
+    stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", probes.url(key), inst["id"])
+    probes.set_mode(key, "500")
+    out = json.loads(ok(ctl("--env", envfile, "health", inst["id"], "--no-sweep")))
+    assert probes.hits(key) >= 1
+    (status,) = stack.sql("SELECT health_status FROM public.instances WHERE id = %s", inst["id"])[0]
+    assert status and status.startswith("unhealthy"), (status, out)
+    assert inst["id"] in json.dumps(out)
+    probes.set_mode(key, "ok")
+    ok(ctl("--env", envfile, "health", inst["id"]))
+    assert stack.sql("SELECT health_status FROM public.instances WHERE id = %s", inst["id"]) == [("healthy",)]
+
+
+# ---- failed-events and stuck ----------------------------------------------------------
+
+def test_failed_events_lists_unknown_price_and_deferred_account(stack, envfile, tmp_path):
+    account, _ = new_account(stack)
+    bad_price = sub_event(account, "cus_p" + uuid.uuid4().hex[:8], "sub_p" + uuid.uuid4().hex[:8],
+                          price="price_does_not_exist")
+    out = json.loads(ok(ctl("--env", envfile, "replay", write_event(tmp_path, bad_price))))
+    assert out["received"] is True and "failed" in out
+    nobody = sub_event(str(uuid.uuid4()), "cus_n" + uuid.uuid4().hex[:8], "sub_n" + uuid.uuid4().hex[:8])
+    fails(ctl("--env", envfile, "replay", write_event(tmp_path, nobody)), 1,
+          "handle-stripe-webhook answered HTTP 503")
+    out = ok(ctl("--env", envfile, "failed-events"))
+    lines = out.splitlines()
+    bp = next(l for l in lines if bad_price["id"] in l)
+    assert "failed" in bp and "price" in bp, bp
+    nb = next(l for l in lines if nobody["id"] in l)
+    assert "deferred" in nb, nb
+    out = ok(ctl("--env", envfile, "failed-events", "--limit", "1"))
+    assert "(1 row)" in out
+    fails(ctl("--env", envfile, "failed-events", "--limit", "x"), 2, "--limit takes a number")
+
+
+def test_stuck_lists_a_failed_instance_with_its_error(stack, prov, envfile, tmp_path):
+    _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
+    ok(ctl("--env", envfile, "deprovision", "--subscription", sid, "--mode", "stop", "--wait"))
+    prov.next("fail")
+    ctl("--env", envfile, "provision", sid, "--wait")
+    wait_until(lambda: instance(stack, sid)["status"] == "failed", timeout=10, what="failed")
+    out = ok(ctl("--env", envfile, "stuck"))
+    line = next(l for l in out.splitlines() if inst["id"] in l)
+    assert "failed" in line and "500" in line, line
+    # Owed work whose claim expired long ago (its worker died): listed too. The
+    # update goes around the triggers so that updated_at can lie in the past.
+    _, _, sid2, inst2 = customer_running(stack, prov, envfile, tmp_path)
+    stack.sql("DO $$ BEGIN SET LOCAL session_replication_role = replica; "
+              "UPDATE public.instances SET status = 'provisioning', claimed_by = 'dead-worker', "
+              "claim_expires_at = now() - interval '9 minutes', "
+              "updated_at = now() - interval '10 minutes' WHERE id = '%s'; END $$" % inst2["id"])
+    assert inst2["id"] in ok(ctl("--env", envfile, "stuck"))
+    # The sweep (mindroomctl health) finishes it; then it is no longer listed.
+    ok(ctl("--env", envfile, "health"))
+    wait_until(lambda: instance(stack, sid2)["status"] == "running", timeout=10, what="swept")
+    assert inst2["id"] not in ok(ctl("--env", envfile, "stuck"))
+
+
+# ---- errors an operator meets ---------------------------------------------------------
+
+def test_missing_env_file_is_explained(tmp_path):
+    fails(ctl("--env", tmp_path / "nope.env", "status"), 2, "no such env file")
+    # No .env anywhere and no local stack: the variable, and where it was looked for.
+    p = ctl("token", env={"HOME": str(tmp_path)})
+    fails(p, 2, "SUPABASE_JWT_SECRET is required", ".env", "make run")
+    fails(ctl("replay", "/etc/hostname"), 2, "STRIPE_WEBHOOK_SECRET is required")
+    fails(ctl("status"), 2, "DATABASE_URL is required")
+
+
+def test_unreachable_stack_is_explained(envfile):
+    closed = mr.free_port()
+    p = ctl("--env", envfile, "provision", str(uuid.uuid4()),
+            env={"FUNCTIONS_URL": "http://127.0.0.1:%d/functions/v1" % closed})
+    fails(p, 1, "cannot reach the stack at http://127.0.0.1:%d" % closed)
+
+
+def test_database_down_or_wrong_is_explained(envfile, stack):
+    p = ctl("--env", envfile, "status", env={"DATABASE_URL": "host=127.0.0.1 port=%d dbname=x" % mr.free_port()})
+    fails(p, 1, "cannot query the database")
+
+
+def test_wrong_ids_are_explained(stack, envfile):
+    fails(ctl("--env", envfile, "provision", "not-a-uuid"), 2, "must be a uuid")
+    fails(ctl("--env", envfile, "provision"), 2, "SUBSCRIPTION_ID is missing")
+    nobody = str(uuid.uuid4())
+    fails(ctl("--env", envfile, "provision", nobody), 1, "no such subscription: " + nobody)
+    fails(ctl("--env", envfile, "deprovision", "--instance", nobody), 1, "no such instance: " + nobody)
+    fails(ctl("--env", envfile, "deprovision", "--subscription", nobody, "--mode", "stop"), 1,
+          "no such subscription: " + nobody)
+    fails(ctl("--env", envfile, "deprovision", "--instance", nobody, "--mode", "pause"), 2,
+          "--mode is stop or destroy")
+    fails(ctl("--env", envfile, "health", nobody), 1, "no such instance: " + nobody)
+    fails(ctl("--env", envfile, "replay", "/nonexistent.json"), 2, "no such file")
+    # A secret that is not the stack's: the 401 says which setting to look at.
+    p = ctl("--env", envfile, "health", "--no-sweep", env={"SUPABASE_JWT_SECRET": "x" * 40})
+    fails(p, 1, "401", "SUPABASE_JWT_SECRET")
+
+
+# ---- against scripts/stack.sh (what `make run` starts), with no configuration -------------
+
+def test_every_subcommand_against_the_make_run_stack(tmp_path):
+    """stack.sh on free ports in a temporary run directory (MR_RUN_DIR, as in
+    test_stack_script.py); mindroomctl gets only the same MR_* variables an
+    operator's shell would have and finds secrets, API and database itself."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from test_stack_script import start, stop
+
+    base = Path(tempfile.mkdtemp(prefix="mr-ctl-stacksh-"))
+    os.chmod(base, 0o755)   # PostgreSQL runs as postgres when we are root
+    run = base / "run"
+    ports = [mr.free_port() for _ in range(3)]
+    mr_vars = {"MR_RUN_DIR": str(run), "MR_ENV_FILE": "/dev/null",
+               "MR_API_LISTEN": "127.0.0.1:%d" % ports[0], "MR_PG_PORT": str(ports[2])}
+    env = dict(os.environ, MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
+               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], **mr_vars)
+    for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL",
+              "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET"):
+        env.pop(k, None)
+    p = None
+    try:
+        p, _ = start(run, env)
+
+        def c(*args, **kw):
+            e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+            e.update(mr_vars)
+            return subprocess.run([CTL] + [str(a) for a in args], env=e, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, timeout=kw.get("timeout", 120))
+
+        superuser = "host=%s port=%s dbname=mindroom user=postgres" % (run / "pg", ports[2])
+
+        def q(sql, *params):
+            import psycopg2
+            conn = psycopg2.connect(superuser)
+            conn.autocommit = True
+            with conn, conn.cursor() as cur:
+                cur.execute(sql, params or None)
+                return cur.fetchall() if cur.description else []
+
+        ok(c("token"))
+        out = json.loads(ok(c("health", "--no-sweep")))
+        assert "checked" in out
+        uid = str(uuid.uuid4())
+        q("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
+          "'authenticated', %s)", uid, "ctl-%s@example.com" % uid[:8])
+        ev = sub_event(uid, "cus_s" + uuid.uuid4().hex[:8], "sub_s" + uuid.uuid4().hex[:8])
+        assert json.loads(ok(c("replay", write_event(tmp_path, ev)))) == {"received": True}
+        sid = q("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                ev["data"]["object"]["id"])[0][0]
+        # The dokku-provisioner of `make run` (dry-run) provisions it.
+        wait_until(lambda: q("SELECT status::text FROM public.instances WHERE subscription_id = %s",
+                             sid) == [("running",)], timeout=30, what="running via make run's stack")
+        assert "ctl-%s" % uid[:8] in ok(c("status"))
+        ok(c("deprovision", "--subscription", sid, "--mode", "stop", "--wait"))
+        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("stopped",)]
+        ok(c("provision", sid, "--wait"))
+        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("running",)]
+        ok(c("health"))
+        ok(c("failed-events"))
+        ok(c("stuck"))
+        fails(c("provision", str(uuid.uuid4())), 1, "no such subscription")
+    finally:
+        if p is not None:
+            stop(run, env, p)
+        shutil.rmtree(base, ignore_errors=True)
