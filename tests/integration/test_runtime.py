@@ -252,9 +252,11 @@ def test_request_id_is_echoed(stack):
     r = stack.call("POST", "provision-instance", json={}, headers={"X-Request-Id": rid})
     assert r.status == 401
     assert r.headers["X-Request-Id"] == rid
+    # nginx and the worker write their log lines after the answer has gone out.
+    wait_for(lambda: request_log(stack, "provision-instance", rid), what="function log line")
     assert len(request_log(stack, "provision-instance", rid)) == 1
-    access = stack.log("nginx.access")
-    assert '"request_id":"%s"' % rid in access
+    wait_for(lambda: '"request_id":"%s"' % rid in stack.log("nginx.access"),
+             what="nginx access log line")
 
 
 def test_request_id_is_generated_when_absent(stack):
@@ -264,6 +266,7 @@ def test_request_id_is_generated_when_absent(stack):
         assert r.status == 200, r
         rid = r.headers.get("X-Request-Id")
         assert rid and re.fullmatch(r"[0-9A-Za-z_-]{8,64}", rid), rid
+        wait_for(lambda: request_log(stack, "noop", rid), what="function log line")
         assert len(request_log(stack, "noop", rid)) == 1
         ids.add(rid)
     assert len(ids) == 3
