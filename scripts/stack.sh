@@ -195,12 +195,15 @@ cmd_run() {
     PIDS[health-timer]=$!
   fi
 
+  # The provisioner has its own listener and is never routed on the public one.
+  local public=() f
+  for f in "${started[@]}"; do [ "$f" = dokku-provisioner ] || public+=("$f"); done
   local token
   token=$(mint_jwt service_role 86400)
   cat >&2 <<EOF
 
 MindRoom control plane is up (Ctrl-C or \`make stop\` stops it).
-  API           http://$API_LISTEN/functions/v1/<name>   (${started[*]})
+  API           http://$API_LISTEN/functions/v1/<name>   (${public[*]})
   provisioner   $DOKKU_PROVISIONER_URL   (DOKKU_MODE=$DOKKU_MODE)
   PostgreSQL    psql "host=127.0.0.1 port=$PG_PORT dbname=mindroom user=postgres"
   logs          .run/log/   (health check every 60 s: .run/log/health-timer.log)
