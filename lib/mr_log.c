@@ -4,6 +4,7 @@
  * from several workers sharing stderr never interleave mid-line. */
 #include "mr_log.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -17,10 +18,30 @@ static const char *log_name = "mindroom";
 static mr_log_level log_min = MR_LOG_INFO;
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
+/* getpid(2) is a real system call (glibc stopped caching it), and a worker logs
+ * at least one line per request. The pid is kept here instead and refreshed in
+ * every child that fork(2) makes (the runtime's workers, a function's own
+ * children), which is the only way a process's pid changes. A child made with
+ * vfork/posix_spawn execs at once and never logs through this copy. */
+static pid_t log_pid;
+
+static void refresh_pid(void)
+{
+    log_pid = getpid();
+}
+
+static void register_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, refresh_pid);
+}
+
 void mr_log_init(const char *name, mr_log_level min)
 {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
     log_name = name ? name : "mindroom";
     log_min = min;
+    refresh_pid();
+    (void)pthread_once(&once, register_atfork);
 }
 
 typedef struct {
@@ -81,7 +102,7 @@ static void begin_line(line *l, mr_log_level level)
     put_str(l, "\",\"function\":\"");
     put_escaped(l, log_name);
     char pid[32];
-    snprintf(pid, sizeof(pid), "\",\"pid\":%d", (int)getpid());
+    snprintf(pid, sizeof(pid), "\",\"pid\":%d", (int)(log_pid ? log_pid : getpid()));
     put_str(l, pid);
 }
 

@@ -6,7 +6,7 @@
  *   2. Parse with the explicit length; check the envelope (id, type, created,
  *      data.object); 400 otherwise.
  *   3. One round trip: set the service_role identity and call
- *      public.process_stripe_event(payload) in one pipeline, which PostgreSQL runs
+ *      public.process_stripe_event(id, payload) in one pipeline, which PostgreSQL runs
  *      as one implicit transaction committed at Sync. Dedupe, ordering, the
  *      subscription, the instance row and the event's status all happen in SQL
  *      (sql/migrations/010_stripe_webhook.sql).
@@ -67,7 +67,9 @@ static void worker_init(void)
 static const char identity_sql[] =
     "SELECT set_config('role', 'service_role', true),"
     " set_config('request.jwt.claims', '{\"role\":\"service_role\"}', true)";
-static const char process_sql[] = "SELECT public.process_stripe_event($1::jsonb)::text";
+/* The id travels on its own so that a duplicate is answered from one index
+ * lookup; the payload goes as text and PostgreSQL parses it only to apply it. */
+static const char process_sql[] = "SELECT public.process_stripe_event($1, $2)::text";
 
 /* Both statements are prepared once per connection (parse and plan once, like
  * pgbench -M prepared for the ceiling). A new connection has a new backend pid:
@@ -81,7 +83,7 @@ static int ensure_prepared(PGconn *c)
         return 1;
     PGresult *a = PQprepare(c, "mr_wh_identity", identity_sql, 0, NULL);
     PGresult *b = PQresultStatus(a) == PGRES_COMMAND_OK
-                      ? PQprepare(c, "mr_wh_process", process_sql, 1, NULL) : NULL;
+                      ? PQprepare(c, "mr_wh_process", process_sql, 2, NULL) : NULL;
     int ok = b != NULL && PQresultStatus(b) == PGRES_COMMAND_OK;
     if (!ok)
         mr_log(MR_LOG_WARN, "database prepare failed: %.200s", PQerrorMessage(c));
@@ -97,13 +99,14 @@ static int ensure_prepared(PGconn *c)
  * the error class with err filled. *maybe_committed is set when the connection
  * broke after the Sync was sent (outcome unknown). state receives the first
  * error's SQLSTATE, or "" when there was none. */
-static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char **out,
-                           int *maybe_committed, char state[6], char *err, size_t errlen)
+static mr_err run_pipeline(mr_db *db, const char *id, const char *event, size_t event_len,
+                           char **out, int *maybe_committed, char state[6], char *err,
+                           size_t errlen)
 {
     PGconn *c = mr_db_conn(db, err, errlen);
-    const char *params[1] = {event};
-    int lengths[1] = {(int)event_len};
-    int formats[1] = {0};
+    const char *params[2] = {id, event};
+    int lengths[2] = {(int)strlen(id), (int)event_len};
+    int formats[2] = {0, 0};
     mr_err rc = MR_OK;
     int ntuples = 0;
 
@@ -116,7 +119,7 @@ static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char 
         return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     if (!PQenterPipelineMode(c)
         || !PQsendQueryPrepared(c, "mr_wh_identity", 0, NULL, NULL, NULL, 0)
-        || !PQsendQueryPrepared(c, "mr_wh_process", 1, params, lengths, formats, 0)
+        || !PQsendQueryPrepared(c, "mr_wh_process", 2, params, lengths, formats, 0)
         || !PQpipelineSync(c)) {
         mr_log(MR_LOG_WARN, "database send failed: %.200s", PQerrorMessage(c));
         PQexitPipelineMode(c);
@@ -186,14 +189,14 @@ static mr_err run_pipeline(mr_db *db, const char *event, size_t event_len, char 
 /* Retries what is safe to retry: a serialization failure or deadlock (nothing was
  * committed), and one reconnect when the connection broke before anything could
  * have been committed. */
-static mr_err process_event(mr_db *db, const char *event, size_t len, char **out,
-                            char *err, size_t errlen)
+static mr_err process_event(mr_db *db, const char *id, const char *event, size_t len,
+                            char **out, char *err, size_t errlen)
 {
     int reconnected = 0;
     for (int attempt = 0;; attempt++) {
         int maybe_committed = 0;
         char state[6];
-        mr_err rc = run_pipeline(db, event, len, out, &maybe_committed, state, err, errlen);
+        mr_err rc = run_pipeline(db, id, event, len, out, &maybe_committed, state, err, errlen);
         if (rc == MR_OK || rc != MR_ETRANSIENT || attempt >= 4)
             return rc;
         if (!strcmp(state, "26000")) {
@@ -321,7 +324,7 @@ static void handle(mr_req *r)
 
     /* 3. One round trip. */
     char *out = NULL;
-    e = process_event(r->db, r->body, r->body_len, &out, err, sizeof err);
+    e = process_event(r->db, id, r->body, r->body_len, &out, err, sizeof err);
     if (e != MR_OK) {
         mr_log(MR_LOG_WARN, "event %s (%s): %s", id, type, err);
         cJSON_Delete(ev);

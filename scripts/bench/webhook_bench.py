@@ -90,7 +90,7 @@ PGBENCH_SCRIPT = r"""\set r random(1, 9000000000000)
 \set a random(1, %d)
 \startpipeline
 SELECT set_config('role', 'service_role', true), set_config('request.jwt.claims', '{"role":"service_role"}', true);
-SELECT public.process_stripe_event(jsonb_set(jsonb_set(jsonb_set(:body::jsonb, '{id}', to_jsonb('evt_pgb_' || :client_id || '_' || :r)), '{data,object,id}', to_jsonb('sub_pgb_' || :client_id || '_' || :r)), '{data,object,customer}', to_jsonb('cus_bench' || :a)))::text;
+SELECT public.process_stripe_event('evt_pgb_' || :client_id || '_' || :r, jsonb_set(jsonb_set(jsonb_set(:body::jsonb, '{id}', to_jsonb('evt_pgb_' || :client_id || '_' || :r)), '{data,object,id}', to_jsonb('sub_pgb_' || :client_id || '_' || :r)), '{data,object,customer}', to_jsonb('cus_bench' || :a))::text)::text;
 \endpipeline
 """ % ACCOUNTS
 

@@ -1,6 +1,7 @@
 -- 010_stripe_webhook.sql
 -- What handle-stripe-webhook runs per event: one call, one transaction, one round trip.
 --
+--   public.process_stripe_event(p_event_id text, p_event text) -> jsonb (the webhook's)
 --   public.process_stripe_event(p_event jsonb) -> jsonb
 --   public.reprocess_stripe_event(p_event_id text) -> jsonb
 --
@@ -422,21 +423,45 @@ $$;
 -- Dedupe, fast path first: an event already handled is answered from a plain read,
 -- before anything else is looked at. No lock and no write, so a duplicate costs no
 -- commit flush. (stripe_handle_event checks again under the event's lock.)
-CREATE FUNCTION public.process_stripe_event(p_event jsonb)
+--
+-- The id comes as its own parameter and the payload as text, so that a duplicate
+-- costs one index lookup: the payload (a few KB) is parsed into jsonb only when the
+-- event is applied. Parsing it for every delivery was most of a duplicate's cost in
+-- the backend (jsonb input: lexing, key sorting). The caller takes the id from the
+-- same signature-checked body; a payload whose id differs is refused (22023) before
+-- anything is applied, so an event is never recorded under another id.
+-- A plain read sees only committed rows (READ COMMITTED), so "duplicate" is only ever
+-- said of an event whose earlier outcome committed; 'deferred' and 'received' fall
+-- through to stripe_handle_event and are applied again.
+CREATE FUNCTION public.process_stripe_event(p_event_id text, p_event text)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 DECLARE
-    v_prev text;
+    v_prev  text;
+    v_event jsonb;
 BEGIN
-    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = p_event ->> 'id';
+    SELECT e.status INTO v_prev FROM public.stripe_events e WHERE e.id = p_event_id;
     IF v_prev IN ('processed', 'ignored', 'stale', 'failed') THEN
         RETURN jsonb_build_object('result', 'duplicate', 'action', 'none', 'status', v_prev,
                                   'subscription_id', NULL, 'instance_id', NULL, 'error', NULL);
     END IF;
-    RETURN public.stripe_handle_event(p_event, false);
+    v_event := p_event::jsonb;
+    IF (v_event ->> 'id') IS DISTINCT FROM p_event_id THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'event id does not match the payload';
+    END IF;
+    RETURN public.stripe_handle_event(v_event, false);
 END;
+$$;
+
+-- The same for a caller holding the parsed event (SQL tests, operators' scripts).
+CREATE FUNCTION public.process_stripe_event(p_event jsonb)
+RETURNS jsonb
+LANGUAGE sql VOLATILE
+SET search_path = ''
+AS $$
+    SELECT public.process_stripe_event(p_event ->> 'id', p_event::text)
 $$;
 
 -- Reprocesses a stored event that has not been handled successfully (deferred: unknown
@@ -470,6 +495,7 @@ BEGIN
         'public.stripe_apply_subscription(jsonb, text, text, timestamptz)',
         'public.stripe_handle_event(jsonb, boolean)',
         'public.process_stripe_event(jsonb)',
+        'public.process_stripe_event(text, text)',
         'public.reprocess_stripe_event(text)']
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC, anon, authenticated', f);

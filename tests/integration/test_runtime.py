@@ -322,6 +322,12 @@ def test_two_workers_serve_concurrent_requests(stack):
     assert [r.status for r in rs] == [200, 200], rs
     assert {r.json["pid"] for r in rs} == set(stack.workers("noop"))
     assert time.monotonic() - t0 < 2.8  # in parallel, not one after the other
+    # Each request's log line names the worker that served it (mr_log keeps the
+    # pid per process, refreshed at fork), not the master it was forked from.
+    for r in rs:
+        rid = r.headers["X-Request-Id"]
+        wait_for(lambda: request_log(stack, "noop", rid), what="function log line")
+        assert [l["pid"] for l in request_log(stack, "noop", rid)] == [r.json["pid"]]
 
 
 def test_sigkilled_worker_is_replaced_and_service_continues(stack):

@@ -2,7 +2,7 @@
 -- reprocess path. (The HTTP behaviour is in tests/integration/test_webhook.py.)
 BEGIN;
 \ir _helpers.inc
-SELECT plan(24);
+SELECT plan(29);
 
 -- An account linked to a customer, and an event builder.
 INSERT INTO auth.users (id, email) VALUES ('dddddddd-0000-4000-8000-000000000001', 'wh@example.com');
@@ -34,6 +34,8 @@ SELECT is(pg_temp.cell('service_role', $$SELECT public.reprocess_stripe_event('e
 SELECT is(pg_temp.cell('service_role', $$SELECT public.process_stripe_event('{"id":"evt_bad"}'::jsonb)$$),
           'err:22023', 'not an event: 22023, nothing stored');
 SELECT ok(NOT EXISTS (SELECT 1 FROM public.stripe_events WHERE id = 'evt_bad'), 'evt_bad not stored');
+SELECT is(pg_temp.cell('anon', $$SELECT public.process_stripe_event('evt_x', '{}')$$), 'err:42501',
+          'anon cannot call process_stripe_event(id, payload)');
 
 -- The eight Stripe statuses, spelled out.
 SELECT is(ARRAY(SELECT public.stripe_subscription_status(s)::text FROM unnest(ARRAY[
@@ -75,6 +77,15 @@ SELECT is((SELECT status::text FROM public.subscriptions WHERE stripe_subscripti
           'the stale event changed nothing');
 SELECT is(public.process_stripe_event(pg_temp.ev('evt_s3', 'customer.subscription.paused', 'sub_sql1', 'paused', 1750000020)) ->> 'result',
           'duplicate', 'the same id again is a duplicate');
+-- The webhook's form: the id first, the payload parsed only when the event is applied.
+SELECT is(public.process_stripe_event('evt_s3', 'not json at all') ->> 'result',
+          'duplicate', 'a committed id is a duplicate without parsing the payload');
+SELECT throws_ok($$SELECT public.process_stripe_event('evt_s5', pg_temp.ev('evt_s6', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000030)::text)$$,
+                 '22023', 'event id does not match the payload', 'an id that is not the payload''s: 22023');
+SELECT ok(NOT EXISTS (SELECT 1 FROM public.stripe_events WHERE id IN ('evt_s5', 'evt_s6')),
+          'the mismatched event is not stored under either id');
+SELECT is(public.process_stripe_event('evt_s6', pg_temp.ev('evt_s6', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000030)::text) ->> 'result',
+          'processed', 'a new event by (id, payload) is applied');
 
 -- Unknown price: failed, and an operator's reprocess after adding the plan applies it.
 SELECT is(public.process_stripe_event(pg_temp.ev('evt_s4', 'customer.subscription.created', 'sub_sql2', 'active', 1750000000, 'price_new')) ->> 'result',
