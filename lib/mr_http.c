@@ -24,6 +24,7 @@
 #include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -723,18 +724,39 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
         mr_log(MR_LOG_ERROR, "FCGX_Init failed");
         return 1;
     }
+    /* A unix socket is bound under a temporary name and renamed over the path:
+     * a rolling restart (new binary first, old one drained after) never leaves
+     * nginx a moment with no socket at the path (the restart drill's 502s). */
     struct stat st;
-    if (!strchr(socket_path, ':') && lstat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode))
-        unlink(socket_path); /* a stale socket from a previous run */
-    int fd = FCGX_OpenSocket(socket_path, LISTEN_BACKLOG);
+    int is_unix = !strchr(socket_path, ':');
+    char bind_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    const char *listen_path = socket_path;
+    if (is_unix && lstat(socket_path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+        mr_log(MR_LOG_ERROR, "%s exists and is not a socket", socket_path);
+        return 1;
+    }
+    if (is_unix && snprintf(bind_path, sizeof bind_path, "%s.%ld.new", socket_path,
+                            (long)getpid()) < (int)sizeof bind_path) {
+        unlink(bind_path);
+        listen_path = bind_path;
+    } else if (is_unix && lstat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(socket_path); /* path too long for the temporary name: replace in place */
+    }
+    int fd = FCGX_OpenSocket(listen_path, LISTEN_BACKLOG);
     if (fd < 0) {
         mr_log(MR_LOG_ERROR, "cannot listen on %s: %s", socket_path, strerror(errno));
         return 1;
     }
     /* nginx runs as another user; MR_SOCKET_MODE (default 0666) lets it connect.
      * Restrict access with the directory's permissions or MR_SOCKET_MODE=0660. */
-    if (!strchr(socket_path, ':') && chmod(socket_path, (mode_t)mode) != 0) {
+    if (is_unix && chmod(listen_path, (mode_t)mode) != 0) {
         mr_log(MR_LOG_ERROR, "chmod %s: %s", socket_path, strerror(errno));
+        unlink(listen_path);
+        return 1;
+    }
+    if (listen_path != socket_path && rename(listen_path, socket_path) != 0) {
+        mr_log(MR_LOG_ERROR, "cannot move the socket to %s: %s", socket_path, strerror(errno));
+        unlink(listen_path);
         return 1;
     }
 

@@ -9,23 +9,12 @@ import time
 import pytest
 
 import mr
-from lifecycle_helpers import (LIMITS, ProvisionerStandin, ResendStandin, deprovision,
+from lifecycle_helpers import (prov, resend, fresh_standins,  # noqa: F401 (fixtures)
+                               LIMITS, ProvisionerStandin, ResendStandin, deprovision,
                                instance, instances, new_account, new_subscription, owed,
                                provision, stack_env, wait_status, wait_until)
 
 FUNCS = ["provision-instance", "deprovision-instance"]
-
-
-@pytest.fixture(scope="module")
-def prov():
-    with ProvisionerStandin() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def resend():
-    with ResendStandin() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +24,8 @@ def stack(pg, prov, resend):
 
 
 @pytest.fixture(autouse=True)
-def fresh_standins(stack, prov, resend):
-    # Each test starts with nothing owed: a worker that finishes its own steps
-    # drains owed work, and must not pick up what an earlier test left behind.
-    stack.sql("DELETE FROM public.instances")
-    prov.reset()
-    resend.reset()
+def _fresh(fresh_standins):
     yield
-    prov.release()
-    resend.release()
 
 
 def creates_for(prov, app):

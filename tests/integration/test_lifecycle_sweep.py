@@ -8,22 +8,11 @@ import time
 import pytest
 
 import mr
-from lifecycle_helpers import (ProvisionerStandin, ResendStandin, instance, new_subscription,
+from lifecycle_helpers import (prov, resend, fresh_standins,  # noqa: F401 (fixtures)
+                               ProvisionerStandin, ResendStandin, instance, new_subscription,
                                owed, provision, stack_env, wait_status, wait_until)
 
 FUNCS = ["provision-instance", "deprovision-instance", "check-instance-health"]
-
-
-@pytest.fixture(scope="module")
-def prov():
-    with ProvisionerStandin() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def resend():
-    with ResendStandin() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
