@@ -420,10 +420,27 @@ static cJSON *run_sweep(mr_req *r)
 
 /* ---- the request ---- */
 
+/* What one target's round says, for the database and for the answer alike: a
+ * target without a backend URL is unreachable without a probe. */
+static void target_view(const mr_probe *pr, int *ok, const char **status, const char **error)
+{
+    if (!pr) {
+        *ok = 0;
+        *status = "unreachable: no backend URL";
+        *error = "the instance has no backend_url";
+        return;
+    }
+    *ok = pr->outcome == MR_PROBE_HEALTHY;
+    *status = pr->status;
+    *error = *ok ? NULL : (pr->error[0] ? pr->error : pr->status);
+}
+
 static void handle(mr_req *r)
 {
     call_params p;
     select_ctx sc = {0};
+    mr_probe *probes = NULL;
+    size_t *map = NULL;
     char err[256] = "";
     int is_service = strcmp(r->who.role, "service_role") == 0;
     mr_err e;
@@ -434,32 +451,26 @@ static void handle(mr_req *r)
 
     e = mr_db_tx(r->db, &r->who, select_tx, &sc, err, sizeof err);
     if (e != MR_OK) {
-        targets_free(&sc);
         mr_reply_err(r, e, err);
-        return;
+        goto done;
     }
     if (sc.instance_id && !sc.found) {
-        targets_free(&sc);
         mr_reply_error(r, 404, "not_found", "no instance %s", p.instance_id);
-        return;
+        goto done;
     }
     if (sc.instance_id && sc.n == 0) {
-        targets_free(&sc);
         mr_reply_error(r, 409, "not_running", "instance %s is %s: only running instances are probed",
                        p.instance_id, sc.not_running);
-        return;
+        goto done;
     }
 
     /* Probe every target with a backend URL; a row without one is unreachable. */
-    mr_probe *probes = calloc(sc.n ? sc.n : 1, sizeof *probes);
-    size_t *map = calloc(sc.n ? sc.n : 1, sizeof *map);
+    probes = calloc(sc.n ? sc.n : 1, sizeof *probes);
+    map = calloc(sc.n ? sc.n : 1, sizeof *map);
     size_t np = 0;
     if (!probes || !map) {
-        free(probes);
-        free(map);
-        targets_free(&sc);
         mr_reply_error(r, 500, "internal", "out of memory");
-        return;
+        goto done;
     }
     for (size_t i = 0; i < sc.n; i++) {
         if (sc.t[i].url) {
@@ -473,29 +484,22 @@ static void handle(mr_req *r)
     e = mr_probe_run(probes, np, &cfg.probe, err, sizeof err);
     int64_t probe_ms = mr_now_ms() - t0;
     if (e != MR_OK) {
-        free(probes);
-        free(map);
-        targets_free(&sc);
         mr_reply_err(r, e, err);
-        return;
+        goto done;
     }
 
     /* Record everything in one round trip. */
     cJSON *rec = cJSON_CreateArray();
     for (size_t i = 0; i < sc.n; i++) {
         cJSON *o = cJSON_CreateObject();
+        int ok;
+        const char *status, *error;
+        target_view(map[i] == (size_t)-1 ? NULL : &probes[map[i]], &ok, &status, &error);
         cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
-        if (map[i] == (size_t)-1) {
-            cJSON_AddBoolToObject(o, "ok", 0);
-            cJSON_AddStringToObject(o, "health_status", "unreachable: no backend URL");
-            cJSON_AddStringToObject(o, "error", "the instance has no backend_url");
-        } else {
-            const mr_probe *pr = &probes[map[i]];
-            cJSON_AddBoolToObject(o, "ok", pr->outcome == MR_PROBE_HEALTHY);
-            cJSON_AddStringToObject(o, "health_status", pr->status);
-            if (pr->outcome == MR_PROBE_HEALTHY) cJSON_AddNullToObject(o, "error");
-            else cJSON_AddStringToObject(o, "error", pr->error[0] ? pr->error : pr->status);
-        }
+        cJSON_AddBoolToObject(o, "ok", ok);
+        cJSON_AddStringToObject(o, "health_status", status);
+        if (error) cJSON_AddStringToObject(o, "error", error);
+        else cJSON_AddNullToObject(o, "error");
         cJSON_AddItemToArray(rec, o);
     }
     char *rec_json = mr_json_print(rec);
@@ -508,11 +512,8 @@ static void handle(mr_req *r)
     if (e != MR_OK) {
         /* The probes ran but nothing was recorded: a transient answer, so the
          * caller (the timer) simply tries again next minute. */
-        free(probes);
-        free(map);
-        targets_free(&sc);
         mr_reply_err(r, e, err);
-        return;
+        goto done;
     }
 
     /* The answer. Counts are per probe outcome; marked_failed says which ones the
@@ -524,23 +525,18 @@ static void handle(mr_req *r)
     for (size_t i = 0; i < sc.n; i++) {
         const mr_probe *pr = map[i] == (size_t)-1 ? NULL : &probes[map[i]];
         cJSON *o = cJSON_CreateObject();
+        int ok;
+        const char *status, *error;
+        target_view(pr, &ok, &status, &error);
+        if (ok) healthy++;
+        else if (pr && pr->outcome == MR_PROBE_UNHEALTHY) unhealthy++;
+        else unreachable++;
         cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
-        if (!pr) {
-            unreachable++;
-            cJSON_AddStringToObject(o, "status", "unreachable: no backend URL");
-            cJSON_AddNumberToObject(o, "http_status", 0);
-            cJSON_AddNumberToObject(o, "latency_ms", 0);
-            cJSON_AddStringToObject(o, "error", "the instance has no backend_url");
-        } else {
-            if (pr->outcome == MR_PROBE_HEALTHY) healthy++;
-            else if (pr->outcome == MR_PROBE_UNHEALTHY) unhealthy++;
-            else unreachable++;
-            cJSON_AddStringToObject(o, "status", pr->status);
-            cJSON_AddNumberToObject(o, "http_status", (double)pr->http_status);
-            cJSON_AddNumberToObject(o, "latency_ms", (double)pr->latency_ms);
-            if (pr->outcome == MR_PROBE_HEALTHY) cJSON_AddNullToObject(o, "error");
-            else cJSON_AddStringToObject(o, "error", pr->error[0] ? pr->error : pr->status);
-        }
+        cJSON_AddStringToObject(o, "status", status);
+        cJSON_AddNumberToObject(o, "http_status", pr ? (double)pr->http_status : 0);
+        cJSON_AddNumberToObject(o, "latency_ms", pr ? (double)pr->latency_ms : 0);
+        if (error) cJSON_AddStringToObject(o, "error", error);
+        else cJSON_AddNullToObject(o, "error");
         /* Targets and recorded rows are both in uuid order (uuid order is the
          * order of their lowercase text), so one merge pass matches them; a
          * target with no row was no longer running when recorded. */
@@ -565,12 +561,20 @@ static void handle(mr_req *r)
     free(probes);
     free(map);
     targets_free(&sc);
+    probes = NULL;
+    map = NULL;
 
     if (is_service && p.sweep)
         cJSON_AddItemToObject(out, "sweep", run_sweep(r));
     else
         cJSON_AddNullToObject(out, "sweep");
     mr_reply_json(r, 200, out);
+    return;
+
+done: /* every early answer: free what was taken */
+    free(probes);
+    free(map);
+    targets_free(&sc);
 }
 
 int main(int argc, char **argv)
