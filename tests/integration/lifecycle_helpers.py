@@ -1,5 +1,6 @@
 """Shared helpers of the lifecycle tests (test_lifecycle*.py)."""
 import os
+import signal
 import sys
 import time
 import uuid
@@ -142,3 +143,17 @@ def fresh_standins(stack, prov, resend):
     yield
     prov.release()
     resend.release()
+
+
+def kill_workers_mid_provision(stack, prov, sid):
+    """Starts a provision the stand-in hangs on, then SIGKILLs every
+    provision-instance worker (one of them is inside the provisioner call) and
+    waits for their replacements; the dead worker's lease stays on the row."""
+    prov.behave("hang")
+    assert provision(stack, sid).status == 202
+    prov.wait_for(lambda p: p.create_calls(), timeout=3)
+    old = stack.workers("provision-instance")
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    stack.wait_workers("provision-instance", exclude=old)
+    prov.release()

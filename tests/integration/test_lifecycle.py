@@ -1,16 +1,13 @@
 """provision-instance and deprovision-instance through real nginx and PostgreSQL,
 against the provisioner and Resend stand-ins (tests/standins)."""
 import concurrent.futures
-import datetime
-import os
-import signal
 import time
 
 import pytest
 
 import mr
-from lifecycle_helpers import (prov, resend, fresh_standins,  # noqa: F401 (fixtures)
-                               LIMITS, ProvisionerStandin, ResendStandin, deprovision,
+from lifecycle_helpers import (kill_workers_mid_provision, prov, resend, fresh_standins,  # noqa: F401 (fixtures)
+                               LIMITS, deprovision,
                                instance, instances, new_account, new_subscription, owed,
                                provision, stack_env, wait_status, wait_until)
 
@@ -254,15 +251,7 @@ def test_wait_true_reports_a_failure_as_503_with_the_instance_error(stack, prov)
 
 def test_a_worker_killed_mid_provision_leaves_a_lease_that_expires(stack, prov):
     sid = new_subscription(stack, "starter")
-    prov.behave("hang")
-    assert provision(stack, sid).status == 202
-    prov.wait_for(lambda p: p.create_calls(), timeout=3)
-    # SIGKILL the workers: one of them is inside the provisioner call.
-    old = stack.workers("provision-instance")
-    for pid in old:
-        os.kill(pid, signal.SIGKILL)
-    stack.wait_workers("provision-instance", exclude=old)
-    prov.release()
+    kill_workers_mid_provision(stack, prov, sid)
     inst = instance(stack, sid)
     assert inst["status"] == "provisioning" and inst["claimed_by"] is not None
 

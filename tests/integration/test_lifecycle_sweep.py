@@ -1,15 +1,13 @@
 """The periodic sweep (the real check-instance-health) finishing lifecycle work that
 a call left: a worker killed mid-provision, a failure after its backoff, an owed
 welcome email. The sweep only asks; the lifecycle's lease decides who works."""
-import os
-import signal
 import time
 
 import pytest
 
 import mr
-from lifecycle_helpers import (prov, resend, fresh_standins,  # noqa: F401 (fixtures)
-                               ProvisionerStandin, ResendStandin, instance, new_subscription,
+from lifecycle_helpers import (kill_workers_mid_provision, prov, resend, fresh_standins,  # noqa: F401 (fixtures)
+                               instance, new_subscription,
                                owed, provision, stack_env, wait_status, wait_until)
 
 FUNCS = ["provision-instance", "deprovision-instance", "check-instance-health"]
@@ -49,14 +47,7 @@ def items_for(result, sid, stack):
 
 def test_the_sweep_finishes_a_provision_whose_worker_was_killed(stack, prov):
     sid = new_subscription(stack, "starter")
-    prov.behave("hang")
-    assert provision(stack, sid).status == 202
-    prov.wait_for(lambda p: p.create_calls(), timeout=3)
-    old = stack.workers("provision-instance")
-    for pid in old:
-        os.kill(pid, signal.SIGKILL)
-    stack.wait_workers("provision-instance", exclude=old)
-    prov.release()
+    kill_workers_mid_provision(stack, prov, sid)
 
     # The dead worker's lease is live: the sweep asks nobody.
     assert items_for(sweep(stack), sid, stack) == []

@@ -9,8 +9,8 @@ import pytest
 
 import mr
 from lifecycle_helpers import (prov, resend, fresh_standins,  # noqa: F401 (fixtures)
-                               LIMITS, PRICES, ProvisionerStandin, ResendStandin, deprovision,
-                               instance, instances, new_account, owed, stack_env, wait_status,
+                               LIMITS, PRICES, deprovision,
+                               instance, instances, new_account, stack_env, wait_status,
                                wait_until)
 
 FUNCS = ["handle-stripe-webhook", "provision-instance", "deprovision-instance"]
