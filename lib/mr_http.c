@@ -422,6 +422,8 @@ static void serve(FCGX_Request *rq)
 
     /* The caller has the whole answer once the request is finished; whatever
      * the handler deferred runs after that, off the caller's clock. */
+    if (FCGX_GetChar(rq->in) == EOF && !FCGX_GetError(rq->in))
+        FCGX_Detach(rq);
     FCGX_Finish_r(rq);
     r->fcgx = NULL;
     if (ctx.job) {

@@ -21,6 +21,9 @@ int main(void)
     unlink(path);
     if (FCGX_Init() != 0)
         return 1;
+    /* FCGX_Init catches SIGTERM (it only sets a flag): back to the default, so
+     * the harness's SIGTERM ends the master and its workers at once. */
+    signal(SIGTERM, SIG_DFL);
     int fd = FCGX_OpenSocket(path, 1024);
     if (fd < 0)
         return 1;
