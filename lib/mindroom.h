@@ -10,4 +10,5 @@
 #include "mr_http.h"
 #include "mr_db.h"
 #include "mr_httpc.h"
+#include "mr_idcache.h"
 #endif

@@ -4,7 +4,10 @@
  *   1. Stripe-Signature over the exact raw body (400 invalid_signature, nothing
  *      written). Nothing is parsed before this.
  *   2. Parse with the explicit length; check the envelope (id, type, created,
- *      data.object); 400 otherwise.
+ *      data.object); 400 otherwise. An id this worker saw PostgreSQL settle for
+ *      good (processed, ignored, stale, failed) in the last
+ *      STRIPE_DUPLICATE_CACHE_SECONDS is answered "duplicate" here, without a
+ *      round trip: that is what the database would answer (mr_idcache.h).
  *   3. One round trip: set the service_role identity and call
  *      public.process_stripe_event(id, payload) in one pipeline, which PostgreSQL runs
  *      as one implicit transaction committed at Sync. Dedupe, ordering, the
@@ -27,12 +30,14 @@
 
 #define MAX_SECRETS 8
 #define KICK_TIMEOUT_MS 2000
+#define SEEN_SLOTS 1024 /* per worker: 72 KiB */
 
 static struct {
     char *secret_storage;
     const char *secrets[MAX_SECRETS];
     size_t nsecrets;
     long tolerance_s;
+    long seen_ttl_s;              /* 0: every delivery asks the database */
     const char *functions_url;    /* NULL: owed work is left to the sweep */
     const char *jwt_secret;
 } cfg;
@@ -47,6 +52,7 @@ static void init(void)
         exit(2);
     }
     cfg.tolerance_s = (long)mr_config_int("STRIPE_WEBHOOK_TOLERANCE", 300, 1, 7 * 24 * 3600);
+    cfg.seen_ttl_s = (long)mr_config_int("STRIPE_DUPLICATE_CACHE_SECONDS", 60, 0, 3600);
     cfg.functions_url = mr_config_str("FUNCTIONS_URL", "");
     if (!*cfg.functions_url) {
         cfg.functions_url = NULL;
@@ -56,8 +62,12 @@ static void init(void)
     }
 }
 
+/* Event ids this worker saw committed as final (worker-local, after fork). */
+static mr_idcache *g_seen;
+
 static void worker_init(void)
 {
+    g_seen = mr_idcache_new(SEEN_SLOTS, (int64_t)cfg.seen_ttl_s * 1000);
     if (!cfg.functions_url)
         mr_log(MR_LOG_WARN, "FUNCTIONS_URL unset: owed provisioning is left to the health sweep");
 }
@@ -177,6 +187,14 @@ static mr_err run_pipeline(mr_db *db, const char *id, const char *event, size_t 
         else
             rc = mr_seterr(err, errlen, MR_EINTERNAL, "database error (%s)", state);
         return rc;
+    }
+    if (*maybe_committed) {
+        /* The function answered but the Sync (the commit) never came back: the
+         * outcome is unknown, so no 200 (Stripe redelivers; a committed event
+         * then reads as a duplicate). */
+        free(*out);
+        *out = NULL;
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     }
     if (*out == NULL) {
         if (PQstatus(c) != CONNECTION_OK)
@@ -322,6 +340,16 @@ static void handle(mr_req *r)
     id = evt.id;
     type = evt.type;
 
+    if (mr_idcache_has(g_seen, id, mr_now_ms())) {
+        mr_log(MR_LOG_INFO, "event %s (%s): duplicate (settled, remembered)", id, type);
+        cJSON *body = cJSON_CreateObject();
+        cJSON_AddBoolToObject(body, "received", 1);
+        cJSON_AddBoolToObject(body, "duplicate", 1);
+        mr_reply_json(r, 200, body);
+        cJSON_Delete(ev);
+        return;
+    }
+
     /* 3. One round trip. */
     char *out = NULL;
     e = process_event(r->db, id, r->body, r->body_len, &out, err, sizeof err);
@@ -348,6 +376,10 @@ static void handle(mr_req *r)
     (void)mr_json_str(res, "subscription_id", &sub);
     (void)mr_json_str(res, "error", &evt_err);
     mr_log(MR_LOG_INFO, "event %s (%s): %s, owed %s", id, type, result, action);
+    /* Committed as final: PostgreSQL answers every later delivery "duplicate". */
+    if (!strcmp(result, "processed") || !strcmp(result, "duplicate") || !strcmp(result, "ignored")
+        || !strcmp(result, "stale") || !strcmp(result, "failed"))
+        mr_idcache_put(g_seen, id, mr_now_ms());
 
     /* 4. The answer. */
     if (!strcmp(result, "deferred")) {

@@ -610,3 +610,81 @@ def test_secret_with_whitespace_stops_startup(stack, tmp_path):
     err = p.stderr.decode()
     assert "STRIPE_WEBHOOK_SECRET" in err and "whitespace" in err
     assert "whsec_aaa" not in err and "whsec_bbb" not in err
+
+
+# ---- the memory of settled events (STRIPE_DUPLICATE_CACHE_SECONDS) ------------------------
+# One worker, so that every delivery meets the same memory; a 2 s memory so that
+# its expiry can be watched.
+
+MEMORY_S = 2
+
+
+@pytest.fixture(scope="module")
+def one_worker(pg):
+    env = {"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "FUNCTIONS_URL": "",
+           "STRIPE_DUPLICATE_CACHE_SECONDS": str(MEMORY_S)}
+    with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"], workers=1) as s:
+        yield s
+
+
+def test_settled_event_answered_while_database_is_down(one_worker):
+    s = one_worker
+    cust = "cus_" + uid()
+    new_account(s, cust)
+    e = sub_event(customer=cust)
+    assert send(s, e).json == {"received": True}
+    s.stop_db()
+    try:
+        # A redelivery of what PostgreSQL already settled needs no database ...
+        r = send(s, e)
+        assert (r.status, r.json) == (200, {"received": True, "duplicate": True})
+        # ... anything else still does, and says so.
+        r = send(s, sub_event(customer=cust))
+        assert r.status == 503 and r.json["error"]["code"] == "database_unavailable"
+    finally:
+        s.start_db()
+    assert event_row(s, e["id"]) == ("processed", None, 1)
+
+
+def test_memory_of_an_event_expires(one_worker):
+    """The memory is at most MEMORY_S behind the database: a row deleted by hand
+    is answered "duplicate" (and nothing written) until then, and processed again
+    after."""
+    s = one_worker
+    cust = "cus_" + uid()
+    new_account(s, cust)
+    e = sub_event(customer=cust)
+    assert send(s, e).json == {"received": True}
+    s.sql("DELETE FROM stripe_events WHERE id = %s", e["id"])
+    assert send(s, e).json == {"received": True, "duplicate": True}
+    assert count(s, "SELECT count(*) FROM stripe_events WHERE id = %s", e["id"]) == 0
+    time.sleep(MEMORY_S + 0.2)
+    # Asked again: the database records the event anew (same state, nothing owed).
+    assert send(s, e).json == {"received": True}
+    assert event_row(s, e["id"]) == ("processed", None, 1)
+    assert send(s, e).json == {"received": True, "duplicate": True}
+
+
+def test_deferred_event_is_not_remembered(one_worker):
+    s = one_worker
+    cust = "cus_" + uid()
+    e = sub_event(customer=cust)
+    for _ in range(2):
+        r = send(s, e)
+        assert r.status == 503 and r.json["error"]["code"] == "account_not_found"
+    new_account(s, cust)
+    assert send(s, e).json == {"received": True}
+    assert event_row(s, e["id"])[0] == "processed"
+    assert send(s, e).json == {"received": True, "duplicate": True}
+
+
+@pytest.mark.parametrize("value", ["-1", "3601", "ten"])
+def test_bad_memory_setting_stops_startup(stack, tmp_path, value):
+    binary = mr.build_dir() / "bin" / "handle-stripe-webhook"
+    env = {k: os.environ[k] for k in ("PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS") if k in os.environ}
+    env.update({"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "STRIPE_DUPLICATE_CACHE_SECONDS": value,
+                "DATABASE_URL": stack.env["DATABASE_URL"],
+                "MR_SOCKET": str(tmp_path / "s.sock")})
+    p = subprocess.run([str(binary)], env=env, capture_output=True, timeout=20)
+    assert p.returncode == 2
+    assert "STRIPE_DUPLICATE_CACHE_SECONDS" in p.stderr.decode()
