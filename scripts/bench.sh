@@ -115,7 +115,7 @@ mem_table() {
 # ---- sections --------------------------------------------------------------
 
 # nginx's own `return 200` against the noop function behind the same nginx, with
-# a bare libfcgi responder (no libmindroom) in between as the floor.
+# a bare libfcgi responder (no libmindroom, libfcgi's own draining close) as the reference.
 bench_runtime() {
   echo "== runtime: nginx alone vs a no-op libmindroom function ($MR_WORKERS workers)"
   curl -sf "$BENCH_API/bench/noop" >/dev/null || { echo "bench: /bench/noop does not answer" >&2; return 1; }
@@ -153,8 +153,8 @@ bench_health() {
 # handle-stripe-webhook (issue 4). Runs on its own stack (scripts/bench/webhook_bench.py:
 # fsync on, FUNCTIONS_URL unset so no provisioning follows, webhook and noop with
 # BENCH_WEBHOOK_WORKERS workers): pgbench of the same SQL as the ceiling, then wrk
-# with pre-signed unique new-subscription events, duplicates, the noop function,
-# and new events paced at half of the measured peak. Writes build/bench/webhook.json.
+# with pre-signed unique new-subscription events, duplicates (with the workers' memory
+# of settled events, then without it), the noop function, and new events paced at half of the measured peak. Writes build/bench/webhook.json.
 bench_webhook() {
   echo "== webhook: signed Stripe events through nginx vs pgbench of the same SQL"
   BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_WEBHOOK_CONNECTIONS:-8} \

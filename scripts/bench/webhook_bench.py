@@ -7,7 +7,9 @@ One run, one machine, fsync on:
                unique new-subscription events: the database's own limit.
   2. new       wrk through nginx: signed, unique customer.subscription.created
                events (pre-signed into a file: wrk's Lua has no HMAC).
-  3. duplicate wrk: one already-processed event over and over.
+  3. duplicate wrk: one already-processed event over and over (answered from the
+               workers' memory of settled events, as deployed), and once more with
+               STRIPE_DUPLICATE_CACHE_SECONDS=0 (every delivery asks PostgreSQL).
   4. no-op     wrk: the `noop` function (tests/bench/noop.c: same runtime, no work)
                behind the same nginx, same worker count.
   5. paced     new events offered at about half of the measured peak (a fixed
@@ -170,6 +172,14 @@ def main():
             results["noop"] = dict(midn, rps=round(sum(r["rps"] for r in noops) / rounds, 1),
                                    rounds=[r["rps"] for r in noops])
 
+            # The same duplicates with the memory off: the database path alone.
+            s.env["STRIPE_DUPLICATE_CACHE_SECONDS"] = "0"
+            s.restart_function("handle-stripe-webhook")
+            print("bench webhook: wrk duplicates, memory off...", flush=True)
+            results["duplicate_db"] = wrk(url, CONNS, per, [dup, 2])
+            del s.env["STRIPE_DUPLICATE_CACHE_SECONDS"]
+            s.restart_function("handle-stripe-webhook")
+
             # Half of the measured peak, offered through paced connections: each
             # connection waits `delay` ms before each request (closed loop; wrk2,
             # which paces open-loop, is not packaged). A short calibration run
@@ -213,6 +223,10 @@ def main():
           "  non-200 %d  -> %.0f%% of no-op (target 50%%)"
           % (CONNS, d, results["duplicate"]["p50_ms"], results["duplicate"]["p99_ms"],
              results["duplicate"]["non200"], 100 * d / z))
+    dd = results["duplicate_db"]
+    print("  duplicate memory off (database path)  : %8.0f events/s  p50 %.2f ms  p99 %.2f ms"
+          "  non-200 %d  -> %.0f%% of no-op"
+          % (dd["rps"], dd["p50_ms"], dd["p99_ms"], dd["non200"], 100 * dd["rps"] / z))
     print("  no-op     wrk %d conns                 : %8.0f requests/s  p50 %s  p99 %s"
           % (CONNS, z, results["noop"]["p50"], results["noop"]["p99"]))
     print("  paced     %d conns, %d ms delay         : %8.0f events/s  p50 %.2f ms  p99 %.2f ms"
@@ -220,7 +234,8 @@ def main():
           % (p["connections"], p["delay_ms"], p["rps"], p["p50_ms"], p["p99_ms"], p["target_rps"]))
     print("  written to %s" % (OUT / "webhook.json"))
     ok = all(results["targets"][k] for k in ("new_ok", "dup_ok", "paced_ok"))
-    bad = results["new"]["non200"] + results["duplicate"]["non200"] + p["non200"]
+    bad = (results["new"]["non200"] + results["duplicate"]["non200"] + dd["non200"]
+           + p["non200"])
     if bad:
         print("  WARNING: %d non-200 answers" % bad)
     return 0 if ok and not bad else 1

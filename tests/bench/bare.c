@@ -1,7 +1,8 @@
-/* bare: a FastCGI responder with nothing but libfcgi, the floor under `noop`.
- * `make bench` runs it next to noop so the runtime's own cost per request
- * (method/auth dispatch, request id, access log line, signal discipline) shows
- * as the difference. MR_SOCKET, MR_WORKERS (default 2) as the real runtime. */
+/* bare: a FastCGI responder with nothing but libfcgi, as libfcgi's examples
+ * write one. `make bench` runs it next to noop as the reference: noop adds the
+ * runtime's work (method/auth dispatch, request id, access log line, signal
+ * discipline) and saves libfcgi's draining close (lib/mr_http.c, serve()), so
+ * the difference shows what each costs. MR_SOCKET, MR_WORKERS (default 2). */
 #include <fcgiapp.h>
 #include <signal.h>
 #include <stdio.h>

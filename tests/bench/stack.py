@@ -3,7 +3,7 @@
 and Stack, with the release build, `noop`, `bare` and three bench-only locations:
 
     /bench/static   nginx answers `return 200` itself (the ceiling)
-    /bench/bare     libfcgi alone (tests/bench/bare.c): the floor for a function
+    /bench/bare     libfcgi alone (tests/bench/bare.c): the reference for a function
     /bench/noop     the noop function (libmindroom's own cost per request)
 
 Writes shell `export` lines describing the stack to ENVFILE, then runs until
