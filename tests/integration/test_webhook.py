@@ -599,13 +599,18 @@ def test_database_stopped_mid_run(stack):
 
 # ---- configuration ------------------------------------------------------------------------
 
-def test_secret_with_whitespace_stops_startup(stack, tmp_path):
+def start_alone(stack, tmp_path, **env):
+    """Starts the webhook binary outside the stack with env (plus the stack's
+    DATABASE_URL and a socket of its own); returns the finished process."""
     binary = mr.build_dir() / "bin" / "handle-stripe-webhook"
-    env = {k: os.environ[k] for k in ("PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS") if k in os.environ}
-    env.update({"STRIPE_WEBHOOK_SECRET": "whsec_aaa, whsec_bbb",
-                "DATABASE_URL": stack.env["DATABASE_URL"],
-                "MR_SOCKET": str(tmp_path / "s.sock")})
-    p = subprocess.run([str(binary)], env=env, capture_output=True, timeout=20)
+    full = {k: os.environ[k] for k in ("PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS") if k in os.environ}
+    full.update({"DATABASE_URL": stack.env["DATABASE_URL"], "MR_SOCKET": str(tmp_path / "s.sock")})
+    full.update(env)
+    return subprocess.run([str(binary)], env=full, capture_output=True, timeout=20)
+
+
+def test_secret_with_whitespace_stops_startup(stack, tmp_path):
+    p = start_alone(stack, tmp_path, STRIPE_WEBHOOK_SECRET="whsec_aaa, whsec_bbb")
     assert p.returncode == 2
     err = p.stderr.decode()
     assert "STRIPE_WEBHOOK_SECRET" in err and "whitespace" in err
@@ -680,11 +685,7 @@ def test_deferred_event_is_not_remembered(one_worker):
 
 @pytest.mark.parametrize("value", ["-1", "3601", "ten"])
 def test_bad_memory_setting_stops_startup(stack, tmp_path, value):
-    binary = mr.build_dir() / "bin" / "handle-stripe-webhook"
-    env = {k: os.environ[k] for k in ("PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS") if k in os.environ}
-    env.update({"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "STRIPE_DUPLICATE_CACHE_SECONDS": value,
-                "DATABASE_URL": stack.env["DATABASE_URL"],
-                "MR_SOCKET": str(tmp_path / "s.sock")})
-    p = subprocess.run([str(binary)], env=env, capture_output=True, timeout=20)
+    p = start_alone(stack, tmp_path, STRIPE_WEBHOOK_SECRET=NEW_SECRET,
+                    STRIPE_DUPLICATE_CACHE_SECONDS=value)
     assert p.returncode == 2
     assert "STRIPE_DUPLICATE_CACHE_SECONDS" in p.stderr.decode()
