@@ -558,20 +558,13 @@ static void handle(mr_req *r)
     cJSON_AddNumberToObject(out, "marked_failed", marked);
     cJSON_AddNumberToObject(out, "probe_ms", (double)probe_ms);
     cJSON_AddItemToObject(out, "results", results);
-    free(probes);
-    free(map);
-    targets_free(&sc);
-    probes = NULL;
-    map = NULL;
-
     if (is_service && p.sweep)
         cJSON_AddItemToObject(out, "sweep", run_sweep(r));
     else
         cJSON_AddNullToObject(out, "sweep");
     mr_reply_json(r, 200, out);
-    return;
 
-done: /* every early answer: free what was taken */
+done: /* every way out: free what was taken */
     free(probes);
     free(map);
     targets_free(&sc);

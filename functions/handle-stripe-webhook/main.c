@@ -310,6 +310,27 @@ static void kick_run(mr_req *r, void *arg)
 
 /* ---- the request ----------------------------------------------------------- */
 
+/* The answer for process_stripe_event's result (evt_err: its error, or NULL). */
+static void answer(mr_req *r, const char *result, const char *evt_err)
+{
+    if (!strcmp(result, "deferred")) {
+        /* Recorded with its error; Stripe retries (the account may be linked by then). */
+        mr_reply_error(r, 503, "account_not_found", "%s", evt_err ? evt_err : "not applicable yet");
+        return;
+    }
+    cJSON *body = cJSON_CreateObject();
+    cJSON_AddBoolToObject(body, "received", 1);
+    if (!strcmp(result, "duplicate"))
+        cJSON_AddBoolToObject(body, "duplicate", 1);
+    else if (!strcmp(result, "ignored"))
+        cJSON_AddBoolToObject(body, "ignored", 1);
+    else if (!strcmp(result, "stale"))
+        cJSON_AddBoolToObject(body, "stale", 1);
+    else if (!strcmp(result, "failed"))
+        cJSON_AddStringToObject(body, "failed", evt_err ? evt_err : "error");
+    mr_reply_json(r, 200, body);
+}
+
 static void handle(mr_req *r)
 {
     char err[200];
@@ -342,10 +363,7 @@ static void handle(mr_req *r)
 
     if (mr_idcache_has(g_seen, id, mr_now_ms())) {
         mr_log(MR_LOG_INFO, "event %s (%s): duplicate (settled, remembered)", id, type);
-        cJSON *body = cJSON_CreateObject();
-        cJSON_AddBoolToObject(body, "received", 1);
-        cJSON_AddBoolToObject(body, "duplicate", 1);
-        mr_reply_json(r, 200, body);
+        answer(r, "duplicate", NULL);
         cJSON_Delete(ev);
         return;
     }
@@ -382,22 +400,7 @@ static void handle(mr_req *r)
         mr_idcache_put(g_seen, id, mr_now_ms());
 
     /* 4. The answer. */
-    if (!strcmp(result, "deferred")) {
-        /* Recorded with its error; Stripe retries (the account may be linked by then). */
-        mr_reply_error(r, 503, "account_not_found", "%s", evt_err ? evt_err : "not applicable yet");
-    } else {
-        cJSON *body = cJSON_CreateObject();
-        cJSON_AddBoolToObject(body, "received", 1);
-        if (!strcmp(result, "duplicate"))
-            cJSON_AddBoolToObject(body, "duplicate", 1);
-        else if (!strcmp(result, "ignored"))
-            cJSON_AddBoolToObject(body, "ignored", 1);
-        else if (!strcmp(result, "stale"))
-            cJSON_AddBoolToObject(body, "stale", 1);
-        else if (!strcmp(result, "failed"))
-            cJSON_AddStringToObject(body, "failed", evt_err ? evt_err : "error");
-        mr_reply_json(r, 200, body);
-    }
+    answer(r, result, evt_err);
 
     /* 5. The owed work, after the answer. */
     if (strcmp(action, "none") != 0 && sub != NULL) {

@@ -2,9 +2,14 @@
 
     def test_x(pg): ...                               # the session cluster
     @pytest.fixture(scope="module")
-    def stack(pg):
-        with mr.Stack(pg, env={"DOKKU_PROVISIONER_URL": ...}) as s:
+    def stack(pg, prov):
+        with mr.Stack(pg, env={"DOKKU_PROVISIONER_URL": prov.url, ...}) as s:
             yield s
+
+Stand-ins (tests/standins/), one per test module: `prov` (the provisioner),
+`resend` (Resend), `health_standin` (instances' health endpoints);
+`fresh_standins` resets the first two around a test of a module whose `stack`
+runs the lifecycle.
 """
 
 import os
@@ -12,8 +17,13 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "standins"))
 import mr  # noqa: E402
+from health import HealthStandin  # noqa: E402
+from provisioner import ProvisionerStandin  # noqa: E402
+from resend import ResendStandin  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +37,36 @@ def pg():
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture(scope="module")
+def prov():
+    with ProvisionerStandin() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def resend():
+    with ResendStandin() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def health_standin():
+    with HealthStandin() as h:
+        yield h
+
+
+@pytest.fixture
+def fresh_standins(stack, prov, resend):
+    """Each test starts with nothing owed: a worker that finishes its own steps
+    drains owed work, and must not pick up what an earlier test left behind."""
+    stack.sql("DELETE FROM public.instances")
+    prov.reset()
+    resend.reset()
+    yield
+    prov.release()
+    resend.release()
 
 
 @pytest.hookimpl(hookwrapper=True)

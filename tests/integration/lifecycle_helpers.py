@@ -1,17 +1,8 @@
 """Shared helpers of the lifecycle tests (test_lifecycle*.py)."""
 import os
 import signal
-import sys
 import time
 import uuid
-
-import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "standins"))
-
-from provisioner import ProvisionerStandin  # noqa: E402,F401
-from resend import ResendStandin  # noqa: E402,F401
 
 PRICES = {"free": "price_free", "starter": "price_starter",
           "professional": "price_professional", "enterprise": "price_enterprise"}
@@ -117,32 +108,6 @@ def owed(s, sid):
     return [(a, f, b) for a, f, b in s.sql(
         "SELECT action, function_name, body FROM public.lifecycle_owed(1000) "
         "WHERE subscription_id = %s", sid)]
-
-
-# Fixtures the lifecycle suites share: a module imports them by name
-# (`from lifecycle_helpers import prov, resend, fresh_standins`) to use them.
-@pytest.fixture(scope="module")
-def prov():
-    with ProvisionerStandin() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def resend():
-    with ResendStandin() as r:
-        yield r
-
-
-@pytest.fixture
-def fresh_standins(stack, prov, resend):
-    """Each test starts with nothing owed: a worker that finishes its own steps
-    drains owed work, and must not pick up what an earlier test left behind."""
-    stack.sql("DELETE FROM public.instances")
-    prov.reset()
-    resend.reset()
-    yield
-    prov.release()
-    resend.release()
 
 
 def kill_workers_mid_provision(stack, prov, sid):

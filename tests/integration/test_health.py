@@ -7,7 +7,6 @@ instances, a backend outside the base domain never contacted, and a stuck
 provisioning finished exactly once however many sweeps run at once.
 """
 import os
-import sys
 import threading
 import time
 import uuid
@@ -16,34 +15,18 @@ import pytest
 
 import mr
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "standins"))
-from health import HealthStandin  # noqa: E402
-from provisioner import ProvisionerStandin  # noqa: E402
-
 TIMEOUT_MS = 1000
 
 
 @pytest.fixture(scope="module")
-def standin():
-    with HealthStandin() as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def provisioner():
-    with ProvisionerStandin() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def stack(pg, provisioner):
+def stack(pg, prov):
     env = {
         "MINDROOM_BASE_DOMAIN": "mindroom.test",
         "HEALTH_ALLOW_LOOPBACK": "1",
         "HEALTH_TIMEOUT_MS": str(TIMEOUT_MS),
         "HEALTH_FAILURE_THRESHOLD": "3",
-        "DOKKU_PROVISIONER_URL": provisioner.url,
-        "DOKKU_PROVISIONER_TOKEN": provisioner.token,
+        "DOKKU_PROVISIONER_URL": prov.url,
+        "DOKKU_PROVISIONER_TOKEN": prov.token,
     }
     with mr.Stack(pg, env=env) as s:
         yield s
@@ -95,16 +78,16 @@ def by_id(resp):
     return {r["instance_id"]: r for r in resp.json["results"]}
 
 
-def test_outcomes_recorded(stack, standin):
+def test_outcomes_recorded(stack, health_standin):
     acct = make_account(stack)
-    ok = make_instance(stack, acct, standin.url("ok1", "ok"))
-    bad = make_instance(stack, acct, standin.url("bad1", "500"))
-    hang = make_instance(stack, acct, standin.url("hang1", "hang") + "/")
-    refused = make_instance(stack, acct, standin.refused_url("ref1"))
-    redirect = make_instance(stack, acct, standin.url("redir1", "redirect"))
-    big = make_instance(stack, acct, standin.url("big1", "big"))
-    stopped = make_instance(stack, acct, standin.url("stopped1", "ok"), status="stopped")
-    standin.reset()
+    ok = make_instance(stack, acct, health_standin.url("ok1", "ok"))
+    bad = make_instance(stack, acct, health_standin.url("bad1", "500"))
+    hang = make_instance(stack, acct, health_standin.url("hang1", "hang") + "/")
+    refused = make_instance(stack, acct, health_standin.refused_url("ref1"))
+    redirect = make_instance(stack, acct, health_standin.url("redir1", "redirect"))
+    big = make_instance(stack, acct, health_standin.url("big1", "big"))
+    stopped = make_instance(stack, acct, health_standin.url("stopped1", "ok"), status="stopped")
+    health_standin.reset()
 
     t0 = time.monotonic()
     r = check(stack, "?sweep=0")
@@ -143,21 +126,21 @@ def test_outcomes_recorded(stack, standin):
     assert row(stack, stopped)["last_health_check"] is None
     # The health path was appended once (a trailing slash on backend_url is fine),
     # and the redirect was not followed.
-    assert [q["path"] for q in standin.requests("hang1")] == ["/i/hang1/api/health"]
-    assert standin.hits("stopped1") == 0
-    assert standin.hits(None) == 5  # ok, 500, hang, redirect, big: refused never connects
+    assert [q["path"] for q in health_standin.requests("hang1")] == ["/i/hang1/api/health"]
+    assert health_standin.hits("stopped1") == 0
+    assert health_standin.hits(None) == 5  # ok, 500, hang, redirect, big: refused never connects
 
     # A healthy answer later resets the count.
-    standin.set_mode("bad1", "ok")
+    health_standin.set_mode("bad1", "ok")
     r = check(stack, "?sweep=0&instance_id=" + bad)
     assert r.status == 200 and r.json["checked"] == 1, r
     assert row(stack, bad)["consecutive_failures"] == 0
     assert row(stack, bad)["health_status"] == "healthy"
 
 
-def test_threshold_fails_and_sweep_redeploys(stack, standin, provisioner):
+def test_threshold_fails_and_sweep_redeploys(stack, health_standin, prov):
     acct = make_account(stack)
-    iid = make_instance(stack, acct, standin.url("flaky", "500"))
+    iid = make_instance(stack, acct, health_standin.url("flaky", "500"))
     app = stack.sql("SELECT dokku_app_name FROM public.instances WHERE id = %s", iid)[0][0]
     for n in (1, 2):
         r = check(stack, "?sweep=0")
@@ -170,8 +153,8 @@ def test_threshold_fails_and_sweep_redeploys(stack, standin, provisioner):
     rw = row(stack, iid)
     assert rw["status"] == "failed"
     assert rw["last_error"].startswith("health: unhealthy: HTTP 500")
-    assert provisioner.create_calls() == [] or all(
-        c.json.get("app") != app for c in provisioner.create_calls())
+    assert prov.create_calls() == [] or all(
+        c.json.get("app") != app for c in prov.create_calls())
 
     # The sweep (on by default) asks provision-instance, which redeploys it.
     r = check(stack)
@@ -186,23 +169,23 @@ def test_threshold_fails_and_sweep_redeploys(stack, standin, provisioner):
     rw = row(stack, iid)
     assert rw["status"] == "running", rw
     assert rw["consecutive_failures"] == 0
-    assert [c.json["app"] for c in provisioner.create_calls()].count(app) == 1
+    assert [c.json["app"] for c in prov.create_calls()].count(app) == 1
     assert rw["backend_url"] == "https://api.%s.mindroom.test" % app.replace("mindroom-", "m")
 
 
-def test_user_sees_only_own(stack, standin):
+def test_user_sees_only_own(stack, health_standin):
     alice, bob = make_account(stack), make_account(stack)
-    a1 = make_instance(stack, alice, standin.url("alice1", "ok"))
-    a2 = make_instance(stack, alice, standin.url("alice2", "500"))
-    b1 = make_instance(stack, bob, standin.url("bob1", "ok"))
-    standin.reset()
+    a1 = make_instance(stack, alice, health_standin.url("alice1", "ok"))
+    a2 = make_instance(stack, alice, health_standin.url("alice2", "500"))
+    b1 = make_instance(stack, bob, health_standin.url("bob1", "ok"))
+    health_standin.reset()
     token = stack.jwt(role="authenticated", sub=alice)
 
     r = check(stack, token=token)
     assert r.status == 200, r
     assert set(by_id(r)) == {a1, a2}
     assert r.json["sweep"] is None  # tenants never sweep
-    assert standin.hits("bob1") == 0
+    assert health_standin.hits("bob1") == 0
     assert row(stack, b1)["last_health_check"] is None
     assert row(stack, a2)["health_status"] == "unhealthy: HTTP 500"
 
@@ -210,7 +193,7 @@ def test_user_sees_only_own(stack, standin):
     r = check(stack, "?instance_id=" + b1, token=token)
     assert r.status == 404, r
     assert r.json["error"]["code"] == "not_found"
-    assert standin.hits("bob1") == 0
+    assert health_standin.hits("bob1") == 0
     # POST with a body works the same as the query (supabase-js invoke()).
     r = check(stack, token=token, method="POST", json={"instance_id": a1})
     assert r.status == 200 and set(by_id(r)) == {a1}, r
@@ -232,7 +215,7 @@ def test_bad_requests(stack):
     assert check(stack, "?instance_id=" + stopped).status == 409
 
 
-def test_stuck_provisioning_finished_once_by_two_sweeps(stack, provisioner):
+def test_stuck_provisioning_finished_once_by_two_sweeps(stack, prov):
     acct = make_account(stack)
     iid = make_instance(stack, acct, None, status="provisioning")
     # A worker claimed it and died: the lease ran out long ago.
@@ -240,7 +223,7 @@ def test_stuck_provisioning_finished_once_by_two_sweeps(stack, provisioner):
               "claimed_by = 'dead-worker', claim_action = 'create', "
               "claim_expires_at = now() - interval '5 minutes' WHERE id = %s", iid)
     app = stack.sql("SELECT dokku_app_name FROM public.instances WHERE id = %s", iid)[0][0]
-    provisioner.behave(("slow", 1.5))  # both sweeps overlap with the deploy
+    prov.behave(("slow", 1.5))  # both sweeps overlap with the deploy
     try:
         results = [None, None]
         go = threading.Barrier(2)
@@ -271,8 +254,8 @@ def test_stuck_provisioning_finished_once_by_two_sweeps(stack, provisioner):
         r = check(stack)
         assert not [i for i in r.json["sweep"]["items"] if i["instance_id"] == iid]
     finally:
-        provisioner.behave("ok")
-    assert [c.json["app"] for c in provisioner.create_calls()].count(app) == 1
+        prov.behave("ok")
+    assert [c.json["app"] for c in prov.create_calls()].count(app) == 1
 
 
 @pytest.fixture(scope="module")
@@ -286,15 +269,15 @@ def strict_stack(pg):
         yield s
 
 
-def test_outside_base_domain_not_probed(strict_stack, standin):
+def test_outside_base_domain_not_probed(strict_stack, health_standin):
     s = strict_stack
     s.sql("DELETE FROM public.instances")
     acct = make_account(s)
-    literal = make_instance(s, acct, standin.url("ssrf-literal", "ok"))
-    rebinding = make_instance(s, acct, "http://m1.localhost:%d/i/ssrf-name" % standin.port)
+    literal = make_instance(s, acct, health_standin.url("ssrf-literal", "ok"))
+    rebinding = make_instance(s, acct, "http://m1.localhost:%d/i/ssrf-name" % health_standin.port)
     metadata = make_instance(s, acct, "http://169.254.169.254/latest")
     scheme = make_instance(s, acct, "file:///etc/passwd")
-    standin.reset()
+    health_standin.reset()
     r = s.call("GET", "check-instance-health?sweep=0", token=s.jwt())
     assert r.status == 200, r
     res = by_id(r)
@@ -304,14 +287,14 @@ def test_outside_base_domain_not_probed(strict_stack, standin):
     assert res[rebinding]["status"] == "refused: address not allowed"
     assert r.json["unhealthy"] == 4
     # Nothing reached the stand-in (it would have answered 200).
-    assert standin.hits("ssrf-literal") == 0 and standin.hits("ssrf-name") == 0
-    assert standin.hits(None) == 0
+    assert health_standin.hits("ssrf-literal") == 0 and health_standin.hits("ssrf-name") == 0
+    assert health_standin.hits(None) == 0
     rw = row(s, literal)
     assert rw["health_status"] == "refused: outside base domain"
     assert rw["consecutive_failures"] == 1
 
 
-def test_sweep_reprocesses_deferred_stripe_event(stack, provisioner):
+def test_sweep_reprocesses_deferred_stripe_event(stack, prov):
     """A subscription event for a customer not linked yet is stored deferred; once
     the account is linked, the sweep reprocesses it and, in the same run, asks
     provision-instance for the instance it made owed."""
@@ -356,4 +339,4 @@ def test_sweep_reprocesses_deferred_stripe_event(stack, provisioner):
     while row(stack, iid)["status"] != "running" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert row(stack, iid)["status"] == "running"
-    assert [c.json["app"] for c in provisioner.create_calls()].count(app) == 1
+    assert [c.json["app"] for c in prov.create_calls()].count(app) == 1

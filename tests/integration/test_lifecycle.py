@@ -6,8 +6,7 @@ import time
 import pytest
 
 import mr
-from lifecycle_helpers import (kill_workers_mid_provision, prov, resend, fresh_standins,  # noqa: F401 (fixtures)
-                               LIMITS, deprovision,
+from lifecycle_helpers import (kill_workers_mid_provision, LIMITS, deprovision,
                                instance, instances, new_account, new_subscription, owed,
                                provision, stack_env, wait_status, wait_until)
 

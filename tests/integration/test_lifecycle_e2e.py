@@ -6,7 +6,7 @@ import time
 import pytest
 
 import mr
-from lifecycle_helpers import (FAST_ENV, LIMITS, ResendStandin, deprovision, instance, instances,
+from lifecycle_helpers import (FAST_ENV, LIMITS, deprovision, instance, instances,
                                new_account, new_subscription, provision, wait_status, wait_until)
 from provisioner_helpers import DOMAIN, Dokku, decode_config_args
 
@@ -16,12 +16,6 @@ FUNCS = ["provision-instance", "deprovision-instance", "dokku-provisioner"]
 @pytest.fixture(scope="module")
 def dokku():
     return Dokku()
-
-
-@pytest.fixture(scope="module")
-def resend():
-    with ResendStandin() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import time
 import pytest
 
 import mr
-from lifecycle_helpers import (kill_workers_mid_provision, prov, resend, fresh_standins,  # noqa: F401 (fixtures)
-                               instance, new_subscription,
+from lifecycle_helpers import (kill_workers_mid_provision, instance, new_subscription,
                                owed, provision, stack_env, wait_status, wait_until)
 
 FUNCS = ["provision-instance", "deprovision-instance", "check-instance-health"]

@@ -8,8 +8,7 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import (prov, resend, fresh_standins,  # noqa: F401 (fixtures)
-                               LIMITS, PRICES, deprovision,
+from lifecycle_helpers import (LIMITS, PRICES, deprovision,
                                instance, instances, new_account, stack_env, wait_status,
                                wait_until)
 

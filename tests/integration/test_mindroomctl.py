@@ -19,9 +19,7 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import (FAST_ENV, PRICES, ProvisionerStandin, ResendStandin, instance,
-                               new_account, wait_until)
-from health import HealthStandin
+from lifecycle_helpers import FAST_ENV, PRICES, instance, new_account, wait_until
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
@@ -29,28 +27,15 @@ COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
 
 
 @pytest.fixture(scope="module")
-def prov():
-    with ProvisionerStandin() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def probes():
-    with HealthStandin() as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def stack(pg, prov):
-    with ResendStandin() as resend:
-        env = dict(FAST_ENV, DOKKU_PROVISIONER_URL=prov.url, DOKKU_PROVISIONER_TOKEN=prov.token,
-                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
-                   MINDROOM_BASE_DOMAIN="mindroom.test", HEALTH_ALLOW_LOOPBACK="1",
-                   HEALTH_TIMEOUT_MS="1000")
-        funcs = ["handle-stripe-webhook", "provision-instance", "deprovision-instance",
-                 "check-instance-health"]
-        with mr.Stack(pg, env=env, functions=funcs) as s:
-            yield s
+def stack(pg, prov, resend):
+    env = dict(FAST_ENV, DOKKU_PROVISIONER_URL=prov.url, DOKKU_PROVISIONER_TOKEN=prov.token,
+               RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+               MINDROOM_BASE_DOMAIN="mindroom.test", HEALTH_ALLOW_LOOPBACK="1",
+               HEALTH_TIMEOUT_MS="1000")
+    funcs = ["handle-stripe-webhook", "provision-instance", "deprovision-instance",
+             "check-instance-health"]
+    with mr.Stack(pg, env=env, functions=funcs) as s:
+        yield s
 
 
 @pytest.fixture
@@ -215,17 +200,17 @@ def test_deprovision_stop_then_provision_resumes_then_destroy(stack, prov, envfi
     assert instance(stack, sid)["status"] == "deprovisioned"
 
 
-def test_health_of_one_instance_records_the_probe(stack, prov, probes, envfile, tmp_path):
+def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, envfile, tmp_path):
     _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
     key = "ctl" + uuid.uuid4().hex[:8]
-    stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", probes.url(key), inst["id"])
-    probes.set_mode(key, "500")
+    stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", health_standin.url(key), inst["id"])
+    health_standin.set_mode(key, "500")
     out = json.loads(ok(ctl("--env", envfile, "health", inst["id"], "--no-sweep")))
-    assert probes.hits(key) >= 1
+    assert health_standin.hits(key) >= 1
     (status,) = stack.sql("SELECT health_status FROM public.instances WHERE id = %s", inst["id"])[0]
     assert status and status.startswith("unhealthy"), (status, out)
     assert inst["id"] in json.dumps(out)
-    probes.set_mode(key, "ok")
+    health_standin.set_mode(key, "ok")
     ok(ctl("--env", envfile, "health", inst["id"]))
     assert stack.sql("SELECT health_status FROM public.instances WHERE id = %s", inst["id"]) == [("healthy",)]
 

@@ -11,7 +11,6 @@ import re
 import ssl
 import subprocess
 from http import client as httpclient
-from pathlib import Path
 
 import pytest
 

@@ -4,8 +4,6 @@ statements it records rebuild the same schema."""
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 import threading
 
 import psycopg2

@@ -8,7 +8,6 @@ FUNCTIONS_URL points at a recording stand-in, so the calls the webhook owes
 after answering can be asserted too.
 """
 
-import copy
 import hashlib
 import hmac
 import json
