@@ -41,3 +41,4 @@ def pg():
 
 
 pytest_runtest_makereport = _ic.pytest_runtest_makereport
+prov = _ic.prov  # the provisioner stand-in, one per drill module

@@ -15,18 +15,12 @@ import pytest
 
 import mr
 from drill_helpers import Gate
-from lifecycle_helpers import FAST_ENV, PRICES, ProvisionerStandin, new_account
+from lifecycle_helpers import FAST_ENV, PRICES, new_account
 
 SIGNUPS = 24
 REFUSED_S = 4.0
 FAILING_S = 3.0
 CONVERGE_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def prov():
-    with ProvisionerStandin() as p:
-        yield p
 
 
 @pytest.fixture(scope="module")
