@@ -1,6 +1,7 @@
 /* mr_common.c: error names, status mapping, constant-time compare, clocks. */
 #include "mr_common.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <time.h>
@@ -62,3 +63,21 @@ int64_t mr_now_ms(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
+
+int mr_is_uuid(const char *s)
+{
+    if (!s)
+        return 0;
+    for (int k = 0; k < 36; k++) {
+        if (k == 8 || k == 13 || k == 18 || k == 23) {
+            if (s[k] != '-')
+                return 0;
+        } else if (!isxdigit((unsigned char)s[k])) {
+            return 0;
+        }
+    }
+    return s[36] == '\0';
+}
+
+const mr_identity mr_service_identity = {
+    .role = "service_role", .sub = "", .claims_json = (char *)"{\"role\":\"service_role\"}"};

@@ -41,4 +41,19 @@ int mr_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
 /* Monotonic milliseconds, for durations and deadlines. */
 int64_t mr_now_ms(void);
 
+/* Whether s is a canonical textual UUID (8-4-4-4-12 hex digits). NULL is not. */
+int mr_is_uuid(const char *s);
+
+/* Who is calling, as Row Level Security should see it: the role and the claims a
+ * transaction runs with (mr_db_tx / mr_db_call apply them with set_config). */
+typedef struct {
+    char role[64];       /* "service_role", "authenticated", or "" (the connecting role) */
+    char sub[64];        /* auth.uid() for users, "" otherwise */
+    char *claims_json;   /* the claims as JSON, or NULL; owned by whoever filled it */
+} mr_identity;
+
+/* The identity of the control plane's own work (the worker, recording health):
+ * service_role with {"role":"service_role"}. */
+extern const mr_identity mr_service_identity;
+
 #endif

@@ -1,10 +1,14 @@
-/* mr_db.c: one libpq connection per worker, parameters only.
+/* mr_db.c: one libpq connection per process, parameters only (see mr_db.h).
  *
  * Connection health: before a connection is used, a zero-timeout poll tells
  * whether the server has already closed it (a restart sends FATAL 57P01 and
  * closes); if so it is replaced before any statement is sent. That makes the
  * first request after a PostgreSQL restart succeed without ever re-sending a
- * statement whose outcome is unknown. */
+ * statement whose outcome is unknown.
+ *
+ * No session state: the statement timeout, the role and the JWT claims are set
+ * per transaction (set_config(..., true)), so a connection can be shared by a
+ * transaction-mode pooler and nothing leaks from one request to the next. */
 #include "mr_db.h"
 
 #include <poll.h>
@@ -18,17 +22,34 @@
 #include "mr_log.h"
 
 #define TX_MAX_RETRIES 5
+#define MAX_PREPARED 16
+
+typedef enum { POOLER_NONE, POOLER_SESSION, POOLER_TRANSACTION } pooler_mode;
 
 struct mr_db {
     char *conninfo;
     PGconn *conn;
+    pooler_mode pooler;
     char statement_timeout[24];
     char last_state[6];   /* SQLSTATE of the last statement ("00000" on success) */
     unsigned int rng;
+    unsigned generation;  /* bumped on every new connection */
+    struct {
+        const mr_db_stmt *stmt;
+        unsigned generation; /* the connection it was prepared on; 0: not prepared */
+        unsigned version;    /* suffix of its server-side name, see forget_prepared */
+    } prepared[MAX_PREPARED];
 };
 
-static const char set_identity_sql[] =
-    "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true)";
+/* BEGIN's companions: the request's identity and the statement timeout, local to
+ * the transaction. */
+static const mr_db_stmt identity_stmt = {
+    "mr_db_identity",
+    "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),"
+    " set_config('statement_timeout', $3, true)",
+    3};
+static const mr_db_stmt timeout_stmt = {
+    "mr_db_timeout", "SELECT set_config('statement_timeout', $1, true)", 1};
 
 mr_db *mr_db_open(const char *conninfo)
 {
@@ -46,6 +67,9 @@ mr_db *mr_db_open(const char *conninfo)
                             5000, 0, 24 * 3600 * 1000, &t, NULL, 0) != MR_OK)
         t = 5000;
     snprintf(db->statement_timeout, sizeof(db->statement_timeout), "%lld", (long long)t);
+    const char *pooler = getenv("DATABASE_POOLER");
+    db->pooler = pooler && !strcmp(pooler, "transaction") ? POOLER_TRANSACTION
+                 : pooler && !strcmp(pooler, "session") ? POOLER_SESSION : POOLER_NONE;
     memcpy(db->last_state, "00000", 6);
     if (getrandom(&db->rng, sizeof(db->rng), 0) != (ssize_t)sizeof(db->rng))
         db->rng = (unsigned int)time(NULL) ^ (unsigned int)(uintptr_t)db;
@@ -62,12 +86,10 @@ void mr_db_close(mr_db *db)
     free(db);
 }
 
-/* Maps a SQLSTATE to the runtime's error classes (see mr_db.h). */
-static mr_err map_state(const char *s)
+mr_err mr_db_state_class(const char *s)
 {
-    if (!strcmp(s, "40001") || !strcmp(s, "40P01") || !strcmp(s, "57P01") ||
-        !strcmp(s, "57P02") || !strcmp(s, "57P03") || !strcmp(s, "57014") ||
-        !strcmp(s, "55P03") || !strncmp(s, "53", 2) || !strncmp(s, "08", 2))
+    if (!strncmp(s, "08", 2) || !strncmp(s, "53", 2) || !strncmp(s, "57", 2) ||
+        !strcmp(s, "40001") || !strcmp(s, "40P01") || !strcmp(s, "55P03") || !strcmp(s, "26000"))
         return MR_ETRANSIENT;
     if (!strcmp(s, "MR001") || !strcmp(s, "23505"))
         return MR_ECONFLICT;
@@ -76,6 +98,35 @@ static mr_err map_state(const char *s)
     if (!strcmp(s, "42501"))
         return MR_EFORBIDDEN;
     return MR_EINTERNAL;
+}
+
+/* Records a failure's SQLSTATE and returns its class with a safe message.
+ * res (may be NULL: no result at all) is only read. */
+static mr_err fail(mr_db *db, const PGresult *res, char sqlstate[6], char *err, size_t errlen)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    /* libpq's own errors (the server died mid-pipeline) carry no SQLSTATE: a lost
+     * connection is transient (503, callers retry), not a 500. */
+    if (!state || strlen(state) != 5)
+        state = (!db->conn || PQstatus(db->conn) != CONNECTION_OK) ? "08006" : "XX000";
+    memcpy(db->last_state, state, 6);
+    if (sqlstate)
+        memcpy(sqlstate, state, 6);
+    const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    if (!primary && db->conn)
+        primary = PQerrorMessage(db->conn);
+    mr_err e = mr_db_state_class(state);
+    mr_log(e == MR_ECONFLICT || e == MR_EINVAL ? MR_LOG_INFO : MR_LOG_WARN,
+           "database error %s: %.300s", state, primary ? primary : "");
+    /* Only the classes whose messages are about the caller's data are shown;
+     * the rest may describe the schema or the server. */
+    if ((e == MR_ECONFLICT || e == MR_EINVAL) && primary)
+        return mr_seterr(err, errlen, e, "%s", primary);
+    if (e == MR_ETRANSIENT)
+        return mr_seterr(err, errlen, e, "database unavailable, retry later (%s)", state);
+    if (e == MR_EFORBIDDEN)
+        return mr_seterr(err, errlen, e, "permission denied");
+    return mr_seterr(err, errlen, e, "database error (%s)", state);
 }
 
 /* Turns a result into an mr_err, recording the SQLSTATE. Takes res. */
@@ -93,37 +144,17 @@ static mr_err check_result(mr_db *db, PGresult *res, PGresult **out, char sqlsta
             PQclear(res);
         return MR_OK;
     }
-    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    if (!state || strlen(state) != 5)
-        state = (!db->conn || PQstatus(db->conn) != CONNECTION_OK) ? "08006" : "XX000";
-    memcpy(db->last_state, state, 6);
-    if (sqlstate)
-        memcpy(sqlstate, state, 6);
-    const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-    if (!primary && db->conn)
-        primary = PQerrorMessage(db->conn);
-    mr_err e = map_state(state);
-    mr_log(e == MR_ECONFLICT || e == MR_EINVAL ? MR_LOG_INFO : MR_LOG_WARN,
-           "database error %s: %.300s", state, primary ? primary : "");
-    /* Only the classes whose messages are about the caller's data are shown;
-     * the rest may describe the schema or the server. */
-    if ((e == MR_ECONFLICT || e == MR_EINVAL) && primary)
-        mr_seterr(err, errlen, e, "%s", primary);
-    else if (e == MR_ETRANSIENT)
-        mr_seterr(err, errlen, e, "database unavailable, retry later (%s)", state);
-    else if (e == MR_EFORBIDDEN)
-        mr_seterr(err, errlen, e, "permission denied");
-    else
-        mr_seterr(err, errlen, e, "database error (%s)", state);
+    mr_err e = fail(db, res, sqlstate, err, errlen);
     PQclear(res);
     return e;
 }
 
 static int peer_closed(PGconn *c)
 {
-    /* Readable while idle means a notice or the server saying goodbye. The
-     * goodbye is a FATAL message followed by EOF, and one PQconsumeInput may
-     * stop after the message, so keep reading while there is more. */
+    /* Readable while idle means a notice, a notification or the server saying
+     * goodbye. The goodbye is a FATAL message followed by EOF, and one
+     * PQconsumeInput may stop after the message, so keep reading while there is
+     * more. (Notifications read here stay queued for PQnotifies.) */
     for (int i = 0; i < 4; i++) {
         struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
         if (p.fd < 0)
@@ -144,9 +175,18 @@ static void on_notice(void *arg, const char *message)
 
 static mr_err db_connect(mr_db *db, char *err, size_t errlen)
 {
-    /* The conninfo is expanded last, so its own settings win over these defaults. */
-    const char *const keys[] = {"connect_timeout", "fallback_application_name", "dbname", NULL};
-    const char *const vals[] = {"5", "mindroom", db->conninfo, NULL};
+    /* The conninfo is expanded last, so its own settings win over these defaults.
+     * A direct connection also gets the statement timeout as a session default
+     * for statements outside a transaction; a pooler gets no startup options. */
+    char options[64];
+    snprintf(options, sizeof options, "-c statement_timeout=%s", db->statement_timeout);
+    const char *keys[] = {"connect_timeout", "fallback_application_name", "options", "dbname", NULL};
+    const char *vals[] = {"5", "mindroom", options, db->conninfo, NULL};
+    if (db->pooler != POOLER_NONE) {
+        keys[2] = "dbname";
+        vals[2] = db->conninfo;
+        keys[3] = vals[3] = NULL;
+    }
     PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (!c || PQstatus(c) != CONNECTION_OK) {
         const char *m = c ? PQerrorMessage(c) : "out of memory";
@@ -156,16 +196,9 @@ static mr_err db_connect(mr_db *db, char *err, size_t errlen)
         return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     }
     PQsetNoticeProcessor(c, on_notice, NULL);
-    const char *p[1] = {db->statement_timeout};
-    PGresult *res = PQexecParams(c, "SELECT set_config('statement_timeout', $1, false)", 1, NULL,
-                                 p, NULL, NULL, 0);
     db->conn = c;
-    mr_err e = check_result(db, res, NULL, NULL, err, errlen);
-    if (e != MR_OK) {
-        PQfinish(c);
-        db->conn = NULL;
-    }
-    return e;
+    db->generation++;
+    return MR_OK;
 }
 
 PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen)
@@ -214,48 +247,126 @@ mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *pa
     return check_result(db, r, res, sqlstate, err, errlen);
 }
 
-/* BEGIN and the caller's identity in one pipeline: one round trip, and the
- * identity is transaction-local (is_local = true), so it cannot leak into the
- * next request on this connection. */
-static mr_err begin_tx(mr_db *db, const mr_identity *who, char *err, size_t errlen)
+/* ---- pipelines --------------------------------------------------------- */
+
+/* Queues stmt in the pipeline: prepared once per connection, or unnamed behind a
+ * transaction-mode pooler. Returns 0 when libpq refused to queue it. */
+static int send_stmt(mr_db *db, const mr_db_stmt *stmt, const char *const *params,
+                     const int *lengths)
 {
-    if (!who || !who->role[0])
-        return mr_db_exec(db, "BEGIN", 0, NULL, NULL, NULL, err, errlen);
-    PGconn *c = mr_db_conn(db, err, errlen);
-    if (!c)
-        return MR_ETRANSIENT;
-    const char *p[2] = {who->role, who->claims_json};
-    if (!PQenterPipelineMode(c) || !PQsendQueryParams(c, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) ||
-        !PQsendQueryParams(c, set_identity_sql, 2, NULL, p, NULL, NULL, 0) || !PQpipelineSync(c)) {
-        PQexitPipelineMode(c);
-        return check_result(db, NULL, NULL, NULL, err, errlen);
+    PGconn *c = db->conn;
+    if (db->pooler == POOLER_TRANSACTION)
+        return PQsendQueryParams(c, stmt->sql, stmt->nparams, NULL, params, lengths, NULL, 0);
+    int slot = -1;
+    for (int i = 0; i < MAX_PREPARED && slot < 0; i++)
+        if (db->prepared[i].stmt == stmt)
+            slot = i;
+    for (int i = 0; i < MAX_PREPARED && slot < 0; i++)
+        if (!db->prepared[i].stmt)
+            slot = i;
+    if (slot < 0) /* more statements than slots: a programming error; run it unnamed */
+        return PQsendQueryParams(c, stmt->sql, stmt->nparams, NULL, params, lengths, NULL, 0);
+    char name[96];
+    snprintf(name, sizeof name, "%s_%u", stmt->name, db->prepared[slot].version);
+    if (db->prepared[slot].stmt != stmt || db->prepared[slot].generation != db->generation) {
+        /* Queued in the same pipeline: a failed prepare fails what follows too. */
+        if (!PQsendPrepare(c, name, stmt->sql, stmt->nparams, NULL))
+            return 0;
+        db->prepared[slot].stmt = stmt;
+        db->prepared[slot].generation = db->generation;
     }
+    return PQsendQueryPrepared(c, name, stmt->nparams, params, lengths, NULL, 0);
+}
+
+/* Forgets what was prepared on this connection (after 26000, or any error in a
+ * pipeline, which may have skipped a queued prepare). The next use prepares again
+ * under a new name, so a statement that did get prepared meanwhile is never
+ * prepared twice under one name (42P05). */
+static void forget_prepared(mr_db *db)
+{
+    for (int i = 0; i < MAX_PREPARED; i++) {
+        if (db->prepared[i].generation) {
+            db->prepared[i].generation = 0;
+            db->prepared[i].version++;
+        }
+    }
+}
+
+/* Queues the identity (or only the timeout) of a transaction. */
+static int send_identity(mr_db *db, const mr_identity *who)
+{
+    if (who && who->role[0]) {
+        const char *p[3] = {who->role, who->claims_json, db->statement_timeout};
+        return send_stmt(db, &identity_stmt, p, NULL);
+    }
+    const char *p[1] = {db->statement_timeout};
+    return send_stmt(db, &timeout_stmt, p, NULL);
+}
+
+/* Reads a pipeline's results up to its Sync. *value (may be NULL) gets a copy of
+ * the first column of the first row of result number `want` (1-based, counting
+ * tuple results only). Returns MR_OK, or the first error's class. *synced is set
+ * when the Sync came back. */
+static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char sqlstate[6],
+                            char *err, size_t errlen)
+{
+    PGconn *c = db->conn;
     mr_err rc = MR_OK;
-    /* Expected: BEGIN, NULL, SELECT, NULL, SYNC. The bound keeps a broken
-     * connection from looping forever. */
-    for (int i = 0; i < 16; i++) {
+    int ntuples = 0;
+    *synced = 0;
+    /* Bounded so that a broken connection cannot spin. */
+    for (int i = 0; i < 32; i++) {
         PGresult *res = PQgetResult(c);
         if (!res) {
-            if (PQstatus(c) != CONNECTION_OK) {
-                if (rc == MR_OK)
-                    rc = check_result(db, NULL, NULL, NULL, err, errlen);
+            if (PQstatus(c) != CONNECTION_OK)
                 break;
-            }
             continue;
         }
         ExecStatusType st = PQresultStatus(res);
         if (st == PGRES_PIPELINE_SYNC) {
             PQclear(res);
+            *synced = 1;
             break;
         }
-        if (st == PGRES_FATAL_ERROR && rc == MR_OK)
-            rc = check_result(db, res, NULL, NULL, err, errlen);
-        else
-            PQclear(res);
+        if (st == PGRES_FATAL_ERROR && rc == MR_OK) {
+            rc = fail(db, res, sqlstate, err, errlen);
+        } else if (st == PGRES_TUPLES_OK && ++ntuples == want && value && PQntuples(res) > 0 &&
+                   !PQgetisnull(res, 0, 0)) {
+            *value = strdup(PQgetvalue(res, 0, 0));
+            if (!*value && rc == MR_OK)
+                rc = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+        }
+        PQclear(res);
     }
-    if (!PQexitPipelineMode(c) && rc == MR_OK)
-        rc = mr_seterr(err, errlen, MR_EINTERNAL, "database pipeline left busy");
+    if (!PQexitPipelineMode(c)) {
+        /* Still busy: the connection is in an unknown state; drop it. */
+        mr_log(MR_LOG_WARN, "database pipeline left busy; reconnecting");
+        PQfinish(c);
+        db->conn = NULL;
+        *synced = 0;
+    }
+    if (rc == MR_OK && !*synced)
+        rc = fail(db, NULL, sqlstate, err, errlen);
+    if (rc != MR_OK)
+        forget_prepared(db);
     return rc;
+}
+
+/* BEGIN and the caller's identity in one pipeline: one round trip, and the
+ * identity is transaction-local, so it cannot leak into the next request. */
+static mr_err begin_tx(mr_db *db, const mr_identity *who, char *err, size_t errlen)
+{
+    PGconn *c = mr_db_conn(db, err, errlen);
+    if (!c)
+        return MR_ETRANSIENT;
+    int synced;
+    if (!PQenterPipelineMode(c) || !PQsendQueryParams(c, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) ||
+        !send_identity(db, who) || !PQpipelineSync(c)) {
+        mr_err e = fail(db, NULL, NULL, err, errlen);
+        read_pipeline(db, 0, NULL, &synced, NULL, NULL, 0);
+        return e;
+    }
+    return read_pipeline(db, 0, NULL, &synced, NULL, err, errlen);
 }
 
 static void backoff(mr_db *db, int attempt)
@@ -270,6 +381,30 @@ static void backoff(mr_db *db, int attempt)
 static int is_broken(mr_db *db)
 {
     return !db->conn || PQstatus(db->conn) != CONNECTION_OK;
+}
+
+/* The retry rule shared by mr_db_tx and mr_db_call: 1 to try again. */
+static int retry(mr_db *db, int attempt, int outcome_unknown, int *reconnected)
+{
+    const char *st = db->last_state;
+    if ((!strcmp(st, "40001") || !strcmp(st, "40P01")) && attempt < TX_MAX_RETRIES) {
+        mr_log(MR_LOG_INFO, "transaction retry %d after %s", attempt + 1, st);
+        backoff(db, attempt);
+        return 1;
+    }
+    if (!strcmp(st, "26000") && attempt < TX_MAX_RETRIES) {
+        forget_prepared(db);
+        return 1;
+    }
+    /* A connection that broke before the commit was sent committed nothing, so
+     * one more try on a fresh connection is safe. After it was sent the outcome
+     * is unknown: report it (the caller's retry is idempotent). */
+    if (is_broken(db) && !outcome_unknown && !*reconnected) {
+        *reconnected = 1;
+        mr_log(MR_LOG_INFO, "transaction retry on a new connection");
+        return 1;
+    }
+    return 0;
 }
 
 mr_err mr_db_tx(mr_db *db, const mr_identity *who,
@@ -300,21 +435,83 @@ mr_err mr_db_tx(mr_db *db, const mr_identity *who,
         if (rc == MR_OK)
             return MR_OK;
         mr_db_release(db);
-
-        const char *st = db->last_state;
-        if ((!strcmp(st, "40001") || !strcmp(st, "40P01")) && attempt < TX_MAX_RETRIES) {
-            mr_log(MR_LOG_INFO, "transaction retry %d after %s", attempt + 1, st);
-            backoff(db, attempt);
-            continue;
-        }
-        /* A connection that broke before COMMIT was sent committed nothing, so
-         * one more try on a fresh connection is safe. After COMMIT was sent the
-         * outcome is unknown: report it (the caller's retry is idempotent). */
-        if (is_broken(db) && !commit_sent && !reconnected) {
-            reconnected = 1;
-            mr_log(MR_LOG_INFO, "transaction retry on a new connection");
-            continue;
-        }
-        return rc;
+        if (!retry(db, attempt, commit_sent, &reconnected))
+            return rc;
     }
+}
+
+mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
+                  const char *const *params, const int *lengths, char **out,
+                  char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!db)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "database not configured (DATABASE_URL unset)");
+    int reconnected = 0;
+    for (int attempt = 0;; attempt++) {
+        memcpy(db->last_state, "00000", 6);
+        PGconn *c = mr_db_conn(db, err, errlen);
+        if (!c)
+            return MR_ETRANSIENT;
+        int synced = 0, sent = 0;
+        mr_err rc;
+        if (!PQenterPipelineMode(c) || !send_identity(db, who) ||
+            !send_stmt(db, stmt, params, lengths) || !PQpipelineSync(c)) {
+            rc = fail(db, NULL, NULL, err, errlen);
+            read_pipeline(db, 0, NULL, &synced, NULL, NULL, 0);
+        } else {
+            /* From here the implicit transaction may commit at the Sync. */
+            sent = 1;
+            rc = read_pipeline(db, 2, out, &synced, NULL, err, errlen);
+        }
+        if (rc == MR_OK)
+            return MR_OK;
+        free(*out);
+        *out = NULL;
+        /* An error result means the implicit transaction rolled back; only a
+         * connection lost after the Sync was sent leaves the outcome unknown. */
+        int unknown = sent && !synced && is_broken(db);
+        if (!retry(db, attempt, unknown, &reconnected))
+            return rc;
+    }
+}
+
+/* ---- notifications ------------------------------------------------------ */
+
+mr_err mr_db_listen(mr_db *db, const char *channel, char *err, size_t errlen)
+{
+    for (const char *p = channel; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || *p == '_'))
+            return mr_seterr(err, errlen, MR_EINTERNAL, "bad channel name");
+    char sql[96];
+    /* The channel is a constant identifier checked above, not input: LISTEN takes
+     * no parameters. */
+    snprintf(sql, sizeof sql, "LISTEN %s", channel);
+    PGresult *res = NULL;
+    mr_err e = mr_db_exec(db, sql, 0, NULL, &res, NULL, err, errlen);
+    PQclear(res);
+    return e;
+}
+
+int mr_db_socket(mr_db *db)
+{
+    return db && db->conn ? PQsocket(db->conn) : -1;
+}
+
+int mr_db_notifications(mr_db *db)
+{
+    if (!db || !db->conn)
+        return -1;
+    if (!PQconsumeInput(db->conn) || PQstatus(db->conn) != CONNECTION_OK) {
+        PQfinish(db->conn);
+        db->conn = NULL;
+        return -1;
+    }
+    int n = 0;
+    PGnotify *nt;
+    while ((nt = PQnotifies(db->conn)) != NULL) {
+        n++;
+        PQfreemem(nt);
+    }
+    return n;
 }

@@ -1,16 +1,50 @@
-/* mr_db.h: one PostgreSQL connection per worker, parameters only.
+/* mr_db.h: one PostgreSQL connection per process, parameters only.
  *
- * The connection is opened lazily (DATABASE_URL) and reset when found broken,
- * so a restarted database costs the next request nothing but a reconnect.
- * Statements run only through PQexecParams: SQL text is never built from input. */
+ * The connection is opened lazily and reset when found broken, so a restarted
+ * database costs the next request nothing but a reconnect. Statements run only
+ * with parameters (PQexecParams, PQsendQueryParams, PQsendQueryPrepared): SQL
+ * text is never built from input.
+ *
+ * One SQLSTATE table and one retry rule serve every caller:
+ *   MR_ETRANSIENT  08xxx (connection), 53xxx (resources), 57xxx (operator
+ *                  intervention, statement timeout), 40001, 40P01, 55P03,
+ *                  26000 (a prepared statement the server no longer has)
+ *   MR_ECONFLICT   MR001 (illegal state change), 23505 (unique violation)
+ *   MR_EINVAL      other 22xxx / 23xxx (data the caller sent)
+ *   MR_EFORBIDDEN  42501
+ *   MR_EINTERNAL   anything else
+ * A transaction that hit 40001/40P01 is retried whole (bounded, jittered); one
+ * that found its connection broken before anything could have been committed is
+ * retried once on a new connection; 26000 prepares again. After a COMMIT (or a
+ * pipeline's Sync) was sent and no answer came back the outcome is unknown: that
+ * is reported as MR_ETRANSIENT, never retried here.
+ *
+ * Settings (read when the handle is opened; the runtime validates them at start-up):
+ *   MR_DB_STATEMENT_TIMEOUT_MS  every statement's timeout (default 5000), applied
+ *                               per transaction with set_config(..., true)
+ *   DATABASE_POOLER             none (default) | session | transaction. Behind a
+ *                               transaction-mode pooler (Supavisor on 6543, PgBouncer
+ *                               pool_mode=transaction) a connection carries no
+ *                               session state and no named prepared statements:
+ *                               statements go unnamed, still pipelined. */
 #ifndef MR_DB_H
 #define MR_DB_H
 
 #include <libpq-fe.h>
 #include "mr_common.h"
-#include "mr_http.h"
 
-/* Returns a handle (not yet connected) owned by the caller; free with mr_db_close. */
+typedef struct mr_db mr_db;
+
+/* A statement callers define once (static storage) and mr_db_call runs prepared:
+ * parsed and planned once per connection, re-prepared on a new one. */
+typedef struct {
+    const char *name;   /* unique per process, e.g. "mr_wh_process" */
+    const char *sql;    /* one statement, $1..$n parameters, returning one value */
+    int nparams;
+} mr_db_stmt;
+
+/* Returns a handle (not yet connected) owned by the caller; free with mr_db_close.
+ * NULL when out of memory. */
 mr_db *mr_db_open(const char *conninfo);
 void mr_db_close(mr_db *db);
 
@@ -22,13 +56,13 @@ void mr_db_release(mr_db *db);
  * (MR_ETRANSIENT). The PGconn stays owned by db. */
 PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen);
 
+/* Maps a SQLSTATE (5 characters) to its error class (the table above). */
+mr_err mr_db_state_class(const char *sqlstate);
+
 /* Runs one parameterized statement (text params, NULL = SQL NULL).
  * Returns MR_OK with *res set (caller PQclear()s it) for PGRES_COMMAND_OK /
- * PGRES_TUPLES_OK. On failure: MR_ETRANSIENT for connection loss, 40001,
- * 40P01, 57P01..57P03, 53xxx, 08xxx; MR_ECONFLICT for SQLSTATE MR001 (illegal
- * state change) and 23505 (unique violation); MR_EINVAL for 22xxx/23xxx
- * data errors; MR_EFORBIDDEN for 42501; MR_EINTERNAL otherwise. sqlstate (6 bytes,
- * may be NULL) receives the SQLSTATE. err gets a safe message, no SQL text. */
+ * PGRES_TUPLES_OK, or the class of the failure with err filled (a safe message,
+ * no SQL text). sqlstate (6 bytes, may be NULL) receives the SQLSTATE. */
 mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *params,
                   PGresult **res, char sqlstate[6], char *err, size_t errlen);
 
@@ -36,11 +70,28 @@ mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *pa
  * set_config('role', who->role, true) and set_config('request.jwt.claims',
  * who->claims_json, true) (skipped when who is NULL or role is ""; then the
  * transaction runs as the connecting role). fn returns MR_OK to commit, anything
- * else to roll back. Serialization failures (40001) and deadlocks (40P01) retry
- * the whole transaction up to 5 times with jittered backoff; a broken connection
- * is reset and retried once. Returns fn's result or the failure mapped as in mr_db_exec. */
+ * else to roll back. Retries as described above. Returns fn's result or the
+ * failure's class. */
 mr_err mr_db_tx(mr_db *db, const mr_identity *who,
                 mr_err (*fn)(mr_db *db, void *arg, char *err, size_t errlen), void *arg,
                 char *err, size_t errlen);
+
+/* One statement as who, in one round trip: the identity and the statement go as
+ * one pipeline that PostgreSQL runs as one implicit transaction, committed at its
+ * Sync. lengths may be NULL (every param a NUL-terminated string). On MR_OK *out is
+ * a malloc'd copy of the first column of the first row (the caller frees it), or
+ * NULL when the statement returned no row or SQL NULL. Retries as described above. */
+mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
+                  const char *const *params, const int *lengths, char **out,
+                  char *err, size_t errlen);
+
+/* Notifications. mr_db_listen connects if needed and runs LISTEN channel (a
+ * constant identifier: [a-z_]+). mr_db_socket is the socket to wait on (-1 when
+ * not connected). mr_db_notifications reads what has arrived and returns how many
+ * notifications it consumed, or -1 when the connection is broken (listen again:
+ * notifications may have been missed meanwhile). */
+mr_err mr_db_listen(mr_db *db, const char *channel, char *err, size_t errlen);
+int mr_db_socket(mr_db *db);
+int mr_db_notifications(mr_db *db);
 
 #endif

@@ -1,8 +1,8 @@
-/* mr_http.c: the FastCGI worker runtime (parent supervisor, worker loop, one
+/* mr_http.c: the FastCGI worker runtime (start-up, worker loop, one
  * request's flow) and the reply functions.
  *
  * Process model: the parent binds the socket, forks N workers that each run
- * FCGX_Accept_r on it, and then only supervises: respawns workers that die,
+ * FCGX_Accept_r on it, and then only supervises them (mr_proc.h): respawns workers that die,
  * and on SIGTERM/SIGINT forwards the signal and waits for every worker to
  * finish its in-flight request (and deferred job) before exiting 0.
  *
@@ -21,11 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -38,9 +36,9 @@
 #include "mr_json.h"
 #include "mr_jwt.h"
 #include "mr_log.h"
+#include "mr_proc.h"
 
-#define MAX_WORKERS 256
-#define RESPAWN_MIN_UPTIME_MS 1000 /* a worker dying younger than this is a crash loop */
+#define MAX_WORKERS MR_PROC_MAX
 #define LISTEN_BACKLOG 1024
 
 /* Process-wide settings, fixed in the parent before fork. */
@@ -456,13 +454,8 @@ static void on_stop(int sig)
     FCGX_ShutdownPending();
 }
 
-static int worker_main(int listen_fd, pid_t parent)
+static int worker_main(int listen_fd)
 {
-    /* Die with the supervisor rather than serve on as an orphan nobody reaps. */
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (getppid() != parent)
-        return 0;
-
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_stop;
@@ -470,7 +463,6 @@ static int worker_main(int listen_fd, pid_t parent)
     sa.sa_flags = 0; /* no SA_RESTART: accept must return */
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
-    signal(SIGCHLD, SIG_DFL);
 
     sigset_t stopset;
     sigemptyset(&stopset);
@@ -534,124 +526,10 @@ static void usage(const char *name)
             name, name);
 }
 
-static mr_log_level parse_level(const char *s)
+/* The worker processes' entry point for mr_proc_supervise. */
+static int worker_child(void *arg)
 {
-    static const char *const names[] = {"debug", "info", "warn", "error"};
-    for (size_t i = 0; i < MR_ARRAY_LEN(names); i++)
-        if (strcmp(s, names[i]) == 0)
-            return (mr_log_level)i;
-    fprintf(stderr, "config: MR_LOG_LEVEL must be debug, info, warn or error\n");
-    exit(2);
-}
-
-typedef struct {
-    pid_t pid;
-    int64_t started_ms;
-    int64_t respawn_at_ms; /* when pid == 0: earliest time to start it again */
-} slot;
-
-static pid_t spawn(slot *s, int listen_fd)
-{
-    pid_t parent = getpid();
-    fflush(NULL); /* or buffered output would be written twice */
-    pid_t pid = fork();
-    if (pid == 0) {
-        int st = worker_main(listen_fd, parent);
-        fflush(NULL);
-        exit(st);
-    }
-    if (pid < 0) {
-        mr_log(MR_LOG_ERROR, "fork failed: %s", strerror(errno));
-        s->pid = 0;
-        s->respawn_at_ms = mr_now_ms() + RESPAWN_MIN_UPTIME_MS;
-        return -1;
-    }
-    s->pid = pid;
-    s->started_ms = mr_now_ms();
-    return pid;
-}
-
-static void signal_all(slot *slots, int n, int sig)
-{
-    for (int i = 0; i < n; i++)
-        if (slots[i].pid > 0)
-            kill(slots[i].pid, sig);
-}
-
-/* Reaps every exited worker; returns how many are still alive. */
-static int reap(slot *slots, int n, int stopping)
-{
-    int status;
-    pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        for (int i = 0; i < n; i++) {
-            if (slots[i].pid != pid)
-                continue;
-            slots[i].pid = 0;
-            if (stopping)
-                break;
-            int64_t now = mr_now_ms();
-            int young = now - slots[i].started_ms < RESPAWN_MIN_UPTIME_MS;
-            slots[i].respawn_at_ms = young ? now + RESPAWN_MIN_UPTIME_MS : now;
-            if (WIFSIGNALED(status))
-                mr_log(MR_LOG_WARN, "worker %d killed by signal %d; respawning", (int)pid,
-                       WTERMSIG(status));
-            else
-                mr_log(MR_LOG_WARN, "worker %d exited with status %d; respawning", (int)pid,
-                       WEXITSTATUS(status));
-            break;
-        }
-    }
-    int alive = 0;
-    for (int i = 0; i < n; i++)
-        alive += slots[i].pid > 0;
-    return alive;
-}
-
-static int supervise(int listen_fd, int nworkers)
-{
-    slot slots[MAX_WORKERS];
-    memset(slots, 0, sizeof(slots));
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGCHLD);
-
-    int stopping = 0;
-    int64_t last_kick = 0;
-    for (;;) {
-        int alive = reap(slots, nworkers, stopping);
-        int64_t now = mr_now_ms();
-        int64_t wait_ms = 1000;
-        if (!stopping) {
-            for (int i = 0; i < nworkers; i++) {
-                if (slots[i].pid != 0)
-                    continue;
-                if (now >= slots[i].respawn_at_ms)
-                    spawn(&slots[i], listen_fd);
-                else if (slots[i].respawn_at_ms - now < wait_ms)
-                    wait_ms = slots[i].respawn_at_ms - now;
-            }
-        } else {
-            if (alive == 0)
-                break;
-            if (now - last_kick >= 1000) {
-                signal_all(slots, nworkers, SIGTERM);
-                last_kick = now;
-            }
-        }
-        struct timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000};
-        int sig = sigtimedwait(&set, NULL, &ts);
-        if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
-            stopping = 1;
-            mr_log(MR_LOG_INFO, "stopping: draining %d workers", reap(slots, nworkers, 1));
-            signal_all(slots, nworkers, SIGTERM);
-            last_kick = mr_now_ms();
-        }
-    }
-    mr_log(MR_LOG_INFO, "stopped");
-    return 0;
+    return worker_main(*(const int *)arg);
 }
 
 int mr_app_main(const mr_app *app, int argc, char **argv)
@@ -670,7 +548,7 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
         }
     }
 
-    mr_log_init(app->name, parse_level(mr_config_str("MR_LOG_LEVEL", "info")));
+    mr_log_init_env(app->name);
     snprintf(g_prefix, sizeof(g_prefix), "/functions/v1/%s", app->name);
 
     /* Every setting is checked here, before fork, so a bad one stops the
@@ -769,21 +647,15 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
         return 1;
     }
 
-    /* The parent takes its signals synchronously (sigtimedwait); a write to a
-     * closed nginx connection must be an EPIPE error in workers, not death. */
+    /* A write to a closed nginx connection must be an EPIPE error in workers,
+     * not death. (The supervisor takes its own signals synchronously.) */
     signal(SIGPIPE, SIG_IGN);
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGCHLD);
-    sigprocmask(SIG_BLOCK, &set, NULL);
 
     struct stat bound;
     int is_path = !strchr(socket_path, ':') && stat(socket_path, &bound) == 0;
 
     mr_log(MR_LOG_INFO, "listening on %s with %d workers", socket_path, (int)nworkers);
-    int rc = supervise(fd, (int)nworkers);
+    int rc = mr_proc_supervise((int)nworkers, worker_child, &fd);
     close(fd);
     /* Remove the socket only if it is still ours: a newer instance may have
      * replaced it while this one drained. */

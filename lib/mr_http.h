@@ -36,10 +36,10 @@
 #include <stdint.h>
 #include <cjson/cJSON.h>
 #include "mr_common.h"
+#include "mr_db.h"
+#include "mr_httpc.h"
 
 struct FCGX_Request;
-typedef struct mr_db mr_db;
-typedef struct mr_httpc mr_httpc;
 
 #define MR_DEFAULT_MAX_BODY 65536
 
@@ -49,13 +49,6 @@ typedef enum {
     MR_AUTH_USER,      /* JWT with role service_role or authenticated (with a sub) */
     MR_AUTH_CUSTOM     /* the handler authenticates (e.g. provisioner bearer token) */
 } mr_auth_mode;
-
-/* Who is calling, as RLS should see it. */
-typedef struct {
-    char role[64];       /* "service_role", "authenticated", or "" when MR_AUTH_NONE */
-    char sub[64];        /* auth.uid() for users, "" otherwise */
-    char *claims_json;   /* verified JWT payload (owned by the runtime), or NULL */
-} mr_identity;
 
 typedef struct mr_req {
     struct FCGX_Request *fcgx;

@@ -77,6 +77,14 @@ static size_t on_data(char *data, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
+static int on_progress(void *p, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                       curl_off_t ulnow)
+{
+    (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+    const mr_httpc_req *req = p;
+    return req->abort_cb(req->abort_arg) ? 1 : 0;
+}
+
 mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
                    char *err, size_t errlen)
 {
@@ -110,6 +118,12 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_data);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, &s);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "mindroom-control-plane");
+    curl_easy_setopt(e, CURLOPT_PROXY, "");
+    if (req->abort_cb) {
+        curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, on_progress);
+        curl_easy_setopt(e, CURLOPT_XFERINFODATA, (void *)req);
+    }
     if (strcmp(req->method, "GET") == 0) {
         curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
     } else {
@@ -128,6 +142,8 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
         free(s.buf);
         if (s.too_big || rc == CURLE_FILESIZE_EXCEEDED)
             return mr_seterr(err, errlen, MR_ETRANSIENT, "response larger than %zu bytes", s.max);
+        if (rc == CURLE_ABORTED_BY_CALLBACK)
+            return mr_seterr(err, errlen, MR_ETRANSIENT, "aborted");
         if (rc == CURLE_URL_MALFORMAT || rc == CURLE_UNSUPPORTED_PROTOCOL)
             return mr_seterr(err, errlen, MR_EINVAL, "bad URL: %s", curl_easy_strerror(rc));
         return mr_seterr(err, errlen, MR_ETRANSIENT, "%s", curl_easy_strerror(rc));

@@ -2,13 +2,16 @@
  *
  * Every call has a connect deadline and a total deadline; responses larger than
  * max_body are cut off as an error; redirects are not followed; only http and
- * https. A 5xx is a successful transfer: callers check status. */
+ * https; proxies from the environment (http_proxy...) are never used, so a
+ * credential in a header cannot be sent to one. A 5xx is a successful transfer:
+ * callers check status. */
 #ifndef MR_HTTPC_H
 #define MR_HTTPC_H
 
 #include <stddef.h>
 #include "mr_common.h"
-#include "mr_http.h"
+
+typedef struct mr_httpc mr_httpc;
 
 typedef struct {
     long status;        /* HTTP status, 0 if no response */
@@ -25,6 +28,10 @@ typedef struct {
     long connect_timeout_ms;         /* 0 -> 2000 */
     long timeout_ms;                 /* 0 -> 10000 */
     size_t max_body;                 /* 0 -> 1 MiB */
+    /* Optional: polled while the transfer runs (about every second, and on
+     * progress); returning non-zero aborts it with MR_ETRANSIENT "aborted". */
+    int (*abort_cb)(void *arg);
+    void *abort_arg;
 } mr_httpc_req;
 
 /* Returns a handle owned by the caller; free with mr_httpc_close. */

@@ -6,6 +6,7 @@
 
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/time.h>
@@ -157,4 +158,20 @@ void mr_log_request(const char *request_id, const char *method, int status,
     put_escaped(&l, role && *role ? role : "none");
     put_str(&l, "\"");
     end_line(&l);
+}
+
+void mr_log_init_env(const char *name)
+{
+    static const char *const names[] = {"debug", "info", "warn", "error"};
+    const char *v = getenv("MR_LOG_LEVEL");
+    if (!v || !*v)
+        v = "info";
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (strcmp(v, names[i]) == 0) {
+            mr_log_init(name, (mr_log_level)i);
+            return;
+        }
+    }
+    fprintf(stderr, "config: MR_LOG_LEVEL must be debug, info, warn or error\n");
+    exit(2);
 }

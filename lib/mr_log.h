@@ -12,6 +12,10 @@ typedef enum { MR_LOG_DEBUG, MR_LOG_INFO, MR_LOG_WARN, MR_LOG_ERROR } mr_log_lev
  * the minimum level (from MR_LOG_LEVEL at start-up). `name` must outlive logging. */
 void mr_log_init(const char *name, mr_log_level min);
 
+/* Reads MR_LOG_LEVEL (debug, info, warn, error; default info) and calls
+ * mr_log_init(name, level); another value prints why and exits 2. */
+void mr_log_init_env(const char *name);
+
 /* Logs {"time","level","function","pid","msg"} with msg formatted and JSON-escaped. */
 void mr_log(mr_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

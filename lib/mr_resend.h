@@ -6,7 +6,7 @@
 #define MR_RESEND_H
 
 #include "mr_common.h"
-#include "mr_http.h"
+#include "mr_httpc.h"
 
 typedef struct {
     const char *base_url;        /* e.g. https://api.resend.com (no trailing slash needed) */

@@ -5,7 +5,8 @@
 #                           data kept across runs), migrations + seed, every function
 #                           binary in $MR_BUILD/bin (default build/release/bin) on unix
 #                           sockets in .run/sock, nginx on 127.0.0.1:54321 (API) and
-#                           127.0.0.1:8002 (provisioner), the health timer. Ctrl-C stops it.
+#                           127.0.0.1:8002 (provisioner), the lifecycle worker (owed
+#                           work, the health round, the Stripe sweep). Ctrl-C stops it.
 #   scripts/stack.sh stop   stops a running stack from another terminal.
 #
 # Configuration: embedded local defaults; secrets are generated once into
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
 FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner)
+DAEMONS=(mindroom-lifecycle)
 
 die() { echo "stack: $*" >&2; exit 1; }
 say() { echo "stack: $*" >&2; }
@@ -106,26 +108,16 @@ shutdown() {
   [ $STOPPING -eq 1 ] && return; STOPPING=1
   trap '' INT TERM
   echo; say "stopping"
-  stop_pid health-timer TERM
-  # nginx first (no new requests), then functions drain what they have in flight.
-  stop_pid nginx QUIT
+  # The worker first (it finishes or gives back its claims), then nginx (no new
+  # requests), then the functions drain what they have in flight.
   local n pids=()
+  for n in "${DAEMONS[@]}"; do stop_pid "$n" TERM; pids+=("${PIDS[$n]:-}"); done
+  stop_pid nginx QUIT
   for n in "${FUNCTIONS[@]}"; do stop_pid "$n" TERM; pids+=("${PIDS[$n]:-}"); done
-  wait_gone 60 "${PIDS[nginx]:-}" "${pids[@]}" "${PIDS[health-timer]:-}"
+  wait_gone 60 "${PIDS[nginx]:-}" "${pids[@]}"
   scripts/pg.sh stop "$RUN/pg"
   rm -rf "$RUN/pids" "$RUN/sock" "$RUN/stack.pid"
   say "stopped"
-}
-
-health_timer() {
-  local api=http://$API_LISTEN/functions/v1/check-instance-health
-  trap 'kill $! 2>/dev/null; exit 0' TERM
-  while :; do
-    sleep 60 & wait $!
-    curl -sS -m 300 -X POST -H "Authorization: Bearer $(mint_jwt service_role 600)" \
-      -H 'Content-Type: application/json' -d '{}' "$api" || true
-    echo
-  done
 }
 
 cmd_run() {
@@ -190,14 +182,18 @@ cmd_run() {
     [ $SECONDS -lt $deadline ] || die "nginx not answering on $API_LISTEN"
     sleep 0.1
   done
-  if [[ " ${started[*]} " == *" check-instance-health "* ]]; then
-    health_timer >>"$RUN/log/health-timer.log" 2>&1 &
-    PIDS[health-timer]=$!
-  fi
+  # The lifecycle worker, once the provisioner's listener answers.
+  for n in "${DAEMONS[@]}"; do
+    [ -x "$bin/$n" ] || continue
+    spawn "$n" "$bin/$n"
+    started+=("$n")
+  done
 
   # The provisioner has its own listener and is never routed on the public one.
   local public=() f
-  for f in "${started[@]}"; do [ "$f" = dokku-provisioner ] || public+=("$f"); done
+  for f in "${started[@]}"; do
+    [[ $f = dokku-provisioner || " ${DAEMONS[*]} " == *" $f "* ]] || public+=("$f")
+  done
   local token
   token=$(mint_jwt service_role 86400)
   cat >&2 <<EOF
@@ -206,7 +202,8 @@ MindRoom control plane is up (Ctrl-C or \`make stop\` stops it).
   API           http://$API_LISTEN/functions/v1/<name>   (${public[*]})
   provisioner   $DOKKU_PROVISIONER_URL   (DOKKU_MODE=$DOKKU_MODE)
   PostgreSQL    psql "host=127.0.0.1 port=$PG_PORT dbname=mindroom user=postgres"
-  logs          .run/log/   (health check every 60 s: .run/log/health-timer.log)
+  worker        mindroom-lifecycle: owed work, health round every ${HEALTH_INTERVAL_S:-60} s
+  logs          .run/log/   (the worker's: .run/log/mindroom-lifecycle.log)
 
 A service_role token (valid 24 h) and a call:
   export TOKEN=$token

@@ -10,24 +10,29 @@ LIMITS = {"free": (512, 0.5), "starter": (1024, 1.0),
           "professional": (2048, 2.0), "enterprise": (4096, 4.0)}
 
 # Short deadlines so failure paths finish in seconds: one provisioner call may take
-# 1.5 s, a lease lasts 4 s, backoff starts at 1 s.
+# 1.5 s, a lease lasts 4 s, backoff starts at 1 s, a stopping worker gives a step
+# 1 s. MR_LIFECYCLE_POLL_MS is long on purpose: the worker must be woken by the
+# notification of the commit that made work owed, not find it by polling.
 FAST_ENV = {
     "MR_PROVISION_TIMEOUT_MS": "1500",
     "MR_PROVISION_CONNECT_TIMEOUT_MS": "500",
-    "MR_PROVISION_LEASE_S": "4",
+    "MR_LIFECYCLE_LEASE_S": "4",
+    "MR_LIFECYCLE_STOP_GRACE_MS": "1000",
+    "MR_LIFECYCLE_POLL_MS": "60000",
     "MR_PROVISION_BACKOFF_BASE_S": "1",
     "MR_PROVISION_BACKOFF_CAP_S": "8",
     "MR_PROVISION_WAIT_MS": "8000",
     "MR_RESEND_TIMEOUT_MS": "1000",
     "RESEND_FROM": "MindRoom <hello@mindroom.test>",
 }
+WORKER = "mindroom-lifecycle"
 
 INSTANCE_COLS = ("id", "subscription_id", "status", "desired_status", "dokku_app_name",
                  "subdomain", "backend_url", "frontend_url", "matrix_server_url",
                  "memory_limit_mb", "cpu_limit", "attempts", "next_attempt_at",
                  "last_error", "error_message", "provisioned_at", "deprovisioned_at",
                  "welcome_email_sent_at", "welcome_email_error", "claimed_by",
-                 "claim_expires_at")
+                 "claim_expires_at", "owed_action", "owed_due_at")
 
 
 def stack_env(prov, resend=None, **extra):
@@ -104,21 +109,26 @@ def live_claim(inst):
 
 
 def owed(s, sid):
-    """The sweep's view (lifecycle_owed) of one subscription: [(action, function, body)]."""
-    return [(a, f, b) for a, f, b in s.sql(
-        "SELECT action, function_name, body FROM public.lifecycle_owed(1000) "
-        "WHERE subscription_id = %s", sid)]
+    """What the instance of sid owes and whether it is due now: (action, due_now), or
+    None when nothing is owed. due_now is False while a lease or a backoff holds it,
+    None while it waits for an operator (a rejected step)."""
+    rows = s.sql("SELECT owed_action, CASE WHEN owed_due_at IS NULL THEN NULL "
+                 "ELSE owed_due_at <= now() END FROM public.instances "
+                 "WHERE subscription_id = %s AND status <> 'deprovisioned'", sid)
+    if not rows or rows[0][0] is None:
+        return None
+    return rows[0][0], rows[0][1]
 
 
 def kill_workers_mid_provision(stack, prov, sid):
-    """Starts a provision the stand-in hangs on, then SIGKILLs every
-    provision-instance worker (one of them is inside the provisioner call) and
-    waits for their replacements; the dead worker's lease stays on the row."""
+    """Starts a provision the stand-in hangs on, then SIGKILLs every lifecycle
+    worker process (one of them is inside the provisioner call) and waits for their
+    replacements; the dead worker's lease stays on the row."""
     prov.behave("hang")
     assert provision(stack, sid).status == 202
     prov.wait_for(lambda p: p.create_calls(), timeout=3)
-    old = stack.workers("provision-instance")
+    old = stack.workers(WORKER)
     for pid in old:
         os.kill(pid, signal.SIGKILL)
-    stack.wait_workers("provision-instance", exclude=old)
+    stack.wait_workers(WORKER, exclude=old)
     prov.release()

@@ -42,7 +42,11 @@ FUNCTIONS = (
     "deprovision-instance",
     "check-instance-health",
     "dokku-provisioner",
+    "mindroom-lifecycle",
 )
+# Processes that serve no socket: started and stopped like the functions, ready
+# once they have their worker processes.
+DAEMONS = ("mindroom-lifecycle",)
 TEMPLATE_DB = "mindroom_template"
 # Environment variables a function inherits from the test process; everything
 # else it sees comes from Stack.env, so a developer's shell cannot leak in.
@@ -252,14 +256,20 @@ class Stack:
     extra_functions= names more binaries from the build (e.g. "noop", the
     runtime's test function) served at /functions/v1/<name> too;
     nginx_extra= is nginx text added inside the public server block (@RUN@ and
-    @ROOT@ replaced).
+    @ROOT@ replaced). db= names an existing database to share (another stack's:
+    two complete stacks on one database); it is then neither created nor dropped.
+
+    The lifecycle worker (mindroom-lifecycle) runs in every stack that starts it;
+    its periodic health round is set to once a day unless env says otherwise, so
+    that stand-in instances are probed only when a test asks for it.
     """
 
     def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
-                 nginx_extra=""):
+                 nginx_extra="", db=None):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
-        self.db = "mr_" + secrets.token_hex(6)
+        self.own_db = db is None
+        self.db = db or "mr_" + secrets.token_hex(6)
         self.bin = build_dir() / "bin"
         wanted = functions if functions is not None else FUNCTIONS
         self.functions = [f for f in wanted if os.access(self.bin / f, os.X_OK)]
@@ -290,7 +300,8 @@ class Stack:
     def _start(self):
         for d in ("sock", "log", "nginx", "conf.d"):
             (self.run / d).mkdir()
-        self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
+        if self.own_db:
+            self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
         (self.run / "conf.d/extra-functions.conf").write_text("".join(
             self.extra_location(f) for f in self.extra_functions) +
             self._nginx_extra.replace("@RUN@", str(self.run)).replace("@ROOT@", str(ROOT)))
@@ -305,6 +316,8 @@ class Stack:
             "DOKKU_PROVISIONER_URL": self.provisioner_url,
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
             "MR_WORKERS": str(self._workers),
+            "MR_LIFECYCLE_WORKERS": "2",
+            "HEALTH_INTERVAL_S": "86400",
             "MR_LOG_LEVEL": "info",
         }
         self.env.update(self._extra_env)
@@ -330,10 +343,11 @@ class Stack:
         if self.nginx is not None:
             self._terminate(self.nginx)
             self.nginx = None
-        try:
-            self.pg.sql('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % self.db)
-        except Exception as e:  # the cluster may be stopped by a failed drill
-            print("mr.py: could not drop %s: %s" % (self.db, e))
+        if self.own_db:
+            try:
+                self.pg.sql('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % self.db)
+            except Exception as e:  # the cluster may be stopped by a failed drill
+                print("mr.py: could not drop %s: %s" % (self.db, e))
         bad = [n for n in self.functions if _sanitizer_report(self.log(n))]
         if bad:
             raise AssertionError("sanitizer report in %s (logs kept in %s):\n%s" % (
@@ -422,7 +436,8 @@ class Stack:
 
     def _wait_function(self, name):
         """Until the function's socket accepts connections and it has all its
-        workers; raises with its log if it exits or takes too long."""
+        workers (a daemon: its workers); raises with its log if it exits or takes
+        too long."""
         p = self.procs[name]
         path = str(self.socket_path(name))
         deadline = time.monotonic() + START_TIMEOUT
@@ -430,16 +445,20 @@ class Stack:
             if p.poll() is not None:
                 raise RuntimeError("%s exited %s at start-up:\n%s" % (
                     name, p.returncode, self.log_tail(name)))
-            if os.path.exists(path) and len(self.workers(name)) >= self._expected_workers():
+            if name in DAEMONS:
+                if len(self.workers(name)) >= self._expected_workers(name):
+                    return
+            elif os.path.exists(path) and len(self.workers(name)) >= self._expected_workers():
                 with socket.socket(socket.AF_UNIX) as s:
                     if s.connect_ex(path) == 0:
                         return
             time.sleep(0.02)
         raise RuntimeError("%s not ready after %ss:\n%s" % (name, START_TIMEOUT, self.log_tail(name)))
 
-    def _expected_workers(self):
+    def _expected_workers(self, name=None):
+        var = "MR_LIFECYCLE_WORKERS" if name in DAEMONS else "MR_WORKERS"
         try:
-            return max(1, int(self.env.get("MR_WORKERS", "1")))
+            return max(1, int(self.env.get(var) or "1"))
         except ValueError:
             return 1
 
@@ -483,7 +502,7 @@ class Stack:
     def wait_workers(self, name, count=None, exclude=(), timeout=10.0):
         """Waits until the function has `count` (default MR_WORKERS) live workers,
         none of them in `exclude`; returns their pids."""
-        count = count or self._expected_workers()
+        count = count or self._expected_workers(name)
         deadline = time.monotonic() + timeout
         while True:
             pids = [w for w in self.workers(name) if w not in exclude]

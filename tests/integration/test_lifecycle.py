@@ -1,16 +1,20 @@
-"""provision-instance and deprovision-instance through real nginx and PostgreSQL,
-against the provisioner and Resend stand-ins (tests/standins)."""
+"""The instance lifecycle through real nginx and PostgreSQL: provision-instance and
+deprovision-instance record what an operator asks, the lifecycle worker
+(mindroom-lifecycle) does it against the provisioner and Resend stand-ins
+(tests/standins)."""
 import concurrent.futures
+import os
+import signal
 import time
 
 import pytest
 
 import mr
-from lifecycle_helpers import (kill_workers_mid_provision, LIMITS, deprovision,
+from lifecycle_helpers import (WORKER, kill_workers_mid_provision, LIMITS, deprovision,
                                instance, instances, new_account, new_subscription, owed,
                                provision, stack_env, wait_status, wait_until)
 
-FUNCS = ["provision-instance", "deprovision-instance"]
+FUNCS = ["provision-instance", "deprovision-instance", WORKER]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_provision_answers_202_then_runs_with_one_create_and_one_email(stack, pr
     r = provision(stack, sid)
     assert r.status == 202, r
     assert r.json["instance"]["status"] == "provisioning"
-    assert r.json["instance"]["busy"] is True
+    assert r.json["instance"]["owed_action"] == "create"
     assert r.json["instance"]["dokku_app_name"] == "mindroom-" + sid.replace("-", "")[:12]
     assert "environment_vars" not in r.json["instance"]
 
@@ -67,6 +71,7 @@ def test_provision_answers_202_then_runs_with_one_create_and_one_email(stack, pr
     r2 = provision(stack, sid)
     assert r2.status == 200, r2
     assert r2.json["instance"]["status"] == "running"
+    assert r2.json["instance"]["owed_action"] is None
     assert r2.json["instance"]["frontend_url"] == inst["frontend_url"]
     time.sleep(0.3)
     assert len(prov.requests) == 1 and len(resend.requests) == 1
@@ -141,7 +146,7 @@ def test_not_entitled_is_409_and_creates_nothing(stack, prov):
     assert prov.requests == []
 
 
-@pytest.mark.parametrize("fn", FUNCS)
+@pytest.mark.parametrize("fn", ["provision-instance", "deprovision-instance"])
 def test_wrong_or_missing_token_is_refused_before_any_work(stack, prov, fn):
     sid = new_subscription(stack, "starter")
     body = {"subscription_id": sid}
@@ -160,38 +165,33 @@ def test_wrong_or_missing_token_is_refused_before_any_work(stack, prov, fn):
 
 # --- failures ---------------------------------------------------------------------------
 
-def test_provisioner_500_fails_with_backoff_then_succeeds_on_retry(stack, prov):
+def test_provisioner_500_fails_with_backoff_and_the_worker_retries_by_itself(stack, prov):
     sid = new_subscription(stack, "starter")
-    prov.next("fail")
+    prov.next("fail", "fail")
     assert provision(stack, sid).status == 202
-    inst = wait_status(stack, sid, "failed")
-    assert inst["attempts"] == 1
+    inst = wait_until(lambda: (lambda i: i if i["attempts"] == 1 and not i["claimed_by"] else None)(
+        instance(stack, sid)), what="first failure")
+    assert inst["status"] == "failed"
     assert "500" in inst["last_error"] and inst["error_message"] == inst["last_error"]
     now = stack.sql("SELECT now()")[0][0]
-    delay = (inst["next_attempt_at"] - now).total_seconds()
-    assert 0 < delay <= 1.0, delay                      # base 1 s * 2^0
-    assert owed(stack, sid) == []                        # the sweep waits out the backoff
-    wait_until(lambda: owed(stack, sid), timeout=3, what="owed after backoff")
-    assert owed(stack, sid) == [("create", "provision-instance", {"subscription_id": sid})]
+    assert 0 < (inst["next_attempt_at"] - now).total_seconds() <= 1.0   # base 1 s * 2^0
+    assert owed(stack, sid) == ("create", False)          # owed, held by the backoff
+    assert inst["owed_due_at"] == inst["next_attempt_at"]
 
-    # A second failure doubles the backoff.
-    prov.next("fail")
-    assert provision(stack, sid).status == 202
-    wait_until(lambda: instance(stack, sid)["attempts"] == 2 and not instance(stack, sid)["claimed_by"],
-               what="second failure")
-    inst = instance(stack, sid)
+    # The worker retries once the backoff has passed; the second failure doubles it.
+    inst = wait_until(lambda: (lambda i: i if i["attempts"] == 2 and not i["claimed_by"] else None)(
+        instance(stack, sid)), timeout=4, what="second failure")
     now = stack.sql("SELECT now()")[0][0]
     assert 1.0 < (inst["next_attempt_at"] - now).total_seconds() <= 2.0
 
-    # The retry (what the sweep does once it is due) succeeds with the same app.
-    assert provision(stack, sid).status == 202
-    inst = wait_status(stack, sid, "running")
+    # The third try succeeds with the same app; nothing asked for it.
+    inst = wait_status(stack, sid, "running", timeout=5)
     assert inst["attempts"] == 0 and inst["last_error"] is None and inst["next_attempt_at"] is None
     assert len(creates_for(prov, inst["dokku_app_name"])) == 3
     assert list(prov.apps) == [inst["dokku_app_name"]]
 
 
-def test_provisioner_4xx_is_recorded_and_not_retried_blindly(stack, prov):
+def test_provisioner_4xx_is_recorded_and_waits_for_an_operator(stack, prov):
     sid = new_subscription(stack, "starter")
     prov.next("reject")
     r = provision(stack, sid, wait=True)
@@ -201,8 +201,14 @@ def test_provisioner_4xx_is_recorded_and_not_retried_blindly(stack, prov):
     inst = instance(stack, sid)
     assert inst["last_error"].startswith("rejected: ") and "400" in inst["last_error"]
     assert inst["next_attempt_at"] is None and inst["attempts"] == 1
-    time.sleep(1.2)
-    assert owed(stack, sid) == []                        # left for an operator
+    assert owed(stack, sid) == ("create", None)            # owed, held for an operator
+    time.sleep(1.5)
+    assert len(prov.create_calls()) == 1                   # never retried blindly
+
+    # An operator asks again (after fixing the cause): the hold is lifted at once.
+    r = provision(stack, sid, wait=True)
+    assert r.status == 200 and r.json["instance"]["status"] == "running", r
+    assert len(prov.create_calls()) == 2
 
 
 def test_provisioner_hanging_past_its_deadline_fails_without_holding_the_caller(stack, prov):
@@ -218,24 +224,29 @@ def test_provisioner_hanging_past_its_deadline_fails_without_holding_the_caller(
     prov.release()
 
 
-def test_with_every_job_slot_busy_calls_still_answer_at_once_and_leave_work_owed(stack, prov):
-    # MR_WORKERS=2 -> one job slot: while it hangs on the provisioner, the other
-    # worker still answers, and leaves new work owed (unclaimed) for the sweep.
-    a, b = new_subscription(stack, "starter"), new_subscription(stack, "starter")
-    prov.behave("hang")
-    assert provision(stack, a).status == 202
-    prov.wait_for(lambda p: p.create_calls(), timeout=3)
-    t0 = time.monotonic()
-    r = provision(stack, b)
-    assert r.status == 202 and time.monotonic() - t0 < 0.5, r
-    assert r.json["instance"]["status"] == "provisioning" and r.json["instance"]["busy"] is False
-    assert owed(stack, b) == [("create", "provision-instance", {"subscription_id": b})]
-    r = provision(stack, b, wait=True)
-    assert r.status == 503 and r.json["error"]["code"] == "busy", r
-    prov.release()
-    wait_status(stack, a, "failed", timeout=5)
-    r = provision(stack, b, wait=True)                   # the slot is free again
-    assert r.status == 200 and r.json["instance"]["status"] == "running", r
+def test_the_concurrency_limit_lives_in_the_database(stack, prov):
+    # One step at a time across every worker: while it hangs, the edges still
+    # answer at once and the other instance stays owed, unclaimed.
+    stack.sql("UPDATE public.lifecycle_limits SET max_in_flight = 1 WHERE scope = 'global'")
+    try:
+        a, b = new_subscription(stack, "starter"), new_subscription(stack, "starter")
+        prov.behave("hang")
+        assert provision(stack, a).status == 202
+        prov.wait_for(lambda p: p.create_calls(), timeout=3)
+        t0 = time.monotonic()
+        r = provision(stack, b)
+        assert r.status == 202 and time.monotonic() - t0 < 0.5, r
+        assert r.json["instance"]["owed_action"] == "create"
+        time.sleep(0.5)
+        assert r.json["instance"]["busy"] is False and not instance(stack, b)["claimed_by"]
+        assert len(prov.create_calls()) == 1                # b waits for a's step
+        assert owed(stack, b) == ("create", True)
+        prov.release()
+        # a's hung call fails at its deadline; b is claimed as soon as it is free.
+        wait_status(stack, b, "running", timeout=6)
+        wait_status(stack, a, "running", timeout=6)
+    finally:
+        stack.sql("UPDATE public.lifecycle_limits SET max_in_flight = 8 WHERE scope = 'global'")
 
 
 def test_wait_true_reports_a_failure_as_503_with_the_instance_error(stack, prov):
@@ -248,26 +259,60 @@ def test_wait_true_reports_a_failure_as_503_with_the_instance_error(stack, prov)
     assert r.json["instance"]["status"] == "failed"
 
 
+def test_wait_true_answers_202_when_the_work_outlasts_the_wait(pg, prov):
+    env = stack_env(prov, MR_PROVISION_WAIT_MS="700")
+    with mr.Stack(pg, env=env, functions=FUNCS) as s:
+        sid = new_subscription(s, "starter")
+        prov.behave("hang")
+        t0 = time.monotonic()
+        r = provision(s, sid, wait=True)
+        assert r.status == 202 and 0.6 < time.monotonic() - t0 < 2.0, r
+        assert r.json["instance"]["owed_action"] == "create" and r.json["instance"]["busy"] is True
+        prov.release()
+
+
 def test_a_worker_killed_mid_provision_leaves_a_lease_that_expires(stack, prov):
     sid = new_subscription(stack, "starter")
     kill_workers_mid_provision(stack, prov, sid)
     inst = instance(stack, sid)
     assert inst["status"] == "provisioning" and inst["claimed_by"] is not None
 
-    # While the dead worker's lease is live, nobody repeats the call.
+    # While the dead worker's lease is live, nobody repeats the call, even when asked.
     r = provision(stack, sid)
     assert r.status == 202 and r.json["instance"]["busy"] is True
-    assert owed(stack, sid) == []
-    time.sleep(0.3)
+    assert owed(stack, sid) == ("create", False)
+    time.sleep(0.5)
     assert len(prov.create_calls()) == 1
 
-    # Once it expires, the sweep sees the work and a call finishes it with one app.
-    wait_until(lambda: owed(stack, sid), timeout=6, what="lease expiry")
-    assert owed(stack, sid)[0][0] == "create"
-    assert provision(stack, sid).status == 202
-    inst = wait_status(stack, sid, "running")
+    # Once it expires the work is due again and a worker finishes it, with one app.
+    inst = wait_status(stack, sid, "running", timeout=8)
     assert list(prov.apps) == [inst["dokku_app_name"]]
     assert len(creates_for(prov, inst["dokku_app_name"])) == 2
+
+
+def test_a_stopping_worker_gives_its_claim_back_within_the_grace(pg, prov):
+    # A provisioner call allowed 10 s, a stop grace of 1 s: SIGTERM aborts the call
+    # after the grace and gives the lease back instead of leaving it to expire.
+    env = stack_env(prov, MR_PROVISION_TIMEOUT_MS="10000", MR_LIFECYCLE_LEASE_S="30")
+    with mr.Stack(pg, env=env, functions=["provision-instance", WORKER]) as s:
+        sid = new_subscription(s, "starter")
+        prov.behave("hang")
+        assert provision(s, sid).status == 202
+        prov.wait_for(lambda p: p.create_calls(), timeout=3)
+        assert instance(s, sid)["claimed_by"] is not None
+        t0 = time.monotonic()
+        assert s.stop_function(WORKER) == 0                # SIGTERM: a clean stop
+        took = time.monotonic() - t0
+        assert took < 4.0, took                           # the grace, not the 10 s call
+        inst = instance(s, sid)
+        assert inst["claimed_by"] is None                 # given back, not left to expire
+        assert owed(s, sid) == ("create", True)
+        assert "lease given back" in s.log(WORKER)
+        prov.release()
+        s.start_function(WORKER)
+        inst = wait_status(s, sid, "running", timeout=5)
+        assert len(creates_for(prov, inst["dokku_app_name"])) == 2
+        prov.reset()
 
 
 def test_resend_down_keeps_the_instance_running_and_the_email_owed(stack, prov, resend):
@@ -279,19 +324,17 @@ def test_resend_down_keeps_the_instance_running_and_the_email_owed(stack, prov, 
     assert inst["welcome_email_sent_at"] is None and "500" in inst["welcome_email_error"]
     assert inst["last_error"] is None
     assert len(resend.delivered) == 0
+    assert owed(stack, sid) == ("email", False)           # its own backoff
+    assert provision(stack, sid).status == 200            # running: done for the caller
 
-    # The sweep sees the owed email once its backoff has passed, and a call sends it.
-    wait_until(lambda: owed(stack, sid), timeout=3, what="email owed")
-    assert owed(stack, sid) == [("email", "provision-instance", {"subscription_id": sid})]
+    # Once Resend is back, the worker sends it after the backoff, once.
     resend.behave("ok")
-    r = provision(stack, sid)
-    assert r.status == 200, r                            # running: nothing to claim for the caller
-    wait_until(lambda: instance(stack, sid)["welcome_email_sent_at"], what="email sent")
+    wait_until(lambda: instance(stack, sid)["welcome_email_sent_at"], timeout=5, what="email sent")
     assert len(resend.delivered) == 1
     n = len(resend.requests)
     assert provision(stack, sid).status == 200
     time.sleep(0.3)
-    assert len(resend.requests) == n and owed(stack, sid) == []
+    assert len(resend.requests) == n and owed(stack, sid) is None
     assert len(creates_for(prov, inst["dokku_app_name"])) == 1
 
 
@@ -302,11 +345,9 @@ def test_tier_upgrade_reaches_the_provisioner(stack, prov):
     provision(stack, sid, wait=True)
     app = instance(stack, sid)["dokku_app_name"]
     # What the webhook writes on an upgrade; the trigger moves the instance's limits.
+    # The commit makes an update owed and wakes the worker; nobody calls anything.
     stack.sql("UPDATE public.subscriptions SET tier = 'enterprise', "
               "stripe_price_id = 'price_enterprise' WHERE id = %s", sid)
-    assert owed(stack, sid) == [("update", "provision-instance", {"subscription_id": sid})]
-    r = provision(stack, sid)
-    assert r.status == 202 and r.json["instance"]["status"] == "running", r
     wait_until(lambda: len(creates_for(prov, app)) == 2 and not instance(stack, sid)["claimed_by"],
                what="update")
     last = creates_for(prov, app)[-1].json
@@ -325,6 +366,7 @@ def test_stop_then_resume_the_same_app_then_destroy(stack, prov):
 
     r = deprovision(stack, subscription_id=sid, mode="stop")
     assert r.status == 202 and r.json["mode"] == "stop", r
+    assert r.json["instance"]["owed_action"] == "stop"
     wait_status(stack, sid, "stopped")
     assert prov.apps[app]["state"] == "stopped"
     assert instance(stack, sid)["desired_status"] == "stopped"
@@ -404,27 +446,44 @@ def test_failed_stop_keeps_running_and_is_retried(stack, prov):
     prov.next("fail")
     r = deprovision(stack, subscription_id=sid, mode="stop", wait=True)
     assert r.status == 503, r
+    assert r.json["error"]["code"] == "provisioner_unavailable"
     inst = instance(stack, sid)
     assert inst["status"] == "running" and inst["desired_status"] == "stopped"
     assert inst["attempts"] == 1
-    wait_until(lambda: owed(stack, sid), timeout=3, what="stop owed")
-    assert owed(stack, sid) == [("stop", "deprovision-instance",
-                                 {"instance_id": str(inst["id"]), "mode": "stop"})]
-    r = deprovision(stack, instance_id=str(inst["id"]), mode="stop", wait=True)
-    assert r.status == 200 and r.json["instance"]["status"] == "stopped", r
+    assert owed(stack, sid)[0] == "stop"
+    # The worker retries it after the backoff.
+    wait_status(stack, sid, "stopped", timeout=4)
+    assert len(prov.recorded("POST", "/apps/%s/stop" % inst["dokku_app_name"])) == 2
 
 
-def test_no_resend_key_skips_the_email_with_a_log_line(pg, prov):
-    with mr.Stack(pg, env=stack_env(prov), functions=["provision-instance"]) as s:
+def test_no_resend_key_leaves_the_email_owed_for_an_hour(pg, prov):
+    with mr.Stack(pg, env=stack_env(prov), functions=["provision-instance", WORKER]) as s:
         sid = new_subscription(s, "starter")
         r = provision(s, sid, wait=True)
         assert r.status == 200 and r.json["instance"]["status"] == "running", r
-        inst = instance(s, sid)
+        inst = wait_until(lambda: (lambda i: i if i["welcome_email_error"] else None)(
+            instance(s, sid)), what="email skipped")
         assert inst["welcome_email_sent_at"] is None
-        assert "RESEND_API_KEY is not set" in s.log("provision-instance")
-        # The worker's loop ends at "running" (no email step); the next call records
-        # the skip, so the sweep does not ask again every minute.
-        assert owed(s, sid) == [("email", "provision-instance", {"subscription_id": sid})]
-        assert provision(s, sid).status == 200
-        assert instance(s, sid)["welcome_email_error"].startswith("skipped: ")
-        assert owed(s, sid) == []
+        assert inst["welcome_email_error"] == "skipped: RESEND_API_KEY is not set"
+        assert "RESEND_API_KEY is not set" in s.log(WORKER)
+        assert owed(s, sid) == ("email", False)
+        now = s.sql("SELECT now()")[0][0]
+        assert 3500 < (inst["owed_due_at"] - now).total_seconds() <= 3600
+
+
+def test_the_commit_wakes_the_worker_and_a_pooler_without_listen_polls(pg, prov):
+    # FAST_ENV polls once a minute: a create done within a second was woken by the
+    # commit's notification. Behind a transaction-mode pooler (no LISTEN) the
+    # worker polls instead, at MR_LIFECYCLE_POLL_MS.
+    with mr.Stack(pg, env=stack_env(prov), functions=["provision-instance", WORKER]) as s:
+        sid = new_subscription(s, "starter")
+        t0 = time.monotonic()
+        assert provision(s, sid).status == 202
+        wait_status(s, sid, "running", timeout=3)
+        assert time.monotonic() - t0 < 1.0
+    env = stack_env(prov, DATABASE_POOLER="transaction", MR_LIFECYCLE_POLL_MS="1500")
+    with mr.Stack(pg, env=env, functions=["provision-instance", WORKER]) as s:
+        assert "polling every 1500 ms" in s.log(WORKER)
+        sid = new_subscription(s, "starter")
+        assert provision(s, sid).status == 202
+        wait_status(s, sid, "running", timeout=4)

@@ -1,4 +1,4 @@
-/* test_common.c: constant-time comparison and the error -> HTTP mapping. */
+/* test_common.c: constant-time comparison, the error -> HTTP mapping, the UUID check. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -25,6 +25,22 @@ static void test_ct_equal(void **state)
     assert_true(mr_ct_equal("a\0b", 3, "a\0b", 3));
     /* A longer b whose extra byte is zero still differs in length. */
     assert_false(mr_ct_equal("ab", 2, "ab\0", 3));
+}
+
+static void test_is_uuid(void **state)
+{
+    (void)state;
+    assert_true(mr_is_uuid("5eed5eed-0000-4000-8000-000000000101"));
+    assert_true(mr_is_uuid("ABCDEF00-0000-4000-8000-00000000abcd"));
+    assert_false(mr_is_uuid(NULL));
+    assert_false(mr_is_uuid(""));
+    assert_false(mr_is_uuid("5eed5eed000040008000000000000101"));      /* no dashes */
+    assert_false(mr_is_uuid("5eed5eed-0000-4000-8000-00000000010"));   /* short */
+    assert_false(mr_is_uuid("5eed5eed-0000-4000-8000-0000000001011")); /* long */
+    assert_false(mr_is_uuid("5eed5eed-0000-4000-8000-00000000010g"));  /* not hex */
+    assert_false(mr_is_uuid("5eed5eed-0000-4000-8000+000000000101"));  /* bad dash */
+    assert_false(mr_is_uuid("5eed5eed-0000-4000-8000-00000000010\n"));
+    assert_false(mr_is_uuid("'; drop table x; --000000000000000000"));
 }
 
 static void test_err_mapping(void **state)
@@ -74,6 +90,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ct_equal),
+        cmocka_unit_test(test_is_uuid),
         cmocka_unit_test(test_err_mapping),
         cmocka_unit_test(test_seterr),
         cmocka_unit_test(test_now_ms),

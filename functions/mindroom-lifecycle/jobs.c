@@ -1,0 +1,157 @@
+/* jobs.c: the periodic jobs, each run once per interval across every worker on
+ * every host: whoever moves the job's lease row forward (public.scheduled_job_take)
+ * runs it, and nobody else can until the interval has passed.
+ *
+ *   health        the health round (lib/mr_health.c): probe every running
+ *                 instance, record, count failures (once per interval), mark
+ *                 failed at the threshold; the redeploy that makes owed is
+ *                 claimed like any other owed work
+ *   stripe-sweep  Stripe events stored as deferred: give up on those older than
+ *                 STRIPE_DEFER_MAX_HOURS (marked failed, logged at error, counted),
+ *                 then re-apply the due ones, each in its own transaction */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "worker.h"
+
+/* How often a worker asks whether a job's turn has come: a quarter of its interval,
+ * between 1 s and 15 s, so a round starts at most that late. */
+static int64_t ask_every_ms(int interval_s)
+{
+    int64_t ms = (int64_t)interval_s * 250;
+    return ms < 1000 ? 1000 : ms > 15000 ? 15000 : ms;
+}
+
+static const mr_db_stmt take_stmt = {
+    "mr_job_take", "SELECT public.scheduled_job_take($1, $2, $3::int)::text", 3};
+static const mr_db_stmt done_stmt = {
+    "mr_job_done", "SELECT public.scheduled_job_done($1, $2, $3)::text", 3};
+static const mr_db_stmt reprocess_stmt = {
+    "mr_job_reprocess", "SELECT public.reprocess_stripe_event($1) ->> 'result'", 1};
+
+/* The lease start (timestamptz text, malloc'd) when this worker runs the job now. */
+static char *take(worker *w, const char *name, int interval_s)
+{
+    char iv[16], err[200] = "", *started = NULL;
+    snprintf(iv, sizeof iv, "%d", interval_s);
+    const char *p[] = {name, w->owner, iv};
+    if (mr_db_call(w->db, &mr_service_identity, &take_stmt, p, NULL, &started, err, sizeof err) != MR_OK)
+        mr_log(MR_LOG_WARN, "job %s: cannot take its lease: %s", name, err);
+    return started;
+}
+
+static void done(worker *w, const char *name, const char *error)
+{
+    char err[200] = "", *out = NULL;
+    const char *p[] = {name, w->owner, error};
+    if (mr_db_call(w->db, &mr_service_identity, &done_stmt, p, NULL, &out, err, sizeof err) != MR_OK)
+        mr_log(MR_LOG_WARN, "job %s: cannot record its end: %s", name, err);
+    free(out);
+}
+
+static void health_job(worker *w, const char *started)
+{
+    cJSON *out = NULL;
+    char err[256] = "";
+    mr_err e = mr_health_round(w->db, &mr_service_identity, &wcfg.health, NULL, 1, started, &out,
+                               err, sizeof err);
+    if (e != MR_OK) {
+        mr_log(MR_LOG_WARN, "health round: %s", err);
+        done(w, "health", err);
+        return;
+    }
+    const cJSON *n = cJSON_GetObjectItemCaseSensitive(out, "checked");
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(out, "healthy");
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(out, "marked_failed");
+    mr_log(MR_LOG_INFO, "health round: %d checked, %d healthy, %d marked failed",
+           cJSON_IsNumber(n) ? (int)n->valuedouble : 0, cJSON_IsNumber(h) ? (int)h->valuedouble : 0,
+           cJSON_IsNumber(m) ? (int)m->valuedouble : 0);
+    cJSON_Delete(out);
+    done(w, "health", NULL);
+}
+
+/* A query returning event ids, run in its own transaction as service_role. */
+typedef struct {
+    const char *sql;
+    const char *arg;
+    PGresult *res;
+} ids_ctx;
+
+static mr_err ids_tx(mr_db *db, void *arg, char *err, size_t errlen)
+{
+    ids_ctx *c = arg;
+    const char *p[] = {c->arg};
+    PQclear(c->res);
+    c->res = NULL;
+    return mr_db_exec(db, c->sql, 1, p, &c->res, NULL, err, errlen);
+}
+
+static void sweep_job(worker *w)
+{
+    char err[256] = "", arg[16];
+    int retried = 0, failed = 0, n;
+
+    snprintf(arg, sizeof arg, "%d", wcfg.defer_max_hours);
+    ids_ctx expired = {"SELECT id FROM public.stripe_expire_deferred($1::int)", arg, NULL};
+    if (mr_db_tx(w->db, &mr_service_identity, ids_tx, &expired, err, sizeof err) != MR_OK) {
+        mr_log(MR_LOG_WARN, "stripe sweep: %s", err);
+        done(w, "stripe-sweep", err);
+        return;
+    }
+    int given_up = PQntuples(expired.res);
+    for (int i = 0; i < given_up; i++)
+        mr_log(MR_LOG_ERROR, "stripe event %.255s: deferred for more than %d h; marked failed",
+               PQgetvalue(expired.res, i, 0), wcfg.defer_max_hours);
+    PQclear(expired.res);
+
+    snprintf(arg, sizeof arg, "%d", wcfg.sweep_batch);
+    ids_ctx due = {"SELECT id FROM public.stripe_events_due($1::int)", arg, NULL};
+    if (mr_db_tx(w->db, &mr_service_identity, ids_tx, &due, err, sizeof err) != MR_OK) {
+        mr_log(MR_LOG_WARN, "stripe sweep: %s", err);
+        done(w, "stripe-sweep", err);
+        return;
+    }
+    n = PQntuples(due.res);
+    for (int i = 0; i < n && !worker_stopping(); i++) {
+        const char *id = PQgetvalue(due.res, i, 0);
+        const char *p[] = {id};
+        char *result = NULL;
+        if (mr_db_call(w->db, &mr_service_identity, &reprocess_stmt, p, NULL, &result, err,
+                       sizeof err) == MR_OK) {
+            retried++;
+            mr_log(MR_LOG_INFO, "stripe event %.255s: retried: %s", id, result ? result : "?");
+        } else {
+            failed++;
+            mr_log(MR_LOG_WARN, "stripe event %.255s: retry failed: %s", id, err);
+        }
+        free(result);
+    }
+    PQclear(due.res);
+    if (given_up || retried || failed)
+        mr_log(MR_LOG_INFO, "stripe sweep: %d retried, %d failed, %d given up", retried, failed, given_up);
+    done(w, "stripe-sweep", failed ? "some events could not be retried" : NULL);
+}
+
+int64_t jobs_run_due(worker *w)
+{
+    static int64_t next_health, next_sweep;
+    int64_t now = mr_now_ms();
+    if (now >= next_health) {
+        next_health = now + ask_every_ms(wcfg.health.interval_s);
+        char *started = take(w, "health", wcfg.health.interval_s);
+        if (started)
+            health_job(w, started);
+        free(started);
+    }
+    if (!worker_stopping() && now >= next_sweep) {
+        next_sweep = now + ask_every_ms(wcfg.sweep_interval_s);
+        char *started = take(w, "stripe-sweep", wcfg.sweep_interval_s);
+        if (started)
+            sweep_job(w);
+        free(started);
+    }
+    now = mr_now_ms();
+    int64_t wait = (next_health < next_sweep ? next_health : next_sweep) - now;
+    return wait > 0 ? wait : 0;
+}

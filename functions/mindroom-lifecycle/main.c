@@ -1,0 +1,234 @@
+/* mindroom-lifecycle: the lifecycle worker. It does all owed work: the
+ * provisioner calls, the welcome email, retries with backoff, and the periodic
+ * jobs (the health round, the Stripe sweep). Edges (the webhook, provision- and
+ * deprovision-instance) only record intent; the same commit NOTIFYs this worker.
+ *
+ * MR_LIFECYCLE_WORKERS processes (default 2) share the work with every other
+ * worker on every other host through PostgreSQL alone: a claim takes an expiring
+ * lease with FOR UPDATE SKIP LOCKED (public.lifecycle_claim), the concurrency
+ * limit is a row (lifecycle_limits), periodic jobs take a lease row
+ * (scheduled_jobs). Each process loops:
+ *   1. the periodic jobs whose turn it is, if it takes their lease;
+ *   2. claim the next due instance and carry out its steps (steps.c);
+ *   3. with nothing to claim, sleep until a notification on mindroom_lifecycle,
+ *      the next owed work falls due, a job's turn, or MR_LIFECYCLE_POLL_MS.
+ * Notifications come over DATABASE_LISTEN_URL, else over DATABASE_URL unless that
+ * is a transaction-mode pooler (DATABASE_POOLER=transaction, where LISTEN does not
+ * work): then the worker polls.
+ *
+ * SIGTERM: no new claim; a step in flight runs for MR_LIFECYCLE_STOP_GRACE_MS at
+ * most, then is aborted and its lease given back, so every claim is finished or
+ * released within the grace. */
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "mr_deadlines.h"
+#include "mr_proc.h"
+#include "worker.h"
+
+#define CHANNEL "mindroom_lifecycle"
+
+worker_config wcfg;
+
+static volatile sig_atomic_t g_stop;
+
+static void on_stop(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+int worker_stopping(void)
+{
+    /* The stop signals stay blocked except while the process sleeps, so that no
+     * libpq or libcurl call sees EINTR; a pending one counts as seen. */
+    if (!g_stop) {
+        sigset_t pending;
+        if (sigpending(&pending) == 0 &&
+            (sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGINT) == 1))
+            g_stop = 1;
+    }
+    return g_stop;
+}
+
+static void load_config(void)
+{
+    worker_config *c = &wcfg;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    c->workers = (int)mr_config_int("MR_LIFECYCLE_WORKERS", ncpu > 1 ? ncpu : 2, 1, MR_PROC_MAX);
+    c->lease_s = (int)mr_config_int("MR_LIFECYCLE_LEASE_S", MR_DL_LIFECYCLE_LEASE_S, 1, 86400);
+    c->backoff_base_s = (int)mr_config_int("MR_PROVISION_BACKOFF_BASE_S", 30, 1, 86400);
+    c->backoff_cap_s = (int)mr_config_int("MR_PROVISION_BACKOFF_CAP_S", 3600, 1, 7 * 86400);
+    c->poll_ms = (long)mr_config_int("MR_LIFECYCLE_POLL_MS", 30000, 50, 3600000);
+    c->stop_grace_ms = (long)mr_config_int("MR_LIFECYCLE_STOP_GRACE_MS", MR_DL_LIFECYCLE_STOP_GRACE_MS,
+                                           0, 3600000);
+    c->database_url = mr_config_str("DATABASE_URL", NULL);
+    const char *listen = mr_config_str("DATABASE_LISTEN_URL", "");
+    const char *pooler = mr_config_str("DATABASE_POOLER", "none");
+    if (strcmp(pooler, "none") && strcmp(pooler, "session") && strcmp(pooler, "transaction")) {
+        fprintf(stderr, "config: DATABASE_POOLER must be none, session or transaction\n");
+        exit(2);
+    }
+    c->listen_url = *listen ? listen : strcmp(pooler, "transaction") ? c->database_url : NULL;
+
+    c->provisioner.url = mr_config_str("DOKKU_PROVISIONER_URL", "http://127.0.0.1:8002");
+    c->provisioner.token = mr_config_secret("DOKKU_PROVISIONER_TOKEN", NULL, 16);
+    c->provisioner.timeout_ms = (long)mr_config_int("MR_PROVISION_TIMEOUT_MS", MR_DL_PROVISION_CALL_MS,
+                                                    100, 7200000);
+    c->provisioner.connect_timeout_ms = (long)mr_config_int("MR_PROVISION_CONNECT_TIMEOUT_MS",
+                                                            MR_DL_PROVISION_CONNECT_MS, 50, 60000);
+    const char *key = mr_config_str("RESEND_API_KEY", "");
+    c->resend_api_key = *key ? mr_config_secret("RESEND_API_KEY", NULL, 1) : NULL;
+    c->resend_base_url = mr_config_str("RESEND_BASE_URL", "https://api.resend.com");
+    c->resend_from = mr_config_str("RESEND_FROM", "MindRoom <hello@mindroom.chat>");
+    c->resend_timeout_ms = (long)mr_config_int("MR_RESEND_TIMEOUT_MS", MR_DL_RESEND_MS, 100, 120000);
+
+    mr_health_config_load(&c->health);
+    c->sweep_interval_s = (int)mr_config_int("SWEEP_INTERVAL_S", 60, 1, 86400);
+    c->sweep_batch = (int)mr_config_int("SWEEP_BATCH", 50, 0, 10000);
+    c->defer_max_hours = (int)mr_config_int("STRIPE_DEFER_MAX_HOURS", 72, 1, 24 * 365);
+
+    /* The lease must outlive every step its holder can be inside, and leave room to
+     * record the outcome; otherwise a slow but healthy worker would lose it and a
+     * second one would repeat the call. */
+    long longest = c->provisioner.timeout_ms + c->provisioner.connect_timeout_ms;
+    if (c->resend_timeout_ms > longest)
+        longest = c->resend_timeout_ms;
+    long margin = longest / 2 < MR_DL_RECORD_MARGIN_MS ? longest / 2 : MR_DL_RECORD_MARGIN_MS;
+    if ((long)c->lease_s * 1000 < longest + margin) {
+        fprintf(stderr, "config: MR_LIFECYCLE_LEASE_S (%d s) must be longer than the longest step "
+                "(MR_PROVISION_TIMEOUT_MS + MR_PROVISION_CONNECT_TIMEOUT_MS, or MR_RESEND_TIMEOUT_MS: "
+                "%ld ms) plus the time to record its outcome\n", c->lease_s, longest);
+        exit(2);
+    }
+    if (c->stop_grace_ms >= (long)MR_DL_WORKER_STOP_S * 1000 - MR_DL_RECORD_MARGIN_MS) {
+        fprintf(stderr, "config: MR_LIFECYCLE_STOP_GRACE_MS must leave %d ms before the service "
+                "manager's %d s stop timeout\n", MR_DL_RECORD_MARGIN_MS, MR_DL_WORKER_STOP_S);
+        exit(2);
+    }
+    if (c->backoff_cap_s < c->backoff_base_s) {
+        fprintf(stderr, "config: MR_PROVISION_BACKOFF_CAP_S must be >= MR_PROVISION_BACKOFF_BASE_S\n");
+        exit(2);
+    }
+    if (!c->resend_api_key)
+        mr_log(MR_LOG_INFO, "RESEND_API_KEY is not set: welcome emails wait until it is");
+    if (!c->listen_url)
+        mr_log(MR_LOG_INFO, "no LISTEN connection (DATABASE_POOLER=transaction and no "
+               "DATABASE_LISTEN_URL): polling every %ld ms", c->poll_ms);
+}
+
+/* Sleeps until a notification, a stop, or timeout_ms. */
+static void wait_for_work(worker *w, int64_t timeout_ms)
+{
+    char err[200];
+    if (w->listen && mr_db_socket(w->listen) < 0) {
+        /* (Re)connect and listen; whatever was notified meanwhile is covered by the
+         * claim that follows any wake-up. */
+        if (mr_db_listen(w->listen, CHANNEL, err, sizeof err) != MR_OK) {
+            mr_log(MR_LOG_WARN, "LISTEN %s: %s; polling until it works", CHANNEL, err);
+            if (timeout_ms > 1000)
+                timeout_ms = 1000;
+        } else {
+            return; /* listening again: look for work before sleeping */
+        }
+    }
+    struct pollfd p = {.fd = w->listen ? mr_db_socket(w->listen) : -1, .events = POLLIN};
+    if (timeout_ms > INT32_MAX)
+        timeout_ms = INT32_MAX;
+    struct timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
+    sigset_t open;
+    sigemptyset(&open);
+    /* The stop signals are delivered only here (ppoll's mask), so no other call is
+     * interrupted by them. */
+    int rc = ppoll(&p, p.fd >= 0 ? 1 : 0, &ts, &open);
+    if (rc > 0 && w->listen)
+        mr_db_notifications(w->listen); /* -1: broken; re-listened on the next wait */
+    else if (rc < 0 && errno != EINTR)
+        mr_log(MR_LOG_WARN, "ppoll: %s", strerror(errno));
+}
+
+static int child_main(void *arg)
+{
+    (void)arg;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigset_t stopset;
+    sigemptyset(&stopset);
+    sigaddset(&stopset, SIGTERM);
+    sigaddset(&stopset, SIGINT);
+    sigprocmask(SIG_SETMASK, &stopset, NULL);
+
+    worker w = {0};
+    char host[64] = "";
+    gethostname(host, sizeof host - 1);
+    snprintf(w.owner, sizeof w.owner, "%s/%d", host[0] ? host : "host", (int)getpid());
+    w.db = mr_db_open(wcfg.database_url);
+    w.listen = wcfg.listen_url ? mr_db_open(wcfg.listen_url) : NULL;
+    w.http = mr_httpc_open();
+    if (!w.db || (wcfg.listen_url && !w.listen) || !w.http) {
+        mr_log(MR_LOG_ERROR, "worker could not allocate its database or HTTP handles");
+        return 1;
+    }
+    mr_log(MR_LOG_INFO, "worker %s ready", w.owner);
+
+    int64_t backoff_ms = 0;
+    while (!worker_stopping()) {
+        int64_t sleep_ms = jobs_run_due(&w);
+        if (worker_stopping())
+            break;
+        claim_outcome got;
+        int64_t due_ms;
+        char err[256] = "";
+        mr_err e = steps_claim_and_run(&w, &got, &due_ms, err, sizeof err);
+        if (e != MR_OK) {
+            /* The database is away: back off (up to 5 s) instead of spinning. */
+            backoff_ms = backoff_ms ? (backoff_ms * 2 > 5000 ? 5000 : backoff_ms * 2) : 100;
+            mr_log(MR_LOG_WARN, "claim: %s; retrying in %lld ms", err, (long long)backoff_ms);
+            wait_for_work(&w, backoff_ms);
+            continue;
+        }
+        backoff_ms = 0;
+        if (got == CLAIM_DONE)
+            continue; /* there may be more: claim again at once */
+        if (sleep_ms > wcfg.poll_ms)
+            sleep_ms = wcfg.poll_ms;
+        if (got == CLAIM_NONE && due_ms >= 0 && due_ms < sleep_ms)
+            sleep_ms = due_ms;
+        wait_for_work(&w, sleep_ms);
+    }
+    mr_log(MR_LOG_INFO, "worker %s stopped", w.owner);
+    mr_db_close(w.db);
+    mr_db_close(w.listen);
+    mr_httpc_close(w.http);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1) {
+        int help = strcmp(argv[1], "--help") == 0;
+        fprintf(help ? stdout : stderr,
+                "usage: %s\n  the lifecycle worker; configured by the environment "
+                "(docs/lifecycle.md)\n", argv[0]);
+        return help ? 0 : 2;
+    }
+    mr_log_init_env("mindroom-lifecycle");
+    load_config();
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    signal(SIGPIPE, SIG_IGN);
+    mr_log(MR_LOG_INFO, "starting %d workers", wcfg.workers);
+    int rc = mr_proc_supervise(wcfg.workers, child_main, NULL);
+    curl_global_cleanup();
+    return rc;
+}

@@ -1,0 +1,279 @@
+/* steps.c: one claimed instance, step by step.
+ *
+ * The claim (public.lifecycle_claim) hands over a step: the action, the lease
+ * token and everything the step needs. No transaction is open while the step
+ * runs; its outcome is recorded by public.lifecycle_finish, which applies only
+ * while the lease is still ours and hands back the next step under the same lease.
+ * A worker asked to stop lets its step run for the stop grace, then aborts the
+ * call and gives the lease back (public.lifecycle_release) so another worker takes
+ * the work at once instead of waiting for the lease to run out. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "mr_resend.h"
+#include "worker.h"
+
+#define MAX_CHAIN 8 /* steps one claim may chain (create, email, ... never more) */
+
+static const mr_db_stmt claim_stmt = {
+    "mr_lc_claim", "SELECT public.lifecycle_claim($1, $2::int)::text", 2};
+static const mr_db_stmt finish_stmt = {
+    "mr_lc_finish",
+    "SELECT public.lifecycle_finish($1::uuid, $2, $3::jsonb, $4::int, $5::int, $6::int)::text", 6};
+static const mr_db_stmt release_stmt = {
+    "mr_lc_release", "SELECT public.lifecycle_release($1::uuid, $2)::text", 2};
+
+/* When a stop was first seen; the step in flight may run stop_grace_ms past it. */
+static int64_t stop_seen_ms;
+
+static int abort_step(void *arg)
+{
+    (void)arg;
+    if (!worker_stopping())
+        return 0;
+    if (!stop_seen_ms)
+        stop_seen_ms = mr_now_ms();
+    return mr_now_ms() - stop_seen_ms >= wcfg.stop_grace_ms;
+}
+
+static mr_err call_json(worker *w, const mr_db_stmt *stmt, const char *const *params,
+                        cJSON **out, char *err, size_t errlen)
+{
+    char *text = NULL;
+    *out = NULL;
+    mr_err e = mr_db_call(w->db, &mr_service_identity, stmt, params, NULL, &text, err, errlen);
+    if (e != MR_OK)
+        return e;
+    *out = text ? mr_json_parse(text, strlen(text)) : NULL;
+    free(text);
+    if (!cJSON_IsObject(*out)) {
+        cJSON_Delete(*out);
+        *out = NULL;
+        return mr_seterr(err, errlen, MR_EINTERNAL, "unexpected answer from the database");
+    }
+    return MR_OK;
+}
+
+/* The welcome email. Without a Resend key it waits an hour and asks again (a key
+ * may have been configured since): owed, not failed. */
+static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSON *result)
+{
+    if (!wcfg.resend_api_key) {
+        cJSON_AddBoolToObject(result, "ok", 0);
+        cJSON_AddStringToObject(result, "error", "skipped: RESEND_API_KEY is not set");
+        cJSON_AddNumberToObject(result, "retry_in_s", 3600);
+        mr_log(MR_LOG_INFO, "instance %s: welcome email skipped: RESEND_API_KEY is not set",
+               instance_id);
+        return;
+    }
+    const cJSON *email = cJSON_GetObjectItemCaseSensitive(step, "email");
+    const char *to = NULL, *url = NULL;
+    mr_json_str(email, "to", &to);
+    mr_json_str(email, "frontend_url", &url);
+    char idem[80], err[256] = "";
+    snprintf(idem, sizeof idem, "welcome-%s", instance_id);
+    char *text = mr_resend_welcome_text(url);
+    mr_resend_config rc = {.base_url = wcfg.resend_base_url, .api_key = wcfg.resend_api_key,
+                           .from = wcfg.resend_from, .timeout_ms = wcfg.resend_timeout_ms};
+    long st = 0;
+    mr_err e = text ? mr_resend_send(w->http, &rc, idem, to, MR_RESEND_WELCOME_SUBJECT, text, &st,
+                                     err, sizeof err)
+                    : mr_seterr(err, sizeof err, MR_EINTERNAL, "out of memory");
+    free(text);
+    cJSON_AddBoolToObject(result, "ok", e == MR_OK);
+    if (e != MR_OK) {
+        cJSON_AddBoolToObject(result, "rejected", e == MR_EINVAL);
+        cJSON_AddStringToObject(result, "error", err);
+    }
+}
+
+/* Carries out one step; fills result ({"ok", "rejected", "error", urls,
+ * "config_version"}). Returns 1 when the call was aborted for a stop. */
+static int do_step(worker *w, mr_action action, const cJSON *step, const char *instance_id,
+                   cJSON *result)
+{
+    if (action == MR_ACTION_EMAIL) {
+        do_email(w, instance_id, step, result);
+        return 0;
+    }
+    const char *app = "";
+    mr_json_str(step, "app", &app);
+    const cJSON *payload = cJSON_GetObjectItemCaseSensitive(step, "payload");
+    mr_provisioner p = wcfg.provisioner;
+    p.abort_cb = abort_step;
+    mr_provisioner_call call;
+    switch (action) {
+    case MR_ACTION_CREATE:
+    case MR_ACTION_UPDATE:
+        mr_provisioner_apply(w->http, &p, payload, &call);
+        break;
+    case MR_ACTION_START:
+        mr_provisioner_app(w->http, &p, app, "start", &call);
+        /* The stopped app is gone (removed by hand, or never made): create it again
+         * under the same name, so it resumes with the same identity. */
+        if (!call.ok && call.status == 404)
+            mr_provisioner_apply(w->http, &p, payload, &call);
+        break;
+    case MR_ACTION_STOP:
+        mr_provisioner_app(w->http, &p, app, "stop", &call);
+        break;
+    case MR_ACTION_DESTROY:
+        mr_provisioner_app(w->http, &p, app, "destroy", &call);
+        break;
+    default:
+        memset(&call, 0, sizeof call);
+        call.rejected = 1;
+        snprintf(call.error, sizeof call.error, "no step for action %s", mr_action_name(action));
+    }
+    if (call.aborted)
+        return 1;
+    cJSON_AddBoolToObject(result, "ok", call.ok);
+    if (call.ok) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(step, "config_version");
+        if (cJSON_IsNumber(v))
+            cJSON_AddNumberToObject(result, "config_version", v->valuedouble);
+        if (call.backend_url[0])
+            cJSON_AddStringToObject(result, "backend_url", call.backend_url);
+        if (call.frontend_url[0])
+            cJSON_AddStringToObject(result, "frontend_url", call.frontend_url);
+        if (call.matrix_server_url[0])
+            cJSON_AddStringToObject(result, "matrix_server_url", call.matrix_server_url);
+    } else {
+        cJSON_AddBoolToObject(result, "rejected", call.rejected);
+        cJSON_AddStringToObject(result, "error", call.error);
+    }
+    return 0;
+}
+
+/* Records a step's outcome. A call that may have taken minutes is worth a few
+ * retries; if the database stays away the lease expires and the step is done again
+ * (every step is idempotent). */
+static mr_err finish(worker *w, const char *instance_id, const char *token, const cJSON *result,
+                     cJSON **reply, char *err, size_t errlen)
+{
+    char lease[16], base[16], cap[16];
+    snprintf(lease, sizeof lease, "%d", wcfg.lease_s);
+    snprintf(base, sizeof base, "%d", wcfg.backoff_base_s);
+    snprintf(cap, sizeof cap, "%d", wcfg.backoff_cap_s);
+    char *rtext = mr_json_print(result);
+    if (!rtext)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    const char *p[] = {instance_id, token, rtext, lease, base, cap};
+    mr_err e = MR_ETRANSIENT;
+    for (int attempt = 0; attempt < 4; attempt++) {
+        if (attempt) {
+            struct timespec ts = {0, (250L << attempt) * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+        e = call_json(w, &finish_stmt, p, reply, err, errlen);
+        if (e != MR_ETRANSIENT)
+            break;
+    }
+    free(rtext);
+    return e;
+}
+
+static void release(worker *w, const char *instance_id, const char *token)
+{
+    const char *p[] = {instance_id, token};
+    char *text = NULL, err[200] = "";
+    if (mr_db_call(w->db, &mr_service_identity, &release_stmt, p, NULL, &text, err, sizeof err) != MR_OK)
+        mr_log(MR_LOG_WARN, "instance %s: could not give the lease back (%s); it expires", instance_id, err);
+    else
+        mr_log(MR_LOG_INFO, "instance %s: stopping; lease given back", instance_id);
+    free(text);
+}
+
+/* Runs the claimed steps of reply until nothing more is due, a step fails, the
+ * lease is lost, or the worker stops. Takes reply. */
+static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
+{
+    for (int n = 0; n < MAX_CHAIN; n++) {
+        const char *outcome = "";
+        mr_json_str(reply, "outcome", &outcome);
+        if (strcmp(outcome, "claimed") != 0) {
+            if (!strcmp(outcome, "lost"))
+                mr_log(MR_LOG_WARN, "lease taken over before the outcome was recorded");
+            break;
+        }
+        const cJSON *step = cJSON_GetObjectItemCaseSensitive(reply, "step");
+        const char *act = NULL, *token = NULL, *iid = NULL;
+        mr_action action;
+        if (mr_json_str(step, "action", &act) != MR_OK || mr_json_str(step, "token", &token) != MR_OK ||
+            mr_json_str(step, "instance_id", &iid) != MR_OK || mr_action_parse(act, &action) != MR_OK) {
+            cJSON_Delete(reply);
+            return mr_seterr(err, errlen, MR_EINTERNAL, "claimed step without action/token");
+        }
+        char tok[200], instance_id[40];
+        snprintf(tok, sizeof tok, "%s", token);
+        snprintf(instance_id, sizeof instance_id, "%s", iid);
+
+        int64_t t0 = mr_now_ms();
+        cJSON *result = cJSON_CreateObject();
+        if (do_step(w, action, step, instance_id, result)) {
+            cJSON_Delete(result);
+            cJSON_Delete(reply);
+            release(w, instance_id, tok);
+            return MR_OK;
+        }
+        int ok = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "ok"));
+        const char *why = NULL;
+        mr_json_str(result, "error", &why);
+        mr_log(ok ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms%s%s", instance_id,
+               mr_action_name(action), ok ? "succeeded" : "failed",
+               (long long)(mr_now_ms() - t0), why ? ": " : "", why ? why : "");
+
+        cJSON *next = NULL;
+        mr_err e = finish(w, instance_id, tok, result, &next, err, errlen);
+        cJSON_Delete(result);
+        cJSON_Delete(reply);
+        if (e != MR_OK) {
+            mr_log(MR_LOG_ERROR, "instance %s: could not record %s: %s", instance_id,
+                   mr_action_name(action), err);
+            return e;
+        }
+        reply = next;
+        if (worker_stopping()) {
+            /* Between steps: give back whatever was chained rather than start it. */
+            const char *o = "";
+            mr_json_str(reply, "outcome", &o);
+            const char *t2 = NULL;
+            if (!strcmp(o, "claimed") &&
+                mr_json_str(cJSON_GetObjectItemCaseSensitive(reply, "step"), "token", &t2) == MR_OK) {
+                snprintf(tok, sizeof tok, "%s", t2);
+                release(w, instance_id, tok);
+            }
+            break;
+        }
+    }
+    cJSON_Delete(reply);
+    return MR_OK;
+}
+
+mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
+                           char *err, size_t errlen)
+{
+    char lease[16];
+    snprintf(lease, sizeof lease, "%d", wcfg.lease_s);
+    const char *p[] = {w->owner, lease};
+    cJSON *reply = NULL;
+    *outcome = CLAIM_NONE;
+    *next_due_ms = -1;
+    mr_err e = call_json(w, &claim_stmt, p, &reply, err, errlen);
+    if (e != MR_OK)
+        return e;
+    const char *o = "";
+    mr_json_str(reply, "outcome", &o);
+    if (strcmp(o, "claimed") != 0) {
+        const cJSON *due = cJSON_GetObjectItemCaseSensitive(reply, "next_due_in_ms");
+        if (cJSON_IsNumber(due))
+            *next_due_ms = (int64_t)due->valuedouble;
+        *outcome = strcmp(o, "full") == 0 ? CLAIM_FULL : CLAIM_NONE;
+        cJSON_Delete(reply);
+        return MR_OK;
+    }
+    *outcome = CLAIM_DONE;
+    return run(w, reply, err, errlen);
+}

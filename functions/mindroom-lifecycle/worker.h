@@ -1,0 +1,69 @@
+/* worker.h: the lifecycle worker's modules.
+ *
+ *   main.c   configuration (checked once, before fork), the supervisor, and each
+ *            worker process's loop: periodic jobs, claim, wait for a notification
+ *   steps.c  one claimed instance: carry out its steps (the provisioner, Resend),
+ *            record each outcome, give the lease back when told to stop
+ *   jobs.c   the periodic jobs: the health round and the Stripe sweep
+ *
+ * The worker is not a FastCGI function: it serves no requests. It lives beside
+ * them because it is built and linked the same way (libmindroom). */
+#ifndef WORKER_H
+#define WORKER_H
+
+#include "mindroom.h"
+#include "mr_action.h"
+#include "mr_health.h"
+#include "mr_provisioner.h"
+
+typedef struct {
+    int workers;                /* MR_LIFECYCLE_WORKERS: processes on this host */
+    int lease_s;                /* MR_LIFECYCLE_LEASE_S */
+    int backoff_base_s;         /* MR_PROVISION_BACKOFF_BASE_S */
+    int backoff_cap_s;          /* MR_PROVISION_BACKOFF_CAP_S */
+    long poll_ms;               /* MR_LIFECYCLE_POLL_MS: longest sleep without a notification */
+    long stop_grace_ms;         /* MR_LIFECYCLE_STOP_GRACE_MS */
+    const char *database_url;   /* DATABASE_URL */
+    const char *listen_url;     /* where LISTEN goes, or NULL: poll only */
+    mr_provisioner provisioner; /* DOKKU_PROVISIONER_URL, _TOKEN, MR_PROVISION_*TIMEOUT_MS */
+    const char *resend_api_key; /* RESEND_API_KEY, NULL when unset: the email waits */
+    const char *resend_base_url, *resend_from;
+    long resend_timeout_ms;     /* MR_RESEND_TIMEOUT_MS */
+    mr_health_config health;    /* HEALTH_* (HEALTH_INTERVAL_S: the round's interval) */
+    int sweep_interval_s;       /* SWEEP_INTERVAL_S: the Stripe sweep's interval */
+    int sweep_batch;            /* SWEEP_BATCH: events retried per run */
+    int defer_max_hours;        /* STRIPE_DEFER_MAX_HOURS */
+} worker_config;
+
+extern worker_config wcfg;
+
+/* One worker process's handles and name. */
+typedef struct {
+    mr_db *db;                  /* its work connection */
+    mr_db *listen;              /* its LISTEN connection, or NULL */
+    mr_httpc *http;
+    char owner[160];            /* "<host>/<pid>": leases and job runs carry it */
+} worker;
+
+/* Whether the process has been asked to stop (SIGTERM/SIGINT seen or pending). */
+int worker_stopping(void);
+
+/* ---- steps.c ---- */
+
+typedef enum { CLAIM_NONE, CLAIM_FULL, CLAIM_DONE } claim_outcome;
+
+/* Claims the next due instance and carries out its steps (chained under the same
+ * lease until nothing more is due, a step fails, or the lease is lost). *next_due_ms
+ * gets the time until the next owed work falls due (-1: none) when nothing was
+ * claimed. Returns MR_OK or a database failure (then nothing was claimed, or the
+ * lease simply expires). */
+mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
+                           char *err, size_t errlen);
+
+/* ---- jobs.c ---- */
+
+/* Runs every periodic job whose turn it is, if this process takes its lease.
+ * Returns the milliseconds until it should be asked again. */
+int64_t jobs_run_due(worker *w);
+
+#endif

@@ -1,0 +1,304 @@
+/* mr_health.c: see mr_health.h. */
+#include "mr_health.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "mr_config.h"
+#include "mr_deadlines.h"
+#include "mr_json.h"
+#include "mr_log.h"
+
+void mr_health_config_load(mr_health_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    const char *domain = mr_config_str("MINDROOM_BASE_DOMAIN", "");
+    cfg->probe.base_domain = domain;
+    cfg->probe.allow_loopback = mr_config_bool("HEALTH_ALLOW_LOOPBACK", 0);
+    cfg->probe.allow_private = mr_config_bool("HEALTH_ALLOW_PRIVATE", 0);
+    cfg->probe.concurrency = (long)mr_config_int("HEALTH_CONCURRENCY", 256, 1, 10000);
+    cfg->probe.timeout_ms = (long)mr_config_int("HEALTH_TIMEOUT_MS", MR_DL_HEALTH_PROBE_MS, 100,
+                                                120000);
+    cfg->probe.max_body = (size_t)mr_config_int("HEALTH_MAX_BODY", 65536, 1, 16 << 20);
+    cfg->path = mr_config_str("HEALTH_PATH", "/api/health");
+    cfg->threshold = (int)mr_config_int("HEALTH_FAILURE_THRESHOLD", 3, 1, 1000);
+    cfg->interval_s = (int)mr_config_int("HEALTH_INTERVAL_S", 60, 1, 86400);
+
+    if (cfg->path[0] != '/' || strpbrk(cfg->path, " \t\r\n?#")) {
+        fprintf(stderr, "config: HEALTH_PATH must be an absolute path without query or spaces\n");
+        exit(2);
+    }
+    /* A round's probes run at once, so one round takes about one probe's deadline:
+     * it must end well inside nginx's read timeout for check-instance-health. */
+    if (cfg->probe.timeout_ms >= (long)MR_DL_NGINX_HEALTH_S * 1000 / 2) {
+        fprintf(stderr, "config: HEALTH_TIMEOUT_MS must be under half of nginx's %d s read timeout\n",
+                MR_DL_NGINX_HEALTH_S);
+        exit(2);
+    }
+    if (!domain[0] && !cfg->probe.allow_loopback)
+        mr_log(MR_LOG_WARN, "MINDROOM_BASE_DOMAIN is unset: every probe will be refused");
+
+    /* Each probe in flight is a socket: make room for the cap, or lower the cap. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rlim_t want = (rlim_t)cfg->probe.concurrency + 128;
+        if (rl.rlim_cur < want) {
+            rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+            setrlimit(RLIMIT_NOFILE, &rl);
+        }
+        if (rl.rlim_cur < want) {
+            cfg->probe.concurrency = rl.rlim_cur > 256 ? (long)rl.rlim_cur - 128 : 64;
+            mr_log(MR_LOG_WARN, "open-file limit %lu: HEALTH_CONCURRENCY lowered to %ld",
+                   (unsigned long)rl.rlim_cur, cfg->probe.concurrency);
+        }
+    }
+}
+
+/* ---- selection (under the caller's identity: RLS decides what a user sees) ---- */
+
+typedef struct {
+    char id[40];
+    char *url;          /* backend_url + path, malloc'd; NULL when no backend_url */
+} target;
+
+typedef struct {
+    const char *instance_id;  /* NULL = all running */
+    const char *path;
+    target *t;
+    size_t n;
+    char not_running[32];     /* one-instance mode: its status when not running */
+    int found;
+} select_ctx;
+
+static void targets_free(select_ctx *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        free(c->t[i].url);
+    free(c->t);
+    c->t = NULL;
+    c->n = 0;
+}
+
+static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
+{
+    select_ctx *c = arg;
+    PGresult *res = NULL;
+    const char *params[1] = {c->instance_id};
+
+    targets_free(c);
+    c->found = 0;
+    c->not_running[0] = '\0';
+    /* Named columns only: tenants have no SELECT on environment_vars. */
+    mr_err e = mr_db_exec(db,
+                          "SELECT id::text, backend_url, status::text FROM public.instances "
+                          " WHERE ($1::uuid IS NULL AND status = 'running') OR id = $1::uuid "
+                          " ORDER BY id",
+                          1, params, &res, NULL, err, errlen);
+    if (e != MR_OK)
+        return e;
+    int rows = PQntuples(res);
+    c->t = calloc(rows > 0 ? (size_t)rows : 1, sizeof *c->t);
+    if (!c->t) {
+        PQclear(res);
+        return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    }
+    for (int i = 0; i < rows; i++) {
+        const char *status = PQgetvalue(res, i, 2);
+        c->found = 1;
+        if (strcmp(status, "running") != 0) {
+            snprintf(c->not_running, sizeof c->not_running, "%s", status);
+            continue;
+        }
+        target *t = &c->t[c->n++];
+        snprintf(t->id, sizeof t->id, "%s", PQgetvalue(res, i, 0));
+        if (!PQgetisnull(res, i, 1)) {
+            const char *b = PQgetvalue(res, i, 1);
+            size_t bl = strlen(b);
+            while (bl > 0 && b[bl - 1] == '/')
+                bl--;
+            size_t need = bl + strlen(c->path) + 1;
+            t->url = malloc(need);
+            if (!t->url) {
+                PQclear(res);
+                return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+            }
+            snprintf(t->url, need, "%.*s%s", (int)bl, b, c->path);
+        }
+    }
+    PQclear(res);
+    return MR_OK;
+}
+
+/* ---- recording ---- */
+
+typedef struct {
+    const char *results_json;
+    char threshold[16], interval[16];
+    const char *counted;
+    const char *round_started;
+    PGresult *res;            /* health_record's rows, owned by the caller after */
+} record_ctx;
+
+static mr_err record_tx(mr_db *db, void *arg, char *err, size_t errlen)
+{
+    record_ctx *c = arg;
+    const char *params[5] = {c->results_json, c->threshold, c->counted, c->round_started,
+                             c->interval};
+    if (c->res) {
+        PQclear(c->res);
+        c->res = NULL;
+    }
+    return mr_db_exec(db,
+                      "SELECT instance_id::text, consecutive_failures, marked_failed "
+                      "  FROM public.health_record($1::jsonb, $2::integer, $3::boolean,"
+                      "                            $4::timestamptz, $5::integer)"
+                      " ORDER BY instance_id",
+                      5, params, &c->res, NULL, err, errlen);
+}
+
+/* What one target's round says, for the database and for the answer alike: a
+ * target without a backend URL is unreachable without a probe. */
+static void target_view(const mr_probe *pr, int *ok, const char **status, const char **error)
+{
+    if (!pr) {
+        *ok = 0;
+        *status = "unreachable: no backend URL";
+        *error = "the instance has no backend_url";
+        return;
+    }
+    *ok = pr->outcome == MR_PROBE_HEALTHY;
+    *status = pr->status;
+    *error = *ok ? NULL : (pr->error[0] ? pr->error : pr->status);
+}
+
+mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,
+                       const char *instance_id, int counted, const char *round_started,
+                       cJSON **out, char *err, size_t errlen)
+{
+    select_ctx sc = {.instance_id = instance_id, .path = cfg->path};
+    mr_probe *probes = NULL;
+    size_t *map = NULL, np = 0;
+    record_ctx rc = {.counted = counted ? "true" : "false", .round_started = round_started};
+    char *rec_json = NULL;
+    *out = NULL;
+
+    mr_err e = mr_db_tx(db, who, select_tx, &sc, err, errlen);
+    if (e != MR_OK)
+        goto done;
+    if (instance_id && !sc.found) {
+        e = mr_seterr(err, errlen, MR_ENOTFOUND, "no instance %s", instance_id);
+        goto done;
+    }
+    if (instance_id && sc.n == 0) {
+        e = mr_seterr(err, errlen, MR_ECONFLICT, "instance %s is %s: only running instances are probed",
+                      instance_id, sc.not_running);
+        goto done;
+    }
+
+    /* Probe every target with a backend URL; a row without one is unreachable. */
+    probes = calloc(sc.n ? sc.n : 1, sizeof *probes);
+    map = calloc(sc.n ? sc.n : 1, sizeof *map);
+    if (!probes || !map) {
+        e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < sc.n; i++) {
+        if (sc.t[i].url) {
+            probes[np].url = sc.t[i].url;
+            map[i] = np++;
+        } else {
+            map[i] = (size_t)-1;
+        }
+    }
+    int64_t t0 = mr_now_ms();
+    e = mr_probe_run(probes, np, &cfg->probe, err, errlen);
+    int64_t probe_ms = mr_now_ms() - t0;
+    if (e != MR_OK)
+        goto done;
+
+    /* Record everything in one round trip, as service_role: the rows were chosen
+     * under the caller's identity, and tenants have no UPDATE on them. */
+    cJSON *rec = cJSON_CreateArray();
+    for (size_t i = 0; i < sc.n; i++) {
+        cJSON *o = cJSON_CreateObject();
+        int ok;
+        const char *status, *error;
+        target_view(map[i] == (size_t)-1 ? NULL : &probes[map[i]], &ok, &status, &error);
+        cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
+        cJSON_AddBoolToObject(o, "ok", ok);
+        cJSON_AddStringToObject(o, "health_status", status);
+        if (error)
+            cJSON_AddStringToObject(o, "error", error);
+        else
+            cJSON_AddNullToObject(o, "error");
+        cJSON_AddItemToArray(rec, o);
+    }
+    rec_json = mr_json_print(rec);
+    cJSON_Delete(rec);
+    rc.results_json = rec_json;
+    snprintf(rc.threshold, sizeof rc.threshold, "%d", cfg->threshold);
+    snprintf(rc.interval, sizeof rc.interval, "%d", cfg->interval_s);
+    e = rec_json ? mr_db_tx(db, &mr_service_identity, record_tx, &rc, err, errlen)
+                 : mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    if (e != MR_OK)
+        goto done; /* probed but nothing recorded: transient; the next round tries again */
+
+    /* The answer. Counts are per probe outcome; marked_failed says which ones the
+     * threshold moved to failed just now. */
+    cJSON *o_all = cJSON_CreateObject();
+    cJSON *results = cJSON_CreateArray();
+    int healthy = 0, unhealthy = 0, unreachable = 0, marked = 0;
+    int recorded = PQntuples(rc.res), k = 0;
+    for (size_t i = 0; i < sc.n; i++) {
+        const mr_probe *pr = map[i] == (size_t)-1 ? NULL : &probes[map[i]];
+        cJSON *o = cJSON_CreateObject();
+        int ok;
+        const char *status, *error;
+        target_view(pr, &ok, &status, &error);
+        if (ok)
+            healthy++;
+        else if (pr && pr->outcome == MR_PROBE_UNHEALTHY)
+            unhealthy++;
+        else
+            unreachable++;
+        cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
+        cJSON_AddStringToObject(o, "status", status);
+        cJSON_AddNumberToObject(o, "http_status", pr ? (double)pr->http_status : 0);
+        cJSON_AddNumberToObject(o, "latency_ms", pr ? (double)pr->latency_ms : 0);
+        if (error)
+            cJSON_AddStringToObject(o, "error", error);
+        else
+            cJSON_AddNullToObject(o, "error");
+        /* Targets and recorded rows are both in uuid order (uuid order is the
+         * order of their lowercase text), so one merge pass matches them; a
+         * target with no row was no longer running when recorded. */
+        while (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) < 0)
+            k++;
+        if (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) == 0) {
+            int mf = strcmp(PQgetvalue(rc.res, k, 2), "t") == 0;
+            cJSON_AddNumberToObject(o, "consecutive_failures", atoi(PQgetvalue(rc.res, k, 1)));
+            cJSON_AddBoolToObject(o, "marked_failed", mf);
+            marked += mf;
+        }
+        cJSON_AddItemToArray(results, o);
+    }
+    cJSON_AddNumberToObject(o_all, "checked", (double)sc.n);
+    cJSON_AddNumberToObject(o_all, "healthy", healthy);
+    cJSON_AddNumberToObject(o_all, "unhealthy", unhealthy);
+    cJSON_AddNumberToObject(o_all, "unreachable", unreachable);
+    cJSON_AddNumberToObject(o_all, "marked_failed", marked);
+    cJSON_AddNumberToObject(o_all, "probe_ms", (double)probe_ms);
+    cJSON_AddBoolToObject(o_all, "counted", counted);
+    cJSON_AddItemToObject(o_all, "results", results);
+    *out = o_all;
+
+done: /* every way out: free what was taken */
+    PQclear(rc.res);
+    free(rec_json);
+    free(probes);
+    free(map);
+    targets_free(&sc);
+    return e;
+}

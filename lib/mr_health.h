@@ -1,0 +1,45 @@
+/* mr_health.h: one health round: select running instances, probe them
+ * concurrently (mr_probe), record what was seen (public.health_record, 042).
+ *
+ * check-instance-health runs a round on request; the lifecycle worker runs the
+ * periodic one, once per interval across every host (a scheduled_jobs lease).
+ * No transaction is open while probing: one short transaction selects (under the
+ * caller's identity, so RLS decides what a tenant sees), one records every result
+ * in a single round trip as service_role. */
+#ifndef MR_HEALTH_H
+#define MR_HEALTH_H
+
+#include <cjson/cJSON.h>
+#include "mr_common.h"
+#include "mr_db.h"
+#include "mr_probe.h"
+
+typedef struct {
+    mr_probe_opts probe;   /* HEALTH_* and MINDROOM_BASE_DOMAIN */
+    const char *path;      /* HEALTH_PATH, appended to each backend_url */
+    int threshold;         /* HEALTH_FAILURE_THRESHOLD: counted failures in a row -> failed */
+    int interval_s;        /* HEALTH_INTERVAL_S: the periodic round's interval; a failure
+                              counts at most once per interval */
+} mr_health_config;
+
+/* Reads HEALTH_PATH, HEALTH_FAILURE_THRESHOLD, HEALTH_INTERVAL_S, HEALTH_CONCURRENCY,
+ * HEALTH_TIMEOUT_MS, HEALTH_MAX_BODY, HEALTH_ALLOW_LOOPBACK, HEALTH_ALLOW_PRIVATE and
+ * MINDROOM_BASE_DOMAIN (a bad value exits 2), and raises the open-file limit to
+ * fit the concurrency (or lowers the concurrency to fit the limit). */
+void mr_health_config_load(mr_health_config *cfg);
+
+/* Runs one round. instance_id NULL: every running instance `who` can see; else that
+ * one. counted: whether failures count toward a redeploy (never for a tenant's own
+ * probe). round_started: the round's start as a timestamptz text (the periodic
+ * job's lease start), or NULL for now().
+ * Returns MR_OK with *out a new answer object (the caller owns it):
+ *   {"checked", "healthy", "unhealthy", "unreachable", "marked_failed", "probe_ms",
+ *    "results": [{"instance_id", "status", "http_status", "latency_ms", "error",
+ *                 "consecutive_failures", "marked_failed"}]}
+ * For one instance: MR_ENOTFOUND when `who` cannot see it, MR_ECONFLICT when it is
+ * not running (err names its status). Database failures as mr_db_tx. */
+mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,
+                       const char *instance_id, int counted, const char *round_started,
+                       cJSON **out, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,131 @@
+/* mr_provisioner.c: see mr_provisioner.h. */
+#include "mr_provisioner.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mr_json.h"
+
+static void copy_str(const cJSON *obj, const char *key, char *dst, size_t cap)
+{
+    const char *s = NULL;
+    dst[0] = '\0';
+    if (obj && mr_json_str(obj, key, &s) == MR_OK)
+        snprintf(dst, cap, "%s", s);
+}
+
+/* Keeps an upstream message printable and short: it ends up in the row and in answers. */
+static void describe_failure(mr_provisioner_call *out, const char *what, const mr_httpc_resp *resp)
+{
+    char msg[160] = "";
+    cJSON *j = resp->body ? mr_json_parse(resp->body, resp->body_len) : NULL;
+    const cJSON *eobj = j ? cJSON_GetObjectItemCaseSensitive(j, "error") : NULL;
+    const char *s = NULL;
+    if (cJSON_IsObject(eobj) && mr_json_str(eobj, "message", &s) == MR_OK)
+        snprintf(msg, sizeof msg, "%s", s);
+    else if (j && mr_json_str(j, "error", &s) == MR_OK)
+        snprintf(msg, sizeof msg, "%s", s);
+    cJSON_Delete(j);
+    for (char *c = msg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = ' ';
+    snprintf(out->error, sizeof out->error, "provisioner %s answered %ld%s%s", what,
+             resp->status, *msg ? ": " : "", msg);
+}
+
+static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_resp *resp,
+                     int missing_ok)
+{
+    out->status = resp->status;
+    if (resp->status >= 200 && resp->status < 300) {
+        out->ok = 1;
+        cJSON *j = resp->body ? mr_json_parse(resp->body, resp->body_len) : NULL;
+        copy_str(j, "backend_url", out->backend_url, sizeof out->backend_url);
+        copy_str(j, "frontend_url", out->frontend_url, sizeof out->frontend_url);
+        copy_str(j, "matrix_server_url", out->matrix_server_url, sizeof out->matrix_server_url);
+        cJSON_Delete(j);
+        return;
+    }
+    if (resp->status == 404 && missing_ok) {
+        out->ok = 1;
+        return;
+    }
+    describe_failure(out, what, resp);
+    /* 401/403 mean our token is wrong (configuration, fixed by an operator, then
+     * retried); 408/429 are load. Any other 4xx refuses this input: retrying it
+     * unchanged cannot succeed. */
+    long st = resp->status;
+    out->rejected = st >= 400 && st < 500 && st != 401 && st != 403 && st != 408 && st != 429;
+}
+
+static void call(mr_httpc *http, const mr_provisioner *p, const char *method, const char *path,
+                 const char *body, const char *what, int missing_ok, mr_provisioner_call *out)
+{
+    memset(out, 0, sizeof *out);
+    char url[1024], auth[1024];
+    size_t blen = strlen(p->url);
+    while (blen > 0 && p->url[blen - 1] == '/')
+        blen--;
+    if ((size_t)snprintf(url, sizeof url, "%.*s%s", (int)blen, p->url, path) >= sizeof url ||
+        (size_t)snprintf(auth, sizeof auth, "Authorization: Bearer %s", p->token) >= sizeof auth) {
+        snprintf(out->error, sizeof out->error, "provisioner URL or token too long");
+        return;
+    }
+    const char *headers[] = {auth, "Content-Type: application/json", "Accept: application/json", NULL};
+    mr_httpc_req req = {
+        .method = method, .url = url, .headers = headers,
+        .body = body, .body_len = body ? strlen(body) : 0,
+        .connect_timeout_ms = p->connect_timeout_ms, .timeout_ms = p->timeout_ms,
+        .max_body = 65536, .abort_cb = p->abort_cb, .abort_arg = p->abort_arg,
+    };
+    mr_httpc_resp resp = {0};
+    char herr[200] = "";
+    mr_err e = mr_httpc_do(http, &req, &resp, herr, sizeof herr);
+    memset(auth, 0, sizeof auth);
+    if (e != MR_OK) {
+        out->aborted = req.abort_cb && strcmp(herr, "aborted") == 0;
+        snprintf(out->error, sizeof out->error, "provisioner %s: %s", what, herr);
+    }
+    else
+        classify(out, what, &resp, missing_ok);
+    mr_httpc_resp_free(&resp);
+}
+
+void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,
+                          mr_provisioner_call *out)
+{
+    char *body = payload ? mr_json_print(payload) : NULL;
+    if (!body) {
+        memset(out, 0, sizeof *out);
+        out->rejected = payload != NULL ? 0 : 1;
+        snprintf(out->error, sizeof out->error, payload ? "out of memory" : "no payload");
+        return;
+    }
+    call(http, p, "POST", "/apps", body, "create", 0, out);
+    free(body);
+}
+
+void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
+                        const char *verb, mr_provisioner_call *out)
+{
+    char path[256];
+    int valid = app && *app && strlen(app) < 200;
+    for (const char *c = app; valid && *c; c++)
+        valid = islower((unsigned char)*c) || isdigit((unsigned char)*c) || *c == '-';
+    if (!valid) {
+        memset(out, 0, sizeof *out);
+        out->rejected = 1;
+        snprintf(out->error, sizeof out->error, "invalid app name");
+        return;
+    }
+    if (strcmp(verb, "destroy") == 0) {
+        snprintf(path, sizeof path, "/apps/%s", app);
+        call(http, p, "DELETE", path, NULL, "delete", 1, out);
+    } else {
+        snprintf(path, sizeof path, "/apps/%s/%s", app, verb);
+        /* A missing app is stopped; starting one is not (the caller falls back to create). */
+        call(http, p, "POST", path, "{}", verb, strcmp(verb, "stop") == 0, out);
+    }
+}

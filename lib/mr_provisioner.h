@@ -1,0 +1,48 @@
+/* mr_provisioner.h: the client of the Dokku provisioner (DOKKU_PROVISIONER_URL),
+ * as the lifecycle worker calls it.
+ *
+ *   POST   /apps               create or update an app to match a spec (idempotent)
+ *   POST   /apps/{app}/start   start a stopped app
+ *   POST   /apps/{app}/stop    stop it (a missing app counts as stopped)
+ *   DELETE /apps/{app}         destroy it (a missing app counts as destroyed)
+ *
+ * Every call has a connect deadline and a total deadline, carries the bearer token
+ * only in its Authorization header, and may be aborted by the caller (a stopping
+ * worker). An answer is classified for the lifecycle: ok, rejected (a 4xx that
+ * retrying unchanged cannot fix) or failed (anything else: retried with backoff). */
+#ifndef MR_PROVISIONER_H
+#define MR_PROVISIONER_H
+
+#include <cjson/cJSON.h>
+#include "mr_common.h"
+#include "mr_httpc.h"
+
+typedef struct {
+    const char *url;          /* DOKKU_PROVISIONER_URL; a trailing slash is ignored */
+    const char *token;        /* DOKKU_PROVISIONER_TOKEN */
+    long timeout_ms;          /* one call, total */
+    long connect_timeout_ms;
+    int (*abort_cb)(void *);  /* may be NULL; see mr_httpc_req */
+    void *abort_arg;
+} mr_provisioner;
+
+typedef struct {
+    int ok;             /* 2xx (or a missing app where that means done) */
+    int rejected;       /* 4xx: the provisioner refused the input; not retried blindly */
+    int aborted;        /* the caller's abort_cb stopped the call */
+    long status;        /* HTTP status, 0 when no answer */
+    char error[256];    /* why, when !ok: safe to store and show (no token, no body dump) */
+    char backend_url[512], frontend_url[512], matrix_server_url[512];
+} mr_provisioner_call;
+
+/* POST /apps with payload (the step's payload object). */
+void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,
+                          mr_provisioner_call *out);
+
+/* POST /apps/{app}/start or /stop (verb "start"/"stop"), DELETE /apps/{app}
+ * (verb "destroy"). A 404 for stop or destroy is success (the app is gone); app
+ * must be [a-z0-9-] (instance_names()), anything else is rejected unsent. */
+void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
+                        const char *verb, mr_provisioner_call *out);
+
+#endif
