@@ -716,8 +716,12 @@ BEGIN
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC, anon, authenticated', f);
     END LOOP;
+    -- lifecycle_owed_action runs in the owed-work trigger and instance_request in the
+    -- webhook's SQL, both as the writer of the row (service_role).
     FOREACH f IN ARRAY ARRAY[
         'public.instance_desired_for(public.subscription_status)',
+        'public.lifecycle_owed_action(public.instances)',
+        'public.instance_request(uuid, public.instance_status)',
         'public.scheduled_job_take(text, text, integer)',
         'public.scheduled_job_done(text, text, text)',
         'public.lifecycle_claim(text, integer)',

@@ -61,14 +61,14 @@ SELECT ok(public.stripe_event_rank('customer.subscription.updated', 'past_due')
 
 -- Apply as the webhook does (service_role), and check rows.
 SELECT pg_temp.become('service_role');
-SELECT is(public.process_stripe_event(pg_temp.ev('evt_s1', 'customer.subscription.created', 'sub_sql1', 'incomplete', 1750000000)) ->> 'action',
-          'none', 'incomplete: nothing owed');
+SELECT is(public.process_stripe_event(pg_temp.ev('evt_s1', 'customer.subscription.created', 'sub_sql1', 'incomplete', 1750000000)) ->> 'owed',
+          NULL, 'incomplete: nothing owed');
 SELECT is((SELECT count(*) FROM public.instances i JOIN public.subscriptions s ON s.id = i.subscription_id
             WHERE s.stripe_subscription_id = 'sub_sql1'), 0::bigint, 'incomplete: no instance row');
-SELECT is(public.process_stripe_event(pg_temp.ev('evt_s2', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000010)) ->> 'action',
-          'provision', 'active: provision owed');
-SELECT is(public.process_stripe_event(pg_temp.ev('evt_s3', 'customer.subscription.paused', 'sub_sql1', 'paused', 1750000020)) ->> 'action',
-          'stop', 'paused: stop owed');
+SELECT is(public.process_stripe_event(pg_temp.ev('evt_s2', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000010)) ->> 'owed',
+          'create', 'active: an instance to create is owed');
+SELECT is(public.process_stripe_event(pg_temp.ev('evt_s3', 'customer.subscription.paused', 'sub_sql1', 'paused', 1750000020)) ->> 'owed',
+          NULL, 'paused before it ever ran: nothing to stop');
 SELECT is((SELECT i.desired_status::text FROM public.instances i JOIN public.subscriptions s ON s.id = i.subscription_id
             WHERE s.stripe_subscription_id = 'sub_sql1'), 'stopped', 'paused: desired_status stopped');
 SELECT is(public.process_stripe_event(pg_temp.ev('evt_s2b', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000015)) ->> 'result',
