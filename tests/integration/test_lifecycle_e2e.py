@@ -1,16 +1,17 @@
-"""End to end: provision-instance / deprovision-instance -> nginx's provisioner
-listener -> the real dokku-provisioner -> the stand-in `dokku` executable
-(tests/standins/dokku). Only Dokku itself and Resend are stood in."""
+"""End to end: provision-instance / deprovision-instance record the request -> the
+lifecycle worker -> nginx's provisioner listener -> the real dokku-provisioner ->
+the stand-in `dokku` executable (tests/standins/dokku). Only Dokku itself and
+Resend are stood in."""
 import time
 
 import pytest
 
 import mr
-from lifecycle_helpers import (FAST_ENV, LIMITS, deprovision, instance, instances,
+from lifecycle_helpers import (FAST_ENV, LIMITS, WORKER, deprovision, instance, instances,
                                new_account, new_subscription, provision, wait_status, wait_until)
 from provisioner_helpers import DOMAIN, Dokku, decode_config_args
 
-FUNCS = ["provision-instance", "deprovision-instance", "dokku-provisioner"]
+FUNCS = ["provision-instance", "deprovision-instance", "dokku-provisioner", WORKER]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def stack(pg, dokku, resend):
     env = dict(FAST_ENV)
     # Real deploys through the stand-in take a few hundred ms; keep the deadline
     # comfortable but the lease above it, as the start-up check demands.
-    env.update(MR_PROVISION_TIMEOUT_MS="20000", MR_PROVISION_LEASE_S="30",
+    env.update(MR_PROVISION_TIMEOUT_MS="20000", MR_LIFECYCLE_LEASE_S="40",
                MR_PROVISION_WAIT_MS="30000",
                RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token)
     env.update(dokku.env())
@@ -134,7 +135,7 @@ def test_wrong_provisioner_token_is_not_a_rejection(pg, dokku):
     env.update(dokku.env())
     with mr.Stack(pg, env=env, functions=FUNCS) as s:
         s.env["DOKKU_PROVISIONER_TOKEN"] = "wrong-" + "x" * 30
-        s.restart_function("provision-instance")
+        s.restart_function(WORKER)
         sid = new_subscription(s, "starter")
         dokku.mark()
         r = provision(s, sid, wait=True)

@@ -1,5 +1,6 @@
 """The lifecycle driven by Stripe: signed events through handle-stripe-webhook, which
-kicks provision-instance / deprovision-instance after answering (FUNCTIONS_URL)."""
+records what the instance should become; its commit wakes the lifecycle worker,
+which does the work. Nobody calls provision-instance or deprovision-instance."""
 import json
 import statistics
 import time
@@ -8,11 +9,11 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import (LIMITS, PRICES, deprovision,
+from lifecycle_helpers import (LIMITS, PRICES, WORKER, deprovision,
                                instance, instances, new_account, stack_env, wait_status,
                                wait_until)
 
-FUNCS = ["handle-stripe-webhook", "provision-instance", "deprovision-instance"]
+FUNCS = ["handle-stripe-webhook", "deprovision-instance", WORKER]
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +67,6 @@ class Customer:
         rows = self.stack.sql("SELECT id FROM public.subscriptions WHERE stripe_subscription_id = %s",
                               self.sub)
         return str(rows[0][0]) if rows else None
-
-
-def sweep_once(stack):
-    """What the periodic sweep does with lifecycle_owed(): one call per owed item."""
-    rows = stack.sql("SELECT function_name, body FROM public.lifecycle_owed(100)")
-    for fn, body in rows:
-        stack.call("POST", fn, json=body, token=stack.jwt())
-    return rows
 
 
 def test_signed_subscription_created_is_running_within_two_seconds(stack, prov, resend):
@@ -136,8 +129,8 @@ def test_tier_upgrade_reaches_the_provisioner(stack, prov):
         posts = [r.json for r in prov.create_calls() if r.json["app"] == inst["dokku_app_name"]]
         return posts[-1]["memory_mb"] == LIMITS["professional"][0] and not instance(stack, c.sid)["claimed_by"]
 
-    # The webhook itself asks provision-instance for the update: no sweep needed.
-    wait_until(new_limits_applied, timeout=3, what="update from the webhook kick")
+    # The commit that changed the limits woke the worker: nobody asks for the update.
+    wait_until(new_limits_applied, timeout=3, what="update")
     last = prov.create_calls()[-1].json
     assert (last["memory_mb"], float(last["cpu"])) == LIMITS["professional"]
     assert prov.apps[inst["dokku_app_name"]]["memory_mb"] == LIMITS["professional"][0]
@@ -173,13 +166,11 @@ def test_a_hanging_provisioner_never_slows_the_webhook(stack, prov):
     prov.release()
     for c in others:
         assert len(instances(stack, c.sid)) == 1
-    # The sweep finishes every one of them, with one app each.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if all(instance(stack, c.sid)["status"] == "running" for c in others + [stuck]):
-            break
-        sweep_once(stack)
-        time.sleep(0.3)
+    # The worker finishes every one of them (the stuck one after its backoff), with
+    # one app each, and nobody asked.
+    wait_until(lambda: all(instance(stack, c.sid)["status"] == "running" and
+                           not instance(stack, c.sid)["claimed_by"] for c in others + [stuck]),
+               timeout=20, what="every instance running")
     for c in others + [stuck]:
         i = instance(stack, c.sid)
         assert i["status"] == "running", i

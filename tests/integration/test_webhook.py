@@ -4,8 +4,9 @@ Events come from tests/fixtures/stripe_*.json (both payload shapes: before
 2025-03-31 current_period_end is on the subscription, since basil on
 items.data[]); each test rewrites ids, customer, status, price and created as
 it needs and signs the exact bytes it sends (mr.stripe_sign, Python hmac).
-FUNCTIONS_URL points at a recording stand-in, so the calls the webhook owes
-after answering can be asserted too.
+The webhook records intent and calls nothing: what it made owed is read from
+the instance row (owed_action), and whether its commit woke the lifecycle worker
+from a LISTEN on the worker's channel (Listener).
 """
 
 import hashlib
@@ -13,13 +14,12 @@ import hmac
 import json
 import os
 import subprocess
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 import mr
@@ -29,63 +29,42 @@ OLD_SECRET = "whsec_old_" + uuid.uuid4().hex
 NEW_SECRET = "whsec_new_" + uuid.uuid4().hex
 
 
-# ---- a recording stand-in for FUNCTIONS_URL ------------------------------------
+# ---- the worker's channel, as the worker listens to it ----------------------------
 
-class Recorder:
-    """Answers 202 to every POST and remembers (path, headers, json)."""
+class Listener:
+    """A connection LISTENing on mindroom_lifecycle; .count() says how many
+    notifications arrived since the last call."""
 
-    def __init__(self):
-        self.calls = []
-        self.lock = threading.Lock()
-        rec = self
+    def __init__(self, stack):
+        self.conn = psycopg2.connect(stack.pg.conninfo(stack.db))
+        self.conn.autocommit = True
+        with self.conn.cursor() as c:
+            c.execute("LISTEN mindroom_lifecycle")
 
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n)
-                with rec.lock:
-                    rec.calls.append((self.path, dict(self.headers), json.loads(body or b"null")))
-                out = b'{"claimed":true}'
-                self.send_response(202)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, pred, timeout=10.0):
-        end = time.time() + timeout
-        while time.time() < end:
-            with self.lock:
-                hits = [c for c in self.calls if pred(c)]
-            if hits:
-                return hits
-            time.sleep(0.05)
-        return []
+    def count(self, settle=0.3):
+        time.sleep(settle)
+        self.conn.poll()
+        n = len(self.conn.notifies)
+        self.conn.notifies.clear()
+        return n
 
     def close(self):
-        self.server.shutdown()
+        self.conn.close()
 
 
 @pytest.fixture(scope="module")
-def recorder():
-    r = Recorder()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def stack(pg, recorder):
-    env = {"STRIPE_WEBHOOK_SECRET": OLD_SECRET + "," + NEW_SECRET,
-           "FUNCTIONS_URL": recorder.url}
+def stack(pg):
+    env = {"STRIPE_WEBHOOK_SECRET": OLD_SECRET + "," + NEW_SECRET}
     with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"]) as s:
         yield s
+
+
+@pytest.fixture
+def listener(stack):
+    lst = Listener(stack)
+    lst.count(0)
+    yield lst
+    lst.close()
 
 
 # ---- helpers ---------------------------------------------------------------------
@@ -162,8 +141,8 @@ def sub_row(stack, stripe_sub):
 
 def instances(stack, sub_id):
     return stack.sql("SELECT id, status::text, desired_status::text, dokku_app_name, subdomain,"
-                     " memory_limit_mb, cpu_limit FROM instances WHERE subscription_id = %s"
-                     " ORDER BY created_at", sub_id)
+                     " memory_limit_mb, cpu_limit, owed_action::text FROM instances"
+                     " WHERE subscription_id = %s ORDER BY created_at", sub_id)
 
 
 def event_row(stack, evt):
@@ -236,7 +215,7 @@ def test_malformed_input_writes_nothing(stack):
 
 # ---- subscriptions and instances ----------------------------------------------------
 
-def test_create_basil_provisions(stack, recorder):
+def test_create_basil_provisions(stack, listener):
     cust = "cus_" + uid()
     aid = new_account(stack, cust)
     e = sub_event(shape="basil", customer=cust, price="price_starter")
@@ -253,23 +232,16 @@ def test_create_basil_provisions(stack, recorder):
     assert inst[0][1:5] == ("provisioning", "running", "mindroom-" + hexid, "m" + hexid)
     assert inst[0][5] == 1024 and float(inst[0][6]) == 1.0
     assert event_row(stack, e["id"]) == ("processed", None, 1)
-    # After the answer the webhook asked provision-instance, as service_role.
-    calls = recorder.wait_for(lambda c: c[2] == {"subscription_id": str(s[0])})
-    assert calls and calls[0][0] == "/provision-instance"
-    auth = calls[0][1]["Authorization"]
-    assert auth.startswith("Bearer ")
-    claims = verify_jwt(auth[7:], stack.env["SUPABASE_JWT_SECRET"])
-    assert claims["role"] == "service_role" and claims["exp"] > time.time()
-
-
-def verify_jwt(token, secret):
-    import base64
-    h, p, sig = token.split(".")
-    want = hmac.new(secret.encode(), (h + "." + p).encode(), hashlib.sha256).digest()
-    got = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
-    assert hmac.compare_digest(want, got)
-    assert json.loads(base64.urlsafe_b64decode(h + "=" * (-len(h) % 4)))["alg"] == "HS256"
-    return json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+    # The create is owed, due now, and the same commit woke the worker, once.
+    assert inst[0][7] == "create"
+    assert one(stack, "SELECT owed_due_at <= now() FROM instances WHERE id = %s", inst[0][0])[0]
+    assert listener.count() == 1
+    # A redelivery, and an event that changes nothing owed, wake nobody.
+    assert send(stack, e).json == {"received": True, "duplicate": True}
+    u = sub_event("updated", sub=e["data"]["object"]["id"], customer=cust, price="price_starter",
+                  created=e["created"] + 1)
+    assert send(stack, u).json == {"received": True}
+    assert listener.count() == 0
 
 
 def test_create_legacy_trialing(stack):
@@ -310,14 +282,17 @@ STATUS_MAP = {
     "trialing": ("trialing", 1), "active": ("active", 1), "past_due": ("past_due", 1),
     "canceled": ("cancelled", 0), "unpaid": ("unpaid", 0), "paused": ("paused", 0),
 }
-# Stripe status reached from active -> (instance status, desired_status, owed call)
+# Stripe status reached from active, on an instance still being created ->
+# (instance status, desired_status, owed action). The webhook records what the
+# instance should become; the worker moves status.
 FROM_ACTIVE = {
-    "trialing": ("provisioning", "running", None), "active": ("provisioning", "running", None),
-    "past_due": ("provisioning", "running", None),
-    "unpaid": ("provisioning", "stopped", ("/deprovision-instance", "stop")),
-    "paused": ("provisioning", "stopped", ("/deprovision-instance", "stop")),
-    "incomplete_expired": ("provisioning", "stopped", ("/deprovision-instance", "stop")),
-    "canceled": ("deprovisioning", "deprovisioned", ("/deprovision-instance", "destroy")),
+    "trialing": ("provisioning", "running", "create"), "active": ("provisioning", "running", "create"),
+    "past_due": ("provisioning", "running", "create"),
+    # Never ran: nothing to stop (a create in flight ends running, then stops).
+    "unpaid": ("provisioning", "stopped", None),
+    "paused": ("provisioning", "stopped", None),
+    "incomplete_expired": ("provisioning", "deprovisioned", "destroy"),
+    "canceled": ("provisioning", "deprovisioned", "destroy"),
 }
 
 
@@ -333,7 +308,7 @@ def test_every_status_on_creation(stack, status):
 
 
 @pytest.mark.parametrize("status", sorted(FROM_ACTIVE))
-def test_every_status_from_active(stack, recorder, status):
+def test_every_status_from_active(stack, status):
     cust = "cus_" + uid()
     new_account(stack, cust)
     sub = "sub_" + uid()
@@ -346,14 +321,10 @@ def test_every_status_from_active(stack, recorder, status):
     inst = instances(stack, s[0])
     assert len(inst) == 1
     want = FROM_ACTIVE[status]
-    assert inst[0][1:3] == want[:2]
-    if want[2]:
-        path, mode = want[2]
-        assert recorder.wait_for(lambda c: c[0] == path and c[2] == {"subscription_id": str(s[0]),
-                                                                        "mode": mode})
+    assert (inst[0][1], inst[0][2], inst[0][7]) == want
 
 
-def test_stopped_instance_is_resumed(stack, recorder):
+def test_stopped_instance_is_resumed(stack, listener):
     cust = "cus_" + uid()
     new_account(stack, cust)
     sub = "sub_" + uid()
@@ -361,20 +332,22 @@ def test_stopped_instance_is_resumed(stack, recorder):
     assert send(stack, sub_event(sub=sub, customer=cust, created=t)).status == 200
     sid = sub_row(stack, sub)[0]
     # The lifecycle ran it and then stopped it for non-payment.
-    stack.sql("UPDATE instances SET status = 'running' WHERE subscription_id = %s", sid)
+    stack.sql("UPDATE instances SET status = 'running', applied_config_version = config_version,"
+              " welcome_email_sent_at = now() WHERE subscription_id = %s", sid)
+    listener.count()
     assert send(stack, sub_event("updated", sub=sub, customer=cust, status="unpaid",
                                  created=t + 1)).status == 200
+    assert instances(stack, sid)[0][7] == "stop" and listener.count() == 1
     stack.sql("UPDATE instances SET status = 'stopped' WHERE subscription_id = %s", sid)
-    n = len(recorder.calls)
+    listener.count()
     assert send(stack, sub_event("updated", sub=sub, customer=cust, status="active",
                                  created=t + 2)).status == 200
     inst = instances(stack, sid)
-    assert len(inst) == 1 and inst[0][1:3] == ("stopped", "running")
-    assert recorder.wait_for(lambda c: recorder.calls.index(c) >= n and
-                             c[0] == "/provision-instance" and c[2] == {"subscription_id": str(sid)})
+    assert len(inst) == 1 and (inst[0][1], inst[0][2], inst[0][7]) == ("stopped", "running", "start")
+    assert listener.count() == 1
 
 
-def test_delete_deprovisions(stack, recorder):
+def test_delete_deprovisions(stack):
     cust = "cus_" + uid()
     new_account(stack, cust)
     sub = "sub_" + uid()
@@ -385,9 +358,7 @@ def test_delete_deprovisions(stack, recorder):
     s = sub_row(stack, sub)
     assert s[3] == "cancelled" and int(s[8].timestamp()) == d["data"]["object"]["canceled_at"]
     inst = instances(stack, s[0])
-    assert len(inst) == 1 and inst[0][1:3] == ("deprovisioning", "deprovisioned")
-    assert recorder.wait_for(lambda c: c[0] == "/deprovision-instance" and
-                             c[2] == {"subscription_id": str(s[0]), "mode": "destroy"})
+    assert len(inst) == 1 and (inst[0][2], inst[0][7]) == ("deprovisioned", "destroy")
     # A late "updated ... active" from before the deletion changes nothing.
     late = sub_event("updated", sub=sub, customer=cust, status="active", created=t + 5)
     assert send(stack, late).json == {"received": True, "stale": True}
@@ -517,7 +488,7 @@ def test_metadata_account_id_links_customer(stack):
 
 
 def test_deferred_event_reprocessed_by_sql(stack):
-    """The health sweep's path: public.reprocess_stripe_event(id)."""
+    """The worker's Stripe sweep's path: public.reprocess_stripe_event(id)."""
     aid = new_account(stack)
     cust = "cus_" + uid()
     e = sub_event(customer=cust)
@@ -525,7 +496,7 @@ def test_deferred_event_reprocessed_by_sql(stack):
     stack.sql("UPDATE accounts SET stripe_customer_id = %s WHERE id = %s", cust, aid)
     # As the sweep runs it: service_role, which is all the function needs.
     out = one(stack, "SET ROLE service_role; SELECT public.reprocess_stripe_event(%s)", e["id"])[0]
-    assert out["result"] == "processed" and out["action"] == "provision"
+    assert out["result"] == "processed" and out["owed"] == "create"
     assert event_row(stack, e["id"]) == ("processed", None, 2)
 
 
@@ -625,8 +596,7 @@ MEMORY_S = 2
 
 @pytest.fixture(scope="module")
 def one_worker(pg):
-    env = {"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "FUNCTIONS_URL": "",
-           "STRIPE_DUPLICATE_CACHE_SECONDS": str(MEMORY_S)}
+    env = {"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "STRIPE_DUPLICATE_CACHE_SECONDS": str(MEMORY_S)}
     with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"], workers=1) as s:
         yield s
 
