@@ -103,29 +103,32 @@ void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *
         snprintf(out->error, sizeof out->error, payload ? "out of memory" : "no payload");
         return;
     }
-    call(http, p, "POST", "/apps", body, "create", 0, out);
+    call(http, p, "POST", "/apps", body, "POST /apps", 0, out);
     free(body);
 }
 
 void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
-                        const char *verb, mr_provisioner_call *out)
+                        mr_action action, mr_provisioner_call *out)
 {
     char path[256];
     int valid = app && *app && strlen(app) < 200;
     for (const char *c = app; valid && *c; c++)
         valid = islower((unsigned char)*c) || isdigit((unsigned char)*c) || *c == '-';
-    if (!valid) {
+    if (!valid || (action != MR_ACTION_START && action != MR_ACTION_STOP &&
+                   action != MR_ACTION_DESTROY)) {
         memset(out, 0, sizeof *out);
         out->rejected = 1;
-        snprintf(out->error, sizeof out->error, "invalid app name");
+        snprintf(out->error, sizeof out->error, valid ? "no provisioner route for %s"
+                                                      : "invalid app name", mr_action_name(action));
         return;
     }
-    if (strcmp(verb, "destroy") == 0) {
+    if (action == MR_ACTION_DESTROY) {
         snprintf(path, sizeof path, "/apps/%s", app);
-        call(http, p, "DELETE", path, NULL, "delete", 1, out);
+        call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}", 1, out);
     } else {
-        snprintf(path, sizeof path, "/apps/%s/%s", app, verb);
+        const char *what = action == MR_ACTION_STOP ? "POST /apps/{app}/stop" : "POST /apps/{app}/start";
+        snprintf(path, sizeof path, "/apps/%s/%s", app, mr_action_name(action));
         /* A missing app is stopped; starting one is not (the caller falls back to create). */
-        call(http, p, "POST", path, "{}", verb, strcmp(verb, "stop") == 0, out);
+        call(http, p, "POST", path, "{}", what, action == MR_ACTION_STOP, out);
     }
 }

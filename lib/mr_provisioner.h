@@ -14,6 +14,7 @@
 #define MR_PROVISIONER_H
 
 #include <cjson/cJSON.h>
+#include "mr_action.h"
 #include "mr_common.h"
 #include "mr_httpc.h"
 
@@ -39,10 +40,12 @@ typedef struct {
 void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,
                           mr_provisioner_call *out);
 
-/* POST /apps/{app}/start or /stop (verb "start"/"stop"), DELETE /apps/{app}
- * (verb "destroy"). A 404 for stop or destroy is success (the app is gone); app
- * must be [a-z0-9-] (instance_names()), anything else is rejected unsent. */
+/* The route of an owed action on an existing app: MR_ACTION_START -> POST
+ * /apps/{app}/start, MR_ACTION_STOP -> POST /apps/{app}/stop, MR_ACTION_DESTROY ->
+ * DELETE /apps/{app}; any other action is rejected unsent. A 404 for stop or
+ * destroy is success (the app is gone); app must be [a-z0-9-] (instance_names()),
+ * anything else is rejected unsent. */
 void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
-                        const char *verb, mr_provisioner_call *out);
+                        mr_action action, mr_provisioner_call *out);
 
 #endif

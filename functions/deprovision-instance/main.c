@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "mindroom.h"
+#include "mr_action.h"
 #include "mr_instance.h"
 
 static mr_instance_config cfg;
@@ -33,12 +34,16 @@ static void handle(mr_req *r)
     mr_err se = mr_json_str(body, "subscription_id", &sid);
     mr_err me = mr_json_str(body, "mode", &mode);
     mr_err we = mr_json_bool(body, "wait", &wait);
+    /* The mode is the owed action asked for: stop or destroy, nothing else. */
+    mr_action ma = MR_ACTION_NONE;
+    if (me == MR_OK && mr_action_parse(mode, &ma) != MR_OK)
+        ma = MR_ACTION_NONE;
     const char *bad = NULL;
     if ((ie == MR_OK) == (se == MR_OK) || ie == MR_EINVAL || se == MR_EINVAL)
         bad = "exactly one of instance_id and subscription_id is required";
     else if ((ie == MR_OK && !mr_is_uuid(iid)) || (se == MR_OK && !mr_is_uuid(sid)))
         bad = "instance_id and subscription_id must be UUIDs";
-    else if (me == MR_EINVAL || (me == MR_OK && strcmp(mode, "stop") != 0 && strcmp(mode, "destroy") != 0))
+    else if (me == MR_EINVAL || (me == MR_OK && ma != MR_ACTION_STOP && ma != MR_ACTION_DESTROY))
         bad = "mode must be \"stop\" or \"destroy\"";
     else if (we == MR_EINVAL)
         bad = "wait must be a boolean";
@@ -47,15 +52,15 @@ static void handle(mr_req *r)
         mr_reply_error(r, 400, "invalid_body", "%s", bad);
         return;
     }
-    char inst[40] = "", sub[40] = "", md[8] = "", err[256] = "";
+    char inst[40] = "", sub[40] = "", err[256] = "";
     if (ie == MR_OK) snprintf(inst, sizeof inst, "%s", iid);
     if (se == MR_OK) snprintf(sub, sizeof sub, "%s", sid);
-    if (me == MR_OK) snprintf(md, sizeof md, "%s", mode);
     cJSON_Delete(body);
 
     mr_instance_result res;
     mr_err e = mr_instance_deprovision(r->db, &r->who, *inst ? inst : NULL, *sub ? sub : NULL,
-                                       *md ? md : NULL, &res, err, sizeof err);
+                                       ma != MR_ACTION_NONE ? mr_action_name(ma) : NULL, &res,
+                                       err, sizeof err);
     if (e != MR_OK) {
         mr_reply_err(r, e, err);
         return;

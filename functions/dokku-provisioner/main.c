@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mr_deadlines.h"
 #include "prov.h"
 
 prov_config prov_cfg;
@@ -94,14 +95,22 @@ static void init(void)
             die("%s must be a number of CPUs in [0.001, 1024]", "PROVISIONER_MAX_CPU");
         c->max_cpu_milli = (int64_t)(v * 1000.0 + 0.5);
     }
-    /* Deadlines nest: one command < the whole request < provision-instance's
-     * MR_PROVISION_TIMEOUT_MS (600 s) < nginx's fastcgi_read_timeout (1200 s). */
-    c->command_timeout_ms = mr_config_int("DOKKU_COMMAND_TIMEOUT_MS", 60000, 100, 3600000);
-    c->deploy_timeout_ms = mr_config_int("DOKKU_DEPLOY_TIMEOUT_MS", 480000, 100, 7200000);
-    c->request_timeout_ms = mr_config_int("PROVISIONER_REQUEST_TIMEOUT_MS", 540000, 100, 7200000);
+    /* Deadlines nest (lib/mr_deadlines.h): one command <= the whole request <
+     * nginx's read timeout on this listener < the lifecycle worker's call. */
+    c->command_timeout_ms = mr_config_int("DOKKU_COMMAND_TIMEOUT_MS", MR_DL_DOKKU_COMMAND_MS, 100, 3600000);
+    c->deploy_timeout_ms = mr_config_int("DOKKU_DEPLOY_TIMEOUT_MS", MR_DL_DOKKU_DEPLOY_MS, 100, 7200000);
+    c->request_timeout_ms = mr_config_int("PROVISIONER_REQUEST_TIMEOUT_MS", MR_DL_PROVISIONER_REQUEST_MS,
+                                          100, 7200000);
     c->lock_retries = mr_config_int("DOKKU_LOCK_RETRIES", 5, 0, 100);
     c->lock_backoff_ms = mr_config_int("DOKKU_LOCK_BACKOFF_MS", 2000, 1, 600000);
-    c->app_lock_wait_ms = mr_config_int("PROVISIONER_APP_LOCK_WAIT_MS", 30000, 0, 3600000);
+    c->app_lock_wait_ms = mr_config_int("PROVISIONER_APP_LOCK_WAIT_MS", MR_DL_PROVISIONER_APP_LOCK_MS,
+                                        0, 3600000);
+    if (c->command_timeout_ms > c->request_timeout_ms || c->deploy_timeout_ms > c->request_timeout_ms)
+        die("%s", "DOKKU_COMMAND_TIMEOUT_MS and DOKKU_DEPLOY_TIMEOUT_MS must not exceed "
+            "PROVISIONER_REQUEST_TIMEOUT_MS");
+    if (c->request_timeout_ms >= (int64_t)MR_DL_NGINX_PROVISIONER_S * 1000)
+        die("PROVISIONER_REQUEST_TIMEOUT_MS must end before nginx's %d s read timeout on the "
+            "provisioner listener", MR_DL_NGINX_PROVISIONER_S);
     c->state_dir = mr_config_str("PROVISIONER_STATE_DIR", "/tmp/mindroom-provisioner");
 
     c->frontend_tpl = mr_config_str("PROVISIONER_FRONTEND_URL", "{scheme}://{subdomain}.{domain}");

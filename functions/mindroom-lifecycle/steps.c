@@ -110,17 +110,15 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
         mr_provisioner_apply(w->http, &p, payload, &call);
         break;
     case MR_ACTION_START:
-        mr_provisioner_app(w->http, &p, app, "start", &call);
+        mr_provisioner_app(w->http, &p, app, action, &call);
         /* The stopped app is gone (removed by hand, or never made): create it again
          * under the same name, so it resumes with the same identity. */
         if (!call.ok && call.status == 404)
             mr_provisioner_apply(w->http, &p, payload, &call);
         break;
     case MR_ACTION_STOP:
-        mr_provisioner_app(w->http, &p, app, "stop", &call);
-        break;
     case MR_ACTION_DESTROY:
-        mr_provisioner_app(w->http, &p, app, "destroy", &call);
+        mr_provisioner_app(w->http, &p, app, action, &call);
         break;
     default:
         memset(&call, 0, sizeof call);

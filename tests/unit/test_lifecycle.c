@@ -98,12 +98,16 @@ static void test_provisioner_refuses_bad_app_names(void **state)
     static const char *const bad[] = {"", "Mindroom-x", "mindroom/../x", "a b", "x?y", "x%2f"};
     for (size_t i = 0; i < MR_ARRAY_LEN(bad); i++) {
         mr_provisioner_call call;
-        mr_provisioner_app(NULL, &p, bad[i], "stop", &call);
+        mr_provisioner_app(NULL, &p, bad[i], MR_ACTION_STOP, &call);
         assert_false(call.ok);
         assert_true(call.rejected);
         assert_string_equal(call.error, "invalid app name");
     }
     mr_provisioner_call call;
+    /* Only start, stop and destroy have a route on an existing app. */
+    mr_provisioner_app(NULL, &p, "mindroom-abc", MR_ACTION_EMAIL, &call);
+    assert_true(call.rejected);
+    assert_string_equal(call.error, "no provisioner route for email");
     mr_provisioner_apply(NULL, &p, NULL, &call);
     assert_false(call.ok);
     assert_true(call.rejected);

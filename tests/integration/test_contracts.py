@@ -1,0 +1,136 @@
+"""Rules that live in two languages and must not drift apart: the owed-work
+vocabulary (SQL's lifecycle_action domain and C's mr_action), and the deadline
+table (lib/mr_deadlines.h) against nginx's read timeouts and against itself."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def c_vocabulary():
+    """The words of lib/mr_action.c's names table, in enum order, without "none"."""
+    text = (ROOT / "lib/mr_action.c").read_text()
+    words = re.findall(r'\[MR_ACTION_[A-Z]+\] = "([a-z]+)"', text)
+    assert words and words[0] == "none", words
+    return words[1:]
+
+
+def test_c_and_sql_speak_one_vocabulary(pg):
+    (defn,) = pg.sql("SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c "
+                     "WHERE c.conname = 'lifecycle_action_check' "
+                     "AND c.contypid = 'public.lifecycle_action'::regtype",
+                     dbname="mindroom_template")[0]
+    sql_words = re.findall(r"'([a-z]+)'::text", defn)
+    assert sql_words == c_vocabulary()
+
+
+def test_no_second_vocabulary_of_owed_work():
+    # The words the webhook once returned for its callers to map ("provision",
+    # "resume") exist nowhere in the code any more, and no C file other than
+    # mr_action.c spells an action as a string literal: actions travel as mr_action.
+    sources = sorted((ROOT / "lib").glob("*.[ch]")) + sorted((ROOT / "functions").glob("*/*.[ch]"))
+    words = c_vocabulary()
+    allowed = {ROOT / "lib/mr_action.c"}
+    for path in sources:
+        text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)  # code, not comments
+        assert '"provision"' not in text and '"resume"' not in text, path
+        if path in allowed or "dokku-provisioner" in str(path):
+            continue  # the provisioner's own routes are another API's words
+        literals = set(re.findall(r'"([a-z]+)"', text))
+        assert not literals & set(words), (path, literals & set(words))
+
+
+def header_defaults():
+    text = (ROOT / "lib/mr_deadlines.h").read_text()
+    return {k: int(v) for k, v in re.findall(r"#define (MR_DL_[A-Z_]+) (\d+)", text)}
+
+
+def nginx_read_timeouts(conf):
+    """{location pattern: seconds} of every location with a fastcgi_read_timeout."""
+    out, current = {}, None
+    for line in (ROOT / "nginx" / conf).read_text().splitlines():
+        m = re.match(r"\s*location\s+(.*?)\s*\{", line)
+        if m:
+            current = m.group(1)
+        m = re.match(r"\s*fastcgi_read_timeout\s+(\d+)s;", line)
+        if m:
+            out.setdefault(current, []).append(int(m.group(1)))
+    return out
+
+
+def timeout_for(timeouts, needle):
+    hits = [v for loc, vs in timeouts.items() if needle in loc for v in vs]
+    assert hits, (needle, timeouts)
+    return hits
+
+
+def test_nginx_read_timeouts_are_the_table_rows():
+    d = header_defaults()
+    prod = nginx_read_timeouts("mindroom.conf")
+    assert timeout_for(prod, "= /functions/v1/handle-stripe-webhook") == [d["MR_DL_NGINX_WEBHOOK_S"]]
+    assert timeout_for(prod, "provision-instance|deprovision-instance")[0] == d["MR_DL_NGINX_LIFECYCLE_S"]
+    assert timeout_for(prod, "check-instance-health")[0] == d["MR_DL_NGINX_HEALTH_S"]
+    assert timeout_for(prod, "/")[-1] == d["MR_DL_NGINX_PROVISIONER_S"]
+    dev = nginx_read_timeouts("dev.conf")
+    # The local stack serves every function from one location: it must cover each.
+    assert timeout_for(dev, "check-instance-health")[0] >= max(
+        d["MR_DL_NGINX_WEBHOOK_S"], d["MR_DL_NGINX_LIFECYCLE_S"], d["MR_DL_NGINX_HEALTH_S"])
+    assert timeout_for(dev, "/")[-1] == d["MR_DL_NGINX_PROVISIONER_S"]
+
+
+def test_the_default_deadlines_nest():
+    d = header_defaults()
+    # The provisioner: a command and a deploy fit in a request, which ends before
+    # nginx gives up on its listener, which gives up before the worker's call does.
+    assert d["MR_DL_DOKKU_COMMAND_MS"] <= d["MR_DL_PROVISIONER_REQUEST_MS"]
+    assert d["MR_DL_DOKKU_DEPLOY_MS"] <= d["MR_DL_PROVISIONER_REQUEST_MS"]
+    assert d["MR_DL_PROVISIONER_REQUEST_MS"] < d["MR_DL_NGINX_PROVISIONER_S"] * 1000
+    assert d["MR_DL_NGINX_PROVISIONER_S"] * 1000 < d["MR_DL_PROVISION_CALL_MS"]
+    # The lease outlives the longest step plus the time to record it.
+    longest = max(d["MR_DL_PROVISION_CALL_MS"] + d["MR_DL_PROVISION_CONNECT_MS"], d["MR_DL_RESEND_MS"])
+    assert longest + d["MR_DL_RECORD_MARGIN_MS"] <= d["MR_DL_LIFECYCLE_LEASE_S"] * 1000
+    # Edges answer before nginx gives up on them.
+    assert d["MR_DL_WAIT_MS"] < d["MR_DL_NGINX_LIFECYCLE_S"] * 1000
+    assert d["MR_DL_DB_STATEMENT_MS"] < d["MR_DL_NGINX_WEBHOOK_S"] * 1000
+    assert d["MR_DL_HEALTH_PROBE_MS"] < d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
+    # A stopping worker ends before the service manager kills it.
+    assert d["MR_DL_LIFECYCLE_STOP_GRACE_MS"] + d["MR_DL_RECORD_MARGIN_MS"] < d["MR_DL_WORKER_STOP_S"] * 1000
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MR_LIFECYCLE_LEASE_S": "60", "MR_PROVISION_TIMEOUT_MS": "60000"}, "MR_LIFECYCLE_LEASE_S"),
+    ({"MR_LIFECYCLE_STOP_GRACE_MS": "59000"}, "MR_LIFECYCLE_STOP_GRACE_MS"),
+    ({"MR_PROVISION_BACKOFF_BASE_S": "100", "MR_PROVISION_BACKOFF_CAP_S": "10"}, "BACKOFF_CAP"),
+    ({"DATABASE_POOLER": "sometimes"}, "DATABASE_POOLER"),
+])
+def test_the_worker_refuses_deadlines_that_do_not_nest(env, message, tmp_path):
+    import subprocess
+    import mr
+    full = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "host=/nonexistent dbname=x",
+            "DOKKU_PROVISIONER_TOKEN": "t" * 32}
+    full.update(env)
+    p = subprocess.run([str(mr.build_dir() / "bin/mindroom-lifecycle")], env=full,
+                       capture_output=True, text=True, timeout=10, cwd=tmp_path)
+    assert p.returncode == 2, p
+    assert message in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("binary, env, message", [
+    ("provision-instance", {"MR_PROVISION_WAIT_MS": "900000"}, "MR_PROVISION_WAIT_MS"),
+    ("dokku-provisioner", {"PROVISIONER_REQUEST_TIMEOUT_MS": "600000"}, "PROVISIONER_REQUEST_TIMEOUT_MS"),
+    ("check-instance-health", {"HEALTH_TIMEOUT_MS": "160000"}, "HEALTH_TIMEOUT_MS"),
+])
+def test_functions_refuse_deadlines_past_nginx(binary, env, message, tmp_path):
+    import subprocess
+    import mr
+    full = {"PATH": "/usr/bin:/bin", "SUPABASE_JWT_SECRET": "s" * 40,
+            "DOKKU_PROVISIONER_TOKEN": "t" * 32, "DOKKU_MODE": "dry-run",
+            "PROVISIONER_STATE_DIR": str(tmp_path / "state"),
+            "MR_SOCKET": str(tmp_path / "x.sock")}
+    full.update(env)
+    p = subprocess.run([str(mr.build_dir() / "bin" / binary)], env=full, capture_output=True,
+                       text=True, timeout=10, cwd=tmp_path)
+    assert p.returncode == 2, p
+    assert message in p.stderr, p.stderr
