@@ -68,7 +68,7 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
                instance_id);
         return;
     }
-    const cJSON *email = cJSON_GetObjectItemCaseSensitive(step, "email");
+    const cJSON *email = cJSON_GetObjectItemCaseSensitive(step, "welcome");
     const char *to = NULL, *url = NULL;
     mr_json_str(email, "to", &to);
     mr_json_str(email, "frontend_url", &url);

@@ -328,7 +328,7 @@ BEGIN
             'memory_mb', i.memory_limit_mb,
             'cpu', i.cpu_limit,
             'env', v_env) END,
-        'email', CASE WHEN i.claim_action = 'email' THEN jsonb_build_object(
+        'welcome', CASE WHEN i.claim_action = 'email' THEN jsonb_build_object(
             'to', v_email,
             'frontend_url', i.frontend_url) END);
 END;

@@ -136,7 +136,7 @@ INSERT INTO r VALUES ('c3', public.lifecycle_claim('w1', 60));
 INSERT INTO r VALUES ('s3', pg_temp.finish('c3', jsonb_build_object('ok', true,
     'frontend_url', 'https://m400000000000.example', 'backend_url', 'https://api', 'matrix_server_url', 'https://matrix',
     'config_version', pg_temp.step('c3', 'config_version')::bigint)));
-SELECT results_eq($$SELECT v->>'outcome', v#>>'{step,action}', v#>>'{step,email,to}', v#>>'{step,token}' FROM r WHERE k = 's3'$$,
+SELECT results_eq($$SELECT v->>'outcome', v#>>'{step,action}', v#>>'{step,welcome,to}', v#>>'{step,token}' FROM r WHERE k = 's3'$$,
                   $$SELECT 'claimed', 'email', 'test@example.com', pg_temp.step('c3', 'token')$$,
                   'after create: the welcome email, same lease, to the account');
 SELECT results_eq($$SELECT status::text, attempts, last_error, next_attempt_at, frontend_url, provisioned_at IS NOT NULL,
