@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Lifecycle benchmark (the lifecycle section of scripts/bench.sh).
+
+Everything runs the configuration `make run` runs (every function, the lifecycle
+worker, nginx, PostgreSQL with fsync on, the real dokku-provisioner in dry-run
+mode); only the provisioner's behaviour is varied, with a stand-in that hangs.
+
+  1. new subscriptions, provisioner healthy   wrk -t2 -c16, each event a new
+                                               subscription (an instance to create)
+  2. the same, provisioner hanging             the worker's calls never return:
+                                               target >= 90% of run 1's rate
+  3. one webhook worker, provisioner hanging   new subscriptions paced at about
+                                               100/s: target p99 <= 10 ms
+  4. catch-up                                  the provisioner answers again: every
+                                               instance of runs 2-3 ends running
+  5. claim at scale                            100,000 running instances and a few
+                                               owed: lifecycle_claim takes < 5 ms,
+                                               its plan an index scan (EXPLAIN)
+  6. resume at scale                           on that database, an unpaid ->
+                                               active subscription runs again < 5 s
+
+Prints a table and writes build/bench/lifecycle.json. Environment: BENCH_SECONDS
+(10), BENCH_SCALE (100000), MR_BUILD (build/release).
+"""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests/integration"))
+sys.path.insert(0, str(ROOT / "tests/standins"))
+sys.path.insert(0, str(ROOT / "scripts/bench"))
+os.environ.setdefault("MR_BUILD", "build/release")
+import mr  # noqa: E402
+from provisioner import ProvisionerStandin  # noqa: E402
+from webhook_bench import ACCOUNTS, write_events, wrk  # noqa: E402
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+SCALE = int(os.environ.get("BENCH_SCALE", "100000"))
+OUT = ROOT / "build/bench"
+WORKER = "mindroom-lifecycle"
+
+
+def link_accounts(s):
+    s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(), 'bench' || i || '@example.com'"
+          " FROM generate_series(1, %s) AS i", ACCOUNTS)
+    s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || split_part(email, '@', 1)"
+          " WHERE email LIKE 'bench%%@example.com'")
+
+
+def new_stream(s, label, conns=16, seconds=SECONDS, delay=None, threads=2):
+    """wrk with unique pre-signed customer.subscription.created events."""
+    n = 40000 if delay is None else int(seconds * 1000 / max(delay, 1) * conns) + 2000
+    events = s.run / ("%s.txt" % label)
+    write_events(events, n, label, s.env["STRIPE_WEBHOOK_SECRET"])
+    args = [events, threads] + ([delay] if delay is not None else [])
+    return wrk(s.url("handle-stripe-webhook"), conns, seconds, args, threads=threads)
+
+
+def webhook_under_provisioner(pg, results):
+    hanging = ProvisionerStandin()
+    hanging.start()
+    hanging.behave("hang")
+    try:
+        # MR_LIFECYCLE_WORKERS=2 and MR_WORKERS=2 as on this 2-core machine by default.
+        env = {"MR_LOG_LEVEL": "warn", "MR_WORKERS": "2", "MR_LIFECYCLE_WORKERS": "2",
+               "DOKKU_MODE": "dry-run"}
+        with mr.Stack(pg, env=env) as s:
+            link_accounts(s)
+            print("bench lifecycle: new subscriptions, provisioner healthy...", flush=True)
+            healthy = new_stream(s, "healthy")
+            # The provisioner hangs from now on: the worker's calls never return.
+            s.env["DOKKU_PROVISIONER_URL"] = hanging.url
+            s.env["DOKKU_PROVISIONER_TOKEN"] = hanging.token
+            s.restart_function(WORKER)
+            print("bench lifecycle: new subscriptions, provisioner hanging...", flush=True)
+            hung = new_stream(s, "hanging")
+            stuck = s.sql("SELECT count(*) FROM instances WHERE claimed_by IS NOT NULL")[0][0]
+
+            s.env["MR_WORKERS"] = "1"
+            s.restart_function("handle-stripe-webhook")
+            print("bench lifecycle: one webhook worker, provisioner hanging, paced ~100/s...", flush=True)
+            calib = new_stream(s, "calib", conns=1, seconds=3, delay=10, threads=1)
+            delay = max(0, int(round(10 - calib["p50_ms"])))
+            paced = new_stream(s, "paced", conns=1, delay=delay, threads=1)
+
+            owed = s.sql("SELECT count(*) FROM instances WHERE owed_action = 'create'")[0][0]
+            print("bench lifecycle: the provisioner answers again; catching up %d owed..." % owed,
+                  flush=True)
+            hanging.behave("ok")
+            hanging.release()  # the hung calls fail now; retried after their backoff
+            t0 = time.monotonic()
+            deadline = t0 + 600
+            left = owed
+            while time.monotonic() < deadline:
+                left = s.sql("SELECT count(*) FROM instances WHERE status <> 'running'")[0][0]
+                if left == 0:
+                    break
+                time.sleep(0.5)
+            catch = {"owed": owed, "seconds": round(time.monotonic() - t0, 1), "left": left,
+                     "creates": len(hanging.create_calls())}
+            total = s.sql("SELECT count(*) FROM instances")[0][0]
+            apps = len(hanging.apps)
+    finally:
+        hanging.stop()
+    results["new_healthy"] = healthy
+    results["new_hanging"] = dict(hung, claims_stuck=stuck)
+    results["paced_one_worker_hanging"] = dict(paced, delay_ms=delay)
+    results["catch_up"] = dict(catch, instances=total, stand_in_apps=apps)
+
+
+def populate(pg, db, n):
+    """n running instances with nothing owed, and 10 owed a create."""
+    pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (db, mr.TEMPLATE_DB))
+    q = lambda sql, *a: pg.sql(sql, *a, dbname=db)  # noqa: E731
+    q("INSERT INTO auth.users (id, email) VALUES ('b0000000-0000-4000-8000-000000000001', 'scale@example.com')")
+    q("UPDATE accounts SET stripe_customer_id = 'cus_scale' WHERE id = 'b0000000-0000-4000-8000-000000000001'")
+    q("INSERT INTO subscriptions (account_id, stripe_subscription_id, stripe_price_id, tier, status)"
+      " SELECT 'b0000000-0000-4000-8000-000000000001', 'sub_scale_' || i, 'price_starter', 'starter', 'active'"
+      " FROM generate_series(1, %s) i", n + 10)
+    q("INSERT INTO instances (subscription_id, dokku_app_name, subdomain, status, desired_status,"
+      "                       applied_config_version, welcome_email_sent_at, backend_url)"
+      " SELECT s.id, nm.dokku_app_name, nm.subdomain,"
+      "        CASE WHEN s.stripe_subscription_id ~ '^sub_scale_[0-9]+$'"
+      "              AND substr(s.stripe_subscription_id, 11)::int > %s"
+      "             THEN 'provisioning' ELSE 'running' END::instance_status,"
+      "        'running', 1, now(), 'https://' || nm.subdomain || '.bench.test'"
+      "   FROM subscriptions s CROSS JOIN LATERAL instance_names(s.id) nm"
+      "  WHERE s.stripe_subscription_id LIKE 'sub_scale_%%'", n)
+    # No periodic health round over the synthetic instances while this runs.
+    q("INSERT INTO scheduled_jobs (name, until) VALUES ('health', 'infinity'), ('stripe-sweep', 'infinity')")
+    q("VACUUM ANALYZE instances")
+
+
+def claim_at_scale(pg, results):
+    db = "mr_scale_" + uuid.uuid4().hex[:6]
+    t0 = time.monotonic()
+    populate(pg, db, SCALE)
+    load_s = time.monotonic() - t0
+    q = lambda sql, *a: pg.sql(sql, *a, dbname=db)  # noqa: E731
+    counts = q("SELECT count(*), count(*) FILTER (WHERE owed_action IS NOT NULL) FROM instances")[0]
+    plan = "\n".join(r[0] for r in q(
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT x.id FROM public.instances x WHERE x.owed_due_at <= now()"
+        " ORDER BY x.owed_due_at LIMIT 1 FOR UPDATE SKIP LOCKED"))
+    busy_plan = "\n".join(r[0] for r in q(
+        "EXPLAIN (ANALYZE) SELECT count(*) FROM public.instances x"
+        " WHERE x.claimed_by IS NOT NULL AND x.claim_expires_at > now()"))
+    # The whole claim, as the worker runs it (one call, as service_role), then the
+    # lease given back so the next call finds the same owed work: n timings.
+    script = Path(pg.dir) / "claim.sql"
+    script.write_text(
+        "SET ROLE service_role;\n"
+        "CREATE TEMP TABLE t (ms float8);\n"
+        "DO $$ DECLARE t0 timestamptz; r jsonb; BEGIN\n"
+        "  FOR k IN 1..200 LOOP\n"
+        "    t0 := clock_timestamp();\n"
+        "    r := public.lifecycle_claim('bench', 60);\n"
+        "    INSERT INTO t VALUES (extract(epoch FROM clock_timestamp() - t0) * 1000);\n"
+        "    PERFORM public.lifecycle_release((r #>> '{step,instance_id}')::uuid, r #>> '{step,token}');\n"
+        "  END LOOP; END $$;\n"
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP"
+        " (ORDER BY ms), max(ms) FROM t;\n")
+    out = subprocess.run(["psql", pg.conninfo(db), "-X", "-q", "-At", "-F", " ", "-f", str(script)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    p50, p99, mx = (float(v) for v in out.stdout.split()[-3:])
+    results["claim"] = {
+        "instances": counts[0], "owed": counts[1], "load_s": round(load_s, 1),
+        "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "max_ms": round(mx, 3),
+        "index_scan": "Index Scan using instances_owed_due_idx" in plan and "Seq Scan" not in plan,
+        "busy_index": "instances_claimed_idx" in busy_plan and "Seq Scan" not in busy_plan,
+        "plan": plan, "busy_plan": busy_plan}
+    return db
+
+
+def resume_at_scale(pg, db, results):
+    env = {"MR_LOG_LEVEL": "warn", "DOKKU_MODE": "dry-run", "MR_LIFECYCLE_WORKERS": "2"}
+    with mr.Stack(pg, env=env, db=db) as s:
+        # The few owed instances are created first (their notification woke the worker).
+        deadline = time.monotonic() + 60
+        while s.sql("SELECT count(*) FROM instances WHERE owed_action = 'create'")[0][0] and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        sub, sid = s.sql("SELECT stripe_subscription_id, id FROM subscriptions"
+                         " WHERE stripe_subscription_id = 'sub_scale_1'")[0]
+        tpl = json.loads((ROOT / "tests/fixtures/stripe_subscription_updated_basil.json").read_text())
+        t = int(time.time())
+
+        def send(status, created):
+            e = json.loads(json.dumps(tpl))
+            e["id"] = "evt_scale_" + uuid.uuid4().hex
+            e["created"] = created
+            o = e["data"]["object"]
+            o["id"], o["customer"], o["status"], o["metadata"] = sub, "cus_scale", status, {}
+            for it in o["items"]["data"]:
+                it["price"]["id"] = "price_starter"
+            raw = json.dumps(e).encode()
+            r = s.call("POST", "handle-stripe-webhook", body=raw, headers=s.stripe_headers(raw))
+            assert r.status == 200, r
+
+        def wait(status):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 60:
+                row = s.sql("SELECT status::text, owed_action FROM instances WHERE subscription_id = %s", sid)[0]
+                if row[0] == status and row[1] in (None, "email"):
+                    return time.monotonic() - t0
+                time.sleep(0.02)
+            raise RuntimeError("instance not %s after 60 s" % status)
+
+        send("unpaid", t)
+        stopped = wait("stopped")
+        send("active", t + 1)
+        resumed = wait("running")
+    results["resume"] = {"instances": SCALE, "stop_s": round(stopped, 2), "resume_s": round(resumed, 2)}
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"seconds": SECONDS, "cores": os.cpu_count(), "scale": SCALE}
+    pg = mr.Cluster(fsync=True)
+    try:
+        pg.make_template()
+        webhook_under_provisioner(pg, results)
+        print("bench lifecycle: %d instances, claiming..." % SCALE, flush=True)
+        db = claim_at_scale(pg, results)
+        print("bench lifecycle: unpaid -> active on that database...", flush=True)
+        resume_at_scale(pg, db, results)
+    finally:
+        pg.destroy()
+
+    h, g, p, c, cl, rs = (results[k] for k in ("new_healthy", "new_hanging", "paced_one_worker_hanging",
+                                              "catch_up", "claim", "resume"))
+    ratio = g["rps"] / h["rps"]
+    results["targets"] = {
+        "hanging_vs_healthy": round(ratio, 3), "hanging_ok": ratio >= 0.9,
+        "paced_p99_ms": p["p99_ms"], "paced_ok": p["p99_ms"] <= 10.0,
+        "catch_up_ok": c["left"] == 0,
+        "claim_ok": cl["p99_ms"] < 5.0 and cl["index_scan"],
+        "resume_ok": rs["resume_s"] < 5.0,
+    }
+    (OUT / "lifecycle.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print("lifecycle benchmark (%d s per run, fsync on, %d cores, every function and the worker)"
+          % (SECONDS, os.cpu_count()))
+    print("  new subscriptions, provisioner healthy : %7.0f events/s  p50 %.2f ms  p99 %.2f ms  non-200 %d"
+          % (h["rps"], h["p50_ms"], h["p99_ms"], h["non200"]))
+    print("  new subscriptions, provisioner hanging : %7.0f events/s  p50 %.2f ms  p99 %.2f ms  non-200 %d"
+          "  -> %.0f%% of healthy (target 90%%); %d worker calls stuck"
+          % (g["rps"], g["p50_ms"], g["p99_ms"], g["non200"], 100 * ratio, g["claims_stuck"]))
+    print("  one webhook worker, hanging, paced     : %7.0f events/s  p50 %.2f ms  p99 %.2f ms"
+          "  (delay %d ms; target p99 <= 10 ms)" % (p["rps"], p["p50_ms"], p["p99_ms"], p["delay_ms"]))
+    print("  catch-up after the provisioner returns : %d owed -> %s in %.1f s (%d instances, %d apps)"
+          % (c["owed"], "all running" if c["left"] == 0 else "%d left" % c["left"], c["seconds"],
+             c["instances"], c["stand_in_apps"]))
+    print("  claim with %d instances, %d owed   : p50 %.2f ms  p99 %.2f ms  max %.2f ms  index scan: %s"
+          "  (target < 5 ms)" % (cl["instances"], cl["owed"], cl["p50_ms"], cl["p99_ms"], cl["max_ms"],
+                                 cl["index_scan"]))
+    print("  unpaid -> active at that scale         : stopped in %.2f s, running again in %.2f s"
+          " (target < 5 s)" % (rs["stop_s"], rs["resume_s"]))
+    print("  claim plan:\n    " + cl["plan"].replace("\n", "\n    "))
+    print("  written to %s" % (OUT / "lifecycle.json"))
+    ok = all(v for k, v in results["targets"].items() if k.endswith("_ok"))
+    print("lifecycle: targets %s" % ("met" if ok else "MISSED"))
+    return 0 if ok and not (h["non200"] + g["non200"] + p["non200"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
