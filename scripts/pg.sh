@@ -50,10 +50,16 @@ init)
       echo "log_min_error_statement = panic"
     } | as_owner tee "$dir/data/postgresql.auto.conf" >/dev/null
     start
-    as_owner "$PGBIN/psql" -X -q -h "$dir" -p "$tcp_port" -U postgres -d postgres \
-      -c "CREATE DATABASE mindroom" >/dev/null
   else
     as_owner "$PGBIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1 || start
+  fi
+  # Also after a first start that failed once the cluster existed (a port in use):
+  # the next init must still end with the database.
+  p=$(sed -n 's/^port = \([0-9]*\).*/\1/p' "$dir/data/postgresql.auto.conf" | tail -1)
+  if [ "$(as_owner "$PGBIN/psql" -X -qAt -h "$dir" -p "${p:-5432}" -U postgres -d postgres \
+          -c "SELECT 1 FROM pg_database WHERE datname = 'mindroom'")" != 1 ]; then
+    as_owner "$PGBIN/psql" -X -q -h "$dir" -p "${p:-5432}" -U postgres -d postgres \
+      -c "CREATE DATABASE mindroom" >/dev/null
   fi
   conninfo
   ;;

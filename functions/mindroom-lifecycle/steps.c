@@ -64,8 +64,6 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
         cJSON_AddBoolToObject(result, "ok", 0);
         cJSON_AddStringToObject(result, "error", "skipped: RESEND_API_KEY is not set");
         cJSON_AddNumberToObject(result, "retry_in_s", 3600);
-        mr_log(MR_LOG_INFO, "instance %s: welcome email skipped: RESEND_API_KEY is not set",
-               instance_id);
         return;
     }
     const cJSON *email = cJSON_GetObjectItemCaseSensitive(step, "welcome");
@@ -219,8 +217,10 @@ static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
         int ok = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "ok"));
         const char *why = NULL;
         mr_json_str(result, "error", &why);
-        mr_log(ok ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms%s%s", instance_id,
-               mr_action_name(action), ok ? "succeeded" : "failed",
+        /* A step that waits for configuration (no Resend key) is not a failure worth a warning. */
+        int waits = why && strncmp(why, "skipped: ", 9) == 0;
+        mr_log(ok || waits ? MR_LOG_INFO : MR_LOG_WARN, "instance %s: %s %s in %lld ms%s%s", instance_id,
+               mr_action_name(action), ok ? "succeeded" : waits ? "waits" : "failed",
                (long long)(mr_now_ms() - t0), why ? ": " : "", why ? why : "");
 
         cJSON *next = NULL;
