@@ -118,14 +118,24 @@ static standing stand(const cJSON *inst, double attempts_before)
     return ST_PENDING;
 }
 
-cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
-                          const mr_instance_result *res, int wait, int *status,
-                          char *err, size_t errlen)
+/* {"error": {"code", "message"}} for a failure of e. */
+static cJSON *error_answer(mr_err e, const char *message, int *status)
 {
+    cJSON *out = cJSON_CreateObject();
+    cJSON *o = cJSON_AddObjectToObject(out, "error");
+    cJSON_AddStringToObject(o, "code", mr_err_name(e));
+    cJSON_AddStringToObject(o, "message", message);
+    *status = mr_err_status(e);
+    return out;
+}
+
+cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
+                          const mr_instance_result *res, int wait, int *status)
+{
+    char err[256] = "";
     cJSON *inst = cJSON_Duplicate(mr_instance_of(res), 1);
-    *status = 0;
     if (!inst)
-        return mr_seterr(err, errlen, MR_EINTERNAL, "no instance in the answer"), NULL;
+        return error_answer(MR_EINTERNAL, "no instance in the answer", status);
     const cJSON *at = cJSON_GetObjectItemCaseSensitive(inst, "attempts");
     double before = cJSON_IsNumber(at) ? at->valuedouble : 0;
     standing st = stand(inst, before);
@@ -142,9 +152,10 @@ cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_c
             nanosleep(&ts, NULL);
             const char *p[] = {iid};
             cJSON *fresh = NULL;
-            if (call_json(db, who, &get_stmt, p, &fresh, err, errlen) != MR_OK) {
+            mr_err e = call_json(db, who, &get_stmt, p, &fresh, err, sizeof err);
+            if (e != MR_OK) {
                 cJSON_Delete(inst);
-                return NULL;
+                return error_answer(e, err, status);
             }
             cJSON_Delete(inst);
             inst = fresh;

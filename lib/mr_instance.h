@@ -58,10 +58,9 @@ mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const char *in
  *                 provisioner_unavailable, or 502 provisioner_rejected for a
  *                 refusal, with the instance's last error), or cfg->wait_ms passed
  *                 (202, the instance as it stands).
- * Returns a new object (the caller replies with it), or NULL with err on a
- * database failure while waiting (*status then 0). */
+ * A database failure while waiting answers 503 {"error": {"code": "transient", ...}}.
+ * Returns a new object the caller replies with (never NULL but out of memory). */
 cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
-                          const mr_instance_result *res, int wait, int *status,
-                          char *err, size_t errlen);
+                          const mr_instance_result *res, int wait, int *status);
 
 #endif

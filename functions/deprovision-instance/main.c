@@ -75,12 +75,9 @@ static void handle(mr_req *r)
         cJSON_AddStringToObject(out, "mode", res.mode);
         mr_reply_json(r, 200, out);
     } else {
-        int status = 0;
-        cJSON *out = mr_instance_answer(r->db, &r->who, &cfg, &res, wait, &status, err, sizeof err);
-        if (out)
-            mr_reply_json(r, status, out);
-        else
-            mr_reply_err(r, MR_ETRANSIENT, err);
+        int status = 500;
+        cJSON *out = mr_instance_answer(r->db, &r->who, &cfg, &res, wait, &status);
+        mr_reply_json(r, status, out);
     }
     mr_instance_result_free(&res);
 }

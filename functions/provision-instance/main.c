@@ -62,12 +62,9 @@ static void handle(mr_req *r)
         mr_json_str(res.reply, "message", &msg);
         mr_reply_error(r, 409, "conflict", "%s", msg);
     } else {
-        int status = 0;
-        cJSON *out = mr_instance_answer(r->db, &r->who, &cfg, &res, wait, &status, err, sizeof err);
-        if (out)
-            mr_reply_json(r, status, out);
-        else
-            mr_reply_err(r, MR_ETRANSIENT, err);
+        int status = 500;
+        cJSON *out = mr_instance_answer(r->db, &r->who, &cfg, &res, wait, &status);
+        mr_reply_json(r, status, out);
     }
     mr_instance_result_free(&res);
 }

@@ -84,12 +84,39 @@ ALTER TABLE public.instances DROP COLUMN applied_config_hash;
 DROP INDEX public.instances_lifecycle_live_idx;
 DROP INDEX public.instances_status_next_attempt_idx;
 
+-- A stop of an instance that never came up, or whose create failed, ends stopped
+-- (the state machine of 004 gains provisioning -> stopped and failed -> stopped).
+CREATE OR REPLACE FUNCTION public.instance_transition_allowed(p_from public.instance_status,
+                                                              p_to public.instance_status)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = ''
+AS $$
+    SELECT p_from = p_to OR (p_from, p_to) IN (
+        ('provisioning'::public.instance_status,   'running'::public.instance_status),
+        ('provisioning',   'failed'),
+        ('provisioning',   'stopped'),
+        ('provisioning',   'deprovisioning'),
+        ('running',        'stopped'),
+        ('running',        'failed'),
+        ('running',        'deprovisioning'),
+        ('stopped',        'provisioning'),
+        ('stopped',        'running'),
+        ('stopped',        'deprovisioning'),
+        ('failed',         'provisioning'),
+        ('failed',         'stopped'),
+        ('failed',         'deprovisioning'),
+        ('deprovisioning', 'deprovisioned'),
+        ('deprovisioning', 'failed'))
+$$;
+
 -- What is owed --------------------------------------------------------------------------
 -- The next step the control plane owes this instance, or NULL: the one rule.
 --   destroy  desired deprovisioned, or a destroy once begun (deprovisioning only
 --            leads to deprovisioned)
---   stop     desired stopped and the app runs (an app that never came up owes nothing
---            while it should be stopped)
+--   stop     desired stopped and the app runs, or may run: a create whose outcome
+--            was lost (provisioning, failed) may have left an app up; stopping a
+--            missing app is done
 --   create   desired running and the app is not up: provisioning, or failed
 --            (a failed deploy, or a health-driven redeploy)
 --   start    desired running and the app is stopped
@@ -104,7 +131,7 @@ AS $$
         WHEN i.status = 'deprovisioned' THEN NULL
         WHEN i.desired_status = 'deprovisioned' OR i.status = 'deprovisioning' THEN 'destroy'
         WHEN i.desired_status = 'stopped' THEN
-            CASE WHEN i.status = 'running' THEN 'stop' END
+            CASE WHEN i.status IN ('running', 'provisioning', 'failed') THEN 'stop' END
         WHEN i.status IN ('provisioning', 'failed') THEN 'create'
         WHEN i.status = 'stopped' THEN 'start'
         WHEN i.applied_config_version IS DISTINCT FROM i.config_version THEN 'update'
@@ -209,6 +236,22 @@ CREATE TABLE public.scheduled_jobs (
 
 CREATE TRIGGER lifecycle_limits_updated_at BEFORE UPDATE ON public.lifecycle_limits
     FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+
+-- A raised limit may free work that waited for a slot: wake the workers.
+CREATE FUNCTION public.lifecycle_limits_raised()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('mindroom_lifecycle', '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER lifecycle_limits_raised AFTER UPDATE OF max_in_flight ON public.lifecycle_limits
+    FOR EACH ROW WHEN (NEW.max_in_flight > OLD.max_in_flight)
+    EXECUTE FUNCTION public.lifecycle_limits_raised();
 CREATE TRIGGER scheduled_jobs_updated_at BEFORE UPDATE ON public.scheduled_jobs
     FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
 
@@ -222,9 +265,11 @@ CREATE POLICY "Service role manages lifecycle limits" ON public.lifecycle_limits
 CREATE POLICY "Service role manages scheduled jobs" ON public.scheduled_jobs
     FOR ALL TO service_role USING (true) WITH CHECK (true);
 
--- Takes the lease of periodic job p_name for p_interval_s if nobody holds it.
--- Returns the run's start (the database's clock) when the caller runs the job now,
--- NULL when another worker holds it.
+-- Takes the lease of periodic job p_name for p_interval_s if nobody holds it and the
+-- last run has finished (a run longer than its interval is never joined by a second
+-- one; a run unfinished for ten intervals, and at least five minutes, is presumed
+-- dead with its worker). Returns the run's start (the database's clock) when the
+-- caller runs the job now, NULL otherwise.
 CREATE FUNCTION public.scheduled_job_take(p_name text, p_owner text, p_interval_s integer)
 RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE
@@ -238,6 +283,8 @@ BEGIN
            until = now() + make_interval(secs => greatest(p_interval_s, 1)),
            last_started_at = now(), runs = runs + 1
      WHERE name = p_name AND until <= now()
+       AND (last_started_at IS NULL OR last_finished_at >= last_started_at
+            OR last_started_at < now() - make_interval(secs => greatest(10 * p_interval_s, 300)))
     RETURNING last_started_at INTO v_started;
     RETURN v_started;
 END;
@@ -701,6 +748,7 @@ BEGIN
         'public.instance_desired_for(public.subscription_status)',
         'public.lifecycle_owed_action(public.instances)',
         'public.instances_work_owed()',
+        'public.lifecycle_limits_raised()',
         'public.lifecycle_instance_json(public.instances)',
         'public.lifecycle_step_json(public.instances)',
         'public.lifecycle_take(uuid, text, text, integer)',

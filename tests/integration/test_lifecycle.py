@@ -456,6 +456,31 @@ def test_failed_stop_keeps_running_and_is_retried(stack, prov):
     assert len(prov.recorded("POST", "/apps/%s/stop" % inst["dokku_app_name"])) == 2
 
 
+def test_a_stop_after_a_lost_create_stops_what_the_create_left(pg, prov):
+    # The worker's call times out (1.5 s) while the provisioner goes on and brings
+    # the app up (2.5 s): the instance is failed, the app runs. A stop asked now
+    # must reach the app, not be skipped because the instance "never ran".
+    with mr.Stack(pg, env=stack_env(prov, MR_PROVISION_BACKOFF_BASE_S="5"),
+                  functions=["deprovision-instance", "provision-instance", WORKER]) as s:
+        prov.reset()
+        sid = new_subscription(s, "starter")
+        prov.behave(("slow", 2.5))
+        assert provision(s, sid).status == 202
+        inst = wait_status(s, sid, "failed", timeout=5)
+        app = inst["dokku_app_name"]
+        prov.wait_for(lambda p: app in p.apps and p.apps[app]["state"] == "running", timeout=5)
+        prov.behave("ok")
+        r = deprovision(s, subscription_id=sid, mode="stop", wait=True)
+        assert r.status == 200 and r.json["instance"]["status"] == "stopped", r
+        assert prov.apps[app]["state"] == "stopped"
+        assert owed(s, sid) is None
+        # Paid again: the same app is started.
+        r = provision(s, sid, wait=True)
+        assert r.status == 200 and r.json["instance"]["status"] == "running", r
+        assert prov.apps[app]["state"] == "running"
+        prov.reset()
+
+
 def test_no_resend_key_leaves_the_email_owed_for_an_hour(pg, prov):
     with mr.Stack(pg, env=stack_env(prov), functions=["provision-instance", WORKER]) as s:
         sid = new_subscription(s, "starter")

@@ -288,9 +288,10 @@ STATUS_MAP = {
 FROM_ACTIVE = {
     "trialing": ("provisioning", "running", "create"), "active": ("provisioning", "running", "create"),
     "past_due": ("provisioning", "running", "create"),
-    # Never ran: nothing to stop (a create in flight ends running, then stops).
-    "unpaid": ("provisioning", "stopped", None),
-    "paused": ("provisioning", "stopped", None),
+    # Owed a stop even before it ran: a create whose outcome was lost may have left
+    # an app up, and stopping a missing app is done.
+    "unpaid": ("provisioning", "stopped", "stop"),
+    "paused": ("provisioning", "stopped", "stop"),
     "incomplete_expired": ("provisioning", "deprovisioned", "destroy"),
     "canceled": ("provisioning", "deprovisioned", "destroy"),
 }

@@ -9,10 +9,11 @@ SELECT plan(36 + 15);
 
 CREATE TEMP TABLE legal (f text, t text);
 INSERT INTO legal VALUES
- ('provisioning', 'running'), ('provisioning', 'failed'), ('provisioning', 'deprovisioning'),
+ ('provisioning', 'running'), ('provisioning', 'failed'), ('provisioning', 'stopped'),
+ ('provisioning', 'deprovisioning'),
  ('running', 'stopped'), ('running', 'failed'), ('running', 'deprovisioning'),
  ('stopped', 'provisioning'), ('stopped', 'running'), ('stopped', 'deprovisioning'),
- ('failed', 'provisioning'), ('failed', 'deprovisioning'),
+ ('failed', 'provisioning'), ('failed', 'stopped'), ('failed', 'deprovisioning'),
  ('deprovisioning', 'deprovisioned'), ('deprovisioning', 'failed');
 
 -- Puts B's instance in status `f` (a fresh row inserted with that status), then

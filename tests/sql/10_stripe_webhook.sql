@@ -68,7 +68,7 @@ SELECT is((SELECT count(*) FROM public.instances i JOIN public.subscriptions s O
 SELECT is(public.process_stripe_event(pg_temp.ev('evt_s2', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000010)) ->> 'owed',
           'create', 'active: an instance to create is owed');
 SELECT is(public.process_stripe_event(pg_temp.ev('evt_s3', 'customer.subscription.paused', 'sub_sql1', 'paused', 1750000020)) ->> 'owed',
-          NULL, 'paused before it ever ran: nothing to stop');
+          'stop', 'paused before it ever ran: a stop (the create may have left an app up)');
 SELECT is((SELECT i.desired_status::text FROM public.instances i JOIN public.subscriptions s ON s.id = i.subscription_id
             WHERE s.stripe_subscription_id = 'sub_sql1'), 'stopped', 'paused: desired_status stopped');
 SELECT is(public.process_stripe_event(pg_temp.ev('evt_s2b', 'customer.subscription.updated', 'sub_sql1', 'active', 1750000015)) ->> 'result',

@@ -2,7 +2,7 @@
 -- the stored owed columns and their due times, the claim, the lease, the edges,
 -- the periodic job leases, least privilege.
 BEGIN;
-SELECT plan(85);
+SELECT plan(86);
 
 -- Fixtures: the seed's account; one subscription per scenario.
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
@@ -55,7 +55,7 @@ SELECT results_eq($$
         (10, 'running', 'running', 1, 1, NULL),
         (11, 'running', 'running', 1, 1, now())) AS v(n, st, ds, cv, acv, mail)
      ORDER BY v.n$$,
-    $$VALUES (NULL::text), ('destroy'), ('destroy'), ('stop'), (NULL), ('create'), ('create'), ('start'),
+    $$VALUES (NULL::text), ('destroy'), ('destroy'), ('stop'), ('stop'), ('create'), ('create'), ('start'),
              ('update'), ('email'), (NULL)$$,
     'lifecycle_owed_action: the rule, case by case');
 
@@ -299,6 +299,13 @@ SET LOCAL role service_role;
 SELECT ok(public.scheduled_job_take('job-a', 'host2/7', 60) IS NOT NULL, 'after the interval, the next taker runs it');
 SELECT results_eq($$SELECT owner, runs, last_finished_at IS NOT NULL FROM public.scheduled_jobs WHERE name = 'job-a'$$,
                   $$VALUES ('host2/7', 2::bigint, true)$$, 'two runs recorded');
+RESET role;
+-- host2/7's run is still going (its last finish is the previous run's).
+UPDATE public.scheduled_jobs SET until = now() - interval '1 second',
+       last_finished_at = last_started_at - interval '1 second' WHERE name = 'job-a';
+SET LOCAL role service_role;
+SELECT is(public.scheduled_job_take('job-a', 'host3/9', 60), NULL,
+          'a run longer than its interval is not joined by a second one');
 RESET role;
 
 -- 18. least privilege ---------------------------------------------------------------------
