@@ -37,14 +37,20 @@ def stack(pg, prov):
 
 @pytest.fixture(autouse=True)
 def clean(request):
-    """Each test starts with no instances (they would be probed too)."""
+    """Each test starts with no instances (they would be probed too), and leaves
+    none behind in a stack whose worker probes by itself."""
+    stacks = []
     for name in ("stack", "interval_stack", "periodic"):
         if name in request.fixturenames:
             s = request.getfixturevalue(name)
-            (s[0] if isinstance(s, tuple) else s).sql("DELETE FROM public.instances")
+            stacks.append(s[0] if isinstance(s, tuple) else s)
+    for s in stacks:
+        s.sql("DELETE FROM public.instances")
     if "prov" in request.fixturenames:
         request.getfixturevalue("prov").reset()
     yield
+    for s in stacks:
+        s.sql("DELETE FROM public.instances")
 
 
 def make_account(s, email=None):
@@ -268,80 +274,6 @@ def test_an_operators_failures_count_once_per_interval(interval_stack, health_st
     assert row(s, iid)["status"] == "running"
 
 
-# ---- the periodic round, in the worker ------------------------------------------------------
-
-PERIOD_S = 2
-
-
-@pytest.fixture(scope="module")
-def periodic(pg, prov):
-    """Two hosts' worth of workers on one database, two worker processes each, with
-    a 2 s health interval; no check-instance-health anywhere, so every probe is the
-    worker's own round."""
-    env = stack_env(prov, HEALTH_INTERVAL_S=str(PERIOD_S), HEALTH_FAILURE_THRESHOLD="2",
-                    MR_LIFECYCLE_WORKERS="2", **PROBE_ENV)
-    with mr.Stack(pg, env=env, functions=[WORKER]) as s:
-        with mr.Stack(pg, env=env, functions=[WORKER], db=s.db) as other_host:
-            yield s, other_host
-
-
-def test_the_worker_probes_by_itself_and_redeploys_at_the_threshold(periodic, health_standin, prov):
-    s, _ = periodic
-    acct = make_account(s)
-    good = make_instance(s, acct, health_standin.url("p-good", "ok"))
-    bad = make_instance(s, acct, health_standin.url("p-bad", "500"))
-    app = row(s, bad)["dokku_app_name"]
-
-    rw = wait_until(lambda: (lambda x: x if x["last_health_check"] else None)(row(s, good)),
-                    timeout=3 * PERIOD_S + 5, what="the worker's round")
-    assert rw["health_status"] == "healthy" and rw["consecutive_failures"] == 0
-
-    # Two rounds at least an interval apart count twice: failed, and the worker
-    # redeploys it once.
-    wait_until(lambda: went_failed(s, bad), timeout=4 * PERIOD_S + 5, what="marked failed")
-    rw = wait_until(lambda: (lambda x: x if x["status"] == "running" and not x["claimed_by"] else None)(
-        row(s, bad)), timeout=5, what="redeployed")
-    assert len(creates_for(prov, app)) == 1
-    assert rw["consecutive_failures"] == 0
-    # The redeployed app's URL is the provisioner stand-in's (no such host): point it
-    # back at a healthy endpoint before two more rounds would fail it again.
-    s.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s",
-          health_standin.url("p-bad", "ok"), bad)
-    assert health_standin.hits("p-bad") >= 2
-
-
-def test_the_round_runs_once_per_interval_across_workers_and_hosts(periodic, health_standin):
-    s, other_host = periodic
-    assert len(s.workers(WORKER)) == 2 and len(other_host.workers(WORKER)) == 2
-    make_instance(s, make_account(s), health_standin.url("p-once", "ok"))
-    wait_until(lambda: health_standin.hits("p-once"), timeout=3 * PERIOD_S + 5, what="first probe")
-
-    def runs():
-        return s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'health'")[0][0]
-
-    window = 5 * PERIOD_S
-    runs0, hits0 = runs(), health_standin.hits("p-once")
-    time.sleep(window)
-    rounds, probes = runs() - runs0, health_standin.hits("p-once") - hits0
-    print("\nhealth rounds in %d s with a %d s interval and 4 worker processes: %d (%d probes)"
-          % (window, PERIOD_S, rounds, probes))
-    # Four processes each ask every second; the lease lets one round through per
-    # interval (plus one whose start fell at the window's edge).
-    assert 2 <= rounds <= window // PERIOD_S + 1, rounds
-    assert abs(probes - rounds) <= 1, (probes, rounds)
-
-    # Every run the lease let through ran exactly once, in one process: the workers'
-    # logs hold one "health round:" line per run. Read while no round is in flight
-    # and none can start for a while.
-    def settled():
-        r = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'health' "
-                  "AND last_finished_at >= last_started_at AND until > now() + interval '0.5 s'")
-        return r[0][0] if r else None
-    total = wait_until(settled, timeout=3 * PERIOD_S, interval=0.02, what="a settled lease")
-    logged = sum(x.log(WORKER).count('"msg":"health round: ') for x in (s, other_host))
-    assert logged == total, (logged, total)
-
-
 # ---- who sees what ------------------------------------------------------------------------
 
 def test_user_sees_only_own(stack, health_standin):
@@ -420,3 +352,77 @@ def test_outside_base_domain_not_probed(strict_stack, health_standin):
     rw = row(s, literal)
     assert rw["health_status"] == "refused: outside base domain"
     assert rw["consecutive_failures"] == 1
+
+
+# ---- the periodic round, in the worker ------------------------------------------------------
+
+PERIOD_S = 2
+
+
+@pytest.fixture(scope="module")
+def periodic(pg, prov):
+    """Two hosts' worth of workers on one database, two worker processes each, with
+    a 2 s health interval; no check-instance-health anywhere, so every probe is the
+    worker's own round."""
+    env = stack_env(prov, HEALTH_INTERVAL_S=str(PERIOD_S), HEALTH_FAILURE_THRESHOLD="2",
+                    MR_LIFECYCLE_WORKERS="2", **PROBE_ENV)
+    with mr.Stack(pg, env=env, functions=[WORKER]) as s:
+        with mr.Stack(pg, env=env, functions=[WORKER], db=s.db) as other_host:
+            yield s, other_host
+
+
+def test_the_worker_probes_by_itself_and_redeploys_at_the_threshold(periodic, health_standin, prov):
+    s, _ = periodic
+    acct = make_account(s)
+    good = make_instance(s, acct, health_standin.url("p-good", "ok"))
+    bad = make_instance(s, acct, health_standin.url("p-bad", "500"))
+    app = row(s, bad)["dokku_app_name"]
+
+    rw = wait_until(lambda: (lambda x: x if x["last_health_check"] else None)(row(s, good)),
+                    timeout=3 * PERIOD_S + 5, what="the worker's round")
+    assert rw["health_status"] == "healthy" and rw["consecutive_failures"] == 0
+
+    # Two rounds at least an interval apart count twice: failed, and the worker
+    # redeploys it once.
+    wait_until(lambda: went_failed(s, bad), timeout=4 * PERIOD_S + 5, what="marked failed")
+    rw = wait_until(lambda: (lambda x: x if x["status"] == "running" and not x["claimed_by"] else None)(
+        row(s, bad)), timeout=5, what="redeployed")
+    assert len(creates_for(prov, app)) == 1
+    assert rw["consecutive_failures"] == 0
+    # The redeployed app's URL is the provisioner stand-in's (no such host): point it
+    # back at a healthy endpoint before two more rounds would fail it again.
+    s.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s",
+          health_standin.url("p-bad", "ok"), bad)
+    assert health_standin.hits("p-bad") >= 2
+
+
+def test_the_round_runs_once_per_interval_across_workers_and_hosts(periodic, health_standin):
+    s, other_host = periodic
+    assert len(s.workers(WORKER)) == 2 and len(other_host.workers(WORKER)) == 2
+    make_instance(s, make_account(s), health_standin.url("p-once", "ok"))
+    wait_until(lambda: health_standin.hits("p-once"), timeout=3 * PERIOD_S + 5, what="first probe")
+
+    def runs():
+        return s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'health'")[0][0]
+
+    window = 5 * PERIOD_S
+    runs0, hits0 = runs(), health_standin.hits("p-once")
+    time.sleep(window)
+    rounds, probes = runs() - runs0, health_standin.hits("p-once") - hits0
+    print("\nhealth rounds in %d s with a %d s interval and 4 worker processes: %d (%d probes)"
+          % (window, PERIOD_S, rounds, probes))
+    # Four processes each ask every second; the lease lets one round through per
+    # interval (plus one whose start fell at the window's edge).
+    assert 2 <= rounds <= window // PERIOD_S + 1, rounds
+    assert abs(probes - rounds) <= 1, (probes, rounds)
+
+    # Every run the lease let through ran exactly once, in one process: the workers'
+    # logs hold one "health round:" line per run. Read while no round is in flight
+    # and none can start for a while.
+    def settled():
+        r = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'health' "
+                  "AND last_finished_at >= last_started_at AND until > now() + interval '0.5 s'")
+        return r[0][0] if r else None
+    total = wait_until(settled, timeout=3 * PERIOD_S, interval=0.02, what="a settled lease")
+    logged = sum(x.log(WORKER).count('"msg":"health round: ') for x in (s, other_host))
+    assert logged == total, (logged, total)
