@@ -116,8 +116,11 @@ def main():
         with HealthStandin() as h:
             # One worker process, stopped while the calls are timed so that no round of
             # its own overlaps them; worker_rounds() starts it with a short interval.
+            # The hanging instances are never marked failed (the threshold is out of
+            # reach): every round probes the same N.
             env = {"MINDROOM_BASE_DOMAIN": "mindroom.test", "HEALTH_ALLOW_LOOPBACK": "1",
                    "HEALTH_TIMEOUT_MS": str(a.timeout_ms), "HEALTH_INTERVAL_S": "86400",
+                   "HEALTH_FAILURE_THRESHOLD": "1000",
                    "HEALTH_CONCURRENCY": str(a.concurrency), "MR_LIFECYCLE_WORKERS": "1",
                    "MR_LOG_LEVEL": "warn"}
             with mr.Stack(pg, env=env, functions=["check-instance-health", WORKER], workers=1) as s:
