@@ -8,7 +8,6 @@ during the outage while the worker retries with backoff; once the provisioner is
 back every instance ends running with its URLs, with nobody calling anything, and
 each app was created exactly once."""
 import json
-import threading
 import time
 
 import pytest

@@ -194,8 +194,8 @@ def test_threshold_marks_failed_and_the_worker_redeploys_once(stack, health_stan
                        "AND details->>'instance_id' = %s AND details->>'to' = 'failed'", iid)[0][0]
     assert reason["from"] == "running", reason
 
-    # Nobody calls anything: the commit that marked it failed woke the worker, which
-    # redeploys it (the worker's poll is a minute long, so this was the wake-up).
+    # Nobody calls anything: the commit that marked it failed wakes the worker, which
+    # redeploys it.
     rw = wait_until(lambda: (lambda x: x if x["status"] == "running" and not x["claimed_by"] else None)(
         row(stack, iid)), timeout=5, what="redeployed by the worker")
     assert len(creates_for(prov, app)) == 1
