@@ -139,13 +139,14 @@ bench_runtime() {
   return 0
 }
 
-# check-instance-health: N running instances on the loopback health stand-in, 10 %
-# hanging; one whole call (select, concurrent probes, record, sweep) timed. Runs
-# its own stack (the probes need HEALTH_ALLOW_LOOPBACK=1); the bar: 1,000
+# A health round (select, concurrent probes, record) over N running instances on
+# the loopback health stand-in, 10 % hanging: timed as an operator's call to
+# check-instance-health through nginx and as the lifecycle worker's periodic round.
+# Runs its own stack (the probes need HEALTH_ALLOW_LOOPBACK=1); the bar: 1,000
 # instances within the probe deadline + 1 s. Knob: BENCH_HEALTH_ARGS (see
 # scripts/bench/health_bench.py --help), e.g. "--sizes 1000 --concurrency 1024".
 bench_health() {
-  echo "== health: probe round + sweep, 10 % of instances hanging"
+  echo "== health: one probe round (call and worker), 10 % of instances hanging"
   # shellcheck disable=SC2086
   MR_BUILD=$MR_BUILD "$PY" scripts/bench/health_bench.py ${BENCH_HEALTH_ARGS:-}
 }

@@ -1,11 +1,16 @@
 """Drill 1: PostgreSQL crashes and comes back during a burst of a few thousand
-signed webhook deliveries, with duplicates and reordering.
+signed webhook deliveries, with duplicates and reordering, while the lifecycle
+worker provisions, updates, stops and destroys the instances those events ask for.
 
 Asserted: every 2xx answer corresponds to a committed effect (its event row is
 there); every other answer is a well-formed 503 that Stripe would retry; after
 redelivering what was not accepted, each subscription's row equals what its
 last Stripe event says, with no event lost, none applied twice, and at most one
-instance per subscription owing what the final status owes."""
+instance per subscription owing what the final status owes. The worker's
+processes survive both outages, reconnect (their LISTEN connections too) and
+finish every instance's owed work by themselves: each app as the last event says
+(running with the last plan's memory, stopped, or gone), created once, one welcome
+email at most; and afterwards a commit still wakes a worker at once."""
 import collections
 import random
 import subprocess
@@ -17,17 +22,27 @@ import pytest
 import mr
 from drill_helpers import (ENTITLED, OWED, Customer, assert_well_formed, burst, deliveries,
                            redeliver_until_accepted)
+from lifecycle_helpers import LIMITS, WORKER, new_subscription, stack_env, wait_until
+from resend import ResendStandin
 
 CUSTOMERS = 650        # x 4-5 events, +30% duplicates: about 4,000 deliveries
 SEED = 8
+CONVERGE_S = 180
+WAKE_S = 2.0           # a commit to a running instance, with the worker's poll a minute
 
 
 @pytest.fixture(scope="module")
-def stack(pg):
-    # Only the webhook: the owed instance work is left in the rows (FUNCTIONS_URL
-    # empty), which is what this drill checks.
-    env = {"FUNCTIONS_URL": "", "MR_WORKERS": "4"}
-    with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"]) as s:
+def resend():
+    with ResendStandin() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def stack(pg, prov, resend):
+    # FAST_ENV (stack_env): 1.5 s provisioner calls, 4 s leases, backoff from 1 s, a
+    # poll of a minute (so a quick wake-up is a notification, not a poll).
+    env = stack_env(prov, resend, MR_WORKERS="4")
+    with mr.Stack(pg, env=env, functions=["handle-stripe-webhook", WORKER]) as s:
         yield s
 
 
@@ -39,7 +54,8 @@ def pg_ctl(pg, cmd):
         raise RuntimeError("pg.sh %s: %s\n%s" % (cmd, p.stdout, "\n".join(log)))
 
 
-def test_postgres_crash_mid_burst_loses_and_doubles_nothing(stack, pg):
+def test_postgres_crash_mid_burst_loses_and_doubles_nothing(stack, pg, prov, resend):
+    workers = stack.workers(WORKER)
     rng = random.Random(SEED)
     t0 = int(time.time()) - 100000
     customers = [Customer(stack, rng, t0 + i * 20) for i in range(CUSTOMERS)]
@@ -113,11 +129,31 @@ def test_postgres_crash_mid_burst_loses_and_doubles_nothing(stack, pg):
         "extract(epoch FROM current_period_end)::bigint, last_event_id, account_id::text "
         "FROM public.subscriptions WHERE stripe_subscription_id IS NOT NULL")}
     assert len(subs) == CUSTOMERS
+    # The worker finishes every instance's owed work after the outages, by itself.
+    t_conv = time.monotonic()
+    wait_until(lambda: stack.sql(
+        "SELECT count(*) FROM public.instances WHERE owed_action IS NOT NULL "
+        "OR claimed_by IS NOT NULL")[0][0] == 0, timeout=CONVERGE_S, interval=0.5,
+        what="every instance's owed work done")
+    converged = time.monotonic() - t_conv
+    log = stack.log(WORKER)
+    claim_errors = log.count('"msg":"claim: ')
+    listen_errors = log.count('"msg":"LISTEN ')
+    reconnects = log.count('"msg":"database connection lost; reconnecting"')
+    print("drill db-restart: worker settled every instance %.1fs after the last redelivery; "
+          "%d claims refused and %d LISTEN attempts failed while the database was away, "
+          "%d reconnections; %d apps created, %d welcome emails" % (
+              converged, claim_errors, listen_errors, reconnects, prov.creates, len(resend.delivered)))
+    # Same processes: they reconnected rather than died and were replaced.
+    assert stack.workers(WORKER) == workers, (workers, stack.workers(WORKER))
+    assert claim_errors + listen_errors + reconnects > 0, "the worker never noticed the outages"
+
     inst = collections.defaultdict(list)
-    for sub, status, desired in stack.sql(
-            "SELECT s.stripe_subscription_id, i.status::text, i.desired_status::text "
-            "FROM public.instances i JOIN public.subscriptions s ON s.id = i.subscription_id"):
-        inst[sub].append((status, desired))
+    for sub, iid, status, desired, app in stack.sql(
+            "SELECT s.stripe_subscription_id, i.id::text, i.status::text, i.desired_status::text, "
+            "i.dokku_app_name FROM public.instances i "
+            "JOIN public.subscriptions s ON s.id = i.subscription_id"):
+        inst[sub].append((status, desired, app, iid))
     wrong = []
     for c in customers:
         status, tier, period_end, last_id, account = subs[c.sub]
@@ -130,8 +166,51 @@ def test_postgres_crash_mid_burst_loses_and_doubles_nothing(stack, pg):
         # final one is stale and creates nothing).
         if len(rows_i) > 1:
             wrong.append((c.sub, "instances", rows_i))
-        elif last["status"] in ENTITLED and (len(rows_i) != 1 or rows_i[0][1] != "running"):
+            continue
+        if last["status"] in ENTITLED and (len(rows_i) != 1 or rows_i[0][1] != "running"):
             wrong.append((c.sub, "owed running", rows_i))
-        elif rows_i and rows_i[0][1] != OWED[last["status"]]:
+            continue
+        if not rows_i:
+            continue
+        st, desired, app, _ = rows_i[0]
+        if desired != OWED[last["status"]]:
             wrong.append((c.sub, "owed %s" % OWED[last["status"]], rows_i))
+            continue
+        # What the provisioner holds is what the last event says.
+        have = prov.apps.get(app)
+        if desired == "running":
+            if st != "running" or not have or have["state"] != "running" \
+                    or have["memory_mb"] != LIMITS[last["tier"]][0]:
+                wrong.append((c.sub, "app running with the %s plan" % last["tier"], st, have))
+        elif desired == "stopped":
+            # Stopped, or never deployed before it had to stop (nothing to stop).
+            if (have and have["state"] != "stopped") or st not in ("stopped", "provisioning") \
+                    or (st == "stopped") != bool(have):
+                wrong.append((c.sub, "app stopped", st, have))
+        elif st != "deprovisioned" or have:
+            wrong.append((c.sub, "app destroyed", st, have))
     assert not wrong, "%d subscriptions differ from Stripe's last event: %r" % (len(wrong), wrong[:5])
+
+    # Each app created once (a retry or an update finds it there), one email each.
+    created = {c.json["app"] for c in prov.create_calls() if c.json}
+    assert prov.creates == len(created), (prov.creates, len(created))
+    keys = [r.headers.get("Idempotency-Key") for r in resend.delivered]
+    assert len(keys) == len(set(keys)), collections.Counter(keys).most_common(3)
+
+    # And the LISTEN connections are back: a commit that makes work owed wakes a
+    # worker at once, three times running (the poll is a minute; a periodic job's
+    # turn comes at most every 15 s, so three quick wake-ups are notifications).
+    waits = []
+    for _ in range(3):
+        sid = new_subscription(stack, "starter")
+        t0 = time.monotonic()
+        stack.sql("INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain, "
+                  "status, desired_status) SELECT %s, n.dokku_app_name, n.subdomain, "
+                  "'provisioning', 'running' FROM public.instance_names(%s) n", sid, sid)
+        wait_until(lambda: stack.sql("SELECT status = 'running' FROM public.instances "
+                                     "WHERE subscription_id = %s", sid)[0][0],
+                   timeout=WAKE_S + 10, interval=0.02, what="a woken worker")
+        waits.append(time.monotonic() - t0)
+    print("drill db-restart: after the outages a new instance ran %s s after its commit" %
+          ", ".join("%.2f" % w for w in waits))
+    assert max(waits) < WAKE_S, waits

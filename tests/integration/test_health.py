@@ -1,43 +1,56 @@
-"""check-instance-health through real nginx and PostgreSQL, against the health
-stand-in (tests/standins/health.py) and the provisioner stand-in.
+"""Health checks through real nginx and PostgreSQL, against the health stand-in
+(tests/standins/health.py) and the provisioner stand-in.
 
-What a user or operator would notice: the rows' health columns, the failure
-threshold turning an instance into a redeploy, tenants seeing only their own
-instances, a backend outside the base domain never contacted, and a stuck
-provisioning finished exactly once however many sweeps run at once.
+check-instance-health only probes and records; the lifecycle worker
+(mindroom-lifecycle) runs the periodic round and does the redeploy the failure
+threshold makes owed. What a user or operator would notice: the rows' health
+columns, the threshold turning an instance into a redeploy that the worker carries
+out once with nobody asking, a tenant's own probes never moving an instance toward
+a redeploy, failures counted at most once per HEALTH_INTERVAL_S however often an
+operator probes, the periodic round run once per interval across every worker
+process and host, tenants seeing only their own instances, and a backend outside
+the base domain never contacted.
 """
-import os
-import threading
 import time
 import uuid
 
 import pytest
 
 import mr
+from lifecycle_helpers import WORKER, stack_env, wait_until
 
 TIMEOUT_MS = 1000
+THRESHOLD = 3
+PROBE_ENV = {"MINDROOM_BASE_DOMAIN": "mindroom.test", "HEALTH_ALLOW_LOOPBACK": "1",
+             "HEALTH_TIMEOUT_MS": str(TIMEOUT_MS)}
 
 
 @pytest.fixture(scope="module")
 def stack(pg, prov):
-    env = {
-        "MINDROOM_BASE_DOMAIN": "mindroom.test",
-        "HEALTH_ALLOW_LOOPBACK": "1",
-        "HEALTH_TIMEOUT_MS": str(TIMEOUT_MS),
-        "HEALTH_FAILURE_THRESHOLD": "3",
-        "DOKKU_PROVISIONER_URL": prov.url,
-        "DOKKU_PROVISIONER_TOKEN": prov.token,
-    }
-    with mr.Stack(pg, env=env) as s:
+    """check-instance-health and the worker. HEALTH_INTERVAL_S is mr.Stack's day:
+    the worker's own round ran once at start-up (on no instances) and does not run
+    again here, so every probe in these tests is one a test asked for."""
+    env = stack_env(prov, HEALTH_FAILURE_THRESHOLD=str(THRESHOLD), **PROBE_ENV)
+    with mr.Stack(pg, env=env, functions=["check-instance-health", WORKER]) as s:
         yield s
 
 
 @pytest.fixture(autouse=True)
 def clean(request):
-    """Each test starts with no instances (they would be probed and swept)."""
-    if "stack" in request.fixturenames:
-        request.getfixturevalue("stack").sql("DELETE FROM public.instances")
+    """Each test starts with no instances (they would be probed too), and leaves
+    none behind in a stack whose worker probes by itself."""
+    stacks = []
+    for name in ("stack", "interval_stack", "periodic"):
+        if name in request.fixturenames:
+            s = request.getfixturevalue(name)
+            stacks.append(s[0] if isinstance(s, tuple) else s)
+    for s in stacks:
+        s.sql("DELETE FROM public.instances")
+    if "prov" in request.fixturenames:
+        request.getfixturevalue("prov").reset()
     yield
+    for s in stacks:
+        s.sql("DELETE FROM public.instances")
 
 
 def make_account(s, email=None):
@@ -47,24 +60,26 @@ def make_account(s, email=None):
     return uid
 
 
-def make_instance(s, account, backend_url, status="running", sub_status="active"):
+def make_instance(s, account, backend_url, status="running"):
     """A subscription of `account` and its instance, as a finished deploy leaves
-    them (config applied, welcome email sent: nothing owed unless status says so)."""
+    them: configuration applied, welcome email sent, desired status what it is.
+    Nothing is owed, so the worker has nothing to do with it unless a test makes
+    it so. One INSERT: a row owing work even for a moment would wake the worker."""
     sid = str(uuid.uuid4())
     s.sql("INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) "
-          "VALUES (%s, %s, 'price_starter', 'starter', %s)", sid, account, sub_status)
-    iid = s.sql(
-        "INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain, status, backend_url) "
-        "SELECT %s, n.dokku_app_name, n.subdomain, %s, %s FROM public.instance_names(%s) n "
-        "RETURNING id::text", sid, status, backend_url, sid)[0][0]
-    s.sql("UPDATE public.instances i SET applied_config_hash = public.lifecycle_config_hash(i), "
-          "welcome_email_sent_at = now() WHERE id = %s", iid)
-    return iid
+          "VALUES (%s, %s, 'price_starter', 'starter', 'active')", sid, account)
+    return s.sql(
+        "INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain, status, "
+        "desired_status, backend_url, applied_config_version, welcome_email_sent_at) "
+        "SELECT %s, n.dokku_app_name, n.subdomain, %s, %s, %s, 1, now() "
+        "FROM public.instance_names(%s) n RETURNING id::text",
+        sid, status, status, backend_url, sid)[0][0]
 
 
 def row(s, iid):
     cols = ("status", "health_status", "error_message", "consecutive_failures",
-            "last_health_check", "next_attempt_at", "last_error", "backend_url")
+            "last_health_check", "next_attempt_at", "last_error", "backend_url",
+            "dokku_app_name", "claimed_by", "owed_action")
     r = s.sql("SELECT %s FROM public.instances WHERE id = %%s" % ", ".join(cols), iid)[0]
     return dict(zip(cols, r))
 
@@ -78,6 +93,24 @@ def by_id(resp):
     return {r["instance_id"]: r for r in resp.json["results"]}
 
 
+def an_interval_passes(s, iid):
+    """As if HEALTH_INTERVAL_S had passed since the instance's last counted failure
+    (the module's interval is a day: moving the record back beats waiting)."""
+    s.sql("UPDATE public.instances SET health_counted_at = health_counted_at - interval '1 day' "
+          "WHERE id = %s", iid)
+
+
+def creates_for(prov, app):
+    return [c for c in prov.create_calls() if c.json and c.json.get("app") == app]
+
+
+def went_failed(s, iid):
+    return s.sql("SELECT count(*) FROM public.audit_logs WHERE action = 'instance.status_changed' "
+                 "AND details->>'instance_id' = %s AND details->>'to' = 'failed'", iid)[0][0]
+
+
+# ---- probing and recording ---------------------------------------------------------------
+
 def test_outcomes_recorded(stack, health_standin):
     acct = make_account(stack)
     ok = make_instance(stack, acct, health_standin.url("ok1", "ok"))
@@ -90,13 +123,13 @@ def test_outcomes_recorded(stack, health_standin):
     health_standin.reset()
 
     t0 = time.monotonic()
-    r = check(stack, "?sweep=0")
+    r = check(stack)
     took = time.monotonic() - t0
     assert r.status == 200, r
     assert r.headers.get("Content-Type", "").startswith("application/json")
     j = r.json
     assert (j["checked"], j["healthy"], j["unhealthy"], j["unreachable"]) == (6, 1, 3, 2), j
-    assert j["sweep"] is None
+    assert j["counted"] is True and "sweep" not in j
     res = by_id(r)
     assert stopped not in res
     assert res[ok]["status"] == "healthy" and res[ok]["http_status"] == 200 and res[ok]["error"] is None
@@ -132,46 +165,116 @@ def test_outcomes_recorded(stack, health_standin):
 
     # A healthy answer later resets the count.
     health_standin.set_mode("bad1", "ok")
-    r = check(stack, "?sweep=0&instance_id=" + bad)
+    r = check(stack, "?instance_id=" + bad)
     assert r.status == 200 and r.json["checked"] == 1, r
     assert row(stack, bad)["consecutive_failures"] == 0
     assert row(stack, bad)["health_status"] == "healthy"
 
 
-def test_threshold_fails_and_sweep_redeploys(stack, health_standin, prov):
+# ---- counting toward a redeploy ------------------------------------------------------------
+
+def test_threshold_marks_failed_and_the_worker_redeploys_once(stack, health_standin, prov):
     acct = make_account(stack)
     iid = make_instance(stack, acct, health_standin.url("flaky", "500"))
-    app = stack.sql("SELECT dokku_app_name FROM public.instances WHERE id = %s", iid)[0][0]
-    for n in (1, 2):
-        r = check(stack, "?sweep=0")
+    app = row(stack, iid)["dokku_app_name"]
+    for n in range(1, THRESHOLD):
+        r = check(stack)
         assert r.status == 200, r
         assert by_id(r)[iid]["marked_failed"] is False
+        assert by_id(r)[iid]["consecutive_failures"] == n
         assert row(stack, iid)["status"] == "running"
-        assert row(stack, iid)["consecutive_failures"] == n
-    r = check(stack, "?sweep=0")
-    assert by_id(r)[iid]["marked_failed"] is True and r.json["marked_failed"] == 1
-    rw = row(stack, iid)
-    assert rw["status"] == "failed"
-    assert rw["last_error"].startswith("health: unhealthy: HTTP 500")
-    assert prov.create_calls() == [] or all(
-        c.json.get("app") != app for c in prov.create_calls())
+        an_interval_passes(stack, iid)
+    assert creates_for(prov, app) == []
 
-    # The sweep (on by default) asks provision-instance, which redeploys it.
     r = check(stack)
-    assert r.status == 200, r
-    sweep = r.json["sweep"]
-    items = [i for i in sweep["items"] if i["instance_id"] == iid]
-    assert items and items[0]["action"] == "create" and items[0]["function"] == "provision-instance"
-    assert items[0]["http_status"] == 202, sweep
-    deadline = time.monotonic() + 20
-    while row(stack, iid)["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    rw = row(stack, iid)
-    assert rw["status"] == "running", rw
-    assert rw["consecutive_failures"] == 0
-    assert [c.json["app"] for c in prov.create_calls()].count(app) == 1
-    assert rw["backend_url"] == "https://api.%s.mindroom.test" % app.replace("mindroom-", "m")
+    assert by_id(r)[iid]["marked_failed"] is True and r.json["marked_failed"] == 1
+    assert by_id(r)[iid]["consecutive_failures"] == THRESHOLD
+    assert went_failed(stack, iid) == 1
+    reason = stack.sql("SELECT details FROM public.audit_logs WHERE action = 'instance.status_changed' "
+                       "AND details->>'instance_id' = %s AND details->>'to' = 'failed'", iid)[0][0]
+    assert reason["from"] == "running", reason
 
+    # Nobody calls anything: the commit that marked it failed wakes the worker, which
+    # redeploys it.
+    rw = wait_until(lambda: (lambda x: x if x["status"] == "running" and not x["claimed_by"] else None)(
+        row(stack, iid)), timeout=5, what="redeployed by the worker")
+    assert len(creates_for(prov, app)) == 1
+    assert rw["consecutive_failures"] == 0 and rw["last_error"] is None and rw["owed_action"] is None
+    assert rw["backend_url"] == "https://api.%s.mindroom.test" % app.replace("mindroom-", "m")
+    assert "instance %s: create succeeded" % iid in stack.log(WORKER)
+    time.sleep(0.5)                                      # and no second redeploy follows
+    assert len(creates_for(prov, app)) == 1 and went_failed(stack, iid) == 1
+
+
+def test_a_tenants_probes_are_recorded_but_never_count(stack, health_standin, prov):
+    alice = make_account(stack)
+    iid = make_instance(stack, alice, health_standin.url("tenant-probe", "500"))
+    app = row(stack, iid)["dokku_app_name"]
+    token = stack.jwt(role="authenticated", sub=alice)
+    # Twice the threshold in a row, each one a probe a counting caller would have
+    # counted (nothing was counted before, so no interval holds it back).
+    for _ in range(2 * THRESHOLD):
+        r = check(stack, token=token)
+        assert r.status == 200 and r.json["counted"] is False, r
+        res = by_id(r)[iid]
+        assert res["status"] == "unhealthy: HTTP 500"
+        assert res["consecutive_failures"] == 0 and res["marked_failed"] is False
+    rw = row(stack, iid)
+    assert rw["status"] == "running" and rw["consecutive_failures"] == 0
+    assert rw["health_status"] == "unhealthy: HTTP 500" and rw["last_health_check"] is not None
+    assert health_standin.hits("tenant-probe") == 2 * THRESHOLD
+    time.sleep(0.5)
+    assert creates_for(prov, app) == [] and went_failed(stack, iid) == 0
+
+    # An operator's probe counts.
+    r = check(stack)
+    assert r.json["counted"] is True and by_id(r)[iid]["consecutive_failures"] == 1
+    # A tenant's healthy probe is recorded, but cannot reset the count either.
+    health_standin.set_mode("tenant-probe", "ok")
+    r = check(stack, token=token)
+    assert by_id(r)[iid]["status"] == "healthy" and by_id(r)[iid]["consecutive_failures"] == 1
+    assert row(stack, iid)["health_status"] == "healthy"
+    assert row(stack, iid)["consecutive_failures"] == 1
+    r = check(stack)
+    assert by_id(r)[iid]["consecutive_failures"] == 0
+
+
+INTERVAL_S = 3
+
+
+@pytest.fixture(scope="module")
+def interval_stack(pg):
+    """check-instance-health alone (no worker, so no periodic round) with a short
+    HEALTH_INTERVAL_S, to see the once-per-interval rule in real time."""
+    env = dict(PROBE_ENV, HEALTH_INTERVAL_S=str(INTERVAL_S), HEALTH_FAILURE_THRESHOLD="5")
+    with mr.Stack(pg, env=env, functions=["check-instance-health"]) as s:
+        yield s
+
+
+def test_an_operators_failures_count_once_per_interval(interval_stack, health_standin):
+    s = interval_stack
+    iid = make_instance(s, make_account(s), health_standin.url("once", "500"))
+    t0 = time.monotonic()
+    for _ in range(4):
+        r = check(s)
+        assert r.status == 200 and r.json["counted"] is True, r
+        assert by_id(r)[iid]["consecutive_failures"] == 1
+    # (The rule's premise: those four probes fell inside one interval.)
+    assert time.monotonic() - t0 < INTERVAL_S
+    assert health_standin.hits("once") == 4
+
+    # One interval after the counted failure (the database's clock), a probe counts.
+    wait_until(lambda: s.sql("SELECT now() - health_counted_at >= make_interval(secs => %s) "
+                             "FROM public.instances WHERE id = %s", INTERVAL_S, iid)[0][0],
+               timeout=INTERVAL_S + 5, interval=0.1, what="one interval")
+    r = check(s)
+    assert by_id(r)[iid]["consecutive_failures"] == 2
+    r = check(s)
+    assert by_id(r)[iid]["consecutive_failures"] == 2
+    assert row(s, iid)["status"] == "running"
+
+
+# ---- who sees what ------------------------------------------------------------------------
 
 def test_user_sees_only_own(stack, health_standin):
     alice, bob = make_account(stack), make_account(stack)
@@ -184,7 +287,6 @@ def test_user_sees_only_own(stack, health_standin):
     r = check(stack, token=token)
     assert r.status == 200, r
     assert set(by_id(r)) == {a1, a2}
-    assert r.json["sweep"] is None  # tenants never sweep
     assert health_standin.hits("bob1") == 0
     assert row(stack, b1)["last_health_check"] is None
     assert row(stack, a2)["health_status"] == "unhealthy: HTTP 500"
@@ -201,8 +303,8 @@ def test_user_sees_only_own(stack, health_standin):
 
 def test_bad_requests(stack):
     assert check(stack, "?instance_id=nope").status == 400
-    assert check(stack, "?sweep=maybe").status == 400
     assert check(stack, method="POST", json={"instance_id": 5}).status == 400
+    assert check(stack, method="POST", json={"instance_id": ""}).status == 400
     r = stack.call("POST", "check-instance-health", body="[1,2]", token=stack.jwt(),
                    headers={"Content-Type": "application/json"})
     assert r.status == 400, r
@@ -212,50 +314,8 @@ def test_bad_requests(stack):
     assert check(stack, "?instance_id=" + str(uuid.uuid4())).status == 404
     acct = make_account(stack)
     stopped = make_instance(stack, acct, "http://127.0.0.1:9/x", status="stopped")
-    assert check(stack, "?instance_id=" + stopped).status == 409
-
-
-def test_stuck_provisioning_finished_once_by_two_sweeps(stack, prov):
-    acct = make_account(stack)
-    iid = make_instance(stack, acct, None, status="provisioning")
-    # A worker claimed it and died: the lease ran out long ago.
-    stack.sql("UPDATE public.instances SET applied_config_hash = NULL, "
-              "claimed_by = 'dead-worker', claim_action = 'create', "
-              "claim_expires_at = now() - interval '5 minutes' WHERE id = %s", iid)
-    app = stack.sql("SELECT dokku_app_name FROM public.instances WHERE id = %s", iid)[0][0]
-    prov.behave(("slow", 1.5))  # both sweeps overlap with the deploy
-    try:
-        results = [None, None]
-        go = threading.Barrier(2)
-
-        def sweep(k):
-            go.wait()
-            results[k] = check(stack)
-
-        ts = [threading.Thread(target=sweep, args=(k,)) for k in (0, 1)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
-        for r in results:
-            assert r is not None and r.status == 200, r
-        asked = [i for r in results for i in r.json["sweep"]["items"] if i["instance_id"] == iid]
-        assert asked, [r.json["sweep"] for r in results]
-        # Both may be told 202 (one claimed it, the other found the live lease).
-        assert all(i["http_status"] in (200, 202) for i in asked), asked
-        deadline = time.monotonic() + 20
-        while row(stack, iid)["status"] != "running" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert row(stack, iid)["status"] == "running"
-        # One deploy: one provisioning -> running transition.
-        assert stack.sql("SELECT count(*) FROM public.audit_logs WHERE action = 'instance.status_changed' "
-                         "AND details->>'instance_id' = %s AND details->>'to' = 'running'", iid)[0][0] == 1
-        # A third sweep now finds nothing owed for it.
-        r = check(stack)
-        assert not [i for i in r.json["sweep"]["items"] if i["instance_id"] == iid]
-    finally:
-        prov.behave("ok")
-    assert [c.json["app"] for c in prov.create_calls()].count(app) == 1
+    r = check(stack, "?instance_id=" + stopped)
+    assert r.status == 409 and r.json["error"]["code"] == "not_running", r
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +338,7 @@ def test_outside_base_domain_not_probed(strict_stack, health_standin):
     metadata = make_instance(s, acct, "http://169.254.169.254/latest")
     scheme = make_instance(s, acct, "file:///etc/passwd")
     health_standin.reset()
-    r = s.call("GET", "check-instance-health?sweep=0", token=s.jwt())
+    r = s.call("GET", "check-instance-health", token=s.jwt())
     assert r.status == 200, r
     res = by_id(r)
     assert res[literal]["status"] == "refused: outside base domain"
@@ -294,49 +354,75 @@ def test_outside_base_domain_not_probed(strict_stack, health_standin):
     assert rw["consecutive_failures"] == 1
 
 
-def test_sweep_reprocesses_deferred_stripe_event(stack, prov):
-    """A subscription event for a customer not linked yet is stored deferred; once
-    the account is linked, the sweep reprocesses it and, in the same run, asks
-    provision-instance for the instance it made owed."""
-    import json as jsonlib
-    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-    with open(os.path.join(fixtures, "stripe_subscription_created_basil.json")) as f:
-        e = jsonlib.load(f)
-    cust, sub = "cus_" + uuid.uuid4().hex[:14], "sub_" + uuid.uuid4().hex[:14]
-    e["id"], e["type"] = "evt_" + uuid.uuid4().hex[:14], "customer.subscription.created"
-    o = e["data"]["object"]
-    o["id"], o["customer"], o["status"], o["metadata"] = sub, cust, "active", {}
-    for item in o["items"]["data"]:
-        item["price"]["id"] = "price_starter"
-        item["subscription"] = sub
-        if "plan" in item:
-            item["plan"]["id"] = "price_starter"
-    body = jsonlib.dumps(e, separators=(",", ":")).encode()
-    r = stack.call("POST", "handle-stripe-webhook", body=body, headers=stack.stripe_headers(body))
-    assert r.status >= 500, r   # unknown account: deferred, Stripe should retry
-    assert stack.sql("SELECT status FROM public.stripe_events WHERE id = %s", e["id"])[0][0] == "deferred"
+# ---- the periodic round, in the worker ------------------------------------------------------
 
-    # Not due yet (backoff): the sweep leaves it.
-    r = check(stack)
-    assert r.json["sweep"]["stripe_events"]["reprocessed"] == 0, r.json["sweep"]
+PERIOD_S = 2
 
-    acct = make_account(stack)
-    stack.sql("UPDATE public.accounts SET stripe_customer_id = %s WHERE id = %s", cust, acct)
-    # Two hours pass (the updated_at trigger would stamp now(): bypass it).
-    stack.sql("SET session_replication_role = replica; "
-              "UPDATE public.stripe_events SET updated_at = now() - interval '2 hours' WHERE id = %s; "
-              "RESET session_replication_role", e["id"])
-    r = check(stack)
-    assert r.status == 200, r
-    ev = r.json["sweep"]["stripe_events"]
-    assert ev["reprocessed"] == 1 and ev["failed"] == 0, ev
-    assert stack.sql("SELECT status FROM public.stripe_events WHERE id = %s", e["id"])[0][0] == "processed"
-    iid, app = stack.sql(
-        "SELECT i.id::text, i.dokku_app_name FROM public.instances i "
-        "JOIN public.subscriptions s ON s.id = i.subscription_id WHERE s.stripe_subscription_id = %s", sub)[0]
-    assert [i["instance_id"] for i in r.json["sweep"]["items"]] == [iid], r.json["sweep"]
-    deadline = time.monotonic() + 20
-    while row(stack, iid)["status"] != "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert row(stack, iid)["status"] == "running"
-    assert [c.json["app"] for c in prov.create_calls()].count(app) == 1
+
+@pytest.fixture(scope="module")
+def periodic(pg, prov):
+    """Two hosts' worth of workers on one database, two worker processes each, with
+    a 2 s health interval; no check-instance-health anywhere, so every probe is the
+    worker's own round."""
+    env = stack_env(prov, HEALTH_INTERVAL_S=str(PERIOD_S), HEALTH_FAILURE_THRESHOLD="2",
+                    MR_LIFECYCLE_WORKERS="2", **PROBE_ENV)
+    with mr.Stack(pg, env=env, functions=[WORKER]) as s:
+        with mr.Stack(pg, env=env, functions=[WORKER], db=s.db) as other_host:
+            yield s, other_host
+
+
+def test_the_worker_probes_by_itself_and_redeploys_at_the_threshold(periodic, health_standin, prov):
+    s, _ = periodic
+    acct = make_account(s)
+    good = make_instance(s, acct, health_standin.url("p-good", "ok"))
+    bad = make_instance(s, acct, health_standin.url("p-bad", "500"))
+    app = row(s, bad)["dokku_app_name"]
+
+    rw = wait_until(lambda: (lambda x: x if x["last_health_check"] else None)(row(s, good)),
+                    timeout=3 * PERIOD_S + 5, what="the worker's round")
+    assert rw["health_status"] == "healthy" and rw["consecutive_failures"] == 0
+
+    # Two rounds at least an interval apart count twice: failed, and the worker
+    # redeploys it once.
+    wait_until(lambda: went_failed(s, bad), timeout=4 * PERIOD_S + 5, what="marked failed")
+    rw = wait_until(lambda: (lambda x: x if x["status"] == "running" and not x["claimed_by"] else None)(
+        row(s, bad)), timeout=5, what="redeployed")
+    assert len(creates_for(prov, app)) == 1
+    assert rw["consecutive_failures"] == 0
+    # The redeployed app's URL is the provisioner stand-in's (no such host): point it
+    # back at a healthy endpoint before two more rounds would fail it again.
+    s.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s",
+          health_standin.url("p-bad", "ok"), bad)
+    assert health_standin.hits("p-bad") >= 2
+
+
+def test_the_round_runs_once_per_interval_across_workers_and_hosts(periodic, health_standin):
+    s, other_host = periodic
+    assert len(s.workers(WORKER)) == 2 and len(other_host.workers(WORKER)) == 2
+    make_instance(s, make_account(s), health_standin.url("p-once", "ok"))
+    wait_until(lambda: health_standin.hits("p-once"), timeout=3 * PERIOD_S + 5, what="first probe")
+
+    def runs():
+        return s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'health'")[0][0]
+
+    window = 5 * PERIOD_S
+    runs0, hits0 = runs(), health_standin.hits("p-once")
+    time.sleep(window)
+    rounds, probes = runs() - runs0, health_standin.hits("p-once") - hits0
+    print("\nhealth rounds in %d s with a %d s interval and 4 worker processes: %d (%d probes)"
+          % (window, PERIOD_S, rounds, probes))
+    # Four processes each ask every second; the lease lets one round through per
+    # interval (plus one whose start fell at the window's edge).
+    assert 2 <= rounds <= window // PERIOD_S + 1, rounds
+    assert abs(probes - rounds) <= 1, (probes, rounds)
+
+    # Every run the lease let through ran exactly once, in one process: the workers'
+    # logs hold one "health round:" line per run. Read while no round is in flight
+    # and none can start for a while.
+    def settled():
+        r = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'health' "
+                  "AND last_finished_at >= last_started_at AND until > now() + interval '0.5 s'")
+        return r[0][0] if r else None
+    total = wait_until(settled, timeout=3 * PERIOD_S, interval=0.02, what="a settled lease")
+    logged = sum(x.log(WORKER).count('"msg":"health round: ') for x in (s, other_host))
+    assert logged == total, (logged, total)

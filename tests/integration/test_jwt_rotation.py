@@ -17,7 +17,7 @@ def token(secret):
 
 
 def status(s, secret):
-    return s.call("GET", FN + "?sweep=0", token=token(secret)).status
+    return s.call("GET", FN, token=token(secret)).status
 
 
 def test_rotation_steps_each_accept_what_they_should(pg):

@@ -19,11 +19,12 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import FAST_ENV, PRICES, instance, new_account, wait_until
+from lifecycle_helpers import (FAST_ENV, PRICES, WORKER, instance, new_account, new_subscription,
+                               wait_until)
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "stuck")
+            "failed-events", "stuck", "concurrency")
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +34,19 @@ def stack(pg, prov, resend):
                MINDROOM_BASE_DOMAIN="mindroom.test", HEALTH_ALLOW_LOOPBACK="1",
                HEALTH_TIMEOUT_MS="1000")
     funcs = ["handle-stripe-webhook", "provision-instance", "deprovision-instance",
-             "check-instance-health"]
+             "check-instance-health", WORKER]
     with mr.Stack(pg, env=env, functions=funcs) as s:
         yield s
 
 
 @pytest.fixture
 def envfile(stack, tmp_path):
-    """An operator's .env for this stack: the functions' own values."""
+    """An operator's .env for this stack: the functions' own values, and where
+    nginx serves them."""
     f = tmp_path / "ops.env"
-    keys = ("SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "FUNCTIONS_URL", "DATABASE_URL")
-    f.write_text("".join("%s='%s'\n" % (k, stack.env[k]) for k in keys))
+    keys = ("SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "DATABASE_URL")
+    f.write_text("".join("%s='%s'\n" % (k, stack.env[k]) for k in keys) +
+                 "FUNCTIONS_URL='%s/functions/v1'\n" % stack.base_url)
     return f
 
 
@@ -125,7 +128,7 @@ def test_help_lists_every_command_and_each_has_its_own():
 
 def test_token_is_accepted_by_the_stack_and_carries_the_claims(stack, envfile):
     tok = ok(ctl("--env", envfile, "token")).strip()
-    r = stack.call("GET", "check-instance-health?sweep=0", token=tok)
+    r = stack.call("GET", "check-instance-health", token=tok)
     assert r.status == 200, r
     uid = str(uuid.uuid4())
     tok = ok(ctl("--env", envfile, "token", "--role", "authenticated", "--sub", uid, "--exp", "60")).strip()
@@ -150,11 +153,11 @@ def test_environment_wins_over_env_file_which_wins_over_stack_secrets(stack, env
     assert hmac.compare_digest(b64d(s), hmac.new(b"s" * 40, (h + "." + p).encode(), hashlib.sha256).digest())
     # .env overrides them: the stack accepts the token.
     tok = ok(ctl("--env", envfile, "token", stack_dir=run)).strip()
-    assert stack.call("GET", "check-instance-health?sweep=0", token=tok).status == 200
+    assert stack.call("GET", "check-instance-health", token=tok).status == 200
     # An exported variable overrides .env: the stack refuses the token.
     tok = ok(ctl("--env", envfile, "token", stack_dir=run,
                  env={"SUPABASE_JWT_SECRET": "e" * 40})).strip()
-    assert stack.call("GET", "check-instance-health?sweep=0", token=tok).status == 401
+    assert stack.call("GET", "check-instance-health", token=tok).status == 401
 
 
 # ---- replay, status, provision, deprovision, health ---------------------------------
@@ -205,14 +208,19 @@ def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, e
     key = "ctl" + uuid.uuid4().hex[:8]
     stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", health_standin.url(key), inst["id"])
     health_standin.set_mode(key, "500")
-    out = json.loads(ok(ctl("--env", envfile, "health", inst["id"], "--no-sweep")))
-    assert health_standin.hits(key) >= 1
-    (status,) = stack.sql("SELECT health_status FROM public.instances WHERE id = %s", inst["id"])[0]
+    out = json.loads(ok(ctl("--env", envfile, "health", inst["id"])))
+    assert health_standin.hits(key) == 1
+    (status, failures) = stack.sql("SELECT health_status, consecutive_failures FROM public.instances "
+                                   "WHERE id = %s", inst["id"])[0]
     assert status and status.startswith("unhealthy"), (status, out)
-    assert inst["id"] in json.dumps(out)
+    assert inst["id"] in json.dumps(out) and out["counted"] is True
+    assert failures == 1                                  # an operator's probe counts
     health_standin.set_mode(key, "ok")
     ok(ctl("--env", envfile, "health", inst["id"]))
-    assert stack.sql("SELECT health_status FROM public.instances WHERE id = %s", inst["id"]) == [("healthy",)]
+    assert stack.sql("SELECT health_status, consecutive_failures FROM public.instances WHERE id = %s",
+                     inst["id"]) == [("healthy", 0)]
+    # Probing is all it does: the sweep and its switch are gone.
+    fails(ctl("--env", envfile, "health", "--no-sweep"), 2, "health: unknown option --no-sweep")
 
 
 # ---- failed-events and stuck ----------------------------------------------------------
@@ -237,27 +245,100 @@ def test_failed_events_lists_unknown_price_and_deferred_account(stack, envfile, 
     fails(ctl("--env", envfile, "failed-events", "--limit", "x"), 2, "--limit takes a number")
 
 
-def test_stuck_lists_a_failed_instance_with_its_error(stack, prov, envfile, tmp_path):
+def stuck_line(envfile, iid):
+    """The line of `mindroomctl stuck` naming instance iid, or None; and the whole output."""
+    out = ok(ctl("--env", envfile, "stuck"))
+    return next((l for l in out.splitlines() if iid in l), None), out
+
+
+def test_stuck_lists_failing_held_and_long_owed_work_until_it_is_done(stack, prov, envfile, tmp_path):
+    # A resume the provisioner keeps failing: listed with its error while the worker
+    # retries it by itself, gone once the provisioner is back and the worker is done.
     _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
     ok(ctl("--env", envfile, "deprovision", "--subscription", sid, "--mode", "stop", "--wait"))
-    prov.next("fail")
-    ctl("--env", envfile, "provision", sid, "--wait")
-    wait_until(lambda: instance(stack, sid)["status"] == "failed", timeout=10, what="failed")
-    out = ok(ctl("--env", envfile, "stuck"))
-    line = next(l for l in out.splitlines() if inst["id"] in l)
-    assert "failed" in line and "500" in line, line
-    # Owed work whose claim expired long ago (its worker died): listed too. The
-    # update goes around the triggers so that updated_at can lie in the past.
+    # And owed work a dead worker's lease has held for ten minutes. The update goes
+    # around the triggers so that the row can say how long it has been owed.
     _, _, sid2, inst2 = customer_running(stack, prov, envfile, tmp_path)
-    stack.sql("DO $$ BEGIN SET LOCAL session_replication_role = replica; "
-              "UPDATE public.instances SET status = 'provisioning', claimed_by = 'dead-worker', "
-              "claim_expires_at = now() - interval '9 minutes', "
-              "updated_at = now() - interval '10 minutes' WHERE id = '%s'; END $$" % inst2["id"])
-    assert inst2["id"] in ok(ctl("--env", envfile, "stuck"))
-    # The sweep (mindroomctl health) finishes it; then it is no longer listed.
-    ok(ctl("--env", envfile, "health"))
-    wait_until(lambda: instance(stack, sid2)["status"] == "running", timeout=10, what="swept")
-    assert inst2["id"] not in ok(ctl("--env", envfile, "stuck"))
+    stack.sql("SET session_replication_role = replica; "
+              "UPDATE public.instances SET status = 'provisioning', owed_action = 'create', "
+              "owed_since = now() - interval '10 minutes', owed_due_at = now() + interval '9 minutes', "
+              "claimed_by = 'dead-worker', claim_action = 'create', "
+              "claim_expires_at = now() + interval '9 minutes' WHERE id = %s; "
+              "RESET session_replication_role", inst2["id"])
+    prov.behave("fail")
+    try:
+        assert json.loads(ok(ctl("--env", envfile, "provision", sid)))["instance"]["owed_action"] == "start"
+        wait_until(lambda: (instance(stack, sid)["last_error"] or "").find("500") >= 0,
+                   timeout=10, what="a failed resume")
+        line, out = stuck_line(envfile, inst["id"])
+        assert line and "500" in line and (" create " in line or " start " in line), out
+        long_owed, _ = stuck_line(envfile, inst2["id"])
+        assert long_owed and " create " in long_owed and " busy " in long_owed, out
+        assert "00:10:" in long_owed, long_owed                # owed for ten minutes
+        # Longest owed first.
+        assert out.index(inst2["id"]) < out.index(inst["id"]), out
+    finally:
+        prov.behave("ok")
+    wait_until(lambda: (lambda i: i["status"] == "running" and not i["claimed_by"])(instance(stack, sid)),
+               timeout=15, what="the worker's retry")
+    assert stuck_line(envfile, inst["id"])[0] is None
+    # The dead worker's lease runs out: the work is due, a worker is woken and does it.
+    stack.sql("UPDATE public.instances SET claim_expires_at = now() - interval '1 second' "
+              "WHERE id = %s", inst2["id"])
+    wait_until(lambda: (lambda i: i["status"] == "running" and not i["claimed_by"])(instance(stack, sid2)),
+               timeout=10, what="the expired lease's work")
+    assert stuck_line(envfile, inst2["id"])[0] is None
+
+
+def test_stuck_lists_a_step_held_for_an_operator_until_asked_again(stack, prov, envfile):
+    sid = new_subscription(stack, "starter")
+    prov.next("reject")
+    fails(ctl("--env", envfile, "provision", sid, "--wait"), 1, "provision-instance answered HTTP 502")
+    iid = str(instance(stack, sid)["id"])
+    line, out = stuck_line(envfile, iid)
+    assert line and " failed " in line and " held " in line and "rejected: " in line, out
+    # Nobody retries it blindly; an operator's request does, at once.
+    time.sleep(1.5)
+    assert " held " in stuck_line(envfile, iid)[0]
+    assert len([c for c in prov.create_calls() if c.json["app"] == instance(stack, sid)["dokku_app_name"]]) == 1
+    ok(ctl("--env", envfile, "provision", sid, "--wait"))
+    assert instance(stack, sid)["status"] == "running"
+    assert stuck_line(envfile, iid)[0] is None
+
+
+def concurrency(envfile, *args):
+    """max_in_flight and in_flight as `mindroomctl concurrency` prints them."""
+    out = ok(ctl("--env", envfile, "concurrency", *args))
+    line = next(l for l in out.splitlines() if l.strip().startswith("global"))
+    fields = [f.strip() for f in line.split("|")]
+    return int(fields[1]), int(fields[2])
+
+
+def test_concurrency_shows_sets_and_a_raised_limit_is_used_at_once(stack, prov, envfile):
+    assert concurrency(envfile)[0] == 8
+    try:
+        # 0: nothing new is claimed; the request is recorded and stays owed.
+        assert concurrency(envfile, "0") == (0, 0)
+        assert stack.sql("SELECT max_in_flight FROM public.lifecycle_limits "
+                         "WHERE scope = 'global'") == [(0,)]
+        sid = new_subscription(stack, "starter")
+        r = json.loads(ok(ctl("--env", envfile, "provision", sid)))
+        assert r["instance"]["owed_action"] == "create"
+        time.sleep(1.0)
+        i = instance(stack, sid)
+        assert i["status"] == "provisioning" and i["claimed_by"] is None
+        assert not [c for c in prov.create_calls() if c.json["app"] == i["dokku_app_name"]]
+        # Raised: the workers are woken at once (they would otherwise look again at
+        # their next periodic job's turn, up to 15 s later).
+        t0 = time.monotonic()
+        assert concurrency(envfile, "3")[0] == 3
+        wait_until(lambda: instance(stack, sid)["status"] == "running", timeout=10, what="claimed")
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        stack.sql("UPDATE public.lifecycle_limits SET max_in_flight = 8 WHERE scope = 'global'")
+    for bad in ("-1", "10001", "x", "1.5"):
+        fails(ctl("--env", envfile, "concurrency", bad), 2, "concurrency:")
+    fails(ctl("--env", envfile, "concurrency", "1", "2"), 2, "one N only")
 
 
 # ---- errors an operator meets ---------------------------------------------------------
@@ -278,6 +359,17 @@ def test_unreachable_stack_is_explained(envfile):
     fails(p, 1, "cannot reach the stack at http://127.0.0.1:%d" % closed)
 
 
+def test_a_function_that_is_down_is_told_from_one_that_answered(stack, envfile):
+    # The provisioner's refusal (the function's own 502) was checked above; here
+    # nginx answers 502 because nothing listens on the function's socket.
+    stack.stop_function("deprovision-instance")
+    try:
+        fails(ctl("--env", envfile, "deprovision", "--instance", str(uuid.uuid4())), 1,
+              "nginx answered 502: the deprovision-instance function is not running")
+    finally:
+        stack.start_function("deprovision-instance")
+
+
 def test_database_down_or_wrong_is_explained(envfile, stack):
     p = ctl("--env", envfile, "status", env={"DATABASE_URL": "host=127.0.0.1 port=%d dbname=x" % mr.free_port()})
     fails(p, 1, "cannot query the database")
@@ -296,7 +388,7 @@ def test_wrong_ids_are_explained(stack, envfile):
     fails(ctl("--env", envfile, "health", nobody), 1, "no such instance: " + nobody)
     fails(ctl("--env", envfile, "replay", "/nonexistent.json"), 2, "no such file")
     # A secret that is not the stack's: the 401 says which setting to look at.
-    p = ctl("--env", envfile, "health", "--no-sweep", env={"SUPABASE_JWT_SECRET": "x" * 40})
+    p = ctl("--env", envfile, "health", env={"SUPABASE_JWT_SECRET": "x" * 40})
     fails(p, 1, "401", "SUPABASE_JWT_SECRET")
 
 
@@ -343,7 +435,7 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
                 return cur.fetchall() if cur.description else []
 
         ok(c("token"))
-        out = json.loads(ok(c("health", "--no-sweep")))
+        out = json.loads(ok(c("health")))
         assert "checked" in out
         uid = str(uuid.uuid4())
         q("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
@@ -363,6 +455,7 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         ok(c("health"))
         ok(c("failed-events"))
         ok(c("stuck"))
+        assert "global" in ok(c("concurrency"))
         fails(c("provision", str(uuid.uuid4())), 1, "no such subscription")
     finally:
         if p is not None:

@@ -1,0 +1,164 @@
+"""What the lifecycle worker (mindroom-lifecycle) does with nobody asking, through
+real nginx and PostgreSQL and the provisioner stand-in: the Stripe sweep (events
+stored deferred are retried after their backoff and given up on after
+STRIPE_DEFER_MAX_HOURS), run once per interval across worker processes, and a
+failed step retried no sooner than its backoff. (The health round is in
+test_health.py; claims, leases, rejected steps and the welcome email in
+test_lifecycle.py.)"""
+import json
+import os
+import time
+import uuid
+
+import pytest
+
+import mr
+from lifecycle_helpers import (WORKER, instance, new_account, new_subscription, provision,
+                               stack_env, wait_status, wait_until)
+
+SWEEP_S = 1
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+
+
+@pytest.fixture(scope="module")
+def stack(pg, prov):
+    """The webhook, provision-instance and the worker, with the Stripe sweep every
+    second and STRIPE_DEFER_MAX_HOURS left at its default (72)."""
+    env = stack_env(prov, SWEEP_INTERVAL_S=str(SWEEP_S), MR_LIFECYCLE_WORKERS="2")
+    with mr.Stack(pg, env=env,
+                  functions=["handle-stripe-webhook", "provision-instance", WORKER]) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _fresh(stack, prov):
+    stack.sql("DELETE FROM public.instances")
+    prov.reset()
+    yield
+    prov.release()
+
+
+def sweep_runs(s):
+    r = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'stripe-sweep'")
+    return r[0][0] if r else 0
+
+
+def wait_sweeps(s, n):
+    """Until the sweep has started n more runs and the last of them has finished."""
+    want = sweep_runs(s) + n
+    wait_until(lambda: s.sql("SELECT runs >= %s AND last_finished_at >= last_started_at "
+                             "FROM public.scheduled_jobs WHERE name = 'stripe-sweep'", want)[0][0],
+               timeout=n * SWEEP_S + 10, what="%d sweep runs" % n)
+
+
+def event_status(s, eid):
+    return s.sql("SELECT status, error, attempts FROM public.stripe_events WHERE id = %s", eid)[0]
+
+
+def deferred_signup(s):
+    """A customer.subscription.created for a customer no account is linked to yet:
+    the webhook stores it deferred and answers 503 (Stripe would retry).
+    Returns (event id, customer id, subscription id)."""
+    with open(os.path.join(FIXTURES, "stripe_subscription_created_basil.json")) as f:
+        e = json.load(f)
+    cust, sub = "cus_" + uuid.uuid4().hex[:14], "sub_" + uuid.uuid4().hex[:14]
+    e["id"], e["type"] = "evt_" + uuid.uuid4().hex[:14], "customer.subscription.created"
+    o = e["data"]["object"]
+    o["id"], o["customer"], o["status"], o["metadata"] = sub, cust, "active", {}
+    for item in o["items"]["data"]:
+        item["price"]["id"] = "price_starter"
+        item["subscription"] = sub
+        if "plan" in item:
+            item["plan"]["id"] = "price_starter"
+    body = json.dumps(e, separators=(",", ":")).encode()
+    r = s.call("POST", "handle-stripe-webhook", body=body, headers=s.stripe_headers(body))
+    assert r.status == 503, r
+    assert event_status(s, e["id"])[0] == "deferred"
+    return e["id"], cust, sub
+
+
+def backdate(s, eid, received_h, touched_h):
+    """As if the event had arrived received_h hours ago and was last tried touched_h
+    hours ago (updated_at is stamped by a trigger: bypassed)."""
+    s.sql("SET session_replication_role = replica; "
+          "UPDATE public.stripe_events SET received_at = now() - make_interval(hours => %s), "
+          "updated_at = now() - make_interval(hours => %s) WHERE id = %s; "
+          "RESET session_replication_role", received_h, touched_h, eid)
+
+
+def test_the_sweep_retries_a_deferred_event_after_its_backoff(stack, prov):
+    eid, cust, sub = deferred_signup(stack)
+    acct = new_account(stack)[0]
+    stack.sql("UPDATE public.accounts SET stripe_customer_id = %s WHERE id = %s", cust, acct)
+
+    # Within its backoff (30 s x 2^attempts) the sweep leaves it, however often it runs.
+    wait_sweeps(stack, 2)
+    assert event_status(stack, eid)[0] == "deferred"
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                     sub)[0][0] == 0
+
+    # Two hours later it is due: the worker's sweep applies it, and the instance that
+    # makes owed is provisioned by the worker too. Nobody calls anything.
+    backdate(stack, eid, 2, 2)
+    wait_until(lambda: event_status(stack, eid)[0] == "processed", timeout=SWEEP_S + 10,
+               what="reprocessed by the sweep")
+    sid = stack.sql("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                    sub)[0][0]
+    assert stack.sql("SELECT account_id::text FROM public.subscriptions WHERE id = %s", sid)[0][0] == acct
+    inst = wait_status(stack, sid, "running", timeout=5)
+    assert [c.json["app"] for c in prov.create_calls()] == [inst["dokku_app_name"]]
+    assert "stripe event %s: retried: processed" % eid in stack.log(WORKER)
+
+
+def test_an_event_deferred_past_the_limit_is_marked_failed_with_its_reason(stack, prov):
+    old, _, old_sub = deferred_signup(stack)
+    young, _, _ = deferred_signup(stack)
+    # Neither account will ever be linked. One arrived 73 h ago, the other 71 h ago;
+    # both were last tried long enough ago to be due.
+    backdate(stack, old, 73, 2)
+    backdate(stack, young, 71, 2)
+    wait_until(lambda: event_status(stack, old)[0] == "failed", timeout=SWEEP_S + 10,
+               what="given up on")
+    status, error, _ = event_status(stack, old)
+    assert error == "deferred for more than 72 h: unknown account: no account has this customer " \
+                    "and no account id was given", error
+    log = stack.log(WORKER)
+    assert "stripe event %s: deferred for more than 72 h; marked failed" % old in log
+    assert '"level":"error"' in next(l for l in log.splitlines() if old in l and "marked failed" in l)
+
+    # The younger one is retried instead (still no account: deferred again, one
+    # more attempt), not given up on.
+    wait_until(lambda: event_status(stack, young)[2] == 2, timeout=SWEEP_S + 10, what="retried")
+    assert event_status(stack, young)[0] == "deferred"
+    # A failed event is final: later sweeps leave it, Stripe's redelivery is a
+    # duplicate, and it created nothing.
+    wait_sweeps(stack, 2)
+    assert event_status(stack, old)[:2] == (status, error)
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                     old_sub)[0][0] == 0
+    assert prov.requests == []
+
+
+def test_the_sweep_runs_once_per_interval_across_worker_processes(stack):
+    assert len(stack.workers(WORKER)) == 2
+    window = 6 * SWEEP_S
+    before = sweep_runs(stack)
+    time.sleep(window)
+    runs = sweep_runs(stack) - before
+    # Each process asks every second; the lease lets one run through per interval
+    # (plus one whose start fell at the window's edge).
+    assert 2 <= runs <= window // SWEEP_S + 1, runs
+
+
+def test_a_failed_step_is_retried_no_sooner_than_its_backoff(stack, prov):
+    sid = new_subscription(stack, "starter")
+    prov.next("fail", "fail")
+    assert provision(stack, sid).status == 202
+    inst = wait_status(stack, sid, "running", timeout=10)
+    calls = [c for c in prov.create_calls() if c.json["app"] == inst["dokku_app_name"]]
+    assert len(calls) == 3, calls
+    # MR_PROVISION_BACKOFF_BASE_S=1: the retries wait 1 s, then 2 s, each counted
+    # from the failure (which follows its call's start).
+    gaps = [b.time - a.time for a, b in zip(calls, calls[1:])]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
+    assert instance(stack, sid)["attempts"] == 0
