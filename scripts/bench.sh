@@ -152,7 +152,7 @@ bench_health() {
 }
 
 # handle-stripe-webhook. Runs on its own stack (scripts/bench/webhook_bench.py:
-# fsync on, FUNCTIONS_URL unset so no provisioning follows, webhook and noop with
+# fsync on, the webhook and noop alone (the lifecycle section runs the rest), with
 # BENCH_WEBHOOK_WORKERS workers): pgbench of the same SQL as the ceiling, then wrk
 # with pre-signed unique new-subscription events, duplicates (with the workers' memory
 # of settled events, then without it), the noop function, and new events paced at half of the measured peak. Writes build/bench/webhook.json.

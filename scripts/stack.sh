@@ -64,7 +64,6 @@ load_config() {
   PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
   PG_PORT=${MR_PG_PORT:-54322}
   SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
-  FUNCTIONS_URL=${FUNCTIONS_URL:-http://$API_LISTEN/functions/v1}
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
   # No dokku on this machine: the provisioner prints the commands it would run.
   if [ -z "${DOKKU_MODE:-}" ]; then

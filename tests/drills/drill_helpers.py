@@ -19,7 +19,7 @@ STRIPE_STATUS = {  # Stripe's status -> subscription_status (DESIGN.md)
 ENTITLED = {"trialing", "active", "past_due"}
 # What the instance owes once a subscription's last event is in (desired_status).
 OWED = {"trialing": "running", "active": "running", "past_due": "running",
-        "unpaid": "stopped", "paused": "stopped", "incomplete_expired": "stopped",
+        "unpaid": "stopped", "paused": "stopped", "incomplete_expired": "deprovisioned",
         "cancelled": "deprovisioned"}
 
 

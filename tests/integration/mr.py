@@ -251,7 +251,7 @@ class Stack:
     provisioner_port (nginx), provisioner_url, base_url, db (database name),
     procs (name -> Popen of each running function's master), functions (names
     started). Extra env given to the constructor wins over the defaults; a
-    value of None removes a default (e.g. {"FUNCTIONS_URL": None}).
+    value of None removes a default (e.g. {"DOKKU_PROVISIONER_TOKEN": None}).
     functions= limits which of FUNCTIONS start (default: every one built);
     extra_functions= names more binaries from the build (e.g. "noop", the
     runtime's test function) served at /functions/v1/<name> too;
@@ -312,7 +312,6 @@ class Stack:
             "SUPABASE_URL": self.base_url,
             "SUPABASE_JWT_SECRET": secrets.token_urlsafe(40),
             "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(24),
-            "FUNCTIONS_URL": self.base_url + "/functions/v1",
             "DOKKU_PROVISIONER_URL": self.provisioner_url,
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
             "MR_WORKERS": str(self._workers),
