@@ -6,6 +6,7 @@ secret and MINDROOM_INTERNAL_SECRET, in SUPABASE_AUTH_MODE jwks and both.
 The JWKS stacks run one worker, so the JWKS fetches the stand-in counts are one
 process's (each worker keeps its own cache)."""
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 import mr
 from jwks import JwksStandin
 from test_health import make_account, make_instance
+from test_supabase_cli import CLI_SH, copy_project
 
 HEALTH = "check-instance-health"
 PROVISION = "provision-instance"
@@ -201,6 +203,41 @@ def test_claims_that_do_not_hold_are_401(stack, auth, keys, case, message):
     else:
         token = es.sign(claims)
     error(health(stack, token), 401, "unauthorized", message)
+
+
+def test_a_session_signed_by_supabases_own_code_is_accepted(stack, auth, keys, tmp_path):
+    """The pinned Supabase CLI makes the signing key and signs the token (the Go code
+    a local `supabase start` Auth signs with), following docs/auth.md's steps on a
+    copy of this project; only its public half reaches the functions, via the JWKS."""
+    sb = subprocess.run([CLI_SH], capture_output=True, text=True, timeout=600)
+    assert sb.returncode == 0, sb.stderr
+    env = dict(os.environ, HOME=str(tmp_path), SUPABASE_TELEMETRY_DISABLED="1", DO_NOT_TRACK="1",
+               MINDROOM_SITE_URL="http://127.0.0.1:3000", MINDROOM_REDIRECT_URLS="http://127.0.0.1:3000/cb")
+
+    def supabase(*args):
+        p = subprocess.run([sb.stdout.strip().splitlines()[-1], *args], cwd=tmp_path, env=env,
+                           input="\n", capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    cfg = copy_project(str(tmp_path))
+    private = json.loads(supabase("gen", "signing-key", "--algorithm", "ES256"))
+    (tmp_path / "supabase" / "signing_keys.json").write_text(json.dumps([private]))
+    with open(cfg) as f:
+        text = f.read()
+    assert '# signing_keys_path = "./signing_keys.json"' in text
+    with open(cfg, "w") as f:
+        f.write(text.replace('# signing_keys_path', 'signing_keys_path'))
+    user = make_account(stack)
+    token = supabase("gen", "bearer-jwt", "--role", "authenticated", "--sub", user, "--valid-for", "10m",
+                     "--payload", json.dumps({"iss": auth.issuer, "aud": "authenticated"})).strip()
+    public = {k: v for k, v in private.items() if k != "d"}
+    public["key_ops"] = ["verify"]
+    auth.publish(*keys, public)
+    wait_refetch_interval()
+    r = health(stack, token)
+    assert r.status == 200, r
+    assert role_logged(stack, HEALTH, r) == ["authenticated"]
 
 
 # ---- API keys --------------------------------------------------------------------

@@ -99,7 +99,8 @@ class JwksStandin(RecordingServer):
         return k
 
     def publish(self, *keys):
-        """From now on the endpoint serves exactly these keys."""
+        """From now on the endpoint serves exactly these keys (Key objects, or
+        public JWKs as dicts made elsewhere)."""
         with self.lock:
             self.published = list(keys)
 
@@ -121,4 +122,5 @@ class JwksStandin(RecordingServer):
         if rec.method != "GET" or rec.path != JWKS_PATH:
             return 404, {"error": "not found"}
         with self.lock:
-            return 200, {"keys": [k.public_jwk() for k in self.published]}
+            return 200, {"keys": [k if isinstance(k, dict) else k.public_jwk()
+                                  for k in self.published]}
