@@ -42,6 +42,9 @@ FUNCTIONS = (
     "deprovision-instance",
     "check-instance-health",
     "dokku-provisioner",
+    "create-checkout-session",
+    "create-portal-session",
+    "list-plans",
 )
 TEMPLATE_DB = "mindroom_template"
 # Environment variables a function inherits from the test process; everything
