@@ -82,6 +82,11 @@ void mr_stripe_api_config_load(mr_stripe_api_config *cfg)
     cfg->deadline_ms = (long)mr_config_int("STRIPE_DEADLINE_MS", 20000, 1000, 45000);
     cfg->connect_timeout_ms = (long)mr_config_int("STRIPE_CONNECT_TIMEOUT_MS", 3000, 100, 30000);
     cfg->max_retries = (int)mr_config_int("STRIPE_MAX_RETRIES", 2, 0, 5);
+    if (cfg->secret_key)
+        mr_log(MR_LOG_INFO, "Stripe API at %s in %s mode, version " MR_STRIPE_API_VERSION,
+               cfg->base_url, cfg->livemode ? "live" : "test");
+    else
+        mr_log(MR_LOG_WARN, "STRIPE_SECRET_KEY unset: payments answer 503 stripe_not_configured");
 }
 
 /* ---- form encoding -------------------------------------------------------- */

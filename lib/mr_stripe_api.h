@@ -44,8 +44,9 @@ typedef struct {
     int max_retries;          /* STRIPE_MAX_RETRIES: retries of one call */
 } mr_stripe_api_config;
 
-/* Reads the configuration (strings are the environment's own). A malformed
- * value prints "config: ..." (never the key) and exits 2. An unset
+/* Reads the configuration (strings are the environment's own) and logs the
+ * mode it found. A malformed value prints "config: ..." (never the key) and
+ * exits 2. An unset
  * STRIPE_SECRET_KEY is not an error: secret_key is NULL and callers answer
  * 503 stripe_not_configured (mr_stripe_api_reply_not_configured). */
 void mr_stripe_api_config_load(mr_stripe_api_config *cfg);

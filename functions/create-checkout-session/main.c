@@ -46,11 +46,6 @@ static void init(void)
     cfg.promotion_codes = mr_config_bool("STRIPE_ALLOW_PROMOTION_CODES", 0);
 }
 
-static void worker_init(void)
-{
-    if (!stripe.secret_key)
-        mr_log(MR_LOG_WARN, "STRIPE_SECRET_KEY unset: every call is answered 503 stripe_not_configured");
-}
 
 /* The body: exactly one of tier (with an optional interval) and price_id, and
  * nothing else. Fills the three (NULL when absent) or replies 400. */
@@ -226,7 +221,6 @@ int main(int argc, char **argv)
         .methods = "POST",
         .auth = MR_AUTH_USER,
         .init = init,
-        .worker_init = worker_init,
         .handle = handle,
     };
     return mr_app_main(&app, argc, argv);

@@ -22,15 +22,11 @@ static const char *return_url;
 static void init(void)
 {
     mr_stripe_api_config_load(&stripe);
-    if (stripe.secret_key)
-        return_url = mr_config_url("STRIPE_PORTAL_RETURN_URL", NULL);
+    if (!stripe.secret_key)
+        return;
+    return_url = mr_config_url("STRIPE_PORTAL_RETURN_URL", NULL);
 }
 
-static void worker_init(void)
-{
-    if (!stripe.secret_key)
-        mr_log(MR_LOG_WARN, "STRIPE_SECRET_KEY unset: every call is answered 503 stripe_not_configured");
-}
 
 static void handle(mr_req *r)
 {
@@ -94,7 +90,6 @@ int main(int argc, char **argv)
         .methods = "POST",
         .auth = MR_AUTH_USER,
         .init = init,
-        .worker_init = worker_init,
         .handle = handle,
     };
     return mr_app_main(&app, argc, argv);
