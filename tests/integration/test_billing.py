@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -178,6 +179,25 @@ def test_an_answer_lost_on_every_try_is_resumed_by_the_next_call(stack, stripe):
     mine = [c for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
     assert len(mine) == 1 and customer_of(stack, acc) == mine[0]["id"]
     assert attempts(stack, acc)[0][1:] == ("succeeded", key, mine[0]["id"], 2)
+
+
+def test_a_double_click_creates_one_customer_and_one_session(stack, stripe):
+    acc, _, tok = user(stack)
+    stripe.next("hang")              # the first click's customer request is still running...
+    with ThreadPoolExecutor(2) as ex:
+        first = ex.submit(checkout, stack, tok, tier="starter")
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/customers")) == 1)
+        second = ex.submit(checkout, stack, tok, tier="starter")
+        # ... when the second sends the same request with the same key: Stripe's 409.
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/customers")) == 2)
+        stripe.release()
+        a, b = first.result(), second.result()
+    assert a.status == 200 and b.status == 200 and a.json == b.json, (a, b)
+    custs = stripe.recorded("/v1/customers")
+    assert len({c.idempotency_key for c in custs}) == 1
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+    assert [s["id"] for s in stripe.sessions.values() if s["client_reference_id"] == acc] == [a.json["id"]]
 
 
 def test_stripe_down_then_back(stack, stripe):

@@ -37,6 +37,7 @@ import hmac
 import json
 import re
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
@@ -125,6 +126,7 @@ class StripeStandin:
         self._release = threading.Event()
         self._server = None
         self._port = 0
+        self._conns = set()          # open client connections (down() closes them)
 
     # ---- control -----------------------------------------------------------
     def next(self, *behaviours):
@@ -320,6 +322,16 @@ class StripeStandin:
             def log_message(self, *a):
                 pass
 
+            def setup(self):
+                super().setup()
+                with outer.lock:
+                    outer._conns.add(self.connection)
+
+            def finish(self):
+                with outer.lock:
+                    outer._conns.discard(self.connection)
+                super().finish()
+
             def _do(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(n).decode("utf-8", "replace") if n else ""
@@ -367,8 +379,16 @@ class StripeStandin:
             self._server = None
 
     def down(self):
-        """Stripe unreachable: the port refuses connections until up()."""
+        """Stripe unreachable until up(): the port refuses connections, and the ones
+        kept alive from earlier requests are closed."""
         self.stop()
+        with self.lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def up(self):
         self._release = threading.Event()
