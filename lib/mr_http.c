@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -104,11 +105,17 @@ static void send_reply(mr_req *r, int status, const char *body, size_t len,
     if (status < 100 || status > 599)
         status = 500;
     FCGX_Stream *out = r->fcgx->out;
+    /* Answers are private and current by default; a handler whose answer may be
+     * cached (a public catalogue) says so with its own Cache-Control. */
+    const char *cache = "Cache-Control: no-store\r\n";
+    for (size_t i = 0; extra && extra[i]; i++)
+        if (strncasecmp(extra[i], "Cache-Control:", 14) == 0)
+            cache = "";
     char head[512];
     int n = snprintf(head, sizeof(head),
                      "Status: %d %s\r\nContent-Type: application/json\r\n"
-                     "Cache-Control: no-store\r\nX-Request-Id: %s\r\nContent-Length: %zu\r\n",
-                     status, reason(status), r->request_id, len);
+                     "%sX-Request-Id: %s\r\nContent-Length: %zu\r\n",
+                     status, reason(status), cache, r->request_id, len);
     FCGX_PutStr(head, n, out);
     for (size_t i = 0; extra && extra[i]; i++) {
         /* A CR or LF would let a value smuggle in a header or split the response. */

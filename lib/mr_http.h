@@ -90,9 +90,10 @@ typedef struct {
 /* Runs the app; returns the process exit status (0 after a clean SIGTERM drain). */
 int mr_app_main(const mr_app *app, int argc, char **argv);
 
-/* Sends status + JSON body (Content-Type: application/json, X-Request-Id).
- * Takes ownership of body and deletes it. Extra headers may be NULL or a
- * NULL-terminated list of "Name: value" strings. */
+/* Sends status + JSON body (Content-Type: application/json, X-Request-Id,
+ * Cache-Control: no-store). Takes ownership of body and deletes it. Extra
+ * headers may be NULL or a NULL-terminated list of "Name: value" strings; a
+ * Cache-Control among them replaces the default no-store. */
 void mr_reply_json(mr_req *r, int status, cJSON *body);
 void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extra_headers);
 

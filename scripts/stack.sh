@@ -17,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
-FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner)
+FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner
+           create-checkout-session create-portal-session list-plans)
 DAEMONS=(mindroom-lifecycle)
 
 die() { echo "stack: $*" >&2; exit 1; }
