@@ -24,7 +24,7 @@ SUCCESS_URL = "https://app.mindroom.test/billing/done?session_id={CHECKOUT_SESSI
 CANCEL_URL = "https://app.mindroom.test/pricing"
 RETURN_URL = "https://app.mindroom.test/account"
 FUNCS = ["create-checkout-session", "create-portal-session", "list-plans",
-         "handle-stripe-webhook", "provision-instance", "deprovision-instance"]
+         "handle-stripe-webhook", "mindroom-lifecycle"]
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def test_bad_input_is_refused_and_writes_nothing(stack, stripe, body, code, mess
 
 def test_missing_token_anon_key_and_service_role(stack, stripe):
     r = stack.call("POST", "create-checkout-session", json={"tier": "starter"})
-    assert r.status == 401 and error(r) == {"code": "unauthorized", "message": "missing bearer token"}
+    assert r.status == 401 and error(r) == {"code": "unauthorized", "message": "missing credentials: send Authorization: Bearer <token> or apikey"}
     r = checkout(stack, stack.jwt(role="anon"), tier="starter")
     assert r.status == 403 and error(r) == {
         "code": "forbidden", "message": "role anon may not call create-checkout-session"}
