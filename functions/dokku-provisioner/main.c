@@ -95,8 +95,9 @@ static void init(void)
             die("%s must be a number of CPUs in [0.001, 1024]", "PROVISIONER_MAX_CPU");
         c->max_cpu_milli = (int64_t)(v * 1000.0 + 0.5);
     }
-    /* Deadlines nest (lib/mr_deadlines.h): one command <= the whole request <
-     * nginx's read timeout on this listener < the lifecycle worker's call. */
+    /* Deadlines nest (lib/mr_deadlines.h): the whole request (which cuts any
+     * command still running at its end) < nginx's read timeout on this listener <
+     * the lifecycle worker's call. */
     c->command_timeout_ms = mr_config_int("DOKKU_COMMAND_TIMEOUT_MS", MR_DL_DOKKU_COMMAND_MS, 100, 3600000);
     c->deploy_timeout_ms = mr_config_int("DOKKU_DEPLOY_TIMEOUT_MS", MR_DL_DOKKU_DEPLOY_MS, 100, 7200000);
     c->request_timeout_ms = mr_config_int("PROVISIONER_REQUEST_TIMEOUT_MS", MR_DL_PROVISIONER_REQUEST_MS,
@@ -105,9 +106,6 @@ static void init(void)
     c->lock_backoff_ms = mr_config_int("DOKKU_LOCK_BACKOFF_MS", 2000, 1, 600000);
     c->app_lock_wait_ms = mr_config_int("PROVISIONER_APP_LOCK_WAIT_MS", MR_DL_PROVISIONER_APP_LOCK_MS,
                                         0, 3600000);
-    if (c->command_timeout_ms > c->request_timeout_ms || c->deploy_timeout_ms > c->request_timeout_ms)
-        die("%s", "DOKKU_COMMAND_TIMEOUT_MS and DOKKU_DEPLOY_TIMEOUT_MS must not exceed "
-            "PROVISIONER_REQUEST_TIMEOUT_MS");
     if (c->request_timeout_ms >= (int64_t)MR_DL_NGINX_PROVISIONER_S * 1000)
         die("PROVISIONER_REQUEST_TIMEOUT_MS must end before nginx's %d s read timeout on the "
             "provisioner listener", MR_DL_NGINX_PROVISIONER_S);
