@@ -172,8 +172,8 @@ cmd_run() {
   done
   # The lifecycle worker, once the provisioner's listener answers.
   for n in "${DAEMONS[@]}"; do
-    [ -x "$bin/$n" ] || continue
-    spawn "$n" "$bin/$n"
+    [ -x "$BIN/$n" ] || continue
+    spawn "$n" "$BIN/$n"
     started+=("$n")
   done
 
