@@ -110,9 +110,9 @@ static void init(void)
     if (c->tls == PROV_TLS_WILDCARD) {
         prov_buf tar;
         char err[256];
-        if (prov_load_wildcard(mr_config_str("DOKKU_TLS_CERT", NULL),
-                               mr_config_str("DOKKU_TLS_KEY", NULL), c->base_domain, &tar, err,
-                               sizeof err) != MR_OK)
+        const char *cert = mr_config_str("DOKKU_TLS_CERT", NULL);
+        const char *key = mr_config_str("DOKKU_TLS_KEY", NULL);
+        if (prov_load_wildcard(cert, key, c->base_domain, &tar, err, sizeof err) != MR_OK)
             die("DOKKU_TLS=wildcard: %s", err);
         c->tls_tar = tar.data;
         c->tls_tar_len = tar.len;

@@ -326,6 +326,9 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
     if (strcmp(sub, "apps:exists") == 0 || strcmp(sub, "storage:info") == 0 ||
         strcmp(sub, "network:exists") == 0) {
         res->status = exists ? 0 : 1;
+        if (!exists)
+            res->err_len = (size_t)snprintf(res->err, sizeof res->err,
+                                            " !     %s does not exist\n", name);
     } else if (strcmp(sub, "apps:create") == 0 || strcmp(sub, "storage:create") == 0 ||
                strcmp(sub, "network:create") == 0) {
         write = "created";

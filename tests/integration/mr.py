@@ -304,6 +304,7 @@ class Stack:
             "FUNCTIONS_URL": self.base_url + "/functions/v1",
             "DOKKU_PROVISIONER_URL": self.provisioner_url,
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
+            "PROVISIONER_STATE_DIR": str(self.run / "provisioner"),
             "MR_WORKERS": str(self._workers),
             "MR_LOG_LEVEL": "info",
         }
