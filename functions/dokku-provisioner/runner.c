@@ -90,7 +90,7 @@ mr_err prov_check_child_env(const char *names, char *err, size_t errlen)
     for (const char *p = names; p && *p;) {
         const char *comma = strchr(p, ',');
         size_t n = comma ? (size_t)(comma - p) : strlen(p);
-        if (n == 0 || n >= sizeof name)
+        if (n == 0 || n >= sizeof name || (comma && !comma[1]))
             return mr_seterr(err, errlen, MR_EINVAL,
                              "PROVISIONER_CHILD_ENV: names separated by ',', none empty");
         memcpy(name, p, n);
