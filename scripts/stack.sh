@@ -53,6 +53,9 @@ load_config() {
   PG_PORT=${MR_PG_PORT:-54322}
   SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
+  # Per-instance locks and applied-spec hashes: ours alone (the provisioner refuses
+  # a directory another user owns or can write), never a shared /tmp path.
+  PROVISIONER_STATE_DIR=${PROVISIONER_STATE_DIR:-$RUN/provisioner}
   # No dokku on this machine: the provisioner prints the commands it would run.
   if [ -z "${DOKKU_MODE:-}" ]; then
     if command -v dokku >/dev/null; then DOKKU_MODE=local; else DOKKU_MODE=dry-run; fi

@@ -317,6 +317,7 @@ class Stack:
             "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(24),
             "DOKKU_PROVISIONER_URL": self.provisioner_url,
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
+            "PROVISIONER_STATE_DIR": str(self.run / "provisioner"),
             "MR_WORKERS": str(self._workers),
             "MR_LIFECYCLE_WORKERS": "2",
             "HEALTH_INTERVAL_S": "86400",
