@@ -98,7 +98,8 @@ typedef struct {
 typedef struct {
     int present;
     prov_limits lim;
-    const char *server_name;
+    const char *server_name;    /* the request's, else default_server_name */
+    char default_server_name[PROV_HOST_MAX + 1]; /* the homeserver's host (PROVISIONER_MATRIX_HOST) */
     const char *signing_key;
     const char *registration_shared_secret;
     const char *macaroon_secret_key;

@@ -101,6 +101,8 @@ static void create_app(mr_req *r)
         cJSON_AddStringToObject(j, "backend_url", urls[0]);
         cJSON_AddStringToObject(j, "frontend_url", urls[1]);
         cJSON_AddStringToObject(j, "matrix_server_url", urls[2]);
+        if (spec->hs.present)
+            cJSON_AddStringToObject(j, "matrix_server_name", spec->hs.server_name);
         cJSON_AddBoolToObject(j, "created", !o.existed);
         cJSON_AddBoolToObject(j, "deployed", o.deployed);
         cJSON_AddBoolToObject(j, "restarted", o.restarted);

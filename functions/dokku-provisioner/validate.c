@@ -173,10 +173,14 @@ static mr_err parse_homeserver(const cJSON *hs, const prov_config *cfg, prov_hs_
     if (e != MR_OK) return e;
     if ((e = parse_limits(hs, "homeserver.", cfg, &out->lim, err, errlen)) != MR_OK) return e;
 
-    if (mr_json_str(hs, "server_name", &out->server_name) != MR_OK ||
-        !prov_valid_host(out->server_name))
+    /* Optional: the homeserver's host by default. Synapse cannot change it later,
+     * so the control plane records the one the answer names and sends it back. */
+    mr_err se = mr_json_str(hs, "server_name", &out->server_name);
+    if (se == MR_ENOTFOUND)
+        out->server_name = out->default_server_name;
+    else if (se != MR_OK || !prov_valid_host(out->server_name))
         return mr_seterr(err, errlen, MR_EINVAL,
-                         "homeserver.\"server_name\" is required: a lowercase DNS name");
+                         "homeserver.\"server_name\" must be a lowercase DNS name");
 
     /* The secrets' values are never echoed, whatever is wrong with them. */
     unsigned char seed[MR_HS_SEED_LEN];
@@ -266,6 +270,7 @@ mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
     }
 
     const cJSON *hs = cJSON_GetObjectItemCaseSensitive(root, "homeserver");
+    snprintf(spec->hs.default_server_name, sizeof spec->hs.default_server_name, "%s", host);
     if (hs && !cJSON_IsNull(hs) && (e = parse_homeserver(hs, cfg, &spec->hs, err, errlen)) != MR_OK)
         return e;
     return MR_OK;
