@@ -12,6 +12,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include <curl/curl.h>
 
 static void die(const char *msg)
 {
@@ -68,6 +69,48 @@ const char *mr_config_secret(const char *name, const char *def, size_t min_len)
     }
     char msg[256];
     if (mr_config_check_secret(name, v, min_len, msg, sizeof(msg)) != MR_OK)
+        die(msg);
+    return v;
+}
+
+#define MAX_URL 2048
+
+mr_err mr_config_check_url(const char *name, const char *value, char *err, size_t errlen)
+{
+    if (!value || !*value)
+        return mr_seterr(err, errlen, MR_EINVAL, "%s is required but not set", name);
+    size_t n = strlen(value);
+    if (n > MAX_URL)
+        return mr_seterr(err, errlen, MR_EINVAL, "%s is longer than %d characters", name, MAX_URL);
+    for (size_t i = 0; i < n; i++)
+        if (isspace((unsigned char)value[i]) || iscntrl((unsigned char)value[i]))
+            return mr_seterr(err, errlen, MR_EINVAL, "%s contains whitespace or control characters",
+                             name);
+    /* libcurl's parser, the one that will send to it, decides what a URL is. */
+    CURLU *u = curl_url();
+    char *scheme = NULL, *host = NULL;
+    mr_err e = MR_OK;
+    if (!u)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    if (curl_url_set(u, CURLUPART_URL, value, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !*host)
+        e = mr_seterr(err, errlen, MR_EINVAL, "%s is not an absolute URL", name);
+    else if (strcmp(scheme, "https") != 0 && strcmp(scheme, "http") != 0)
+        e = mr_seterr(err, errlen, MR_EINVAL, "%s must be an http:// or https:// URL", name);
+    curl_free(scheme);
+    curl_free(host);
+    curl_url_cleanup(u);
+    return e;
+}
+
+const char *mr_config_url(const char *name, const char *def)
+{
+    const char *v = env(name);
+    if (!v && def)
+        return def;
+    char msg[256];
+    if (mr_config_check_url(name, v, msg, sizeof(msg)) != MR_OK)
         die(msg);
     return v;
 }

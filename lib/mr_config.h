@@ -21,6 +21,11 @@ const char *mr_config_secret(const char *name, const char *def, size_t min_len);
 /* Integer in [min, max]; unset -> def; malformed or out of range -> exit(2). */
 int64_t mr_config_int(const char *name, int64_t def, int64_t min, int64_t max);
 
+/* An absolute http:// or https:// URL with a host, at most 2048 characters, no
+ * whitespace or control characters; unset -> def (NULL: required). Exits 2
+ * otherwise. The pointer is the environment's own (or def). */
+const char *mr_config_url(const char *name, const char *def);
+
 /* "1/true/yes/on" or "0/false/no/off"; unset -> def; anything else -> exit(2). */
 int mr_config_bool(const char *name, int def);
 
@@ -32,6 +37,7 @@ mr_err mr_config_parse_int(const char *name, const char *value, int64_t def,
                            char *err, size_t errlen);
 mr_err mr_config_parse_bool(const char *name, const char *value, int def,
                             int *out, char *err, size_t errlen);
+mr_err mr_config_check_url(const char *name, const char *value, char *err, size_t errlen);
 mr_err mr_config_check_secret(const char *name, const char *value, size_t min_len,
                               char *err, size_t errlen);
 

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -30,11 +31,11 @@
 #include <curl/curl.h>
 #include <libpq-fe.h>
 
+#include "mr_auth.h"
 #include "mr_config.h"
 #include "mr_db.h"
 #include "mr_httpc.h"
 #include "mr_json.h"
-#include "mr_jwt.h"
 #include "mr_log.h"
 #include "mr_proc.h"
 
@@ -44,9 +45,7 @@
 /* Process-wide settings, fixed in the parent before fork. */
 static const mr_app *g_app;
 static size_t g_max_body = MR_DEFAULT_MAX_BODY;
-static const char *g_jwt_secret;
-static const char *g_jwt_previous; /* SUPABASE_JWT_SECRET_PREVIOUS, or NULL */
-static long g_jwt_leeway;
+static mr_auth *g_auth; /* MR_AUTH_SERVICE/USER: settings and, per worker, the JWKS cache */
 static char g_prefix[160]; /* "/functions/v1/<name>" */
 
 /* Worker state. */
@@ -106,11 +105,17 @@ static void send_reply(mr_req *r, int status, const char *body, size_t len,
     if (status < 100 || status > 599)
         status = 500;
     FCGX_Stream *out = r->fcgx->out;
+    /* Answers are private and current by default; a handler whose answer may be
+     * cached (a public catalogue) says so with its own Cache-Control. */
+    const char *cache = "Cache-Control: no-store\r\n";
+    for (size_t i = 0; extra && extra[i]; i++)
+        if (strncasecmp(extra[i], "Cache-Control:", 14) == 0)
+            cache = "";
     char head[512];
     int n = snprintf(head, sizeof(head),
                      "Status: %d %s\r\nContent-Type: application/json\r\n"
-                     "Cache-Control: no-store\r\nX-Request-Id: %s\r\nContent-Length: %zu\r\n",
-                     status, reason(status), r->request_id, len);
+                     "%sX-Request-Id: %s\r\nContent-Length: %zu\r\n",
+                     status, reason(status), cache, r->request_id, len);
     FCGX_PutStr(head, n, out);
     for (size_t i = 0; extra && extra[i]; i++) {
         /* A CR or LF would let a value smuggle in a header or split the response. */
@@ -276,71 +281,30 @@ static int method_allowed(const char *method)
     return 0;
 }
 
-/* A token-shaped apikey (three base64url parts): supabase-js sends the anon
- * or service key there; a non-JWT key (sb_publishable_...) is ignored. */
-static int looks_like_jwt(const char *s)
-{
-    int dots = 0;
-    for (; *s; s++) {
-        if (*s == '.')
-            dots++;
-        else if (!((*s >= 'A' && *s <= 'Z') || (*s >= 'a' && *s <= 'z') ||
-                   (*s >= '0' && *s <= '9') || *s == '-' || *s == '_'))
-            return 0;
-    }
-    return dots == 2;
-}
-
-/* Verifies the caller's JWT and role. Replies 401/403 itself and returns -1
- * on refusal; fills r->who on success.
- *
- * Authorization wins. Without it, a JWT in `apikey` is accepted as the token:
- * supabase-js always sends Authorization when it has a session or key, so this
- * only matters to clients that send the key alone, and the token is verified
- * exactly the same way. */
+/* Identifies the caller (mr_auth.h) and checks the role. Replies 401/403 (or
+ * 503 when the signing keys cannot be had) itself and returns -1 on refusal;
+ * fills r->who on success. */
 static int authenticate(mr_req *r, FCGX_Request *rq)
 {
-    const char *token = NULL;
-    if (*r->authorization) {
-        token = mr_http_bearer(r->authorization);
-        if (!token) {
-            mr_reply_error(r, 401, "unauthorized", "expected Authorization: Bearer <token>");
-            return -1;
-        }
-    } else {
-        const char *apikey = param(rq, "HTTP_APIKEY");
-        if (looks_like_jwt(apikey))
-            token = apikey;
-    }
-    if (!token) {
-        mr_reply_error(r, 401, "unauthorized", "missing bearer token");
-        return -1;
-    }
-    mr_jwt_claims c;
-    char why[128];
-    mr_err e = mr_jwt_verify2(token, (const unsigned char *)g_jwt_secret, strlen(g_jwt_secret),
-                              (const unsigned char *)g_jwt_previous,
-                              g_jwt_previous ? strlen(g_jwt_previous) : 0,
-                              time(NULL), g_jwt_leeway, &c, why, sizeof(why));
+    char why[256];
+    mr_err e = mr_auth_identify(g_auth, r->http, r->authorization, param(rq, "HTTP_APIKEY"),
+                                time(NULL), &r->who, why, sizeof(why));
     if (e != MR_OK) {
         if (e == MR_EAUTH)
-            mr_reply_error(r, 401, "unauthorized", "invalid token: %s", why);
+            mr_reply_error(r, 401, "unauthorized", "%s", why);
         else
-            mr_reply_err(r, e, "could not verify the token");
+            mr_reply_err(r, e, why);
         return -1;
     }
-    int ok = strcmp(c.role, "service_role") == 0 ||
-             (g_app->auth == MR_AUTH_USER && strcmp(c.role, "authenticated") == 0 && c.sub[0]);
+    int ok = strcmp(r->who.role, "service_role") == 0 ||
+             (g_app->auth == MR_AUTH_USER && strcmp(r->who.role, "authenticated") == 0 &&
+              r->who.sub[0]);
     if (!ok) {
-        memcpy(r->who.role, c.role, sizeof(r->who.role)); /* for the access log only */
+        /* r->who stays for the access log (and is freed with the request). */
         mr_reply_error(r, 403, "forbidden", "role %s may not call %s",
-                       c.role[0] ? c.role : "(none)", g_app->name);
-        mr_jwt_claims_free(&c);
+                       r->who.role[0] ? r->who.role : "(none)", g_app->name);
         return -1;
     }
-    memcpy(r->who.role, c.role, sizeof(r->who.role));
-    memcpy(r->who.sub, c.sub, sizeof(r->who.sub));
-    r->who.claims_json = c.claims_json; /* ownership moves to the request */
     return 0;
 }
 
@@ -582,13 +546,11 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
         socket_path = default_path;
     }
     if (app->auth == MR_AUTH_SERVICE || app->auth == MR_AUTH_USER) {
-        g_jwt_secret = mr_config_secret("SUPABASE_JWT_SECRET", NULL, 32);
-        /* Rotation: tokens signed with the previous secret stay valid until it
-         * is removed (README "operations"). */
-        g_jwt_previous = mr_config_secret("SUPABASE_JWT_SECRET_PREVIOUS", "", 32);
-        if (!*g_jwt_previous)
-            g_jwt_previous = NULL;
-        g_jwt_leeway = (long)mr_config_int("MR_JWT_LEEWAY_S", 0, 0, 300);
+        /* The workers inherit it; each then keeps its own JWKS cache. */
+        if (mr_auth_from_env(&g_auth, msg, sizeof(msg)) != MR_OK) {
+            fprintf(stderr, "config: %s\n", msg);
+            return 2;
+        }
     }
     const char *dburl = getenv("DATABASE_URL");
     if (dburl && *dburl) {

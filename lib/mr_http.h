@@ -21,14 +21,15 @@
  *
  * Environment read at start-up (bad values stop the function, exit 2):
  * MR_SOCKET, MR_WORKERS, MR_MAX_BODY, MR_SOCKET_MODE (octal, default 0666),
- * MR_LOG_LEVEL, SUPABASE_JWT_SECRET and MR_JWT_LEEWAY_S (0..300, default 0)
- * for MR_AUTH_SERVICE/USER, DATABASE_URL (optional: without it r->db is NULL),
- * MR_DB_STATEMENT_TIMEOUT_MS (default 5000).
+ * MR_LOG_LEVEL, the auth settings of mr_auth.h for MR_AUTH_SERVICE/USER,
+ * DATABASE_URL (optional: without it r->db is NULL), MR_DB_STATEMENT_TIMEOUT_MS
+ * (default 5000).
  *
- * Auth: the token comes from "Authorization: Bearer"; when Authorization is
- * absent and "apikey" holds a JWT, that is verified instead (supabase-js sends
- * both; Authorization wins). Missing/invalid -> 401 "unauthorized", wrong role
- * -> 403 "forbidden". JWTs without exp are refused. */
+ * Auth (MR_AUTH_SERVICE/USER): the caller is identified from Authorization and
+ * apikey as mr_auth.h describes (JWTs by SUPABASE_AUTH_MODE, sb_ API keys;
+ * Authorization wins). Missing/invalid -> 401 "unauthorized", wrong role (anon
+ * everywhere, authenticated on MR_AUTH_SERVICE) -> 403 "forbidden", signing
+ * keys unavailable -> 503. */
 #ifndef MR_HTTP_H
 #define MR_HTTP_H
 
@@ -89,9 +90,10 @@ typedef struct {
 /* Runs the app; returns the process exit status (0 after a clean SIGTERM drain). */
 int mr_app_main(const mr_app *app, int argc, char **argv);
 
-/* Sends status + JSON body (Content-Type: application/json, X-Request-Id).
- * Takes ownership of body and deletes it. Extra headers may be NULL or a
- * NULL-terminated list of "Name: value" strings. */
+/* Sends status + JSON body (Content-Type: application/json, X-Request-Id,
+ * Cache-Control: no-store). Takes ownership of body and deletes it. Extra
+ * headers may be NULL or a NULL-terminated list of "Name: value" strings; a
+ * Cache-Control among them replaces the default no-store. */
 void mr_reply_json(mr_req *r, int status, cJSON *body);
 void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extra_headers);
 

@@ -7,12 +7,14 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <curl/curl.h>
 
 #define DEFAULT_CONNECT_MS 2000L
 #define DEFAULT_TIMEOUT_MS 10000L
 #define DEFAULT_MAX_BODY ((size_t)1 << 20)
+#define MAX_HEADERS 16384
 
 struct mr_httpc {
     CURL *easy;
@@ -85,6 +87,29 @@ static int on_progress(void *p, curl_off_t dltotal, curl_off_t dlnow, curl_off_t
     return req->abort_cb(req->abort_arg) ? 1 : 0;
 }
 
+/* Keeps the header lines of the last answer only: a status line starts over
+ * (an interim 1xx answer has its own headers). Lines past MAX_HEADERS are
+ * dropped, never the transfer. */
+static size_t on_header(char *data, size_t size, size_t nmemb, void *userp)
+{
+    sink *h = userp;
+    size_t n = size * nmemb;
+    if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+        h->len = 0;
+        if (h->buf)
+            h->buf[0] = '\0';
+        return n;
+    }
+    if (n > h->max - h->len)
+        return n;
+    if (!h->buf && !(h->buf = malloc(h->max + 1)))
+        return 0;
+    memcpy(h->buf + h->len, data, n);
+    h->len += n;
+    h->buf[h->len] = '\0';
+    return n;
+}
+
 mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
                    char *err, size_t errlen)
 {
@@ -95,6 +120,7 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
     curl_easy_reset(e);
 
     sink s = {.max = req->max_body ? req->max_body : DEFAULT_MAX_BODY};
+    sink h = {.max = MAX_HEADERS};
     struct curl_slist *hdrs = NULL, *tmp;
     for (size_t i = 0; req->headers && req->headers[i]; i++) {
         if (!(tmp = curl_slist_append(hdrs, req->headers[i])))
@@ -117,6 +143,8 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, hdrs);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_data);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, &s);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, &h);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "mindroom-control-plane");
     curl_easy_setopt(e, CURLOPT_PROXY, "");
     if (req->abort_cb) {
@@ -140,6 +168,7 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
     hdrs = NULL;
     if (rc != CURLE_OK) {
         free(s.buf);
+        free(h.buf);
         if (s.too_big || rc == CURLE_FILESIZE_EXCEEDED)
             return mr_seterr(err, errlen, MR_ETRANSIENT, "response larger than %zu bytes", s.max);
         if (rc == CURLE_ABORTED_BY_CALLBACK)
@@ -149,10 +178,13 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
         return mr_seterr(err, errlen, MR_ETRANSIENT, "%s", curl_easy_strerror(rc));
     }
     curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &resp->status);
-    if (!s.buf && !(s.buf = calloc(1, 1)))
+    if (!s.buf && !(s.buf = calloc(1, 1))) {
+        free(h.buf);
         return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    }
     resp->body = s.buf;
     resp->body_len = s.len;
+    resp->headers = h.buf;
     return MR_OK;
 
 oom:
@@ -165,6 +197,36 @@ void mr_httpc_resp_free(mr_httpc_resp *resp)
     if (!resp)
         return;
     free(resp->body);
+    free(resp->headers);
     resp->body = NULL;
+    resp->headers = NULL;
     resp->body_len = 0;
+}
+
+int mr_httpc_resp_header(const mr_httpc_resp *resp, const char *name, char *out, size_t cap)
+{
+    if (cap)
+        out[0] = '\0';
+    size_t nlen = strlen(name);
+    for (const char *line = resp ? resp->headers : NULL; line && *line;) {
+        const char *eol = strchr(line, '\n');
+        const char *end = eol ? eol : line + strlen(line);
+        if ((size_t)(end - line) > nlen && line[nlen] == ':' && strncasecmp(line, name, nlen) == 0) {
+            const char *v = line + nlen + 1;
+            while (v < end && (*v == ' ' || *v == '\t'))
+                v++;
+            while (end > v && (end[-1] == '\r' || end[-1] == ' ' || end[-1] == '\t'))
+                end--;
+            size_t n = (size_t)(end - v);
+            if (cap) {
+                if (n >= cap)
+                    n = cap - 1;
+                memcpy(out, v, n);
+                out[n] = '\0';
+            }
+            return 1;
+        }
+        line = eol ? eol + 1 : end;
+    }
+    return 0;
 }

@@ -17,6 +17,8 @@ typedef struct {
     long status;        /* HTTP status, 0 if no response */
     char *body;         /* malloc'd, NUL-terminated; caller frees with mr_httpc_resp_free */
     size_t body_len;
+    char *headers;      /* the final answer's header lines ("Name: value\r\n"...), malloc'd,
+                           NUL-terminated, at most 16 KiB kept; freed by mr_httpc_resp_free */
 } mr_httpc_resp;
 
 typedef struct {
@@ -44,5 +46,10 @@ void mr_httpc_close(mr_httpc *c);
 mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
                    char *err, size_t errlen);
 void mr_httpc_resp_free(mr_httpc_resp *resp);
+
+/* Copies the value of response header `name` (case-insensitive, surrounding
+ * whitespace trimmed, cut to cap - 1 bytes) into out. Returns 1 when the header
+ * is present, 0 otherwise (out is then ""). */
+int mr_httpc_resp_header(const mr_httpc_resp *resp, const char *name, char *out, size_t cap);
 
 #endif

@@ -102,6 +102,23 @@ mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, 
     return MR_OK;
 }
 
+int mr_json_has_duplicate_keys(const cJSON *item)
+{
+    if (!item)
+        return 0;
+    for (const cJSON *a = item->child; a; a = a->next) {
+        /* Quadratic, but objects here are small: inputs are capped (a token at
+         * 8 KiB) long before this matters. */
+        if (cJSON_IsObject(item))
+            for (const cJSON *b = a->next; b; b = b->next)
+                if (a->string && b->string && strcmp(a->string, b->string) == 0)
+                    return 1;
+        if (mr_json_has_duplicate_keys(a))
+            return 1;
+    }
+    return 0;
+}
+
 char *mr_json_print(const cJSON *item)
 {
     return item ? cJSON_PrintUnformatted(item) : NULL;

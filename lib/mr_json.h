@@ -24,6 +24,12 @@ mr_err mr_json_bool(const cJSON *obj, const char *key, int *out);
  * because 2^53+1 parses to the same double), then within [min, max]. */
 mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, int64_t *out);
 
+/* Returns 1 when some object in the tree (at any depth) holds the same key
+ * twice, else 0. cJSON keeps both members and its getters return the first,
+ * while another reader (PostgreSQL's jsonb keeps the last) may see the other:
+ * signed claims must mean one thing to every reader. */
+int mr_json_has_duplicate_keys(const cJSON *item);
+
 /* Serializes without whitespace. Returns malloc'd text the caller frees with free(). */
 char *mr_json_print(const cJSON *item);
 

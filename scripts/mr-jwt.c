@@ -1,8 +1,11 @@
-/* mr-jwt: prints an HS256 token signed with $SUPABASE_JWT_SECRET.
+/* mr-jwt: prints a short-lived HS256 token signed with $MINDROOM_INTERNAL_SECRET
+ * (accepted in every SUPABASE_AUTH_MODE), or with $SUPABASE_JWT_SECRET when the
+ * internal secret is not set (accepted in modes legacy and both).
  *
  *   mr-jwt [--role R] [--sub UUID] [--exp SECONDS] [--claim k=v]...
  *
- * Defaults: role service_role, exp one hour from now. --claim values are
+ * Defaults: role service_role, exp one hour from now; --exp at most 86400 (the
+ * functions refuse internal tokens that live longer). --claim values are
  * strings. Used by `make run`, mindroomctl and the tests. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +13,7 @@
 #include <time.h>
 
 #include "mindroom.h"
+#include "mr_auth.h"
 
 static int usage(void)
 {
@@ -34,8 +38,8 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--sub")) {
             sub = v;
         } else if (!strcmp(a, "--exp")) {
-            if (mr_config_parse_int("--exp", v, 0, -315360000, 315360000, &exp_in, err,
-                                    sizeof(err)) != MR_OK) {
+            if (mr_config_parse_int("--exp", v, 0, -MR_AUTH_INTERNAL_MAX_S, MR_AUTH_INTERNAL_MAX_S,
+                                    &exp_in, err, sizeof(err)) != MR_OK) {
                 fprintf(stderr, "mr-jwt: %s\n", err);
                 rc = 2;
             }
@@ -58,7 +62,9 @@ int main(int argc, char **argv)
         cJSON_Delete(claims);
         return rc;
     }
-    const char *secret = mr_config_secret("SUPABASE_JWT_SECRET", NULL, 32);
+    const char *secret = mr_config_secret("MINDROOM_INTERNAL_SECRET", "", 32);
+    if (!*secret)
+        secret = mr_config_secret("SUPABASE_JWT_SECRET", NULL, 32);
 
     /* Standard claims last, so --claim cannot silently override them. */
     const char *std[] = {"role", "sub", "iat", "exp", "iss"};

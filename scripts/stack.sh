@@ -17,42 +17,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
-FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner)
+FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner
+           create-checkout-session create-portal-session list-plans)
 DAEMONS=(mindroom-lifecycle)
 
 die() { echo "stack: $*" >&2; exit 1; }
 say() { echo "stack: $*" >&2; }
 
-# A Supabase-shaped HS256 JWT: mr-jwt from the build, else Python's stdlib.
+# A short-lived service token signed with MINDROOM_INTERNAL_SECRET (accepted
+# in every SUPABASE_AUTH_MODE), by mr-jwt from the build being run.
 mint_jwt() { # role exp_in_seconds
-  if [ -x "$ROOT/build/release/bin/mr-jwt" ]; then
-    "$ROOT/build/release/bin/mr-jwt" --role "$1" --exp "$2"
-    return
-  fi
-  python3 - "$1" "$2" <<'EOF'
-import base64, hashlib, hmac, json, os, sys, time
-b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
-now = int(time.time())
-h = b(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-p = b(json.dumps({"iss": "supabase-demo", "role": sys.argv[1], "iat": now,
-                  "exp": now + int(sys.argv[2])}, separators=(",", ":")).encode())
-sig = hmac.new(os.environ["SUPABASE_JWT_SECRET"].encode(), (h + "." + p).encode(), hashlib.sha256)
-print(h + "." + p + "." + b(sig.digest()))
-EOF
+  "$BIN/mr-jwt" --role "$1" --exp "$2"
 }
 
 load_config() {
   mkdir -p "$RUN"
-  # Local secrets: generated on the first run, reused after (tokens stay valid).
-  if [ ! -f "$RUN/secrets.env" ]; then
-    umask 077
-    {
-      echo "SUPABASE_JWT_SECRET=$(openssl rand -hex 32)"
-      echo "STRIPE_WEBHOOK_SECRET=whsec_$(openssl rand -hex 24)"
-      echo "DOKKU_PROVISIONER_TOKEN=$(openssl rand -hex 32)"
-    } > "$RUN/secrets.env"
-    umask 022
-  fi
+  # Local secrets: each generated on the first run that lacks it, reused after
+  # (tokens stay valid across restarts).
+  local name value
+  for name in SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET STRIPE_WEBHOOK_SECRET DOKKU_PROVISIONER_TOKEN; do
+    grep -q "^$name=" "$RUN/secrets.env" 2>/dev/null && continue
+    value=$(openssl rand -hex 32)
+    [ "$name" = STRIPE_WEBHOOK_SECRET ] && value=whsec_$(openssl rand -hex 24)
+    (umask 077; echo "$name=$value" >> "$RUN/secrets.env")
+  done
   set -a
   # shellcheck disable=SC1091
   . "$RUN/secrets.env"
@@ -125,9 +113,10 @@ cmd_run() {
     die "already running (pid $(cat "$RUN/stack.pid")); scripts/stack.sh stop"
   fi
   command -v nginx >/dev/null || die "nginx not found (make deps)"
-  local bin=$MR_BUILD/bin
-  [[ $bin == /* ]] || bin=$ROOT/$bin
-  [ -d "$bin" ] || die "no binaries in $bin (make build)"
+  BIN=$MR_BUILD/bin
+  [[ $BIN == /* ]] || BIN=$ROOT/$BIN
+  [ -d "$BIN" ] || die "no binaries in $BIN (make build)"
+  [ -x "$BIN/mr-jwt" ] || die "no mr-jwt in $BIN (make build)"
   rm -rf "$RUN/sock" "$RUN/pids" "$RUN/nginx"
   mkdir -p "$RUN/log" "$RUN/sock" "$RUN/pids" "$RUN/nginx" "$RUN/conf.d"
   echo $$ > "$RUN/stack.pid"
@@ -161,11 +150,11 @@ cmd_run() {
   # Functions, then nginx.
   local n started=()
   for n in "${FUNCTIONS[@]}"; do
-    [ -x "$bin/$n" ] || continue
-    MR_SOCKET=$RUN/sock/$n.sock spawn "$n" "$bin/$n"
+    [ -x "$BIN/$n" ] || continue
+    MR_SOCKET=$RUN/sock/$n.sock spawn "$n" "$BIN/$n"
     started+=("$n")
   done
-  [ ${#started[@]} -gt 0 ] || die "no function binaries in $bin"
+  [ ${#started[@]} -gt 0 ] || die "no function binaries in $BIN"
   for n in "${started[@]}"; do
     local deadline=$((SECONDS + 30))
     until [ -S "$RUN/sock/$n.sock" ]; do
@@ -183,8 +172,8 @@ cmd_run() {
   done
   # The lifecycle worker, once the provisioner's listener answers.
   for n in "${DAEMONS[@]}"; do
-    [ -x "$bin/$n" ] || continue
-    spawn "$n" "$bin/$n"
+    [ -x "$BIN/$n" ] || continue
+    spawn "$n" "$BIN/$n"
     started+=("$n")
   done
 

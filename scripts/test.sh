@@ -35,8 +35,9 @@ run_sql() {
   if scripts/migrate.sh "$conn" && psql "$conn" -X -q -v ON_ERROR_STOP=1 -f sql/seed.sql >/dev/null; then
     psql "$conn" -X -q -c 'CREATE EXTENSION IF NOT EXISTS pgtap' >/dev/null
     out="$log/pgtap.out"
+    # From supabase/tests (a link to tests/sql), where `supabase test db` looks for them.
     # shellcheck disable=SC2046
-    PGHOST=$dir PGDATABASE=mindroom PGUSER=postgres pg_prove --ext .sql -r tests/sql 2>&1 | tee "$out"
+    PGHOST=$dir PGDATABASE=mindroom PGUSER=postgres pg_prove --ext .sql -r supabase/tests/ 2>&1 | tee "$out"
     local total fails
     total=$(sed -n 's/.*Tests=\([0-9]*\).*/\1/p' "$out" | tail -1)
     fails=$(grep -Eo 'Failed [0-9]+/[0-9]+ subtests' "$out" | awk '{split($2,a,"/"); s+=a[1]} END {print s+0}')

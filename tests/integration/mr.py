@@ -42,6 +42,9 @@ FUNCTIONS = (
     "deprovision-instance",
     "check-instance-health",
     "dokku-provisioner",
+    "create-checkout-session",
+    "create-portal-session",
+    "list-plans",
     "mindroom-lifecycle",
 )
 # Processes that serve no socket: started and stopped like the functions, ready

@@ -92,7 +92,7 @@ def test_seed_twice_is_harmless(cluster):
     after1 = cluster.sql(db, q)
     r2 = cluster.psql_file(db, seed)
     assert r2.returncode == 0, r2.stderr
-    assert cluster.sql(db, q) == after1 == [(1, 1, 1, 4, 1)]
+    assert cluster.sql(db, q) == after1 == [(1, 1, 1, 7, 1)]
 
 
 def test_failing_file_applies_nothing_of_itself_and_stops(cluster, tmp_path):

@@ -95,6 +95,12 @@ def test_run_prints_a_working_curl_and_stop_ends_everything(stack_env):
         assert resp.status not in (401, 403, 404, 405, 502), (name, resp)
     resp = mr.http("POST", api + "/functions/v1/provision-instance", json={})
     assert resp.status == 401
+    # No STRIPE_SECRET_KEY by default: the session functions say so, the catalogue answers.
+    for name in ("create-checkout-session", "create-portal-session"):
+        resp = mr.http("POST", api + "/functions/v1/" + name, json={}, token=token)
+        assert resp.status == 503 and resp.json["error"]["code"] == "stripe_not_configured", resp
+    resp = mr.http("GET", api + "/functions/v1/list-plans")
+    assert resp.status == 200 and len(resp.json["plans"]) == 7, resp
     # The provisioner listener reaches dokku-provisioner, with its token.
     secrets = dict(l.split("=", 1) for l in (run / "secrets.env").read_text().split())
     resp = mr.http("GET", "http://127.0.0.1:%d/apps/mindroom-000000000000" % ports[1],

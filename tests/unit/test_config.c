@@ -107,10 +107,44 @@ static void test_env_wrappers(void **state)
     assert_string_equal(mr_config_secret("MR_TEST_SECRET", "fallback", 32), "fallback");
 }
 
+static void test_url(void **state)
+{
+    (void)state;
+    char err[256];
+    static const char *const good[] = {
+        "https://app.mindroom.test/billing/done?session_id={CHECKOUT_SESSION_ID}",
+        "http://127.0.0.1:3000/account", "https://x.test", "https://x.test/#plans"};
+    for (size_t i = 0; i < MR_ARRAY_LEN(good); i++)
+        assert_int_equal(mr_config_check_url("U", good[i], err, sizeof err), MR_OK);
+    static const struct {
+        const char *url, *says;
+    } bad[] = {
+        {NULL, "U is required but not set"},
+        {"", "U is required but not set"},
+        {"/billing/done", "U is not an absolute URL"},
+        {"https://", "U is not an absolute URL"},
+        {"javascript:alert(1)", "U is not an absolute URL"},
+        {"ftp://x.test/", "U must be an http:// or https:// URL"},
+        {"https://x.test/a b", "U contains whitespace or control characters"},
+        {"https://x.test/\r\nSet-Cookie: a=b", "U contains whitespace or control characters"},
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(bad); i++) {
+        assert_int_equal(mr_config_check_url("U", bad[i].url, err, sizeof err), MR_EINVAL);
+        assert_string_equal(err, bad[i].says);
+    }
+    char longer[2100];
+    memset(longer, 'a', sizeof longer - 1);
+    memcpy(longer, "https://x.test/", 15);
+    longer[sizeof longer - 1] = '\0';
+    assert_int_equal(mr_config_check_url("U", longer, err, sizeof err), MR_EINVAL);
+    assert_string_equal(err, "U is longer than 2048 characters");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_secret),
+        cmocka_unit_test(test_url),
         cmocka_unit_test(test_int),
         cmocka_unit_test(test_bool),
         cmocka_unit_test(test_env_wrappers),

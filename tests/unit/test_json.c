@@ -150,6 +150,26 @@ static void test_parse_length(void **state)
     cJSON_Delete(j);
 }
 
+static void test_duplicate_keys(void **state)
+{
+    (void)state;
+    struct {
+        const char *json;
+        int dup;
+    } cases[] = {
+        {"{}", 0}, {"[]", 0}, {"{\"a\":1,\"b\":{\"a\":1}}", 0}, {"[{\"a\":1},{\"a\":2}]", 0},
+        {"{\"a\":1,\"a\":1}", 1}, {"{\"a\":{\"b\":[{\"c\":1,\"c\":2}]}}", 1},
+        {"{\"a\":1,\"\\u0061\":2}", 1}, {"{\"A\":1,\"a\":2}", 0}, {"\"s\"", 0},
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(cases); i++) {
+        cJSON *j = mr_json_parse(cases[i].json, strlen(cases[i].json));
+        assert_non_null(j);
+        assert_int_equal(mr_json_has_duplicate_keys(j), cases[i].dup);
+        cJSON_Delete(j);
+    }
+    assert_int_equal(mr_json_has_duplicate_keys(NULL), 0);
+}
+
 static void test_print(void **state)
 {
     (void)state;
@@ -169,6 +189,7 @@ int main(void)
         cmocka_unit_test(test_paths),
         cmocka_unit_test(test_parse_length),
         cmocka_unit_test(test_print),
+        cmocka_unit_test(test_duplicate_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

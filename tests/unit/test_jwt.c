@@ -344,6 +344,42 @@ static void test_previous_secret(void **state)
     free(old_expired);
 }
 
+/* A key given twice means two things to two readers (cJSON's getters take the
+ * first, PostgreSQL's jsonb the last): refused at any depth, header included.
+ * What is handed on is rebuilt from the checked claims only. */
+static void test_duplicate_keys_and_rebuilt_claims(void **state)
+{
+    (void)state;
+    mr_jwt_claims c;
+    char why[128];
+    const char *dup[] = {
+        "{\"role\":\"authenticated\",\"sub\":\"a\",\"sub\":\"b\",\"exp\":1700003600}",
+        "{\"role\":\"authenticated\",\"role\":\"service_role\",\"exp\":1700003600}",
+        "{\"role\":\"service_role\",\"exp\":1700003600,\"app_metadata\":{\"x\":1,\"x\":2}}",
+        "{\"role\":\"service_role\",\"exp\":1700003600,\"l\":[{\"k\":1,\"k\":1}]}",
+        "{\"role\":\"service_role\",\"exp\":1700003600,\"ro\\u006ce\":\"x\"}", /* "role" escaped */
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(dup); i++) {
+        char *t = sign(dup[i]);
+        assert_int_equal(verify(t, &c, why), MR_EAUTH);
+        assert_string_equal(why, "malformed token payload");
+        assert_null(c.claims_json);
+        free(t);
+    }
+    char *t = forge("{\"alg\":\"HS256\",\"alg\":\"HS256\"}", "{\"role\":\"service_role\",\"exp\":1700003600}",
+                    EVP_sha256(), NULL);
+    assert_int_equal(verify(t, &c, why), MR_EAUTH);
+    assert_string_equal(why, "malformed token header");
+    free(t);
+    /* Members outside the kept set (and nulls) are not passed on. */
+    t = sign("{\"role\":\"authenticated\",\"sub\":\"u1\",\"exp\":1700003600,\"email\":null,"
+             "\"app_metadata\":{\"role\":\"service_role\"},\"request.jwt.claim.role\":\"x\"}");
+    assert_int_equal(verify(t, &c, why), MR_OK);
+    assert_string_equal(c.claims_json, "{\"sub\":\"u1\",\"exp\":1700003600,\"role\":\"authenticated\"}");
+    mr_jwt_claims_free(&c);
+    free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -358,6 +394,7 @@ int main(void)
         cmocka_unit_test(test_huge_token),
         cmocka_unit_test(test_b64url_roundtrip),
         cmocka_unit_test(test_previous_secret),
+        cmocka_unit_test(test_duplicate_keys_and_rebuilt_claims),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

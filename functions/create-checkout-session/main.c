@@ -1,0 +1,227 @@
+/* create-checkout-session: a Stripe Checkout Session (subscription mode) for
+ * the caller's account.
+ *
+ * POST with a user's JWT (role authenticated) and {"tier": "...", "interval":
+ * "month" | "year"} (interval defaults to month) or {"price_id": "price_..."}.
+ * 200 {"id", "url", "expires_at"}: the browser goes to url.
+ *
+ *   1. The account (from the JWT's sub, never from the body): 404 without one;
+ *      409 when it has a subscription a new one would duplicate (trialing,
+ *      active, past_due, unpaid, paused): changes go through the portal.
+ *   2. The plan, from public.plans: 400 unknown_plan / inactive_plan.
+ *   3. The account's Stripe customer; created by us when it has none, with
+ *      metadata.account_id and the account's email, and stored on the account
+ *      in the transaction that records the answer (the webhook links events
+ *      through it).
+ *   4. The session: client_reference_id and metadata.account_id (on the
+ *      session and on the subscription it creates) = the account, success and
+ *      cancel URLs from configuration only, the plan's trial days for an
+ *      account that never had a subscription, promotion codes when
+ *      STRIPE_ALLOW_PROMOTION_CODES is on.
+ * Steps 3 and 4 are attempts (lib/mr_billing.h): a call repeated after a lost
+ * answer gets the same customer and the same open session, never new ones.
+ *
+ * Without STRIPE_SECRET_KEY every call is answered 503 stripe_not_configured. */
+#include <stdio.h>
+#include <string.h>
+
+#include "mindroom.h"
+#include "mr_billing.h"
+#include "mr_stripe_api.h"
+
+static mr_stripe_api_config stripe;
+static struct {
+    const char *success_url;
+    const char *cancel_url;
+    int promotion_codes;
+} cfg;
+
+static void init(void)
+{
+    mr_stripe_api_config_load(&stripe);
+    if (!stripe.secret_key)
+        return;
+    cfg.success_url = mr_config_url("STRIPE_CHECKOUT_SUCCESS_URL", NULL);
+    cfg.cancel_url = mr_config_url("STRIPE_CHECKOUT_CANCEL_URL", NULL);
+    cfg.promotion_codes = mr_config_bool("STRIPE_ALLOW_PROMOTION_CODES", 0);
+}
+
+
+/* The body: exactly one of tier (with an optional interval) and price_id, and
+ * nothing else. Fills the three (NULL when absent) or replies 400. */
+typedef struct {
+    char tier[32], interval[8], price_id[256];
+    int by_price;
+} choice;
+
+static int read_choice(mr_req *r, choice *c)
+{
+    memset(c, 0, sizeof(*c));
+    cJSON *body = mr_json_parse(r->body, r->body_len);
+    const char *bad = NULL;
+    if (!cJSON_IsObject(body)) {
+        bad = "body must be a JSON object";
+    } else {
+        for (const cJSON *it = body->child; it && !bad; it = it->next)
+            if (strcmp(it->string, "tier") != 0 && strcmp(it->string, "interval") != 0 &&
+                strcmp(it->string, "price_id") != 0)
+                bad = "unknown field: only tier, interval and price_id are accepted (the account "
+                      "is always the caller's)";
+    }
+    const char *tier = NULL, *interval = NULL, *price = NULL;
+    mr_err te = MR_ENOTFOUND, ie = MR_ENOTFOUND, pe = MR_ENOTFOUND;
+    if (!bad) {
+        te = mr_json_str(body, "tier", &tier);
+        ie = mr_json_str(body, "interval", &interval);
+        pe = mr_json_str(body, "price_id", &price);
+        if (te == MR_EINVAL || ie == MR_EINVAL || pe == MR_EINVAL)
+            bad = "tier, interval and price_id must be strings";
+        else if ((te == MR_OK) == (pe == MR_OK))
+            bad = "give either tier (and interval) or price_id";
+        else if (pe == MR_OK && ie == MR_OK)
+            bad = "interval goes with tier; a price_id already has one";
+        else if (ie == MR_OK && strcmp(interval, "month") != 0 && strcmp(interval, "year") != 0)
+            bad = "interval must be \"month\" or \"year\"";
+        else if ((te == MR_OK && (!*tier || strlen(tier) >= sizeof c->tier)) ||
+                 (pe == MR_OK && (!*price || strlen(price) >= sizeof c->price_id)))
+            bad = "tier or price_id has an impossible length";
+    }
+    if (bad) {
+        cJSON_Delete(body);
+        mr_reply_error(r, 400, "invalid_body", "%s", bad);
+        return 0;
+    }
+    c->by_price = pe == MR_OK;
+    snprintf(c->tier, sizeof c->tier, "%s", te == MR_OK ? tier : "");
+    snprintf(c->interval, sizeof c->interval, "%s", ie == MR_OK ? interval : "month");
+    snprintf(c->price_id, sizeof c->price_id, "%s", pe == MR_OK ? price : "");
+    cJSON_Delete(body);
+    return 1;
+}
+
+static void handle(mr_req *r)
+{
+    if (!stripe.secret_key) {
+        mr_stripe_api_reply_not_configured(r);
+        return;
+    }
+    if (!mr_billing_require_user(r))
+        return;
+    choice c;
+    if (!read_choice(r, &c))
+        return;
+    const char *account = r->who.sub;
+    int64_t deadline = r->started_ms + stripe.deadline_ms;
+
+    /* 1. The account. */
+    mr_billing_account acc;
+    if (mr_billing_account_get(r, account, &acc) != MR_OK)
+        return;
+    if (!acc.found) {
+        mr_reply_error(r, 404, "no_account", "no account for this user");
+        return;
+    }
+    if (acc.live_status[0]) {
+        mr_reply_error(r, 409, "subscription_exists",
+                       "this account already has a subscription (%s): change or cancel it in the "
+                       "billing portal (create-portal-session)", acc.live_status);
+        return;
+    }
+
+    /* 2. The plan. */
+    const char *pp[3] = {c.by_price ? NULL : c.tier, c.by_price ? NULL : c.interval,
+                         c.by_price ? c.price_id : NULL};
+    cJSON *plan;
+    if (mr_billing_sql(r, "SELECT public.billing_checkout_plan($1, $2, $3)::text", 3, pp, &plan) !=
+        MR_OK)
+        return;
+    const char *result = "", *price = NULL;
+    int64_t trial_days = 0;
+    mr_json_str(plan, "result", &result);
+    mr_json_str(plan, "price_id", &price);
+    mr_json_i64(plan, "trial_days", 0, 730, &trial_days);
+    if (strcmp(result, "ok") != 0 || !price) {
+        if (strcmp(result, "inactive") == 0)
+            mr_reply_error(r, 400, "inactive_plan", "that plan is no longer offered (list-plans "
+                           "shows what is)");
+        else if (c.by_price)
+            mr_reply_error(r, 400, "unknown_plan", "no plan has the price %.64s", c.price_id);
+        else
+            mr_reply_error(r, 400, "unknown_plan", "no plan for tier %.32s and interval %s",
+                           c.tier, c.interval);
+        cJSON_Delete(plan);
+        return;
+    }
+    char price_id[256];
+    snprintf(price_id, sizeof price_id, "%s", price);
+    cJSON_Delete(plan);
+
+    /* 3. The customer. */
+    char customer[256];
+    snprintf(customer, sizeof customer, "%s", acc.customer);
+    if (!customer[0]) {
+        cJSON *p = cJSON_CreateObject();
+        cJSON_AddStringToObject(p, "email", acc.email);
+        cJSON_AddStringToObject(cJSON_AddObjectToObject(p, "metadata"), "account_id", account);
+        mr_billing_result cust;
+        mr_err e = mr_billing_call(r, &stripe, account, "customer", "/v1/customers", p, deadline,
+                                   &cust);
+        cJSON_Delete(p);
+        if (e != MR_OK)
+            return;
+        snprintf(customer, sizeof customer, "%s", cust.object_id);
+        mr_billing_result_free(&cust);
+    }
+
+    /* 4. The session. */
+    cJSON *p = cJSON_CreateObject();
+    cJSON_AddStringToObject(p, "mode", "subscription");
+    cJSON_AddStringToObject(p, "customer", customer);
+    cJSON_AddStringToObject(p, "client_reference_id", account);
+    cJSON *item = cJSON_CreateObject();
+    cJSON_AddStringToObject(item, "price", price_id);
+    cJSON_AddNumberToObject(item, "quantity", 1);
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(p, "line_items"), item);
+    cJSON_AddStringToObject(p, "success_url", cfg.success_url);
+    cJSON_AddStringToObject(p, "cancel_url", cfg.cancel_url);
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(p, "metadata"), "account_id", account);
+    cJSON *sub = cJSON_AddObjectToObject(p, "subscription_data");
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(sub, "metadata"), "account_id", account);
+    /* One trial per account: a returning customer pays from the start. */
+    if (trial_days > 0 && !acc.had_subscription)
+        cJSON_AddNumberToObject(sub, "trial_period_days", (double)trial_days);
+    if (cfg.promotion_codes)
+        cJSON_AddTrueToObject(p, "allow_promotion_codes");
+    mr_billing_result s;
+    mr_err e = mr_billing_call(r, &stripe, account, "checkout", "/v1/checkout/sessions", p,
+                               deadline, &s);
+    cJSON_Delete(p);
+    if (e != MR_OK)
+        return;
+    if (!s.url) {
+        mr_billing_result_free(&s);
+        mr_reply_error(r, 502, "stripe_error", "the payment provider sent a session without a URL");
+        return;
+    }
+    cJSON *out = cJSON_CreateObject();
+    cJSON_AddStringToObject(out, "id", s.object_id);
+    cJSON_AddStringToObject(out, "url", s.url);
+    if (s.expires_at)
+        cJSON_AddNumberToObject(out, "expires_at", (double)s.expires_at);
+    else
+        cJSON_AddNullToObject(out, "expires_at");
+    mr_billing_result_free(&s);
+    mr_reply_json(r, 200, out);
+}
+
+int main(int argc, char **argv)
+{
+    static const mr_app app = {
+        .name = "create-checkout-session",
+        .methods = "POST",
+        .auth = MR_AUTH_USER,
+        .init = init,
+        .handle = handle,
+    };
+    return mr_app_main(&app, argc, argv);
+}

@@ -1,0 +1,484 @@
+"""Selling through real nginx and PostgreSQL: create-checkout-session,
+create-portal-session and list-plans against the Stripe API stand-in
+(tests/standins/stripe_api.py), which speaks Stripe's wire format (form bodies,
+Idempotency-Key replay, its error shape). Each test asserts what a user would
+notice: the answer, the rows, and the exact requests Stripe received.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import mr
+from lifecycle_helpers import new_account, stack_env, wait_status
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "standins"))
+from stripe_api import StripeStandin  # noqa: E402
+
+SUCCESS_URL = "https://app.mindroom.test/billing/done?session_id={CHECKOUT_SESSION_ID}"
+CANCEL_URL = "https://app.mindroom.test/pricing"
+RETURN_URL = "https://app.mindroom.test/account"
+FUNCS = ["create-checkout-session", "create-portal-session", "list-plans",
+         "handle-stripe-webhook", "mindroom-lifecycle"]
+
+
+@pytest.fixture(scope="module")
+def stripe():
+    with StripeStandin() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stack(pg, stripe, prov, resend):
+    env = stack_env(prov, resend, STRIPE_SECRET_KEY=stripe.key, STRIPE_API_BASE=stripe.url,
+                    STRIPE_CHECKOUT_SUCCESS_URL=SUCCESS_URL, STRIPE_CHECKOUT_CANCEL_URL=CANCEL_URL,
+                    STRIPE_PORTAL_RETURN_URL=RETURN_URL, STRIPE_ALLOW_PROMOTION_CODES="1")
+    with mr.Stack(pg, env=env, functions=FUNCS) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _fresh(stripe):
+    stripe.reset()
+    yield
+    stripe.release()
+
+
+# ---- helpers -----------------------------------------------------------------------
+
+def user(stack):
+    """A signed-up user: (account id, email, their access token)."""
+    acc, email = new_account(stack)
+    return acc, email, stack.jwt(role="authenticated", sub=acc)
+
+
+def checkout(stack, token, **body):
+    return stack.call("POST", "create-checkout-session", json=body, token=token)
+
+
+def portal(stack, token, body=None):
+    return stack.call("POST", "create-portal-session", json=body, token=token)
+
+
+def attempts(stack, acc):
+    return stack.sql("SELECT kind, status, idempotency_key, object_id, calls FROM "
+                     "public.billing_attempts WHERE account_id = %s ORDER BY created_at, kind", acc)
+
+
+def customer_of(stack, acc):
+    return stack.sql("SELECT stripe_customer_id FROM public.accounts WHERE id = %s", acc)[0][0]
+
+
+def error(r):
+    assert r.headers.get("Content-Type", "").startswith("application/json"), r
+    assert set(r.json) == {"error"} and set(r.json["error"]) == {"code", "message"}, r
+    return r.json["error"]
+
+
+def session_pairs(acc, customer, price, trial=None):
+    """The exact form the checkout function sends for this account and plan."""
+    pairs = [("mode", "subscription"), ("customer", customer), ("client_reference_id", acc),
+             ("line_items[0][price]", price), ("line_items[0][quantity]", "1"),
+             ("success_url", SUCCESS_URL), ("cancel_url", CANCEL_URL),
+             ("metadata[account_id]", acc), ("subscription_data[metadata][account_id]", acc)]
+    if trial:
+        pairs.append(("subscription_data[trial_period_days]", str(trial)))
+    pairs.append(("allow_promotion_codes", "true"))
+    return pairs
+
+
+# ---- checkout ------------------------------------------------------------------------
+
+def test_checkout_creates_one_customer_and_one_session(stack, stripe):
+    acc, email, tok = user(stack)
+    r = checkout(stack, tok, tier="starter", interval="month")
+    assert r.status == 200, r
+    assert set(r.json) == {"id", "url", "expires_at"}
+    assert r.headers["Cache-Control"] == "no-store"
+
+    custs = stripe.recorded("/v1/customers")
+    sessions = stripe.recorded("/v1/checkout/sessions")
+    assert len(custs) == 1 and len(sessions) == 1, stripe.requests
+    cus = customer_of(stack, acc)
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == [cus]
+    assert custs[0].pairs == [("email", email), ("metadata[account_id]", acc)]
+    assert stripe.customers[cus]["metadata"] == {"account_id": acc}
+    # Starter has a 14-day trial; this account never had a subscription.
+    assert sessions[0].pairs == session_pairs(acc, cus, "price_starter", trial=14)
+    assert r.json["id"] in stripe.sessions and r.json["url"] == stripe.sessions[r.json["id"]]["url"]
+    assert r.json["expires_at"] == stripe.sessions[r.json["id"]]["expires_at"]
+
+    for req in custs + sessions:
+        assert req.headers["Stripe-Version"] == "2025-03-31.basil"
+        assert req.headers["Content-Type"] == "application/x-www-form-urlencoded"
+        assert req.headers["Authorization"] == "Bearer " + stripe.key
+    rows = attempts(stack, acc)
+    assert [(k, s, o, n) for k, s, _, o, n in rows] == [
+        ("customer", "succeeded", cus, 1), ("checkout", "succeeded", r.json["id"], 1)]
+    keys = {k: key for k, _, key, _, _ in rows}
+    assert custs[0].idempotency_key == keys["customer"]
+    assert sessions[0].idempotency_key == keys["checkout"]
+    assert keys["customer"] != keys["checkout"]
+    audit = stack.sql("SELECT action, details->>'object_id' FROM public.audit_logs "
+                      "WHERE account_id = %s AND action LIKE 'billing.%%' ORDER BY created_at, action", acc)
+    assert sorted(audit) == sorted([("billing.customer_created", cus),
+                                    ("billing.checkout_created", r.json["id"])])
+
+
+def test_a_repeated_call_after_a_lost_answer_creates_nothing_new(stack, stripe):
+    acc, _, tok = user(stack)
+    first = checkout(stack, tok, tier="professional", interval="year")
+    assert first.status == 200, first
+    n = len(stripe.requests)
+    again = checkout(stack, tok, tier="professional", interval="year")
+    assert again.status == 200 and again.json == first.json
+    assert len(stripe.requests) == n, "Stripe was called again"
+    assert len([a for a in attempts(stack, acc) if a[0] == "checkout"]) == 1
+
+    # Another plan is another request: a new session (new key), the same customer.
+    other = checkout(stack, tok, tier="professional", interval="month")
+    assert other.status == 200 and other.json["id"] != first.json["id"]
+    assert len(stripe.recorded("/v1/customers")) == 1
+    sessions = stripe.recorded("/v1/checkout/sessions")
+    assert len(sessions) == 2 and sessions[0].idempotency_key != sessions[1].idempotency_key
+    assert sessions[1].params["line_items"][0]["price"] == "price_professional"
+
+
+def test_a_lost_stripe_answer_is_replayed_with_the_same_key(stack, stripe):
+    acc, _, tok = user(stack)
+    stripe.next("lost")              # the customer is created, its answer never arrives
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    custs = stripe.recorded("/v1/customers")
+    assert len(custs) == 2 and custs[0].idempotency_key == custs[1].idempotency_key
+    assert len([c for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]) == 1
+    assert customer_of(stack, acc) in stripe.customers
+
+
+def test_an_answer_lost_on_every_try_is_resumed_by_the_next_call(stack, stripe):
+    acc, _, tok = user(stack)
+    stripe.next("lost", "lost", "lost")    # all three tries (STRIPE_MAX_RETRIES=2)
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503, r
+    assert error(r) == {"code": "stripe_unavailable",
+                        "message": "the payment provider did not answer; try again in a moment"}
+    assert customer_of(stack, acc) is None
+    [(kind, status, key, _, calls)] = attempts(stack, acc)
+    assert (kind, status, calls) == ("customer", "pending", 1)
+
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    custs = stripe.recorded("/v1/customers")
+    assert len(custs) == 4 and {c.idempotency_key for c in custs} == {key}
+    mine = [c for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    assert len(mine) == 1 and customer_of(stack, acc) == mine[0]["id"]
+    assert attempts(stack, acc)[0][1:] == ("succeeded", key, mine[0]["id"], 2)
+
+
+def test_a_double_click_creates_one_customer_and_one_session(stack, stripe):
+    acc, _, tok = user(stack)
+    stripe.next("hang")              # the first click's customer request is still running...
+    with ThreadPoolExecutor(2) as ex:
+        first = ex.submit(checkout, stack, tok, tier="starter")
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/customers")) == 1)
+        second = ex.submit(checkout, stack, tok, tier="starter")
+        # ... when the second sends the same request with the same key: Stripe's 409.
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/customers")) == 2)
+        stripe.release()
+        a, b = first.result(), second.result()
+    assert a.status == 200 and b.status == 200 and a.json == b.json, (a, b)
+    custs = stripe.recorded("/v1/customers")
+    assert len({c.idempotency_key for c in custs}) == 1
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+    assert [s["id"] for s in stripe.sessions.values() if s["client_reference_id"] == acc] == [a.json["id"]]
+
+
+def test_stripe_down_then_back(stack, stripe):
+    acc, _, tok = user(stack)
+    stripe.down()
+    try:
+        t0 = time.monotonic()
+        r = checkout(stack, tok, tier="starter")
+        took = time.monotonic() - t0
+    finally:
+        stripe.up()
+    assert r.status == 503, r
+    assert error(r)["code"] == "stripe_unavailable"
+    assert took >= 1.0, "two retries back off at least 0.5 s each"
+    assert customer_of(stack, acc) is None and stripe.requests == []
+    [(_, status, key, _, _)] = attempts(stack, acc)
+    assert status == "pending"
+
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert [c.idempotency_key for c in stripe.recorded("/v1/customers")] == [key]
+    assert len(stripe.recorded("/v1/checkout/sessions")) == 1
+
+
+def test_stripe_429_then_200(stack, stripe):
+    acc, _, tok = user(stack)
+    stripe.next(("status", 429))
+    t0 = time.monotonic()
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert time.monotonic() - t0 >= 0.5
+    custs = stripe.recorded("/v1/customers")
+    assert len(custs) == 2 and custs[0].idempotency_key == custs[1].idempotency_key
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+
+
+def test_a_refusal_is_a_502_that_does_not_leak_stripes_message(stack, stripe):
+    acc, _, tok = user(stack)
+    stack.sql("UPDATE public.accounts SET stripe_customer_id = 'cus_deleted_at_stripe' WHERE id = %s", acc)
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 502, r
+    e = error(r)
+    assert e["code"] == "stripe_error"
+    assert e["message"].startswith("the payment provider refused the request (Stripe request req_")
+    assert "No such customer" not in r.text and "cus_deleted" not in r.text
+    assert len(stripe.recorded("/v1/checkout/sessions")) == 1, "a refusal is not retried"
+    [(kind, status, _, _, _)] = attempts(stack, acc)
+    assert (kind, status) == ("checkout", "failed")
+
+
+def test_no_second_trial(stack, stripe):
+    acc, _, tok = user(stack)
+    stack.sql("INSERT INTO public.subscriptions (account_id, stripe_subscription_id, stripe_price_id,"
+              " tier, status) VALUES (%s, %s, 'price_starter', 'starter', 'cancelled')",
+              acc, "sub_old_" + uuid.uuid4().hex[:8])
+    r = checkout(stack, tok, price_id="price_starter")
+    assert r.status == 200, r
+    [s] = stripe.recorded("/v1/checkout/sessions")
+    assert s.pairs == session_pairs(acc, customer_of(stack, acc), "price_starter")
+
+
+def test_a_live_subscription_gets_409(stack, stripe):
+    acc, _, tok = user(stack)
+    stack.sql("INSERT INTO public.subscriptions (account_id, stripe_subscription_id, stripe_price_id,"
+              " tier, status) VALUES (%s, %s, 'price_starter', 'starter', 'past_due')",
+              acc, "sub_" + uuid.uuid4().hex[:12])
+    r = checkout(stack, tok, tier="professional")
+    assert r.status == 409, r
+    assert error(r) == {"code": "subscription_exists",
+                        "message": "this account already has a subscription (past_due): change or "
+                                   "cancel it in the billing portal (create-portal-session)"}
+    assert stripe.requests == [] and attempts(stack, acc) == []
+
+
+@pytest.mark.parametrize("body, code, message", [
+    ({"tier": "gold"}, "unknown_plan", "no plan for tier gold and interval month"),
+    ({"tier": "free", "interval": "year"}, "unknown_plan", "no plan for tier free and interval year"),
+    ({"price_id": "price_nope"}, "unknown_plan", "no plan has the price price_nope"),
+    ({"price_id": "price_legacy_starter"}, "inactive_plan",
+     "that plan is no longer offered (list-plans shows what is)"),
+    ({"tier": "starter", "interval": "week"}, "invalid_body", "interval must be \"month\" or \"year\""),
+    ({}, "invalid_body", "give either tier (and interval) or price_id"),
+    ({"tier": "starter", "price_id": "price_starter"}, "invalid_body",
+     "give either tier (and interval) or price_id"),
+    ({"tier": 3}, "invalid_body", "tier, interval and price_id must be strings"),
+    ({"tier": "starter", "success_url": "https://evil.test/"}, "invalid_body",
+     "unknown field: only tier, interval and price_id are accepted (the account is always the "
+     "caller's)"),
+    ([], "invalid_body", "body must be a JSON object"),
+])
+def test_bad_input_is_refused_and_writes_nothing(stack, stripe, body, code, message):
+    stack.sql("INSERT INTO public.plans (stripe_price_id, tier, name, max_agents, max_storage_gb,"
+              " memory_limit_mb, cpu_limit, amount, active) VALUES ('price_legacy_starter', "
+              "'starter', 'Starter (2024)', 3, 5, 1024, 1.0, 800, false) ON CONFLICT DO NOTHING")
+    acc, _, tok = user(stack)
+    r = checkout(stack, tok, **body) if isinstance(body, dict) else \
+        stack.call("POST", "create-checkout-session", json=body, token=tok)
+    assert r.status == 400, r
+    assert error(r) == {"code": code, "message": message}
+    assert stripe.requests == [] and attempts(stack, acc) == [] and customer_of(stack, acc) is None
+
+
+def test_missing_token_anon_key_and_service_role(stack, stripe):
+    r = stack.call("POST", "create-checkout-session", json={"tier": "starter"})
+    assert r.status == 401 and error(r) == {"code": "unauthorized", "message": "missing credentials: send Authorization: Bearer <token> or apikey"}
+    r = checkout(stack, stack.jwt(role="anon"), tier="starter")
+    assert r.status == 403 and error(r) == {
+        "code": "forbidden", "message": "role anon may not call create-checkout-session"}
+    for fn in ("create-checkout-session", "create-portal-session"):
+        r = stack.call("POST", fn, json={}, token=stack.jwt())
+        assert r.status == 403 and error(r) == {
+            "code": "forbidden",
+            "message": "this function acts for a signed-in user: call it with the user's access token"}
+    assert stripe.requests == []
+
+
+def test_another_users_account_cannot_be_named(stack, stripe):
+    a, _, tok_a = user(stack)
+    assert checkout(stack, tok_a, tier="starter").status == 200
+    cus_a = customer_of(stack, a)
+    stripe.reset()
+    b, _, tok_b = user(stack)
+    r = checkout(stack, tok_b, tier="starter", account_id=a)
+    assert r.status == 400 and error(r)["code"] == "invalid_body"
+    r = portal(stack, tok_b, {"customer": cus_a})
+    assert r.status == 400 and error(r) == {
+        "code": "invalid_body",
+        "message": "the body must be empty or {}: the portal is always the caller's"}
+    r = portal(stack, tok_b)
+    assert r.status == 404 and error(r) == {
+        "code": "no_customer",
+        "message": "this account has no billing details yet: subscribe first (create-checkout-session)"}
+    assert stripe.requests == [] and customer_of(stack, b) is None and attempts(stack, b) == []
+
+
+def test_oversized_body(stack, stripe):
+    _, _, tok = user(stack)
+    r = stack.call("POST", "create-checkout-session", body=b'{"tier":"' + b"x" * 70000 + b'"}',
+                   headers={"Content-Type": "application/json"}, token=tok)
+    assert r.status == 413 and error(r) == {"code": "too_big", "message": "request body too large"}
+    assert stripe.requests == []
+
+
+def test_a_user_without_an_account(stack, stripe):
+    tok = stack.jwt(role="authenticated", sub=str(uuid.uuid4()))
+    for fn in ("create-checkout-session", "create-portal-session"):
+        r = stack.call("POST", fn, json={"tier": "starter"} if fn.endswith("checkout-session") else {},
+                       token=tok)
+        assert r.status == 404 and error(r) == {"code": "no_account",
+                                                "message": "no account for this user"}
+    assert stripe.requests == []
+
+
+# ---- portal --------------------------------------------------------------------------
+
+def test_portal_session(stack, stripe):
+    acc, _, tok = user(stack)
+    assert checkout(stack, tok, tier="starter").status == 200
+    cus = customer_of(stack, acc)
+    stripe.reset()
+    r = portal(stack, tok)
+    assert r.status == 200, r
+    [req] = stripe.recorded("/v1/billing_portal/sessions")
+    assert req.pairs == [("customer", cus), ("return_url", RETURN_URL)]
+    assert req.headers["Stripe-Version"] == "2025-03-31.basil"
+    [created] = stripe.portal_sessions.values()
+    assert r.json == {"id": created["id"], "url": created["url"]}
+    rows = [a for a in attempts(stack, acc) if a[0] == "portal"]
+    assert [(s, k, o) for _, s, k, o, _ in rows] == [("succeeded", req.idempotency_key, r.json["id"])]
+    # Each visit gets a session of its own: a portal link lives minutes.
+    r2 = portal(stack, tok, {})
+    assert r2.status == 200 and r2.json["url"] != r.json["url"]
+
+
+# ---- list-plans ----------------------------------------------------------------------
+
+def test_list_plans_without_auth_never_shows_an_inactive_plan(stack):
+    stack.sql("INSERT INTO public.plans (stripe_price_id, tier, name, max_agents, max_storage_gb,"
+              " memory_limit_mb, cpu_limit, amount, active) VALUES ('price_legacy_starter', "
+              "'starter', 'Starter (2024)', 3, 5, 1024, 1.0, 800, false) ON CONFLICT DO NOTHING")
+    r = stack.call("GET", "list-plans")
+    assert r.status == 200, r
+    assert r.headers["Cache-Control"] == "public, max-age=300"
+    plans = r.json["plans"]
+    assert [(p["price_id"], p["interval"], p["amount"]) for p in plans] == [
+        ("price_free", "month", 0),
+        ("price_starter", "month", 1000), ("price_starter_annual", "year", 9600),
+        ("price_professional", "month", 4900), ("price_professional_annual", "year", 47000),
+        ("price_enterprise", "month", 19900), ("price_enterprise_annual", "year", 191000)]
+    assert plans[1] == {"price_id": "price_starter", "tier": "starter", "name": "Starter",
+                        "interval": "month", "amount": 1000, "currency": "usd", "trial_days": 14,
+                        "limits": {"max_agents": 3, "max_messages_per_day": 1000,
+                                   "max_storage_gb": 5, "memory_limit_mb": 1024, "cpu_limit": 1.0}}
+    assert "price_legacy_starter" not in r.text
+    # An operator retires a price: it disappears from the catalogue at once.
+    stack.sql("UPDATE public.plans SET active = false WHERE stripe_price_id = 'price_enterprise_annual'")
+    try:
+        r = stack.call("GET", "list-plans")
+        assert [p["price_id"] for p in r.json["plans"]][-1] == "price_enterprise"
+    finally:
+        stack.sql("UPDATE public.plans SET active = true WHERE stripe_price_id = 'price_enterprise_annual'")
+    r = stack.call("POST", "list-plans", json={})
+    assert r.status == 405 and error(r)["code"] == "method_not_allowed"
+
+
+# ---- end to end ----------------------------------------------------------------------
+
+def test_a_completed_checkout_gives_an_active_subscription_and_a_running_instance(stack, stripe, prov):
+    acc, _, tok = user(stack)
+    r = checkout(stack, tok, tier="enterprise")     # no trial on enterprise
+    assert r.status == 200, r
+    for event in stripe.complete(r.json["id"]):
+        raw = json.dumps(event).encode()
+        w = stack.call("POST", "handle-stripe-webhook", body=raw, headers=stack.stripe_headers(raw))
+        assert w.status == 200, (event["type"], w)
+    [(sid, status, tier)] = stack.sql("SELECT id, status, tier FROM public.subscriptions "
+                                      "WHERE account_id = %s", acc)
+    assert (status, tier) == ("active", "enterprise")
+    assert wait_status(stack, str(sid), "running", timeout=15)
+    # The account now has a live subscription: a second checkout is refused.
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 409 and error(r)["code"] == "subscription_exists"
+
+
+# ---- configuration -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bare(pg):
+    """A stack without STRIPE_SECRET_KEY, as `make run` starts by default."""
+    with mr.Stack(pg, functions=["create-checkout-session", "create-portal-session",
+                                 "list-plans"], workers=1) as s:
+        yield s
+
+
+def test_without_a_secret_key_the_sessions_answer_503(bare):
+    acc, _ = new_account(bare)
+    tok = bare.jwt(role="authenticated", sub=acc)
+    for fn in ("create-checkout-session", "create-portal-session"):
+        r = bare.call("POST", fn, json={"tier": "starter"}, token=tok)
+        assert r.status == 503 and error(r) == {
+            "code": "stripe_not_configured",
+            "message": "payments are not set up on this server (STRIPE_SECRET_KEY is unset)"}
+    assert bare.call("GET", "list-plans").status == 200
+
+
+def start_alone(stack, tmp_path, name, **env):
+    binary = mr.build_dir() / "bin" / name
+    full = {k: os.environ[k] for k in ("PATH", "ASAN_OPTIONS", "UBSAN_OPTIONS") if k in os.environ}
+    full.update({"DATABASE_URL": stack.env["DATABASE_URL"], "MR_SOCKET": str(tmp_path / "s.sock"),
+                 "SUPABASE_JWT_SECRET": stack.env["SUPABASE_JWT_SECRET"]})
+    full.update(env)
+    return subprocess.run([str(binary)], env=full, capture_output=True, timeout=20)
+
+
+@pytest.mark.parametrize("key, says", [
+    ("pk_test_" + "a" * 24, "holds a publishable key"),
+    ("sk_test_abc", "too short"),
+    ("sk_test_" + "a" * 20 + " ", "whitespace"),
+    ("whsec_" + "a" * 30, "webhook signing secret"),
+    ("sk_prod_" + "a" * 24, "must be a secret key"),
+])
+def test_a_malformed_secret_key_stops_startup(bare, tmp_path, key, says):
+    p = start_alone(bare, tmp_path, "create-checkout-session", STRIPE_SECRET_KEY=key,
+                    STRIPE_CHECKOUT_SUCCESS_URL=SUCCESS_URL, STRIPE_CHECKOUT_CANCEL_URL=CANCEL_URL)
+    assert p.returncode == 2, p
+    err = p.stderr.decode()
+    assert "STRIPE_SECRET_KEY" in err and says in err, err
+    assert key.strip() not in err
+
+
+@pytest.mark.parametrize("name, env, says", [
+    ("create-checkout-session", {"STRIPE_CHECKOUT_CANCEL_URL": CANCEL_URL},
+     "STRIPE_CHECKOUT_SUCCESS_URL is required but not set"),
+    ("create-checkout-session", {"STRIPE_CHECKOUT_SUCCESS_URL": "/billing/done",
+                                 "STRIPE_CHECKOUT_CANCEL_URL": CANCEL_URL},
+     "STRIPE_CHECKOUT_SUCCESS_URL is not an absolute URL"),
+    ("create-portal-session", {"STRIPE_PORTAL_RETURN_URL": "ftp://x.test/"},
+     "STRIPE_PORTAL_RETURN_URL must be an http:// or https:// URL"),
+])
+def test_missing_or_bad_urls_stop_startup(bare, tmp_path, name, env, says):
+    p = start_alone(bare, tmp_path, name, STRIPE_SECRET_KEY="sk_test_" + "a" * 24, **env)
+    assert p.returncode == 2, p
+    assert says in p.stderr.decode()
