@@ -231,6 +231,7 @@ class Pooler:
             # restarted) is replaced before a client gets it, and a client waits
             # for a server at most a few seconds while PostgreSQL is down.
             "server_check_delay = 0\nserver_check_query = select 1\nquery_wait_timeout = 10\n"
+            "server_login_retry = 1\n"
             "logfile = %s\npidfile = %s\n" % (
                 cluster.host, cluster.port, self.port, self.dir, self.dir / "userlist.txt",
                 self.dir / "pgbouncer.log", self.dir / "pgbouncer.pid"))
@@ -605,7 +606,27 @@ class Stack:
         self.pg.stop()
 
     def start_db(self):
+        """Starts the session cluster again; with a pooler in front, returns once
+        the pooler serves again too (PgBouncer refuses logins for
+        server_login_retry after failing to reach PostgreSQL: the pooler's own
+        recovery, not ours)."""
         self.pg.start()
+        pooler = getattr(self.pg, "pooler", None)
+        if pooler is not None:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                try:
+                    conn = psycopg2.connect(pooler.conninfo(self.db))
+                    try:
+                        with conn.cursor() as cur:  # the login alone needs no server
+                            cur.execute("SELECT 1")
+                    finally:
+                        conn.close()
+                    return
+                except psycopg2.Error:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
 
     # ---- HTTP ------------------------------------------------------------
 
