@@ -60,6 +60,25 @@ typedef enum { CLAIM_NONE, CLAIM_FULL, CLAIM_DONE } claim_outcome;
 mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
                            char *err, size_t errlen);
 
+/* ---- targets.c ---- */
+
+/* The provisioner target of one step (see targets.c); its strings back p's. */
+typedef struct {
+    int chosen;                 /* a target was chosen (else DOKKU_PROVISIONER_URL) */
+    char name[48];
+    char url[320];
+    char token[512];            /* wiped by targets_forget */
+} worker_target;
+
+/* Points p (a copy of wcfg.provisioner) at the instance's target, if it has one,
+ * with *t (caller-owned, wiped with targets_forget) holding the URL and token.
+ * Returns MR_OK (p unchanged when the instance has no target), MR_ETRANSIENT
+ * when the target is disabled or the database failed, MR_EINVAL when its token
+ * cannot be had (the step fails and is retried). err never holds a token. */
+mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
+                      char *err, size_t errlen);
+void targets_forget(worker_target *t);
+
 /* ---- jobs.c ---- */
 
 /* Runs every periodic job whose turn it is, if this process takes its lease.
