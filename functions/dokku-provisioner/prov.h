@@ -66,6 +66,7 @@ typedef struct {
     const char *state_dir;      /* PROVISIONER_STATE_DIR */
     const char *frontend_tpl, *backend_tpl; /* PROVISIONER_FRONTEND_URL, _BACKEND_URL */
     const char *matrix_host_tpl;            /* PROVISIONER_MATRIX_HOST: one DNS label */
+    const char *matrix_url_tpl;             /* PROVISIONER_MATRIX_URL ({matrix_host}...) */
 } prov_config;
 
 extern prov_config prov_cfg;

@@ -325,9 +325,12 @@ static mr_err expand(const char *tpl, const char *const names[], const char *con
 mr_err prov_expand_url(const char *tpl, const char *app, const char *subdomain,
                        const prov_config *cfg, char *out, size_t cap)
 {
-    const char *const names[] = {"{scheme}", "{subdomain}", "{domain}", "{app}"};
+    char host[PROV_HOST_MAX + 1];
+    if (prov_matrix_host(cfg, app, subdomain, host, sizeof host) != MR_OK)
+        host[0] = '\0';
+    const char *const names[] = {"{scheme}", "{subdomain}", "{domain}", "{app}", "{matrix_host}"};
     const char *const values[] = {cfg->tls != PROV_TLS_OFF ? "https" : "http", subdomain,
-                                  cfg->base_domain, app};
+                                  cfg->base_domain, app, host};
     return expand(tpl, names, values, MR_ARRAY_LEN(names), out, cap);
 }
 

@@ -77,15 +77,21 @@ SET search_path = ''
 AS $$
 DECLARE
     p public.plans;
+    v_limits boolean;
 BEGIN
     p := public.plan_for(NEW.tier, NEW.stripe_price_id);
     IF p.stripe_price_id IS NOT NULL THEN
+        -- The limits MindRoom receives in its environment (MAX_AGENTS...) are the
+        -- subscription's: when they change, so does the instance's configuration.
+        v_limits := NEW.max_agents IS DISTINCT FROM OLD.max_agents
+                    OR NEW.max_messages_per_day IS DISTINCT FROM OLD.max_messages_per_day;
         UPDATE public.instances
            SET memory_limit_mb = p.memory_limit_mb, cpu_limit = p.cpu_limit,
                homeserver_memory_mb = p.homeserver_memory_mb, homeserver_cpu = p.homeserver_cpu,
-               storage_gb = p.max_storage_gb
+               storage_gb = p.max_storage_gb,
+               config_version = config_version + CASE WHEN v_limits THEN 1 ELSE 0 END
          WHERE subscription_id = NEW.id AND status <> 'deprovisioned'
-           AND (memory_limit_mb IS DISTINCT FROM p.memory_limit_mb
+           AND (v_limits OR memory_limit_mb IS DISTINCT FROM p.memory_limit_mb
                 OR cpu_limit IS DISTINCT FROM p.cpu_limit
                 OR homeserver_memory_mb IS DISTINCT FROM p.homeserver_memory_mb
                 OR homeserver_cpu IS DISTINCT FROM p.homeserver_cpu
@@ -289,8 +295,11 @@ DECLARE
     v_tier text;
     v_email text;
     v_secrets jsonb;
+    v_max_agents integer;
+    v_max_messages integer;
 BEGIN
-    SELECT s.tier::text, a.email INTO v_tier, v_email
+    SELECT s.tier::text, a.email, s.max_agents, s.max_messages_per_day
+      INTO v_tier, v_email, v_max_agents, v_max_messages
       FROM public.subscriptions s
       JOIN public.accounts a ON a.id = s.account_id
      WHERE s.id = i.subscription_id;
@@ -314,11 +323,14 @@ BEGIN
             'memory_mb', i.memory_limit_mb,
             'cpu', i.cpu_limit,
             'storage_gb', i.storage_gb,
-            'env', jsonb_build_object(
+            'env', jsonb_strip_nulls(jsonb_build_object(
                 'MINDROOM_INSTANCE_ID', i.id::text,
                 'MINDROOM_SUBSCRIPTION_ID', i.subscription_id::text,
                 'MINDROOM_SUBDOMAIN', i.subdomain,
-                'MINDROOM_TIER', coalesce(v_tier, '')),
+                'MINDROOM_TIER', coalesce(v_tier, ''),
+                'MAX_AGENTS', v_max_agents::text,
+                'MAX_MESSAGES_PER_DAY', coalesce(v_max_messages::text, 'unlimited'),
+                'MAX_STORAGE_GB', i.storage_gb::text)),
             'homeserver', jsonb_strip_nulls(jsonb_build_object(
                 'memory_mb', coalesce(i.homeserver_memory_mb, 256),
                 'cpu', coalesce(i.homeserver_cpu, 0.25),

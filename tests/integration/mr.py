@@ -372,6 +372,7 @@ class Stack:
             "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(24),
             "DOKKU_PROVISIONER_URL": self.provisioner_url,
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
+            "MINDROOM_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
             "PROVISIONER_STATE_DIR": str(self.run / "provisioner"),
             "MR_WORKERS": str(self._workers),
             "MR_LIFECYCLE_WORKERS": "2",

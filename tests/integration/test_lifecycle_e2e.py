@@ -53,7 +53,7 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     cmds = commands(calls, app)
     for c in ("apps:create", "resource:limit", "config:set", "domains:set", "git:from-image"):
         assert cmds.count(c) == 1, (c, calls)
-    limit = next(c for c in calls if c[0] == "resource:limit")
+    limit = next(c for c in calls if c[0] == "resource:limit" and c[-1] == app)
     assert limit[limit.index("--memory") + 1] == "%dm" % LIMITS["starter"][0]
     assert float(limit[limit.index("--cpu") + 1]) == LIMITS["starter"][1]
     env = decode_config_args(next(c for c in calls if c[0] == "config:set"))
@@ -81,7 +81,7 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     assert r.status == 200 and r.json["instance"]["status"] == "running", r
     calls = dokku.new_calls()
     assert "apps:create" not in commands(calls, app)
-    limit = next(c for c in calls if c[0] == "resource:limit")
+    limit = next(c for c in calls if c[0] == "resource:limit" and c[-1] == app)
     assert limit[limit.index("--memory") + 1] == "%dm" % LIMITS["professional"][0]
     assert float(limit[limit.index("--cpu") + 1]) == LIMITS["professional"][1]
 
