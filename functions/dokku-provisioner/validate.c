@@ -45,29 +45,6 @@ void prov_names_of(const char *app, prov_names *n)
     snprintf(n->network, sizeof n->network, "%.40s-net", app);
 }
 
-int prov_valid_env_key(const char *s)
-{
-    if (!s || !((s[0] >= 'A' && s[0] <= 'Z') || s[0] == '_')) return 0;
-    size_t n = 0;
-    for (const char *c = s; *c; c++, n++) {
-        if (n >= 255) return 0;
-        if (!((*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '_')) return 0;
-    }
-    return 1;
-}
-
-int prov_reserved_env_key(const char *key)
-{
-    static const char *const mine[] = {"MATRIX_HOMESERVER", "MATRIX_SERVER_NAME",
-                                       "MATRIX_REGISTRATION_SHARED_SECRET",
-                                       "MINDROOM_STORAGE_PATH"};
-    /* Dokku keeps its own settings in DOKKU_* variables of the app. */
-    if (strncmp(key, "DOKKU_", 6) == 0) return 1;
-    for (size_t i = 0; i < MR_ARRAY_LEN(mine); i++)
-        if (strcmp(key, mine[i]) == 0) return 1;
-    return 0;
-}
-
 int prov_valid_image(const char *s)
 {
     if (!s) return 0;
@@ -248,10 +225,10 @@ mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
                 return mr_seterr(err, errlen, MR_EINVAL, "\"env\" has more than %d keys",
                                  PROV_MAX_ENV);
             /* The key is never echoed: it failed validation, so it may be anything. */
-            if (!prov_valid_env_key(kv->string))
+            if (!mr_appenv_valid_key(kv->string))
                 return mr_seterr(err, errlen, MR_EINVAL,
                                  "env key #%zu must match ^[A-Z_][A-Z0-9_]*$", spec->n_env + 1);
-            if (prov_reserved_env_key(kv->string))
+            if (mr_appenv_reserved_key(kv->string))
                 return mr_seterr(err, errlen, MR_EINVAL,
                                  "env key %s is reserved (set by Dokku or the provisioner)",
                                  kv->string);
