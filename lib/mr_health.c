@@ -178,7 +178,7 @@ static mr_err record_tx(mr_db *db, void *arg, char *err, size_t errlen)
 }
 
 /* What one instance's round says, for the database and for the answer alike. A
- * component that failed is named ("homeserver: unhealthy: HTTP 502"); MindRoom
+ * failing homeserver is named ("homeserver: unhealthy: HTTP 502"); MindRoom
  * without a backend URL is unreachable without a probe; an instance without a
  * homeserver URL (made before it had one) is judged by MindRoom alone. */
 typedef struct {
@@ -204,9 +204,11 @@ static void judge(const target *t, const mr_probe *probes, verdict *v)
         v->ok = 0;
         v->failed = part_names[k];
         v->outcome = pr ? pr->outcome : MR_PROBE_UNREACHABLE;
-        snprintf(v->status, sizeof v->status, "%s: %s", part_names[k],
+        /* MindRoom's own words as they always were; the homeserver's named. */
+        const char *prefix = k == PART_HOMESERVER ? "homeserver: " : "";
+        snprintf(v->status, sizeof v->status, "%s%s", prefix,
                  pr ? pr->status : "unreachable: no backend URL");
-        snprintf(v->error, sizeof v->error, "%s: %s", part_names[k],
+        snprintf(v->error, sizeof v->error, "%s%s", prefix,
                  !pr ? "the instance has no backend_url" : pr->error[0] ? pr->error : pr->status);
     }
 }

@@ -603,6 +603,12 @@ class Stack:
         autocommit; returns the rows as a list of tuples ([] without a result)."""
         return self.pg.sql(query, *params, dbname=self.db)
 
+    def wipe_instances(self):
+        """A test's clean slate: every instance row gone, and with them the teardowns
+        their deletion records (in the same transaction), so no worker goes on to
+        destroy apps an earlier test made."""
+        self.sql("DELETE FROM public.instances; DELETE FROM public.instance_teardowns")
+
     def stop_db(self):
         """Stops the whole session cluster (every stack's database)."""
         self.pg.stop()
