@@ -206,7 +206,9 @@ def test_deprovision_stop_then_provision_resumes_then_destroy(stack, prov, envfi
 def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, envfile, tmp_path):
     _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
     key = "ctl" + uuid.uuid4().hex[:8]
-    stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", health_standin.url(key), inst["id"])
+    # Both components answer from the health stand-in; MindRoom's is the one failing.
+    stack.sql("UPDATE public.instances SET backend_url = %s, matrix_server_url = %s WHERE id = %s",
+              health_standin.url(key), health_standin.url(key + "-hs", "ok"), inst["id"])
     health_standin.set_mode(key, "500")
     out = json.loads(ok(ctl("--env", envfile, "health", inst["id"])))
     assert health_standin.hits(key) == 1
