@@ -128,7 +128,13 @@ static void sweep_job(worker *w)
         if (mr_db_call(w->db, &mr_service_identity, &reprocess_stmt, p, NULL, &result, err,
                        sizeof err) == MR_OK) {
             retried++;
-            mr_log(MR_LOG_INFO, "stripe event %.255s: retried: %s", id, result ? result : "?");
+            /* A deferred claim on an account turned out not to be backed by its
+             * customer: the same security event the webhook logs. */
+            if (result && !strcmp(result, "refused"))
+                mr_log(MR_LOG_ERROR, "security: stripe event %.255s: retried: refused (it names an "
+                       "account its customer does not belong to; mindroomctl refused-links)", id);
+            else
+                mr_log(MR_LOG_INFO, "stripe event %.255s: retried: %s", id, result ? result : "?");
         } else {
             failed++;
             mr_log(MR_LOG_WARN, "stripe event %.255s: retry failed: %s", id, err);

@@ -57,13 +57,14 @@ def stacks(pg, health):
 
 
 def signup(stack, i, t):
-    account, _ = new_account(stack)
+    customer = "cus_%d_%s" % (i, uuid.uuid4().hex[:8])
+    account, _ = new_account(stack, customer)
     sub = "sub_%s" % uuid.uuid4().hex[:16]
     event = {"id": "evt_" + uuid.uuid4().hex, "object": "event",
              "type": "customer.subscription.created", "created": t, "livemode": False,
              "api_version": "2025-03-31.basil",
              "data": {"object": {
-                 "id": sub, "object": "subscription", "customer": "cus_%d_%s" % (i, uuid.uuid4().hex[:8]),
+                 "id": sub, "object": "subscription", "customer": customer,
                  "status": "active", "metadata": {"account_id": account},
                  "cancel_at_period_end": False,
                  "items": {"object": "list", "data": [{
