@@ -35,7 +35,7 @@ TEST_BINS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 .PHONY: all build tests test run stop bench valgrind fuzz drills clean deps
 all: build
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bin/%,$(wildcard tests/bench/*.c))
-build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BENCH_BINS)
+build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BUILD)/bin/mr-secrets $(BENCH_BINS)
 tests: $(TEST_BINS)
 
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)

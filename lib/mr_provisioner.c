@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+
 #include "mr_json.h"
 
 static void copy_str(const cJSON *obj, const char *key, char *dst, size_t cap)
@@ -106,6 +108,7 @@ void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *
         return;
     }
     call(http, p, "POST", "/apps", body, "POST /apps", 0, out);
+    OPENSSL_cleanse(body, strlen(body)); /* it held the instance's secrets */
     free(body);
 }
 

@@ -230,6 +230,13 @@ const char *mr_secrets_kid(const mr_secrets *k)
     return k->keys[0].kid;
 }
 
+int mr_secrets_instance_context(char *out, size_t cap, const char *instance_id, const char *kind,
+                                const char *name)
+{
+    int n = snprintf(out, cap, "instance/%s/%s/%s", instance_id, kind, name);
+    return n > 0 && (size_t)n < cap ? 0 : -1;
+}
+
 static const ring_key *find(const mr_secrets *k, const char *kid)
 {
     for (size_t i = 0; i < k->n; i++)

@@ -69,6 +69,13 @@ void mr_secrets_free(mr_secrets *k);
 /* The current key's id: 8 lowercase hex characters, owned by k. */
 const char *mr_secrets_kid(const mr_secrets *k);
 
+/* The context an instance's secret is sealed and digested for (instance_secrets:
+ * "instance/<uuid>/<kind>/<name>"), so a ciphertext opens only for its own row.
+ * Returns 0, or -1 when it does not fit in cap. */
+#define MR_SECRETS_CONTEXT_MAX 400 /* "instance/" uuid "/" kind "/" a 255-byte name */
+int mr_secrets_instance_context(char *out, size_t cap, const char *instance_id, const char *kind,
+                                const char *name);
+
 /* Seals len bytes of pt under the current key. Returns MR_OK with *out a
  * malloc'd NUL-terminated ciphertext the caller frees, or MR_EINVAL (plaintext
  * over MR_SECRETS_MAX_PLAINTEXT) / MR_EINTERNAL (OpenSSL or memory). */

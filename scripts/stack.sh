@@ -35,10 +35,12 @@ load_config() {
   # Local secrets: each generated on the first run that lacks it, reused after
   # (tokens stay valid across restarts).
   local name value
-  for name in SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET STRIPE_WEBHOOK_SECRET DOKKU_PROVISIONER_TOKEN; do
+  for name in SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET STRIPE_WEBHOOK_SECRET DOKKU_PROVISIONER_TOKEN \
+              MINDROOM_SECRETS_KEY; do
     grep -q "^$name=" "$RUN/secrets.env" 2>/dev/null && continue
     value=$(openssl rand -hex 32)
     [ "$name" = STRIPE_WEBHOOK_SECRET ] && value=whsec_$(openssl rand -hex 24)
+    [ "$name" = MINDROOM_SECRETS_KEY ] && value=$(openssl rand -base64 32)
     (umask 077; echo "$name=$value" >> "$RUN/secrets.env")
   done
   set -a

@@ -35,7 +35,8 @@ static void check_template(const char *var, const char *tpl)
     prov_config probe = prov_cfg;
     char out[1024];
     if (prov_expand_url(tpl, "app", "sub", &probe, out, sizeof out) != MR_OK)
-        die("%s: unknown placeholder (use {scheme}, {subdomain}, {domain}, {app}) or too long",
+        die("%s: unknown placeholder (use {scheme}, {subdomain}, {domain}, {app}, "
+            "{matrix_host}) or too long",
             var);
     if (strncmp(out, "http://", 7) != 0 && strncmp(out, "https://", 8) != 0)
         die("%s must start with http:// or https:// (or {scheme}://)", var);
@@ -219,8 +220,12 @@ static void init(void)
     c->frontend_tpl = mr_config_str("PROVISIONER_FRONTEND_URL", "{scheme}://{subdomain}.{domain}");
     c->backend_tpl = mr_config_str("PROVISIONER_BACKEND_URL", "{scheme}://{subdomain}.{domain}/api");
     c->matrix_host_tpl = mr_config_str("PROVISIONER_MATRIX_HOST", "{subdomain}-matrix");
+    /* Where the control plane reaches the homeserver (its health probe, the
+     * instance's matrix_server_url): its public host unless told otherwise. */
+    c->matrix_url_tpl = mr_config_str("PROVISIONER_MATRIX_URL", "{scheme}://{matrix_host}");
     check_template("PROVISIONER_FRONTEND_URL", c->frontend_tpl);
     check_template("PROVISIONER_BACKEND_URL", c->backend_tpl);
+    check_template("PROVISIONER_MATRIX_URL", c->matrix_url_tpl);
     {
         char host[PROV_HOST_MAX + 1];
         if (prov_matrix_host(c, "mindroom-0123456789ab", "m0123456789ab", host, sizeof host) !=

@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "mindroom.h"
+#include "mr_appenv.h"
 
 typedef enum { PROV_MODE_LOCAL, PROV_MODE_SSH, PROV_MODE_DRY_RUN } prov_mode;
 /* DOKKU_TLS. On k3s, letsencrypt and issuer go through the scheduler's
@@ -80,6 +81,7 @@ typedef struct {
     const char *state_dir;      /* PROVISIONER_STATE_DIR */
     const char *frontend_tpl, *backend_tpl; /* PROVISIONER_FRONTEND_URL, _BACKEND_URL */
     const char *matrix_host_tpl;            /* PROVISIONER_MATRIX_HOST: one DNS label */
+    const char *matrix_url_tpl;             /* PROVISIONER_MATRIX_URL ({matrix_host}...) */
 } prov_config;
 
 extern prov_config prov_cfg;
@@ -147,10 +149,6 @@ int prov_valid_name(const char *s);
 int prov_valid_app(const prov_config *cfg, const char *s);
 /* Fills *n from a valid app name. */
 void prov_names_of(const char *app, prov_names *n);
-/* 1 when s is an environment key: ^[A-Z_][A-Z0-9_]*$, at most 255 characters. */
-int prov_valid_env_key(const char *s);
-/* 1 when key is set by the provisioner itself (DOKKU_*, MATRIX_HOMESERVER, ...). */
-int prov_reserved_env_key(const char *key);
 /* 1 when s is an image pinned by digest: <name>@sha256:<64 lowercase hex>. */
 int prov_valid_image(const char *s);
 /* 1 when s is a lowercase DNS name: labels of [a-z0-9-], 1..63, not starting

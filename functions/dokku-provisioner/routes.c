@@ -78,19 +78,15 @@ static void create_app(mr_req *r)
         mr_reply_error(r, 400, "invalid_request", "%s", err);
         goto done;
     }
-    char urls[3][1024], host[PROV_HOST_MAX + 1];
-    const char *tpls[2] = {prov_cfg.backend_tpl, prov_cfg.frontend_tpl};
-    for (int i = 0; i < 2; i++) {
+    char urls[3][1024];
+    const char *tpls[3] = {prov_cfg.backend_tpl, prov_cfg.frontend_tpl, prov_cfg.matrix_url_tpl};
+    for (int i = 0; i < 3; i++) {
         if (prov_expand_url(tpls[i], spec->app, spec->subdomain, &prov_cfg, urls[i],
                             sizeof urls[i]) != MR_OK) {
             mr_reply_error(r, 400, "invalid_request", "the app's URLs would be too long");
             goto done;
         }
     }
-    /* prov_parse_spec has checked that the host expands. */
-    prov_matrix_host(&prov_cfg, spec->app, spec->subdomain, host, sizeof host);
-    snprintf(urls[2], sizeof urls[2], "%s://%s", prov_cfg.tls != PROV_TLS_OFF ? "https" : "http",
-             host);
     prov_outcome o;
     if (prov_apply(&prov_cfg, spec, &o, err, sizeof err) != MR_OK) {
         reply_failure(r, &o, err);

@@ -95,7 +95,7 @@ mr_err prov_check_child_env(const char *names, char *err, size_t errlen)
                              "PROVISIONER_CHILD_ENV: names separated by ',', none empty");
         memcpy(name, p, n);
         name[n] = '\0';
-        if (!prov_valid_env_key(name))
+        if (!mr_appenv_valid_key(name))
             return mr_seterr(err, errlen, MR_EINVAL,
                              "PROVISIONER_CHILD_ENV: %s is not a variable name (^[A-Z_][A-Z0-9_]*$)",
                              name);

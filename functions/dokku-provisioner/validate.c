@@ -45,29 +45,6 @@ void prov_names_of(const char *app, prov_names *n)
     snprintf(n->network, sizeof n->network, "%.40s-net", app);
 }
 
-int prov_valid_env_key(const char *s)
-{
-    if (!s || !((s[0] >= 'A' && s[0] <= 'Z') || s[0] == '_')) return 0;
-    size_t n = 0;
-    for (const char *c = s; *c; c++, n++) {
-        if (n >= 255) return 0;
-        if (!((*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '_')) return 0;
-    }
-    return 1;
-}
-
-int prov_reserved_env_key(const char *key)
-{
-    static const char *const mine[] = {"MATRIX_HOMESERVER", "MATRIX_SERVER_NAME",
-                                       "MATRIX_REGISTRATION_SHARED_SECRET",
-                                       "MINDROOM_STORAGE_PATH"};
-    /* Dokku keeps its own settings in DOKKU_* variables of the app. */
-    if (strncmp(key, "DOKKU_", 6) == 0) return 1;
-    for (size_t i = 0; i < MR_ARRAY_LEN(mine); i++)
-        if (strcmp(key, mine[i]) == 0) return 1;
-    return 0;
-}
-
 int prov_valid_image(const char *s)
 {
     if (!s) return 0;
@@ -253,10 +230,10 @@ mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
                 return mr_seterr(err, errlen, MR_EINVAL, "\"env\" has more than %d keys",
                                  PROV_MAX_ENV);
             /* The key is never echoed: it failed validation, so it may be anything. */
-            if (!prov_valid_env_key(kv->string))
+            if (!mr_appenv_valid_key(kv->string))
                 return mr_seterr(err, errlen, MR_EINVAL,
                                  "env key #%zu must match ^[A-Z_][A-Z0-9_]*$", spec->n_env + 1);
-            if (prov_reserved_env_key(kv->string))
+            if (mr_appenv_reserved_key(kv->string))
                 return mr_seterr(err, errlen, MR_EINVAL,
                                  "env key %s is reserved (set by Dokku or the provisioner)",
                                  kv->string);
@@ -330,9 +307,12 @@ static mr_err expand(const char *tpl, const char *const names[], const char *con
 mr_err prov_expand_url(const char *tpl, const char *app, const char *subdomain,
                        const prov_config *cfg, char *out, size_t cap)
 {
-    const char *const names[] = {"{scheme}", "{subdomain}", "{domain}", "{app}"};
+    char host[PROV_HOST_MAX + 1];
+    if (prov_matrix_host(cfg, app, subdomain, host, sizeof host) != MR_OK)
+        host[0] = '\0';
+    const char *const names[] = {"{scheme}", "{subdomain}", "{domain}", "{app}", "{matrix_host}"};
     const char *const values[] = {cfg->tls != PROV_TLS_OFF ? "https" : "http", subdomain,
-                                  cfg->base_domain, app};
+                                  cfg->base_domain, app, host};
     return expand(tpl, names, values, MR_ARRAY_LEN(names), out, cap);
 }
 

@@ -15,13 +15,15 @@ typedef struct {
     const char *type;     /* 1..255 bytes, points into root */
     int64_t created;      /* Unix seconds, 0..253402300799 (year 9999) */
     const cJSON *object;  /* data.object, an object; points into root */
+    int livemode;         /* the event's livemode: 1 true, 0 false or absent */
 } wh_event;
 
 /* Parses the raw (already signature-checked) body with its explicit length and
  * checks the envelope: a JSON object with a string id and type, an integer
- * created and an object data.object. Returns MR_OK with *ev filled (caller calls
- * wh_event_free), or MR_EINVAL with *code set to a static "malformed_json" or
- * "invalid_event", err filled and nothing left to free. */
+ * created, an object data.object and, when present, a boolean livemode.
+ * Returns MR_OK with *ev filled (caller calls wh_event_free), or MR_EINVAL
+ * with *code set to a static "malformed_json" or "invalid_event", err filled
+ * and nothing left to free. */
 mr_err wh_event_parse(const char *body, size_t len, wh_event *ev, const char **code,
                       char *err, size_t errlen);
 

@@ -4,19 +4,24 @@
  *   1. Stripe-Signature over the exact raw body (400 invalid_signature, nothing
  *      written). Nothing is parsed before this.
  *   2. Parse with the explicit length; check the envelope (id, type, created,
- *      data.object); 400 otherwise. An id this worker saw PostgreSQL settle for
- *      good (processed, ignored, stale, failed) in the last
- *      STRIPE_DUPLICATE_CACHE_SECONDS is answered "duplicate" here, without a
- *      round trip: that is what the database would answer (mr_idcache.h).
+ *      data.object); 400 otherwise. With STRIPE_SECRET_KEY set, an event of the
+ *      other mode (livemode true with a test key, false with a live key) is
+ *      400 livemode_mismatch, nothing written. An id this worker saw
+ *      PostgreSQL settle for good (processed, ignored, stale, failed, refused)
+ *      in the last STRIPE_DUPLICATE_CACHE_SECONDS is answered "duplicate" here,
+ *      without a round trip: that is what the database would answer
+ *      (mr_idcache.h).
  *   3. One round trip (mr_db_call): the service_role identity and
  *      public.process_stripe_event(id, payload) in one pipeline, one implicit
  *      transaction committed at its Sync. Dedupe, ordering, the subscription, what
  *      the instance should become and the event's status all happen in SQL
  *      (sql/migrations/010_stripe_webhook.sql, 041_webhook_intent.sql); the same
  *      commit wakes the lifecycle worker when it made work owed.
- *   4. Answer: 200 (duplicate/ignored/stale/failed flagged), or 503 for an event
- *      that cannot be applied yet (unknown account) or a database failure, so that
- *      Stripe retries.
+ *   4. Answer: 200 (duplicate/ignored/stale/failed/refused flagged), or 503 for
+ *      an event that cannot be applied yet (unknown account) or a database
+ *      failure, so that Stripe retries. A refused event (it claims an account its
+ *      customer does not belong to: sql/migrations/051_account_linking.sql) is a
+ *      security event, logged at error level.
  * The webhook calls nothing else: a delivery never waits on Dokku, Resend or
  * another function. */
 #include <stdio.h>
@@ -25,6 +30,7 @@
 #include <time.h>
 
 #include "mindroom.h"
+#include "mr_stripe_api.h"
 #include "event.h"
 
 #define MAX_SECRETS 8
@@ -36,6 +42,7 @@ static struct {
     size_t nsecrets;
     long tolerance_s;
     long seen_ttl_s;              /* 0: every delivery asks the database */
+    int livemode;                 /* STRIPE_SECRET_KEY's mode: 1 live, 0 test, -1 no key */
 } cfg;
 
 static void init(void)
@@ -49,6 +56,14 @@ static void init(void)
     }
     cfg.tolerance_s = (long)mr_config_int("STRIPE_WEBHOOK_TOLERANCE", 300, 1, 7 * 24 * 3600);
     cfg.seen_ttl_s = (long)mr_config_int("STRIPE_DUPLICATE_CACHE_SECONDS", 60, 0, 3600);
+    /* The API key says which mode this deployment is in; events of the other mode
+     * are refused. The key itself is not kept. */
+    cfg.livemode = -1;
+    const char *key = getenv("STRIPE_SECRET_KEY");
+    if (key && *key && mr_stripe_api_check_key(key, &cfg.livemode, err, sizeof err) != MR_OK) {
+        fprintf(stderr, "config: %s\n", err);
+        exit(2);
+    }
 }
 
 /* Event ids this worker saw committed as final (worker-local, after fork). */
@@ -87,6 +102,8 @@ static void answer(mr_req *r, const char *result, const char *evt_err)
         cJSON_AddBoolToObject(body, "stale", 1);
     else if (!strcmp(result, "failed"))
         cJSON_AddStringToObject(body, "failed", evt_err ? evt_err : "error");
+    else if (!strcmp(result, "refused"))
+        cJSON_AddStringToObject(body, "refused", evt_err ? evt_err : "account link refused");
     mr_reply_json(r, 200, body);
 }
 
@@ -119,6 +136,16 @@ static void handle(mr_req *r)
     cJSON *ev = evt.root;
     id = evt.id;
     type = evt.type;
+
+    if (cfg.livemode >= 0 && evt.livemode != cfg.livemode) {
+        mr_log(MR_LOG_WARN, "event %s (%s): livemode %s refused: STRIPE_SECRET_KEY is a %s key", id,
+               type, evt.livemode ? "true" : "false", cfg.livemode ? "live" : "test");
+        mr_reply_error(r, 400, "livemode_mismatch",
+                       "a %s-mode event, but this server uses a %s-mode Stripe key",
+                       evt.livemode ? "live" : "test", cfg.livemode ? "live" : "test");
+        cJSON_Delete(ev);
+        return;
+    }
 
     if (mr_idcache_has(g_seen, id, mr_now_ms())) {
         mr_log(MR_LOG_INFO, "event %s (%s): duplicate (settled, remembered)", id, type);
@@ -156,10 +183,21 @@ static void handle(mr_req *r)
     }
     (void)mr_json_str(res, "owed", &owed);
     (void)mr_json_str(res, "error", &evt_err);
-    mr_log(MR_LOG_INFO, "event %s (%s): %s, owed %s", id, type, result, owed ? owed : "none");
+    if (!strcmp(result, "refused")) {
+        /* Someone made Stripe name an account that is not this customer's: an
+         * attempt to take over another account's billing, or a bug of ours. */
+        const char *cust = NULL, *claimed = NULL;
+        (void)mr_json_str(res, "customer", &cust);
+        (void)mr_json_str(res, "claimed_account", &claimed);
+        mr_log(MR_LOG_ERROR,
+               "security: event %s (%s) refused: customer %.64s, claimed account %.64s: %s", id,
+               type, cust ? cust : "-", claimed ? claimed : "-", evt_err ? evt_err : "");
+    } else {
+        mr_log(MR_LOG_INFO, "event %s (%s): %s, owed %s", id, type, result, owed ? owed : "none");
+    }
     /* Committed as final: PostgreSQL answers every later delivery "duplicate". */
     if (!strcmp(result, "processed") || !strcmp(result, "duplicate") || !strcmp(result, "ignored")
-        || !strcmp(result, "stale") || !strcmp(result, "failed"))
+        || !strcmp(result, "stale") || !strcmp(result, "failed") || !strcmp(result, "refused"))
         mr_idcache_put(g_seen, id, mr_now_ms());
 
     /* 4. The answer. */

@@ -33,17 +33,18 @@ static const mr_db_stmt hs_keys_stmt = {
 static const char *const hs_names[] = {"signing_key", "registration_shared_secret",
                                        "macaroon_secret_key", "form_secret"};
 
-/* "instance/<id>/<kind>/<name>": a ciphertext opens only for the row it was sealed for. */
+/* The context a secret is sealed for: its own row (mr_secrets_instance_context). */
 static void context(char *out, size_t cap, const char *instance_id, const char *kind,
                     const char *name)
 {
-    snprintf(out, cap, "instance/%s/%s/%s", instance_id, kind, name);
+    if (mr_secrets_instance_context(out, cap, instance_id, kind, name) != 0)
+        out[0] = '\0'; /* names are bounded by instance_secrets' CHECK; never reached */
 }
 
 static mr_err seal(const char *instance_id, const char *kind, const char *name, const char *value,
                    char **ct, char digest[MR_SECRETS_DIGEST_LEN + 1], char *err, size_t errlen)
 {
-    char ctx[160];
+    char ctx[MR_SECRETS_CONTEXT_MAX];
     context(ctx, sizeof ctx, instance_id, kind, name);
     mr_err e = mr_secrets_seal(wcfg.secrets, ctx, value, strlen(value), ct, err, errlen);
     if (e == MR_OK && mr_secrets_digest(wcfg.secrets, ctx, value, strlen(value), digest) != MR_OK) {
@@ -59,7 +60,7 @@ static mr_err seal(const char *instance_id, const char *kind, const char *name, 
 static mr_err open_secret(const char *instance_id, const char *kind, const char *name,
                           const char *ct, char **out, char *err, size_t errlen)
 {
-    char ctx[160];
+    char ctx[MR_SECRETS_CONTEXT_MAX];
     unsigned char *pt = NULL;
     size_t len = 0;
     context(ctx, sizeof ctx, instance_id, kind, name);

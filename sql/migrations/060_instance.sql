@@ -13,8 +13,9 @@
 --   * Destroy removes both apps and keeps the storage for a retention period
 --     (storage_destroy_after); then destroy_storage is owed. A purge (operator's
 --     request, account deletion) removes the data at once. Both are audited.
---   * Deleting an account whose instances still have apps or data is refused:
---     the cascade would otherwise orphan apps on the Dokku host.
+--   * Deleting an account (or any instance row) whose instance still has apps or
+--     data records a teardown where no cascade reaches (instance_teardowns): the
+--     worker destroys both apps and both storage entries.
 
 -- The vocabulary grows by one word (the domain, not an enum, so it is used below).
 ALTER DOMAIN public.lifecycle_action DROP CONSTRAINT lifecycle_action_check;
@@ -77,15 +78,21 @@ SET search_path = ''
 AS $$
 DECLARE
     p public.plans;
+    v_limits boolean;
 BEGIN
     p := public.plan_for(NEW.tier, NEW.stripe_price_id);
     IF p.stripe_price_id IS NOT NULL THEN
+        -- The limits MindRoom receives in its environment (MAX_AGENTS...) are the
+        -- subscription's: when they change, so does the instance's configuration.
+        v_limits := NEW.max_agents IS DISTINCT FROM OLD.max_agents
+                    OR NEW.max_messages_per_day IS DISTINCT FROM OLD.max_messages_per_day;
         UPDATE public.instances
            SET memory_limit_mb = p.memory_limit_mb, cpu_limit = p.cpu_limit,
                homeserver_memory_mb = p.homeserver_memory_mb, homeserver_cpu = p.homeserver_cpu,
-               storage_gb = p.max_storage_gb
+               storage_gb = p.max_storage_gb,
+               config_version = config_version + CASE WHEN v_limits THEN 1 ELSE 0 END
          WHERE subscription_id = NEW.id AND status <> 'deprovisioned'
-           AND (memory_limit_mb IS DISTINCT FROM p.memory_limit_mb
+           AND (v_limits OR memory_limit_mb IS DISTINCT FROM p.memory_limit_mb
                 OR cpu_limit IS DISTINCT FROM p.cpu_limit
                 OR homeserver_memory_mb IS DISTINCT FROM p.homeserver_memory_mb
                 OR homeserver_cpu IS DISTINCT FROM p.homeserver_cpu
@@ -289,8 +296,11 @@ DECLARE
     v_tier text;
     v_email text;
     v_secrets jsonb;
+    v_max_agents integer;
+    v_max_messages integer;
 BEGIN
-    SELECT s.tier::text, a.email INTO v_tier, v_email
+    SELECT s.tier::text, a.email, s.max_agents, s.max_messages_per_day
+      INTO v_tier, v_email, v_max_agents, v_max_messages
       FROM public.subscriptions s
       JOIN public.accounts a ON a.id = s.account_id
      WHERE s.id = i.subscription_id;
@@ -314,11 +324,14 @@ BEGIN
             'memory_mb', i.memory_limit_mb,
             'cpu', i.cpu_limit,
             'storage_gb', i.storage_gb,
-            'env', jsonb_build_object(
+            'env', jsonb_strip_nulls(jsonb_build_object(
                 'MINDROOM_INSTANCE_ID', i.id::text,
                 'MINDROOM_SUBSCRIPTION_ID', i.subscription_id::text,
                 'MINDROOM_SUBDOMAIN', i.subdomain,
-                'MINDROOM_TIER', coalesce(v_tier, '')),
+                'MINDROOM_TIER', coalesce(v_tier, ''),
+                'MAX_AGENTS', v_max_agents::text,
+                'MAX_MESSAGES_PER_DAY', coalesce(v_max_messages::text, 'unlimited'),
+                'MAX_STORAGE_GB', i.storage_gb::text)),
             'homeserver', jsonb_strip_nulls(jsonb_build_object(
                 'memory_mb', coalesce(i.homeserver_memory_mb, 256),
                 'cpu', coalesce(i.homeserver_cpu, 0.25),
@@ -567,26 +580,112 @@ AS $$
 $$;
 
 -- Account deletion (auth.users -> accounts -> subscriptions -> instances, all
--- ON DELETE CASCADE) must not orphan apps or data on the Dokku host: an instance
--- still holding either refuses to go. Purge it first (mindroomctl purge), then
--- delete the account.
-CREATE FUNCTION public.instances_refuse_orphaning()
+-- ON DELETE CASCADE) must not orphan apps or data on the Dokku host. When an
+-- instance row goes while it still has either, its delete records the teardown
+-- here, where no cascade reaches: the lifecycle worker's teardown job destroys
+-- both apps and both storage entries (a purge: the account is being erased), with
+-- retries, and records it in audit_logs.
+CREATE TABLE public.instance_teardowns (
+    instance_id    uuid PRIMARY KEY,          -- no foreign key: the row is gone
+    dokku_app_name text NOT NULL,
+    subscription_id uuid,                     -- the same: kept for the audit trail
+    not_before     timestamptz NOT NULL DEFAULT now(),
+    attempts       integer NOT NULL DEFAULT 0,
+    last_error     text,
+    done_at        timestamptz,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX instance_teardowns_due_idx ON public.instance_teardowns (not_before)
+    WHERE done_at IS NULL;
+CREATE TRIGGER instance_teardowns_updated_at BEFORE UPDATE ON public.instance_teardowns
+    FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+ALTER TABLE public.instance_teardowns ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON public.instance_teardowns FROM PUBLIC, anon, authenticated;
+GRANT SELECT, UPDATE ON public.instance_teardowns TO service_role;
+CREATE POLICY "Service role manages instance teardowns" ON public.instance_teardowns
+    FOR ALL TO service_role USING (true) WITH CHECK (true);
+
+-- SECURITY DEFINER: the delete may come from any role allowed to delete the row
+-- (service_role, Supabase Auth deleting a user), none of which may write here.
+CREATE FUNCTION public.instances_record_teardown()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = ''
 AS $$
 BEGIN
-    IF OLD.status <> 'deprovisioned' OR OLD.storage_destroyed_at IS NULL THEN
-        RAISE EXCEPTION 'instance % (%) still has apps or data on the Dokku host', OLD.id, OLD.dokku_app_name
-            USING ERRCODE = 'MR002',
-                  HINT = 'purge it first (mindroomctl purge), then delete the account';
+    IF OLD.dokku_app_name IS NULL
+       OR (OLD.status = 'deprovisioned' AND OLD.storage_destroyed_at IS NOT NULL) THEN
+        RETURN OLD;
     END IF;
+    INSERT INTO public.instance_teardowns (instance_id, dokku_app_name, subscription_id, not_before)
+    VALUES (OLD.id, OLD.dokku_app_name, OLD.subscription_id,
+            -- A step in flight on the row ends (or its lease does) first.
+            CASE WHEN OLD.claimed_by IS NOT NULL THEN greatest(now(), OLD.claim_expires_at)
+                 ELSE now() END)
+    ON CONFLICT (instance_id) DO NOTHING;
+    -- No account_id: the account (and the subscription) may be going in this very
+    -- statement (the cascade), and audit_logs refers to live accounts only.
+    INSERT INTO public.audit_logs (account_id, action, details)
+    VALUES (NULL, 'instance.teardown_requested', jsonb_build_object(
+        'instance_id', OLD.id, 'app', OLD.dokku_app_name, 'subscription_id', OLD.subscription_id,
+        'status', OLD.status));
     RETURN OLD;
 END;
 $$;
 
-CREATE TRIGGER instances_refuse_orphaning BEFORE DELETE ON public.instances
-    FOR EACH ROW EXECUTE FUNCTION public.instances_refuse_orphaning();
+CREATE TRIGGER instances_record_teardown BEFORE DELETE ON public.instances
+    FOR EACH ROW EXECUTE FUNCTION public.instances_record_teardown();
+
+-- The teardowns due now (the worker's teardown job), oldest first.
+CREATE FUNCTION public.instance_teardowns_due(p_limit integer)
+RETURNS TABLE (instance_id uuid, dokku_app_name text, attempts integer)
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+    SELECT t.instance_id, t.dokku_app_name, t.attempts
+      FROM public.instance_teardowns t
+     WHERE t.done_at IS NULL AND t.not_before <= now()
+     ORDER BY t.not_before, t.instance_id
+     LIMIT greatest(p_limit, 0)
+$$;
+
+-- Records a teardown's outcome: done (audited), or retried after a backoff that
+-- doubles from p_base_s up to p_cap_s.
+CREATE FUNCTION public.instance_teardown_finish(p_instance_id uuid, p_ok boolean, p_error text,
+                                                p_base_s integer, p_cap_s integer)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+    t public.instance_teardowns;
+BEGIN
+    SELECT * INTO t FROM public.instance_teardowns
+     WHERE instance_id = p_instance_id AND done_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF p_ok THEN
+        UPDATE public.instance_teardowns SET done_at = now(), last_error = NULL,
+               attempts = attempts + 1
+         WHERE instance_id = p_instance_id;
+        INSERT INTO public.audit_logs (account_id, action, details)
+        VALUES (NULL, 'instance.storage_destroyed', jsonb_build_object(
+            'instance_id', t.instance_id, 'app', t.dokku_app_name,
+            'subscription_id', t.subscription_id, 'purged', true, 'teardown', true));
+    ELSE
+        UPDATE public.instance_teardowns
+           SET attempts = attempts + 1, last_error = left(p_error, 500),
+               not_before = now() + make_interval(secs => least(
+                   p_cap_s::double precision,
+                   p_base_s::double precision * power(2, least(t.attempts, 30))))
+         WHERE instance_id = p_instance_id;
+    END IF;
+    RETURN true;
+END;
+$$;
 
 DO $grants$
 DECLARE
@@ -598,7 +697,9 @@ BEGIN
         'public.instance_homeserver_keys(uuid, jsonb)',
         'public.instance_take_plain_env(uuid)',
         'public.lifecycle_deprovision(uuid, uuid, text, boolean)',
-        'public.instances_refuse_orphaning()']
+        'public.instances_record_teardown()',
+        'public.instance_teardowns_due(integer)',
+        'public.instance_teardown_finish(uuid, boolean, text, integer, integer)']
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC, anon, authenticated', f);
     END LOOP;
@@ -607,7 +708,9 @@ BEGIN
         'public.instance_secret_delete(uuid, text, text)',
         'public.instance_homeserver_keys(uuid, jsonb)',
         'public.instance_take_plain_env(uuid)',
-        'public.lifecycle_deprovision(uuid, uuid, text, boolean)']
+        'public.lifecycle_deprovision(uuid, uuid, text, boolean)',
+        'public.instance_teardowns_due(integer)',
+        'public.instance_teardown_finish(uuid, boolean, text, integer, integer)']
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO service_role', f);
     END LOOP;

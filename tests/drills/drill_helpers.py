@@ -29,9 +29,9 @@ class Customer:
     is unambiguous."""
 
     def __init__(self, stack, rng, t0):
-        self.account, self.email = new_account(stack)
         self.sub = "sub_" + uuid.uuid4().hex[:16]
         self.customer = "cus_" + uuid.uuid4().hex[:16]
+        self.account, self.email = new_account(stack, self.customer)
         self.events = []
         t = t0
         tiers = ["starter", "professional", "enterprise", "free"]

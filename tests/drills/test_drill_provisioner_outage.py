@@ -52,8 +52,8 @@ def signup_event(account, i, t):
 
 
 def test_provisioner_outage_then_back_every_instance_running_created_once(stack, prov, gate):
-    accounts = [new_account(stack)[0] for _ in range(SIGNUPS)]
     t = int(time.time())
+    accounts = [new_account(stack, "cus_drill2_%d_%d" % (t, i))[0] for i in range(SIGNUPS)]
 
     # Outage, phase 1: nothing listens (connection refused).
     gate.close()

@@ -101,8 +101,8 @@ def send(stack, ev):
 
 def test_reloads_and_restarts_under_load_cut_nothing(stack, probes):
     make_instances(stack, probes)
-    accounts = [new_account(stack)[0] for _ in range(200)]
     tag = uuid.uuid4().hex[:8]
+    accounts = [new_account(stack, "cus_%s_%d" % (tag, i))[0] for i in range(200)]
     stop = threading.Event()
     lock = threading.Lock()
     sent, health, problems = [], [], []

@@ -43,25 +43,28 @@ def stacks(pg, health):
         MR_LIFECYCLE_WORKERS="2", MR_PROVISION_BACKOFF_BASE_S="1",
         HEALTH_INTERVAL_S=str(INTERVAL), HEALTH_FAILURE_THRESHOLD=str(THRESHOLD),
         HEALTH_TIMEOUT_MS="500", HEALTH_ALLOW_LOOPBACK="1",
-        # Every instance's backend is the health stand-in, keyed by its subdomain.
-        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port)
+        # Every instance's two components are the health stand-in, keyed by the
+        # subdomain (MindRoom) and the homeserver's host (its homeserver).
+        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
+        PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port)
     with mr.Stack(pg, env=env) as a:
         # The second host shares the database, the Dokku host and the secrets a
         # real deployment shares; everything else (ports, processes) is its own.
         shared = {k: a.env[k] for k in ("SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET",
-                                        "DOKKU_PROVISIONER_TOKEN")}
+                                        "DOKKU_PROVISIONER_TOKEN", "MINDROOM_SECRETS_KEY")}
         with mr.Stack(pg, env=dict(env, **shared), db=a.db) as b:
             yield a, b, dokku
 
 
 def signup(stack, i, t):
-    account, _ = new_account(stack)
+    customer = "cus_%d_%s" % (i, uuid.uuid4().hex[:8])
+    account, _ = new_account(stack, customer)
     sub = "sub_%s" % uuid.uuid4().hex[:16]
     event = {"id": "evt_" + uuid.uuid4().hex, "object": "event",
              "type": "customer.subscription.created", "created": t, "livemode": False,
              "api_version": "2025-03-31.basil",
              "data": {"object": {
-                 "id": sub, "object": "subscription", "customer": "cus_%d_%s" % (i, uuid.uuid4().hex[:8]),
+                 "id": sub, "object": "subscription", "customer": customer,
                  "status": "active", "metadata": {"account_id": account},
                  "cancel_at_period_end": False,
                  "items": {"object": "list", "data": [{
@@ -96,8 +99,10 @@ def test_two_hosts_share_the_work_once(stacks, health):
     for argv in dokku.all_calls():
         if argv[0] == "apps:create":
             creates[argv[1]] = creates.get(argv[1], 0) + 1
-    apps = {r[0] for r in a.sql("SELECT dokku_app_name FROM public.instances")}
-    assert len(apps) == N
+    # Two apps per instance: MindRoom and its homeserver (docs/instance.md).
+    names = [r[0] for r in a.sql("SELECT dokku_app_name FROM public.instances")]
+    assert len(set(names)) == N
+    apps = set(names) | {n + "-matrix" for n in names}
     assert set(creates) == apps and set(creates.values()) == {1}, \
         {k: v for k, v in creates.items() if v != 1}
     # Both hosts' workers did some of it.

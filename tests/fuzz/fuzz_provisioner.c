@@ -44,7 +44,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (strchr(spec.hs.signing_key, '\n')) abort();
         }
         for (size_t i = 0; i < spec.n_env; i++) {
-            if (!prov_valid_env_key(spec.env[i].key) || prov_reserved_env_key(spec.env[i].key))
+            if (!mr_appenv_valid_key(spec.env[i].key) || mr_appenv_reserved_key(spec.env[i].key))
                 abort();
             if (i && strcmp(spec.env[i - 1].key, spec.env[i].key) >= 0) abort();
         }

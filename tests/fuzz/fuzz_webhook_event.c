@@ -3,7 +3,7 @@
  * verified over those raw bytes, then wh_event_parse (functions/handle-stripe-
  * webhook/event.c, compiled into this harness) checks the envelope.
  * Invariants beyond "no crash": an accepted event has 1..255-byte id and type,
- * created within range and an object data.object; a one-byte change to the body
+ * created within range, an object data.object and livemode 0 or 1; a one-byte change to the body
  * never verifies with the original signature.
  * fuzz-targets: functions/handle-stripe-webhook/event.c lib/mr_json.c lib/mr_stripe.c */
 #include <stdint.h>
@@ -42,7 +42,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (wh_event_parse((const char *)data, size, &ev, &code, err, sizeof err) == MR_OK) {
         size_t il = strlen(ev.id), tl = strlen(ev.type);
         if (il == 0 || il > 255 || tl == 0 || tl > 255 || ev.created < 0
-            || ev.created > 253402300799LL || !cJSON_IsObject(ev.object))
+            || ev.created > 253402300799LL || !cJSON_IsObject(ev.object)
+            || (ev.livemode != 0 && ev.livemode != 1))
             abort();
         wh_event_free(&ev);
         wh_event_free(&ev);  /* idempotent by contract */

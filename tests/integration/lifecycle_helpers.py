@@ -46,13 +46,32 @@ def stack_env(prov, resend=None, **extra):
     return env
 
 
-def new_account(s):
-    """A Supabase Auth user (the trigger makes the account); returns (id, email)."""
+def new_account(s, customer=None):
+    """A Supabase Auth user (the trigger makes the account), with `customer` as
+    the Stripe customer we created for it when given; returns (id, email)."""
     uid = str(uuid.uuid4())
     email = "user-%s@example.com" % uid[:8]
     s.sql("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
           "'authenticated', %s)", uid, email)
+    if customer:
+        link_customer(s, uid, customer)
     return uid, email
+
+
+# Parameters: the account id, the customer id.
+LINK_CUSTOMER_SQL = (
+    "SET ROLE service_role; SELECT public.billing_attempt_succeeded("
+    "(public.billing_attempt_begin(%s, 'customer', repeat('0', 64)) ->> 'attempt_id')::uuid,"
+    " %s, NULL, NULL, false)")
+
+
+def link_customer(s, account, customer):
+    """Records `customer` as the Stripe customer we created for `account`, the
+    way create-checkout-session records it (a customer attempt begun, then
+    succeeded with Stripe's id, as service_role): the only way a customer is
+    linked to an account; the webhook never links one from an event's claim."""
+    s.sql(LINK_CUSTOMER_SQL, account, customer)
+    return customer
 
 
 def new_subscription(s, tier="starter", status="active", account=None):

@@ -6,6 +6,7 @@ notice: the answer, the rows, and the exact requests Stripe received.
 """
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from stripe_api import StripeStandin  # noqa: E402
 SUCCESS_URL = "https://app.mindroom.test/billing/done?session_id={CHECKOUT_SESSION_ID}"
 CANCEL_URL = "https://app.mindroom.test/pricing"
 RETURN_URL = "https://app.mindroom.test/account"
+PUBLISHABLE_KEY = "sb_publishable_" + secrets.token_urlsafe(24)
 FUNCS = ["create-checkout-session", "create-portal-session", "list-plans",
          "handle-stripe-webhook", "mindroom-lifecycle"]
 
@@ -37,7 +39,8 @@ def stripe():
 def stack(pg, stripe, prov, resend):
     env = stack_env(prov, resend, STRIPE_SECRET_KEY=stripe.key, STRIPE_API_BASE=stripe.url,
                     STRIPE_CHECKOUT_SUCCESS_URL=SUCCESS_URL, STRIPE_CHECKOUT_CANCEL_URL=CANCEL_URL,
-                    STRIPE_PORTAL_RETURN_URL=RETURN_URL, STRIPE_ALLOW_PROMOTION_CODES="1")
+                    STRIPE_PORTAL_RETURN_URL=RETURN_URL, STRIPE_ALLOW_PROMOTION_CODES="1",
+                    SUPABASE_PUBLISHABLE_KEYS=PUBLISHABLE_KEY)
     with mr.Stack(pg, env=env, functions=FUNCS) as s:
         yield s
 
@@ -315,6 +318,20 @@ def test_missing_token_anon_key_and_service_role(stack, stripe):
     assert stripe.requests == []
 
 
+def test_a_publishable_key_alone_is_anon_and_gets_403(stack, stripe):
+    """supabase-js signed out sends the publishable key as apikey (and as the
+    Bearer token too): that is anon, whom no function serves."""
+    acc, _, _ = user(stack)
+    before = stack.sql("SELECT count(*) FROM public.billing_attempts")[0][0]
+    for headers in ({"apikey": PUBLISHABLE_KEY},
+                    {"apikey": PUBLISHABLE_KEY, "Authorization": "Bearer " + PUBLISHABLE_KEY}):
+        r = stack.call("POST", "create-checkout-session", json={"tier": "starter"}, headers=headers)
+        assert r.status == 403 and error(r) == {
+            "code": "forbidden", "message": "role anon may not call create-checkout-session"}, r
+    assert stripe.requests == [] and customer_of(stack, acc) is None
+    assert stack.sql("SELECT count(*) FROM public.billing_attempts")[0][0] == before
+
+
 def test_another_users_account_cannot_be_named(stack, stripe):
     a, _, tok_a = user(stack)
     assert checkout(stack, tok_a, tier="starter").status == 200
@@ -421,6 +438,103 @@ def test_a_completed_checkout_gives_an_active_subscription_and_a_running_instanc
     # The account now has a live subscription: a second checkout is refused.
     r = checkout(stack, tok, tier="starter")
     assert r.status == 409 and error(r)["code"] == "subscription_exists"
+
+
+def deliver(stack, event):
+    raw = json.dumps(event).encode()
+    return stack.call("POST", "handle-stripe-webhook", body=raw, headers=stack.stripe_headers(raw))
+
+
+def stripe_event(type_, obj, created, livemode=False):
+    return {"id": "evt_" + uuid.uuid4().hex[:24], "object": "event", "type": type_,
+            "api_version": "2025-03-31.basil", "created": created, "livemode": livemode,
+            "data": {"object": obj}}
+
+
+def attackers_subscription(sub, customer, claim, status, t):
+    return {"id": sub, "object": "subscription", "customer": customer, "status": status,
+            "metadata": {"account_id": claim}, "cancel_at_period_end": False,
+            "items": {"object": "list", "data": [{
+                "id": "si_" + uuid.uuid4().hex[:14], "object": "subscription_item",
+                "price": {"id": "price_enterprise", "object": "price"},
+                "current_period_end": t + 30 * 86400}]}}
+
+
+def test_a_forged_account_link_is_refused_and_the_victims_own_checkout_works(stack, stripe, prov):
+    """The attacker pays through a checkout of their own (a customer Stripe made,
+    not us) that names the victim's account. Those events are recorded, audited
+    and logged at error level, and link nothing; the victim's own checkout then
+    gives the victim an active subscription and a running instance, and the
+    attacker's later events change nothing of it."""
+    victim, _, tok = user(stack)
+    attacker = "cus_" + uuid.uuid4().hex[:14]
+    sub = "sub_" + uuid.uuid4().hex[:14]
+    t = int(time.time()) - 60
+    forged = [
+        stripe_event("checkout.session.completed", {
+            "id": "cs_test_" + uuid.uuid4().hex, "object": "checkout.session",
+            "mode": "subscription", "status": "complete", "customer": attacker,
+            "client_reference_id": victim, "metadata": {}, "subscription": sub}, t),
+        stripe_event("customer.subscription.created",
+                     attackers_subscription(sub, attacker, victim, "active", t), t)]
+    for ev in forged:
+        w = deliver(stack, ev)
+        assert w.status == 200 and w.json == {
+            "received": True,
+            "refused": "account link refused: the account it names has no Stripe customer of ours"}, w
+        assert deliver(stack, ev).json == {"received": True, "duplicate": True}
+    ids = [ev["id"] for ev in forged]
+    assert stack.sql("SELECT status FROM public.stripe_events WHERE id = ANY(%s)", ids) == [("refused",)] * 2
+    audit = stack.sql("SELECT details->>'event_id', details->>'customer', details->>'claimed_account'"
+                      " FROM public.audit_logs WHERE action = 'stripe.account_link_refused'"
+                      " AND account_id = %s", victim)
+    assert sorted(audit) == sorted((i, attacker, victim) for i in ids)
+    log = stack.log("handle-stripe-webhook").splitlines()
+    for i in ids:
+        [line] = [json.loads(l) for l in log if i in l and "security" in l]
+        assert line["level"] == "error" and attacker in line["msg"] and victim in line["msg"], line
+    assert customer_of(stack, victim) is None
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE account_id = %s", victim) == [(0,)]
+
+    # The victim's own checkout, and Stripe's events for it.
+    r = checkout(stack, tok, tier="enterprise")
+    assert r.status == 200, r
+    cus = customer_of(stack, victim)
+    assert cus in stripe.customers and cus != attacker
+    for ev in stripe.complete(r.json["id"]):
+        w = deliver(stack, ev)
+        assert w.status == 200 and w.json == {"received": True}, (ev["type"], w)
+    [(sid, status, tier)] = stack.sql("SELECT id, status, tier FROM public.subscriptions "
+                                      "WHERE account_id = %s", victim)
+    assert (status, tier) == ("active", "enterprise")
+    assert wait_status(stack, str(sid), "running", timeout=15)
+
+    # The attacker keeps at it, now against a linked account: refused, nothing changes.
+    w = deliver(stack, stripe_event("customer.subscription.updated",
+                                    attackers_subscription(sub, attacker, victim, "canceled", t + 120),
+                                    t + 120))
+    assert w.status == 200 and w.json["refused"] == \
+        "account link refused: the account it names is linked to another Stripe customer"
+    assert stack.sql("SELECT s.status::text, i.status::text, i.desired_status::text"
+                     " FROM public.subscriptions s JOIN public.instances i ON i.subscription_id = s.id"
+                     " WHERE s.account_id = %s", victim) == [("active", "running", "running")]
+    assert stack.sql("SELECT count(*) FROM public.stripe_events WHERE status = 'refused'"
+                     " AND payload #>> '{data,object,customer}' = %s", attacker) == [(3,)]
+
+
+def test_an_event_of_the_other_mode_is_refused(stack):
+    """STRIPE_SECRET_KEY here is a test key: a live-mode event is refused, unrecorded."""
+    acc, _, _ = user(stack)
+    ev = stripe_event("customer.subscription.created",
+                      attackers_subscription("sub_" + uuid.uuid4().hex[:14], "cus_x", acc, "active",
+                                             int(time.time())), int(time.time()), livemode=True)
+    w = deliver(stack, ev)
+    assert w.status == 400 and error(w) == {
+        "code": "livemode_mismatch",
+        "message": "a live-mode event, but this server uses a test-mode Stripe key"}
+    assert stack.sql("SELECT count(*) FROM public.stripe_events WHERE id = %s", ev["id"]) == [(0,)]
+    assert stack.sql("SELECT count(*) FROM public.audit_logs WHERE details->>'event_id' = %s",
+                     ev["id"]) == [(0,)]
 
 
 # ---- configuration -------------------------------------------------------------------

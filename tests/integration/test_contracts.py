@@ -1,6 +1,7 @@
 """Rules that live in two languages and must not drift apart: the owed-work
 vocabulary (SQL's lifecycle_action domain and C's mr_action), and the deadline
 table (lib/mr_deadlines.h) against nginx's read timeouts and against itself."""
+import base64
 import re
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def test_the_worker_refuses_deadlines_that_do_not_nest(env, message, tmp_path):
     import subprocess
     import mr
     full = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "host=/nonexistent dbname=x",
-            "DOKKU_PROVISIONER_TOKEN": "t" * 32}
+            "DOKKU_PROVISIONER_TOKEN": "t" * 32,
+            "MINDROOM_SECRETS_KEY": base64.b64encode(b"k" * 32).decode()}
     full.update(env)
     p = subprocess.run([str(mr.build_dir() / "bin/mindroom-lifecycle")], env=full,
                        capture_output=True, text=True, timeout=10, cwd=tmp_path)

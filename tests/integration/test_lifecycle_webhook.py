@@ -32,9 +32,9 @@ class Customer:
 
     def __init__(self, stack, tier="starter"):
         self.stack = stack
-        self.account, self.email = new_account(stack)
         self.sub = "sub_" + uuid.uuid4().hex[:14]
         self.customer = "cus_" + uuid.uuid4().hex[:14]
+        self.account, self.email = new_account(stack, self.customer)
         self.tier = tier
         self.t = int(time.time()) - 100
 

@@ -19,12 +19,12 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import (FAST_ENV, PRICES, WORKER, instance, new_account, new_subscription,
-                               wait_until)
+from lifecycle_helpers import (FAST_ENV, LINK_CUSTOMER_SQL, PRICES, WORKER, instance, new_account,
+                               new_subscription, wait_until)
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "stuck", "concurrency")
+            "failed-events", "refused-links", "stuck", "concurrency")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def sub_event(account, customer, sub, status="active", tier="starter", created=N
               type_="customer.subscription.created", price=None):
     t = int(time.time()) if created is None else created
     obj = {"id": sub, "object": "subscription", "customer": customer, "status": status,
-           "metadata": {"account_id": account}, "cancel_at_period_end": False,
+           "metadata": {"account_id": account} if account else {}, "cancel_at_period_end": False,
            "items": {"object": "list", "data": [{
                "id": "si_" + uuid.uuid4().hex[:10],
                "price": {"id": price or PRICES[tier], "object": "price"},
@@ -99,8 +99,9 @@ def write_event(tmp_path, ev):
 
 def customer_running(stack, prov, envfile, tmp_path, tier="starter"):
     """A new account whose subscription.created (replayed by mindroomctl) ends running."""
-    account, email = new_account(stack)
-    ev = sub_event(account, "cus_" + uuid.uuid4().hex[:12], "sub_" + uuid.uuid4().hex[:12], tier=tier)
+    customer = "cus_" + uuid.uuid4().hex[:12]
+    account, email = new_account(stack, customer)
+    ev = sub_event(account, customer, "sub_" + uuid.uuid4().hex[:12], tier=tier)
     out = ok(ctl("--env", envfile, "replay", write_event(tmp_path, ev)))
     assert json.loads(out) == {"received": True}
     sid = stack.sql("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
@@ -206,7 +207,9 @@ def test_deprovision_stop_then_provision_resumes_then_destroy(stack, prov, envfi
 def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, envfile, tmp_path):
     _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
     key = "ctl" + uuid.uuid4().hex[:8]
-    stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", health_standin.url(key), inst["id"])
+    # Both components answer from the health stand-in; MindRoom's is the one failing.
+    stack.sql("UPDATE public.instances SET backend_url = %s, matrix_server_url = %s WHERE id = %s",
+              health_standin.url(key), health_standin.url(key + "-hs", "ok"), inst["id"])
     health_standin.set_mode(key, "500")
     out = json.loads(ok(ctl("--env", envfile, "health", inst["id"])))
     assert health_standin.hits(key) == 1
@@ -226,12 +229,13 @@ def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, e
 # ---- failed-events and stuck ----------------------------------------------------------
 
 def test_failed_events_lists_unknown_price_and_deferred_account(stack, envfile, tmp_path):
-    account, _ = new_account(stack)
-    bad_price = sub_event(account, "cus_p" + uuid.uuid4().hex[:8], "sub_p" + uuid.uuid4().hex[:8],
+    customer = "cus_p" + uuid.uuid4().hex[:8]
+    account, _ = new_account(stack, customer)
+    bad_price = sub_event(account, customer, "sub_p" + uuid.uuid4().hex[:8],
                           price="price_does_not_exist")
     out = json.loads(ok(ctl("--env", envfile, "replay", write_event(tmp_path, bad_price))))
     assert out["received"] is True and "failed" in out
-    nobody = sub_event(str(uuid.uuid4()), "cus_n" + uuid.uuid4().hex[:8], "sub_n" + uuid.uuid4().hex[:8])
+    nobody = sub_event(None, "cus_n" + uuid.uuid4().hex[:8], "sub_n" + uuid.uuid4().hex[:8])
     fails(ctl("--env", envfile, "replay", write_event(tmp_path, nobody)), 1,
           "handle-stripe-webhook answered HTTP 503")
     out = ok(ctl("--env", envfile, "failed-events"))
@@ -243,6 +247,22 @@ def test_failed_events_lists_unknown_price_and_deferred_account(stack, envfile, 
     out = ok(ctl("--env", envfile, "failed-events", "--limit", "1"))
     assert "(1 row)" in out
     fails(ctl("--env", envfile, "failed-events", "--limit", "x"), 2, "--limit takes a number")
+
+
+def test_refused_links_counts_and_lists_forged_claims(stack, envfile, tmp_path):
+    def totals():
+        out = ok(ctl("--env", envfile, "refused-links")).splitlines()
+        return [int(x) for x in out[2].split("|")]     # last hour, day, week, total
+    before = totals()
+    victim, _ = new_account(stack)
+    forged = sub_event(victim, "cus_f" + uuid.uuid4().hex[:8], "sub_f" + uuid.uuid4().hex[:8])
+    out = json.loads(ok(ctl("--env", envfile, "replay", write_event(tmp_path, forged))))
+    assert out == {"received": True,
+                   "refused": "account link refused: the account it names has no Stripe customer of ours"}
+    assert totals() == [n + 1 for n in before]
+    line = next(l for l in ok(ctl("--env", envfile, "refused-links")).splitlines() if forged["id"] in l)
+    assert forged["data"]["object"]["customer"] in line and victim in line, line
+    fails(ctl("--env", envfile, "refused-links", "--limit", "x"), 2, "--limit takes a number")
 
 
 def stuck_line(envfile, iid):
@@ -440,7 +460,9 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         uid = str(uuid.uuid4())
         q("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
           "'authenticated', %s)", uid, "ctl-%s@example.com" % uid[:8])
-        ev = sub_event(uid, "cus_s" + uuid.uuid4().hex[:8], "sub_s" + uuid.uuid4().hex[:8])
+        customer = "cus_s" + uuid.uuid4().hex[:8]
+        q(LINK_CUSTOMER_SQL, uid, customer)
+        ev = sub_event(uid, customer, "sub_s" + uuid.uuid4().hex[:8])
         assert json.loads(ok(c("replay", write_event(tmp_path, ev)))) == {"received": True}
         sid = q("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
                 ev["data"]["object"]["id"])[0][0]

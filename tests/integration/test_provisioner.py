@@ -58,6 +58,7 @@ def test_create_runs_the_exact_sequence(stack, dokku):
         "backend_url": "https://screate.%s/api" % DOMAIN,
         "frontend_url": "https://screate.%s" % DOMAIN,
         "matrix_server_url": "https://screate-matrix.%s" % DOMAIN,
+        "matrix_server_name": "screate-matrix.%s" % DOMAIN,
         "created": True, "deployed": True, "restarted": False, "dry_run": False}
     calls = dokku.new_calls()
     match(calls, create_sequence("mindroom-create", "screate", tls="letsencrypt"))
@@ -635,7 +636,7 @@ SIGNING = "ed25519 a_Test " + "A" * 43
 @pytest.mark.parametrize("field,value", [
     ("memory_mb", 100), ("cpu", 5), ("storage_gb", 0), ("extra", 1),
     ("server_name", "Bad.Example"), ("server_name", "a..b"), ("server_name", "x y"),
-    ("server_name", "-a.example"), ("server_name", None), ("server_name", 5),
+    ("server_name", "-a.example"), ("server_name", 5),
     ("signing_key", None), ("signing_key", "ed25519 a_Test short"),
     ("signing_key", "ed25519 a-Test " + "A" * 43), ("signing_key", "ed448 a_Test " + "A" * 43),
     ("signing_key", SIGNING + "\n"), ("signing_key", SIGNING + "="),
@@ -657,6 +658,18 @@ def test_bad_homeserver_fields_run_nothing(stack, dokku, field, value):
     if isinstance(value, str) and field != "server_name":
         assert value not in r.text
     assert dokku.new_calls() == []
+
+
+def test_server_name_defaults_to_the_homeservers_host_and_is_answered(stack, dokku):
+    """The control plane sends no server_name the first time: the homeserver is named
+    after its host, and the answer says so (the control plane records it and sends it
+    on every later call: Synapse cannot be renamed)."""
+    payload = body("mindroom-named", "snamed")
+    del payload["homeserver"]["server_name"]
+    r = post(stack, payload)
+    assert r.status == 201 and r.json["matrix_server_name"] == "snamed-matrix.%s" % DOMAIN, r
+    yaml = (dokku.host_dir("mindroom-named-matrix-data") / "homeserver.yaml").read_text()
+    assert 'server_name: "snamed-matrix.%s"' % DOMAIN in yaml
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b'"x"',

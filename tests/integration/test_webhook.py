@@ -23,6 +23,7 @@ import psycopg2
 import pytest
 
 import mr
+from lifecycle_helpers import link_customer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 OLD_SECRET = "whsec_old_" + uuid.uuid4().hex
@@ -78,13 +79,34 @@ def uid():
 
 
 def new_account(stack, customer=None):
-    """An auth user (the 004 trigger creates the account), optionally linked to a
-    Stripe customer. Returns the account id."""
+    """An auth user (the 004 trigger creates the account), optionally with a
+    Stripe customer we created for it (link_customer). Returns the account id."""
     aid = str(uuid.uuid4())
     stack.sql("INSERT INTO auth.users (id, email) VALUES (%s, %s)", aid, "u%s@example.com" % uid())
     if customer:
-        stack.sql("UPDATE accounts SET stripe_customer_id = %s WHERE id = %s", customer, aid)
+        link_customer(stack, aid, customer)
     return aid
+
+
+def begin_customer(stack, aid):
+    """create-checkout-session's first step: the customer attempt, recorded before
+    Stripe is asked. Returns its id (finish_customer records Stripe's answer)."""
+    return one(stack, "SET ROLE service_role; SELECT public.billing_attempt_begin(%s, 'customer',"
+                      " repeat('1', 64)) ->> 'attempt_id'", aid)[0]
+
+
+def finish_customer(stack, attempt, customer):
+    stack.sql("SET ROLE service_role; SELECT public.billing_attempt_succeeded(%s, %s, NULL, NULL,"
+              " false)", attempt, customer)
+
+
+def checkout_event(customer, ref=None, meta=None):
+    co = fixture("stripe_checkout_session_completed.json")
+    co["id"] = "evt_" + uid()
+    co["data"]["object"]["customer"] = customer
+    co["data"]["object"]["client_reference_id"] = ref
+    co["data"]["object"]["metadata"] = {} if meta is None else {"account_id": meta}
+    return co
 
 
 def sub_event(kind="created", shape="basil", sub=None, customer=None, status="active",
@@ -451,27 +473,30 @@ def test_same_second_events_converge(stack):
 
 # ---- accounts ------------------------------------------------------------------------
 
-def test_unknown_customer_then_checkout_then_redelivery(stack):
-    aid = new_account(stack)                      # signed up, not linked to Stripe yet
-    cust = "cus_" + uid()
+def test_events_wait_for_our_customer_creation_then_apply(stack):
+    """Stripe may send a customer's events before our record of creating that
+    customer is committed: they are deferred (503, Stripe retries), and the
+    redelivery after our record lands applies them."""
+    aid = new_account(stack)                      # signed up; checkout under way
+    attempt = begin_customer(stack, aid)          # we asked Stripe for a customer...
+    cust = "cus_" + uid()                         # ...which Stripe created as this id
     e = sub_event(customer=cust)                  # no metadata.account_id
     before = total_writes(stack)
     r = send(stack, e)
     assert r.status == 503 and r.json["error"]["code"] == "account_not_found"
     st, err, attempts = event_row(stack, e["id"])
     assert (st, attempts) == ("deferred", 1) and "unknown account" in err
+    co = checkout_event(cust, ref=aid, meta=aid)
+    r = send(stack, co)
+    assert r.status == 503 and r.json["error"] == {
+        "code": "account_not_found",
+        "message": "unknown account: the named account's Stripe customer is still being created"}
     after = total_writes(stack)
-    assert after[0] == before[0] + 1 and after[1:] == before[1:]   # only the event recorded
+    assert after[0] == before[0] + 2 and after[1:] == before[1:]   # only the events recorded
 
-    co = fixture("stripe_checkout_session_completed.json")
-    co["id"] = "evt_" + uid()
-    co["data"]["object"]["customer"] = cust
-    co["data"]["object"]["client_reference_id"] = aid
-    co["data"]["object"]["metadata"] = {}
+    finish_customer(stack, attempt, cust)         # our record of the customer commits
+    # Stripe's redeliveries are processed now, not duplicates.
     assert send(stack, co).json == {"received": True}
-    assert one(stack, "SELECT stripe_customer_id FROM accounts WHERE id = %s", aid)[0] == cust
-
-    # Stripe's redelivery of the same event is processed now, not a duplicate.
     assert send(stack, e).json == {"received": True}
     assert event_row(stack, e["id"]) == ("processed", None, 2)
     s = sub_row(stack, e["data"]["object"]["id"])
@@ -479,13 +504,39 @@ def test_unknown_customer_then_checkout_then_redelivery(stack):
     assert send(stack, e).json == {"received": True, "duplicate": True}
 
 
-def test_metadata_account_id_links_customer(stack):
+def test_a_claim_never_links_a_customer(stack):
+    """metadata.account_id and client_reference_id name an account; only a
+    customer we created for it links it. A claim the customer does not back is
+    refused (200: a retry cannot change it), recorded and audited, and links nothing."""
     aid = new_account(stack)
     cust = "cus_" + uid()
     e = sub_event(shape="legacy", customer=cust, account_id=aid)
-    assert send(stack, e).json == {"received": True}
-    assert one(stack, "SELECT stripe_customer_id FROM accounts WHERE id = %s", aid)[0] == cust
+    r = send(stack, e)
+    assert r.status == 200 and r.json == {
+        "received": True,
+        "refused": "account link refused: the account it names has no Stripe customer of ours"}
+    assert event_row(stack, e["id"])[0] == "refused"
+    assert one(stack, "SELECT stripe_customer_id FROM accounts WHERE id = %s", aid)[0] is None
+    assert count(stack, "SELECT count(*) FROM subscriptions WHERE account_id = %s", aid) == 0
+    audit = one(stack, "SELECT account_id::text, details FROM audit_logs"
+                       " WHERE action = 'stripe.account_link_refused' AND details->>'event_id' = %s",
+                e["id"])
+    assert audit[0] == aid and audit[1]["customer"] == cust and audit[1]["claimed_account"] == aid
+    assert send(stack, e).json == {"received": True, "duplicate": True}
+
+    # The same claim from a customer we created for that account applies.
+    link_customer(stack, aid, cust)
+    u = sub_event("updated", sub=e["data"]["object"]["id"], customer=cust, account_id=aid,
+                  created=e["created"] + 1)
+    assert send(stack, u).json == {"received": True}
     assert str(sub_row(stack, e["data"]["object"]["id"])[1]) == aid
+    # So does its checkout; naming another account from it is refused.
+    assert send(stack, checkout_event(cust, ref=aid, meta=aid)).json == {"received": True}
+    other = new_account(stack)
+    r = send(stack, checkout_event(cust, ref=other))
+    assert r.json == {"received": True,
+                      "refused": "account link refused: it names an account other than its customer's"}
+    assert one(stack, "SELECT stripe_customer_id FROM accounts WHERE id = %s", other)[0] is None
 
 
 def test_deferred_event_reprocessed_by_sql(stack):
@@ -494,7 +545,7 @@ def test_deferred_event_reprocessed_by_sql(stack):
     cust = "cus_" + uid()
     e = sub_event(customer=cust)
     assert send(stack, e).status == 503
-    stack.sql("UPDATE accounts SET stripe_customer_id = %s WHERE id = %s", cust, aid)
+    link_customer(stack, aid, cust)
     # As the sweep runs it: service_role, which is all the function needs.
     out = one(stack, "SET ROLE service_role; SELECT public.reprocess_stripe_event(%s)", e["id"])[0]
     assert out["result"] == "processed" and out["owed"] == "create"
@@ -586,6 +637,53 @@ def test_secret_with_whitespace_stops_startup(stack, tmp_path):
     err = p.stderr.decode()
     assert "STRIPE_WEBHOOK_SECRET" in err and "whitespace" in err
     assert "whsec_aaa" not in err and "whsec_bbb" not in err
+
+
+@pytest.mark.parametrize("key, says", [
+    ("pk_live_" + "a" * 24, "holds a publishable key"),
+    ("sk_live_" + "a" * 24 + "\n", "whitespace"),
+    ("sk_prod_" + "a" * 24, "must be a secret key"),
+])
+def test_a_malformed_secret_key_stops_startup(stack, tmp_path, key, says):
+    p = start_alone(stack, tmp_path, STRIPE_WEBHOOK_SECRET=NEW_SECRET, STRIPE_SECRET_KEY=key)
+    assert p.returncode == 2
+    err = p.stderr.decode()
+    assert "STRIPE_SECRET_KEY" in err and says in err, err
+    assert key.strip() not in err
+
+
+# ---- livemode: events of the other mode than STRIPE_SECRET_KEY's --------------------------
+
+@pytest.fixture(scope="module")
+def live(pg):
+    env = {"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "STRIPE_SECRET_KEY": "rk_live_" + uuid.uuid4().hex}
+    with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"], workers=1) as s:
+        yield s
+
+
+def test_livemode_mismatch_is_refused_and_writes_nothing(live, stack):
+    cust = "cus_" + uid()
+    new_account(live, cust)
+    e = sub_event(customer=cust)
+    assert e["livemode"] is False                  # the fixtures are test-mode events
+    before = total_writes(live)
+    for _ in range(2):                             # never remembered, never recorded
+        r = send(live, e)
+        assert r.status == 400 and r.json["error"] == {
+            "code": "livemode_mismatch",
+            "message": "a test-mode event, but this server uses a live-mode Stripe key"}
+    assert total_writes(live) == before
+    e["livemode"] = True
+    assert send(live, e).json == {"received": True}
+    assert one(live, "SELECT livemode FROM stripe_events WHERE id = %s", e["id"])[0] is True
+    # livemode must be a boolean when present; without a key either mode is taken.
+    bad = dict(sub_event(customer=cust), livemode="true")
+    r = send(live, bad)
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_event"
+    cust2 = "cus_" + uid()
+    new_account(stack, cust2)
+    lv = dict(sub_event(customer=cust2), livemode=True)
+    assert send(stack, lv).json == {"received": True}
 
 
 # ---- the memory of settled events (STRIPE_DUPLICATE_CACHE_SECONDS) ------------------------

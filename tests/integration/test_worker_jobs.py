@@ -32,7 +32,7 @@ def stack(pg, prov):
 
 @pytest.fixture(autouse=True)
 def _fresh(stack, prov):
-    stack.sql("DELETE FROM public.instances")
+    stack.wipe_instances()
     prov.reset()
     yield
     prov.release()
@@ -55,16 +55,18 @@ def event_status(s, eid):
     return s.sql("SELECT status, error, attempts FROM public.stripe_events WHERE id = %s", eid)[0]
 
 
-def deferred_signup(s):
-    """A customer.subscription.created for a customer no account is linked to yet:
-    the webhook stores it deferred and answers 503 (Stripe would retry).
+def deferred_signup(s, claim=None):
+    """A customer.subscription.created for a customer no account is linked to yet
+    (naming the account `claim` in its metadata when given): the webhook stores it
+    deferred and answers 503 (Stripe would retry).
     Returns (event id, customer id, subscription id)."""
     with open(os.path.join(FIXTURES, "stripe_subscription_created_basil.json")) as f:
         e = json.load(f)
     cust, sub = "cus_" + uuid.uuid4().hex[:14], "sub_" + uuid.uuid4().hex[:14]
     e["id"], e["type"] = "evt_" + uuid.uuid4().hex[:14], "customer.subscription.created"
     o = e["data"]["object"]
-    o["id"], o["customer"], o["status"], o["metadata"] = sub, cust, "active", {}
+    o["id"], o["customer"], o["status"] = sub, cust, "active"
+    o["metadata"] = {"account_id": claim} if claim else {}
     for item in o["items"]["data"]:
         item["price"]["id"] = "price_starter"
         item["subscription"] = sub
@@ -88,8 +90,7 @@ def backdate(s, eid, received_h, touched_h):
 
 def test_the_sweep_retries_a_deferred_event_after_its_backoff(stack, prov):
     eid, cust, sub = deferred_signup(stack)
-    acct = new_account(stack)[0]
-    stack.sql("UPDATE public.accounts SET stripe_customer_id = %s WHERE id = %s", cust, acct)
+    acct = new_account(stack, cust)[0]
 
     # Within its backoff (30 s x 2^attempts) the sweep leaves it, however often it runs.
     wait_sweeps(stack, 2)
@@ -108,6 +109,31 @@ def test_the_sweep_retries_a_deferred_event_after_its_backoff(stack, prov):
     inst = wait_status(stack, sid, "running", timeout=5)
     assert [c.json["app"] for c in prov.create_calls()] == [inst["dokku_app_name"]]
     assert "stripe event %s: retried: processed" % eid in stack.log(WORKER)
+
+
+def test_a_deferred_claim_our_customer_does_not_back_is_refused_by_the_sweep(stack, prov):
+    """A claim on an account whose customer creation is in flight waits; once our
+    record lands with another customer, the sweep's retry refuses it, as a security
+    event (error level), and the account keeps its own customer."""
+    victim = new_account(stack)[0]
+    attempt = stack.sql("SET ROLE service_role; SELECT public.billing_attempt_begin(%s, 'customer',"
+                        " repeat('2', 64)) ->> 'attempt_id'", victim)[0][0]
+    eid, forged_customer, sub = deferred_signup(stack, claim=victim)
+    assert "still being created" in event_status(stack, eid)[1]
+    ours = "cus_" + uuid.uuid4().hex[:14]
+    stack.sql("SET ROLE service_role; SELECT public.billing_attempt_succeeded(%s, %s, NULL, NULL,"
+              " false)", attempt, ours)
+    backdate(stack, eid, 2, 2)
+    wait_until(lambda: event_status(stack, eid)[0] == "refused", timeout=SWEEP_S + 10,
+               what="refused by the sweep")
+    line = next(l for l in stack.log(WORKER).splitlines() if eid in l and "refused" in l)
+    assert json.loads(line)["level"] == "error", line
+    assert stack.sql("SELECT stripe_customer_id FROM public.accounts WHERE id = %s", victim) == [(ours,)]
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE stripe_subscription_id = %s",
+                     sub)[0][0] == 0
+    assert stack.sql("SELECT count(*) FROM public.audit_logs WHERE account_id = %s"
+                     " AND action = 'stripe.account_link_refused'", victim) == [(1,)]
+    assert forged_customer != ours and prov.requests == []
 
 
 def test_an_event_deferred_past_the_limit_is_marked_failed_with_its_reason(stack, prov):

@@ -50,8 +50,8 @@ static void test_env_keys(void **state)
     (void)state;
     const char *good[] = {"A", "_", "A_B9", "OPENAI_API_KEY", NULL};
     const char *bad[] = {"", "a", "1A", "A=B", "A B", "A-B", "A\n", "\xc3\x84", NULL};
-    for (size_t i = 0; good[i]; i++) assert_true(prov_valid_env_key(good[i]));
-    for (size_t i = 0; bad[i]; i++) assert_false(prov_valid_env_key(bad[i]));
+    for (size_t i = 0; good[i]; i++) assert_true(mr_appenv_valid_key(good[i]));
+    for (size_t i = 0; bad[i]; i++) assert_false(mr_appenv_valid_key(bad[i]));
 }
 
 static void test_images(void **state)
