@@ -24,7 +24,7 @@ from lifecycle_helpers import (FAST_ENV, PRICES, WORKER, instance, new_account, 
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "stuck", "concurrency")
+            "failed-events", "stuck", "concurrency", "rotate-instance-token")
 
 
 @pytest.fixture(scope="module")

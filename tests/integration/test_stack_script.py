@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,14 @@ def test_run_prints_a_working_curl_and_stop_ends_everything(stack_env):
     resp = mr.http("GET", "http://127.0.0.1:%d/apps/mindroom-000000000000" % ports[1],
                    token=secrets["DOKKU_PROVISIONER_TOKEN"])
     assert resp.status not in (401, 502), resp
+    # The tenant edges are routed: a user's session reaches my-instance (this user has
+    # no instance), and track-usage takes nothing but an instance's own token.
+    user = mr.make_jwt({"role": "authenticated", "sub": str(uuid.uuid4()), "aud": "authenticated",
+                        "exp": int(time.time()) + 600}, secrets["SUPABASE_JWT_SECRET"])
+    resp = mr.http("GET", api + "/functions/v1/my-instance", token=user)
+    assert resp.status == 404 and resp.json["error"]["code"] == "not_found", resp
+    resp = mr.http("POST", api + "/functions/v1/track-usage", json={}, token=token)
+    assert resp.status == 401 and "instance token" in resp.json["error"]["message"], resp
     # PostgreSQL on the TCP port, schema applied.
     conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
     rows = subprocess.run(["psql", conn, "-XtAc", "select count(*) from supabase_migrations.schema_migrations"],
