@@ -286,6 +286,7 @@ def test_deleting_the_account_tears_down_apps_and_data(stack, dokku):
 
 def ctl(stack, *args, stdin=None, extra=None):
     env = {"PATH": os.environ["PATH"], "DATABASE_URL": stack.env["DATABASE_URL"],
+           "DATABASE_POOLER": stack.env.get("DATABASE_POOLER"),
            "MINDROOM_SECRETS_KEY": stack.env["MINDROOM_SECRETS_KEY"],
            "MR_BIN_DIR": str(mr.build_dir() / "bin"),
            "MR_RUN_DIR": "/nonexistent-run", "MR_ENV_FILE": "/nonexistent.env"}
