@@ -184,6 +184,30 @@ BEGIN
 END;
 $$;
 
+-- provision-instance with "rotate_token": true: records that the subscription's
+-- instance should run (lifecycle_provision, unchanged) and, when it has one, rotates
+-- its token in the same transaction, so the deploy that follows delivers a new one.
+-- Refusals (not_found, not_entitled, conflict) write nothing, as without rotation.
+CREATE FUNCTION public.lifecycle_provision_rotating(p_subscription_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    v jsonb := public.lifecycle_provision(p_subscription_id);
+    v_id uuid := (v -> 'instance' ->> 'id')::uuid;
+    r jsonb;
+BEGIN
+    IF v ->> 'outcome' <> 'ok' OR v_id IS NULL THEN
+        RETURN v;
+    END IF;
+    r := public.instance_token_rotate(v_id);
+    RETURN v || jsonb_build_object(
+        'token_rotated', coalesce((r ->> 'revoked')::boolean, false),
+        'instance', (SELECT public.lifecycle_instance_json(i) FROM public.instances i WHERE i.id = v_id));
+END;
+$$;
+
 -- Usage reports ---------------------------------------------------------------------------
 
 -- One message an instance reports (track-usage, after it checked the token against
@@ -748,6 +772,7 @@ BEGIN
         'public.instance_token_revoke(uuid, text)',
         'public.instances_revoke_token()',
         'public.instance_token_rotate(uuid)',
+        'public.lifecycle_provision_rotating(uuid)',
         'public.instance_track_usage(uuid, text, text, text)',
         'public.tenant_instance(uuid)',
         'public.tenant_instance_restart(uuid)',
@@ -761,6 +786,7 @@ BEGIN
         'public.instance_token_issue(uuid, text, text, text, text)',
         'public.instance_token_revoke(uuid, text)',
         'public.instance_token_rotate(uuid)',
+        'public.lifecycle_provision_rotating(uuid)',
         'public.instance_track_usage(uuid, text, text, text)']
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO service_role', f);

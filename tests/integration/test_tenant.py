@@ -20,7 +20,7 @@ from lifecycle_helpers import FAST_ENV, WORKER, instance, new_account, wait_stat
 from provisioner_helpers import Dokku, decode_config_args, names
 from test_instance_e2e import Customer, ctl, running
 
-FUNCS = ["handle-stripe-webhook", "deprovision-instance", "check-instance-health",
+FUNCS = ["handle-stripe-webhook", "provision-instance", "deprovision-instance", "check-instance-health",
          "dokku-provisioner", "track-usage", "my-instance", WORKER]
 TOKEN_RE = re.compile(r"^mri_([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
 PROXY = "127.0.0.2"     # the one address nginx believes X-Forwarded-For from
@@ -244,6 +244,37 @@ def test_a_rotated_token_stops_at_once_and_the_worker_delivers_a_new_one(stack, 
     # An unknown instance: a clear refusal.
     p = ctl(stack, "rotate-instance-token", str(uuid.uuid4()))
     assert p.returncode == 1 and "no such instance" in p.stderr, p
+
+
+def test_a_redeploy_that_asks_for_it_rotates_the_token(stack, dokku):
+    c, inst = live_instance(stack, "starter")
+    iid, app = str(inst["id"]), inst["dokku_app_name"]
+    old = token_of(dokku, inst)
+    # Without rotate_token a provision of a running instance changes nothing.
+    r = stack.call("POST", "provision-instance", json={"subscription_id": c.sid}, token=stack.jwt())
+    assert r.status == 200, r
+    assert report(stack, old).status == 200
+    r = stack.call("POST", "provision-instance", json={"subscription_id": c.sid, "rotate_token": 1},
+                   token=stack.jwt())
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_rotate_token", r
+    dokku.mark()
+    r = stack.call("POST", "provision-instance",
+                   json={"subscription_id": c.sid, "rotate_token": True, "wait": True},
+                   token=stack.jwt())
+    assert r.status == 200, r
+    assert report(stack, old).status == 401
+    new = mindroom_env(dokku, app, dokku.new_calls())["MINDROOM_CONTROL_PLANE_TOKEN"]
+    assert TOKEN_RE.match(new) and new != old
+    assert report(stack, new).status == 200
+    assert len(audit(stack, "instance.token_rotated", instance_id=iid)) == 1
+    # A subscription that is not entitled: refused, and its token is left alone.
+    c2, inst2 = live_instance(stack, "free")
+    t2 = token_of(dokku, inst2)
+    stack.sql("UPDATE public.subscriptions SET status = 'incomplete' WHERE id = %s", c2.sid)
+    r = stack.call("POST", "provision-instance", json={"subscription_id": c2.sid, "rotate_token": True},
+                   token=stack.jwt())
+    assert r.status == 409, r
+    assert report(stack, t2).status == 200
 
 
 def test_stopping_revokes_the_token_and_a_start_issues_a_new_one(stack, dokku):
