@@ -5,7 +5,7 @@
 BEGIN;
 \ir _helpers.inc
 SELECT pg_temp.fixture();
-SELECT plan(68);
+SELECT plan(79);
 
 CREATE TEMP TABLE r (k text PRIMARY KEY, v jsonb);
 GRANT ALL ON r TO anon, authenticated, service_role;
@@ -244,6 +244,35 @@ SELECT lives_ok($$SELECT set_config('mindroom.request', '', true), set_config('r
 INSERT INTO public.audit_logs (account_id, action) VALUES (NULL, 'test.nocontext');
 SELECT results_eq($$SELECT actor_role, ip_address, user_agent FROM public.audit_logs WHERE action = 'test.nocontext'$$,
                   $$VALUES (NULL::text, NULL::inet, NULL::text)$$, 'without one, nothing is made up');
+
+-- 8. A redeploy that asks for it rotates the token in the same transaction -----------------
+SELECT is(pg_temp.cell('bbbbbbbb-0000-4000-8000-000000000001', $$SELECT public.lifecycle_provision_rotating('bbbbbbbb-0000-4000-8000-000000000002')$$),
+          'err:42501', 'a tenant cannot ask for a redeploy with a new token');
+SELECT is(pg_temp.run('service_role', $$INSERT INTO r VALUES ('p0', to_jsonb(public.instance_token_issue(
+              'bbbbbbbb-0000-4000-8000-000000000003', '00000000000000b8', repeat('8', 64), 'mrs1:00000000:b8', 'mrd1:00000000:b8')))$$),
+          'ok:1', 'B''s running instance has a credential');
+SELECT is(pg_temp.run('service_role', $$INSERT INTO r VALUES ('p1', public.lifecycle_provision_rotating('bbbbbbbb-0000-4000-8000-000000000002'))$$),
+          'ok:1', 'service_role asks for B''s instance with a new token');
+SELECT results_eq($$SELECT v ->> 'outcome', (v ->> 'token_rotated')::boolean, v #>> '{instance,owed_action}'
+                     FROM r WHERE k = 'p1'$$,
+                  $$VALUES ('ok', true, 'update')$$, 'recorded; the token rotated; an update owed delivers the new one');
+SELECT is((SELECT count(*)::int FROM public.instance_tokens WHERE instance_id = 'bbbbbbbb-0000-4000-8000-000000000003'), 0,
+          'the old credential is gone with that commit');
+SELECT is(pg_temp.run('service_role', $$INSERT INTO r VALUES ('p2', public.lifecycle_provision_rotating(
+              'aaaaaaaa-0000-4000-8000-000000000006'))$$), 'ok:1',
+          'a subscription whose instance names are taken (its id shares the first 12 digits)');
+SELECT results_eq($$SELECT v ->> 'outcome', v ? 'token_rotated' FROM r WHERE k = 'p2'$$,
+                  $$VALUES ('conflict', false)$$, 'is refused, and nothing is rotated');
+SELECT is(pg_temp.run('service_role', $$SELECT public.instance_token_issue(
+              'bbbbbbbb-0000-4000-8000-000000000003', '00000000000000b9', repeat('9', 64), 'mrs1:00000000:b9', 'mrd1:00000000:b9')$$),
+          'ok:1', 'B''s instance has a credential again');
+UPDATE public.subscriptions SET status = 'incomplete' WHERE id = 'bbbbbbbb-0000-4000-8000-000000000002';
+SELECT is(pg_temp.run('service_role', $$INSERT INTO r VALUES ('p3', public.lifecycle_provision_rotating('bbbbbbbb-0000-4000-8000-000000000002'))$$),
+          'ok:1', 'a subscription that is not entitled');
+SELECT results_eq($$SELECT v ->> 'outcome', v ? 'token_rotated' FROM r WHERE k = 'p3'$$,
+                  $$VALUES ('not_entitled', false)$$, 'is refused');
+SELECT is((SELECT key_id FROM public.instance_tokens WHERE instance_id = 'bbbbbbbb-0000-4000-8000-000000000003'), '00000000000000b9',
+          'and its credential is left alone');
 
 SELECT * FROM finish();
 ROLLBACK;
