@@ -44,13 +44,13 @@ struct mr_db {
     } prepared[MAX_PREPARED];
 };
 
-/* BEGIN's companions: the request's identity and the statement timeout, local to
- * the transaction. */
+/* BEGIN's companions: the request's identity, its context for audit rows and the
+ * statement timeout, local to the transaction. */
 static const mr_db_stmt identity_stmt = {
     "mr_db_identity",
     "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),"
-    " set_config('statement_timeout', $3, true)",
-    3};
+    " set_config('mindroom.request', $3, true), set_config('statement_timeout', $4, true)",
+    4};
 static const mr_db_stmt timeout_stmt = {
     "mr_db_timeout", "SELECT set_config('statement_timeout', $1, true)", 1};
 
@@ -350,7 +350,8 @@ static void forget_prepared(mr_db *db)
 static int send_identity(mr_db *db, const mr_identity *who)
 {
     if (who && who->role[0]) {
-        const char *p[3] = {who->role, who->claims_json, db->statement_timeout};
+        const char *p[4] = {who->role, who->claims_json,
+                            who->request_json ? who->request_json : "", db->statement_timeout};
         return send_stmt(db, &identity_stmt, p, NULL);
     }
     const char *p[1] = {db->statement_timeout};

@@ -14,6 +14,7 @@
  * the parent re-sending SIGTERM every second while it drains. */
 #include "mr_http.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcgiapp.h>
 #include <signal.h>
@@ -58,6 +59,7 @@ static mr_httpc *g_http;
 typedef struct {
     mr_req pub;
     char *strings; /* one allocation holding every copied CGI param */
+    char *request_json; /* the request's context for audit rows (r->who.request_json) */
     void (*job)(mr_req *r, void *arg);
     void *job_arg;
     void (*job_free)(void *);
@@ -265,6 +267,39 @@ static int copy_params(req_ctx *ctx, FCGX_Request *rq)
     return 0;
 }
 
+/* The request's context as audit rows record it (mindroom.request):
+ * {"ip": nginx's $remote_addr after real_ip, only when it is an IP address,
+ *  "user_agent": at most 256 characters of printable ASCII (anything else becomes
+ *  '?', so the text is valid in any database encoding), "request_id"}.
+ * Returns a malloc'd string, or NULL when out of memory. */
+static char *request_context(const mr_req *r)
+{
+    unsigned char addr[sizeof(struct in6_addr)];
+    char ua[257];
+    size_t n = 0;
+    for (const char *p = r->user_agent; *p && n < sizeof ua - 1; p++)
+        ua[n++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+    ua[n] = '\0';
+    cJSON *j = cJSON_CreateObject();
+    if (!j)
+        return NULL;
+    if (inet_pton(AF_INET, r->remote_addr, addr) == 1 || inet_pton(AF_INET6, r->remote_addr, addr) == 1)
+        cJSON_AddStringToObject(j, "ip", r->remote_addr);
+    if (n)
+        cJSON_AddStringToObject(j, "user_agent", ua);
+    cJSON_AddStringToObject(j, "request_id", r->request_id);
+    char *out = mr_json_print(j);
+    cJSON_Delete(j);
+    return out;
+}
+
+mr_identity mr_req_service(const mr_req *r)
+{
+    mr_identity who = mr_service_identity;
+    who.request_json = r->who.request_json;
+    return who;
+}
+
 static int method_allowed(const char *method)
 {
     const char *m = g_app->methods ? g_app->methods : "";
@@ -353,10 +388,15 @@ static void serve(FCGX_Request *rq)
     else
         new_request_id(r->request_id);
 
-    if (copy_params(&ctx, rq) != 0) {
+    int copied = copy_params(&ctx, rq) == 0;
+    if (copied)
+        ctx.request_json = request_context(r);
+    if (!copied || !ctx.request_json) {
         static const char *const empty = "";
-        r->method = r->path = r->query = r->content_type = r->authorization = empty;
-        r->stripe_signature = r->remote_addr = r->user_agent = empty;
+        if (!copied) {
+            r->method = r->path = r->query = r->content_type = r->authorization = empty;
+            r->stripe_signature = r->remote_addr = r->user_agent = empty;
+        }
         mr_reply_error(r, 500, "internal", "out of memory");
     } else if (!method_allowed(r->method)) {
         char allow[160];
@@ -374,6 +414,8 @@ static void serve(FCGX_Request *rq)
     } else if (read_body(r, rq) != 0) {
         /* replied */
     } else {
+        /* Set after authentication, which fills r->who afresh. */
+        r->who.request_json = ctx.request_json;
         g_app->handle(r);
     }
     if (r->status == 0) {
@@ -407,6 +449,7 @@ static void serve(FCGX_Request *rq)
     free(r->who.claims_json);
     free(r->body);
     free(ctx.strings);
+    free(ctx.request_json);
 }
 
 /* ---- worker ------------------------------------------------------------ */

@@ -67,7 +67,8 @@ typedef struct mr_req {
     /* Body: exactly body_len bytes as received, plus a NUL for convenience. */
     char *body;
     size_t body_len;
-    mr_identity who;             /* filled by the runtime for MR_AUTH_SERVICE/USER */
+    mr_identity who;             /* filled by the runtime for MR_AUTH_SERVICE/USER;
+                                    who.request_json for every request */
     mr_db *db;                   /* this worker's connection (lazily connected);
                                     NULL when DATABASE_URL is unset */
     mr_httpc *http;              /* this worker's libcurl handle */
@@ -103,6 +104,12 @@ void mr_reply_error(mr_req *r, int status, const char *code, const char *fmt, ..
 
 /* Maps an mr_err to its status and code name and replies with message. */
 void mr_reply_err(mr_req *r, mr_err e, const char *message);
+
+/* The service_role identity (mr_service_identity) carrying this request's context,
+ * for a function that writes as the control plane on a caller's behalf (the
+ * webhook, an instance's report): its audit rows still say from where. The
+ * strings stay owned by the runtime (valid until the request ends). */
+mr_identity mr_req_service(const mr_req *r);
 
 /* Registers work to run after the response has been sent and the FastCGI request
  * finished (the caller already has the answer). At most one job per request.

@@ -120,7 +120,8 @@ void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app
     for (const char *c = app; valid && *c; c++)
         valid = islower((unsigned char)*c) || isdigit((unsigned char)*c) || *c == '-';
     if (!valid || (action != MR_ACTION_START && action != MR_ACTION_STOP &&
-                   action != MR_ACTION_DESTROY && action != MR_ACTION_DESTROY_STORAGE)) {
+                   action != MR_ACTION_RESTART && action != MR_ACTION_DESTROY &&
+                   action != MR_ACTION_DESTROY_STORAGE)) {
         memset(out, 0, sizeof *out);
         out->rejected = 1;
         snprintf(out->error, sizeof out->error, valid ? "no provisioner route for %s"
@@ -139,9 +140,12 @@ void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app
         call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}/storage", 1, out);
         break;
     default: {
-        const char *what = action == MR_ACTION_STOP ? "POST /apps/{app}/stop" : "POST /apps/{app}/start";
+        const char *what = action == MR_ACTION_STOP      ? "POST /apps/{app}/stop"
+                           : action == MR_ACTION_RESTART ? "POST /apps/{app}/restart"
+                                                         : "POST /apps/{app}/start";
         snprintf(path, sizeof path, "/apps/%s/%s", app, mr_action_name(action));
-        /* A missing app is stopped; starting one is not (the caller falls back to create). */
+        /* A missing app is stopped; starting or restarting one is not (the caller
+         * falls back to create). */
         call(http, p, "POST", path, "{}", what, action == MR_ACTION_STOP, out);
     }
     }

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
 FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner
-           create-checkout-session create-portal-session list-plans)
+           create-checkout-session create-portal-session list-plans track-usage my-instance)
 DAEMONS=(mindroom-lifecycle)
 
 die() { echo "stack: $*" >&2; exit 1; }
@@ -54,6 +54,9 @@ load_config() {
   PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
   PG_PORT=${MR_PG_PORT:-54322}
   SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
+  # Where instances report usage: this stack's nginx (an instance on this machine's
+  # Dokku reaches it there).
+  MINDROOM_CONTROL_PLANE_URL=${MINDROOM_CONTROL_PLANE_URL:-http://$API_LISTEN}
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
   # Per-instance locks and applied-spec hashes: ours alone (the provisioner refuses
   # a directory another user owns or can write), never a shared /tmp path.
@@ -143,11 +146,20 @@ cmd_run() {
     export DATABASE_URL="host=$RUN/pg port=$PG_PORT dbname=mindroom user=$user"
   fi
 
-  # nginx from the dev template.
-  local user_line="# user: the current one"
+  # nginx from the dev template. X-Forwarded-For is believed only from the
+  # addresses in MR_TRUSTED_PROXIES (comma-separated addresses or CIDRs; none by default).
+  local user_line="# user: the current one" real_ip="# no trusted proxies" p
   [ "$(id -u)" -eq 0 ] && user_line="user root root;"
+  if [ -n "${MR_TRUSTED_PROXIES:-}" ]; then
+    real_ip=""
+    for p in ${MR_TRUSTED_PROXIES//,/ }; do
+      [[ $p =~ ^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$ ]] || die "MR_TRUSTED_PROXIES: '$p' is not an address or CIDR"
+      real_ip+="set_real_ip_from $p; "
+    done
+  fi
   sed -e "s#@ROOT@#$ROOT#g; s#@RUN@#$RUN#g; s#@PUBLIC_LISTEN@#$API_LISTEN#g" \
       -e "s#@PROVISIONER_LISTEN@#$PROVISIONER_LISTEN#g; s#@USER@#$user_line#g" \
+      -e "s|@REAL_IP_FROM@|$real_ip|g" \
       nginx/dev.conf > "$RUN/nginx.conf"
   nginx -t -q -p "$RUN/nginx" -c "$RUN/nginx.conf" -e "$RUN/log/nginx.error.log" \
     || die "nginx config invalid (see above)"

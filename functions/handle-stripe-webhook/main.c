@@ -158,8 +158,11 @@ static void handle(mr_req *r)
     char *out = NULL;
     const char *params[2] = {id, r->body};
     const int lengths[2] = {(int)strlen(id), (int)r->body_len};
-    e = mr_db_call(r->db, &mr_service_identity, &process_stmt, params, lengths, &out, err,
-                   sizeof err);
+    /* As service_role, with the delivery's address and user agent for the audit
+     * rows the event writes (Stripe's, since nginx trusts no forwarded header
+     * from anyone but the configured proxies). */
+    mr_identity who = mr_req_service(r);
+    e = mr_db_call(r->db, &who, &process_stmt, params, lengths, &out, err, sizeof err);
     if (e == MR_OK && out == NULL)
         e = mr_seterr(err, sizeof err, MR_EINTERNAL, "database returned no result");
     if (e != MR_OK) {

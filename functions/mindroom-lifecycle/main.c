@@ -124,6 +124,22 @@ static void load_config(void)
         fprintf(stderr, "config: MR_PROVISION_BACKOFF_CAP_S must be >= MR_PROVISION_BACKOFF_BASE_S\n");
         exit(2);
     }
+    /* The address instances report usage to, handed to each in its environment. */
+    const char *cp = mr_config_str("MINDROOM_CONTROL_PLANE_URL", "");
+    size_t cpl = strlen(cp);
+    while (cpl > 0 && cp[cpl - 1] == '/')
+        cpl--;
+    int cp_ok = cpl > 0 && cpl < sizeof c->control_plane_url &&
+                (strncmp(cp, "http://", 7) == 0 || strncmp(cp, "https://", 8) == 0);
+    for (size_t i = 0; cp_ok && i < cpl; i++)
+        cp_ok = cp[i] > 0x20 && cp[i] < 0x7f;
+    if (!cp_ok) {
+        fprintf(stderr, "config: MINDROOM_CONTROL_PLANE_URL is required: the control plane's "
+                "http(s) base URL that instances report usage to (%s/functions/v1/track-usage), "
+                "e.g. https://api.mindroom.example\n", "<URL>");
+        exit(2);
+    }
+    snprintf(c->control_plane_url, sizeof c->control_plane_url, "%.*s", (int)cpl, cp);
     if (!c->resend_api_key)
         mr_log(MR_LOG_INFO, "RESEND_API_KEY is not set: welcome emails wait until it is");
     if (!c->listen_url)

@@ -45,6 +45,8 @@ FUNCTIONS = (
     "create-checkout-session",
     "create-portal-session",
     "list-plans",
+    "track-usage",
+    "my-instance",
     "mindroom-lifecycle",
 )
 # Processes that serve no socket: started and stopped like the functions, ready
@@ -132,10 +134,11 @@ class Response:
         return "<Response %d %s>" % (self.status, self.text[:300])
 
 
-def http(method, url, json=None, body=None, headers=None, token=None, timeout=60):
+def http(method, url, json=None, body=None, headers=None, token=None, timeout=60, source=None):
     """One HTTP/1.1 request on a fresh connection; never raises on an HTTP status.
     json= sends it encoded with Content-Type application/json; body= sends raw
-    bytes/str as is; token= adds "Authorization: Bearer <token>"."""
+    bytes/str as is; token= adds "Authorization: Bearer <token>"; source= is the
+    local address to send from (e.g. "127.0.0.2", another loopback address)."""
     u = urllib.parse.urlsplit(url)
     hdrs = dict(headers or {})
     if json is not None:
@@ -145,7 +148,8 @@ def http(method, url, json=None, body=None, headers=None, token=None, timeout=60
         body = body.encode()
     if token is not None:
         hdrs["Authorization"] = "Bearer " + token
-    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout,
+                                     source_address=(source, 0) if source else None)
     try:
         path = u.path + ("?" + u.query if u.query else "")
         conn.request(method, path or "/", body=body, headers=hdrs)
@@ -315,6 +319,8 @@ class Stack:
     nginx_extra= is nginx text added inside the public server block (@RUN@ and
     @ROOT@ replaced). db= names an existing database to share (another stack's:
     two complete stacks on one database); it is then neither created nor dropped.
+    trusted_proxies= lists the addresses nginx believes X-Forwarded-For from
+    (set_real_ip_from; default none, as `make run`).
 
     The lifecycle worker (mindroom-lifecycle) runs in every stack that starts it;
     its periodic health round is set to once a day unless env says otherwise, so
@@ -322,7 +328,7 @@ class Stack:
     """
 
     def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
-                 nginx_extra="", db=None):
+                 nginx_extra="", db=None, trusted_proxies=()):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.own_db = db is None
@@ -339,6 +345,7 @@ class Stack:
         self.nginx = None
         self.port = self.provisioner_port = None
         self._nginx_extra = nginx_extra
+        self.trusted_proxies = tuple(trusted_proxies)
         self._extra_env = dict(env or {})
         self._workers = workers
         self.env = {}
@@ -378,6 +385,8 @@ class Stack:
             "MR_LIFECYCLE_WORKERS": "2",
             "HEALTH_INTERVAL_S": "86400",
             "MR_LOG_LEVEL": "info",
+            # What instances are told to report usage to: this stack's nginx.
+            "MINDROOM_CONTROL_PLANE_URL": self.base_url,
         }
         if pooler is not None:
             # Through PgBouncer in transaction mode, as through Supavisor on 6543;
@@ -425,9 +434,12 @@ class Stack:
         """nginx/dev.conf with this stack's paths and listeners."""
         text = (ROOT / "nginx/dev.conf").read_text()
         user = "user root root;" if os.geteuid() == 0 else "# user: the current one"
+        proxies = getattr(self, "trusted_proxies", ())
+        real_ip = "".join("set_real_ip_from %s;" % p for p in proxies) or "# no trusted proxies"
         for k, v in (("@ROOT@", str(ROOT)), ("@RUN@", str(self.run)),
                      ("@PUBLIC_LISTEN@", public_listen),
-                     ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user)):
+                     ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user),
+                     ("@REAL_IP_FROM@", real_ip)):
             text = text.replace(k, v)
         return text
 
@@ -642,12 +654,13 @@ class Stack:
         """http://127.0.0.1:<port>/functions/v1/<name> (name may carry /path?query)."""
         return self.base_url + "/functions/v1/" + name
 
-    def call(self, method, name, json=None, body=None, headers=None, token=None, timeout=60):
+    def call(self, method, name, json=None, body=None, headers=None, token=None, timeout=60,
+             source=None):
         """Calls a function through nginx; see http(). A name starting with "/"
         is a raw path on the public listener."""
         url = self.base_url + name if name.startswith("/") else self.url(name)
         return http(method, url, json=json, body=body, headers=headers, token=token,
-                    timeout=timeout)
+                    timeout=timeout, source=source)
 
     def call_provisioner(self, method, path, json=None, body=None, headers=None,
                          token=None, timeout=60):

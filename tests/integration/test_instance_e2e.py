@@ -204,7 +204,11 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
     c.send("customer.subscription.updated", "active")
     running(stack, c.sid)
     calls = dokku.new_calls()
-    assert ["ps:start", n["app"]] in calls and ["ps:start", n["hs"]] in calls, calls
+    # The stop revoked the instance's control-plane token, so the start applies the
+    # configuration with a new one (POST /apps of the same apps, which starts them).
+    assert dokku.app(n["app"], "running") == "true" and dokku.app(n["hs"], "running") == "true"
+    started_env = decode_config_args([x for x in calls if x[0] == "config:set" and n["app"] in x][-1])
+    assert started_env["MINDROOM_CONTROL_PLANE_TOKEN"] != env["MINDROOM_CONTROL_PLANE_TOKEN"]
     assert not any(x[0] in ("apps:create", "storage:create") for x in calls), calls
     data_kept("after stop and start")
 

@@ -24,7 +24,7 @@ from lifecycle_helpers import (FAST_ENV, LINK_CUSTOMER_SQL, PRICES, WORKER, inst
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "refused-links", "stuck", "concurrency")
+            "failed-events", "refused-links", "stuck", "concurrency", "rotate-instance-token")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,14 @@ def test_run_prints_a_working_curl_and_stop_ends_everything(stack_env):
     resp = mr.http("GET", "http://127.0.0.1:%d/apps/mindroom-000000000000" % ports[1],
                    token=secrets["DOKKU_PROVISIONER_TOKEN"])
     assert resp.status not in (401, 502), resp
+    # The tenant edges are routed: a user's session reaches my-instance (this user has
+    # no instance), and track-usage takes nothing but an instance's own token.
+    user = mr.make_jwt({"role": "authenticated", "sub": str(uuid.uuid4()), "aud": "authenticated",
+                        "exp": int(time.time()) + 600}, secrets["SUPABASE_JWT_SECRET"])
+    resp = mr.http("GET", api + "/functions/v1/my-instance", token=user)
+    assert resp.status == 404 and resp.json["error"]["code"] == "not_found", resp
+    resp = mr.http("POST", api + "/functions/v1/track-usage", json={}, token=token)
+    assert resp.status == 401 and "instance token" in resp.json["error"]["message"], resp
     # PostgreSQL on the TCP port, schema applied.
     conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
     rows = subprocess.run(["psql", conn, "-XtAc", "select count(*) from supabase_migrations.schema_migrations"],
@@ -198,5 +207,17 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
         deploy = next(i for i, c in enumerate(calls) if c[:2] == ["git:from-image", a])
         mount = next(i for i, c in enumerate(calls) if c[:3] == ["storage:mount", a, entry])
         assert mount < deploy, calls
+    # MindRoom's environment (its last config:set) carries its own control-plane token,
+    # this stack's URL and its plan's limits; with the token, track-usage counts.
+    from provisioner_helpers import decode_config_args
+    api = "http://127.0.0.1:%d" % ports[0]
+    menv = decode_config_args([c for c in calls if c[0] == "config:set" and n["app"] in c][-1])
+    assert menv["MINDROOM_CONTROL_PLANE_URL"] == api, menv
+    assert (menv["MAX_AGENTS"], menv["MAX_MESSAGES_PER_DAY"]) == ("3", "1000"), menv
+    resp = mr.http("POST", api + "/functions/v1/track-usage", json={"agent": "general"},
+                   token=menv["MINDROOM_CONTROL_PLANE_TOKEN"])
+    assert resp.status == 200 and resp.json["remaining"] == 999, resp
+    assert sql("SELECT messages_sent FROM public.usage_metrics u JOIN public.instances i "
+               "ON i.id = u.instance_id WHERE i.dokku_app_name = '%s'" % app) == "1"
     dokku.assert_documented()
     stop(run, env, p)
