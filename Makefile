@@ -9,6 +9,11 @@ WARN    := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes -Wmissing-proto
            -Wwrite-strings -Wvla -Werror
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -g -Ilib $(WARN) \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+# What was built (scripts/version.sh) and the schema it expects (the newest
+# migration): compiled into lib/mr_version.c only, which a stamp rebuilds when
+# either changes.
+VERSION        := $(shell scripts/version.sh)
+SCHEMA_VERSION := $(shell ls sql/migrations | sed -n 's/^\([0-9][0-9]*\)_.*\.sql$$/\1/p' | sort -n | tail -1)
 LIBS    := -lfcgi $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lcurl -lpq -lssl -lcrypto) -lm
 
 ifeq ($(SAN),1)
@@ -32,7 +37,7 @@ FUNC_BINS := $(FUNCS:%=$(BUILD)/bin/%)
 TEST_SRC  := $(wildcard tests/unit/test_*.c)
 TEST_BINS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
-.PHONY: all build tests test run stop bench valgrind fuzz drills clean deps
+.PHONY: all build tests test run stop bench valgrind fuzz drills clean deps FORCE
 all: build
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bin/%,$(wildcard tests/bench/*.c))
 build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BENCH_BINS)
@@ -41,6 +46,13 @@ tests: $(TEST_BINS)
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/version.stamp: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(VERSION) $(SCHEMA_VERSION)' | cmp -s - $@ || echo '$(VERSION) $(SCHEMA_VERSION)' > $@
+$(BUILD)/lib/mr_version.o: $(BUILD)/version.stamp
+$(BUILD)/lib/mr_version.o: CFLAGS += -DMR_VERSION='"$(VERSION)"' -DMR_SCHEMA_VERSION='"$(SCHEMA_VERSION)"'
+FORCE:
 
 $(LIB_A): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
