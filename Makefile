@@ -9,11 +9,11 @@ WARN    := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes -Wmissing-proto
            -Wwrite-strings -Wvla -Werror
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -g -Ilib $(WARN) \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-# What was built (scripts/version.sh) and the schema it expects (the newest
-# migration): compiled into lib/mr_version.c only, which a stamp rebuilds when
+# What was built (scripts/version.sh) and the schema it expects (every migration's
+# version): compiled into lib/mr_version.c only, which a stamp rebuilds when
 # either changes.
 VERSION        := $(shell scripts/version.sh)
-SCHEMA_VERSION := $(shell ls sql/migrations | sed -n 's/^\([0-9][0-9]*\)_.*\.sql$$/\1/p' | sort -n | tail -1)
+SCHEMA_VERSIONS := $(shell ls sql/migrations | sed -n 's/^\([0-9][0-9]*\)_.*\.sql$$/\1/p' | sort -n | paste -sd, -)
 LIBS    := -lfcgi $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lcurl -lpq -lssl -lcrypto) -lm
 
 ifeq ($(SAN),1)
@@ -49,9 +49,9 @@ $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
 
 $(BUILD)/version.stamp: FORCE
 	@mkdir -p $(dir $@)
-	@echo '$(VERSION) $(SCHEMA_VERSION)' | cmp -s - $@ || echo '$(VERSION) $(SCHEMA_VERSION)' > $@
+	@echo '$(VERSION) $(SCHEMA_VERSIONS)' | cmp -s - $@ || echo '$(VERSION) $(SCHEMA_VERSIONS)' > $@
 $(BUILD)/lib/mr_version.o: $(BUILD)/version.stamp
-$(BUILD)/lib/mr_version.o: CFLAGS += -DMR_VERSION='"$(VERSION)"' -DMR_SCHEMA_VERSION='"$(SCHEMA_VERSION)"'
+$(BUILD)/lib/mr_version.o: CFLAGS += -DMR_VERSION='"$(VERSION)"' -DMR_SCHEMA_VERSIONS='"$(SCHEMA_VERSIONS)"'
 FORCE:
 
 $(LIB_A): $(LIB_OBJ)

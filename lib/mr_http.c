@@ -516,14 +516,17 @@ static int request_state(const unsigned char *b, size_t len, int *params_done)
 /* Waits until connection fd has delivered a whole request, or the read deadline.
  * Returns 0 when it has (or when the params are complete and the body is larger
  * than the look-ahead buffer: its reads then have the deadline each), else -1 with
- * why filled and *quiet set when the peer simply went away. */
+ * why filled and *quiet set when the peer went away without sending a byte (a
+ * connect-only probe of the socket: not an incident). */
 static int await_request(int fd, char *why, size_t whylen, int *quiet)
 {
     int64_t deadline = mr_now_ms() + g_read_timeout_ms;
+    int seen = 0;
     *quiet = 0;
     for (;;) {
         ssize_t n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
         if (n > 0) {
+            seen = 1;
             int params_done;
             int st = request_state(g_peek, (size_t)n, &params_done);
             if (st > 0 || (st == 0 && params_done && (size_t)n == g_peek_cap))
@@ -533,11 +536,11 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
                 return -1;
             }
         } else if (n == 0) {
-            *quiet = 1;
+            *quiet = !seen;
             snprintf(why, whylen, "closed before sending a whole request");
             return -1;
         } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-            *quiet = 1;
+            *quiet = !seen;
             snprintf(why, whylen, "%s", strerror(errno));
             return -1;
         }
@@ -560,8 +563,12 @@ static int take_request(FCGX_Request *rq, int fd)
     char why[160];
     int quiet;
     if (await_request(fd, why, sizeof why, &quiet) != 0) {
-        mr_log(quiet ? MR_LOG_INFO : MR_LOG_WARN, "dropped a connection: %s", why);
-        mr_metrics_dropped_connection();
+        if (quiet) {
+            mr_log(MR_LOG_DEBUG, "a connection closed without sending anything");
+        } else {
+            mr_log(MR_LOG_WARN, "dropped a connection: %s", why);
+            mr_metrics_dropped_connection();
+        }
         close(fd);
         return -1;
     }

@@ -57,7 +57,9 @@ static const char *const stripe_outcomes[] = {"processed", "duplicate", "ignored
                                               "failed", "deferred", "invalid", "error"};
 #define STRIPE_OUTCOMES (sizeof stripe_outcomes / sizeof stripe_outcomes[0])
 
-static const char *const prov_routes[MR_PROV_ROUTES] = {"apply", "start", "stop", "destroy"};
+/* The provisioner's routes, as its API names them. */
+static const char *const prov_routes[MR_PROV_ROUTES] = {
+    "POST /apps", "POST /apps/{app}/start", "POST /apps/{app}/stop", "DELETE /apps/{app}"};
 static const char *const prov_outcomes[MR_PROV_OUTCOMES] = {"ok", "rejected", "failed", "aborted"};
 static const char *const health_results[] = {"healthy", "unhealthy", "unreachable"};
 

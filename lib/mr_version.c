@@ -1,4 +1,4 @@
-/* mr_version.c: see mr_version.h. MR_VERSION and MR_SCHEMA_VERSION come from the
+/* mr_version.c: see mr_version.h. MR_VERSION and MR_SCHEMA_VERSIONS come from the
  * Makefile; this file alone is rebuilt when they change. */
 #include "mr_version.h"
 
@@ -8,8 +8,8 @@
 #ifndef MR_VERSION
 #define MR_VERSION "unknown"
 #endif
-#ifndef MR_SCHEMA_VERSION
-#define MR_SCHEMA_VERSION ""
+#ifndef MR_SCHEMA_VERSIONS
+#define MR_SCHEMA_VERSIONS ""
 #endif
 
 const char *mr_version(void)
@@ -17,9 +17,9 @@ const char *mr_version(void)
     return MR_VERSION;
 }
 
-const char *mr_schema_version(void)
+const char *mr_schema_versions(void)
 {
-    return MR_SCHEMA_VERSION;
+    return MR_SCHEMA_VERSIONS;
 }
 
 int mr_version_arg(const char *name, int argc, char **argv)
