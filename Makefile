@@ -40,7 +40,8 @@ TEST_BINS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 .PHONY: all build tests test run stop bench valgrind fuzz drills clean deps FORCE
 all: build
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bin/%,$(wildcard tests/bench/*.c))
-build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BENCH_BINS)
+TOOL_BINS  := $(patsubst scripts/%.c,$(BUILD)/bin/%,$(wildcard scripts/*.c))
+build: $(FUNC_BINS) $(TOOL_BINS) $(BENCH_BINS)
 tests: $(TEST_BINS)
 
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
@@ -65,7 +66,7 @@ $(BUILD)/bin/$(1): $(wildcard functions/$(1)/*.c) $(wildcard functions/$(1)/*.h)
 endef
 $(foreach f,$(FUNCS),$(eval $(call FUNC_RULE,$(f))))
 
-# Small command-line tools built from scripts/*.c (token minting, signing).
+# Small command-line tools built from scripts/*.c (token minting, service files).
 $(BUILD)/bin/%: scripts/%.c $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -o $@
