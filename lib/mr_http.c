@@ -41,6 +41,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <netdb.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -684,6 +685,57 @@ static int worker_child(void *arg)
     return worker_main(*(const int *)arg);
 }
 
+/* A listening socket on a unix path or "host:port" (":port": every address).
+ * libfcgi's FCGX_OpenSocket would exit() the process on a failed bind; this
+ * returns -1 with errno set instead, so the caller can say what went wrong. */
+static int open_listener(const char *where)
+{
+    const char *colon = strrchr(where, ':');
+    int fd;
+    if (!colon) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        if (strlen(where) >= sizeof sa.sun_path) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        memcpy(sa.sun_path, where, strlen(where) + 1);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0 && (bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0 ||
+                        listen(fd, LISTEN_BACKLOG) != 0)) {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+        return fd;
+    }
+    char host[256];
+    size_t hlen = (size_t)(colon - where);
+    if (hlen >= sizeof host) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(host, where, hlen);
+    host[hlen] = '\0';
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV}, *ai = NULL;
+    if (getaddrinfo(hlen ? host : NULL, colon + 1, &hints, &ai) != 0 || !ai) {
+        errno = EINVAL;
+        return -1;
+    }
+    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    int one = 1;
+    if (fd >= 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+                    bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, LISTEN_BACKLOG) != 0)) {
+        int saved = errno;
+        close(fd);
+        fd = -1;
+        errno = saved;
+    }
+    freeaddrinfo(ai);
+    return fd;
+}
+
 /* Binds the unix (or host:port) socket at path with the given mode. A unix socket
  * is bound under a temporary name and renamed over the path: a rolling restart
  * (new binary first, old one drained after) never leaves nginx a moment with no
@@ -708,7 +760,7 @@ static int bind_socket(const char *socket_path, mode_t mode)
     }
     /* No moment with a wider mode than asked for: the umask covers the bind. */
     mode_t old = is_unix ? umask((mode_t)(~mode & 0777)) : 0;
-    int fd = FCGX_OpenSocket(listen_path, LISTEN_BACKLOG);
+    int fd = open_listener(listen_path);
     int saved = errno;
     if (is_unix)
         umask(old);

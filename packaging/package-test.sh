@@ -66,7 +66,8 @@ say "installing $(basename "$deb") with apt (dependencies from $MIRROR)"
 in_root apt-get update -qq >"$CACHE/apt.log" 2>&1 || { tail -20 "$CACHE/apt.log" >&2; die "apt-get update failed"; }
 in_root sh -c "cd /tmp && apt-get install -y -q ./$(basename "$deb")" >>"$CACHE/apt.log" 2>&1 ||
   { tail -30 "$CACHE/apt.log" >&2; die "apt install failed (log: $CACHE/apt.log)"; }
-in_root /tmp/package-check.sh installed "$(scripts/version.sh)"
+# The version the package's binaries were built with (scripts/version.sh then).
+in_root /tmp/package-check.sh installed "$(cut -d' ' -f1 build/release/version.stamp)"
 say "purging"
 in_root apt-get purge -y -q mindroom >>"$CACHE/apt.log" 2>&1 || { tail -20 "$CACHE/apt.log" >&2; die "purge failed"; }
 in_root /tmp/package-check.sh purged
