@@ -11,6 +11,7 @@
  * transaction-mode pooler and nothing leaks from one request to the next. */
 #include "mr_db.h"
 
+#include <errno.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +33,8 @@ struct mr_db {
     PGconn *conn;
     pooler_mode pooler;
     char statement_timeout[24];
+    int64_t answer_ms;    /* how long to wait for an answer before giving up on the
+                             connection: the statement timeout + 2 s; 0: no limit */
     char last_state[6];   /* SQLSTATE of the last statement ("00000" on success) */
     unsigned int rng;
     unsigned generation;  /* bumped on every new connection */
@@ -68,6 +71,7 @@ mr_db *mr_db_open(const char *conninfo)
                             5000, 0, 24 * 3600 * 1000, &t, NULL, 0) != MR_OK)
         t = 5000;
     snprintf(db->statement_timeout, sizeof(db->statement_timeout), "%lld", (long long)t);
+    db->answer_ms = t > 0 ? t + 2000 : 0;
     const char *pooler = getenv("DATABASE_POOLER");
     db->pooler = pooler && !strcmp(pooler, "transaction") ? POOLER_TRANSACTION
                  : pooler && !strcmp(pooler, "session") ? POOLER_SESSION : POOLER_NONE;
@@ -235,6 +239,36 @@ void mr_db_release(mr_db *db)
     PQclear(res);
 }
 
+/* Waits until the next result can be read without blocking, at most db->answer_ms
+ * from `since`. The statement timeout ends a statement the server is running; this
+ * ends a wait for a server that is not answering at all (a pooler waiting for a
+ * PostgreSQL that is down, a dead network path). Returns 0 when ready; -1 when the
+ * connection broke or the time ran out, after dropping it (its state is unknown). */
+static int await_answer(mr_db *db, int64_t since)
+{
+    PGconn *c = db->conn;
+    while (PQisBusy(c)) {
+        int timeout = -1;
+        if (db->answer_ms > 0) {
+            int64_t left = since + db->answer_ms - mr_now_ms();
+            if (left <= 0) {
+                mr_log(MR_LOG_WARN, "database did not answer within %lld ms; dropping the connection",
+                       (long long)db->answer_ms);
+                goto drop;
+            }
+            timeout = left > 1000 ? 1000 : (int)left;
+        }
+        struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
+        if (p.fd < 0 || (poll(&p, 1, timeout) < 0 && errno != EINTR) || !PQconsumeInput(c))
+            goto drop;
+    }
+    return 0;
+drop:
+    PQfinish(c);
+    db->conn = NULL;
+    return -1;
+}
+
 mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *params,
                   PGresult **res, char sqlstate[6], char *err, size_t errlen)
 {
@@ -246,8 +280,28 @@ mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *pa
             memcpy(sqlstate, db ? db->last_state : "08003", 6);
         return db ? MR_ETRANSIENT : MR_EINTERNAL;
     }
-    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, NULL, NULL, 0);
-    return check_result(db, r, res, sqlstate, err, errlen);
+    /* PQexecParams without its unbounded wait: send, await the answer within the
+     * deadline, keep the last result (as PQexec does). */
+    int64_t t0 = mr_now_ms();
+    PGresult *last = NULL;
+    if (!PQsendQueryParams(c, sql, nparams, NULL, params, NULL, NULL, 0))
+        return check_result(db, NULL, res, sqlstate, err, errlen);
+    for (;;) {
+        if (await_answer(db, t0) != 0) {
+            PQclear(last);
+            return check_result(db, NULL, res, sqlstate, err, errlen);
+        }
+        PGresult *r = PQgetResult(c);
+        if (!r)
+            break;
+        if (last && PQresultStatus(last) == PGRES_FATAL_ERROR) {
+            PQclear(r); /* the first error is the one that counts */
+            continue;
+        }
+        PQclear(last);
+        last = r;
+    }
+    return check_result(db, last, res, sqlstate, err, errlen);
 }
 
 /* ---- pipelines --------------------------------------------------------- */
@@ -316,9 +370,14 @@ static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char
     PGconn *c = db->conn;
     mr_err rc = MR_OK;
     int ntuples = 0;
+    int64_t t0 = mr_now_ms();
     *synced = 0;
     /* Bounded so that a broken connection cannot spin. */
     for (int i = 0; i < 32; i++) {
+        if (await_answer(db, t0) != 0) {
+            c = NULL;
+            break;
+        }
         PGresult *res = PQgetResult(c);
         if (!res) {
             if (PQstatus(c) != CONNECTION_OK)
@@ -341,7 +400,7 @@ static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char
         }
         PQclear(res);
     }
-    if (!PQexitPipelineMode(c)) {
+    if (c && !PQexitPipelineMode(c)) {
         /* Still busy: the connection is in an unknown state; drop it. */
         mr_log(MR_LOG_WARN, "database pipeline left busy; reconnecting");
         PQfinish(c);

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs every suite against the sanitizer build and ends with one summary line
 # "N passed, N failed". Called by `make test` (which builds first).
-#   scripts/test.sh [unit] [sql] [integration] [cli]   (default: all of them)
+#   scripts/test.sh [unit] [sql] [integration] [pooler]   (default: all of them)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export MR_BUILD=${MR_BUILD:-build/san}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-suites=("$@"); [ ${#suites[@]} -eq 0 ] && suites=(unit sql integration)
+suites=("$@"); [ ${#suites[@]} -eq 0 ] && suites=(unit sql integration pooler)
 passed=0; failed=0
 add() { passed=$((passed + $1)); failed=$((failed + $2)); }
 log=$(mktemp -d); trap 'rm -rf "$log"' EXIT
@@ -68,6 +68,10 @@ for s in "${suites[@]}"; do
     unit) run_unit ;;
     sql) run_sql ;;
     integration) run_pytest integration tests/integration ;;
+    # The whole integration suite once more, the functions and the worker reaching
+    # PostgreSQL through PgBouncer in transaction mode (as through Supavisor's
+    # port 6543): no named statements, no session state, LISTEN on a direct URL.
+    pooler) MR_TEST_POOLER=transaction run_pytest pooler tests/integration ;;
     *) echo "unknown suite $s" >&2; add 0 1 ;;
   esac
 done

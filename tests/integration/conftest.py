@@ -30,12 +30,18 @@ from resend import ResendStandin  # noqa: E402
 def pg():
     """A throwaway PostgreSQL cluster (fsync off, unix socket only) holding
     `mindroom_template`: every migration applied and the seed loaded. Stacks
-    clone it, so each starts from the same fresh database."""
+    clone it, so each starts from the same fresh database. With
+    MR_TEST_POOLER=transaction the functions reach it through PgBouncer in
+    transaction mode (mr.Pooler)."""
     cluster = mr.Cluster()
     try:
         cluster.make_template()
+        if os.environ.get("MR_TEST_POOLER") == "transaction":
+            cluster.pooler = mr.Pooler(cluster)
         yield cluster
     finally:
+        if getattr(cluster, "pooler", None) is not None:
+            cluster.pooler.stop()
         cluster.destroy()
 
 

@@ -210,6 +210,60 @@ class Cluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Pooler:
+    """PgBouncer in transaction mode in front of a Cluster, on a unix socket in
+    the cluster's directory: the stand-in for Supavisor's transaction mode (port
+    6543). Functions and workers reach PostgreSQL through it when
+    MR_TEST_POOLER=transaction; LISTEN and the tests' own SQL stay direct."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.dir = cluster.dir / "pgbouncer"
+        self.dir.mkdir()
+        self.port = free_port()
+        (self.dir / "userlist.txt").write_text('"postgres" ""\n"authenticator" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            "[databases]\n* = host=%s port=%s\n\n[pgbouncer]\n"
+            "listen_addr =\nlisten_port = %d\nunix_socket_dir = %s\n"
+            "auth_type = trust\nauth_file = %s\npool_mode = transaction\n"
+            "max_client_conn = 2000\ndefault_pool_size = 40\nmax_db_connections = 150\n"
+            "server_reset_query =\nignore_startup_parameters = extra_float_digits\n"
+            # As a managed pooler does: a dead server connection (PostgreSQL
+            # restarted) is replaced before a client gets it, and a client waits
+            # for a server at most a few seconds while PostgreSQL is down.
+            "server_check_delay = 0\nserver_check_query = select 1\nquery_wait_timeout = 10\n"
+            "server_login_retry = 1\n"
+            "logfile = %s\npidfile = %s\n" % (
+                cluster.host, cluster.port, self.port, self.dir, self.dir / "userlist.txt",
+                self.dir / "pgbouncer.log", self.dir / "pgbouncer.pid"))
+        owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+        _run(owner + ["pgbouncer", "-d", str(self.dir / "pgbouncer.ini")])
+        deadline = time.monotonic() + START_TIMEOUT
+        sock = self.dir / (".s.PGSQL.%d" % self.port)
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("pgbouncer did not start:\n" + self.log())
+            time.sleep(0.05)
+
+    def conninfo(self, dbname, user="authenticator"):
+        return "host=%s port=%d dbname=%s user=%s" % (self.dir, self.port, dbname, user)
+
+    def log(self):
+        try:
+            return (self.dir / "pgbouncer.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        try:
+            pid = int((self.dir / "pgbouncer.pid").read_text())
+            os.kill(pid, signal.SIGTERM)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pass
+
+
 def _run(argv, env=None, timeout=300):
     p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True, timeout=timeout)
@@ -312,6 +366,7 @@ class Stack:
             self._nginx_extra.replace("@RUN@", str(self.run)).replace("@ROOT@", str(ROOT)))
         self._start_nginx()
         user = "authenticator" if self.pg.has_role("authenticator") else "postgres"
+        pooler = getattr(self.pg, "pooler", None)
         self.env = {
             "DATABASE_URL": self.pg.conninfo(self.db, user),
             "SUPABASE_URL": self.base_url,
@@ -325,6 +380,12 @@ class Stack:
             "MR_LOG_LEVEL": "info",
             "MR_METRICS_DIR": str(self.run / "metrics"),
         }
+        if pooler is not None:
+            # Through PgBouncer in transaction mode, as through Supavisor on 6543;
+            # LISTEN needs a session, so the worker listens on the direct URL.
+            self.env.update(DATABASE_URL=pooler.conninfo(self.db, user),
+                            DATABASE_POOLER="transaction",
+                            DATABASE_LISTEN_URL=self.pg.conninfo(self.db, user))
         self.env.update(self._extra_env)
         for name in self.functions:
             self._start_function(name)
@@ -555,7 +616,27 @@ class Stack:
         self.pg.stop()
 
     def start_db(self):
+        """Starts the session cluster again; with a pooler in front, returns once
+        the pooler serves again too (PgBouncer refuses logins for
+        server_login_retry after failing to reach PostgreSQL: the pooler's own
+        recovery, not ours)."""
         self.pg.start()
+        pooler = getattr(self.pg, "pooler", None)
+        if pooler is not None:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                try:
+                    conn = psycopg2.connect(pooler.conninfo(self.db))
+                    try:
+                        with conn.cursor() as cur:  # the login alone needs no server
+                            cur.execute("SELECT 1")
+                    finally:
+                        conn.close()
+                    return
+                except psycopg2.Error:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
 
     # ---- HTTP ------------------------------------------------------------
 

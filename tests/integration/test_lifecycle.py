@@ -506,7 +506,8 @@ def test_the_commit_wakes_the_worker_and_a_pooler_without_listen_polls(pg, prov)
         assert provision(s, sid).status == 202
         wait_status(s, sid, "running", timeout=3)
         assert time.monotonic() - t0 < 1.0
-    env = stack_env(prov, DATABASE_POOLER="transaction", MR_LIFECYCLE_POLL_MS="1500")
+    env = stack_env(prov, DATABASE_POOLER="transaction", MR_LIFECYCLE_POLL_MS="1500",
+                    DATABASE_LISTEN_URL=None)
     with mr.Stack(pg, env=env, functions=["provision-instance", WORKER]) as s:
         assert "polling every 1500 ms" in s.log(WORKER)
         sid = new_subscription(s, "starter")
