@@ -54,8 +54,8 @@ typedef enum {
 
 /* Creates this process group's segment for `name` ([a-z0-9-], at most 63
  * characters), in MR_METRICS_DIR when that is set. Returns MR_OK, or MR_EINVAL
- * with err filled (the directory is missing, a symlink, writable by others or
- * owned by another user; the name is bad). */
+ * with err filled (the directory is missing, a symlink or writable by others;
+ * the name is bad). */
 mr_err mr_metrics_open(const char *name, mr_metrics_kind kind, char *err, size_t errlen);
 
 /* The parent, at exit: removes the segment file if it is still this process's

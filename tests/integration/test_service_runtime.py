@@ -79,6 +79,30 @@ def test_the_socket_is_owner_and_group_only_by_default(tmp_path):
         stop(p)
 
 
+def test_a_metrics_directory_others_can_write_is_refused(tmp_path):
+    # Anyone who could write there could hand mindroom-admin a segment of their own.
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    p = start(tmp_path, env={"MR_METRICS_DIR": str(open_dir)})
+    assert p.wait(15) == 2
+    assert any("must not be writable by others" in l for l in lines(tmp_path / "fn.log"))
+    # Nor through a symlink; a group-shared directory is fine, the segment 0640 in it.
+    (tmp_path / "link").symlink_to(tmp_path / "shared")
+    (tmp_path / "shared").mkdir()
+    os.chmod(tmp_path / "shared", 0o2770)
+    p = start(tmp_path, env={"MR_METRICS_DIR": str(tmp_path / "link")}, log="link.log")
+    assert p.wait(15) == 2 and any("MR_METRICS_DIR" in l for l in lines(tmp_path / "link.log"))
+    p = start(tmp_path, env={"MR_METRICS_DIR": str(tmp_path / "shared")}, log="shared.log")
+    try:
+        wait_socket(tmp_path / "noop.sock", p)
+        seg = tmp_path / "shared/noop.metrics"
+        assert stat.S_IMODE(seg.stat().st_mode) == 0o640 and stat.S_ISREG(seg.lstat().st_mode)
+    finally:
+        assert stop(p) == 0
+    assert not (tmp_path / "shared/noop.metrics").exists()   # removed on a clean exit
+
+
 # ---- the read deadline -------------------------------------------------------------
 
 def closed_by_peer(c):
