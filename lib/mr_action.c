@@ -7,7 +7,7 @@ static const char *const names[MR_ACTION_COUNT] = {
     [MR_ACTION_NONE] = "none",       [MR_ACTION_CREATE] = "create",
     [MR_ACTION_START] = "start",     [MR_ACTION_UPDATE] = "update",
     [MR_ACTION_STOP] = "stop",       [MR_ACTION_DESTROY] = "destroy",
-    [MR_ACTION_EMAIL] = "email",
+    [MR_ACTION_EMAIL] = "email",     [MR_ACTION_DESTROY_STORAGE] = "destroy_storage",
 };
 
 const char *mr_action_name(mr_action a)

@@ -18,6 +18,7 @@ typedef enum {
     MR_ACTION_STOP,     /* stop a running app (billing) */
     MR_ACTION_DESTROY,  /* remove the app */
     MR_ACTION_EMAIL,    /* send the welcome email */
+    MR_ACTION_DESTROY_STORAGE, /* remove a destroyed instance's data (retention over, or purge) */
     MR_ACTION_COUNT
 } mr_action;
 

@@ -26,12 +26,18 @@ void mr_health_config_load(mr_health_config *cfg)
                                                 MR_DL_NGINX_HEALTH_S * 1000 / 2);
     cfg->probe.max_body = (size_t)mr_config_int("HEALTH_MAX_BODY", 65536, 1, 16 << 20);
     cfg->path = mr_config_str("HEALTH_PATH", "/api/health");
+    cfg->matrix_path = mr_config_str("HEALTH_MATRIX_PATH", "/health");
     cfg->threshold = (int)mr_config_int("HEALTH_FAILURE_THRESHOLD", 3, 1, 1000);
     cfg->interval_s = (int)mr_config_int("HEALTH_INTERVAL_S", 60, 1, 86400);
 
-    if (cfg->path[0] != '/' || strpbrk(cfg->path, " \t\r\n?#")) {
-        fprintf(stderr, "config: HEALTH_PATH must be an absolute path without query or spaces\n");
-        exit(2);
+    const char *const paths[][2] = {{"HEALTH_PATH", cfg->path},
+                                    {"HEALTH_MATRIX_PATH", cfg->matrix_path}};
+    for (size_t i = 0; i < MR_ARRAY_LEN(paths); i++) {
+        if (paths[i][1][0] != '/' || strpbrk(paths[i][1], " \t\r\n?#")) {
+            fprintf(stderr, "config: %s must be an absolute path without query or spaces\n",
+                    paths[i][0]);
+            exit(2);
+        }
     }
     if (!domain[0] && !cfg->probe.allow_loopback)
         mr_log(MR_LOG_WARN, "MINDROOM_BASE_DOMAIN is unset: every probe will be refused");
@@ -54,14 +60,21 @@ void mr_health_config_load(mr_health_config *cfg)
 
 /* ---- selection (under the caller's identity: RLS decides what a user sees) ---- */
 
+/* An instance's two components, probed separately; healthy only when both are. */
+enum { PART_MINDROOM, PART_HOMESERVER, N_PARTS };
+static const char *const part_names[N_PARTS] = {"mindroom", "homeserver"};
+
 typedef struct {
     char id[40];
-    char *url;          /* backend_url + path, malloc'd; NULL when no backend_url */
+    char *url[N_PARTS];   /* base URL + path, malloc'd; NULL when the instance has none */
+    size_t probe[N_PARTS];/* index into the round's probes, or NO_PROBE */
 } target;
+
+#define NO_PROBE ((size_t)-1)
 
 typedef struct {
     const char *instance_id;  /* NULL = all running */
-    const char *path;
+    const char *path[N_PARTS];
     target *t;
     size_t n;
     char not_running[32];     /* one-instance mode: its status when not running */
@@ -71,10 +84,24 @@ typedef struct {
 static void targets_free(select_ctx *c)
 {
     for (size_t i = 0; i < c->n; i++)
-        free(c->t[i].url);
+        for (int k = 0; k < N_PARTS; k++)
+            free(c->t[i].url[k]);
     free(c->t);
     c->t = NULL;
     c->n = 0;
+}
+
+/* base (trailing slashes dropped) + path, malloc'd. */
+static char *join_url(const char *base, const char *path)
+{
+    size_t bl = strlen(base);
+    while (bl > 0 && base[bl - 1] == '/')
+        bl--;
+    size_t need = bl + strlen(path) + 1;
+    char *u = malloc(need);
+    if (u)
+        snprintf(u, need, "%.*s%s", (int)bl, base, path);
+    return u;
 }
 
 static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
@@ -88,7 +115,8 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
     c->not_running[0] = '\0';
     /* Named columns only: tenants have no SELECT on environment_vars. */
     mr_err e = mr_db_exec(db,
-                          "SELECT id::text, backend_url, status::text FROM public.instances "
+                          "SELECT id::text, status::text, backend_url, matrix_server_url"
+                          "  FROM public.instances "
                           " WHERE ($1::uuid IS NULL AND status = 'running') OR id = $1::uuid "
                           " ORDER BY id",
                           1, params, &res, NULL, err, errlen);
@@ -101,7 +129,7 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
         return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
     }
     for (int i = 0; i < rows; i++) {
-        const char *status = PQgetvalue(res, i, 2);
+        const char *status = PQgetvalue(res, i, 1);
         c->found = 1;
         if (strcmp(status, "running") != 0) {
             snprintf(c->not_running, sizeof c->not_running, "%s", status);
@@ -109,18 +137,14 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
         }
         target *t = &c->t[c->n++];
         snprintf(t->id, sizeof t->id, "%s", PQgetvalue(res, i, 0));
-        if (!PQgetisnull(res, i, 1)) {
-            const char *b = PQgetvalue(res, i, 1);
-            size_t bl = strlen(b);
-            while (bl > 0 && b[bl - 1] == '/')
-                bl--;
-            size_t need = bl + strlen(c->path) + 1;
-            t->url = malloc(need);
-            if (!t->url) {
+        for (int k = 0; k < N_PARTS; k++) {
+            t->probe[k] = NO_PROBE;
+            if (PQgetisnull(res, i, 2 + k))
+                continue;
+            if (!(t->url[k] = join_url(PQgetvalue(res, i, 2 + k), c->path[k]))) {
                 PQclear(res);
                 return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
             }
-            snprintf(t->url, need, "%.*s%s", (int)bl, b, c->path);
         }
     }
     PQclear(res);
@@ -154,28 +178,63 @@ static mr_err record_tx(mr_db *db, void *arg, char *err, size_t errlen)
                       5, params, &c->res, NULL, err, errlen);
 }
 
-/* What one target's round says, for the database and for the answer alike: a
- * target without a backend URL is unreachable without a probe. */
-static void target_view(const mr_probe *pr, int *ok, const char **status, const char **error)
+/* What one instance's round says, for the database and for the answer alike. A
+ * failing homeserver is named ("homeserver: unhealthy: HTTP 502"); MindRoom
+ * without a backend URL is unreachable without a probe; an instance without a
+ * homeserver URL (made before it had one) is judged by MindRoom alone. */
+typedef struct {
+    int ok;
+    mr_probe_outcome outcome;  /* the failing component's, or healthy */
+    const char *failed;        /* the first component that failed, or NULL */
+    char status[160];
+    char error[320];
+} verdict;
+
+static void judge(const target *t, const mr_probe *probes, verdict *v)
 {
-    if (!pr) {
-        *ok = 0;
-        *status = "unreachable: no backend URL";
-        *error = "the instance has no backend_url";
-        return;
+    memset(v, 0, sizeof *v);
+    v->ok = 1;
+    v->outcome = MR_PROBE_HEALTHY;
+    snprintf(v->status, sizeof v->status, "healthy");
+    for (int k = 0; k < N_PARTS && v->ok; k++) {
+        const mr_probe *pr = t->probe[k] == NO_PROBE ? NULL : &probes[t->probe[k]];
+        if (!pr && k == PART_HOMESERVER)
+            continue; /* no homeserver URL: nothing to probe */
+        if (pr && pr->outcome == MR_PROBE_HEALTHY)
+            continue;
+        v->ok = 0;
+        v->failed = part_names[k];
+        v->outcome = pr ? pr->outcome : MR_PROBE_UNREACHABLE;
+        /* MindRoom's own words as they always were; the homeserver's named. */
+        const char *prefix = k == PART_HOMESERVER ? "homeserver: " : "";
+        snprintf(v->status, sizeof v->status, "%s%s", prefix,
+                 pr ? pr->status : "unreachable: no backend URL");
+        snprintf(v->error, sizeof v->error, "%s%s", prefix,
+                 !pr ? "the instance has no backend_url" : pr->error[0] ? pr->error : pr->status);
     }
-    *ok = pr->outcome == MR_PROBE_HEALTHY;
-    *status = pr->status;
-    *error = *ok ? NULL : (pr->error[0] ? pr->error : pr->status);
+}
+
+/* {"url", "status", "http_status", "latency_ms"} of one component, or null. */
+static cJSON *part_json(const target *t, const mr_probe *probes, int k)
+{
+    if (t->probe[k] == NO_PROBE)
+        return cJSON_CreateNull();
+    const mr_probe *pr = &probes[t->probe[k]];
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "status", pr->status);
+    cJSON_AddNumberToObject(o, "http_status", (double)pr->http_status);
+    cJSON_AddNumberToObject(o, "latency_ms", (double)pr->latency_ms);
+    return o;
 }
 
 mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,
                        const char *instance_id, int counted, const char *round_started,
                        cJSON **out, char *err, size_t errlen)
 {
-    select_ctx sc = {.instance_id = instance_id, .path = cfg->path};
+    select_ctx sc = {.instance_id = instance_id, .path = {cfg->path, cfg->matrix_path}};
     mr_probe *probes = NULL;
-    size_t *map = NULL, np = 0;
+    verdict *verdicts = NULL;
+    size_t np = 0;
     record_ctx rc = {.counted = counted ? "true" : "false", .round_started = round_started};
     char *rec_json = NULL;
     *out = NULL;
@@ -193,42 +252,40 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         goto done;
     }
 
-    /* Probe every target with a backend URL; a row without one is unreachable. */
-    probes = calloc(sc.n ? sc.n : 1, sizeof *probes);
-    map = calloc(sc.n ? sc.n : 1, sizeof *map);
-    if (!probes || !map) {
+    /* Probe every component with a URL, all at once. */
+    probes = calloc(sc.n ? sc.n * N_PARTS : 1, sizeof *probes);
+    verdicts = calloc(sc.n ? sc.n : 1, sizeof *verdicts);
+    if (!probes || !verdicts) {
         e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
         goto done;
     }
-    for (size_t i = 0; i < sc.n; i++) {
-        if (sc.t[i].url) {
-            probes[np].url = sc.t[i].url;
-            map[i] = np++;
-        } else {
-            map[i] = (size_t)-1;
-        }
-    }
+    for (size_t i = 0; i < sc.n; i++)
+        for (int k = 0; k < N_PARTS; k++)
+            if (sc.t[i].url[k]) {
+                probes[np].url = sc.t[i].url[k];
+                sc.t[i].probe[k] = np++;
+            }
     int64_t t0 = mr_now_ms();
     e = mr_probe_run(probes, np, &cfg->probe, err, errlen);
     int64_t probe_ms = mr_now_ms() - t0;
     if (e != MR_OK)
         goto done;
+    for (size_t i = 0; i < sc.n; i++)
+        judge(&sc.t[i], probes, &verdicts[i]);
 
     /* Record everything in one round trip, as service_role: the rows were chosen
      * under the caller's identity, and tenants have no UPDATE on them. */
     cJSON *rec = cJSON_CreateArray();
     for (size_t i = 0; i < sc.n; i++) {
+        const verdict *v = &verdicts[i];
         cJSON *o = cJSON_CreateObject();
-        int ok;
-        const char *status, *error;
-        target_view(map[i] == (size_t)-1 ? NULL : &probes[map[i]], &ok, &status, &error);
         cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
-        cJSON_AddBoolToObject(o, "ok", ok);
-        cJSON_AddStringToObject(o, "health_status", status);
-        if (error)
-            cJSON_AddStringToObject(o, "error", error);
-        else
+        cJSON_AddBoolToObject(o, "ok", v->ok);
+        cJSON_AddStringToObject(o, "health_status", v->status);
+        if (v->ok)
             cJSON_AddNullToObject(o, "error");
+        else
+            cJSON_AddStringToObject(o, "error", v->error);
         cJSON_AddItemToArray(rec, o);
     }
     rec_json = mr_json_print(rec);
@@ -241,32 +298,39 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     if (e != MR_OK)
         goto done; /* probed but nothing recorded: transient; the next round tries again */
 
-    /* The answer. Counts are per probe outcome; marked_failed says which ones the
-     * threshold moved to failed just now. */
+    /* The answer. Counts are per instance outcome; marked_failed says which ones
+     * the threshold moved to failed just now. */
     cJSON *o_all = cJSON_CreateObject();
     cJSON *results = cJSON_CreateArray();
     int healthy = 0, unhealthy = 0, unreachable = 0, marked = 0;
     int recorded = PQntuples(rc.res), k = 0;
     for (size_t i = 0; i < sc.n; i++) {
-        const mr_probe *pr = map[i] == (size_t)-1 ? NULL : &probes[map[i]];
+        const verdict *v = &verdicts[i];
+        const mr_probe *mp = sc.t[i].probe[PART_MINDROOM] == NO_PROBE
+                                 ? NULL : &probes[sc.t[i].probe[PART_MINDROOM]];
         cJSON *o = cJSON_CreateObject();
-        int ok;
-        const char *status, *error;
-        target_view(pr, &ok, &status, &error);
-        if (ok)
+        if (v->ok)
             healthy++;
-        else if (pr && pr->outcome == MR_PROBE_UNHEALTHY)
+        else if (v->outcome == MR_PROBE_UNHEALTHY)
             unhealthy++;
         else
             unreachable++;
         cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
-        cJSON_AddStringToObject(o, "status", status);
-        cJSON_AddNumberToObject(o, "http_status", pr ? (double)pr->http_status : 0);
-        cJSON_AddNumberToObject(o, "latency_ms", pr ? (double)pr->latency_ms : 0);
-        if (error)
-            cJSON_AddStringToObject(o, "error", error);
-        else
+        cJSON_AddStringToObject(o, "status", v->status);
+        /* MindRoom's answer at the top level, both components below. */
+        cJSON_AddNumberToObject(o, "http_status", mp ? (double)mp->http_status : 0);
+        cJSON_AddNumberToObject(o, "latency_ms", mp ? (double)mp->latency_ms : 0);
+        if (v->ok)
             cJSON_AddNullToObject(o, "error");
+        else
+            cJSON_AddStringToObject(o, "error", v->error);
+        if (v->failed)
+            cJSON_AddStringToObject(o, "failed_component", v->failed);
+        else
+            cJSON_AddNullToObject(o, "failed_component");
+        cJSON *parts = cJSON_AddObjectToObject(o, "components");
+        for (int p = 0; p < N_PARTS; p++)
+            cJSON_AddItemToObject(parts, part_names[p], part_json(&sc.t[i], probes, p));
         /* Targets and recorded rows are both in uuid order (uuid order is the
          * order of their lowercase text), so one merge pass matches them; a
          * target with no row was no longer running when recorded. */
@@ -295,7 +359,7 @@ done: /* every way out: free what was taken */
     PQclear(rc.res);
     free(rec_json);
     free(probes);
-    free(map);
+    free(verdicts);
     targets_free(&sc);
     return e;
 }

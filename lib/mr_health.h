@@ -1,5 +1,7 @@
-/* mr_health.h: one health round: select running instances, probe them
- * concurrently (mr_probe), record what was seen (public.health_record, 042).
+/* mr_health.h: one health round: select running instances, probe both of each
+ * one's components concurrently (mr_probe: MindRoom at backend_url + HEALTH_PATH,
+ * its homeserver at matrix_server_url + HEALTH_MATRIX_PATH), record what was seen
+ * (public.health_record, 042). An instance is healthy only when both are.
  *
  * check-instance-health runs a round on request; the lifecycle worker runs the
  * periodic one, once per interval across every host (a scheduled_jobs lease).
@@ -16,13 +18,14 @@
 
 typedef struct {
     mr_probe_opts probe;   /* HEALTH_* and MINDROOM_BASE_DOMAIN */
-    const char *path;      /* HEALTH_PATH, appended to each backend_url */
+    const char *path;      /* HEALTH_PATH, appended to each backend_url (MindRoom) */
+    const char *matrix_path; /* HEALTH_MATRIX_PATH, appended to each matrix_server_url */
     int threshold;         /* HEALTH_FAILURE_THRESHOLD: counted failures in a row -> failed */
     int interval_s;        /* HEALTH_INTERVAL_S: the periodic round's interval; a failure
                               counts at most once per interval */
 } mr_health_config;
 
-/* Reads HEALTH_PATH, HEALTH_FAILURE_THRESHOLD, HEALTH_INTERVAL_S, HEALTH_CONCURRENCY,
+/* Reads HEALTH_PATH, HEALTH_MATRIX_PATH, HEALTH_FAILURE_THRESHOLD, HEALTH_INTERVAL_S, HEALTH_CONCURRENCY,
  * HEALTH_TIMEOUT_MS, HEALTH_MAX_BODY, HEALTH_ALLOW_LOOPBACK, HEALTH_ALLOW_PRIVATE and
  * MINDROOM_BASE_DOMAIN (a bad value exits 2), and raises the open-file limit to
  * fit the concurrency (or lowers the concurrency to fit the limit). */
@@ -35,7 +38,11 @@ void mr_health_config_load(mr_health_config *cfg);
  * Returns MR_OK with *out a new answer object (the caller owns it):
  *   {"checked", "healthy", "unhealthy", "unreachable", "marked_failed", "probe_ms",
  *    "results": [{"instance_id", "status", "http_status", "latency_ms", "error",
+ *                 "failed_component" ("mindroom", "homeserver" or null),
+ *                 "components": {"mindroom": {"status", "http_status", "latency_ms"} | null,
+ *                                "homeserver": {...} | null},
  *                 "consecutive_failures", "marked_failed"}]}
+ * (http_status and latency_ms at the top are MindRoom's.)
  * For one instance: MR_ENOTFOUND when `who` cannot see it, MR_ECONFLICT when it is
  * not running (err names its status). Database failures as mr_db_tx. */
 mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,

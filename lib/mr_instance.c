@@ -18,7 +18,7 @@ static const mr_db_stmt provision_stmt = {
     "mr_instance_provision", "SELECT public.lifecycle_provision($1::uuid)::text", 1};
 static const mr_db_stmt deprovision_stmt = {
     "mr_instance_deprovision",
-    "SELECT public.lifecycle_deprovision($1::uuid, $2::uuid, $3)::text", 3};
+    "SELECT public.lifecycle_deprovision($1::uuid, $2::uuid, $3, $4::boolean)::text", 4};
 static const mr_db_stmt get_stmt = {
     "mr_instance_get", "SELECT public.lifecycle_get($1::uuid)::text", 1};
 
@@ -90,10 +90,10 @@ mr_err mr_instance_provision(mr_db *db, const mr_identity *who, const char *subs
 }
 
 mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const char *instance_id,
-                               const char *subscription_id, const char *mode,
+                               const char *subscription_id, const char *mode, int purge,
                                mr_instance_result *res, char *err, size_t errlen)
 {
-    const char *p[] = {instance_id, subscription_id, mode};
+    const char *p[] = {instance_id, subscription_id, mode, purge ? "true" : "false"};
     return request(db, who, &deprovision_stmt, p, res, err, errlen);
 }
 
@@ -109,8 +109,11 @@ static standing stand(const cJSON *inst, double attempts_before)
     if (mr_action_parse(owed, &a) != MR_OK)
         return ST_PENDING;
     int busy = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(inst, "busy"));
-    /* A welcome email still owed never holds up a running instance. */
-    if (a == MR_ACTION_NONE || (a == MR_ACTION_EMAIL && !strcmp(status, "running")))
+    /* A welcome email still owed never holds up a running instance; a destroyed
+     * instance's storage, kept for the retention period, holds up only a purge. */
+    if (a == MR_ACTION_NONE || (a == MR_ACTION_EMAIL && !strcmp(status, "running")) ||
+        (a == MR_ACTION_DESTROY_STORAGE &&
+         !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(inst, "purge_requested"))))
         return ST_DONE;
     const cJSON *at = cJSON_GetObjectItemCaseSensitive(inst, "attempts");
     if (!busy && cJSON_IsNumber(at) && at->valuedouble > attempts_before)

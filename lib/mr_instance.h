@@ -45,9 +45,11 @@ mr_err mr_instance_provision(mr_db *db, const mr_identity *who, const char *subs
 
 /* Records that an instance should stop or be destroyed. Exactly one of
  * instance_id and subscription_id is non-NULL; mode is "stop", "destroy" or NULL
- * (what the subscription's status asks for). */
+ * (what the subscription's status asks for). purge (mode "destroy" only) destroys
+ * the instance's storage with it instead of keeping it for the retention period;
+ * on an instance already destroyed it ends the retention now. */
 mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const char *instance_id,
-                               const char *subscription_id, const char *mode,
+                               const char *subscription_id, const char *mode, int purge,
                                mr_instance_result *res, char *err, size_t errlen);
 
 /* The answer to a request recorded with outcome "ok": {"instance": {...}, "mode"?,

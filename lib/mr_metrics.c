@@ -23,7 +23,7 @@
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "shared counters need lock-free 64-bit atomics");
 
 #define SEG_MAGIC 0x314d524du /* "MRM1" */
-#define SEG_LAYOUT 1
+#define SEG_LAYOUT 2
 #define DB_CLASSES (36 * 36)  /* a SQLSTATE class is two characters of [0-9A-Z] */
 
 typedef _Atomic uint64_t counter;
@@ -59,7 +59,8 @@ static const char *const stripe_outcomes[] = {"processed", "duplicate", "ignored
 
 /* The provisioner's routes, as its API names them. */
 static const char *const prov_routes[MR_PROV_ROUTES] = {
-    "POST /apps", "POST /apps/{app}/start", "POST /apps/{app}/stop", "DELETE /apps/{app}"};
+    "POST /apps", "POST /apps/{app}/start", "POST /apps/{app}/stop", "DELETE /apps/{app}",
+    "DELETE /apps/{app}/storage"};
 static const char *const prov_outcomes[MR_PROV_OUTCOMES] = {"ok", "rejected", "failed", "aborted"};
 static const char *const health_results[] = {"healthy", "unhealthy", "unreachable"};
 

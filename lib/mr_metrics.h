@@ -39,6 +39,7 @@ typedef enum {
     MR_PROV_START,
     MR_PROV_STOP,
     MR_PROV_DESTROY,
+    MR_PROV_DESTROY_STORAGE, /* DELETE /apps/{app}/storage */
     MR_PROV_ROUTES
 } mr_metrics_prov_route;
 

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+
 #include "mr_json.h"
 #include "mr_metrics.h"
 
@@ -46,6 +48,8 @@ static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_
         copy_str(j, "backend_url", out->backend_url, sizeof out->backend_url);
         copy_str(j, "frontend_url", out->frontend_url, sizeof out->frontend_url);
         copy_str(j, "matrix_server_url", out->matrix_server_url, sizeof out->matrix_server_url);
+        copy_str(j, "matrix_server_name", out->matrix_server_name, sizeof out->matrix_server_name);
+        out->purged = j && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "purged"));
         cJSON_Delete(j);
         return;
     }
@@ -110,32 +114,43 @@ void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *
         return;
     }
     call(http, p, "POST", "/apps", body, "POST /apps", 0, MR_PROV_APPLY, out);
+    OPENSSL_cleanse(body, strlen(body)); /* it held the instance's secrets */
     free(body);
 }
 
 void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
-                        mr_action action, mr_provisioner_call *out)
+                        mr_action action, int purge, mr_provisioner_call *out)
 {
     char path[256];
     int valid = app && *app && strlen(app) < 200;
     for (const char *c = app; valid && *c; c++)
         valid = islower((unsigned char)*c) || isdigit((unsigned char)*c) || *c == '-';
     if (!valid || (action != MR_ACTION_START && action != MR_ACTION_STOP &&
-                   action != MR_ACTION_DESTROY)) {
+                   action != MR_ACTION_DESTROY && action != MR_ACTION_DESTROY_STORAGE)) {
         memset(out, 0, sizeof *out);
         out->rejected = 1;
         snprintf(out->error, sizeof out->error, valid ? "no provisioner route for %s"
                                                       : "invalid app name", mr_action_name(action));
         return;
     }
-    if (action == MR_ACTION_DESTROY) {
-        snprintf(path, sizeof path, "/apps/%s", app);
+    switch (action) {
+    case MR_ACTION_DESTROY:
+        snprintf(path, sizeof path, "/apps/%s%s", app, purge ? "?purge=true" : "");
         call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}", 1, MR_PROV_DESTROY, out);
-    } else {
+        if (out->ok && out->status == 404)
+            out->purged = purge; /* nothing was there to keep */
+        break;
+    case MR_ACTION_DESTROY_STORAGE:
+        snprintf(path, sizeof path, "/apps/%s/storage", app);
+        call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}/storage", 1,
+             MR_PROV_DESTROY_STORAGE, out);
+        break;
+    default: {
         const char *what = action == MR_ACTION_STOP ? "POST /apps/{app}/stop" : "POST /apps/{app}/start";
         snprintf(path, sizeof path, "/apps/%s/%s", app, mr_action_name(action));
         /* A missing app is stopped; starting one is not (the caller falls back to create). */
         call(http, p, "POST", path, "{}", what, action == MR_ACTION_STOP,
              action == MR_ACTION_STOP ? MR_PROV_STOP : MR_PROV_START, out);
+    }
     }
 }

@@ -1,10 +1,12 @@
 /* mr_provisioner.h: the client of the Dokku provisioner (DOKKU_PROVISIONER_URL),
  * as the lifecycle worker calls it.
  *
- *   POST   /apps               create or update an app to match a spec (idempotent)
- *   POST   /apps/{app}/start   start a stopped app
+ *   POST   /apps               create or update an instance to match a spec (idempotent)
+ *   POST   /apps/{app}/start   start a stopped instance
  *   POST   /apps/{app}/stop    stop it (a missing app counts as stopped)
- *   DELETE /apps/{app}         destroy it (a missing app counts as destroyed)
+ *   DELETE /apps/{app}         destroy its apps, keep its storage (?purge=true: the
+ *                              storage too); a missing app counts as destroyed
+ *   DELETE /apps/{app}/storage destroy a destroyed instance's storage
  *
  * Every call has a connect deadline and a total deadline, carries the bearer token
  * only in its Authorization header, and may be aborted by the caller (a stopping
@@ -34,18 +36,21 @@ typedef struct {
     long status;        /* HTTP status, 0 when no answer */
     char error[256];    /* why, when !ok: safe to store and show (no token, no body dump) */
     char backend_url[512], frontend_url[512], matrix_server_url[512];
+    char matrix_server_name[256]; /* the homeserver's server_name, when it has one */
+    int purged;         /* a destroy removed the storage too */
 } mr_provisioner_call;
 
 /* POST /apps with payload (the step's payload object). */
 void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,
                           mr_provisioner_call *out);
 
-/* The route of an owed action on an existing app: MR_ACTION_START -> POST
+/* The route of an owed action on an existing instance: MR_ACTION_START -> POST
  * /apps/{app}/start, MR_ACTION_STOP -> POST /apps/{app}/stop, MR_ACTION_DESTROY ->
- * DELETE /apps/{app}; any other action is rejected unsent. A 404 for stop or
- * destroy is success (the app is gone); app must be [a-z0-9-] (instance_names()),
- * anything else is rejected unsent. */
+ * DELETE /apps/{app} (with ?purge=true when purge), MR_ACTION_DESTROY_STORAGE ->
+ * DELETE /apps/{app}/storage; any other action is rejected unsent. A 404 for stop
+ * or destroy is success (the app is gone); app must be [a-z0-9-]
+ * (instance_names()), anything else is rejected unsent. */
 void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
-                        mr_action action, mr_provisioner_call *out);
+                        mr_action action, int purge, mr_provisioner_call *out);
 
 #endif

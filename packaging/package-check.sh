@@ -41,7 +41,8 @@ mode_is /etc/mindroom/mindroom.env "600 root root"
 mode_is /run/mindroom "755 root root"
 mode_is /run/mindroom/metrics "2770 mindroom mindroom"
 for f in /usr/lib/mindroom/functions/* /usr/lib/mindroom/mindroom-lifecycle /usr/lib/mindroom/dokku-provisioner \
-         /usr/lib/mindroom/mr-jwt /usr/lib/mindroom/mr-pgservice /usr/bin/mindroomctl; do
+         /usr/lib/mindroom/mr-jwt /usr/lib/mindroom/mr-pgservice /usr/lib/mindroom/mr-secrets \
+         /usr/bin/mindroomctl; do
   mode_is "$f" "755 root root"
 done
 ww=$(dpkg -L mindroom | while read -r p; do [ -e "$p" ] && [ ! -L "$p" ] && stat -c '%A %n' "$p"; done |
@@ -51,7 +52,7 @@ for f in /usr/lib/mindroom/functions/*; do
   n=$(basename "$f")
   [ "$("$f" --version)" = "$n $want_version" ] || fail "$f --version: $("$f" --version)"
 done
-for f in mindroom-lifecycle dokku-provisioner mr-jwt mr-pgservice; do
+for f in mindroom-lifecycle dokku-provisioner mr-jwt mr-pgservice mr-secrets; do
   [ "$(/usr/lib/mindroom/$f --version)" = "$f $want_version" ] || fail "$f --version"
 done
 [ "$(mindroomctl version)" = "mindroomctl $want_version" ] || fail "mindroomctl version: $(mindroomctl version)"

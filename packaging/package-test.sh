@@ -108,6 +108,7 @@ cat >> "$root/etc/mindroom/mindroom.env" <<CONF
 SUPABASE_AUTH_MODE=legacy
 SUPABASE_JWT_SECRET=$(rnd 32)
 MINDROOM_INTERNAL_SECRET=$(rnd 32)
+MINDROOM_SECRETS_KEY=$(openssl rand -base64 32)
 STRIPE_WEBHOOK_SECRET=whsec_$(rnd 24)
 DOKKU_PROVISIONER_TOKEN=$(rnd 32)
 DOKKU_MODE=dry-run

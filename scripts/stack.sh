@@ -40,10 +40,11 @@ load_config() {
   # (tokens stay valid across restarts).
   local name value
   for name in SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET STRIPE_WEBHOOK_SECRET DOKKU_PROVISIONER_TOKEN \
-              MR_PG_PASSWORD; do
+              MINDROOM_SECRETS_KEY MR_PG_PASSWORD; do
     grep -q "^$name=" "$RUN/secrets.env" 2>/dev/null && continue
     value=$(openssl rand -hex 32)
     [ "$name" = STRIPE_WEBHOOK_SECRET ] && value=whsec_$(openssl rand -hex 24)
+    [ "$name" = MINDROOM_SECRETS_KEY ] && value=$(openssl rand -base64 32)
     (umask 077; echo "$name=$value" >> "$RUN/secrets.env")
   done
   set -a
@@ -60,6 +61,9 @@ load_config() {
   PG_PORT=${MR_PG_PORT:-54322}
   SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
+  # Per-instance locks and applied-spec hashes: ours alone (the provisioner refuses
+  # a directory another user owns or can write), never a shared /tmp path.
+  PROVISIONER_STATE_DIR=${PROVISIONER_STATE_DIR:-$RUN/provisioner}
   # No dokku on this machine: the provisioner prints the commands it would run.
   if [ -z "${DOKKU_MODE:-}" ]; then
     if command -v dokku >/dev/null; then DOKKU_MODE=local; else DOKKU_MODE=dry-run; fi

@@ -35,6 +35,15 @@ ON CONFLICT (stripe_price_id) DO UPDATE SET
     sort_order = EXCLUDED.sort_order, active = EXCLUDED.active
 WHERE plans.amount IS NULL;
 
+-- The homeserver's share of each tier (on top of the plan's memory_limit_mb and
+-- cpu_limit, which are MindRoom's): a quarter to a half of MindRoom's.
+UPDATE public.plans p
+   SET homeserver_memory_mb = v.mb, homeserver_cpu = v.cpu
+  FROM (VALUES ('free', 256, 0.25), ('starter', 512, 0.5), ('professional', 1024, 1.0),
+               ('enterprise', 2048, 2.0)) AS v (tier, mb, cpu)
+ WHERE p.tier::text = v.tier AND p.stripe_price_id LIKE 'price\_%'
+   AND (p.homeserver_memory_mb, p.homeserver_cpu) IS DISTINCT FROM (v.mb, v.cpu);
+
 -- The plan's test account, created through auth.users so the account trigger runs.
 INSERT INTO auth.users (id, aud, role, email, raw_app_meta_data, raw_user_meta_data)
 VALUES ('5eed5eed-0000-4000-8000-000000000001', 'authenticated', 'authenticated',

@@ -1,9 +1,12 @@
 /* deprovision-instance: records that an instance should stop or be destroyed.
  *
  * POST {"instance_id": uuid} or {"subscription_id": uuid}, optional "mode":
- * "stop" (keep the app and its data; provision-instance resumes it) or "destroy"
- * (remove the app; deprovisioned, final). Without a mode: what the subscription's
- * status asks for (destroy when cancelled or incomplete_expired), stop otherwise.
+ * "stop" (keep the apps and their data; provision-instance resumes it) or "destroy"
+ * (remove the apps; deprovisioned, final; the storage is kept for the retention
+ * period, MINDROOM_RETENTION_DAYS). Without a mode: what the subscription's status
+ * asks for (destroy when cancelled or incomplete_expired), stop otherwise.
+ * "purge": true (with "mode": "destroy") destroys the storage too, at once; on an
+ * instance already destroyed it ends the retention now.
  * 202 while work is owed (the lifecycle worker does it), 200 when nothing is (or,
  * with "wait": true, once done). */
 #include <stdio.h>
@@ -29,11 +32,12 @@ static void handle(mr_req *r)
         return;
     }
     const char *iid = NULL, *sid = NULL, *mode = NULL;
-    int wait = 0;
+    int wait = 0, purge = 0;
     mr_err ie = mr_json_str(body, "instance_id", &iid);
     mr_err se = mr_json_str(body, "subscription_id", &sid);
     mr_err me = mr_json_str(body, "mode", &mode);
     mr_err we = mr_json_bool(body, "wait", &wait);
+    mr_err pe = mr_json_bool(body, "purge", &purge);
     /* The mode is the owed action asked for: stop or destroy, nothing else. */
     mr_action ma = MR_ACTION_NONE;
     if (me == MR_OK && mr_action_parse(mode, &ma) != MR_OK)
@@ -45,8 +49,10 @@ static void handle(mr_req *r)
         bad = "instance_id and subscription_id must be UUIDs";
     else if (me == MR_EINVAL || (me == MR_OK && ma != MR_ACTION_STOP && ma != MR_ACTION_DESTROY))
         bad = "mode must be \"stop\" or \"destroy\"";
-    else if (we == MR_EINVAL)
-        bad = "wait must be a boolean";
+    else if (we == MR_EINVAL || pe == MR_EINVAL)
+        bad = "wait and purge must be booleans";
+    else if (purge && ma != MR_ACTION_DESTROY)
+        bad = "purge goes with \"mode\": \"destroy\"";
     if (bad) {
         cJSON_Delete(body);
         mr_reply_error(r, 400, "invalid_body", "%s", bad);
@@ -59,7 +65,7 @@ static void handle(mr_req *r)
 
     mr_instance_result res;
     mr_err e = mr_instance_deprovision(r->db, &r->who, *inst ? inst : NULL, *sub ? sub : NULL,
-                                       ma != MR_ACTION_NONE ? mr_action_name(ma) : NULL, &res,
+                                       ma != MR_ACTION_NONE ? mr_action_name(ma) : NULL, purge, &res,
                                        err, sizeof err);
     if (e != MR_OK) {
         mr_reply_err(r, e, err);

@@ -1,8 +1,8 @@
 /* dokku-provisioner: the service behind DOKKU_PROVISIONER_URL.
  *
- * Turns POST /apps, GET/DELETE /apps/{app} and POST /apps/{app}/stop|start
- * into `dokku` commands (ops.c), locally, over SSH, or recorded only
- * (dry-run). Served by nginx on its own loopback listener, never on the
+ * Turns POST /apps, GET/DELETE /apps/{app}, POST /apps/{app}/stop|start and
+ * DELETE /apps/{app}/storage into `dokku` commands (ops.c), locally, over
+ * SSH, or recorded only (dry-run). Served by nginx on its own loopback listener, never on the
  * public server block. Configuration is read and checked once, here. */
 #include <stdarg.h>
 #include <stdio.h>
@@ -26,15 +26,39 @@ static void die(const char *fmt, ...)
     exit(2);
 }
 
+/* Synapse v1.156.0 (matrixdotorg/synapse), pinned by digest like MINDROOM_IMAGE. */
+#define DEFAULT_MATRIX_IMAGE \
+    "matrixdotorg/synapse@sha256:6882d26594b87171e0fe807ac6bd7f0000665cd70e73fb88c58ec9bff14c19ce"
+
 static void check_template(const char *var, const char *tpl)
 {
     prov_config probe = prov_cfg;
     char out[1024];
     if (prov_expand_url(tpl, "app", "sub", &probe, out, sizeof out) != MR_OK)
-        die("%s: unknown placeholder (use {scheme}, {subdomain}, {domain}, {app}) or too long",
+        die("%s: unknown placeholder (use {scheme}, {subdomain}, {domain}, {app}, "
+            "{matrix_host}) or too long",
             var);
     if (strncmp(out, "http://", 7) != 0 && strncmp(out, "https://", 8) != 0)
         die("%s must start with http:// or https:// (or {scheme}://)", var);
+}
+
+static void check_image(const char *var, const char *image)
+{
+    if (!prov_valid_image(image))
+        die("%s must be pinned by digest: <name>@sha256:<64 lowercase hex>", var);
+}
+
+static prov_tls tls_mode(void)
+{
+    const char *v = mr_config_str("DOKKU_TLS", "off");
+    static const char *const off[] = {"off", "0", "false", "no"};
+    static const char *const on[] = {"letsencrypt", "on", "1", "true", "yes"};
+    for (size_t i = 0; i < MR_ARRAY_LEN(off); i++)
+        if (strcmp(v, off[i]) == 0) return PROV_TLS_OFF;
+    for (size_t i = 0; i < MR_ARRAY_LEN(on); i++)
+        if (strcmp(v, on[i]) == 0) return PROV_TLS_LETSENCRYPT;
+    if (strcmp(v, "wildcard") == 0) return PROV_TLS_WILDCARD;
+    die("%s must be off, letsencrypt or wildcard (on means letsencrypt)", "DOKKU_TLS");
 }
 
 static void init(void)
@@ -64,25 +88,50 @@ static void init(void)
                 die("%s must be a host name or address", "DOKKU_HOST");
         if (c->host[0] == '-') die("%s must be a host name or address", "DOKKU_HOST");
     }
-
-    c->image = mr_config_str("MINDROOM_IMAGE", dry ? "" : NULL);
-    if (!dry || *c->image) {
-        if (!prov_valid_image(c->image))
-            die("%s must be pinned by digest: <name>@sha256:<64 lowercase hex>", "MINDROOM_IMAGE");
-    } else {
-        c->image = "MINDROOM_IMAGE-unset";
-    }
-    c->base_domain = mr_config_str("MINDROOM_BASE_DOMAIN", dry ? "mindroom.localhost" : NULL);
+    c->child_env = mr_config_str("PROVISIONER_CHILD_ENV", "");
     {
-        size_t n = strlen(c->base_domain);
-        if (n == 0 || n > 200 || c->base_domain[0] == '.' || c->base_domain[0] == '-' ||
-            c->base_domain[n - 1] == '.')
-            die("%s must be a domain name", "MINDROOM_BASE_DOMAIN");
-        for (const char *d = c->base_domain; *d; d++)
-            if (!strchr("abcdefghijklmnopqrstuvwxyz0123456789.-", *d))
-                die("%s must be a lowercase domain name", "MINDROOM_BASE_DOMAIN");
+        char err[200];
+        if (prov_check_child_env(c->child_env, err, sizeof err) != MR_OK) die("%s", err);
     }
-    c->tls = mr_config_bool("DOKKU_TLS", 0);
+
+    c->app_prefix = mr_config_str("PROVISIONER_APP_PREFIX", "mindroom-");
+    {
+        size_t n = strlen(c->app_prefix);
+        if (n > 20 || !prov_valid_name(c->app_prefix))
+            die("%s must match ^[a-z][a-z0-9-]{0,19}$", "PROVISIONER_APP_PREFIX");
+    }
+    c->image = mr_config_str("MINDROOM_IMAGE", dry ? "" : NULL);
+    if (!dry || *c->image) check_image("MINDROOM_IMAGE", c->image);
+    else c->image = "MINDROOM_IMAGE-unset";
+    c->matrix_image = mr_config_str("MATRIX_IMAGE", DEFAULT_MATRIX_IMAGE);
+    check_image("MATRIX_IMAGE", c->matrix_image);
+    c->base_domain = mr_config_str("MINDROOM_BASE_DOMAIN", dry ? "mindroom.localhost" : NULL);
+    if (!prov_valid_host(c->base_domain) || strlen(c->base_domain) > 200)
+        die("%s must be a lowercase domain name", "MINDROOM_BASE_DOMAIN");
+    c->tls = tls_mode();
+    if (c->tls == PROV_TLS_WILDCARD) {
+        prov_buf tar;
+        char err[256];
+        const char *cert = mr_config_str("DOKKU_TLS_CERT", NULL);
+        const char *key = mr_config_str("DOKKU_TLS_KEY", NULL);
+        if (prov_load_wildcard(cert, key, c->base_domain, &tar, err, sizeof err) != MR_OK)
+            die("DOKKU_TLS=wildcard: %s", err);
+        c->tls_tar = tar.data;
+        c->tls_tar_len = tar.len;
+    }
+
+    c->mindroom_port = mr_config_int("MINDROOM_PORT", 8765, 1, 65535);
+    c->mindroom_uid = mr_config_int("MINDROOM_DATA_UID", 1000, 0, 2147483647);
+    c->mindroom_data_dir = mr_config_str("MINDROOM_DATA_DIR", "/mindroom_data");
+    {
+        const char *d = c->mindroom_data_dir;
+        int ok = d[0] == '/' && d[1] && strlen(d) < 200 && !strstr(d, "..") && !strstr(d, "//") &&
+                 d[strlen(d) - 1] != '/';
+        for (const char *p = d; ok && *p; p++)
+            ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                 (*p >= '0' && *p <= '9') || strchr("/._-", *p);
+        if (!ok) die("%s must be an absolute path of [A-Za-z0-9/._-], not /", "MINDROOM_DATA_DIR");
+    }
 
     c->min_memory_mb = mr_config_int("PROVISIONER_MIN_MEMORY_MB", 128, 6, 1 << 20);
     c->max_memory_mb = mr_config_int("PROVISIONER_MAX_MEMORY_MB", 16384, c->min_memory_mb,
@@ -95,6 +144,7 @@ static void init(void)
             die("%s must be a number of CPUs in [0.001, 1024]", "PROVISIONER_MAX_CPU");
         c->max_cpu_milli = (int64_t)(v * 1000.0 + 0.5);
     }
+    c->max_storage_gb = mr_config_int("PROVISIONER_MAX_STORAGE_GB", 1024, 1, 1 << 20);
     /* Deadlines nest (lib/mr_deadlines.h): the whole request (which cuts any
      * command still running at its end) < nginx's read timeout on this listener <
      * the lifecycle worker's call. */
@@ -109,26 +159,38 @@ static void init(void)
     if (c->request_timeout_ms >= (int64_t)MR_DL_NGINX_PROVISIONER_S * 1000)
         die("PROVISIONER_REQUEST_TIMEOUT_MS must end before nginx's %d s read timeout on the "
             "provisioner listener", MR_DL_NGINX_PROVISIONER_S);
-    c->state_dir = mr_config_str("PROVISIONER_STATE_DIR", "/tmp/mindroom-provisioner");
+    /* systemd's StateDirectory=mindroom-provisioner makes this, owned by the service user. */
+    c->state_dir = mr_config_str("PROVISIONER_STATE_DIR", "/var/lib/mindroom-provisioner");
 
     c->frontend_tpl = mr_config_str("PROVISIONER_FRONTEND_URL", "{scheme}://{subdomain}.{domain}");
     c->backend_tpl = mr_config_str("PROVISIONER_BACKEND_URL", "{scheme}://{subdomain}.{domain}/api");
-    c->matrix_tpl = mr_config_str("PROVISIONER_MATRIX_URL", "{scheme}://{subdomain}.{domain}");
+    c->matrix_host_tpl = mr_config_str("PROVISIONER_MATRIX_HOST", "{subdomain}-matrix");
+    /* Where the control plane reaches the homeserver (its health probe, the
+     * instance's matrix_server_url): its public host unless told otherwise. */
+    c->matrix_url_tpl = mr_config_str("PROVISIONER_MATRIX_URL", "{scheme}://{matrix_host}");
     check_template("PROVISIONER_FRONTEND_URL", c->frontend_tpl);
     check_template("PROVISIONER_BACKEND_URL", c->backend_tpl);
-    check_template("PROVISIONER_MATRIX_URL", c->matrix_tpl);
+    check_template("PROVISIONER_MATRIX_URL", c->matrix_url_tpl);
+    {
+        char host[PROV_HOST_MAX + 1];
+        if (prov_matrix_host(c, "mindroom-0123456789ab", "m0123456789ab", host, sizeof host) !=
+            MR_OK)
+            die("%s must expand ({subdomain}, {app}) to one DNS label under MINDROOM_BASE_DOMAIN",
+                "PROVISIONER_MATRIX_HOST");
+    }
 
     char err[256];
     if (prov_state_init(c, err, sizeof err) != MR_OK) die("%s", err);
 
+    static const char *const tls_names[] = {"off", "letsencrypt", "wildcard"};
     if (dry)
         mr_log(MR_LOG_WARN, "dry_run: true; DOKKU_MODE=%s: commands are recorded, never run",
                *mode ? mode : "(unset)");
     else
-        mr_log(MR_LOG_INFO, "mode %s %s, image %s, domain %s, tls %s",
+        mr_log(MR_LOG_INFO, "mode %s %s, image %s, homeserver %s, domain %s, tls %s",
                c->mode == PROV_MODE_SSH ? "ssh to" : "local",
-               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, c->image, c->base_domain,
-               c->tls ? "on" : "off");
+               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, c->image, c->matrix_image,
+               c->base_domain, tls_names[c->tls]);
 }
 
 int main(int argc, char **argv)

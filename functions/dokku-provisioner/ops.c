@@ -1,140 +1,139 @@
-/* ops.c: the command sequences, one app at a time.
+/* ops.c: the command sequences, one instance at a time.
  *
- * Create and update are one sequence, written so that running it again after
- * a failure at any step completes the app instead of duplicating it:
+ * An instance is up to two Dokku apps: <app> (MindRoom) and, when the request
+ * carries a homeserver, <app>-matrix (its Synapse), each with a named storage
+ * entry (<app>-data, <app>-matrix-data), joined by a private network
+ * (<app>-net). Create and update are one sequence, written so that running it
+ * again after a failure at any step completes the instance instead of
+ * duplicating anything:
  *
- *   apps:exists -> apps:create (only when missing) -> resource:limit ->
- *   config:set --no-restart --encoded -> domains:set -> git:from-image ->
- *   [ps:restart | ps:start when the image was already deployed] ->
- *   [letsencrypt:active -> letsencrypt:enable when DOKKU_TLS is on]
+ *   [network:exists -> network:create]          only with a homeserver
+ *   per app, the homeserver first:
+ *     apps:exists -> apps:create (only when missing)
+ *     storage:info -> storage:create (only when missing)
+ *     storage:mount (idempotent: same entry, same container dir)
+ *     [storage:labels:set <entry> mindroom.chat/storage-gb <N>]
+ *     resource:limit -> [network:set attach-post-create] -> ports:set ->
+ *     [config:set --no-restart --encoded] -> domains:set -> [certs:add]
+ *     [storage:exec <entry> -- tar ...]          the homeserver's configuration
+ *     git:from-image -> [ps:restart | ps:start when the image was already deployed]
+ *     [letsencrypt:active -> letsencrypt:enable]
  *
- * Resource limits and config only take effect on a deploy. When
- * git:from-image finds the image already deployed ("No changes detected"),
- * nothing was deployed, so the app is restarted if what we applied differs
- * from what the last successful run applied (a keyed hash kept in the state
- * directory; losing it costs one restart, never correctness), and otherwise
- * only started if it is not running.
+ * Storage is created and mounted before the first deploy of its app and is
+ * never unmounted, recreated or destroyed by this sequence, nor by stop or
+ * start: only DELETE ?purge=true and DELETE /apps/{app}/storage destroy it.
  *
- * One request per app at a time: an flock on <state>/locks/<app>.lock, which
+ * Limits, config, mounts and network attachments take effect on a deploy.
+ * When git:from-image finds the image already deployed ("No changes
+ * detected"), nothing was deployed, so the app is restarted if what we
+ * applied differs from what its last successful run applied (a keyed hash
+ * kept in the state directory; losing it costs one restart, never
+ * correctness), and otherwise only started if it is not running.
+ *
+ * One request per instance at a time: an flock in the state directory, which
  * works across this function's worker processes. Dokku's own deploy lock
  * (another deploy of the same app from elsewhere) is retried in runner.c. */
-#include <errno.h>
-#include <fcntl.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "prov.h"
 
-mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen)
-{
-    static const char *const subdirs[] = {"", "/locks", "/apps", "/dry-run"};
-    for (size_t i = 0; i < MR_ARRAY_LEN(subdirs); i++) {
-        char path[1024];
-        snprintf(path, sizeof path, "%s%s", cfg->state_dir, subdirs[i]);
-        if (mkdir(path, 0700) != 0 && errno != EEXIST)
-            return mr_seterr(err, errlen, MR_EINTERNAL, "cannot create %s: %s", path,
-                             strerror(errno));
-    }
-    return MR_OK;
-}
+#define STORAGE_LABEL "mindroom.chat/storage-gb"
 
-static mr_err lock_app(const prov_config *cfg, const char *app, int *fd, prov_outcome *out,
-                       char *err, size_t errlen)
-{
-    char path[1024];
-    snprintf(path, sizeof path, "%s/locks/%s.lock", cfg->state_dir, app);
-    *fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (*fd < 0) {
-        out->fail_status = 500;
-        out->fail_code = "internal";
-        return mr_seterr(err, errlen, MR_EINTERNAL, "cannot open the app's lock file");
-    }
-    int64_t until = mr_now_ms() + cfg->app_lock_wait_ms;
-    while (flock(*fd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno != EWOULDBLOCK && errno != EINTR) break;
-        if (mr_now_ms() >= until) {
-            close(*fd);
-            *fd = -1;
-            out->fail_status = 503;
-            out->fail_code = "app_busy";
-            return mr_seterr(err, errlen, MR_ETRANSIENT,
-                             "another request is working on this app; retry later");
-        }
-        struct timespec ts = {0, 50 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
-    return MR_OK;
-}
+/* ---- running commands ---- */
 
-static void unlock_app(int fd)
-{
-    if (fd >= 0) close(fd); /* closing releases the flock */
-}
+typedef struct {
+    const prov_config *cfg;
+    prov_outcome *out;
+    prov_result *res;
+    char *err;
+    size_t errlen;
+} run_ctx;
 
 /* Runs one command; on a start failure or timeout fills out and returns the error.
  * A command that ran returns MR_OK whatever its exit status. */
-static mr_err run(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
-                  prov_result *res, prov_outcome *out, char *err, size_t errlen)
+static mr_err run_in(run_ctx *c, const char *const *args, const unsigned char *in, size_t in_len,
+                     int64_t timeout_ms)
 {
-    mr_err e = prov_dokku(cfg, args, timeout_ms, out->deadline_ms, res, err, errlen);
+    mr_err e = prov_dokku(c->cfg, args, in, in_len, timeout_ms, c->out->deadline_ms, c->res,
+                          c->err, c->errlen);
     if (e != MR_OK) {
-        out->fail_status = res->timed_out ? 504 : 503;
-        out->fail_code = res->timed_out ? "dokku_timeout" : "dokku_unavailable";
+        c->out->fail_status = c->res->timed_out ? 504 : 503;
+        c->out->fail_code = c->res->timed_out ? "dokku_timeout" : "dokku_unavailable";
         if (e == MR_EINTERNAL) {
-            out->fail_status = 500;
-            out->fail_code = "internal";
+            c->out->fail_status = 500;
+            c->out->fail_code = "internal";
         }
     }
     return e;
 }
 
-static mr_err failed(const char *const *args, const prov_result *res, prov_outcome *out,
-                     char *err, size_t errlen)
+static mr_err run(run_ctx *c, const char *const *args, int64_t timeout_ms)
 {
-    out->fail_status = 502;
-    out->fail_code = prov_lock_contended(res) ? "dokku_locked" : "dokku_failed";
-    return mr_seterr(err, errlen, MR_EINTERNAL, "%s exited %d", prov_subcommand(args),
-                     res->status);
+    return run_in(c, args, NULL, 0, timeout_ms);
+}
+
+static mr_err failed(run_ctx *c, const char *const *args)
+{
+    c->out->fail_status = 502;
+    c->out->fail_code = prov_lock_contended(c->res) ? "dokku_locked" : "dokku_failed";
+    return mr_seterr(c->err, c->errlen, MR_EINTERNAL, "%s exited %d", prov_subcommand(args),
+                     c->res->status);
 }
 
 /* Runs a command that must exit 0. */
-static mr_err must(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
-                   prov_result *res, prov_outcome *out, char *err, size_t errlen)
+static mr_err must_in(run_ctx *c, const char *const *args, const unsigned char *in,
+                      size_t in_len, int64_t timeout_ms)
 {
-    mr_err e = run(cfg, args, timeout_ms, res, out, err, errlen);
+    mr_err e = run_in(c, args, in, in_len, timeout_ms);
     if (e != MR_OK) return e;
-    if (res->status != 0) return failed(args, res, out, err, errlen);
+    if (c->res->status != 0) return failed(c, args);
     return MR_OK;
 }
 
-/* apps:exists: 0 exists, 1 missing (Dokku's "App ... does not exist"), else a failure. */
-static mr_err app_exists(const prov_config *cfg, const char *app, int *exists,
-                         prov_result *res, prov_outcome *out, char *err, size_t errlen)
+static mr_err must(run_ctx *c, const char *const *args, int64_t timeout_ms)
 {
-    const char *args[] = {"apps:exists", app, NULL};
-    mr_err e = run(cfg, args, cfg->command_timeout_ms, res, out, err, errlen);
-    if (e != MR_OK) return e;
-    if (res->status == 0 || res->status == 1) {
-        *exists = res->status == 0;
-        return MR_OK;
-    }
-    return failed(args, res, out, err, errlen);
+    return must_in(c, args, NULL, 0, timeout_ms);
 }
 
-/* `dokku ps:report <app> <flag>` or `letsencrypt:active <app>`: 1 when stdout says "true". */
-static mr_err report_true(const prov_config *cfg, const char *const *args, int *yes,
-                          prov_result *res, prov_outcome *out, char *err, size_t errlen)
+static mr_err internal(run_ctx *c, const char *what)
 {
-    mr_err e = must(cfg, args, cfg->command_timeout_ms, res, out, err, errlen);
+    c->out->fail_status = 500;
+    c->out->fail_code = "internal";
+    return mr_seterr(c->err, c->errlen, MR_EINTERNAL, "%s", what);
+}
+
+static int said(const prov_result *res, const char *needle)
+{
+    return strstr(res->out, needle) != NULL || strstr(res->err, needle) != NULL;
+}
+
+/* apps:exists, network:exists: 0 exists, 1 missing; storage:info: 0 exists,
+ * non-zero saying "does not exist" missing. Anything else is a failure. */
+static mr_err exists(run_ctx *c, const char *sub, const char *name, int *yes)
+{
+    const char *args[] = {sub, name, NULL};
+    mr_err e = run(c, args, c->cfg->command_timeout_ms);
     if (e != MR_OK) return e;
-    const char *s = res->out;
+    int st = c->res->status;
+    if (st == 0 || (strcmp(sub, "storage:info") != 0 && st == 1) ||
+        (strcmp(sub, "storage:info") == 0 && said(c->res, "does not exist"))) {
+        *yes = st == 0;
+        return MR_OK;
+    }
+    return failed(c, args);
+}
+
+/* `ps:report <app> <flag>` or `letsencrypt:active <app>`: 1 when stdout says "true". */
+static mr_err report_true(run_ctx *c, const char *const *args, int *yes)
+{
+    mr_err e = must(c, args, c->cfg->command_timeout_ms);
+    if (e != MR_OK) return e;
+    const char *s = c->res->out;
     while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r') s++;
     *yes = strncmp(s, "true", 4) == 0 && (s[4] == '\0' || s[4] == '\n' || s[4] == '\r' ||
                                           s[4] == ' ');
@@ -143,291 +142,541 @@ static mr_err report_true(const prov_config *cfg, const char *const *args, int *
 
 /* ---- the applied-spec fingerprint ---- */
 
-static void spec_path(const prov_config *cfg, const char *app, char *out, size_t cap)
+static void spec_rel(const char *app, char *out, size_t cap)
 {
-    snprintf(out, cap, "%s/apps/%s.spec", cfg->state_dir, app);
+    snprintf(out, cap, "apps/%s.spec", app);
 }
 
-/* HMAC (keyed by the provisioner token, so the file says nothing about the
- * values) over everything the sequence applies. hex gets 65 bytes. */
-static void spec_fingerprint(const prov_config *cfg, const prov_spec *spec, char *hex)
+/* Everything one app's sequence applies, in order, each item length-prefixed
+ * so that no choice of values can collide. */
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} fp_text;
+
+static void fp_add(fp_text *t, const char *s)
+{
+    size_t sl = strlen(s), need = t->len + sl + 24;
+    if (!t->buf) return;
+    if (need > t->cap) {
+        size_t cap = t->cap * 2 > need ? t->cap * 2 : need;
+        char *b = malloc(cap);
+        if (b) memcpy(b, t->buf, t->len);
+        OPENSSL_cleanse(t->buf, t->cap);
+        free(t->buf);
+        t->buf = b;
+        t->cap = cap;
+        if (!b) return;
+    }
+    t->len += (size_t)snprintf(t->buf + t->len, 24, "%zu:", sl);
+    memcpy(t->buf + t->len, s, sl);
+    t->len += sl;
+}
+
+/* HMAC-SHA256 keyed by the provisioner token, so the file says nothing about
+ * the values. hex gets 65 bytes; "" when the hash could not be made (the
+ * app is then restarted, which is always safe). */
+static void fp_finish(const prov_config *cfg, fp_text *t, char *hex)
 {
     hex[0] = '\0';
-    size_t cap = 1024;
-    for (size_t i = 0; i < spec->n_env; i++)
-        cap += strlen(spec->env[i].key) + strlen(spec->env[i].value) + 48;
-    char *buf = malloc(cap);
-    if (!buf) return;
-    size_t n = (size_t)snprintf(buf, cap, "v1\n%s\n%s.%s\n%lld\n%lld\n%s\n%d\n", spec->app,
-                                spec->subdomain, cfg->base_domain, (long long)spec->memory_mb,
-                                (long long)spec->cpu_milli, cfg->image, cfg->tls);
-    for (size_t i = 0; i < spec->n_env && n < cap; i++) {
-        /* Length-prefixed, so no choice of keys and values can collide. */
-        size_t kl = strlen(spec->env[i].key), vl = strlen(spec->env[i].value);
-        n += (size_t)snprintf(buf + n, cap - n, "%zu:%zu:", kl, vl);
-        memcpy(buf + n, spec->env[i].key, kl);
-        memcpy(buf + n + kl, spec->env[i].value, vl);
-        n += kl + vl;
-    }
     unsigned char mac[EVP_MAX_MD_SIZE];
     unsigned int maclen = 0;
-    if (HMAC(EVP_sha256(), cfg->token, (int)strlen(cfg->token), (const unsigned char *)buf, n,
-             mac, &maclen))
+    if (t->buf && HMAC(EVP_sha256(), cfg->token, (int)strlen(cfg->token),
+                       (const unsigned char *)t->buf, t->len, mac, &maclen))
         for (unsigned int i = 0; i < maclen && i < 32; i++) sprintf(hex + 2 * i, "%02x", mac[i]);
-    free(buf);
+    if (t->buf) OPENSSL_cleanse(t->buf, t->cap);
+    free(t->buf);
+    t->buf = NULL;
 }
 
 static int spec_matches(const prov_config *cfg, const char *app, const char *hex)
 {
-    char path[1024], buf[80] = "";
-    spec_path(cfg, app, path, sizeof path);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    return n >= 64 && strncmp(buf, hex, 64) == 0;
+    char rel[128], buf[80];
+    spec_rel(app, rel, sizeof rel);
+    long n = prov_state_read(cfg, rel, buf, sizeof buf);
+    return hex[0] && n >= 64 && strncmp(buf, hex, 64) == 0;
 }
 
 static void spec_store(const prov_config *cfg, const char *app, const char *hex)
 {
-    char path[1024], tmp[1100];
-    spec_path(cfg, app, path, sizeof path);
-    snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) return;
-    fprintf(f, "%s\n", hex);
-    if (fclose(f) == 0 && rename(tmp, path) == 0) return;
-    unlink(tmp);
+    char rel[128], line[80];
+    if (!hex[0]) return;
+    spec_rel(app, rel, sizeof rel);
+    snprintf(line, sizeof line, "%s\n", hex);
+    prov_state_write(cfg, rel, line);
 }
 
 static void spec_forget(const prov_config *cfg, const char *app)
 {
-    char path[1024];
-    spec_path(cfg, app, path, sizeof path);
-    unlink(path);
+    char rel[128];
+    spec_rel(app, rel, sizeof rel);
+    prov_state_remove(cfg, rel);
 }
 
-/* ---- create / update ---- */
+/* ---- create / update of one app ---- */
 
-/* config:set --no-restart --encoded <app> KEY=<base64> ...; args freed by the caller. */
-static const char **config_args(const prov_spec *spec)
+typedef struct {
+    const char *app, *image, *entry, *container_dir, *network, *domain;
+    const prov_limits *lim;
+    int64_t uid, port;
+    const char *const *config;   /* config:set argv, or NULL */
+    const unsigned char *files;  /* tarball for storage:exec before the deploy, or NULL */
+    size_t files_len;
+    const char *const *fp_extra; /* more values the app depends on (NULL-terminated), or NULL */
+    int created;                 /* out: apps:create ran */
+} app_plan;
+
+static mr_err apply_app(run_ctx *c, app_plan *p)
 {
-    const char **args = calloc(spec->n_env + 5, sizeof *args);
+    const prov_config *cfg = c->cfg;
+    const int64_t quick = cfg->command_timeout_ms, slow = cfg->deploy_timeout_ms;
+    mr_err e;
+    char mem[32], cpu[32], uid[24], gb[24], http[48], https[48], fp[65];
+    snprintf(mem, sizeof mem, "%lldm", (long long)p->lim->memory_mb);
+    prov_format_cpu(p->lim->cpu_milli, cpu, sizeof cpu);
+    snprintf(uid, sizeof uid, "%lld", (long long)p->uid);
+    snprintf(gb, sizeof gb, "%lld", (long long)p->lim->storage_gb);
+    snprintf(http, sizeof http, "http:80:%lld", (long long)p->port);
+    snprintf(https, sizeof https, "https:443:%lld", (long long)p->port);
+
+    fp_text t = {malloc(1024), 0, 1024};
+    const char *items[] = {"v2", p->app, p->image, p->entry, p->container_dir, uid,
+                           p->network ? p->network : "", http, p->domain, mem, cpu, gb,
+                           cfg->tls == PROV_TLS_OFF ? "off" : "tls"};
+    for (size_t i = 0; i < MR_ARRAY_LEN(items); i++) fp_add(&t, items[i]);
+    for (size_t i = 0; p->config && p->config[i]; i++) fp_add(&t, p->config[i]);
+    for (size_t i = 0; p->fp_extra && p->fp_extra[i]; i++) fp_add(&t, p->fp_extra[i]);
+    fp_finish(cfg, &t, fp);
+
+    /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */
+    int yes = 0;
+    if ((e = exists(c, "apps:exists", p->app, &yes)) != MR_OK) return e;
+    if (!yes) {
+        const char *a[] = {"apps:create", p->app, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+        p->created = 1;
+    }
+
+    /* 2. Its storage: created when missing, mounted before any deploy. The
+     * entry's directory belongs to the user the image runs as, and nobody else. */
+    if ((e = exists(c, "storage:info", p->entry, &yes)) != MR_OK) return e;
+    if (!yes) {
+        const char *a[] = {"storage:create", p->entry, "--chown", uid, "--mode", "0700", NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    {
+        const char *a[] = {"storage:mount", p->app, p->entry, "--container-dir", p->container_dir,
+                           NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    if (p->lim->storage_gb > 0) {
+        const char *a[] = {"storage:labels:set", p->entry, STORAGE_LABEL, gb, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+
+    /* 3. Limits, network, ports, config (values base64 on the command line:
+     * see config:set in docs/provisioner.md), domain, certificate. */
+    {
+        const char *a[] = {"resource:limit", "--memory", mem, "--cpu", cpu, p->app, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    if (p->network) {
+        const char *a[] = {"network:set", p->app, "attach-post-create", p->network, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    {
+        /* With TLS the https mapping is set up front: Dokku ignores it until a
+         * certificate exists, and keeps it when one is installed or renewed. */
+        const char *a[] = {"ports:set", p->app, http, cfg->tls != PROV_TLS_OFF ? https : NULL,
+                           NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    if (p->config && (e = must(c, p->config, quick)) != MR_OK) return e;
+    {
+        const char *a[] = {"domains:set", p->app, p->domain, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    if (cfg->tls == PROV_TLS_WILDCARD) {
+        /* Re-installed every time: a renewed wildcard certificate reaches the
+         * app on its next update; nginx is reloaded, the app is not restarted. */
+        const char *a[] = {"certs:add", p->app, NULL};
+        if ((e = must_in(c, a, cfg->tls_tar, cfg->tls_tar_len, quick)) != MR_OK) return e;
+    }
+
+    /* 4. Files the image needs at its first start, written into the mounted
+     * entry through a throwaway container that sees it at /data. */
+    if (p->files) {
+        const char *a[] = {"storage:exec", p->entry, "--", "tar", "-x", "-f", "-", "-C", "/data",
+                           NULL};
+        if ((e = must_in(c, a, p->files, p->files_len, slow)) != MR_OK) return e;
+    }
+
+    /* 5. Deploy the pinned image. Dokku reports an image that is already
+     * deployed with "No changes detected, skipping git commit": exit 0 in
+     * current releases, exit 1 in some older ones. Both are success. */
+    {
+        const char *a[] = {"git:from-image", p->app, p->image, NULL};
+        if ((e = run(c, a, slow)) != MR_OK) return e;
+        int unchanged = said(c->res, "No changes detected");
+        if (c->res->status != 0 && !unchanged) return failed(c, a);
+        if (!unchanged) c->out->deployed = 1;
+        if (unchanged && !spec_matches(cfg, p->app, fp)) {
+            const char *r[] = {"ps:restart", p->app, NULL};
+            if ((e = must(c, r, slow)) != MR_OK) return e;
+            c->out->restarted = 1;
+        } else if (unchanged) {
+            const char *q[] = {"ps:report", p->app, "--running", NULL};
+            int running = 0;
+            if ((e = report_true(c, q, &running)) != MR_OK) return e;
+            if (!running) {
+                const char *s[] = {"ps:start", p->app, NULL};
+                if ((e = must(c, s, slow)) != MR_OK) return e;
+            }
+        }
+    }
+
+    /* 6. Let's Encrypt, once: letsencrypt:enable on an app that already has a
+     * certificate would request another and run into Let's Encrypt's rate limits. */
+    if (cfg->tls == PROV_TLS_LETSENCRYPT) {
+        const char *q[] = {"letsencrypt:active", p->app, NULL};
+        int active = 0;
+        if ((e = report_true(c, q, &active)) != MR_OK) return e;
+        if (!active) {
+            const char *a[] = {"letsencrypt:enable", p->app, NULL};
+            if ((e = must(c, a, slow)) != MR_OK) return e;
+        }
+    }
+    spec_store(cfg, p->app, fp);
+    return MR_OK;
+}
+
+/* config:set --no-restart --encoded <app> KEY=<base64> ...; freed with free_config_args. */
+static const char **config_args(const char *app, const prov_env *env, size_t n)
+{
+    const char **args = calloc(n + 5, sizeof *args);
     if (!args) return NULL;
-    size_t n = 0;
-    args[n++] = "config:set";
-    args[n++] = "--no-restart";
-    args[n++] = "--encoded";
-    args[n++] = spec->app;
-    for (size_t i = 0; i < spec->n_env; i++) {
-        size_t kl = strlen(spec->env[i].key), vl = strlen(spec->env[i].value);
+    size_t k = 0;
+    args[k++] = "config:set";
+    args[k++] = "--no-restart";
+    args[k++] = "--encoded";
+    args[k++] = app;
+    for (size_t i = 0; i < n; i++) {
+        size_t kl = strlen(env[i].key), vl = strlen(env[i].value);
         char *kv = malloc(kl + 1 + 4 * ((vl + 2) / 3) + 1);
         if (!kv) {
-            for (size_t j = 4; j < n; j++) free((void *)args[j]);
+            for (size_t j = 4; j < k; j++) free((void *)args[j]);
             free(args);
             return NULL;
         }
-        memcpy(kv, spec->env[i].key, kl);
+        memcpy(kv, env[i].key, kl);
         kv[kl] = '=';
-        EVP_EncodeBlock((unsigned char *)kv + kl + 1, (const unsigned char *)spec->env[i].value,
+        EVP_EncodeBlock((unsigned char *)kv + kl + 1, (const unsigned char *)env[i].value,
                         (int)vl);
-        args[n++] = kv;
+        args[k++] = kv;
     }
-    args[n] = NULL;
+    args[k] = NULL;
     return args;
 }
 
 static void free_config_args(const char **args)
 {
     if (!args) return;
-    for (size_t i = 4; args[i]; i++) free((void *)args[i]);
+    for (size_t i = 4; args[i]; i++) {
+        OPENSSL_cleanse((void *)args[i], strlen(args[i]));
+        free((void *)args[i]);
+    }
     free(args);
+}
+
+static int env_cmp(const void *a, const void *b)
+{
+    return strcmp(((const prov_env *)a)->key, ((const prov_env *)b)->key);
+}
+
+static prov_outcome *begin(prov_outcome *out, const prov_config *cfg)
+{
+    memset(out, 0, sizeof *out);
+    out->deadline_ms = mr_now_ms() + cfg->request_timeout_ms;
+    return out;
 }
 
 mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *out,
                   char *err, size_t errlen)
 {
-    memset(out, 0, sizeof *out);
-    out->deadline_ms = mr_now_ms() + cfg->request_timeout_ms;
+    begin(out, cfg);
     prov_result *res = malloc(sizeof *res);
-    if (!res) {
-        out->fail_status = 500;
-        out->fail_code = "internal";
-        return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
-    }
+    /* MindRoom's environment: the request's plus what the provisioner defines. */
+    prov_env *env = calloc(spec->n_env + 4, sizeof *env);
+    run_ctx c = {cfg, out, res, err, errlen};
     int lockfd = -1;
     const char **cargs = NULL;
-    mr_err e = lock_app(cfg, spec->app, &lockfd, out, err, errlen);
-    if (e != MR_OK) goto done;
+    prov_buf files = {0};
+    mr_err e;
+    if (!res || !env) {
+        e = internal(&c, "out of memory");
+        goto done;
+    }
+    if ((e = prov_lock(cfg, spec->app, &lockfd, err, errlen)) != MR_OK) {
+        out->fail_status = e == MR_ETRANSIENT ? 503 : 500;
+        out->fail_code = e == MR_ETRANSIENT ? "app_busy" : "internal";
+        goto done;
+    }
 
-    const int64_t quick = cfg->command_timeout_ms, slow = cfg->deploy_timeout_ms;
-    char mem[32], cpu[32], domain[512], fp[65];
-    snprintf(mem, sizeof mem, "%lldm", (long long)spec->memory_mb);
-    prov_format_cpu(spec->cpu_milli, cpu, sizeof cpu);
+    prov_names nm;
+    prov_names_of(spec->app, &nm);
+    char domain[PROV_HOST_MAX + 1], hs_host[PROV_HOST_MAX + 1], hs_url[PROV_HOST_MAX + 16],
+        internal_url[PROV_NAME_MAX + 32];
     snprintf(domain, sizeof domain, "%s.%s", spec->subdomain, cfg->base_domain);
-    spec_fingerprint(cfg, spec, fp);
-
-    /* 1. The app: created only when missing, so a repeat or a resume never duplicates it. */
-    int exists = 0;
-    if ((e = app_exists(cfg, spec->app, &exists, res, out, err, errlen)) != MR_OK) goto done;
-    out->existed = exists;
-    if (!exists) {
-        const char *a[] = {"apps:create", spec->app, NULL};
-        if ((e = must(cfg, a, quick, res, out, err, errlen)) != MR_OK) goto done;
+    if (prov_matrix_host(cfg, spec->app, spec->subdomain, hs_host, sizeof hs_host) != MR_OK) {
+        e = internal(&c, "the homeserver's host name is invalid");
+        goto done;
     }
+    snprintf(hs_url, sizeof hs_url, "%s://%s", cfg->tls != PROV_TLS_OFF ? "https" : "http",
+             hs_host);
+    /* Dokku's network alias of the homeserver's web process on <app>-net. */
+    snprintf(internal_url, sizeof internal_url, "http://%s.web:%d", nm.hs_app, PROV_HS_PORT);
 
-    /* 2. Limits, config (values base64, never on a command line in clear), domain. */
-    {
-        const char *a[] = {"resource:limit", "--memory", mem, "--cpu", cpu, spec->app, NULL};
-        if ((e = must(cfg, a, quick, res, out, err, errlen)) != MR_OK) goto done;
-    }
-    if (spec->n_env > 0) {
-        cargs = config_args(spec);
-        if (!cargs) {
-            out->fail_status = 500;
-            out->fail_code = "internal";
-            e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    size_t n = 0;
+    for (size_t i = 0; i < spec->n_env; i++) env[n++] = spec->env[i];
+    env[n++] = (prov_env){"MINDROOM_STORAGE_PATH", cfg->mindroom_data_dir};
+
+    /* 1. The homeserver first: MindRoom expects it when it starts. */
+    if (spec->hs.present) {
+        env[n++] = (prov_env){"MATRIX_HOMESERVER", internal_url};
+        env[n++] = (prov_env){"MATRIX_SERVER_NAME", spec->hs.server_name};
+        env[n++] = (prov_env){"MATRIX_REGISTRATION_SHARED_SECRET",
+                              spec->hs.registration_shared_secret};
+        int yes = 0;
+        if ((e = exists(&c, "network:exists", nm.network, &yes)) != MR_OK) goto done;
+        if (!yes) {
+            const char *a[] = {"network:create", nm.network, NULL};
+            if ((e = must(&c, a, cfg->command_timeout_ms)) != MR_OK) goto done;
+        }
+        if (prov_hs_files(&spec->hs, hs_url, &files) != MR_OK) {
+            e = internal(&c, "cannot build the homeserver's configuration");
             goto done;
         }
-        if ((e = must(cfg, cargs, quick, res, out, err, errlen)) != MR_OK) goto done;
-    }
-    {
-        const char *a[] = {"domains:set", spec->app, domain, NULL};
-        if ((e = must(cfg, a, quick, res, out, err, errlen)) != MR_OK) goto done;
-    }
-
-    /* 3. Deploy the pinned image. Dokku reports an image that is already
-     * deployed with "No changes detected, skipping git commit": exit 0 in
-     * current releases, exit 1 in some older ones. Both are success. */
-    {
-        const char *a[] = {"git:from-image", spec->app, cfg->image, NULL};
-        if ((e = run(cfg, a, slow, res, out, err, errlen)) != MR_OK) goto done;
-        int unchanged = strstr(res->out, "No changes detected") != NULL ||
-                        strstr(res->err, "No changes detected") != NULL;
-        if (res->status != 0 && !unchanged) {
-            e = failed(a, res, out, err, errlen);
-            goto done;
-        }
-        out->deployed = !unchanged;
-        if (unchanged && !spec_matches(cfg, spec->app, fp)) {
-            const char *r[] = {"ps:restart", spec->app, NULL};
-            if ((e = must(cfg, r, slow, res, out, err, errlen)) != MR_OK) goto done;
-            out->restarted = 1;
-        } else if (unchanged) {
-            const char *q[] = {"ps:report", spec->app, "--running", NULL};
-            int running = 0;
-            if ((e = report_true(cfg, q, &running, res, out, err, errlen)) != MR_OK) goto done;
-            if (!running) {
-                const char *s[] = {"ps:start", spec->app, NULL};
-                if ((e = must(cfg, s, slow, res, out, err, errlen)) != MR_OK) goto done;
-            }
-        }
+        const char *extra[] = {spec->hs.server_name, spec->hs.signing_key,
+                               spec->hs.registration_shared_secret, spec->hs.macaroon_secret_key,
+                               spec->hs.form_secret, hs_url, NULL};
+        app_plan hp = {.app = nm.hs_app, .image = cfg->matrix_image, .entry = nm.hs_data,
+                       .container_dir = PROV_HS_DATA_DIR, .network = nm.network,
+                       .domain = hs_host, .lim = &spec->hs.lim, .uid = PROV_HS_UID,
+                       .port = PROV_HS_PORT, .files = files.data, .files_len = files.len,
+                       .fp_extra = extra};
+        if ((e = apply_app(&c, &hp)) != MR_OK) goto done;
     }
 
-    /* 4. TLS, once: letsencrypt:enable on an app that already has a certificate
-     * would request another and run into Let's Encrypt's rate limits. */
-    if (cfg->tls) {
-        const char *q[] = {"letsencrypt:active", spec->app, NULL};
-        int active = 0;
-        if ((e = report_true(cfg, q, &active, res, out, err, errlen)) != MR_OK) goto done;
-        if (!active) {
-            const char *a[] = {"letsencrypt:enable", spec->app, NULL};
-            if ((e = must(cfg, a, slow, res, out, err, errlen)) != MR_OK) goto done;
-        }
+    /* 2. MindRoom. */
+    qsort(env, n, sizeof *env, env_cmp);
+    if (!(cargs = config_args(spec->app, env, n))) {
+        e = internal(&c, "out of memory");
+        goto done;
     }
+    app_plan mp = {.app = spec->app, .image = cfg->image, .entry = nm.data,
+                   .container_dir = cfg->mindroom_data_dir,
+                   .network = spec->hs.present ? nm.network : NULL, .domain = domain,
+                   .lim = &spec->lim, .uid = cfg->mindroom_uid, .port = cfg->mindroom_port,
+                   .config = cargs};
+    if ((e = apply_app(&c, &mp)) != MR_OK) goto done;
 
-    spec_store(cfg, spec->app, fp);
-    out->status = exists ? 200 : 201;
-    out->state = "running";
+    out->existed = !mp.created;
+    out->status = mp.created ? 201 : 200;
+    out->state = out->app_state = "running";
+    out->hs_state = spec->hs.present ? "running" : "missing";
+    out->storage = PROV_STORAGE_PRESENT;
+    out->hs_storage = spec->hs.present ? PROV_STORAGE_PRESENT : PROV_STORAGE_UNKNOWN;
     e = MR_OK;
 done:
+    prov_buf_free(&files);
     free_config_args(cargs);
-    unlock_app(lockfd);
+    prov_unlock(lockfd);
+    free(env);
     free(res);
     return e;
 }
 
-/* ---- stop, start, destroy, state ---- */
+/* ---- stop, start, state, destroy, purge, storage ---- */
 
-mr_err prov_app_action(const prov_config *cfg, const char *app, const char *verb,
+static const char *const RANKED[] = {"created", "stopped", "running"};
+
+/* An existing app's state: created (never deployed), stopped or running; rank 0..2. */
+static mr_err app_state(run_ctx *c, const char *app, int *rank)
+{
+    int yes = 0;
+    const char *q[] = {"ps:report", app, "--deployed", NULL};
+    mr_err e = report_true(c, q, &yes);
+    if (e != MR_OK || !yes) {
+        *rank = 0;
+        return e;
+    }
+    const char *r[] = {"ps:report", app, "--running", NULL};
+    if ((e = report_true(c, r, &yes)) != MR_OK) return e;
+    *rank = yes ? 2 : 1;
+    return MR_OK;
+}
+
+/* storage:info, then (destroy) storage:destroy --force --destroy-host-dir:
+ * plain storage:destroy deregisters the entry and keeps its data on disk. */
+static mr_err storage_step(run_ctx *c, const char *entry, int destroy, prov_storage *st)
+{
+    int yes = 0;
+    mr_err e = exists(c, "storage:info", entry, &yes);
+    if (e != MR_OK) return e;
+    if (yes && destroy) {
+        const char *a[] = {"storage:destroy", entry, "--force", "--destroy-host-dir", NULL};
+        if ((e = must(c, a, c->cfg->deploy_timeout_ms)) != MR_OK) return e;
+        c->out->purged = 1;
+        yes = 0;
+    }
+    *st = yes ? PROV_STORAGE_PRESENT : PROV_STORAGE_MISSING;
+    return MR_OK;
+}
+
+static mr_err not_found(run_ctx *c, const char *code, const char *msg)
+{
+    c->out->fail_status = 404;
+    c->out->fail_code = code;
+    return mr_seterr(c->err, c->errlen, MR_ENOTFOUND, "%s", msg);
+}
+
+mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
                        prov_outcome *out, char *err, size_t errlen)
 {
-    memset(out, 0, sizeof *out);
-    out->deadline_ms = mr_now_ms() + cfg->request_timeout_ms;
+    begin(out, cfg);
     prov_result *res = malloc(sizeof *res);
-    if (!res) {
-        out->fail_status = 500;
-        out->fail_code = "internal";
-        return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
-    }
-    int lockfd = -1, exists = 0;
+    run_ctx c = {cfg, out, res, err, errlen};
+    int lockfd = -1, mr = 0, hs = 0;
     mr_err e = MR_OK;
-    /* A state read does not wait behind a deploy of the same app that takes minutes. */
-    if (strcmp(verb, "state") != 0 && (e = lock_app(cfg, app, &lockfd, out, err, errlen)) != MR_OK)
+    prov_names nm;
+    prov_names_of(app, &nm);
+    const int64_t slow = cfg->deploy_timeout_ms;
+    if (!res) {
+        e = internal(&c, "out of memory");
         goto done;
-    if ((e = app_exists(cfg, app, &exists, res, out, err, errlen)) != MR_OK) goto done;
-    out->existed = exists;
+    }
+    /* A state read does not wait behind a deploy of the same app that takes minutes. */
+    if (verb != PROV_STATE && (e = prov_lock(cfg, app, &lockfd, err, errlen)) != MR_OK) {
+        out->fail_status = e == MR_ETRANSIENT ? 503 : 500;
+        out->fail_code = e == MR_ETRANSIENT ? "app_busy" : "internal";
+        goto done;
+    }
+    if ((e = exists(&c, "apps:exists", nm.app, &mr)) != MR_OK) goto done;
+    if ((e = exists(&c, "apps:exists", nm.hs_app, &hs)) != MR_OK) goto done;
+    out->existed = mr || hs;
     out->status = 200;
+    out->app_state = mr ? "created" : "missing";
+    out->hs_state = hs ? "created" : "missing";
 
-    if (strcmp(verb, "destroy") == 0) {
-        if (exists) {
-            /* --force is Dokku's global flag, before the subcommand: it skips the
-             * interactive confirmation that would otherwise wait on stdin. */
-            const char *a[] = {"--force", "apps:destroy", app, NULL};
-            if ((e = must(cfg, a, cfg->deploy_timeout_ms, res, out, err, errlen)) != MR_OK)
-                goto done;
+    switch (verb) {
+    case PROV_DESTROY:
+    case PROV_PURGE: {
+        /* MindRoom first, then its homeserver, then the network they shared
+         * (Docker refuses to remove a network with containers attached).
+         * --force is Dokku's global flag, before the subcommand: it skips the
+         * interactive confirmation that would otherwise wait on stdin. */
+        const char *apps[] = {mr ? nm.app : NULL, hs ? nm.hs_app : NULL};
+        for (int i = 0; i < 2; i++) {
+            if (!apps[i]) continue;
+            const char *a[] = {"--force", "apps:destroy", apps[i], NULL};
+            if ((e = must(&c, a, slow)) != MR_OK) goto done;
         }
-        spec_forget(cfg, app);
+        spec_forget(cfg, nm.app);
+        spec_forget(cfg, nm.hs_app);
+        out->app_state = out->hs_state = "missing";
+        int net = 0;
+        if ((e = exists(&c, "network:exists", nm.network, &net)) != MR_OK) goto done;
+        if (net) {
+            const char *a[] = {"--force", "network:destroy", nm.network, NULL};
+            if ((e = must(&c, a, cfg->command_timeout_ms)) != MR_OK) goto done;
+        }
+        int purge = verb == PROV_PURGE;
+        if ((e = storage_step(&c, nm.data, purge, &out->storage)) != MR_OK) goto done;
+        if ((e = storage_step(&c, nm.hs_data, purge, &out->hs_storage)) != MR_OK) goto done;
         out->state = "destroyed";
         goto done;
     }
-    if (!exists) {
-        out->fail_status = 404;
-        out->fail_code = "not_found";
-        e = mr_seterr(err, errlen, MR_ENOTFOUND, "app does not exist");
+    case PROV_DESTROY_STORAGE:
+        /* Only an instance's leftovers: a mounted entry is its apps' data. */
+        if (mr || hs) {
+            out->fail_status = 409;
+            out->fail_code = "apps_exist";
+            e = mr_seterr(err, errlen, MR_ECONFLICT,
+                          "the instance's apps still exist; DELETE /apps/{app} first");
+            goto done;
+        }
+        if ((e = storage_step(&c, nm.data, 1, &out->storage)) != MR_OK) goto done;
+        if ((e = storage_step(&c, nm.hs_data, 1, &out->hs_storage)) != MR_OK) goto done;
+        out->state = "destroyed";
+        goto done;
+    case PROV_STATE: {
+        int r = 2, rank = 0;
+        if (mr) {
+            if ((e = app_state(&c, nm.app, &rank)) != MR_OK) goto done;
+            out->app_state = RANKED[rank];
+            r = rank;
+        }
+        if (hs) {
+            if ((e = app_state(&c, nm.hs_app, &rank)) != MR_OK) goto done;
+            out->hs_state = RANKED[rank];
+            if (rank < r) r = rank;
+        }
+        /* Half-created (the homeserver without MindRoom): POST /apps completes it. */
+        if (!mr) r = 0;
+        if ((e = storage_step(&c, nm.data, 0, &out->storage)) != MR_OK) goto done;
+        if ((e = storage_step(&c, nm.hs_data, 0, &out->hs_storage)) != MR_OK) goto done;
+        if (!mr && !hs && out->storage != PROV_STORAGE_PRESENT &&
+            out->hs_storage != PROV_STORAGE_PRESENT) {
+            e = not_found(&c, "not_found", "app does not exist");
+            goto done;
+        }
+        out->state = mr || hs ? RANKED[r] : "destroyed";
         goto done;
     }
-    if (strcmp(verb, "stop") == 0) {
-        const char *a[] = {"ps:stop", app, NULL};
-        if ((e = must(cfg, a, cfg->deploy_timeout_ms, res, out, err, errlen)) != MR_OK) goto done;
-        out->state = "stopped";
-        goto done;
+    case PROV_STOP:
+    case PROV_START:
+        break;
     }
 
-    /* start and state both need to know whether there is anything deployed. */
-    int deployed = 0;
-    {
-        const char *q[] = {"ps:report", app, "--deployed", NULL};
-        if ((e = report_true(cfg, q, &deployed, res, out, err, errlen)) != MR_OK) goto done;
+    if (!mr) {
+        e = not_found(&c, "not_found", "app does not exist");
+        goto done;
     }
-    if (strcmp(verb, "start") == 0) {
+    if (verb == PROV_STOP) {
+        /* MindRoom first: it must not see its homeserver vanish under it. */
+        const char *apps[] = {nm.app, hs ? nm.hs_app : NULL};
+        for (int i = 0; i < 2; i++) {
+            if (!apps[i]) continue;
+            const char *a[] = {"ps:stop", apps[i], NULL};
+            if ((e = must(&c, a, slow)) != MR_OK) goto done;
+        }
+        out->state = out->app_state = "stopped";
+        if (hs) out->hs_state = "stopped";
+        goto done;
+    }
+    /* start: the homeserver first; both must have been deployed. */
+    const char *apps[] = {hs ? nm.hs_app : NULL, nm.app};
+    for (int i = 0; i < 2; i++) {
+        int deployed = 0;
+        if (!apps[i]) continue;
+        const char *q[] = {"ps:report", apps[i], "--deployed", NULL};
+        if ((e = report_true(&c, q, &deployed)) != MR_OK) goto done;
         if (!deployed) {
             /* Half-created: only POST /apps can finish it (it knows the spec). */
-            out->fail_status = 404;
-            out->fail_code = "not_deployed";
-            e = mr_seterr(err, errlen, MR_ENOTFOUND,
+            e = not_found(&c, "not_deployed",
                           "app exists but was never deployed; POST /apps completes it");
             goto done;
         }
-        const char *a[] = {"ps:start", app, NULL};
-        if ((e = must(cfg, a, cfg->deploy_timeout_ms, res, out, err, errlen)) != MR_OK) goto done;
-        out->state = "running";
-        goto done;
     }
-    /* state */
-    if (!deployed) {
-        out->state = "created";
-        goto done;
+    for (int i = 0; i < 2; i++) {
+        if (!apps[i]) continue;
+        const char *a[] = {"ps:start", apps[i], NULL};
+        if ((e = must(&c, a, slow)) != MR_OK) goto done;
     }
-    {
-        const char *q[] = {"ps:report", app, "--running", NULL};
-        int running = 0;
-        if ((e = report_true(cfg, q, &running, res, out, err, errlen)) != MR_OK) goto done;
-        out->state = running ? "running" : "stopped";
-    }
+    out->state = out->app_state = "running";
+    if (hs) out->hs_state = "running";
 done:
-    unlock_app(lockfd);
+    prov_unlock(lockfd);
     free(res);
     return e;
 }

@@ -7,11 +7,17 @@
  * narrow alphabet (names, numbers, the image, base64). validate.c guarantees
  * that, and run_one() refuses anything else instead of trusting it.
  *
- * The child gets its own process group, stdin from /dev/null, stdout and
- * stderr on pipes (kept, truncated, never logged: `config:set` echoes
- * values), an environment without our secrets, and a deadline after which
- * the whole group is killed: a stalled ssh or docker pull must not pin a
- * worker forever. */
+ * The child gets its own process group, stdin from /dev/null or a pipe we
+ * feed (a tarball for storage:exec or certs:add), stdout and stderr on pipes
+ * (kept, truncated, never logged: `config:set` echoes values), an allow-listed
+ * environment, and a deadline after which the whole group is killed: a
+ * stalled ssh or docker pull must not pin a worker forever.
+ *
+ * The environment is built from names, not filtered by them: a deny-list
+ * ("anything named *SECRET*") lets SENTRY_DSN or a cloud token through, so
+ * the child gets only what running `dokku` or `ssh` needs (CHILD_ENV) plus
+ * the names an operator lists in PROVISIONER_CHILD_ENV (SSH_AUTH_SOCK for an
+ * agent, say). */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -75,11 +81,43 @@ static int ssh_safe(const char *s)
     return 1;
 }
 
-/* The child's environment: ours minus anything that looks like a secret. */
-static char **child_env(void)
+static const char *const CHILD_ENV[] = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL",
+                                         "LC_CTYPE", "TZ"};
+
+mr_err prov_check_child_env(const char *names, char *err, size_t errlen)
 {
-    static const char *const deny[] = {"TOKEN", "SECRET", "PASSWORD", "_KEY", "DATABASE_URL",
-                                        "API_KEY"};
+    char name[256];
+    for (const char *p = names; p && *p;) {
+        const char *comma = strchr(p, ',');
+        size_t n = comma ? (size_t)(comma - p) : strlen(p);
+        if (n == 0 || n >= sizeof name || (comma && !comma[1]))
+            return mr_seterr(err, errlen, MR_EINVAL,
+                             "PROVISIONER_CHILD_ENV: names separated by ',', none empty");
+        memcpy(name, p, n);
+        name[n] = '\0';
+        if (!mr_appenv_valid_key(name))
+            return mr_seterr(err, errlen, MR_EINVAL,
+                             "PROVISIONER_CHILD_ENV: %s is not a variable name (^[A-Z_][A-Z0-9_]*$)",
+                             name);
+        p = comma ? comma + 1 : p + n;
+    }
+    return MR_OK;
+}
+
+static int listed(const char *names, const char *name, size_t len)
+{
+    for (const char *p = names; p && *p;) {
+        const char *comma = strchr(p, ',');
+        size_t n = comma ? (size_t)(comma - p) : strlen(p);
+        if (n == len && strncmp(p, name, len) == 0) return 1;
+        p = comma ? comma + 1 : p + n;
+    }
+    return 0;
+}
+
+/* The child's environment: the allow-listed variables of ours, nothing else. */
+static char **child_env(const prov_config *cfg)
+{
     size_t n = 0;
     for (char **e = environ; *e; e++) n++;
     char **out = calloc(n + 1, sizeof *out);
@@ -87,14 +125,12 @@ static char **child_env(void)
     size_t k = 0;
     for (char **e = environ; *e; e++) {
         const char *eq = strchr(*e, '=');
-        size_t nl = eq ? (size_t)(eq - *e) : strlen(*e);
-        int drop = 0;
-        for (size_t i = 0; i < MR_ARRAY_LEN(deny) && !drop; i++) {
-            size_t dl = strlen(deny[i]);
-            for (size_t j = 0; j + dl <= nl && !drop; j++)
-                if (strncmp(*e + j, deny[i], dl) == 0) drop = 1;
-        }
-        if (!drop) out[k++] = *e;
+        if (!eq) continue;
+        size_t nl = (size_t)(eq - *e);
+        int keep = listed(cfg->child_env, *e, nl);
+        for (size_t i = 0; i < MR_ARRAY_LEN(CHILD_ENV) && !keep; i++)
+            keep = strlen(CHILD_ENV[i]) == nl && strncmp(*e, CHILD_ENV[i], nl) == 0;
+        if (keep) out[k++] = *e;
     }
     out[k] = NULL;
     return out;
@@ -127,22 +163,28 @@ static void kill_group(pid_t pid)
     kill(-pid, SIGKILL);
 }
 
-/* Spawns argv and waits for it within timeout_ms. Returns MR_OK with
- * res->status, or MR_ETRANSIENT (not started, or timed out). */
-static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res,
-                         char *err, size_t errlen)
+/* Spawns argv with in on its stdin and waits for it within timeout_ms.
+ * Returns MR_OK with res->status, or MR_ETRANSIENT (not started, or timed out). */
+static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsigned char *in,
+                         size_t in_len, int64_t timeout_ms, prov_result *res, char *err,
+                         size_t errlen)
 {
-    int po[2] = {-1, -1}, pe[2] = {-1, -1};
-    if (pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0) {
-        if (po[0] >= 0) { close(po[0]); close(po[1]); }
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1};
+    if (pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0 ||
+        (in && pipe2(pi, O_CLOEXEC) != 0)) {
+        int *all[] = {po, pe, pi};
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 2; j++)
+                if (all[i][j] >= 0) close(all[i][j]);
         return mr_seterr(err, errlen, MR_ETRANSIENT, "cannot create pipes");
     }
-    char **envp = child_env();
+    char **envp = child_env(cfg);
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t at;
     posix_spawn_file_actions_init(&fa);
     posix_spawnattr_init(&at);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    if (in) posix_spawn_file_actions_adddup2(&fa, pi[0], 0);
+    else posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, po[1], 1);
     posix_spawn_file_actions_adddup2(&fa, pe[1], 2);
     /* Nothing else of ours: not the FastCGI sockets, not the database's. */
@@ -167,14 +209,27 @@ static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res
     free(envp);
     close(po[1]);
     close(pe[1]);
+    if (in) close(pi[0]);
     if (rc != 0) {
         close(po[0]);
         close(pe[0]);
+        if (in) close(pi[1]);
         return mr_seterr(err, errlen, MR_ETRANSIENT, "cannot start %s: %s",
                          strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0],
                          strerror(rc));
     }
 
+    /* stdin is written as the child reads it, in the same poll loop as its
+     * output, so neither side can block the other on a full pipe. */
+    int wfd = in ? pi[1] : -1;
+    size_t woff = 0;
+    if (wfd >= 0) {
+        fcntl(wfd, F_SETFL, fcntl(wfd, F_GETFL) | O_NONBLOCK);
+        if (in_len == 0) {
+            close(wfd);
+            wfd = -1;
+        }
+    }
     int fds[2] = {po[0], pe[0]};
     int64_t deadline = mr_now_ms() + timeout_ms, exited_at = -1;
     int wstatus = 0, reaped = 0;
@@ -185,6 +240,10 @@ static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res
                 reaped = 1;
                 exited_at = mr_now_ms();
             }
+        }
+        if (reaped && wfd >= 0) {
+            close(wfd);
+            wfd = -1;
         }
         /* A grandchild may keep the pipes open after the child exited: stop
          * reading shortly after the exit instead of waiting for their EOF. */
@@ -197,21 +256,35 @@ static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res
             res->timed_out = 1;
             break;
         }
-        struct pollfd p[2];
+        struct pollfd p[3];
         nfds_t np = 0;
         for (int i = 0; i < 2; i++)
             if (fds[i] >= 0) p[np++] = (struct pollfd){.fd = fds[i], .events = POLLIN};
-        int wait = (int)(deadline - now < 50 ? deadline - now : 50);
+        if (wfd >= 0) p[np++] = (struct pollfd){.fd = wfd, .events = POLLOUT};
+        /* With every pipe closed only the exit is left to see: look again soon. */
+        int64_t step = np ? 50 : 2;
+        int wait = (int)(deadline - now < step ? deadline - now : step);
         if (wait < 0) wait = 0;
         int pr = np ? poll(p, np, wait) : poll(NULL, 0, wait);
         if (pr > 0) {
             for (nfds_t i = 0; i < np; i++) {
-                if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-                if (p[i].fd == fds[0]) drain(&fds[0], res->out, &res->out_len);
-                else drain(&fds[1], res->err, &res->err_len);
+                if (!p[i].revents) continue;
+                if (p[i].fd == wfd) {
+                    ssize_t w = write(wfd, in + woff, in_len - woff);
+                    if (w > 0) woff += (size_t)w;
+                    /* Done, or the child closed its stdin (EPIPE: SIGPIPE is ignored). */
+                    if (woff == in_len || (w < 0 && errno != EAGAIN && errno != EINTR)) {
+                        close(wfd);
+                        wfd = -1;
+                    }
+                } else if (p[i].revents & (POLLIN | POLLHUP | POLLERR)) {
+                    if (p[i].fd == fds[0]) drain(&fds[0], res->out, &res->out_len);
+                    else drain(&fds[1], res->err, &res->err_len);
+                }
             }
         }
     }
+    if (wfd >= 0) close(wfd);
     for (int i = 0; i < 2; i++)
         if (fds[i] >= 0) close(fds[i]);
     if (res->timed_out) {
@@ -224,49 +297,49 @@ static mr_err spawn_wait(char *const *argv, int64_t timeout_ms, prov_result *res
     return MR_OK;
 }
 
-/* ---- dry-run: a registry of simulated apps, one file per app ---- */
-
-static void dry_path(const prov_config *cfg, const char *app, char *out, size_t cap)
-{
-    snprintf(out, cap, "%s/dry-run/%s", cfg->state_dir, app);
-}
+/* ---- dry-run: a simulated registry of apps, storage entries and networks ----
+ *
+ * Just enough state for the sequences in ops.c to take the paths they would
+ * take against a real Dokku: an app's file holds "created", "running" or
+ * "stopped"; a storage entry or a network exists while its file does. */
 
 static void dry_answer(const prov_config *cfg, const char *const *args, prov_result *res)
 {
     const char *sub = prov_subcommand(args);
-    const char *app = NULL;
-    /* The app is the first non-flag argument after the subcommand. */
+    const char *name = NULL;
+    /* The app, entry or network is the first non-flag argument after the subcommand. */
     int seen = 0;
     for (size_t i = 0; args[i]; i++) {
         if (args[i][0] == '-') continue;
         if (!seen) { seen = 1; continue; }
-        app = args[i];
+        name = args[i];
         break;
     }
-    char path[1024], dir[1024];
-    snprintf(dir, sizeof dir, "%s/dry-run", cfg->state_dir);
-    mkdir(dir, 0700);
     res->status = 0;
-    if (!app || !prov_valid_name(app)) return;
-    dry_path(cfg, app, path, sizeof path);
-    char state[16] = "";
-    FILE *f = fopen(path, "r");
-    if (f) {
-        if (!fgets(state, sizeof state, f)) state[0] = '\0';
-        fclose(f);
-    }
+    if (!name || !prov_valid_name(name)) return;
+    const char *kind = strncmp(sub, "storage:", 8) == 0 ? "storage"
+                     : strncmp(sub, "network:", 8) == 0 ? "networks" : "apps";
+    char rel[256], state[16] = "";
+    snprintf(rel, sizeof rel, "dry-run/%s/%s", kind, name);
+    int exists = prov_state_read(cfg, rel, state, sizeof state) >= 0;
     const char *write = NULL;
-    if (strcmp(sub, "apps:exists") == 0) {
-        res->status = f ? 0 : 1;
-    } else if (strcmp(sub, "apps:create") == 0) {
+    if (strcmp(sub, "apps:exists") == 0 || strcmp(sub, "storage:info") == 0 ||
+        strcmp(sub, "network:exists") == 0) {
+        res->status = exists ? 0 : 1;
+        if (!exists)
+            res->err_len = (size_t)snprintf(res->err, sizeof res->err,
+                                            " !     %s does not exist\n", name);
+    } else if (strcmp(sub, "apps:create") == 0 || strcmp(sub, "storage:create") == 0 ||
+               strcmp(sub, "network:create") == 0) {
         write = "created";
     } else if (strcmp(sub, "git:from-image") == 0 || strcmp(sub, "ps:start") == 0 ||
                strcmp(sub, "ps:restart") == 0) {
         write = "running";
     } else if (strcmp(sub, "ps:stop") == 0) {
         write = "stopped";
-    } else if (strcmp(sub, "apps:destroy") == 0) {
-        unlink(path);
+    } else if (strcmp(sub, "apps:destroy") == 0 || strcmp(sub, "storage:destroy") == 0 ||
+               strcmp(sub, "network:destroy") == 0) {
+        prov_state_remove(cfg, rel);
     } else if (strcmp(sub, "ps:report") == 0) {
         int deployed = strncmp(state, "running", 7) == 0 || strncmp(state, "stopped", 7) == 0;
         int running = strncmp(state, "running", 7) == 0;
@@ -279,25 +352,23 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
         res->out_len = strlen(res->out);
     }
     if (write) {
-        char tmp[1100];
-        snprintf(tmp, sizeof tmp, "%s.tmp", path);
-        FILE *w = fopen(tmp, "w");
-        if (w) {
-            fprintf(w, "%s\n", write);
-            if (fclose(w) == 0) rename(tmp, path);
-        }
+        char line[24];
+        snprintf(line, sizeof line, "%s\n", write);
+        prov_state_write(cfg, rel, line);
     }
 }
 
 /* ---- one attempt ---- */
 
-static mr_err run_one(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
-                      prov_result *res, char *err, size_t errlen)
+static mr_err run_one(const prov_config *cfg, const char *const *args, const unsigned char *in,
+                      size_t in_len, int64_t timeout_ms, prov_result *res, char *err,
+                      size_t errlen)
 {
     const char *argv[MAX_ARGV];
     size_t n = 0;
     char port[16];
     char dest[512];
+    char khopt[1100];
     size_t nargs = 0;
     while (args[nargs]) nargs++;
     if (nargs + 20 >= MAX_ARGV)
@@ -314,7 +385,6 @@ static mr_err run_one(const prov_config *cfg, const char *const *args, int64_t t
             argv[n++] = "-i"; argv[n++] = cfg->ssh_key;
             argv[n++] = "-o"; argv[n++] = "IdentitiesOnly=yes";
         }
-        static char khopt[1100];
         if (cfg->known_hosts[0]) {
             snprintf(khopt, sizeof khopt, "UserKnownHostsFile=%s", cfg->known_hosts);
             argv[n++] = "-o"; argv[n++] = khopt;
@@ -334,11 +404,12 @@ static mr_err run_one(const prov_config *cfg, const char *const *args, int64_t t
     }
     for (size_t i = 0; i < nargs; i++) argv[n++] = args[i];
     argv[n] = NULL;
-    return spawn_wait((char *const *)argv, timeout_ms, res, err, errlen);
+    return spawn_wait(cfg, (char *const *)argv, in, in_len, timeout_ms, res, err, errlen);
 }
 
-mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeout_ms,
-                  int64_t deadline_ms, prov_result *res, char *err, size_t errlen)
+mr_err prov_dokku(const prov_config *cfg, const char *const *args, const unsigned char *in,
+                  size_t in_len, int64_t timeout_ms, int64_t deadline_ms, prov_result *res,
+                  char *err, size_t errlen)
 {
     char what[1024];
     describe(args, what, sizeof what);
@@ -349,7 +420,7 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeo
 
     if (cfg->mode == PROV_MODE_DRY_RUN) {
         dry_answer(cfg, args, res);
-        mr_log(MR_LOG_INFO, "dry_run: true; would run: %s", what);
+        mr_log(MR_LOG_INFO, "dry_run: true; would run: %s%s", what, in ? " (with stdin)" : "");
         return MR_OK;
     }
 
@@ -365,7 +436,7 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, int64_t timeo
             return mr_seterr(err, errlen, MR_ETRANSIENT,
                              "%s not started: the request's deadline has passed", sub);
         }
-        mr_err e = run_one(cfg, args, budget, res, err, errlen);
+        mr_err e = run_one(cfg, args, in, in_len, budget, res, err, errlen);
         int64_t took = mr_now_ms() - t0;
         if (e != MR_OK) {
             mr_log(MR_LOG_ERROR, "%s: %s (%lld ms)", what, err, (long long)took);

@@ -11,7 +11,7 @@
  *                 process that died; else 503 with what failed
  *   GET /metrics  the Prometheus text exposition: every running process's counters
  *                 from MR_METRICS_DIR (mr_metrics.h) and, read from the database at
- *                 scrape time (public.ops_metrics(), 090), the owed work by action
+ *                 scrape time (public.ops_metrics(), 090, 091), the owed work by action
  *                 and age, instances by status and the Stripe events waiting
  *
  * No authentication: what it says is not secret, and the listener is loopback only.
@@ -206,6 +206,8 @@ static void write_sql_gauges(FILE *f, mr_req *r)
         {"mindroom_owed_work_held", "held", "Owed work held for an operator, by action."},
         {"mindroom_owed_work_in_flight", "in_flight", "Owed work a worker holds the lease of now, by action."},
         {"mindroom_owed_work_oldest_seconds", "oldest_s", "How long the oldest owed work of each action has been owed."},
+        {"mindroom_owed_work_scheduled", "scheduled",
+         "Work owed but not due by design (data kept for its retention period), by action."},
     };
     for (size_t k = 0; k < MR_ARRAY_LEN(owed_fields); k++) {
         gauge_header(f, owed_fields[k][0], owed_fields[k][2]);

@@ -8,7 +8,10 @@
  *                 claimed like any other owed work
  *   stripe-sweep  Stripe events stored as deferred: give up on those older than
  *                 STRIPE_DEFER_MAX_HOURS (marked failed, logged at error, counted),
- *                 then re-apply the due ones, each in its own transaction */
+ *                 then re-apply the due ones, each in its own transaction
+ *   teardown      instances whose rows were deleted (an account erased) while
+ *                 they still had apps or data (public.instance_teardowns): destroy
+ *                 both apps and both storage entries, with backoff on failure */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +32,11 @@ static const mr_db_stmt done_stmt = {
     "mr_job_done", "SELECT public.scheduled_job_done($1, $2, $3)::text", 3};
 static const mr_db_stmt reprocess_stmt = {
     "mr_job_reprocess", "SELECT public.reprocess_stripe_event($1) ->> 'result'", 1};
+static const mr_db_stmt teardown_done_stmt = {
+    "mr_job_teardown_done",
+    "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int)::text", 5};
+
+#define TEARDOWN_BATCH 20
 
 /* The lease start (timestamptz text, malloc'd) when this worker runs the job now. */
 static char *take(worker *w, const char *name, int interval_s)
@@ -133,9 +141,60 @@ static void sweep_job(worker *w)
     done(w, "stripe-sweep", failed ? "some events could not be retried" : NULL);
 }
 
+static int teardown_abort(void *arg)
+{
+    (void)arg;
+    return worker_stopping();
+}
+
+static void teardown_job(worker *w)
+{
+    char err[256] = "", arg[16];
+    snprintf(arg, sizeof arg, "%d", TEARDOWN_BATCH);
+    ids_ctx due = {"SELECT instance_id::text, dokku_app_name FROM public.instance_teardowns_due($1::int)",
+                   arg, NULL};
+    if (mr_db_tx(w->db, &mr_service_identity, ids_tx, &due, err, sizeof err) != MR_OK) {
+        mr_log(MR_LOG_WARN, "teardown: %s", err);
+        done(w, "teardown", err);
+        return;
+    }
+    int n = PQntuples(due.res), torn = 0, failed = 0;
+    char base[16], cap[16];
+    snprintf(base, sizeof base, "%d", wcfg.backoff_base_s);
+    snprintf(cap, sizeof cap, "%d", wcfg.backoff_cap_s);
+    for (int i = 0; i < n && !worker_stopping(); i++) {
+        const char *iid = PQgetvalue(due.res, i, 0), *app = PQgetvalue(due.res, i, 1);
+        mr_provisioner p = wcfg.provisioner;
+        p.abort_cb = teardown_abort;
+        mr_provisioner_call call;
+        /* Both apps and both storage entries: the account is being erased. */
+        mr_provisioner_app(w->http, &p, app, MR_ACTION_DESTROY, 1, &call);
+        if (call.aborted)
+            break; /* not recorded: the next run does it again (it is idempotent) */
+        const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error, base, cap};
+        char *out = NULL;
+        if (mr_db_call(w->db, &mr_service_identity, &teardown_done_stmt, params, NULL, &out, err,
+                       sizeof err) != MR_OK)
+            mr_log(MR_LOG_WARN, "teardown of %s: cannot record it: %s", app, err);
+        free(out);
+        if (call.ok) {
+            torn++;
+            mr_log(MR_LOG_INFO, "teardown: instance %s (%s): apps and storage destroyed", iid, app);
+        } else {
+            failed++;
+            mr_log(MR_LOG_WARN, "teardown: instance %s (%s): %s; retried with backoff", iid, app,
+                   call.error);
+        }
+    }
+    PQclear(due.res);
+    if (torn || failed)
+        mr_log(MR_LOG_INFO, "teardown: %d done, %d failed", torn, failed);
+    done(w, "teardown", failed ? "some teardowns failed; retried with backoff" : NULL);
+}
+
 int64_t jobs_run_due(worker *w)
 {
-    static int64_t next_health, next_sweep;
+    static int64_t next_health, next_sweep, next_teardown;
     int64_t now = mr_now_ms();
     if (now >= next_health) {
         next_health = now + ask_every_ms(wcfg.health.interval_s);
@@ -151,7 +210,17 @@ int64_t jobs_run_due(worker *w)
             sweep_job(w);
         free(started);
     }
+    if (!worker_stopping() && now >= next_teardown) {
+        next_teardown = now + ask_every_ms(wcfg.sweep_interval_s);
+        char *started = take(w, "teardown", wcfg.sweep_interval_s);
+        if (started)
+            teardown_job(w);
+        free(started);
+    }
     now = mr_now_ms();
-    int64_t wait = (next_health < next_sweep ? next_health : next_sweep) - now;
+    int64_t next = next_health < next_sweep ? next_health : next_sweep;
+    if (next_teardown < next)
+        next = next_teardown;
+    int64_t wait = next - now;
     return wait > 0 ? wait : 0;
 }

@@ -96,6 +96,13 @@ static void load_config(void)
     c->sweep_interval_s = (int)mr_config_int("SWEEP_INTERVAL_S", 60, 1, 86400);
     c->sweep_batch = (int)mr_config_int("SWEEP_BATCH", 50, 0, 10000);
     c->defer_max_hours = (int)mr_config_int("STRIPE_DEFER_MAX_HOURS", 72, 1, 24 * 365);
+    c->retention_days = (int)mr_config_int("MINDROOM_RETENTION_DAYS", 30, 0, 3650);
+    char kerr[256];
+    if (mr_secrets_load_env(&c->secrets, kerr, sizeof kerr) != MR_OK) {
+        fprintf(stderr, "config: %s (instances' secrets are sealed with it: generate one with "
+                "`openssl rand -base64 32`; the same key on every host)\n", kerr);
+        exit(2);
+    }
 
     /* The lease must outlive every step its holder can be inside, and leave room to
      * record the outcome; otherwise a slow but healthy worker would lose it and a

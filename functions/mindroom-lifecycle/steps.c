@@ -87,8 +87,25 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
     }
 }
 
+/* POST /apps with the step's payload, its secrets opened for this call only. */
+static void apply(worker *w, const mr_provisioner *p, const cJSON *step, mr_provisioner_call *call)
+{
+    cJSON *payload = NULL;
+    char err[256] = "";
+    if (payload_build(w, step, &payload, err, sizeof err) != MR_OK) {
+        /* A database hiccup or a key that cannot open a secret: an operator's
+         * fix (or time) makes the same step work, so it is retried, not refused. */
+        memset(call, 0, sizeof *call);
+        snprintf(call->error, sizeof call->error, "%s", err);
+        return;
+    }
+    mr_provisioner_apply(w->http, p, payload, call);
+    payload_free(payload);
+}
+
 /* Carries out one step; fills result ({"ok", "rejected", "error", urls,
- * "config_version"}). Returns 1 when the call was aborted for a stop. */
+ * "config_version", "matrix_server_name", "retention_s", "purged"}). Returns 1
+ * when the call was aborted for a stop. */
 static int do_step(worker *w, mr_action action, const cJSON *step, const char *instance_id,
                    cJSON *result)
 {
@@ -98,25 +115,26 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     }
     const char *app = "";
     mr_json_str(step, "app", &app);
-    const cJSON *payload = cJSON_GetObjectItemCaseSensitive(step, "payload");
+    int purge = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "purge"));
     mr_provisioner p = wcfg.provisioner;
     p.abort_cb = abort_step;
     mr_provisioner_call call;
     switch (action) {
     case MR_ACTION_CREATE:
     case MR_ACTION_UPDATE:
-        mr_provisioner_apply(w->http, &p, payload, &call);
+        apply(w, &p, step, &call);
         break;
     case MR_ACTION_START:
-        mr_provisioner_app(w->http, &p, app, action, &call);
+        mr_provisioner_app(w->http, &p, app, action, 0, &call);
         /* The stopped app is gone (removed by hand, or never made): create it again
-         * under the same name, so it resumes with the same identity. */
+         * under the same name, on the same storage, so it resumes as it was. */
         if (!call.ok && call.status == 404)
-            mr_provisioner_apply(w->http, &p, payload, &call);
+            apply(w, &p, step, &call);
         break;
     case MR_ACTION_STOP:
     case MR_ACTION_DESTROY:
-        mr_provisioner_app(w->http, &p, app, action, &call);
+    case MR_ACTION_DESTROY_STORAGE:
+        mr_provisioner_app(w->http, &p, app, action, purge, &call);
         break;
     default:
         memset(&call, 0, sizeof call);
@@ -136,6 +154,14 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
             cJSON_AddStringToObject(result, "frontend_url", call.frontend_url);
         if (call.matrix_server_url[0])
             cJSON_AddStringToObject(result, "matrix_server_url", call.matrix_server_url);
+        if (call.matrix_server_name[0])
+            cJSON_AddStringToObject(result, "matrix_server_name", call.matrix_server_name);
+        if (action == MR_ACTION_DESTROY) {
+            /* The storage outlives the apps for the retention period, unless it went
+             * with them (a purge). */
+            cJSON_AddBoolToObject(result, "purged", call.purged);
+            cJSON_AddNumberToObject(result, "retention_s", (double)wcfg.retention_days * 86400.0);
+        }
     } else {
         cJSON_AddBoolToObject(result, "rejected", call.rejected);
         cJSON_AddStringToObject(result, "error", call.error);

@@ -4,6 +4,8 @@
  *            worker process's loop: periodic jobs, claim, wait for a notification
  *   steps.c  one claimed instance: carry out its steps (the provisioner, Resend),
  *            record each outcome, give the lease back when told to stop
+ *   payload.c what a create, update or start sends the provisioner: the step's
+ *            payload with the instance's secrets opened (the only place they are)
  *   jobs.c   the periodic jobs: the health round and the Stripe sweep
  *
  * The worker is not a FastCGI function: it serves no requests. It lives beside
@@ -15,6 +17,7 @@
 #include "mr_action.h"
 #include "mr_health.h"
 #include "mr_provisioner.h"
+#include "mr_secrets.h"
 
 typedef struct {
     int workers;                /* MR_LIFECYCLE_WORKERS: processes on this host */
@@ -33,6 +36,8 @@ typedef struct {
     int sweep_interval_s;       /* SWEEP_INTERVAL_S: the Stripe sweep's interval */
     int sweep_batch;            /* SWEEP_BATCH: events retried per run */
     int defer_max_hours;        /* STRIPE_DEFER_MAX_HOURS */
+    int retention_days;         /* MINDROOM_RETENTION_DAYS: a destroyed instance's storage is kept */
+    mr_secrets *secrets;        /* MINDROOM_SECRETS_KEY (+ _PREVIOUS): opens instance secrets */
 } worker_config;
 
 extern worker_config wcfg;
@@ -59,6 +64,15 @@ typedef enum { CLAIM_NONE, CLAIM_FULL, CLAIM_DONE } claim_outcome;
  * lease simply expires). */
 mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
                            char *err, size_t errlen);
+
+/* ---- payload.c ---- */
+
+/* The body of POST /apps for a claimed create/update/start step: its "payload"
+ * with the operator's environment and the homeserver's keys opened (generated and
+ * stored first if the instance has none yet). Free with payload_free, which wipes
+ * every string. */
+mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_t errlen);
+void payload_free(cJSON *payload);
 
 /* ---- jobs.c ---- */
 

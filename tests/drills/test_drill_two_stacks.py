@@ -43,13 +43,15 @@ def stacks(pg, health):
         MR_LIFECYCLE_WORKERS="2", MR_PROVISION_BACKOFF_BASE_S="1",
         HEALTH_INTERVAL_S=str(INTERVAL), HEALTH_FAILURE_THRESHOLD=str(THRESHOLD),
         HEALTH_TIMEOUT_MS="500", HEALTH_ALLOW_LOOPBACK="1",
-        # Every instance's backend is the health stand-in, keyed by its subdomain.
-        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port)
+        # Every instance's two components are the health stand-in, keyed by the
+        # subdomain (MindRoom) and the homeserver's host (its homeserver).
+        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
+        PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port)
     with mr.Stack(pg, env=env) as a:
         # The second host shares the database, the Dokku host and the secrets a
         # real deployment shares; everything else (ports, processes) is its own.
         shared = {k: a.env[k] for k in ("SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET",
-                                        "DOKKU_PROVISIONER_TOKEN")}
+                                        "DOKKU_PROVISIONER_TOKEN", "MINDROOM_SECRETS_KEY")}
         with mr.Stack(pg, env=dict(env, **shared), db=a.db) as b:
             yield a, b, dokku
 

@@ -67,7 +67,7 @@ def health_standin():
 def fresh_standins(stack, prov, resend):
     """Each test starts with nothing owed: a worker that finishes its own steps
     drains owed work, and must not pick up what an earlier test left behind."""
-    stack.sql("DELETE FROM public.instances")
+    stack.wipe_instances()
     prov.reset()
     resend.reset()
     yield

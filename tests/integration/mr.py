@@ -374,6 +374,8 @@ class Stack:
             "STRIPE_WEBHOOK_SECRET": "whsec_" + secrets.token_hex(24),
             "DOKKU_PROVISIONER_URL": self.provisioner_url,
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
+            "MINDROOM_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "PROVISIONER_STATE_DIR": str(self.run / "provisioner"),
             "MR_WORKERS": str(self._workers),
             "MR_LIFECYCLE_WORKERS": "2",
             "HEALTH_INTERVAL_S": "86400",
@@ -610,6 +612,12 @@ class Stack:
         """Runs one statement on this stack's database as the superuser, in
         autocommit; returns the rows as a list of tuples ([] without a result)."""
         return self.pg.sql(query, *params, dbname=self.db)
+
+    def wipe_instances(self):
+        """A test's clean slate: every instance row gone, and with them the teardowns
+        their deletion records (in the same transaction), so no worker goes on to
+        destroy apps an earlier test made."""
+        self.sql("DELETE FROM public.instances; DELETE FROM public.instance_teardowns")
 
     def stop_db(self):
         """Stops the whole session cluster (every stack's database)."""

@@ -1,24 +1,44 @@
 """Shared pieces of the dokku-provisioner tests: the stand-in's directory and
-what reached it."""
+what reached it, request bodies, the documented command sequences, and the
+check that every command the provisioner ran is one Dokku documents."""
 
 import base64
 import json
 import os
+import re
+import secrets
 import tempfile
 from pathlib import Path
 
 import mr
 
 STANDINS = mr.ROOT / "tests" / "standins"
+FIXTURE = mr.ROOT / "tests" / "fixtures" / "dokku_commands.json"
 IMAGE = "registry.example.com/mindroom/mindroom@sha256:" + "ab12" * 16
+# The stand-in treats an image whose repository ends in /synapse like Synapse's.
+MATRIX_IMAGE = "registry.example.com/matrixdotorg/synapse@sha256:" + "cd34" * 16
 DOMAIN = "mr.test"
+PREFIX = "mindroom-"
+MINDROOM_PORT = 8765
+MINDROOM_DIR = "/mindroom_data"
+MINDROOM_UID = 1000
+HS_UID = 991
+LABEL = "mindroom.chat/storage-gb"
+TAR = ["--", "tar", "-x", "-f", "-", "-C", "/data"]
+
+
+def names(app):
+    return {"app": app, "hs": app + "-matrix", "data": app + "-data",
+            "hs_data": app + "-matrix-data", "net": app + "-net"}
 
 
 class Dokku:
-    """The stand-in dokku's directory: calls made, app state, and switches."""
+    """The stand-in dokku's directory: calls made, app, storage and network
+    state, the apps' containers, and switches."""
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="mr-dokku-"))
+        self.state = self.dir / "state"
         self._seen = 0
 
     def env(self, **extra):
@@ -26,15 +46,20 @@ class Dokku:
             "DOKKU_MODE": "local",
             "DOKKU_BIN": str(STANDINS / "dokku"),
             "DOKKU_STANDIN_DIR": str(self.dir),
+            # Children get an allow-listed environment: the stand-in needs its directory.
+            "PROVISIONER_CHILD_ENV": "DOKKU_STANDIN_DIR",
             "MINDROOM_IMAGE": IMAGE,
+            "MATRIX_IMAGE": MATRIX_IMAGE,
             "MINDROOM_BASE_DOMAIN": DOMAIN,
-            "PROVISIONER_STATE_DIR": str(self.dir / "state"),
+            "PROVISIONER_STATE_DIR": str(self.state),
             "DOKKU_COMMAND_TIMEOUT_MS": "30000",
             "DOKKU_DEPLOY_TIMEOUT_MS": "30000",
             "DOKKU_LOCK_BACKOFF_MS": "20",
         }
         env.update({k: str(v) for k, v in extra.items()})
         return env
+
+    # ---- calls ----
 
     def records(self):
         """Every call's full record: argv, pid, time, fds, env (names)."""
@@ -57,7 +82,7 @@ class Dokku:
         return calls
 
     def tell(self, kind, sub, **spec):
-        """kind: fail, lock or stall; spec: times, status, seconds."""
+        """kind: fail, lock or stall; spec: times, status, seconds, skip."""
         (self.dir / ("%s-%s.json" % (kind, sub))).write_text(json.dumps(spec))
 
     def untell(self, kind, sub):
@@ -66,17 +91,190 @@ class Dokku:
         except FileNotFoundError:
             pass
 
+    # ---- apps ----
+
     def app(self, app, name, default=None):
         try:
             return (self.dir / "apps" / app / name).read_text()
         except FileNotFoundError:
             return default
 
+    def app_json(self, app, name, default=None):
+        text = self.app(app, name)
+        return json.loads(text) if text is not None else default
+
     def config(self, app):
-        return json.loads(self.app(app, "config.json", "{}"))
+        return self.app_json(app, "config.json", {})
 
     def exists(self, app):
         return (self.dir / "apps" / app).is_dir()
+
+    def mounts(self, app):
+        return self.app_json(app, "mounts.json", [])
+
+    # ---- storage and networks ----
+
+    def entry(self, name):
+        try:
+            return json.loads((self.dir / "storage" / (name + ".json")).read_text())
+        except FileNotFoundError:
+            return None
+
+    def host_dir(self, name):
+        return self.dir / "storage-data" / name
+
+    def network(self, name):
+        return (self.dir / "networks" / name).exists()
+
+    # ---- containers: what an app's running container sees ----
+
+    def _host_path(self, app, cpath):
+        box = self.app_json(app, "container.json")
+        assert box is not None, "%s has no container" % app
+        for m in sorted(box["mounts"], key=lambda m: -len(m["container_dir"])):
+            d = m["container_dir"].rstrip("/")
+            if cpath == d or cpath.startswith(d + "/"):
+                return self.host_dir(m["entry"]) / cpath[len(d):].lstrip("/")
+        return self.dir / "apps" / app / "container" / cpath.lstrip("/")
+
+    def container_write(self, app, cpath, text):
+        """Writes a file as the app's process would, inside its container."""
+        p = self._host_path(app, cpath)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+    def container_read(self, app, cpath):
+        try:
+            return self._host_path(app, cpath).read_text()
+        except FileNotFoundError:
+            return None
+
+    def reaches(self, app, alias):
+        """True when app's container can resolve alias ("<other-app>.web"): both
+        containers running on a common network."""
+        other = alias.split(".")[0]
+        a, b = self.app_json(app, "container.json"), self.app_json(other, "container.json")
+        if not a or not b or self.app(other, "running") != "true":
+            return False
+        return bool(set(a["networks"]) & set(b["networks"]))
+
+    # ---- the provisioner's own state ----
+
+    def spec_stored(self, app):
+        return (self.state / "apps" / (app + ".spec")).exists()
+
+    def observed(self, app):
+        """What a create/update will find for the instance of app, per component."""
+        out = {}
+        n = names(app)
+        for key, a, e, image in (("hs", n["hs"], n["hs_data"], MATRIX_IMAGE),
+                                 ("mr", n["app"], n["data"], IMAGE)):
+            out[key] = {"app": self.exists(a), "entry": self.entry(e) is not None,
+                        "deployed": self.app(a, "image") == image,
+                        "running": self.app(a, "running") == "true",
+                        "le": bool(self.app(a, "letsencrypt")),
+                        "spec_ok": self.spec_stored(a)}
+        out["net"] = self.network(n["net"])
+        return out
+
+    # ---- Dokku's documentation ----
+
+    def assert_documented(self):
+        """Every command that reached the stand-in is one Dokku documents, with
+        documented flags only (tests/fixtures/dokku_commands.json)."""
+        for argv in self.all_calls():
+            problem = undocumented(argv)
+            assert problem is None, "%s: %s" % (argv, problem)
+
+
+_FIXTURE = None
+
+
+def fixture():
+    global _FIXTURE
+    if _FIXTURE is None:
+        _FIXTURE = json.loads(FIXTURE.read_text())
+    return _FIXTURE
+
+
+def undocumented(argv):
+    """None when argv matches a documented synopsis, else what is wrong with it."""
+    fx = fixture()
+    i, used_globals = 0, []
+    while i < len(argv) and argv[i].startswith("--"):
+        if argv[i] != "--":      # ssh mode passes a bare "--" that Dokku drops
+            if argv[i] not in fx["global_flags"]:
+                return "undocumented global flag %s" % argv[i]
+            used_globals.append(argv[i])
+        i += 1
+    if i >= len(argv):
+        return "no subcommand"
+    sub, args = argv[i], argv[i + 1:]
+    spec = fx["commands"].get(sub)
+    if spec is None:
+        return "subcommand %s is not in the fixture" % sub
+    for g in used_globals:
+        if g not in spec.get("global_flags", []):
+            return "global flag %s is not documented with %s" % (g, sub)
+    if spec.get("command_after") and spec["command_after"] in args:
+        args = args[:args.index(spec["command_after"])]
+    pos, k = [], 0
+    while k < len(args):
+        a = args[k]
+        if a.startswith("--"):
+            kind = spec["flags"].get(a)
+            if kind is None:
+                return "flag %s is not documented for %s" % (a, sub)
+            k += 2 if kind == "value" else 1
+            continue
+        pos.append(a)
+        k += 1
+    lo, hi = spec["positional"]
+    if len(pos) < lo or (hi is not None and len(pos) > hi):
+        return "%d positional arguments; %s takes %s..%s" % (len(pos), sub, lo, hi)
+    for where, pattern in spec.get("pattern", {}).items():
+        idx = range(int(where[:-1]), len(pos)) if where.endswith("+") else [int(where)]
+        for j in idx:
+            if j < len(pos) and not re.match(pattern, pos[j]):
+                return "argument %r does not match %s" % (pos[j], pattern)
+    return None
+
+
+# ---- requests ----------------------------------------------------------------
+
+def b64(data):
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def hs_secrets():
+    """A homeserver block's secrets, as the control plane generates them."""
+    return {
+        "signing_key": "ed25519 a_Test %s" % b64(secrets.token_bytes(32)),
+        "registration_shared_secret": secrets.token_urlsafe(32),
+        "macaroon_secret_key": secrets.token_urlsafe(32),
+        "form_secret": secrets.token_urlsafe(32),
+    }
+
+
+def matrix_host(sub):
+    return "%s-matrix.%s" % (sub, DOMAIN)
+
+
+def body(app, subdomain=None, memory_mb=512, cpu=0.5, env=None, storage_gb=5, hs=True,
+         hs_memory_mb=256, hs_cpu=0.25, hs_storage_gb=3, secrets_=None):
+    sub = ("s" + app[len(PREFIX):]) if subdomain is None else subdomain
+    b = {"app": app, "subdomain": sub, "memory_mb": memory_mb, "cpu": cpu,
+         "env": {"MINDROOM_TIER": "starter"} if env is None else env}
+    if storage_gb is not None:
+        b["storage_gb"] = storage_gb
+    if hs:
+        h = {"memory_mb": hs_memory_mb, "cpu": hs_cpu,
+             "server_name": matrix_host(sub) if isinstance(sub, str) else "x.mr.test"}
+        if hs_storage_gb is not None:
+            h["storage_gb"] = hs_storage_gb
+        h.update(secrets_ or hs_secrets())
+        b["homeserver"] = h
+    return b
 
 
 def decode_config_args(argv):
@@ -89,24 +287,93 @@ def decode_config_args(argv):
     return out
 
 
-def body(app, subdomain=None, memory_mb=512, cpu=0.5, env=None):
-    return {"app": app, "subdomain": ("s" + app) if subdomain is None else subdomain,
-            "memory_mb": memory_mb,
-            "cpu": cpu, "env": {"MINDROOM_TIER": "starter"} if env is None else env}
+# ---- the documented sequences (docs/provisioner.md) ----------------------------
+
+FRESH = {"app": False, "entry": False, "deployed": False, "running": False, "le": False,
+         "spec_ok": False}
+DONE = {"app": True, "entry": True, "deployed": True, "running": True, "le": True,
+        "spec_ok": True}
 
 
-def create_sequence(app, subdomain, mem="512m", cpu="0.5", env_argv=True, tls=False):
-    """The commands a create of a missing app runs, config:set left as None
-    (its arguments are base64 and checked separately)."""
-    seq = [["apps:exists", app], ["apps:create", app],
-           ["resource:limit", "--memory", mem, "--cpu", cpu, app]]
-    if env_argv:
+def app_sequence(app, entry, cdir, uid, mem, cpu, gb, network, port, domain, image, tls,
+                 config, files, st):
+    seq = [["apps:exists", app]]
+    if not st["app"]:
+        seq.append(["apps:create", app])
+    seq.append(["storage:info", entry])
+    if not st["entry"]:
+        seq.append(["storage:create", entry, "--chown", str(uid), "--mode", "0700"])
+    seq.append(["storage:mount", app, entry, "--container-dir", cdir])
+    if gb is not None:
+        seq.append(["storage:labels:set", entry, LABEL, str(gb)])
+    seq.append(["resource:limit", "--memory", mem, "--cpu", cpu, app])
+    if network:
+        seq.append(["network:set", app, "attach-post-create", network])
+    seq.append(["ports:set", app, "http:80:%d" % port] +
+               (["https:443:%d" % port] if tls != "off" else []))
+    if config:
         seq.append(None)
-    seq += [["domains:set", app, "%s.%s" % (subdomain, DOMAIN)],
-            ["git:from-image", app, IMAGE]]
-    if tls:
-        seq += [["letsencrypt:active", app], ["letsencrypt:enable", app]]
+    seq.append(["domains:set", app, domain])
+    if tls == "wildcard":
+        seq.append(["certs:add", app])
+    if files:
+        seq.append(["storage:exec", entry] + TAR)
+    seq.append(["git:from-image", app, image])
+    if st["deployed"]:
+        if not st["spec_ok"]:
+            seq.append(["ps:restart", app])
+        else:
+            seq.append(["ps:report", app, "--running"])
+            if not st["running"]:
+                seq.append(["ps:start", app])
+    if tls == "letsencrypt":
+        seq.append(["letsencrypt:active", app])
+        if not st["le"]:
+            seq.append(["letsencrypt:enable", app])
     return seq
+
+
+def create_sequence(app, subdomain=None, mem="512m", cpu="0.5", gb=5, hs=True, hs_mem="256m",
+                    hs_cpu="0.25", hs_gb=3, tls="off", state=None):
+    """The commands a create/update runs, config:set left as None (its
+    arguments are base64 and checked separately). state: observed() of the
+    instance before the request (default: nothing exists)."""
+    sub = ("s" + app[len(PREFIX):]) if subdomain is None else subdomain
+    n = names(app)
+    st = state or {"hs": FRESH, "mr": FRESH, "net": False}
+    seq = []
+    if hs:
+        seq.append(["network:exists", n["net"]])
+        if not st["net"]:
+            seq.append(["network:create", n["net"]])
+        seq += app_sequence(n["hs"], n["hs_data"], "/data", HS_UID, hs_mem, hs_cpu, hs_gb,
+                            n["net"], 8008, matrix_host(sub), MATRIX_IMAGE, tls, False, True,
+                            st["hs"])
+    seq += app_sequence(app, n["data"], MINDROOM_DIR, MINDROOM_UID, mem, cpu, gb,
+                        n["net"] if hs else None, MINDROOM_PORT, "%s.%s" % (sub, DOMAIN), IMAGE,
+                        tls, True, False, st["mr"])
+    return seq
+
+
+def destroy_sequence(app, state, purge=False):
+    """The commands DELETE /apps/{app}[?purge=true] runs from state (observed())."""
+    n = names(app)
+    seq = [["apps:exists", n["app"]], ["apps:exists", n["hs"]]]
+    for key, a in (("mr", n["app"]), ("hs", n["hs"])):
+        if state[key]["app"]:
+            seq.append(["--force", "apps:destroy", a])
+    seq.append(["network:exists", n["net"]])
+    if state["net"]:
+        seq.append(["--force", "network:destroy", n["net"]])
+    for key, e in (("mr", n["data"]), ("hs", n["hs_data"])):
+        seq.append(["storage:info", e])
+        if purge and state[key]["entry"]:
+            seq.append(["storage:destroy", e, "--force", "--destroy-host-dir"])
+    return seq
+
+
+def subcommand(argv):
+    return "config:set" if argv is None else [a for a in argv if not a.startswith("--")][0]
 
 
 def match(calls, expected):

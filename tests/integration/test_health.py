@@ -45,12 +45,12 @@ def clean(request):
             s = request.getfixturevalue(name)
             stacks.append(s[0] if isinstance(s, tuple) else s)
     for s in stacks:
-        s.sql("DELETE FROM public.instances")
+        s.wipe_instances()
     if "prov" in request.fixturenames:
         request.getfixturevalue("prov").reset()
     yield
     for s in stacks:
-        s.sql("DELETE FROM public.instances")
+        s.wipe_instances()
 
 
 def make_account(s, email=None):
@@ -331,7 +331,7 @@ def strict_stack(pg):
 
 def test_outside_base_domain_not_probed(strict_stack, health_standin):
     s = strict_stack
-    s.sql("DELETE FROM public.instances")
+    s.wipe_instances()
     acct = make_account(s)
     literal = make_instance(s, acct, health_standin.url("ssrf-literal", "ok"))
     rebinding = make_instance(s, acct, "http://m1.localhost:%d/i/ssrf-name" % health_standin.port)

@@ -22,10 +22,10 @@ def dokku():
 @pytest.fixture(scope="module")
 def stack(pg, dokku, resend):
     env = dict(FAST_ENV)
-    # Real deploys through the stand-in take a few hundred ms; keep the deadline
-    # comfortable but the lease above it, as the start-up check demands.
-    env.update(MR_PROVISION_TIMEOUT_MS="20000", MR_LIFECYCLE_LEASE_S="40",
-               MR_PROVISION_WAIT_MS="30000",
+    # Real deploys of two apps through the stand-in take seconds (more on a loaded
+    # machine); keep the deadline comfortable and the lease above it, as start-up demands.
+    env.update(MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+               MR_PROVISION_WAIT_MS="45000",
                RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token)
     env.update(dokku.env())
     # DOKKU_PROVISIONER_URL and DOKKU_PROVISIONER_TOKEN: the stack's own listener and
@@ -45,7 +45,7 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     t0 = time.monotonic()
     r = provision(stack, sid)
     assert r.status == 202, r
-    inst = wait_status(stack, sid, "running", timeout=10)
+    inst = wait_status(stack, sid, "running", timeout=45)  # two apps, ~30 stand-in dokku calls
     elapsed = time.monotonic() - t0
     app, sub = inst["dokku_app_name"], inst["subdomain"]
 
@@ -53,7 +53,7 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     cmds = commands(calls, app)
     for c in ("apps:create", "resource:limit", "config:set", "domains:set", "git:from-image"):
         assert cmds.count(c) == 1, (c, calls)
-    limit = next(c for c in calls if c[0] == "resource:limit")
+    limit = next(c for c in calls if c[0] == "resource:limit" and c[-1] == app)
     assert limit[limit.index("--memory") + 1] == "%dm" % LIMITS["starter"][0]
     assert float(limit[limit.index("--cpu") + 1]) == LIMITS["starter"][1]
     env = decode_config_args(next(c for c in calls if c[0] == "config:set"))
@@ -81,7 +81,7 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     assert r.status == 200 and r.json["instance"]["status"] == "running", r
     calls = dokku.new_calls()
     assert "apps:create" not in commands(calls, app)
-    limit = next(c for c in calls if c[0] == "resource:limit")
+    limit = next(c for c in calls if c[0] == "resource:limit" and c[-1] == app)
     assert limit[limit.index("--memory") + 1] == "%dm" % LIMITS["professional"][0]
     assert float(limit[limit.index("--cpu") + 1]) == LIMITS["professional"][1]
 

@@ -32,7 +32,9 @@ def stack(pg, prov, resend):
     env = dict(FAST_ENV, DOKKU_PROVISIONER_URL=prov.url, DOKKU_PROVISIONER_TOKEN=prov.token,
                RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
                MINDROOM_BASE_DOMAIN="mindroom.test", HEALTH_ALLOW_LOOPBACK="1",
-               HEALTH_TIMEOUT_MS="1000")
+               HEALTH_TIMEOUT_MS="1000",
+               # A deploy may take a few seconds here (--wait's progress is watched).
+               MR_PROVISION_TIMEOUT_MS="6000", MR_LIFECYCLE_LEASE_S="12")
     funcs = ["handle-stripe-webhook", "provision-instance", "deprovision-instance",
              "check-instance-health", WORKER]
     with mr.Stack(pg, env=env, functions=funcs) as s:
@@ -214,7 +216,9 @@ def test_wait_shows_the_state_changes_as_they_happen(stack, prov, envfile):
     # A deploy that takes a while: the operator sees the instance being worked on,
     # then running, instead of a silent wait.
     sid = new_subscription(stack, "starter")
-    prov.next(("slow", 1.2))
+    # Long enough for a few of mindroomctl's polls (one a second) on a loaded machine,
+    # after the worker's own steps before the deploy (the homeserver's keys).
+    prov.next(("slow", 3.0))
     p = ctl("--env", envfile, "provision", sid, "--wait", timeout=60)
     out = json.loads(ok(p))
     assert out["instance"]["status"] == "running", out
@@ -236,7 +240,9 @@ def test_wait_shows_the_state_changes_as_they_happen(stack, prov, envfile):
 def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, envfile, tmp_path):
     _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
     key = "ctl" + uuid.uuid4().hex[:8]
-    stack.sql("UPDATE public.instances SET backend_url = %s WHERE id = %s", health_standin.url(key), inst["id"])
+    # Both components answer from the health stand-in; MindRoom's is the one failing.
+    stack.sql("UPDATE public.instances SET backend_url = %s, matrix_server_url = %s WHERE id = %s",
+              health_standin.url(key), health_standin.url(key + "-hs", "ok"), inst["id"])
     health_standin.set_mode(key, "500")
     out = json.loads(ok(ctl("--env", envfile, "health", inst["id"])))
     assert health_standin.hits(key) == 1

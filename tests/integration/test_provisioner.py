@@ -1,25 +1,35 @@
 """dokku-provisioner through real nginx (the provisioner listener) against the
-stand-in dokku: the exact commands that reach Dokku, and nothing on bad input."""
+stand-in dokku (local mode, per-app and per-storage state in files): the exact
+commands that reach Dokku, what the instance's apps and storage hold after
+them, and nothing on bad input."""
 
 import base64
+import stat
 import threading
 
 import pytest
 
 import mr
-from provisioner_helpers import (DOMAIN, IMAGE, Dokku, body, create_sequence,
-                                 decode_config_args, match)
+from provisioner_helpers import (DOMAIN, DONE, HS_UID, IMAGE, LABEL, MATRIX_IMAGE, MINDROOM_DIR,
+                                 MINDROOM_UID, TAR, Dokku, body, create_sequence,
+                                 decode_config_args, destroy_sequence, hs_secrets, match,
+                                 matrix_host, names, subcommand)
 
 
 @pytest.fixture(scope="module")
 def dokku():
-    return Dokku()
+    d = Dokku()
+    yield d
+    d.assert_documented()
 
 
 @pytest.fixture(scope="module")
 def stack(pg, dokku):
-    env = dokku.env(DOKKU_TLS="on", DOKKU_LOCK_RETRIES="3", PROVISIONER_MAX_CPU="4",
-                    PROVISIONER_MAX_MEMORY_MB="8192")
+    env = dokku.env(DOKKU_TLS="letsencrypt", DOKKU_LOCK_RETRIES="3", PROVISIONER_MAX_CPU="4",
+                    PROVISIONER_MAX_MEMORY_MB="8192", PROVISIONER_MAX_STORAGE_GB="100",
+                    # A secret-shaped variable a deny-list would let through.
+                    SENTRY_DSN="https://public@sentry.example.com/1",
+                    MINDROOM_SECRETS_KEY=base64.b64encode(b"k" * 32).decode())
     with mr.Stack(pg, env=env, functions=["dokku-provisioner"]) as s:
         yield s
 
@@ -28,86 +38,188 @@ def post(stack, payload, **kw):
     return stack.call_provisioner("POST", "/apps", json=payload, **kw)
 
 
-# ---- create / update -------------------------------------------------------
+def call(stack, method, path):
+    return stack.call_provisioner(method, path)
+
+
+# ---- create ------------------------------------------------------------------
 
 def test_create_runs_the_exact_sequence(stack, dokku):
     dokku.mark()
     env = {"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-test-123"}
-    r = post(stack, body("mr-create", "screate", 512, 0.5, env))
+    sec = hs_secrets()
+    r = post(stack, body("mindroom-create", "screate", 512, 0.5, env, secrets_=sec))
     assert r.status == 201, r
     assert r.json == {
-        "app": "mr-create", "state": "running",
+        "app": "mindroom-create", "state": "running",
+        "apps": {"mindroom": "running", "homeserver": "running"},
+        "storage": {"mindroom": "present", "homeserver": "present"},
         "backend_url": "https://screate.%s/api" % DOMAIN,
         "frontend_url": "https://screate.%s" % DOMAIN,
-        "matrix_server_url": "https://screate.%s" % DOMAIN,
+        "matrix_server_url": "https://screate-matrix.%s" % DOMAIN,
+        "matrix_server_name": "screate-matrix.%s" % DOMAIN,
         "created": True, "deployed": True, "restarted": False, "dry_run": False}
     calls = dokku.new_calls()
-    match(calls, create_sequence("mr-create", "screate", tls=True))
-    cfg = [c for c in calls if c[0] == "config:set"][0]
-    assert cfg[3] == "mr-create"
-    # Keys sorted, values base64: exactly the env that was asked for.
-    assert [p.split("=")[0] for p in cfg[4:]] == ["MINDROOM_TIER", "OPENAI_API_KEY"]
-    assert decode_config_args(cfg) == env
-    # And Dokku (the stand-in) holds it.
-    assert dokku.config("mr-create") == env
-    assert dokku.app("mr-create", "image") == IMAGE
-    assert dokku.app("mr-create", "domains") == "screate." + DOMAIN
-    assert dokku.app("mr-create", "letsencrypt") == "on"
+    match(calls, create_sequence("mindroom-create", "screate", tls="letsencrypt"))
 
+    # MindRoom's environment: the request's, plus its storage path and how to
+    # reach its homeserver over the private network (not the public domain).
+    cfg = [c for c in calls if c[0] == "config:set"][0]
+    assert cfg[3] == "mindroom-create"
+    want = dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR,
+                MATRIX_HOMESERVER="http://mindroom-create-matrix.web:8008",
+                MATRIX_SERVER_NAME="screate-matrix." + DOMAIN,
+                MATRIX_REGISTRATION_SHARED_SECRET=sec["registration_shared_secret"])
+    assert [p.split("=")[0] for p in cfg[4:]] == sorted(want)
+    assert decode_config_args(cfg) == want
+    assert dokku.config("mindroom-create") == want
+    assert dokku.config("mindroom-create-matrix") == {}
+    assert dokku.reaches("mindroom-create", "mindroom-create-matrix.web")
+
+    # Both apps: image, domain, limits, ports, certificate.
+    for app, image, domain, mem, cpu, port in (
+            ("mindroom-create", IMAGE, "screate." + DOMAIN, "512m", "0.5", 8765),
+            ("mindroom-create-matrix", MATRIX_IMAGE, "screate-matrix." + DOMAIN, "256m", "0.25",
+             8008)):
+        assert dokku.app(app, "image") == image
+        assert dokku.app(app, "domains") == domain
+        assert dokku.app_json(app, "resource.json") == {"memory": mem, "cpu": cpu}
+        assert dokku.app(app, "ports") == "http:80:%d https:443:%d" % (port, port)
+        assert dokku.app(app, "letsencrypt") == "on"
+        assert dokku.app_json(app, "network.json") == {
+            "attach-post-create": ["mindroom-create-net"]}
+
+
+def test_storage_is_created_and_mounted_before_the_first_deploy(stack, dokku):
+    dokku.mark()
+    assert post(stack, body("mindroom-mounts")).status == 201
+    calls = dokku.new_calls()
+    n = names("mindroom-mounts")
+    for app, entry, cdir in ((n["hs"], n["hs_data"], "/data"),
+                             (n["app"], n["data"], MINDROOM_DIR)):
+        deploy = calls.index(["git:from-image", app, MATRIX_IMAGE if app == n["hs"] else IMAGE])
+        create = next(i for i, c in enumerate(calls) if c[:2] == ["storage:create", entry])
+        mount = calls.index(["storage:mount", app, entry, "--container-dir", cdir])
+        assert create < mount < deploy
+        # The deploy's container was created with the mount.
+        assert dokku.app_json(app, "container.json")["mounts"] == [
+            {"entry": entry, "container_dir": cdir}]
+    # Entries belong to the user each image runs as, 0700, sizes recorded.
+    for entry, uid, gb in ((n["data"], MINDROOM_UID, "5"), (n["hs_data"], HS_UID, "3")):
+        e = dokku.entry(entry)
+        assert e["chown"] == str(uid) and e["mode"] == "0700"
+        assert e["labels"] == {LABEL: gb}
+        st = dokku.host_dir(entry).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == uid
+
+
+def test_the_homeserver_is_configured_before_its_first_deploy(stack, dokku):
+    sec = hs_secrets()
+    dokku.mark()
+    assert post(stack, body("mindroom-hsconf", "shsconf", secrets_=sec)).status == 201
+    calls = dokku.new_calls()
+    n = names("mindroom-hsconf")
+    write = calls.index(["storage:exec", n["hs_data"]] + TAR)
+    assert write < calls.index(["git:from-image", n["hs"], MATRIX_IMAGE])
+    d = dokku.host_dir(n["hs_data"])
+    files = {p.name: p for p in d.iterdir()}
+    assert sorted(files) == ["form_secret", "homeserver.yaml", "macaroon_secret_key",
+                             "registration_shared_secret", "signing.key"]
+    yaml = files["homeserver.yaml"].read_text()
+    host = matrix_host("shsconf")
+    for line in ('server_name: "%s"' % host, 'public_baseurl: "https://%s/"' % host,
+                 "  - port: 8008", "    x_forwarded: true", "  name: sqlite3",
+                 "    database: /data/homeserver.db", "signing_key_path: /data/signing.key",
+                 "registration_shared_secret_path: /data/registration_shared_secret",
+                 "macaroon_secret_key_path: /data/macaroon_secret_key",
+                 "form_secret_path: /data/form_secret", "enable_registration: false",
+                 "report_stats: false"):
+        assert line + "\n" in yaml, line
+    # No secret in the configuration file; each in its own file, 0600, owned by Synapse's user.
+    for key in ("registration_shared_secret", "macaroon_secret_key", "form_secret"):
+        assert sec[key] not in yaml
+        assert files[key].read_text() == sec[key]
+    assert sec["signing_key"].split()[2] not in yaml
+    assert files["signing.key"].read_text() == sec["signing_key"] + "\n"
+    for name, p in files.items():
+        st = p.stat()
+        assert st.st_uid == HS_UID, name
+        assert stat.S_IMODE(st.st_mode) == (0o644 if name == "homeserver.yaml" else 0o600), name
+    # Synapse's container (the stand-in plays it) found its configuration and runs.
+    assert dokku.app(n["hs"], "running") == "true"
+    # No secret on any command line, and none in the provisioner's log.
+    log = stack.log("dokku-provisioner")
+    for c in calls:
+        for a in c:
+            for v in sec.values():
+                assert v.split()[-1] not in a
+    for v in sec.values():
+        assert v.split()[-1] not in log
+    assert "registration_shared_secret" not in log
+
+
+def test_without_a_homeserver_only_mindroom_is_deployed(stack, dokku):
+    dokku.mark()
+    r = post(stack, body("mindroom-solo", "ssolo", hs=False, storage_gb=None))
+    assert r.status == 201, r
+    assert r.json["apps"] == {"mindroom": "running", "homeserver": "missing"}
+    assert r.json["storage"] == {"mindroom": "present"}
+    match(dokku.new_calls(), create_sequence("mindroom-solo", "ssolo", hs=False, gb=None,
+                                             tls="letsencrypt"))
+    assert dokku.config("mindroom-solo") == {"MINDROOM_TIER": "starter",
+                                             "MINDROOM_STORAGE_PATH": MINDROOM_DIR}
+    assert not dokku.exists("mindroom-solo-matrix")
+
+
+# ---- update, repeat ----------------------------------------------------------------
 
 def test_create_twice_creates_once_and_does_not_restart(stack, dokku):
-    payload = body("mr-twice", "stwice")
+    payload = body("mindroom-twice", "stwice")
     assert post(stack, payload).status == 201
     dokku.mark()
     r = post(stack, payload)
     assert r.status == 200, r
     assert r.json["created"] is False and r.json["deployed"] is False
     assert r.json["restarted"] is False and r.json["state"] == "running"
-    match(dokku.new_calls(), [
-        ["apps:exists", "mr-twice"],
-        ["resource:limit", "--memory", "512m", "--cpu", "0.5", "mr-twice"],
-        None,
-        ["domains:set", "mr-twice", "stwice." + DOMAIN],
-        ["git:from-image", "mr-twice", IMAGE],          # "No changes detected"
-        ["ps:report", "mr-twice", "--running"],
-        ["letsencrypt:active", "mr-twice"],             # already on: no enable
-    ])
-    creates = [c for c in dokku.all_calls() if c == ["apps:create", "mr-twice"]]
-    assert len(creates) == 1
+    match(dokku.new_calls(), create_sequence("mindroom-twice", "stwice", tls="letsencrypt",
+                                             state={"hs": DONE, "mr": DONE, "net": True}))
+    creates = [c for c in dokku.all_calls() if c[0] in ("apps:create", "storage:create",
+                                                        "network:create")
+               and "mindroom-twice" in c[1]]
+    assert len(creates) == 5
 
 
 def test_update_with_new_limits_restarts_to_apply_them(stack, dokku):
-    assert post(stack, body("mr-update", "supdate", 512, 0.5)).status == 201
+    assert post(stack, body("mindroom-update", "supdate", 512, 0.5)).status == 201
     dokku.mark()
-    r = post(stack, body("mr-update", "supdate", 2048, 1.25,
-                         env={"MINDROOM_TIER": "professional"}))
+    r = post(stack, body("mindroom-update", "supdate", 2048, 1.25, storage_gb=20,
+                         env={"MINDROOM_TIER": "professional"}, hs_memory_mb=1024, hs_cpu=0.75,
+                         hs_storage_gb=10))
     assert r.status == 200, r
     assert r.json["restarted"] is True and r.json["created"] is False
-    match(dokku.new_calls(), [
-        ["apps:exists", "mr-update"],
-        ["resource:limit", "--memory", "2048m", "--cpu", "1.25", "mr-update"],
-        None,
-        ["domains:set", "mr-update", "supdate." + DOMAIN],
-        ["git:from-image", "mr-update", IMAGE],
-        ["ps:restart", "mr-update"],
-        ["letsencrypt:active", "mr-update"],
-    ])
-    assert dokku.config("mr-update") == {"MINDROOM_TIER": "professional"}
-    assert '"memory": "2048m"' in dokku.app("mr-update", "resource.json")
+    changed = dict(DONE, spec_ok=False)
+    match(dokku.new_calls(), create_sequence(
+        "mindroom-update", "supdate", mem="2048m", cpu="1.25", gb=20, hs_mem="1024m",
+        hs_cpu="0.75", hs_gb=10, tls="letsencrypt",
+        state={"hs": changed, "mr": changed, "net": True}))
+    assert dokku.config("mindroom-update")["MINDROOM_TIER"] == "professional"
+    assert dokku.app_json("mindroom-update", "resource.json")["memory"] == "2048m"
+    assert dokku.app_json("mindroom-update-matrix", "resource.json")["cpu"] == "0.75"
+    assert dokku.entry("mindroom-update-data")["labels"] == {LABEL: "20"}
 
 
 def test_a_stopped_app_is_started_again_by_create(stack, dokku):
-    payload = body("mr-restart", "srestart")
+    payload = body("mindroom-restart", "srestart")
     assert post(stack, payload).status == 201
-    assert stack.call_provisioner("POST", "/apps/mr-restart/stop").status == 200
+    assert call(stack, "POST", "/apps/mindroom-restart/stop").status == 200
     dokku.mark()
     r = post(stack, payload)
     assert r.status == 200 and r.json["state"] == "running", r
-    calls = dokku.new_calls()
-    assert calls[-3:] == [["ps:report", "mr-restart", "--running"],
-                          ["ps:start", "mr-restart"],
-                          ["letsencrypt:active", "mr-restart"]]
-    assert dokku.app("mr-restart", "running") == "true"
+    stopped = dict(DONE, running=False)
+    match(dokku.new_calls(), create_sequence("mindroom-restart", "srestart", tls="letsencrypt",
+                                             state={"hs": stopped, "mr": stopped, "net": True}))
+    assert dokku.app("mindroom-restart", "running") == "true"
+    assert dokku.app("mindroom-restart-matrix", "running") == "true"
 
 
 def test_values_with_newlines_and_shell_are_passed_encoded(stack, dokku):
@@ -121,11 +233,11 @@ def test_values_with_newlines_and_shell_are_passed_encoded(stack, dokku):
         "SECRETISH": "supersecret-value-zz9",
     }
     dokku.mark()
-    r = post(stack, body("mr-values", "svalues", env=env))
+    r = post(stack, body("mindroom-values", "svalues", env=env, hs=False))
     assert r.status == 201, r
     calls = dokku.new_calls()
     cfg = [c for c in calls if c[0] == "config:set"][0]
-    assert decode_config_args(cfg) == env
+    assert decode_config_args(cfg) == dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR)
     # No value appears in clear anywhere on any command line ...
     for c in calls:
         for a in c:
@@ -133,80 +245,95 @@ def test_values_with_newlines_and_shell_are_passed_encoded(stack, dokku):
     # ... nor in the provisioner's log (Dokku's config:set output echoes values).
     log = stack.log("dokku-provisioner")
     assert "supersecret-value-zz9" not in log
-    assert "config:set --no-restart --encoded mr-values" in log
+    assert "config:set --no-restart --encoded mindroom-values" in log
     assert "SECRETISH=..." in log
-    assert dokku.config("mr-values") == env
 
 
-def test_recovery_after_a_failure_following_apps_create(stack, dokku):
-    dokku.tell("fail", "config:set", times=1, status=3)
+# ---- resume after a failure at every step -------------------------------------------
+
+def fail_at(dokku, expected, idx, status):
+    """Tells the stand-in to fail expected[idx] (and no earlier call of its subcommand)."""
+    sub = subcommand(expected[idx])
+    dokku.tell("fail", sub, times=1, status=status,
+               skip=sum(1 for c in expected[:idx] if subcommand(c) == sub))
+    return sub
+
+
+def test_a_failure_at_every_step_is_resumed_by_the_same_request(stack, dokku):
+    """The create sequence fails at its first step; the same request again runs
+    the sequence the documented rules give for what now exists (nothing created
+    twice, storage never recreated or unmounted) and fails at the next step;
+    and so on through the last step, after which it completes."""
+    app, sub_ = "mindroom-resume", "sresume"
+    n = names(app)
+    payload = body(app, sub_, env={"TOKEN_LIKE": "do-not-echo-42"})
+    full = create_sequence(app, sub_, tls="letsencrypt")
+    for step, target in enumerate(full):
+        state = dokku.observed(app)
+        expected = create_sequence(app, sub_, tls="letsencrypt", state=state)
+        idx = expected.index(target)
+        failing = fail_at(dokku, expected, idx, 3)
+        dokku.mark()
+        try:
+            r = post(stack, payload)
+        finally:
+            dokku.untell("fail", failing)
+        assert r.status == 502, (step, target, r)
+        assert r.json == {"error": {"code": "dokku_failed", "message": "%s exited 3" % failing}}
+        assert "do-not-echo-42" not in r.text
+        match(dokku.new_calls(), expected[:idx + 1])
+
+    state = dokku.observed(app)
     dokku.mark()
-    r = post(stack, body("mr-resume", "sresume", env={"TOKEN_LIKE": "do-not-echo-42"}))
-    assert r.status == 502, r
-    assert r.json == {"error": {"code": "dokku_failed", "message": "config:set exited 3"}}
-    assert "do-not-echo-42" not in r.text
-    calls = dokku.new_calls()
-    assert [c[0] for c in calls] == ["apps:exists", "apps:create", "resource:limit",
-                                     "config:set"]
-    assert dokku.exists("mr-resume") and dokku.app("mr-resume", "image") is None
-
-    # The same request again completes the half-created app: no second apps:create.
-    r = post(stack, body("mr-resume", "sresume", env={"TOKEN_LIKE": "do-not-echo-42"}))
-    assert r.status == 200, r
-    assert r.json["created"] is False and r.json["deployed"] is True
-    match(dokku.new_calls(), [
-        ["apps:exists", "mr-resume"],
-        ["resource:limit", "--memory", "512m", "--cpu", "0.5", "mr-resume"],
-        None,
-        ["domains:set", "mr-resume", "sresume." + DOMAIN],
-        ["git:from-image", "mr-resume", IMAGE],
-        ["letsencrypt:active", "mr-resume"],
-        ["letsencrypt:enable", "mr-resume"],
-    ])
-    assert dokku.config("mr-resume") == {"TOKEN_LIKE": "do-not-echo-42"}
-
-
-def test_a_failed_deploy_is_completed_by_the_next_request(stack, dokku):
-    dokku.tell("fail", "git:from-image", times=1)
-    r = post(stack, body("mr-deployfail", "sdeployfail"))
-    assert r.status == 502 and r.json["error"]["message"] == "git:from-image exited 1", r
-    dokku.mark()
-    r = post(stack, body("mr-deployfail", "sdeployfail"))
-    assert r.status == 200 and r.json["deployed"] is True, r
-    assert ["apps:create", "mr-deployfail"] not in dokku.new_calls()
-    assert dokku.app("mr-deployfail", "image") == IMAGE
+    r = post(stack, payload)
+    assert r.status == 200 and r.json["state"] == "running", r   # MindRoom's app existed
+    match(dokku.new_calls(), create_sequence(app, sub_, tls="letsencrypt", state=state))
+    for a, image in ((n["app"], IMAGE), (n["hs"], MATRIX_IMAGE)):
+        assert dokku.app(a, "image") == image and dokku.app(a, "running") == "true"
+        assert dokku.app(a, "letsencrypt") == "on"
+    assert dokku.mounts(n["app"]) == [{"entry": n["data"], "container_dir": MINDROOM_DIR}]
+    assert dokku.mounts(n["hs"]) == [{"entry": n["hs_data"], "container_dir": "/data"}]
+    assert dokku.config(n["app"])["TOKEN_LIKE"] == "do-not-echo-42"
+    assert (dokku.host_dir(n["hs_data"]) / "homeserver.yaml").exists()
+    assert dokku.reaches(app, n["hs"] + ".web")
+    # Each resource was created once: a create that failed is the one repeat.
+    for kind in ("apps:create", "storage:create", "network:create"):
+        made = [c for c in dokku.all_calls() if c[0] == kind and c[1].startswith(app)]
+        assert len(made) == 2 * len(set(c[1] for c in made)), made
 
 
 def test_deploy_lock_contention_is_retried(stack, dokku):
     dokku.tell("lock", "git:from-image", times=2)
     dokku.mark()
-    r = post(stack, body("mr-locked", "slocked"))
+    r = post(stack, body("mindroom-locked", "slocked", hs=False))
     assert r.status == 201, r
     calls = dokku.new_calls()
-    assert calls.count(["git:from-image", "mr-locked", IMAGE]) == 3
-    assert dokku.app("mr-locked", "image") == IMAGE
+    assert calls.count(["git:from-image", "mindroom-locked", IMAGE]) == 3
+    assert dokku.app("mindroom-locked", "image") == IMAGE
     assert "deploy lock held by another deploy; retry 2/3" in stack.log("dokku-provisioner")
 
 
 def test_deploy_lock_held_too_long_is_a_502(stack, dokku):
+    assert post(stack, body("mindroom-lockedout", "slockedout", hs=False)).status == 201
     dokku.tell("lock", "ps:stop", times=10)
-    assert post(stack, body("mr-lockedout", "slockedout")).status == 201
     dokku.mark()
-    r = stack.call_provisioner("POST", "/apps/mr-lockedout/stop")
+    r = call(stack, "POST", "/apps/mindroom-lockedout/stop")
     dokku.untell("lock", "ps:stop")
     assert r.status == 502, r
     assert r.json["error"] == {"code": "dokku_locked", "message": "ps:stop exited 1"}
     # DOKKU_LOCK_RETRIES=3: the first attempt and three retries.
-    assert dokku.new_calls() == [["apps:exists", "mr-lockedout"]] + \
-        [["ps:stop", "mr-lockedout"]] * 4
+    assert dokku.new_calls() == [["apps:exists", "mindroom-lockedout"],
+                                 ["apps:exists", "mindroom-lockedout-matrix"]] + \
+        [["ps:stop", "mindroom-lockedout"]] * 4
 
 
-def test_concurrent_creates_of_one_app_run_one_at_a_time(stack, dokku):
+def test_concurrent_creates_of_one_instance_run_one_at_a_time(stack, dokku):
     dokku.mark()
     results = []
+    payload = body("mindroom-race", "srace")
 
     def one():
-        results.append(post(stack, body("mr-race", "srace"), timeout=120))
+        results.append(post(stack, payload, timeout=120))
 
     threads = [threading.Thread(target=one) for _ in range(3)]
     for t in threads:
@@ -215,93 +342,245 @@ def test_concurrent_creates_of_one_app_run_one_at_a_time(stack, dokku):
         t.join()
     assert sorted(r.status for r in results) == [200, 200, 201], results
     calls = dokku.new_calls()
-    assert calls.count(["apps:create", "mr-race"]) == 1
-    # Each request's sequence starts with apps:exists and is never interleaved
-    # with another's: the runs are contiguous blocks.
-    starts = [i for i, c in enumerate(calls) if c[0] == "apps:exists"]
+    assert calls.count(["apps:create", "mindroom-race"]) == 1
+    assert calls.count(["storage:create", "mindroom-race-data", "--chown", "1000", "--mode",
+                        "0700"]) == 1
+    # Each request's sequence starts with network:exists and is never
+    # interleaved with another's: the runs are contiguous blocks.
+    starts = [i for i, c in enumerate(calls) if c[0] == "network:exists"]
     assert len(starts) == 3 and starts[0] == 0
-    first = calls[starts[0]:starts[1]]
-    assert [c[0] for c in first][-1] == "letsencrypt:enable"
+    match(calls[:starts[1]], create_sequence("mindroom-race", "srace", tls="letsencrypt"))
 
 
-# ---- stop / start / state / destroy ---------------------------------------
+# ---- stop / start / state / destroy / purge ---------------------------------------
 
 def test_stop_start_state_destroy_sequences(stack, dokku):
-    assert post(stack, body("mr-life", "slife")).status == 201
+    app = "mindroom-life"
+    n = names(app)
+    assert post(stack, body(app, "slife")).status == 201
 
     dokku.mark()
-    r = stack.call_provisioner("POST", "/apps/mr-life/stop")
-    assert r.status == 200 and r.json == {"app": "mr-life", "state": "stopped",
-                                          "dry_run": False}, r
-    assert dokku.new_calls() == [["apps:exists", "mr-life"], ["ps:stop", "mr-life"]]
-
-    r = stack.call_provisioner("GET", "/apps/mr-life")
-    assert r.status == 200 and r.json["state"] == "stopped", r
-    assert dokku.new_calls() == [["apps:exists", "mr-life"],
-                                 ["ps:report", "mr-life", "--deployed"],
-                                 ["ps:report", "mr-life", "--running"]]
-
-    r = stack.call_provisioner("POST", "/apps/mr-life/start")
-    assert r.status == 200 and r.json["state"] == "running", r
-    assert dokku.new_calls() == [["apps:exists", "mr-life"],
-                                 ["ps:report", "mr-life", "--deployed"],
-                                 ["ps:start", "mr-life"]]
-    assert stack.call_provisioner("GET", "/apps/mr-life").json["state"] == "running"
-    dokku.mark()
-
-    r = stack.call_provisioner("DELETE", "/apps/mr-life")
+    r = call(stack, "POST", "/apps/%s/stop" % app)
     assert r.status == 200, r
-    assert r.json == {"app": "mr-life", "state": "destroyed", "existed": True, "dry_run": False}
-    assert dokku.new_calls() == [["apps:exists", "mr-life"],
-                                 ["--force", "apps:destroy", "mr-life"]]
-    assert not dokku.exists("mr-life")
+    assert r.json == {"app": app, "state": "stopped",
+                      "apps": {"mindroom": "stopped", "homeserver": "stopped"}, "dry_run": False}
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
+                                 ["ps:stop", app], ["ps:stop", n["hs"]]]
 
-    # Destroying a missing app is success and runs nothing destructive.
-    r = stack.call_provisioner("DELETE", "/apps/mr-life")
+    r = call(stack, "GET", "/apps/" + app)
+    assert r.status == 200, r
+    assert r.json == {"app": app, "state": "stopped",
+                      "apps": {"mindroom": "stopped", "homeserver": "stopped"},
+                      "storage": {"mindroom": "present", "homeserver": "present"},
+                      "dry_run": False}
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
+                                 ["ps:report", app, "--deployed"], ["ps:report", app, "--running"],
+                                 ["ps:report", n["hs"], "--deployed"],
+                                 ["ps:report", n["hs"], "--running"],
+                                 ["storage:info", n["data"]], ["storage:info", n["hs_data"]]]
+
+    r = call(stack, "POST", "/apps/%s/start" % app)
+    assert r.status == 200 and r.json["state"] == "running", r
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
+                                 ["ps:report", n["hs"], "--deployed"],
+                                 ["ps:report", app, "--deployed"],
+                                 ["ps:start", n["hs"]], ["ps:start", app]]
+    assert call(stack, "GET", "/apps/" + app).json["state"] == "running"
+    dokku.mark()
+
+    r = call(stack, "DELETE", "/apps/" + app)
+    assert r.status == 200, r
+    assert r.json == {"app": app, "state": "destroyed",
+                      "apps": {"mindroom": "missing", "homeserver": "missing"},
+                      "storage": {"mindroom": "present", "homeserver": "present"},
+                      "existed": True, "purged": False, "dry_run": False}
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
+                                 ["--force", "apps:destroy", app],
+                                 ["--force", "apps:destroy", n["hs"]],
+                                 ["network:exists", n["net"]],
+                                 ["--force", "network:destroy", n["net"]],
+                                 ["storage:info", n["data"]], ["storage:info", n["hs_data"]]]
+    assert not dokku.exists(app) and not dokku.exists(n["hs"]) and not dokku.network(n["net"])
+    # Destroy keeps the storage: entries and data.
+    assert dokku.entry(n["data"]) and (dokku.host_dir(n["hs_data"]) / "homeserver.yaml").exists()
+
+    # The state of a destroyed instance whose storage is kept.
+    r = call(stack, "GET", "/apps/" + app)
+    assert r.status == 200 and r.json["state"] == "destroyed", r
+    assert r.json["storage"] == {"mindroom": "present", "homeserver": "present"}
+
+    # Destroying again is success and runs nothing destructive.
+    dokku.mark()
+    r = call(stack, "DELETE", "/apps/" + app)
     assert r.status == 200 and r.json["existed"] is False, r
-    assert dokku.new_calls() == [["apps:exists", "mr-life"]]
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
+                                 ["network:exists", n["net"]],
+                                 ["storage:info", n["data"]], ["storage:info", n["hs_data"]]]
 
-    for method, path in (("GET", "/apps/mr-life"), ("POST", "/apps/mr-life/stop"),
-                         ("POST", "/apps/mr-life/start")):
-        r = stack.call_provisioner(method, path)
+    for method, path in (("POST", "/apps/%s/stop" % app), ("POST", "/apps/%s/start" % app)):
+        r = call(stack, method, path)
         assert r.status == 404 and r.json["error"]["code"] == "not_found", (path, r)
-    assert dokku.new_calls() == [["apps:exists", "mr-life"]] * 3
 
 
-def test_recreate_after_destroy_deploys_again(stack, dokku):
-    payload = body("mr-again", "sagain")
-    assert post(stack, payload).status == 201
-    assert stack.call_provisioner("DELETE", "/apps/mr-again").status == 200
+def test_purge_destroys_apps_and_storage_data(stack, dokku):
+    app = "mindroom-purge"
+    n = names(app)
+    assert post(stack, body(app, "spurge")).status == 201
     dokku.mark()
-    r = post(stack, payload)
-    assert r.status == 201 and r.json["deployed"] is True, r
-    match(dokku.new_calls(), create_sequence("mr-again", "sagain", tls=True))
+    r = call(stack, "DELETE", "/apps/%s?purge=true" % app)
+    assert r.status == 200, r
+    assert r.json["purged"] is True and r.json["existed"] is True
+    assert r.json["storage"] == {"mindroom": "missing", "homeserver": "missing"}
+    assert dokku.new_calls() == [
+        ["apps:exists", app], ["apps:exists", n["hs"]],
+        ["--force", "apps:destroy", app], ["--force", "apps:destroy", n["hs"]],
+        ["network:exists", n["net"]], ["--force", "network:destroy", n["net"]],
+        ["storage:info", n["data"]],
+        ["storage:destroy", n["data"], "--force", "--destroy-host-dir"],
+        ["storage:info", n["hs_data"]],
+        ["storage:destroy", n["hs_data"], "--force", "--destroy-host-dir"]]
+    assert dokku.entry(n["data"]) is None and not dokku.host_dir(n["data"]).exists()
+    assert dokku.entry(n["hs_data"]) is None and not dokku.host_dir(n["hs_data"]).exists()
+    assert call(stack, "GET", "/apps/" + app).status == 404
+    # A purge again is success and runs nothing destructive.
+    r = call(stack, "DELETE", "/apps/%s?purge=true" % app)
+    assert r.status == 200 and r.json["purged"] is False and r.json["existed"] is False, r
 
 
-def test_start_of_a_half_created_app_says_not_deployed(stack, dokku):
-    dokku.tell("fail", "resource:limit", times=1)
-    assert post(stack, body("mr-half", "shalf")).status == 502
+def test_a_purge_failing_at_every_step_is_resumed(stack, dokku):
+    app = "mindroom-purgefail"
+    n = names(app)
+    assert post(stack, body(app, "spurgefail")).status == 201
+    full = destroy_sequence(app, dokku.observed(app), purge=True)
+    assert len(full) == 10
+    for step, target in enumerate(full):
+        expected = destroy_sequence(app, dokku.observed(app), purge=True)
+        idx = expected.index(target)
+        failing = fail_at(dokku, expected, idx, 4)
+        dokku.mark()
+        try:
+            r = call(stack, "DELETE", "/apps/%s?purge=true" % app)
+        finally:
+            dokku.untell("fail", failing)
+        assert r.status == 502 and r.json["error"]["message"] == "%s exited 4" % failing, \
+            (step, r)
+        assert dokku.new_calls() == expected[:idx + 1]
+    state = dokku.observed(app)
     dokku.mark()
-    r = stack.call_provisioner("POST", "/apps/mr-half/start")
+    r = call(stack, "DELETE", "/apps/%s?purge=true" % app)
+    assert r.status == 200, r
+    assert r.json["storage"] == {"mindroom": "missing", "homeserver": "missing"}
+    assert dokku.new_calls() == destroy_sequence(app, state, purge=True)
+    assert not dokku.exists(app) and not dokku.exists(n["hs"]) and not dokku.network(n["net"])
+    assert not dokku.host_dir(n["data"]).exists() and not dokku.host_dir(n["hs_data"]).exists()
+
+
+def test_storage_of_a_destroyed_instance_is_removed_later(stack, dokku):
+    app = "mindroom-retain"
+    n = names(app)
+    assert post(stack, body(app, "sretain")).status == 201
+    # While the apps exist, their storage is theirs: refused, nothing runs destructively.
+    dokku.mark()
+    r = call(stack, "DELETE", "/apps/%s/storage" % app)
+    assert r.status == 409 and r.json["error"]["code"] == "apps_exist", r
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]]]
+    assert dokku.entry(n["data"])
+
+    assert call(stack, "DELETE", "/apps/" + app).status == 200
+    dokku.mark()
+    r = call(stack, "DELETE", "/apps/%s/storage" % app)
+    assert r.status == 200, r
+    assert r.json == {"app": app, "state": "destroyed",
+                      "apps": {"mindroom": "missing", "homeserver": "missing"},
+                      "storage": {"mindroom": "missing", "homeserver": "missing"},
+                      "purged": True, "dry_run": False}
+    assert dokku.new_calls() == [
+        ["apps:exists", app], ["apps:exists", n["hs"]],
+        ["storage:info", n["data"]],
+        ["storage:destroy", n["data"], "--force", "--destroy-host-dir"],
+        ["storage:info", n["hs_data"]],
+        ["storage:destroy", n["hs_data"], "--force", "--destroy-host-dir"]]
+    assert not dokku.host_dir(n["data"]).exists() and not dokku.host_dir(n["hs_data"]).exists()
+    r = call(stack, "DELETE", "/apps/%s/storage" % app)
+    assert r.status == 200 and r.json["purged"] is False, r
+    assert call(stack, "GET", "/apps/" + app).status == 404
+
+
+# ---- data survives everything but purge -------------------------------------------
+
+def test_data_survives_update_restart_stop_start_redeploy_and_destroy(stack, dokku):
+    app = "mindroom-keep"
+    n = names(app)
+    assert post(stack, body(app, "skeep")).status == 201
+    dokku.container_write(app, MINDROOM_DIR + "/agents/memory.db", "agent memory")
+    dokku.container_write(n["hs"], "/data/homeserver.db", "rooms and messages")
+    # Something written outside the mounts is the container's own, and goes with it.
+    dokku.container_write(app, "/tmp/scratch", "ephemeral")
+
+    def kept():
+        assert dokku.container_read(app, MINDROOM_DIR + "/agents/memory.db") == "agent memory"
+        assert dokku.container_read(n["hs"], "/data/homeserver.db") == "rooms and messages"
+
+    # Plan change (limits and env): restarts both apps.
+    r = post(stack, body(app, "skeep", 1024, 1, env={"MINDROOM_TIER": "pro"}, hs_memory_mb=512))
+    assert r.status == 200 and r.json["restarted"] is True, r
+    kept()
+    assert dokku.container_read(app, "/tmp/scratch") is None
+    # Stop and start.
+    assert call(stack, "POST", "/apps/%s/stop" % app).status == 200
+    assert call(stack, "POST", "/apps/%s/start" % app).status == 200
+    kept()
+    # A redeploy of a new image (a health-driven redeploy is the same request again).
+    (dokku.dir / "apps" / app / "image").write_text("registry.example.com/old@sha256:" + "0" * 64)
+    r = post(stack, body(app, "skeep", 1024, 1, env={"MINDROOM_TIER": "pro"}, hs_memory_mb=512))
+    assert r.status == 200 and r.json["deployed"] is True, r
+    kept()
+    # The homeserver's configuration was written again, its database left alone.
+    assert (dokku.host_dir(n["hs_data"]) / "homeserver.yaml").exists()
+    # Destroy keeps the data; a new instance of the same app gets it back.
+    assert call(stack, "DELETE", "/apps/" + app).status == 200
+    assert (dokku.host_dir(n["data"]) / "agents" / "memory.db").read_text() == "agent memory"
+    dokku.mark()
+    r = post(stack, body(app, "skeep"))
+    assert r.status == 201, r
+    assert not [c for c in dokku.new_calls() if c[0] == "storage:create"]
+    kept()
+    # Purge removes it.
+    assert call(stack, "DELETE", "/apps/%s?purge=true" % app).status == 200
+    assert not dokku.host_dir(n["data"]).exists() and not dokku.host_dir(n["hs_data"]).exists()
+
+
+def test_start_of_a_half_created_instance_says_not_deployed(stack, dokku):
+    dokku.tell("fail", "resource:limit", times=1, skip=1)   # MindRoom's, after the homeserver's
+    assert post(stack, body("mindroom-half", "shalf")).status == 502
+    dokku.mark()
+    r = call(stack, "POST", "/apps/mindroom-half/start")
     assert r.status == 404 and r.json["error"]["code"] == "not_deployed", r
-    assert dokku.new_calls() == [["apps:exists", "mr-half"],
-                                 ["ps:report", "mr-half", "--deployed"]]
-    r = stack.call_provisioner("GET", "/apps/mr-half")
+    assert dokku.new_calls() == [["apps:exists", "mindroom-half"],
+                                 ["apps:exists", "mindroom-half-matrix"],
+                                 ["ps:report", "mindroom-half-matrix", "--deployed"],
+                                 ["ps:report", "mindroom-half", "--deployed"]]
+    r = call(stack, "GET", "/apps/mindroom-half")
     assert r.status == 200 and r.json["state"] == "created", r
+    assert r.json["apps"] == {"mindroom": "created", "homeserver": "running"}
 
 
 def test_a_failing_stop_is_a_502_with_the_subcommand(stack, dokku):
-    assert post(stack, body("mr-stopfail", "sstopfail")).status == 201
+    assert post(stack, body("mindroom-stopfail", "sstopfail")).status == 201
     dokku.tell("fail", "ps:stop", times=1, status=7)
-    r = stack.call_provisioner("POST", "/apps/mr-stopfail/stop")
+    r = call(stack, "POST", "/apps/mindroom-stopfail/stop")
     assert r.status == 502, r
     assert r.json == {"error": {"code": "dokku_failed", "message": "ps:stop exited 7"}}
 
 
-# ---- bad input: 400 and nothing runs ---------------------------------------
+# ---- bad input: 400 and nothing runs ---------------------------------------------
 
-BAD_APPS = ["a;rm -rf /", "../x", "Upper", "a" * 64, "", "-a", "1abc", "a b", "a\nb",
-            "a_b", "a.b", "$(id)", "\u00e4pp"]
+BAD_APPS = ["a;rm -rf /", "../x", "Upper", "mindroom-" + "a" * 25, "", "-a", "1abc", "a b",
+            "a\nb", "a_b", "a.b", "$(id)", "\u00e4pp",
+            # Names outside the prefix: a token holder must not reach other apps.
+            "other-app", "dokku", "mindroom", "mindroom-", "xmindroom-abc",
+            # Names that would reach another instance's homeserver, storage or network.
+            "mindroom-abc-matrix", "mindroom-abc-data", "mindroom-a-b", "mindroom-Abc"]
 
 
 @pytest.mark.parametrize("name", BAD_APPS)
@@ -312,19 +591,22 @@ def test_bad_app_names_in_the_body_run_nothing(stack, dokku, name):
     assert dokku.new_calls() == []
 
 
-@pytest.mark.parametrize("sub", ["a;b", "../x", "UP", "s" * 64, "", "-s", "a.b"])
+@pytest.mark.parametrize("sub", ["a;b", "../x", "UP", "s" * 64, "", "-s", "a.b", "ab-",
+                                 "s" * 57])
 def test_bad_subdomains_run_nothing(stack, dokku, sub):
     dokku.mark()
-    r = post(stack, body("mr-okname", sub))
+    r = post(stack, body("mindroom-okname", sub))
     assert r.status == 400, r
     assert dokku.new_calls() == []
 
 
 @pytest.mark.parametrize("key", ["A=B", "A B", "lower", "1A", "", "A-B", "A;B", "A\nB",
-                                 "DOKKU_PROXY_PORT", "\u00c4"])
+                                 "DOKKU_PROXY_PORT", "\u00c4", "MATRIX_HOMESERVER",
+                                 "MATRIX_REGISTRATION_SHARED_SECRET", "MINDROOM_STORAGE_PATH",
+                                 "MATRIX_SERVER_NAME"])
 def test_bad_env_keys_run_nothing(stack, dokku, key):
     dokku.mark()
-    r = post(stack, body("mr-okname", "sok", env={"GOOD": "1", key: "v"}))
+    r = post(stack, body("mindroom-okname", "sok", env={"GOOD": "1", key: "v"}))
     assert r.status == 400, r
     assert "v" != r.json["error"]["message"]
     assert dokku.new_calls() == []
@@ -335,9 +617,11 @@ def test_bad_env_keys_run_nothing(stack, dokku, key):
     {"memory_mb": "512"}, {"memory_mb": None}, {"cpu": 0}, {"cpu": -1}, {"cpu": 4.001},
     {"cpu": "1"}, {"cpu": 0.0001}, {"cpu": None}, {"env": {"A": 5}}, {"env": {"A": None}},
     {"env": ["A=B"]}, {"env": "A=B"}, {"extra": 1}, {"app": 5},
+    {"storage_gb": 0}, {"storage_gb": 101}, {"storage_gb": 1.5}, {"storage_gb": "5"},
+    {"homeserver": "yes"}, {"homeserver": []},
 ])
 def test_out_of_bounds_or_mistyped_fields_run_nothing(stack, dokku, change):
-    payload = body("mr-okname", "sok")
+    payload = body("mindroom-okname", "sok")
     payload.update(change)
     payload = {k: v for k, v in payload.items() if not (v is None and k in ("memory_mb", "cpu"))}
     dokku.mark()
@@ -346,9 +630,52 @@ def test_out_of_bounds_or_mistyped_fields_run_nothing(stack, dokku, change):
     assert dokku.new_calls() == []
 
 
+SIGNING = "ed25519 a_Test " + "A" * 43
+
+
+@pytest.mark.parametrize("field,value", [
+    ("memory_mb", 100), ("cpu", 5), ("storage_gb", 0), ("extra", 1),
+    ("server_name", "Bad.Example"), ("server_name", "a..b"), ("server_name", "x y"),
+    ("server_name", "-a.example"), ("server_name", 5),
+    ("signing_key", None), ("signing_key", "ed25519 a_Test short"),
+    ("signing_key", "ed25519 a-Test " + "A" * 43), ("signing_key", "ed448 a_Test " + "A" * 43),
+    ("signing_key", SIGNING + "\n"), ("signing_key", SIGNING + "="),
+    ("registration_shared_secret", "short"), ("registration_shared_secret", None),
+    ("registration_shared_secret", "x" * 40 + "\n"), ("macaroon_secret_key", "x" * 40 + " y"),
+    ("form_secret", "x" * 129), ("form_secret", 12345678901234567890123456789012345),
+    ("macaroon_secret_key", "\"quoted\": yaml" + "x" * 30),
+])
+def test_bad_homeserver_fields_run_nothing(stack, dokku, field, value):
+    payload = body("mindroom-okname", "sok")
+    if value is None:
+        del payload["homeserver"][field]
+    else:
+        payload["homeserver"][field] = value
+    dokku.mark()
+    r = post(stack, payload)
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_request", (field, r)
+    # A secret's value is never echoed.
+    if isinstance(value, str) and field != "server_name":
+        assert value not in r.text
+    assert dokku.new_calls() == []
+
+
+def test_server_name_defaults_to_the_homeservers_host_and_is_answered(stack, dokku):
+    """The control plane sends no server_name the first time: the homeserver is named
+    after its host, and the answer says so (the control plane records it and sends it
+    on every later call: Synapse cannot be renamed)."""
+    payload = body("mindroom-named", "snamed")
+    del payload["homeserver"]["server_name"]
+    r = post(stack, payload)
+    assert r.status == 201 and r.json["matrix_server_name"] == "snamed-matrix.%s" % DOMAIN, r
+    yaml = (dokku.host_dir("mindroom-named-matrix-data") / "homeserver.yaml").read_text()
+    assert 'server_name: "snamed-matrix.%s"' % DOMAIN in yaml
+
+
 @pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b'"x"',
-                                 b'{"app":"a","app":"b","subdomain":"s","memory_mb":512,"cpu":1}',
-                                 b'{"app":"mr-okname","subdomain":"sok","memory_mb":512,'
+                                 b'{"app":"mindroom-a","app":"mindroom-b","subdomain":"s",'
+                                 b'"memory_mb":512,"cpu":1}',
+                                 b'{"app":"mindroom-okname","subdomain":"sok","memory_mb":512,'
                                  b'"cpu":1,"env":{"A":"1","A":"2"}}'])
 def test_malformed_bodies_run_nothing(stack, dokku, raw):
     dokku.mark()
@@ -360,18 +687,21 @@ def test_malformed_bodies_run_nothing(stack, dokku, raw):
 
 @pytest.mark.parametrize("path", ["/apps/Upper", "/apps/a%3Brm%20-rf%20%2F",
                                   "/apps/" + "a" * 64, "/apps/a%20b", "/apps/-x",
-                                  "/apps/a%0Ab/stop"])
+                                  "/apps/a%0Ab/stop", "/apps/other-app", "/apps/dokku",
+                                  "/apps/mindroom-x-matrix", "/apps/mindroom"])
 def test_bad_app_names_in_the_path_run_nothing(stack, dokku, path):
     dokku.mark()
-    for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/stop"), ("POST", "/start")):
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/stop"), ("POST", "/start"),
+                           ("DELETE", "/storage"), ("DELETE", "?purge=true")):
         p = path if path.endswith("/stop") else path + suffix
         r = stack.call_provisioner(method, p)
         assert r.status == 400 and r.json["error"]["code"] == "invalid_app", (method, p, r)
     assert dokku.new_calls() == []
 
 
-@pytest.mark.parametrize("path", ["/apps/../x", "/apps/x/../../etc/passwd", "/apps/x/restart",
-                                  "/apps/", "/", "/apps/x/stop/now"])
+@pytest.mark.parametrize("path", ["/apps/../x", "/apps/x/../../etc/passwd",
+                                  "/apps/mindroom-x/restart", "/apps/", "/",
+                                  "/apps/mindroom-x/stop/now", "/apps/mindroom-x/storage/x"])
 def test_traversal_and_unknown_paths_run_nothing(stack, dokku, path):
     dokku.mark()
     r = stack.call_provisioner("POST", path)
@@ -379,17 +709,30 @@ def test_traversal_and_unknown_paths_run_nothing(stack, dokku, path):
     assert dokku.new_calls() == []
 
 
+@pytest.mark.parametrize("method,path", [
+    ("DELETE", "/apps/mindroom-x?purge=yes"), ("DELETE", "/apps/mindroom-x?purge=1"),
+    ("DELETE", "/apps/mindroom-x?purge=true&x=1"), ("DELETE", "/apps/mindroom-x?force=true"),
+    ("GET", "/apps/mindroom-x?purge=true"), ("POST", "/apps/mindroom-x/stop?purge=true"),
+    ("DELETE", "/apps/mindroom-x/storage?purge=true"), ("POST", "/apps?purge=true")])
+def test_unknown_query_parameters_run_nothing(stack, dokku, method, path):
+    dokku.mark()
+    r = stack.call_provisioner(method, path, json=body("mindroom-x") if method == "POST" else None)
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_request", (path, r)
+    assert dokku.new_calls() == []
+
+
 def test_wrong_methods_are_405_and_run_nothing(stack, dokku):
     dokku.mark()
-    for method, path in (("GET", "/apps"), ("DELETE", "/apps"), ("POST", "/apps/mr-x"),
-                         ("GET", "/apps/mr-x/stop"), ("DELETE", "/apps/mr-x/start")):
+    for method, path in (("GET", "/apps"), ("DELETE", "/apps"), ("POST", "/apps/mindroom-x"),
+                         ("GET", "/apps/mindroom-x/stop"), ("DELETE", "/apps/mindroom-x/start"),
+                         ("GET", "/apps/mindroom-x/storage"), ("POST", "/apps/mindroom-x/storage")):
         r = stack.call_provisioner(method, path)
         assert r.status == 405, (method, path, r)
     assert stack.call_provisioner("PUT", "/apps").status == 405
     assert dokku.new_calls() == []
 
 
-# ---- auth: 401 and nothing runs --------------------------------------------
+# ---- auth: 401 and nothing runs ----------------------------------------------------
 
 @pytest.mark.parametrize("how", ["missing", "wrong", "prefix", "longer", "basic", "empty"])
 def test_bad_tokens_are_401_and_run_nothing(stack, dokku, how):
@@ -403,38 +746,55 @@ def test_bad_tokens_are_401_and_run_nothing(stack, dokku, how):
         "empty": {"Authorization": "Bearer "},
     }[how]
     dokku.mark()
-    for method, path, payload in (("POST", "/apps", body("mr-auth", "sauth")),
-                                  ("GET", "/apps/mr-create", None),
-                                  ("DELETE", "/apps/mr-create", None),
-                                  ("POST", "/apps/mr-create/stop", None),
+    for method, path, payload in (("POST", "/apps", body("mindroom-auth", "sauth")),
+                                  ("GET", "/apps/mindroom-create", None),
+                                  ("DELETE", "/apps/mindroom-create?purge=true", None),
+                                  ("DELETE", "/apps/mindroom-create/storage", None),
+                                  ("POST", "/apps/mindroom-create/stop", None),
                                   ("GET", "/no/such/path", None)):
         r = mr.http(method, stack.provisioner_url + path, json=payload, headers=headers)
         assert r.status == 401, (how, method, path, r)
         assert r.json["error"]["code"] == "unauthorized"
         assert token not in r.text
     assert dokku.new_calls() == []
-    assert dokku.exists("mr-create") and not dokku.exists("mr-auth")
+    assert dokku.exists("mindroom-create") and not dokku.exists("mindroom-auth")
 
 
 def test_the_provisioner_is_not_on_the_public_listener(stack, dokku):
     dokku.mark()
     token = stack.env["DOKKU_PROVISIONER_TOKEN"]
     for path in ("/apps", "/functions/v1/dokku-provisioner/apps"):
-        r = mr.http("POST", stack.base_url + path, json=body("mr-public", "spublic"),
+        r = mr.http("POST", stack.base_url + path, json=body("mindroom-public", "spublic"),
                     token=token)
         assert r.status == 404, (path, r)
     assert dokku.new_calls() == []
 
 
-def test_dokku_inherits_no_descriptors_and_no_secrets(stack, dokku):
-    assert post(stack, body("mr-inherit", "sinherit")).status == 201
-    recs = [r for r in dokku.records() if "mr-inherit" in r["argv"]]
+def test_dokku_inherits_no_descriptors_and_only_allowed_variables(stack, dokku):
+    assert post(stack, body("mindroom-inherit", "sinherit")).status == 201
+    recs = [r for r in dokku.records() if any(a.startswith("mindroom-inherit") for a in r["argv"])]
     assert recs
     for r in recs:
         # stdin, stdout, stderr and the stand-in's own directory listing: no
         # FastCGI socket, no database connection, no lock file.
         assert r["fds"] == [0, 1, 2, 3], r
-        for secret in ("DOKKU_PROVISIONER_TOKEN", "SUPABASE_JWT_SECRET", "DATABASE_URL",
-                       "STRIPE_WEBHOOK_SECRET"):
-            assert secret not in r["env"], r
+        # An allow-list: what running dokku needs and what PROVISIONER_CHILD_ENV
+        # names, nothing else (SENTRY_DSN, MINDROOM_SECRETS_KEY, DATABASE_URL...).
+        assert set(r["env"]) <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL",
+                                 "LC_CTYPE", "TZ", "DOKKU_STANDIN_DIR"}, r["env"]
         assert "DOKKU_STANDIN_DIR" in r["env"] and "PATH" in r["env"]
+    for var in ("SENTRY_DSN", "MINDROOM_SECRETS_KEY", "DATABASE_URL", "DOKKU_PROVISIONER_TOKEN"):
+        assert var in stack.env
+
+
+def test_the_fixture_check_catches_undocumented_commands():
+    from provisioner_helpers import undocumented
+    assert undocumented(["storage:destroy", "x", "--force", "--destroy-host-dir"]) is None
+    assert undocumented(["--force", "apps:destroy", "x"]) is None
+    assert undocumented(["storage:exec", "x", "--", "tar", "-x", "-f", "-", "-C", "/data"]) is None
+    assert undocumented(["storage:destroy", "x", "--purge"]) is not None
+    assert undocumented(["storage:unmount", "x", "y"]) is not None
+    assert undocumented(["--force", "storage:mount", "a", "b", "--container-dir", "/d"]) is not None
+    assert undocumented(["ports:set", "a", "http:80"]) is not None
+    assert undocumented(["apps:create"]) is not None
+    assert undocumented(["network:set", "a", "attach-pre-create", "n"]) is not None

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -10,8 +12,8 @@ import time
 import pytest
 
 import mr
-from provisioner_helpers import (DOMAIN, IMAGE, STANDINS, Dokku, alive, body,
-                                 create_sequence, decode_config_args, match)
+from provisioner_helpers import (DOMAIN, IMAGE, MATRIX_IMAGE, MINDROOM_DIR, STANDINS, Dokku,
+                                 alive, body, create_sequence, decode_config_args, match, names)
 
 
 # ---- dry-run ---------------------------------------------------------------
@@ -29,35 +31,50 @@ def test_dry_run_records_and_answers_without_running_anything(dry):
     s, d = dry
     assert "dry_run: true; DOKKU_MODE=(unset)" in s.log("dokku-provisioner")
     env = {"API_TOKEN_X": "dry-secret-value-77"}
-    r = s.call_provisioner("POST", "/apps", json=body("mr-dry", "sdry", env=env))
+    payload = body("mindroom-dry", "sdry", env=env)
+    r = s.call_provisioner("POST", "/apps", json=payload)
     assert r.status == 201, r
     assert r.json["dry_run"] is True and r.json["state"] == "running"
     assert r.json["frontend_url"] == "http://sdry.%s" % DOMAIN   # DOKKU_TLS off: http
+    assert r.json["matrix_server_url"] == "http://sdry-matrix.%s" % DOMAIN
     assert d.all_calls() == []          # the stand-in dokku was never run
 
     log = s.log("dokku-provisioner")
-    for line in ("would run: dokku apps:exists mr-dry",
-                 "would run: dokku apps:create mr-dry",
-                 "would run: dokku resource:limit --memory 512m --cpu 0.5 mr-dry",
-                 "would run: dokku config:set --no-restart --encoded mr-dry API_TOKEN_X=...",
-                 "would run: dokku domains:set mr-dry sdry." + DOMAIN,
-                 "would run: dokku git:from-image mr-dry " + IMAGE):
+    for line in ("would run: dokku network:create mindroom-dry-net",
+                 "would run: dokku apps:create mindroom-dry-matrix",
+                 "would run: dokku storage:create mindroom-dry-matrix-data --chown 991 --mode 0700",
+                 "would run: dokku storage:exec mindroom-dry-matrix-data -- tar -x -f - -C /data"
+                 " (with stdin)",
+                 "would run: dokku git:from-image mindroom-dry-matrix " + MATRIX_IMAGE,
+                 "would run: dokku apps:exists mindroom-dry",
+                 "would run: dokku apps:create mindroom-dry",
+                 "would run: dokku storage:mount mindroom-dry mindroom-dry-data --container-dir "
+                 + MINDROOM_DIR,
+                 "would run: dokku resource:limit --memory 512m --cpu 0.5 mindroom-dry",
+                 "would run: dokku config:set --no-restart --encoded mindroom-dry API_TOKEN_X=...",
+                 "would run: dokku domains:set mindroom-dry sdry." + DOMAIN,
+                 "would run: dokku git:from-image mindroom-dry " + IMAGE):
         assert line in log, line
     assert "dry-secret-value-77" not in log
+    for k in ("signing_key", "registration_shared_secret", "macaroon_secret_key", "form_secret"):
+        assert payload["homeserver"][k].split()[-1] not in log
     lines = [json.loads(x) for x in log.splitlines() if "would run" in x]
     assert lines and all(x["msg"].startswith("dry_run: true; ") for x in lines)
 
-    r = s.call_provisioner("POST", "/apps", json=body("mr-dry", "sdry", env=env))
+    r = s.call_provisioner("POST", "/apps", json=payload)
     assert r.status == 200 and r.json["dry_run"] is True, r
-    for method, path, status, state in (("GET", "/apps/mr-dry", 200, "running"),
-                                        ("POST", "/apps/mr-dry/stop", 200, "stopped"),
-                                        ("GET", "/apps/mr-dry", 200, "stopped"),
-                                        ("POST", "/apps/mr-dry/start", 200, "running"),
-                                        ("DELETE", "/apps/mr-dry", 200, "destroyed")):
+    for method, path, status, state in (("GET", "/apps/mindroom-dry", 200, "running"),
+                                        ("POST", "/apps/mindroom-dry/stop", 200, "stopped"),
+                                        ("GET", "/apps/mindroom-dry", 200, "stopped"),
+                                        ("POST", "/apps/mindroom-dry/start", 200, "running"),
+                                        ("DELETE", "/apps/mindroom-dry", 200, "destroyed"),
+                                        ("GET", "/apps/mindroom-dry", 200, "destroyed"),
+                                        ("DELETE", "/apps/mindroom-dry/storage", 200,
+                                         "destroyed")):
         r = s.call_provisioner(method, path)
         assert r.status == status and r.json["state"] == state, (method, path, r)
         assert r.json["dry_run"] is True
-    assert s.call_provisioner("GET", "/apps/mr-dry").status == 404
+    assert s.call_provisioner("GET", "/apps/mindroom-dry").status == 404
     assert d.all_calls() == []
 
 
@@ -67,9 +84,10 @@ def test_explicit_dry_run_still_validates_and_authenticates(dry):
     s.restart_function("dokku-provisioner")
     assert "dry_run: true; DOKKU_MODE=dry-run" in s.log("dokku-provisioner")
     assert s.call_provisioner("POST", "/apps", json=body("Bad", "sok")).status == 400
-    assert s.call_provisioner("POST", "/apps", json=body("mr-dry2", "sok"),
+    assert s.call_provisioner("POST", "/apps", json=body("other-app", "sok")).status == 400
+    assert s.call_provisioner("POST", "/apps", json=body("mindroom-dry2", "sok"),
                               token="wrong-token-000000").status == 401
-    r = s.call_provisioner("POST", "/apps", json=body("mr-dry2", "sdry2"))
+    r = s.call_provisioner("POST", "/apps", json=body("mindroom-dry2", "sdry2"))
     assert r.status == 201 and r.json["dry_run"] is True, r
     assert d.all_calls() == []
 
@@ -97,7 +115,7 @@ def ssh_calls(d):
 def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     s, d = ssh
     env = {"MULTI": "a\nb c\td", "SPACES": "  padded  ", "GLOB": "* ? [x]"}
-    r = s.call_provisioner("POST", "/apps", json=body("mr-ssh", "sssh", env=env))
+    r = s.call_provisioner("POST", "/apps", json=body("mindroom-ssh", "sssh", env=env))
     assert r.status == 201, r
     calls = ssh_calls(d)
     prefix = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15",
@@ -105,7 +123,7 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
               "-o", "UserKnownHostsFile=/etc/mindroom/known_hosts",
               "-o", "StrictHostKeyChecking=yes",
               "-p", "2222", "dokku@dokku.example.com", "--"]
-    assert calls[0] == prefix + ["apps:exists", "mr-ssh"]
+    assert calls[0] == prefix + ["network:exists", "mindroom-ssh-net"]
     assert all(c[:len(prefix)] == prefix for c in calls)
     # What the host ran after splitting the joined command line: the "--" that
     # ssh passed on (Dokku drops leading "--" arguments), then exactly the
@@ -113,12 +131,17 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     raw = d.all_calls()
     assert raw and all(c[0] == "--" for c in raw), raw
     dk = [c[1:] for c in raw]
-    match(dk, create_sequence("mr-ssh", "sssh"))
-    assert decode_config_args([c for c in dk if c[0] == "config:set"][0]) == env
-    assert d.config("mr-ssh") == env
+    match(dk, create_sequence("mindroom-ssh", "sssh"))
+    assert decode_config_args([c for c in dk if c[0] == "config:set"][0])["MULTI"] == env["MULTI"]
+    assert {k: v for k, v in d.config("mindroom-ssh").items() if k in env} == env
+    # stdin crossed ssh: the homeserver's files are in its storage.
+    assert (d.host_dir("mindroom-ssh-matrix-data") / "homeserver.yaml").exists()
 
-    assert s.call_provisioner("DELETE", "/apps/mr-ssh").status == 200
-    assert ssh_calls(d)[-1] == prefix + ["--force", "apps:destroy", "mr-ssh"]
+    assert s.call_provisioner("DELETE", "/apps/mindroom-ssh?purge=true").status == 200
+    assert ssh_calls(d)[-1] == prefix + ["storage:destroy", "mindroom-ssh-matrix-data", "--force",
+                                         "--destroy-host-dir"]
+    assert prefix + ["--force", "apps:destroy", "mindroom-ssh"] in ssh_calls(d)
+    d.assert_documented()
 
 
 # ---- deadlines and start failures ------------------------------------------
@@ -142,7 +165,7 @@ def test_a_stalled_command_is_killed_with_its_process_group(slow):
     s, d = slow
     d.tell("stall", "apps:exists", times=1, seconds=120)
     t0 = time.monotonic()
-    r = s.call_provisioner("GET", "/apps/mr-stall")
+    r = s.call_provisioner("GET", "/apps/mindroom-stall")
     took = time.monotonic() - t0
     assert r.status == 504, r
     assert r.json["error"] == {"code": "dokku_timeout",
@@ -153,19 +176,20 @@ def test_a_stalled_command_is_killed_with_its_process_group(slow):
     assert len(pids) == 2           # the stand-in and its child, same process group
     assert wait_dead(pids) == []
     # The next request is not affected.
-    assert s.call_provisioner("GET", "/apps/mr-stall").status == 404
+    assert s.call_provisioner("GET", "/apps/mindroom-stall").status == 404
 
 
 def test_a_stalled_deploy_times_out_and_the_retry_completes(slow):
     s, d = slow
     d.tell("stall", "git:from-image", times=1, seconds=120)
-    r = s.call_provisioner("POST", "/apps", json=body("mr-slowdeploy", "sslow"))
+    payload = body("mindroom-slowdeploy", "sslow", hs=False)
+    r = s.call_provisioner("POST", "/apps", json=payload)
     assert r.status == 504, r
     assert r.json["error"]["message"] == "git:from-image timed out after 4000 ms"
     d.mark()
-    r = s.call_provisioner("POST", "/apps", json=body("mr-slowdeploy", "sslow"))
+    r = s.call_provisioner("POST", "/apps", json=payload)
     assert r.status == 200 and r.json["deployed"] is True, r
-    assert ["apps:create", "mr-slowdeploy"] not in d.new_calls()
+    assert ["apps:create", "mindroom-slowdeploy"] not in d.new_calls()
 
 
 def test_a_dokku_that_cannot_start_is_a_503(slow):
@@ -173,12 +197,12 @@ def test_a_dokku_that_cannot_start_is_a_503(slow):
     s.env["DOKKU_BIN"] = str(d.dir / "no-such-dokku")
     s.restart_function("dokku-provisioner")
     try:
-        r = s.call_provisioner("GET", "/apps/mr-nodokku")
+        r = s.call_provisioner("GET", "/apps/mindroom-nodokku")
         assert r.status == 503 and r.json["error"]["code"] == "dokku_unavailable", r
     finally:
         s.env["DOKKU_BIN"] = str(STANDINS / "dokku")
         s.restart_function("dokku-provisioner")
-    assert s.call_provisioner("GET", "/apps/mr-nodokku").status == 404
+    assert s.call_provisioner("GET", "/apps/mindroom-nodokku").status == 404
 
 
 # ---- start-up checks --------------------------------------------------------
@@ -224,6 +248,22 @@ GOOD = {"DOKKU_PROVISIONER_TOKEN": "t" * 32, "DOKKU_MODE": "local", "MINDROOM_IM
     ({"PROVISIONER_MAX_CPU": "lots"}, "PROVISIONER_MAX_CPU"),
     ({"PROVISIONER_BACKEND_URL": "{scheme}://{nope}/api"}, "PROVISIONER_BACKEND_URL"),
     ({"DOKKU_TLS": "maybe"}, "DOKKU_TLS"),
+    ({"DOKKU_TLS": "wildcard"}, "DOKKU_TLS_CERT"),
+    ({"MATRIX_IMAGE": "matrixdotorg/synapse:latest"}, "MATRIX_IMAGE"),
+    ({"MATRIX_IMAGE": "matrixdotorg/synapse@sha256:" + "ab" * 31}, "MATRIX_IMAGE"),
+    ({"PROVISIONER_APP_PREFIX": "Mindroom-"}, "PROVISIONER_APP_PREFIX"),
+    ({"PROVISIONER_APP_PREFIX": "-x"}, "PROVISIONER_APP_PREFIX"),
+    ({"PROVISIONER_APP_PREFIX": "a" * 21}, "PROVISIONER_APP_PREFIX"),
+    ({"PROVISIONER_MATRIX_HOST": "matrix.{subdomain}"}, "PROVISIONER_MATRIX_HOST"),
+    ({"PROVISIONER_MATRIX_HOST": "{nope}"}, "PROVISIONER_MATRIX_HOST"),
+    ({"PROVISIONER_CHILD_ENV": "PATH,bad name"}, "PROVISIONER_CHILD_ENV"),
+    ({"PROVISIONER_CHILD_ENV": "A,,B"}, "PROVISIONER_CHILD_ENV"),
+    ({"PROVISIONER_CHILD_ENV": "A,"}, "PROVISIONER_CHILD_ENV"),
+    ({"MINDROOM_DATA_DIR": "relative/dir"}, "MINDROOM_DATA_DIR"),
+    ({"MINDROOM_DATA_DIR": "/data/../etc"}, "MINDROOM_DATA_DIR"),
+    ({"MINDROOM_DATA_DIR": "/"}, "MINDROOM_DATA_DIR"),
+    ({"MINDROOM_DATA_DIR": "/a b"}, "MINDROOM_DATA_DIR"),
+    ({"PROVISIONER_STATE_DIR": "relative/state"}, "PROVISIONER_STATE_DIR"),
 ])
 def test_bad_configuration_stops_the_start(change, needle):
     env = dict(GOOD)
@@ -247,7 +287,7 @@ def test_the_request_deadline_bounds_every_command(slow):
     try:
         d.tell("stall", "apps:exists", times=1, seconds=120)
         t0 = time.monotonic()
-        r = s.call_provisioner("GET", "/apps/mr-deadline")
+        r = s.call_provisioner("GET", "/apps/mindroom-deadline")
         took = time.monotonic() - t0
         assert r.status == 504 and r.json["error"]["code"] == "dokku_timeout", r
         # Cut at the request's 1500 ms, not at the command's own 3000 ms.
@@ -266,10 +306,201 @@ def test_a_bare_dokku_bin_is_found_in_path(slow):
     s.restart_function("dokku-provisioner")
     try:
         d.mark()
-        r = s.call_provisioner("GET", "/apps/mr-inpath")
+        r = s.call_provisioner("GET", "/apps/mindroom-inpath")
         assert r.status == 404, r
-        assert d.new_calls() == [["apps:exists", "mr-inpath"]]
+        assert d.new_calls() == [["apps:exists", "mindroom-inpath"],
+                                 ["apps:exists", "mindroom-inpath-matrix"],
+                                 ["storage:info", "mindroom-inpath-data"],
+                                 ["storage:info", "mindroom-inpath-matrix-data"]]
     finally:
         s.env["DOKKU_BIN"] = str(STANDINS / "dokku")
         del s.env["PATH"]
         s.restart_function("dokku-provisioner")
+
+
+# ---- the state directory: no local user can steer a write -------------------
+
+def test_the_state_directory_defaults_to_var_lib():
+    """Without PROVISIONER_STATE_DIR it is /var/lib/mindroom-provisioner (systemd's
+    StateDirectory=), created 0700: seen through a private mount of /var/lib."""
+    if not shutil.which("unshare"):
+        pytest.fail("unshare (util-linux) is needed to look at /var/lib privately")
+    varlib = tempfile.mkdtemp(prefix="mr-varlib-")
+    binary = mr.build_dir() / "bin" / "dokku-provisioner"
+    run = tempfile.mkdtemp(prefix="mr-prov-start-")
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "ASAN_OPTIONS", "UBSAN_OPTIONS")
+           if k in os.environ}
+    env.update(GOOD, MR_SOCKET=os.path.join(run, "p.sock"), MR_WORKERS="1")
+    p = subprocess.Popen(["unshare", "-m", "sh", "-c",
+                          'mount --bind "$0" /var/lib && exec "$1"', varlib, str(binary)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        state = os.path.join(varlib, "mindroom-provisioner")
+        while time.monotonic() < deadline and not os.path.isdir(os.path.join(state, "locks")):
+            assert p.poll() is None, p.communicate()[1].decode()
+            time.sleep(0.05)
+        st = os.stat(state)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("how", ["other_owner", "group_writable", "world_writable", "symlink",
+                                 "a_file", "sub_symlink", "sub_other_owner"])
+def test_an_unsafe_state_directory_stops_the_start(how):
+    base = tempfile.mkdtemp(prefix="mr-prov-state-")
+    state = os.path.join(base, "state")
+    os.mkdir(state, 0o700)
+    if how == "other_owner":
+        os.chown(state, 65534, 65534)
+    elif how == "group_writable":
+        os.chmod(state, 0o770)
+    elif how == "world_writable":
+        os.chmod(state, 0o1777)
+    elif how == "symlink":
+        os.rmdir(state)
+        os.mkdir(state + ".real", 0o700)
+        os.symlink(state + ".real", state)
+    elif how == "a_file":
+        os.rmdir(state)
+        open(state, "w").close()
+    elif how == "sub_symlink":
+        os.mkdir(os.path.join(base, "elsewhere"), 0o700)
+        os.symlink(os.path.join(base, "elsewhere"), os.path.join(state, "locks"))
+    elif how == "sub_other_owner":
+        os.mkdir(os.path.join(state, "apps"), 0o700)
+        os.chown(os.path.join(state, "apps"), 65534, 65534)
+    status, err = start_with(dict(GOOD, PROVISIONER_STATE_DIR=state))
+    assert status == 2, (how, err)
+    assert "PROVISIONER_STATE_DIR" in err, err
+
+
+def worker_pids(stack):
+    master = stack.procs["dokku-provisioner"].pid
+    pids = [master]
+    for task in os.listdir("/proc/%d/task" % master):
+        with open("/proc/%d/task/%s/children" % (master, task)) as f:
+            pids += [int(x) for x in f.read().split()]
+    return pids
+
+
+def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
+    s, d = slow
+    victim = os.path.join(tempfile.mkdtemp(prefix="mr-victim-"), "created-through-a-link")
+    link = d.state / "locks" / "mindroom-victim.lock"
+    os.symlink(victim, link)
+    try:
+        d.mark()
+        r = s.call_provisioner("DELETE", "/apps/mindroom-victim")
+        assert r.status == 500 and r.json["error"]["code"] == "internal", r
+        assert not os.path.lexists(victim)
+        assert d.new_calls() == []
+    finally:
+        os.unlink(link)
+
+
+def test_temporary_files_are_not_at_predictable_names(slow):
+    s, d = slow
+    victim = os.path.join(tempfile.mkdtemp(prefix="mr-victim-"), "victim")
+    with open(victim, "w") as f:
+        f.write("untouched\n")
+    planted = []
+    for pid in worker_pids(s):
+        for name in ("mindroom-tmpname.spec.%d.tmp" % pid, "mindroom-tmpname.spec.tmp"):
+            p = d.state / "apps" / name
+            if not os.path.lexists(p):
+                os.symlink(victim, p)
+                planted.append(p)
+    r = s.call_provisioner("POST", "/apps", json=body("mindroom-tmpname", "stmpname", hs=False))
+    assert r.status == 201, r
+    with open(victim) as f:
+        assert f.read() == "untouched\n"
+    spec = d.state / "apps" / "mindroom-tmpname.spec"
+    assert spec.is_file() and not spec.is_symlink()
+    assert stat.S_IMODE(spec.stat().st_mode) == 0o600
+    for p in planted:
+        os.unlink(p)
+
+
+# ---- DOKKU_TLS=wildcard: the operator's certificate on every app ----------------
+
+def make_cert(dirpath, cn, days=30):
+    crt, key = os.path.join(dirpath, "wild.crt"), os.path.join(dirpath, "wild.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", crt,
+                    "-days", str(days), "-subj", "/CN=" + cn,
+                    "-addext", "subjectAltName=DNS:%s" % cn],
+                   check=True, capture_output=True)
+    return crt, key
+
+
+@pytest.fixture(scope="module")
+def wildcard(pg):
+    d = Dokku()
+    certs = tempfile.mkdtemp(prefix="mr-certs-")
+    crt, key = make_cert(certs, "*." + DOMAIN)
+    env = d.env(DOKKU_TLS="wildcard", DOKKU_TLS_CERT=crt, DOKKU_TLS_KEY=key)
+    with mr.Stack(pg, env=env, functions=["dokku-provisioner"]) as s:
+        yield s, d, crt, key
+    d.assert_documented()
+
+
+def test_wildcard_mode_installs_the_certificate_on_both_apps(wildcard):
+    s, d, crt, key = wildcard
+    d.mark()
+    payload = body("mindroom-wild", "swild")
+    r = s.call_provisioner("POST", "/apps", json=payload)
+    assert r.status == 201, r
+    assert r.json["frontend_url"] == "https://swild." + DOMAIN
+    assert r.json["matrix_server_url"] == "https://swild-matrix." + DOMAIN
+    match(d.new_calls(), create_sequence("mindroom-wild", "swild", tls="wildcard"))
+    for app, port in (("mindroom-wild", 8765), ("mindroom-wild-matrix", 8008)):
+        with open(crt) as f:
+            assert d.app(app, "certs/server.crt") == f.read()
+        with open(key) as f:
+            assert d.app(app, "certs/server.key") == f.read()
+        assert d.app(app, "ports") == "http:80:%d https:443:%d" % (port, port)
+        assert d.app(app, "letsencrypt") is None
+    # The key never reaches a command line or the log.
+    with open(key) as f:
+        body_lines = [x for x in f.read().splitlines() if x and not x.startswith("-----")]
+    log = s.log("dokku-provisioner")
+    for line in body_lines:
+        assert line not in log
+        for c in d.all_calls():
+            assert all(line not in a for a in c)
+    # Every update installs it again (a renewed certificate reaches each app).
+    d.mark()
+    assert s.call_provisioner("POST", "/apps", json=payload).status == 200
+    calls = d.new_calls()
+    assert ["certs:add", "mindroom-wild"] in calls and ["certs:add", "mindroom-wild-matrix"] in calls
+    assert not [c for c in calls if c[0] == "ps:restart"]
+
+
+@pytest.mark.parametrize("how,needle", [
+    ("other_domain", "does not cover"), ("deeper", "does not cover"),
+    ("mismatch", "does not belong"), ("missing", "DOKKU_TLS_CERT"), ("garbage", "no PEM")])
+def test_a_wrong_wildcard_certificate_stops_the_start(how, needle):
+    certs = tempfile.mkdtemp(prefix="mr-certs-")
+    crt, key = make_cert(certs, "*." + DOMAIN)
+    if how == "other_domain":
+        crt, key = make_cert(certs, "*.example.org")
+    elif how == "deeper":
+        crt, key = make_cert(certs, "*.x." + DOMAIN)
+    elif how == "mismatch":
+        other = tempfile.mkdtemp(prefix="mr-certs-")
+        _, key = make_cert(other, "*." + DOMAIN)
+    elif how == "missing":
+        crt = os.path.join(certs, "nope.crt")
+    elif how == "garbage":
+        with open(crt, "w") as f:
+            f.write("not a certificate\n")
+    status, err = start_with(dict(GOOD, DOKKU_TLS="wildcard", DOKKU_TLS_CERT=crt,
+                                  DOKKU_TLS_KEY=key))
+    assert status == 2, (how, err)
+    assert needle in err, err
+    with open(key) as f:
+        assert f.read().splitlines()[1] not in err

@@ -71,9 +71,12 @@ def test_mindroomctl_passes_no_secret_in_arguments(stack, prov, tmp_path):
     # A DATABASE_URL with a password, as a managed database's would have (the local
     # cluster authenticates by peer and ignores it).
     env_file.write_text("SUPABASE_JWT_SECRET='%s'\nSTRIPE_WEBHOOK_SECRET='%s'\n"
-                        "DATABASE_URL='%s password=%s'\nFUNCTIONS_URL='%s/functions/v1'\n" % (
+                        "DATABASE_URL='%s password=%s'\nFUNCTIONS_URL='%s/functions/v1'\n"
+                        "MINDROOM_SECRETS_KEY='%s'\n" % (
                             stack.env["SUPABASE_JWT_SECRET"], stack.env["STRIPE_WEBHOOK_SECRET"],
-                            stack.env["DATABASE_URL"], password, stack.base_url))
+                            stack.env["DATABASE_URL"], password, stack.base_url,
+                            stack.env["MINDROOM_SECRETS_KEY"]))
+    tenant_secret = "sk-" + uuid.uuid4().hex
     account, _ = new_account(stack)
     t = int(time.time())
     ev = {"id": "evt_" + uuid.uuid4().hex, "object": "event", "type": "customer.subscription.created",
@@ -88,10 +91,11 @@ def test_mindroomctl_passes_no_secret_in_arguments(stack, prov, tmp_path):
     event.write_text(json.dumps(ev))
     sid = new_subscription(stack, "starter")
     e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    e.update(MR_RUN_DIR="/nonexistent", MR_ENV_FILE=str(env_file))
+    e.update(MR_RUN_DIR="/nonexistent", MR_ENV_FILE=str(env_file), MR_BIN_DIR=str(mr.build_dir() / "bin"))
 
-    def ctl(*args):
-        p = subprocess.run([CTL] + list(args), env=e, capture_output=True, text=True, timeout=60)
+    def ctl(*args, stdin=None):
+        p = subprocess.run([CTL] + list(args), env=e, input=stdin, capture_output=True, text=True,
+                           timeout=60)
         assert p.returncode == 0, (args, p.stdout, p.stderr)
         return p
 
@@ -101,9 +105,13 @@ def test_mindroomctl_passes_no_secret_in_arguments(stack, prov, tmp_path):
         ctl("provision", sid, "--wait")   # curl with a token, psql polling the progress
         ctl("status")
         ctl("concurrency")
+        (iid,) = stack.sql("SELECT id::text FROM public.instances WHERE subscription_id = %s", sid)[0]
+        ctl("env", "set", iid, "OPENAI_API_KEY", stdin=tenant_secret)   # sealed by mr-secrets
+        assert "OPENAI_API_KEY" in ctl("env", "list", iid).stdout
         time.sleep(0.2)
     assert w.ran("curl") and w.ran("psql"), sorted(w.seen)[:50]
     leaks = w.holding(password, stack.env["SUPABASE_JWT_SECRET"], stack.env["STRIPE_WEBHOOK_SECRET"],
+                      stack.env["MINDROOM_SECRETS_KEY"], tenant_secret,
                       "Bearer", "eyJ", "Stripe-Signature", "v1=")
     assert leaks == [], leaks
 
@@ -127,7 +135,7 @@ def test_stack_sh_passes_no_secret_in_arguments():
             stop(run, env, p)
             p = None
         secrets = [l.split("=", 1)[1] for l in (run / "secrets.env").read_text().split()]
-        assert len(secrets) == 5 and all(len(s) >= 32 for s in secrets)
+        assert len(secrets) == 6 and all(len(s) >= 32 for s in secrets)
         assert w.ran("psql") or w.holding("pg.sh"), sorted(w.seen)[:50]
         assert w.holding("mr-jwt") and w.holding("nginx")
         leaks = w.holding(*secrets)

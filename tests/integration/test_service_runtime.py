@@ -8,6 +8,7 @@ database needed) by hand and speak FastCGI to it (fcgi.py); the read deadline is
 also shown on the webhook behind nginx, where two stalled local connections used
 to hold both of its workers.
 """
+import base64
 import json
 import os
 import signal
@@ -271,7 +272,8 @@ def test_the_lifecycle_worker_notifies_too(tmp_path):
     p = start(tmp_path, name="mindroom-lifecycle",
               env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "MR_LIFECYCLE_WORKERS": "1",
                    "DATABASE_URL": "host=%s dbname=none" % tmp_path, "MR_SOCKET": None,
-                   "DOKKU_PROVISIONER_TOKEN": "t" * 32, "MR_LIFECYCLE_STOP_GRACE_MS": "500"})
+                   "DOKKU_PROVISIONER_TOKEN": "t" * 32, "MR_LIFECYCLE_STOP_GRACE_MS": "500",
+                   "MINDROOM_SECRETS_KEY": base64.b64encode(b"k" * 32).decode()})
     try:
         assert n.recv(4096) == b"READY=1"
         p.send_signal(signal.SIGTERM)
@@ -337,7 +339,7 @@ def built_version():
 def test_every_binary_prints_its_version():
     names = sorted(p.name for p in BIN.iterdir() if os.access(p, os.X_OK) and p.name != "bare")
     assert {"handle-stripe-webhook", "mindroom-admin", "mindroom-lifecycle", "dokku-provisioner",
-            "mr-jwt", "mr-pgservice"} <= set(names)
+            "mr-jwt", "mr-pgservice", "mr-secrets"} <= set(names)
     for n in names:
         r = subprocess.run([str(BIN / n), "--version"], capture_output=True, text=True, timeout=10,
                            env={"PATH": "/usr/bin:/bin"})

@@ -148,3 +148,64 @@ def test_restart_keeps_data_and_tokens(stack_env):
     os.kill(p.pid, signal.SIGINT)
     assert p.wait(60) == 0
     assert running_under(run) == []
+
+
+def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
+    """`make run` on a machine with `dokku` (here the stand-in, first on PATH): local
+    mode; a signed subscription.created becomes two apps with storage mounted before
+    their first deploy, and a running instance with three URLs."""
+    import json
+    import uuid
+    from provisioner_helpers import IMAGE, MATRIX_IMAGE, Dokku, names
+    run, env, ports = stack_env
+    dokku = Dokku()
+    bindir = run.parent / "bin"
+    bindir.mkdir()
+    (bindir / "dokku").symlink_to(mr.ROOT / "tests" / "standins" / "dokku")
+    env = dict(env, PATH="%s:%s" % (bindir, env["PATH"]), DOKKU_MODE="",
+               DOKKU_STANDIN_DIR=str(dokku.dir), PROVISIONER_CHILD_ENV="DOKKU_STANDIN_DIR",
+               MINDROOM_IMAGE=IMAGE, MATRIX_IMAGE=MATRIX_IMAGE, MINDROOM_BASE_DOMAIN="mr.test",
+               DOKKU_COMMAND_TIMEOUT_MS="30000", DOKKU_DEPLOY_TIMEOUT_MS="30000")
+    p, text = start(run, env)
+    assert "mode local" in (run / "log" / "dokku-provisioner.log").read_text()
+    conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
+
+    def sql(q):
+        return subprocess.run(["psql", conn, "-XtAc", q], stdout=subprocess.PIPE, text=True,
+                              check=True).stdout.strip()
+    account, customer, sub = str(uuid.uuid4()), "cus_" + uuid.uuid4().hex[:12], "sub_" + uuid.uuid4().hex[:12]
+    sql("INSERT INTO auth.users (id, aud, role, email) VALUES ('%s', 'authenticated', "
+        "'authenticated', 'run-%s@example.com')" % (account, account[:8]))
+    sql("UPDATE public.accounts SET stripe_customer_id = '%s' WHERE id = '%s'" % (customer, account))
+    now = int(time.time())
+    event = {"id": "evt_" + uuid.uuid4().hex, "object": "event", "type": "customer.subscription.created",
+             "created": now, "livemode": False, "data": {"object": {
+                 "id": sub, "object": "subscription", "customer": customer, "status": "active",
+                 "metadata": {"account_id": account}, "cancel_at_period_end": False,
+                 "items": {"object": "list", "data": [{"id": "si_x", "price": {"id": "price_starter"},
+                                                       "current_period_end": now + 86400}]}}}}
+    raw = json.dumps(event).encode()
+    secrets = dict(l.split("=", 1) for l in (run / "secrets.env").read_text().split())
+    resp = mr.http("POST", "http://127.0.0.1:%d/functions/v1/handle-stripe-webhook" % ports[0], body=raw,
+                   headers={"Content-Type": "application/json",
+                            "Stripe-Signature": mr.stripe_sign(raw, secrets["STRIPE_WEBHOOK_SECRET"])})
+    assert resp.status == 200, resp
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        row = sql("SELECT i.status || ' ' || coalesce(i.dokku_app_name, '') || ' ' || "
+                  "(frontend_url IS NOT NULL AND backend_url IS NOT NULL AND matrix_server_url IS NOT NULL) "
+                  "FROM public.instances i JOIN public.subscriptions s ON s.id = i.subscription_id "
+                  "WHERE s.stripe_subscription_id = '%s'" % sub)
+        if row.startswith("running "):
+            break
+        time.sleep(0.5)
+    status, app, urls = row.split()
+    assert status == "running" and urls == "true", row
+    n = names(app)
+    calls = dokku.all_calls()
+    for a, entry in ((n["app"], n["data"]), (n["hs"], n["hs_data"])):
+        deploy = next(i for i, c in enumerate(calls) if c[:2] == ["git:from-image", a])
+        mount = next(i for i, c in enumerate(calls) if c[:3] == ["storage:mount", a, entry])
+        assert mount < deploy, calls
+    dokku.assert_documented()
+    stop(run, env, p)

@@ -32,7 +32,7 @@ def stack(pg, prov):
 
 @pytest.fixture(autouse=True)
 def _fresh(stack, prov):
-    stack.sql("DELETE FROM public.instances")
+    stack.wipe_instances()
     prov.reset()
     yield
     prov.release()

@@ -30,8 +30,8 @@ GRANT EXECUTE ON FUNCTION pg_temp.inst(text), pg_temp.step(text, text), pg_temp.
 SELECT is((SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
             WHERE c.conname = 'lifecycle_action_check'
               AND c.contypid = 'public.lifecycle_action'::regtype),
-          $$CHECK ((VALUE = ANY (ARRAY['create'::text, 'start'::text, 'update'::text, 'stop'::text, 'destroy'::text, 'email'::text])))$$,
-          'one vocabulary: create, start, update, stop, destroy, email');
+          $$CHECK ((VALUE = ANY (ARRAY['create'::text, 'start'::text, 'update'::text, 'stop'::text, 'destroy'::text, 'email'::text, 'destroy_storage'::text])))$$,
+          'one vocabulary: create, start, update, stop, destroy, email, destroy_storage');
 SELECT throws_ok($$SELECT 'provision'::public.lifecycle_action$$, '23514', NULL, 'no other word is owed work');
 SELECT results_eq($$SELECT public.instance_desired_for(s)::text FROM unnest(enum_range(NULL::public.subscription_status)) s
                    ORDER BY s$$,
@@ -41,22 +41,24 @@ SELECT results_eq($$SELECT public.instance_desired_for(s)::text FROM unnest(enum
 SELECT results_eq($$
     SELECT public.lifecycle_owed_action(jsonb_populate_record(NULL::public.instances, jsonb_build_object(
                'status', v.st, 'desired_status', v.ds, 'config_version', v.cv,
-               'applied_config_version', v.acv, 'welcome_email_sent_at', v.mail)))::text
+               'applied_config_version', v.acv, 'welcome_email_sent_at', v.mail,
+               'storage_destroyed_at', v.gone)))::text
       FROM (VALUES
-        (1, 'deprovisioned', 'deprovisioned', 1, NULL::bigint, NULL::timestamptz),
-        (2, 'running', 'deprovisioned', 1, 1, now()),
-        (3, 'deprovisioning', 'running', 1, 1, now()),
-        (4, 'running', 'stopped', 1, 1, now()),
-        (5, 'provisioning', 'stopped', 1, NULL, NULL),
-        (6, 'provisioning', 'running', 1, NULL, NULL),
-        (7, 'failed', 'running', 1, 1, now()),
-        (8, 'stopped', 'running', 1, 1, now()),
-        (9, 'running', 'running', 2, 1, now()),
-        (10, 'running', 'running', 1, 1, NULL),
-        (11, 'running', 'running', 1, 1, now())) AS v(n, st, ds, cv, acv, mail)
+        (1, 'deprovisioned', 'deprovisioned', 1, NULL::bigint, NULL::timestamptz, now()),
+        (2, 'running', 'deprovisioned', 1, 1, now(), NULL::timestamptz),
+        (3, 'deprovisioning', 'running', 1, 1, now(), NULL),
+        (4, 'running', 'stopped', 1, 1, now(), NULL),
+        (5, 'provisioning', 'stopped', 1, NULL, NULL, NULL),
+        (6, 'provisioning', 'running', 1, NULL, NULL, NULL),
+        (7, 'failed', 'running', 1, 1, now(), NULL),
+        (8, 'stopped', 'running', 1, 1, now(), NULL),
+        (9, 'running', 'running', 2, 1, now(), NULL),
+        (10, 'running', 'running', 1, 1, NULL, NULL),
+        (11, 'running', 'running', 1, 1, now(), NULL),
+        (12, 'deprovisioned', 'deprovisioned', 1, 1, now(), NULL)) AS v(n, st, ds, cv, acv, mail, gone)
      ORDER BY v.n$$,
     $$VALUES (NULL::text), ('destroy'), ('destroy'), ('stop'), ('stop'), ('create'), ('create'), ('start'),
-             ('update'), ('email'), (NULL)$$,
+             ('update'), ('email'), (NULL), ('destroy_storage')$$,
     'lifecycle_owed_action: the rule, case by case');
 
 SET LOCAL role service_role;
@@ -272,9 +274,12 @@ SELECT is((public.instance_request(pg_temp.step('k2', 'instance_id')::uuid, 'dep
 INSERT INTO r VALUES ('k3', pg_temp.finish('k2', '{"ok": true, "frontend_url": "https://late", "config_version": 1}'));
 SELECT results_eq($$SELECT v#>>'{step,action}', v#>>'{instance,status}' FROM r WHERE k = 'k3'$$,
                   $$VALUES ('destroy', 'deprovisioning')$$, 'cancelled mid-create: destroy next, same lease');
-SELECT is(pg_temp.finish('k3', '{"ok": true}')#>>'{instance,status}', 'deprovisioned', 'then deprovisioned');
-SELECT results_eq($$SELECT owed_action, owed_due_at FROM public.instances WHERE subscription_id = '44000000-0000-4000-8000-000000000004'$$,
-                  $$VALUES (NULL::public.lifecycle_action, NULL::timestamptz)$$, 'deprovisioned owes nothing');
+SELECT is(pg_temp.finish('k3', '{"ok": true, "retention_s": 2592000, "purged": false}')#>>'{instance,status}',
+          'deprovisioned', 'then deprovisioned');
+SELECT results_eq($$SELECT owed_action::text, owed_due_at = now() + interval '30 days' FROM public.instances
+                     WHERE subscription_id = '44000000-0000-4000-8000-000000000004'$$,
+                  $$VALUES ('destroy_storage', true)$$,
+                  'deprovisioned owes only its storage''s destruction, after the retention period');
 
 -- 16. the concurrency limit is a row --------------------------------------------------------
 INSERT INTO r VALUES ('l1', public.lifecycle_provision('45000000-0000-4000-8000-000000000005'));

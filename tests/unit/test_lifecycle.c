@@ -19,7 +19,8 @@
 static void test_action_vocabulary(void **state)
 {
     (void)state;
-    static const char *const words[] = {"create", "start", "update", "stop", "destroy", "email"};
+    static const char *const words[] = {"create", "start", "update", "stop", "destroy", "email",
+                                        "destroy_storage"};
     mr_action a;
     for (size_t i = 0; i < MR_ARRAY_LEN(words); i++) {
         assert_int_equal(mr_action_parse(words[i], &a), MR_OK);
@@ -97,14 +98,14 @@ static void test_provisioner_refuses_bad_app_names(void **state)
     static const char *const bad[] = {"", "Mindroom-x", "mindroom/../x", "a b", "x?y", "x%2f"};
     for (size_t i = 0; i < MR_ARRAY_LEN(bad); i++) {
         mr_provisioner_call call;
-        mr_provisioner_app(NULL, &p, bad[i], MR_ACTION_STOP, &call);
+        mr_provisioner_app(NULL, &p, bad[i], MR_ACTION_STOP, 0, &call);
         assert_false(call.ok);
         assert_true(call.rejected);
         assert_string_equal(call.error, "invalid app name");
     }
     mr_provisioner_call call;
     /* Only start, stop and destroy have a route on an existing app. */
-    mr_provisioner_app(NULL, &p, "mindroom-abc", MR_ACTION_EMAIL, &call);
+    mr_provisioner_app(NULL, &p, "mindroom-abc", MR_ACTION_EMAIL, 0, &call);
     assert_true(call.rejected);
     assert_string_equal(call.error, "no provisioner route for email");
     mr_provisioner_apply(NULL, &p, NULL, &call);

@@ -17,10 +17,13 @@ static prov_config cfg(void)
     prov_config c;
     memset(&c, 0, sizeof c);
     c.base_domain = "mr.test";
-    c.tls = 1;
+    c.tls = PROV_TLS_LETSENCRYPT;
+    c.app_prefix = "mindroom-";
+    c.matrix_host_tpl = "{subdomain}-matrix";
     c.min_memory_mb = 128;
     c.max_memory_mb = 8192;
     c.max_cpu_milli = 4000;
+    c.max_storage_gb = 100;
     return c;
 }
 
@@ -47,8 +50,8 @@ static void test_env_keys(void **state)
     (void)state;
     const char *good[] = {"A", "_", "A_B9", "OPENAI_API_KEY", NULL};
     const char *bad[] = {"", "a", "1A", "A=B", "A B", "A-B", "A\n", "\xc3\x84", NULL};
-    for (size_t i = 0; good[i]; i++) assert_true(prov_valid_env_key(good[i]));
-    for (size_t i = 0; bad[i]; i++) assert_false(prov_valid_env_key(bad[i]));
+    for (size_t i = 0; good[i]; i++) assert_true(mr_appenv_valid_key(good[i]));
+    for (size_t i = 0; bad[i]; i++) assert_false(mr_appenv_valid_key(bad[i]));
 }
 
 static void test_images(void **state)
@@ -91,13 +94,15 @@ static void test_parse_good(void **state)
     char err[256];
     prov_config c = cfg();
     cJSON *tree = NULL;
-    const char *body = "{\"app\":\"mr-a\",\"subdomain\":\"sa\",\"memory_mb\":512,\"cpu\":0.25,"
+    const char *body = "{\"app\":\"mindroom-a\",\"subdomain\":\"sa\",\"memory_mb\":512,\"cpu\":0.25,"
                        "\"env\":{\"ZED\":\"z\",\"ALPHA\":\"line\\nbreak\",\"MID\":\"\"}}";
     assert_int_equal(prov_parse_spec(body, strlen(body), &c, &tree, s, err, sizeof err), MR_OK);
-    assert_string_equal(s->app, "mr-a");
+    assert_string_equal(s->app, "mindroom-a");
     assert_string_equal(s->subdomain, "sa");
-    assert_true(s->memory_mb == 512);
-    assert_true(s->cpu_milli == 250);
+    assert_true(s->lim.memory_mb == 512);
+    assert_true(s->lim.cpu_milli == 250);
+    assert_true(s->lim.storage_gb == 0);
+    assert_false(s->hs.present);
     assert_int_equal(s->n_env, 3);
     assert_string_equal(s->env[0].key, "ALPHA");   /* sorted */
     assert_string_equal(s->env[0].value, "line\nbreak");
@@ -106,11 +111,13 @@ static void test_parse_good(void **state)
     cJSON_Delete(tree);
 
     /* env is optional; cpu may be an integer; bounds are inclusive. */
-    assert_int_equal(parse("{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":128,\"cpu\":4}",
+    assert_int_equal(parse("{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":128,"
+                           "\"cpu\":4}", s, err), MR_OK);
+    assert_true(s->lim.cpu_milli == 4000 && s->n_env == 0);
+    assert_int_equal(parse("{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":8192,"
+                           "\"cpu\":0.001,\"env\":null,\"storage_gb\":100,\"homeserver\":null}",
                            s, err), MR_OK);
-    assert_true(s->cpu_milli == 4000 && s->n_env == 0);
-    assert_int_equal(parse("{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":8192,\"cpu\":0.001,"
-                           "\"env\":null}", s, err), MR_OK);
+    assert_true(s->lim.storage_gb == 100);
     free(s);
 }
 
@@ -122,27 +129,35 @@ static void test_parse_bad(void **state)
     const char *bad[] = {
         "", "{", "[]", "null", "\"x\"", "{}",
         "{\"app\":\"A\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b.c\",\"memory_mb\":512,\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":127,\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":8193,\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512.5,\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":\"512\",\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":0}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":-1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":4.0001}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":0.0005}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1e400}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":\"1\"}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"x\":1}",
-        "{\"app\":\"a\",\"app\":\"b\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":[]}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"a\":\"1\"}}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A=B\":\"1\"}}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A B\":\"1\"}}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A\":1}}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A\":null}}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A\":\"1\",\"A\":\"2\"}}",
-        "{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"DOKKU_X\":\"1\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b.c\",\"memory_mb\":512,\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":127,\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":8193,\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512.5,\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":\"512\",\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":0}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":-1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":4.0001}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":0.0005}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1e400}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":\"1\"}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"x\":1}",
+        "{\"app\":\"mindroom-a\",\"app\":\"b\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":[]}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"a\":\"1\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A=B\":\"1\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A B\":\"1\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A\":1}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A\":null}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"A\":\"1\",\"A\":\"2\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"DOKKU_X\":\"1\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"env\":{\"MATRIX_HOMESERVER\":\"1\"}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"storage_gb\":0}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"storage_gb\":101}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"homeserver\":{}}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,\"homeserver\":[]}",
+        "{\"app\":\"other\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1}",
+        "{\"app\":\"mindroom-a-matrix\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1}",
+        "{\"app\":\"mindroom-a\",\"subdomain\":\"b-\",\"memory_mb\":512,\"cpu\":1}",
         NULL,
     };
     for (size_t i = 0; bad[i]; i++) {
@@ -159,11 +174,126 @@ static void test_env_values_never_in_messages(void **state)
     (void)state;
     prov_spec *s = calloc(1, sizeof *s);
     char err[256];
-    assert_int_equal(parse("{\"app\":\"a\",\"subdomain\":\"b\",\"memory_mb\":512,\"cpu\":1,"
-                           "\"env\":{\"OK\":\"s3cr3t-value\",\"bad key\":\"s3cr3t-2\"}}", s, err),
+    assert_int_equal(parse("{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,"
+                           "\"cpu\":1,\"env\":{\"OK\":\"s3cr3t-value\",\"bad key\":\"s3cr3t-2\"}}",
+                           s, err),
                      MR_EINVAL);
     assert_null(strstr(err, "s3cr3t"));
     assert_null(strstr(err, "bad key"));
+    free(s);
+}
+
+static void test_app_names(void **state)
+{
+    (void)state;
+    prov_config c = cfg();
+    const char *good[] = {"mindroom-0123456789ab", "mindroom-a", "mindroom-" "abcdefghijklmnopqrstuvwx",
+                          NULL};
+    const char *bad[] = {"mindroom-", "mindroom", "other-app", "dokku", "xmindroom-a",
+                         "mindroom-a-matrix", "mindroom-a-data", "mindroom-A", "mindroom-a_b",
+                         "mindroom-" "abcdefghijklmnopqrstuvwxy", "Mindroom-a", NULL};
+    for (size_t i = 0; good[i]; i++)
+        if (!prov_valid_app(&c, good[i])) fail_msg("refused %s", good[i]);
+    for (size_t i = 0; bad[i]; i++)
+        if (prov_valid_app(&c, bad[i])) fail_msg("accepted %s", bad[i]);
+    assert_false(prov_valid_app(&c, NULL));
+    c.app_prefix = "mr-";
+    assert_true(prov_valid_app(&c, "mr-x1"));
+    assert_false(prov_valid_app(&c, "mindroom-x1"));
+
+    /* The longest app's derived names stay within Dokku's limits (storage: 45). */
+    prov_names n;
+    prov_names_of("mindroom-abcdefghijklmnopqrstuvwx", &n);
+    assert_string_equal(n.hs_app, "mindroom-abcdefghijklmnopqrstuvwx-matrix");
+    assert_string_equal(n.data, "mindroom-abcdefghijklmnopqrstuvwx-data");
+    assert_string_equal(n.hs_data, "mindroom-abcdefghijklmnopqrstuvwx-matrix-data");
+    assert_string_equal(n.network, "mindroom-abcdefghijklmnopqrstuvwx-net");
+    assert_int_equal(strlen(n.hs_data), 45);
+}
+
+static void test_hosts(void **state)
+{
+    (void)state;
+    const char *good[] = {"a", "mr.test", "a-b.c9.example.com", "xn--bcher-kva.example", NULL};
+    const char *bad[] = {"", "A.b", "a..b", ".a", "a.", "-a.b", "a-.b", "a b", "a_b.c", "a:8448",
+                         NULL};
+    for (size_t i = 0; good[i]; i++) assert_true(prov_valid_host(good[i]));
+    for (size_t i = 0; bad[i]; i++)
+        if (prov_valid_host(bad[i])) fail_msg("accepted %s", bad[i]);
+    char label[70];
+    memset(label, 'a', 64);
+    label[64] = '\0';
+    assert_false(prov_valid_host(label));
+    label[63] = '\0';
+    assert_true(prov_valid_host(label));
+
+    prov_config c = cfg();
+    char out[300];
+    assert_int_equal(prov_matrix_host(&c, "mindroom-a", "sa", out, sizeof out), MR_OK);
+    assert_string_equal(out, "sa-matrix.mr.test");
+    c.matrix_host_tpl = "matrix-{app}";
+    assert_int_equal(prov_matrix_host(&c, "mindroom-a", "sa", out, sizeof out), MR_OK);
+    assert_string_equal(out, "matrix-mindroom-a.mr.test");
+    /* Always one label under the base domain: the wildcard covers it. */
+    c.matrix_host_tpl = "matrix.{subdomain}";
+    assert_int_equal(prov_matrix_host(&c, "mindroom-a", "sa", out, sizeof out), MR_EINVAL);
+    c.matrix_host_tpl = "{subdomain}-matrix";
+    char sub[64];
+    memset(sub, 's', 57);
+    sub[57] = '\0';
+    assert_int_equal(prov_matrix_host(&c, "mindroom-a", sub, out, sizeof out), MR_EINVAL);
+    sub[56] = '\0';
+    assert_int_equal(prov_matrix_host(&c, "mindroom-a", sub, out, sizeof out), MR_OK);
+    c.matrix_host_tpl = "{nope}";
+    assert_int_equal(prov_matrix_host(&c, "mindroom-a", "sa", out, sizeof out), MR_EINVAL);
+}
+
+#define HS_OK "\"memory_mb\":256,\"cpu\":0.25,\"server_name\":\"sa-matrix.mr.test\"," \
+              "\"signing_key\":\"ed25519 a_AbCd nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A\"," \
+              "\"registration_shared_secret\":\"reg-0123456789abcdef0123456789abcdef\"," \
+              "\"macaroon_secret_key\":\"mac-0123456789abcdef0123456789abcdef\"," \
+              "\"form_secret\":\"frm-0123456789abcdef0123456789abcdef\""
+#define APP_OK "\"app\":\"mindroom-a\",\"subdomain\":\"sa\",\"memory_mb\":512,\"cpu\":1"
+
+static void test_homeserver(void **state)
+{
+    (void)state;
+    prov_spec *s = calloc(1, sizeof *s);
+    char err[256];
+    prov_config c = cfg();
+    cJSON *tree = NULL;
+    const char *ok = "{" APP_OK ",\"homeserver\":{" HS_OK ",\"storage_gb\":7}}";
+    assert_int_equal(prov_parse_spec(ok, strlen(ok), &c, &tree, s, err, sizeof err), MR_OK);
+    assert_true(s->hs.present);
+    assert_true(s->hs.lim.memory_mb == 256 && s->hs.lim.cpu_milli == 250);
+    assert_true(s->hs.lim.storage_gb == 7);
+    assert_string_equal(s->hs.server_name, "sa-matrix.mr.test");
+    assert_string_equal(s->hs.form_secret, "frm-0123456789abcdef0123456789abcdef");
+    cJSON_Delete(tree);
+
+    const char *bad[] = {
+        "{" APP_OK ",\"homeserver\":{" HS_OK ",\"extra\":1}}",
+        "{" APP_OK ",\"homeserver\":{" HS_OK ",\"cpu\":1}}",              /* duplicate */
+        "{" APP_OK ",\"homeserver\":{\"cpu\":0.25}}",
+        NULL};
+    for (size_t i = 0; bad[i]; i++)
+        if (parse(bad[i], s, err) != MR_EINVAL) fail_msg("accepted: %s", bad[i]);
+
+    /* Wrong secrets are named, never shown. */
+    assert_int_equal(parse("{" APP_OK ",\"homeserver\":{\"memory_mb\":256,\"cpu\":0.25,"
+                           "\"server_name\":\"sa-matrix.mr.test\",\"signing_key\":\"ed25519 a_X "
+                           "SECRETSEED\",\"registration_shared_secret\":\"x\",\"macaroon_secret_key\":"
+                           "\"x\",\"form_secret\":\"x\"}}", s, err), MR_EINVAL);
+    assert_non_null(strstr(err, "signing_key"));
+    assert_null(strstr(err, "SECRETSEED"));
+    assert_int_equal(parse("{" APP_OK ",\"homeserver\":{\"memory_mb\":256,\"cpu\":0.25,"
+                           "\"server_name\":\"sa-matrix.mr.test\",\"signing_key\":"
+                           "\"ed25519 a_AbCd nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A\","
+                           "\"registration_shared_secret\":\"reg-0123456789abcdef0123456789abcdef\","
+                           "\"macaroon_secret_key\":\"SHORTSECRET\",\"form_secret\":\"x\"}}", s, err),
+                     MR_EINVAL);
+    assert_non_null(strstr(err, "macaroon_secret_key"));
+    assert_null(strstr(err, "SHORTSECRET"));
     free(s);
 }
 
@@ -191,7 +321,7 @@ static void test_urls(void **state)
     assert_int_equal(prov_expand_url("{scheme}://{subdomain}.{domain}/api", "app", "sub", &c,
                                      out, sizeof out), MR_OK);
     assert_string_equal(out, "https://sub.mr.test/api");
-    c.tls = 0;
+    c.tls = PROV_TLS_OFF;
     assert_int_equal(prov_expand_url("{scheme}://x/{app}", "app", "sub", &c, out, sizeof out),
                      MR_OK);
     assert_string_equal(out, "http://x/app");
@@ -211,6 +341,9 @@ int main(void)
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_parse_bad),
         cmocka_unit_test(test_env_values_never_in_messages),
+        cmocka_unit_test(test_app_names),
+        cmocka_unit_test(test_hosts),
+        cmocka_unit_test(test_homeserver),
         cmocka_unit_test(test_cpu_format),
         cmocka_unit_test(test_urls),
     };

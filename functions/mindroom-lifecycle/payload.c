@@ -1,0 +1,247 @@
+/* payload.c: what the provisioner receives for a create, update or start, with the
+ * instance's secrets opened here and nowhere else.
+ *
+ * The step (public.lifecycle_step_json) carries the non-secret part of the
+ * request and the instance's sealed secrets (instance_secrets: ciphertext only).
+ * This file opens them with the keyring (MINDROOM_SECRETS_KEY), adds them to the
+ * request, and makes sure they exist first:
+ *   * the homeserver's keys are generated once per instance (lib/mr_homeserver.c),
+ *     sealed, and stored before the provisioner is ever called, so a retry sends
+ *     the same keys (public.instance_homeserver_keys keeps the first set when two
+ *     workers race);
+ *   * a legacy plaintext environment_vars is sealed into instance_secrets once and
+ *     emptied (public.instance_take_plain_env).
+ * PostgreSQL never receives a plaintext secret from here. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+
+#include "mr_homeserver.h"
+#include "mr_secrets.h"
+#include "worker.h"
+
+static const mr_db_stmt take_env_stmt = {
+    "mr_pl_take_env", "SELECT public.instance_take_plain_env($1::uuid)::text", 1};
+static const mr_db_stmt put_stmt = {
+    "mr_pl_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, false)::text", 5};
+static const mr_db_stmt hs_keys_stmt = {
+    "mr_pl_hs_keys", "SELECT public.instance_homeserver_keys($1::uuid, $2::jsonb)::text", 2};
+
+/* The names of the homeserver's keys, as instance_secrets and POST /apps call them. */
+static const char *const hs_names[] = {"signing_key", "registration_shared_secret",
+                                       "macaroon_secret_key", "form_secret"};
+
+/* The context a secret is sealed for: its own row (mr_secrets_instance_context). */
+static void context(char *out, size_t cap, const char *instance_id, const char *kind,
+                    const char *name)
+{
+    if (mr_secrets_instance_context(out, cap, instance_id, kind, name) != 0)
+        out[0] = '\0'; /* names are bounded by instance_secrets' CHECK; never reached */
+}
+
+static mr_err seal(const char *instance_id, const char *kind, const char *name, const char *value,
+                   char **ct, char digest[MR_SECRETS_DIGEST_LEN + 1], char *err, size_t errlen)
+{
+    char ctx[MR_SECRETS_CONTEXT_MAX];
+    context(ctx, sizeof ctx, instance_id, kind, name);
+    mr_err e = mr_secrets_seal(wcfg.secrets, ctx, value, strlen(value), ct, err, errlen);
+    if (e == MR_OK && mr_secrets_digest(wcfg.secrets, ctx, value, strlen(value), digest) != MR_OK) {
+        free(*ct);
+        *ct = NULL;
+        e = mr_seterr(err, errlen, MR_EINTERNAL, "cannot digest a secret");
+    }
+    return e;
+}
+
+/* Opens one ciphertext into a new cJSON string (wiped before it is freed by the
+ * caller's payload_free). */
+static mr_err open_secret(const char *instance_id, const char *kind, const char *name,
+                          const char *ct, char **out, char *err, size_t errlen)
+{
+    char ctx[MR_SECRETS_CONTEXT_MAX];
+    unsigned char *pt = NULL;
+    size_t len = 0;
+    context(ctx, sizeof ctx, instance_id, kind, name);
+    mr_err e = mr_secrets_open(wcfg.secrets, ctx, ct, strlen(ct), &pt, &len, err, errlen);
+    if (e != MR_OK)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "secret %s/%s cannot be opened with the "
+                         "configured MINDROOM_SECRETS_KEY(_PREVIOUS)", kind, name);
+    *out = (char *)pt;
+    (void)len;
+    return MR_OK;
+}
+
+/* Seals a legacy plaintext environment into instance_secrets; adds its values to
+ * env. */
+static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, size_t errlen)
+{
+    const char *p1[] = {iid};
+    char *text = NULL;
+    mr_err e = mr_db_call(w->db, &mr_service_identity, &take_env_stmt, p1, NULL, &text, err, errlen);
+    if (e != MR_OK)
+        return e;
+    cJSON *vars = text ? mr_json_parse(text, strlen(text)) : NULL;
+    if (text) {
+        OPENSSL_cleanse(text, strlen(text));
+        free(text);
+    }
+    for (const cJSON *kv = vars ? vars->child : NULL; kv && e == MR_OK; kv = kv->next) {
+        char *val = cJSON_IsString(kv) ? strdup(kv->valuestring) : cJSON_PrintUnformatted(kv);
+        char *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1], *out = NULL;
+        if (!val)
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+        if (e == MR_OK)
+            e = seal(iid, "env", kv->string, val, &ct, digest, err, errlen);
+        if (e == MR_OK) {
+            const char *p[] = {iid, "env", kv->string, ct, digest};
+            e = mr_db_call(w->db, &mr_service_identity, &put_stmt, p, NULL, &out, err, errlen);
+        }
+        if (e == MR_OK && !cJSON_GetObjectItemCaseSensitive(env, kv->string))
+            cJSON_AddStringToObject(env, kv->string, val);
+        free(out);
+        free(ct);
+        if (val) {
+            OPENSSL_cleanse(val, strlen(val));
+            free(val);
+        }
+    }
+    cJSON_Delete(vars);
+    if (e == MR_OK)
+        mr_log(MR_LOG_INFO, "instance %s: plaintext environment sealed into instance_secrets", iid);
+    return e;
+}
+
+/* The homeserver's keys as {"name": ciphertext}: those stored, or a fresh set
+ * generated, sealed and stored now. The caller frees the object. */
+static mr_err homeserver_keys(worker *w, const char *iid, const cJSON *secrets, cJSON **keys,
+                              char *err, size_t errlen)
+{
+    *keys = cJSON_CreateObject();
+    for (const cJSON *s = secrets ? secrets->child : NULL; s; s = s->next) {
+        const char *kind = NULL, *name = NULL, *ct = NULL;
+        if (mr_json_str(s, "kind", &kind) == MR_OK && !strcmp(kind, "homeserver") &&
+            mr_json_str(s, "name", &name) == MR_OK && mr_json_str(s, "ciphertext", &ct) == MR_OK)
+            cJSON_AddStringToObject(*keys, name, ct);
+    }
+    if (cJSON_GetArraySize(*keys) == (int)MR_ARRAY_LEN(hs_names))
+        return MR_OK;
+
+    mr_homeserver_secrets hs;
+    mr_err e = mr_homeserver_generate(&hs, err, errlen);
+    if (e != MR_OK)
+        return e;
+    const char *values[] = {hs.signing_key, hs.registration_shared_secret,
+                            hs.macaroon_secret_key, hs.form_secret};
+    cJSON *rows = cJSON_CreateArray();
+    for (size_t i = 0; i < MR_ARRAY_LEN(hs_names) && e == MR_OK; i++) {
+        char *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1];
+        e = seal(iid, "homeserver", hs_names[i], values[i], &ct, digest, err, errlen);
+        if (e == MR_OK) {
+            cJSON *r = cJSON_CreateObject();
+            cJSON_AddStringToObject(r, "name", hs_names[i]);
+            cJSON_AddStringToObject(r, "ciphertext", ct);
+            cJSON_AddStringToObject(r, "digest", digest);
+            cJSON_AddItemToArray(rows, r);
+        }
+        free(ct);
+    }
+    mr_homeserver_wipe(&hs);
+    char *rows_text = e == MR_OK ? mr_json_print(rows) : NULL;
+    cJSON_Delete(rows);
+    if (e != MR_OK)
+        return e;
+    char *stored = NULL;
+    const char *p[] = {iid, rows_text};
+    e = mr_db_call(w->db, &mr_service_identity, &hs_keys_stmt, p, NULL, &stored, err, errlen);
+    free(rows_text);
+    if (e != MR_OK)
+        return e;
+    cJSON_Delete(*keys);
+    *keys = stored ? mr_json_parse(stored, strlen(stored)) : NULL;
+    free(stored);
+    if (!cJSON_IsObject(*keys) || cJSON_GetArraySize(*keys) != (int)MR_ARRAY_LEN(hs_names))
+        return mr_seterr(err, errlen, MR_EINTERNAL, "the homeserver's keys were not stored");
+    mr_log(MR_LOG_INFO, "instance %s: homeserver keys generated", iid);
+    return MR_OK;
+}
+
+mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_t errlen)
+{
+    const char *iid = NULL;
+    *out = NULL;
+    const cJSON *base = cJSON_GetObjectItemCaseSensitive(step, "payload");
+    if (mr_json_str(step, "instance_id", &iid) != MR_OK || !cJSON_IsObject(base))
+        return mr_seterr(err, errlen, MR_EINTERNAL, "step without a payload");
+    cJSON *p = cJSON_Duplicate(base, 1);
+    cJSON *env = cJSON_GetObjectItemCaseSensitive(p, "env");
+    if (!cJSON_IsObject(env)) {
+        cJSON_DeleteItemFromObjectCaseSensitive(p, "env");
+        env = cJSON_AddObjectToObject(p, "env");
+    }
+    mr_err e = MR_OK;
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "plain_env")))
+        e = move_plain_env(w, iid, env, err, errlen);
+
+    /* The operator's sealed environment; ours (already in env) wins over a stored
+     * variable of the same name. */
+    const cJSON *secrets = cJSON_GetObjectItemCaseSensitive(step, "secrets");
+    for (const cJSON *s = secrets ? secrets->child : NULL; s && e == MR_OK; s = s->next) {
+        const char *kind = NULL, *name = NULL, *ct = NULL;
+        if (mr_json_str(s, "kind", &kind) != MR_OK || strcmp(kind, "env") != 0 ||
+            mr_json_str(s, "name", &name) != MR_OK || mr_json_str(s, "ciphertext", &ct) != MR_OK ||
+            cJSON_GetObjectItemCaseSensitive(env, name))
+            continue;
+        char *val = NULL;
+        if ((e = open_secret(iid, "env", name, ct, &val, err, errlen)) == MR_OK) {
+            cJSON_AddStringToObject(env, name, val);
+            OPENSSL_cleanse(val, strlen(val));
+            free(val);
+        }
+    }
+
+    /* The homeserver: its keys, opened. */
+    cJSON *hs = cJSON_GetObjectItemCaseSensitive(p, "homeserver");
+    if (e == MR_OK && cJSON_IsObject(hs)) {
+        cJSON *keys = NULL;
+        e = homeserver_keys(w, iid, secrets, &keys, err, errlen);
+        for (size_t i = 0; i < MR_ARRAY_LEN(hs_names) && e == MR_OK; i++) {
+            const char *ct = NULL;
+            char *val = NULL;
+            if (mr_json_str(keys, hs_names[i], &ct) != MR_OK) {
+                e = mr_seterr(err, errlen, MR_EINTERNAL, "the homeserver's %s is missing", hs_names[i]);
+                break;
+            }
+            if ((e = open_secret(iid, "homeserver", hs_names[i], ct, &val, err, errlen)) == MR_OK) {
+                cJSON_AddStringToObject(hs, hs_names[i], val);
+                OPENSSL_cleanse(val, strlen(val));
+                free(val);
+            }
+        }
+        cJSON_Delete(keys);
+    }
+    if (e != MR_OK) {
+        payload_free(p);
+        return e;
+    }
+    *out = p;
+    return MR_OK;
+}
+
+/* Wipes every string value (the secrets among them) and frees the payload. */
+static void wipe(cJSON *j)
+{
+    for (cJSON *c = j ? j->child : NULL; c; c = c->next) {
+        if (cJSON_IsString(c) && c->valuestring)
+            OPENSSL_cleanse(c->valuestring, strlen(c->valuestring));
+        else if (cJSON_IsObject(c) || cJSON_IsArray(c))
+            wipe(c);
+    }
+}
+
+void payload_free(cJSON *p)
+{
+    wipe(p);
+    cJSON_Delete(p);
+}

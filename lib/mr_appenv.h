@@ -1,0 +1,14 @@
+/* mr_appenv.h: the names in a MindRoom app's environment, as the provisioner
+ * accepts them (POST /apps "env") and as an operator sets them for an instance
+ * (mindroomctl env set): one rule for both. */
+#ifndef MR_APPENV_H
+#define MR_APPENV_H
+
+/* 1 when s is an environment key: ^[A-Z_][A-Z0-9_]*$, at most 255 characters. */
+int mr_appenv_valid_key(const char *s);
+
+/* 1 when key is set by the provisioner itself (DOKKU_*, MATRIX_HOMESERVER, ...):
+ * a request may not set it. */
+int mr_appenv_reserved_key(const char *key);
+
+#endif

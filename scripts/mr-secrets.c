@@ -1,0 +1,344 @@
+/* mr-secrets: an operator's hands on instance_secrets, through the same keyring
+ * (MINDROOM_SECRETS_KEY, _PREVIOUS) and the same contexts as the lifecycle
+ * worker. PostgreSQL only ever receives ciphertext and keyed digests.
+ *
+ *   mr-secrets set INSTANCE NAME     the value on stdin (one trailing newline
+ *                                    dropped); an update is owed only when the
+ *                                    value changed (compared by keyed digest)
+ *   mr-secrets unset INSTANCE NAME   removes it (an update is owed)
+ *   mr-secrets list INSTANCE         names, kinds, key ids: never a value
+ *   mr-secrets reseal [--batch N]    re-seals every secret not sealed under the
+ *                                    current key, and re-tags stale digests; owes
+ *                                    nothing, redeploys nothing; safe while
+ *                                    workers run (a row changed meanwhile is
+ *                                    left to the next run)
+ *
+ * DATABASE_URL names the database (as a role that may act as service_role).
+ * Used by mindroomctl (env set/unset/list, rotate-secrets-key). The value never
+ * appears on a command line: it comes on stdin. Exit 0 done, 1 failed, 2 usage. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include "mindroom.h"
+#include "mr_appenv.h"
+#include "mr_secrets.h"
+#include "mr_version.h"
+
+#define MAX_VALUE (64 * 1024)
+
+static const mr_db_stmt put_stmt = {
+    "mr_sc_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, $6::boolean)::text", 6};
+static const mr_db_stmt digest_stmt = {
+    "mr_sc_digest",
+    "SELECT digest FROM public.instance_secrets WHERE instance_id = $1::uuid AND kind = $2 AND name = $3",
+    3};
+static const mr_db_stmt delete_stmt = {
+    "mr_sc_delete", "SELECT public.instance_secret_delete($1::uuid, $2, $3)::text", 3};
+static const mr_db_stmt list_stmt = {
+    "mr_sc_list",
+    "SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'name', name, 'key_id',"
+    "       split_part(ciphertext, ':', 2), 'updated_at', updated_at) ORDER BY kind, name),"
+    "       '[]')::text FROM public.instance_secrets WHERE instance_id = $1::uuid",
+    1};
+static const mr_db_stmt page_stmt = {
+    "mr_sc_page",
+    "SELECT coalesce(jsonb_agg(jsonb_build_object('i', instance_id, 'k', kind, 'n', name,"
+    "       'c', ciphertext, 'd', digest) ORDER BY instance_id, kind, name), '[]')::text"
+    "  FROM (SELECT * FROM public.instance_secrets"
+    "         WHERE (instance_id, kind, name) > ($1::uuid, $2, $3)"
+    "         ORDER BY instance_id, kind, name LIMIT $4::int) x",
+    4};
+/* Compare-and-swap: a value set meanwhile (another ciphertext) is not overwritten. */
+static const mr_db_stmt swap_stmt = {
+    "mr_sc_swap",
+    "WITH u AS (UPDATE public.instance_secrets SET ciphertext = $5, digest = $6"
+    "            WHERE instance_id = $1::uuid AND kind = $2 AND name = $3 AND ciphertext = $4"
+    "            RETURNING 1) SELECT count(*)::text FROM u",
+    6};
+static const mr_db_stmt exists_stmt = {
+    "mr_sc_exists", "SELECT count(*)::text FROM public.instances WHERE id = $1::uuid", 1};
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: mr-secrets set INSTANCE NAME   (value on stdin)\n"
+                    "       mr-secrets unset INSTANCE NAME\n"
+                    "       mr-secrets list INSTANCE\n"
+                    "       mr-secrets reseal [--batch N]\n");
+    return 2;
+}
+
+static int fail(const char *what, const char *err)
+{
+    fprintf(stderr, "mr-secrets: %s: %s\n", what, err);
+    return 1;
+}
+
+static void wipe_free(char *s, size_t n)
+{
+    if (s) {
+        OPENSSL_cleanse(s, n);
+        free(s);
+    }
+}
+
+/* The value on stdin, at most MAX_VALUE bytes, one trailing newline dropped. */
+static char *read_value(size_t *len)
+{
+    char *buf = malloc(MAX_VALUE + 2);
+    size_t n = 0;
+    if (!buf)
+        return NULL;
+    while (n < MAX_VALUE + 1) {
+        size_t r = fread(buf + n, 1, MAX_VALUE + 1 - n, stdin);
+        if (r == 0)
+            break;
+        n += r;
+    }
+    if (n > MAX_VALUE || ferror(stdin)) {
+        wipe_free(buf, MAX_VALUE + 2);
+        fprintf(stderr, "mr-secrets: the value on stdin is over %d bytes or unreadable\n", MAX_VALUE);
+        return NULL;
+    }
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    if (n > 0 && buf[n - 1] == '\r')
+        n--;
+    buf[n] = '\0';
+    if (memchr(buf, '\0', n)) {
+        wipe_free(buf, MAX_VALUE + 2);
+        fprintf(stderr, "mr-secrets: the value holds a NUL byte\n");
+        return NULL;
+    }
+    *len = n;
+    return buf;
+}
+
+static int instance_exists(mr_db *db, const char *iid)
+{
+    const char *p[] = {iid};
+    char *out = NULL, err[256] = "";
+    if (mr_db_call(db, &mr_service_identity, &exists_stmt, p, NULL, &out, err, sizeof err) != MR_OK) {
+        fail("database", err);
+        return -1;
+    }
+    int found = out && strcmp(out, "0") != 0;
+    free(out);
+    if (!found)
+        fprintf(stderr, "mr-secrets: no instance %s\n", iid);
+    return found;
+}
+
+static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *name)
+{
+    if (!mr_appenv_valid_key(name) || mr_appenv_reserved_key(name)) {
+        fprintf(stderr, "mr-secrets: %s is not a name an instance's environment may take "
+                        "(^[A-Z_][A-Z0-9_]*$, not DOKKU_* or one the provisioner sets)\n", name);
+        return 2;
+    }
+    if (instance_exists(db, iid) != 1)
+        return 1;
+    size_t len = 0;
+    char *value = read_value(&len);
+    if (!value)
+        return 1;
+    char ctx[MR_SECRETS_CONTEXT_MAX], err[256] = "", digest[MR_SECRETS_DIGEST_LEN + 1];
+    char *ct = NULL, *stored = NULL, *out = NULL;
+    int rc = 1, stale = 0;
+    mr_secrets_instance_context(ctx, sizeof ctx, iid, "env", name);
+    const char *pd[] = {iid, "env", name};
+    if (mr_db_call(db, &mr_service_identity, &digest_stmt, pd, NULL, &stored, err, sizeof err) != MR_OK) {
+        fail("database", err);
+        goto done;
+    }
+    int same = stored && mr_secrets_digest_matches(k, ctx, value, len, stored, &stale);
+    if (same && !stale) {
+        printf("%s: unchanged\n", name);
+        rc = 0;
+        goto done;
+    }
+    if (mr_secrets_seal(k, ctx, value, len, &ct, err, sizeof err) != MR_OK ||
+        mr_secrets_digest(k, ctx, value, len, digest) != MR_OK) {
+        fail("seal", err[0] ? err : "cannot digest");
+        goto done;
+    }
+    const char *pp[] = {iid, "env", name, ct, digest, same ? "false" : "true"};
+    if (mr_db_call(db, &mr_service_identity, &put_stmt, pp, NULL, &out, err, sizeof err) != MR_OK) {
+        fail("database", err);
+        goto done;
+    }
+    if (same)
+        printf("%s: unchanged (re-sealed under key %s)\n", name, mr_secrets_kid(k));
+    else
+        printf("%s: set; the instance owes an update (config_version %s)\n", name, out ? out : "?");
+    rc = 0;
+done:
+    wipe_free(value, len);
+    free(ct);
+    free(stored);
+    free(out);
+    return rc;
+}
+
+static int cmd_unset(mr_db *db, const char *iid, const char *name)
+{
+    if (instance_exists(db, iid) != 1)
+        return 1;
+    const char *p[] = {iid, "env", name};
+    char *out = NULL, err[256] = "";
+    if (mr_db_call(db, &mr_service_identity, &delete_stmt, p, NULL, &out, err, sizeof err) != MR_OK)
+        return fail("database", err);
+    int removed = out && !strcmp(out, "true");
+    free(out);
+    printf(removed ? "%s: removed; the instance owes an update\n" : "%s: was not set\n", name);
+    return 0;
+}
+
+static int cmd_list(mr_db *db, const char *iid)
+{
+    if (instance_exists(db, iid) != 1)
+        return 1;
+    const char *p[] = {iid};
+    char *out = NULL, err[256] = "";
+    if (mr_db_call(db, &mr_service_identity, &list_stmt, p, NULL, &out, err, sizeof err) != MR_OK)
+        return fail("database", err);
+    cJSON *rows = out ? mr_json_parse(out, strlen(out)) : NULL;
+    free(out);
+    printf("%-10s  %-40s  %-8s  %s\n", "KIND", "NAME", "KEY", "UPDATED");
+    for (const cJSON *r = rows ? rows->child : NULL; r; r = r->next) {
+        const char *kind = "", *name = "", *kid = "", *at = "";
+        mr_json_str(r, "kind", &kind);
+        mr_json_str(r, "name", &name);
+        mr_json_str(r, "key_id", &kid);
+        mr_json_str(r, "updated_at", &at);
+        printf("%-10s  %-40s  %-8s  %s\n", kind, name, kid, at);
+    }
+    cJSON_Delete(rows);
+    return 0;
+}
+
+/* Whether a digest is tagged with the current key. */
+static int digest_current(const mr_secrets *k, const char *d)
+{
+    const char *kid = mr_secrets_kid(k);
+    return strncmp(d, "mrd1:", 5) == 0 && strncmp(d + 5, kid, strlen(kid)) == 0 &&
+           d[5 + strlen(kid)] == ':';
+}
+
+static int cmd_reseal(mr_db *db, const mr_secrets *k, int batch)
+{
+    char last_i[40] = "00000000-0000-0000-0000-000000000000", last_k[16] = "", last_n[260] = "";
+    char bs[16], err[256] = "";
+    long seen = 0, resealed = 0, skipped = 0;
+    snprintf(bs, sizeof bs, "%d", batch);
+    for (;;) {
+        const char *p[] = {last_i, last_k, last_n, bs};
+        char *out = NULL;
+        if (mr_db_call(db, &mr_service_identity, &page_stmt, p, NULL, &out, err, sizeof err) != MR_OK)
+            return fail("database", err);
+        cJSON *rows = out ? mr_json_parse(out, strlen(out)) : NULL;
+        free(out);
+        int n = cJSON_GetArraySize(rows);
+        for (const cJSON *r = rows ? rows->child : NULL; r; r = r->next) {
+            const char *iid = "", *kind = "", *name = "", *ct = "", *dg = "";
+            mr_json_str(r, "i", &iid);
+            mr_json_str(r, "k", &kind);
+            mr_json_str(r, "n", &name);
+            mr_json_str(r, "c", &ct);
+            mr_json_str(r, "d", &dg);
+            snprintf(last_i, sizeof last_i, "%s", iid);
+            snprintf(last_k, sizeof last_k, "%s", kind);
+            snprintf(last_n, sizeof last_n, "%s", name);
+            seen++;
+            if (mr_secrets_is_current(k, ct, strlen(ct)) && digest_current(k, dg))
+                continue;
+            char ctx[MR_SECRETS_CONTEXT_MAX], digest[MR_SECRETS_DIGEST_LEN + 1];
+            unsigned char *pt = NULL;
+            size_t len = 0;
+            char *nct = NULL, *cnt = NULL;
+            mr_secrets_instance_context(ctx, sizeof ctx, iid, kind, name);
+            mr_err e = mr_secrets_open(k, ctx, ct, strlen(ct), &pt, &len, err, sizeof err);
+            if (e == MR_OK && (e = mr_secrets_seal(k, ctx, pt, len, &nct, err, sizeof err)) == MR_OK &&
+                mr_secrets_digest(k, ctx, pt, len, digest) != MR_OK)
+                e = mr_seterr(err, sizeof err, MR_EINTERNAL, "cannot digest");
+            if (pt) {
+                OPENSSL_cleanse(pt, len);
+                free(pt);
+            }
+            if (e != MR_OK) {
+                cJSON_Delete(rows);
+                free(nct);
+                fprintf(stderr, "mr-secrets: instance %s %s/%s cannot be opened with "
+                        "MINDROOM_SECRETS_KEY or MINDROOM_SECRETS_KEY_PREVIOUS (%s): add the key "
+                        "it was sealed with to MINDROOM_SECRETS_KEY_PREVIOUS\n", iid, kind, name, err);
+                return 1;
+            }
+            const char *ps[] = {iid, kind, name, ct, nct, digest};
+            e = mr_db_call(db, &mr_service_identity, &swap_stmt, ps, NULL, &cnt, err, sizeof err);
+            free(nct);
+            if (e != MR_OK) {
+                cJSON_Delete(rows);
+                return fail("database", err);
+            }
+            if (cnt && !strcmp(cnt, "1"))
+                resealed++;
+            else
+                skipped++; /* changed meanwhile: sealed by whoever changed it */
+            free(cnt);
+        }
+        cJSON_Delete(rows);
+        if (n < batch)
+            break;
+    }
+    printf("%ld secrets, %ld re-sealed under key %s, %ld changed meanwhile (left as they are)\n",
+           seen, resealed, mr_secrets_kid(k), skipped);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (mr_version_arg("mr-secrets", argc, argv))
+        return 0;
+    mr_log_init_env("mr-secrets");
+    if (argc < 2)
+        return usage();
+    const char *cmd = argv[1];
+    int batch = 200;
+    if (!strcmp(cmd, "reseal")) {
+        if (argc == 4 && !strcmp(argv[2], "--batch"))
+            batch = atoi(argv[3]);
+        else if (argc != 2)
+            return usage();
+        if (batch < 1 || batch > 10000)
+            return usage();
+    } else if ((!strcmp(cmd, "set") || !strcmp(cmd, "unset")) ? argc != 4
+               : !strcmp(cmd, "list") ? argc != 3 : 1) {
+        return usage();
+    }
+    if (argc >= 3 && strcmp(cmd, "reseal") != 0 && !mr_is_uuid(argv[2])) {
+        fprintf(stderr, "mr-secrets: INSTANCE must be an instance id (uuid)\n");
+        return 2;
+    }
+    mr_secrets *k = NULL;
+    char err[256];
+    if (strcmp(cmd, "list") != 0 && strcmp(cmd, "unset") != 0 &&
+        mr_secrets_load_env(&k, err, sizeof err) != MR_OK)
+        return fail("keyring", err);
+    const char *url = getenv("DATABASE_URL");
+    if (!url || !*url) {
+        mr_secrets_free(k);
+        return fail("config", "DATABASE_URL is required");
+    }
+    mr_db *db = mr_db_open(url);
+    int rc = !db ? fail("database", "out of memory")
+             : !strcmp(cmd, "set")   ? cmd_set(db, k, argv[2], argv[3])
+             : !strcmp(cmd, "unset") ? cmd_unset(db, argv[2], argv[3])
+             : !strcmp(cmd, "list")  ? cmd_list(db, argv[2])
+                                     : cmd_reseal(db, k, batch);
+    mr_db_close(db);
+    mr_secrets_free(k);
+    return rc;
+}
