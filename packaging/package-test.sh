@@ -37,11 +37,16 @@ mkdir -p "$CACHE" "$ARCHIVES/partial"
 if [ ! -f "$BASE" ]; then
   say "debootstrap bookworm from $MIRROR (once; cached in $BASE)"
   tmp=$CACHE/debootstrap.tmp
-  rm -rf "$tmp"
-  timeout 1200 debootstrap --cache-dir="$ARCHIVES" bookworm "$tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 ||
-    { tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
+  # Once more after a failure: a mirror's transient error is not the package's.
+  for try in 1 2; do
+    rm -rf --one-file-system "$tmp"
+    timeout 1200 debootstrap --cache-dir="$ARCHIVES" bookworm "$tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 &&
+      break
+    [ "$try" = 1 ] || { tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
+    say "debootstrap failed; once more"
+  done
   tar -C "$tmp" -cf "$BASE.partial" . && mv "$BASE.partial" "$BASE"
-  rm -rf "$tmp"
+  rm -rf --one-file-system "$tmp"
 fi
 
 root=$(mktemp -d "$CACHE/root.XXXXXX")
@@ -78,6 +83,7 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 # Nothing the packages install may start a service here (no init runs anyway).
 printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d" && chmod 0755 "$root/usr/sbin/policy-rc.d"
 printf 'deb %s bookworm main\ndeb %s bookworm-updates main\n' "$MIRROR" "$MIRROR" > "$root/etc/apt/sources.list"
+echo 'Acquire::Retries "3";' > "$root/etc/apt/apt.conf.d/80retries"
 cp "$deb" "$root/tmp/"
 install -m 0755 packaging/package-check.sh "$root/tmp/package-check.sh"
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
