@@ -9,11 +9,14 @@
 # network), configured as docs/install.md says against a PostgreSQL on the host
 # (scripts/pg.sh, password on TCP) that the package's own migrate.sh fills, and
 # packaging/package-boot-check.py runs the units for real: sockets, sandbox,
-# /ready, /metrics, lossless restarts, a clean journal. Finally the package is
-# purged and must leave nothing behind.
+# /ready, /metrics, lossless restarts, a clean journal. A machine where the root
+# cannot boot gets "SKIPPED the booted checks" in the output, never a pass for them
+# (PACKAGE_TEST_BOOT=required: a failure). Finally the package is purged and must
+# leave nothing behind.
 #
-# The debootstrapped root is kept as build/package-test/bookworm.tar and the .debs
-# apt downloads in build/package-test/apt-archives, so a rerun only unpacks,
+# The debootstrapped root is kept as $CACHE/bookworm.tar and the .debs apt
+# downloads in $CACHE/apt-archives (CACHE: PACKAGE_TEST_CACHE, default
+# build/package-test), so a rerun only unpacks,
 # installs and checks. Needs root (debootstrap, chroot, mounts) and Debian's
 # archive (PACKAGE_TEST_MIRROR, default http://deb.debian.org/debian).
 set -euo pipefail

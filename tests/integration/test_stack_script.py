@@ -172,7 +172,7 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
 
     def sql(q):
         return subprocess.run(["psql", conn, "-XtAc", q], stdout=subprocess.PIPE, text=True,
-                              check=True).stdout.strip()
+                              env=dict(env, PGPASSFILE=str(run / "pgpass")), check=True).stdout.strip()
     account, customer, sub = str(uuid.uuid4()), "cus_" + uuid.uuid4().hex[:12], "sub_" + uuid.uuid4().hex[:12]
     sql("INSERT INTO auth.users (id, aud, role, email) VALUES ('%s', 'authenticated', "
         "'authenticated', 'run-%s@example.com')" % (account, account[:8]))
