@@ -76,6 +76,9 @@ def test_mindroomctl_passes_no_secret_in_arguments(stack, prov, tmp_path):
                             stack.env["SUPABASE_JWT_SECRET"], stack.env["STRIPE_WEBHOOK_SECRET"],
                             stack.env["DATABASE_URL"], password, stack.base_url,
                             stack.env["MINDROOM_SECRETS_KEY"]))
+    if stack.env.get("DATABASE_POOLER"):   # the pooler suite: mr-secrets must know it
+        with env_file.open("a") as f:
+            f.write("DATABASE_POOLER='%s'\n" % stack.env["DATABASE_POOLER"])
     tenant_secret = "sk-" + uuid.uuid4().hex
     account, _ = new_account(stack)
     t = int(time.time())
