@@ -21,6 +21,7 @@
 
 #include "mr_config.h"
 #include "mr_log.h"
+#include "mr_metrics.h"
 
 #define TX_MAX_RETRIES 5
 #define MAX_PREPARED 16
@@ -116,6 +117,7 @@ static mr_err fail(mr_db *db, const PGresult *res, char sqlstate[6], char *err, 
     memcpy(db->last_state, state, 6);
     if (sqlstate)
         memcpy(sqlstate, state, 6);
+    mr_metrics_db_error(state);
     const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     if (!primary && db->conn)
         primary = PQerrorMessage(db->conn);
@@ -197,6 +199,7 @@ static mr_err db_connect(mr_db *db, char *err, size_t errlen)
         mr_log(MR_LOG_WARN, "database connect failed: %.300s", m);
         PQfinish(c);
         memcpy(db->last_state, "08001", 6);
+        mr_metrics_db_error("08001");
         return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     }
     PQsetNoticeProcessor(c, on_notice, NULL);

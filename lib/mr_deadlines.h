@@ -22,6 +22,12 @@
 #ifndef MR_DEADLINES_H
 #define MR_DEADLINES_H
 
+/* The runtime: how long an accepted connection may take to deliver its whole
+ * request (FastCGI params and body; nginx sends it at once, having buffered it)
+ * before it is dropped, and the deadline of each write of an answer
+ * (MR_READ_TIMEOUT_MS). */
+#define MR_DL_FCGI_READ_MS 5000
+
 /* PostgreSQL: any one statement (MR_DB_STATEMENT_TIMEOUT_MS). */
 #define MR_DL_DB_STATEMENT_MS 5000
 

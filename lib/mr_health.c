@@ -10,6 +10,7 @@
 #include "mr_deadlines.h"
 #include "mr_json.h"
 #include "mr_log.h"
+#include "mr_metrics.h"
 
 void mr_health_config_load(mr_health_config *cfg)
 {
@@ -345,6 +346,7 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         }
         cJSON_AddItemToArray(results, o);
     }
+    mr_metrics_health_round(healthy, unhealthy, unreachable, marked);
     cJSON_AddNumberToObject(o_all, "checked", (double)sc.n);
     cJSON_AddNumberToObject(o_all, "healthy", healthy);
     cJSON_AddNumberToObject(o_all, "unhealthy", unhealthy);

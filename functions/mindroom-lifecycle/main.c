@@ -30,7 +30,9 @@
 #include <curl/curl.h>
 
 #include "mr_deadlines.h"
+#include "mr_metrics.h"
 #include "mr_proc.h"
+#include "mr_version.h"
 #include "worker.h"
 
 #define CHANNEL "mindroom_lifecycle"
@@ -239,19 +241,27 @@ static int child_main(void *arg)
 
 int main(int argc, char **argv)
 {
+    if (mr_version_arg("mindroom-lifecycle", argc, argv))
+        return 0;
     if (argc > 1) {
         int help = strcmp(argv[1], "--help") == 0;
         fprintf(help ? stdout : stderr,
-                "usage: %s\n  the lifecycle worker; configured by the environment "
+                "usage: %s [--version]\n  the lifecycle worker; configured by the environment "
                 "(docs/lifecycle.md)\n", argv[0]);
         return help ? 0 : 2;
     }
     mr_log_init_env("mindroom-lifecycle");
     load_config();
+    char err[256];
+    if (mr_metrics_open("mindroom-lifecycle", MR_METRICS_DAEMON, err, sizeof err) != MR_OK) {
+        fprintf(stderr, "config: %s\n", err);
+        return 2;
+    }
     curl_global_init(CURL_GLOBAL_DEFAULT);
     signal(SIGPIPE, SIG_IGN);
-    mr_log(MR_LOG_INFO, "starting %d workers", wcfg.workers);
+    mr_log(MR_LOG_INFO, "starting %d workers (version %s)", wcfg.workers, mr_version());
     int rc = mr_proc_supervise(wcfg.workers, child_main, NULL);
+    mr_metrics_close();
     curl_global_cleanup();
     return rc;
 }

@@ -47,6 +47,7 @@ FUNCTIONS = (
     "list-plans",
     "track-usage",
     "my-instance",
+    "mindroom-admin",
     "mindroom-lifecycle",
 )
 # Processes that serve no socket: started and stopped like the functions, ready
@@ -308,8 +309,9 @@ def _sanitizer_report(text):
 class Stack:
     """A whole stack for one test module: database, functions, nginx.
 
-    Attributes: env (dict, the functions' environment), run (Path), port and
-    provisioner_port (nginx), provisioner_url, base_url, db (database name),
+    Attributes: env (dict, the functions' environment), run (Path), port,
+    provisioner_port and admin_port (nginx), provisioner_url, admin_url, base_url,
+    db (database name),
     procs (name -> Popen of each running function's master), functions (names
     started). Extra env given to the constructor wins over the defaults; a
     value of None removes a default (e.g. {"DOKKU_PROVISIONER_TOKEN": None}).
@@ -343,7 +345,7 @@ class Stack:
         self.functions += self.extra_functions
         self.procs = {}
         self.nginx = None
-        self.port = self.provisioner_port = None
+        self.port = self.provisioner_port = self.admin_port = None
         self._nginx_extra = nginx_extra
         self.trusted_proxies = tuple(trusted_proxies)
         self._extra_env = dict(env or {})
@@ -362,7 +364,7 @@ class Stack:
         return self
 
     def _start(self):
-        for d in ("sock", "log", "nginx", "conf.d"):
+        for d in ("sock", "log", "nginx", "conf.d", "metrics"):
             (self.run / d).mkdir()
         if self.own_db:
             self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
@@ -387,6 +389,7 @@ class Stack:
             "MR_LOG_LEVEL": "info",
             # What instances are told to report usage to: this stack's nginx.
             "MINDROOM_CONTROL_PLANE_URL": self.base_url,
+            "MR_METRICS_DIR": str(self.run / "metrics"),
         }
         if pooler is not None:
             # Through PgBouncer in transaction mode, as through Supavisor on 6543;
@@ -430,15 +433,17 @@ class Stack:
 
     # ---- nginx -----------------------------------------------------------
 
-    def render_nginx(self, public_listen, provisioner_listen):
+    def render_nginx(self, public_listen, provisioner_listen, admin_listen=None):
         """nginx/dev.conf with this stack's paths and listeners."""
         text = (ROOT / "nginx/dev.conf").read_text()
         user = "user root root;" if os.geteuid() == 0 else "# user: the current one"
         proxies = getattr(self, "trusted_proxies", ())
         real_ip = "".join("set_real_ip_from %s;" % p for p in proxies) or "# no trusted proxies"
+        admin_listen = admin_listen or "127.0.0.1:%d" % free_port()
         for k, v in (("@ROOT@", str(ROOT)), ("@RUN@", str(self.run)),
                      ("@PUBLIC_LISTEN@", public_listen),
-                     ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user),
+                     ("@PROVISIONER_LISTEN@", provisioner_listen),
+                     ("@ADMIN_LISTEN@", admin_listen), ("@USER@", user),
                      ("@REAL_IP_FROM@", real_ip)):
             text = text.replace(k, v)
         return text
@@ -457,10 +462,11 @@ class Stack:
         # the race, so retry with fresh ports.
         last = ""
         for _ in range(5):
-            self.port, self.provisioner_port = free_port(), free_port()
+            self.port, self.provisioner_port, self.admin_port = free_port(), free_port(), free_port()
             conf = self.run / "nginx.conf"
             conf.write_text(self.render_nginx("127.0.0.1:%d" % self.port,
-                                              "127.0.0.1:%d" % self.provisioner_port))
+                                              "127.0.0.1:%d" % self.provisioner_port,
+                                              "127.0.0.1:%d" % self.admin_port))
             errlog = self.run / "log/nginx.error.log"
             p = subprocess.Popen(["nginx", "-p", str(self.run / "nginx"), "-c", str(conf),
                                   "-e", str(errlog)],
@@ -469,7 +475,7 @@ class Stack:
                                  start_new_session=True)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and p.poll() is None:
-                if self._port_open(self.port) and self._port_open(self.provisioner_port):
+                if all(self._port_open(p) for p in (self.port, self.provisioner_port, self.admin_port)):
                     self.nginx = p
                     return
                 time.sleep(0.02)
@@ -492,6 +498,10 @@ class Stack:
     @property
     def provisioner_url(self):
         return "http://127.0.0.1:%d" % self.provisioner_port
+
+    @property
+    def admin_url(self):
+        return "http://127.0.0.1:%d" % self.admin_port
 
     # ---- functions -------------------------------------------------------
 
@@ -669,6 +679,10 @@ class Stack:
             token = self.env["DOKKU_PROVISIONER_TOKEN"]
         return http(method, self.provisioner_url + path, json=json, body=body,
                     headers=headers, token=token or None, timeout=timeout)
+
+    def call_admin(self, path, method="GET", timeout=60):
+        """GET /live, /ready or /metrics on mindroom-admin's listener."""
+        return http(method, self.admin_url + path, timeout=timeout)
 
     def jwt(self, role="service_role", sub=None, exp_in=3600, **claims):
         """A JWT signed with this stack's SUPABASE_JWT_SECRET, shaped like

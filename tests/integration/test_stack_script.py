@@ -67,11 +67,12 @@ def stack_env():
     base = Path(tempfile.mkdtemp(prefix="mr-stacksh-"))
     os.chmod(base, 0o755)
     run = base / "run"
-    ports = [mr.free_port() for _ in range(3)]
+    ports = [mr.free_port() for _ in range(4)]
     env = dict(os.environ, MR_RUN_DIR=str(run), MR_ENV_FILE="/dev/null",
                MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
                MR_API_LISTEN="127.0.0.1:%d" % ports[0],
-               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], MR_PG_PORT=str(ports[2]))
+               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], MR_PG_PORT=str(ports[2]),
+               MR_ADMIN_LISTEN="127.0.0.1:%d" % ports[3])
     for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL"):
         env.pop(k, None)
     yield run, env, ports
@@ -115,11 +116,18 @@ def test_run_prints_a_working_curl_and_stop_ends_everything(stack_env):
     assert resp.status == 404 and resp.json["error"]["code"] == "not_found", resp
     resp = mr.http("POST", api + "/functions/v1/track-usage", json={}, token=token)
     assert resp.status == 401 and "instance token" in resp.json["error"]["message"], resp
-    # PostgreSQL on the TCP port, schema applied.
+    # PostgreSQL on the TCP port, with the generated password only, schema applied.
     conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
     rows = subprocess.run(["psql", conn, "-XtAc", "select count(*) from supabase_migrations.schema_migrations"],
+                          env=dict(env, PGPASSFILE=str(run / "pgpass")),
                           stdout=subprocess.PIPE, text=True, check=True).stdout
     assert int(rows) >= 1
+    assert oct((run / "pgpass").stat().st_mode & 0o777) == "0o600"
+    nopw = subprocess.run(["psql", conn, "-w", "-XtAc", "select 1"], env=dict(env, PGPASSFILE="/dev/null"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert nopw.returncode != 0 and "password" in nopw.stderr, nopw.stderr
+    # mindroom-admin on its own listener.
+    assert mr.http("GET", "http://127.0.0.1:%d/ready" % ports[3]).status == 200
     assert running_under(run)
 
     stop(run, env, p)
@@ -132,14 +140,15 @@ def test_restart_keeps_data_and_tokens(stack_env):
     p, text = start(run, env)
     token = re.search(r"export TOKEN=(\S+)", text).group(1)
     conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
+    pgenv = dict(env, PGPASSFILE=str(run / "pgpass"))
     subprocess.run(["psql", conn, "-Xqc", "create table survives(x int); insert into survives values (42)"],
-                   check=True)
+                   env=pgenv, check=True)
     stop(run, env, p)
 
     p, text = start(run, env)
     assert "migrate: 0 applied" in text.split("control plane is up")[-2]
     assert subprocess.run(["psql", conn, "-XtAc", "select x from survives"], stdout=subprocess.PIPE,
-                          text=True, check=True).stdout.strip() == "42"
+                          env=pgenv, text=True, check=True).stdout.strip() == "42"
     # The secrets were reused: a token minted by the first run still works.
     resp = mr.http("POST", "http://127.0.0.1:%d/functions/v1/provision-instance" % ports[0],
                    json={}, token=token)
@@ -172,7 +181,7 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
 
     def sql(q):
         return subprocess.run(["psql", conn, "-XtAc", q], stdout=subprocess.PIPE, text=True,
-                              check=True).stdout.strip()
+                              env=dict(env, PGPASSFILE=str(run / "pgpass")), check=True).stdout.strip()
     account, customer, sub = str(uuid.uuid4()), "cus_" + uuid.uuid4().hex[:12], "sub_" + uuid.uuid4().hex[:12]
     sql("INSERT INTO auth.users (id, aud, role, email) VALUES ('%s', 'authenticated', "
         "'authenticated', 'run-%s@example.com')" % (account, account[:8]))
