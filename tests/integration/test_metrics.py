@@ -14,7 +14,8 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import PRICES, WORKER, new_account, new_subscription, stack_env, wait_until
+from lifecycle_helpers import (PRICES, WORKER, link_customer, new_account, new_subscription, stack_env,
+                               wait_until)
 
 PROBE_ENV = {"MINDROOM_BASE_DOMAIN": "mindroom.test", "HEALTH_ALLOW_LOOPBACK": "1",
              "HEALTH_TIMEOUT_MS": "1000"}
@@ -63,10 +64,12 @@ def promtool(text):
 
 
 def signed_event(s, account, type_="customer.subscription.created", status="active", customer=None):
+    """A signed event of `customer` (a new one when None), claiming `account` in its
+    metadata when given (a claim the customer must back: docs/webhook.md)."""
     t = int(time.time())
     obj = {"id": "sub_" + uuid.uuid4().hex[:14], "object": "subscription",
            "customer": customer or "cus_" + uuid.uuid4().hex[:14], "status": status,
-           "metadata": {"account_id": account}, "cancel_at_period_end": False,
+           "metadata": {"account_id": account} if account else {}, "cancel_at_period_end": False,
            "items": {"object": "list", "data": [{"id": "si_" + uuid.uuid4().hex[:10],
                                                 "price": {"id": PRICES["starter"], "object": "price"},
                                                 "current_period_end": t + 30 * 86400}]}}
@@ -112,7 +115,8 @@ def test_n_requests_across_both_workers_are_n_counted(stack):
 def test_every_function_exercised_then_promtool_accepts_the_exposition(stack, prov):
     before = scrape(stack)
     account, _ = new_account(stack)
-    raw, headers = signed_event(stack, account)
+    customer = link_customer(stack, account, "cus_" + uuid.uuid4().hex[:14])
+    raw, headers = signed_event(stack, account, customer=customer)
     assert stack.call("POST", "handle-stripe-webhook", body=raw, headers=headers).status == 200
     assert stack.call("POST", "handle-stripe-webhook", body=raw, headers=headers).json["duplicate"]
     assert stack.call("POST", "handle-stripe-webhook", body=raw,
@@ -178,9 +182,9 @@ def test_owed_work_and_deferred_events_are_read_from_the_database(stack, prov):
         stack.sql("UPDATE public.lifecycle_limits SET max_in_flight = 8 WHERE scope = 'global'")
     wait_until(lambda: stack.sql("SELECT status::text FROM public.instances WHERE subscription_id = %s",
                                  sid) == [("running",)], timeout=10, what="running")
-    # An event for an account we do not know yet is deferred: Stripe retries it.
+    # An event of a customer no account is linked to yet is deferred: Stripe retries it.
     deferred = value(scrape(stack), "mindroom_stripe_events_stored", status="deferred")
-    raw, headers = signed_event(stack, str(uuid.uuid4()))
+    raw, headers = signed_event(stack, None)
     assert stack.call("POST", "handle-stripe-webhook", body=raw, headers=headers).status == 503
     text = scrape(stack)
     assert value(text, "mindroom_stripe_events_stored", status="deferred") == deferred + 1

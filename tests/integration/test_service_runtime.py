@@ -273,7 +273,8 @@ def test_the_lifecycle_worker_notifies_too(tmp_path):
               env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "MR_LIFECYCLE_WORKERS": "1",
                    "DATABASE_URL": "host=%s dbname=none" % tmp_path, "MR_SOCKET": None,
                    "DOKKU_PROVISIONER_TOKEN": "t" * 32, "MR_LIFECYCLE_STOP_GRACE_MS": "500",
-                   "MINDROOM_SECRETS_KEY": base64.b64encode(b"k" * 32).decode()})
+                   "MINDROOM_SECRETS_KEY": base64.b64encode(b"k" * 32).decode(),
+                   "MINDROOM_CONTROL_PLANE_URL": "https://api.mindroom.test"})
     try:
         assert n.recv(4096) == b"READY=1"
         p.send_signal(signal.SIGTERM)
