@@ -91,8 +91,8 @@ def test_two_hosts_share_the_work_once(stacks, health):
     # Running with nothing owed but the welcome email (no Resend key here: it
     # waits for one). Each create is a few dozen stand-in dokku runs (two apps,
     # two storage entries and a network, each checked before it is made), a
-    # Python process each: about 200 s for the 200 on a quiet 2-core machine,
-    # more than 300 s on a busy one; the wait allows for a busy one.
+    # Python process each: 272 s for the 200 on a quiet 2-core machine (make
+    # drills), more on a busy one; the wait allows for a busy one.
     wait_until(lambda: a.sql("SELECT count(*) FROM public.instances WHERE status = 'running'"
                              " AND coalesce(owed_action, 'email') = 'email'")[0][0] == N,
                timeout=900, interval=0.5, what="%d instances running" % N)
