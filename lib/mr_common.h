@@ -1,6 +1,6 @@
 /* mr_common.h: error codes and small helpers shared by every libmindroom module.
  *
- * Convention (STYLE.md): a fallible call returns an mr_err (MR_OK == 0) and,
+ * Convention: a fallible call returns an mr_err (MR_OK == 0) and,
  * where it can say more, fills a caller-owned buffer `err` of `errlen` bytes
  * with a one-line message that is safe to log and to show a caller (never a
  * secret, never SQL text). */

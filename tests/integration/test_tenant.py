@@ -16,7 +16,7 @@ import pytest
 
 import mr
 from health import HealthStandin
-from lifecycle_helpers import FAST_ENV, WORKER, instance, new_account, wait_status, wait_until
+from lifecycle_helpers import WORKER, deploy_env, instance, new_account, wait_status, wait_until
 from provisioner_helpers import Dokku, decode_config_args, names
 from test_instance_e2e import Customer, ctl, running
 
@@ -43,13 +43,7 @@ def health():
 
 @pytest.fixture(scope="module")
 def stack(pg, dokku, health):
-    env = dict(FAST_ENV)
-    env.update(MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
-               MR_PROVISION_WAIT_MS="45000", MR_LIFECYCLE_POLL_MS="1000",
-               HEALTH_ALLOW_LOOPBACK="1", HEALTH_TIMEOUT_MS="1000")
-    env.update(dokku.env(
-        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
-        PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port))
+    env = deploy_env(dokku, health)
     with mr.Stack(pg, env=env, functions=FUNCS, trusted_proxies=(PROXY,)) as s:
         yield s
 
