@@ -7,7 +7,9 @@
  * reference. An instance without a target, and every instance while no target
  * exists, goes to DOKKU_PROVISIONER_URL with DOKKU_PROVISIONER_TOKEN, as before.
  * The claim never hands out work of a disabled target; a target disabled after
- * the claim is refused here, and the step fails and is retried like any outage. */
+ * the claim is refused here, and the step fails and is retried like any outage.
+ * The teardown job of a deleted instance goes to the target its teardown record
+ * kept (public.instance_teardowns_due gives it), the same way. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -42,18 +44,11 @@ static mr_err read_token_file(const char *path, char *out, size_t cap, char *err
     return MR_OK;
 }
 
-mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
-                      char *err, size_t errlen)
+/* Fills *t and p from a target's JSON ({"target", "url", "token_ref", "enabled"}). */
+static mr_err use_target(const char *text, mr_provisioner *p, worker_target *t, char *err,
+                         size_t errlen)
 {
-    memset(t, 0, sizeof *t);
-    const char *params[] = {instance_id};
-    char *text = NULL;
-    mr_err e = mr_db_call(w->db, &mr_service_identity, &target_stmt, params, NULL, &text, err,
-                          errlen);
-    if (e != MR_OK) return e;
-    if (!text) return MR_OK;                     /* no target: DOKKU_PROVISIONER_URL */
     cJSON *o = mr_json_parse(text, strlen(text));
-    free(text);
     const char *name = "", *url = "", *ref = "";
     const cJSON *enabled = o ? cJSON_GetObjectItemCaseSensitive(o, "enabled") : NULL;
     if (!cJSON_IsObject(o) || mr_json_str(o, "target", &name) != MR_OK ||
@@ -68,6 +63,7 @@ mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, wor
         cJSON_Delete(o);
         return mr_seterr(err, errlen, MR_ETRANSIENT, "provisioner target %s is disabled", t->name);
     }
+    mr_err e = MR_OK;
     if (strncmp(ref, "env:", 4) == 0) {
         const char *v = getenv(ref + 4);
         if (!v || strlen(v) < 16 || strlen(v) >= sizeof t->token)
@@ -87,6 +83,29 @@ mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, wor
     p->token = t->token;
     t->chosen = 1;
     return MR_OK;
+}
+
+mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
+                      char *err, size_t errlen)
+{
+    memset(t, 0, sizeof *t);
+    const char *params[] = {instance_id};
+    char *text = NULL;
+    mr_err e = mr_db_call(w->db, &mr_service_identity, &target_stmt, params, NULL, &text, err,
+                          errlen);
+    if (e != MR_OK) return e;
+    if (!text) return MR_OK;                     /* no target: DOKKU_PROVISIONER_URL */
+    e = use_target(text, p, t, err, errlen);
+    free(text);
+    return e;
+}
+
+mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+                   size_t errlen)
+{
+    memset(t, 0, sizeof *t);
+    if (!target_json || !*target_json) return MR_OK;
+    return use_target(target_json, p, t, err, errlen);
 }
 
 void targets_forget(worker_target *t)

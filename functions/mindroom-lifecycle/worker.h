@@ -6,7 +6,9 @@
  *            record each outcome, give the lease back when told to stop
  *   payload.c what a create, update or start sends the provisioner: the step's
  *            payload with the instance's secrets opened (the only place they are)
- *   jobs.c   the periodic jobs: the health round and the Stripe sweep
+ *   jobs.c   the periodic jobs: the health round, the Stripe sweep, teardowns
+ *   targets.c which provisioner a step or a teardown goes to (its target's URL
+ *            and token, or DOKKU_PROVISIONER_URL)
  *
  * The worker is not a FastCGI function: it serves no requests. It lives beside
  * them because it is built and linked the same way (libmindroom). */
@@ -83,6 +85,12 @@ typedef struct {
  * cannot be had (the step fails and is retried). err never holds a token. */
 mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
                       char *err, size_t errlen);
+/* The same for a target already read from the database (its JSON text, as
+ * public.instance_teardowns_due gives it; NULL or empty: no target, p unchanged).
+ * Returns as targets_choose. */
+mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+                   size_t errlen);
+/* Wipes t's token. */
 void targets_forget(worker_target *t);
 
 /* ---- payload.c ---- */

@@ -1,8 +1,9 @@
 -- 100_provisioner_targets.sql: provisioner targets (100_provisioner_targets.sql):
 -- placement by the rule, drained and pinned targets, disabled and busy targets'
--- owed work waiting with a reason, and least privilege.
+-- owed work waiting with a reason, teardowns on the instance's own target, and
+-- least privilege.
 BEGIN;
-SELECT plan(22);
+SELECT plan(28);
 \ir _helpers.inc
 
 CREATE TEMP TABLE placed (n integer PRIMARY KEY, expected bigint, got bigint);
@@ -76,9 +77,15 @@ SELECT is((SELECT count(*) FROM placed WHERE got = 914), 0::bigint,
 SELECT ok((SELECT bool_and((SELECT count(*) FROM placed p WHERE p.got = t.id) > 0)
              FROM public.provisioner_targets t WHERE t.id BETWEEN 911 AND 913),
           'all three undrained targets get instances');
-SELECT ok((SELECT max(n) FROM placed WHERE got = 911 AND n <= 16) = 16
-          AND (SELECT min(n) FROM placed WHERE got = 912) < (SELECT min(n) FROM placed WHERE got = 913),
-          'the freest target first; beta and gamma equally free: the lower id first');
+-- alpha has 20000 MB more than beta and gamma: it takes every placement while its
+-- free memory is at least theirs (a tie goes to its lower id), floor(20000 / r) + 1
+-- of them, r being the starter plan's reservation.
+SELECT is((SELECT min(n) FROM placed WHERE got <> 911),
+          (SELECT 20000 / (p.memory_limit_mb + p.homeserver_memory_mb) + 2 FROM public.plans p
+            WHERE p.stripe_price_id = 'price_starter'),
+          'the freest target first, until it is no freer than the others');
+SELECT ok((SELECT min(n) FROM placed WHERE got = 912) < (SELECT min(n) FROM placed WHERE got = 913),
+          'beta and gamma equally free: the lower id first');
 SELECT cmp_ok((SELECT min(public.target_free_mb(id)) FROM public.provisioner_targets WHERE id BETWEEN 911 AND 913),
               '>=', 0::bigint, 'no target is placed past its capacity');
 
@@ -122,6 +129,28 @@ SELECT is(public.instance_place((SELECT id FROM public.instances WHERE dokku_app
           913::bigint, 'once there is room it is placed; a pinned target wins over a freer unpinned one');
 SELECT is(public.instance_place((SELECT id FROM public.instances WHERE dokku_app_name = 'mindroom-p101')),
           NULL, 'an instance is placed once');
+
+-- 5. Teardowns go to the instance's own target -------------------------------------------
+CREATE TEMP TABLE gone AS
+SELECT (SELECT id FROM public.instances WHERE target_id = 911 AND claimed_by IS NULL ORDER BY id LIMIT 1) AS on_alpha,
+       (SELECT id FROM public.instances WHERE target_id = 912 AND claimed_by IS NULL ORDER BY id LIMIT 1) AS on_beta;
+GRANT ALL ON gone TO service_role;
+DELETE FROM public.instances WHERE id IN (SELECT on_alpha FROM gone UNION ALL SELECT on_beta FROM gone);
+SELECT results_eq($$SELECT t.instance_id, t.target_id FROM public.instance_teardowns t
+                     WHERE t.instance_id IN (SELECT on_alpha FROM gone UNION ALL SELECT on_beta FROM gone)
+                     ORDER BY t.target_id$$,
+                  $$SELECT on_alpha, 911::bigint FROM gone UNION ALL SELECT on_beta, 912::bigint FROM gone$$,
+                  'a deleted instance''s teardown keeps its target');
+SELECT is((SELECT target FROM public.instance_teardowns_due(100) WHERE instance_id = (SELECT on_alpha FROM gone)),
+          '{"url": "http://10.0.0.1:8002", "target": "alpha", "enabled": true, "scheduler": "docker-local", "token_ref": "env:ALPHA_TOKEN"}'::jsonb,
+          'the teardown job is told where: the target''s URL and token reference');
+SELECT is((SELECT count(*) FROM public.instance_teardowns_due(100) WHERE instance_id = (SELECT on_beta FROM gone)),
+          0::bigint, 'a disabled target''s teardown is not due: it waits');
+UPDATE public.provisioner_targets SET enabled = true WHERE name = 'beta';
+SELECT is((SELECT target->>'target' FROM public.instance_teardowns_due(100)
+            WHERE instance_id = (SELECT on_beta FROM gone)), 'beta', 'and is due once its target is enabled');
+SELECT is((SELECT attempts FROM public.instance_teardowns WHERE instance_id = (SELECT on_beta FROM gone)),
+          0, 'waiting counted no attempt');
 
 SELECT * FROM finish();
 ROLLBACK;
