@@ -72,10 +72,14 @@ for s in "${suites[@]}"; do
     # PostgreSQL through PgBouncer in transaction mode (as through Supavisor's
     # port 6543): no named statements, no session state, LISTEN on a direct URL.
     pooler) MR_TEST_POOLER=transaction run_pytest pooler tests/integration ;;
-    # Every test that drives the real provisioner against the stand-in dokku, again
-    # with DOKKU_SCHEDULER=k3s (tests/integration/provisioner_helpers.py).
-    k3s) MR_DOKKU_SCHEDULER=k3s run_pytest k3s tests/integration/test_provisioner*.py \
-           tests/integration/test_lifecycle_e2e.py ;;
+    # The provisioner's tests and the lifecycle suite once more against a k3s-mode
+    # target: the provisioner with DOKKU_SCHEDULER=k3s (provisioner_helpers.py) and,
+    # in every stack that runs the worker, its provisioner registered as a
+    # provisioner target with scheduler k3s that the worker goes through (mr.py).
+    k3s) MR_DOKKU_SCHEDULER=k3s MR_TEST_TARGET=k3s run_pytest k3s \
+           tests/integration/test_provisioner*.py tests/integration/test_lifecycle.py \
+           tests/integration/test_lifecycle_e2e.py tests/integration/test_lifecycle_webhook.py \
+           tests/integration/test_instance_e2e.py tests/integration/test_tenant.py ;;
     *) echo "unknown suite $s" >&2; add 0 1 ;;
   esac
 done

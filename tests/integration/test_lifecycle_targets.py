@@ -53,7 +53,7 @@ def stack(pg, prov, resend, targets, tmp_path_factory):
                MR_LIFECYCLE_WORKERS="4", MR_LIFECYCLE_POLL_MS="1000",
                MR_PROVISION_TIMEOUT_MS="20000", MR_LIFECYCLE_LEASE_S="40",
                MR_PROVISION_WAIT_MS="30000", SWEEP_INTERVAL_S="2")
-    with mr.Stack(pg, env=env, functions=FUNCS) as s:
+    with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
         s.beta_token_file = str(token_file)
         s.sql("UPDATE public.lifecycle_limits SET max_in_flight = 32 WHERE scope = 'global'")
         yield s
