@@ -204,7 +204,7 @@ AS $$
 $$;
 
 -- Owed work that is due and waits for its target, and why (lifecycle_target_wait).
--- For operators: mindroomctl status and mindroomctl target list show it.
+-- For operators: mindroomctl target list counts it per target, mindroomctl stuck lists it.
 CREATE FUNCTION public.lifecycle_waiting()
 RETURNS TABLE (instance_id uuid, owed_action text, target text, reason text, due_since timestamptz)
 LANGUAGE sql STABLE SECURITY DEFINER
