@@ -92,10 +92,6 @@ def target_of(stack, sid):
     return rows[0][0]
 
 
-def apps_called(standin, method=None, path_prefix="/apps"):
-    return [r for r in standin.recorded(method) if r.path.startswith(path_prefix)]
-
-
 def running(stack, sid, timeout=20):
     return wait_until(lambda: (lambda i: i if i["status"] == "running" and not i["claimed_by"]
                                and i["owed_action"] in (None, "email") else None)(
