@@ -116,7 +116,7 @@ def test_a_storage_size_is_required_on_k3s_and_nothing_runs_without_it(stack, do
         assert dokku.new_calls() == []
 
 
-def test_stop_start_destroy_and_purge_on_k3s(stack, dokku):
+def test_stop_start_restart_destroy_and_purge_on_k3s(stack, dokku):
     hs = APP + "-matrix"
     dokku.mark()
     assert stack.call_provisioner("POST", "/apps/%s/stop" % APP).status == 200
@@ -125,6 +125,10 @@ def test_stop_start_destroy_and_purge_on_k3s(stack, dokku):
         ["apps:exists", APP], ["apps:exists", hs], ["ps:stop", APP], ["ps:stop", hs],
         ["apps:exists", APP], ["apps:exists", hs], ["ps:report", hs, "--deployed"],
         ["ps:report", APP, "--deployed"], ["ps:start", hs], ["ps:start", APP]]
+    assert stack.call_provisioner("POST", "/apps/%s/restart" % APP).status == 200
+    assert dokku.new_calls() == [
+        ["apps:exists", APP], ["apps:exists", hs], ["ps:report", hs, "--deployed"],
+        ["ps:report", APP, "--deployed"], ["ps:restart", hs], ["ps:restart", APP]]
     dokku.container_write(APP, MINDROOM_DIR + "/kept", "data")
     r = stack.call_provisioner("DELETE", "/apps/" + APP)
     assert r.status == 200 and r.json["storage"] == {"mindroom": "present",
