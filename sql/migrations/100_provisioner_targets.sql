@@ -129,9 +129,25 @@ AS $$
     SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('mindroom:placement', 0));
 $$;
 
--- A new instance is placed when it is inserted, if any target exists. No target
--- with room: target_id stays NULL and its creation waits (lifecycle_waiting says
--- 'no_capacity'); the claim places it once a target has room.
+-- Where the data of an earlier instance under the same app name still is: its
+-- target, when its storage has not been destroyed (an instance re-created under
+-- its subscription's names finds its kept storage there). NULL when none.
+CREATE FUNCTION public.target_of_kept_storage(p_app text, p_except uuid)
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+    SELECT x.target_id FROM public.instances x
+     WHERE x.dokku_app_name = p_app AND x.id <> p_except
+       AND x.target_id IS NOT NULL AND x.storage_destroyed_at IS NULL
+     ORDER BY x.created_at DESC
+     LIMIT 1;
+$$;
+
+-- A new instance is placed when it is inserted, if any target exists: where its
+-- name's kept storage is, else by the rule. No target with room: target_id stays
+-- NULL and its creation waits (lifecycle_waiting says 'no_capacity'); the claim
+-- places it once a target has room.
 CREATE FUNCTION public.instances_target_placement()
 RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -140,7 +156,8 @@ AS $$
 BEGIN
     IF NEW.target_id IS NULL AND EXISTS (SELECT 1 FROM public.provisioner_targets) THEN
         PERFORM public.target_placement_lock();
-        NEW.target_id := public.target_choose(public.instance_reserved_mb(NEW));
+        NEW.target_id := coalesce(public.target_of_kept_storage(NEW.dokku_app_name, NEW.id),
+                                  public.target_choose(public.instance_reserved_mb(NEW)));
     END IF;
     RETURN NEW;
 END;
@@ -169,7 +186,8 @@ BEGIN
        OR i.status = 'deprovisioned' THEN
         RETURN NULL;
     END IF;
-    v_target := public.target_choose(public.instance_reserved_mb(i));
+    v_target := coalesce(public.target_of_kept_storage(i.dokku_app_name, i.id),
+                         public.target_choose(public.instance_reserved_mb(i)));
     IF v_target IS NOT NULL THEN
         UPDATE public.instances SET target_id = v_target WHERE id = i.id;
     END IF;
@@ -349,13 +367,15 @@ REVOKE ALL ON FUNCTION public.instance_teardowns_due(integer) FROM PUBLIC, anon,
 GRANT EXECUTE ON FUNCTION public.instance_teardowns_due(integer) TO service_role;
 
 REVOKE ALL ON FUNCTION public.instance_reserved_mb(public.instances), public.target_free_mb(bigint),
-    public.target_choose(integer), public.target_placement_lock(), public.instance_place(uuid),
+    public.target_choose(integer), public.target_of_kept_storage(text, uuid),
+    public.target_placement_lock(), public.instance_place(uuid),
     public.lifecycle_target_wait(public.instances), public.lifecycle_waiting(),
     public.lifecycle_target_of(uuid), public.provisioner_targets_changed(),
     public.instances_target_placement()
     FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.instance_reserved_mb(public.instances),
-    public.target_free_mb(bigint), public.target_choose(integer), public.target_placement_lock(),
+    public.target_free_mb(bigint), public.target_choose(integer),
+    public.target_of_kept_storage(text, uuid), public.target_placement_lock(),
     public.instance_place(uuid), public.lifecycle_target_wait(public.instances),
     public.lifecycle_waiting(), public.lifecycle_target_of(uuid)
     TO service_role;

@@ -3,7 +3,7 @@
 -- owed work waiting with a reason, teardowns on the instance's own target, and
 -- least privilege.
 BEGIN;
-SELECT plan(28);
+SELECT plan(31);
 \ir _helpers.inc
 
 CREATE TEMP TABLE placed (n integer PRIMARY KEY, expected bigint, got bigint);
@@ -129,6 +129,29 @@ SELECT is(public.instance_place((SELECT id FROM public.instances WHERE dokku_app
           913::bigint, 'once there is room it is placed; a pinned target wins over a freer unpinned one');
 SELECT is(public.instance_place((SELECT id FROM public.instances WHERE dokku_app_name = 'mindroom-p101')),
           NULL, 'an instance is placed once');
+
+-- Re-created under the names of a destroyed instance whose data is kept on beta: it
+-- goes to beta, though the rule (gamma pinned) would say gamma.
+INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status)
+VALUES ('a1000000-0000-4000-8000-000000000102', '5eed5eed-0000-4000-8000-000000000001',
+        'price_starter', 'starter', 'active');
+INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain, status, desired_status,
+                              target_id, deprovisioned_at)
+VALUES ('a1000000-0000-4000-8000-000000000102', 'mindroom-p102', 'mp102', 'deprovisioned',
+        'deprovisioned', 912, now());
+SELECT is((SELECT target_id FROM public.instances WHERE dokku_app_name = 'mindroom-p102'
+             AND status = 'deprovisioned'), 912::bigint, 'the destroyed one''s data is on beta');
+INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain)
+VALUES ('a1000000-0000-4000-8000-000000000102', 'mindroom-p102', 'mp102');
+SELECT is((SELECT target_id FROM public.instances WHERE dokku_app_name = 'mindroom-p102'
+             AND status <> 'deprovisioned'), 912::bigint,
+          'an instance re-created under the same names goes where its kept data is');
+UPDATE public.instances SET storage_destroyed_at = now()
+ WHERE dokku_app_name = 'mindroom-p102' AND status = 'deprovisioned';
+SELECT is(public.target_of_kept_storage('mindroom-p102',
+              (SELECT id FROM public.instances WHERE dokku_app_name = 'mindroom-p102'
+                 AND status <> 'deprovisioned')),
+          NULL, 'once that data is destroyed, nothing holds it there');
 
 -- 5. Teardowns go to the instance's own target -------------------------------------------
 CREATE TEMP TABLE gone AS
