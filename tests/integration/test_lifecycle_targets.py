@@ -117,13 +117,18 @@ def test_target_commands_refuse_bad_input_and_write_nothing(stack):
               "--capacity-mb", "0"), "--capacity-mb is a positive number"),
             (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T",
               "--capacity-mb", "1000", "--max-in-flight", "-1"), "--max-in-flight is a number"),
-            (("frobnicate",), "target: list, add, drain, pin, enable or disable"),
+            (("frobnicate",), "target: list, add, set, drain, pin, enable or disable"),
+            (("set", "t1"), "target set: give --capacity-mb and/or --max-in-flight"),
+            (("set", "t1", "--capacity-mb", "x"), "target set: --capacity-mb is a positive number"),
+            (("set", "t1", "--max-in-flight", "1", "--url", "http://x"),
+             "target set: unknown argument --url"),
             (("drain",), "target drain: NAME is required"),
             (("disable", "t1", "--undo"), "target disable: unknown argument --undo")):
         p = ctl(stack, "target", *args)
         assert p.returncode == 2 and needle in p.stderr, (args, p.returncode, p.stderr)
-    p = ctl(stack, "target", "drain", "nowhere")
-    assert p.returncode == 1 and "no target named nowhere" in p.stderr, p.stderr
+    for args in (("drain", "nowhere"), ("set", "nowhere", "--capacity-mb", "5")):
+        p = ctl(stack, "target", *args)
+        assert p.returncode == 1 and "no target named nowhere" in p.stderr, (args, p.stderr)
     assert target_rows(stack) == {}
     # No target yet: the list is empty and nothing waits.
     assert rows_of(ok(ctl(stack, "target", "list")))[0][:3] == ["id", "name", "scheduler"]
@@ -245,7 +250,10 @@ def test_a_disabled_targets_owed_work_waits_with_a_clear_status(stack, targets, 
 def test_a_targets_concurrency_limit_holds_across_workers(stack, targets):
     solo = targets["solo"]
     ok(ctl(stack, "target", "add", "solo", "--url", solo.url, "--token-ref", "env:SOLO_TOKEN",
-           "--capacity-mb", 50000, "--scheduler", "k3s", "--max-in-flight", 1))
+           "--capacity-mb", 1000, "--scheduler", "k3s", "--max-in-flight", 4))
+    ok(ctl(stack, "target", "set", "solo", "--max-in-flight", 1))
+    ok(ctl(stack, "target", "set", "solo", "--capacity-mb", 50000))
+    assert target_rows(stack)["solo"][4:6] == (50000, 1)
     out = ok(ctl(stack, "target", "pin", "solo"))
     assert target_rows(stack)["solo"][8] is True, out
     solo.reset()
