@@ -145,6 +145,14 @@ void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extr
     free(text);
 }
 
+void mr_note(mr_req *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->note, sizeof(r->note), fmt, ap);
+    va_end(ap);
+}
+
 void mr_reply_json(mr_req *r, int status, cJSON *body)
 {
     mr_reply_json_h(r, status, body, NULL);
@@ -380,7 +388,7 @@ static void serve(FCGX_Request *rq)
         mr_log(MR_LOG_ERROR, "handler sent no reply (request %s)", r->request_id);
         mr_reply_error(r, 500, "internal", "the function did not answer");
     }
-    mr_log_request(r->request_id, r->method, r->status, mr_now_ms() - r->started_ms, r->who.role);
+    int64_t took_ms = mr_now_ms() - r->started_ms;
 
     /* The caller has the whole answer once the request is finished; whatever
      * the handler deferred runs after that, off the caller's clock.
@@ -395,6 +403,8 @@ static void serve(FCGX_Request *rq)
         FCGX_Detach(rq);
     FCGX_Finish_r(rq);
     r->fcgx = NULL;
+    /* The request's one log line, written once the caller has the answer. */
+    mr_log_request(r->request_id, r->method, r->status, took_ms, r->who.role, r->note);
     if (ctx.job) {
         int64_t t0 = mr_now_ms();
         ctx.job(r, ctx.job_arg);
@@ -486,7 +496,8 @@ static void usage(const char *name)
     fprintf(stderr,
             "usage: %s [--socket PATH] [--workers N]\n"
             "  --socket PATH  unix socket to listen on (MR_SOCKET; default ./%s.sock)\n"
-            "  --workers N    pre-forked workers (MR_WORKERS; default: online cores)\n",
+            "  --workers N    pre-forked workers (MR_WORKERS; default: online cores, times\n"
+            "                 the function's own factor)\n",
             name, name);
 }
 
@@ -527,7 +538,10 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
             return 2;
         }
     } else {
-        nworkers = mr_config_int("MR_WORKERS", ncpu > 0 ? ncpu : 1, 1, MAX_WORKERS);
+        long per_core = app->workers_per_core > 0 ? app->workers_per_core : 1;
+        long dflt = (ncpu > 0 ? ncpu : 1) * per_core;
+        nworkers = mr_config_int("MR_WORKERS", dflt < MAX_WORKERS ? dflt : MAX_WORKERS, 1,
+                                 MAX_WORKERS);
     }
     g_max_body = (size_t)mr_config_int("MR_MAX_BODY", MR_DEFAULT_MAX_BODY, 1, 64 << 20);
     long mode;
