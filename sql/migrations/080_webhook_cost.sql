@@ -711,11 +711,17 @@ AS $$
 DECLARE
     v jsonb;
 BEGIN
-    IF p_wake_after_commit THEN
-        PERFORM pg_catalog.set_config('mindroom.wake_after_commit', 'on', true);
+    IF NOT p_wake_after_commit THEN
+        RETURN public.process_stripe_event(p_event_id, p_event);
     END IF;
+    -- Both settings last to the transaction's end: cleared around this event, so
+    -- that the answer speaks of it alone and later writes in the same transaction
+    -- notify as usual.
+    PERFORM pg_catalog.set_config('mindroom.wake', '', true),
+            pg_catalog.set_config('mindroom.wake_after_commit', 'on', true);
     v := public.process_stripe_event(p_event_id, p_event);
-    IF p_wake_after_commit AND current_setting('mindroom.wake', true) = 'on' THEN
+    PERFORM pg_catalog.set_config('mindroom.wake_after_commit', '', true);
+    IF current_setting('mindroom.wake', true) = 'on' THEN
         v := v || '{"wake": true}';
     END IF;
     RETURN v;
