@@ -98,8 +98,8 @@ int mr_app_main(const mr_app *app, int argc, char **argv);
 
 /* Sets what the request's one log line says the handler did ("event evt_x
  * (type): processed"), formatted and cut to fit: the runtime writes it with the
- * status and duration once the caller has the answer, so the request costs one
- * log line, off the caller's clock. A later call replaces an earlier note. */
+ * status and duration when the handler returns, so the request costs one log
+ * line. A later call replaces an earlier note. */
 void mr_note(mr_req *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Sends status + JSON body (Content-Type: application/json, X-Request-Id,
