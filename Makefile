@@ -9,6 +9,11 @@ WARN    := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes -Wmissing-proto
            -Wwrite-strings -Wvla -Werror
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -g -Ilib $(WARN) \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+# What was built (scripts/version.sh) and the schema it expects (every migration's
+# version): compiled into lib/mr_version.c only, which a stamp rebuilds when
+# either changes.
+VERSION        := $(shell scripts/version.sh)
+SCHEMA_VERSIONS := $(shell ls sql/migrations | sed -n 's/^\([0-9][0-9]*\)_.*\.sql$$/\1/p' | sort -n | paste -sd, -)
 LIBS    := -lfcgi $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lcjson -lcurl -lpq -lssl -lcrypto) -lm
 
 ifeq ($(SAN),1)
@@ -32,15 +37,24 @@ FUNC_BINS := $(FUNCS:%=$(BUILD)/bin/%)
 TEST_SRC  := $(wildcard tests/unit/test_*.c)
 TEST_BINS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
-.PHONY: all build tests test run stop bench valgrind fuzz drills clean deps
+.PHONY: all build tests test run stop bench valgrind fuzz drills clean deps FORCE \
+        install deb package-test
 all: build
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bin/%,$(wildcard tests/bench/*.c))
-build: $(FUNC_BINS) $(BUILD)/bin/mr-jwt $(BUILD)/bin/mr-secrets $(BENCH_BINS)
+TOOL_BINS  := $(patsubst scripts/%.c,$(BUILD)/bin/%,$(wildcard scripts/*.c))
+build: $(FUNC_BINS) $(TOOL_BINS) $(BENCH_BINS)
 tests: $(TEST_BINS)
 
 $(BUILD)/lib/%.o: lib/%.c $(wildcard lib/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/version.stamp: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(VERSION) $(SCHEMA_VERSIONS)' | cmp -s - $@ || echo '$(VERSION) $(SCHEMA_VERSIONS)' > $@
+$(BUILD)/lib/mr_version.o: $(BUILD)/version.stamp
+$(BUILD)/lib/mr_version.o: CFLAGS += -DMR_VERSION='"$(VERSION)"' -DMR_SCHEMA_VERSIONS='"$(SCHEMA_VERSIONS)"'
+FORCE:
 
 $(LIB_A): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
@@ -53,7 +67,7 @@ $(BUILD)/bin/$(1): $(wildcard functions/$(1)/*.c) $(wildcard functions/$(1)/*.h)
 endef
 $(foreach f,$(FUNCS),$(eval $(call FUNC_RULE,$(f))))
 
-# Small command-line tools built from scripts/*.c (token minting, signing).
+# Small command-line tools built from scripts/*.c (token minting, service files).
 $(BUILD)/bin/%: scripts/%.c $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -o $@
@@ -99,6 +113,68 @@ fuzz: deps
 drills: deps
 	@$(MAKE) --no-print-directory SAN=1 build
 	@scripts/drills.sh
+
+# ---- install and package (docs/install.md) ----------------------------------
+# `make install` copies the release build (SAN=1: the sanitizer build) and
+# everything it runs with: binaries, mindroomctl, systemd units, tmpfiles.d and
+# sysusers.d entries, nginx snippets and site, migrations, seed, docs, and the
+# configuration template (written only where none exists yet, mode 0600).
+# The units, the nginx site and the scripts name the packaged layout (/usr/lib/mindroom,
+# /etc/mindroom, /etc/nginx); other directories are substituted on the way.
+PREFIX      ?= /usr/local
+SYSCONFDIR  ?= $(PREFIX)/etc
+BINDIR      ?= $(PREFIX)/bin
+LIBEXECDIR  ?= $(PREFIX)/lib/mindroom
+DATADIR     ?= $(PREFIX)/share/mindroom
+DOCDIR      ?= $(PREFIX)/share/doc/mindroom
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+NGINXDIR    ?= $(SYSCONFDIR)/nginx
+DESTDIR     ?=
+# Not FastCGI functions: their own units, outside the template's directory.
+DAEMONS     := mindroom-lifecycle dokku-provisioner
+SUBST = sed -e 's|/usr/lib/mindroom|$(LIBEXECDIR)|g' -e 's|/etc/mindroom|$(SYSCONFDIR)/mindroom|g' \
+            -e 's|/usr/share/doc/mindroom|$(DOCDIR)|g' -e 's|/etc/nginx|$(NGINXDIR)|g'
+
+install: build
+	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR)/functions $(DESTDIR)$(DATADIR)/migrations \
+	    $(DESTDIR)$(DOCDIR) $(DESTDIR)$(UNITDIR)/mindroom-.service.d $(DESTDIR)$(TMPFILESDIR) \
+	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(NGINXDIR)/mindroom $(DESTDIR)$(NGINXDIR)/sites-available
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/mindroom
+	install -m 0755 $(filter-out $(DAEMONS:%=$(BUILD)/bin/%),$(FUNC_BINS)) $(DESTDIR)$(LIBEXECDIR)/functions/
+	install -m 0755 $(DAEMONS:%=$(BUILD)/bin/%) $(TOOL_BINS) $(DESTDIR)$(LIBEXECDIR)/
+	sed -e 's|^INSTALLED_MIGRATIONS=$$|INSTALLED_MIGRATIONS=$(DATADIR)/migrations|' scripts/migrate.sh \
+	    > $(DESTDIR)$(LIBEXECDIR)/migrate.sh && chmod 0755 $(DESTDIR)$(LIBEXECDIR)/migrate.sh
+	sed -e 's|^INSTALLED_LIBEXEC=$$|INSTALLED_LIBEXEC=$(LIBEXECDIR)|' \
+	    -e 's|^INSTALLED_ENV=$$|INSTALLED_ENV=$(SYSCONFDIR)/mindroom/mindroom.env|' \
+	    -e 's|^INSTALLED_VERSION=$$|INSTALLED_VERSION=$(VERSION)|' scripts/mindroomctl \
+	    > $(DESTDIR)$(BINDIR)/mindroomctl && chmod 0755 $(DESTDIR)$(BINDIR)/mindroomctl
+	install -m 0644 sql/migrations/*.sql $(DESTDIR)$(DATADIR)/migrations/
+	install -m 0644 sql/seed.sql $(DESTDIR)$(DATADIR)/
+	for f in packaging/systemd/*.service packaging/systemd/*.socket packaging/systemd/*.target \
+	         packaging/systemd/mindroom-.service.d/*.conf; do \
+	    $(SUBST) $$f > $(DESTDIR)$(UNITDIR)/$${f#packaging/systemd/} && \
+	    chmod 0644 $(DESTDIR)$(UNITDIR)/$${f#packaging/systemd/} || exit 1; done
+	install -m 0644 packaging/tmpfiles.d/mindroom.conf $(DESTDIR)$(TMPFILESDIR)/mindroom.conf
+	install -m 0644 packaging/sysusers.d/mindroom.conf $(DESTDIR)$(SYSUSERSDIR)/mindroom.conf
+	install -m 0644 nginx/fastcgi.conf nginx/json-errors.conf nginx/cors.conf $(DESTDIR)$(NGINXDIR)/mindroom/
+	$(SUBST) nginx/mindroom.conf > $(DESTDIR)$(NGINXDIR)/sites-available/mindroom.conf
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	[ -e $(DESTDIR)$(SYSCONFDIR)/mindroom/mindroom.env ] || \
+	    install -m 0600 .env.example $(DESTDIR)$(SYSCONFDIR)/mindroom/mindroom.env
+
+# A Debian package of the release build (build/mindroom_<version>_<arch>.deb),
+# made with dpkg-deb: installable with `apt install ./build/mindroom_*.deb`.
+deb: deps
+	@$(MAKE) --no-print-directory build
+	@packaging/deb/build.sh
+
+# Builds the package and installs it into a fresh Debian 12 root (debootstrap,
+# cached under build/package-test), with its dependencies and maintainer scripts,
+# then checks files, users, permissions and every unit. Needs root and Debian's archive.
+package-test: deb
+	@packaging/package-test.sh
 
 clean:
 	rm -rf build

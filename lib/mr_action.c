@@ -8,6 +8,7 @@ static const char *const names[MR_ACTION_COUNT] = {
     [MR_ACTION_START] = "start",     [MR_ACTION_UPDATE] = "update",
     [MR_ACTION_STOP] = "stop",       [MR_ACTION_DESTROY] = "destroy",
     [MR_ACTION_EMAIL] = "email",     [MR_ACTION_DESTROY_STORAGE] = "destroy_storage",
+    [MR_ACTION_RESTART] = "restart",
 };
 
 const char *mr_action_name(mr_action a)

@@ -19,6 +19,7 @@ typedef enum {
     MR_ACTION_DESTROY,  /* remove the app */
     MR_ACTION_EMAIL,    /* send the welcome email */
     MR_ACTION_DESTROY_STORAGE, /* remove a destroyed instance's data (retention over, or purge) */
+    MR_ACTION_RESTART,  /* restart both apps, as a tenant asked (the data stays) */
     MR_ACTION_COUNT
 } mr_action;
 

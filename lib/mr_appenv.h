@@ -4,6 +4,13 @@
 #ifndef MR_APPENV_H
 #define MR_APPENV_H
 
+/* What the control plane itself puts in MindRoom's environment to be reached by
+ * it (docs/instance.md): its base URL, and the instance's own credential (a
+ * secret; also the name of its sealed row in instance_secrets, kind
+ * control_plane). They win over an operator's variable of the same name. */
+#define MR_APPENV_CONTROL_PLANE_URL "MINDROOM_CONTROL_PLANE_URL"
+#define MR_APPENV_CONTROL_PLANE_TOKEN "MINDROOM_CONTROL_PLANE_TOKEN"
+
 /* 1 when s is an environment key: ^[A-Z_][A-Z0-9_]*$, at most 255 characters. */
 int mr_appenv_valid_key(const char *s);
 

@@ -1,6 +1,6 @@
 /* mr_common.h: error codes and small helpers shared by every libmindroom module.
  *
- * Convention (STYLE.md): a fallible call returns an mr_err (MR_OK == 0) and,
+ * Convention: a fallible call returns an mr_err (MR_OK == 0) and,
  * where it can say more, fills a caller-owned buffer `err` of `errlen` bytes
  * with a one-line message that is safe to log and to show a caller (never a
  * secret, never SQL text). */
@@ -45,11 +45,15 @@ int64_t mr_now_ms(void);
 int mr_is_uuid(const char *s);
 
 /* Who is calling, as Row Level Security should see it: the role and the claims a
- * transaction runs with (mr_db_tx / mr_db_call apply them with set_config). */
+ * transaction runs with (mr_db_tx / mr_db_call apply them with set_config), and
+ * the request it came with, for audit rows (set as mindroom.request). */
 typedef struct {
     char role[64];       /* "service_role", "authenticated", or "" (the connecting role) */
     char sub[64];        /* auth.uid() for users, "" otherwise */
     char *claims_json;   /* the claims as JSON, or NULL; owned by whoever filled it */
+    const char *request_json; /* {"ip", "user_agent", "request_id"} of the HTTP request, or
+                                 NULL (no request: the worker, tools); borrowed from the
+                                 runtime, valid until the request ends */
 } mr_identity;
 
 /* The identity of the control plane's own work (the worker, recording health):

@@ -21,6 +21,7 @@
 
 #include "mr_config.h"
 #include "mr_log.h"
+#include "mr_metrics.h"
 
 #define TX_MAX_RETRIES 5
 #define MAX_PREPARED 16
@@ -44,13 +45,13 @@ struct mr_db {
     } prepared[MAX_PREPARED];
 };
 
-/* BEGIN's companions: the request's identity and the statement timeout, local to
- * the transaction. */
+/* BEGIN's companions: the request's identity, its context for audit rows and the
+ * statement timeout, local to the transaction. */
 static const mr_db_stmt identity_stmt = {
     "mr_db_identity",
     "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),"
-    " set_config('statement_timeout', $3, true)",
-    3};
+    " set_config('mindroom.request', $3, true), set_config('statement_timeout', $4, true)",
+    4};
 static const mr_db_stmt timeout_stmt = {
     "mr_db_timeout", "SELECT set_config('statement_timeout', $1, true)", 1};
 
@@ -116,6 +117,7 @@ static mr_err fail(mr_db *db, const PGresult *res, char sqlstate[6], char *err, 
     memcpy(db->last_state, state, 6);
     if (sqlstate)
         memcpy(sqlstate, state, 6);
+    mr_metrics_db_error(state);
     const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     if (!primary && db->conn)
         primary = PQerrorMessage(db->conn);
@@ -197,6 +199,7 @@ static mr_err db_connect(mr_db *db, char *err, size_t errlen)
         mr_log(MR_LOG_WARN, "database connect failed: %.300s", m);
         PQfinish(c);
         memcpy(db->last_state, "08001", 6);
+        mr_metrics_db_error("08001");
         return mr_seterr(err, errlen, MR_ETRANSIENT, "database unavailable, retry later");
     }
     PQsetNoticeProcessor(c, on_notice, NULL);
@@ -350,7 +353,8 @@ static void forget_prepared(mr_db *db)
 static int send_identity(mr_db *db, const mr_identity *who)
 {
     if (who && who->role[0]) {
-        const char *p[3] = {who->role, who->claims_json, db->statement_timeout};
+        const char *p[4] = {who->role, who->claims_json,
+                            who->request_json ? who->request_json : "", db->statement_timeout};
         return send_stmt(db, &identity_stmt, p, NULL);
     }
     const char *p[1] = {db->statement_timeout};

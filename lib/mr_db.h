@@ -67,9 +67,10 @@ mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *pa
                   PGresult **res, char sqlstate[6], char *err, size_t errlen);
 
 /* Runs fn inside BEGIN ... COMMIT with the caller's identity applied by
- * set_config('role', who->role, true) and set_config('request.jwt.claims',
- * who->claims_json, true) (skipped when who is NULL or role is ""; then the
- * transaction runs as the connecting role). fn returns MR_OK to commit, anything
+ * set_config('role', who->role, true), set_config('request.jwt.claims',
+ * who->claims_json, true) and set_config('mindroom.request', who->request_json,
+ * true) (skipped when who is NULL or role is ""; then the transaction runs as the
+ * connecting role). fn returns MR_OK to commit, anything
  * else to roll back. Retries as described above. Returns fn's result or the
  * failure's class. */
 mr_err mr_db_tx(mr_db *db, const mr_identity *who,

@@ -16,10 +16,17 @@
  *                 is still running), with room to record the outcome
  *   edges:        "wait": true  < nginx's read timeout for provision/deprovision
  *   webhook:      a statement   < nginx's read timeout for the webhook
+ *   tenant edges: a statement   < nginx's read timeout for track-usage, my-instance
  *   health:       one probe round < nginx's read timeout for check-instance-health
  *   stopping:     a worker's stop grace < systemd's TimeoutStopSec */
 #ifndef MR_DEADLINES_H
 #define MR_DEADLINES_H
+
+/* The runtime: how long an accepted connection may take to deliver its whole
+ * request (FastCGI params and body; nginx sends it at once, having buffered it)
+ * before it is dropped, and the deadline of each write of an answer
+ * (MR_READ_TIMEOUT_MS). */
+#define MR_DL_FCGI_READ_MS 5000
 
 /* PostgreSQL: any one statement (MR_DB_STATEMENT_TIMEOUT_MS). */
 #define MR_DL_DB_STATEMENT_MS 5000
@@ -53,6 +60,10 @@
 
 /* The webhook: nginx's fastcgi_read_timeout, seconds. */
 #define MR_DL_NGINX_WEBHOOK_S 60
+
+/* track-usage and my-instance (each request: one or two statements): nginx's
+ * fastcgi_read_timeout, seconds. */
+#define MR_DL_NGINX_TENANT_S 30
 
 /* Health: one probe (HEALTH_TIMEOUT_MS) and nginx's fastcgi_read_timeout for
  * check-instance-health, seconds. */

@@ -10,6 +10,7 @@
 #include "mr_deadlines.h"
 #include "mr_json.h"
 #include "mr_log.h"
+#include "mr_metrics.h"
 
 void mr_health_config_load(mr_health_config *cfg)
 {
@@ -292,7 +293,9 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     rc.results_json = rec_json;
     snprintf(rc.threshold, sizeof rc.threshold, "%d", cfg->threshold);
     snprintf(rc.interval, sizeof rc.interval, "%d", cfg->interval_s);
-    e = rec_json ? mr_db_tx(db, &mr_service_identity, record_tx, &rc, err, errlen)
+    mr_identity recorder = mr_service_identity;
+    recorder.request_json = who ? who->request_json : NULL; /* audit rows: from where */
+    e = rec_json ? mr_db_tx(db, &recorder, record_tx, &rc, err, errlen)
                  : mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
     if (e != MR_OK)
         goto done; /* probed but nothing recorded: transient; the next round tries again */
@@ -343,6 +346,7 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         }
         cJSON_AddItemToArray(results, o);
     }
+    mr_metrics_health_round(healthy, unhealthy, unreachable, marked);
     cJSON_AddNumberToObject(o_all, "checked", (double)sc.n);
     cJSON_AddNumberToObject(o_all, "healthy", healthy);
     cJSON_AddNumberToObject(o_all, "unhealthy", unhealthy);

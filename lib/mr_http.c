@@ -11,11 +11,27 @@
  * handler's read, write, libpq or libcurl call with EINTR, and it does break
  * accept (FCGI_FAIL_ACCEPT_ON_INTR, handler without SA_RESTART). The one race
  * left (the signal lands between the stop check and accept(2)) is closed by
- * the parent re-sending SIGTERM every second while it drains. */
+ * the parent re-sending SIGTERM every second while it drains.
+ *
+ * Connections are accepted here, not by libfcgi: a worker first waits, for at
+ * most MR_READ_TIMEOUT_MS, until the connection has delivered a whole FastCGI
+ * responder request (BEGIN_REQUEST, the params, the body up to its end record),
+ * looking with MSG_PEEK, and only then hands it to FCGX_Accept_r (through the
+ * request's ipcFd, with keepConnection set so that libfcgi's own
+ * end-of-previous-request step keeps it open). libfcgi would otherwise wait
+ * without limit for the params of a connection that sent BEGIN_REQUEST and then
+ * nothing, and two such local connections would hold both of a function's
+ * workers. A connection that misses the deadline or sends anything else is
+ * closed, logged and counted. FCGX_Accept_r is given no listening socket (-1), so
+ * if it ever finds a request it cannot read it fails at once instead of accepting
+ * on its own, without the deadline. */
 #include "mr_http.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <fcgiapp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -23,8 +39,10 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <netdb.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,10 +52,14 @@
 #include "mr_auth.h"
 #include "mr_config.h"
 #include "mr_db.h"
+#include "mr_deadlines.h"
 #include "mr_httpc.h"
 #include "mr_json.h"
 #include "mr_log.h"
+#include "mr_metrics.h"
 #include "mr_proc.h"
+#include "mr_sd.h"
+#include "mr_version.h"
 
 #define MAX_WORKERS MR_PROC_MAX
 #define LISTEN_BACKLOG 1024
@@ -45,6 +67,7 @@
 /* Process-wide settings, fixed in the parent before fork. */
 static const mr_app *g_app;
 static size_t g_max_body = MR_DEFAULT_MAX_BODY;
+static int64_t g_read_timeout_ms = MR_DL_FCGI_READ_MS;
 static mr_auth *g_auth; /* MR_AUTH_SERVICE/USER: settings and, per worker, the JWKS cache */
 static char g_prefix[160]; /* "/functions/v1/<name>" */
 
@@ -52,12 +75,15 @@ static char g_prefix[160]; /* "/functions/v1/<name>" */
 static volatile sig_atomic_t g_stop;
 static mr_db *g_db;
 static mr_httpc *g_http;
+static unsigned char *g_peek; /* a worker's buffer for looking at a request before it is read */
+static size_t g_peek_cap;
 
 /* The runtime's private view of a request: the public mr_req comes first so
  * mr_defer can recover the rest from the handler's pointer. */
 typedef struct {
     mr_req pub;
     char *strings; /* one allocation holding every copied CGI param */
+    char *request_json; /* the request's context for audit rows (r->who.request_json) */
     void (*job)(mr_req *r, void *arg);
     void *job_arg;
     void (*job_free)(void *);
@@ -90,8 +116,8 @@ static const char *reason(int status)
     }
 }
 
-static void send_reply(mr_req *r, int status, const char *body, size_t len,
-                       const char *const *extra)
+static void send_reply_ct(mr_req *r, int status, const char *content_type, const char *body,
+                          size_t len, const char *const *extra)
 {
     if (!r->fcgx) {
         mr_log(MR_LOG_ERROR, "reply after the request finished (request %s); dropped", r->request_id);
@@ -113,9 +139,9 @@ static void send_reply(mr_req *r, int status, const char *body, size_t len,
             cache = "";
     char head[512];
     int n = snprintf(head, sizeof(head),
-                     "Status: %d %s\r\nContent-Type: application/json\r\n"
+                     "Status: %d %s\r\nContent-Type: %s\r\n"
                      "%sX-Request-Id: %s\r\nContent-Length: %zu\r\n",
-                     status, reason(status), cache, r->request_id, len);
+                     status, reason(status), content_type, cache, r->request_id, len);
     FCGX_PutStr(head, n, out);
     for (size_t i = 0; extra && extra[i]; i++) {
         /* A CR or LF would let a value smuggle in a header or split the response. */
@@ -129,6 +155,22 @@ static void send_reply(mr_req *r, int status, const char *body, size_t len,
     FCGX_PutStr("\r\n", 2, out);
     FCGX_PutStr(body, (int)len, out);
     r->status = status;
+}
+
+static void send_reply(mr_req *r, int status, const char *body, size_t len,
+                       const char *const *extra)
+{
+    send_reply_ct(r, status, "application/json", body, len, extra);
+}
+
+void mr_reply_text(mr_req *r, int status, const char *content_type, const char *body, size_t len)
+{
+    /* The type goes into a header line: a CR or LF in it would split the answer. */
+    if (!content_type || strpbrk(content_type, "\r\n") || strlen(content_type) > 200) {
+        mr_reply_error(r, 500, "internal", "bad content type");
+        return;
+    }
+    send_reply_ct(r, status, content_type, body, len, NULL);
 }
 
 void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extra_headers)
@@ -273,6 +315,39 @@ static int copy_params(req_ctx *ctx, FCGX_Request *rq)
     return 0;
 }
 
+/* The request's context as audit rows record it (mindroom.request):
+ * {"ip": nginx's $remote_addr after real_ip, only when it is an IP address,
+ *  "user_agent": at most 256 characters of printable ASCII (anything else becomes
+ *  '?', so the text is valid in any database encoding), "request_id"}.
+ * Returns a malloc'd string, or NULL when out of memory. */
+static char *request_context(const mr_req *r)
+{
+    unsigned char addr[sizeof(struct in6_addr)];
+    char ua[257];
+    size_t n = 0;
+    for (const char *p = r->user_agent; *p && n < sizeof ua - 1; p++)
+        ua[n++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+    ua[n] = '\0';
+    cJSON *j = cJSON_CreateObject();
+    if (!j)
+        return NULL;
+    if (inet_pton(AF_INET, r->remote_addr, addr) == 1 || inet_pton(AF_INET6, r->remote_addr, addr) == 1)
+        cJSON_AddStringToObject(j, "ip", r->remote_addr);
+    if (n)
+        cJSON_AddStringToObject(j, "user_agent", ua);
+    cJSON_AddStringToObject(j, "request_id", r->request_id);
+    char *out = mr_json_print(j);
+    cJSON_Delete(j);
+    return out;
+}
+
+mr_identity mr_req_service(const mr_req *r)
+{
+    mr_identity who = mr_service_identity;
+    who.request_json = r->who.request_json;
+    return who;
+}
+
 static int method_allowed(const char *method)
 {
     const char *m = g_app->methods ? g_app->methods : "";
@@ -348,6 +423,8 @@ static int read_body(mr_req *r, FCGX_Request *rq)
 static void serve(FCGX_Request *rq)
 {
     req_ctx ctx;
+    struct timespec arrived;
+    clock_gettime(CLOCK_MONOTONIC, &arrived);
     memset(&ctx, 0, sizeof(ctx));
     mr_req *r = &ctx.pub;
     r->fcgx = rq;
@@ -361,10 +438,15 @@ static void serve(FCGX_Request *rq)
     else
         new_request_id(r->request_id);
 
-    if (copy_params(&ctx, rq) != 0) {
+    int copied = copy_params(&ctx, rq) == 0;
+    if (copied)
+        ctx.request_json = request_context(r);
+    if (!copied || !ctx.request_json) {
         static const char *const empty = "";
-        r->method = r->path = r->query = r->content_type = r->authorization = empty;
-        r->stripe_signature = r->remote_addr = r->user_agent = empty;
+        if (!copied) {
+            r->method = r->path = r->query = r->content_type = r->authorization = empty;
+            r->stripe_signature = r->remote_addr = r->user_agent = empty;
+        }
         mr_reply_error(r, 500, "internal", "out of memory");
     } else if (!method_allowed(r->method)) {
         char allow[160];
@@ -382,6 +464,8 @@ static void serve(FCGX_Request *rq)
     } else if (read_body(r, rq) != 0) {
         /* replied */
     } else {
+        /* Set after authentication, which fills r->who afresh. */
+        r->who.request_json = ctx.request_json;
         g_app->handle(r);
     }
     if (r->status == 0) {
@@ -393,6 +477,10 @@ static void serve(FCGX_Request *rq)
      * tail -f); a write of one short line costs microseconds. */
     mr_log_request(r->request_id, r->method, r->status, mr_now_ms() - r->started_ms, r->who.role,
                    r->note);
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    mr_metrics_request(r->status, (int64_t)(t1.tv_sec - arrived.tv_sec) * 1000000 +
+                                      (t1.tv_nsec - arrived.tv_nsec) / 1000);
 
     /* The caller has the whole answer once the request is finished; whatever
      * the handler deferred runs after that, off the caller's clock.
@@ -405,6 +493,9 @@ static void serve(FCGX_Request *rq)
      * A request answered before its body was read keeps libfcgi's draining close. */
     if (FCGX_GetChar(rq->in) == EOF && !FCGX_GetError(rq->in))
         FCGX_Detach(rq);
+    /* One request per connection (nginx's fastcgi_keep_conn off): the next one
+     * comes through accept and its deadline. */
+    rq->keepConnection = 0;
     FCGX_Finish_r(rq);
     r->fcgx = NULL;
     if (ctx.job) {
@@ -419,6 +510,7 @@ static void serve(FCGX_Request *rq)
     free(r->who.claims_json);
     free(r->body);
     free(ctx.strings);
+    free(ctx.request_json);
 }
 
 /* ---- worker ------------------------------------------------------------ */
@@ -428,6 +520,130 @@ static void on_stop(int sig)
     (void)sig;
     g_stop = 1;
     FCGX_ShutdownPending();
+}
+
+/* FastCGI records (the FastCGI specification, section 3.3). */
+#define FCGI_HEADER_LEN 8
+#define FCGI_BEGIN 1
+#define FCGI_PARAMS_T 4
+#define FCGI_STDIN_T 5
+#define FCGI_RESPONDER_ROLE 1
+
+/* Looks at the first len bytes a connection sent. Returns 1 when they hold a
+ * whole responder request (BEGIN_REQUEST, PARAMS records up to the empty one,
+ * STDIN records up to the empty one), 0 when more is to come, -1 when they are
+ * not such a request. *params_done says whether the params have all arrived. */
+static int request_state(const unsigned char *b, size_t len, int *params_done)
+{
+    size_t off = 0;
+    unsigned id = 0;
+    *params_done = 0;
+    while (off + FCGI_HEADER_LEN <= len) {
+        const unsigned char *h = b + off;
+        unsigned type = h[1], rid = (unsigned)h[2] << 8 | h[3];
+        size_t clen = (size_t)h[4] << 8 | h[5], plen = h[6];
+        if (h[0] != 1)
+            return -1;
+        if (off == 0) {
+            if (type != FCGI_BEGIN || clen != 8 || rid == 0)
+                return -1;
+            if (len < FCGI_HEADER_LEN + 8)
+                return 0;
+            if (((unsigned)h[8] << 8 | h[9]) != FCGI_RESPONDER_ROLE)
+                return -1;
+            id = rid;
+        } else if (rid != id) {
+            return -1;
+        } else if (!*params_done) {
+            if (type != FCGI_PARAMS_T)
+                return -1;
+            *params_done = clen == 0;
+        } else {
+            if (type != FCGI_STDIN_T)
+                return -1;
+            if (clen == 0)
+                return 1;
+        }
+        off += FCGI_HEADER_LEN + clen + plen;
+    }
+    return 0;
+}
+
+/* Waits until connection fd has delivered a whole request, or the read deadline.
+ * Returns 0 when it has (or when the params are complete and the body is larger
+ * than the look-ahead buffer: its reads then have the deadline each), else -1 with
+ * why filled and *quiet set when the peer went away without sending a byte (a
+ * connect-only probe of the socket: not an incident). */
+static int await_request(int fd, char *why, size_t whylen, int *quiet)
+{
+    int64_t deadline = mr_now_ms() + g_read_timeout_ms;
+    int seen = 0;
+    *quiet = 0;
+    for (;;) {
+        ssize_t n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
+        if (n > 0) {
+            seen = 1;
+            int params_done;
+            int st = request_state(g_peek, (size_t)n, &params_done);
+            if (st > 0 || (st == 0 && params_done && (size_t)n == g_peek_cap))
+                return 0;
+            if (st < 0 || (size_t)n == g_peek_cap) {
+                snprintf(why, whylen, "not a FastCGI responder request");
+                return -1;
+            }
+        } else if (n == 0) {
+            *quiet = !seen;
+            snprintf(why, whylen, "closed before sending a whole request");
+            return -1;
+        } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            *quiet = !seen;
+            snprintf(why, whylen, "%s", strerror(errno));
+            return -1;
+        }
+        int64_t left = deadline - mr_now_ms();
+        if (left <= 0) {
+            snprintf(why, whylen, "no whole request within %lld ms (MR_READ_TIMEOUT_MS)",
+                     (long long)g_read_timeout_ms);
+            return -1;
+        }
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        (void)poll(&p, 1, (int)(left > INT32_MAX ? INT32_MAX : left));
+    }
+}
+
+/* Hands an accepted connection to libfcgi once its request has arrived. Returns
+ * 0 with rq holding the request, -1 when the connection was dropped (closed,
+ * logged, counted). */
+static int take_request(FCGX_Request *rq, int fd)
+{
+    char why[160];
+    int quiet;
+    if (await_request(fd, why, sizeof why, &quiet) != 0) {
+        if (quiet) {
+            mr_log(MR_LOG_DEBUG, "a connection closed without sending anything");
+        } else {
+            mr_log(MR_LOG_WARN, "dropped a connection: %s", why);
+            mr_metrics_dropped_connection();
+        }
+        close(fd);
+        return -1;
+    }
+    /* Whatever is still read or written on it (a body larger than the look-ahead,
+     * the answer to a peer that stops reading) has the same deadline per call. */
+    struct timeval tv = {.tv_sec = g_read_timeout_ms / 1000,
+                         .tv_usec = (g_read_timeout_ms % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    rq->ipcFd = fd;
+    rq->keepConnection = 1;
+    int rc = FCGX_Accept_r(rq);
+    if (rc < 0) {
+        /* libfcgi found the request unreadable and closed the connection. */
+        mr_log(MR_LOG_WARN, "dropped a connection: its FastCGI request could not be read (%d)", rc);
+        mr_metrics_dropped_connection();
+        return -1;
+    }
+    return 0;
 }
 
 static int worker_main(int listen_fd)
@@ -453,7 +669,10 @@ static int worker_main(int listen_fd)
     if (dburl && *dburl)
         g_db = mr_db_open(dburl);
     g_http = mr_httpc_open();
-    if ((dburl && *dburl && !g_db) || !g_http) {
+    /* Room for a whole ordinary request: the params and a body at the cap. */
+    g_peek_cap = g_max_body + 65536 < 262144 ? g_max_body + 65536 : 262144;
+    g_peek = malloc(g_peek_cap);
+    if ((dburl && *dburl && !g_db) || !g_http || !g_peek) {
         mr_log(MR_LOG_ERROR, "worker could not allocate its database or HTTP handle");
         return 1;
     }
@@ -461,29 +680,40 @@ static int worker_main(int listen_fd)
         g_app->worker_init();
 
     FCGX_Request rq;
-    if (FCGX_InitRequest(&rq, listen_fd, FCGI_FAIL_ACCEPT_ON_INTR) != 0) {
+    if (FCGX_InitRequest(&rq, -1, FCGI_FAIL_ACCEPT_ON_INTR) != 0) {
         mr_log(MR_LOG_ERROR, "FCGX_InitRequest failed");
         return 1;
     }
     int status = 0;
     for (;;) {
         sigprocmask(SIG_UNBLOCK, &stopset, NULL);
-        int rc = g_stop ? -1 : FCGX_Accept_r(&rq);
+        int fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        int aerr = errno;
         sigprocmask(SIG_BLOCK, &stopset, NULL);
-        if (rc < 0) {
+        if (fd < 0) {
             if (g_stop)
                 break;
-            if (rc == -EINTR)
+            if (aerr == EINTR || aerr == ECONNABORTED || aerr == EPROTO || aerr == EAGAIN)
                 continue;
-            mr_log(MR_LOG_ERROR, "accept failed (%d); worker exits", rc);
+            if (aerr == EMFILE || aerr == ENFILE || aerr == ENOBUFS || aerr == ENOMEM) {
+                mr_log(MR_LOG_WARN, "accept: %s; retrying in 100 ms", strerror(aerr));
+                struct timespec ts = {0, 100 * 1000000L};
+                nanosleep(&ts, NULL);
+                continue;
+            }
+            mr_log(MR_LOG_ERROR, "accept failed: %s; worker exits", strerror(aerr));
             status = 1;
             break;
         }
+        if (take_request(&rq, fd) != 0)
+            continue;
         serve(&rq); /* a stop that arrived meanwhile waits for this to finish */
         if (g_stop)
             break;
     }
-    FCGX_Free(&rq, 0);
+    FCGX_Free(&rq, 1);
+    free(g_peek);
+    g_peek = NULL;
     mr_db_close(g_db);
     mr_httpc_close(g_http);
     g_db = NULL;
@@ -496,10 +726,12 @@ static int worker_main(int listen_fd)
 static void usage(const char *name)
 {
     fprintf(stderr,
-            "usage: %s [--socket PATH] [--workers N]\n"
-            "  --socket PATH  unix socket to listen on (MR_SOCKET; default ./%s.sock)\n"
+            "usage: %s [--socket PATH] [--workers N] | --version\n"
+            "  --socket PATH  unix socket to listen on (MR_SOCKET; default ./%s.sock),\n"
+            "                 unless systemd passes one (LISTEN_FDS)\n"
             "  --workers N    pre-forked workers (MR_WORKERS; default: online cores, times\n"
-            "                 the function's own factor)\n",
+            "                 the function's own factor)\n"
+            "  --version      print the version and exit\n",
             name, name);
 }
 
@@ -509,9 +741,109 @@ static int worker_child(void *arg)
     return worker_main(*(const int *)arg);
 }
 
+/* A listening socket on a unix path or "host:port" (":port": every address).
+ * libfcgi's FCGX_OpenSocket would exit() the process on a failed bind; this
+ * returns -1 with errno set instead, so the caller can say what went wrong. */
+static int open_listener(const char *where)
+{
+    const char *colon = strrchr(where, ':');
+    int fd;
+    if (!colon) {
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        if (strlen(where) >= sizeof sa.sun_path) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        memcpy(sa.sun_path, where, strlen(where) + 1);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0 && (bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0 ||
+                        listen(fd, LISTEN_BACKLOG) != 0)) {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+        return fd;
+    }
+    char host[256];
+    size_t hlen = (size_t)(colon - where);
+    if (hlen >= sizeof host) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(host, where, hlen);
+    host[hlen] = '\0';
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV}, *ai = NULL;
+    if (getaddrinfo(hlen ? host : NULL, colon + 1, &hints, &ai) != 0 || !ai) {
+        errno = EINVAL;
+        return -1;
+    }
+    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    int one = 1;
+    if (fd >= 0 && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+                    bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, LISTEN_BACKLOG) != 0)) {
+        int saved = errno;
+        close(fd);
+        fd = -1;
+        errno = saved;
+    }
+    freeaddrinfo(ai);
+    return fd;
+}
+
+/* Binds the unix (or host:port) socket at path with the given mode. A unix socket
+ * is bound under a temporary name and renamed over the path: a rolling restart
+ * (new binary first, old one drained after) never leaves nginx a moment with no
+ * socket at the path (the restart drill's 502s). Returns the listening fd, or -1
+ * (logged). */
+static int bind_socket(const char *socket_path, mode_t mode)
+{
+    struct stat st;
+    int is_unix = !strchr(socket_path, ':');
+    char bind_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    const char *listen_path = socket_path;
+    if (is_unix && lstat(socket_path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+        mr_log(MR_LOG_ERROR, "%s exists and is not a socket", socket_path);
+        return -1;
+    }
+    if (is_unix && snprintf(bind_path, sizeof bind_path, "%s.%ld.new", socket_path,
+                            (long)getpid()) < (int)sizeof bind_path) {
+        unlink(bind_path);
+        listen_path = bind_path;
+    } else if (is_unix && lstat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        unlink(socket_path); /* path too long for the temporary name: replace in place */
+    }
+    /* No moment with a wider mode than asked for: the umask covers the bind. */
+    mode_t old = is_unix ? umask((mode_t)(~mode & 0777)) : 0;
+    int fd = open_listener(listen_path);
+    int saved = errno;
+    if (is_unix)
+        umask(old);
+    if (fd < 0) {
+        mr_log(MR_LOG_ERROR, "cannot listen on %s: %s", socket_path, strerror(saved));
+        return -1;
+    }
+    if (is_unix && chmod(listen_path, mode) != 0) {
+        mr_log(MR_LOG_ERROR, "chmod %s: %s", socket_path, strerror(errno));
+        unlink(listen_path);
+        close(fd);
+        return -1;
+    }
+    if (listen_path != socket_path && rename(listen_path, socket_path) != 0) {
+        mr_log(MR_LOG_ERROR, "cannot move the socket to %s: %s", socket_path, strerror(errno));
+        unlink(listen_path);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 int mr_app_main(const mr_app *app, int argc, char **argv)
 {
     g_app = app;
+    if (mr_version_arg(app->name, argc, argv))
+        return 0;
     const char *socket_path = NULL;
     const char *workers_arg = NULL;
     for (int i = 1; i < argc; i++) {
@@ -546,14 +878,20 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
                                  MAX_WORKERS);
     }
     g_max_body = (size_t)mr_config_int("MR_MAX_BODY", MR_DEFAULT_MAX_BODY, 1, 64 << 20);
+    g_read_timeout_ms = mr_config_int("MR_READ_TIMEOUT_MS", MR_DL_FCGI_READ_MS, 100, 600000);
     long mode;
-    const char *mode_s = mr_config_str("MR_SOCKET_MODE", "0666");
+    /* Owner and group only: nginx reaches the socket as its owner (the local
+     * stack) or through the group (a socket unit's SocketGroup). */
+    const char *mode_s = mr_config_str("MR_SOCKET_MODE", "0660");
     char *end;
     mode = strtol(mode_s, &end, 8);
     if (*end || mode < 0 || mode > 0777) {
         fprintf(stderr, "config: MR_SOCKET_MODE must be an octal mode like 0660\n");
         return 2;
     }
+    if (mode & 0007)
+        mr_log(MR_LOG_WARN, "MR_SOCKET_MODE %04lo lets every local user reach the function, "
+               "bypassing nginx's limits", mode);
     if (!socket_path)
         socket_path = mr_config_str("MR_SOCKET", "");
     char default_path[200];
@@ -581,65 +919,66 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
         PQconninfoFree(opts);
     }
     mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", 5000, 0, 24 * 3600 * 1000);
+    int fd = mr_sd_listen_fd(msg, sizeof msg);
+    if (fd == -2) {
+        fprintf(stderr, "config: %s\n", msg);
+        return 2;
+    }
     if (app->init)
         app->init();
+    if (mr_metrics_open(app->name, MR_METRICS_FUNCTION, msg, sizeof msg) != MR_OK) {
+        fprintf(stderr, "config: %s\n", msg);
+        return 2;
+    }
 
     curl_global_init(CURL_GLOBAL_DEFAULT);
     if (FCGX_Init() != 0) {
         mr_log(MR_LOG_ERROR, "FCGX_Init failed");
+        mr_metrics_close();
         return 1;
     }
-    /* A unix socket is bound under a temporary name and renamed over the path:
-     * a rolling restart (new binary first, old one drained after) never leaves
-     * nginx a moment with no socket at the path (the restart drill's 502s). */
-    struct stat st;
-    int is_unix = !strchr(socket_path, ':');
-    char bind_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-    const char *listen_path = socket_path;
-    if (is_unix && lstat(socket_path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
-        mr_log(MR_LOG_ERROR, "%s exists and is not a socket", socket_path);
-        return 1;
-    }
-    if (is_unix && snprintf(bind_path, sizeof bind_path, "%s.%ld.new", socket_path,
-                            (long)getpid()) < (int)sizeof bind_path) {
-        unlink(bind_path);
-        listen_path = bind_path;
-    } else if (is_unix && lstat(socket_path, &st) == 0 && S_ISSOCK(st.st_mode)) {
-        unlink(socket_path); /* path too long for the temporary name: replace in place */
-    }
-    int fd = FCGX_OpenSocket(listen_path, LISTEN_BACKLOG);
-    if (fd < 0) {
-        mr_log(MR_LOG_ERROR, "cannot listen on %s: %s", socket_path, strerror(errno));
-        return 1;
-    }
-    /* nginx runs as another user; MR_SOCKET_MODE (default 0666) lets it connect.
-     * Restrict access with the directory's permissions or MR_SOCKET_MODE=0660. */
-    if (is_unix && chmod(listen_path, (mode_t)mode) != 0) {
-        mr_log(MR_LOG_ERROR, "chmod %s: %s", socket_path, strerror(errno));
-        unlink(listen_path);
-        return 1;
-    }
-    if (listen_path != socket_path && rename(listen_path, socket_path) != 0) {
-        mr_log(MR_LOG_ERROR, "cannot move the socket to %s: %s", socket_path, strerror(errno));
-        unlink(listen_path);
-        return 1;
+    struct stat bound;
+    int is_path = 0;
+    if (fd >= 0) {
+        /* systemd's socket (mindroom-function@.socket): its path, owner and mode
+         * are the socket unit's, and it outlives this process. Workers block in
+         * accept on it, so it must not be in non-blocking mode. */
+        int fl = fcntl(fd, F_GETFL);
+        if (fl >= 0 && (fl & O_NONBLOCK))
+            fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+        struct sockaddr_un addr;
+        socklen_t alen = sizeof addr;
+        memset(&addr, 0, sizeof addr);
+        if (getsockname(fd, (struct sockaddr *)&addr, &alen) == 0 && addr.sun_family == AF_UNIX &&
+            addr.sun_path[0])
+            snprintf(default_path, sizeof default_path, "%s (from systemd)", addr.sun_path);
+        else
+            snprintf(default_path, sizeof default_path, "the socket systemd passed");
+        socket_path = default_path;
+    } else {
+        fd = bind_socket(socket_path, (mode_t)mode);
+        if (fd < 0) {
+            mr_metrics_close();
+            return 1;
+        }
+        is_path = !strchr(socket_path, ':') && stat(socket_path, &bound) == 0;
     }
 
     /* A write to a closed nginx connection must be an EPIPE error in workers,
      * not death. (The supervisor takes its own signals synchronously.) */
     signal(SIGPIPE, SIG_IGN);
 
-    struct stat bound;
-    int is_path = !strchr(socket_path, ':') && stat(socket_path, &bound) == 0;
-
-    mr_log(MR_LOG_INFO, "listening on %s with %d workers", socket_path, (int)nworkers);
+    mr_log(MR_LOG_INFO, "listening on %s with %d workers (version %s)", socket_path, (int)nworkers,
+           mr_version());
     int rc = mr_proc_supervise((int)nworkers, worker_child, &fd);
     close(fd);
     /* Remove the socket only if it is still ours: a newer instance may have
      * replaced it while this one drained. */
+    struct stat st;
     if (is_path && stat(socket_path, &st) == 0 && st.st_ino == bound.st_ino &&
         st.st_dev == bound.st_dev)
         unlink(socket_path);
+    mr_metrics_close();
     curl_global_cleanup();
     return rc;
 }

@@ -1,10 +1,15 @@
 /* mr_http.h: the FastCGI worker runtime and one request's view of HTTP.
  *
- * A function binary is an mr_app handed to mr_app_main(). The runtime binds the
- * unix socket (--socket PATH or MR_SOCKET), pre-forks --workers N (MR_WORKERS,
- * default: online cores) workers, respawns a worker that dies, and on SIGTERM
- * stops accepting, lets in-flight requests (and their deferred work) finish,
- * and exits. Each worker opens its own mr_db and mr_httpc after fork.
+ * A function binary is an mr_app handed to mr_app_main(). The runtime serves the
+ * socket systemd passes (LISTEN_FDS, a socket unit) or binds its own unix socket
+ * (--socket PATH or MR_SOCKET, mode MR_SOCKET_MODE), pre-forks --workers N
+ * (MR_WORKERS, default: online cores) workers, respawns a worker that dies, and
+ * on SIGTERM stops accepting, lets in-flight requests (and their deferred work)
+ * finish, and exits. Each worker opens its own mr_db and mr_httpc after fork.
+ * A connection has MR_READ_TIMEOUT_MS (default 5000) to deliver its whole request
+ * and, after that, for each read or write; one that misses it is dropped and
+ * logged. Every answered request is counted (mr_metrics.h); --version prints
+ * the build's version.
  *
  * Per request the runtime: copies the CGI params it needs, generates or takes
  * X-Request-Id, checks the method against app->methods (405), applies
@@ -20,8 +25,8 @@
  * (empty set) and POSIX_SPAWN_SETSIGDEF (SIGPIPE, SIGTERM, SIGINT).
  *
  * Environment read at start-up (bad values stop the function, exit 2):
- * MR_SOCKET, MR_WORKERS, MR_MAX_BODY, MR_SOCKET_MODE (octal, default 0666),
- * MR_LOG_LEVEL, the auth settings of mr_auth.h for MR_AUTH_SERVICE/USER,
+ * MR_SOCKET, MR_WORKERS, MR_MAX_BODY, MR_SOCKET_MODE (octal, default 0660),
+ * MR_READ_TIMEOUT_MS, MR_METRICS_DIR (mr_metrics.h), MR_LOG_LEVEL, the auth settings of mr_auth.h for MR_AUTH_SERVICE/USER,
  * DATABASE_URL (optional: without it r->db is NULL), MR_DB_STATEMENT_TIMEOUT_MS
  * (default 5000).
  *
@@ -67,7 +72,8 @@ typedef struct mr_req {
     /* Body: exactly body_len bytes as received, plus a NUL for convenience. */
     char *body;
     size_t body_len;
-    mr_identity who;             /* filled by the runtime for MR_AUTH_SERVICE/USER */
+    mr_identity who;             /* filled by the runtime for MR_AUTH_SERVICE/USER;
+                                    who.request_json for every request */
     mr_db *db;                   /* this worker's connection (lazily connected);
                                     NULL when DATABASE_URL is unset */
     mr_httpc *http;              /* this worker's libcurl handle */
@@ -109,12 +115,22 @@ void mr_note(mr_req *r, const char *fmt, ...) __attribute__((format(printf, 2, 3
 void mr_reply_json(mr_req *r, int status, cJSON *body);
 void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extra_headers);
 
+/* Sends status + body as is, with the given Content-Type (no CR/LF; else a 500),
+ * X-Request-Id and Cache-Control: no-store. The caller keeps body. */
+void mr_reply_text(mr_req *r, int status, const char *content_type, const char *body, size_t len);
+
 /* Sends {"error":{"code":code,"message":<formatted>}}. Never put secrets or SQL in it. */
 void mr_reply_error(mr_req *r, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 /* Maps an mr_err to its status and code name and replies with message. */
 void mr_reply_err(mr_req *r, mr_err e, const char *message);
+
+/* The service_role identity (mr_service_identity) carrying this request's context,
+ * for a function that writes as the control plane on a caller's behalf (the
+ * webhook, an instance's report): its audit rows still say from where. The
+ * strings stay owned by the runtime (valid until the request ends). */
+mr_identity mr_req_service(const mr_req *r);
 
 /* Registers work to run after the response has been sent and the FastCGI request
  * finished (the caller already has the answer). At most one job per request.

@@ -16,6 +16,8 @@
 
 static const mr_db_stmt provision_stmt = {
     "mr_instance_provision", "SELECT public.lifecycle_provision($1::uuid)::text", 1};
+static const mr_db_stmt provision_rotating_stmt = {
+    "mr_instance_provision_rotating", "SELECT public.lifecycle_provision_rotating($1::uuid)::text", 1};
 static const mr_db_stmt deprovision_stmt = {
     "mr_instance_deprovision",
     "SELECT public.lifecycle_deprovision($1::uuid, $2::uuid, $3, $4::boolean)::text", 4};
@@ -83,10 +85,11 @@ static mr_err request(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
 }
 
 mr_err mr_instance_provision(mr_db *db, const mr_identity *who, const char *subscription_id,
-                             mr_instance_result *res, char *err, size_t errlen)
+                             int rotate_token, mr_instance_result *res, char *err, size_t errlen)
 {
     const char *p[] = {subscription_id};
-    return request(db, who, &provision_stmt, p, res, err, errlen);
+    return request(db, who, rotate_token ? &provision_rotating_stmt : &provision_stmt, p, res, err,
+                   errlen);
 }
 
 mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const char *instance_id,

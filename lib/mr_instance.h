@@ -38,10 +38,12 @@ void mr_instance_result_free(mr_instance_result *res);
 const cJSON *mr_instance_of(const mr_instance_result *res);
 
 /* Records that a subscription's instance should run (as who, normally
- * service_role). On MR_OK res is filled (the caller frees it); otherwise err says
- * why (a transient database failure...). */
+ * service_role); with rotate_token, also replaces its control-plane token in the
+ * same transaction (the old one stops at once; the deploy owed delivers a new
+ * one). On MR_OK res is filled (the caller frees it); otherwise err says why (a
+ * transient database failure...). */
 mr_err mr_instance_provision(mr_db *db, const mr_identity *who, const char *subscription_id,
-                             mr_instance_result *res, char *err, size_t errlen);
+                             int rotate_token, mr_instance_result *res, char *err, size_t errlen);
 
 /* Records that an instance should stop or be destroyed. Exactly one of
  * instance_id and subscription_id is non-NULL; mode is "stop", "destroy" or NULL

@@ -1,7 +1,13 @@
 /* mr_log.c: JSON lines on stderr.
  *
  * Each line is built in a stack buffer and written with one write(2), so lines
- * from several workers sharing stderr never interleave mid-line. */
+ * from several workers sharing stderr never interleave mid-line.
+ *
+ * When stderr is the journal's stream (systemd sets JOURNAL_STREAM to its
+ * "device:inode"; a child that redirected stderr elsewhere no longer matches),
+ * each line starts with its syslog priority, "<3>" error, "<4>" warn, "<6>" info,
+ * "<7>" debug, which journald strips and records, so `journalctl -p err` finds
+ * the errors. The JSON after it is unchanged. */
 #include "mr_log.h"
 
 #include <pthread.h>
@@ -9,6 +15,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,6 +25,20 @@
 static const char *log_name = "mindroom";
 static mr_log_level log_min = MR_LOG_INFO;
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
+static const char *const level_prefix[] = {"<7>", "<6>", "<4>", "<3>"};
+static int to_journal; /* stderr is journald's stream: prefix the priority */
+
+/* Whether stderr is the stream JOURNAL_STREAM names ("<st_dev>:<st_ino>"). */
+static int stderr_is_journal(void)
+{
+    const char *js = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    char tail;
+    struct stat st;
+    if (!js || sscanf(js, "%llu:%llu%c", &dev, &ino, &tail) != 2 || fstat(STDERR_FILENO, &st) != 0)
+        return 0;
+    return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
 
 /* getpid(2) is a real system call (glibc stopped caching it), and a worker logs
  * at least one line per request. The pid is kept here instead and refreshed in
@@ -41,6 +62,7 @@ void mr_log_init(const char *name, mr_log_level min)
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     log_name = name ? name : "mindroom";
     log_min = min;
+    to_journal = stderr_is_journal();
     refresh_pid();
     (void)pthread_once(&once, register_atfork);
 }
@@ -96,6 +118,8 @@ static void begin_line(line *l, mr_log_level level)
     snprintf(ts + n, sizeof(ts) - n, ".%03dZ", (int)(tv.tv_usec / 1000));
 
     l->len = 0;
+    if (to_journal)
+        put_str(l, level_prefix[level]);
     put_str(l, "{\"time\":\"");
     put_str(l, ts);
     put_str(l, "\",\"level\":\"");

@@ -1,4 +1,6 @@
-/* mr_log.h: one JSON object per line on stderr (nginx/systemd/docker collect it).
+/* mr_log.h: one JSON object per line on stderr (nginx/systemd/docker collect it);
+ * under systemd each line starts with its syslog priority ("<3>" error ... "<7>"
+ * debug) so that journald records it (mr_log.c says when).
  *
  * Never pass a secret, a token, a request body or an env value to these. */
 #ifndef MR_LOG_H
@@ -9,7 +11,8 @@
 typedef enum { MR_LOG_DEBUG, MR_LOG_INFO, MR_LOG_WARN, MR_LOG_ERROR } mr_log_level;
 
 /* Sets the function name stamped on every line ("provision-instance") and
- * the minimum level (from MR_LOG_LEVEL at start-up). `name` must outlive logging. */
+ * the minimum level (from MR_LOG_LEVEL at start-up), and looks whether stderr is
+ * the journal (JOURNAL_STREAM). `name` must outlive logging. */
 void mr_log_init(const char *name, mr_log_level min);
 
 /* Reads MR_LOG_LEVEL (debug, info, warn, error; default info) and calls

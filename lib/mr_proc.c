@@ -13,6 +13,7 @@
 
 #include "mr_common.h"
 #include "mr_log.h"
+#include "mr_sd.h"
 
 #define RESPAWN_MIN_UPTIME_MS 1000 /* a child dying younger than this is a crash loop */
 
@@ -96,8 +97,9 @@ int mr_proc_supervise(int n, int (*child)(void *arg), void *arg)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGCHLD);
     sigprocmask(SIG_BLOCK, &set, NULL);
+    mr_sd_init(); /* the children never speak for the service */
 
-    int stopping = 0;
+    int stopping = 0, ready = 0;
     int64_t last_kick = 0;
     for (;;) {
         int alive = reap(slots, n, stopping);
@@ -112,6 +114,12 @@ int mr_proc_supervise(int n, int (*child)(void *arg), void *arg)
                 else if (slots[i].respawn_at_ms - now < wait_ms)
                     wait_ms = slots[i].respawn_at_ms - now;
             }
+            if (!ready) {
+                /* The listening socket (a function's) exists before this is called,
+                 * and every child has been started: a Type=notify unit is up. */
+                mr_sd_notify("READY=1");
+                ready = 1;
+            }
         } else {
             if (alive == 0)
                 break;
@@ -124,6 +132,7 @@ int mr_proc_supervise(int n, int (*child)(void *arg), void *arg)
         int sig = sigtimedwait(&set, NULL, &ts);
         if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
             stopping = 1;
+            mr_sd_notify("STOPPING=1");
             mr_log(MR_LOG_INFO, "stopping: draining %d workers", reap(slots, n, 1));
             signal_all(slots, n, SIGTERM);
             last_kick = mr_now_ms();

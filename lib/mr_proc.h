@@ -7,7 +7,8 @@
  * SIGINT it forwards SIGTERM to every child, re-sending it every second (a child
  * may have been between its stop check and a blocking call), and returns once
  * all have exited. Children get PR_SET_PDEATHSIG=SIGTERM, so none outlives the
- * parent. */
+ * parent. Under systemd (Type=notify) the parent says READY=1 once every child has
+ * been started and STOPPING=1 when the drain begins (mr_sd.h). */
 #ifndef MR_PROC_H
 #define MR_PROC_H
 

@@ -9,6 +9,7 @@
 #include <openssl/crypto.h>
 
 #include "mr_json.h"
+#include "mr_metrics.h"
 
 static void copy_str(const cJSON *obj, const char *key, char *dst, size_t cap)
 {
@@ -65,9 +66,11 @@ static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_
 }
 
 static void call(mr_httpc *http, const mr_provisioner *p, const char *method, const char *path,
-                 const char *body, const char *what, int missing_ok, mr_provisioner_call *out)
+                 const char *body, const char *what, int missing_ok, mr_metrics_prov_route route,
+                 mr_provisioner_call *out)
 {
     memset(out, 0, sizeof *out);
+    int64_t t0 = mr_now_ms();
     char url[1024], auth[1024];
     size_t blen = strlen(p->url);
     while (blen > 0 && p->url[blen - 1] == '/')
@@ -95,6 +98,9 @@ static void call(mr_httpc *http, const mr_provisioner *p, const char *method, co
     else
         classify(out, what, &resp, missing_ok);
     mr_httpc_resp_free(&resp);
+    mr_metrics_provisioner_call(route, out->ok ? MR_PROV_OK : out->aborted ? MR_PROV_ABORTED
+                                       : out->rejected ? MR_PROV_REJECTED : MR_PROV_FAILED,
+                                (mr_now_ms() - t0) * 1000);
 }
 
 void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,
@@ -107,7 +113,7 @@ void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *
         snprintf(out->error, sizeof out->error, payload ? "out of memory" : "no payload");
         return;
     }
-    call(http, p, "POST", "/apps", body, "POST /apps", 0, out);
+    call(http, p, "POST", "/apps", body, "POST /apps", 0, MR_PROV_APPLY, out);
     OPENSSL_cleanse(body, strlen(body)); /* it held the instance's secrets */
     free(body);
 }
@@ -120,7 +126,8 @@ void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app
     for (const char *c = app; valid && *c; c++)
         valid = islower((unsigned char)*c) || isdigit((unsigned char)*c) || *c == '-';
     if (!valid || (action != MR_ACTION_START && action != MR_ACTION_STOP &&
-                   action != MR_ACTION_DESTROY && action != MR_ACTION_DESTROY_STORAGE)) {
+                   action != MR_ACTION_RESTART && action != MR_ACTION_DESTROY &&
+                   action != MR_ACTION_DESTROY_STORAGE)) {
         memset(out, 0, sizeof *out);
         out->rejected = 1;
         snprintf(out->error, sizeof out->error, valid ? "no provisioner route for %s"
@@ -130,19 +137,27 @@ void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app
     switch (action) {
     case MR_ACTION_DESTROY:
         snprintf(path, sizeof path, "/apps/%s%s", app, purge ? "?purge=true" : "");
-        call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}", 1, out);
+        call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}", 1, MR_PROV_DESTROY, out);
         if (out->ok && out->status == 404)
             out->purged = purge; /* nothing was there to keep */
         break;
     case MR_ACTION_DESTROY_STORAGE:
         snprintf(path, sizeof path, "/apps/%s/storage", app);
-        call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}/storage", 1, out);
+        call(http, p, "DELETE", path, NULL, "DELETE /apps/{app}/storage", 1,
+             MR_PROV_DESTROY_STORAGE, out);
         break;
     default: {
-        const char *what = action == MR_ACTION_STOP ? "POST /apps/{app}/stop" : "POST /apps/{app}/start";
+        const char *what = action == MR_ACTION_STOP      ? "POST /apps/{app}/stop"
+                           : action == MR_ACTION_RESTART ? "POST /apps/{app}/restart"
+                                                         : "POST /apps/{app}/start";
         snprintf(path, sizeof path, "/apps/%s/%s", app, mr_action_name(action));
-        /* A missing app is stopped; starting one is not (the caller falls back to create). */
-        call(http, p, "POST", path, "{}", what, action == MR_ACTION_STOP, out);
+        /* A missing app is stopped; starting or restarting one is not (the caller
+         * falls back to create). */
+        call(http, p, "POST", path, "{}", what, action == MR_ACTION_STOP,
+             action == MR_ACTION_STOP      ? MR_PROV_STOP
+             : action == MR_ACTION_RESTART ? MR_PROV_RESTART
+                                           : MR_PROV_START,
+             out);
     }
     }
 }

@@ -3,6 +3,7 @@
  *
  *   POST   /apps               create or update an instance to match a spec (idempotent)
  *   POST   /apps/{app}/start   start a stopped instance
+ *   POST   /apps/{app}/restart restart both apps of a running instance (storage kept)
  *   POST   /apps/{app}/stop    stop it (a missing app counts as stopped)
  *   DELETE /apps/{app}         destroy its apps, keep its storage (?purge=true: the
  *                              storage too); a missing app counts as destroyed
@@ -45,10 +46,12 @@ void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *
                           mr_provisioner_call *out);
 
 /* The route of an owed action on an existing instance: MR_ACTION_START -> POST
- * /apps/{app}/start, MR_ACTION_STOP -> POST /apps/{app}/stop, MR_ACTION_DESTROY ->
+ * /apps/{app}/start, MR_ACTION_RESTART -> POST /apps/{app}/restart, MR_ACTION_STOP
+ * -> POST /apps/{app}/stop, MR_ACTION_DESTROY ->
  * DELETE /apps/{app} (with ?purge=true when purge), MR_ACTION_DESTROY_STORAGE ->
  * DELETE /apps/{app}/storage; any other action is rejected unsent. A 404 for stop
- * or destroy is success (the app is gone); app must be [a-z0-9-]
+ * or destroy is success (the app is gone); for start and restart it is a failure
+ * with status 404 (the caller creates the app again); app must be [a-z0-9-]
  * (instance_names()), anything else is rejected unsent. */
 void mr_provisioner_app(mr_httpc *http, const mr_provisioner *p, const char *app,
                         mr_action action, int purge, mr_provisioner_call *out);

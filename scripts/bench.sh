@@ -20,7 +20,7 @@
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECTIONS=(runtime webhook lifecycle health)
+SECTIONS=(runtime webhook lifecycle health usage)
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
@@ -172,6 +172,16 @@ bench_webhook() {
 bench_lifecycle() {
   echo "== lifecycle: Stripe's deliveries never wait on provisioning; claims at scale"
   BENCH_SECONDS=$DURATION "$PY" scripts/bench/lifecycle_bench.py
+}
+
+# track-usage: 100 instances' tokens round-robin through nginx vs pgbench calling
+# public.track_usage directly for the same 100 instances, on its own stack
+# (scripts/bench/usage_bench.py, fsync on). The bar: >= 50% of pgbench's rate.
+# Writes build/bench/usage.json.
+bench_usage() {
+  echo "== usage: instances' reports through track-usage vs pgbench of track_usage"
+  BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_USAGE_CONNECTIONS:-8} \
+    BENCH_WORKERS=${BENCH_USAGE_WORKERS:-8} "$PY" scripts/bench/usage_bench.py
 }
 
 # ---- main ------------------------------------------------------------------

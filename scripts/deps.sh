@@ -10,6 +10,7 @@ PKGS=(
   nginx-light curl openssl
   python3 python3-pytest python3-psycopg2 python3-cryptography
   wrk valgrind clang libclang-rt-14-dev
+  prometheus debootstrap systemd systemd-container
 )
 
 missing=()

@@ -18,7 +18,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 conn=${1:-${DATABASE_URL:-}}
 [ -n "$conn" ] || { echo "usage: migrate.sh CONNINFO" >&2; exit 2; }
-dir=${MR_MIGRATIONS_DIR:-$here/sql/migrations}
+# Filled in by `make install` (where the migrations were installed); empty here.
+INSTALLED_MIGRATIONS=
+dir=${MR_MIGRATIONS_DIR:-${INSTALLED_MIGRATIONS:-$here/sql/migrations}}
 [ -d "$dir" ] || { echo "migrate: no directory $dir" >&2; exit 2; }
 
 psql_() { psql "$conn" -X -q -v ON_ERROR_STOP=1 "$@"; }

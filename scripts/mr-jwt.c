@@ -14,6 +14,7 @@
 
 #include "mindroom.h"
 #include "mr_auth.h"
+#include "mr_version.h"
 
 static int usage(void)
 {
@@ -23,6 +24,8 @@ static int usage(void)
 
 int main(int argc, char **argv)
 {
+    if (mr_version_arg("mr-jwt", argc, argv))
+        return 0;
     const char *role = "service_role", *sub = NULL;
     int64_t exp_in = 3600;
     time_t now = time(NULL);

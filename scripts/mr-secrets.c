@@ -26,6 +26,7 @@
 #include "mindroom.h"
 #include "mr_appenv.h"
 #include "mr_secrets.h"
+#include "mr_version.h"
 
 #define MAX_VALUE (64 * 1024)
 
@@ -299,6 +300,8 @@ static int cmd_reseal(mr_db *db, const mr_secrets *k, int batch)
 
 int main(int argc, char **argv)
 {
+    if (mr_version_arg("mr-secrets", argc, argv))
+        return 0;
     mr_log_init_env("mr-secrets");
     if (argc < 2)
         return usage();

@@ -5,12 +5,16 @@
 #                           data kept across runs), migrations + seed, every function
 #                           binary in $MR_BUILD/bin (default build/release/bin) on unix
 #                           sockets in .run/sock, nginx on 127.0.0.1:54321 (API) and
-#                           127.0.0.1:8002 (provisioner), the lifecycle worker (owed
-#                           work, the health round, the Stripe sweep). Ctrl-C stops it.
+#                           127.0.0.1:8002 (provisioner) and 127.0.0.1:8003
+#                           (mindroom-admin: /live, /ready, /metrics), the lifecycle
+#                           worker (owed work, the health round, the Stripe sweep).
+#                           Ctrl-C stops it.
 #   scripts/stack.sh stop   stops a running stack from another terminal.
 #
 # Configuration: embedded local defaults; secrets are generated once into
 # .run/secrets.env and reused; a .env file overrides any of them (.env.example).
+# PostgreSQL: peer on its socket, scram on TCP with MR_PG_PASSWORD (secrets.env; also
+# written to .run/pgpass for psql's PGPASSFILE). No secret is ever a command argument.
 # Logs: .run/log/<name>.log (JSON lines), nginx's in .run/log/nginx.*.log.
 # Tests run it elsewhere with MR_RUN_DIR (instead of .run) and MR_ENV_FILE (instead of .env).
 set -euo pipefail
@@ -18,7 +22,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RUN=${MR_RUN_DIR:-$ROOT/.run}   # another directory only for tests
 FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-instance-health dokku-provisioner
-           create-checkout-session create-portal-session list-plans)
+           create-checkout-session create-portal-session list-plans track-usage my-instance
+           mindroom-admin)
 DAEMONS=(mindroom-lifecycle)
 
 die() { echo "stack: $*" >&2; exit 1; }
@@ -36,7 +41,7 @@ load_config() {
   # (tokens stay valid across restarts).
   local name value
   for name in SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET STRIPE_WEBHOOK_SECRET DOKKU_PROVISIONER_TOKEN \
-              MINDROOM_SECRETS_KEY; do
+              MINDROOM_SECRETS_KEY MR_PG_PASSWORD; do
     grep -q "^$name=" "$RUN/secrets.env" 2>/dev/null && continue
     value=$(openssl rand -hex 32)
     [ "$name" = STRIPE_WEBHOOK_SECRET ] && value=whsec_$(openssl rand -hex 24)
@@ -52,8 +57,13 @@ load_config() {
   [ -f "$envfile" ] && . "$envfile"
   API_LISTEN=${MR_API_LISTEN:-127.0.0.1:54321}
   PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
+  ADMIN_LISTEN=${MR_ADMIN_LISTEN:-127.0.0.1:8003}
+  MR_METRICS_DIR=${MR_METRICS_DIR:-$RUN/metrics}
   PG_PORT=${MR_PG_PORT:-54322}
   SUPABASE_URL=${SUPABASE_URL:-http://$API_LISTEN}
+  # Where instances report usage: this stack's nginx (an instance on this machine's
+  # Dokku reaches it there).
+  MINDROOM_CONTROL_PLANE_URL=${MINDROOM_CONTROL_PLANE_URL:-http://$API_LISTEN}
   DOKKU_PROVISIONER_URL=${DOKKU_PROVISIONER_URL:-http://$PROVISIONER_LISTEN}
   # Per-instance locks and applied-spec hashes: ours alone (the provisioner refuses
   # a directory another user owns or can write), never a shared /tmp path.
@@ -63,6 +73,8 @@ load_config() {
     if command -v dokku >/dev/null; then DOKKU_MODE=local; else DOKKU_MODE=dry-run; fi
   fi
   set +a
+  # The database superuser's password is for pg.sh and psql, not the functions.
+  export -n MR_PG_PASSWORD
 }
 
 # Running (a zombie waiting for its parent to reap it counts as gone).
@@ -124,6 +136,7 @@ cmd_run() {
   [ -x "$BIN/mr-jwt" ] || die "no mr-jwt in $BIN (make build)"
   rm -rf "$RUN/sock" "$RUN/pids" "$RUN/nginx"
   mkdir -p "$RUN/log" "$RUN/sock" "$RUN/pids" "$RUN/nginx" "$RUN/conf.d"
+  mkdir -p -m 0750 "$MR_METRICS_DIR"
   echo $$ > "$RUN/stack.pid"
   declare -gA PIDS=()
   trap shutdown EXIT
@@ -134,7 +147,8 @@ cmd_run() {
   # (idempotent) seed are applied on every start.
   say "postgresql on 127.0.0.1:$PG_PORT (data in .run/pg)"
   local admin
-  admin=$(scripts/pg.sh init "$RUN/pg" "$PG_PORT")
+  admin=$(PG_PASSWORD=$MR_PG_PASSWORD scripts/pg.sh init "$RUN/pg" "$PG_PORT")
+  (umask 077; printf '127.0.0.1:%s:*:postgres:%s\n' "$PG_PORT" "$MR_PG_PASSWORD" > "$RUN/pgpass")
   if [ -x scripts/migrate.sh ]; then scripts/migrate.sh "$admin" >&2; else say "no scripts/migrate.sh yet: schema not applied"; fi
   [ -f sql/seed.sql ] && psql "$admin" -X -q -v ON_ERROR_STOP=1 -f sql/seed.sql >/dev/null
   if [ -z "${DATABASE_URL:-}" ]; then
@@ -143,11 +157,21 @@ cmd_run() {
     export DATABASE_URL="host=$RUN/pg port=$PG_PORT dbname=mindroom user=$user"
   fi
 
-  # nginx from the dev template.
-  local user_line="# user: the current one"
+  # nginx from the dev template. X-Forwarded-For is believed only from the
+  # addresses in MR_TRUSTED_PROXIES (comma-separated addresses or CIDRs; none by default).
+  local user_line="# user: the current one" real_ip="# no trusted proxies" p
   [ "$(id -u)" -eq 0 ] && user_line="user root root;"
+  if [ -n "${MR_TRUSTED_PROXIES:-}" ]; then
+    real_ip=""
+    for p in ${MR_TRUSTED_PROXIES//,/ }; do
+      [[ $p =~ ^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$ ]] || die "MR_TRUSTED_PROXIES: '$p' is not an address or CIDR"
+      real_ip+="set_real_ip_from $p; "
+    done
+  fi
   sed -e "s#@ROOT@#$ROOT#g; s#@RUN@#$RUN#g; s#@PUBLIC_LISTEN@#$API_LISTEN#g" \
       -e "s#@PROVISIONER_LISTEN@#$PROVISIONER_LISTEN#g; s#@USER@#$user_line#g" \
+      -e "s|@REAL_IP_FROM@|$real_ip|g" \
+      -e "s#@ADMIN_LISTEN@#$ADMIN_LISTEN#g" \
       nginx/dev.conf > "$RUN/nginx.conf"
   nginx -t -q -p "$RUN/nginx" -c "$RUN/nginx.conf" -e "$RUN/log/nginx.error.log" \
     || die "nginx config invalid (see above)"
@@ -171,7 +195,7 @@ cmd_run() {
   spawn nginx nginx -p "$RUN/nginx" -c "$RUN/nginx.conf" -e "$RUN/log/nginx.error.log"
   local deadline=$((SECONDS + 15))
   until curl -s -o /dev/null "http://$API_LISTEN/"; do
-    pid_alive "${PIDS[nginx]}" || { tail -5 "$RUN/log/nginx.error.log" >&2; die "nginx did not start (port ${API_LISTEN##*:} or ${PROVISIONER_LISTEN##*:} in use?)"; }
+    pid_alive "${PIDS[nginx]}" || { tail -5 "$RUN/log/nginx.error.log" >&2; die "nginx did not start (port ${API_LISTEN##*:}, ${PROVISIONER_LISTEN##*:} or ${ADMIN_LISTEN##*:} in use?)"; }
     [ $SECONDS -lt $deadline ] || die "nginx not answering on $API_LISTEN"
     sleep 0.1
   done
@@ -185,7 +209,7 @@ cmd_run() {
   # The provisioner has its own listener and is never routed on the public one.
   local public=() f
   for f in "${started[@]}"; do
-    [[ $f = dokku-provisioner || " ${DAEMONS[*]} " == *" $f "* ]] || public+=("$f")
+    [[ $f = dokku-provisioner || $f = mindroom-admin || " ${DAEMONS[*]} " == *" $f "* ]] || public+=("$f")
   done
   local token
   token=$(mint_jwt service_role 86400)
@@ -194,7 +218,8 @@ cmd_run() {
 MindRoom control plane is up (Ctrl-C or \`make stop\` stops it).
   API           http://$API_LISTEN/functions/v1/<name>   (${public[*]})
   provisioner   $DOKKU_PROVISIONER_URL   (DOKKU_MODE=$DOKKU_MODE)
-  PostgreSQL    psql "host=127.0.0.1 port=$PG_PORT dbname=mindroom user=postgres"
+  admin         http://$ADMIN_LISTEN/metrics   (/live, /ready)
+  PostgreSQL    PGPASSFILE=$RUN/pgpass psql "host=127.0.0.1 port=$PG_PORT dbname=mindroom user=postgres"
   worker        mindroom-lifecycle: owed work, health round every ${HEALTH_INTERVAL_S:-60} s
   logs          .run/log/   (the worker's: .run/log/mindroom-lifecycle.log)
 

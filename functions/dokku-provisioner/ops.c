@@ -635,6 +635,7 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
     }
     case PROV_STOP:
     case PROV_START:
+    case PROV_RESTART:
         break;
     }
 
@@ -654,7 +655,9 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
         if (hs) out->hs_state = "stopped";
         goto done;
     }
-    /* start: the homeserver first; both must have been deployed. */
+    /* start and restart: the homeserver first (MindRoom expects it when it starts);
+     * both must have been deployed. A restart replaces each app's containers on the
+     * same storage: the data stays. */
     const char *apps[] = {hs ? nm.hs_app : NULL, nm.app};
     for (int i = 0; i < 2; i++) {
         int deployed = 0;
@@ -670,7 +673,7 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
     }
     for (int i = 0; i < 2; i++) {
         if (!apps[i]) continue;
-        const char *a[] = {"ps:start", apps[i], NULL};
+        const char *a[] = {verb == PROV_RESTART ? "ps:restart" : "ps:start", apps[i], NULL};
         if ((e = must(&c, a, slow)) != MR_OK) goto done;
     }
     out->state = out->app_state = "running";

@@ -275,14 +275,16 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
 
 typedef enum {
     PROV_STOP, PROV_START, PROV_STATE,
+    PROV_RESTART,               /* ps:restart of both apps (the homeserver first) */
     PROV_DESTROY,               /* both apps and the network; storage kept */
     PROV_PURGE,                 /* PROV_DESTROY, then the storage */
     PROV_DESTROY_STORAGE        /* the storage of an instance whose apps are gone */
 } prov_verb;
 
 /* Runs verb on the instance of app. A missing instance: MR_ENOTFOUND for
- * stop, start and state; destroy and purge succeed with existed = 0. Errors
- * as prov_apply. */
+ * stop, start, restart and state (start and restart also when an app was never
+ * deployed: fail_code not_deployed); destroy and purge succeed with existed = 0.
+ * Errors as prov_apply. */
 mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
                        prov_outcome *out, char *err, size_t errlen);
 

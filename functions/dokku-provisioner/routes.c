@@ -4,6 +4,7 @@
  *   GET    /apps/{app}            state                 200, 404 not_found
  *   POST   /apps/{app}/stop       ps:stop               200, 404 not_found
  *   POST   /apps/{app}/start      ps:start              200, 404 not_found / not_deployed
+ *   POST   /apps/{app}/restart    ps:restart            200, 404 not_found / not_deployed
  *   DELETE /apps/{app}            destroy, keep storage 200 (also when the app is missing)
  *   DELETE /apps/{app}?purge=true destroy with storage  200
  *   DELETE /apps/{app}/storage    storage of a destroyed instance  200, 409 apps_exist
@@ -206,8 +207,10 @@ void prov_handle(mr_req *r)
         mr_reply_error(r, 400, "invalid_request", "purge applies to DELETE /apps/{app} only");
         return;
     }
-    if (strcmp(action, "stop") == 0 || strcmp(action, "start") == 0) {
-        if (strcmp(m, "POST") == 0) app_action(r, app, action[2] == 'o' ? PROV_STOP : PROV_START);
+    if (strcmp(action, "stop") == 0 || strcmp(action, "start") == 0 ||
+        strcmp(action, "restart") == 0) {
+        prov_verb v = action[0] == 'r' ? PROV_RESTART : action[2] == 'o' ? PROV_STOP : PROV_START;
+        if (strcmp(m, "POST") == 0) app_action(r, app, v);
         else not_allowed(r, "POST");
         return;
     }

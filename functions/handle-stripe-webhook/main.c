@@ -34,6 +34,7 @@
 
 #include "mindroom.h"
 #include "mr_stripe_api.h"
+#include "mr_metrics.h"
 #include "event.h"
 
 #define MAX_SECRETS 8
@@ -131,6 +132,7 @@ static void handle(mr_req *r)
 
     /* 1. The signature, over exactly the bytes received. */
     if (!*r->stripe_signature) {
+        mr_metrics_stripe_event(NULL, "invalid");
         mr_reply_error(r, 400, "invalid_signature", "missing Stripe-Signature header");
         return;
     }
@@ -138,6 +140,7 @@ static void handle(mr_req *r)
                          time(NULL), cfg.tolerance_s, err, sizeof err);
     if (e != MR_OK) {
         mr_log(MR_LOG_INFO, "request %s: signature rejected: %s", r->request_id, err);
+        mr_metrics_stripe_event(NULL, "invalid");
         mr_reply_error(r, 400, "invalid_signature", "%s", err);
         return;
     }
@@ -146,6 +149,7 @@ static void handle(mr_req *r)
     wh_event evt;
     const char *code;
     if (wh_event_parse(r->body, r->body_len, &evt, &code, err, sizeof err) != MR_OK) {
+        mr_metrics_stripe_event(NULL, "invalid");
         mr_reply_error(r, 400, code, "%s", err);
         return;
     }
@@ -165,6 +169,7 @@ static void handle(mr_req *r)
 
     if (mr_idcache_has(g_seen, id, mr_now_ms())) {
         mr_note(r, "event %.100s (%.60s): duplicate (settled, remembered)", id, type);
+        mr_metrics_stripe_event(type, "duplicate");
         answer(r, "duplicate", NULL);
         cJSON_Delete(ev);
         return;
@@ -174,12 +179,16 @@ static void handle(mr_req *r)
     char *out = NULL;
     const char *params[2] = {id, r->body};
     const int lengths[2] = {(int)strlen(id), (int)r->body_len};
-    e = mr_db_call(r->db, &mr_service_identity, &process_stmt, params, lengths, &out, err,
-                   sizeof err);
+    /* As service_role, with the delivery's address and user agent for the audit
+     * rows the event writes (Stripe's, since nginx trusts no forwarded header
+     * from anyone but the configured proxies). */
+    mr_identity who = mr_req_service(r);
+    e = mr_db_call(r->db, &who, &process_stmt, params, lengths, &out, err, sizeof err);
     if (e == MR_OK && out == NULL)
         e = mr_seterr(err, sizeof err, MR_EINTERNAL, "database returned no result");
     if (e != MR_OK) {
         mr_log(MR_LOG_WARN, "event %s (%s): %s", id, type, err);
+        mr_metrics_stripe_event(type, "error");
         cJSON_Delete(ev);
         if (e == MR_ETRANSIENT)
             mr_reply_error(r, 503, "database_unavailable", "database unavailable, retry later");
@@ -192,6 +201,7 @@ static void handle(mr_req *r)
     cJSON *res = mr_json_parse(out, strlen(out));
     free(out);
     if (res == NULL || mr_json_str(res, "result", &result) != MR_OK) {
+        mr_metrics_stripe_event(type, "error");
         cJSON_Delete(res);
         cJSON_Delete(ev);
         mr_reply_error(r, 500, "internal", "unexpected result from the database");
@@ -213,6 +223,7 @@ static void handle(mr_req *r)
     } else {
         mr_note(r, "event %.100s (%.60s): %s, owed %s", id, type, result, owed ? owed : "none");
     }
+    mr_metrics_stripe_event(type, result);
     /* Committed as final: PostgreSQL answers every later delivery "duplicate". */
     if (!strcmp(result, "processed") || !strcmp(result, "duplicate") || !strcmp(result, "ignored")
         || !strcmp(result, "stale") || !strcmp(result, "failed") || !strcmp(result, "refused"))

@@ -30,7 +30,9 @@
 #include <curl/curl.h>
 
 #include "mr_deadlines.h"
+#include "mr_metrics.h"
 #include "mr_proc.h"
+#include "mr_version.h"
 #include "worker.h"
 
 #define CHANNEL "mindroom_lifecycle"
@@ -124,6 +126,22 @@ static void load_config(void)
         fprintf(stderr, "config: MR_PROVISION_BACKOFF_CAP_S must be >= MR_PROVISION_BACKOFF_BASE_S\n");
         exit(2);
     }
+    /* The address instances report usage to, handed to each in its environment. */
+    const char *cp = mr_config_str("MINDROOM_CONTROL_PLANE_URL", "");
+    size_t cpl = strlen(cp);
+    while (cpl > 0 && cp[cpl - 1] == '/')
+        cpl--;
+    int cp_ok = cpl > 0 && cpl < sizeof c->control_plane_url &&
+                (strncmp(cp, "http://", 7) == 0 || strncmp(cp, "https://", 8) == 0);
+    for (size_t i = 0; cp_ok && i < cpl; i++)
+        cp_ok = cp[i] > 0x20 && cp[i] < 0x7f;
+    if (!cp_ok) {
+        fprintf(stderr, "config: MINDROOM_CONTROL_PLANE_URL is required: the control plane's "
+                "http(s) base URL that instances report usage to (%s/functions/v1/track-usage), "
+                "e.g. https://api.mindroom.example\n", "<URL>");
+        exit(2);
+    }
+    snprintf(c->control_plane_url, sizeof c->control_plane_url, "%.*s", (int)cpl, cp);
     if (!c->resend_api_key)
         mr_log(MR_LOG_INFO, "RESEND_API_KEY is not set: welcome emails wait until it is");
     if (!c->listen_url)
@@ -223,19 +241,27 @@ static int child_main(void *arg)
 
 int main(int argc, char **argv)
 {
+    if (mr_version_arg("mindroom-lifecycle", argc, argv))
+        return 0;
     if (argc > 1) {
         int help = strcmp(argv[1], "--help") == 0;
         fprintf(help ? stdout : stderr,
-                "usage: %s\n  the lifecycle worker; configured by the environment "
+                "usage: %s [--version]\n  the lifecycle worker; configured by the environment "
                 "(docs/lifecycle.md)\n", argv[0]);
         return help ? 0 : 2;
     }
     mr_log_init_env("mindroom-lifecycle");
     load_config();
+    char err[256];
+    if (mr_metrics_open("mindroom-lifecycle", MR_METRICS_DAEMON, err, sizeof err) != MR_OK) {
+        fprintf(stderr, "config: %s\n", err);
+        return 2;
+    }
     curl_global_init(CURL_GLOBAL_DEFAULT);
     signal(SIGPIPE, SIG_IGN);
-    mr_log(MR_LOG_INFO, "starting %d workers", wcfg.workers);
+    mr_log(MR_LOG_INFO, "starting %d workers (version %s)", wcfg.workers, mr_version());
     int rc = mr_proc_supervise(wcfg.workers, child_main, NULL);
+    mr_metrics_close();
     curl_global_cleanup();
     return rc;
 }

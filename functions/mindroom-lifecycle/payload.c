@@ -10,7 +10,11 @@
  *     the same keys (public.instance_homeserver_keys keeps the first set when two
  *     workers race);
  *   * a legacy plaintext environment_vars is sealed into instance_secrets once and
- *     emptied (public.instance_take_plain_env).
+ *     emptied (public.instance_take_plain_env);
+ *   * the instance's control-plane token (lib/mr_itoken.c) is generated when it has
+ *     no live one (its first deploy, a start after a stop, a rotation), stored as a
+ *     hash and sealed (public.instance_token_issue keeps the first token when two
+ *     workers race), and delivered with the control plane's URL.
  * PostgreSQL never receives a plaintext secret from here. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +22,9 @@
 
 #include <openssl/crypto.h>
 
+#include "mr_appenv.h"
 #include "mr_homeserver.h"
+#include "mr_itoken.h"
 #include "mr_secrets.h"
 #include "worker.h"
 
@@ -28,6 +34,8 @@ static const mr_db_stmt put_stmt = {
     "mr_pl_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, false)::text", 5};
 static const mr_db_stmt hs_keys_stmt = {
     "mr_pl_hs_keys", "SELECT public.instance_homeserver_keys($1::uuid, $2::jsonb)::text", 2};
+static const mr_db_stmt token_issue_stmt = {
+    "mr_pl_token_issue", "SELECT public.instance_token_issue($1::uuid, $2, $3, $4, $5)", 5};
 
 /* The names of the homeserver's keys, as instance_secrets and POST /apps call them. */
 static const char *const hs_names[] = {"signing_key", "registration_shared_secret",
@@ -167,6 +175,64 @@ static mr_err homeserver_keys(worker *w, const char *iid, const cJSON *secrets, 
     return MR_OK;
 }
 
+/* The instance's token in clear (*token, malloc'd: the caller wipes and frees it):
+ * its sealed token when it has a live credential, else a new one issued now. */
+static mr_err control_plane_token(worker *w, const char *iid, const cJSON *step,
+                                  const cJSON *secrets, char **token, char *err, size_t errlen)
+{
+    const char *live_key = NULL, *ct = NULL;
+    char kid[MR_ITOKEN_KEY_ID_LEN + 1];
+    *token = NULL;
+    mr_json_str(step, "token_key_id", &live_key);
+    for (const cJSON *s = secrets ? secrets->child : NULL; s && live_key; s = s->next) {
+        const char *kind = NULL, *name = NULL;
+        if (mr_json_str(s, "kind", &kind) == MR_OK && !strcmp(kind, "control_plane") &&
+            mr_json_str(s, "name", &name) == MR_OK && !strcmp(name, MR_APPENV_CONTROL_PLANE_TOKEN))
+            mr_json_str(s, "ciphertext", &ct);
+    }
+    char *stored = NULL;
+    int issued = 0;
+    if (!ct) {
+        char fresh[MR_ITOKEN_LEN + 1], hash[MR_ITOKEN_HASH_HEX_LEN + 1], *sealed = NULL,
+             digest[MR_SECRETS_DIGEST_LEN + 1];
+        mr_err e = mr_itoken_generate(fresh, kid, hash) == MR_OK
+                       ? MR_OK : mr_seterr(err, errlen, MR_EINTERNAL, "no randomness for a token");
+        if (e == MR_OK)
+            e = seal(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, fresh, &sealed, digest,
+                     err, errlen);
+        OPENSSL_cleanse(fresh, sizeof fresh);
+        if (e == MR_OK) {
+            const char *p[] = {iid, kid, hash, sealed, digest};
+            e = mr_db_call(w->db, &mr_service_identity, &token_issue_stmt, p, NULL, &stored, err,
+                           errlen);
+        }
+        free(sealed);
+        if (e != MR_OK)
+            return e;
+        if (!stored)
+            return mr_seterr(err, errlen, MR_EINTERNAL, "the control-plane token was not stored");
+        ct = stored;
+        issued = 1;
+    }
+    mr_err e = open_secret(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct, token, err,
+                           errlen);
+    free(stored);
+    if (e != MR_OK)
+        return e;
+    /* What opened must be a token; one of the live credential when there was one. */
+    if (mr_itoken_parse(*token, strlen(*token), kid) != MR_OK ||
+        (!issued && strcmp(kid, live_key) != 0)) {
+        OPENSSL_cleanse(*token, strlen(*token));
+        free(*token);
+        *token = NULL;
+        return mr_seterr(err, errlen, MR_EINTERNAL, "the sealed control-plane token does not match "
+                         "the instance's credential: mindroomctl rotate-instance-token %s", iid);
+    }
+    if (issued)
+        mr_log(MR_LOG_INFO, "instance %s: control-plane token issued (key id %s)", iid, kid);
+    return MR_OK;
+}
+
 mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_t errlen)
 {
     const char *iid = NULL;
@@ -181,12 +247,25 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
         env = cJSON_AddObjectToObject(p, "env");
     }
     mr_err e = MR_OK;
-    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "plain_env")))
+    const cJSON *secrets = cJSON_GetObjectItemCaseSensitive(step, "secrets");
+
+    /* The control plane's address and the instance's credential for it. */
+    char *token = NULL;
+    cJSON_DeleteItemFromObjectCaseSensitive(env, MR_APPENV_CONTROL_PLANE_URL);
+    cJSON_DeleteItemFromObjectCaseSensitive(env, MR_APPENV_CONTROL_PLANE_TOKEN);
+    cJSON_AddStringToObject(env, MR_APPENV_CONTROL_PLANE_URL, wcfg.control_plane_url);
+    e = control_plane_token(w, iid, step, secrets, &token, err, errlen);
+    if (e == MR_OK) {
+        cJSON_AddStringToObject(env, MR_APPENV_CONTROL_PLANE_TOKEN, token);
+        OPENSSL_cleanse(token, strlen(token));
+        free(token);
+    }
+
+    if (e == MR_OK && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "plain_env")))
         e = move_plain_env(w, iid, env, err, errlen);
 
     /* The operator's sealed environment; ours (already in env) wins over a stored
      * variable of the same name. */
-    const cJSON *secrets = cJSON_GetObjectItemCaseSensitive(step, "secrets");
     for (const cJSON *s = secrets ? secrets->child : NULL; s && e == MR_OK; s = s->next) {
         const char *kind = NULL, *name = NULL, *ct = NULL;
         if (mr_json_str(s, "kind", &kind) != MR_OK || strcmp(kind, "env") != 0 ||

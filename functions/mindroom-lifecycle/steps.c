@@ -104,7 +104,8 @@ static void apply(worker *w, const mr_provisioner *p, const cJSON *step, mr_prov
 }
 
 /* Carries out one step; fills result ({"ok", "rejected", "error", urls,
- * "config_version", "matrix_server_name", "retention_s", "purged"}). Returns 1
+ * "config_version" (when the configuration was applied: POST /apps),
+ * "restart_version", "matrix_server_name", "retention_s", "purged"}). Returns 1
  * when the call was aborted for a stop. */
 static int do_step(worker *w, mr_action action, const cJSON *step, const char *instance_id,
                    cJSON *result)
@@ -119,17 +120,30 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     mr_provisioner p = wcfg.provisioner;
     p.abort_cb = abort_step;
     mr_provisioner_call call;
+    int applied = 0;
     switch (action) {
     case MR_ACTION_CREATE:
     case MR_ACTION_UPDATE:
         apply(w, &p, step, &call);
+        applied = 1;
         break;
     case MR_ACTION_START:
-        mr_provisioner_app(w->http, &p, app, action, 0, &call);
-        /* The stopped app is gone (removed by hand, or never made): create it again
-         * under the same name, on the same storage, so it resumes as it was. */
-        if (!call.ok && call.status == 404)
+    case MR_ACTION_RESTART:
+        /* A start whose configuration changed while the app was stopped (a new
+         * control-plane token, a plan change) is a POST /apps: it starts the apps
+         * with the new configuration in one restart. */
+        if (action == MR_ACTION_START && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "apply"))) {
             apply(w, &p, step, &call);
+            applied = 1;
+            break;
+        }
+        mr_provisioner_app(w->http, &p, app, action, 0, &call);
+        /* The app is gone (removed by hand, or never made): create it again under
+         * the same name, on the same storage, so it resumes as it was. */
+        if (!call.ok && call.status == 404) {
+            apply(w, &p, step, &call);
+            applied = 1;
+        }
         break;
     case MR_ACTION_STOP:
     case MR_ACTION_DESTROY:
@@ -146,8 +160,11 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     cJSON_AddBoolToObject(result, "ok", call.ok);
     if (call.ok) {
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(step, "config_version");
-        if (cJSON_IsNumber(v))
+        if (applied && cJSON_IsNumber(v))
             cJSON_AddNumberToObject(result, "config_version", v->valuedouble);
+        v = cJSON_GetObjectItemCaseSensitive(step, "restart_version");
+        if (cJSON_IsNumber(v))
+            cJSON_AddNumberToObject(result, "restart_version", v->valuedouble);
         if (call.backend_url[0])
             cJSON_AddStringToObject(result, "backend_url", call.backend_url);
         if (call.frontend_url[0])

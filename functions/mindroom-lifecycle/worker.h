@@ -38,6 +38,7 @@ typedef struct {
     int defer_max_hours;        /* STRIPE_DEFER_MAX_HOURS */
     int retention_days;         /* MINDROOM_RETENTION_DAYS: a destroyed instance's storage is kept */
     mr_secrets *secrets;        /* MINDROOM_SECRETS_KEY (+ _PREVIOUS): opens instance secrets */
+    char control_plane_url[512];/* MINDROOM_CONTROL_PLANE_URL: where instances report usage */
 } worker_config;
 
 extern worker_config wcfg;
@@ -69,8 +70,9 @@ mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_
 
 /* The body of POST /apps for a claimed create/update/start step: its "payload"
  * with the operator's environment and the homeserver's keys opened (generated and
- * stored first if the instance has none yet). Free with payload_free, which wipes
- * every string. */
+ * stored first if the instance has none yet), and the instance's control-plane
+ * URL and token (a token issued now when the instance has no live one). Free with
+ * payload_free, which wipes every string. */
 mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_t errlen);
 void payload_free(cJSON *payload);
 

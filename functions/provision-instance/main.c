@@ -1,6 +1,8 @@
 /* provision-instance: records that a subscription's MindRoom instance should run.
  *
- * POST {"subscription_id": uuid, "wait"?: bool} with a service_role JWT.
+ * POST {"subscription_id": uuid, "wait"?: bool, "rotate_token"?: bool} with a
+ * service_role JWT; rotate_token replaces the instance's control-plane token in the
+ * same transaction (the redeploy owed delivers the new one).
  * 202 while work is owed (the lifecycle worker does it), 200 when nothing is (or,
  * with wait, once done), 409 when the subscription is not entitled to an instance
  * or its instance is being destroyed. An explicit request also lifts a retry
@@ -27,8 +29,9 @@ static void handle(mr_req *r)
         return;
     }
     const char *sid = NULL;
-    int wait = 0;
+    int wait = 0, rotate = 0;
     mr_err je = mr_json_bool(body, "wait", &wait);
+    mr_err re = mr_json_bool(body, "rotate_token", &rotate);
     if (mr_json_str(body, "subscription_id", &sid) != MR_OK || !mr_is_uuid(sid)) {
         cJSON_Delete(body);
         mr_reply_error(r, 400, "invalid_subscription_id", "subscription_id must be a UUID");
@@ -39,12 +42,17 @@ static void handle(mr_req *r)
         mr_reply_error(r, 400, "invalid_wait", "wait must be a boolean");
         return;
     }
+    if (re != MR_OK && re != MR_ENOTFOUND) {
+        cJSON_Delete(body);
+        mr_reply_error(r, 400, "invalid_rotate_token", "rotate_token must be a boolean");
+        return;
+    }
     char sub[40], err[256] = "";
     snprintf(sub, sizeof sub, "%s", sid);
     cJSON_Delete(body);
 
     mr_instance_result res;
-    mr_err e = mr_instance_provision(r->db, &r->who, sub, &res, err, sizeof err);
+    mr_err e = mr_instance_provision(r->db, &r->who, sub, rotate, &res, err, sizeof err);
     if (e != MR_OK) {
         mr_reply_err(r, e, err);
         return;

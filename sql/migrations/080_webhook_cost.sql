@@ -106,6 +106,7 @@ BEGIN
         WHEN i.status IN ('provisioning', 'failed') THEN 'create'
         WHEN i.status = 'stopped' THEN 'start'
         WHEN i.applied_config_version IS DISTINCT FROM i.config_version THEN 'update'
+        WHEN i.restart_version > i.applied_restart_version THEN 'restart'
         WHEN i.welcome_email_sent_at IS NULL THEN 'email'
     END)::public.lifecycle_action;
 END;

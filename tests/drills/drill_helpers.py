@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mr
 from lifecycle_helpers import PRICES, new_account
 
-STRIPE_STATUS = {  # Stripe's status -> subscription_status (DESIGN.md)
+STRIPE_STATUS = {  # Stripe's status -> subscription_status (docs/webhook.md)
     "trialing": "trialing", "active": "active", "past_due": "past_due", "canceled": "cancelled",
     "unpaid": "unpaid", "paused": "paused", "incomplete": "incomplete",
     "incomplete_expired": "incomplete_expired",

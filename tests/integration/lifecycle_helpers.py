@@ -35,6 +35,23 @@ INSTANCE_COLS = ("id", "subscription_id", "status", "desired_status", "dokku_app
                  "claim_expires_at", "owed_action", "owed_due_at")
 
 
+
+def deploy_env(dokku, health, **extra):
+    """FAST_ENV for a stack whose worker really deploys through the real provisioner
+    and the stand-in dokku (`provisioner_helpers.Dokku`), both of an instance's
+    components answering health probes at the stand-in `health`. Deploying two apps
+    takes a few seconds, so the call deadline, the lease (kept above it, as the
+    worker's start-up check demands) and the edges' wait are longer."""
+    env = dict(FAST_ENV)
+    env.update(MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+               MR_PROVISION_WAIT_MS="45000", MR_LIFECYCLE_POLL_MS="1000",
+               HEALTH_ALLOW_LOOPBACK="1", HEALTH_TIMEOUT_MS="1000")
+    env.update({k: str(v) for k, v in extra.items()})
+    env.update(dokku.env(
+        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
+        PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port))
+    return env
+
 def stack_env(prov, resend=None, **extra):
     env = dict(FAST_ENV)
     env["DOKKU_PROVISIONER_URL"] = prov.url

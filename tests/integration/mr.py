@@ -45,6 +45,9 @@ FUNCTIONS = (
     "create-checkout-session",
     "create-portal-session",
     "list-plans",
+    "track-usage",
+    "my-instance",
+    "mindroom-admin",
     "mindroom-lifecycle",
 )
 # Processes that serve no socket: started and stopped like the functions, ready
@@ -132,10 +135,11 @@ class Response:
         return "<Response %d %s>" % (self.status, self.text[:300])
 
 
-def http(method, url, json=None, body=None, headers=None, token=None, timeout=60):
+def http(method, url, json=None, body=None, headers=None, token=None, timeout=60, source=None):
     """One HTTP/1.1 request on a fresh connection; never raises on an HTTP status.
     json= sends it encoded with Content-Type application/json; body= sends raw
-    bytes/str as is; token= adds "Authorization: Bearer <token>"."""
+    bytes/str as is; token= adds "Authorization: Bearer <token>"; source= is the
+    local address to send from (e.g. "127.0.0.2", another loopback address)."""
     u = urllib.parse.urlsplit(url)
     hdrs = dict(headers or {})
     if json is not None:
@@ -145,7 +149,8 @@ def http(method, url, json=None, body=None, headers=None, token=None, timeout=60
         body = body.encode()
     if token is not None:
         hdrs["Authorization"] = "Bearer " + token
-    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout,
+                                     source_address=(source, 0) if source else None)
     try:
         path = u.path + ("?" + u.query if u.query else "")
         conn.request(method, path or "/", body=body, headers=hdrs)
@@ -304,8 +309,9 @@ def _sanitizer_report(text):
 class Stack:
     """A whole stack for one test module: database, functions, nginx.
 
-    Attributes: env (dict, the functions' environment), run (Path), port and
-    provisioner_port (nginx), provisioner_url, base_url, db (database name),
+    Attributes: env (dict, the functions' environment), run (Path), port,
+    provisioner_port and admin_port (nginx), provisioner_url, admin_url, base_url,
+    db (database name),
     procs (name -> Popen of each running function's master), functions (names
     started). Extra env given to the constructor wins over the defaults; a
     value of None removes a default (e.g. {"DOKKU_PROVISIONER_TOKEN": None}).
@@ -315,6 +321,8 @@ class Stack:
     nginx_extra= is nginx text added inside the public server block (@RUN@ and
     @ROOT@ replaced). db= names an existing database to share (another stack's:
     two complete stacks on one database); it is then neither created nor dropped.
+    trusted_proxies= lists the addresses nginx believes X-Forwarded-For from
+    (set_real_ip_from; default none, as `make run`).
 
     The lifecycle worker (mindroom-lifecycle) runs in every stack that starts it;
     its periodic health round is set to once a day unless env says otherwise, so
@@ -322,7 +330,7 @@ class Stack:
     """
 
     def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
-                 nginx_extra="", db=None):
+                 nginx_extra="", db=None, trusted_proxies=()):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.own_db = db is None
@@ -337,8 +345,9 @@ class Stack:
         self.functions += self.extra_functions
         self.procs = {}
         self.nginx = None
-        self.port = self.provisioner_port = None
+        self.port = self.provisioner_port = self.admin_port = None
         self._nginx_extra = nginx_extra
+        self.trusted_proxies = tuple(trusted_proxies)
         self._extra_env = dict(env or {})
         self._workers = workers
         self.env = {}
@@ -355,7 +364,7 @@ class Stack:
         return self
 
     def _start(self):
-        for d in ("sock", "log", "nginx", "conf.d"):
+        for d in ("sock", "log", "nginx", "conf.d", "metrics"):
             (self.run / d).mkdir()
         if self.own_db:
             self.pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (self.db, TEMPLATE_DB))
@@ -377,6 +386,9 @@ class Stack:
             "MR_LIFECYCLE_WORKERS": "2",
             "HEALTH_INTERVAL_S": "86400",
             "MR_LOG_LEVEL": "info",
+            # What instances are told to report usage to: this stack's nginx.
+            "MINDROOM_CONTROL_PLANE_URL": self.base_url,
+            "MR_METRICS_DIR": str(self.run / "metrics"),
         }
         # workers=None: each function's own default, as `make run` leaves it.
         if self._workers is not None:
@@ -423,13 +435,18 @@ class Stack:
 
     # ---- nginx -----------------------------------------------------------
 
-    def render_nginx(self, public_listen, provisioner_listen):
+    def render_nginx(self, public_listen, provisioner_listen, admin_listen=None):
         """nginx/dev.conf with this stack's paths and listeners."""
         text = (ROOT / "nginx/dev.conf").read_text()
         user = "user root root;" if os.geteuid() == 0 else "# user: the current one"
+        proxies = getattr(self, "trusted_proxies", ())
+        real_ip = "".join("set_real_ip_from %s;" % p for p in proxies) or "# no trusted proxies"
+        admin_listen = admin_listen or "127.0.0.1:%d" % free_port()
         for k, v in (("@ROOT@", str(ROOT)), ("@RUN@", str(self.run)),
                      ("@PUBLIC_LISTEN@", public_listen),
-                     ("@PROVISIONER_LISTEN@", provisioner_listen), ("@USER@", user)):
+                     ("@PROVISIONER_LISTEN@", provisioner_listen),
+                     ("@ADMIN_LISTEN@", admin_listen), ("@USER@", user),
+                     ("@REAL_IP_FROM@", real_ip)):
             text = text.replace(k, v)
         return text
 
@@ -447,10 +464,11 @@ class Stack:
         # the race, so retry with fresh ports.
         last = ""
         for _ in range(5):
-            self.port, self.provisioner_port = free_port(), free_port()
+            self.port, self.provisioner_port, self.admin_port = free_port(), free_port(), free_port()
             conf = self.run / "nginx.conf"
             conf.write_text(self.render_nginx("127.0.0.1:%d" % self.port,
-                                              "127.0.0.1:%d" % self.provisioner_port))
+                                              "127.0.0.1:%d" % self.provisioner_port,
+                                              "127.0.0.1:%d" % self.admin_port))
             errlog = self.run / "log/nginx.error.log"
             p = subprocess.Popen(["nginx", "-p", str(self.run / "nginx"), "-c", str(conf),
                                   "-e", str(errlog)],
@@ -459,7 +477,7 @@ class Stack:
                                  start_new_session=True)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and p.poll() is None:
-                if self._port_open(self.port) and self._port_open(self.provisioner_port):
+                if all(self._port_open(p) for p in (self.port, self.provisioner_port, self.admin_port)):
                     self.nginx = p
                     return
                 time.sleep(0.02)
@@ -482,6 +500,10 @@ class Stack:
     @property
     def provisioner_url(self):
         return "http://127.0.0.1:%d" % self.provisioner_port
+
+    @property
+    def admin_url(self):
+        return "http://127.0.0.1:%d" % self.admin_port
 
     # ---- functions -------------------------------------------------------
 
@@ -644,12 +666,13 @@ class Stack:
         """http://127.0.0.1:<port>/functions/v1/<name> (name may carry /path?query)."""
         return self.base_url + "/functions/v1/" + name
 
-    def call(self, method, name, json=None, body=None, headers=None, token=None, timeout=60):
+    def call(self, method, name, json=None, body=None, headers=None, token=None, timeout=60,
+             source=None):
         """Calls a function through nginx; see http(). A name starting with "/"
         is a raw path on the public listener."""
         url = self.base_url + name if name.startswith("/") else self.url(name)
         return http(method, url, json=json, body=body, headers=headers, token=token,
-                    timeout=timeout)
+                    timeout=timeout, source=source)
 
     def call_provisioner(self, method, path, json=None, body=None, headers=None,
                          token=None, timeout=60):
@@ -658,6 +681,10 @@ class Stack:
             token = self.env["DOKKU_PROVISIONER_TOKEN"]
         return http(method, self.provisioner_url + path, json=json, body=body,
                     headers=headers, token=token or None, timeout=timeout)
+
+    def call_admin(self, path, method="GET", timeout=60):
+        """GET /live, /ready or /metrics on mindroom-admin's listener."""
+        return http(method, self.admin_url + path, timeout=timeout)
 
     def jwt(self, role="service_role", sub=None, exp_in=3600, **claims):
         """A JWT signed with this stack's SUPABASE_JWT_SECRET, shaped like

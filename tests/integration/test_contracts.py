@@ -87,7 +87,11 @@ def test_nginx_read_timeouts_are_the_table_rows():
     assert timeout_for(prod, "provision-instance|deprovision-instance")[0] == d["MR_DL_NGINX_LIFECYCLE_S"]
     assert timeout_for(prod, "check-instance-health")[0] == d["MR_DL_NGINX_HEALTH_S"]
     assert timeout_for(prod, "/")[-1] == d["MR_DL_NGINX_PROVISIONER_S"]
+    assert timeout_for(prod, "= /functions/v1/track-usage") == [d["MR_DL_NGINX_TENANT_S"]]
+    assert timeout_for(prod, "my-instance")[0] == d["MR_DL_NGINX_TENANT_S"]
     dev = nginx_read_timeouts("dev.conf")
+    assert timeout_for(dev, "= /functions/v1/track-usage") == [d["MR_DL_NGINX_TENANT_S"]]
+    assert timeout_for(dev, "my-instance")[0] >= d["MR_DL_NGINX_TENANT_S"]
     # The local stack serves every function from one location: it must cover each.
     assert timeout_for(dev, "check-instance-health")[0] >= max(
         d["MR_DL_NGINX_WEBHOOK_S"], d["MR_DL_NGINX_LIFECYCLE_S"], d["MR_DL_NGINX_HEALTH_S"])
@@ -108,6 +112,8 @@ def test_the_default_deadlines_nest():
     # Edges answer before nginx gives up on them.
     assert d["MR_DL_WAIT_MS"] < d["MR_DL_NGINX_LIFECYCLE_S"] * 1000
     assert d["MR_DL_DB_STATEMENT_MS"] < d["MR_DL_NGINX_WEBHOOK_S"] * 1000
+    # track-usage's two statements at most (a credential's first use), my-instance's one.
+    assert 2 * d["MR_DL_DB_STATEMENT_MS"] < d["MR_DL_NGINX_TENANT_S"] * 1000
     assert d["MR_DL_HEALTH_PROBE_MS"] < d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
     # A stopping worker ends before the service manager kills it.
     assert d["MR_DL_LIFECYCLE_STOP_GRACE_MS"] + d["MR_DL_RECORD_MARGIN_MS"] < d["MR_DL_WORKER_STOP_S"] * 1000

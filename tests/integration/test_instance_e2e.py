@@ -18,7 +18,7 @@ import pytest
 
 import mr
 from health import HealthStandin
-from lifecycle_helpers import (FAST_ENV, LIMITS, PRICES, WORKER, instance, new_account,
+from lifecycle_helpers import (deploy_env, LIMITS, PRICES, WORKER, instance, new_account,
                                wait_status, wait_until)
 from provisioner_helpers import DOMAIN, Dokku, decode_config_args, names
 
@@ -47,17 +47,8 @@ def health():
 
 @pytest.fixture(scope="module")
 def stack(pg, dokku, health):
-    env = dict(FAST_ENV)
-    # Real deploys through the stand-in take a few seconds for two apps; the lease
-    # stays above the call deadline, as the worker's start-up check demands.
-    env.update(MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
-               MR_PROVISION_WAIT_MS="45000", MR_LIFECYCLE_POLL_MS="1000",
-               HEALTH_INTERVAL_S=str(HEALTH_INTERVAL),
-               HEALTH_FAILURE_THRESHOLD=str(THRESHOLD), HEALTH_TIMEOUT_MS="1000",
-               HEALTH_ALLOW_LOOPBACK="1", SWEEP_INTERVAL_S="2")
-    env.update(dokku.env(
-        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
-        PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port))
+    env = deploy_env(dokku, health, HEALTH_INTERVAL_S=HEALTH_INTERVAL,
+                     HEALTH_FAILURE_THRESHOLD=THRESHOLD, SWEEP_INTERVAL_S=2)
     with mr.Stack(pg, env=env, functions=FUNCS) as s:
         yield s
 
@@ -204,7 +195,11 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
     c.send("customer.subscription.updated", "active")
     running(stack, c.sid)
     calls = dokku.new_calls()
-    assert ["ps:start", n["app"]] in calls and ["ps:start", n["hs"]] in calls, calls
+    # The stop revoked the instance's control-plane token, so the start applies the
+    # configuration with a new one (POST /apps of the same apps, which starts them).
+    assert dokku.app(n["app"], "running") == "true" and dokku.app(n["hs"], "running") == "true"
+    started_env = decode_config_args([x for x in calls if x[0] == "config:set" and n["app"] in x][-1])
+    assert started_env["MINDROOM_CONTROL_PLANE_TOKEN"] != env["MINDROOM_CONTROL_PLANE_TOKEN"]
     assert not any(x[0] in ("apps:create", "storage:create") for x in calls), calls
     data_kept("after stop and start")
 

@@ -380,8 +380,12 @@ def test_stop_then_resume_the_same_app_then_destroy(stack, prov):
     back = wait_status(stack, sid, "running")
     assert back["dokku_app_name"] == app and back["id"] == inst["id"]
     assert prov.apps[app]["state"] == "running"
-    assert prov.recorded("POST", "/apps/%s/start" % app)
-    assert len(creates_for(prov, app)) == 1              # resumed, not re-created
+    # The stop revoked the instance's control-plane token: the start applies the same
+    # app's configuration with a new one (POST /apps, create-or-update), nothing else.
+    creates = creates_for(prov, app)
+    assert len(creates) == 2 and not prov.recorded("POST", "/apps/%s/start" % app)
+    assert (creates[1].json["env"]["MINDROOM_CONTROL_PLANE_TOKEN"]
+            != creates[0].json["env"]["MINDROOM_CONTROL_PLANE_TOKEN"])
 
     r = deprovision(stack, instance_id=str(inst["id"]), mode="destroy", wait=True)
     assert r.status == 200, r

@@ -95,7 +95,10 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     r = provision(stack, sid, wait=True)
     assert r.status == 200 and r.json["instance"]["status"] == "running", r
     calls = dokku.new_calls()
-    assert ["ps:start", app] in calls and "apps:create" not in commands(calls, app)
+    # (The stop revoked its control-plane token: the start is a POST /apps of the same
+    # app with a new one, which starts it; docs/lifecycle.md.)
+    assert dokku.app(app, "running") == "true" and "apps:create" not in commands(calls, app)
+    assert any(c[0] == "config:set" and app in c for c in calls), calls
     assert instance(stack, sid)["dokku_app_name"] == app
 
     # Deleted: destroyed in Dokku, deprovisioned here; a second destroy is a no-op.

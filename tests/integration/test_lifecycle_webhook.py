@@ -104,7 +104,12 @@ def test_unpaid_stops_active_resumes_the_same_app_deleted_destroys(stack, prov):
     back = wait_status(stack, c.sid, "running", timeout=3)
     assert back["id"] == first["id"] and back["dokku_app_name"] == app
     assert prov.apps[app]["state"] == "running"
-    assert len(prov.create_calls()) == 1                 # resumed, not re-created
+    # Resumed, not re-created: the same app's configuration again, with a new
+    # control-plane token (the stop revoked the old one).
+    creates = prov.create_calls()
+    assert len(creates) == 2 and {c.json["app"] for c in creates} == {app}
+    assert (creates[1].json["env"]["MINDROOM_CONTROL_PLANE_TOKEN"]
+            != creates[0].json["env"]["MINDROOM_CONTROL_PLANE_TOKEN"])
 
     c.send("customer.subscription.deleted", "canceled")
     gone = wait_until(lambda: (lambda i: i if i["status"] == "deprovisioned" else None)(

@@ -24,7 +24,7 @@ from lifecycle_helpers import (FAST_ENV, LINK_CUSTOMER_SQL, PRICES, WORKER, inst
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "refused-links", "stuck", "concurrency")
+            "failed-events", "refused-links", "stuck", "concurrency", "rotate-instance-token")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,9 @@ def stack(pg, prov, resend):
     env = dict(FAST_ENV, DOKKU_PROVISIONER_URL=prov.url, DOKKU_PROVISIONER_TOKEN=prov.token,
                RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
                MINDROOM_BASE_DOMAIN="mindroom.test", HEALTH_ALLOW_LOOPBACK="1",
-               HEALTH_TIMEOUT_MS="1000")
+               HEALTH_TIMEOUT_MS="1000",
+               # A deploy may take a few seconds here (--wait's progress is watched).
+               MR_PROVISION_TIMEOUT_MS="6000", MR_LIFECYCLE_LEASE_S="12")
     funcs = ["handle-stripe-webhook", "provision-instance", "deprovision-instance",
              "check-instance-health", WORKER]
     with mr.Stack(pg, env=env, functions=funcs) as s:
@@ -125,6 +127,13 @@ def test_help_lists_every_command_and_each_has_its_own():
     fails(ctl("frobnicate"), 2, "unknown command: frobnicate")
 
 
+def test_version_is_the_builds():
+    want = subprocess.run([str(mr.ROOT / "scripts/version.sh")], stdout=subprocess.PIPE,
+                          text=True, check=True).stdout.strip()
+    assert ok(ctl("version")) == "mindroomctl %s\n" % want
+    assert ok(ctl("--version")) == "mindroomctl %s\n" % want
+
+
 # ---- token ----------------------------------------------------------------------
 
 def test_token_is_accepted_by_the_stack_and_carries_the_claims(stack, envfile):
@@ -202,6 +211,31 @@ def test_deprovision_stop_then_provision_resumes_then_destroy(stack, prov, envfi
     assert app not in prov.apps
     ok(ctl("--env", envfile, "deprovision", "--instance", inst["id"], "--mode", "destroy", "--wait"))
     assert instance(stack, sid)["status"] == "deprovisioned"
+
+
+def test_wait_shows_the_state_changes_as_they_happen(stack, prov, envfile):
+    # A deploy that takes a while: the operator sees the instance being worked on,
+    # then running, instead of a silent wait.
+    sid = new_subscription(stack, "starter")
+    # Long enough for a few of mindroomctl's polls (one a second) on a loaded machine,
+    # after the worker's own steps before the deploy (the homeserver's keys).
+    prov.next(("slow", 3.0))
+    p = ctl("--env", envfile, "provision", sid, "--wait", timeout=60)
+    out = json.loads(ok(p))
+    assert out["instance"]["status"] == "running", out
+    iid = str(instance(stack, sid)["id"])
+    lines = [l for l in p.stderr.splitlines() if " instance " in l]
+    assert len(lines) >= 2, p.stderr
+    assert any("owed create, a worker is on it" in l for l in lines), p.stderr
+    assert lines[-1].endswith("instance %s: running" % iid), p.stderr
+    for l in lines:   # "HH:MM:SS instance <id>: <status>...", each a change
+        assert l[2] == ":" and l[5] == ":" and iid in l, l
+    assert len(set(l[9:] for l in lines)) == len(lines), p.stderr
+    # Without a database to ask, it says so instead of showing nothing.
+    sid2 = new_subscription(stack, "starter")
+    p = ctl("--env", envfile, "provision", sid2, "--wait", env={"DATABASE_URL": ""}, timeout=60)
+    ok(p)
+    assert "no progress shown" in p.stderr
 
 
 def test_health_of_one_instance_records_the_probe(stack, prov, health_standin, envfile, tmp_path):
@@ -426,11 +460,12 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
     base = Path(tempfile.mkdtemp(prefix="mr-ctl-stacksh-"))
     os.chmod(base, 0o755)   # PostgreSQL runs as postgres when we are root
     run = base / "run"
-    ports = [mr.free_port() for _ in range(3)]
+    ports = [mr.free_port() for _ in range(4)]
     mr_vars = {"MR_RUN_DIR": str(run), "MR_ENV_FILE": "/dev/null",
                "MR_API_LISTEN": "127.0.0.1:%d" % ports[0], "MR_PG_PORT": str(ports[2])}
     env = dict(os.environ, MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
-               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], **mr_vars)
+               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1],
+               MR_ADMIN_LISTEN="127.0.0.1:%d" % ports[3], **mr_vars)
     for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL",
               "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET"):
         env.pop(k, None)

@@ -46,6 +46,7 @@ def production_conf(tmp, sockdir, ports):
         ("/var/log/nginx/", str(tmp / "log") + "/"),
         ("listen 127.0.0.1:54321;", "listen 127.0.0.1:%d;" % ports["internal"]),
         ("listen 127.0.0.1:8002;", "listen 127.0.0.1:%d;" % ports["provisioner"]),
+        ("listen 127.0.0.1:8003;", "listen 127.0.0.1:%d;" % ports["admin"]),
         ("listen 443 ssl http2;", "listen 127.0.0.1:%d ssl http2;" % ports["https"]),
         ("listen 80;", "listen 127.0.0.1:%d;" % ports["http"]),
     ]
@@ -87,7 +88,7 @@ def test_dev_conf_passes_nginx_t(tmp_path):
 
 
 def test_production_conf_passes_nginx_t(tmp_path):
-    ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner")}
+    ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner", "admin")}
     conf = production_conf(tmp_path, tmp_path / "sock", ports)
     rc, out = nginx_t(conf, tmp_path)
     assert rc == 0, out
@@ -108,7 +109,7 @@ def prod(pg, tmp_path_factory):
     """The production config serving a test stack's function sockets."""
     with mr.Stack(pg) as s:
         tmp = tmp_path_factory.mktemp("prod")
-        ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner")}
+        ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner", "admin")}
         conf = production_conf(tmp, s.run / "sock", ports)
         p = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "log/error.log")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

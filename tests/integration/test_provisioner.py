@@ -422,6 +422,44 @@ def test_stop_start_state_destroy_sequences(stack, dokku):
         assert r.status == 404 and r.json["error"]["code"] == "not_found", (path, r)
 
 
+def test_restart_restarts_both_apps_on_their_storage(stack, dokku):
+    app = "mindroom-reboot"
+    n = names(app)
+    assert post(stack, body(app, "sreboot")).status == 201
+    dokku.container_write(app, MINDROOM_DIR + "/agents/memory.db", "agent memory")
+    dokku.container_write(n["hs"], "/data/homeserver.db", "rooms")
+    dokku.container_write(app, "/tmp/scratch", "ephemeral")
+    dokku.mark()
+    r = call(stack, "POST", "/apps/%s/restart" % app)
+    assert r.status == 200, r
+    assert r.json == {"app": app, "state": "running",
+                      "apps": {"mindroom": "running", "homeserver": "running"}, "dry_run": False}
+    # The homeserver first (MindRoom expects it when it starts); nothing else changes.
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
+                                 ["ps:report", n["hs"], "--deployed"],
+                                 ["ps:report", app, "--deployed"],
+                                 ["ps:restart", n["hs"]], ["ps:restart", app]]
+    assert dokku.container_read(app, "/tmp/scratch") is None          # new containers
+    assert dokku.container_read(app, MINDROOM_DIR + "/agents/memory.db") == "agent memory"
+    assert dokku.container_read(n["hs"], "/data/homeserver.db") == "rooms"
+    # A stopped instance is started by a restart (ps:restart starts a stopped app).
+    assert call(stack, "POST", "/apps/%s/stop" % app).status == 200
+    assert call(stack, "POST", "/apps/%s/restart" % app).status == 200
+    assert dokku.app(app, "running") == "true" and dokku.app(n["hs"], "running") == "true"
+    # A missing instance is 404, a half-created one not_deployed; GET is 405.
+    dokku.mark()
+    r = call(stack, "POST", "/apps/mindroom-nosuch/restart")
+    assert r.status == 404 and r.json["error"]["code"] == "not_found", r
+    assert dokku.new_calls() == [["apps:exists", "mindroom-nosuch"],
+                                 ["apps:exists", "mindroom-nosuch-matrix"]]
+    dokku.tell("fail", "resource:limit", times=1, skip=1)
+    assert post(stack, body("mindroom-halfr", "shalfr")).status == 502
+    r = call(stack, "POST", "/apps/mindroom-halfr/restart")
+    assert r.status == 404 and r.json["error"]["code"] == "not_deployed", r
+    assert not [c for c in dokku.new_calls() if c[0] == "ps:restart"]
+    assert call(stack, "GET", "/apps/%s/restart" % app).status == 405
+
+
 def test_purge_destroys_apps_and_storage_data(stack, dokku):
     app = "mindroom-purge"
     n = names(app)
@@ -692,7 +730,7 @@ def test_malformed_bodies_run_nothing(stack, dokku, raw):
 def test_bad_app_names_in_the_path_run_nothing(stack, dokku, path):
     dokku.mark()
     for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/stop"), ("POST", "/start"),
-                           ("DELETE", "/storage"), ("DELETE", "?purge=true")):
+                           ("POST", "/restart"), ("DELETE", "/storage"), ("DELETE", "?purge=true")):
         p = path if path.endswith("/stop") else path + suffix
         r = stack.call_provisioner(method, p)
         assert r.status == 400 and r.json["error"]["code"] == "invalid_app", (method, p, r)
@@ -700,7 +738,7 @@ def test_bad_app_names_in_the_path_run_nothing(stack, dokku, path):
 
 
 @pytest.mark.parametrize("path", ["/apps/../x", "/apps/x/../../etc/passwd",
-                                  "/apps/mindroom-x/restart", "/apps/", "/",
+                                  "/apps/mindroom-x/reboot", "/apps/", "/",
                                   "/apps/mindroom-x/stop/now", "/apps/mindroom-x/storage/x"])
 def test_traversal_and_unknown_paths_run_nothing(stack, dokku, path):
     dokku.mark()

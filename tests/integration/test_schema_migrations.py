@@ -40,6 +40,8 @@ def test_fresh_database_applies_every_file_and_records_it(cluster):
                             ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
                             WHERE i.indrelid = 'supabase_migrations.schema_migrations'::regclass AND i.indisprimary""")
     assert pk == [("version",)]
+    # Plain PostgreSQL has no Realtime: the migrations publish nothing.
+    assert cluster.sql(db, "SELECT pubname FROM pg_publication") == []
 
 
 def test_recorded_statements_rebuild_the_same_schema(cluster):

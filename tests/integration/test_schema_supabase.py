@@ -69,6 +69,12 @@ ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA public GRANT ALL ON FUNCTI
 ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA public GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;
 GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
 
+-- Realtime's publication, created empty with the project and owned by `postgres`;
+-- the Dashboard's "enable Realtime" adds tables to it.
+SET ROLE app_owner;
+CREATE PUBLICATION supabase_realtime;
+RESET ROLE;
+
 -- pgTAP for the suite run at the end (as Supabase offers it: an extension).
 CREATE EXTENSION pgtap;
 """
@@ -141,6 +147,58 @@ def test_applying_twice_is_a_no_op(supa):
     assert "migrate: 0 applied" in r.stdout
     assert supa.dump_schema("supa") == dump
     assert supa.sql("supa", ROLES_SNAPSHOT) == roles
+
+
+def test_instances_status_is_published_for_realtime_and_tenants_see_no_secret(supa):
+    """Live status: instances (status columns only) is in supabase_realtime, nothing
+    else of ours is, and what it publishes is what a tenant's RLS view shows."""
+    rows = supa.sql("supa", "SELECT schemaname, tablename, attnames FROM pg_publication_tables "
+                            "WHERE pubname = 'supabase_realtime' ORDER BY 1, 2")
+    assert [(sch, t) for sch, t, _ in rows] == [("public", "instances")], rows
+    published = set(rows[0][2])
+    assert {"id", "subscription_id", "status", "desired_status", "owed_action", "health_status",
+            "frontend_url", "restart_requested_at", "updated_at"} <= published, published
+    secret = {"environment_vars", "claimed_by", "claim_expires_at", "config", "dokku_app_name"}
+    assert not published & secret, published
+    # Every published column is one a tenant may read (Realtime would drop the others).
+    readable = {c for (c,) in supa.sql("supa", """
+        SELECT a.attname FROM pg_attribute a WHERE a.attrelid = 'public.instances'::regclass
+           AND a.attnum > 0 AND NOT a.attisdropped
+           AND has_column_privilege('authenticated', a.attrelid, a.attname, 'SELECT')""")}
+    assert published <= readable, published - readable
+    assert not readable & {"environment_vars", "claimed_by"}
+
+    # A tenant's view under RLS: its own instance's published columns, nobody else's.
+    assert supa.psql_file("supa", SEED).returncode == 0            # the plans
+    a, b = "eeeeeeee-0000-4000-8000-000000000001", "ffffffff-0000-4000-8000-000000000001"
+    conn = supa.connect("supa", autocommit=False)      # everything below is rolled back
+    try:
+        with conn.cursor() as cur:
+            for u in (a, b):
+                cur.execute("INSERT INTO auth.users (id, email) VALUES (%s, %s)", (u, u[:8] + "@example.com"))
+                cur.execute("""WITH s AS (INSERT INTO public.subscriptions (account_id, tier, status)
+                                          VALUES (%s, 'free', 'active') RETURNING id)
+                               INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain,
+                                                             status, environment_vars)
+                               SELECT s.id, n.dokku_app_name, n.subdomain, 'running', '{"API_KEY": "sk-live"}'
+                                 FROM s, public.instance_names(s.id) n""", (u,))
+            cur.execute("SELECT set_config('role', 'authenticated', true), "
+                        "set_config('request.jwt.claims', %s, true)",
+                        ('{"role": "authenticated", "sub": "%s"}' % a,))
+            cur.execute("SELECT %s FROM public.instances" % ", ".join(sorted(published)))
+            seen = cur.fetchall()
+            assert len(seen) == 1 and "sk-live" not in repr(seen), seen
+            cur.execute("SAVEPOINT x")
+            for query in ("SELECT environment_vars FROM public.instances",
+                          "SELECT count(*) FROM public.instance_tokens",
+                          "SELECT count(*) FROM public.instance_secrets"):
+                with pytest.raises(Exception) as e:
+                    cur.execute(query)
+                assert "permission denied" in str(e.value), query
+                cur.execute("ROLLBACK TO SAVEPOINT x")
+    finally:
+        conn.rollback()
+        conn.close()
 
 
 def test_pgtap_suite_passes_on_the_supabase_database(supa):

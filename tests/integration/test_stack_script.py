@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,12 @@ def stack_env():
     base = Path(tempfile.mkdtemp(prefix="mr-stacksh-"))
     os.chmod(base, 0o755)
     run = base / "run"
-    ports = [mr.free_port() for _ in range(3)]
+    ports = [mr.free_port() for _ in range(4)]
     env = dict(os.environ, MR_RUN_DIR=str(run), MR_ENV_FILE="/dev/null",
                MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
                MR_API_LISTEN="127.0.0.1:%d" % ports[0],
-               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], MR_PG_PORT=str(ports[2]))
+               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1], MR_PG_PORT=str(ports[2]),
+               MR_ADMIN_LISTEN="127.0.0.1:%d" % ports[3])
     for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL"):
         env.pop(k, None)
     yield run, env, ports
@@ -106,11 +108,26 @@ def test_run_prints_a_working_curl_and_stop_ends_everything(stack_env):
     resp = mr.http("GET", "http://127.0.0.1:%d/apps/mindroom-000000000000" % ports[1],
                    token=secrets["DOKKU_PROVISIONER_TOKEN"])
     assert resp.status not in (401, 502), resp
-    # PostgreSQL on the TCP port, schema applied.
+    # The tenant edges are routed: a user's session reaches my-instance (this user has
+    # no instance), and track-usage takes nothing but an instance's own token.
+    user = mr.make_jwt({"role": "authenticated", "sub": str(uuid.uuid4()), "aud": "authenticated",
+                        "exp": int(time.time()) + 600}, secrets["SUPABASE_JWT_SECRET"])
+    resp = mr.http("GET", api + "/functions/v1/my-instance", token=user)
+    assert resp.status == 404 and resp.json["error"]["code"] == "not_found", resp
+    resp = mr.http("POST", api + "/functions/v1/track-usage", json={}, token=token)
+    assert resp.status == 401 and "instance token" in resp.json["error"]["message"], resp
+    # PostgreSQL on the TCP port, with the generated password only, schema applied.
     conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
     rows = subprocess.run(["psql", conn, "-XtAc", "select count(*) from supabase_migrations.schema_migrations"],
+                          env=dict(env, PGPASSFILE=str(run / "pgpass")),
                           stdout=subprocess.PIPE, text=True, check=True).stdout
     assert int(rows) >= 1
+    assert oct((run / "pgpass").stat().st_mode & 0o777) == "0o600"
+    nopw = subprocess.run(["psql", conn, "-w", "-XtAc", "select 1"], env=dict(env, PGPASSFILE="/dev/null"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert nopw.returncode != 0 and "password" in nopw.stderr, nopw.stderr
+    # mindroom-admin on its own listener.
+    assert mr.http("GET", "http://127.0.0.1:%d/ready" % ports[3]).status == 200
     assert running_under(run)
 
     stop(run, env, p)
@@ -123,14 +140,15 @@ def test_restart_keeps_data_and_tokens(stack_env):
     p, text = start(run, env)
     token = re.search(r"export TOKEN=(\S+)", text).group(1)
     conn = "host=127.0.0.1 port=%d dbname=mindroom user=postgres" % ports[2]
+    pgenv = dict(env, PGPASSFILE=str(run / "pgpass"))
     subprocess.run(["psql", conn, "-Xqc", "create table survives(x int); insert into survives values (42)"],
-                   check=True)
+                   env=pgenv, check=True)
     stop(run, env, p)
 
     p, text = start(run, env)
     assert "migrate: 0 applied" in text.split("control plane is up")[-2]
     assert subprocess.run(["psql", conn, "-XtAc", "select x from survives"], stdout=subprocess.PIPE,
-                          text=True, check=True).stdout.strip() == "42"
+                          env=pgenv, text=True, check=True).stdout.strip() == "42"
     # The secrets were reused: a token minted by the first run still works.
     resp = mr.http("POST", "http://127.0.0.1:%d/functions/v1/provision-instance" % ports[0],
                    json={}, token=token)
@@ -163,7 +181,7 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
 
     def sql(q):
         return subprocess.run(["psql", conn, "-XtAc", q], stdout=subprocess.PIPE, text=True,
-                              check=True).stdout.strip()
+                              env=dict(env, PGPASSFILE=str(run / "pgpass")), check=True).stdout.strip()
     account, customer, sub = str(uuid.uuid4()), "cus_" + uuid.uuid4().hex[:12], "sub_" + uuid.uuid4().hex[:12]
     sql("INSERT INTO auth.users (id, aud, role, email) VALUES ('%s', 'authenticated', "
         "'authenticated', 'run-%s@example.com')" % (account, account[:8]))
@@ -198,5 +216,17 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
         deploy = next(i for i, c in enumerate(calls) if c[:2] == ["git:from-image", a])
         mount = next(i for i, c in enumerate(calls) if c[:3] == ["storage:mount", a, entry])
         assert mount < deploy, calls
+    # MindRoom's environment (its last config:set) carries its own control-plane token,
+    # this stack's URL and its plan's limits; with the token, track-usage counts.
+    from provisioner_helpers import decode_config_args
+    api = "http://127.0.0.1:%d" % ports[0]
+    menv = decode_config_args([c for c in calls if c[0] == "config:set" and n["app"] in c][-1])
+    assert menv["MINDROOM_CONTROL_PLANE_URL"] == api, menv
+    assert (menv["MAX_AGENTS"], menv["MAX_MESSAGES_PER_DAY"]) == ("3", "1000"), menv
+    resp = mr.http("POST", api + "/functions/v1/track-usage", json={"agent": "general"},
+                   token=menv["MINDROOM_CONTROL_PLANE_TOKEN"])
+    assert resp.status == 200 and resp.json["remaining"] == 999, resp
+    assert sql("SELECT messages_sent FROM public.usage_metrics u JOIN public.instances i "
+               "ON i.id = u.instance_id WHERE i.dokku_app_name = '%s'" % app) == "1"
     dokku.assert_documented()
     stop(run, env, p)

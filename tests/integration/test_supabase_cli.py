@@ -5,10 +5,12 @@ The CLI also loads supabase/config.toml as a Supabase project's config.
 
 The CLI is installed on demand from the npm registry; if that fails these tests fail
 (they are the issue's acceptance tests, not optional). The CLI talks TCP only, so this
-module runs its own cluster with a TCP port (scripts/pg.sh init DIR PORT)."""
+module runs its own cluster with a TCP port (scripts/pg.sh init DIR PORT), where
+`postgres` logs in with a password (scram), as on any real server."""
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -46,7 +48,8 @@ class TcpCluster:
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="mr-supabase-")
-        env = dict(os.environ, PG_FSYNC="off")
+        self.password = secrets.token_hex(16)
+        env = dict(os.environ, PG_FSYNC="off", PG_PASSWORD=self.password)
         for attempt in range(5):  # the free port may be taken before the server binds it
             self.port = free_port()
             r = subprocess.run([PG_SH, "init", self.dir, str(self.port)], env=env,
@@ -65,7 +68,7 @@ class TcpCluster:
 
     def db_url(self, db):
         """What a user passes to `supabase ... --db-url` for a local cluster."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}?sslmode=disable"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{db}?sslmode=disable"
 
     def new_db(self):
         self.n += 1

@@ -30,8 +30,8 @@ GRANT EXECUTE ON FUNCTION pg_temp.inst(text), pg_temp.step(text, text), pg_temp.
 SELECT is((SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
             WHERE c.conname = 'lifecycle_action_check'
               AND c.contypid = 'public.lifecycle_action'::regtype),
-          $$CHECK ((VALUE = ANY (ARRAY['create'::text, 'start'::text, 'update'::text, 'stop'::text, 'destroy'::text, 'email'::text, 'destroy_storage'::text])))$$,
-          'one vocabulary: create, start, update, stop, destroy, email, destroy_storage');
+          $$CHECK ((VALUE = ANY (ARRAY['create'::text, 'start'::text, 'update'::text, 'stop'::text, 'destroy'::text, 'email'::text, 'destroy_storage'::text, 'restart'::text])))$$,
+          'one vocabulary: create, start, update, stop, destroy, email, destroy_storage, restart');
 SELECT throws_ok($$SELECT 'provision'::public.lifecycle_action$$, '23514', NULL, 'no other word is owed work');
 SELECT results_eq($$SELECT public.instance_desired_for(s)::text FROM unnest(enum_range(NULL::public.subscription_status)) s
                    ORDER BY s$$,

@@ -20,7 +20,7 @@ static void test_action_vocabulary(void **state)
 {
     (void)state;
     static const char *const words[] = {"create", "start", "update", "stop", "destroy", "email",
-                                        "destroy_storage"};
+                                        "destroy_storage", "restart"};
     mr_action a;
     for (size_t i = 0; i < MR_ARRAY_LEN(words); i++) {
         assert_int_equal(mr_action_parse(words[i], &a), MR_OK);

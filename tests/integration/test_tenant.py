@@ -1,0 +1,442 @@
+"""Instances and customers talk to the control plane: an instance's own token and the
+control plane's URL in its environment, usage reports through track-usage, the
+tenant API (my-instance, my-instance/restart), audit rows saying who and from where.
+
+Everything real but Dokku, Stripe's delivery and the instances' HTTP: signed events
+through the webhook, the lifecycle worker, nginx's provisioner listener and the real
+dokku-provisioner driving the stand-in `dokku` (local mode), nginx with real_ip
+trusting 127.0.0.2 only (a client on 127.0.0.1 plays the Internet)."""
+import hashlib
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import mr
+from health import HealthStandin
+from lifecycle_helpers import WORKER, deploy_env, instance, new_account, wait_status, wait_until
+from provisioner_helpers import Dokku, decode_config_args, names
+from test_instance_e2e import Customer, ctl, running
+
+FUNCS = ["handle-stripe-webhook", "provision-instance", "deprovision-instance", "check-instance-health",
+         "dokku-provisioner", "track-usage", "my-instance", WORKER]
+TOKEN_RE = re.compile(r"^mri_([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
+PROXY = "127.0.0.2"     # the one address nginx believes X-Forwarded-For from
+UA = "MindRoom/1.4 (tenant test)"
+MINDROOM_FILE = "/mindroom_data/agents/memory.db"
+
+
+@pytest.fixture(scope="module")
+def dokku():
+    d = Dokku()
+    yield d
+    d.assert_documented()
+
+
+@pytest.fixture(scope="module")
+def health():
+    with HealthStandin() as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def stack(pg, dokku, health):
+    env = deploy_env(dokku, health)
+    with mr.Stack(pg, env=env, functions=FUNCS, trusted_proxies=(PROXY,)) as s:
+        yield s
+
+
+def mindroom_env(dokku, app, calls=None):
+    """MindRoom's environment as the last config:set (of `calls`, else all) set it."""
+    calls = dokku.all_calls() if calls is None else calls
+    sets = [c for c in calls if c[0] == "config:set" and app in c]
+    assert sets, "no config:set for %s" % app
+    return decode_config_args(sets[-1])
+
+
+def report(stack, token, body=None, headers=None, source=None):
+    h = {"User-Agent": UA}
+    h.update(headers or {})
+    return stack.call("POST", "track-usage", json=body, token=token, headers=h, source=source)
+
+
+def usage(stack, iid):
+    rows = stack.sql("SELECT messages_sent, agents_used, tools_used FROM public.usage_metrics "
+                     "WHERE instance_id = %s AND date = CURRENT_DATE", iid)
+    return rows[0] if rows else (0, {}, {})
+
+
+def user_jwt(stack, account):
+    return stack.jwt(role="authenticated", sub=account, aud="authenticated")
+
+
+def audit(stack, action, **details):
+    where = "".join(" AND details->>'%s' = %%s" % k for k in details)
+    cols = ("account_id", "actor_role", "actor_user_id", "actor_instance_id", "ip_address",
+            "user_agent", "request_id", "details")
+    rows = stack.sql("SELECT %s FROM public.audit_logs WHERE action = %%s%s ORDER BY created_at"
+                     % (", ".join(cols), where), action, *[str(v) for v in details.values()])
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def live_instance(stack, tier="starter"):
+    """A customer whose subscription.created made a running instance; returns
+    (customer, instance row, its token from the recorded config:set)."""
+    c = Customer(stack, tier)
+    c.send("customer.subscription.created", "active")
+    inst = running(stack, c.sid)
+    return c, inst
+
+
+def token_of(dokku, inst):
+    return mindroom_env(dokku, inst["dokku_app_name"])["MINDROOM_CONTROL_PLANE_TOKEN"]
+
+
+def test_the_environment_carries_token_url_and_limits_and_reports_count(stack, dokku):
+    c, inst = live_instance(stack, "starter")
+    iid, app = str(inst["id"]), inst["dokku_app_name"]
+    env = mindroom_env(dokku, app)
+    # The environment contract: the control plane's URL, the instance's own token, its limits.
+    assert env["MINDROOM_CONTROL_PLANE_URL"] == stack.base_url
+    token = env["MINDROOM_CONTROL_PLANE_TOKEN"]
+    m = TOKEN_RE.match(token)
+    assert m, token
+    assert (env["MAX_AGENTS"], env["MAX_MESSAGES_PER_DAY"], env["MAX_STORAGE_GB"]) == ("3", "1000", "5")
+    # PostgreSQL holds its key id and hash, and the token sealed; never the token.
+    assert stack.sql("SELECT key_id, token_hash FROM public.instance_tokens WHERE instance_id = %s",
+                     iid) == [(m.group(1), hashlib.sha256(token.encode()).hexdigest())]
+    (ct,) = stack.sql("SELECT ciphertext FROM public.instance_secrets WHERE instance_id = %s "
+                      "AND kind = 'control_plane'", iid)[0]
+    assert ct.startswith("mrs1:")
+    dump = subprocess.run(["pg_dump", "--data-only", stack.pg.conninfo(stack.db, "postgres")],
+                          check=True, capture_output=True, text=True).stdout
+    assert token not in dump and token.split("_")[-1] not in dump
+
+    # With the token, a report counts and answers what is left today.
+    r = report(stack, token, {"agent": "general", "tool": "web_search"})
+    assert r.status == 200, r
+    tomorrow = stack.sql("SELECT (CURRENT_DATE + 1)::timestamptz")[0][0]
+    assert r.json["allowed"] is True and r.json["remaining"] == 999, r.json
+    assert r.json["resets_at"].replace(" ", "T")[:19] == tomorrow.isoformat()[:19], r.json
+    assert r.json["agents"] == {"used": 1, "max": 3}
+    assert usage(stack, iid) == (1, {"general": 1}, {"web_search": 1})
+    r = report(stack, token)                                   # no body: one message, no names
+    assert r.status == 200 and r.json["remaining"] == 998, r
+    assert usage(stack, iid)[0] == 2
+
+    # Bad reports are refused and count nothing.
+    for body in ({"agent": ""}, {"agent": "x" * 65}, {"agent": "drop table"}, {"agent": 7},
+                 {"instance_id": iid}, {"agent": "a", "extra": 1}, [1]):
+        r = report(stack, token, body)
+        assert r.status == 400 and r.json["error"]["code"] == "invalid_report", (body, r)
+    r = stack.call("POST", "track-usage", body='{"agent":"a","agent":"b"}', token=token,
+                   headers={"Content-Type": "application/json"})
+    assert r.status == 400, r
+    assert usage(stack, iid)[0] == 2
+
+    # At the daily limit: 429 with Retry-After, nothing counted.
+    stack.sql("UPDATE public.subscriptions SET current_messages_today = 998 WHERE id = %s", c.sid)
+    r = report(stack, token, {"agent": "general"})
+    assert r.status == 200 and r.json["remaining"] == 1, r
+    r = report(stack, token, {"agent": "general"})
+    assert r.status == 200 and r.json["remaining"] == 0, r
+    before = usage(stack, iid)
+    r = report(stack, token, {"agent": "general"})
+    assert r.status == 429, r
+    assert r.json["allowed"] is False and r.json["remaining"] == 0 and r.json["limit"] == "messages"
+    assert r.json["error"]["code"] == "limit_reached"
+    retry = int(r.headers.get("Retry-After"))
+    assert 0 < retry <= 86400 + 3600, retry
+    assert usage(stack, iid) == before
+    assert report(stack, token).status == 429                  # still refused
+
+    # The plan's distinct agents per day: a fourth agent is refused, known ones are not.
+    stack.sql("UPDATE public.subscriptions SET current_messages_today = 0 WHERE id = %s", c.sid)
+    for agent in ("research", "writer"):
+        r = report(stack, token, {"agent": agent})
+        assert r.status == 200 and r.json["agents"]["used"] <= 3, r
+    r = report(stack, token, {"agent": "fourth"})
+    assert r.status == 429 and r.json["limit"] == "agents", r
+    assert r.json["agents"] == {"used": 3, "max": 3}
+    assert int(r.headers.get("Retry-After")) > 0
+    assert "fourth" not in usage(stack, iid)[1]
+    r = report(stack, token, {"agent": "writer"})
+    assert r.status == 200, r
+
+    # Each limit's first refusal of the day is audited, the instance as the actor.
+    for limit in ("messages", "agents"):
+        rows = audit(stack, "usage.limit_reached", instance_id=iid, limit=limit)
+        assert len(rows) == 1, rows
+        a = rows[0]
+        assert (a["actor_role"], str(a["actor_instance_id"]), a["actor_user_id"]) == ("instance", iid, None)
+        assert (a["ip_address"], a["user_agent"], str(a["account_id"])) == ("127.0.0.1", UA, c.account)
+        assert a["request_id"]
+
+
+def test_one_instance_token_never_reads_or_writes_another_instances_usage(stack, dokku):
+    _, a = live_instance(stack, "professional")
+    _, b = live_instance(stack, "professional")
+    ta, tb = token_of(dokku, a), token_of(dokku, b)
+    assert ta != tb
+    before_b = usage(stack, str(b["id"]))
+    r = report(stack, ta, {"agent": "a-agent"})
+    assert r.status == 200, r
+    assert usage(stack, str(a["id"]))[1] == {"a-agent": 1}
+    assert usage(stack, str(b["id"])) == before_b
+    # There is no way to name another instance: not in the body...
+    r = report(stack, ta, {"instance_id": str(b["id"])})
+    assert r.status == 400, r
+    # ...and a token made of B's key id with A's secret is no token.
+    forged = "_".join(tb.split("_")[:2]) + "_" + ta.split("_")[2]
+    r = report(stack, forged, {"agent": "x"})
+    assert r.status == 401, r
+    assert usage(stack, str(b["id"])) == before_b
+
+
+def test_jwts_and_keys_cannot_report(stack, dokku):
+    c, inst = live_instance(stack, "free")
+    before = usage(stack, str(inst["id"]))
+    for cred in (stack.jwt(), user_jwt(stack, c.account), stack.jwt(role="anon"),
+                 "sb_secret_" + "x" * 40, "mri_0123456789abcdef_" + "A" * 43, "garbage"):
+        r = report(stack, cred)
+        assert r.status == 401 and r.json["error"]["code"] == "unauthorized", (cred[:12], r)
+        assert r.headers.get("WWW-Authenticate") == "Bearer"
+    r = stack.call("POST", "track-usage", json={})
+    assert r.status == 401, r
+    r = stack.call("POST", "track-usage", json={}, headers={"apikey": stack.jwt()})
+    assert r.status == 401, r
+    r = stack.call("GET", "track-usage", token=token_of(dokku, inst))
+    assert r.status == 405, r
+    assert usage(stack, str(inst["id"])) == before
+
+
+def test_a_rotated_token_stops_at_once_and_the_worker_delivers_a_new_one(stack, dokku):
+    c, inst = live_instance(stack, "starter")
+    iid, app = str(inst["id"]), inst["dokku_app_name"]
+    old = token_of(dokku, inst)
+    assert report(stack, old).status == 200
+    dokku.mark()
+    p = ctl(stack, "rotate-instance-token", iid)
+    assert p.returncode == 0 and "revoked" in p.stdout and "update" in p.stdout, p
+    # The old token is refused from the rotation's commit on (even by a worker that
+    # has it verified in memory).
+    for _ in range(4):
+        r = report(stack, old)
+        assert r.status == 401, r
+    # The worker owes an update: it issues a new token and applies it, data kept.
+    wait_until(lambda: any(x[0] == "config:set" and app in x for x in dokku.all_calls()[dokku._seen:]),
+               timeout=45, what="config:set with a new token")
+    running(stack, c.sid)
+    new = mindroom_env(dokku, app, dokku.new_calls())["MINDROOM_CONTROL_PLANE_TOKEN"]
+    assert TOKEN_RE.match(new) and new != old
+    assert report(stack, new).status == 200
+    assert report(stack, old).status == 401
+    rows = audit(stack, "instance.token_rotated", instance_id=iid)
+    assert len(rows) == 1 and rows[0]["details"]["revoked_key_id"] == TOKEN_RE.match(old).group(1)
+    # An unknown instance: a clear refusal.
+    p = ctl(stack, "rotate-instance-token", str(uuid.uuid4()))
+    assert p.returncode == 1 and "no such instance" in p.stderr, p
+
+
+def test_a_redeploy_that_asks_for_it_rotates_the_token(stack, dokku):
+    c, inst = live_instance(stack, "starter")
+    iid, app = str(inst["id"]), inst["dokku_app_name"]
+    old = token_of(dokku, inst)
+    # Without rotate_token a provision of a running instance changes nothing.
+    r = stack.call("POST", "provision-instance", json={"subscription_id": c.sid}, token=stack.jwt())
+    assert r.status == 200, r
+    assert report(stack, old).status == 200
+    r = stack.call("POST", "provision-instance", json={"subscription_id": c.sid, "rotate_token": 1},
+                   token=stack.jwt())
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_rotate_token", r
+    dokku.mark()
+    r = stack.call("POST", "provision-instance",
+                   json={"subscription_id": c.sid, "rotate_token": True, "wait": True},
+                   token=stack.jwt())
+    assert r.status == 200, r
+    assert report(stack, old).status == 401
+    new = mindroom_env(dokku, app, dokku.new_calls())["MINDROOM_CONTROL_PLANE_TOKEN"]
+    assert TOKEN_RE.match(new) and new != old
+    assert report(stack, new).status == 200
+    assert len(audit(stack, "instance.token_rotated", instance_id=iid)) == 1
+    # A subscription that is not entitled: refused, and its token is left alone.
+    c2, inst2 = live_instance(stack, "free")
+    t2 = token_of(dokku, inst2)
+    stack.sql("UPDATE public.subscriptions SET status = 'incomplete' WHERE id = %s", c2.sid)
+    r = stack.call("POST", "provision-instance", json={"subscription_id": c2.sid, "rotate_token": True},
+                   token=stack.jwt())
+    assert r.status == 409, r
+    assert report(stack, t2).status == 200
+
+
+def test_stopping_revokes_the_token_and_a_start_issues_a_new_one(stack, dokku):
+    c, inst = live_instance(stack, "starter")
+    iid, app = str(inst["id"]), inst["dokku_app_name"]
+    n = names(app)
+    old = token_of(dokku, inst)
+    dokku.container_write(n["app"], MINDROOM_FILE, "kept")
+    c.send("customer.subscription.updated", "unpaid")
+    wait_status(stack, c.sid, "stopped", timeout=30)
+    assert report(stack, old).status == 401
+    assert stack.sql("SELECT count(*) FROM public.instance_tokens WHERE instance_id = %s", iid) == [(0,)]
+    assert stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                     "AND kind = 'control_plane'", iid) == [(0,)]
+    assert audit(stack, "instance.token_revoked", instance_id=iid)[0]["details"]["reason"] == "stopped"
+    dokku.mark()
+    c.send("customer.subscription.updated", "active")
+    running(stack, c.sid)
+    calls = dokku.new_calls()
+    # The start applies the configuration with a new token in one go (POST /apps).
+    new = mindroom_env(dokku, app, calls)["MINDROOM_CONTROL_PLANE_TOKEN"]
+    assert new != old and report(stack, new).status == 200
+    assert not any(x[0] in ("apps:create", "storage:create") for x in calls), calls
+    assert dokku.app(n["app"], "running") == "true" and dokku.app(n["hs"], "running") == "true"
+    assert dokku.container_read(n["app"], MINDROOM_FILE) == "kept"
+    assert instance(stack, c.sid)["owed_action"] in (None, "email")
+
+
+def test_a_user_reads_own_instance_and_usage_and_nobody_elses(stack, dokku, health):
+    c, inst = live_instance(stack, "starter")
+    iid = str(inst["id"])
+    stack.sql("UPDATE public.subscriptions SET cancel_at_period_end = true, "
+              "trial_ends_at = now() + interval '14 days' WHERE id = %s", c.sid)
+    for agent in ("general", "general", "research"):
+        assert report(stack, token_of(dokku, inst), {"agent": agent}).status == 200
+    stack.sql("INSERT INTO public.usage_metrics (instance_id, date, messages_sent, agents_used) "
+              "VALUES (%s, CURRENT_DATE - 3, 42, '{\"general\": 42}')", iid)
+    health.reset()
+    assert stack.call("GET", "check-instance-health?instance_id=%s" % iid, token=stack.jwt()).status == 200
+
+    r = stack.call("GET", "my-instance", token=user_jwt(stack, c.account))
+    assert r.status == 200, r
+    j = r.json
+    assert j["instance"]["id"] == iid and j["instance"]["status"] == "running"
+    assert j["instance"]["frontend_url"] == inst["frontend_url"]
+    assert j["instance"]["backend_url"] and j["instance"]["matrix_server_url"]
+    assert j["plan"] == {"name": "Starter", "tier": "starter", "max_agents": 3,
+                         "max_messages_per_day": 1000, "max_storage_gb": 5}
+    assert j["subscription"]["cancel_at_period_end"] is True
+    assert j["subscription"]["trial_ends_at"] and j["subscription"]["status"] == "active"
+    today = j["usage"]["today"]
+    assert (today["messages_sent"], today["agents_used"], today["remaining"]) == (
+        3, {"general": 2, "research": 1}, 997), today
+    days = j["usage"]["last_30_days"]
+    assert len(days) == 30 and days[-1]["messages_sent"] == 3 and days[-4]["messages_sent"] == 42
+    assert days[-1]["agents"] == 2
+    assert j["health"]["status"] == "healthy" and j["health"]["checked_at"]
+    assert j["instance"]["restart"] == {"pending": False, "requested_at": None, "restarted_at": None}
+    assert "environment_vars" not in r.text and "claimed_by" not in r.text and "mri_" not in r.text
+    # The same by id; the id of someone else's instance is 404 like a made-up one.
+    assert stack.call("GET", "my-instance?instance_id=%s" % iid,
+                      token=user_jwt(stack, c.account)).json["instance"]["id"] == iid
+    other, _ = new_account(stack)
+    for who, path in ((other, "my-instance?instance_id=%s" % iid), (other, "my-instance"),
+                      (c.account, "my-instance?instance_id=%s" % uuid.uuid4())):
+        r = stack.call("GET", path, token=user_jwt(stack, who))
+        assert r.status == 404 and r.json["error"]["code"] == "not_found", (path, r)
+    r = stack.call("GET", "my-instance?instance_id=nope", token=user_jwt(stack, c.account))
+    assert r.status == 400, r
+    # Only a user's session: a service key has no "my", anon nothing, no token 401.
+    assert stack.call("GET", "my-instance", token=stack.jwt()).status == 403
+    assert stack.call("GET", "my-instance", token=stack.jwt(role="anon")).status == 403
+    assert stack.call("GET", "my-instance").status == 401
+    assert stack.call("DELETE", "my-instance", token=user_jwt(stack, c.account)).status == 405
+    assert stack.call("GET", "my-instance/restart", token=user_jwt(stack, c.account)).status == 405
+    assert stack.call("GET", "my-instance/elsewhere", token=user_jwt(stack, c.account)).status == 404
+
+
+def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stack, dokku):
+    c, inst = live_instance(stack, "starter")
+    iid, app = str(inst["id"]), inst["dokku_app_name"]
+    n = names(app)
+    dokku.container_write(n["app"], MINDROOM_FILE, "agents' memory")
+    tok = user_jwt(stack, c.account)
+    hdrs = {"User-Agent": UA, "X-Forwarded-For": "203.0.113.66"}   # spoofed: not a proxy
+
+    # Someone else cannot restart it, nor learn that it exists.
+    other, _ = new_account(stack)
+    r = stack.call("POST", "my-instance/restart", json={"instance_id": iid},
+                   token=user_jwt(stack, other))
+    assert r.status == 404, r
+    assert audit(stack, "instance.restart_requested", instance_id=iid) == []
+
+    for k in range(1, 4):
+        dokku.mark()
+        r = stack.call("POST", "my-instance/restart", json={} if k != 2 else {"instance_id": iid},
+                       token=tok, headers=hdrs)
+        assert r.status == 202 and r.json["restart_requested"] is True, r
+        assert r.json["instance"]["id"] == iid
+        # The lifecycle worker carries it out: ps:restart of both apps, nothing else.
+        wait_until(lambda: stack.sql("SELECT applied_restart_version FROM public.instances "
+                                     "WHERE id = %s", iid)[0][0] == k, timeout=30,
+                   what="restart %d done" % k)
+        calls = dokku.new_calls()
+        assert ["ps:restart", n["hs"]] in calls and ["ps:restart", n["app"]] in calls, calls
+        assert not any(x[0] in ("apps:create", "storage:create", "apps:destroy", "config:set",
+                                "git:from-image") for x in calls), calls
+        assert dokku.container_read(n["app"], MINDROOM_FILE) == "agents' memory"
+    r = stack.call("GET", "my-instance", token=tok)
+    assert r.json["instance"]["restart"]["pending"] is False
+    assert r.json["instance"]["restart"]["restarted_at"]
+
+    # The fourth within 10 minutes: 429 with Retry-After, nothing recorded.
+    r = stack.call("POST", "my-instance/restart", json={}, token=tok, headers=hdrs)
+    assert r.status == 429 and r.json["error"]["code"] == "rate_limited", r
+    assert 0 < int(r.headers.get("Retry-After")) <= 600
+    assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(3,)]
+
+    # Every restart has its audit row: who (the user), from where (the real peer,
+    # not the spoofed X-Forwarded-For), with what; and the worker's.
+    rows = audit(stack, "instance.restart_requested", instance_id=iid)
+    assert len(rows) == 3, rows
+    for a in rows:
+        assert (a["actor_role"], str(a["actor_user_id"]), str(a["account_id"])) == (
+            "authenticated", c.account, c.account)
+        assert (a["ip_address"], a["user_agent"]) == ("127.0.0.1", UA), a
+    assert len(audit(stack, "instance.restarted", instance_id=iid)) == 3
+
+    # A stopped instance is not restarted (billing decides whether it runs).
+    c.send("customer.subscription.updated", "unpaid")
+    wait_status(stack, c.sid, "stopped", timeout=30)
+    c2, inst2 = live_instance(stack, "free")
+    c2.send("customer.subscription.updated", "unpaid")
+    wait_status(stack, c2.sid, "stopped", timeout=30)
+    r = stack.call("POST", "my-instance/restart", json={}, token=user_jwt(stack, c2.account))
+    assert r.status == 409 and r.json["error"]["code"] == "not_running", r
+    r = stack.call("POST", "my-instance/restart", body="[]", token=user_jwt(stack, c2.account),
+                   headers={"Content-Type": "application/json"})
+    assert r.status == 400, r
+    assert stack.call("POST", "my-instance/restart", json={}, token=stack.jwt()).status == 403
+
+
+def test_audit_rows_record_the_real_client_behind_a_trusted_proxy_only(stack):
+    """Stripe's deliveries (and any request) are recorded with the client's address:
+    nginx's $remote_addr after real_ip, which believes X-Forwarded-For only from a
+    configured proxy; the user agent and request id come along."""
+    stripe_ip, spoofed = "3.18.12.63", "203.0.113.9"
+    c1, c2 = Customer(stack, "free"), Customer(stack, "free")
+    for c, source, xff in ((c1, PROXY, stripe_ip), (c2, "127.0.0.1", spoofed)):
+        raw = ('{"id":"evt_%s","object":"event","type":"customer.subscription.created",'
+               '"created":%d,"api_version":"2025-03-31.basil","livemode":false,"data":{"object":'
+               '{"id":"%s","object":"subscription","customer":"%s","status":"active",'
+               '"metadata":{"account_id":"%s"},"cancel_at_period_end":false,"items":{"object":"list",'
+               '"data":[{"id":"si_x","price":{"id":"price_free","object":"price"},'
+               '"current_period_end":%d}]}}}}') % (uuid.uuid4().hex, int(time.time()), c.sub,
+                                                   c.customer, c.account, int(time.time()) + 86400)
+        h = stack.stripe_headers(raw)
+        h.update({"X-Forwarded-For": xff, "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                  "X-Request-Id": "req-" + c.sub})
+        r = stack.call("POST", "handle-stripe-webhook", body=raw, headers=h, source=source)
+        assert r.status == 200, r
+    (a1,) = audit(stack, "subscription.created", subscription_id=c1.sid)
+    (a2,) = audit(stack, "subscription.created", subscription_id=c2.sid)
+    assert a1["ip_address"] == stripe_ip and a1["actor_role"] == "service_role", a1
+    assert a1["user_agent"].startswith("Stripe/1.0") and a1["request_id"] == "req-" + c1.sub
+    assert a2["ip_address"] == "127.0.0.1", a2          # the spoofed header is not the client
+    # The worker's own rows (no request) say who but not from where.
+    running(stack, c1.sid)
+    rows = [a for a in audit(stack, "instance.status_changed")
+            if a["details"]["subscription_id"] == c1.sid and a["details"]["to"] == "running"]
+    assert rows and all(a["ip_address"] is None and a["actor_role"] == "service_role" for a in rows)

@@ -1,0 +1,168 @@
+"""The systemd units and the install layout, as `make install` writes them into a
+scratch root (the build under test; the host's own units beside them, so that
+dependencies such as sysinit.target resolve): every unit passes
+`systemd-analyze verify`, every service scores <= 2.0 in `systemd-analyze
+security --offline`, stop timeouts are the deadline table's, sockets are 0660 for
+nginx's group, and paths move with PREFIX/SYSCONFDIR. `make package-test` checks
+the same inside a real Debian 12 root with the package installed by apt."""
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import mr
+
+ROOT = mr.ROOT
+UNITS = ROOT / "packaging/systemd"
+
+
+def make_install(dest, **vars):
+    san = "1" if mr.build_dir().name == "san" else "0"
+    args = ["make", "-s", "--no-print-directory", "SAN=" + san, "install", "DESTDIR=%s" % dest]
+    args += ["%s=%s" % kv for kv in vars.items()]
+    p = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("root")
+    make_install(r, PREFIX="/usr", SYSCONFDIR="/etc", UNITDIR="/lib/systemd/system")
+    unitdir = r / "lib/systemd/system"
+    for f in Path("/lib/systemd/system").iterdir():
+        if not (unitdir / f.name).exists() and (f.is_file() or f.is_symlink()):
+            shutil.copy(f, unitdir / f.name, follow_symlinks=True) if f.is_file() else None
+    return r
+
+
+def functions(root):
+    return sorted(p.name for p in (root / "usr/lib/mindroom/functions").iterdir())
+
+
+def all_units(root):
+    units = ["mindroom.target", "mindroom-lifecycle.service", "mindroom-provisioner.service",
+             "mindroom-provisioner.socket"]
+    for f in functions(root):
+        units += ["mindroom-function@%s.service" % f, "mindroom-function@%s.socket" % f]
+    return units
+
+
+def analyze(root, *args):
+    return subprocess.run(["systemd-analyze", "--root=%s" % root] + list(args), capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_every_unit_verifies(root):
+    assert "handle-stripe-webhook" in functions(root) and "mindroom-admin" in functions(root)
+    assert "mindroom-lifecycle" not in functions(root) and "dokku-provisioner" not in functions(root)
+    for u in all_units(root):
+        p = analyze(root, "verify", u)
+        assert p.returncode == 0 and p.stdout + p.stderr == "", (u, p.stdout, p.stderr)
+
+
+def test_every_service_scores_2_or_better(root):
+    for u in all_units(root):
+        if not u.endswith(".service"):
+            continue
+        p = analyze(root, "security", "--offline=true", "--no-pager", "--threshold=20", u)
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", p.stdout + p.stderr)
+        assert m and p.returncode == 0, (u, p.stdout[-2000:], p.stderr)
+        assert float(m.group(1)) <= 2.0, (u, m.group(1))
+
+
+def test_a_broken_unit_is_caught(root, tmp_path):
+    # The checks above can fail: a unit naming a missing binary does not verify, and
+    # one without the sandbox scores far above 2.
+    unitdir = root / "lib/systemd/system"
+    (unitdir / "mr-check.service").write_text("[Service]\nExecStart=/usr/lib/mindroom/nothere\n")
+    try:
+        assert analyze(root, "verify", "mr-check.service").returncode != 0
+        p = analyze(root, "security", "--offline=true", "--no-pager", "--threshold=20", "mr-check.service")
+        assert p.returncode != 0
+    finally:
+        (unitdir / "mr-check.service").unlink()
+
+
+def setting(unit, key):
+    vals = re.findall(r"^%s=(.*)$" % re.escape(key), (UNITS / unit).read_text(), re.M)
+    assert len(vals) == 1, (unit, key, vals)
+    return vals[0]
+
+
+def deadlines():
+    text = (ROOT / "lib/mr_deadlines.h").read_text()
+    return {k: int(v) for k, v in re.findall(r"#define (MR_DL_[A-Z_]+) (\d+)", text)}
+
+
+def test_stop_timeouts_outlast_each_process_s_longest_deadline():
+    d = deadlines()
+    # The worker: exactly the table's row, which its stop grace is checked against.
+    assert int(setting("mindroom-lifecycle.service", "TimeoutStopSec")) == d["MR_DL_WORKER_STOP_S"]
+    # A function drains its requests in flight: the longest is cut by nginx.
+    longest = max(d["MR_DL_NGINX_LIFECYCLE_S"], d["MR_DL_NGINX_WEBHOOK_S"], d["MR_DL_NGINX_HEALTH_S"])
+    assert int(setting("mindroom-function@.service", "TimeoutStopSec")) > longest
+    # The provisioner's requests end before nginx's read timeout on its listener.
+    prov = int(setting("mindroom-provisioner.service", "TimeoutStopSec"))
+    assert prov > d["MR_DL_NGINX_PROVISIONER_S"] > d["MR_DL_PROVISIONER_REQUEST_MS"] / 1000
+    for u in ("mindroom-function@.service", "mindroom-lifecycle.service", "mindroom-provisioner.service"):
+        assert setting(u, "Type") == "notify" and setting(u, "KillMode") == "mixed"
+
+
+def test_sockets_are_for_nginx_s_group_at_the_paths_nginx_uses():
+    site = (ROOT / "nginx/mindroom.conf").read_text()
+    used = set(re.findall(r"fastcgi_pass unix:/run/mindroom/([^;$]+|\$mr_fn)\.sock;", site))
+    for sock in ("mindroom-function@.socket", "mindroom-provisioner.socket"):
+        assert setting(sock, "SocketMode") == "0660"
+        assert setting(sock, "SocketGroup") == "mindroom-web"
+        assert setting(sock, "ListenStream").startswith("/run/mindroom/")
+    assert setting("mindroom-provisioner.socket", "ListenStream") == "/run/mindroom/dokku-provisioner.sock"
+    assert setting("mindroom-function@.socket", "ListenStream") == "/run/mindroom/%i.sock"
+    assert {"dokku-provisioner", "mindroom-admin", "handle-stripe-webhook"} <= used
+    sysusers = (ROOT / "packaging/sysusers.d/mindroom.conf").read_text()
+    assert re.search(r"^m\s+www-data\s+mindroom-web$", sysusers, re.M)
+
+
+def test_the_target_wants_every_function(root):
+    wants = re.findall(r"^Wants=mindroom-function@(.+)\.service$", (UNITS / "mindroom.target").read_text(), re.M)
+    assert sorted(wants) == functions(root)
+
+
+def test_install_layout_and_modes(root):
+    env = root / "etc/mindroom/mindroom.env"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assert env.read_text() == (ROOT / ".env.example").read_text()
+    assert stat.S_IMODE((root / "usr/bin/mindroomctl").stat().st_mode) == 0o755
+    for f in (root / "usr/lib/mindroom/functions").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o755
+    for p in root.rglob("*"):
+        assert p.is_symlink() or not p.stat().st_mode & stat.S_IWOTH, p
+    ctl = (root / "usr/bin/mindroomctl").read_text()
+    assert "\nINSTALLED_LIBEXEC=/usr/lib/mindroom\n" in ctl
+    assert "\nINSTALLED_ENV=/etc/mindroom/mindroom.env\n" in ctl
+    version = (mr.build_dir() / "version.stamp").read_text().split()[0]
+    p = subprocess.run([str(root / "usr/bin/mindroomctl"), "version"], capture_output=True, text=True)
+    assert p.stdout == "mindroomctl %s\n" % version
+    assert "\nINSTALLED_MIGRATIONS=/usr/share/mindroom/migrations\n" in (root / "usr/lib/mindroom/migrate.sh").read_text()
+    assert sorted(p.name for p in (root / "usr/share/mindroom/migrations").iterdir()) == \
+        sorted(p.name for p in (ROOT / "sql/migrations").glob("*.sql"))
+
+
+def test_other_prefixes_are_substituted_and_a_config_is_never_overwritten(tmp_path):
+    make_install(tmp_path, PREFIX="/opt/mr", SYSCONFDIR="/etc/opt/mr")
+    unit = (tmp_path / "opt/mr/lib/systemd/system/mindroom-lifecycle.service").read_text()
+    assert "ExecStart=/opt/mr/lib/mindroom/mindroom-lifecycle" in unit
+    assert "EnvironmentFile=/etc/opt/mr/mindroom/mindroom.env" in unit
+    for u in (tmp_path / "opt/mr/lib/systemd/system").rglob("*"):
+        if u.is_file():
+            assert "/usr/lib/mindroom" not in u.read_text() and "/etc/mindroom" not in u.read_text(), u
+    site = (tmp_path / "etc/opt/mr/nginx/sites-available/mindroom.conf").read_text()
+    assert "include /etc/opt/mr/nginx/mindroom/fastcgi.conf;" in site
+    env = tmp_path / "etc/opt/mr/mindroom/mindroom.env"
+    env.write_text("DATABASE_URL=mine\n")
+    make_install(tmp_path, PREFIX="/opt/mr", SYSCONFDIR="/etc/opt/mr")
+    assert env.read_text() == "DATABASE_URL=mine\n"
