@@ -19,7 +19,10 @@ round at its default interval. Nothing production has on is switched off.
   3. new       wrk -t2 -c16: customer.subscription.created only, each a new
                subscription and instance                         target >= 25%
   4. paced     each stream offered at half its measured peak (2 connections, a
-               fixed delay per request: wrk2 is not packaged)   target p99 <= 10 ms
+               fixed delay per request: wrk2 is not packaged), each once the
+               worker has created the instances of the bursts before it (the
+               wait is reported): the steady state, with the worker provisioning
+               the paced stream's own instances as they come   target p99 <= 10 ms
   5. duplicates one settled event over and over, alternating with the noop
                function behind the same nginx                   target >= 65% of noop
   6. memory    PSS of every function's workers and the lifecycle worker's
@@ -376,6 +379,23 @@ def paced(s, url, kind, secret, peak, prefix):
     return r
 
 
+def settle(s, limit=300):
+    """Waits until the lifecycle worker has created every instance the streams so far
+    asked for (none left provisioning), up to limit seconds: a paced run measures
+    its own steady state (the worker provisioning the paced stream's instances as
+    they come), not the backlog a 10 s burst at full rate left behind. Returns the
+    seconds waited and how many were still provisioning at the start."""
+    t0 = time.monotonic()
+    left0 = None
+    while True:
+        left = s.sql("SELECT count(*) FROM instances WHERE status = 'provisioning'")[0][0]
+        if left0 is None:
+            left0 = left
+        if left == 0 or time.monotonic() - t0 > limit:
+            return {"seconds": round(time.monotonic() - t0, 1), "backlog": left0, "left": left}
+        time.sleep(0.5)
+
+
 def stream(s, url, kind, secret, prefix, supply, cpu):
     f = prepare(s, kind, secret, prefix, supply)
     cpu.start()
@@ -458,9 +478,13 @@ def run():
             if PROFILE:
                 statements(pg, s.db, "new")
 
-            print("bench webhook: paced at half of each peak...", flush=True)
+            print("bench webhook: paced at half of each peak, each once the worker has caught up...",
+                  flush=True)
+            res["settle_signup_paced"] = settle(s)
             res["signup_paced"] = paced(s, url, "signup", secret, res["signup"]["rps"], "ps")
+            res["settle_new_paced"] = settle(s)
             res["new_paced"] = paced(s, url, "new", secret, res["new"]["rps"], "pn")
+            res["settle_duplicates"] = settle(s)
 
             # Duplicates and the no-op alternate in short rounds, so that a change in
             # the machine's load hits both alike; rates are the rounds' means.
@@ -558,7 +582,11 @@ def report(res):
           "  non-200 %d  -> %.0f%% of baseline (target %.0f%%) %s   load %s"
           % (CONNS, nw["rps"], nw["p50_ms"], nw["p99_ms"], nw["non200"], 100 * r["new"],
              100 * TARGETS["new"], mark("new"), fmt_load(nw["load"])))
-    for name, p in (("sign-up", sp), ("new", npd)):
+    for name, p, w in (("sign-up", sp, res["settle_signup_paced"]),
+                       ("new", npd, res["settle_new_paced"])):
+        print("  (before the paced %s run: %d instances left to create, the worker took %.1f s%s)"
+              % (name, w["backlog"], w["seconds"], "" if not w["left"] else
+                 ", %d still left" % w["left"]))
         print("  paced     %-7s at half of peak (%4.0f/s offered): %8.0f events/s p50 %.2f p99 %.2f ms"
               "  (target p99 <= 10 ms) %s   load %s"
               % (name, p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"], mark("paced"),

@@ -4,7 +4,7 @@
 -- helpers rewritten in PL/pgSQL still answer as 060 defined them.
 BEGIN;
 \ir _helpers.inc
-SELECT plan(17);
+SELECT plan(19);
 
 INSERT INTO auth.users (id, email) VALUES
     ('80000000-0000-4000-8000-000000000001', 'cost@example.com');
@@ -89,6 +89,17 @@ SELECT is((SELECT public.lifecycle_instance_json(i) ?& ARRAY['matrix_server_name
             WHERE i.subscription_id = (SELECT id FROM public.subscriptions
                                         WHERE stripe_subscription_id = 'sub_cost')),
           true, 'the instance JSON keeps 060''s fields');
+SELECT is((SELECT public.lifecycle_owed_action(jsonb_populate_record(i,
+                    '{"status": "running", "desired_status": "running", "config_version": 1,
+                      "applied_config_version": 1, "restart_version": 2, "applied_restart_version": 1}'))::text
+             FROM public.instances i
+            WHERE i.subscription_id = (SELECT id FROM public.subscriptions
+                                        WHERE stripe_subscription_id = 'sub_cost')),
+          'restart', 'a restart a tenant asked for is still owed (the rule as the tenant edges define it)');
+-- This server has lz4 (Debian's PostgreSQL 15 is built with it): payloads use it.
+SELECT is((SELECT attcompression::text FROM pg_attribute
+            WHERE attrelid = 'public.stripe_events'::regclass AND attname = 'payload'),
+          'l', 'event payloads are compressed with lz4');
 
 SELECT * FROM finish();
 ROLLBACK;
