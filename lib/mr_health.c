@@ -153,6 +153,15 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
 
 /* ---- recording ---- */
 
+/* Instances recorded per transaction (see mr_health_round). */
+#define RECORD_BATCH 256
+
+/* What health_record said of one target: recorded (still running), its failure
+ * count, whether this round marked it failed. */
+typedef struct {
+    int recorded, failures, marked;
+} recorded_row;
+
 typedef struct {
     const char *results_json;
     char threshold[16], interval[16];
@@ -237,6 +246,7 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     size_t np = 0;
     record_ctx rc = {.counted = counted ? "true" : "false", .round_started = round_started};
     char *rec_json = NULL;
+    recorded_row *rows = NULL;
     *out = NULL;
 
     mr_err e = mr_db_tx(db, who, select_tx, &sc, err, errlen);
@@ -273,39 +283,64 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     for (size_t i = 0; i < sc.n; i++)
         judge(&sc.t[i], probes, &verdicts[i]);
 
-    /* Record everything in one round trip, as service_role: the rows were chosen
-     * under the caller's identity, and tenants have no UPDATE on them. */
-    cJSON *rec = cJSON_CreateArray();
-    for (size_t i = 0; i < sc.n; i++) {
-        const verdict *v = &verdicts[i];
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
-        cJSON_AddBoolToObject(o, "ok", v->ok);
-        cJSON_AddStringToObject(o, "health_status", v->status);
-        if (v->ok)
-            cJSON_AddNullToObject(o, "error");
-        else
-            cJSON_AddStringToObject(o, "error", v->error);
-        cJSON_AddItemToArray(rec, o);
-    }
-    rec_json = mr_json_print(rec);
-    cJSON_Delete(rec);
-    rc.results_json = rec_json;
+    /* Record as service_role (the rows were chosen under the caller's identity, and
+     * tenants have no UPDATE on them), RECORD_BATCH instances per transaction: a
+     * round over thousands of instances then never holds their rows locked, nor
+     * writes megabytes of WAL into one commit that every other commit waits
+     * behind, for longer than one batch takes. A batch that fails ends the round:
+     * what was recorded stays, the next round records again. */
     snprintf(rc.threshold, sizeof rc.threshold, "%d", cfg->threshold);
     snprintf(rc.interval, sizeof rc.interval, "%d", cfg->interval_s);
     mr_identity recorder = mr_service_identity;
     recorder.request_json = who ? who->request_json : NULL; /* audit rows: from where */
-    e = rec_json ? mr_db_tx(db, &recorder, record_tx, &rc, err, errlen)
-                 : mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
-    if (e != MR_OK)
-        goto done; /* probed but nothing recorded: transient; the next round tries again */
+    rows = calloc(sc.n ? sc.n : 1, sizeof *rows);
+    if (!rows) {
+        e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+        goto done;
+    }
+    for (size_t b = 0; b < sc.n; b += RECORD_BATCH) {
+        size_t end = sc.n - b > RECORD_BATCH ? b + RECORD_BATCH : sc.n;
+        cJSON *rec = cJSON_CreateArray();
+        for (size_t i = b; i < end; i++) {
+            const verdict *v = &verdicts[i];
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "instance_id", sc.t[i].id);
+            cJSON_AddBoolToObject(o, "ok", v->ok);
+            cJSON_AddStringToObject(o, "health_status", v->status);
+            if (v->ok)
+                cJSON_AddNullToObject(o, "error");
+            else
+                cJSON_AddStringToObject(o, "error", v->error);
+            cJSON_AddItemToArray(rec, o);
+        }
+        free(rec_json);
+        rec_json = mr_json_print(rec);
+        cJSON_Delete(rec);
+        rc.results_json = rec_json;
+        e = rec_json ? mr_db_tx(db, &recorder, record_tx, &rc, err, errlen)
+                     : mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+        if (e != MR_OK)
+            goto done; /* probed but not all recorded: transient; the next round records */
+        /* Targets and recorded rows are both in uuid order (uuid order is the order
+         * of their lowercase text), so one merge pass matches them; a target with
+         * no row was no longer running when recorded. */
+        int recorded = PQntuples(rc.res), k = 0;
+        for (size_t i = b; i < end; i++) {
+            while (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) < 0)
+                k++;
+            if (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) == 0) {
+                rows[i].recorded = 1;
+                rows[i].failures = atoi(PQgetvalue(rc.res, k, 1));
+                rows[i].marked = strcmp(PQgetvalue(rc.res, k, 2), "t") == 0;
+            }
+        }
+    }
 
     /* The answer. Counts are per instance outcome; marked_failed says which ones
      * the threshold moved to failed just now. */
     cJSON *o_all = cJSON_CreateObject();
     cJSON *results = cJSON_CreateArray();
     int healthy = 0, unhealthy = 0, unreachable = 0, marked = 0;
-    int recorded = PQntuples(rc.res), k = 0;
     for (size_t i = 0; i < sc.n; i++) {
         const verdict *v = &verdicts[i];
         const mr_probe *mp = sc.t[i].probe[PART_MINDROOM] == NO_PROBE
@@ -333,16 +368,10 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         cJSON *parts = cJSON_AddObjectToObject(o, "components");
         for (int p = 0; p < N_PARTS; p++)
             cJSON_AddItemToObject(parts, part_names[p], part_json(&sc.t[i], probes, p));
-        /* Targets and recorded rows are both in uuid order (uuid order is the
-         * order of their lowercase text), so one merge pass matches them; a
-         * target with no row was no longer running when recorded. */
-        while (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) < 0)
-            k++;
-        if (k < recorded && strcmp(PQgetvalue(rc.res, k, 0), sc.t[i].id) == 0) {
-            int mf = strcmp(PQgetvalue(rc.res, k, 2), "t") == 0;
-            cJSON_AddNumberToObject(o, "consecutive_failures", atoi(PQgetvalue(rc.res, k, 1)));
-            cJSON_AddBoolToObject(o, "marked_failed", mf);
-            marked += mf;
+        if (rows[i].recorded) {
+            cJSON_AddNumberToObject(o, "consecutive_failures", rows[i].failures);
+            cJSON_AddBoolToObject(o, "marked_failed", rows[i].marked);
+            marked += rows[i].marked;
         }
         cJSON_AddItemToArray(results, o);
     }
@@ -360,6 +389,7 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
 done: /* every way out: free what was taken */
     PQclear(rc.res);
     free(rec_json);
+    free(rows);
     free(probes);
     free(verdicts);
     targets_free(&sc);

@@ -6,8 +6,8 @@
  * check-instance-health runs a round on request; the lifecycle worker runs the
  * periodic one, once per interval across every host (a scheduled_jobs lease).
  * No transaction is open while probing: one short transaction selects (under the
- * caller's identity, so RLS decides what a tenant sees), one records every result
- * in a single round trip as service_role. */
+ * caller's identity, so RLS decides what a tenant sees), then the results are
+ * recorded as service_role, 256 instances per transaction. */
 #ifndef MR_HEALTH_H
 #define MR_HEALTH_H
 

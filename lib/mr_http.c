@@ -187,6 +187,14 @@ void mr_reply_json_h(mr_req *r, int status, cJSON *body, const char *const *extr
     free(text);
 }
 
+void mr_note(mr_req *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->note, sizeof(r->note), fmt, ap);
+    va_end(ap);
+}
+
 void mr_reply_json(mr_req *r, int status, cJSON *body)
 {
     mr_reply_json_h(r, status, body, NULL);
@@ -464,7 +472,11 @@ static void serve(FCGX_Request *rq)
         mr_log(MR_LOG_ERROR, "handler sent no reply (request %s)", r->request_id);
         mr_reply_error(r, 500, "internal", "the function did not answer");
     }
-    mr_log_request(r->request_id, r->method, r->status, mr_now_ms() - r->started_ms, r->who.role);
+    /* The request's one log line, before the caller has the answer: whoever
+     * reads the log after an answer finds its line (tests, an operator's
+     * tail -f); a write of one short line costs microseconds. */
+    mr_log_request(r->request_id, r->method, r->status, mr_now_ms() - r->started_ms, r->who.role,
+                   r->note);
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     mr_metrics_request(r->status, (int64_t)(t1.tv_sec - arrived.tv_sec) * 1000000 +
@@ -717,7 +729,8 @@ static void usage(const char *name)
             "usage: %s [--socket PATH] [--workers N] | --version\n"
             "  --socket PATH  unix socket to listen on (MR_SOCKET; default ./%s.sock),\n"
             "                 unless systemd passes one (LISTEN_FDS)\n"
-            "  --workers N    pre-forked workers (MR_WORKERS; default: online cores)\n"
+            "  --workers N    pre-forked workers (MR_WORKERS; default: online cores, times\n"
+            "                 the function's own factor)\n"
             "  --version      print the version and exit\n",
             name, name);
 }
@@ -859,7 +872,10 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
             return 2;
         }
     } else {
-        nworkers = mr_config_int("MR_WORKERS", ncpu > 0 ? ncpu : 1, 1, MAX_WORKERS);
+        long per_core = app->workers_per_core > 0 ? app->workers_per_core : 1;
+        long dflt = (ncpu > 0 ? ncpu : 1) * per_core;
+        nworkers = mr_config_int("MR_WORKERS", dflt < MAX_WORKERS ? dflt : MAX_WORKERS, 1,
+                                 MAX_WORKERS);
     }
     g_max_body = (size_t)mr_config_int("MR_MAX_BODY", MR_DEFAULT_MAX_BODY, 1, 64 << 20);
     g_read_timeout_ms = mr_config_int("MR_READ_TIMEOUT_MS", MR_DL_FCGI_READ_MS, 100, 600000);

@@ -79,12 +79,18 @@ typedef struct mr_req {
     mr_httpc *http;              /* this worker's libcurl handle */
     int status;                  /* 0 until a reply has been sent */
     int64_t started_ms;
+    char note[200];              /* what the handler did, for the request's log line
+                                    (mr_note); "" if nothing */
 } mr_req;
 
 typedef struct {
     const char *name;            /* "provision-instance": logs and the socket's default name */
     const char *methods;         /* "POST" or "GET,POST" */
     mr_auth_mode auth;
+    /* Workers per online core when MR_WORKERS is unset (0: one). More than one
+     * for a function whose requests mostly wait on PostgreSQL's commit: more
+     * commits in flight are flushed together. */
+    int workers_per_core;
     /* Parent, once, before fork: read and validate config (may exit(2)). May be NULL. */
     void (*init)(void);
     /* Worker, once after fork, after db/http are opened. May be NULL. */
@@ -95,6 +101,12 @@ typedef struct {
 
 /* Runs the app; returns the process exit status (0 after a clean SIGTERM drain). */
 int mr_app_main(const mr_app *app, int argc, char **argv);
+
+/* Sets what the request's one log line says the handler did ("event evt_x
+ * (type): processed"), formatted and cut to fit: the runtime writes it with the
+ * status and duration when the handler returns, so the request costs one log
+ * line. A later call replaces an earlier note. */
+void mr_note(mr_req *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Sends status + JSON body (Content-Type: application/json, X-Request-Id,
  * Cache-Control: no-store). Takes ownership of body and deletes it. Extra

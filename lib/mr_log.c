@@ -165,7 +165,7 @@ void mr_log(mr_log_level level, const char *fmt, ...)
 }
 
 void mr_log_request(const char *request_id, const char *method, int status,
-                    int64_t duration_ms, const char *role)
+                    int64_t duration_ms, const char *role, const char *note)
 {
     if (MR_LOG_INFO < log_min)
         return;
@@ -181,6 +181,11 @@ void mr_log_request(const char *request_id, const char *method, int status,
     put_str(&l, num);
     put_escaped(&l, role && *role ? role : "none");
     put_str(&l, "\"");
+    if (note && *note) {
+        put_str(&l, ",\"note\":\"");
+        put_escaped(&l, note);
+        put_str(&l, "\"");
+    }
     end_line(&l);
 }
 

@@ -23,8 +23,9 @@ void mr_log_init_env(const char *name);
 void mr_log(mr_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* The per-request access line: time, function, request_id, method, status,
- * duration_ms, role (NULL -> "none"). */
+ * duration_ms, role (NULL -> "none") and, when note is neither NULL nor "",
+ * "note": what the handler did (escaped like msg). */
 void mr_log_request(const char *request_id, const char *method, int status,
-                    int64_t duration_ms, const char *role);
+                    int64_t duration_ms, const char *role, const char *note);
 
 #endif

@@ -151,15 +151,16 @@ bench_health() {
   MR_BUILD=$MR_BUILD "$PY" scripts/bench/health_bench.py ${BENCH_HEALTH_ARGS:-}
 }
 
-# handle-stripe-webhook. Runs on its own stack (scripts/bench/webhook_bench.py:
-# fsync on, the webhook and noop alone (the lifecycle section runs the rest), with
-# BENCH_WEBHOOK_WORKERS workers): pgbench of the same SQL as the ceiling, then wrk
-# with pre-signed unique new-subscription events, duplicates (with the workers' memory
-# of settled events, then without it), the noop function, and new events paced at half of the measured peak. Writes build/bench/webhook.json.
+# handle-stripe-webhook's event cost. Runs on its own stack in the configuration
+# `make run` runs (scripts/bench/webhook_bench.py): pgbench of the minimal webhook
+# transaction (scripts/bench/baseline.sql) as the baseline, then wrk with pre-signed
+# events: Stripe's sign-up stream, new subscriptions only, each paced at half its
+# peak, duplicates against the noop function; worker PSS. Writes
+# build/bench/webhook.json and a row into docs/benchmarks.md.
 bench_webhook() {
-  echo "== webhook: signed Stripe events through nginx vs pgbench of the same SQL"
-  BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_WEBHOOK_CONNECTIONS:-8} \
-    BENCH_WORKERS=${BENCH_WEBHOOK_WORKERS:-8} "$PY" scripts/bench/webhook_bench.py
+  echo "== webhook: signed Stripe events through nginx vs pgbench of the minimal transaction"
+  BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_WEBHOOK_CONNECTIONS:-16} \
+    "$PY" scripts/bench/webhook_bench.py
 }
 
 # The lifecycle under the configuration `make run` runs (every function, the

@@ -12,11 +12,14 @@
  *      without a round trip: that is what the database would answer
  *      (mr_idcache.h).
  *   3. One round trip (mr_db_call): the service_role identity and
- *      public.process_stripe_event(id, payload) in one pipeline, one implicit
- *      transaction committed at its Sync. Dedupe, ordering, the subscription, what
- *      the instance should become and the event's status all happen in SQL
- *      (sql/migrations/010_stripe_webhook.sql, 041_webhook_intent.sql); the same
- *      commit wakes the lifecycle worker when it made work owed.
+ *      public.process_stripe_event(id, payload, true) in one pipeline, one
+ *      implicit transaction committed at its Sync. Dedupe, ordering, the
+ *      subscription, what the instance should become and the event's status all
+ *      happen in SQL (sql/migrations/010_stripe_webhook.sql, 041, 051, 080).
+ *      When the commit made work due, the answer says "wake": the lifecycle
+ *      worker is woken in a transaction of its own once the answer is sent
+ *      (a notifying commit would hold PostgreSQL's notify lock through its WAL
+ *      flush; 080_webhook_cost.sql).
  *   4. Answer: 200 (duplicate/ignored/stale/failed/refused flagged), or 503 for
  *      an event that cannot be applied yet (unknown account) or a database
  *      failure, so that Stripe retries. A refused event (it claims an account its
@@ -79,9 +82,22 @@ static void worker_init(void)
 
 /* The id travels on its own so that a duplicate is answered from one index
  * lookup; the payload goes as text and PostgreSQL parses it only to apply it.
- * Prepared once per connection, like pgbench -M prepared for the ceiling. */
+ * Prepared once per connection. */
 static const mr_db_stmt process_stmt = {
-    "mr_wh_process", "SELECT public.process_stripe_event($1, $2)::text", 2};
+    "mr_wh_process", "SELECT public.process_stripe_event($1, $2, true)::text", 2};
+static const mr_db_stmt wake_stmt = {"mr_wh_wake", "SELECT public.lifecycle_wake()::text", 0};
+
+/* After the answer: wakes the lifecycle worker for the work the event's commit
+ * made due. A failure costs only latency: the worker's poll finds the work. */
+static void wake_worker(mr_req *r, void *arg)
+{
+    char err[200], *out = NULL;
+    (void)arg;
+    if (mr_db_call(r->db, &mr_service_identity, &wake_stmt, NULL, NULL, &out, err, sizeof err)
+        != MR_OK)
+        mr_log(MR_LOG_WARN, "waking the lifecycle worker: %s (its poll will find the work)", err);
+    free(out);
+}
 
 /* ---- the request ----------------------------------------------------------- */
 
@@ -152,7 +168,7 @@ static void handle(mr_req *r)
     }
 
     if (mr_idcache_has(g_seen, id, mr_now_ms())) {
-        mr_log(MR_LOG_INFO, "event %s (%s): duplicate (settled, remembered)", id, type);
+        mr_note(r, "event %.100s (%.60s): duplicate (settled, remembered)", id, type);
         mr_metrics_stripe_event(type, "duplicate");
         answer(r, "duplicate", NULL);
         cJSON_Delete(ev);
@@ -193,6 +209,8 @@ static void handle(mr_req *r)
     }
     (void)mr_json_str(res, "owed", &owed);
     (void)mr_json_str(res, "error", &evt_err);
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "wake")))
+        mr_defer(r, wake_worker, NULL, NULL);
     if (!strcmp(result, "refused")) {
         /* Someone made Stripe name an account that is not this customer's: an
          * attempt to take over another account's billing, or a bug of ours. */
@@ -203,7 +221,7 @@ static void handle(mr_req *r)
                "security: event %s (%s) refused: customer %.64s, claimed account %.64s: %s", id,
                type, cust ? cust : "-", claimed ? claimed : "-", evt_err ? evt_err : "");
     } else {
-        mr_log(MR_LOG_INFO, "event %s (%s): %s, owed %s", id, type, result, owed ? owed : "none");
+        mr_note(r, "event %.100s (%.60s): %s, owed %s", id, type, result, owed ? owed : "none");
     }
     mr_metrics_stripe_event(type, result);
     /* Committed as final: PostgreSQL answers every later delivery "duplicate". */
@@ -224,6 +242,9 @@ int main(int argc, char **argv)
         .name = "handle-stripe-webhook",
         .methods = "POST",
         .auth = MR_AUTH_NONE,
+        /* A delivery is one short transaction, then a wait for its commit to reach
+         * the disk: with several in flight PostgreSQL flushes them together. */
+        .workers_per_core = 4,
         .init = init,
         .worker_init = worker_init,
         .handle = handle,

@@ -1,30 +1,53 @@
 #!/usr/bin/env python3
-"""Webhook benchmark (the webhook section of scripts/bench.sh).
+"""Webhook event cost (the webhook section of scripts/bench.sh).
 
-One run, one machine, fsync on:
-  1. ceiling   pgbench runs exactly what the webhook runs per event (the identity
-               set_config and public.process_stripe_event in one pipeline) with
-               unique new-subscription events: the database's own limit.
-  2. new       wrk through nginx: signed, unique customer.subscription.created
-               events (pre-signed into a file: wrk's Lua has no HMAC).
-  3. duplicate wrk: one already-processed event over and over (answered from the
-               workers' memory of settled events, as deployed), and once more with
-               STRIPE_DUPLICATE_CACHE_SECONDS=0 (every delivery asks PostgreSQL).
-  4. no-op     wrk: the `noop` function (tests/bench/noop.c: same runtime, no work)
-               behind the same nginx, same worker count.
-  5. paced     new events offered at about half of the measured peak (a fixed
-               per-connection delay in wrk, since wrk2 is not packaged): p50/p99.
-Prints a table and writes build/bench/webhook.json.
+One run, one machine, the configuration `make run` runs: every function and the
+lifecycle worker (with the dokku-provisioner in dry-run, as `make run` without
+dokku), nginx, PostgreSQL with fsync on, notifications on, logs at info, the health
+round at its default interval. Nothing production has on is switched off.
 
-Environment: BENCH_SECONDS (10), BENCH_CONNS (8), BENCH_WORKERS (8 webhook workers),
+  1. baseline  pgbench -M prepared -c 8 -j 2 -T BENCH_SECONDS of the minimal
+               transaction a webhook needs (scripts/bench/baseline.sql on the two
+               tables of baseline_schema.sql, a database of its own on the same
+               cluster): the rate every figure below is compared with
+  2. sign-up   wrk -t2 -c16 through nginx: the events Stripe sends around one
+               sign-up (customer.updated, customer.subscription.created,
+               invoice.created, invoice.finalized, payment_intent.succeeded,
+               charge.succeeded, invoice.paid, customer.subscription.updated), each
+               customer ours; one event in eight creates an instance, which the
+               worker provisions meanwhile                        target >= 50%
+  3. new       wrk -t2 -c16: customer.subscription.created only, each a new
+               subscription and instance                         target >= 25%
+  4. paced     each stream offered at half its measured peak (2 connections, a
+               fixed delay per request: wrk2 is not packaged), each once the
+               worker has created the instances of the bursts before it (the
+               wait is reported): the steady state, with the worker provisioning
+               the paced stream's own instances as they come   target p99 <= 10 ms
+  5. duplicates one settled event over and over, alternating with the noop
+               function behind the same nginx                   target >= 65% of noop
+  6. memory    PSS of every function's workers and the lifecycle worker's
+               processes after the streams                      target < 1 MiB
+The machine's load average is read before and after each run: figures of one run
+are comparable with each other (ratios), not with another machine's.
+Events are signed beforehand (wrk's LuaJIT has no HMAC; scripts/bench/webhook.lua).
+
+Prints a table, writes build/bench/webhook.json and a row into docs/benchmarks.md
+(between the webhook-bench markers; BENCH_NO_DOCS=1 leaves the file alone).
+Environment: BENCH_SECONDS (10), BENCH_CONNS (16), BENCH_PROFILE=1 (also
+pg_stat_statements, track all: where the database's time goes per statement, into
+build/bench/webhook-statements.txt; a profiling run, its rates are not the bench's),
+BENCH_PERF=1 (perf record -a -g during each stream: build/bench/perf-<stream>.txt),
 MR_BUILD (build/release).
 """
 
+import datetime
 import hashlib
 import hmac
 import json
 import os
+import platform
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -36,46 +59,236 @@ os.environ.setdefault("MR_BUILD", "build/release")
 import mr  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
-CONNS = int(os.environ.get("BENCH_CONNS", "8"))
-WORKERS = int(os.environ.get("BENCH_WORKERS", "8"))
+CONNS = int(os.environ.get("BENCH_CONNS", "16"))
+PROFILE = os.environ.get("BENCH_PROFILE") == "1"
+PERF = os.environ.get("BENCH_PERF") == "1"
 ACCOUNTS = 1000
 LUA = ROOT / "scripts/bench/webhook.lua"
 OUT = ROOT / "build/bench"
+DOC = ROOT / "docs/benchmarks.md"
+FIXTURES = ROOT / "tests/fixtures"
+WORKER = "mindroom-lifecycle"
+TARGETS = {"signup": 0.50, "new": 0.25, "duplicates": 0.65, "paced_p99_ms": 10.0,
+           "pss_kib": 1024}
 
 
-def template_event():
-    return json.loads((ROOT / "tests/fixtures/stripe_subscription_created_basil.json").read_text())
+def load():
+    return tuple(float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
 
 
-def event_line(tpl, n, prefix, secret, t):
-    e = json.loads(json.dumps(tpl))
-    e["id"] = "evt_%s_%d" % (prefix, n)
-    e["created"] = t
-    o = e["data"]["object"]
-    o["id"] = "sub_%s_%d" % (prefix, n)
-    o["customer"] = "cus_bench%d" % (n % ACCOUNTS + 1)
-    o["metadata"] = {}
-    body = json.dumps(e, separators=(",", ":"))
+def fixture(name):
+    return json.loads((FIXTURES / name).read_text())
+
+
+# ---- events ------------------------------------------------------------------------
+
+def sign(secret, t, body):
     mac = hmac.new(secret.encode(), ("%d.%s" % (t, body)).encode(), hashlib.sha256).hexdigest()
     return "t=%d,v1=%s\t%s\n" % (t, mac, body)
 
 
-def write_events(path, count, prefix, secret):
-    tpl = template_event()
+def envelope(type_, obj, created, evt):
+    return {"id": evt, "object": "event", "api_version": "2025-03-31.basil", "created": created,
+            "data": {"object": obj}, "livemode": False, "pending_webhooks": 1,
+            "request": {"id": "req_" + evt[4:20], "idempotency_key": None}, "type": type_}
+
+
+class Templates:
+    """The objects of one sign-up, from the test fixtures (Stripe's shapes)."""
+
+    def __init__(self):
+        self.customer = fixture("stripe_customer_created.json")["data"]["object"]
+        self.sub_created = fixture("stripe_subscription_created_basil.json")["data"]["object"]
+        self.sub_updated = fixture("stripe_subscription_updated_basil.json")["data"]["object"]
+        self.invoice = fixture("stripe_invoice_paid_basil.json")["data"]["object"]
+
+    def subscription(self, base, sub, cus, account, t):
+        o = json.loads(json.dumps(base))
+        o.update(id=sub, customer=cus, status="active", metadata={"account_id": account},
+                 created=t, start_date=t, billing_cycle_anchor=t)
+        for it in o["items"]["data"]:
+            it["price"]["id"] = "price_starter"
+            it["subscription"] = sub
+            it["current_period_start"], it["current_period_end"] = t, t + 30 * 86400
+        return o
+
+    def signup(self, n, prefix, cus, account, t):
+        """The eight events of sign-up n, oldest first: [(type, body)]."""
+        sub, inv = "sub_%s_%d" % (prefix, n), "in_%s_%d" % (prefix, n)
+        pi, ch = "pi_%s_%d" % (prefix, n), "ch_%s_%d" % (prefix, n)
+        customer = dict(self.customer, id=cus, created=t - 60, email="bench%d@example.com" % n,
+                        invoice_settings={"default_payment_method": "pm_" + cus[4:]})
+        invoice = dict(self.invoice, id=inv, customer=cus, created=t, period_start=t, period_end=t,
+                       number="MR-%d" % n,
+                       parent={"quote_details": None, "type": "subscription_details",
+                               "subscription_details": {"metadata": {"account_id": account},
+                                                        "subscription": sub}})
+        draft = dict(invoice, status="draft", paid=False, amount_paid=0, attempted=False,
+                     attempt_count=0)
+        opened = dict(invoice, status="open", paid=False, amount_paid=0)
+        intent = {"id": pi, "object": "payment_intent", "amount": 1000, "amount_received": 1000,
+                  "capture_method": "automatic_async", "confirmation_method": "automatic",
+                  "created": t, "currency": "usd", "customer": cus, "description": "Subscription creation",
+                  "latest_charge": ch, "livemode": False, "metadata": {},
+                  "payment_method": "pm_" + cus[4:], "payment_method_types": ["card"],
+                  "status": "succeeded", "invoice": inv}
+        charge = {"id": ch, "object": "charge", "amount": 1000, "amount_captured": 1000,
+                  "amount_refunded": 0, "balance_transaction": "txn_" + ch[3:], "captured": True,
+                  "created": t, "currency": "usd", "customer": cus, "description": "Subscription creation",
+                  "livemode": False, "metadata": {}, "outcome": {
+                      "network_status": "approved_by_network", "reason": None, "risk_level": "normal",
+                      "risk_score": 32, "seller_message": "Payment complete.", "type": "authorized"},
+                  "paid": True, "payment_intent": pi, "payment_method": "pm_" + cus[4:],
+                  "payment_method_details": {"card": {
+                      "brand": "visa", "checks": {"address_line1_check": None,
+                                                  "address_postal_code_check": "pass",
+                                                  "cvc_check": "pass"},
+                      "country": "US", "exp_month": 12, "exp_year": 2030, "funding": "credit",
+                      "last4": "4242", "network": "visa"}, "type": "card"},
+                  "receipt_url": "https://pay.stripe.com/receipts/" + ch, "status": "succeeded"}
+        return [
+            ("customer.updated", customer, t),
+            ("customer.subscription.created", self.subscription(self.sub_created, sub, cus, account, t), t),
+            ("invoice.created", draft, t),
+            ("invoice.finalized", opened, t + 1),
+            ("payment_intent.succeeded", intent, t + 1),
+            ("charge.succeeded", charge, t + 1),
+            ("invoice.paid", dict(invoice, status="paid"), t + 1),
+            ("customer.subscription.updated",
+             self.subscription(self.sub_updated, sub, cus, account, t), t + 1),
+        ]
+
+
+def write_events(path, count, prefix, secret, kind="new", accounts=None):
+    """count signed lines for wrk: kind "new" (a new subscription each, customers
+    cus_bench1..ACCOUNTS cycling) or "signup" (count // 8 sign-ups of eight events,
+    sign-up n for customer cus_<prefix>_<n> of account accounts[n])."""
+    tpl = Templates()
     t = int(time.time())
     with open(path, "w") as f:
+        if kind == "signup":
+            for n in range(count // 8):
+                cus = "cus_%s_%d" % (prefix, n)
+                for i, (type_, obj, created) in enumerate(tpl.signup(n, prefix, cus, accounts[n], t)):
+                    body = json.dumps(envelope(type_, obj, created, "evt_%s_%d_%d" % (prefix, n, i)),
+                                      separators=(",", ":"))
+                    f.write(sign(secret, t, body))
+            return
+        base = fixture("stripe_subscription_created_basil.json")
         for n in range(count):
-            f.write(event_line(tpl, n, prefix, secret, t))
+            e = json.loads(json.dumps(base))
+            e["id"] = "evt_%s_%d" % (prefix, n)
+            e["created"] = t
+            o = e["data"]["object"]
+            o["id"] = "sub_%s_%d" % (prefix, n)
+            o["customer"] = "cus_bench%d" % (n % ACCOUNTS + 1)
+            o["metadata"] = {}
+            f.write(sign(secret, t, json.dumps(e, separators=(",", ":"))))
 
+
+def signup_accounts(s, prefix, n):
+    """n accounts, each with the Stripe customer we created for it
+    (cus_<prefix>_<i>). Returns their ids, in order."""
+    head, like = "su_%s_" % prefix, "su\\_%s\\_%%" % prefix
+    s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(), %s || i || '@example.com'"
+          " FROM generate_series(0, %s) AS i", head, n - 1)
+    s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || %s || '_' || split_part(substr(email, %s),"
+          " '@', 1) WHERE email LIKE %s", prefix, len(head) + 1, like)
+    rows = s.sql("SELECT split_part(substr(email, %s), '@', 1)::int, id::text FROM accounts"
+                 " WHERE email LIKE %s", len(head) + 1, like)
+    ids = [None] * n
+    for i, aid in rows:
+        ids[i] = aid
+    return ids
+
+
+# ---- the tools ----------------------------------------------------------------------
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_table():
+    """{pid: (ppid, cpu ticks)} of every process: its own time and that of the
+    children it has reaped (so a tree's sum over its live processes includes the
+    processes that ended meanwhile, such as pgbench's backends)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        out[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    return out
+
+
+class Cpu:
+    """CPU time spent by each part of the stack between start() and stop(), from
+    /proc (utime + stime of the processes and, for a process that started
+    meanwhile, all of it): unlike a rate, CPU per event hardly depends on what else
+    the machine is doing. Parts: postgres (every process of the cluster), nginx,
+    one per function (master and workers)."""
+
+    def __init__(self, pg, s):
+        self.roots = {"postgres": int(Path(pg.dir, "data/postmaster.pid").read_text().split()[0]),
+                      "nginx": s.nginx.pid}
+        for name in s.functions:
+            self.roots[name] = s.master_pid(name)
+
+    def _sample(self):
+        table = proc_table()
+        owner = {}
+        for part, root in self.roots.items():
+            owner[root] = part
+        # Children (and their children) belong to their root's part.
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, _) in table.items():
+                if pid not in owner and ppid in owner:
+                    owner[pid] = owner[ppid]
+                    changed = True
+        return {pid: (owner[pid], ticks) for pid, (_, ticks) in table.items() if pid in owner}
+
+    def pids(self):
+        return sorted(self._sample())
+
+    def start(self):
+        self.t0 = self._sample()
+
+    def stop(self):
+        t1 = self._sample()
+        out = {}
+        for sample, sign in ((t1, 1), (self.t0, -1)):
+            for part, ticks in sample.values():
+                out[part] = out.get(part, 0) + sign * ticks
+        return {k: v * 1000.0 / TICK for k, v in out.items()}   # ms
+
+
+def per_event(cpu_ms, requests):
+    """{part: microseconds of CPU per event}, the small parts folded into "other"."""
+    out = {}
+    for part, ms in cpu_ms.items():
+        key = {"handle-stripe-webhook": "webhook", "mindroom-lifecycle": "worker",
+               "postgres": "postgres", "nginx": "nginx"}.get(part, "other")
+        out[key] = out.get(key, 0) + ms * 1000.0 / max(requests, 1)
+    out["total"] = sum(out.values())
+    return {k: round(v, 1) for k, v in out.items()}
 
 def wrk(url, conns, seconds, args=(), threads=2):
     cmd = ["wrk", "-t%d" % threads, "-c%d" % conns, "-d%ds" % seconds, "--latency",
            "-s", str(LUA), url, "--"] + [str(a) for a in args]
+    before = load()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     m = re.search(r"^RESULT (\{.*\})$", p.stdout, re.M)
     if not m:
         raise RuntimeError("wrk failed:\n" + p.stdout + p.stderr)
-    return json.loads(m.group(1))
+    out = json.loads(m.group(1))
+    out["load"] = [before, load()]
+    return out
 
 
 def wrk_plain(url, conns, seconds, threads=2):
@@ -88,157 +301,362 @@ def wrk_plain(url, conns, seconds, threads=2):
             "non200": int(non2xx.group(1)) if non2xx else 0}
 
 
-PGBENCH_SCRIPT = r"""\set r random(1, 9000000000000)
-\set a random(1, %d)
-\startpipeline
-SELECT set_config('role', 'service_role', true), set_config('request.jwt.claims', '{"role":"service_role"}', true);
-SELECT public.process_stripe_event('evt_pgb_' || :client_id || '_' || :r, jsonb_set(jsonb_set(jsonb_set(:body::jsonb, '{id}', to_jsonb('evt_pgb_' || :client_id || '_' || :r)), '{data,object,id}', to_jsonb('sub_pgb_' || :client_id || '_' || :r)), '{data,object,customer}', to_jsonb('cus_bench' || :a))::text)::text;
-\endpipeline
-""" % ACCOUNTS
-
-
-def pgbench(stack, conns, seconds):
-    script = stack.run / "ceiling.sql"
-    script.write_text(PGBENCH_SCRIPT)
-    tpl = template_event()
-    tpl["data"]["object"]["metadata"] = {}
-    cmd = ["pgbench", "-n", "-M", "prepared", "-c", str(conns), "-j", "2", "-T", str(seconds),
-           "-f", str(script), "-D", "body=" + json.dumps(tpl, separators=(",", ":")),
-           "-r", stack.env["DATABASE_URL"]]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
-    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
+def baseline(pg, seconds):
+    """pgbench of scripts/bench/baseline.sql on a database of its own; with the
+    CPU per transaction of the cluster and of pgbench itself."""
+    db = "bench_baseline"
+    pg.sql('DROP DATABASE IF EXISTS "%s"' % db)
+    pg.sql('CREATE DATABASE "%s"' % db)
+    subprocess.run(["psql", pg.conninfo(db), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f",
+                    str(ROOT / "scripts/bench/baseline_schema.sql")], check=True, capture_output=True)
+    payload = json.dumps({"object": "event", "data": {"pad": secrets.token_hex(430)}})[:900]
+    assert len(payload) == 900
+    cmd = ["pgbench", "-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", str(seconds),
+           "-f", str(ROOT / "scripts/bench/baseline.sql"), "-D", "payload=" + payload,
+           pg.conninfo(db)]
+    before = load()
+    post = int(Path(pg.dir, "data/postmaster.pid").read_text().split()[0])
+    t0 = proc_table()
+    c0 = os.times().children_user + os.times().children_system
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=seconds + 120)
+    t1 = proc_table()
+    ticks = (sum(t for pid, (pp, t) in t1.items() if pp == post or pid == post)
+             - sum(t for pid, (pp, t) in t0.items() if pp == post or pid == post))
+    # pgbench has exited: its time is in our children's.
+    client = os.times().children_user + os.times().children_system
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
     if p.returncode != 0 or not m:
-        raise RuntimeError("pgbench failed:\n" + p.stdout + p.stderr)
-    lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
-    failed = re.search(r"number of failed transactions: (\d+)", p.stdout)
+        raise RuntimeError("pgbench failed:\n" + out + err)
+    lat = re.search(r"latency average = ([\d.]+) ms", out)
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    n = int(done.group(1)) if done else 1
+    rows = pg.sql("SELECT count(*) FROM bench_events", dbname=db)[0][0]
+    pg.sql('DROP DATABASE "%s"' % db)
     return {"tps": float(m.group(1)), "latency_avg_ms": float(lat.group(1)) if lat else None,
-            "failed": int(failed.group(1)) if failed else 0}
+            "rows": rows, "load": [before, load()],
+            "cpu_us_per_tx": {"postgres": round(ticks * 1e6 / TICK / n, 1),
+                              "pgbench": round((client - c0) * 1e6 / n, 1)}}
 
 
-def main():
+def pss(s, names):
+    """{name: [PSS KiB of each worker process]} for the functions named."""
+    out = {}
+    for name in names:
+        vals = []
+        for pid in s.workers(name):
+            try:
+                txt = Path("/proc/%d/smaps_rollup" % pid).read_text()
+            except OSError:
+                continue
+            vals.append(int(re.search(r"^Pss:\s+(\d+)", txt, re.M).group(1)))
+        out[name] = vals
+    return out
+
+
+def prepare(s, kind, secret, prefix, count):
+    """A file of count signed events (a sign-up stream's customers made first)."""
+    f = s.run / ("%s.txt" % prefix)
+    accounts = signup_accounts(s, prefix, count // 8 + 1) if kind == "signup" else None
+    write_events(f, count, prefix, secret, kind, accounts)
+    return f
+
+
+def paced(s, url, kind, secret, peak, prefix):
+    """The stream offered at half of `peak` over 2 connections, each waiting a
+    fixed delay before each request: calibrated by a 3 s run so that delay + p50
+    makes one request period per connection."""
+    target = peak / 2
+    conns = 2
+    period = conns * 1000.0 / target
+    need = int(target * (SECONDS + 4) * 1.5) + 200
+    f = prepare(s, kind, secret, prefix + "c", need)
+    calib = wrk(url, conns, 3, [f, conns, int(period)], threads=conns)
+    delay = max(0, int(round(period - calib["p50_ms"])))
+    f = prepare(s, kind, secret, prefix, need)
+    r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
+    r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns)
+    return r
+
+
+def settle(s, limit=300):
+    """Waits until the lifecycle worker has created every instance the streams so far
+    asked for (none left provisioning), up to limit seconds: a paced run measures
+    its own steady state (the worker provisioning the paced stream's instances as
+    they come), not the backlog a 10 s burst at full rate left behind. Returns the
+    seconds waited and how many were still provisioning at the start."""
+    t0 = time.monotonic()
+    left0 = None
+    while True:
+        left = s.sql("SELECT count(*) FROM instances WHERE status = 'provisioning'")[0][0]
+        if left0 is None:
+            left0 = left
+        if left == 0 or time.monotonic() - t0 > limit:
+            return {"seconds": round(time.monotonic() - t0, 1), "backlog": left0, "left": left}
+        time.sleep(0.5)
+
+
+def stream(s, url, kind, secret, prefix, supply, cpu):
+    f = prepare(s, kind, secret, prefix, supply)
+    cpu.start()
+    rec = None
+    if PERF:
+        data = OUT / ("perf-%s.data" % prefix)
+        rec = subprocess.Popen(["perf", "record", "-a", "-g", "-q", "-o", str(data), "--",
+                                "sleep", str(SECONDS)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    r = wrk(url, CONNS, SECONDS, [f, 2])
+    if rec is not None:
+        rec.wait()
+        # This stack's processes only (the machine is shared).
+        pids = ",".join(str(p) for p in cpu.pids())
+        text = ""
+        for sort in ("comm,dso", "comm,dso,sym"):
+            rep = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--stdio",
+                                  "--pid", pids, "--sort", sort, "-g", "none", "--percent-limit",
+                                  "0.3"], capture_output=True, text=True)
+            text += rep.stdout
+        (OUT / ("perf-%s.txt" % prefix)).write_text(text)
+    # The worker's share of the stream is done while it runs or shortly after.
+    time.sleep(1)
+    r["cpu_us_per_event"] = per_event(cpu.stop(), r["requests"])
+    r["supply"] = supply
+    r["rows"] = s.sql("SELECT count(*) FROM stripe_events WHERE id LIKE %s", "evt_%s\\_%%" % prefix)[0][0]
+    return r
+
+
+# ---- the run -------------------------------------------------------------------------
+
+def run():
     OUT.mkdir(parents=True, exist_ok=True)
     pg = mr.Cluster(fsync=True)
-    results = {"seconds": SECONDS, "connections": CONNS, "webhook_workers": WORKERS,
-               "cores": os.cpu_count()}
+    res = {"seconds": SECONDS, "connections": CONNS, "cores": os.cpu_count(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": "%s, %d cores, %s" % (platform.node(), os.cpu_count(), platform.release())}
     try:
+        if PROFILE:
+            conf = Path(pg.dir) / "data/postgresql.auto.conf"
+            subprocess.run(["sh", "-c", "cat >> '%s'" % conf], check=True, text=True, input=(
+                "shared_preload_libraries = 'pg_stat_statements'\n"
+                "pg_stat_statements.track = all\n"
+                "pg_stat_statements.max = 2000\n"
+                "track_functions = all\n"))
+            pg.stop()
+            pg.start()
         pg.make_template()
-        # The webhook alone: what it owes is the worker's (the lifecycle section
-        # measures the webhook with every function and the worker running).
-        env = {"MR_LOG_LEVEL": "warn"}
-        with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"], workers=WORKERS,
-                      extra_functions=("noop",)) as s:
+        if PROFILE:
+            pg.sql("CREATE EXTENSION pg_stat_statements", dbname="postgres")
+
+        print("bench webhook: pgbench baseline (8 clients, %ds)..." % SECONDS, flush=True)
+        res["baseline"] = baseline(pg, SECONDS)
+
+        env = {"DOKKU_MODE": "dry-run", "HEALTH_INTERVAL_S": "60"}
+        # workers=None: MR_WORKERS unset, each function's default, as in make run.
+        with mr.Stack(pg, env=env, workers=None, extra_functions=("noop",)) as s:
             secret = s.env["STRIPE_WEBHOOK_SECRET"]
-            s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(), 'bench' || i || '@example.com'"
-                  " FROM generate_series(1, %s) AS i", ACCOUNTS)
+            url = s.url("handle-stripe-webhook")
+            s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(),"
+                  " 'bench' || i || '@example.com' FROM generate_series(1, %s) AS i", ACCOUNTS)
             s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || split_part(email, '@', 1)"
                   " WHERE email LIKE 'bench%%@example.com'")
-            url = s.url("handle-stripe-webhook")
+            # Enough unique events for the whole baseline rate: a stream never
+            # wraps around into duplicates (rows == requests says so).
+            supply = int(res["baseline"]["tps"] * SECONDS) + 2000
+            if PROFILE:
+                pg.sql("SELECT pg_stat_statements_reset()", dbname="postgres")
 
-            print("bench webhook: pgbench ceiling (%d clients, %ds)..." % (CONNS, SECONDS), flush=True)
-            results["ceiling"] = pgbench(s, CONNS, SECONDS)
+            print("bench webhook: sign-up stream (%d events pre-signed)..." % supply, flush=True)
+            cpu = Cpu(pg, s)
+            res["signup"] = stream(s, url, "signup", secret, "su", supply, cpu)
+            res["signup"]["instances"] = s.sql(
+                "SELECT count(*) FROM instances i JOIN subscriptions u ON u.id = i.subscription_id"
+                " WHERE u.stripe_subscription_id LIKE 'sub\\_su\\_%%'")[0][0]
+            if PROFILE:
+                statements(pg, s.db, "signup")
+            print("bench webhook: new subscriptions only...", flush=True)
+            res["new"] = stream(s, url, "new", secret, "nw", supply, cpu)
+            if PROFILE:
+                statements(pg, s.db, "new")
 
-            n = int(results["ceiling"]["tps"] * SECONDS * 2) + 2000
-            events = s.run / "new.txt"
-            write_events(events, n, "wrk", secret)
-            print("bench webhook: wrk new events (%d pre-signed)..." % n, flush=True)
-            before = s.sql("SELECT count(*) FROM stripe_events WHERE id LIKE 'evt_wrk_%%'")[0][0]
-            new = wrk(url, CONNS, SECONDS, [events, 2])
-            new["processed_rows"] = s.sql(
-                "SELECT count(*) FROM stripe_events WHERE id LIKE 'evt_wrk_%%' AND status = 'processed'")[0][0] - before
-            new["instances"] = s.sql("SELECT count(*) FROM instances i JOIN subscriptions su"
-                                     " ON su.id = i.subscription_id"
-                                     " WHERE su.stripe_subscription_id LIKE 'sub_wrk_%%'")[0][0]
-            new["unique_supply"] = n
-            results["new"] = new
+            print("bench webhook: paced at half of each peak, each once the worker has caught up...",
+                  flush=True)
+            res["settle_signup_paced"] = settle(s)
+            res["signup_paced"] = paced(s, url, "signup", secret, res["signup"]["rps"], "ps")
+            res["settle_new_paced"] = settle(s)
+            res["new_paced"] = paced(s, url, "new", secret, res["new"]["rps"], "pn")
+            res["settle_duplicates"] = settle(s)
 
-            dup = s.run / "dup.txt"
-            with open(events) as f, open(dup, "w") as g:
-                g.write(f.readline())
             # Duplicates and the no-op alternate in short rounds, so that a change in
-            # the machine's background load hits both alike; rates are totals over
-            # the rounds, latencies those of the middle round by rate.
-            print("bench webhook: wrk duplicates and no-op, alternating...", flush=True)
-            rounds = 3
-            per = max(2, SECONDS // rounds)
+            # the machine's load hits both alike; rates are the rounds' means.
+            print("bench webhook: duplicates and the noop function, alternating...", flush=True)
+            dup = s.run / "dup.txt"
+            with open(s.run / "nw.txt") as f, open(dup, "w") as g:
+                g.write(f.readline())
+            rounds, per = 3, max(2, SECONDS // 3)
             dups, noops = [], []
             for _ in range(rounds):
                 dups.append(wrk(url, CONNS, per, [dup, 2]))
                 noops.append(wrk_plain(s.url("noop"), CONNS, per))
-            mid = sorted(dups, key=lambda r: r["rps"])[rounds // 2]
-            results["duplicate"] = dict(mid, rps=round(sum(r["rps"] for r in dups) / rounds, 1),
-                                        non200=sum(r["non200"] for r in dups),
-                                        rounds=[r["rps"] for r in dups])
-            midn = sorted(noops, key=lambda r: r["rps"])[rounds // 2]
-            results["noop"] = dict(midn, rps=round(sum(r["rps"] for r in noops) / rounds, 1),
-                                   rounds=[r["rps"] for r in noops])
+            res["duplicates"] = {"rps": round(sum(r["rps"] for r in dups) / rounds, 1),
+                                 "rounds": [r["rps"] for r in dups],
+                                 "non200": sum(r["non200"] for r in dups)}
+            res["noop"] = {"rps": round(sum(r["rps"] for r in noops) / rounds, 1),
+                           "rounds": [r["rps"] for r in noops]}
 
-            # The same duplicates with the memory off: the database path alone.
-            s.env["STRIPE_DUPLICATE_CACHE_SECONDS"] = "0"
-            s.restart_function("handle-stripe-webhook")
-            print("bench webhook: wrk duplicates, memory off...", flush=True)
-            results["duplicate_db"] = wrk(url, CONNS, per, [dup, 2])
-            del s.env["STRIPE_DUPLICATE_CACHE_SECONDS"]
-            s.restart_function("handle-stripe-webhook")
-
-            # Half of the measured peak, offered through paced connections: each
-            # connection waits `delay` ms before each request (closed loop; wrk2,
-            # which paces open-loop, is not packaged). A short calibration run
-            # measures the latency at that load, and the delay is set so that
-            # delay + p50 = one request period per connection.
-            target = new["rps"] / 2
-            paced_conns = 2
-            period = paced_conns * 1000.0 / target
-            paced_file = s.run / "paced.txt"
-            write_events(paced_file, int(target * (SECONDS + 3) * 2) + 2000, "paced", secret)
-            calib = wrk(url, paced_conns, 3, [paced_file, 2, int(period)], threads=paced_conns)
-            delay = max(0, int(round(period - calib["p50_ms"])))
-            write_events(paced_file, int(target * SECONDS * 2) + 2000, "paced2", secret)
-            print("bench webhook: paced new events (target %.0f/s, %d conns, delay %d ms)..."
-                  % (target, paced_conns, delay), flush=True)
-            paced = wrk(url, paced_conns, SECONDS, [paced_file, 2, delay], threads=paced_conns)
-            paced["target_rps"] = round(target, 1)
-            paced["delay_ms"] = delay
-            paced["connections"] = paced_conns
-            results["paced"] = paced
+            res["pss_kib"] = pss(s, s.functions)
+            res["worker_log_lines"] = sum(1 for _ in s.log("handle-stripe-webhook").splitlines())
     finally:
         pg.destroy()
+    return res
 
-    c, nw, d, z, p = (results["ceiling"]["tps"], results["new"]["rps"], results["duplicate"]["rps"],
-                      results["noop"]["rps"], results["paced"])
-    results["targets"] = {
-        "new_vs_ceiling": round(nw / c, 3), "new_ok": nw >= 0.6 * c,
-        "dup_vs_noop": round(d / z, 3), "dup_ok": d >= 0.5 * z,
-        "paced_p99_ms": p["p99_ms"], "paced_ok": p["p99_ms"] < 10.0,
+
+def statements(pg, db, label):
+    """The top statements by total time since the last call, into a file."""
+    rows = pg.sql(
+        "SELECT round(total_exec_time::numeric, 1), calls, round((total_exec_time / calls)::numeric, 4),"
+        " round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1),"
+        " toplevel, left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
+        " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s"
+        " ORDER BY total_exec_time DESC LIMIT 40", db, dbname="postgres")
+    funcs = pg.sql("SELECT funcname, calls, round(total_time::numeric, 1), round(self_time::numeric, 1)"
+                   " FROM pg_stat_user_functions ORDER BY self_time DESC LIMIT 25", dbname=db)
+    with open(OUT / "webhook-statements.txt", "a") as f:
+        f.write("== %s: pg_stat_statements (ms total, calls, ms/call, %%, toplevel, query)\n" % label)
+        for r in rows:
+            f.write("%10s %8s %9s %5s%% %-5s %s\n" % r)
+        f.write("== %s: pg_stat_user_functions (name, calls, total ms, self ms)\n" % label)
+        for r in funcs:
+            f.write("%-40s %8s %10s %10s\n" % r)
+    pg.sql("SELECT pg_stat_statements_reset()", dbname="postgres")
+    pg.sql("SELECT pg_stat_reset()", dbname=db)
+
+
+# ---- the report ------------------------------------------------------------------------
+
+def ratios(res):
+    b = res["baseline"]["tps"]
+    fn_pss = max((v for name, vals in res["pss_kib"].items() if name != WORKER for v in vals), default=0)
+    wk_pss = max(res["pss_kib"].get(WORKER) or [0])
+    return {
+        "signup": res["signup"]["rps"] / b,
+        "new": res["new"]["rps"] / b,
+        "duplicates": res["duplicates"]["rps"] / res["noop"]["rps"],
+        "signup_paced_p99_ms": res["signup_paced"]["p99_ms"],
+        "new_paced_p99_ms": res["new_paced"]["p99_ms"],
+        "function_pss_kib": fn_pss,
+        "worker_pss_kib": wk_pss,
     }
-    (OUT / "webhook.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def verdict(r):
+    return {
+        "signup": r["signup"] >= TARGETS["signup"],
+        "new": r["new"] >= TARGETS["new"],
+        "duplicates": r["duplicates"] >= TARGETS["duplicates"],
+        "paced": max(r["signup_paced_p99_ms"], r["new_paced_p99_ms"]) <= TARGETS["paced_p99_ms"],
+        "pss": max(r["function_pss_kib"], r["worker_pss_kib"]) < TARGETS["pss_kib"],
+    }
+
+
+def fmt_load(pair):
+    return "%.1f/%.1f" % (pair[0][0], pair[1][0])
+
+
+def report(res):
+    r = ratios(res)
+    ok = verdict(r)
+    b, su, nw = res["baseline"], res["signup"], res["new"]
+    sp, npd, d, z = res["signup_paced"], res["new_paced"], res["duplicates"], res["noop"]
+    mark = lambda k: "ok" if ok[k] else "MISSED"  # noqa: E731
     print()
-    print("webhook benchmark (%d s per run, fsync on, %d cores)" % (SECONDS, os.cpu_count()))
-    print("  ceiling   pgbench, same SQL, %d clients : %8.0f events/s  (avg %.2f ms)"
-          % (CONNS, c, results["ceiling"]["latency_avg_ms"] or 0))
-    print("  new       wrk %d conns                 : %8.0f events/s  p50 %.2f ms  p99 %.2f ms"
-          "  non-200 %d  rows %d  -> %.0f%% of ceiling (target 60%%)"
-          % (CONNS, nw, results["new"]["p50_ms"], results["new"]["p99_ms"], results["new"]["non200"],
-             results["new"]["processed_rows"], 100 * nw / c))
-    print("  duplicate wrk %d conns                 : %8.0f events/s  p50 %.2f ms  p99 %.2f ms"
-          "  non-200 %d  -> %.0f%% of no-op (target 50%%)"
-          % (CONNS, d, results["duplicate"]["p50_ms"], results["duplicate"]["p99_ms"],
-             results["duplicate"]["non200"], 100 * d / z))
-    dd = results["duplicate_db"]
-    print("  duplicate memory off (database path)  : %8.0f events/s  p50 %.2f ms  p99 %.2f ms"
-          "  non-200 %d  -> %.0f%% of no-op"
-          % (dd["rps"], dd["p50_ms"], dd["p99_ms"], dd["non200"], 100 * dd["rps"] / z))
-    print("  no-op     wrk %d conns                 : %8.0f requests/s  p50 %s  p99 %s"
-          % (CONNS, z, results["noop"]["p50"], results["noop"]["p99"]))
-    print("  paced     %d conns, %d ms delay         : %8.0f events/s  p50 %.2f ms  p99 %.2f ms"
-          "  (offered ~%.0f/s = half of peak; target p99 < 10 ms)"
-          % (p["connections"], p["delay_ms"], p["rps"], p["p50_ms"], p["p99_ms"], p["target_rps"]))
+    print("webhook benchmark, %s, %s; %d s per run, fsync on, the make run configuration"
+          % (res["date"], res["machine"], SECONDS))
+    print("  (load average, 1 min, before/after each run)")
+    print("  baseline  pgbench minimal transaction, 8 clients : %8.0f tx/s    avg %.2f ms   load %s"
+          % (b["tps"], b["latency_avg_ms"] or 0, fmt_load(b["load"])))
+    print("  sign-up   wrk -c%d                               : %8.0f events/s p50 %.2f p99 %.2f ms"
+          "  non-200 %d  -> %.0f%% of baseline (target %.0f%%) %s   load %s"
+          % (CONNS, su["rps"], su["p50_ms"], su["p99_ms"], su["non200"], 100 * r["signup"],
+             100 * TARGETS["signup"], mark("signup"), fmt_load(su["load"])))
+    print("  new       wrk -c%d                               : %8.0f events/s p50 %.2f p99 %.2f ms"
+          "  non-200 %d  -> %.0f%% of baseline (target %.0f%%) %s   load %s"
+          % (CONNS, nw["rps"], nw["p50_ms"], nw["p99_ms"], nw["non200"], 100 * r["new"],
+             100 * TARGETS["new"], mark("new"), fmt_load(nw["load"])))
+    for name, p, w in (("sign-up", sp, res["settle_signup_paced"]),
+                       ("new", npd, res["settle_new_paced"])):
+        print("  (before the paced %s run: %d instances left to create, the worker took %.1f s%s)"
+              % (name, w["backlog"], w["seconds"], "" if not w["left"] else
+                 ", %d still left" % w["left"]))
+        print("  paced     %-7s at half of peak (%4.0f/s offered): %8.0f events/s p50 %.2f p99 %.2f ms"
+              "  (target p99 <= 10 ms) %s   load %s"
+              % (name, p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"], mark("paced"),
+                 fmt_load(p["load"])))
+    print("  duplicates wrk -c%d                              : %8.0f events/s = %.0f%% of the noop's"
+          " %.0f/s (target 65%%) %s" % (CONNS, d["rps"], 100 * r["duplicates"], z["rps"],
+                                       mark("duplicates")))
+    print("  PSS       largest function worker %.2f MiB, lifecycle worker %.2f MiB (target < 1 MiB) %s"
+          % (r["function_pss_kib"] / 1024, r["worker_pss_kib"] / 1024, mark("pss")))
+    print("  rows      sign-up %d events recorded (%d instances), new %d"
+          % (su["rows"], su["instances"], nw["rows"]))
+    bc = b["cpu_us_per_tx"]
+    print("  CPU per event (us, from /proc; load-independent): baseline tx postgres %.0f + pgbench %.0f"
+          % (bc["postgres"], bc["pgbench"]))
+    for name, x in (("sign-up", su), ("new", nw)):
+        c = x["cpu_us_per_event"]
+        print("    %-8s total %6.0f = postgres %5.0f, webhook %5.0f, nginx %5.0f, worker %5.0f, other %5.0f"
+              % (name, c["total"], c.get("postgres", 0), c.get("webhook", 0), c.get("nginx", 0),
+                 c.get("worker", 0), c.get("other", 0)))
+    res["ratios"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+    res["targets_met"] = ok
+    return all(ok.values()) and not (su["non200"] + nw["non200"] + sp["non200"] + npd["non200"]
+                                     + d["non200"])
+
+
+BEGIN, END = "<!-- webhook-bench:begin -->", "<!-- webhook-bench:end -->"
+HEADER = ("| date | machine (load avg during the runs) | baseline tx/s | sign-up events/s | "
+          "new events/s | paced p99 sign-up / new | duplicates / noop | PSS fn / worker |\n"
+          "|---|---|---|---|---|---|---|---|\n")
+
+
+def doc_row(res):
+    r, loads = res["ratios"], []
+    for k in ("baseline", "signup", "new", "signup_paced", "new_paced"):
+        loads += [res[k]["load"][0][0], res[k]["load"][1][0]]
+    return ("| %s | %d cores (%.1f-%.1f) | %.0f | %.0f = %.0f%% | %.0f = %.0f%% | %.1f / %.1f ms |"
+            " %.0f / %.0f = %.0f%% | %.2f / %.2f MiB |\n" % (
+                res["date"], res["cores"], min(loads), max(loads), res["baseline"]["tps"],
+                res["signup"]["rps"], 100 * r["signup"], res["new"]["rps"], 100 * r["new"],
+                r["signup_paced_p99_ms"], r["new_paced_p99_ms"], res["duplicates"]["rps"],
+                res["noop"]["rps"], 100 * r["duplicates"], r["function_pss_kib"] / 1024,
+                r["worker_pss_kib"] / 1024))
+
+
+def write_doc(res, keep=8):
+    """Adds this run's row to the table between the markers (the newest first,
+    at most `keep` rows)."""
+    text = DOC.read_text()
+    if BEGIN not in text or END not in text:
+        print("  %s has no %s ... %s block: not written" % (DOC, BEGIN, END))
+        return
+    head, rest = text.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    rows = [l + "\n" for l in block.strip().splitlines() if l.startswith("| 2")]
+    rows = [doc_row(res)] + rows[:keep - 1]
+    DOC.write_text(head + BEGIN + "\n" + HEADER + "".join(rows) + END + tail)
+    print("  row added to %s" % DOC)
+
+
+def main():
+    res = run()
+    ok = report(res)
+    (OUT / "webhook.json").write_text(json.dumps(res, indent=2) + "\n")
     print("  written to %s" % (OUT / "webhook.json"))
-    ok = all(results["targets"][k] for k in ("new_ok", "dup_ok", "paced_ok"))
-    bad = (results["new"]["non200"] + results["duplicate"]["non200"] + dd["non200"]
-           + p["non200"])
-    if bad:
-        print("  WARNING: %d non-200 answers" % bad)
-    return 0 if ok and not bad else 1
+    if PROFILE:
+        print("  statements: %s (a profiling run: not written to the docs)" % (OUT / "webhook-statements.txt"))
+    elif os.environ.get("BENCH_NO_DOCS") != "1":
+        write_doc(res)
+    print("webhook: targets %s" % ("met" if ok else "MISSED"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

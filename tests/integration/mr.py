@@ -385,7 +385,6 @@ class Stack:
             "DOKKU_PROVISIONER_TOKEN": secrets.token_urlsafe(32),
             "MINDROOM_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
             "PROVISIONER_STATE_DIR": str(self.run / "provisioner"),
-            "MR_WORKERS": str(self._workers),
             "MR_LIFECYCLE_WORKERS": "2",
             "HEALTH_INTERVAL_S": "86400",
             "MR_LOG_LEVEL": "info",
@@ -393,6 +392,9 @@ class Stack:
             "MINDROOM_CONTROL_PLANE_URL": self.base_url,
             "MR_METRICS_DIR": str(self.run / "metrics"),
         }
+        # workers=None: each function's own default, as `make run` leaves it.
+        if self._workers is not None:
+            self.env["MR_WORKERS"] = str(self._workers)
         if pooler is not None:
             # Through PgBouncer in transaction mode, as through Supavisor on 6543;
             # LISTEN needs a session, so the worker listens on the direct URL.

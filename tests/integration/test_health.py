@@ -171,6 +171,48 @@ def test_outcomes_recorded(stack, health_standin):
     assert row(stack, bad)["health_status"] == "healthy"
 
 
+def test_a_round_over_many_instances_records_every_one(stack, health_standin):
+    """520 running instances: a round records them in batches (256 per transaction),
+    and every instance, in the first batch or the last, gets its row written and its
+    count and threshold in the answer. The two failing ones sort first and last."""
+    acct = make_account(stack)
+    n = 518
+    stack.sql("INSERT INTO public.subscriptions (account_id, stripe_price_id, tier, status) "
+              "SELECT %s, 'price_starter', 'starter', 'active' FROM generate_series(1, %s)", acct, n + 2)
+    ok_url, bad_url = health_standin.url("many-ok", "ok"), health_standin.url("many-bad", "500")
+    first, last = "00000000-0000-4000-8000-000000000001", "ffffffff-ffff-4fff-bfff-ffffffffffff"
+    stack.sql(
+        "INSERT INTO public.instances (id, subscription_id, dokku_app_name, subdomain, status, "
+        "desired_status, backend_url, applied_config_version, welcome_email_sent_at) "
+        "SELECT CASE r WHEN 1 THEN %s::uuid WHEN 2 THEN %s::uuid ELSE gen_random_uuid() END, "
+        "       s.id, nm.dokku_app_name, nm.subdomain, 'running', 'running', "
+        "       CASE WHEN r <= 2 THEN %s ELSE %s END, 1, now() "
+        "  FROM (SELECT id, row_number() OVER (ORDER BY id) AS r FROM public.subscriptions "
+        "         WHERE account_id = %s) s CROSS JOIN LATERAL public.instance_names(s.id) nm",
+        first, last, bad_url, ok_url, acct)
+    health_standin.reset()
+    for k in range(1, THRESHOLD + 1):
+        r = check(stack)
+        assert r.status == 200, r
+        j = r.json
+        assert (j["checked"], j["healthy"], j["unhealthy"]) == (n + 2, n, 2), {x: j[x] for x in j if x != "results"}
+        res = by_id(r)
+        assert all("consecutive_failures" in x for x in res.values())
+        for iid in (first, last):
+            assert res[iid]["consecutive_failures"] == k
+            assert res[iid]["marked_failed"] is (k == THRESHOLD)
+            an_interval_passes(stack, iid)
+        assert j["marked_failed"] == (2 if k == THRESHOLD else 0)
+        if k == 1:  # every row written, whichever batch it was in
+            assert stack.sql("SELECT count(*) FROM public.instances WHERE last_health_check IS NULL"
+                             " OR health_status IS NULL")[0][0] == 0
+            assert stack.sql("SELECT count(*) FROM public.instances WHERE consecutive_failures = 1"
+                             " AND health_status = 'unhealthy: HTTP 500'")[0][0] == 2
+    assert went_failed(stack, first) == 1 and went_failed(stack, last) == 1
+    assert stack.sql("SELECT count(*) FROM public.instances WHERE health_status = 'healthy' "
+                     "AND consecutive_failures = 0 AND last_health_check IS NOT NULL")[0][0] == n
+
+
 # ---- counting toward a redeploy ------------------------------------------------------------
 
 def test_threshold_marks_failed_and_the_worker_redeploys_once(stack, health_standin, prov):
