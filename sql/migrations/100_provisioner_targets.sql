@@ -56,14 +56,14 @@ CREATE POLICY "Service role manages provisioner targets" ON public.provisioner_t
     FOR ALL TO service_role USING (true) WITH CHECK (true);
 
 -- A target enabled, undrained, unpinned or given more slots may free work that
--- waited: wake the workers.
+-- waited: wake the workers (public.lifecycle_wake, 080_webhook_cost.sql).
 CREATE FUNCTION public.provisioner_targets_changed()
 RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 BEGIN
-    PERFORM pg_catalog.pg_notify('mindroom_lifecycle', '');
+    PERFORM public.lifecycle_wake();
     RETURN NULL;
 END;
 $$;
