@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export MR_BUILD=${MR_BUILD:-build/san}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-suites=("$@"); [ ${#suites[@]} -eq 0 ] && suites=(unit sql integration pooler)
+suites=("$@"); [ ${#suites[@]} -eq 0 ] && suites=(unit sql integration pooler k3s)
 passed=0; failed=0
 add() { passed=$((passed + $1)); failed=$((failed + $2)); }
 log=$(mktemp -d); trap 'rm -rf "$log"' EXIT
@@ -50,10 +50,10 @@ run_sql() {
 }
 
 run_pytest() {
-  local name=$1 path=$2 out
-  [ -d "$path" ] || return 0
+  local name=$1 out; shift
+  [ -e "$1" ] || return 0
   out="$log/$name.out"
-  "${PYTHON:-/usr/bin/python3}" -m pytest -q -p no:cacheprovider "$path" 2>&1 | tee "$out"
+  "${PYTHON:-/usr/bin/python3}" -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$out"
   local p f e
   p=$(grep -Eo '[0-9]+ passed' "$out" | tail -1 | awk '{print $1}')
   f=$(grep -Eo '[0-9]+ failed' "$out" | tail -1 | awk '{print $1}')
@@ -72,6 +72,14 @@ for s in "${suites[@]}"; do
     # PostgreSQL through PgBouncer in transaction mode (as through Supavisor's
     # port 6543): no named statements, no session state, LISTEN on a direct URL.
     pooler) MR_TEST_POOLER=transaction run_pytest pooler tests/integration ;;
+    # The provisioner's tests and the lifecycle suite once more against a k3s-mode
+    # target: the provisioner with DOKKU_SCHEDULER=k3s (provisioner_helpers.py) and,
+    # in every stack that runs the worker, its provisioner registered as a
+    # provisioner target with scheduler k3s that the worker goes through (mr.py).
+    k3s) MR_DOKKU_SCHEDULER=k3s MR_TEST_TARGET=k3s run_pytest k3s \
+           tests/integration/test_provisioner*.py tests/integration/test_lifecycle.py \
+           tests/integration/test_lifecycle_e2e.py tests/integration/test_lifecycle_webhook.py \
+           tests/integration/test_instance_e2e.py tests/integration/test_tenant.py ;;
     *) echo "unknown suite $s" >&2; add 0 1 ;;
   esac
 done

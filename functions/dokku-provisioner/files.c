@@ -52,8 +52,8 @@ void prov_buf_free(prov_buf *b)
     memset(b, 0, sizeof *b);
 }
 
-void prov_tar_file(prov_buf *b, const char *name, unsigned mode, unsigned uid,
-                   const void *data, size_t len)
+static void tar_entry(prov_buf *b, const char *name, char type, unsigned mode, unsigned uid,
+                      const void *data, size_t len)
 {
     unsigned char h[512];
     memset(h, 0, sizeof h);
@@ -68,7 +68,7 @@ void prov_tar_file(prov_buf *b, const char *name, unsigned mode, unsigned uid,
     snprintf((char *)h + 116, 8, "%07o", uid);
     snprintf((char *)h + 124, 12, "%011llo", (unsigned long long)len);
     snprintf((char *)h + 136, 12, "%011llo", (unsigned long long)time(NULL));
-    h[156] = '0';
+    h[156] = (unsigned char)type;
     memcpy(h + 257, "ustar", 6);   /* "ustar\0" then version "00" */
     memcpy(h + 263, "00", 2);
     /* The checksum is computed with its own field read as eight spaces. */
@@ -81,6 +81,26 @@ void prov_tar_file(prov_buf *b, const char *name, unsigned mode, unsigned uid,
     put(b, data, len);
     static const unsigned char zeros[512];
     if (len % 512) put(b, zeros, 512 - len % 512);
+}
+
+void prov_tar_file(prov_buf *b, const char *name, unsigned mode, unsigned uid,
+                   const void *data, size_t len)
+{
+    tar_entry(b, name, '0', mode, uid, data, len);
+}
+
+void prov_tar_dir(prov_buf *b, const char *name, unsigned mode, unsigned uid)
+{
+    tar_entry(b, name, '5', mode, uid, "", 0);
+}
+
+mr_err prov_root_files(unsigned uid, prov_buf *out)
+{
+    memset(out, 0, sizeof *out);
+    prov_tar_dir(out, "./", 0700, uid);
+    mr_err e = prov_tar_end(out);
+    if (e != MR_OK) prov_buf_free(out);
+    return e;
 }
 
 mr_err prov_tar_end(prov_buf *b)
@@ -127,7 +147,8 @@ static const char hs_yaml[] =
     "  - server_name: matrix.org\n"
     "suppress_key_server_warning: true\n";
 
-mr_err prov_hs_files(const prov_hs_spec *hs, const char *public_url, prov_buf *out)
+mr_err prov_hs_files(const prov_hs_spec *hs, const char *public_url, int own_root,
+                     prov_buf *out)
 {
     memset(out, 0, sizeof *out);
     /* server_name and public_url are validated host names and a scheme: no
@@ -138,6 +159,7 @@ mr_err prov_hs_files(const prov_hs_spec *hs, const char *public_url, prov_buf *o
     char key[MR_HS_SIGNING_KEY_MAX + 2];
     n = snprintf(key, sizeof key, "%s\n", hs->signing_key);
     if (n < 0 || (size_t)n >= sizeof key) return MR_EINTERNAL;
+    if (own_root) prov_tar_dir(out, "./", 0700, PROV_HS_UID);
     prov_tar_file(out, "homeserver.yaml", 0644, PROV_HS_UID, yaml, strlen(yaml));
     prov_tar_file(out, "signing.key", 0600, PROV_HS_UID, key, strlen(key));
     /* Synapse reads these files whole: no trailing newline. */

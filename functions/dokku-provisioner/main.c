@@ -58,7 +58,61 @@ static prov_tls tls_mode(void)
     for (size_t i = 0; i < MR_ARRAY_LEN(on); i++)
         if (strcmp(v, on[i]) == 0) return PROV_TLS_LETSENCRYPT;
     if (strcmp(v, "wildcard") == 0) return PROV_TLS_WILDCARD;
-    die("%s must be off, letsencrypt or wildcard (on means letsencrypt)", "DOKKU_TLS");
+    if (strcmp(v, "issuer") == 0) return PROV_TLS_ISSUER;
+    die("%s must be off, letsencrypt, wildcard or issuer (on means letsencrypt)", "DOKKU_TLS");
+}
+
+/* Values that go onto a command line (and through ssh's word splitting) come
+ * from a narrow alphabet: a DNS-1123 name, or an email address. */
+static int dns_name(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 253 || s[0] == '-' || s[0] == '.' || s[n - 1] == '-' || s[n - 1] == '.')
+        return 0;
+    for (const char *p = s; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-' || *p == '.'))
+            return 0;
+    return 1;
+}
+
+static int email_address(const char *s)
+{
+    const char *at = strchr(s, '@');
+    if (!at || at == s || strchr(at + 1, '@') || strlen(s) > 254 || !prov_valid_host(at + 1))
+        return 0;
+    for (const char *p = s; p < at; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              strchr("._%+-", *p)))
+            return 0;
+    return 1;
+}
+
+static void scheduler_settings(prov_config *c)
+{
+    const char *s = mr_config_str("DOKKU_SCHEDULER", "docker-local");
+    if (strcmp(s, "docker-local") == 0) c->scheduler = PROV_SCHED_DOCKER_LOCAL;
+    else if (strcmp(s, "k3s") == 0) c->scheduler = PROV_SCHED_K3S;
+    else die("%s must be docker-local or k3s", "DOKKU_SCHEDULER");
+    int k3s = c->scheduler == PROV_SCHED_K3S;
+    c->storage_class = mr_config_str("PROVISIONER_STORAGE_CLASS", "");
+    c->acme_email = mr_config_str("PROVISIONER_ACME_EMAIL", "");
+    c->cert_issuer = mr_config_str("PROVISIONER_CERT_ISSUER", "");
+    if (*c->storage_class && (!k3s || !dns_name(c->storage_class)))
+        die("%s is a StorageClass name (lowercase DNS name) and needs DOKKU_SCHEDULER=k3s",
+            "PROVISIONER_STORAGE_CLASS");
+    if (c->tls == PROV_TLS_ISSUER && !k3s)
+        die("DOKKU_TLS=issuer needs DOKKU_SCHEDULER=k3s (cert-manager)");
+    if (k3s && c->tls == PROV_TLS_LETSENCRYPT && !email_address(c->acme_email))
+        die("DOKKU_SCHEDULER=k3s with DOKKU_TLS=letsencrypt needs %s, the ACME account's "
+            "email address", "PROVISIONER_ACME_EMAIL");
+    if (*c->acme_email && !(k3s && c->tls == PROV_TLS_LETSENCRYPT))
+        die("%s is used with DOKKU_SCHEDULER=k3s and DOKKU_TLS=letsencrypt only",
+            "PROVISIONER_ACME_EMAIL");
+    if (c->tls == PROV_TLS_ISSUER && (!dns_name(c->cert_issuer) || strcmp(c->cert_issuer, "false") == 0))
+        die("DOKKU_TLS=issuer needs %s, the name of a cert-manager ClusterIssuer",
+            "PROVISIONER_CERT_ISSUER");
+    if (*c->cert_issuer && c->tls != PROV_TLS_ISSUER)
+        die("%s is used with DOKKU_TLS=issuer only", "PROVISIONER_CERT_ISSUER");
 }
 
 static void init(void)
@@ -119,6 +173,7 @@ static void init(void)
         c->tls_tar = tar.data;
         c->tls_tar_len = tar.len;
     }
+    scheduler_settings(c);
 
     c->mindroom_port = mr_config_int("MINDROOM_PORT", 8765, 1, 65535);
     c->mindroom_uid = mr_config_int("MINDROOM_DATA_UID", 1000, 0, 2147483647);
@@ -182,14 +237,15 @@ static void init(void)
     char err[256];
     if (prov_state_init(c, err, sizeof err) != MR_OK) die("%s", err);
 
-    static const char *const tls_names[] = {"off", "letsencrypt", "wildcard"};
+    static const char *const tls_names[] = {"off", "letsencrypt", "wildcard", "issuer"};
     if (dry)
         mr_log(MR_LOG_WARN, "dry_run: true; DOKKU_MODE=%s: commands are recorded, never run",
                *mode ? mode : "(unset)");
     else
-        mr_log(MR_LOG_INFO, "mode %s %s, image %s, homeserver %s, domain %s, tls %s",
+        mr_log(MR_LOG_INFO, "mode %s %s, scheduler %s, image %s, homeserver %s, domain %s, tls %s",
                c->mode == PROV_MODE_SSH ? "ssh to" : "local",
-               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin, c->image, c->matrix_image,
+               c->mode == PROV_MODE_SSH ? c->host : c->dokku_bin,
+               c->scheduler == PROV_SCHED_K3S ? "k3s" : "docker-local", c->image, c->matrix_image,
                c->base_domain, tls_names[c->tls]);
 }
 

@@ -19,6 +19,13 @@
  *     git:from-image -> [ps:restart | ps:start when the image was already deployed]
  *     [letsencrypt:active -> letsencrypt:enable]
  *
+ * With DOKKU_SCHEDULER=k3s the same sequence differs where Dokku's k3s
+ * scheduler does: no network (MindRoom reaches the homeserver's Service),
+ * scheduler:set after apps:create, storage:create --scheduler k3s with a size,
+ * resource:reserve after resource:limit (Kubernetes units), cert-manager
+ * through scheduler-k3s:set instead of the letsencrypt plugin, and a
+ * storage:exec for both apps (it makes the volume's root the app's own).
+ *
  * Storage is created and mounted before the first deploy of its app and is
  * never unmounted, recreated or destroyed by this sequence, nor by stop or
  * start: only DELETE ?purge=true and DELETE /apps/{app}/storage destroy it.
@@ -230,12 +237,16 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
 {
     const prov_config *cfg = c->cfg;
     const int64_t quick = cfg->command_timeout_ms, slow = cfg->deploy_timeout_ms;
+    const int k3s = cfg->scheduler == PROV_SCHED_K3S;
     mr_err e;
-    char mem[32], cpu[32], uid[24], gb[24], http[48], https[48], fp[65];
-    snprintf(mem, sizeof mem, "%lldm", (long long)p->lim->memory_mb);
+    char mem[32], cpu[32], uid[24], gb[24], size[24], http[48], https[48], fp[65];
+    /* Units are the scheduler's: docker-local hands "<N>m" to `docker run`
+     * (megabytes); Kubernetes reads "m" as milli-bytes, so k3s gets "<N>Mi". */
+    snprintf(mem, sizeof mem, k3s ? "%lldMi" : "%lldm", (long long)p->lim->memory_mb);
     prov_format_cpu(p->lim->cpu_milli, cpu, sizeof cpu);
     snprintf(uid, sizeof uid, "%lld", (long long)p->uid);
     snprintf(gb, sizeof gb, "%lld", (long long)p->lim->storage_gb);
+    snprintf(size, sizeof size, "%lldGi", (long long)p->lim->storage_gb);
     snprintf(http, sizeof http, "http:80:%lld", (long long)p->port);
     snprintf(https, sizeof https, "https:443:%lld", (long long)p->port);
 
@@ -246,6 +257,11 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     for (size_t i = 0; i < MR_ARRAY_LEN(items); i++) fp_add(&t, items[i]);
     for (size_t i = 0; p->config && p->config[i]; i++) fp_add(&t, p->config[i]);
     for (size_t i = 0; p->fp_extra && p->fp_extra[i]; i++) fp_add(&t, p->fp_extra[i]);
+    if (k3s) {
+        const char *more[] = {"k3s", cfg->storage_class, cfg->acme_email, cfg->cert_issuer,
+                              cfg->tls == PROV_TLS_ISSUER ? "issuer" : ""};
+        for (size_t i = 0; i < MR_ARRAY_LEN(more); i++) fp_add(&t, more[i]);
+    }
     fp_finish(cfg, &t, fp);
 
     /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */
@@ -256,12 +272,29 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         if ((e = must(c, a, quick)) != MR_OK) return e;
         p->created = 1;
     }
+    if (k3s) {
+        /* Every time, before anything that depends on the scheduler (storage
+         * mounts, the first deploy): a resumed create sets it too. */
+        const char *a[] = {"scheduler:set", p->app, "selected", "k3s", NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
 
     /* 2. Its storage: created when missing, mounted before any deploy. The
      * entry's directory belongs to the user the image runs as, and nobody else. */
     if ((e = exists(c, "storage:info", p->entry, &yes)) != MR_OK) return e;
-    if (!yes) {
+    if (!yes && !k3s) {
         const char *a[] = {"storage:create", p->entry, "--chown", uid, "--mode", "0700", NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    } else if (!yes) {
+        /* A PersistentVolumeClaim of the plan's size. --chown and --mode are
+         * docker-local only: the volume's root is made the app's own by the
+         * storage:exec below. Reclaim policy Delete: the volume goes with
+         * storage:destroy, which only purge and the retention sweep run
+         * (--destroy-host-dir is docker-local only). */
+        const char *a[] = {"storage:create", p->entry, "--scheduler", "k3s", "--size", size,
+                           "--access-mode", "ReadWriteOnce", "--reclaim-policy", "Delete",
+                           *cfg->storage_class ? "--storage-class-name" : NULL,
+                           cfg->storage_class, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
     {
@@ -280,6 +313,12 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         const char *a[] = {"resource:limit", "--memory", mem, "--cpu", cpu, p->app, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
+    if (k3s) {
+        /* Requests equal to the limits: the k3s default reservation (0.1 CPU,
+         * 128Mi) would let a node take more instances than it can hold. */
+        const char *a[] = {"resource:reserve", "--memory", mem, "--cpu", cpu, p->app, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
     if (p->network) {
         const char *a[] = {"network:set", p->app, "attach-post-create", p->network, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
@@ -287,8 +326,10 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     {
         /* With TLS the https mapping is set up front: Dokku ignores it until a
          * certificate exists, and keeps it when one is installed or renewed. */
-        const char *a[] = {"ports:set", p->app, http, cfg->tls != PROV_TLS_OFF ? https : NULL,
-                           NULL};
+        /* On k3s the scheduler adds https:443 itself once the app has a
+         * certificate source (cert-manager or an imported certificate). */
+        const char *a[] = {"ports:set", p->app, http,
+                           cfg->tls != PROV_TLS_OFF && !k3s ? https : NULL, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
     if (p->config && (e = must(c, p->config, quick)) != MR_OK) return e;
@@ -301,6 +342,16 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
          * app on its next update; nginx is reloaded, the app is not restarted. */
         const char *a[] = {"certs:add", p->app, NULL};
         if ((e = must_in(c, a, cfg->tls_tar, cfg->tls_tar_len, quick)) != MR_OK) return e;
+    }
+    if (k3s && (cfg->tls == PROV_TLS_LETSENCRYPT || cfg->tls == PROV_TLS_ISSUER)) {
+        /* cert-manager through the scheduler: an ACME account email (HTTP-01,
+         * a per-app Issuer) or a named ClusterIssuer (e.g. DNS-01 for a
+         * wildcard). A property, set every time; it takes effect on deploy. */
+        int le = cfg->tls == PROV_TLS_LETSENCRYPT;
+        const char *a[] = {"scheduler-k3s:set", p->app,
+                           le ? "letsencrypt-email-prod" : "cert-issuer-name",
+                           le ? cfg->acme_email : cfg->cert_issuer, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
     }
 
     /* 4. Files the image needs at its first start, written into the mounted
@@ -337,7 +388,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
 
     /* 6. Let's Encrypt, once: letsencrypt:enable on an app that already has a
      * certificate would request another and run into Let's Encrypt's rate limits. */
-    if (cfg->tls == PROV_TLS_LETSENCRYPT) {
+    if (cfg->tls == PROV_TLS_LETSENCRYPT && !k3s) {
         const char *q[] = {"letsencrypt:active", p->app, NULL};
         int active = 0;
         if ((e = report_true(c, q, &active)) != MR_OK) return e;
@@ -410,7 +461,8 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     run_ctx c = {cfg, out, res, err, errlen};
     int lockfd = -1;
     const char **cargs = NULL;
-    prov_buf files = {0};
+    prov_buf files = {0}, root = {0};
+    const int k3s = cfg->scheduler == PROV_SCHED_K3S;
     mr_err e;
     if (!res || !env) {
         e = internal(&c, "out of memory");
@@ -425,7 +477,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     prov_names nm;
     prov_names_of(spec->app, &nm);
     char domain[PROV_HOST_MAX + 1], hs_host[PROV_HOST_MAX + 1], hs_url[PROV_HOST_MAX + 16],
-        internal_url[PROV_NAME_MAX + 32];
+        internal_url[PROV_NAME_MAX + 64];
     snprintf(domain, sizeof domain, "%s.%s", spec->subdomain, cfg->base_domain);
     if (prov_matrix_host(cfg, spec->app, spec->subdomain, hs_host, sizeof hs_host) != MR_OK) {
         e = internal(&c, "the homeserver's host name is invalid");
@@ -433,8 +485,14 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     }
     snprintf(hs_url, sizeof hs_url, "%s://%s", cfg->tls != PROV_TLS_OFF ? "https" : "http",
              hs_host);
-    /* Dokku's network alias of the homeserver's web process on <app>-net. */
-    snprintf(internal_url, sizeof internal_url, "http://%s.web:%d", nm.hs_app, PROV_HS_PORT);
+    /* docker-local: Dokku's network alias of the homeserver's web process on
+     * <app>-net. k3s (Dokku's network plugin is docker-local only): the
+     * cluster's Service for that process, on its http mapping's port 80. */
+    if (k3s)
+        snprintf(internal_url, sizeof internal_url, "http://%s-web.%s.svc.cluster.local",
+                 nm.hs_app, PROV_K3S_NAMESPACE);
+    else
+        snprintf(internal_url, sizeof internal_url, "http://%s.web:%d", nm.hs_app, PROV_HS_PORT);
 
     size_t n = 0;
     for (size_t i = 0; i < spec->n_env; i++) env[n++] = spec->env[i];
@@ -446,13 +504,13 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
         env[n++] = (prov_env){"MATRIX_SERVER_NAME", spec->hs.server_name};
         env[n++] = (prov_env){"MATRIX_REGISTRATION_SHARED_SECRET",
                               spec->hs.registration_shared_secret};
-        int yes = 0;
-        if ((e = exists(&c, "network:exists", nm.network, &yes)) != MR_OK) goto done;
+        int yes = 1;
+        if (!k3s && (e = exists(&c, "network:exists", nm.network, &yes)) != MR_OK) goto done;
         if (!yes) {
             const char *a[] = {"network:create", nm.network, NULL};
             if ((e = must(&c, a, cfg->command_timeout_ms)) != MR_OK) goto done;
         }
-        if (prov_hs_files(&spec->hs, hs_url, &files) != MR_OK) {
+        if (prov_hs_files(&spec->hs, hs_url, k3s, &files) != MR_OK) {
             e = internal(&c, "cannot build the homeserver's configuration");
             goto done;
         }
@@ -460,7 +518,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                                spec->hs.registration_shared_secret, spec->hs.macaroon_secret_key,
                                spec->hs.form_secret, hs_url, NULL};
         app_plan hp = {.app = nm.hs_app, .image = cfg->matrix_image, .entry = nm.hs_data,
-                       .container_dir = PROV_HS_DATA_DIR, .network = nm.network,
+                       .container_dir = PROV_HS_DATA_DIR, .network = k3s ? NULL : nm.network,
                        .domain = hs_host, .lim = &spec->hs.lim, .uid = PROV_HS_UID,
                        .port = PROV_HS_PORT, .files = files.data, .files_len = files.len,
                        .fp_extra = extra};
@@ -473,11 +531,15 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
         e = internal(&c, "out of memory");
         goto done;
     }
+    if (k3s && prov_root_files((unsigned)cfg->mindroom_uid, &root) != MR_OK) {
+        e = internal(&c, "out of memory");
+        goto done;
+    }
     app_plan mp = {.app = spec->app, .image = cfg->image, .entry = nm.data,
                    .container_dir = cfg->mindroom_data_dir,
-                   .network = spec->hs.present ? nm.network : NULL, .domain = domain,
+                   .network = spec->hs.present && !k3s ? nm.network : NULL, .domain = domain,
                    .lim = &spec->lim, .uid = cfg->mindroom_uid, .port = cfg->mindroom_port,
-                   .config = cargs};
+                   .config = cargs, .files = root.data, .files_len = root.len};
     if ((e = apply_app(&c, &mp)) != MR_OK) goto done;
 
     out->existed = !mp.created;
@@ -489,6 +551,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     e = MR_OK;
 done:
     prov_buf_free(&files);
+    prov_buf_free(&root);
     free_config_args(cargs);
     prov_unlock(lockfd);
     free(env);
@@ -524,7 +587,11 @@ static mr_err storage_step(run_ctx *c, const char *entry, int destroy, prov_stor
     mr_err e = exists(c, "storage:info", entry, &yes);
     if (e != MR_OK) return e;
     if (yes && destroy) {
-        const char *a[] = {"storage:destroy", entry, "--force", "--destroy-host-dir", NULL};
+        /* k3s entries were created with reclaim policy Delete, and passing
+         * --destroy-host-dir for one is an error. */
+        int k3s = c->cfg->scheduler == PROV_SCHED_K3S;
+        const char *a[] = {"storage:destroy", entry, "--force", k3s ? NULL : "--destroy-host-dir",
+                           NULL};
         if ((e = must(c, a, c->cfg->deploy_timeout_ms)) != MR_OK) return e;
         c->out->purged = 1;
         yes = 0;
@@ -585,7 +652,9 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
         spec_forget(cfg, nm.hs_app);
         out->app_state = out->hs_state = "missing";
         int net = 0;
-        if ((e = exists(&c, "network:exists", nm.network, &net)) != MR_OK) goto done;
+        if (cfg->scheduler != PROV_SCHED_K3S &&
+            (e = exists(&c, "network:exists", nm.network, &net)) != MR_OK)
+            goto done;
         if (net) {
             const char *a[] = {"--force", "network:destroy", nm.network, NULL};
             if ((e = must(&c, a, cfg->command_timeout_ms)) != MR_OK) goto done;

@@ -26,13 +26,23 @@
 #include "mr_appenv.h"
 
 typedef enum { PROV_MODE_LOCAL, PROV_MODE_SSH, PROV_MODE_DRY_RUN } prov_mode;
-typedef enum { PROV_TLS_OFF, PROV_TLS_LETSENCRYPT, PROV_TLS_WILDCARD } prov_tls;
+/* DOKKU_TLS. On k3s, letsencrypt and issuer go through the scheduler's
+ * cert-manager integration (scheduler-k3s:set); issuer is k3s only. */
+typedef enum { PROV_TLS_OFF, PROV_TLS_LETSENCRYPT, PROV_TLS_WILDCARD, PROV_TLS_ISSUER } prov_tls;
+/* DOKKU_SCHEDULER: Dokku's default docker-local scheduler (one host), or its
+ * k3s scheduler (a Kubernetes cluster of one or more nodes). */
+typedef enum { PROV_SCHED_DOCKER_LOCAL, PROV_SCHED_K3S } prov_scheduler;
 
 /* The homeserver's container side: Synapse's image keeps everything in /data
  * and listens on 8008; its processes run as 991:991 (docker/start.py). */
 #define PROV_HS_DATA_DIR "/data"
 #define PROV_HS_PORT 8008
 #define PROV_HS_UID 991
+/* On k3s, Dokku exposes an app's web process as the Service <app>-web in the
+ * app's namespace, on the host port of its http mapping (80). The provisioner
+ * leaves the k3s `namespace` property at its default, where Dokku also makes
+ * the storage entries' PersistentVolumeClaims. */
+#define PROV_K3S_NAMESPACE "default"
 
 typedef struct {
     prov_mode mode;
@@ -48,6 +58,10 @@ typedef struct {
     const char *image;          /* MINDROOM_IMAGE, name@sha256:<64 hex> */
     const char *matrix_image;   /* MATRIX_IMAGE, name@sha256:<64 hex> */
     const char *base_domain;    /* MINDROOM_BASE_DOMAIN */
+    prov_scheduler scheduler;   /* DOKKU_SCHEDULER */
+    const char *storage_class;  /* PROVISIONER_STORAGE_CLASS (k3s), "" for the cluster's default */
+    const char *acme_email;     /* PROVISIONER_ACME_EMAIL (k3s, DOKKU_TLS=letsencrypt) */
+    const char *cert_issuer;    /* PROVISIONER_CERT_ISSUER (k3s, DOKKU_TLS=issuer) */
     prov_tls tls;               /* DOKKU_TLS */
     unsigned char *tls_tar;     /* wildcard: server.crt + server.key, read at start-up */
     size_t tls_tar_len;
@@ -169,6 +183,9 @@ typedef struct {
 /* Appends one regular file to a ustar archive in b (name at most 99 bytes). */
 void prov_tar_file(prov_buf *b, const char *name, unsigned mode, unsigned uid,
                    const void *data, size_t len);
+/* Appends a directory entry (name "./" is the directory tar extracts into:
+ * tar run as root gives it the entry's owner and mode). */
+void prov_tar_dir(prov_buf *b, const char *name, unsigned mode, unsigned uid);
 /* Ends the archive (two zero blocks). Returns MR_OK, or MR_EINTERNAL when any
  * append failed. */
 mr_err prov_tar_end(prov_buf *b);
@@ -176,10 +193,17 @@ mr_err prov_tar_end(prov_buf *b);
 void prov_buf_free(prov_buf *b);
 
 /* The tarball written into the homeserver's storage before its deploys:
- * homeserver.yaml and the secret files it names, owned by PROV_HS_UID.
- * public_url is the homeserver's public base URL. Returns MR_OK with *out
- * (free with prov_buf_free), or MR_EINTERNAL. */
-mr_err prov_hs_files(const prov_hs_spec *hs, const char *public_url, prov_buf *out);
+ * homeserver.yaml and the secret files it names, owned by PROV_HS_UID, after
+ * a "./" entry (PROV_HS_UID, 0700) when own_root is set (k3s: a volume's root
+ * belongs to root until something changes it). public_url is the homeserver's
+ * public base URL. Returns MR_OK with *out (free with prov_buf_free), or
+ * MR_EINTERNAL. */
+mr_err prov_hs_files(const prov_hs_spec *hs, const char *public_url, int own_root,
+                     prov_buf *out);
+/* A tarball holding only "./" owned by uid, mode 0700: on k3s it makes a new
+ * volume's root the app's own before the first deploy. Returns MR_OK with
+ * *out (free with prov_buf_free), or MR_EINTERNAL. */
+mr_err prov_root_files(unsigned uid, prov_buf *out);
 
 /* Reads the wildcard certificate and key (PEM files), checks that the key
  * matches, that the certificate is valid now and covers every name one label

@@ -135,6 +135,11 @@ static mr_err parse_limits(const cJSON *obj, const char *where, const prov_confi
         return mr_seterr(err, errlen, MR_EINVAL,
                          "%s\"storage_gb\" must be an integer in [1, %lld]", where,
                          (long long)cfg->max_storage_gb);
+    /* A PersistentVolumeClaim has a size: on k3s there is no unbounded entry. */
+    if (!st && cfg->scheduler == PROV_SCHED_K3S)
+        return mr_seterr(err, errlen, MR_EINVAL,
+                         "%s\"storage_gb\" is required with DOKKU_SCHEDULER=k3s: an integer in "
+                         "[1, %lld]", where, (long long)cfg->max_storage_gb);
     return MR_OK;
 }
 

@@ -11,7 +11,8 @@
  *                 then re-apply the due ones, each in its own transaction
  *   teardown      instances whose rows were deleted (an account erased) while
  *                 they still had apps or data (public.instance_teardowns): destroy
- *                 both apps and both storage entries, with backoff on failure */
+ *                 both apps and both storage entries on the instance's own
+ *                 provisioner target, with backoff on failure */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,8 +158,8 @@ static void teardown_job(worker *w)
 {
     char err[256] = "", arg[16];
     snprintf(arg, sizeof arg, "%d", TEARDOWN_BATCH);
-    ids_ctx due = {"SELECT instance_id::text, dokku_app_name FROM public.instance_teardowns_due($1::int)",
-                   arg, NULL};
+    ids_ctx due = {"SELECT instance_id::text, dokku_app_name, target::text "
+                   "FROM public.instance_teardowns_due($1::int)", arg, NULL};
     if (mr_db_tx(w->db, &mr_service_identity, ids_tx, &due, err, sizeof err) != MR_OK) {
         mr_log(MR_LOG_WARN, "teardown: %s", err);
         done(w, "teardown", err);
@@ -173,8 +174,23 @@ static void teardown_job(worker *w)
         mr_provisioner p = wcfg.provisioner;
         p.abort_cb = teardown_abort;
         mr_provisioner_call call;
-        /* Both apps and both storage entries: the account is being erased. */
-        mr_provisioner_app(w->http, &p, app, MR_ACTION_DESTROY, 1, &call);
+        worker_target target;
+        mr_err te = targets_use(PQgetisnull(due.res, i, 2) ? NULL : PQgetvalue(due.res, i, 2), &p,
+                                &target, err, sizeof err);
+        if (te == MR_ETRANSIENT) {
+            /* Disabled since the query: not due while it stays so, nothing counted. */
+            targets_forget(&target);
+            mr_log(MR_LOG_INFO, "teardown: instance %s (%s) waits: %s", iid, app, err);
+            continue;
+        }
+        if (te != MR_OK) {
+            memset(&call, 0, sizeof call);
+            snprintf(call.error, sizeof call.error, "%s", err);
+        } else {
+            /* Both apps and both storage entries: the account is being erased. */
+            mr_provisioner_app(w->http, &p, app, MR_ACTION_DESTROY, 1, &call);
+        }
+        targets_forget(&target);
         if (call.aborted)
             break; /* not recorded: the next run does it again (it is idempotent) */
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error, base, cap};
@@ -185,7 +201,8 @@ static void teardown_job(worker *w)
         free(out);
         if (call.ok) {
             torn++;
-            mr_log(MR_LOG_INFO, "teardown: instance %s (%s): apps and storage destroyed", iid, app);
+            mr_log(MR_LOG_INFO, "teardown: instance %s (%s): apps and storage destroyed on %s", iid,
+                   app, target.chosen ? target.name : "DOKKU_PROVISIONER_URL");
         } else {
             failed++;
             mr_log(MR_LOG_WARN, "teardown: instance %s (%s): %s; retried with backoff", iid, app,

@@ -120,6 +120,14 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     mr_provisioner p = wcfg.provisioner;
     p.abort_cb = abort_step;
     mr_provisioner_call call;
+    worker_target target;
+    char terr[256];
+    if (targets_choose(w, instance_id, &p, &target, terr, sizeof terr) != MR_OK) {
+        targets_forget(&target);
+        cJSON_AddBoolToObject(result, "ok", 0);
+        cJSON_AddStringToObject(result, "error", terr);
+        return 0;
+    }
     int applied = 0;
     switch (action) {
     case MR_ACTION_CREATE:
@@ -155,6 +163,7 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
         call.rejected = 1;
         snprintf(call.error, sizeof call.error, "no step for action %s", mr_action_name(action));
     }
+    targets_forget(&target);
     if (call.aborted)
         return 1;
     cJSON_AddBoolToObject(result, "ok", call.ok);

@@ -6,7 +6,9 @@
  *            record each outcome, give the lease back when told to stop
  *   payload.c what a create, update or start sends the provisioner: the step's
  *            payload with the instance's secrets opened (the only place they are)
- *   jobs.c   the periodic jobs: the health round and the Stripe sweep
+ *   jobs.c   the periodic jobs: the health round, the Stripe sweep, teardowns
+ *   targets.c which provisioner a step or a teardown goes to (its target's URL
+ *            and token, or DOKKU_PROVISIONER_URL)
  *
  * The worker is not a FastCGI function: it serves no requests. It lives beside
  * them because it is built and linked the same way (libmindroom). */
@@ -65,6 +67,31 @@ typedef enum { CLAIM_NONE, CLAIM_FULL, CLAIM_DONE } claim_outcome;
  * lease simply expires). */
 mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
                            char *err, size_t errlen);
+
+/* ---- targets.c ---- */
+
+/* The provisioner target of one step (see targets.c); its strings back p's. */
+typedef struct {
+    int chosen;                 /* a target was chosen (else DOKKU_PROVISIONER_URL) */
+    char name[48];
+    char url[320];
+    char token[512];            /* wiped by targets_forget */
+} worker_target;
+
+/* Points p (a copy of wcfg.provisioner) at the instance's target, if it has one,
+ * with *t (caller-owned, wiped with targets_forget) holding the URL and token.
+ * Returns MR_OK (p unchanged when the instance has no target), MR_ETRANSIENT
+ * when the target is disabled or the database failed, MR_EINVAL when its token
+ * cannot be had (the step fails and is retried). err never holds a token. */
+mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
+                      char *err, size_t errlen);
+/* The same for a target already read from the database (its JSON text, as
+ * public.instance_teardowns_due gives it; NULL or empty: no target, p unchanged).
+ * Returns as targets_choose. */
+mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+                   size_t errlen);
+/* Wipes t's token. */
+void targets_forget(worker_target *t);
 
 /* ---- payload.c ---- */
 

@@ -322,7 +322,8 @@ class Stack:
     @ROOT@ replaced). db= names an existing database to share (another stack's:
     two complete stacks on one database); it is then neither created nor dropped.
     trusted_proxies= lists the addresses nginx believes X-Forwarded-For from
-    (set_real_ip_from; default none, as `make run`).
+    (set_real_ip_from; default none, as `make run`). test_target=False: never
+    registers a provisioner target for MR_TEST_TARGET (_register_test_target).
 
     The lifecycle worker (mindroom-lifecycle) runs in every stack that starts it;
     its periodic health round is set to once a day unless env says otherwise, so
@@ -330,7 +331,7 @@ class Stack:
     """
 
     def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
-                 nginx_extra="", db=None, trusted_proxies=()):
+                 nginx_extra="", db=None, trusted_proxies=(), test_target=True):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.own_db = db is None
@@ -350,6 +351,7 @@ class Stack:
         self.trusted_proxies = tuple(trusted_proxies)
         self._extra_env = dict(env or {})
         self._workers = workers
+        self._test_target = test_target
         self.env = {}
 
     # ---- lifecycle -------------------------------------------------------
@@ -400,10 +402,36 @@ class Stack:
                             DATABASE_POOLER="transaction",
                             DATABASE_LISTEN_URL=self.pg.conninfo(self.db, user))
         self.env.update(self._extra_env)
+        self._register_test_target()
         for name in self.functions:
             self._start_function(name)
         for name in self.functions:
             self._wait_function(name)
+
+    def _register_test_target(self):
+        """With MR_TEST_TARGET=k3s or docker-local (scripts/test.sh's k3s suite), a
+        stack that runs the lifecycle worker on its own database registers its
+        DOKKU_PROVISIONER_URL as a provisioner target of that scheduler before
+        anything starts: every instance is placed there and the worker reaches the
+        provisioner through the target's row (targets.c) and its token reference
+        (env:MR_TEST_TARGET_TOKEN, DOKKU_PROVISIONER_TOKEN's value), never through
+        DOKKU_PROVISIONER_URL, which is then a closed port. Room and slots are
+        unlimited in effect, so the target changes nothing else a test sees.
+        test_target=False opts a stack out."""
+        scheduler = os.environ.get("MR_TEST_TARGET")
+        if not scheduler or not self._test_target or not self.own_db:
+            return
+        assert scheduler in ("docker-local", "k3s"), scheduler
+        if "mindroom-lifecycle" not in self.functions or not self.env.get("DOKKU_PROVISIONER_TOKEN"):
+            return
+        self.env["MR_TEST_TARGET_TOKEN"] = self.env["DOKKU_PROVISIONER_TOKEN"]
+        self.pg.sql("INSERT INTO public.provisioner_targets (name, url, token_ref, scheduler, "
+                    "capacity_mb, max_in_flight) VALUES ('test-target', %s, "
+                    "'env:MR_TEST_TARGET_TOKEN', %s, 2000000000, 10000)",
+                    self.env["DOKKU_PROVISIONER_URL"], scheduler, dbname=self.db)
+        # Only the worker reads DOKKU_PROVISIONER_URL: pointed at a closed port, any
+        # call that did not go through the target fails the test that made it.
+        self.env["DOKKU_PROVISIONER_URL"] = "http://127.0.0.1:9"
 
     def __exit__(self, exc_type, exc, tb):
         try:

@@ -1,12 +1,17 @@
 """Shared pieces of the dokku-provisioner tests: the stand-in's directory and
 what reached it, request bodies, the documented command sequences, and the
-check that every command the provisioner ran is one Dokku documents."""
+check that every command the provisioner ran is one Dokku documents.
+
+MR_DOKKU_SCHEDULER=k3s (scripts/test.sh's k3s suite) runs every test that
+uses these helpers against a provisioner with DOKKU_SCHEDULER=k3s: the
+sequences and the observations below follow the scheduler."""
 
 import base64
 import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -25,6 +30,32 @@ MINDROOM_UID = 1000
 HS_UID = 991
 LABEL = "mindroom.chat/storage-gb"
 TAR = ["--", "tar", "-x", "-f", "-", "-C", "/data"]
+SCHEDULER = os.environ.get("MR_DOKKU_SCHEDULER", "docker-local")
+assert SCHEDULER in ("docker-local", "k3s"), SCHEDULER
+K3S = SCHEDULER == "k3s"
+STORAGE_CLASS = "mr-standard"       # PROVISIONER_STORAGE_CLASS in k3s mode
+ACME_EMAIL = "ops@mr.test"          # PROVISIONER_ACME_EMAIL in k3s mode with letsencrypt
+
+
+def mem(value, k3s=None):
+    """A memory limit as the scheduler reads it: "512m" (docker-local) is "512Mi" on k3s."""
+    k3s = K3S if k3s is None else k3s
+    return value[:-1] + "Mi" if k3s and value.endswith("m") else value
+
+
+def hs_internal_url(app, k3s=None):
+    """How MindRoom reaches its homeserver: Dokku's network alias, or the k3s Service."""
+    k3s = K3S if k3s is None else k3s
+    if k3s:
+        return "http://%s-matrix-web.default.svc.cluster.local" % app
+    return "http://%s-matrix.web:8008" % app
+
+
+def ports(port, tls, k3s=None):
+    k3s = K3S if k3s is None else k3s
+    if tls != "off" and not k3s:
+        return "http:80:%d https:443:%d" % (port, port)
+    return "http:80:%d" % port
 
 
 def names(app):
@@ -36,7 +67,9 @@ class Dokku:
     """The stand-in dokku's directory: calls made, app, storage and network
     state, the apps' containers, and switches."""
 
-    def __init__(self):
+    def __init__(self, scheduler=None):
+        self.scheduler = scheduler or SCHEDULER
+        self.k3s = self.scheduler == "k3s"
         self.dir = Path(tempfile.mkdtemp(prefix="mr-dokku-"))
         self.state = self.dir / "state"
         self._seen = 0
@@ -56,6 +89,11 @@ class Dokku:
             "DOKKU_DEPLOY_TIMEOUT_MS": "30000",
             "DOKKU_LOCK_BACKOFF_MS": "20",
         }
+        if self.k3s:
+            env["DOKKU_SCHEDULER"] = "k3s"
+            env["PROVISIONER_STORAGE_CLASS"] = STORAGE_CLASS
+            if extra.get("DOKKU_TLS") in ("letsencrypt", "on", "1", "true", "yes"):
+                env["PROVISIONER_ACME_EMAIL"] = ACME_EMAIL
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -151,12 +189,37 @@ class Dokku:
 
     def reaches(self, app, alias):
         """True when app's container can resolve alias ("<other-app>.web"): both
-        containers running on a common network."""
+        containers running on a common network (docker-local), or both on the
+        k3s scheduler with the other's web Service up (k3s)."""
         other = alias.split(".")[0]
         a, b = self.app_json(app, "container.json"), self.app_json(other, "container.json")
         if not a or not b or self.app(other, "running") != "true":
             return False
+        if self.k3s:
+            return self.app(app, "scheduler") == "k3s" == self.app(other, "scheduler")
         return bool(set(a["networks"]) & set(b["networks"]))
+
+    def tls_active(self, app):
+        """The app has its certificate source: the letsencrypt plugin (docker-local)
+        or the k3s scheduler's cert-manager integration."""
+        if self.k3s:
+            return bool(self.app_json(app, "k3s.json", {}).get("letsencrypt-email-prod"))
+        return self.app(app, "letsencrypt") == "on"
+
+    def assert_entry_owned(self, entry, uid, gb):
+        """The entry is the app's alone (owner uid, 0700) and its size recorded."""
+        e = self.entry(entry)
+        if self.k3s:
+            assert (e["scheduler"], e["size"], e["access_mode"], e["storage_class"],
+                    e["reclaim_policy"], e["chown"], e["mode"]) == (
+                "k3s", "%sGi" % gb, "ReadWriteOnce", STORAGE_CLASS, "Delete", "", ""), e
+        else:
+            assert e["chown"] == str(uid) and e["mode"] == "0700", e
+        assert e["labels"] == {LABEL: str(gb)}
+        st = self.host_dir(entry).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700, oct(st.st_mode)
+        if os.geteuid() == 0:
+            assert st.st_uid == uid
 
     # ---- the provisioner's own state ----
 
@@ -172,7 +235,7 @@ class Dokku:
             out[key] = {"app": self.exists(a), "entry": self.entry(e) is not None,
                         "deployed": self.app(a, "image") == image,
                         "running": self.app(a, "running") == "true",
-                        "le": bool(self.app(a, "letsencrypt")),
+                        "le": self.tls_active(a),
                         "spec_ok": self.spec_stored(a)}
         out["net"] = self.network(n["net"])
         return out
@@ -295,28 +358,40 @@ DONE = {"app": True, "entry": True, "deployed": True, "running": True, "le": Tru
         "spec_ok": True}
 
 
-def app_sequence(app, entry, cdir, uid, mem, cpu, gb, network, port, domain, image, tls,
-                 config, files, st):
+def app_sequence(app, entry, cdir, uid, mem_, cpu, gb, network, port, domain, image, tls,
+                 config, files, st, k3s=None):
+    k3s = K3S if k3s is None else k3s
+    mem_ = mem(mem_, k3s)
     seq = [["apps:exists", app]]
     if not st["app"]:
         seq.append(["apps:create", app])
+    if k3s:
+        seq.append(["scheduler:set", app, "selected", "k3s"])
     seq.append(["storage:info", entry])
-    if not st["entry"]:
+    if not st["entry"] and k3s:
+        seq.append(["storage:create", entry, "--scheduler", "k3s", "--size", "%sGi" % gb,
+                    "--access-mode", "ReadWriteOnce", "--reclaim-policy", "Delete",
+                    "--storage-class-name", STORAGE_CLASS])
+    elif not st["entry"]:
         seq.append(["storage:create", entry, "--chown", str(uid), "--mode", "0700"])
     seq.append(["storage:mount", app, entry, "--container-dir", cdir])
     if gb is not None:
         seq.append(["storage:labels:set", entry, LABEL, str(gb)])
-    seq.append(["resource:limit", "--memory", mem, "--cpu", cpu, app])
-    if network:
+    seq.append(["resource:limit", "--memory", mem_, "--cpu", cpu, app])
+    if k3s:
+        seq.append(["resource:reserve", "--memory", mem_, "--cpu", cpu, app])
+    if network and not k3s:
         seq.append(["network:set", app, "attach-post-create", network])
-    seq.append(["ports:set", app, "http:80:%d" % port] +
-               (["https:443:%d" % port] if tls != "off" else []))
+    seq.append(["ports:set", app] + ports(port, tls, k3s).split())
     if config:
         seq.append(None)
     seq.append(["domains:set", app, domain])
     if tls == "wildcard":
         seq.append(["certs:add", app])
-    if files:
+    if k3s and tls == "letsencrypt":
+        seq.append(["scheduler-k3s:set", app, "letsencrypt-email-prod", ACME_EMAIL])
+    # On k3s MindRoom's entry gets a storage:exec too: it makes the volume's root its own.
+    if files or k3s:
         seq.append(["storage:exec", entry] + TAR)
     seq.append(["git:from-image", app, image])
     if st["deployed"]:
@@ -326,7 +401,7 @@ def app_sequence(app, entry, cdir, uid, mem, cpu, gb, network, port, domain, ima
             seq.append(["ps:report", app, "--running"])
             if not st["running"]:
                 seq.append(["ps:start", app])
-    if tls == "letsencrypt":
+    if tls == "letsencrypt" and not k3s:
         seq.append(["letsencrypt:active", app])
         if not st["le"]:
             seq.append(["letsencrypt:enable", app])
@@ -334,41 +409,59 @@ def app_sequence(app, entry, cdir, uid, mem, cpu, gb, network, port, domain, ima
 
 
 def create_sequence(app, subdomain=None, mem="512m", cpu="0.5", gb=5, hs=True, hs_mem="256m",
-                    hs_cpu="0.25", hs_gb=3, tls="off", state=None):
+                    hs_cpu="0.25", hs_gb=3, tls="off", state=None, k3s=None):
     """The commands a create/update runs, config:set left as None (its
     arguments are base64 and checked separately). state: observed() of the
-    instance before the request (default: nothing exists)."""
+    instance before the request (default: nothing exists). Memory is given in
+    docker-local's units and converted for k3s."""
+    k3s = K3S if k3s is None else k3s
     sub = ("s" + app[len(PREFIX):]) if subdomain is None else subdomain
     n = names(app)
     st = state or {"hs": FRESH, "mr": FRESH, "net": False}
     seq = []
     if hs:
-        seq.append(["network:exists", n["net"]])
-        if not st["net"]:
-            seq.append(["network:create", n["net"]])
+        if not k3s:
+            seq.append(["network:exists", n["net"]])
+            if not st["net"]:
+                seq.append(["network:create", n["net"]])
         seq += app_sequence(n["hs"], n["hs_data"], "/data", HS_UID, hs_mem, hs_cpu, hs_gb,
                             n["net"], 8008, matrix_host(sub), MATRIX_IMAGE, tls, False, True,
-                            st["hs"])
+                            st["hs"], k3s)
     seq += app_sequence(app, n["data"], MINDROOM_DIR, MINDROOM_UID, mem, cpu, gb,
                         n["net"] if hs else None, MINDROOM_PORT, "%s.%s" % (sub, DOMAIN), IMAGE,
-                        tls, True, False, st["mr"])
+                        tls, True, False, st["mr"], k3s)
     return seq
 
 
-def destroy_sequence(app, state, purge=False):
+def storage_destroy(entry, k3s=None):
+    """Destroys an entry with its data: --destroy-host-dir on docker-local; k3s
+    entries are created with reclaim policy Delete (the flag is an error there)."""
+    k3s = K3S if k3s is None else k3s
+    return ["storage:destroy", entry, "--force"] + ([] if k3s else ["--destroy-host-dir"])
+
+
+def network_teardown(app, exists=True, k3s=None):
+    """What destroy runs for the instance's network (nothing on k3s)."""
+    k3s = K3S if k3s is None else k3s
+    if k3s:
+        return []
+    net = names(app)["net"]
+    return [["network:exists", net]] + ([["--force", "network:destroy", net]] if exists else [])
+
+
+def destroy_sequence(app, state, purge=False, k3s=None):
     """The commands DELETE /apps/{app}[?purge=true] runs from state (observed())."""
+    k3s = K3S if k3s is None else k3s
     n = names(app)
     seq = [["apps:exists", n["app"]], ["apps:exists", n["hs"]]]
     for key, a in (("mr", n["app"]), ("hs", n["hs"])):
         if state[key]["app"]:
             seq.append(["--force", "apps:destroy", a])
-    seq.append(["network:exists", n["net"]])
-    if state["net"]:
-        seq.append(["--force", "network:destroy", n["net"]])
+    seq += network_teardown(app, state["net"], k3s)
     for key, e in (("mr", n["data"]), ("hs", n["hs_data"])):
         seq.append(["storage:info", e])
         if purge and state[key]["entry"]:
-            seq.append(["storage:destroy", e, "--force", "--destroy-host-dir"])
+            seq.append(storage_destroy(e, k3s))
     return seq
 
 

@@ -20,7 +20,7 @@ import mr
 from health import HealthStandin
 from lifecycle_helpers import (deploy_env, LIMITS, PRICES, WORKER, instance, new_account,
                                wait_status, wait_until)
-from provisioner_helpers import DOMAIN, Dokku, decode_config_args, names
+from provisioner_helpers import DOMAIN, Dokku, decode_config_args, hs_internal_url, mem, names
 
 FUNCS = ["handle-stripe-webhook", "deprovision-instance", "check-instance-health",
          "dokku-provisioner", WORKER]
@@ -141,12 +141,12 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
     # Each component gets its own share of the plan.
     for a, (mb, cpu) in ((n["app"], LIMITS["starter"]), (n["hs"], (512, 0.5))):
         lim = next(x for x in calls if x[0] == "resource:limit" and x[-1] == a)
-        assert lim[lim.index("--memory") + 1] == "%dm" % mb and float(lim[lim.index("--cpu") + 1]) == cpu
+        assert lim[lim.index("--memory") + 1] == mem("%dm" % mb) and float(lim[lim.index("--cpu") + 1]) == cpu
     # MindRoom's environment: the contract (docs/instance.md).
     env = decode_config_args(next(x for x in calls if x[0] == "config:set" and n["app"] in x))
     assert env["MINDROOM_INSTANCE_ID"] == str(inst["id"]) and env["MINDROOM_TIER"] == "starter"
     assert (env["MAX_AGENTS"], env["MAX_MESSAGES_PER_DAY"], env["MAX_STORAGE_GB"]) == ("3", "1000", "5")
-    assert env["MATRIX_HOMESERVER"] == "http://%s.web:8008" % n["hs"]
+    assert env["MATRIX_HOMESERVER"] == hs_internal_url(n["app"])
     assert env["MATRIX_REGISTRATION_SHARED_SECRET"] == \
         (hs_dir / "registration_shared_secret").read_text().strip()
     # Three URLs; the homeserver's name recorded once.
@@ -177,7 +177,7 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
     # 1. A plan change: both apps get the new shares, the data stays.
     dokku.mark()
     c.send("customer.subscription.updated", "active", tier="professional")
-    wait_until(lambda: any(x[0] == "resource:limit" and x[-1] == n["app"] and "2048m" in x
+    wait_until(lambda: any(x[0] == "resource:limit" and x[-1] == n["app"] and mem("2048m") in x
                            for x in dokku.all_calls()), timeout=45, what="professional limits")
     running(stack, c.sid)
     calls = dokku.new_calls()

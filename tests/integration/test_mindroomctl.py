@@ -24,7 +24,8 @@ from lifecycle_helpers import (FAST_ENV, LINK_CUSTOMER_SQL, PRICES, WORKER, inst
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "refused-links", "stuck", "concurrency", "rotate-instance-token")
+            "failed-events", "refused-links", "stuck", "concurrency", "rotate-instance-token",
+            "target")
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import threading
 import pytest
 
 import mr
-from provisioner_helpers import (DOMAIN, DONE, HS_UID, IMAGE, LABEL, MATRIX_IMAGE, MINDROOM_DIR,
-                                 MINDROOM_UID, TAR, Dokku, body, create_sequence,
-                                 decode_config_args, destroy_sequence, hs_secrets, match,
-                                 matrix_host, names, subcommand)
+from provisioner_helpers import (DOMAIN, DONE, HS_UID, IMAGE, K3S, LABEL, MATRIX_IMAGE,
+                                 MINDROOM_DIR, MINDROOM_UID, TAR, Dokku, body, create_sequence,
+                                 decode_config_args, destroy_sequence, hs_internal_url,
+                                 hs_secrets, match, matrix_host, mem, names, network_teardown,
+                                 ports, storage_destroy, subcommand)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_create_runs_the_exact_sequence(stack, dokku):
     cfg = [c for c in calls if c[0] == "config:set"][0]
     assert cfg[3] == "mindroom-create"
     want = dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR,
-                MATRIX_HOMESERVER="http://mindroom-create-matrix.web:8008",
+                MATRIX_HOMESERVER=hs_internal_url("mindroom-create"),
                 MATRIX_SERVER_NAME="screate-matrix." + DOMAIN,
                 MATRIX_REGISTRATION_SHARED_SECRET=sec["registration_shared_secret"])
     assert [p.split("=")[0] for p in cfg[4:]] == sorted(want)
@@ -77,17 +78,23 @@ def test_create_runs_the_exact_sequence(stack, dokku):
     assert dokku.reaches("mindroom-create", "mindroom-create-matrix.web")
 
     # Both apps: image, domain, limits, ports, certificate.
-    for app, image, domain, mem, cpu, port in (
+    for app, image, domain, mem_, cpu, port in (
             ("mindroom-create", IMAGE, "screate." + DOMAIN, "512m", "0.5", 8765),
             ("mindroom-create-matrix", MATRIX_IMAGE, "screate-matrix." + DOMAIN, "256m", "0.25",
              8008)):
         assert dokku.app(app, "image") == image
         assert dokku.app(app, "domains") == domain
-        assert dokku.app_json(app, "resource.json") == {"memory": mem, "cpu": cpu}
-        assert dokku.app(app, "ports") == "http:80:%d https:443:%d" % (port, port)
-        assert dokku.app(app, "letsencrypt") == "on"
-        assert dokku.app_json(app, "network.json") == {
-            "attach-post-create": ["mindroom-create-net"]}
+        assert dokku.app_json(app, "resource.json") == {"memory": mem(mem_), "cpu": cpu}
+        assert dokku.app(app, "ports") == ports(port, "letsencrypt")
+        assert dokku.tls_active(app)
+        if K3S:
+            # Reserved as much as limited, so that no node takes more than it holds.
+            assert dokku.app_json(app, "reserve.json") == {"memory": mem(mem_), "cpu": cpu}
+            assert dokku.app(app, "scheduler") == "k3s"
+            assert dokku.app_json(app, "network.json") is None
+        else:
+            assert dokku.app_json(app, "network.json") == {
+                "attach-post-create": ["mindroom-create-net"]}
 
 
 def test_storage_is_created_and_mounted_before_the_first_deploy(stack, dokku):
@@ -106,11 +113,7 @@ def test_storage_is_created_and_mounted_before_the_first_deploy(stack, dokku):
             {"entry": entry, "container_dir": cdir}]
     # Entries belong to the user each image runs as, 0700, sizes recorded.
     for entry, uid, gb in ((n["data"], MINDROOM_UID, "5"), (n["hs_data"], HS_UID, "3")):
-        e = dokku.entry(entry)
-        assert e["chown"] == str(uid) and e["mode"] == "0700"
-        assert e["labels"] == {LABEL: gb}
-        st = dokku.host_dir(entry).stat()
-        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == uid
+        dokku.assert_entry_owned(entry, uid, gb)
 
 
 def test_the_homeserver_is_configured_before_its_first_deploy(stack, dokku):
@@ -160,11 +163,13 @@ def test_the_homeserver_is_configured_before_its_first_deploy(stack, dokku):
 
 def test_without_a_homeserver_only_mindroom_is_deployed(stack, dokku):
     dokku.mark()
-    r = post(stack, body("mindroom-solo", "ssolo", hs=False, storage_gb=None))
+    # Without a size where the scheduler allows it (k3s needs one).
+    gb = 5 if K3S else None
+    r = post(stack, body("mindroom-solo", "ssolo", hs=False, storage_gb=gb))
     assert r.status == 201, r
     assert r.json["apps"] == {"mindroom": "running", "homeserver": "missing"}
     assert r.json["storage"] == {"mindroom": "present"}
-    match(dokku.new_calls(), create_sequence("mindroom-solo", "ssolo", hs=False, gb=None,
+    match(dokku.new_calls(), create_sequence("mindroom-solo", "ssolo", hs=False, gb=gb,
                                              tls="letsencrypt"))
     assert dokku.config("mindroom-solo") == {"MINDROOM_TIER": "starter",
                                              "MINDROOM_STORAGE_PATH": MINDROOM_DIR}
@@ -186,7 +191,7 @@ def test_create_twice_creates_once_and_does_not_restart(stack, dokku):
     creates = [c for c in dokku.all_calls() if c[0] in ("apps:create", "storage:create",
                                                         "network:create")
                and "mindroom-twice" in c[1]]
-    assert len(creates) == 5
+    assert len(creates) == (4 if K3S else 5)      # no network on k3s
 
 
 def test_update_with_new_limits_restarts_to_apply_them(stack, dokku):
@@ -203,7 +208,7 @@ def test_update_with_new_limits_restarts_to_apply_them(stack, dokku):
         hs_cpu="0.75", hs_gb=10, tls="letsencrypt",
         state={"hs": changed, "mr": changed, "net": True}))
     assert dokku.config("mindroom-update")["MINDROOM_TIER"] == "professional"
-    assert dokku.app_json("mindroom-update", "resource.json")["memory"] == "2048m"
+    assert dokku.app_json("mindroom-update", "resource.json")["memory"] == mem("2048m")
     assert dokku.app_json("mindroom-update-matrix", "resource.json")["cpu"] == "0.75"
     assert dokku.entry("mindroom-update-data")["labels"] == {LABEL: "20"}
 
@@ -290,7 +295,7 @@ def test_a_failure_at_every_step_is_resumed_by_the_same_request(stack, dokku):
     match(dokku.new_calls(), create_sequence(app, sub_, tls="letsencrypt", state=state))
     for a, image in ((n["app"], IMAGE), (n["hs"], MATRIX_IMAGE)):
         assert dokku.app(a, "image") == image and dokku.app(a, "running") == "true"
-        assert dokku.app(a, "letsencrypt") == "on"
+        assert dokku.tls_active(a)
     assert dokku.mounts(n["app"]) == [{"entry": n["data"], "container_dir": MINDROOM_DIR}]
     assert dokku.mounts(n["hs"]) == [{"entry": n["hs_data"], "container_dir": "/data"}]
     assert dokku.config(n["app"])["TOKEN_LIKE"] == "do-not-echo-42"
@@ -343,11 +348,12 @@ def test_concurrent_creates_of_one_instance_run_one_at_a_time(stack, dokku):
     assert sorted(r.status for r in results) == [200, 200, 201], results
     calls = dokku.new_calls()
     assert calls.count(["apps:create", "mindroom-race"]) == 1
-    assert calls.count(["storage:create", "mindroom-race-data", "--chown", "1000", "--mode",
-                        "0700"]) == 1
-    # Each request's sequence starts with network:exists and is never
-    # interleaved with another's: the runs are contiguous blocks.
-    starts = [i for i, c in enumerate(calls) if c[0] == "network:exists"]
+    assert len([c for c in calls if c[:2] == ["storage:create", "mindroom-race-data"]]) == 1
+    # Each request's sequence starts with its first command (network:exists;
+    # apps:exists of the homeserver on k3s) and is never interleaved with
+    # another's: the runs are contiguous blocks.
+    first = create_sequence("mindroom-race", "srace")[0]
+    starts = [i for i, c in enumerate(calls) if c == first]
     assert len(starts) == 3 and starts[0] == 0
     match(calls[:starts[1]], create_sequence("mindroom-race", "srace", tls="letsencrypt"))
 
@@ -396,9 +402,7 @@ def test_stop_start_state_destroy_sequences(stack, dokku):
                       "existed": True, "purged": False, "dry_run": False}
     assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
                                  ["--force", "apps:destroy", app],
-                                 ["--force", "apps:destroy", n["hs"]],
-                                 ["network:exists", n["net"]],
-                                 ["--force", "network:destroy", n["net"]],
+                                 ["--force", "apps:destroy", n["hs"]]] + network_teardown(app) + [
                                  ["storage:info", n["data"]], ["storage:info", n["hs_data"]]]
     assert not dokku.exists(app) and not dokku.exists(n["hs"]) and not dokku.network(n["net"])
     # Destroy keeps the storage: entries and data.
@@ -413,9 +417,9 @@ def test_stop_start_state_destroy_sequences(stack, dokku):
     dokku.mark()
     r = call(stack, "DELETE", "/apps/" + app)
     assert r.status == 200 and r.json["existed"] is False, r
-    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]],
-                                 ["network:exists", n["net"]],
-                                 ["storage:info", n["data"]], ["storage:info", n["hs_data"]]]
+    assert dokku.new_calls() == [["apps:exists", app], ["apps:exists", n["hs"]]] + \
+        network_teardown(app, exists=False) + [
+            ["storage:info", n["data"]], ["storage:info", n["hs_data"]]]
 
     for method, path in (("POST", "/apps/%s/stop" % app), ("POST", "/apps/%s/start" % app)):
         r = call(stack, method, path)
@@ -471,12 +475,10 @@ def test_purge_destroys_apps_and_storage_data(stack, dokku):
     assert r.json["storage"] == {"mindroom": "missing", "homeserver": "missing"}
     assert dokku.new_calls() == [
         ["apps:exists", app], ["apps:exists", n["hs"]],
-        ["--force", "apps:destroy", app], ["--force", "apps:destroy", n["hs"]],
-        ["network:exists", n["net"]], ["--force", "network:destroy", n["net"]],
-        ["storage:info", n["data"]],
-        ["storage:destroy", n["data"], "--force", "--destroy-host-dir"],
-        ["storage:info", n["hs_data"]],
-        ["storage:destroy", n["hs_data"], "--force", "--destroy-host-dir"]]
+        ["--force", "apps:destroy", app], ["--force", "apps:destroy", n["hs"]]] + \
+        network_teardown(app) + [
+        ["storage:info", n["data"]], storage_destroy(n["data"]),
+        ["storage:info", n["hs_data"]], storage_destroy(n["hs_data"])]
     assert dokku.entry(n["data"]) is None and not dokku.host_dir(n["data"]).exists()
     assert dokku.entry(n["hs_data"]) is None and not dokku.host_dir(n["hs_data"]).exists()
     assert call(stack, "GET", "/apps/" + app).status == 404
@@ -490,7 +492,7 @@ def test_a_purge_failing_at_every_step_is_resumed(stack, dokku):
     n = names(app)
     assert post(stack, body(app, "spurgefail")).status == 201
     full = destroy_sequence(app, dokku.observed(app), purge=True)
-    assert len(full) == 10
+    assert len(full) == (8 if K3S else 10)
     for step, target in enumerate(full):
         expected = destroy_sequence(app, dokku.observed(app), purge=True)
         idx = expected.index(target)
@@ -534,10 +536,8 @@ def test_storage_of_a_destroyed_instance_is_removed_later(stack, dokku):
                       "purged": True, "dry_run": False}
     assert dokku.new_calls() == [
         ["apps:exists", app], ["apps:exists", n["hs"]],
-        ["storage:info", n["data"]],
-        ["storage:destroy", n["data"], "--force", "--destroy-host-dir"],
-        ["storage:info", n["hs_data"]],
-        ["storage:destroy", n["hs_data"], "--force", "--destroy-host-dir"]]
+        ["storage:info", n["data"]], storage_destroy(n["data"]),
+        ["storage:info", n["hs_data"]], storage_destroy(n["hs_data"])]
     assert not dokku.host_dir(n["data"]).exists() and not dokku.host_dir(n["hs_data"]).exists()
     r = call(stack, "DELETE", "/apps/%s/storage" % app)
     assert r.status == 200 and r.json["purged"] is False, r
@@ -836,3 +836,15 @@ def test_the_fixture_check_catches_undocumented_commands():
     assert undocumented(["ports:set", "a", "http:80"]) is not None
     assert undocumented(["apps:create"]) is not None
     assert undocumented(["network:set", "a", "attach-pre-create", "n"]) is not None
+    # k3s: the scheduler, its documented properties, reservations, PVC-backed entries.
+    assert undocumented(["scheduler:set", "a", "selected", "k3s"]) is None
+    assert undocumented(["scheduler-k3s:set", "a", "letsencrypt-email-prod", "ops@x.test"]) is None
+    assert undocumented(["scheduler-k3s:set", "a", "cert-issuer-name", "acme-dns"]) is None
+    assert undocumented(["scheduler-k3s:set", "a", "cert-manager-email", "x"]) is not None
+    assert undocumented(["scheduler:set", "a", "scheduler", "k3s"]) is not None
+    assert undocumented(["resource:reserve", "--memory", "512Mi", "--cpu", "0.5", "a"]) is None
+    assert undocumented(["storage:create", "x", "--scheduler", "k3s", "--size", "5Gi",
+                         "--access-mode", "ReadWriteOnce", "--reclaim-policy", "Delete",
+                         "--storage-class-name", "longhorn"]) is None
+    assert undocumented(["storage:create", "x", "--scheduler", "k3s", "--size", "5Gi",
+                         "--namespace", "mindroom"]) is not None

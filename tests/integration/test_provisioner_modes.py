@@ -12,8 +12,10 @@ import time
 import pytest
 
 import mr
-from provisioner_helpers import (DOMAIN, IMAGE, MATRIX_IMAGE, MINDROOM_DIR, STANDINS, Dokku,
-                                 alive, body, create_sequence, decode_config_args, match, names)
+from provisioner_helpers import (DOMAIN, IMAGE, K3S, MATRIX_IMAGE, MINDROOM_DIR, STANDINS,
+                                 STORAGE_CLASS, Dokku, alive, body, create_sequence,
+                                 decode_config_args, match, mem, names, ports,
+                                 storage_destroy)
 
 
 # ---- dry-run ---------------------------------------------------------------
@@ -40,8 +42,12 @@ def test_dry_run_records_and_answers_without_running_anything(dry):
     assert d.all_calls() == []          # the stand-in dokku was never run
 
     log = s.log("dokku-provisioner")
-    for line in ("would run: dokku network:create mindroom-dry-net",
+    for line in ("would run: dokku scheduler:set mindroom-dry-matrix selected k3s" if K3S else
+                 "would run: dokku network:create mindroom-dry-net",
                  "would run: dokku apps:create mindroom-dry-matrix",
+                 "would run: dokku storage:create mindroom-dry-matrix-data --scheduler k3s --size "
+                 "3Gi --access-mode ReadWriteOnce --reclaim-policy Delete --storage-class-name "
+                 + STORAGE_CLASS if K3S else
                  "would run: dokku storage:create mindroom-dry-matrix-data --chown 991 --mode 0700",
                  "would run: dokku storage:exec mindroom-dry-matrix-data -- tar -x -f - -C /data"
                  " (with stdin)",
@@ -50,7 +56,7 @@ def test_dry_run_records_and_answers_without_running_anything(dry):
                  "would run: dokku apps:create mindroom-dry",
                  "would run: dokku storage:mount mindroom-dry mindroom-dry-data --container-dir "
                  + MINDROOM_DIR,
-                 "would run: dokku resource:limit --memory 512m --cpu 0.5 mindroom-dry",
+                 "would run: dokku resource:limit --memory %s --cpu 0.5 mindroom-dry" % mem("512m"),
                  "would run: dokku config:set --no-restart --encoded mindroom-dry API_TOKEN_X=...",
                  "would run: dokku domains:set mindroom-dry sdry." + DOMAIN,
                  "would run: dokku git:from-image mindroom-dry " + IMAGE):
@@ -123,7 +129,7 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
               "-o", "UserKnownHostsFile=/etc/mindroom/known_hosts",
               "-o", "StrictHostKeyChecking=yes",
               "-p", "2222", "dokku@dokku.example.com", "--"]
-    assert calls[0] == prefix + ["network:exists", "mindroom-ssh-net"]
+    assert calls[0] == prefix + create_sequence("mindroom-ssh", "sssh")[0]
     assert all(c[:len(prefix)] == prefix for c in calls)
     # What the host ran after splitting the joined command line: the "--" that
     # ssh passed on (Dokku drops leading "--" arguments), then exactly the
@@ -138,8 +144,7 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     assert (d.host_dir("mindroom-ssh-matrix-data") / "homeserver.yaml").exists()
 
     assert s.call_provisioner("DELETE", "/apps/mindroom-ssh?purge=true").status == 200
-    assert ssh_calls(d)[-1] == prefix + ["storage:destroy", "mindroom-ssh-matrix-data", "--force",
-                                         "--destroy-host-dir"]
+    assert ssh_calls(d)[-1] == prefix + storage_destroy("mindroom-ssh-matrix-data")
     assert prefix + ["--force", "apps:destroy", "mindroom-ssh"] in ssh_calls(d)
     d.assert_documented()
 
@@ -264,6 +269,21 @@ GOOD = {"DOKKU_PROVISIONER_TOKEN": "t" * 32, "DOKKU_MODE": "local", "MINDROOM_IM
     ({"MINDROOM_DATA_DIR": "/"}, "MINDROOM_DATA_DIR"),
     ({"MINDROOM_DATA_DIR": "/a b"}, "MINDROOM_DATA_DIR"),
     ({"PROVISIONER_STATE_DIR": "relative/state"}, "PROVISIONER_STATE_DIR"),
+    ({"DOKKU_SCHEDULER": "kubernetes"}, "DOKKU_SCHEDULER"),
+    ({"DOKKU_TLS": "issuer", "PROVISIONER_CERT_ISSUER": "acme-dns"}, "DOKKU_SCHEDULER=k3s"),
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "issuer"}, "PROVISIONER_CERT_ISSUER"),
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "issuer", "PROVISIONER_CERT_ISSUER": "Bad Name"},
+     "PROVISIONER_CERT_ISSUER"),
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "issuer", "PROVISIONER_CERT_ISSUER": "false"},
+     "PROVISIONER_CERT_ISSUER"),
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "letsencrypt"}, "PROVISIONER_ACME_EMAIL"),
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "letsencrypt",
+      "PROVISIONER_ACME_EMAIL": "ops example.com"}, "PROVISIONER_ACME_EMAIL"),
+    ({"DOKKU_TLS": "letsencrypt", "PROVISIONER_ACME_EMAIL": "ops@example.com"},
+     "PROVISIONER_ACME_EMAIL"),
+    ({"PROVISIONER_STORAGE_CLASS": "longhorn"}, "PROVISIONER_STORAGE_CLASS"),
+    ({"DOKKU_SCHEDULER": "k3s", "PROVISIONER_STORAGE_CLASS": "Long Horn"},
+     "PROVISIONER_STORAGE_CLASS"),
 ])
 def test_bad_configuration_stops_the_start(change, needle):
     env = dict(GOOD)
@@ -277,6 +297,17 @@ def test_bad_configuration_stops_the_start(change, needle):
 
 def test_good_configuration_starts():
     status, err = start_with(GOOD)
+    assert status is None, err
+
+
+@pytest.mark.parametrize("change", [
+    {"DOKKU_SCHEDULER": "k3s"},
+    {"DOKKU_SCHEDULER": "k3s", "PROVISIONER_STORAGE_CLASS": "longhorn", "DOKKU_TLS": "letsencrypt",
+     "PROVISIONER_ACME_EMAIL": "ops+certs@example.com"},
+    {"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "issuer", "PROVISIONER_CERT_ISSUER": "acme-dns"},
+])
+def test_good_k3s_configuration_starts(change):
+    status, err = start_with(dict(GOOD, **change))
     assert status is None, err
 
 
@@ -462,7 +493,7 @@ def test_wildcard_mode_installs_the_certificate_on_both_apps(wildcard):
             assert d.app(app, "certs/server.crt") == f.read()
         with open(key) as f:
             assert d.app(app, "certs/server.key") == f.read()
-        assert d.app(app, "ports") == "http:80:%d https:443:%d" % (port, port)
+        assert d.app(app, "ports") == ports(port, "wildcard")
         assert d.app(app, "letsencrypt") is None
     # The key never reaches a command line or the log.
     with open(key) as f:

@@ -48,6 +48,7 @@ class RecordingServer:
         self.generation = 0     # release() bumps it: every request hanging before lets go
         self.stopping = threading.Event()
         self.in_flight = 0
+        self.max_in_flight = 0  # the most requests answered at once since the last reset
         self._server = None
         self._thread = None
 
@@ -74,6 +75,7 @@ class RecordingServer:
             self.queue.clear()
             self.default = "ok"
             self.generation += 1
+            self.max_in_flight = self.in_flight
 
     def recorded(self, method=None, path=None):
         with self.lock:
@@ -120,6 +122,7 @@ class RecordingServer:
                     outer.requests.append(rec)
                     behaviour = outer.queue.pop(0) if outer.queue else outer.default
                     outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
                     status, obj = outer._apply(behaviour, rec)
                     if status is None:

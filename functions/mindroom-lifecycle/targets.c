@@ -1,0 +1,114 @@
+/* targets.c: which provisioner a step goes to.
+ *
+ * An instance placed on a provisioner target (public.provisioner_targets, chosen
+ * by the placement rule in SQL) is worked on through that target's URL, with the
+ * token its row names: "env:NAME" (a variable of the worker's environment) or
+ * "file:/path" (a file the worker can read). The database holds only that
+ * reference. An instance without a target, and every instance while no target
+ * exists, goes to DOKKU_PROVISIONER_URL with DOKKU_PROVISIONER_TOKEN, as before.
+ * The claim never hands out work of a disabled target; a target disabled after
+ * the claim is refused here, and the step fails and is retried like any outage.
+ * The teardown job of a deleted instance goes to the target its teardown record
+ * kept (public.instance_teardowns_due gives it), the same way. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include "worker.h"
+
+static const mr_db_stmt target_stmt = {
+    "mr_lc_target", "SELECT public.lifecycle_target_of($1::uuid)::text", 1};
+
+/* Reads a token file (at most TARGET_TOKEN_MAX - 1 bytes, one line, trailing
+ * newline dropped). Returns MR_OK or MR_EINVAL with err naming the path only. */
+static mr_err read_token_file(const char *path, char *out, size_t cap, char *err, size_t errlen)
+{
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return mr_seterr(err, errlen, MR_EINVAL, "cannot read the token file %s (%s)", path,
+                         strerror(errno));
+    ssize_t n = read(fd, out, cap - 1);
+    int more = n > 0 && (size_t)n == cap - 1;
+    close(fd);
+    if (n <= 0 || more)
+        return mr_seterr(err, errlen, MR_EINVAL, "the token file %s is empty or too long", path);
+    out[n] = '\0';
+    while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == '\r')) out[--n] = '\0';
+    if (n < 16 || memchr(out, '\n', (size_t)n))
+        return mr_seterr(err, errlen, MR_EINVAL, "the token file %s holds no token", path);
+    return MR_OK;
+}
+
+/* Fills *t and p from a target's JSON ({"target", "url", "token_ref", "enabled"}). */
+static mr_err use_target(const char *text, mr_provisioner *p, worker_target *t, char *err,
+                         size_t errlen)
+{
+    cJSON *o = mr_json_parse(text, strlen(text));
+    const char *name = "", *url = "", *ref = "";
+    const cJSON *enabled = o ? cJSON_GetObjectItemCaseSensitive(o, "enabled") : NULL;
+    if (!cJSON_IsObject(o) || mr_json_str(o, "target", &name) != MR_OK ||
+        mr_json_str(o, "url", &url) != MR_OK || mr_json_str(o, "token_ref", &ref) != MR_OK ||
+        strlen(url) >= sizeof t->url || strlen(name) >= sizeof t->name) {
+        cJSON_Delete(o);
+        return mr_seterr(err, errlen, MR_EINTERNAL, "unreadable provisioner target");
+    }
+    snprintf(t->name, sizeof t->name, "%s", name);
+    snprintf(t->url, sizeof t->url, "%s", url);
+    if (!cJSON_IsTrue(enabled)) {
+        cJSON_Delete(o);
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "provisioner target %s is disabled", t->name);
+    }
+    mr_err e = MR_OK;
+    if (strncmp(ref, "env:", 4) == 0) {
+        const char *v = getenv(ref + 4);
+        if (!v || strlen(v) < 16 || strlen(v) >= sizeof t->token)
+            e = mr_seterr(err, errlen, MR_EINVAL, "provisioner target %s: %s is not set to a token",
+                          t->name, ref + 4);
+        else
+            snprintf(t->token, sizeof t->token, "%s", v);
+    } else if (strncmp(ref, "file:", 5) == 0) {
+        e = read_token_file(ref + 5, t->token, sizeof t->token, err, errlen);
+    } else {
+        e = mr_seterr(err, errlen, MR_EINVAL, "provisioner target %s: bad token reference",
+                      t->name);
+    }
+    cJSON_Delete(o);
+    if (e != MR_OK) return e;
+    p->url = t->url;
+    p->token = t->token;
+    t->chosen = 1;
+    return MR_OK;
+}
+
+mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
+                      char *err, size_t errlen)
+{
+    memset(t, 0, sizeof *t);
+    const char *params[] = {instance_id};
+    char *text = NULL;
+    mr_err e = mr_db_call(w->db, &mr_service_identity, &target_stmt, params, NULL, &text, err,
+                          errlen);
+    if (e != MR_OK) return e;
+    if (!text) return MR_OK;                     /* no target: DOKKU_PROVISIONER_URL */
+    e = use_target(text, p, t, err, errlen);
+    free(text);
+    return e;
+}
+
+mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+                   size_t errlen)
+{
+    memset(t, 0, sizeof *t);
+    if (!target_json || !*target_json) return MR_OK;
+    return use_target(target_json, p, t, err, errlen);
+}
+
+void targets_forget(worker_target *t)
+{
+    OPENSSL_cleanse(t->token, sizeof t->token);
+}

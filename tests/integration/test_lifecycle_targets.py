@@ -1,0 +1,315 @@
+"""Several provisioner targets, through the real lifecycle worker: operators add,
+drain, pin, disable and enable targets with `mindroomctl target`; provision-instance
+places each new instance by the rule (the enabled, undrained target with the most
+free memory after the plan's reservation, ties by id); the worker calls each
+instance's own target with that target's token, never another's; a disabled
+target's owed work and teardowns wait, saying why; a target's concurrency limit
+holds across worker processes. Each target is a provisioner stand-in
+(tests/standins/provisioner.py) that answers only its own token."""
+import os
+import subprocess
+import time
+
+import pytest
+
+import mr
+from lifecycle_helpers import (FAST_ENV, WORKER, deprovision, instance, new_account,
+                               new_subscription, provision, wait_status, wait_until)
+from provisioner import ProvisionerStandin
+
+FUNCS = ["provision-instance", "deprovision-instance", WORKER]
+NAMES = ("alpha", "beta", "gamma", "solo")
+# Capacities: alpha 20000 MB freer than beta and gamma, which are equal.
+CAPACITY = {"alpha": 100000, "beta": 80000, "gamma": 80000}
+
+
+@pytest.fixture(scope="module")
+def targets():
+    """name -> a provisioner stand-in with its own token."""
+    out = {}
+    try:
+        for n in NAMES:
+            out[n] = ProvisionerStandin().start()
+        yield out
+    finally:
+        for p in out.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(pg, prov, resend, targets, tmp_path_factory):
+    # beta's token is read from a file (file:/path), the others' from the worker's
+    # environment (env:NAME); the legacy host's is DOKKU_PROVISIONER_TOKEN's value.
+    token_file = tmp_path_factory.mktemp("targets") / "beta.token"
+    token_file.write_text(targets["beta"].token + "\n")
+    os.chmod(token_file, 0o600)
+    env = dict(FAST_ENV)
+    env.update(DOKKU_PROVISIONER_URL=prov.url, DOKKU_PROVISIONER_TOKEN=prov.token,
+               RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+               LEGACY_TOKEN=prov.token, ALPHA_TOKEN=targets["alpha"].token,
+               GAMMA_TOKEN=targets["gamma"].token, SOLO_TOKEN=targets["solo"].token,
+               # Four worker processes: a target's own limit, not the number of
+               # workers, is what holds its steps back.
+               MR_LIFECYCLE_WORKERS="4", MR_LIFECYCLE_POLL_MS="1000",
+               MR_PROVISION_TIMEOUT_MS="20000", MR_LIFECYCLE_LEASE_S="40",
+               MR_PROVISION_WAIT_MS="30000", SWEEP_INTERVAL_S="2")
+    with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+        s.beta_token_file = str(token_file)
+        s.sql("UPDATE public.lifecycle_limits SET max_in_flight = 32 WHERE scope = 'global'")
+        yield s
+
+
+def ctl(stack, *args):
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": stack.env["DATABASE_URL"],
+           "DATABASE_POOLER": stack.env.get("DATABASE_POOLER"),
+           "MR_BIN_DIR": str(mr.build_dir() / "bin"),
+           "MR_RUN_DIR": "/nonexistent-run", "MR_ENV_FILE": "/nonexistent.env"}
+    env = {k: v for k, v in env.items() if v is not None}
+    return subprocess.run([str(mr.ROOT / "scripts/mindroomctl"), *[str(a) for a in args]],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def ok(p):
+    assert p.returncode == 0, "exit %d\nstdout: %s\nstderr: %s" % (p.returncode, p.stdout, p.stderr)
+    return p.stdout
+
+
+def rows_of(out):
+    """psql's aligned table as lists of stripped cells (header and rows)."""
+    return [[c.strip() for c in line.split("|")] for line in out.splitlines() if "|" in line]
+
+
+def target_rows(stack):
+    return {r[0]: r for r in stack.sql(
+        "SELECT name, url, token_ref, scheduler, capacity_mb, max_in_flight, enabled, drained, "
+        "pinned FROM public.provisioner_targets")}
+
+
+def target_of(stack, sid):
+    rows = stack.sql("SELECT t.name FROM public.instances i LEFT JOIN public.provisioner_targets t "
+                     "ON t.id = i.target_id WHERE i.subscription_id = %s "
+                     "AND i.status <> 'deprovisioned'", sid)
+    return rows[0][0]
+
+
+def running(stack, sid, timeout=20):
+    return wait_until(lambda: (lambda i: i if i["status"] == "running" and not i["claimed_by"]
+                               and i["owed_action"] in (None, "email") else None)(
+        instance(stack, sid)), timeout, interval=0.05, what="instance of %s running" % sid)
+
+
+# ---- mindroomctl target ----------------------------------------------------------------
+
+def test_target_commands_refuse_bad_input_and_write_nothing(stack):
+    out = ok(ctl(stack, "target", "--help"))
+    assert out.startswith("usage: mindroomctl target list"), out
+    for args, needle in (
+            (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref",
+              "sk_live_0123456789abcdef0123", "--capacity-mb", "1000"),
+             "--token-ref is env:VARIABLE or file:/path (never the token itself)"),
+            (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T",
+              "--capacity-mb", "1000", "--scheduler", "nomad"), "--scheduler is docker-local or k3s"),
+            (("add", "T1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T",
+              "--capacity-mb", "1000"), "NAME is [a-z][a-z0-9-]{0,39}"),
+            (("add", "t1", "--url", "ftp://10.0.0.1", "--token-ref", "env:T",
+              "--capacity-mb", "1000"), "--url is http(s)://host[:port][/path]"),
+            (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T",
+              "--capacity-mb", "0"), "--capacity-mb is a positive number"),
+            (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T",
+              "--capacity-mb", "1000", "--max-in-flight", "-1"), "--max-in-flight is a number"),
+            (("frobnicate",), "target: list, add, set, drain, pin, enable or disable"),
+            (("set", "t1"), "target set: give --capacity-mb and/or --max-in-flight"),
+            (("set", "t1", "--capacity-mb", "x"), "target set: --capacity-mb is a positive number"),
+            (("set", "t1", "--max-in-flight", "1", "--url", "http://x"),
+             "target set: unknown argument --url"),
+            (("drain",), "target drain: NAME is required"),
+            (("disable", "t1", "--undo"), "target disable: unknown argument --undo")):
+        p = ctl(stack, "target", *args)
+        assert p.returncode == 2 and needle in p.stderr, (args, p.returncode, p.stderr)
+    for args in (("drain", "nowhere"), ("set", "nowhere", "--capacity-mb", "5")):
+        p = ctl(stack, "target", *args)
+        assert p.returncode == 1 and "no target named nowhere" in p.stderr, (args, p.stderr)
+    assert target_rows(stack) == {}
+    # No target yet: the list is empty and nothing waits.
+    assert rows_of(ok(ctl(stack, "target", "list")))[0][:3] == ["id", "name", "scheduler"]
+
+
+def test_registering_the_old_host_adopts_its_instances_and_a_drained_host_still_works_them(
+        stack, prov):
+    # An instance from before any target: worked through DOKKU_PROVISIONER_URL.
+    sid = new_subscription(stack, "starter", account=new_account(stack)[0])
+    assert provision(stack, sid).status == 202
+    inst = running(stack, sid)
+    assert target_of(stack, sid) is None
+    out = ok(ctl(stack, "target", "add", "legacy", "--url", prov.url, "--token-ref", "env:LEGACY_TOKEN",
+                 "--capacity-mb", 1000000, "--adopt"))
+    assert target_of(stack, sid) == "legacy"
+    header, legacy = rows_of(out)[0], rows_of(out)[1]
+    row = dict(zip(header, legacy))
+    assert (row["name"], row["scheduler"], row["url"], row["token_ref"], row["instances"],
+            row["enabled"], row["drained"]) == ("legacy", "docker-local", prov.url, "env:LEGACY_TOKEN",
+                                                "1", "t", "f")
+    assert int(row["free_mb"]) == 1000000 - inst["memory_limit_mb"] - stack.sql(
+        "SELECT homeserver_memory_mb FROM public.instances WHERE id = %s", inst["id"])[0][0]
+    # The token is never in the database, only where to find it.
+    assert prov.token not in repr(stack.sql("SELECT * FROM public.provisioner_targets"))
+
+    out = ok(ctl(stack, "target", "drain", "legacy"))
+    assert target_rows(stack)["legacy"][7] is True
+    # Drained: its instances stay and are worked on, through it, with its token.
+    n = len(prov.requests)
+    r = deprovision(stack, instance_id=str(inst["id"]), mode="stop", wait=True)
+    assert r.status == 200 and r.json["instance"]["status"] == "stopped", r
+    assert [x.path for x in prov.requests[n:]] == ["/apps/%s/stop" % inst["dokku_app_name"]]
+    assert prov.unauthorized == 0
+
+
+def test_placement_spreads_100_new_instances_over_three_targets_by_the_rule(stack, prov, targets):
+    for name, sched, ref in (("alpha", "docker-local", "env:ALPHA_TOKEN"),
+                             ("beta", "k3s", "file:" + stack.beta_token_file),
+                             ("gamma", "k3s", "env:GAMMA_TOKEN")):
+        ok(ctl(stack, "target", "add", name, "--url", targets[name].url, "--token-ref", ref,
+               "--capacity-mb", CAPACITY[name], "--scheduler", sched, "--max-in-flight", 4))
+    rows = target_rows(stack)
+    assert (rows["beta"][2], rows["beta"][3]) == ("file:" + stack.beta_token_file, "k3s")
+    ids = {n: i for n, i in stack.sql("SELECT name, id FROM public.provisioner_targets")}
+    reserve = stack.sql("SELECT memory_limit_mb + homeserver_memory_mb FROM public.plans "
+                        "WHERE stripe_price_id = 'price_starter'")[0][0]
+    # The rule, computed here on its own: legacy is drained (and has by far the most
+    # free memory); among the others the most free after the reservation, ties by id.
+    free = {n: CAPACITY[n] for n in CAPACITY}
+    want = []
+    for _ in range(100):
+        best = sorted((n for n in free if free[n] - reserve >= 0),
+                      key=lambda n: (-(free[n] - reserve), ids[n]))[0]
+        free[best] -= reserve
+        want.append(best)
+    legacy_before = len(prov.requests)
+
+    sids = []
+    for _ in range(100):
+        sid = new_subscription(stack, "starter", account=new_account(stack)[0])
+        r = provision(stack, sid)
+        assert r.status == 202, r
+        sids.append(sid)
+    got = [target_of(stack, sid) for sid in sids]
+    assert got == want
+    counts = {n: got.count(n) for n in ("alpha", "beta", "gamma", "legacy")}
+    assert counts["legacy"] == 0 and min(counts["alpha"], counts["beta"], counts["gamma"]) > 0, counts
+    assert sum(counts.values()) == 100
+
+    # The worker deploys each on its own target, with that target's token.
+    for sid in sids:
+        running(stack, sid, timeout=60)
+    for name in ("alpha", "beta", "gamma"):
+        apps = {r.json["app"] for r in targets[name].create_calls()}
+        mine = {instance(stack, sid)["dokku_app_name"] for sid, t in zip(sids, got) if t == name}
+        assert apps == mine, name
+        assert targets[name].unauthorized == 0, name
+    assert len(prov.requests) == legacy_before, prov.requests[legacy_before:]
+    assert targets["solo"].requests == []
+
+    listed = {r[1]: r for r in rows_of(ok(ctl(stack, "target", "list")))[1:] if len(r) > 10}
+    for name in ("alpha", "beta", "gamma"):
+        assert listed[name][7] == str(counts[name]), listed[name]
+        assert int(listed[name][6]) == CAPACITY[name] - counts[name] * reserve
+
+
+def test_a_disabled_targets_owed_work_waits_with_a_clear_status(stack, targets, resend):
+    beta = targets["beta"]
+    sid, app = stack.sql("SELECT i.subscription_id::text, i.dokku_app_name FROM public.instances i "
+                         "JOIN public.provisioner_targets t ON t.id = i.target_id "
+                         "WHERE t.name = 'beta' AND i.status = 'running' ORDER BY i.created_at "
+                         "LIMIT 1")[0]
+    ok(ctl(stack, "target", "disable", "beta"))
+    n = len(beta.requests)
+    r = deprovision(stack, subscription_id=sid, mode="stop")
+    assert r.status == 202, r
+    # Longer than the poll and a notification's wake-up: nothing reaches beta.
+    time.sleep(2.5)
+    assert beta.requests[n:] == []
+    inst = instance(stack, sid)
+    assert (inst["status"], inst["owed_action"], inst["claimed_by"]) == ("running", "stop", None)
+    waiting = rows_of(ok(ctl(stack, "target", "list")))
+    assert ["beta", "target_disabled", "stop", "1"] in [w[:4] for w in waiting], waiting
+    stuck = ok(ctl(stack, "stuck"))
+    line = next(x for x in stuck.splitlines() if app in x)
+    assert "waits: target_disabled" in line, stuck
+    # A new instance is not placed on a disabled target.
+    new = new_subscription(stack, "starter", account=new_account(stack)[0])
+    assert provision(stack, new).status == 202
+    assert target_of(stack, new) not in ("beta", "legacy", None)
+    running(stack, new)
+
+    ok(ctl(stack, "target", "enable", "beta"))
+    wait_status(stack, sid, "stopped", timeout=10)
+    assert [x.path for x in beta.requests[n:]] == ["/apps/%s/stop" % app]
+    assert not [w for w in rows_of(ok(ctl(stack, "target", "list"))) if "target_disabled" in w]
+
+
+def test_a_targets_concurrency_limit_holds_across_workers(stack, targets):
+    solo = targets["solo"]
+    ok(ctl(stack, "target", "add", "solo", "--url", solo.url, "--token-ref", "env:SOLO_TOKEN",
+           "--capacity-mb", 1000, "--scheduler", "k3s", "--max-in-flight", 4))
+    ok(ctl(stack, "target", "set", "solo", "--max-in-flight", 1))
+    ok(ctl(stack, "target", "set", "solo", "--capacity-mb", 50000))
+    assert target_rows(stack)["solo"][4:6] == (50000, 1)
+    out = ok(ctl(stack, "target", "pin", "solo"))
+    assert target_rows(stack)["solo"][8] is True, out
+    solo.reset()
+    solo.behave(("slow", 1.0))
+    sids = [new_subscription(stack, "starter", account=new_account(stack)[0]) for _ in range(3)]
+    for sid in sids:
+        assert provision(stack, sid).status == 202
+    # Pinned: every new instance goes there, though others have more free memory.
+    assert [target_of(stack, sid) for sid in sids] == ["solo"] * 3
+    # While one deploys, the others wait for the target's slot, and say so.
+    seen = wait_until(lambda: stack.sql(
+        "SELECT count(*) FROM public.lifecycle_waiting() WHERE target = 'solo' "
+        "AND reason = 'target_busy'")[0][0] >= 1, timeout=10, interval=0.05,
+        what="solo's work waiting: target_busy")
+    assert seen
+    claimed = stack.sql("SELECT count(*) FROM public.instances i JOIN public.provisioner_targets t "
+                        "ON t.id = i.target_id WHERE t.name = 'solo' AND i.claimed_by IS NOT NULL "
+                        "AND i.claim_expires_at > now()")[0][0]
+    assert claimed <= 1
+    for sid in sids:
+        running(stack, sid, timeout=30)
+    # Three deploys of a second each, never two at once, with four workers free.
+    assert len(solo.create_calls()) == 3 and solo.max_in_flight == 1
+    ok(ctl(stack, "target", "pin", "solo", "--undo"))
+    assert target_rows(stack)["solo"][8] is False
+
+
+def test_a_teardown_goes_to_the_instances_own_target_and_waits_while_it_is_disabled(
+        stack, prov, targets):
+    gamma = targets["gamma"]
+    acc, app, iid = stack.sql(
+        "SELECT s.account_id::text, i.dokku_app_name, i.id::text FROM public.instances i "
+        "JOIN public.subscriptions s ON s.id = i.subscription_id "
+        "JOIN public.provisioner_targets t ON t.id = i.target_id "
+        "WHERE t.name = 'gamma' AND i.status = 'running' ORDER BY i.created_at LIMIT 1")[0]
+    others = {n: len(targets[n].requests) for n in targets}
+    legacy = len(prov.requests)
+    ok(ctl(stack, "target", "disable", "gamma"))
+    # The account is erased: the cascade deletes the instance row; its apps and data
+    # are on gamma.
+    stack.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    assert stack.sql("SELECT target_id IS NOT NULL FROM public.instance_teardowns "
+                     "WHERE instance_id = %s", iid)[0][0]
+    time.sleep(4.5)   # two teardown intervals (SWEEP_INTERVAL_S=2)
+    assert stack.sql("SELECT attempts, done_at FROM public.instance_teardowns WHERE instance_id = %s",
+                     iid)[0] == (0, None)
+    assert len(gamma.requests) == others["gamma"]
+    assert ["gamma", "target_disabled", "teardown", "1"] in [
+        w[:4] for w in rows_of(ok(ctl(stack, "target", "list")))]
+
+    ok(ctl(stack, "target", "enable", "gamma"))
+    wait_until(lambda: stack.sql("SELECT done_at FROM public.instance_teardowns WHERE instance_id = %s",
+                                 iid)[0][0], timeout=15, what="teardown done")
+    assert [(r.method, r.path) for r in gamma.requests[others["gamma"]:]] == [
+        ("DELETE", "/apps/%s?purge=true" % app)]
+    assert gamma.unauthorized == 0
+    for n in ("alpha", "beta", "solo"):
+        assert len(targets[n].requests) == others[n], n
+    assert len(prov.requests) == legacy
