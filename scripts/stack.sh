@@ -99,12 +99,17 @@ stop_pid() { # name signal
   kill -"$2" "$pid" 2>/dev/null || true
 }
 
-wait_gone() { # timeout_s pid...
-  local deadline=$((SECONDS + $1)) p; shift
-  for p in "$@"; do
+wait_gone() { # timeout_s name... (each name's pid in PIDS)
+  local limit=$1 deadline=$((SECONDS + $1)) n p; shift
+  for n in "$@"; do
+    p=${PIDS[$n]:-}
     while pid_alive "$p" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-    pid_alive "$p" && kill -KILL -- -"$p" 2>/dev/null; true
+    if pid_alive "$p"; then
+      say "$n did not stop within $limit s of the signal; killed (see .run/log/$n.log)"
+      kill -KILL -- -"$p" 2>/dev/null
+    fi
   done
+  true
 }
 
 STOPPING=0
@@ -114,11 +119,11 @@ shutdown() {
   echo; say "stopping"
   # The worker first (it finishes or gives back its claims), then nginx (no new
   # requests), then the functions drain what they have in flight.
-  local n pids=()
-  for n in "${DAEMONS[@]}"; do stop_pid "$n" TERM; pids+=("${PIDS[$n]:-}"); done
+  local n
+  for n in "${DAEMONS[@]}"; do stop_pid "$n" TERM; done
   stop_pid nginx QUIT
-  for n in "${FUNCTIONS[@]}"; do stop_pid "$n" TERM; pids+=("${PIDS[$n]:-}"); done
-  wait_gone 60 "${PIDS[nginx]:-}" "${pids[@]}"
+  for n in "${FUNCTIONS[@]}"; do stop_pid "$n" TERM; done
+  wait_gone 60 nginx "${DAEMONS[@]}" "${FUNCTIONS[@]}"
   scripts/pg.sh stop "$RUN/pg"
   rm -rf "$RUN/pids" "$RUN/sock" "$RUN/stack.pid"
   say "stopped"

@@ -39,11 +39,28 @@ def start(run, env):
     raise AssertionError("stack.sh not up:\n" + (run.parent / "stack.out").read_text())
 
 
+def exits_within(run, p, seconds):
+    """p's exit status if stack.sh ended within `seconds`; otherwise fails with what
+    it printed once it did end (or 60 s more), which names a component that had to
+    be killed, and the tail of every component's log."""
+    try:
+        return p.wait(seconds)
+    except subprocess.TimeoutExpired:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        logs = "".join("---- %s\n%s\n" % (f.name, f.read_text(errors="replace")[-2000:])
+                       for f in sorted((run / "log").glob("*.log")))
+        raise AssertionError("stack.sh did not end within %d s:\n%s\n%s" % (
+            seconds, (run.parent / "stack.out").read_text()[-3000:], logs))
+
+
 def stop(run, env, p):
     r = subprocess.run([str(mr.ROOT / "scripts/stack.sh"), "stop"], env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert r.returncode == 0, r.stdout
-    assert p.wait(30) == 0
+    assert exits_within(run, p, 30) == 0
 
 
 def running_under(run):
@@ -155,7 +172,7 @@ def test_restart_keeps_data_and_tokens(stack_env):
     assert resp.status not in (401, 403), resp
     # Ctrl-C: SIGINT to the foreground script stops everything too.
     os.kill(p.pid, signal.SIGINT)
-    assert p.wait(60) == 0
+    assert exits_within(run, p, 60) == 0
     assert running_under(run) == []
 
 
