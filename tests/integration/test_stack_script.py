@@ -26,8 +26,12 @@ def start(run, env):
     outfile = run.parent / "stack.out"
     seen = outfile.read_text().count("control plane is up") if outfile.exists() else 0
     with open(outfile, "ab") as out:
+        # As from a terminal: Ctrl-C (SIGINT) not ignored, whoever runs the tests (a
+        # shell's background job ignores it, and bash cannot trap what it was
+        # started ignoring).
         p = subprocess.Popen([str(mr.ROOT / "scripts/stack.sh"), "run"], env=env, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+                             stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         text = outfile.read_text()
