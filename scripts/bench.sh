@@ -167,8 +167,9 @@ bench_webhook() {
 # worker, the dry-run provisioner), on its own stack (scripts/bench/lifecycle_bench.py):
 # new subscriptions with the provisioner healthy and hanging (>= 90%), one webhook
 # worker paced at ~100/s while it hangs (p99 <= 10 ms), the catch-up, the claim
-# with BENCH_SCALE (100,000) instances (< 5 ms, an index scan) and a resume on
-# that database (< 5 s). Writes build/bench/lifecycle.json.
+# with BENCH_SCALE (100,000) instances (< 5 ms, index access only), a resume on
+# that database (< 5 s), and the claim after a burst of 10,000 owed arrived
+# since its plans were made (< 5 ms). Writes build/bench/lifecycle.json.
 bench_lifecycle() {
   echo "== lifecycle: Stripe's deliveries never wait on provisioning; claims at scale"
   BENCH_SECONDS=$DURATION "$PY" scripts/bench/lifecycle_bench.py

@@ -21,8 +21,10 @@ round at its default interval. Nothing production has on is switched off.
   4. paced     each stream offered at half its measured peak (2 connections, a
                fixed delay per request: wrk2 is not packaged), each once the
                worker has created the instances of the bursts before it (the
-               wait is reported): the steady state, with the worker provisioning
-               the paced stream's own instances as they come   target p99 <= 10 ms
+               wait is reported) and the kernel's dirty pages are flushed
+               (quiesce): the steady state, with the worker provisioning the
+               paced stream's own instances as they come; the disk's fdatasync
+               latency is probed meanwhile and reported         target p99 <= 10 ms
   5. duplicates one settled event over and over, alternating with the noop
                function behind the same nginx                   target >= 65% of noop
   6. memory    PSS of every function's workers and the lifecycle worker's
@@ -50,6 +52,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -362,6 +365,55 @@ def prepare(s, kind, secret, prefix, count):
     return f
 
 
+def quiesce():
+    """Flushes the kernel's dirty pages before a latency run. A 10 s burst leaves
+    hundreds of MiB of written-but-unflushed files (PostgreSQL's pages, the logs); the
+    kernel writes back what is older than 30 s every 5 s, and while it does, every
+    fsync on the disk waits: each accepted event waits for one (its WAL flush), so a
+    paced run that starts within a minute of a burst measures the burst's writeback
+    (an independent fdatasync probe stalled 30-52 ms exactly when the slow requests
+    did). With this, each run measures its own I/O."""
+    os.sync()
+
+
+class FsyncProbe:
+    """The disk's fdatasync latency during a run: an 8 KiB write and fdatasync every
+    10 ms on a file next to the cluster's data. Reported beside a paced run's p99 so
+    that a stall of the disk is visible as such."""
+
+    def __init__(self, directory):
+        self.path = Path(directory) / "fsync-probe"
+        self.lat = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        fd = os.open(str(self.path), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        try:
+            while not self.stop.is_set():
+                os.pwrite(fd, b"\0" * 8192, 0)
+                t = time.perf_counter()
+                os.fdatasync(fd)
+                self.lat.append((time.perf_counter() - t) * 1000)
+                self.stop.wait(0.01)
+        finally:
+            os.close(fd)
+            self.path.unlink()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self):
+        lat = sorted(self.lat) or [0.0]
+        return {"n": len(self.lat), "p50_ms": round(lat[len(lat) // 2], 2),
+                "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2), "max_ms": round(lat[-1], 2)}
+
+
 def paced(s, url, kind, secret, peak, prefix):
     """The stream offered at half of `peak` over 2 connections, each waiting a
     fixed delay before each request: calibrated by a 3 s run so that delay + p50
@@ -374,8 +426,10 @@ def paced(s, url, kind, secret, peak, prefix):
     calib = wrk(url, conns, 3, [f, conns, int(period)], threads=conns)
     delay = max(0, int(round(period - calib["p50_ms"])))
     f = prepare(s, kind, secret, prefix, need)
-    r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
-    r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns)
+    quiesce()
+    with FsyncProbe(s.pg.dir) as probe:
+        r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
+    r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns, disk_fsync=probe.summary())
     return r
 
 
@@ -591,6 +645,9 @@ def report(res):
               "  (target p99 <= 10 ms) %s   load %s"
               % (name, p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"], mark("paced"),
                  fmt_load(p["load"])))
+        f = p["disk_fsync"]
+        print("            disk fdatasync meanwhile: p50 %.2f p99 %.2f max %.2f ms (%d probes)"
+              % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
     print("  duplicates wrk -c%d                              : %8.0f events/s = %.0f%% of the noop's"
           " %.0f/s (target 65%%) %s" % (CONNS, d["rps"], 100 * r["duplicates"], z["rps"],
                                        mark("duplicates")))
