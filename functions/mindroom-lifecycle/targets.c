@@ -6,10 +6,12 @@
  * "file:/path" (a file the worker can read). The database holds only that
  * reference. An instance without a target, and every instance while no target
  * exists, goes to DOKKU_PROVISIONER_URL with DOKKU_PROVISIONER_TOKEN, as before.
- * The claim never hands out work of a disabled target; a target disabled after
- * the claim is refused here, and the step fails and is retried like any outage.
- * The teardown job of a deleted instance goes to the target its teardown record
- * kept (public.instance_teardowns_due gives it), the same way. */
+ * A claimed step carries its target as the claim's transaction read it
+ * (public.lifecycle_step_json, "target"). The claim never hands out work of a
+ * disabled target; one disabled by then is refused here, and the step fails and
+ * is retried like any outage. The teardown job of a deleted instance goes to the
+ * target its teardown record kept (public.instance_teardowns_due gives it), the
+ * same way. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -20,9 +22,6 @@
 #include <openssl/crypto.h>
 
 #include "worker.h"
-
-static const mr_db_stmt target_stmt = {
-    "mr_lc_target", "SELECT public.lifecycle_target_of($1::uuid)::text", 1};
 
 /* Reads a token file (at most TARGET_TOKEN_MAX - 1 bytes, one line, trailing
  * newline dropped). Returns MR_OK or MR_EINVAL with err naming the path only. */
@@ -83,21 +82,6 @@ static mr_err use_target(const char *text, mr_provisioner *p, worker_target *t, 
     p->token = t->token;
     t->chosen = 1;
     return MR_OK;
-}
-
-mr_err targets_choose(worker *w, const char *instance_id, mr_provisioner *p, worker_target *t,
-                      char *err, size_t errlen)
-{
-    memset(t, 0, sizeof *t);
-    const char *params[] = {instance_id};
-    char *text = NULL;
-    mr_err e = mr_db_call(w->db, &mr_service_identity, &target_stmt, params, NULL, &text, err,
-                          errlen);
-    if (e != MR_OK) return e;
-    if (!text) return MR_OK;                     /* no target: DOKKU_PROVISIONER_URL */
-    e = use_target(text, p, t, err, errlen);
-    free(text);
-    return e;
 }
 
 mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,

@@ -371,8 +371,7 @@ def quiesce():
     kernel writes back what is older than 30 s every 5 s, and while it does, every
     fsync on the disk waits: each accepted event waits for one (its WAL flush), so a
     paced run that starts within a minute of a burst measures the burst's writeback
-    (an independent fdatasync probe stalled 30-52 ms exactly when the slow requests
-    did). With this, each run measures its own I/O."""
+    (docs/webhook.md, Benchmark). With this, each run measures its own I/O."""
     os.sync()
 
 
