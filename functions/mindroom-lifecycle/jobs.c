@@ -225,7 +225,7 @@ int64_t jobs_run_due(worker *w)
         char *started = take(w, "health", wcfg.health.interval_s);
         if (started) {
             health_job(w, started);
-            /* A round over thousands of instances leaves tens of MiB of freed
+            /* A round over thousands of instances can leave many MiB of freed
              * probe buffers in the heap; the worker waits most of its life, so it
              * gives them back to the system. */
             malloc_trim(0);
