@@ -176,8 +176,8 @@ static void teardown_job(worker *w)
         p.abort_cb = teardown_abort;
         mr_provisioner_call call;
         worker_target target;
-        mr_err te = targets_use(PQgetisnull(due.res, i, 2) ? NULL : PQgetvalue(due.res, i, 2), &p,
-                                &target, err, sizeof err);
+        mr_err te = targets_use_text(PQgetisnull(due.res, i, 2) ? NULL : PQgetvalue(due.res, i, 2),
+                                     &p, &target, err, sizeof err);
         if (te == MR_ETRANSIENT) {
             /* Disabled since the query: not due while it stays so, nothing counted. */
             targets_forget(&target);

@@ -122,14 +122,9 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     mr_provisioner_call call;
     worker_target target;
     char terr[256];
-    /* The step carries its target, read in the claim's transaction (NULL: none). */
-    const cJSON *tj = cJSON_GetObjectItemCaseSensitive(step, "target");
-    char *ttext = cJSON_IsObject(tj) ? cJSON_PrintUnformatted(tj) : NULL;
-    mr_err te = cJSON_IsObject(tj) && !ttext
-                    ? mr_seterr(terr, sizeof terr, MR_EINTERNAL, "out of memory")
-                    : targets_use(ttext, &p, &target, terr, sizeof terr);
-    free(ttext);
-    if (te != MR_OK) {
+    /* The step carries its target, read in the claim's transaction (null: none). */
+    if (targets_use(cJSON_GetObjectItemCaseSensitive(step, "target"), &p, &target, terr,
+                    sizeof terr) != MR_OK) {
         targets_forget(&target);
         cJSON_AddBoolToObject(result, "ok", 0);
         cJSON_AddStringToObject(result, "error", terr);

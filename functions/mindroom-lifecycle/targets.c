@@ -43,25 +43,19 @@ static mr_err read_token_file(const char *path, char *out, size_t cap, char *err
     return MR_OK;
 }
 
-/* Fills *t and p from a target's JSON ({"target", "url", "token_ref", "enabled"}). */
-static mr_err use_target(const char *text, mr_provisioner *p, worker_target *t, char *err,
+/* Fills *t and p from a target object ({"target", "url", "token_ref", "enabled"}). */
+static mr_err use_target(const cJSON *o, mr_provisioner *p, worker_target *t, char *err,
                          size_t errlen)
 {
-    cJSON *o = mr_json_parse(text, strlen(text));
     const char *name = "", *url = "", *ref = "";
-    const cJSON *enabled = o ? cJSON_GetObjectItemCaseSensitive(o, "enabled") : NULL;
-    if (!cJSON_IsObject(o) || mr_json_str(o, "target", &name) != MR_OK ||
-        mr_json_str(o, "url", &url) != MR_OK || mr_json_str(o, "token_ref", &ref) != MR_OK ||
-        strlen(url) >= sizeof t->url || strlen(name) >= sizeof t->name) {
-        cJSON_Delete(o);
+    if (mr_json_str(o, "target", &name) != MR_OK || mr_json_str(o, "url", &url) != MR_OK ||
+        mr_json_str(o, "token_ref", &ref) != MR_OK || strlen(url) >= sizeof t->url ||
+        strlen(name) >= sizeof t->name)
         return mr_seterr(err, errlen, MR_EINTERNAL, "unreadable provisioner target");
-    }
     snprintf(t->name, sizeof t->name, "%s", name);
     snprintf(t->url, sizeof t->url, "%s", url);
-    if (!cJSON_IsTrue(enabled)) {
-        cJSON_Delete(o);
+    if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "enabled")))
         return mr_seterr(err, errlen, MR_ETRANSIENT, "provisioner target %s is disabled", t->name);
-    }
     mr_err e = MR_OK;
     if (strncmp(ref, "env:", 4) == 0) {
         const char *v = getenv(ref + 4);
@@ -76,7 +70,6 @@ static mr_err use_target(const char *text, mr_provisioner *p, worker_target *t, 
         e = mr_seterr(err, errlen, MR_EINVAL, "provisioner target %s: bad token reference",
                       t->name);
     }
-    cJSON_Delete(o);
     if (e != MR_OK) return e;
     p->url = t->url;
     p->token = t->token;
@@ -84,12 +77,26 @@ static mr_err use_target(const char *text, mr_provisioner *p, worker_target *t, 
     return MR_OK;
 }
 
-mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+mr_err targets_use(const cJSON *target, mr_provisioner *p, worker_target *t, char *err,
                    size_t errlen)
 {
     memset(t, 0, sizeof *t);
+    if (!target || cJSON_IsNull(target)) return MR_OK;
+    if (!cJSON_IsObject(target))
+        return mr_seterr(err, errlen, MR_EINTERNAL, "unreadable provisioner target");
+    return use_target(target, p, t, err, errlen);
+}
+
+mr_err targets_use_text(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+                        size_t errlen)
+{
+    memset(t, 0, sizeof *t);
     if (!target_json || !*target_json) return MR_OK;
-    return use_target(target_json, p, t, err, errlen);
+    cJSON *o = mr_json_parse(target_json, strlen(target_json));
+    mr_err e = cJSON_IsObject(o) ? use_target(o, p, t, err, errlen)
+                                 : mr_seterr(err, errlen, MR_EINTERNAL, "unreadable provisioner target");
+    cJSON_Delete(o);
+    return e;
 }
 
 void targets_forget(worker_target *t)

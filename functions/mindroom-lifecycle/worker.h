@@ -78,14 +78,17 @@ typedef struct {
     char token[512];            /* wiped by targets_forget */
 } worker_target;
 
-/* Points p (a copy of wcfg.provisioner) at a target read from the database (its
- * JSON text, as a claimed step's "target" or public.instance_teardowns_due gives
- * it; NULL or empty: no target, p unchanged), with *t (caller-owned, wiped with
- * targets_forget) holding the URL and token. Returns MR_OK, MR_ETRANSIENT when
- * the target is disabled, MR_EINVAL when its token cannot be had (the step fails
- * and is retried). err never holds a token. */
-mr_err targets_use(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+/* Points p (a copy of wcfg.provisioner) at a target read from the database: a
+ * claimed step's "target" object (NULL or JSON null: no target, p unchanged), with
+ * *t (caller-owned, wiped with targets_forget) holding the URL and token. Returns
+ * MR_OK, MR_ETRANSIENT when the target is disabled, MR_EINVAL when its token cannot
+ * be had (the step fails and is retried). err never holds a token. */
+mr_err targets_use(const cJSON *target, mr_provisioner *p, worker_target *t, char *err,
                    size_t errlen);
+/* The same for a target as JSON text (public.instance_teardowns_due gives it; NULL
+ * or empty: no target). */
+mr_err targets_use_text(const char *target_json, mr_provisioner *p, worker_target *t, char *err,
+                        size_t errlen);
 /* Wipes t's token. */
 void targets_forget(worker_target *t);
 
