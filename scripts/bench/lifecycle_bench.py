@@ -34,7 +34,6 @@ Prints a table and writes build/bench/lifecycle.json. Environment: BENCH_SECONDS
 """
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests/standins"))
 sys.path.insert(0, str(ROOT / "scripts/bench"))
 os.environ.setdefault("MR_BUILD", "build/release")
 import mr  # noqa: E402
+import psycopg2  # noqa: E402
 from provisioner import ProvisionerStandin  # noqa: E402
 from webhook_bench import ACCOUNTS, FsyncProbe, quiesce, write_events, wrk  # noqa: E402
 
@@ -127,71 +127,59 @@ def webhook_under_provisioner(pg, results):
     results["catch_up"] = dict(catch, instances=total, stand_in_apps=apps)
 
 
+def population(running, owed):
+    """SQL that adds `running` instances with nothing owed and `owed` instances owed a
+    create, on one account, and holds the periodic jobs' leases so that no health
+    round runs over them. One string: run at once, it is one transaction."""
+    return (
+        "INSERT INTO auth.users (id, email) VALUES ('b0000000-0000-4000-8000-000000000001',"
+        "  'scale@example.com');"
+        "UPDATE accounts SET stripe_customer_id = 'cus_scale'"
+        " WHERE id = 'b0000000-0000-4000-8000-000000000001';"
+        "INSERT INTO scheduled_jobs (name, until) VALUES ('health', 'infinity'),"
+        " ('stripe-sweep', 'infinity');"
+        "INSERT INTO subscriptions (account_id, stripe_subscription_id, stripe_price_id, tier, status)"
+        " SELECT 'b0000000-0000-4000-8000-000000000001', 'sub_scale_' || i, 'price_starter',"
+        "        'starter', 'active' FROM generate_series(1, %d) i;"
+        "INSERT INTO instances (subscription_id, dokku_app_name, subdomain, status, desired_status,"
+        "                       applied_config_version, welcome_email_sent_at, backend_url)"
+        " SELECT s.id, nm.dokku_app_name, nm.subdomain,"
+        "        CASE WHEN substr(s.stripe_subscription_id, 11)::int > %d"
+        "             THEN 'provisioning' ELSE 'running' END::instance_status,"
+        "        'running', 1, now(), 'https://' || nm.subdomain || '.bench.test'"
+        "   FROM subscriptions s CROSS JOIN LATERAL instance_names(s.id) nm"
+        "  WHERE s.stripe_subscription_id ~ '^sub_scale_[0-9]+$'" % (running + owed, running))
+
+
 def populate(pg, db, n):
-    """n running instances with nothing owed, and 10 owed a create."""
+    """n running instances with nothing owed, and 10 owed a create; analyzed."""
     pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (db, mr.TEMPLATE_DB))
-    q = lambda sql, *a: pg.sql(sql, *a, dbname=db)  # noqa: E731
-    q("INSERT INTO auth.users (id, email) VALUES ('b0000000-0000-4000-8000-000000000001', 'scale@example.com')")
-    q("UPDATE accounts SET stripe_customer_id = 'cus_scale' WHERE id = 'b0000000-0000-4000-8000-000000000001'")
-    q("INSERT INTO subscriptions (account_id, stripe_subscription_id, stripe_price_id, tier, status)"
-      " SELECT 'b0000000-0000-4000-8000-000000000001', 'sub_scale_' || i, 'price_starter', 'starter', 'active'"
-      " FROM generate_series(1, %s) i", n + 10)
-    q("INSERT INTO instances (subscription_id, dokku_app_name, subdomain, status, desired_status,"
-      "                       applied_config_version, welcome_email_sent_at, backend_url)"
-      " SELECT s.id, nm.dokku_app_name, nm.subdomain,"
-      "        CASE WHEN s.stripe_subscription_id ~ '^sub_scale_[0-9]+$'"
-      "              AND substr(s.stripe_subscription_id, 11)::int > %s"
-      "             THEN 'provisioning' ELSE 'running' END::instance_status,"
-      "        'running', 1, now(), 'https://' || nm.subdomain || '.bench.test'"
-      "   FROM subscriptions s CROSS JOIN LATERAL instance_names(s.id) nm"
-      "  WHERE s.stripe_subscription_id LIKE 'sub_scale_%%'", n)
-    # No periodic health round over the synthetic instances while this runs.
-    q("INSERT INTO scheduled_jobs (name, until) VALUES ('health', 'infinity'), ('stripe-sweep', 'infinity')")
-    q("VACUUM ANALYZE instances")
+    pg.sql(population(n, 10), dbname=db)
+    pg.sql("VACUUM ANALYZE instances", dbname=db)
 
 
-def claim_at_scale(pg, results):
-    db = "mr_scale_" + uuid.uuid4().hex[:6]
-    t0 = time.monotonic()
-    populate(pg, db, SCALE)
-    load_s = time.monotonic() - t0
-    q = lambda sql, *a: pg.sql(sql, *a, dbname=db)  # noqa: E731
-    counts = q("SELECT count(*), count(*) FILTER (WHERE owed_action IS NOT NULL) FROM instances")[0]
-    import psycopg2
-    conn = psycopg2.connect(pg.conninfo(db))
-    conn.autocommit = True
-    try:
-        plans = explained_claim(conn)
-    finally:
-        conn.close()
-    # The whole claim, as the worker runs it (one call, as service_role), then the
-    # lease given back so the next call finds the same owed work: n timings.
-    script = Path(pg.dir) / "claim.sql"
-    script.write_text(
-        "SET ROLE service_role;\n"
-        "CREATE TEMP TABLE t (ms float8);\n"
-        "DO $$ DECLARE t0 timestamptz; r jsonb; BEGIN\n"
-        "  FOR k IN 1..200 LOOP\n"
-        "    t0 := clock_timestamp();\n"
-        "    r := public.lifecycle_claim('bench', 60);\n"
-        "    INSERT INTO t VALUES (extract(epoch FROM clock_timestamp() - t0) * 1000);\n"
-        "    PERFORM public.lifecycle_release((r #>> '{step,instance_id}')::uuid, r #>> '{step,token}');\n"
-        "  END LOOP; END $$;\n"
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP"
-        " (ORDER BY ms), max(ms) FROM t;\n")
-    out = subprocess.run(["psql", pg.conninfo(db), "-X", "-q", "-At", "-F", " ", "-f", str(script)],
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr)
-    p50, p99, mx = (float(v) for v in out.stdout.split()[-3:])
-    results["claim"] = {
-        "instances": counts[0], "owed": counts[1], "load_s": round(load_s, 1),
-        "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "max_ms": round(mx, 3),
-        "index_scan": "Index Scan using instances_owed_due_idx" in plans,
-        "no_scan_or_sort": no_scan_or_sort(plans),
-        "busy_index": "instances_claimed_idx" in plans,
-        "plans": plans}
-    return db
+def timed_claims(conn, n=200):
+    """(p50, p99, max) ms of n claims made as the worker makes them (one call, as
+    service_role), each lease given back so the next call finds the same owed work.
+    Timed in the server and kept in a variable: a temporary table would create the
+    session's temporary schema, and that invalidates every plan the session cached."""
+    cur = conn.cursor()
+    cur.execute("SET client_min_messages = notice")
+    del conn.notices[:]
+    cur.execute("SET ROLE service_role")
+    cur.execute("DO $$ DECLARE t0 timestamptz; r jsonb; ms float8[] := '{}'; BEGIN"
+                "  FOR k IN 1..%d LOOP"
+                "    t0 := clock_timestamp();"
+                "    r := public.lifecycle_claim('bench', 60);"
+                "    ms := ms || extract(epoch FROM clock_timestamp() - t0)::float8 * 1000;"
+                "    PERFORM public.lifecycle_release((r #>> '{step,instance_id}')::uuid, r #>> '{step,token}');"
+                "  END LOOP;"
+                "  RAISE NOTICE 'timings %% %% %%', (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v)"
+                "    FROM unnest(ms) v), (SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY v)"
+                "    FROM unnest(ms) v), (SELECT max(v) FROM unnest(ms) v);"
+                " END $$" % n)
+    cur.execute("RESET ROLE")
+    return tuple(float(v) for v in conn.notices[-1].split("timings ", 1)[1].split())
 
 
 def explained_claim(conn):
@@ -202,13 +190,15 @@ def explained_claim(conn):
                 " SET auto_explain.log_nested_statements = on; SET auto_explain.log_analyze = on;"
                 " SET client_min_messages = log")
     del conn.notices[:]
-    cur.execute("SET ROLE service_role; SELECT public.lifecycle_claim('bench', 60); RESET ROLE")
+    cur.execute("SET ROLE service_role")
+    cur.execute("SELECT public.lifecycle_claim('bench', 60)")
+    r = cur.fetchone()[0]
+    cur.execute("RESET ROLE")
     plans = "".join(conn.notices)
-    r = cur.fetchone() if cur.description else None
     cur.execute("SET client_min_messages = warning; SET auto_explain.log_min_duration = -1")
-    if r and r[0].get("step"):
+    if r.get("step"):
         cur.execute("SELECT public.lifecycle_release(%s::uuid, %s)",
-                    (r[0]["step"]["instance_id"], r[0]["step"]["token"]))
+                    (r["step"]["instance_id"], r["step"]["token"]))
     return plans
 
 
@@ -225,63 +215,51 @@ def walk_plan(plans):
     return "(not found)"
 
 
+def claim_at_scale(pg, results):
+    db = "mr_scale_" + uuid.uuid4().hex[:6]
+    t0 = time.monotonic()
+    populate(pg, db, SCALE)
+    load_s = time.monotonic() - t0
+    counts = pg.sql("SELECT count(*), count(*) FILTER (WHERE owed_action IS NOT NULL) FROM instances",
+                    dbname=db)[0]
+    conn = psycopg2.connect(pg.conninfo(db))
+    conn.autocommit = True
+    try:
+        plans = explained_claim(conn)
+        p50, p99, mx = timed_claims(conn)
+    finally:
+        conn.close()
+    results["claim"] = {
+        "instances": counts[0], "owed": counts[1], "load_s": round(load_s, 1),
+        "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "max_ms": round(mx, 3),
+        "index_scan": "Index Scan using instances_owed_due_idx" in plans,
+        "no_scan_or_sort": no_scan_or_sort(plans),
+        "busy_index": "instances_claimed_idx" in plans,
+        "plans": plans}
+    return db
+
+
 def claim_backlog(pg, results):
     """A burst of owed work arriving after the worker's connection planned its claim:
     the worker's first claim on an empty database (PL/pgSQL keeps the plans for the
     connection), then SCALE running instances and BACKLOG owed a create arrive from
-    another connection; the claims that follow on the first connection are timed and
-    one is explained. (An ANALYZE of instances by autovacuum in between would have the
-    plans made again; the burst and the claims take a few seconds.)"""
-    import psycopg2
+    another connection in one transaction; the claims that follow on the first
+    connection are timed and one is explained. (An ANALYZE of instances by autovacuum
+    in between would have the plans made again; the burst and the claims take a few
+    seconds.)"""
     db = "mr_backlog_" + uuid.uuid4().hex[:6]
     pg.sql('CREATE DATABASE "%s" TEMPLATE %s' % (db, mr.TEMPLATE_DB))
     worker = psycopg2.connect(pg.conninfo(db))
-    other = psycopg2.connect(pg.conninfo(db))
-    worker.autocommit = other.autocommit = True
-    w, o = worker.cursor(), other.cursor()
+    worker.autocommit = True
     try:
+        w = worker.cursor()
         w.execute("SET ROLE service_role; SELECT public.lifecycle_claim('bench', 60); RESET ROLE")
-        # One transaction, as a burst of sign-ups looks to the claim's plans.
-        o.execute("INSERT INTO auth.users (id, email) VALUES ('b0000000-0000-4000-8000-000000000001',"
-                  "  'scale@example.com');"
-                  "UPDATE accounts SET stripe_customer_id = 'cus_scale'"
-                  " WHERE id = 'b0000000-0000-4000-8000-000000000001';"
-                  "INSERT INTO scheduled_jobs (name, until) VALUES ('health', 'infinity'),"
-                  " ('stripe-sweep', 'infinity');"
-                  "INSERT INTO subscriptions (account_id, stripe_subscription_id, stripe_price_id, tier, status)"
-                  " SELECT 'b0000000-0000-4000-8000-000000000001', 'sub_scale_' || i, 'price_starter',"
-                  "        'starter', 'active' FROM generate_series(1, %(total)s) i;"
-                  "INSERT INTO instances (subscription_id, dokku_app_name, subdomain, status, desired_status,"
-                  "                       applied_config_version, welcome_email_sent_at, backend_url)"
-                  " SELECT s.id, nm.dokku_app_name, nm.subdomain,"
-                  "        CASE WHEN substr(s.stripe_subscription_id, 11)::int > %(scale)s"
-                  "             THEN 'provisioning' ELSE 'running' END::instance_status,"
-                  "        'running', 1, now(), 'https://' || nm.subdomain || '.bench.test'"
-                  "   FROM subscriptions s CROSS JOIN LATERAL instance_names(s.id) nm",
-                  {"total": SCALE + BACKLOG, "scale": SCALE})
-        o.execute("SELECT count(*) FROM instances WHERE owed_action = 'create'")
-        owed = o.fetchone()[0]
-        # Timed in the server, kept in a variable: a temporary table would create the
-        # session's temporary schema, and that invalidates every cached plan.
-        del worker.notices[:]
-        w.execute("SET ROLE service_role")
-        w.execute("DO $$ DECLARE t0 timestamptz; r jsonb; ms float8[] := '{}'; BEGIN"
-                  "  FOR k IN 1..200 LOOP"
-                  "    t0 := clock_timestamp();"
-                  "    r := public.lifecycle_claim('bench', 60);"
-                  "    ms := ms || extract(epoch FROM clock_timestamp() - t0)::float8 * 1000;"
-                  "    PERFORM public.lifecycle_release((r #>> '{step,instance_id}')::uuid, r #>> '{step,token}');"
-                  "  END LOOP;"
-                  "  RAISE NOTICE 'timings % % %', (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v)"
-                  "    FROM unnest(ms) v), (SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY v)"
-                  "    FROM unnest(ms) v), (SELECT max(v) FROM unnest(ms) v);"
-                  " END $$")
-        p50, p99, mx = (float(v) for v in worker.notices[-1].split("timings ", 1)[1].split())
-        w.execute("RESET ROLE")
+        pg.sql(population(SCALE, BACKLOG), dbname=db)
+        owed = pg.sql("SELECT count(*) FROM instances WHERE owed_action = 'create'", dbname=db)[0][0]
+        p50, p99, mx = timed_claims(worker)
         plans = explained_claim(worker)
     finally:
         worker.close()
-        other.close()
     pg.sql('DROP DATABASE "%s"' % db)
     results["claim_backlog"] = {
         "instances": SCALE + BACKLOG, "owed": owed,
