@@ -183,11 +183,13 @@ static mr_err db_connect(mr_db *db, char *err, size_t errlen)
 {
     /* The conninfo is expanded last, so its own settings win over these defaults.
      * A direct connection also gets the statement timeout as a session default
-     * for statements outside a transaction; a pooler gets no startup options. */
+     * for statements outside a transaction; a pooler gets no startup options.
+     * The application name is the process's own ("handle-stripe-webhook",
+     * "mindroom-lifecycle"), so pg_stat_activity says whose session is whose. */
     char options[64];
     snprintf(options, sizeof options, "-c statement_timeout=%s", db->statement_timeout);
     const char *keys[] = {"connect_timeout", "fallback_application_name", "options", "dbname", NULL};
-    const char *vals[] = {"5", "mindroom", options, db->conninfo, NULL};
+    const char *vals[] = {"5", mr_log_name(), options, db->conninfo, NULL};
     if (db->pooler != POOLER_NONE) {
         keys[2] = "dbname";
         vals[2] = db->conninfo;

@@ -67,6 +67,11 @@ void mr_log_init(const char *name, mr_log_level min)
     (void)pthread_once(&once, register_atfork);
 }
 
+const char *mr_log_name(void)
+{
+    return log_name;
+}
+
 typedef struct {
     char buf[LINE_MAX_BYTES];
     size_t len;

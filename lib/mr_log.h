@@ -15,6 +15,9 @@ typedef enum { MR_LOG_DEBUG, MR_LOG_INFO, MR_LOG_WARN, MR_LOG_ERROR } mr_log_lev
  * the journal (JOURNAL_STREAM). `name` must outlive logging. */
 void mr_log_init(const char *name, mr_log_level min);
 
+/* The name given to mr_log_init ("mindroom" before it). */
+const char *mr_log_name(void);
+
 /* Reads MR_LOG_LEVEL (debug, info, warn, error; default info) and calls
  * mr_log_init(name, level); another value prints why and exits 2. */
 void mr_log_init_env(const char *name);
