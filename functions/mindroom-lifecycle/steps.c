@@ -56,14 +56,20 @@ static mr_err call_json(worker *w, const mr_db_stmt *stmt, const char *const *pa
     return MR_OK;
 }
 
-/* The welcome email. Without a Resend key it waits an hour and asks again (a key
- * may have been configured since): owed, not failed. */
+/* What the welcome email's step gives without a Resend key: it waits an hour and
+ * asks again (a key may have been configured since): owed, not failed. */
+static void email_unsendable(cJSON *result)
+{
+    cJSON_AddBoolToObject(result, "ok", 0);
+    cJSON_AddStringToObject(result, "error", "skipped: RESEND_API_KEY is not set");
+    cJSON_AddNumberToObject(result, "retry_in_s", 3600);
+}
+
+/* The welcome email. */
 static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSON *result)
 {
     if (!wcfg.resend_api_key) {
-        cJSON_AddBoolToObject(result, "ok", 0);
-        cJSON_AddStringToObject(result, "error", "skipped: RESEND_API_KEY is not set");
-        cJSON_AddNumberToObject(result, "retry_in_s", 3600);
+        email_unsendable(result);
         return;
     }
     const cJSON *email = cJSON_GetObjectItemCaseSensitive(step, "welcome");
@@ -277,6 +283,11 @@ static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
                mr_action_name(action), ok ? "succeeded" : waits ? "waits" : "failed",
                (long long)(mr_now_ms() - t0), why ? ": " : "", why ? why : "");
 
+        /* Without a Resend key, the email that may come next is answered here:
+         * lifecycle_finish records it instead of chaining a step that could only
+         * say so (112_email_in_finish.sql). */
+        if (action != MR_ACTION_EMAIL && !wcfg.resend_api_key)
+            email_unsendable(cJSON_AddObjectToObject(result, "email"));
         cJSON *next = NULL;
         mr_err e = finish(w, instance_id, tok, result, &next, err, errlen);
         cJSON_Delete(result);
