@@ -96,7 +96,7 @@ def webhook_under_provisioner(pg, results):
             s.restart_function("handle-stripe-webhook")
             print("bench lifecycle: one webhook worker, provisioner hanging, paced ~100/s...", flush=True)
             calib = new_stream(s, "calib", conns=1, seconds=3, delay=10, threads=1)
-            delay = max(0, int(round(10 - calib["p50_ms"])))
+            delay = max(0.0, round(10 - calib["p50_ms"], 3))
             quiesce()
             with FsyncProbe(pg.dir) as probe:
                 paced = new_stream(s, "paced", conns=1, delay=delay, threads=1)

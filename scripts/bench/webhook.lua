@@ -47,8 +47,14 @@ function request()
   return reqs[pos]
 end
 
+-- wrk waits whole milliseconds; a fractional DELAY_MS is kept exact on average by
+-- carrying the remainder from one request to the next.
+carry = 0
 function delay()
-  return pause
+  carry = carry + pause
+  local ms = math.floor(carry)
+  carry = carry - ms
+  return ms
 end
 
 function response(status, headers, body)

@@ -18,8 +18,8 @@ round at its default interval. Nothing production has on is switched off.
                worker provisions meanwhile                        target >= 50%
   3. new       wrk -t2 -c16: customer.subscription.created only, each a new
                subscription and instance                         target >= 25%
-  4. paced     each stream offered at half its measured peak (2 connections, a
-               fixed delay per request: wrk2 is not packaged), each once the
+  4. paced     each stream offered at half its measured peak (a connection per
+               100/s, a delay before each request: wrk2 is not packaged), each once the
                worker has created the instances of the bursts before it (the
                wait is reported) and the kernel's dirty pages are flushed
                (quiesce): the steady state, with the worker provisioning the
@@ -46,6 +46,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import math
 import os
 import platform
 import re
@@ -414,16 +415,19 @@ class FsyncProbe:
 
 
 def paced(s, url, kind, secret, peak, prefix):
-    """The stream offered at half of `peak` over 2 connections, each waiting a
-    fixed delay before each request: calibrated by a 3 s run so that delay + p50
-    makes one request period per connection."""
+    """The stream offered at half of `peak`, about 100 requests a second per
+    connection, each connection waiting a delay before each request: calibrated by
+    a 3 s run so that delay + p50 makes one request period per connection (the
+    delay is fractional, webhook.lua keeps it exact on average). With fewer
+    connections, a period shorter than a request's own time could not be offered:
+    the run would measure a closed loop at the rate two connections reach."""
     target = peak / 2
-    conns = 2
+    conns = max(2, int(math.ceil(target / 100.0)))
     period = conns * 1000.0 / target
     need = int(target * (SECONDS + 4) * 1.5) + 200
     f = prepare(s, kind, secret, prefix + "c", need)
-    calib = wrk(url, conns, 3, [f, conns, int(period)], threads=conns)
-    delay = max(0, int(round(period - calib["p50_ms"])))
+    calib = wrk(url, conns, 3, [f, conns, round(period, 3)], threads=conns)
+    delay = max(0.0, round(period - calib["p50_ms"], 3))
     f = prepare(s, kind, secret, prefix, need)
     quiesce()
     with FsyncProbe(s.pg.dir) as probe:
