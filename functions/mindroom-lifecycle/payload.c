@@ -15,6 +15,8 @@
  *     no live one (its first deploy, a start after a stop, a rotation), stored as a
  *     hash and sealed (public.instance_token_issue keeps the first token when two
  *     workers race), and delivered with the control plane's URL.
+ * What must be stored (a new token, new keys) is stored in one call,
+ * public.instance_secrets_issue, whose answer is what is in force.
  * PostgreSQL never receives a plaintext secret from here. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,10 +34,8 @@ static const mr_db_stmt take_env_stmt = {
     "mr_pl_take_env", "SELECT public.instance_take_plain_env($1::uuid)::text", 1};
 static const mr_db_stmt put_stmt = {
     "mr_pl_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, false)::text", 5};
-static const mr_db_stmt hs_keys_stmt = {
-    "mr_pl_hs_keys", "SELECT public.instance_homeserver_keys($1::uuid, $2::jsonb)::text", 2};
-static const mr_db_stmt token_issue_stmt = {
-    "mr_pl_token_issue", "SELECT public.instance_token_issue($1::uuid, $2, $3, $4, $5)", 5};
+static const mr_db_stmt issue_stmt = {
+    "mr_pl_issue", "SELECT public.instance_secrets_issue($1::uuid, $2::jsonb, $3::jsonb)::text", 3};
 
 /* The names of the homeserver's keys, as instance_secrets and POST /apps call them. */
 static const char *const hs_names[] = {"signing_key", "registration_shared_secret",
@@ -121,11 +121,13 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
     return e;
 }
 
-/* The homeserver's keys as {"name": ciphertext}: those stored, or a fresh set
- * generated, sealed and stored now. The caller frees the object. */
-static mr_err homeserver_keys(worker *w, const char *iid, const cJSON *secrets, cJSON **keys,
-                              char *err, size_t errlen)
+/* The homeserver's keys as {"name": ciphertext} (*keys) when all are stored; else a
+ * fresh set generated and sealed, as the rows instance_homeserver_keys takes (*rows),
+ * to be stored. The caller frees both. */
+static mr_err hs_prepare(const char *iid, const cJSON *secrets, cJSON **keys, cJSON **rows,
+                         char *err, size_t errlen)
 {
+    *rows = NULL;
     *keys = cJSON_CreateObject();
     for (const cJSON *s = secrets ? secrets->child : NULL; s; s = s->next) {
         const char *kind = NULL, *name = NULL, *ct = NULL;
@@ -142,7 +144,7 @@ static mr_err homeserver_keys(worker *w, const char *iid, const cJSON *secrets, 
         return e;
     const char *values[] = {hs.signing_key, hs.registration_shared_secret,
                             hs.macaroon_secret_key, hs.form_secret};
-    cJSON *rows = cJSON_CreateArray();
+    *rows = cJSON_CreateArray();
     for (size_t i = 0; i < MR_ARRAY_LEN(hs_names) && e == MR_OK; i++) {
         char *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1];
         e = seal(iid, "homeserver", hs_names[i], values[i], &ct, digest, err, errlen);
@@ -151,77 +153,93 @@ static mr_err homeserver_keys(worker *w, const char *iid, const cJSON *secrets, 
             cJSON_AddStringToObject(r, "name", hs_names[i]);
             cJSON_AddStringToObject(r, "ciphertext", ct);
             cJSON_AddStringToObject(r, "digest", digest);
-            cJSON_AddItemToArray(rows, r);
+            cJSON_AddItemToArray(*rows, r);
         }
         free(ct);
     }
     mr_homeserver_wipe(&hs);
-    char *rows_text = e == MR_OK ? mr_json_print(rows) : NULL;
-    cJSON_Delete(rows);
-    if (e != MR_OK)
-        return e;
-    char *stored = NULL;
-    const char *p[] = {iid, rows_text};
-    e = mr_db_call(w->db, &mr_service_identity, &hs_keys_stmt, p, NULL, &stored, err, errlen);
-    free(rows_text);
-    if (e != MR_OK)
-        return e;
-    cJSON_Delete(*keys);
-    *keys = stored ? mr_json_parse(stored, strlen(stored)) : NULL;
-    free(stored);
-    if (!cJSON_IsObject(*keys) || cJSON_GetArraySize(*keys) != (int)MR_ARRAY_LEN(hs_names))
-        return mr_seterr(err, errlen, MR_EINTERNAL, "the homeserver's keys were not stored");
-    mr_log(MR_LOG_INFO, "instance %s: homeserver keys generated", iid);
-    return MR_OK;
+    return e;
 }
 
-/* The instance's token in clear (*token, malloc'd: the caller wipes and frees it):
- * its sealed token when it has a live credential, else a new one issued now. */
-static mr_err control_plane_token(worker *w, const char *iid, const cJSON *step,
-                                  const cJSON *secrets, char **token, char *err, size_t errlen)
+/* The sealed control-plane token of the instance's live credential (*ct, pointing
+ * into secrets) when it has one; else a fresh token generated and sealed, as
+ * {"key_id", "hash", "ciphertext", "digest"} for instance_token_issue (*fresh, the
+ * caller frees it). */
+static mr_err token_prepare(const char *iid, const cJSON *step, const cJSON *secrets,
+                            const char **ct, cJSON **fresh, char *err, size_t errlen)
 {
-    const char *live_key = NULL, *ct = NULL;
-    char kid[MR_ITOKEN_KEY_ID_LEN + 1];
-    *token = NULL;
+    const char *live_key = NULL;
+    *ct = NULL;
+    *fresh = NULL;
     mr_json_str(step, "token_key_id", &live_key);
     for (const cJSON *s = secrets ? secrets->child : NULL; s && live_key; s = s->next) {
         const char *kind = NULL, *name = NULL;
         if (mr_json_str(s, "kind", &kind) == MR_OK && !strcmp(kind, "control_plane") &&
             mr_json_str(s, "name", &name) == MR_OK && !strcmp(name, MR_APPENV_CONTROL_PLANE_TOKEN))
-            mr_json_str(s, "ciphertext", &ct);
+            mr_json_str(s, "ciphertext", ct);
     }
-    char *stored = NULL;
-    int issued = 0;
-    if (!ct) {
-        char fresh[MR_ITOKEN_LEN + 1], hash[MR_ITOKEN_HASH_HEX_LEN + 1], *sealed = NULL,
-             digest[MR_SECRETS_DIGEST_LEN + 1];
-        mr_err e = mr_itoken_generate(fresh, kid, hash) == MR_OK
-                       ? MR_OK : mr_seterr(err, errlen, MR_EINTERNAL, "no randomness for a token");
-        if (e == MR_OK)
-            e = seal(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, fresh, &sealed, digest,
-                     err, errlen);
-        OPENSSL_cleanse(fresh, sizeof fresh);
-        if (e == MR_OK) {
-            const char *p[] = {iid, kid, hash, sealed, digest};
-            e = mr_db_call(w->db, &mr_service_identity, &token_issue_stmt, p, NULL, &stored, err,
-                           errlen);
-        }
-        free(sealed);
-        if (e != MR_OK)
-            return e;
-        if (!stored)
-            return mr_seterr(err, errlen, MR_EINTERNAL, "the control-plane token was not stored");
-        ct = stored;
-        issued = 1;
+    if (*ct)
+        return MR_OK;
+    char token[MR_ITOKEN_LEN + 1], kid[MR_ITOKEN_KEY_ID_LEN + 1], hash[MR_ITOKEN_HASH_HEX_LEN + 1],
+        *sealed = NULL, digest[MR_SECRETS_DIGEST_LEN + 1];
+    mr_err e = mr_itoken_generate(token, kid, hash) == MR_OK
+                   ? MR_OK : mr_seterr(err, errlen, MR_EINTERNAL, "no randomness for a token");
+    if (e == MR_OK)
+        e = seal(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, token, &sealed, digest, err,
+                 errlen);
+    OPENSSL_cleanse(token, sizeof token);
+    if (e == MR_OK) {
+        *fresh = cJSON_CreateObject();
+        cJSON_AddStringToObject(*fresh, "key_id", kid);
+        cJSON_AddStringToObject(*fresh, "hash", hash);
+        cJSON_AddStringToObject(*fresh, "ciphertext", sealed);
+        cJSON_AddStringToObject(*fresh, "digest", digest);
     }
-    mr_err e = open_secret(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct, token, err,
-                           errlen);
-    free(stored);
+    free(sealed);
+    return e;
+}
+
+/* Stores what was generated (a token, homeserver keys: either may be NULL) in one
+ * call; *stored is the answer, {"token", "homeserver"}: what is in force. */
+static mr_err secrets_issue(worker *w, const char *iid, const cJSON *token, const cJSON *hs_rows,
+                            cJSON **stored, char *err, size_t errlen)
+{
+    char *t = token ? mr_json_print(token) : NULL, *h = hs_rows ? mr_json_print(hs_rows) : NULL,
+         *text = NULL;
+    *stored = NULL;
+    mr_err e = (token && !t) || (hs_rows && !h) ? mr_seterr(err, errlen, MR_EINTERNAL, "out of memory")
+                                                 : MR_OK;
+    const char *p[] = {iid, t, h};
+    if (e == MR_OK)
+        e = mr_db_call(w->db, &mr_service_identity, &issue_stmt, p, NULL, &text, err, errlen);
+    free(t);
+    free(h);
     if (e != MR_OK)
         return e;
-    /* What opened must be a token; one of the live credential when there was one. */
+    *stored = text ? mr_json_parse(text, strlen(text)) : NULL;
+    free(text);
+    if (!cJSON_IsObject(*stored)) {
+        cJSON_Delete(*stored);
+        *stored = NULL;
+        return mr_seterr(err, errlen, MR_EINTERNAL, "the instance's secrets were not stored");
+    }
+    return MR_OK;
+}
+
+/* The instance's token in clear (*token, malloc'd: the caller wipes and frees it),
+ * opened from ct; it must be a token, of the live credential unless just issued. */
+static mr_err token_open(const char *iid, const cJSON *step, const char *ct, int issued,
+                         char **token, char *err, size_t errlen)
+{
+    const char *live_key = NULL;
+    char kid[MR_ITOKEN_KEY_ID_LEN + 1];
+    mr_json_str(step, "token_key_id", &live_key);
+    mr_err e = open_secret(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct, token, err,
+                           errlen);
+    if (e != MR_OK)
+        return e;
     if (mr_itoken_parse(*token, strlen(*token), kid) != MR_OK ||
-        (!issued && strcmp(kid, live_key) != 0)) {
+        (!issued && (!live_key || strcmp(kid, live_key) != 0))) {
         OPENSSL_cleanse(*token, strlen(*token));
         free(*token);
         *token = NULL;
@@ -231,6 +249,49 @@ static mr_err control_plane_token(worker *w, const char *iid, const cJSON *step,
     if (issued)
         mr_log(MR_LOG_INFO, "instance %s: control-plane token issued (key id %s)", iid, kid);
     return MR_OK;
+}
+
+/* The control-plane token and the homeserver's keys: those stored, or new ones
+ * generated, sealed and stored now (one call). *token is the token in clear (the
+ * caller wipes and frees it); *keys the homeserver's keys as {"name": ciphertext}
+ * when the payload has a homeserver, else NULL (the caller frees it). */
+static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const cJSON *secrets,
+                           int homeserver, char **token, cJSON **keys, char *err, size_t errlen)
+{
+    const char *ct = NULL;
+    cJSON *fresh = NULL, *rows = NULL, *stored = NULL;
+    *token = NULL;
+    *keys = NULL;
+    mr_err e = token_prepare(iid, step, secrets, &ct, &fresh, err, errlen);
+    if (e == MR_OK && homeserver)
+        e = hs_prepare(iid, secrets, keys, &rows, err, errlen);
+    if (e == MR_OK && (fresh || rows))
+        e = secrets_issue(w, iid, fresh, rows, &stored, err, errlen);
+    if (e == MR_OK && fresh) {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(stored, "token");
+        ct = cJSON_IsString(t) ? t->valuestring : NULL;
+        if (!ct)
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "the control-plane token was not stored");
+    }
+    if (e == MR_OK && rows) {
+        cJSON *k = cJSON_DetachItemFromObjectCaseSensitive(stored, "homeserver");
+        cJSON_Delete(*keys);
+        *keys = k;
+        if (!cJSON_IsObject(k) || cJSON_GetArraySize(k) != (int)MR_ARRAY_LEN(hs_names))
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "the homeserver's keys were not stored");
+        else
+            mr_log(MR_LOG_INFO, "instance %s: homeserver keys generated", iid);
+    }
+    if (e == MR_OK)
+        e = token_open(iid, step, ct, fresh != NULL, token, err, errlen);
+    cJSON_Delete(fresh);
+    cJSON_Delete(rows);
+    cJSON_Delete(stored);
+    if (e != MR_OK) {
+        cJSON_Delete(*keys);
+        *keys = NULL;
+    }
+    return e;
 }
 
 mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_t errlen)
@@ -249,12 +310,14 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
     mr_err e = MR_OK;
     const cJSON *secrets = cJSON_GetObjectItemCaseSensitive(step, "secrets");
 
-    /* The control plane's address and the instance's credential for it. */
+    /* The control plane's address and the instance's credential for it; the
+     * homeserver's keys. */
     char *token = NULL;
+    cJSON *hs = cJSON_GetObjectItemCaseSensitive(p, "homeserver"), *keys = NULL;
     cJSON_DeleteItemFromObjectCaseSensitive(env, MR_APPENV_CONTROL_PLANE_URL);
     cJSON_DeleteItemFromObjectCaseSensitive(env, MR_APPENV_CONTROL_PLANE_TOKEN);
     cJSON_AddStringToObject(env, MR_APPENV_CONTROL_PLANE_URL, wcfg.control_plane_url);
-    e = control_plane_token(w, iid, step, secrets, &token, err, errlen);
+    e = step_secrets(w, iid, step, secrets, cJSON_IsObject(hs), &token, &keys, err, errlen);
     if (e == MR_OK) {
         cJSON_AddStringToObject(env, MR_APPENV_CONTROL_PLANE_TOKEN, token);
         OPENSSL_cleanse(token, strlen(token));
@@ -281,10 +344,7 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
     }
 
     /* The homeserver: its keys, opened. */
-    cJSON *hs = cJSON_GetObjectItemCaseSensitive(p, "homeserver");
-    if (e == MR_OK && cJSON_IsObject(hs)) {
-        cJSON *keys = NULL;
-        e = homeserver_keys(w, iid, secrets, &keys, err, errlen);
+    if (e == MR_OK && keys) {
         for (size_t i = 0; i < MR_ARRAY_LEN(hs_names) && e == MR_OK; i++) {
             const char *ct = NULL;
             char *val = NULL;
@@ -298,8 +358,8 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
                 free(val);
             }
         }
-        cJSON_Delete(keys);
     }
+    cJSON_Delete(keys);
     if (e != MR_OK) {
         payload_free(p);
         return e;
