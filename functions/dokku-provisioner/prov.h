@@ -260,6 +260,14 @@ long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t 
 /* Replaces a file under the state directory atomically (mkstemp + rename).
  * Returns MR_OK or MR_EINTERNAL. */
 mr_err prov_state_write(const prov_config *cfg, const char *rel, const char *text);
+/* Writes a small record in place (created if missing, never through a symlink):
+ * for the dry-run registry, whose records change under their app's lock (a status
+ * request reads without it and could in theory see a record mid-write: a
+ * simulated state, never Dokku's). Unlike prov_state_write, a record that changes
+ * frees no inode: on an ext4 without a journal every freed inode is skipped by
+ * the allocations of the next minutes, one by one, and each create freed two.
+ * Returns MR_OK or MR_EINTERNAL. */
+mr_err prov_state_overwrite(const prov_config *cfg, const char *rel, const char *text);
 /* Removes a file under the state directory (missing is fine). */
 void prov_state_remove(const prov_config *cfg, const char *rel);
 /* Takes the exclusive lock of an instance, waiting up to cfg->app_lock_wait_ms.

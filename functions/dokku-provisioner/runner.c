@@ -354,7 +354,7 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
     if (write) {
         char line[24];
         snprintf(line, sizeof line, "%s\n", write);
-        prov_state_write(cfg, rel, line);
+        prov_state_overwrite(cfg, rel, line);
     }
 }
 

@@ -11,7 +11,8 @@
  * unless it is a real directory owned by our user and not writable by group
  * or others, every file in it is opened with O_NOFOLLOW (a planted symlink
  * fails instead of redirecting the write), and new files are made with
- * mkstemp and renamed into place, never by a predictable temporary name. */
+ * mkstemp and renamed into place, never by a predictable temporary name (the
+ * dry-run registry's records are written in place: prov_state_overwrite). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -130,6 +131,20 @@ mr_err prov_state_write(const prov_config *cfg, const char *rel, const char *tex
         return MR_EINTERNAL;
     }
     return MR_OK;
+}
+
+mr_err prov_state_overwrite(const prov_config *cfg, const char *rel, const char *text)
+{
+    char path[1024];
+    if (!path_of(cfg, rel, path, sizeof path)) return MR_EINTERNAL;
+    int fd = open_own(path, O_WRONLY | O_CREAT);
+    if (fd < 0) return MR_EINTERNAL;
+    size_t len = strlen(text);
+    ssize_t w;
+    do w = pwrite(fd, text, len, 0);
+    while (w < 0 && errno == EINTR);
+    int ok = w == (ssize_t)len && ftruncate(fd, (off_t)len) == 0;
+    return close(fd) == 0 && ok ? MR_OK : MR_EINTERNAL;
 }
 
 void prov_state_remove(const prov_config *cfg, const char *rel)
