@@ -13,7 +13,9 @@
 -- no "email" and the email is chained and sent as before.
 --
 -- Redefines public.lifecycle_finish (070_tenant.sql): the email's outcome is applied
--- in one place, for the email step and for this case alike.
+-- in one place, for the email step and for this case alike, and the same statement
+-- gives the lease back (one row version less per step: every version of an
+-- instance row is an entry in each of its nine indexes).
 
 CREATE OR REPLACE FUNCTION public.lifecycle_finish(p_instance_id uuid, p_token text, p_result jsonb,
                                                    p_lease_s integer, p_backoff_base_s integer,
@@ -121,13 +123,17 @@ BEGIN
        AND jsonb_typeof(p_result->'email') = 'object' THEN
         v_email := p_result->'email';
     END IF;
+    -- The email is the last step of a chain: its update gives the lease back too
+    -- (taken again below in the rare case that something else is due now).
     IF v_email IS NOT NULL THEN
         IF coalesce((v_email->>'ok')::boolean, false) THEN
             UPDATE public.instances SET welcome_email_sent_at = now(),
-                   welcome_email_error = NULL, welcome_email_next_at = NULL
+                   welcome_email_error = NULL, welcome_email_next_at = NULL,
+                   claimed_by = NULL, claim_expires_at = NULL, claim_action = NULL
              WHERE id = i.id RETURNING * INTO i;
         ELSE
             UPDATE public.instances SET
+                   claimed_by = NULL, claim_expires_at = NULL, claim_action = NULL,
                    welcome_email_attempts = welcome_email_attempts + 1,
                    welcome_email_error = CASE WHEN coalesce((v_email->>'rejected')::boolean, false)
                                               THEN 'rejected: ' ELSE '' END
@@ -156,8 +162,10 @@ BEGIN
                                   'step', public.lifecycle_step_json(i));
     END IF;
 
-    UPDATE public.instances SET claimed_by = NULL, claim_expires_at = NULL, claim_action = NULL
-     WHERE id = i.id RETURNING * INTO i;
+    IF i.claimed_by IS NOT NULL THEN
+        UPDATE public.instances SET claimed_by = NULL, claim_expires_at = NULL, claim_action = NULL
+         WHERE id = i.id RETURNING * INTO i;
+    END IF;
     RETURN jsonb_build_object('outcome', CASE WHEN v_ok THEN 'done' ELSE 'failed' END,
                               'instance', public.lifecycle_instance_json(i));
 END;
