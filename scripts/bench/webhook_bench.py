@@ -237,14 +237,24 @@ class Cpu:
     one per function (master and workers)."""
 
     def __init__(self, pg, s):
+        self.s = s
         self.roots = {"postgres": int(Path(pg.dir, "data/postmaster.pid").read_text().split()[0]),
                       "nginx": s.nginx.pid}
         for name in s.functions:
             self.roots[name] = s.master_pid(name)
 
+    def _sessions(self):
+        """PostgreSQL's sessions of the webhook and of the lifecycle worker, by the
+        application name each process gives its connections: {pid: part}."""
+        names = {"handle-stripe-webhook": "postgres:webhook", "mindroom-lifecycle": "postgres:worker"}
+        rows = self.s.sql("SELECT pid, application_name FROM pg_stat_activity"
+                          " WHERE application_name = ANY(%s)", list(names))
+        return {int(pid): names[app] for pid, app in rows}
+
     def _sample(self):
+        sessions = self._sessions()
         table = proc_table()
-        owner = {}
+        owner = dict(sessions)
         for part, root in self.roots.items():
             owner[root] = part
         # Children (and their children) belong to their root's part.
@@ -277,9 +287,14 @@ def per_event(cpu_ms, requests):
     out = {}
     for part, ms in cpu_ms.items():
         key = {"handle-stripe-webhook": "webhook", "mindroom-lifecycle": "worker",
-               "postgres": "postgres", "nginx": "nginx"}.get(part, "other")
+               "postgres": "postgres", "nginx": "nginx", "postgres:webhook": "postgres:webhook",
+               "postgres:worker": "postgres:worker"}.get(part, "other")
         out[key] = out.get(key, 0) + ms * 1000.0 / max(requests, 1)
-    out["total"] = sum(out.values())
+    # postgres is every process of the cluster; its webhook and worker sessions
+    # are also shown on their own (a part of it, not added to the total again).
+    for k in ("postgres:webhook", "postgres:worker"):
+        out["postgres"] = out.get("postgres", 0) + out.get(k, 0)
+    out["total"] = sum(v for k, v in out.items() if ":" not in k)
     return {k: round(v, 1) for k, v in out.items()}
 
 def wrk(url, conns, seconds, args=(), threads=2):
@@ -666,6 +681,10 @@ def report(res):
         print("    %-8s total %6.0f = postgres %5.0f, webhook %5.0f, nginx %5.0f, worker %5.0f, other %5.0f"
               % (name, c["total"], c.get("postgres", 0), c.get("webhook", 0), c.get("nginx", 0),
                  c.get("worker", 0), c.get("other", 0)))
+        print("             postgres: the webhook's sessions %5.0f, the lifecycle worker's %5.0f,"
+              " the rest (WAL writer, checkpointer, autovacuum...) %5.0f"
+              % (c.get("postgres:webhook", 0), c.get("postgres:worker", 0),
+                 c.get("postgres", 0) - c.get("postgres:webhook", 0) - c.get("postgres:worker", 0)))
     res["ratios"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
     res["targets_met"] = ok
     return all(ok.values()) and not (su["non200"] + nw["non200"] + sp["non200"] + npd["non200"]
