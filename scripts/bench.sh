@@ -20,7 +20,7 @@
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECTIONS=(runtime webhook lifecycle health usage)
+SECTIONS=(runtime webhook provision lifecycle health usage)
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
@@ -173,6 +173,14 @@ bench_webhook() {
 bench_lifecycle() {
   echo "== lifecycle: Stripe's deliveries never wait on provisioning; claims at scale"
   BENCH_SECONDS=$DURATION "$PY" scripts/bench/lifecycle_bench.py
+}
+
+# What creating an instance costs the lifecycle worker, the provisioner (dry-run),
+# nginx and PostgreSQL, per instance, with 3,000 owed creates and the worker alone
+# (docs/benchmarks.md, Webhook event cost).
+bench_provision() {
+  echo "== provision: CPU per created instance, by part"
+  "$PY" scripts/bench/provision_bench.py
 }
 
 # track-usage: 100 instances' tokens round-robin through nginx vs pgbench calling

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""What creating an instance costs (the provision section of scripts/bench.sh).
+
+The configuration `make run` runs: every function, the lifecycle worker, nginx,
+PostgreSQL with fsync on, the real dokku-provisioner in dry-run mode. BENCH_OWED
+(3,000) new subscriptions are delivered through the webhook while the lifecycle
+worker is stopped (SIGSTOP), so that they wait as owed creates; then the worker is
+let go alone, and the CPU each part spends until every instance runs is divided by
+their number:
+
+  postgres (worker)   the lifecycle worker's sessions (their application name)
+  postgres (rest)     the cluster's other processes (WAL writer, checkpointer...)
+  worker              the lifecycle worker's processes
+  provisioner         dokku-provisioner's processes (dry-run: no Dokku)
+  nginx               nginx, which carries the worker's calls to the provisioner
+
+and the rate at which they were created. A new subscription's cost to the webhook
+itself is the webhook section's. Prints a table and writes build/bench/provision.json.
+Environment: BENCH_OWED (3000), MR_BUILD (build/release).
+"""
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests/integration"))
+sys.path.insert(0, str(ROOT / "scripts/bench"))
+os.environ.setdefault("MR_BUILD", "build/release")
+import mr  # noqa: E402
+import psycopg2  # noqa: E402
+from webhook_bench import ACCOUNTS, TICK, proc_table, quiesce, write_events, wrk  # noqa: E402
+
+OWED = int(os.environ.get("BENCH_OWED", "3000"))
+OUT = ROOT / "build/bench"
+WORKER = "mindroom-lifecycle"
+
+
+def tree(root):
+    """root and its descendants."""
+    table = proc_table()
+    out, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in table.items():
+            if ppid in out and pid not in out:
+                out.add(pid)
+                grew = True
+    return out
+
+
+def ticks(pids):
+    table = proc_table()
+    return {p: table[p][1] for p in pids if p in table}
+
+
+def run():
+    pg = mr.Cluster(fsync=True)
+    try:
+        pg.make_template()
+        with mr.Stack(pg, env={"DOKKU_MODE": "dry-run", "HEALTH_INTERVAL_S": "600"}) as s:
+            s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(),"
+                  " 'bench' || i || '@example.com' FROM generate_series(1, %s) AS i", ACCOUNTS)
+            s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || split_part(email, '@', 1)"
+                  " WHERE email LIKE 'bench%%@example.com'")
+            worker = tree(s.master_pid(WORKER))
+            for p in worker:
+                os.kill(p, signal.SIGSTOP)
+            try:
+                print("bench provision: %d new subscriptions, the worker stopped..." % OWED, flush=True)
+                events = s.run / "owed.txt"
+                write_events(events, OWED, "pv", s.env["STRIPE_WEBHOOK_SECRET"])
+                # wrk cycles through the file: later rounds are duplicates, answered
+                # from the webhook's memory; the count below is what matters.
+                wrk(s.url("handle-stripe-webhook"), 8, max(5, OWED // 300), [events, 2])
+                owed = s.sql("SELECT count(*) FROM instances WHERE owed_action = 'create'")[0][0]
+                if owed != OWED:
+                    raise RuntimeError("%d creates owed, expected %d" % (owed, OWED))
+                # One session of the bench's own, opened now and left out of the sums.
+                conn = psycopg2.connect(pg.conninfo(s.db))
+                conn.autocommit = True
+                cur = conn.cursor()
+                cur.execute("SELECT pg_backend_pid()")
+                poller = cur.fetchone()[0]
+                quiesce()
+                postmaster = int(Path(pg.dir, "data/postmaster.pid").read_text().split()[0])
+                parts = {"worker": worker,
+                         "provisioner": tree(s.master_pid("dokku-provisioner")),
+                         "nginx": tree(s.nginx.pid),
+                         "postgres": tree(postmaster) - {poller}}
+                before = {k: ticks(v) for k, v in parts.items()}
+            finally:
+                for p in worker:
+                    os.kill(p, signal.SIGCONT)
+            print("bench provision: the worker let go; waiting for every instance to run...", flush=True)
+            t0 = time.monotonic()
+            sessions = set()
+            left = owed
+            while left and time.monotonic() - t0 < 900:
+                # The worker's sessions: by the application name its connections carry.
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (WORKER,))
+                sessions |= {int(pid) for (pid,) in cur.fetchall()}
+                cur.execute("SELECT count(*) FROM instances WHERE status <> 'running'")
+                left = cur.fetchone()[0]
+                time.sleep(0.5)
+            seconds = time.monotonic() - t0
+            # Sessions opened meanwhile count from zero (ended ones are in the
+            # postmaster's reaped children's time); the bench's own session is left out.
+            parts["postgres"] = tree(postmaster) - {poller}
+            parts["postgres:worker"] = sessions
+            after = {k: ticks(v) for k, v in parts.items()}
+            before["postgres:worker"] = {p: t for p, t in before["postgres"].items() if p in sessions}
+            us = {}
+            for k in parts:
+                d = sum(after[k].get(p, 0) - before[k].get(p, 0) for p in after[k])
+                us[k] = round(d * 1e6 / TICK / owed, 1)
+            us["postgres:rest"] = round(us["postgres"] - us["postgres:worker"], 1)
+            conn.close()
+            return {"owed": owed, "left": left, "seconds": round(seconds, 1),
+                    "per_s": round(owed / seconds, 1), "cpu_us_per_instance": us,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    finally:
+        pg.destroy()
+
+
+def main():
+    res = run()
+    c = res["cpu_us_per_instance"]
+    print()
+    print("provision benchmark, %s; %d owed creates, the worker alone, provisioner in dry-run"
+          % (res["date"], res["owed"]))
+    print("  all running after %.1f s: %.0f instances/s%s"
+          % (res["seconds"], res["per_s"], "" if not res["left"] else ", %d NOT running" % res["left"]))
+    print("  CPU per instance (us): postgres %.0f (the worker's sessions %.0f, the rest %.0f),"
+          " worker %.0f, provisioner %.0f, nginx %.0f"
+          % (c["postgres"], c["postgres:worker"], c["postgres:rest"], c["worker"], c["provisioner"],
+             c["nginx"]))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "provision.json").write_text(json.dumps(res, indent=2) + "\n")
+    print("  written to %s" % (OUT / "provision.json"))
+    return 0 if not res["left"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
