@@ -541,6 +541,24 @@ mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
     }
 }
 
+mr_err mr_db_call_json(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
+                       const char *const *params, cJSON **out, char *err, size_t errlen)
+{
+    char *text = NULL;
+    *out = NULL;
+    mr_err e = mr_db_call(db, who, stmt, params, NULL, &text, err, errlen);
+    if (e != MR_OK)
+        return e;
+    *out = text ? mr_json_parse(text, strlen(text)) : NULL;
+    free(text);
+    if (!cJSON_IsObject(*out)) {
+        cJSON_Delete(*out);
+        *out = NULL;
+        return mr_seterr(err, errlen, MR_EINTERNAL, "unexpected answer from the database");
+    }
+    return MR_OK;
+}
+
 /* ---- notifications ------------------------------------------------------ */
 
 mr_err mr_db_listen(mr_db *db, const char *channel, char *err, size_t errlen)

@@ -32,6 +32,7 @@
 
 #include <libpq-fe.h>
 #include "mr_common.h"
+#include "mr_json.h"
 
 typedef struct mr_db mr_db;
 
@@ -85,6 +86,12 @@ mr_err mr_db_tx(mr_db *db, const mr_identity *who,
 mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
                   const char *const *params, const int *lengths, char **out,
                   char *err, size_t errlen);
+
+/* mr_db_call for a statement that answers one jsonb object: *out is that object,
+ * parsed (the caller cJSON_Delete()s it). No row, SQL NULL or anything but an
+ * object is MR_EINTERNAL ("unexpected answer from the database"). */
+mr_err mr_db_call_json(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
+                       const char *const *params, cJSON **out, char *err, size_t errlen);
 
 /* Notifications. mr_db_listen connects if needed and runs LISTEN channel (a
  * constant identifier: [a-z_]+). mr_db_socket is the socket to wait on (-1 when

@@ -50,30 +50,11 @@ const cJSON *mr_instance_of(const mr_instance_result *res)
     return cJSON_IsObject(i) ? i : NULL;
 }
 
-/* Runs one statement returning one jsonb and parses it into *out. */
-static mr_err call_json(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
-                        const char *const *params, cJSON **out, char *err, size_t errlen)
-{
-    char *text = NULL;
-    *out = NULL;
-    mr_err e = mr_db_call(db, who, stmt, params, NULL, &text, err, errlen);
-    if (e != MR_OK)
-        return e;
-    *out = text ? mr_json_parse(text, strlen(text)) : NULL;
-    free(text);
-    if (!cJSON_IsObject(*out)) {
-        cJSON_Delete(*out);
-        *out = NULL;
-        return mr_seterr(err, errlen, MR_EINTERNAL, "unexpected answer from the database");
-    }
-    return MR_OK;
-}
-
 static mr_err request(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
                       const char *const *params, mr_instance_result *res, char *err, size_t errlen)
 {
     memset(res, 0, sizeof *res);
-    mr_err e = call_json(db, who, stmt, params, &res->reply, err, errlen);
+    mr_err e = mr_db_call_json(db, who, stmt, params, &res->reply, err, errlen);
     if (e != MR_OK)
         return e;
     const char *s = NULL;
@@ -158,7 +139,7 @@ cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_c
             nanosleep(&ts, NULL);
             const char *p[] = {iid};
             cJSON *fresh = NULL;
-            mr_err e = call_json(db, who, &get_stmt, p, &fresh, err, sizeof err);
+            mr_err e = mr_db_call_json(db, who, &get_stmt, p, &fresh, err, sizeof err);
             if (e != MR_OK) {
                 cJSON_Delete(inst);
                 return error_answer(e, err, status);

@@ -204,26 +204,16 @@ static mr_err token_prepare(const char *iid, const cJSON *step, const cJSON *sec
 static mr_err secrets_issue(worker *w, const char *iid, const cJSON *token, const cJSON *hs_rows,
                             cJSON **stored, char *err, size_t errlen)
 {
-    char *t = token ? mr_json_print(token) : NULL, *h = hs_rows ? mr_json_print(hs_rows) : NULL,
-         *text = NULL;
+    char *t = token ? mr_json_print(token) : NULL, *h = hs_rows ? mr_json_print(hs_rows) : NULL;
     *stored = NULL;
     mr_err e = (token && !t) || (hs_rows && !h) ? mr_seterr(err, errlen, MR_EINTERNAL, "out of memory")
                                                  : MR_OK;
     const char *p[] = {iid, t, h};
     if (e == MR_OK)
-        e = mr_db_call(w->db, &mr_service_identity, &issue_stmt, p, NULL, &text, err, errlen);
+        e = mr_db_call_json(w->db, &mr_service_identity, &issue_stmt, p, stored, err, errlen);
     free(t);
     free(h);
-    if (e != MR_OK)
-        return e;
-    *stored = text ? mr_json_parse(text, strlen(text)) : NULL;
-    free(text);
-    if (!cJSON_IsObject(*stored)) {
-        cJSON_Delete(*stored);
-        *stored = NULL;
-        return mr_seterr(err, errlen, MR_EINTERNAL, "the instance's secrets were not stored");
-    }
-    return MR_OK;
+    return e;
 }
 
 /* The instance's token in clear (*token, malloc'd: the caller wipes and frees it),

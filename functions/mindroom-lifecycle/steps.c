@@ -41,19 +41,7 @@ static int abort_step(void *arg)
 static mr_err call_json(worker *w, const mr_db_stmt *stmt, const char *const *params,
                         cJSON **out, char *err, size_t errlen)
 {
-    char *text = NULL;
-    *out = NULL;
-    mr_err e = mr_db_call(w->db, &mr_service_identity, stmt, params, NULL, &text, err, errlen);
-    if (e != MR_OK)
-        return e;
-    *out = text ? mr_json_parse(text, strlen(text)) : NULL;
-    free(text);
-    if (!cJSON_IsObject(*out)) {
-        cJSON_Delete(*out);
-        *out = NULL;
-        return mr_seterr(err, errlen, MR_EINTERNAL, "unexpected answer from the database");
-    }
-    return MR_OK;
+    return mr_db_call_json(w->db, &mr_service_identity, stmt, params, out, err, errlen);
 }
 
 /* What the welcome email's step gives without a Resend key: it waits an hour and
