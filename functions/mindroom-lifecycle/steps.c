@@ -275,7 +275,7 @@ static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
          * lifecycle_finish records it instead of chaining a step that could only
          * say so (112_email_in_finish.sql). */
         if (action != MR_ACTION_EMAIL && !wcfg.resend_api_key)
-            email_unsendable(cJSON_AddObjectToObject(result, "email"));
+            email_unsendable(cJSON_AddObjectToObject(result, "welcome_email"));
         cJSON *next = NULL;
         mr_err e = finish(w, instance_id, tok, result, &next, err, errlen);
         cJSON_Delete(result);

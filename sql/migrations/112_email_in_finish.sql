@@ -6,11 +6,11 @@
 -- hour": one more finish (a transaction, the step's JSON built and read) for nothing
 -- but that answer, about a third of the database's work per created instance. The
 -- worker now says in each step's result what an email step would give right now
--- ("email": {"ok": false, "error", "retry_in_s"}), and when the welcome email is what
+-- ("welcome_email": {"ok": false, "error", "retry_in_s"}), and when the welcome email is what
 -- comes next and is due, lifecycle_finish records that outcome as the email step's
 -- and gives the lease back. The outcome, the attempts count, the error and the next
 -- attempt are what the email step would have recorded; with a key the result carries
--- no "email" and the email is chained and sent as before.
+-- no "welcome_email" and the email is chained and sent as before.
 --
 -- Redefines public.lifecycle_finish (070_tenant.sql): the email's outcome is applied
 -- in one place, for the email step and for this case alike, and the same statement
@@ -120,8 +120,8 @@ BEGIN
     -- would give now (it cannot send it): that is its outcome.
     IF v_email IS NULL AND v_ok AND i.owed_action = 'email'
        AND (i.welcome_email_next_at IS NULL OR i.welcome_email_next_at <= now())
-       AND jsonb_typeof(p_result->'email') = 'object' THEN
-        v_email := p_result->'email';
+       AND jsonb_typeof(p_result->'welcome_email') = 'object' THEN
+        v_email := p_result->'welcome_email';
     END IF;
     -- The email is the last step of a chain: its update gives the lease back too
     -- (taken again below in the rare case that something else is due now).

@@ -25,7 +25,7 @@ INSERT INTO r VALUES ('c1', public.lifecycle_claim('w1', 60));
 SELECT is((SELECT v #>> '{step,action}' FROM r WHERE k = 'c1'), 'create', 'the create is claimed');
 INSERT INTO r VALUES ('f1', pg_temp.finish('c1', jsonb_build_object('ok', true, 'frontend_url', 'https://m1.example',
     'config_version', (SELECT v #>> '{step,config_version}' FROM r WHERE k = 'c1')::bigint,
-    'email', '{"ok": false, "error": "skipped: RESEND_API_KEY is not set", "retry_in_s": 3600}'::jsonb)));
+    'welcome_email', '{"ok": false, "error": "skipped: RESEND_API_KEY is not set", "retry_in_s": 3600}'::jsonb)));
 SELECT is((SELECT v->>'outcome' FROM r WHERE k = 'f1'), 'done', 'done: no email step chained');
 SELECT results_eq($$SELECT status::text, frontend_url, claimed_by, welcome_email_sent_at, welcome_email_attempts,
                            welcome_email_error, owed_action::text, owed_due_at = now() + interval '1 hour'
@@ -46,7 +46,7 @@ INSERT INTO r VALUES ('c2', public.lifecycle_claim('w1', 60));
 SELECT is((SELECT v #>> '{step,action}' FROM r WHERE k = 'c2'), 'update', 'an update is claimed');
 SELECT is(pg_temp.finish('c2', jsonb_build_object('ok', true,
     'config_version', (SELECT v #>> '{step,config_version}' FROM r WHERE k = 'c2')::bigint,
-    'email', '{"ok": false, "error": "skipped: RESEND_API_KEY is not set", "retry_in_s": 3600}'::jsonb))->>'outcome',
+    'welcome_email', '{"ok": false, "error": "skipped: RESEND_API_KEY is not set", "retry_in_s": 3600}'::jsonb))->>'outcome',
     'done', 'update done');
 SELECT results_eq($$SELECT welcome_email_attempts, owed_due_at = welcome_email_next_at,
                            welcome_email_next_at BETWEEN now() + interval '9 minutes' AND now() + interval '10 minutes'
@@ -58,14 +58,14 @@ SELECT results_eq($$SELECT welcome_email_attempts, owed_due_at = welcome_email_n
 SELECT is(public.lifecycle_provision('71300000-0000-4000-8000-000000000002')->>'outcome', 'ok', 'another');
 INSERT INTO r VALUES ('c3', public.lifecycle_claim('w1', 60));
 SELECT is(pg_temp.finish('c3', '{"ok": false, "error": "provisioner answered 500",
-    "email": {"ok": false, "error": "skipped: RESEND_API_KEY is not set", "retry_in_s": 3600}}')->>'outcome',
+    "welcome_email": {"ok": false, "error": "skipped: RESEND_API_KEY is not set", "retry_in_s": 3600}}')->>'outcome',
     'failed', 'the create failed');
 SELECT results_eq($$SELECT status::text, welcome_email_attempts, welcome_email_error, owed_action::text
                       FROM pg_temp.inst('71300000-0000-4000-8000-000000000002')$$,
                   $$VALUES ('failed', 0, NULL::text, 'create')$$,
                   'a failed create: the email untouched, the create owed');
 
--- 4. With a key (no "email" in the result) the email is chained as before -----------------
+-- 4. With a key (no "welcome_email" in the result) the email is chained as before -----------------
 RESET role;
 UPDATE public.instances SET next_attempt_at = now() - interval '1 second'
  WHERE subscription_id = '71300000-0000-4000-8000-000000000002';
