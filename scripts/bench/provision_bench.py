@@ -9,7 +9,8 @@ let go alone, and the CPU each part spends until every instance runs is divided 
 their number:
 
   postgres (worker)   the lifecycle worker's sessions (their application name)
-  postgres (rest)     the cluster's other processes (WAL writer, checkpointer...)
+  postgres (rest)     the cluster's other processes (WAL writer, checkpointer,
+                      this bench's polling session...)
   worker              the lifecycle worker's processes
   provisioner         dokku-provisioner's processes (dry-run: no Dokku)
   nginx               nginx, which carries the worker's calls to the provisioner
@@ -31,29 +32,11 @@ sys.path.insert(0, str(ROOT / "scripts/bench"))
 os.environ.setdefault("MR_BUILD", "build/release")
 import mr  # noqa: E402
 import psycopg2  # noqa: E402
-from webhook_bench import ACCOUNTS, TICK, proc_table, quiesce, write_events, wrk  # noqa: E402
+from webhook_bench import ACCOUNTS, Cpu, quiesce, write_events, wrk  # noqa: E402
 
 OWED = int(os.environ.get("BENCH_OWED", "3000"))
 OUT = ROOT / "build/bench"
 WORKER = "mindroom-lifecycle"
-
-
-def tree(root):
-    """root and its descendants."""
-    table = proc_table()
-    out, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, (ppid, _) in table.items():
-            if ppid in out and pid not in out:
-                out.add(pid)
-                grew = True
-    return out
-
-
-def ticks(pids):
-    table = proc_table()
-    return {p: table[p][1] for p in pids if p in table}
 
 
 def run():
@@ -65,7 +48,8 @@ def run():
                   " 'bench' || i || '@example.com' FROM generate_series(1, %s) AS i", ACCOUNTS)
             s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || split_part(email, '@', 1)"
                   " WHERE email LIKE 'bench%%@example.com'")
-            worker = tree(s.master_pid(WORKER))
+            cpu = Cpu(pg, s)
+            worker = cpu.pids(WORKER)
             for p in worker:
                 os.kill(p, signal.SIGSTOP)
             try:
@@ -78,45 +62,30 @@ def run():
                 owed = s.sql("SELECT count(*) FROM instances WHERE owed_action = 'create'")[0][0]
                 if owed != OWED:
                     raise RuntimeError("%d creates owed, expected %d" % (owed, OWED))
-                # One session of the bench's own, opened now and left out of the sums.
+                # One session polls (a connection per poll would cost more than it
+                # measures); its little time is among the rest of PostgreSQL's.
                 conn = psycopg2.connect(pg.conninfo(s.db))
                 conn.autocommit = True
                 cur = conn.cursor()
-                cur.execute("SELECT pg_backend_pid()")
-                poller = cur.fetchone()[0]
                 quiesce()
-                postmaster = int(Path(pg.dir, "data/postmaster.pid").read_text().split()[0])
-                parts = {"worker": worker,
-                         "provisioner": tree(s.master_pid("dokku-provisioner")),
-                         "nginx": tree(s.nginx.pid),
-                         "postgres": tree(postmaster) - {poller}}
-                before = {k: ticks(v) for k, v in parts.items()}
+                cpu.start()
             finally:
                 for p in worker:
                     os.kill(p, signal.SIGCONT)
             print("bench provision: the worker let go; waiting for every instance to run...", flush=True)
             t0 = time.monotonic()
-            sessions = set()
             left = owed
             while left and time.monotonic() - t0 < 900:
-                # The worker's sessions: by the application name its connections carry.
-                cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (WORKER,))
-                sessions |= {int(pid) for (pid,) in cur.fetchall()}
                 cur.execute("SELECT count(*) FROM instances WHERE status <> 'running'")
                 left = cur.fetchone()[0]
                 time.sleep(0.5)
             seconds = time.monotonic() - t0
-            # Sessions opened meanwhile count from zero (ended ones are in the
-            # postmaster's reaped children's time); the bench's own session is left out.
-            parts["postgres"] = tree(postmaster) - {poller}
-            parts["postgres:worker"] = sessions
-            after = {k: ticks(v) for k, v in parts.items()}
-            before["postgres:worker"] = {p: t for p, t in before["postgres"].items() if p in sessions}
-            us = {}
-            for k in parts:
-                d = sum(after[k].get(p, 0) - before[k].get(p, 0) for p in after[k])
-                us[k] = round(d * 1e6 / TICK / owed, 1)
-            us["postgres:rest"] = round(us["postgres"] - us["postgres:worker"], 1)
+            ms = cpu.stop()
+            per = lambda *parts: round(sum(ms.get(k, 0) for k in parts) * 1000 / owed, 1)  # noqa: E731
+            us = {"postgres:worker": per("postgres:worker"),
+                  "postgres:rest": per("postgres", "postgres:webhook"),
+                  "postgres": per("postgres", "postgres:webhook", "postgres:worker"),
+                  "worker": per(WORKER), "provisioner": per("dokku-provisioner"), "nginx": per("nginx")}
             conn.close()
             return {"owed": owed, "left": left, "seconds": round(seconds, 1),
                     "per_s": round(owed / seconds, 1), "cpu_us_per_instance": us,

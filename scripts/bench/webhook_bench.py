@@ -267,8 +267,9 @@ class Cpu:
                     changed = True
         return {pid: (owner[pid], ticks) for pid, (_, ticks) in table.items() if pid in owner}
 
-    def pids(self):
-        return sorted(self._sample())
+    def pids(self, part=None):
+        """This stack's processes (part: only that part's, e.g. a function's name)."""
+        return sorted(pid for pid, (owner, _) in self._sample().items() if part in (None, owner))
 
     def start(self):
         self.t0 = self._sample()
