@@ -161,17 +161,15 @@ static mr_err hs_prepare(const char *iid, const cJSON *secrets, cJSON **keys, cJ
     return e;
 }
 
-/* The sealed control-plane token of the instance's live credential (*ct, pointing
- * into secrets) when it has one; else a fresh token generated and sealed, as
+/* The sealed control-plane token of the live credential live_key (*ct, pointing
+ * into secrets) when the instance has one; else a fresh token generated and sealed, as
  * {"key_id", "hash", "ciphertext", "digest"} for instance_token_issue (*fresh, the
  * caller frees it). */
-static mr_err token_prepare(const char *iid, const cJSON *step, const cJSON *secrets,
+static mr_err token_prepare(const char *iid, const char *live_key, const cJSON *secrets,
                             const char **ct, cJSON **fresh, char *err, size_t errlen)
 {
-    const char *live_key = NULL;
     *ct = NULL;
     *fresh = NULL;
-    mr_json_str(step, "token_key_id", &live_key);
     for (const cJSON *s = secrets ? secrets->child : NULL; s && live_key; s = s->next) {
         const char *kind = NULL, *name = NULL;
         if (mr_json_str(s, "kind", &kind) == MR_OK && !strcmp(kind, "control_plane") &&
@@ -218,12 +216,10 @@ static mr_err secrets_issue(worker *w, const char *iid, const cJSON *token, cons
 
 /* The instance's token in clear (*token, malloc'd: the caller wipes and frees it),
  * opened from ct; it must be a token, of the live credential unless just issued. */
-static mr_err token_open(const char *iid, const cJSON *step, const char *ct, int issued,
+static mr_err token_open(const char *iid, const char *live_key, const char *ct, int issued,
                          char **token, char *err, size_t errlen)
 {
-    const char *live_key = NULL;
     char kid[MR_ITOKEN_KEY_ID_LEN + 1];
-    mr_json_str(step, "token_key_id", &live_key);
     mr_err e = open_secret(iid, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct, token, err,
                            errlen);
     if (e != MR_OK)
@@ -248,11 +244,12 @@ static mr_err token_open(const char *iid, const cJSON *step, const char *ct, int
 static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const cJSON *secrets,
                            int homeserver, char **token, cJSON **keys, char *err, size_t errlen)
 {
-    const char *ct = NULL;
+    const char *ct = NULL, *live_key = NULL; /* the live credential's key id, if any */
     cJSON *fresh = NULL, *rows = NULL, *stored = NULL;
     *token = NULL;
     *keys = NULL;
-    mr_err e = token_prepare(iid, step, secrets, &ct, &fresh, err, errlen);
+    mr_json_str(step, "token_key_id", &live_key);
+    mr_err e = token_prepare(iid, live_key, secrets, &ct, &fresh, err, errlen);
     if (e == MR_OK && homeserver)
         e = hs_prepare(iid, secrets, keys, &rows, err, errlen);
     if (e == MR_OK && (fresh || rows))
@@ -273,7 +270,7 @@ static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const 
             mr_log(MR_LOG_INFO, "instance %s: homeserver keys generated", iid);
     }
     if (e == MR_OK)
-        e = token_open(iid, step, ct, fresh != NULL, token, err, errlen);
+        e = token_open(iid, live_key, ct, fresh != NULL, token, err, errlen);
     cJSON_Delete(fresh);
     cJSON_Delete(rows);
     cJSON_Delete(stored);
