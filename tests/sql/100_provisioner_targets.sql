@@ -154,9 +154,13 @@ SELECT is(public.target_of_kept_storage('mindroom-p102',
           NULL, 'once that data is destroyed, nothing holds it there');
 
 -- 5. Teardowns go to the instance's own target -------------------------------------------
+-- One of the 100 placed instances on each (not the destroyed 'mindroom-p102' above,
+-- whose deletion owes no teardown: ids are random, so the choice must exclude it).
 CREATE TEMP TABLE gone AS
-SELECT (SELECT id FROM public.instances WHERE target_id = 911 AND claimed_by IS NULL ORDER BY id LIMIT 1) AS on_alpha,
-       (SELECT id FROM public.instances WHERE target_id = 912 AND claimed_by IS NULL ORDER BY id LIMIT 1) AS on_beta;
+SELECT (SELECT i.id FROM public.instances i JOIN placed p ON i.dokku_app_name = 'mindroom-p' || p.n
+         WHERE i.target_id = 911 AND i.claimed_by IS NULL ORDER BY i.id LIMIT 1) AS on_alpha,
+       (SELECT i.id FROM public.instances i JOIN placed p ON i.dokku_app_name = 'mindroom-p' || p.n
+         WHERE i.target_id = 912 AND i.claimed_by IS NULL ORDER BY i.id LIMIT 1) AS on_beta;
 GRANT ALL ON gone TO service_role;
 DELETE FROM public.instances WHERE id IN (SELECT on_alpha FROM gone UNION ALL SELECT on_beta FROM gone);
 SELECT results_eq($$SELECT t.instance_id, t.target_id FROM public.instance_teardowns t
