@@ -38,12 +38,6 @@ static int abort_step(void *arg)
     return mr_now_ms() - stop_seen_ms >= wcfg.stop_grace_ms;
 }
 
-static mr_err call_json(worker *w, const mr_db_stmt *stmt, const char *const *params,
-                        cJSON **out, char *err, size_t errlen)
-{
-    return mr_db_call_json(w->db, &mr_service_identity, stmt, params, out, err, errlen);
-}
-
 /* What the welcome email's step gives without a Resend key: it waits an hour and
  * asks again (a key may have been configured since): owed, not failed. */
 static void email_unsendable(cJSON *result)
@@ -211,7 +205,7 @@ static mr_err finish(worker *w, const char *instance_id, const char *token, cons
             struct timespec ts = {0, (250L << attempt) * 1000000L};
             nanosleep(&ts, NULL);
         }
-        e = call_json(w, &finish_stmt, p, reply, err, errlen);
+        e = mr_db_call_json(w->db, &mr_service_identity, &finish_stmt, p, reply, err, errlen);
         if (e != MR_ETRANSIENT)
             break;
     }
@@ -312,7 +306,7 @@ mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_
     cJSON *reply = NULL;
     *outcome = CLAIM_NONE;
     *next_due_ms = -1;
-    mr_err e = call_json(w, &claim_stmt, p, &reply, err, errlen);
+    mr_err e = mr_db_call_json(w->db, &mr_service_identity, &claim_stmt, p, &reply, err, errlen);
     if (e != MR_OK)
         return e;
     const char *o = "";
