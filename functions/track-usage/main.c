@@ -160,11 +160,9 @@ static void handle(mr_req *r)
 
     /* 3. Count it (or not), in one round trip. */
     const char *p[] = {iid, key_id, rep.agent[0] ? rep.agent : NULL, rep.tool[0] ? rep.tool : NULL};
-    char *text = NULL;
+    cJSON *res = NULL;
     mr_identity who = mr_req_service(r);
-    e = mr_db_call(r->db, &who, &track_stmt, p, NULL, &text, err, sizeof err);
-    cJSON *res = e == MR_OK && text ? mr_json_parse(text, strlen(text)) : NULL;
-    free(text);
+    e = mr_db_call_json(r->db, &who, &track_stmt, p, &res, err, sizeof err);
     const char *outcome = "";
     if (e == MR_OK && mr_json_str(res, "outcome", &outcome) != MR_OK)
         e = mr_seterr(err, sizeof err, MR_EINTERNAL, "unexpected answer from the database");
