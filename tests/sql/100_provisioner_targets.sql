@@ -157,10 +157,10 @@ SELECT is(public.target_of_kept_storage('mindroom-p102',
 -- One of the 100 placed instances on each (not the destroyed 'mindroom-p102' above,
 -- whose deletion owes no teardown: ids are random, so the choice must exclude it).
 CREATE TEMP TABLE gone AS
-SELECT (SELECT i.id FROM public.instances i JOIN placed p ON i.dokku_app_name = 'mindroom-p' || p.n
-         WHERE i.target_id = 911 AND i.claimed_by IS NULL ORDER BY i.id LIMIT 1) AS on_alpha,
-       (SELECT i.id FROM public.instances i JOIN placed p ON i.dokku_app_name = 'mindroom-p' || p.n
-         WHERE i.target_id = 912 AND i.claimed_by IS NULL ORDER BY i.id LIMIT 1) AS on_beta;
+WITH ours AS (SELECT i.id, i.target_id FROM public.instances i JOIN placed p
+                ON i.dokku_app_name = 'mindroom-p' || p.n WHERE i.claimed_by IS NULL)
+SELECT (SELECT id FROM ours WHERE target_id = 911 ORDER BY id LIMIT 1) AS on_alpha,
+       (SELECT id FROM ours WHERE target_id = 912 ORDER BY id LIMIT 1) AS on_beta;
 GRANT ALL ON gone TO service_role;
 DELETE FROM public.instances WHERE id IN (SELECT on_alpha FROM gone UNION ALL SELECT on_beta FROM gone);
 SELECT results_eq($$SELECT t.instance_id, t.target_id FROM public.instance_teardowns t
