@@ -258,6 +258,10 @@ int main(int argc, char **argv)
         return 2;
     }
     curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (payload_prime(err, sizeof err) != MR_OK) {
+        fprintf(stderr, "startup: cannot generate and seal a secret: %s\n", err);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     mr_log(MR_LOG_INFO, "starting %d workers (version %s)", wcfg.workers, mr_version());
     int rc = mr_proc_supervise(wcfg.workers, child_main, NULL);

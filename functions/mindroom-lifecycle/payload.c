@@ -371,3 +371,33 @@ void payload_free(cJSON *p)
     wipe(p);
     cJSON_Delete(p);
 }
+
+/* The nil UUID: no instance has it (gen_random_uuid is version 4). */
+#define PRIME_INSTANCE "00000000-0000-0000-0000-000000000000"
+
+mr_err payload_prime(char *err, size_t errlen)
+{
+    char token[MR_ITOKEN_LEN + 1], kid[MR_ITOKEN_KEY_ID_LEN + 1], hash[MR_ITOKEN_HASH_HEX_LEN + 1],
+        digest[MR_SECRETS_DIGEST_LEN + 1], *ct = NULL, *opened = NULL;
+    mr_homeserver_secrets hs;
+    if (mr_itoken_generate(token, kid, hash) != MR_OK)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "no randomness for a token");
+    mr_err e = mr_homeserver_generate(&hs, err, errlen);
+    if (e == MR_OK) {
+        mr_homeserver_wipe(&hs);
+        e = seal(PRIME_INSTANCE, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, token, &ct,
+                 digest, err, errlen);
+    }
+    if (e == MR_OK)
+        e = open_secret(PRIME_INSTANCE, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct,
+                        &opened, err, errlen);
+    if (e == MR_OK && strcmp(opened, token) != 0)
+        e = mr_seterr(err, errlen, MR_EINTERNAL, "a sealed secret did not open to itself");
+    if (opened) {
+        OPENSSL_cleanse(opened, strlen(opened));
+        free(opened);
+    }
+    free(ct);
+    OPENSSL_cleanse(token, sizeof token);
+    return e;
+}

@@ -101,6 +101,15 @@ void targets_forget(worker_target *t);
  * payload_free, which wipes every string. */
 mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_t errlen);
 void payload_free(cJSON *payload);
+/* Generates, seals and opens throwaway secrets once, as a first deploy does, in
+ * the supervisor before it forks the workers: OpenSSL builds its random generator
+ * and algorithm tables on first use, and built here they are shared by the
+ * workers (copy on write) instead of built again in each (about 120 KB less PSS
+ * per worker once it has created instances: docs/benchmarks.md). Each worker's
+ * generator still seeds itself anew: OpenSSL 3 reseeds it in a process of
+ * another pid (tests/unit/test_itoken.c checks it). A failure means the worker
+ * could seal nothing, so it does not start. */
+mr_err payload_prime(char *err, size_t errlen);
 
 /* ---- jobs.c ---- */
 

@@ -9,6 +9,8 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <openssl/sha.h>
 
@@ -59,6 +61,42 @@ static void test_generate(void **state)
     assert_true(mr_itoken_verify(t1, strlen(t1), h1));
     assert_false(mr_itoken_verify(t1, strlen(t1), h2));
     assert_false(mr_itoken_verify(t2, strlen(t2), h1));
+}
+
+/* The lifecycle worker's supervisor draws a token before it forks its workers
+ * (payload_prime: OpenSSL's generator is then built once and shared). Each worker
+ * must still draw its own: OpenSSL reseeds the generator in a process of another
+ * pid. Were it not reseeded, the two workers would draw the same token. */
+static void test_generate_after_fork(void **state)
+{
+    (void)state;
+    char tok[4][MR_ITOKEN_LEN + 1], kid[MR_ITOKEN_KEY_ID_LEN + 1], hash[MR_ITOKEN_HASH_HEX_LEN + 1];
+    assert_int_equal(mr_itoken_generate(tok[0], kid, hash), MR_OK);
+    for (int c = 1; c <= 2; c++) {
+        int fds[2];
+        assert_int_equal(pipe(fds), 0);
+        fflush(NULL);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+            char t[MR_ITOKEN_LEN + 1], k[MR_ITOKEN_KEY_ID_LEN + 1], h[MR_ITOKEN_HASH_HEX_LEN + 1];
+            int ok = mr_itoken_generate(t, k, h) == MR_OK &&
+                     write(fds[1], t, sizeof t) == (ssize_t)sizeof t;
+            _exit(ok ? 0 : 1);
+        }
+        close(fds[1]);
+        assert_int_equal(read(fds[0], tok[c], sizeof tok[c]), (ssize_t)sizeof tok[c]);
+        close(fds[0]);
+        int st = 0;
+        assert_int_equal(waitpid(pid, &st, 0), pid);
+        assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
+    assert_int_equal(mr_itoken_generate(tok[3], kid, hash), MR_OK);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(strlen(tok[i]), MR_ITOKEN_LEN);
+        for (int j = i + 1; j < 4; j++)
+            assert_string_not_equal(tok[i], tok[j]);
+    }
 }
 
 static void test_parse_refuses_other_shapes(void **state)
@@ -182,6 +220,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_generate),
+        cmocka_unit_test(test_generate_after_fork),
         cmocka_unit_test(test_parse_refuses_other_shapes),
         cmocka_unit_test(test_verify_refuses_malformed_hashes),
         cmocka_unit_test(test_report_accepts),
