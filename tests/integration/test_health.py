@@ -11,9 +11,12 @@ operator probes, the periodic round run once per interval across every worker
 process and host, tenants seeing only their own instances, and a backend outside
 the base domain never contacted.
 """
+import json
+import threading
 import time
 import uuid
 
+import psycopg2
 import pytest
 
 import mr
@@ -314,6 +317,50 @@ def test_an_operators_failures_count_once_per_interval(interval_stack, health_st
     r = check(s)
     assert by_id(r)[iid]["consecutive_failures"] == 2
     assert row(s, iid)["status"] == "running"
+
+
+def test_failures_recorded_at_once_count_once(stack):
+    """Two probers record a failure of one instance in the same interval at the same
+    time (the worker's round and an operator's probe): it counts once. The second
+    recording waits for the first one's row lock, then must decide on the row as the
+    first left it, not on what it read before it waited."""
+    s = stack
+    iid = make_instance(s, make_account(s), "http://%s.mindroom.test/" % uuid.uuid4().hex[:8])
+    results = json.dumps([{"instance_id": iid, "ok": False, "health_status": "unreachable",
+                           "error": "timeout"}])
+    record = ("SELECT consecutive_failures FROM public.health_record(%s::jsonb, 3, true, NULL, "
+              "86400)")
+    first = psycopg2.connect(s.pg.conninfo(s.db))
+    second = psycopg2.connect(s.pg.conninfo(s.db))
+    try:
+        with first.cursor() as c:
+            c.execute("SET ROLE service_role")
+            c.execute(record, (results,))
+            assert c.fetchone()[0] == 1
+        # The first recording holds the row; the second one starts meanwhile.
+        with second.cursor() as c:
+            c.execute("SET ROLE service_role")
+            c.execute("SELECT pg_backend_pid()")
+            pid = c.fetchone()[0]
+        got = []
+
+        def run():
+            with second.cursor() as c:
+                c.execute(record, (results,))
+                got.append(c.fetchone()[0])
+            second.commit()
+        t = threading.Thread(target=run)
+        t.start()
+        wait_until(lambda: s.sql("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                 pid) == [(True,)], timeout=10, what="the second recording waiting")
+        first.commit()
+        t.join(10)
+        assert got == [1], got
+        assert row(s, iid)["consecutive_failures"] == 1
+        assert row(s, iid)["status"] == "running"
+    finally:
+        first.close()
+        second.close()
 
 
 # ---- who sees what ------------------------------------------------------------------------
