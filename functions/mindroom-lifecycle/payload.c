@@ -375,29 +375,27 @@ void payload_free(cJSON *p)
 /* The nil UUID: no instance has it (gen_random_uuid is version 4). */
 #define PRIME_INSTANCE "00000000-0000-0000-0000-000000000000"
 
+/* A first deploy's secrets, prepared for no instance and thrown away: the same
+ * calls, so that whatever they use of OpenSSL is built here. */
 mr_err payload_prime(char *err, size_t errlen)
 {
-    char token[MR_ITOKEN_LEN + 1], kid[MR_ITOKEN_KEY_ID_LEN + 1], hash[MR_ITOKEN_HASH_HEX_LEN + 1],
-        digest[MR_SECRETS_DIGEST_LEN + 1], *ct = NULL, *opened = NULL;
-    mr_homeserver_secrets hs;
-    if (mr_itoken_generate(token, kid, hash) != MR_OK)
-        return mr_seterr(err, errlen, MR_EINTERNAL, "no randomness for a token");
-    mr_err e = mr_homeserver_generate(&hs, err, errlen);
-    if (e == MR_OK) {
-        mr_homeserver_wipe(&hs);
-        e = seal(PRIME_INSTANCE, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, token, &ct,
-                 digest, err, errlen);
-    }
+    const char *ct = NULL;
+    char *opened = NULL;
+    cJSON *fresh = NULL, *keys = NULL, *rows = NULL;
+    mr_err e = token_prepare(PRIME_INSTANCE, NULL, NULL, &ct, &fresh, err, errlen);
     if (e == MR_OK)
-        e = open_secret(PRIME_INSTANCE, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct,
-                        &opened, err, errlen);
-    if (e == MR_OK && strcmp(opened, token) != 0)
-        e = mr_seterr(err, errlen, MR_EINTERNAL, "a sealed secret did not open to itself");
+        e = hs_prepare(PRIME_INSTANCE, NULL, &keys, &rows, err, errlen);
+    if (e == MR_OK)
+        e = mr_json_str(fresh, "ciphertext", &ct) != MR_OK
+                ? mr_seterr(err, errlen, MR_EINTERNAL, "no sealed token was prepared")
+                : open_secret(PRIME_INSTANCE, "control_plane", MR_APPENV_CONTROL_PLANE_TOKEN, ct,
+                              &opened, err, errlen);
     if (opened) {
         OPENSSL_cleanse(opened, strlen(opened));
         free(opened);
     }
-    free(ct);
-    OPENSSL_cleanse(token, sizeof token);
+    payload_free(fresh);
+    payload_free(keys);
+    payload_free(rows);
     return e;
 }
