@@ -356,8 +356,9 @@ def test_failures_recorded_at_once_count_once(stack):
         first.commit()
         t.join(10)
         assert got == [1], got
-        assert row(s, iid)["consecutive_failures"] == 1
-        assert row(s, iid)["status"] == "running"
+        r = row(s, iid)
+        assert r["consecutive_failures"] == 1
+        assert r["status"] == "running"
     finally:
         first.close()
         second.close()
