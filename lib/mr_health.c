@@ -78,6 +78,7 @@ typedef struct {
     target *t;
     size_t n;
     char not_running[32];     /* one-instance mode: its status when not running */
+    int dry_run;              /* one-instance mode: its last deploy was a dry run */
     int found;
 } select_ctx;
 
@@ -112,12 +113,16 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
 
     targets_free(c);
     c->found = 0;
+    c->dry_run = 0;
     c->not_running[0] = '\0';
-    /* Named columns only: tenants have no SELECT on environment_vars. */
+    /* Named columns only: tenants have no SELECT on environment_vars. An instance a
+     * dry-run provisioner "deployed" has nothing at its URLs: it is left out
+     * (116_dry_run_not_probed.sql). */
     mr_err e = mr_db_exec(db,
-                          "SELECT id::text, status::text, backend_url, matrix_server_url"
+                          "SELECT id::text, status::text, dry_run, backend_url, matrix_server_url"
                           "  FROM public.instances "
-                          " WHERE ($1::uuid IS NULL AND status = 'running') OR id = $1::uuid "
+                          " WHERE ($1::uuid IS NULL AND status = 'running' AND NOT dry_run)"
+                          "    OR id = $1::uuid "
                           " ORDER BY id",
                           1, params, &res, NULL, err, errlen);
     if (e != MR_OK)
@@ -135,13 +140,17 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
             snprintf(c->not_running, sizeof c->not_running, "%s", status);
             continue;
         }
+        if (strcmp(PQgetvalue(res, i, 2), "t") == 0) {
+            c->dry_run = 1;
+            continue;
+        }
         target *t = &c->t[c->n++];
         snprintf(t->id, sizeof t->id, "%s", PQgetvalue(res, i, 0));
         for (int k = 0; k < N_PARTS; k++) {
             t->probe[k] = NO_PROBE;
-            if (PQgetisnull(res, i, 2 + k))
+            if (PQgetisnull(res, i, 3 + k))
                 continue;
-            if (!(t->url[k] = join_url(PQgetvalue(res, i, 2 + k), c->path[k]))) {
+            if (!(t->url[k] = join_url(PQgetvalue(res, i, 3 + k), c->path[k]))) {
                 PQclear(res);
                 return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
             }
@@ -254,6 +263,12 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         goto done;
     if (instance_id && !sc.found) {
         e = mr_seterr(err, errlen, MR_ENOTFOUND, "no instance %s", instance_id);
+        goto done;
+    }
+    if (instance_id && sc.n == 0 && sc.dry_run) {
+        e = mr_seterr(err, errlen, MR_ECONFLICT,
+                      "instance %s was deployed by a provisioner in dry-run mode: nothing serves "
+                      "it, so it is not probed", instance_id);
         goto done;
     }
     if (instance_id && sc.n == 0) {

@@ -1,4 +1,5 @@
-/* mr_health.h: one health round: select running instances, probe both of each
+/* mr_health.h: one health round: select running instances (not those whose last
+ * deploy was a dry run: nothing serves them), probe both of each
  * one's components concurrently (mr_probe: MindRoom at backend_url + HEALTH_PATH,
  * its homeserver at matrix_server_url + HEALTH_MATRIX_PATH), record what was seen
  * (public.health_record, 042). An instance is healthy only when both are.
@@ -44,7 +45,7 @@ void mr_health_config_load(mr_health_config *cfg);
  *                 "consecutive_failures", "marked_failed"}]}
  * (http_status and latency_ms at the top are MindRoom's.)
  * For one instance: MR_ENOTFOUND when `who` cannot see it, MR_ECONFLICT when it is
- * not running (err names its status). Database failures as mr_db_tx. */
+ * not running (err names its status) or a dry run deployed it. Database failures as mr_db_tx. */
 mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,
                        const char *instance_id, int counted, const char *round_started,
                        cJSON **out, char *err, size_t errlen);

@@ -50,6 +50,8 @@ static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_
         copy_str(j, "matrix_server_url", out->matrix_server_url, sizeof out->matrix_server_url);
         copy_str(j, "matrix_server_name", out->matrix_server_name, sizeof out->matrix_server_name);
         out->purged = j && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "purged"));
+        const cJSON *dry = j ? cJSON_GetObjectItemCaseSensitive(j, "dry_run") : NULL;
+        out->dry_run = cJSON_IsBool(dry) ? cJSON_IsTrue(dry) : -1;
         cJSON_Delete(j);
         return;
     }
@@ -70,6 +72,7 @@ static void call(mr_httpc *http, const mr_provisioner *p, const char *method, co
                  mr_provisioner_call *out)
 {
     memset(out, 0, sizeof *out);
+    out->dry_run = -1;
     int64_t t0 = mr_now_ms();
     char url[1024], auth[1024];
     size_t blen = strlen(p->url);

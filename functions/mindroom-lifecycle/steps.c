@@ -93,7 +93,7 @@ static void apply(worker *w, const mr_provisioner *p, const cJSON *step, mr_prov
 
 /* Carries out one step; fills result ({"ok", "rejected", "error", urls,
  * "config_version" (when the configuration was applied: POST /apps),
- * "restart_version", "matrix_server_name", "retention_s", "purged"}). Returns 1
+ * "restart_version", "matrix_server_name", "retention_s", "purged", "dry_run"}). Returns 1
  * when the call was aborted for a stop. */
 static int do_step(worker *w, mr_action action, const cJSON *step, const char *instance_id,
                    cJSON *result)
@@ -172,6 +172,9 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
             cJSON_AddStringToObject(result, "matrix_server_url", call.matrix_server_url);
         if (call.matrix_server_name[0])
             cJSON_AddStringToObject(result, "matrix_server_name", call.matrix_server_name);
+        /* Whether anything was deployed at all: a dry-run deploy is not probed. */
+        if (call.dry_run >= 0)
+            cJSON_AddBoolToObject(result, "dry_run", call.dry_run);
         if (action == MR_ACTION_DESTROY) {
             /* The storage outlives the apps for the retention period, unless it went
              * with them (a purge). */
