@@ -4,7 +4,9 @@
 One run, one machine, the configuration `make run` runs: every function and the
 lifecycle worker (with the dokku-provisioner in dry-run, as `make run` without
 dokku), nginx, PostgreSQL with fsync on, notifications on, logs at info, the health
-round at its default interval. Nothing production has on is switched off.
+round at its default interval (it leaves out the instances a dry run deployed: nothing
+serves them; scripts/bench/health_bench.py measures rounds). Nothing production has on
+is switched off.
 
   1. baseline  pgbench -M prepared -c 8 -j 2 -T BENCH_SECONDS of the minimal
                transaction a webhook needs (scripts/bench/baseline.sql on the two
