@@ -77,8 +77,7 @@ typedef struct {
     const char *path[N_PARTS];
     target *t;
     size_t n;
-    char not_running[32];     /* one-instance mode: its status when not running */
-    int dry_run;              /* one-instance mode: its last deploy was a dry run */
+    char skipped[128];        /* one-instance mode: why it is not probed, when it is not */
     int found;
 } select_ctx;
 
@@ -113,8 +112,7 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
 
     targets_free(c);
     c->found = 0;
-    c->dry_run = 0;
-    c->not_running[0] = '\0';
+    c->skipped[0] = '\0';
     /* Named columns only: tenants have no SELECT on environment_vars. An instance a
      * dry-run provisioner "deployed" has nothing at its URLs: it is left out
      * (116_dry_run_not_probed.sql). */
@@ -137,11 +135,13 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
         const char *status = PQgetvalue(res, i, 1);
         c->found = 1;
         if (strcmp(status, "running") != 0) {
-            snprintf(c->not_running, sizeof c->not_running, "%s", status);
+            snprintf(c->skipped, sizeof c->skipped, "is %.32s: only running instances are probed",
+                     status);
             continue;
         }
         if (strcmp(PQgetvalue(res, i, 2), "t") == 0) {
-            c->dry_run = 1;
+            snprintf(c->skipped, sizeof c->skipped, "was deployed by a provisioner in dry-run mode: "
+                     "nothing serves it, so it is not probed");
             continue;
         }
         target *t = &c->t[c->n++];
@@ -265,15 +265,8 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         e = mr_seterr(err, errlen, MR_ENOTFOUND, "no instance %s", instance_id);
         goto done;
     }
-    if (instance_id && sc.n == 0 && sc.dry_run) {
-        e = mr_seterr(err, errlen, MR_ECONFLICT,
-                      "instance %s was deployed by a provisioner in dry-run mode: nothing serves "
-                      "it, so it is not probed", instance_id);
-        goto done;
-    }
     if (instance_id && sc.n == 0) {
-        e = mr_seterr(err, errlen, MR_ECONFLICT, "instance %s is %s: only running instances are probed",
-                      instance_id, sc.not_running);
+        e = mr_seterr(err, errlen, MR_ECONFLICT, "instance %s %s", instance_id, sc.skipped);
         goto done;
     }
 
