@@ -20,7 +20,7 @@
 # BENCH_THREADS (default 2), MR_WORKERS (default: cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECTIONS=(runtime webhook provision lifecycle health usage)
+SECTIONS=(runtime webhook events provision lifecycle health usage)
 DURATION=${BENCH_DURATION:-10}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
@@ -161,6 +161,15 @@ bench_webhook() {
   echo "== webhook: signed Stripe events through nginx vs pgbench of the minimal transaction"
   BENCH_SECONDS=$DURATION BENCH_CONNS=${BENCH_WEBHOOK_CONNECTIONS:-16} \
     "$PY" scripts/bench/webhook_bench.py
+}
+
+# What each event type of a sign-up costs PostgreSQL, in one backend with nothing
+# else running, beside an empty transaction and the webhook section's minimal one
+# (scripts/bench/event_cost_bench.py, fsync on): the SQL alone, steady enough to
+# tell a change of a few percent. Writes build/bench/events.json.
+bench_events() {
+  echo "== events: PostgreSQL CPU per Stripe event, by type, one backend"
+  "$PY" scripts/bench/event_cost_bench.py
 }
 
 # The lifecycle under the configuration `make run` runs (every function, the

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""What each Stripe event costs PostgreSQL (the events section of scripts/bench.sh).
+
+One backend and nothing else: no HTTP, nginx, webhook process or lifecycle worker,
+so that the SQL an event runs is measured alone, steadily enough to tell a change
+of a few percent (the webhook section's rates move by ±10% between runs). The
+cluster runs with fsync on, as the other sections; the database is the schema and
+seed of every migration.
+
+For BENCH_SIGNUPS (2,000) sign-ups, the eight events Stripe sends around one
+(scripts/bench/webhook_bench.py's Templates, each customer an account of ours) are
+delivered as the webhook delivers them: over a connection of the functions' login
+role (authenticator), in one transaction, the service role's identity (lib/mr_db.c's set_config statement) and
+`public.process_stripe_event(id, payload, true)`. One event type after another,
+in the sign-up's order, so that each subscription exists before its update. The
+statements are prepared, and each transaction is one simple-protocol message and
+one commit (the webhook sends one extended-protocol pipeline).
+
+The figure per type is the backend's CPU time per event (/proc/<pid>/schedstat,
+nanoseconds), with the wall time beside it. Two references from the same
+connection: an empty transaction (`SELECT 1`: the round trip and what the
+connection itself costs) and the baseline's minimal transaction
+(scripts/bench/baseline.sql's two statements, same payload size as the event).
+No target: it says where a delivery's database time goes, by type.
+
+Prints a table and writes build/bench/events.json. Environment: BENCH_SIGNUPS.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests/integration"))
+sys.path.insert(0, str(ROOT / "scripts/bench"))
+os.environ.setdefault("MR_BUILD", "build/release")
+import mr  # noqa: E402
+import psycopg2  # noqa: E402
+from webhook_bench import Templates, envelope, signup_accounts  # noqa: E402
+
+SIGNUPS = int(os.environ.get("BENCH_SIGNUPS", "2000"))
+OUT = ROOT / "build/bench"
+DB = "mr_events"
+
+# The webhook's identity for a Stripe delivery (lib/mr_db.c, identity_stmt).
+PREPARE = [
+    "PREPARE ident(text, text, text, text) AS SELECT set_config('role', $1, true),"
+    " set_config('request.jwt.claims', $2, true), set_config('mindroom.request', $3, true),"
+    " set_config('statement_timeout', $4, true)",
+    "PREPARE event(text, text) AS SELECT public.process_stripe_event($1, $2, true)::text",
+    "PREPARE b_event(text, text) AS INSERT INTO bench_events (id, type, created, payload)"
+    " VALUES ($1, 'customer.subscription.updated', 1700000000, $2) ON CONFLICT DO NOTHING",
+    "PREPARE b_sub(text) AS INSERT INTO bench_subscriptions (id, customer, status, price,"
+    " last_event_created) VALUES ($1, 'cus_' || $1, 'active', 'price_starter', 1700000000)"
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " last_event_created = excluded.last_event_created"
+    " WHERE bench_subscriptions.last_event_created <= excluded.last_event_created",
+]
+CLAIMS = json.dumps({"role": "service_role"})
+REQUEST = json.dumps({"ip": "127.0.0.1", "request_id": "bench-events"})
+
+
+class Db:
+    """The sql(query, *params) that webhook_bench.signup_accounts expects."""
+
+    def __init__(self, pg):
+        self.pg = pg
+
+    def sql(self, query, *params):
+        return self.pg.sql(query, *params, dbname=DB)
+
+
+def events_by_type(db):
+    """[(type, [(event id, body)] in sign-up order)] for the eight types."""
+    ids = signup_accounts(db, "ev", SIGNUPS)
+    tpl, t = Templates(), int(time.time())
+    types = []
+    for n in range(SIGNUPS):
+        for i, (type_, obj, created) in enumerate(tpl.signup(n, "ev", "cus_ev_%d" % n, ids[n], t)):
+            if n == 0:
+                types.append((type_, []))
+            evt = "evt_ev_%d_%d" % (n, i)
+            types[i][1].append((evt, json.dumps(envelope(type_, obj, created, evt),
+                                                separators=(",", ":"))))
+    return types
+
+
+def measure(cur, cpu, query, rows):
+    """CPU and wall microseconds per transaction of query over rows; the last answer."""
+    c0, w0, last = cpu(), time.monotonic(), None
+    for params in rows:
+        cur.execute(query, params)
+        last = cur.fetchone()[0] if cur.description else None
+    n = len(rows)
+    return {"cpu_us": round((cpu() - c0) / 1000 / n, 1),
+            "wall_us": round((time.monotonic() - w0) * 1e6 / n, 1), "last": last}
+
+
+def run():
+    pg = mr.Cluster(fsync=True)
+    try:
+        pg.make_template()
+        pg.sql('CREATE DATABASE %s TEMPLATE %s' % (DB, mr.TEMPLATE_DB))
+        types = events_by_type(Db(pg))
+        pg.sql((ROOT / "scripts/bench/baseline_schema.sql").read_text(), dbname=DB)
+        pg.sql("GRANT SELECT, INSERT, UPDATE ON bench_events, bench_subscriptions TO authenticator", dbname=DB)
+        # The functions' login role, which each transaction switches to the caller's.
+        conn = psycopg2.connect(pg.conninfo(DB, user="authenticator"))
+        conn.autocommit = True  # each execute below is one transaction
+        cur = conn.cursor()
+        for p in PREPARE:
+            cur.execute(p)
+        cur.execute("SELECT pg_backend_pid()")
+        stat = Path("/proc/%d/schedstat" % cur.fetchone()[0])
+
+        def cpu():
+            return int(stat.read_text().split()[0])
+
+        size = len(types[0][1][0][1])
+        res = {"signups": SIGNUPS, "cores": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "types": []}
+        res["empty"] = measure(cur, cpu, "SELECT 1", [()] * SIGNUPS)
+        res["baseline"] = measure(
+            cur, cpu, "EXECUTE b_event(%s, %s); EXECUTE b_sub(%s)",
+            [("evt_b%d" % n, "x" * size, "sub_b%d" % n) for n in range(SIGNUPS)])
+        for type_, events in types:
+            m = measure(cur, cpu, "EXECUTE ident('service_role', %s, %s, '10s'); EXECUTE event(%s, %s)",
+                        [(CLAIMS, REQUEST, evt, body) for evt, body in events])
+            result = json.loads(m.pop("last"))["result"]
+            res["types"].append(dict(m, type=type_, result=result))
+        conn.close()
+        return res
+    finally:
+        pg.destroy()
+
+
+def main():
+    res = run()
+    print()
+    print("event cost, %s; one backend, %d sign-ups, one transaction per event, fsync on"
+          % (res["date"], res["signups"]))
+    print("  %-32s %14s %12s" % ("", "PostgreSQL CPU", "wall"))
+    for label, m in (("(empty transaction)", res["empty"]),
+                     ("(baseline minimal transaction)", res["baseline"])):
+        print("  %-32s %11.0f us %9.0f us" % (label, m["cpu_us"], m["wall_us"]))
+    for m in res["types"]:
+        print("  %-32s %11.0f us %9.0f us  %s" % (m["type"], m["cpu_us"], m["wall_us"], m["result"]))
+    mean = sum(m["cpu_us"] for m in res["types"]) / len(res["types"])
+    res["mean_cpu_us"] = round(mean, 1)
+    print("  %-32s %11.0f us" % ("mean of the eight", mean))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "events.json").write_text(json.dumps(res, indent=2) + "\n")
+    print("  written to %s" % (OUT / "events.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
