@@ -17,7 +17,10 @@ their number:
 
 and the rate at which they were created. A new subscription's cost to the webhook
 itself is the webhook section's. Prints a table and writes build/bench/provision.json.
-Environment: BENCH_OWED (3000), MR_BUILD (build/release).
+Environment: BENCH_OWED (3000), MR_BUILD (build/release), BENCH_PROFILE=1 (also
+pg_stat_statements, track all, while the worker creates them: where its sessions'
+time goes per statement and function, into build/bench/provision-statements.txt; a
+profiling run, its CPU figures are not the bench's).
 """
 import json
 import os
@@ -32,9 +35,11 @@ sys.path.insert(0, str(ROOT / "scripts/bench"))
 os.environ.setdefault("MR_BUILD", "build/release")
 import mr  # noqa: E402
 import psycopg2  # noqa: E402
-from webhook_bench import ACCOUNTS, Cpu, quiesce, write_events, wrk  # noqa: E402
+from webhook_bench import (ACCOUNTS, Cpu, quiesce, statements, track_statements,  # noqa: E402
+                           write_events, wrk)
 
 OWED = int(os.environ.get("BENCH_OWED", "3000"))
+PROFILE = os.environ.get("BENCH_PROFILE") == "1"
 OUT = ROOT / "build/bench"
 WORKER = "mindroom-lifecycle"
 
@@ -42,6 +47,8 @@ WORKER = "mindroom-lifecycle"
 def run():
     pg = mr.Cluster(fsync=True)
     try:
+        if PROFILE:
+            track_statements(pg)
         pg.make_template()
         with mr.Stack(pg, env={"DOKKU_MODE": "dry-run", "HEALTH_INTERVAL_S": "600"}) as s:
             s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(),"
@@ -68,6 +75,11 @@ def run():
                 conn.autocommit = True
                 cur = conn.cursor()
                 quiesce()
+                if PROFILE:
+                    OUT.mkdir(parents=True, exist_ok=True)
+                    (OUT / "provision-statements.txt").unlink(missing_ok=True)
+                    statements(pg, s.db, "the webhook recording %d new subscriptions" % OWED,
+                               OUT / "provision-statements.txt")
                 cpu.start()
             finally:
                 for p in worker:
@@ -81,6 +93,9 @@ def run():
                 time.sleep(0.5)
             seconds = time.monotonic() - t0
             ms = cpu.stop()
+            if PROFILE:
+                statements(pg, s.db, "the worker creating %d instances" % owed,
+                           OUT / "provision-statements.txt")
             per = lambda *parts: round(sum(ms.get(k, 0) for k in parts) * 1000 / owed, 1)  # noqa: E731
             us = {"postgres:worker": per("postgres:worker"),
                   "postgres:rest": per("postgres", "postgres:webhook"),

@@ -510,17 +510,8 @@ def run():
            "machine": "%s, %d cores, %s" % (platform.node(), os.cpu_count(), platform.release())}
     try:
         if PROFILE:
-            conf = Path(pg.dir) / "data/postgresql.auto.conf"
-            subprocess.run(["sh", "-c", "cat >> '%s'" % conf], check=True, text=True, input=(
-                "shared_preload_libraries = 'pg_stat_statements'\n"
-                "pg_stat_statements.track = all\n"
-                "pg_stat_statements.max = 2000\n"
-                "track_functions = all\n"))
-            pg.stop()
-            pg.start()
+            track_statements(pg)
         pg.make_template()
-        if PROFILE:
-            pg.sql("CREATE EXTENSION pg_stat_statements", dbname="postgres")
 
         print("bench webhook: pgbench baseline (8 clients, %ds)..." % SECONDS, flush=True)
         res["baseline"] = baseline(pg, SECONDS)
@@ -585,8 +576,24 @@ def run():
     return res
 
 
-def statements(pg, db, label):
-    """The top statements by total time since the last call, into a file."""
+def track_statements(pg):
+    """Has the cluster (before make_template) count every statement, nested ones
+    too, and every function's time: a profiling run's, whose rates are not a
+    bench's."""
+    conf = Path(pg.dir) / "data/postgresql.auto.conf"
+    subprocess.run(["sh", "-c", "cat >> '%s'" % conf], check=True, text=True, input=(
+        "shared_preload_libraries = 'pg_stat_statements'\n"
+        "pg_stat_statements.track = all\n"
+        "pg_stat_statements.max = 2000\n"
+        "track_functions = all\n"))
+    pg.stop()
+    pg.start()
+    pg.sql("CREATE EXTENSION pg_stat_statements", dbname="postgres")
+
+
+def statements(pg, db, label, path=OUT / "webhook-statements.txt"):
+    """The top statements and functions by total time since the last call (or
+    track_statements), added to path; then the counts start again."""
     rows = pg.sql(
         "SELECT round(total_exec_time::numeric, 1), calls, round((total_exec_time / calls)::numeric, 4),"
         " round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1),"
@@ -595,7 +602,7 @@ def statements(pg, db, label):
         " ORDER BY total_exec_time DESC LIMIT 40", db, dbname="postgres")
     funcs = pg.sql("SELECT funcname, calls, round(total_time::numeric, 1), round(self_time::numeric, 1)"
                    " FROM pg_stat_user_functions ORDER BY self_time DESC LIMIT 25", dbname=db)
-    with open(OUT / "webhook-statements.txt", "a") as f:
+    with open(path, "a") as f:
         f.write("== %s: pg_stat_statements (ms total, calls, ms/call, %%, toplevel, query)\n" % label)
         for r in rows:
             f.write("%10s %8s %9s %5s%% %-5s %s\n" % r)
