@@ -165,8 +165,8 @@ bench_webhook() {
 
 # What each event type of a sign-up costs PostgreSQL, in one backend with nothing
 # else running, beside an empty transaction and the webhook section's minimal one
-# (scripts/bench/event_cost_bench.py, fsync on): the SQL alone, steady enough to
-# tell a change of a few percent. Writes build/bench/events.json.
+# (scripts/bench/event_cost_bench.py, fsync on): the SQL alone, where a change of
+# about 5% shows in a few alternating runs. Writes build/bench/events.json.
 bench_events() {
   echo "== events: PostgreSQL CPU per Stripe event, by type, one backend"
   "$PY" scripts/bench/event_cost_bench.py

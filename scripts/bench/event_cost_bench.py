@@ -2,8 +2,9 @@
 """What each Stripe event costs PostgreSQL (the events section of scripts/bench.sh).
 
 One backend and nothing else: no HTTP, nginx, webhook process or lifecycle worker,
-so that the SQL an event runs is measured alone, steadily enough to tell a change
-of a few percent (the webhook section's rates move by ±10% between runs). The
+so that the SQL an event runs is measured alone: each figure still moves by about
+±10% between runs on a virtual machine, but a change of about 5% shows in a few
+alternating runs, where the webhook section's rates would hide it. The
 cluster runs with fsync on, as the other sections; the database is the schema and
 seed of every migration.
 
