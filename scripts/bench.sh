@@ -220,6 +220,22 @@ echo "bench: $(nproc) cores, $(uname -r), nginx $(nginx -v 2>&1 | sed 's/.*\///'
 sections=("$@"); [ ${#sections[@]} -eq 0 ] && sections=("${SECTIONS[@]}")
 for s in "${sections[@]}"; do
   declare -F "bench_$s" >/dev/null || { echo "bench: no section $s" >&2; exit 2; }
-  echo
-  "bench_$s"
 done
+# Every section runs, whatever the one before found: a missed target is reported
+# at the end and is the exit status, it does not hide the sections after it. Each
+# runs in a subshell with -e of its own (a function called as `f || ...` would run
+# with -e off).
+missed=()
+for s in "${sections[@]}"; do
+  echo
+  set +e
+  ( set -e; "bench_$s" )
+  rc=$?
+  set -e
+  [ "$rc" -eq 0 ] || missed+=("$s")
+done
+if [ ${#missed[@]} -gt 0 ]; then
+  echo
+  echo "bench: targets missed or a run failed in: ${missed[*]}" >&2
+  exit 1
+fi
