@@ -21,13 +21,15 @@ The figure per type is the backend's CPU time per event (/proc/<pid>/schedstat,
 nanoseconds), with the wall time beside it. Two references from the same
 connection: an empty transaction (`SELECT 1`: the round trip and what the
 connection itself costs) and the baseline's minimal transaction
-(scripts/bench/baseline.sql's two statements, same payload size as the event).
+(scripts/bench/baseline.sql's two statements, with a payload as long as the
+customer.updated event's).
 No target: it says where a delivery's database time goes, by type.
 
 Prints a table and writes build/bench/events.json. Environment: BENCH_SIGNUPS.
 """
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,12 +46,26 @@ SIGNUPS = int(os.environ.get("BENCH_SIGNUPS", "2000"))
 OUT = ROOT / "build/bench"
 DB = "mr_events"
 
-# The webhook's identity for a Stripe delivery (lib/mr_db.c, identity_stmt).
+
+def c_statement(path, name):
+    """The SQL of the mr_db_stmt whose statement name is `name` in a C source: the
+    string literals after it, joined (the bench runs what the webhook runs, read
+    from where the webhook has it)."""
+    text = (ROOT / path).read_text()
+    m = re.search(r'"%s",\s*((?:"(?:[^"\\]|\\.)*"\s*)+),' % re.escape(name), text)
+    if not m:
+        raise RuntimeError("%s: no statement %s" % (path, name))
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1)))
+
+
+# What the webhook sends for a delivery: its identity (lib/mr_db.c) and its call
+# (the webhook's main.c). Then the baseline's transaction, scripts/bench/baseline.sql's
+# two statements with parameters for pgbench's variables.
 PREPARE = [
-    "PREPARE ident(text, text, text, text) AS SELECT set_config('role', $1, true),"
-    " set_config('request.jwt.claims', $2, true), set_config('mindroom.request', $3, true),"
-    " set_config('statement_timeout', $4, true)",
-    "PREPARE event(text, text) AS SELECT public.process_stripe_event($1, $2, true)::text",
+    "PREPARE ident(text, text, text, text) AS "
+    + c_statement("lib/mr_db.c", "mr_db_identity"),
+    "PREPARE event(text, text) AS "
+    + c_statement("functions/handle-stripe-webhook/main.c", "mr_wh_process"),
     "PREPARE b_event(text, text) AS INSERT INTO bench_events (id, type, created, payload)"
     " VALUES ($1, 'customer.subscription.updated', 1700000000, $2) ON CONFLICT DO NOTHING",
     "PREPARE b_sub(text) AS INSERT INTO bench_subscriptions (id, customer, status, price,"
