@@ -149,7 +149,10 @@ static mr_err report_true(run_ctx *c, const char *const *args, int *yes)
 
 /* ---- the applied-spec fingerprint ---- */
 
-static void spec_rel(const char *app, char *out, size_t cap)
+/* Older versions kept an app's fingerprint in a file of its own; it is read
+ * when the app has no line yet, so that upgrading restarts nothing, and removed
+ * when the line is written. */
+static void spec_legacy_rel(const char *app, char *out, size_t cap)
 {
     snprintf(out, cap, "apps/%s.spec", app);
 }
@@ -198,25 +201,29 @@ static void fp_finish(const prov_config *cfg, fp_text *t, char *hex)
 
 static int spec_matches(const prov_config *cfg, const char *app, const char *hex)
 {
-    char rel[128], buf[80];
-    spec_rel(app, rel, sizeof rel);
-    long n = prov_state_read(cfg, rel, buf, sizeof buf);
-    return hex[0] && n >= 64 && strncmp(buf, hex, 64) == 0;
+    char buf[80] = "";
+    int found = prov_state_record(cfg, "apps", app, NULL, buf, sizeof buf);
+    if (found == 0) {
+        char rel[128];
+        spec_legacy_rel(app, rel, sizeof rel);
+        found = prov_state_read(cfg, rel, buf, sizeof buf) >= 0;
+    }
+    return hex[0] && found > 0 && strlen(buf) >= 64 && strncmp(buf, hex, 64) == 0;
 }
 
 static void spec_store(const prov_config *cfg, const char *app, const char *hex)
 {
-    char rel[128], line[80];
+    char rel[128];
     if (!hex[0]) return;
-    spec_rel(app, rel, sizeof rel);
-    snprintf(line, sizeof line, "%s\n", hex);
-    prov_state_write(cfg, rel, line);
+    spec_legacy_rel(app, rel, sizeof rel);
+    if (prov_state_record(cfg, "apps", app, hex, NULL, 0) >= 0) prov_state_remove(cfg, rel);
 }
 
 static void spec_forget(const prov_config *cfg, const char *app)
 {
     char rel[128];
-    spec_rel(app, rel, sizeof rel);
+    spec_legacy_rel(app, rel, sizeof rel);
+    prov_state_record(cfg, "apps", app, "", NULL, 0);
     prov_state_remove(cfg, rel);
 }
 

@@ -257,23 +257,25 @@ mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen);
  * (NUL-terminated). Returns the length, or -1 when missing or unreadable,
  * a symlink, or not a regular file of ours. */
 long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t cap);
-/* Replaces a file under the state directory atomically (mkstemp + rename).
- * Returns MR_OK or MR_EINTERNAL. */
-mr_err prov_state_write(const prov_config *cfg, const char *rel, const char *text);
-/* Writes a small record in place (created if missing, never through a symlink):
- * for the dry-run registry, whose records change under their app's lock (a status
- * request reads without it and could in theory see a record mid-write: a
- * simulated state, never Dokku's). Unlike prov_state_write, a record that changes
- * frees no inode: on an ext4 without a journal every freed inode is skipped by
- * the allocations of the next minutes, one by one, and each create freed two.
- * Returns MR_OK or MR_EINTERNAL. */
-mr_err prov_state_overwrite(const prov_config *cfg, const char *rel, const char *text);
+/* A record of the state directory (the fingerprints, the dry-run registry;
+ * state.c says why no file a record): the entry `name` of the directory `dir`
+ * ("apps", "dry-run/apps"), one line "<name> <value>" in the bucket file
+ * dir/<xx> its name hashes to, read and changed under the bucket's flock. With
+ * set NULL, only reads; with set "", removes the entry; else sets its state to
+ * set (neither may hold a space or a newline). Copies the value it had into
+ * state (cap bytes; "" if none). Returns 1
+ * when the entry existed, 0 when not, -1 when the bucket cannot be read or
+ * written (a symlink, not a file of ours, an I/O error). */
+#define PROV_REGISTRY_BUCKETS 256
+#define PROV_REGISTRY_BUCKET_MAX (64 << 20)
+int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
+                      const char *set, char *state, size_t cap);
 /* Removes a file under the state directory (missing is fine). */
 void prov_state_remove(const prov_config *cfg, const char *rel);
-/* Takes the exclusive lock of an instance, waiting up to cfg->app_lock_wait_ms.
- * Returns MR_OK with *fd (release with prov_unlock), MR_ETRANSIENT when
- * another request holds it, MR_EINTERNAL when the lock file cannot be opened
- * safely. */
+/* Takes the exclusive lock of an instance (an OFD lock on its byte of
+ * locks/instances), waiting up to cfg->app_lock_wait_ms. Returns MR_OK with *fd
+ * (release with prov_unlock), MR_ETRANSIENT when another request holds it,
+ * MR_EINTERNAL when the lock file cannot be opened safely or locked. */
 mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, size_t errlen);
 void prov_unlock(int fd);
 

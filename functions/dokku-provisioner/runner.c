@@ -300,8 +300,19 @@ static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsign
 /* ---- dry-run: a simulated registry of apps, storage entries and networks ----
  *
  * Just enough state for the sequences in ops.c to take the paths they would
- * take against a real Dokku: an app's file holds "created", "running" or
- * "stopped"; a storage entry or a network exists while its file does. */
+ * take against a real Dokku: an app's entry holds "created", "running" or
+ * "stopped"; a storage entry or a network exists while its entry does
+ * (prov_state_record). */
+
+/* The registry could not be read or written: the command fails as a Dokku
+ * command would, with its reason on stderr. */
+static void registry_failed(prov_result *res, const char *name)
+{
+    res->status = 1;
+    res->out_len = 0;
+    res->err_len = (size_t)snprintf(res->err, sizeof res->err,
+                                    " !     dry-run registry: cannot record %s\n", name);
+}
 
 static void dry_answer(const prov_config *cfg, const char *const *args, prov_result *res)
 {
@@ -319,9 +330,13 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
     if (!name || !prov_valid_name(name)) return;
     const char *kind = strncmp(sub, "storage:", 8) == 0 ? "storage"
                      : strncmp(sub, "network:", 8) == 0 ? "networks" : "apps";
-    char rel[256], state[16] = "";
-    snprintf(rel, sizeof rel, "dry-run/%s/%s", kind, name);
-    int exists = prov_state_read(cfg, rel, state, sizeof state) >= 0;
+    char dir[64], state[16] = "";
+    snprintf(dir, sizeof dir, "dry-run/%s", kind);
+    int exists = prov_state_record(cfg, dir, name, NULL, state, sizeof state);
+    if (exists < 0) {
+        registry_failed(res, name);
+        return;
+    }
     const char *write = NULL;
     if (strcmp(sub, "apps:exists") == 0 || strcmp(sub, "storage:info") == 0 ||
         strcmp(sub, "network:exists") == 0) {
@@ -339,7 +354,7 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
         write = "stopped";
     } else if (strcmp(sub, "apps:destroy") == 0 || strcmp(sub, "storage:destroy") == 0 ||
                strcmp(sub, "network:destroy") == 0) {
-        prov_state_remove(cfg, rel);
+        write = "";
     } else if (strcmp(sub, "ps:report") == 0) {
         int deployed = strncmp(state, "running", 7) == 0 || strncmp(state, "stopped", 7) == 0;
         int running = strncmp(state, "running", 7) == 0;
@@ -351,11 +366,8 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
                                                  : (running ? "true" : "false"));
         res->out_len = strlen(res->out);
     }
-    if (write) {
-        char line[24];
-        snprintf(line, sizeof line, "%s\n", write);
-        prov_state_overwrite(cfg, rel, line);
-    }
+    if (write && prov_state_record(cfg, dir, name, write, state, sizeof state) < 0)
+        registry_failed(res, name);
 }
 
 /* ---- one attempt ---- */

@@ -1,20 +1,36 @@
 /* state.c: the provisioner's state directory (PROVISIONER_STATE_DIR).
  *
- *   locks/<app>.lock    one flock per instance: one request at a time
- *   apps/<app>.spec     fingerprint of what the last successful create/update
- *                       applied to an app (decides whether an unchanged image
- *                       needs a restart)
- *   dry-run/...         the simulated registry of dry-run mode
+ *   locks/instances     one lock per instance, an OFD lock on the byte at
+ *                       its name's hash: one request at a time (prov_lock)
+ *   apps/<xx>           fingerprints of what the last successful create/update
+ *                       applied to each app (decide whether an unchanged image
+ *                       needs a restart): 256 bucket files, a line
+ *                       "<app> <fingerprint>" an app (prov_state_record)
+ *   dry-run/<kind>/<xx> the simulated registry of dry-run mode (apps, storage,
+ *                       networks): 256 bucket files a kind, a line
+ *                       "<name> <state>" an entry (prov_state_record)
  *
  * The provisioner may run as root (local mode on the Dokku host), so this
  * directory must not let another local user steer a write: it is refused
  * unless it is a real directory owned by our user and not writable by group
- * or others, every file in it is opened with O_NOFOLLOW (a planted symlink
- * fails instead of redirecting the write), and new files are made with
- * mkstemp and renamed into place, never by a predictable temporary name (the
- * dry-run registry's records are written in place: prov_state_overwrite). */
+ * or others, and every file in it is opened with O_NOFOLLOW (a planted symlink
+ * fails instead of redirecting the write) and used only if it is a regular file
+ * of ours. Files are rewritten in place under their lock, never through a
+ * temporary name.
+ *
+ * Why a fixed set of files and no file an instance: on an ext4 without a
+ * journal (this project's build and CI machines) the inode allocator skips
+ * every inode freed in the last minutes one by one, reading each from the inode
+ * table, so after a test or bench stack's directory is removed each new file
+ * costs up to milliseconds, and the provisioner's workers spin on the
+ * directory's lock meanwhile. A file a lock, a fingerprint and a dry-run entry
+ * made eight new inodes an instance. Now the files are created once (256 a
+ * kind at most, and the lock file) and an instance is lines and a lock range.
+ * Fingerprints that older versions kept in apps/<app>.spec are still read
+ * (ops.c). */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,63 +122,109 @@ long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t 
     return (long)n;
 }
 
-mr_err prov_state_write(const prov_config *cfg, const char *rel, const char *text)
-{
-    char path[1024], tmp[1100];
-    if (!path_of(cfg, rel, path, sizeof path)) return MR_EINTERNAL;
-    /* The temporary lives next to its target (same directory, so rename is
-     * atomic) under a name mkstemp picks and creates with O_EXCL. */
-    const char *slash = strrchr(path, '/');
-    int n = snprintf(tmp, sizeof tmp, "%.*s/.tmp.XXXXXX", (int)(slash - path), path);
-    if (n < 0 || (size_t)n >= sizeof tmp) return MR_EINTERNAL;
-    int fd = mkostemp(tmp, O_CLOEXEC);
-    if (fd < 0) return MR_EINTERNAL;
-    size_t len = strlen(text), off = 0;
-    while (off < len) {
-        ssize_t w = write(fd, text + off, len - off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) break;
-        off += (size_t)w;
-    }
-    int ok = off == len && close(fd) == 0;
-    /* rename replaces whatever is at path, a symlink included, without following it. */
-    if (!ok || rename(tmp, path) != 0) {
-        unlink(tmp);
-        return MR_EINTERNAL;
-    }
-    return MR_OK;
-}
-
-mr_err prov_state_overwrite(const prov_config *cfg, const char *rel, const char *text)
-{
-    char path[1024];
-    if (!path_of(cfg, rel, path, sizeof path)) return MR_EINTERNAL;
-    int fd = open_own(path, O_WRONLY | O_CREAT);
-    if (fd < 0) return MR_EINTERNAL;
-    size_t len = strlen(text);
-    ssize_t w;
-    do w = pwrite(fd, text, len, 0);
-    while (w < 0 && errno == EINTR);
-    int ok = w == (ssize_t)len && ftruncate(fd, (off_t)len) == 0;
-    return close(fd) == 0 && ok ? MR_OK : MR_EINTERNAL;
-}
-
 void prov_state_remove(const prov_config *cfg, const char *rel)
 {
     char path[1024];
     if (path_of(cfg, rel, path, sizeof path)) unlink(path);
 }
 
+/* FNV-1a, 64 bits: spreads names over buckets and lock bytes; not a defence
+ * (names are ours, validated). */
+static uint64_t name_hash(const char *name)
+{
+    uint64_t h = 14695981039346656037ull;
+    for (const unsigned char *c = (const unsigned char *)name; *c; c++)
+        h = (h ^ *c) * 1099511628211ull;
+    return h;
+}
+
+int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
+                      const char *set, char *state, size_t cap)
+{
+    char rel[512], path[1024];
+    size_t nlen = strlen(name);
+    if (cap) state[0] = '\0';
+    if (nlen == 0 || strpbrk(name, " \n") || (set && strpbrk(set, " \n")))
+        return -1;
+    snprintf(rel, sizeof rel, "%s/%02x", dir, (unsigned)(name_hash(name) % PROV_REGISTRY_BUCKETS));
+    if (!path_of(cfg, rel, path, sizeof path)) return -1;
+    int fd = open_own(path, set ? O_RDWR | O_CREAT : O_RDONLY);
+    if (fd < 0) return !set && errno == ENOENT ? 0 : -1;
+    int rc = -1;
+    char *buf = NULL;
+    struct stat st;
+    while (flock(fd, set ? LOCK_EX : LOCK_SH) != 0)
+        if (errno != EINTR) goto out;
+    if (fstat(fd, &st) != 0 || st.st_size > PROV_REGISTRY_BUCKET_MAX) goto out;
+    size_t len = (size_t)st.st_size, got = 0;
+    /* Room for the bucket, a new line and a NUL. */
+    size_t room = len + nlen + (set ? strlen(set) : 0) + 3;
+    if (!(buf = malloc(room))) goto out;
+    while (got < len) {
+        ssize_t r = pread(fd, buf + got, len - got, (off_t)got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) goto out;
+        got += (size_t)r;
+    }
+    buf[len] = '\0';
+    /* The entry's line, if any: "<name> <state>\n" at a line's start. */
+    size_t at = 0, end = 0;
+    int found = 0;
+    while (at < len) {
+        char *nl = memchr(buf + at, '\n', len - at);
+        end = nl ? (size_t)(nl - buf) + 1 : len;
+        if (end - at > nlen && memcmp(buf + at, name, nlen) == 0 && buf[at + nlen] == ' ') {
+            found = 1;
+            size_t vlen = end - at - nlen - 1 - (nl ? 1 : 0);
+            if (cap) snprintf(state, cap, "%.*s", (int)vlen, buf + at + nlen + 1);
+            break;
+        }
+        at = end;
+    }
+    rc = found;
+    if (!set) goto out;
+    /* The bucket without the entry's line, then its new line (none to remove it);
+     * written back from the first byte that changed. */
+    size_t from = found ? at : len;
+    if (found) {
+        memmove(buf + at, buf + end, len - end);
+        len -= end - at;
+    }
+    if (set[0]) len += (size_t)sprintf(buf + len, "%s %s\n", name, set);
+    size_t off = from;
+    while (off < len) {
+        ssize_t w = pwrite(fd, buf + off, len - off, (off_t)off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) { rc = -1; goto out; }
+        off += (size_t)w;
+    }
+    if ((off_t)len < st.st_size && ftruncate(fd, (off_t)len) != 0) rc = -1;
+out:
+    free(buf);
+    close(fd); /* releases the flock */
+    return rc;
+}
+
 mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, size_t errlen)
 {
     char path[1024];
-    snprintf(path, sizeof path, "%s/locks/%s.lock", cfg->state_dir, app);
+    snprintf(path, sizeof path, "%s/locks/instances", cfg->state_dir);
     *fd = open_own(path, O_RDWR | O_CREAT);
     if (*fd < 0)
-        return mr_seterr(err, errlen, MR_EINTERNAL, "cannot open the app's lock file safely");
+        return mr_seterr(err, errlen, MR_EINTERNAL, "cannot open the lock file safely");
+    /* The app's byte: 62 bits of its hash, so that no two apps share one in
+     * practice and start + length stays within off_t. */
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = (off_t)(name_hash(app) >> 2), .l_len = 1};
     int64_t until = mr_now_ms() + cfg->app_lock_wait_ms;
-    while (flock(*fd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno != EWOULDBLOCK && errno != EINTR) break;
+    while (fcntl(*fd, F_OFD_SETLK, &fl) != 0) {
+        if (errno != EAGAIN && errno != EACCES && errno != EINTR) {
+            int why = errno;
+            close(*fd);
+            *fd = -1;
+            return mr_seterr(err, errlen, MR_EINTERNAL, "cannot take the app's lock: %s",
+                             strerror(why));
+        }
         if (mr_now_ms() >= until) {
             close(*fd);
             *fd = -1;
@@ -177,5 +239,5 @@ mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, si
 
 void prov_unlock(int fd)
 {
-    if (fd >= 0) close(fd); /* closing releases the flock */
+    if (fd >= 0) close(fd); /* closing releases the lock */
 }

@@ -37,6 +37,29 @@ STORAGE_CLASS = "mr-standard"       # PROVISIONER_STORAGE_CLASS in k3s mode
 ACME_EMAIL = "ops@mr.test"          # PROVISIONER_ACME_EMAIL in k3s mode with letsencrypt
 
 
+def record_bucket(directory, name):
+    """The file holding the record `name` of a directory of the provisioner's
+    state (functions/dokku-provisioner/state.c): 64-bit FNV-1a of the name, 256
+    buckets."""
+    h = 0xcbf29ce484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return Path(directory) / ("%02x" % (h % 256))
+
+
+def state_record(directory, name):
+    """The value of the record `name` ("<name> <value>" in its bucket), or None."""
+    try:
+        text = record_bucket(directory, name).read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == name:
+            return value
+    return None
+
+
 def mem(value, k3s=None):
     """A memory limit as the scheduler reads it: "512m" (docker-local) is "512Mi" on k3s."""
     k3s = K3S if k3s is None else k3s
@@ -224,7 +247,7 @@ class Dokku:
     # ---- the provisioner's own state ----
 
     def spec_stored(self, app):
-        return (self.state / "apps" / (app + ".spec")).exists()
+        return state_record(self.state / "apps", app) is not None
 
     def observed(self, app):
         """What a create/update will find for the instance of app, per component."""

@@ -15,7 +15,7 @@ import mr
 from provisioner_helpers import (DOMAIN, IMAGE, K3S, MATRIX_IMAGE, MINDROOM_DIR, STANDINS,
                                  STORAGE_CLASS, Dokku, alive, body, create_sequence,
                                  decode_config_args, match, mem, names, ports,
-                                 storage_destroy)
+                                 record_bucket, state_record, storage_destroy)
 
 
 # ---- dry-run ---------------------------------------------------------------
@@ -81,6 +81,31 @@ def test_dry_run_records_and_answers_without_running_anything(dry):
         assert r.status == status and r.json["state"] == state, (method, path, r)
         assert r.json["dry_run"] is True
     assert s.call_provisioner("GET", "/apps/mindroom-dry").status == 404
+    assert d.all_calls() == []
+
+
+def test_dry_run_instances_sharing_a_registry_file_keep_their_own_state(dry):
+    """The registry keeps an entry a line, many a file (state.c): stopping,
+    destroying and creating instances whose apps share a file leaves the others
+    as they were."""
+    s, d = dry
+    registry = d.state / "dry-run" / "apps"
+    first = record_bucket(registry, "mindroom-share0")
+    apps = ["mindroom-share0"] + [a for a in ("mindroom-share%d" % i for i in range(1, 5000))
+                                  if record_bucket(registry, a) == first][:2]
+    assert len(apps) == 3
+    for a in apps:
+        r = s.call_provisioner("POST", "/apps", json=body(a, hs=False))
+        assert r.status == 201 and r.json["state"] == "running", r
+    assert s.call_provisioner("POST", "/apps/%s/stop" % apps[1]).json["state"] == "stopped"
+    assert s.call_provisioner("DELETE", "/apps/%s" % apps[0]).json["state"] == "destroyed"
+    states = {a: s.call_provisioner("GET", "/apps/" + a).json["state"] for a in apps}
+    assert states == {apps[0]: "destroyed", apps[1]: "stopped", apps[2]: "running"}, states
+    assert [state_record(registry, a) for a in apps] == [None, "stopped", "running"]
+    r = s.call_provisioner("POST", "/apps", json=body(apps[0], hs=False))
+    assert r.status == 201 and r.json["state"] == "running", r
+    states = {a: s.call_provisioner("GET", "/apps/" + a).json["state"] for a in apps}
+    assert states == {apps[0]: "running", apps[1]: "stopped", apps[2]: "running"}, states
     assert d.all_calls() == []
 
 
@@ -421,8 +446,11 @@ def worker_pids(stack):
 def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
     s, d = slow
     victim = os.path.join(tempfile.mkdtemp(prefix="mr-victim-"), "created-through-a-link")
-    link = d.state / "locks" / "mindroom-victim.lock"
-    os.symlink(victim, link)
+    lock = d.state / "locks" / "instances"
+    kept = lock.with_name("instances.kept")
+    if lock.exists():
+        os.rename(lock, kept)
+    os.symlink(victim, lock)
     try:
         d.mark()
         r = s.call_provisioner("DELETE", "/apps/mindroom-victim")
@@ -430,17 +458,20 @@ def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
         assert not os.path.lexists(victim)
         assert d.new_calls() == []
     finally:
-        os.unlink(link)
+        os.unlink(lock)
+        if kept.exists():
+            os.rename(kept, lock)
 
 
-def test_temporary_files_are_not_at_predictable_names(slow):
+def test_fingerprints_are_written_in_place_and_never_through_a_link(slow):
     s, d = slow
     victim = os.path.join(tempfile.mkdtemp(prefix="mr-victim-"), "victim")
     with open(victim, "w") as f:
         f.write("untouched\n")
     planted = []
     for pid in worker_pids(s):
-        for name in ("mindroom-tmpname.spec.%d.tmp" % pid, "mindroom-tmpname.spec.tmp"):
+        for name in ("mindroom-tmpname.spec.%d.tmp" % pid, "mindroom-tmpname.spec.tmp",
+                     "mindroom-tmpname.spec"):
             p = d.state / "apps" / name
             if not os.path.lexists(p):
                 os.symlink(victim, p)
@@ -449,11 +480,56 @@ def test_temporary_files_are_not_at_predictable_names(slow):
     assert r.status == 201, r
     with open(victim) as f:
         assert f.read() == "untouched\n"
-    spec = d.state / "apps" / "mindroom-tmpname.spec"
-    assert spec.is_file() and not spec.is_symlink()
-    assert stat.S_IMODE(spec.stat().st_mode) == 0o600
+    bucket = record_bucket(d.state / "apps", "mindroom-tmpname")
+    assert bucket.is_file() and not bucket.is_symlink()
+    assert stat.S_IMODE(bucket.stat().st_mode) == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}", state_record(d.state / "apps", "mindroom-tmpname"))
     for p in planted:
-        os.unlink(p)
+        if os.path.lexists(p):   # the old name of the fingerprint's file is removed
+            os.unlink(p)
+
+    # A link planted where another app's fingerprint goes: the create still
+    # succeeds (without a fingerprint the next update restarts the app, nothing
+    # else) and nothing is written through the link.
+    other = "mindroom-linkedspec"
+    bucket = record_bucket(d.state / "apps", other)
+    kept = bucket.with_name(bucket.name + ".kept")
+    if bucket.exists():
+        os.rename(bucket, kept)
+    os.symlink(victim, bucket)
+    try:
+        r = s.call_provisioner("POST", "/apps", json=body(other, "slinkedspec", hs=False))
+        assert r.status == 201, r
+        with open(victim) as f:
+            assert f.read() == "untouched\n"
+    finally:
+        os.unlink(bucket)
+        if kept.exists():
+            os.rename(kept, bucket)
+
+
+def test_a_fingerprint_from_a_file_of_its_own_is_still_read(slow):
+    """An app whose fingerprint an older version kept in apps/<app>.spec: an
+    update that changes nothing restarts nothing, and the fingerprint moves to
+    its bucket."""
+    s, d = slow
+    app = "mindroom-oldspec"
+    r = s.call_provisioner("POST", "/apps", json=body(app, "soldspec", hs=False))
+    assert r.status == 201, r
+    fp = state_record(d.state / "apps", app)
+    # As an older version left it: the file, and no line.
+    bucket = record_bucket(d.state / "apps", app)
+    bucket.write_text("".join(line + "\n" for line in bucket.read_text().splitlines()
+                              if not line.startswith(app + " ")))
+    legacy = d.state / "apps" / (app + ".spec")
+    legacy.write_text(fp + "\n")
+    os.chmod(legacy, 0o600)
+    d.mark()
+    r = s.call_provisioner("POST", "/apps", json=body(app, "soldspec", hs=False))
+    assert r.status == 200, r
+    assert not [c for c in d.new_calls() if c[0] == "ps:restart"], d.new_calls()
+    assert state_record(d.state / "apps", app) == fp
+    assert not legacy.exists()
 
 
 # ---- DOKKU_TLS=wildcard: the operator's certificate on every app ----------------
