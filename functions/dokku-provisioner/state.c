@@ -148,8 +148,11 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
         return -1;
     snprintf(rel, sizeof rel, "%s/%02x", dir, (unsigned)(name_hash(name) % PROV_REGISTRY_BUCKETS));
     if (!path_of(cfg, rel, path, sizeof path)) return -1;
-    int fd = open_own(path, set ? O_RDWR | O_CREAT : O_RDONLY);
-    if (fd < 0) return !set && errno == ENOENT ? 0 : -1;
+    /* Only a value to set makes the bucket: reading or removing from a missing
+     * one finds nothing. */
+    int adding = set && set[0];
+    int fd = open_own(path, adding ? O_RDWR | O_CREAT : set ? O_RDWR : O_RDONLY);
+    if (fd < 0) return !adding && errno == ENOENT ? 0 : -1;
     int rc = -1;
     char *buf = NULL;
     struct stat st;
@@ -157,8 +160,8 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
         if (errno != EINTR) goto out;
     if (fstat(fd, &st) != 0 || st.st_size > PROV_REGISTRY_BUCKET_MAX) goto out;
     size_t len = (size_t)st.st_size, got = 0;
-    /* Room for the bucket, a new line and a NUL. */
-    size_t room = len + nlen + (set ? strlen(set) : 0) + 3;
+    /* Room for the bucket, a newline it may lack, a new line and a NUL. */
+    size_t room = len + nlen + (set ? strlen(set) : 0) + 4;
     if (!(buf = malloc(room))) goto out;
     while (got < len) {
         ssize_t r = pread(fd, buf + got, len - got, (off_t)got);
@@ -169,20 +172,22 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
     buf[len] = '\0';
     /* The entry's line, if any: "<name> <state>\n" at a line's start. */
     size_t at = 0, end = 0;
-    int found = 0;
+    int found = 0, same = 0;
     while (at < len) {
         char *nl = memchr(buf + at, '\n', len - at);
         end = nl ? (size_t)(nl - buf) + 1 : len;
         if (end - at > nlen && memcmp(buf + at, name, nlen) == 0 && buf[at + nlen] == ' ') {
             found = 1;
             size_t vlen = end - at - nlen - 1 - (nl ? 1 : 0);
-            if (cap) snprintf(state, cap, "%.*s", (int)vlen, buf + at + nlen + 1);
+            const char *v = buf + at + nlen + 1;
+            if (cap) snprintf(state, cap, "%.*s", (int)vlen, v);
+            same = nl && set && vlen == strlen(set) && memcmp(v, set, vlen) == 0;
             break;
         }
         at = end;
     }
     rc = found;
-    if (!set) goto out;
+    if (!set || same || (!found && !adding)) goto out;
     /* The bucket without the entry's line, then its new line (none to remove it);
      * written back from the first byte that changed. */
     size_t from = found ? at : len;
@@ -190,7 +195,10 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
         memmove(buf + at, buf + end, len - end);
         len -= end - at;
     }
-    if (set[0]) len += (size_t)sprintf(buf + len, "%s %s\n", name, set);
+    if (adding) {
+        if (len > 0 && buf[len - 1] != '\n') buf[len++] = '\n'; /* a line cut short */
+        len += (size_t)sprintf(buf + len, "%s %s\n", name, set);
+    }
     size_t off = from;
     while (off < len) {
         ssize_t w = pwrite(fd, buf + off, len - off, (off_t)off);
