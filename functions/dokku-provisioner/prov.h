@@ -261,11 +261,11 @@ long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t 
  * state.c says why no file a record): the entry `name` of the directory `dir`
  * ("apps", "dry-run/apps"), one line "<name> <value>" in the bucket file
  * dir/<xx> its name hashes to, read and changed under the bucket's flock. With
- * set NULL, only reads; with set "", removes the entry; else sets its state to
+ * set NULL, only reads; with set "", removes the entry; else sets its value to
  * set (neither may hold a space or a newline). Copies the value it had into
- * state (cap bytes; "" if none). Returns 1
- * when the entry existed, 0 when not, -1 when the bucket cannot be read or
- * written (a symlink, not a file of ours, an I/O error). */
+ * state (cap bytes; "" if none). Returns 1 when the entry existed, 0 when not,
+ * -1 when the bucket cannot be read or written (a symlink, not a file of ours,
+ * an I/O error). */
 #define PROV_REGISTRY_BUCKETS 256
 #define PROV_REGISTRY_BUCKET_MAX (64 << 20)
 int prov_state_record(const prov_config *cfg, const char *dir, const char *name,

@@ -330,32 +330,35 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
     if (!name || !prov_valid_name(name)) return;
     const char *kind = strncmp(sub, "storage:", 8) == 0 ? "storage"
                      : strncmp(sub, "network:", 8) == 0 ? "networks" : "apps";
+    /* What the command writes ("" removes), or whether it only asks. */
+    const char *write = NULL;
+    int asks_exists = strcmp(sub, "apps:exists") == 0 || strcmp(sub, "storage:info") == 0 ||
+                      strcmp(sub, "network:exists") == 0;
+    int asks_report = strcmp(sub, "ps:report") == 0;
+    if (strcmp(sub, "apps:create") == 0 || strcmp(sub, "storage:create") == 0 ||
+        strcmp(sub, "network:create") == 0)
+        write = "created";
+    else if (strcmp(sub, "git:from-image") == 0 || strcmp(sub, "ps:start") == 0 ||
+             strcmp(sub, "ps:restart") == 0)
+        write = "running";
+    else if (strcmp(sub, "ps:stop") == 0)
+        write = "stopped";
+    else if (strcmp(sub, "apps:destroy") == 0 || strcmp(sub, "storage:destroy") == 0 ||
+             strcmp(sub, "network:destroy") == 0)
+        write = "";
+    else if (!asks_exists && !asks_report)
+        return; /* the registry does not model it: it succeeds */
     char dir[64], state[16] = "";
     snprintf(dir, sizeof dir, "dry-run/%s", kind);
-    int exists = prov_state_record(cfg, dir, name, NULL, state, sizeof state);
+    int exists = prov_state_record(cfg, dir, name, write, state, sizeof state);
     if (exists < 0) {
         registry_failed(res, name);
-        return;
-    }
-    const char *write = NULL;
-    if (strcmp(sub, "apps:exists") == 0 || strcmp(sub, "storage:info") == 0 ||
-        strcmp(sub, "network:exists") == 0) {
+    } else if (asks_exists) {
         res->status = exists ? 0 : 1;
         if (!exists)
             res->err_len = (size_t)snprintf(res->err, sizeof res->err,
                                             " !     %s does not exist\n", name);
-    } else if (strcmp(sub, "apps:create") == 0 || strcmp(sub, "storage:create") == 0 ||
-               strcmp(sub, "network:create") == 0) {
-        write = "created";
-    } else if (strcmp(sub, "git:from-image") == 0 || strcmp(sub, "ps:start") == 0 ||
-               strcmp(sub, "ps:restart") == 0) {
-        write = "running";
-    } else if (strcmp(sub, "ps:stop") == 0) {
-        write = "stopped";
-    } else if (strcmp(sub, "apps:destroy") == 0 || strcmp(sub, "storage:destroy") == 0 ||
-               strcmp(sub, "network:destroy") == 0) {
-        write = "";
-    } else if (strcmp(sub, "ps:report") == 0) {
+    } else if (asks_report) {
         int deployed = strncmp(state, "running", 7) == 0 || strncmp(state, "stopped", 7) == 0;
         int running = strncmp(state, "running", 7) == 0;
         const char *flag = "";
@@ -366,8 +369,6 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
                                                  : (running ? "true" : "false"));
         res->out_len = strlen(res->out);
     }
-    if (write && prov_state_record(cfg, dir, name, write, state, sizeof state) < 0)
-        registry_failed(res, name);
 }
 
 /* ---- one attempt ---- */
