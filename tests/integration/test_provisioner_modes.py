@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -441,6 +442,46 @@ def worker_pids(stack):
         with open("/proc/%d/task/%s/children" % (master, task)) as f:
             pids += [int(x) for x in f.read().split()]
     return pids
+
+
+@pytest.fixture(scope="module")
+def locking(pg):
+    d = Dokku()
+    env = d.env(PROVISIONER_APP_LOCK_WAIT_MS="500")
+    with mr.Stack(pg, env=env, functions=["dokku-provisioner"]) as s:
+        yield s, d
+
+
+def test_one_request_an_instance_at_a_time_across_workers(locking):
+    """The instance lock holds across the provisioner's workers: while a request
+    for an app waits on Dokku, another for the same app is answered 503 once
+    PROVISIONER_APP_LOCK_WAIT_MS has passed, with nothing run; one for another app
+    is not held up."""
+    s, d = locking
+    d.tell("stall", "apps:exists", times=1, seconds=3)
+    first = {}
+    t = threading.Thread(target=lambda: first.update(
+        r=s.call_provisioner("DELETE", "/apps/mindroom-held")))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (d.dir / "stalled.pids").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (d.dir / "stalled.pids").exists()
+        d.mark()
+        t0 = time.monotonic()
+        r = s.call_provisioner("POST", "/apps/mindroom-held/stop")
+        took = time.monotonic() - t0
+        assert r.status == 503, r
+        assert "another request is working on this app" in r.json["error"]["message"], r
+        assert 0.4 < took < 2.5, took
+        assert d.new_calls() == []
+        r = s.call_provisioner("DELETE", "/apps/mindroom-free")
+        assert r.status == 200 and r.json["state"] == "destroyed", r
+        assert t.is_alive()            # the first request still holds its app
+    finally:
+        t.join(30)
+    assert first["r"].status == 200 and first["r"].json["state"] == "destroyed", first
 
 
 def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
