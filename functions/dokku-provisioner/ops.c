@@ -149,14 +149,6 @@ static mr_err report_true(run_ctx *c, const char *const *args, int *yes)
 
 /* ---- the applied-spec fingerprint ---- */
 
-/* Older versions kept an app's fingerprint in a file of its own; it is read
- * when the app has no line yet, so that upgrading restarts nothing, and removed
- * when the line is written. */
-static void spec_legacy_rel(const char *app, char *out, size_t cap)
-{
-    snprintf(out, cap, "apps/%s.spec", app);
-}
-
 /* Everything one app's sequence applies, in order, each item length-prefixed
  * so that no choice of values can collide. */
 typedef struct {
@@ -201,30 +193,19 @@ static void fp_finish(const prov_config *cfg, fp_text *t, char *hex)
 
 static int spec_matches(const prov_config *cfg, const char *app, const char *hex)
 {
-    char buf[80] = "";
-    int found = prov_state_record(cfg, "apps", app, NULL, buf, sizeof buf);
-    if (found == 0) {
-        char rel[128];
-        spec_legacy_rel(app, rel, sizeof rel);
-        found = prov_state_read(cfg, rel, buf, sizeof buf) >= 0;
-    }
-    return hex[0] && found > 0 && strlen(buf) >= 64 && strncmp(buf, hex, 64) == 0;
+    char buf[80];
+    return hex[0] && prov_state_record(cfg, "apps", app, NULL, buf, sizeof buf) > 0 &&
+           strcmp(buf, hex) == 0;
 }
 
 static void spec_store(const prov_config *cfg, const char *app, const char *hex)
 {
-    char rel[128];
-    if (!hex[0]) return;
-    spec_legacy_rel(app, rel, sizeof rel);
-    if (prov_state_record(cfg, "apps", app, hex, NULL, 0) >= 0) prov_state_remove(cfg, rel);
+    if (hex[0]) prov_state_record(cfg, "apps", app, hex, NULL, 0);
 }
 
 static void spec_forget(const prov_config *cfg, const char *app)
 {
-    char rel[128];
-    spec_legacy_rel(app, rel, sizeof rel);
     prov_state_record(cfg, "apps", app, "", NULL, 0);
-    prov_state_remove(cfg, rel);
 }
 
 /* ---- create / update of one app ---- */

@@ -251,12 +251,9 @@ mr_err prov_check_child_env(const char *names, char *err, size_t errlen);
 
 /* Creates the state directory (0700) when missing, and its subdirectories;
  * refuses one that is a symlink, not a directory, not owned by this process's
- * user, or writable by group or others. Returns MR_OK or MR_EINVAL with err. */
+ * user, or writable by group or others; makes fingerprints that older versions
+ * kept in apps/<app>.spec records. Returns MR_OK or MR_EINVAL with err. */
 mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen);
-/* Reads a small file under the state directory (rel: "apps/x.spec") into buf
- * (NUL-terminated). Returns the length, or -1 when missing or unreadable,
- * a symlink, or not a regular file of ours. */
-long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t cap);
 /* A record of the state directory (the fingerprints, the dry-run registry;
  * state.c says why no file a record): the entry `name` of the directory `dir`
  * ("apps", "dry-run/apps"), one line "<name> <value>" in the bucket file
@@ -270,8 +267,6 @@ long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t 
 #define PROV_REGISTRY_BUCKET_MAX (64 << 20)
 int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
                       const char *set, char *state, size_t cap);
-/* Removes a file under the state directory (missing is fine). */
-void prov_state_remove(const prov_config *cfg, const char *rel);
 /* Takes the exclusive lock of an instance (an OFD lock on its byte of
  * locks/instances), waiting up to cfg->app_lock_wait_ms. Returns MR_OK with *fd
  * (release with prov_unlock), MR_ETRANSIENT when another request holds it,

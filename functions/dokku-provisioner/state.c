@@ -26,8 +26,9 @@
  * directory's lock meanwhile. A file a lock, a fingerprint and a dry-run entry
  * made eight new inodes an instance. Now the files are created once (256 a
  * kind at most, and the lock file) and an instance is lines and a lock range.
- * Fingerprints that older versions kept in apps/<app>.spec are still read
- * (ops.c). */
+ * Fingerprints that older versions kept in apps/<app>.spec become records at
+ * start-up (migrate_spec_files). */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -65,25 +66,6 @@ static mr_err check_dir(const char *path, char *err, size_t errlen)
     return MR_OK;
 }
 
-mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen)
-{
-    if (cfg->state_dir[0] != '/')
-        return mr_seterr(err, errlen, MR_EINVAL, "PROVISIONER_STATE_DIR must be an absolute path");
-    if (mkdir(cfg->state_dir, 0700) != 0 && errno != EEXIST)
-        return mr_seterr(err, errlen, MR_EINVAL, "PROVISIONER_STATE_DIR: cannot create %s: %s",
-                         cfg->state_dir, strerror(errno));
-    mr_err e = check_dir(cfg->state_dir, err, errlen);
-    for (size_t i = 0; e == MR_OK && i < MR_ARRAY_LEN(subdirs); i++) {
-        char path[1024];
-        snprintf(path, sizeof path, "%s/%s", cfg->state_dir, subdirs[i]);
-        if (mkdir(path, 0700) != 0 && errno != EEXIST)
-            return mr_seterr(err, errlen, MR_EINVAL, "PROVISIONER_STATE_DIR: cannot create %s: %s",
-                             path, strerror(errno));
-        e = check_dir(path, err, errlen);
-    }
-    return e;
-}
-
 static int path_of(const prov_config *cfg, const char *rel, char *out, size_t cap)
 {
     int n = snprintf(out, cap, "%s/%s", cfg->state_dir, rel);
@@ -104,7 +86,9 @@ static int open_own(const char *path, int flags)
     return fd;
 }
 
-long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t cap)
+/* Reads a small file of ours (rel under the state directory) into buf,
+ * NUL-terminated: its length, or -1. */
+static long read_small(const prov_config *cfg, const char *rel, char *buf, size_t cap)
 {
     char path[1024];
     if (cap == 0 || !path_of(cfg, rel, path, sizeof path)) return -1;
@@ -120,12 +104,6 @@ long prov_state_read(const prov_config *cfg, const char *rel, char *buf, size_t 
     close(fd);
     buf[n] = '\0';
     return (long)n;
-}
-
-void prov_state_remove(const prov_config *cfg, const char *rel)
-{
-    char path[1024];
-    if (path_of(cfg, rel, path, sizeof path)) unlink(path);
 }
 
 /* FNV-1a, 64 bits: spreads names over buckets and lock bytes; not a defence
@@ -212,6 +190,53 @@ out:
     close(fd); /* releases the flock */
     return rc;
 }
+
+/* Fingerprints that older versions kept in a file each, apps/<app>.spec, become
+ * records once, at start-up (the file goes when its record is written), so that
+ * upgrading restarts no app and nothing after start-up looks for such files. A
+ * file that is not ours, a link, or not a fingerprint is left where it is. */
+static void migrate_spec_files(const prov_config *cfg)
+{
+    char path[1024];
+    snprintf(path, sizeof path, "%s/apps", cfg->state_dir);
+    DIR *d = opendir(path);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n <= 5 || n > 200 || strcmp(e->d_name + n - 5, ".spec") != 0) continue;
+        char app[256], rel[272], fp[80];
+        snprintf(app, sizeof app, "%.*s", (int)(n - 5), e->d_name);
+        snprintf(rel, sizeof rel, "apps/%s", e->d_name);
+        if (read_small(cfg, rel, fp, sizeof fp) < 64 || strspn(fp, "0123456789abcdef") != 64)
+            continue;
+        fp[64] = '\0';
+        if (prov_state_record(cfg, "apps", app, fp, NULL, 0) >= 0 && path_of(cfg, rel, path, sizeof path))
+            unlink(path);
+    }
+    closedir(d);
+}
+
+mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen)
+{
+    if (cfg->state_dir[0] != '/')
+        return mr_seterr(err, errlen, MR_EINVAL, "PROVISIONER_STATE_DIR must be an absolute path");
+    if (mkdir(cfg->state_dir, 0700) != 0 && errno != EEXIST)
+        return mr_seterr(err, errlen, MR_EINVAL, "PROVISIONER_STATE_DIR: cannot create %s: %s",
+                         cfg->state_dir, strerror(errno));
+    mr_err e = check_dir(cfg->state_dir, err, errlen);
+    for (size_t i = 0; e == MR_OK && i < MR_ARRAY_LEN(subdirs); i++) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", cfg->state_dir, subdirs[i]);
+        if (mkdir(path, 0700) != 0 && errno != EEXIST)
+            return mr_seterr(err, errlen, MR_EINVAL, "PROVISIONER_STATE_DIR: cannot create %s: %s",
+                             path, strerror(errno));
+        e = check_dir(path, err, errlen);
+    }
+    if (e == MR_OK) migrate_spec_files(cfg);
+    return e;
+}
+
 
 mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, size_t errlen)
 {

@@ -526,7 +526,7 @@ def test_fingerprints_are_written_in_place_and_never_through_a_link(slow):
     assert stat.S_IMODE(bucket.stat().st_mode) == 0o600
     assert re.fullmatch(r"[0-9a-f]{64}", state_record(d.state / "apps", "mindroom-tmpname"))
     for p in planted:
-        if os.path.lexists(p):   # the old name of the fingerprint's file is removed
+        if os.path.lexists(p):
             os.unlink(p)
 
     # A link planted where another app's fingerprint goes: the create still
@@ -550,9 +550,9 @@ def test_fingerprints_are_written_in_place_and_never_through_a_link(slow):
 
 
 def test_a_fingerprint_from_a_file_of_its_own_is_still_read(slow):
-    """An app whose fingerprint an older version kept in apps/<app>.spec: an
-    update that changes nothing restarts nothing, and the fingerprint moves to
-    its bucket."""
+    """An app whose fingerprint an older version kept in apps/<app>.spec: after
+    the upgrade (the provisioner started again) an update that changes nothing
+    restarts nothing, and the fingerprint has moved to its bucket."""
     s, d = slow
     app = "mindroom-oldspec"
     r = s.call_provisioner("POST", "/apps", json=body(app, "soldspec", hs=False))
@@ -565,6 +565,7 @@ def test_a_fingerprint_from_a_file_of_its_own_is_still_read(slow):
     legacy = d.state / "apps" / (app + ".spec")
     legacy.write_text(fp + "\n")
     os.chmod(legacy, 0o600)
+    s.restart_function("dokku-provisioner")
     d.mark()
     r = s.call_provisioner("POST", "/apps", json=body(app, "soldspec", hs=False))
     assert r.status == 200, r
