@@ -263,8 +263,6 @@ mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen);
  * state (cap bytes; "" if none). Returns 1 when the entry existed, 0 when not,
  * -1 when the bucket cannot be read or written (a symlink, not a file of ours,
  * an I/O error). */
-#define PROV_REGISTRY_BUCKETS 256
-#define PROV_REGISTRY_BUCKET_MAX (64 << 20)
 int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
                       const char *set, char *state, size_t cap);
 /* Takes the exclusive lock of an instance (an OFD lock on its byte of

@@ -304,6 +304,24 @@ static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsign
  * "stopped"; a storage entry or a network exists while its entry does
  * (prov_state_record). */
 
+/* What the registry models: a command sets its entry's value ("" removes the
+ * entry), or asks whether it exists, or asks ps:report's question of it. */
+typedef enum { DRY_SET, DRY_EXISTS, DRY_REPORT } dry_ask;
+typedef struct {
+    const char *sub;
+    dry_ask ask;
+    const char *set;
+} dry_rule;
+static const dry_rule dry_model[] = {
+    {"apps:create", DRY_SET, "created"},    {"storage:create", DRY_SET, "created"},
+    {"network:create", DRY_SET, "created"}, {"git:from-image", DRY_SET, "running"},
+    {"ps:start", DRY_SET, "running"},       {"ps:restart", DRY_SET, "running"},
+    {"ps:stop", DRY_SET, "stopped"},        {"apps:destroy", DRY_SET, ""},
+    {"storage:destroy", DRY_SET, ""},       {"network:destroy", DRY_SET, ""},
+    {"apps:exists", DRY_EXISTS, NULL},      {"storage:info", DRY_EXISTS, NULL},
+    {"network:exists", DRY_EXISTS, NULL},   {"ps:report", DRY_REPORT, NULL},
+};
+
 /* The registry could not be read or written: the command fails as a Dokku
  * command would, with its reason on stderr. */
 static void registry_failed(prov_result *res, const char *name)
@@ -328,37 +346,23 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
     }
     res->status = 0;
     if (!name || !prov_valid_name(name)) return;
+    const dry_rule *rule = NULL;
+    for (size_t i = 0; !rule && i < MR_ARRAY_LEN(dry_model); i++)
+        if (strcmp(sub, dry_model[i].sub) == 0) rule = &dry_model[i];
+    if (!rule) return; /* the registry does not model it: it succeeds */
     const char *kind = strncmp(sub, "storage:", 8) == 0 ? "storage"
                      : strncmp(sub, "network:", 8) == 0 ? "networks" : "apps";
-    /* What the command writes ("" removes), or whether it only asks. */
-    const char *write = NULL;
-    int asks_exists = strcmp(sub, "apps:exists") == 0 || strcmp(sub, "storage:info") == 0 ||
-                      strcmp(sub, "network:exists") == 0;
-    int asks_report = strcmp(sub, "ps:report") == 0;
-    if (strcmp(sub, "apps:create") == 0 || strcmp(sub, "storage:create") == 0 ||
-        strcmp(sub, "network:create") == 0)
-        write = "created";
-    else if (strcmp(sub, "git:from-image") == 0 || strcmp(sub, "ps:start") == 0 ||
-             strcmp(sub, "ps:restart") == 0)
-        write = "running";
-    else if (strcmp(sub, "ps:stop") == 0)
-        write = "stopped";
-    else if (strcmp(sub, "apps:destroy") == 0 || strcmp(sub, "storage:destroy") == 0 ||
-             strcmp(sub, "network:destroy") == 0)
-        write = "";
-    else if (!asks_exists && !asks_report)
-        return; /* the registry does not model it: it succeeds */
     char dir[64], state[16] = "";
     snprintf(dir, sizeof dir, "dry-run/%s", kind);
-    int exists = prov_state_record(cfg, dir, name, write, state, sizeof state);
+    int exists = prov_state_record(cfg, dir, name, rule->set, state, sizeof state);
     if (exists < 0) {
         registry_failed(res, name);
-    } else if (asks_exists) {
+    } else if (rule->ask == DRY_EXISTS) {
         res->status = exists ? 0 : 1;
         if (!exists)
             res->err_len = (size_t)snprintf(res->err, sizeof res->err,
                                             " !     %s does not exist\n", name);
-    } else if (asks_report) {
+    } else if (rule->ask == DRY_REPORT) {
         int deployed = strncmp(state, "running", 7) == 0 || strncmp(state, "stopped", 7) == 0;
         int running = strncmp(state, "running", 7) == 0;
         const char *flag = "";

@@ -106,6 +106,9 @@ static long read_small(const prov_config *cfg, const char *rel, char *buf, size_
     return (long)n;
 }
 
+#define RECORD_BUCKETS 256             /* bucket files a records directory */
+#define RECORD_BUCKET_MAX (64 << 20)    /* a larger bucket is refused, not read */
+
 /* FNV-1a, 64 bits: spreads names over buckets and lock bytes; not a defence
  * (names are ours, validated). */
 static uint64_t name_hash(const char *name)
@@ -124,7 +127,7 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
     if (cap) state[0] = '\0';
     if (nlen == 0 || strpbrk(name, " \n") || (set && strpbrk(set, " \n")))
         return -1;
-    snprintf(rel, sizeof rel, "%s/%02x", dir, (unsigned)(name_hash(name) % PROV_REGISTRY_BUCKETS));
+    snprintf(rel, sizeof rel, "%s/%02x", dir, (unsigned)(name_hash(name) % RECORD_BUCKETS));
     if (!path_of(cfg, rel, path, sizeof path)) return -1;
     /* Only a value to set makes the bucket: reading or removing from a missing
      * one finds nothing. */
@@ -136,7 +139,7 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
     struct stat st;
     while (flock(fd, set ? LOCK_EX : LOCK_SH) != 0)
         if (errno != EINTR) goto out;
-    if (fstat(fd, &st) != 0 || st.st_size > PROV_REGISTRY_BUCKET_MAX) goto out;
+    if (fstat(fd, &st) != 0 || st.st_size > RECORD_BUCKET_MAX) goto out;
     size_t len = (size_t)st.st_size, got = 0;
     /* Room for the bucket, a newline it may lack, a new line and a NUL. */
     size_t room = len + nlen + (set ? strlen(set) : 0) + 4;

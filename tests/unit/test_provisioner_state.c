@@ -57,11 +57,11 @@ static void set(const char *name, const char *value)
 /* Names whose records share the bucket of `first`, found by the same hash. */
 static void same_bucket(const char *first, char names[][32], int n)
 {
-    unsigned want = (unsigned)(name_hash(first) % PROV_REGISTRY_BUCKETS);
+    unsigned want = (unsigned)(name_hash(first) % RECORD_BUCKETS);
     snprintf(names[0], 32, "%s", first);
     for (int i = 0, k = 1; k < n; i++) {
         snprintf(names[k], 32, "%s%d", first, i); /* also: names that extend another */
-        if ((unsigned)(name_hash(names[k]) % PROV_REGISTRY_BUCKETS) == want) k++;
+        if ((unsigned)(name_hash(names[k]) % RECORD_BUCKETS) == want) k++;
     }
 }
 
@@ -90,7 +90,7 @@ static void test_records_in_one_file_keep_their_own_values(void **state)
     assert_int_equal(prov_state_record(&c, "dry-run/networks", "mindroom-none", "", NULL, 0), 0);
     char path[256];
     snprintf(path, sizeof path, "%s/dry-run/networks/%02x", dir,
-             (unsigned)(name_hash("mindroom-none") % PROV_REGISTRY_BUCKETS));
+             (unsigned)(name_hash("mindroom-none") % RECORD_BUCKETS));
     assert_int_equal(access(path, F_OK), -1);
 }
 
@@ -104,7 +104,7 @@ static void test_a_fingerprint_round_trips_and_is_private(void **state)
     assert_string_equal(v, fp);
     char path[256];
     snprintf(path, sizeof path, "%s/apps/%02x", dir,
-             (unsigned)(name_hash("mindroom-fp") % PROV_REGISTRY_BUCKETS));
+             (unsigned)(name_hash("mindroom-fp") % RECORD_BUCKETS));
     struct stat st;
     assert_int_equal(lstat(path, &st), 0);
     assert_true(S_ISREG(st.st_mode));
@@ -118,7 +118,7 @@ static void test_a_line_cut_short_is_not_joined_to_the_next(void **state)
     same_bucket("mindroom-cut", n, 2);
     char path[256];
     snprintf(path, sizeof path, "%s/dry-run/apps/%02x", dir,
-             (unsigned)(name_hash(n[0]) % PROV_REGISTRY_BUCKETS));
+             (unsigned)(name_hash(n[0]) % RECORD_BUCKETS));
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     assert_true(fd >= 0);
     char line[64];
@@ -136,7 +136,7 @@ static void test_a_planted_link_is_refused_and_followed_nowhere(void **state)
     char victim[128], path[256];
     snprintf(victim, sizeof victim, "%s/victim", dir);
     snprintf(path, sizeof path, "%s/dry-run/storage/%02x", dir,
-             (unsigned)(name_hash("mindroom-link-data") % PROV_REGISTRY_BUCKETS));
+             (unsigned)(name_hash("mindroom-link-data") % RECORD_BUCKETS));
     assert_int_equal(symlink(victim, path), 0);
     assert_int_equal(prov_state_record(&c, "dry-run/storage", "mindroom-link-data", "created",
                                        NULL, 0), -1);
