@@ -363,12 +363,13 @@ static int send_identity(mr_db *db, const mr_identity *who)
     return send_stmt(db, &timeout_stmt, p, NULL);
 }
 
-/* Reads a pipeline's results up to its Sync. *value (may be NULL) gets a copy of
- * the first column of the first row of result number `want` (1-based, counting
- * tuple results only). Returns MR_OK, or the first error's class. *synced is set
- * when the Sync came back. */
-static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char sqlstate[6],
-                            char *err, size_t errlen)
+/* Reads a pipeline's results up to its Sync. values (may be NULL) gets copies of
+ * the first column of the first row of tuple results number first, first + step,
+ * ... (1-based, counting tuple results only; count of them; NULL for no row or SQL
+ * NULL). Returns MR_OK, or the first error's class. *synced is set when the Sync
+ * came back. */
+static mr_err read_results(mr_db *db, char **values, int first, int step, int count, int *synced,
+                           char sqlstate[6], char *err, size_t errlen)
 {
     PGconn *c = db->conn;
     mr_err rc = MR_OK;
@@ -376,7 +377,7 @@ static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char
     int64_t t0 = mr_now_ms();
     *synced = 0;
     /* Bounded so that a broken connection cannot spin. */
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < 32 + 2 * (first + step * count); i++) {
         if (await_answer(db, t0) != 0) {
             c = NULL;
             break;
@@ -395,11 +396,14 @@ static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char
         }
         if (st == PGRES_FATAL_ERROR && rc == MR_OK) {
             rc = fail(db, res, sqlstate, err, errlen);
-        } else if (st == PGRES_TUPLES_OK && ++ntuples == want && value && PQntuples(res) > 0 &&
-                   !PQgetisnull(res, 0, 0)) {
-            *value = strdup(PQgetvalue(res, 0, 0));
-            if (!*value && rc == MR_OK)
-                rc = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+        } else if (st == PGRES_TUPLES_OK && values) {
+            int k = ++ntuples - first;
+            if (k >= 0 && k % step == 0 && k / step < count && PQntuples(res) > 0 &&
+                !PQgetisnull(res, 0, 0)) {
+                values[k / step] = strdup(PQgetvalue(res, 0, 0));
+                if (!values[k / step] && rc == MR_OK)
+                    rc = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+            }
         }
         PQclear(res);
     }
@@ -415,6 +419,12 @@ static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char
     if (rc != MR_OK)
         forget_prepared(db);
     return rc;
+}
+
+static mr_err read_pipeline(mr_db *db, int want, char **value, int *synced, char sqlstate[6],
+                            char *err, size_t errlen)
+{
+    return read_results(db, value, want, 1, value ? 1 : 0, synced, sqlstate, err, errlen);
 }
 
 /* BEGIN and the caller's identity in one pipeline: one round trip, and the
@@ -505,11 +515,16 @@ mr_err mr_db_tx(mr_db *db, const mr_identity *who,
     }
 }
 
-mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
-                  const char *const *params, const int *lengths, char **out,
-                  char *err, size_t errlen)
+static const mr_db_stmt context_stmt = {
+    "mr_db_context", "SELECT set_config('mindroom.request', $1, true)", 1};
+
+mr_err mr_db_call_each(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt, size_t n,
+                       const char *const *params, const int *lengths,
+                       const char *const *contexts, char **outs, char *err, size_t errlen)
 {
-    *out = NULL;
+    int np = stmt->nparams;
+    for (size_t i = 0; i < n; i++)
+        outs[i] = NULL;
     if (!db)
         return mr_seterr(err, errlen, MR_EINTERNAL, "database not configured (DATABASE_URL unset)");
     int reconnected = 0;
@@ -518,27 +533,41 @@ mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
         PGconn *c = mr_db_conn(db, err, errlen);
         if (!c)
             return MR_ETRANSIENT;
-        int synced = 0, sent = 0;
+        int synced = 0, sent = 0, ok = PQenterPipelineMode(c) && send_identity(db, who);
+        for (size_t i = 0; ok && i < n; i++) {
+            const char *ctx[1] = {contexts && contexts[i] ? contexts[i] : ""};
+            ok = (!contexts || send_stmt(db, &context_stmt, ctx, NULL)) &&
+                 send_stmt(db, stmt, params + i * np, lengths ? lengths + i * np : NULL);
+        }
         mr_err rc;
-        if (!PQenterPipelineMode(c) || !send_identity(db, who) ||
-            !send_stmt(db, stmt, params, lengths) || !PQpipelineSync(c)) {
+        if (!ok || !PQpipelineSync(c)) {
             rc = fail(db, NULL, NULL, err, errlen);
             read_pipeline(db, 0, NULL, &synced, NULL, NULL, 0);
         } else {
             /* From here the implicit transaction may commit at the Sync. */
             sent = 1;
-            rc = read_pipeline(db, 2, out, &synced, NULL, err, errlen);
+            rc = read_results(db, outs, contexts ? 3 : 2, contexts ? 2 : 1, (int)n, &synced, NULL,
+                              err, errlen);
         }
         if (rc == MR_OK)
             return MR_OK;
-        free(*out);
-        *out = NULL;
+        for (size_t i = 0; i < n; i++) {
+            free(outs[i]);
+            outs[i] = NULL;
+        }
         /* An error result means the implicit transaction rolled back; only a
          * connection lost after the Sync was sent leaves the outcome unknown. */
         int unknown = sent && !synced && is_broken(db);
         if (!retry(db, attempt, unknown, &reconnected))
             return rc;
     }
+}
+
+mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
+                  const char *const *params, const int *lengths, char **out,
+                  char *err, size_t errlen)
+{
+    return mr_db_call_each(db, who, stmt, 1, params, lengths, NULL, out, err, errlen);
 }
 
 mr_err mr_db_call_json(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,

@@ -87,6 +87,19 @@ mr_err mr_db_call(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt,
                   const char *const *params, const int *lengths, char **out,
                   char *err, size_t errlen);
 
+/* mr_db_call for n statements at once: stmt n times as who, in one round trip and
+ * one implicit transaction (one commit for all): the identity, then for each i the
+ * request context contexts[i] when contexts is not NULL
+ * (set_config('mindroom.request', ..., true), for the audit rows that statement
+ * writes) and stmt with params[i * nparams ...] (lengths likewise, or NULL). On
+ * MR_OK outs[i] is what mr_db_call's *out would be for statement i. All or
+ * nothing: on an error result nothing was committed and every outs[i] is NULL
+ * (after a Sync with no answer the outcome is unknown, as for mr_db_call).
+ * Retries as described above. */
+mr_err mr_db_call_each(mr_db *db, const mr_identity *who, const mr_db_stmt *stmt, size_t n,
+                       const char *const *params, const int *lengths,
+                       const char *const *contexts, char **outs, char *err, size_t errlen);
+
 /* mr_db_call for a statement that answers one jsonb object: *out is that object,
  * parsed (the caller cJSON_Delete()s it). No row, SQL NULL or anything but an
  * object is MR_EINTERNAL ("unexpected answer from the database"). */

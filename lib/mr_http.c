@@ -24,7 +24,15 @@
  * workers. A connection that misses the deadline or sends anything else is
  * closed, logged and counted. FCGX_Accept_r is given no listening socket (-1), so
  * if it ever finds a request it cannot read it fails at once instead of accepting
- * on its own, without the deadline. */
+ * on its own, without the deadline.
+ *
+ * A function with a batch handler (mr_app.handle_batch: the webhook) takes the
+ * requests that arrived together: its socket is non-blocking, each worker waits
+ * for it in an epoll of its own (EPOLLEXCLUSIVE, so a connection wakes one worker,
+ * and epoll_pwait unblocks the stop signals only while it waits), and a worker
+ * that has taken a request also takes the connections already waiting whose
+ * requests have arrived whole, up to batch_max. Under light load a batch is one
+ * request; under a burst the handler gets several at once. */
 #include "mr_http.h"
 
 #include <arpa/inet.h>
@@ -38,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -87,6 +96,7 @@ typedef struct {
     void (*job)(mr_req *r, void *arg);
     void *job_arg;
     void (*job_free)(void *);
+    struct timespec arrived;
 } req_ctx;
 
 /* ---- replies ---------------------------------------------------------- */
@@ -420,13 +430,12 @@ static int read_body(mr_req *r, FCGX_Request *rq)
     return 0;
 }
 
-static void serve(FCGX_Request *rq)
+/* The first half of a request: its params, method, authentication and body.
+ * Returns 1 when it is the handler's to answer, 0 when it was answered here. */
+static int serve_begin(req_ctx *ctx, FCGX_Request *rq)
 {
-    req_ctx ctx;
-    struct timespec arrived;
-    clock_gettime(CLOCK_MONOTONIC, &arrived);
-    memset(&ctx, 0, sizeof(ctx));
-    mr_req *r = &ctx.pub;
+    clock_gettime(CLOCK_MONOTONIC, &ctx->arrived);
+    mr_req *r = &ctx->pub;
     r->fcgx = rq;
     r->started_ms = mr_now_ms();
     r->db = g_db;
@@ -438,10 +447,10 @@ static void serve(FCGX_Request *rq)
     else
         new_request_id(r->request_id);
 
-    int copied = copy_params(&ctx, rq) == 0;
+    int copied = copy_params(ctx, rq) == 0;
     if (copied)
-        ctx.request_json = request_context(r);
-    if (!copied || !ctx.request_json) {
+        ctx->request_json = request_context(r);
+    if (!copied || !ctx->request_json) {
         static const char *const empty = "";
         if (!copied) {
             r->method = r->path = r->query = r->content_type = r->authorization = empty;
@@ -465,9 +474,18 @@ static void serve(FCGX_Request *rq)
         /* replied */
     } else {
         /* Set after authentication, which fills r->who afresh. */
-        r->who.request_json = ctx.request_json;
-        g_app->handle(r);
+        r->who.request_json = ctx->request_json;
+        return 1;
     }
+    return 0;
+}
+
+/* The second half: the log line, the metrics, the end of the connection, the
+ * deferred job. */
+static void serve_end(req_ctx *ctx)
+{
+    mr_req *r = &ctx->pub;
+    FCGX_Request *rq = r->fcgx;
     if (r->status == 0) {
         mr_log(MR_LOG_ERROR, "handler sent no reply (request %s)", r->request_id);
         mr_reply_error(r, 500, "internal", "the function did not answer");
@@ -479,8 +497,8 @@ static void serve(FCGX_Request *rq)
                    r->note);
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    mr_metrics_request(r->status, (int64_t)(t1.tv_sec - arrived.tv_sec) * 1000000 +
-                                      (t1.tv_nsec - arrived.tv_nsec) / 1000);
+    mr_metrics_request(r->status, (int64_t)(t1.tv_sec - ctx->arrived.tv_sec) * 1000000 +
+                                      (t1.tv_nsec - ctx->arrived.tv_nsec) / 1000);
 
     /* The caller has the whole answer once the request is finished; whatever
      * the handler deferred runs after that, off the caller's clock.
@@ -498,19 +516,47 @@ static void serve(FCGX_Request *rq)
     rq->keepConnection = 0;
     FCGX_Finish_r(rq);
     r->fcgx = NULL;
-    if (ctx.job) {
+    if (ctx->job) {
         int64_t t0 = mr_now_ms();
-        ctx.job(r, ctx.job_arg);
+        ctx->job(r, ctx->job_arg);
         mr_log(MR_LOG_DEBUG, "deferred job of %s took %lld ms", r->request_id,
                (long long)(mr_now_ms() - t0));
     }
-    if (ctx.job_free)
-        ctx.job_free(ctx.job_arg);
+    if (ctx->job_free)
+        ctx->job_free(ctx->job_arg);
     mr_db_release(g_db);
     free(r->who.claims_json);
     free(r->body);
-    free(ctx.strings);
-    free(ctx.request_json);
+    free(ctx->strings);
+    free(ctx->request_json);
+}
+
+static void serve(FCGX_Request *rq)
+{
+    req_ctx ctx;
+    memset(&ctx, 0, sizeof(ctx));
+    if (serve_begin(&ctx, rq))
+        g_app->handle(&ctx.pub);
+    serve_end(&ctx);
+}
+
+/* Requests taken together (mr_app.handle_batch): each begun, the ones left to
+ * the handler handled at once, each ended. */
+static void serve_batch(FCGX_Request *rqs, size_t n)
+{
+    req_ctx ctx[MR_BATCH_MAX];
+    mr_req *ready[MR_BATCH_MAX];
+    size_t k = 0;
+    memset(ctx, 0, sizeof(ctx[0]) * n);
+    for (size_t i = 0; i < n; i++)
+        if (serve_begin(&ctx[i], &rqs[i]))
+            ready[k++] = &ctx[i].pub;
+    if (k == 1)
+        g_app->handle(ready[0]);
+    else if (k > 1)
+        g_app->handle_batch(ready, k);
+    for (size_t i = 0; i < n; i++)
+        serve_end(&ctx[i]);
 }
 
 /* ---- worker ------------------------------------------------------------ */
@@ -611,6 +657,15 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
     }
 }
 
+/* Whether connection fd has already delivered a whole request (await_request's
+ * test, without waiting). */
+static int arrived_whole(int fd)
+{
+    ssize_t n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
+    int params_done;
+    return n > 0 && request_state(g_peek, (size_t)n, &params_done) > 0;
+}
+
 /* Hands an accepted connection to libfcgi once its request has arrived. Returns
  * 0 with rq holding the request, -1 when the connection was dropped (closed,
  * logged, counted). */
@@ -646,6 +701,14 @@ static int take_request(FCGX_Request *rq, int fd)
     return 0;
 }
 
+/* How many requests a worker of app takes at once (1: no batching). */
+static size_t batch_size(const mr_app *app)
+{
+    if (!app->handle_batch || app->batch_max <= 1)
+        return 1;
+    return app->batch_max < MR_BATCH_MAX ? (size_t)app->batch_max : MR_BATCH_MAX;
+}
+
 static int worker_main(int listen_fd)
 {
     struct sigaction sa;
@@ -679,17 +742,48 @@ static int worker_main(int listen_fd)
     if (g_app->worker_init)
         g_app->worker_init();
 
-    FCGX_Request rq;
-    if (FCGX_InitRequest(&rq, -1, FCGI_FAIL_ACCEPT_ON_INTR) != 0) {
-        mr_log(MR_LOG_ERROR, "FCGX_InitRequest failed");
-        return 1;
+    size_t batch = batch_size(g_app);
+    FCGX_Request rqs[MR_BATCH_MAX];
+    for (size_t i = 0; i < batch; i++)
+        if (FCGX_InitRequest(&rqs[i], -1, FCGI_FAIL_ACCEPT_ON_INTR) != 0) {
+            mr_log(MR_LOG_ERROR, "FCGX_InitRequest failed");
+            return 1;
+        }
+    FCGX_Request *rq = &rqs[0];
+    /* Batching: the socket is non-blocking and a worker waits for it in an epoll
+     * of its own (EPOLLEXCLUSIVE: one waiter woken a connection), so that it can
+     * take what is waiting without blocking on what is not. */
+    int ep = -1;
+    if (batch > 1) {
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
+        ep = epoll_create1(EPOLL_CLOEXEC);
+        if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, listen_fd, &ev) != 0) {
+            mr_log(MR_LOG_ERROR, "epoll: %s", strerror(errno));
+            return 1;
+        }
     }
+    sigset_t waitset;
+    sigprocmask(SIG_SETMASK, NULL, &waitset);
+    sigdelset(&waitset, SIGTERM);
+    sigdelset(&waitset, SIGINT);
     int status = 0;
     for (;;) {
-        sigprocmask(SIG_UNBLOCK, &stopset, NULL);
-        int fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        int aerr = errno;
-        sigprocmask(SIG_BLOCK, &stopset, NULL);
+        int fd;
+        int aerr;
+        if (ep >= 0) {
+            struct epoll_event ev;
+            fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            aerr = errno;
+            if (fd < 0 && !g_stop && aerr == EAGAIN) {
+                (void)epoll_pwait(ep, &ev, 1, -1, &waitset);
+                continue;
+            }
+        } else {
+            sigprocmask(SIG_UNBLOCK, &stopset, NULL);
+            fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            aerr = errno;
+            sigprocmask(SIG_BLOCK, &stopset, NULL);
+        }
         if (fd < 0) {
             if (g_stop)
                 break;
@@ -705,13 +799,37 @@ static int worker_main(int listen_fd)
             status = 1;
             break;
         }
-        if (take_request(&rq, fd) != 0)
+        if (take_request(rq, fd) != 0)
             continue;
-        serve(&rq); /* a stop that arrived meanwhile waits for this to finish */
+        /* Batching: the connections already waiting whose requests have arrived
+         * whole join this one; one still arriving is served after the batch, with
+         * its own deadline, so that a slow peer delays no one else. */
+        size_t n = 1, nlate = 0;
+        int late[MR_BATCH_MAX];
+        while (n + nlate < batch) {
+            int more = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            if (more < 0)
+                break;
+            if (!arrived_whole(more))
+                late[nlate++] = more;
+            else if (take_request(&rqs[n], more) == 0)
+                n++;
+        }
+        if (n == 1)
+            serve(rq); /* a stop that arrived meanwhile waits for this to finish */
+        else
+            serve_batch(rqs, n);
+        for (size_t i = 0; i < nlate; i++)
+            if (take_request(rq, late[i]) == 0)
+                serve(rq);
         if (g_stop)
             break;
     }
-    FCGX_Free(&rq, 1);
+    if (ep >= 0)
+        close(ep);
+    for (size_t i = 1; i < batch; i++)
+        FCGX_Free(&rqs[i], 1);
+    FCGX_Free(rq, 1);
     free(g_peek);
     g_peek = NULL;
     mr_db_close(g_db);
@@ -942,7 +1060,8 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
     if (fd >= 0) {
         /* systemd's socket (mindroom-function@.socket): its path, owner and mode
          * are the socket unit's, and it outlives this process. Workers block in
-         * accept on it, so it must not be in non-blocking mode. */
+         * accept on it, so it must not be in non-blocking mode (unless the
+         * function batches: below). */
         int fl = fcntl(fd, F_GETFL);
         if (fl >= 0 && (fl & O_NONBLOCK))
             fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
@@ -962,6 +1081,16 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
             return 1;
         }
         is_path = !strchr(socket_path, ':') && stat(socket_path, &bound) == 0;
+    }
+
+    /* A batching function's workers wait in epoll and accept without blocking. */
+    if (batch_size(app) > 1) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) {
+            mr_log(MR_LOG_ERROR, "fcntl: %s", strerror(errno));
+            mr_metrics_close();
+            return 1;
+        }
     }
 
     /* A write to a closed nginx connection must be an EPIPE error in workers,

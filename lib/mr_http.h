@@ -56,6 +56,8 @@ typedef enum {
     MR_AUTH_CUSTOM     /* the handler authenticates (e.g. provisioner bearer token) */
 } mr_auth_mode;
 
+#define MR_BATCH_MAX 16
+
 typedef struct mr_req {
     struct FCGX_Request *fcgx;
     /* Copies owned by the runtime, valid until the request (and its deferred job) ends. */
@@ -97,6 +99,13 @@ typedef struct {
     void (*worker_init)(void);
     /* Must reply exactly once with mr_reply_json or mr_reply_error. */
     void (*handle)(mr_req *r);
+    /* Optional: requests that arrived together. A worker that takes a request also
+     * takes those already waiting on the socket, up to batch_max (at most
+     * MR_BATCH_MAX), and passes the ones that passed the method, authentication and
+     * body checks here at once (one alone goes to handle). Must reply to each
+     * exactly once. */
+    void (*handle_batch)(mr_req **reqs, size_t n);
+    int batch_max;
 } mr_app;
 
 /* Runs the app; returns the process exit status (0 after a clean SIGTERM drain). */

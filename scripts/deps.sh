@@ -7,7 +7,7 @@ PKGS=(
   build-essential pkg-config
   libfcgi-dev libpq-dev libcjson-dev libcurl4-openssl-dev libssl-dev libcmocka-dev
   postgresql-15 postgresql-contrib postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl pgbouncer
-  nginx-light curl openssl
+  nginx-light curl openssl iproute2
   python3 python3-pytest python3-psycopg2 python3-cryptography
   wrk valgrind clang libclang-rt-14-dev
   prometheus debootstrap systemd systemd-container

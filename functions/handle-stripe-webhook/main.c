@@ -20,6 +20,11 @@
  *      worker is woken in a transaction of its own once the answer is sent
  *      (a notifying commit would hold PostgreSQL's notify lock through its WAL
  *      flush; 080_webhook_cost.sql).
+ *      Deliveries that arrive together (a burst: the runtime hands a worker the
+ *      ones already waiting, up to batch_max) share that round trip and its
+ *      transaction: one commit flush for all, each event still applied,
+ *      answered and logged as its own, with its own request context
+ *      (handle_batch).
  *   4. Answer: 200 (duplicate/ignored/stale/failed/refused flagged), or 503 for
  *      an event that cannot be applied yet (unknown account) or a database
  *      failure, so that Stripe retries. A refused event (it claims an account its
@@ -124,17 +129,20 @@ static void answer(mr_req *r, const char *result, const char *evt_err)
     mr_reply_json(r, 200, body);
 }
 
-static void handle(mr_req *r)
+/* Steps 1 and 2, and the memory of settled events: 1 with *evt filled when the
+ * event is the database's to apply, 0 when it was answered here. */
+static int admit(mr_req *r, wh_event *evt)
 {
     char err[200];
-    const char *id, *type, *result = NULL, *owed = NULL, *evt_err = NULL;
+    const char *code;
     mr_err e;
 
+    memset(evt, 0, sizeof *evt);
     /* 1. The signature, over exactly the bytes received. */
     if (!*r->stripe_signature) {
         mr_metrics_stripe_event(NULL, "invalid");
         mr_reply_error(r, 400, "invalid_signature", "missing Stripe-Signature header");
-        return;
+        return 0;
     }
     e = mr_stripe_verify(r->stripe_signature, r->body, r->body_len, cfg.secrets, cfg.nsecrets,
                          time(NULL), cfg.tolerance_s, err, sizeof err);
@@ -142,75 +150,70 @@ static void handle(mr_req *r)
         mr_log(MR_LOG_INFO, "request %s: signature rejected: %s", r->request_id, err);
         mr_metrics_stripe_event(NULL, "invalid");
         mr_reply_error(r, 400, "invalid_signature", "%s", err);
-        return;
+        return 0;
     }
 
     /* 2. The envelope (event.c). */
-    wh_event evt;
-    const char *code;
-    if (wh_event_parse(r->body, r->body_len, &evt, &code, err, sizeof err) != MR_OK) {
+    if (wh_event_parse(r->body, r->body_len, evt, &code, err, sizeof err) != MR_OK) {
         mr_metrics_stripe_event(NULL, "invalid");
         mr_reply_error(r, 400, code, "%s", err);
-        return;
+        return 0;
     }
-    cJSON *ev = evt.root;
-    id = evt.id;
-    type = evt.type;
-
-    if (cfg.livemode >= 0 && evt.livemode != cfg.livemode) {
-        mr_log(MR_LOG_WARN, "event %s (%s): livemode %s refused: STRIPE_SECRET_KEY is a %s key", id,
-               type, evt.livemode ? "true" : "false", cfg.livemode ? "live" : "test");
+    if (cfg.livemode >= 0 && evt->livemode != cfg.livemode) {
+        mr_log(MR_LOG_WARN, "event %s (%s): livemode %s refused: STRIPE_SECRET_KEY is a %s key",
+               evt->id, evt->type, evt->livemode ? "true" : "false",
+               cfg.livemode ? "live" : "test");
         mr_reply_error(r, 400, "livemode_mismatch",
                        "a %s-mode event, but this server uses a %s-mode Stripe key",
-                       evt.livemode ? "live" : "test", cfg.livemode ? "live" : "test");
-        cJSON_Delete(ev);
-        return;
+                       evt->livemode ? "live" : "test", cfg.livemode ? "live" : "test");
+        wh_event_free(evt);
+        return 0;
     }
-
-    if (mr_idcache_has(g_seen, id, mr_now_ms())) {
-        mr_note(r, "event %.100s (%.60s): duplicate (settled, remembered)", id, type);
-        mr_metrics_stripe_event(type, "duplicate");
+    if (mr_idcache_has(g_seen, evt->id, mr_now_ms())) {
+        mr_note(r, "event %.100s (%.60s): duplicate (settled, remembered)", evt->id, evt->type);
+        mr_metrics_stripe_event(evt->type, "duplicate");
         answer(r, "duplicate", NULL);
-        cJSON_Delete(ev);
-        return;
+        wh_event_free(evt);
+        return 0;
     }
+    return 1;
+}
 
-    /* 3. One round trip. */
-    char *out = NULL;
-    const char *params[2] = {id, r->body};
-    const int lengths[2] = {(int)strlen(id), (int)r->body_len};
-    /* As service_role, with the delivery's address and user agent for the audit
-     * rows the event writes (Stripe's, since nginx trusts no forwarded header
-     * from anyone but the configured proxies). */
-    mr_identity who = mr_req_service(r);
-    e = mr_db_call(r->db, &who, &process_stmt, params, lengths, &out, err, sizeof err);
-    if (e == MR_OK && out == NULL)
-        e = mr_seterr(err, sizeof err, MR_EINTERNAL, "database returned no result");
+/* Step 3's outcome (e, and out: process_stripe_event's answer, taken) and step 4;
+ * others: how many other deliveries its transaction committed. Returns 1 when the
+ * commit made work due (the lifecycle worker is to be woken). */
+static int settle(mr_req *r, wh_event *evt, mr_err e, char *out, const char *err, size_t others)
+{
+    const char *id = evt->id, *type = evt->type, *result = NULL, *owed = NULL, *evt_err = NULL;
+    int wake = 0;
+    if (e == MR_OK && out == NULL) {
+        e = MR_EINTERNAL;
+        err = "database returned no result";
+    }
     if (e != MR_OK) {
         mr_log(MR_LOG_WARN, "event %s (%s): %s", id, type, err);
         mr_metrics_stripe_event(type, "error");
-        cJSON_Delete(ev);
         if (e == MR_ETRANSIENT)
             mr_reply_error(r, 503, "database_unavailable", "database unavailable, retry later");
         else if (e == MR_EINVAL)
             mr_reply_error(r, 400, "invalid_event", "the event could not be stored: %s", err);
         else
             mr_reply_error(r, 500, "internal", "%s", err);
-        return;
+        wh_event_free(evt);
+        return 0;
     }
     cJSON *res = mr_json_parse(out, strlen(out));
     free(out);
     if (res == NULL || mr_json_str(res, "result", &result) != MR_OK) {
         mr_metrics_stripe_event(type, "error");
         cJSON_Delete(res);
-        cJSON_Delete(ev);
+        wh_event_free(evt);
         mr_reply_error(r, 500, "internal", "unexpected result from the database");
-        return;
+        return 0;
     }
     (void)mr_json_str(res, "owed", &owed);
     (void)mr_json_str(res, "error", &evt_err);
-    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "wake")))
-        mr_defer(r, wake_worker, NULL, NULL);
+    wake = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "wake"));
     if (!strcmp(result, "refused")) {
         /* Someone made Stripe name an account that is not this customer's: an
          * attempt to take over another account's billing, or a bug of ours. */
@@ -221,7 +224,11 @@ static void handle(mr_req *r)
                "security: event %s (%s) refused: customer %.64s, claimed account %.64s: %s", id,
                type, cust ? cust : "-", claimed ? claimed : "-", evt_err ? evt_err : "");
     } else {
-        mr_note(r, "event %.100s (%.60s): %s, owed %s", id, type, result, owed ? owed : "none");
+        char with[48] = "";
+        if (others)
+            snprintf(with, sizeof with, " (one commit with %zu more)", others);
+        mr_note(r, "event %.100s (%.60s): %s, owed %s%s", id, type, result, owed ? owed : "none",
+                with);
     }
     mr_metrics_stripe_event(type, result);
     /* Committed as final: PostgreSQL answers every later delivery "duplicate". */
@@ -233,7 +240,70 @@ static void handle(mr_req *r)
     answer(r, result, evt_err);
 
     cJSON_Delete(res);
-    cJSON_Delete(ev);
+    wh_event_free(evt);
+    return wake;
+}
+
+/* 3. One round trip: the event applied as service_role, with the delivery's
+ * address and user agent for the audit rows it writes (Stripe's, since nginx
+ * trusts no forwarded header from anyone but the configured proxies). */
+static int apply_one(mr_req *r, wh_event *evt)
+{
+    char err[200], *out = NULL;
+    const char *params[2] = {evt->id, r->body};
+    const int lengths[2] = {(int)strlen(evt->id), (int)r->body_len};
+    mr_identity who = mr_req_service(r);
+    mr_err e = mr_db_call(r->db, &who, &process_stmt, params, lengths, &out, err, sizeof err);
+    return settle(r, evt, e, out, err, 0);
+}
+
+static void handle(mr_req *r)
+{
+    wh_event evt;
+    if (admit(r, &evt) && apply_one(r, &evt))
+        mr_defer(r, wake_worker, NULL, NULL);
+}
+
+/* Deliveries that arrived together: the ones the database must apply go in one
+ * round trip and one transaction (one commit, one flush for all), each with its
+ * own request context for its audit rows. Should that transaction fail, nothing of
+ * it was committed: on a transient failure (the database away, a timeout) each is
+ * answered 503 as it would be alone, and Stripe delivers it again; on any other
+ * error each is applied alone, so that the error is answered to its own delivery
+ * and the others are recorded. */
+static void handle_batch(mr_req **reqs, size_t n)
+{
+    wh_event evts[MR_BATCH_MAX];
+    mr_req *todo[MR_BATCH_MAX];
+    size_t k = 0;
+    int wake = 0;
+    for (size_t i = 0; i < n; i++)
+        if (admit(reqs[i], &evts[k]))
+            todo[k++] = reqs[i];
+    if (k == 1) {
+        wake = apply_one(todo[0], &evts[0]);
+    } else if (k > 1) {
+        const char *params[2 * MR_BATCH_MAX], *contexts[MR_BATCH_MAX];
+        int lengths[2 * MR_BATCH_MAX];
+        char *outs[MR_BATCH_MAX], err[200];
+        for (size_t i = 0; i < k; i++) {
+            params[2 * i] = evts[i].id;
+            params[2 * i + 1] = todo[i]->body;
+            lengths[2 * i] = (int)strlen(evts[i].id);
+            lengths[2 * i + 1] = (int)todo[i]->body_len;
+            contexts[i] = todo[i]->who.request_json;
+        }
+        mr_identity who = mr_req_service(todo[0]);
+        mr_err e = mr_db_call_each(todo[0]->db, &who, &process_stmt, k, params, lengths, contexts,
+                                   outs, err, sizeof err);
+        for (size_t i = 0; i < k; i++)
+            wake |= e == MR_OK || e == MR_ETRANSIENT
+                        ? settle(todo[i], &evts[i], e, outs[i], err, e == MR_OK ? k - 1 : 0)
+                        : apply_one(todo[i], &evts[i]);
+    }
+    /* Once, after the last answer of the batch. */
+    if (wake)
+        mr_defer(reqs[n - 1], wake_worker, NULL, NULL);
 }
 
 int main(int argc, char **argv)
@@ -248,6 +318,9 @@ int main(int argc, char **argv)
         .init = init,
         .worker_init = worker_init,
         .handle = handle,
+        /* Under a burst, up to eight deliveries share one transaction. */
+        .handle_batch = handle_batch,
+        .batch_max = 8,
     };
     return mr_app_main(&app, argc, argv);
 }

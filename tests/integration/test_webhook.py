@@ -9,10 +9,12 @@ the instance row (owed_action), and whether its commit woke the lifecycle worker
 from a LISTEN on the worker's channel (Listener).
 """
 
+import contextlib
 import hashlib
 import hmac
 import json
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -22,6 +24,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+import fcgi
 import mr
 from lifecycle_helpers import link_customer
 
@@ -757,3 +760,192 @@ def test_bad_memory_setting_stops_startup(stack, tmp_path, value):
                     STRIPE_DUPLICATE_CACHE_SECONDS=value)
     assert p.returncode == 2
     assert "STRIPE_DUPLICATE_CACHE_SECONDS" in p.stderr.decode()
+
+
+# ---- deliveries that arrive together ---------------------------------------------------
+# The one worker is held on a first delivery (its event row waits for a table lock a
+# test session holds) while others queue on its socket; released, it takes those
+# that are waiting as one batch: one transaction, each event its own outcome.
+
+@contextlib.contextmanager
+def worker_held(s, first):
+    """The one worker busy with delivering `first` until release() (or the block's
+    end): its event row waits for a lock a test session holds on stripe_events.
+    Yields a thread pool, first's future and release; whatever the block sends
+    meanwhile queues on the socket."""
+    lock = psycopg2.connect(s.pg.conninfo(s.db))
+    pool = ThreadPoolExecutor(8)
+    try:
+        with lock.cursor() as c:
+            c.execute("BEGIN; LOCK TABLE stripe_events IN EXCLUSIVE MODE")
+        held = pool.submit(send, s, first)
+        deadline = time.monotonic() + 10
+        while count(s, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                       " AND query LIKE '%%process_stripe_event%%'") != 1:
+            assert time.monotonic() < deadline, "the first delivery never waited for the lock"
+            time.sleep(0.02)
+        yield pool, held, lock.rollback
+    finally:
+        lock.rollback()
+        lock.close()
+        pool.shutdown()
+
+
+def queued(s, n):
+    """Waits until n connections wait on the webhook's socket (its accept queue, as
+    `ss` reads it from the kernel)."""
+    path = str(s.socket_path("handle-stripe-webhook"))  # bound as <path>.<pid>.new, then renamed
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(["ss", "-xlnH"], capture_output=True, text=True, check=True).stdout
+        got = [int(f[2]) for f in map(str.split, out.splitlines())
+               if len(f) > 4 and f[1] == "LISTEN" and (f[4] == path or f[4].startswith(path + "."))]
+        if got == [n]:
+            return
+        assert time.monotonic() < deadline, "%s connections waiting, not %d" % (got, n)
+        time.sleep(0.02)
+
+
+def deliver(s, e, raw, rid):
+    body = raw if raw is not None else json.dumps(e, separators=(",", ":")).encode()
+    return s.call("POST", "handle-stripe-webhook", body=body, headers={
+        "Content-Type": "application/json", "X-Request-Id": rid, "User-Agent": "agent-" + rid,
+        "Stripe-Signature": mr.stripe_sign(body, NEW_SECRET)})
+
+
+def held_then_batched(s, first, batch):
+    """Sends `first` and, while the worker is held on it, every delivery of `batch`
+    (a list of (event, raw body or None, request id)); then lets go. Returns (first's
+    answer, the batch's answers in order)."""
+    with worker_held(s, first) as (pool, held, release):
+        answers = []
+        for item in batch:   # in this order on the socket
+            answers.append(pool.submit(deliver, s, *item))
+            queued(s, len(answers))
+        assert not held.done() and not any(a.done() for a in answers)
+        release()
+        return held.result(timeout=30), [a.result(timeout=30) for a in answers]
+
+
+def request_notes(s, rids):
+    lines = [json.loads(l) for l in s.log("handle-stripe-webhook").splitlines() if l.startswith("{")]
+    return {l["request_id"]: l.get("note", "") for l in lines
+            if l.get("msg") == "request" and l.get("request_id") in rids}
+
+
+def test_deliveries_that_arrive_together_share_one_commit_and_keep_their_own_outcomes(one_worker):
+    s = one_worker
+    lst = Listener(s)
+    try:
+        custs = ["cus_" + uid() for _ in range(3)]
+        aids = [new_account(s, c) for c in custs]
+        paid = fixture("stripe_invoice_paid_basil.json")
+        paid["id"] = "evt_" + uid()
+        paid["data"]["object"]["customer"] = custs[1]
+        created = sub_event(customer=custs[2])
+        unknown = sub_event(customer="cus_" + uid())   # no account yet: deferred
+        other = fixture("stripe_invoice_paid_basil.json")
+        other["id"], other["type"] = "evt_" + uid(), "charge.succeeded"
+        rids = ["batch" + uid() for _ in range(4)]
+        lst.count(0)
+        first, answers = held_then_batched(s, sub_event(customer=custs[0]), list(zip(
+            (paid, created, unknown, other), (None,) * 4, rids)))
+        assert (first.status, first.json) == (200, {"received": True})
+        assert [(a.status, a.json) for a in answers] == [
+            (200, {"received": True}), (200, {"received": True}),
+            (503, {"error": {"code": "account_not_found",
+                             "message": answers[2].json["error"]["message"]}}),
+            (200, {"received": True, "ignored": True})]
+        # One transaction: each line says how many it was committed with.
+        notes = request_notes(s, rids)
+        assert [notes[r].split(": ", 1)[1] for r in rids] == [
+            "processed, owed none (one commit with 3 more)",
+            "processed, owed create (one commit with 3 more)",
+            "deferred, owed none (one commit with 3 more)",
+            "ignored, owed none (one commit with 3 more)"]
+        assert [event_row(s, e["id"])[0] for e in (paid, created, unknown, other)] == [
+            "processed", "processed", "deferred", "ignored"]
+        # Each event's audit rows carry its own delivery's context, not the batch's first.
+        assert s.sql("SELECT request_id, user_agent FROM audit_logs WHERE account_id = %s"
+                     " AND action LIKE 'stripe.%%'", aids[1]) == [(rids[0], "agent-" + rids[0])]
+        assert sorted(s.sql("SELECT action, request_id, user_agent FROM audit_logs"
+                            " WHERE account_id = %s AND action LIKE '%%.created'", aids[2])) == [
+            ("instance.created", rids[1], "agent-" + rids[1]),
+            ("subscription.created", rids[1], "agent-" + rids[1])]
+        # The new instance woke the lifecycle worker.
+        assert lst.count() >= 1
+    finally:
+        lst.close()
+
+
+def test_an_event_the_database_refuses_is_answered_alone_and_the_batch_is_still_recorded(one_worker):
+    s = one_worker
+    cust = "cus_" + uid()
+    aid = new_account(s, cust)
+    good = [fixture("stripe_invoice_paid_basil.json") for _ in range(2)]
+    for e in good:
+        e["id"] = "evt_" + uid()
+        e["data"]["object"]["customer"] = cust
+    # Valid JSON the webhook accepts, but not as jsonb: PostgreSQL refuses \u0000.
+    bad = fixture("stripe_invoice_paid_basil.json")
+    bad["id"] = "evt_" + uid()
+    bad["data"]["object"]["customer"] = cust
+    bad["data"]["object"]["description"] = "NUL"
+    raw = json.dumps(bad, separators=(",", ":")).replace('"NUL"', '"\\u0000"').encode()
+    rids = ["refused" + uid() for _ in range(3)]
+    first, answers = held_then_batched(s, sub_event(customer=cust), [
+        (good[0], None, rids[0]), (bad, raw, rids[1]), (good[1], None, rids[2])])
+    assert first.status == 200
+    assert [a.status for a in answers] == [200, 400, 200]
+    assert answers[1].json["error"]["code"] == "invalid_event"
+    assert [event_row(s, e["id"])[0] for e in good] == ["processed", "processed"]
+    assert count(s, "SELECT count(*) FROM stripe_events WHERE id = %s", bad["id"]) == 0
+    # Applied alone after the shared transaction failed: each its own commit.
+    notes = request_notes(s, rids)
+    assert not any("one commit with" in notes[r] for r in rids), notes
+    assert sorted(r for (r,) in s.sql("SELECT request_id FROM audit_logs WHERE account_id = %s"
+                                      " AND action = 'stripe.invoice.paid'", aid)) == sorted(
+        [rids[0], rids[2]])
+
+
+def test_a_delivery_still_arriving_does_not_hold_up_the_others(one_worker):
+    """Of the connections waiting when the worker is free again, one whose request
+    has not arrived whole is served after the batch, with its own deadline: the
+    deliveries behind it are answered at once, not after it."""
+    s = one_worker
+    cust = "cus_" + uid()
+    new_account(s, cust)
+    events = [fixture("stripe_invoice_paid_basil.json") for _ in range(3)]
+    for e in events:
+        e["id"] = "evt_" + uid()
+        e["data"]["object"]["customer"] = cust
+    rids = ["late" + uid() for _ in range(3)]
+    body = json.dumps(events[1], separators=(",", ":")).encode()
+    whole = fcgi.request("POST", "/functions/v1/handle-stripe-webhook", body, extra={
+        "HTTP_STRIPE_SIGNATURE": mr.stripe_sign(body, NEW_SECRET), "HTTP_X_REQUEST_ID": rids[1]})
+    slow = socket.socket(socket.AF_UNIX)
+    slow.settimeout(30)
+    try:
+        with worker_held(s, sub_event(customer=cust)) as (pool, held, release):
+            first = pool.submit(deliver, s, events[0], None, rids[0])
+            queued(s, 1)
+            slow.connect(str(s.socket_path("handle-stripe-webhook")))
+            slow.sendall(whole[:40])   # its BEGIN_REQUEST and part of its params
+            queued(s, 2)
+            last = pool.submit(deliver, s, events[2], None, rids[2])
+            queued(s, 3)
+            assert not any(f.done() for f in (held, first, last))
+            t0 = time.monotonic()
+            release()
+            assert [first.result(timeout=30).status, last.result(timeout=30).status] == [200, 200]
+            # At once, not after the slow one's deadline (5 s).
+            assert time.monotonic() - t0 < 2.0
+        notes = request_notes(s, rids)
+        assert notes[rids[0]].endswith("(one commit with 1 more)"), notes
+        assert notes[rids[2]].endswith("(one commit with 1 more)"), notes
+        slow.sendall(whole[40:])
+        status, _, answer = fcgi.read_response(slow)
+        assert (status, json.loads(answer)) == (200, {"received": True})
+    finally:
+        slow.close()
+    assert [event_row(s, e["id"])[0] for e in events] == ["processed"] * 3
