@@ -666,14 +666,14 @@ static int arrived_whole(int fd)
     return n > 0 && request_state(g_peek, (size_t)n, &params_done) > 0;
 }
 
-/* Hands an accepted connection to libfcgi once its request has arrived. Returns
- * 0 with rq holding the request, -1 when the connection was dropped (closed,
- * logged, counted). */
-static int take_request(FCGX_Request *rq, int fd)
+/* Hands an accepted connection to libfcgi once its request has arrived (whole:
+ * the caller saw it arrive). Returns 0 with rq holding the request, -1 when the
+ * connection was dropped (closed, logged, counted). */
+static int take_request(FCGX_Request *rq, int fd, int whole)
 {
     char why[160];
     int quiet;
-    if (await_request(fd, why, sizeof why, &quiet) != 0) {
+    if (!whole && await_request(fd, why, sizeof why, &quiet) != 0) {
         if (quiet) {
             mr_log(MR_LOG_DEBUG, "a connection closed without sending anything");
         } else {
@@ -750,9 +750,7 @@ static int worker_main(int listen_fd)
             return 1;
         }
     FCGX_Request *rq = &rqs[0];
-    /* Batching: the socket is non-blocking and a worker waits for it in an epoll
-     * of its own (EPOLLEXCLUSIVE: one waiter woken a connection), so that it can
-     * take what is waiting without blocking on what is not. */
+    /* A batching worker waits in an epoll of its own (the header says why). */
     int ep = -1;
     if (batch > 1) {
         struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
@@ -799,7 +797,7 @@ static int worker_main(int listen_fd)
             status = 1;
             break;
         }
-        if (take_request(rq, fd) != 0)
+        if (take_request(rq, fd, 0) != 0)
             continue;
         /* Batching: the connections already waiting whose requests have arrived
          * whole join this one; one still arriving is served after the batch, with
@@ -812,7 +810,7 @@ static int worker_main(int listen_fd)
                 break;
             if (!arrived_whole(more))
                 late[nlate++] = more;
-            else if (take_request(&rqs[n], more) == 0)
+            else if (take_request(&rqs[n], more, 1) == 0)
                 n++;
         }
         if (n == 1)
@@ -820,7 +818,7 @@ static int worker_main(int listen_fd)
         else
             serve_batch(rqs, n);
         for (size_t i = 0; i < nlate; i++)
-            if (take_request(rq, late[i]) == 0)
+            if (take_request(rq, late[i], 0) == 0)
                 serve(rq);
         if (g_stop)
             break;
