@@ -15,7 +15,9 @@
  *                 < the lease on the instance (so nobody takes over a step that
  *                 is still running), with room to record the outcome
  *   edges:        "wait": true  < nginx's read timeout for provision/deprovision
- *   webhook:      a statement   < nginx's read timeout for the webhook
+ *   webhook:      a batch of deliveries (each statement, then each again alone
+ *                 after a failed batch), then a connection left for after it
+ *                 < nginx's read timeout for the webhook
  *   tenant edges: a statement   < nginx's read timeout for track-usage, my-instance
  *   health:       one probe round < nginx's read timeout for check-instance-health
  *   stopping:     a worker's stop grace < systemd's TimeoutStopSec */
@@ -58,8 +60,14 @@
 #define MR_DL_WAIT_MS 870000
 #define MR_DL_NGINX_LIFECYCLE_S 900
 
-/* The webhook: nginx's fastcgi_read_timeout, seconds. */
+/* The webhook: nginx's fastcgi_read_timeout, seconds; and how many deliveries
+ * that arrive together share a transaction at most. A delivery's worst case is its
+ * batch's statements each at the statement timeout, then each again alone after
+ * the batch failed, then its own read if it was left for after the batch:
+ * 2 x MR_DL_WEBHOOK_BATCH x MR_DL_DB_STATEMENT_MS + MR_DL_FCGI_READ_MS, under
+ * nginx's timeout. */
 #define MR_DL_NGINX_WEBHOOK_S 60
+#define MR_DL_WEBHOOK_BATCH 4
 
 /* track-usage and my-instance (each request: one or two statements): nginx's
  * fastcgi_read_timeout, seconds. */

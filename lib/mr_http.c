@@ -624,6 +624,7 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
 {
     int64_t deadline = mr_now_ms() + g_read_timeout_ms;
     int seen = 0;
+    ssize_t had = 0; /* bytes the last look saw */
     *quiet = 0;
     for (;;) {
         ssize_t n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
@@ -652,8 +653,16 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
                      (long long)g_read_timeout_ms);
             return -1;
         }
+        /* Bytes only peeked stay readable, so poll returns at once until more
+         * arrive: while a look finds nothing new, the next one is a millisecond
+         * later (a peer that stops mid-request must not make its worker spin). */
         struct pollfd p = {.fd = fd, .events = POLLIN};
-        (void)poll(&p, 1, (int)(left > INT32_MAX ? INT32_MAX : left));
+        if (n > 0 && n == had)
+            (void)poll(NULL, 0, 1);
+        else
+            (void)poll(&p, 1, (int)(left > INT32_MAX ? INT32_MAX : left));
+        if (n > 0)
+            had = n;
     }
 }
 

@@ -38,6 +38,7 @@
 #include <time.h>
 
 #include "mindroom.h"
+#include "mr_deadlines.h"
 #include "mr_stripe_api.h"
 #include "mr_metrics.h"
 #include "event.h"
@@ -318,9 +319,10 @@ int main(int argc, char **argv)
         .init = init,
         .worker_init = worker_init,
         .handle = handle,
-        /* Under a burst, up to eight deliveries share one transaction. */
+        /* Under a burst, deliveries that arrive together share one transaction
+         * (how many: the deadline table, mr_deadlines.h). */
         .handle_batch = handle_batch,
-        .batch_max = 8,
+        .batch_max = MR_DL_WEBHOOK_BATCH,
     };
     return mr_app_main(&app, argc, argv);
 }

@@ -276,7 +276,7 @@ def _run(argv, env=None, timeout=300):
     return p.stdout
 
 
-def _children(pid):
+def children(pid):
     """Pids whose parent is pid (the workers of a function's master process)."""
     kids = []
     for d in os.listdir("/proc"):
@@ -603,7 +603,7 @@ class Stack:
     def workers(self, name):
         """Pids of the function's live worker processes."""
         p = self.procs.get(name)
-        return _children(p.pid) if p is not None and p.poll() is None else []
+        return children(p.pid) if p is not None and p.poll() is None else []
 
     def master_pid(self, name):
         return self.procs[name].pid

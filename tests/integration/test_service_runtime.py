@@ -169,6 +169,37 @@ def test_a_request_delivered_in_pieces_within_the_deadline_is_served(tmp_path):
         stop(p)
 
 
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_connection_stopped_mid_request_does_not_make_its_worker_spin(tmp_path):
+    """What a connection sent stays readable while the worker only looks at it; the
+    worker waits for more without burning the core, and drops it at the deadline."""
+    p = start(tmp_path, env={"MR_READ_TIMEOUT_MS": "2000", "MR_WORKERS": "1"})
+    try:
+        sock = tmp_path / "noop.sock"
+        wait_socket(sock, p)
+        worker, = mr.children(p.pid)
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(10)
+        c.connect(str(sock))
+        c.sendall(fcgi.request("GET", "/functions/v1/noop")[:40])
+        time.sleep(0.2)
+        before, t0 = cpu_seconds(worker), time.monotonic()
+        time.sleep(1.5)
+        used = cpu_seconds(worker) - before
+        assert used < 0.3 * (time.monotonic() - t0), used
+        assert closed_by_peer(c)   # dropped at the deadline
+        c.close()
+        assert any("no whole request within 2000 ms" in l for l in lines(tmp_path / "fn.log"))
+        assert fcgi.call(sock)[0] == 200
+    finally:
+        stop(p)
+
+
 def test_what_is_not_a_fastcgi_request_is_dropped_at_once(tmp_path):
     p = start(tmp_path, env={"MR_READ_TIMEOUT_MS": "5000", "MR_WORKERS": "1"})
     try:
