@@ -775,21 +775,17 @@ static int worker_main(int listen_fd)
     sigdelset(&waitset, SIGINT);
     int status = 0;
     for (;;) {
-        int fd;
-        int aerr;
-        if (ep >= 0) {
+        /* A stop that arrived while a request was served is taken here, before
+         * the next connection: even when connections keep coming. */
+        sigprocmask(SIG_UNBLOCK, &stopset, NULL);
+        int fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        int aerr = errno;
+        sigprocmask(SIG_BLOCK, &stopset, NULL);
+        if (fd < 0 && ep >= 0 && !g_stop && aerr == EAGAIN) {
+            /* Nothing waiting: sleep until a connection (or a stop) comes. */
             struct epoll_event ev;
-            fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-            aerr = errno;
-            if (fd < 0 && !g_stop && aerr == EAGAIN) {
-                (void)epoll_pwait(ep, &ev, 1, -1, &waitset);
-                continue;
-            }
-        } else {
-            sigprocmask(SIG_UNBLOCK, &stopset, NULL);
-            fd = g_stop ? -1 : accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-            aerr = errno;
-            sigprocmask(SIG_BLOCK, &stopset, NULL);
+            (void)epoll_pwait(ep, &ev, 1, -1, &waitset);
+            continue;
         }
         if (fd < 0) {
             if (g_stop)

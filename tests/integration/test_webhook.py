@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -774,7 +775,7 @@ def worker_held(s, first):
     Yields a thread pool, first's future and release; whatever the block sends
     meanwhile queues on the socket."""
     lock = psycopg2.connect(s.pg.conninfo(s.db))
-    pool = ThreadPoolExecutor(8)
+    pool = ThreadPoolExecutor(16)
     try:
         with lock.cursor() as c:
             c.execute("BEGIN; LOCK TABLE stripe_events IN EXCLUSIVE MODE")
@@ -949,3 +950,35 @@ def test_a_delivery_still_arriving_does_not_hold_up_the_others(one_worker):
     finally:
         slow.close()
     assert [event_row(s, e["id"])[0] for e in events] == ["processed"] * 3
+
+
+def test_a_stop_is_taken_after_the_delivery_in_hand_even_with_more_waiting(pg):
+    """SIGTERM while the one worker applies a delivery and ten more wait on its socket:
+    the delivery in hand is answered, then the worker stops instead of taking what
+    waits (Stripe delivers those again), as a worker that waits in accept does."""
+    with mr.Stack(pg, env={"STRIPE_WEBHOOK_SECRET": NEW_SECRET},
+                  functions=["handle-stripe-webhook"], workers=1) as s:
+        p = s.procs["handle-stripe-webhook"]
+        cust = "cus_" + uid()
+        new_account(s, cust)
+        events = [fixture("stripe_invoice_paid_basil.json") for _ in range(10)]
+        for e in events:
+            e["id"] = "evt_" + uid()
+            e["data"]["object"]["customer"] = cust
+        with worker_held(s, sub_event(customer=cust)) as (pool, held, release):
+            waiting = []
+            for e in events:
+                waiting.append(pool.submit(deliver, s, e, None, "stop" + uid()))
+                queued(s, len(waiting))
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert p.poll() is None   # draining the delivery in hand
+            t0 = time.monotonic()
+            release()
+            assert held.result(timeout=30).status == 200
+            assert p.wait(10) == 0
+            assert time.monotonic() - t0 < 2.0
+            assert [w.result(timeout=30).status for w in waiting] == [502] * 10
+        assert count(s, "SELECT count(*) FROM stripe_events WHERE id = ANY(%s)",
+                     [e["id"] for e in events]) == 0
+        s.procs.pop("handle-stripe-webhook")
