@@ -28,11 +28,12 @@
  *
  * A function with a batch handler (mr_app.handle_batch: the webhook) takes the
  * requests that arrived together: its socket is non-blocking, each worker waits
- * for it in an epoll of its own (EPOLLEXCLUSIVE, so a connection wakes one worker,
- * and epoll_pwait unblocks the stop signals only while it waits), and a worker
- * that has taken a request also takes the connections already waiting whose
- * requests have arrived whole, up to batch_max. Under light load a batch is one
- * request; under a burst the handler gets several at once. */
+ * for it in an epoll of its own (EPOLLEXCLUSIVE, so a connection wakes one
+ * worker; epoll_pwait unblocks the stop signals while it waits, as they are
+ * around each accept), and a worker that has taken a request also takes the
+ * connections already waiting whose requests have arrived whole, up to
+ * batch_max. Under light load a batch is one request; under a burst the handler
+ * gets several at once. */
 #include "mr_http.h"
 
 #include <arpa/inet.h>
