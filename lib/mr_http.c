@@ -616,11 +616,27 @@ static int request_state(const unsigned char *b, size_t len, int *params_done)
     return 0;
 }
 
-/* Waits until connection fd has delivered a whole request, or the read deadline.
- * Returns 0 when it has (or when the params are complete and the body is larger
- * than the look-ahead buffer: its reads then have the deadline each), else -1 with
- * why filled and *quiet set when the peer went away without sending a byte (a
- * connect-only probe of the socket: not an incident). */
+/* One look, without waiting, at what connection fd has sent (*n: the bytes seen,
+ * or recv's answer). Returns 1 when it is a whole request (or its params are
+ * complete and the body is larger than the look-ahead buffer: its reads then have
+ * the deadline each), 0 when more is to come or nothing came, -1 when it is not a
+ * responder request. */
+static int look(int fd, ssize_t *n)
+{
+    *n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
+    if (*n <= 0)
+        return 0;
+    int params_done;
+    int st = request_state(g_peek, (size_t)*n, &params_done);
+    if (st > 0 || (st == 0 && params_done && (size_t)*n == g_peek_cap))
+        return 1;
+    return st < 0 || (size_t)*n == g_peek_cap ? -1 : 0;
+}
+
+/* Waits until connection fd has delivered a whole request (look), or the read
+ * deadline. Returns 0 when it has, else -1 with why filled and *quiet set when the
+ * peer went away without sending a byte (a connect-only probe of the socket: not
+ * an incident). */
 static int await_request(int fd, char *why, size_t whylen, int *quiet)
 {
     int64_t deadline = mr_now_ms() + g_read_timeout_ms;
@@ -628,14 +644,13 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
     ssize_t had = 0; /* bytes the last look saw */
     *quiet = 0;
     for (;;) {
-        ssize_t n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
+        ssize_t n;
+        int st = look(fd, &n);
         if (n > 0) {
             seen = 1;
-            int params_done;
-            int st = request_state(g_peek, (size_t)n, &params_done);
-            if (st > 0 || (st == 0 && params_done && (size_t)n == g_peek_cap))
+            if (st > 0)
                 return 0;
-            if (st < 0 || (size_t)n == g_peek_cap) {
+            if (st < 0) {
                 snprintf(why, whylen, "not a FastCGI responder request");
                 return -1;
             }
@@ -667,17 +682,8 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
     }
 }
 
-/* Whether connection fd has already delivered a whole request (await_request's
- * test, without waiting). */
-static int arrived_whole(int fd)
-{
-    ssize_t n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
-    int params_done;
-    return n > 0 && request_state(g_peek, (size_t)n, &params_done) > 0;
-}
-
 /* Hands an accepted connection to libfcgi once its request has arrived (whole:
- * the caller saw it arrive). Returns 0 with rq holding the request, -1 when the
+ * the caller's look saw it arrive). Returns 0 with rq holding the request, -1 when the
  * connection was dropped (closed, logged, counted). */
 static int take_request(FCGX_Request *rq, int fd, int whole)
 {
@@ -770,10 +776,8 @@ static int worker_main(int listen_fd)
             return 1;
         }
     }
-    sigset_t waitset;
-    sigprocmask(SIG_SETMASK, NULL, &waitset);
-    sigdelset(&waitset, SIGTERM);
-    sigdelset(&waitset, SIGINT);
+    sigset_t waitset; /* while waiting in epoll: nothing blocked */
+    sigemptyset(&waitset);
     int status = 0;
     for (;;) {
         /* A stop that arrived while a request was served is taken here, before
@@ -814,7 +818,8 @@ static int worker_main(int listen_fd)
             int more = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
             if (more < 0)
                 break;
-            if (!arrived_whole(more))
+            ssize_t seen;
+            if (look(more, &seen) <= 0)
                 late[nlate++] = more;
             else if (take_request(&rqs[n], more, 1) == 0)
                 n++;

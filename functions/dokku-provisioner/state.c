@@ -240,7 +240,6 @@ mr_err prov_state_init(const prov_config *cfg, char *err, size_t errlen)
     return e;
 }
 
-
 mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, size_t errlen)
 {
     char path[1024];

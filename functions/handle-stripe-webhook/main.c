@@ -138,7 +138,6 @@ static int admit(mr_req *r, wh_event *evt)
     const char *code;
     mr_err e;
 
-    memset(evt, 0, sizeof *evt);
     /* 1. The signature, over exactly the bytes received. */
     if (!*r->stripe_signature) {
         mr_metrics_stripe_event(NULL, "invalid");
