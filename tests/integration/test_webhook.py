@@ -828,6 +828,14 @@ def held_then_batched(s, first, batch):
         return held.result(timeout=30), [a.result(timeout=30) for a in answers]
 
 
+def invoice_paid(customer):
+    """An invoice.paid event of its own for the customer."""
+    e = fixture("stripe_invoice_paid_basil.json")
+    e["id"] = "evt_" + uid()
+    e["data"]["object"]["customer"] = customer
+    return e
+
+
 def request_notes(s, rids):
     lines = [json.loads(l) for l in s.log("handle-stripe-webhook").splitlines() if l.startswith("{")]
     return {l["request_id"]: l.get("note", "") for l in lines
@@ -840,13 +848,11 @@ def test_deliveries_that_arrive_together_share_one_commit_and_keep_their_own_out
     try:
         custs = ["cus_" + uid() for _ in range(3)]
         aids = [new_account(s, c) for c in custs]
-        paid = fixture("stripe_invoice_paid_basil.json")
-        paid["id"] = "evt_" + uid()
-        paid["data"]["object"]["customer"] = custs[1]
+        paid = invoice_paid(custs[1])
         created = sub_event(customer=custs[2])
         unknown = sub_event(customer="cus_" + uid())   # no account yet: deferred
-        other = fixture("stripe_invoice_paid_basil.json")
-        other["id"], other["type"] = "evt_" + uid(), "charge.succeeded"
+        other = invoice_paid(custs[0])
+        other["type"] = "charge.succeeded"
         rids = ["batch" + uid() for _ in range(4)]
         lst.count(0)
         first, answers = held_then_batched(s, sub_event(customer=custs[0]), list(zip(
@@ -883,14 +889,9 @@ def test_an_event_the_database_refuses_is_answered_alone_and_the_batch_is_still_
     s = one_worker
     cust = "cus_" + uid()
     aid = new_account(s, cust)
-    good = [fixture("stripe_invoice_paid_basil.json") for _ in range(2)]
-    for e in good:
-        e["id"] = "evt_" + uid()
-        e["data"]["object"]["customer"] = cust
+    good = [invoice_paid(cust) for _ in range(2)]
     # Valid JSON the webhook accepts, but not as jsonb: PostgreSQL refuses \u0000.
-    bad = fixture("stripe_invoice_paid_basil.json")
-    bad["id"] = "evt_" + uid()
-    bad["data"]["object"]["customer"] = cust
+    bad = invoice_paid(cust)
     bad["data"]["object"]["description"] = "NUL"
     raw = json.dumps(bad, separators=(",", ":")).replace('"NUL"', '"\\u0000"').encode()
     rids = ["refused" + uid() for _ in range(3)]
@@ -916,10 +917,7 @@ def test_a_delivery_still_arriving_does_not_hold_up_the_others(one_worker):
     s = one_worker
     cust = "cus_" + uid()
     new_account(s, cust)
-    events = [fixture("stripe_invoice_paid_basil.json") for _ in range(3)]
-    for e in events:
-        e["id"] = "evt_" + uid()
-        e["data"]["object"]["customer"] = cust
+    events = [invoice_paid(cust) for _ in range(3)]
     rids = ["late" + uid() for _ in range(3)]
     body = json.dumps(events[1], separators=(",", ":")).encode()
     whole = fcgi.request("POST", "/functions/v1/handle-stripe-webhook", body, extra={
@@ -961,10 +959,7 @@ def test_a_stop_is_taken_after_the_delivery_in_hand_even_with_more_waiting(pg):
         p = s.procs["handle-stripe-webhook"]
         cust = "cus_" + uid()
         new_account(s, cust)
-        events = [fixture("stripe_invoice_paid_basil.json") for _ in range(10)]
-        for e in events:
-            e["id"] = "evt_" + uid()
-            e["data"]["object"]["customer"] = cust
+        events = [invoice_paid(cust) for _ in range(10)]
         with worker_held(s, sub_event(customer=cust)) as (pool, held, release):
             waiting = []
             for e in events:
