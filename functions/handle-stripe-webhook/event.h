@@ -10,7 +10,8 @@
 #include "mindroom.h"
 
 typedef struct {
-    cJSON *root;          /* the parsed event; owned, freed by wh_event_free */
+    cJSON *root;          /* the parsed event; owned, freed by wh_event_free (event.c:
+                           * read only: its nodes are not malloc's) */
     const char *id;       /* "evt_...": 1..255 bytes, points into root */
     const char *type;     /* 1..255 bytes, points into root */
     int64_t created;      /* Unix seconds, 0..253402300799 (year 9999) */

@@ -115,15 +115,23 @@ static void answer(mr_req *r, const char *result, const char *evt_err)
         mr_reply_error(r, 503, "account_not_found", "%s", evt_err ? evt_err : "not applicable yet");
         return;
     }
+    /* The answers without a message are constants: most deliveries get one. */
+    static const struct {
+        const char *result, *body;
+    } fixed[] = {
+        {"duplicate", "{\"received\":true,\"duplicate\":true}"},
+        {"ignored", "{\"received\":true,\"ignored\":true}"},
+        {"stale", "{\"received\":true,\"stale\":true}"},
+        {"processed", "{\"received\":true}"},
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(fixed); i++)
+        if (!strcmp(result, fixed[i].result)) {
+            mr_reply_text(r, 200, "application/json", fixed[i].body, strlen(fixed[i].body));
+            return;
+        }
     cJSON *body = cJSON_CreateObject();
     cJSON_AddBoolToObject(body, "received", 1);
-    if (!strcmp(result, "duplicate"))
-        cJSON_AddBoolToObject(body, "duplicate", 1);
-    else if (!strcmp(result, "ignored"))
-        cJSON_AddBoolToObject(body, "ignored", 1);
-    else if (!strcmp(result, "stale"))
-        cJSON_AddBoolToObject(body, "stale", 1);
-    else if (!strcmp(result, "failed"))
+    if (!strcmp(result, "failed"))
         cJSON_AddStringToObject(body, "failed", evt_err ? evt_err : "error");
     else if (!strcmp(result, "refused"))
         cJSON_AddStringToObject(body, "refused", evt_err ? evt_err : "account link refused");

@@ -4,7 +4,8 @@
  * webhook/event.c, compiled into this harness) checks the envelope.
  * Invariants beyond "no crash": an accepted event has 1..255-byte id and type,
  * created within range, an object data.object and livemode 0 or 1; a one-byte change to the body
- * never verifies with the original signature.
+ * never verifies with the original signature; a second event parsed while the
+ * first is in hand is whole after the first is freed.
  * fuzz-targets: functions/handle-stripe-webhook/event.c lib/mr_json.c lib/mr_stripe.c */
 #include <stdint.h>
 #include <stdio.h>
@@ -45,8 +46,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             || ev.created > 253402300799LL || !cJSON_IsObject(ev.object)
             || (ev.livemode != 0 && ev.livemode != 1))
             abort();
+        /* Two events in hand at once, as in a batch: freeing the first leaves the
+         * second whole (the trees share one pool: event.c). */
+        wh_event ev2;
+        const char *code2 = NULL;
+        if (wh_event_parse((const char *)data, size, &ev2, &code2, err, sizeof err) != MR_OK)
+            abort();
         wh_event_free(&ev);
         wh_event_free(&ev);  /* idempotent by contract */
+        if (strlen(ev2.id) != il || strlen(ev2.type) != tl || !cJSON_IsObject(ev2.object))
+            abort();
+        wh_event_free(&ev2);
     } else if (code == NULL || ev.root != NULL
                || (strcmp(code, "malformed_json") != 0 && strcmp(code, "invalid_event") != 0)) {
         abort();
