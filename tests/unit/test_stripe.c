@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 
 #include "mr_stripe.h"
 
@@ -42,6 +44,38 @@ static void test_published_vectors(void **state)
     const char *obj = "{\"obj1\":\"hello\",\"obj2\":\"world\"}";
     mr_stripe_hmac_hex("test_secret", obj, strlen(obj), hex);
     assert_string_equal(hex, "bebb1a643997f419b315ddba19e6f5411e1ce7f810ba6d3617ce72823092f363");
+}
+
+/* Keyed contexts are kept per secret (lib/mr_stripe.c): the same secret again,
+ * secrets that are prefixes of one another and more secrets than are kept each
+ * give what a one-shot HMAC gives, in any order and again later. */
+static void test_kept_keys_match_one_shot_hmac(void **state)
+{
+    (void)state;
+    const char *msg = "{\"obj1\":\"hello\",\"obj2\":\"world\"}";
+    char secrets[12][32];
+    for (int i = 0; i < 12; i++) {
+        if (i % 2) /* test_secret1, test_secret3... */
+            snprintf(secrets[i], sizeof secrets[i], "test_secret%d", i);
+        else /* test_secre, test_secret, test_secrett...: prefixes of one another */
+            snprintf(secrets[i], sizeof secrets[i], "test_secre%.*s", i / 2, "tttttt");
+    }
+    for (int round = 0; round < 3; round++) {
+        for (int k = 0; k < 12; k++) {
+            int i = round == 1 ? 11 - k : k;
+            unsigned char want[32];
+            unsigned int wlen = 0;
+            HMAC(EVP_sha256(), secrets[i], (int)strlen(secrets[i]), (const unsigned char *)msg,
+                 strlen(msg), want, &wlen);
+            char want_hex[65], hex[65];
+            for (int j = 0; j < 32; j++)
+                snprintf(want_hex + 2 * j, 3, "%02x", want[j]);
+            mr_stripe_hmac_hex(secrets[i], msg, strlen(msg), hex);
+            assert_string_equal(hex, want_hex);
+            mr_stripe_hmac_hex("test_secret", msg, strlen(msg), hex);
+            assert_string_equal(hex, "bebb1a643997f419b315ddba19e6f5411e1ce7f810ba6d3617ce72823092f363");
+        }
+    }
 }
 
 static void test_sign_is_hmac_of_t_dot_body(void **state)
@@ -314,6 +348,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_published_vectors),
+        cmocka_unit_test(test_kept_keys_match_one_shot_hmac),
         cmocka_unit_test(test_sign_is_hmac_of_t_dot_body),
         cmocka_unit_test(test_valid),
         cmocka_unit_test(test_empty_body_valid),
