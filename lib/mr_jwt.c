@@ -15,7 +15,7 @@
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include "mr_hmac.h"
 #include <openssl/objects.h>
 
 #include "mr_json.h"
@@ -97,12 +97,11 @@ long mr_b64url_decode(const char *in, size_t len, unsigned char *out, size_t cap
 static int hs256_b64(const unsigned char *secret, size_t secret_len, const char *data,
                      size_t len, char *out)
 {
-    unsigned char mac[EVP_MAX_MD_SIZE];
-    unsigned int mac_len = 0;
-    if (!HMAC(EVP_sha256(), secret, (int)secret_len, (const unsigned char *)data, len, mac,
-              &mac_len) || mac_len != 32)
+    unsigned char mac[32];
+    const mr_hmac_part part = {data, len};
+    if (!mr_hmac_sha256(secret, secret_len, &part, 1, mac))
         return -1;
-    return mr_b64url_encode(mac, mac_len, out, HS256_SIG_B64_LEN + 1) == HS256_SIG_B64_LEN ? 0 : -1;
+    return mr_b64url_encode(mac, sizeof mac, out, HS256_SIG_B64_LEN + 1) == HS256_SIG_B64_LEN ? 0 : -1;
 }
 
 /* Decodes one base64url segment and parses it as a JSON object with no key

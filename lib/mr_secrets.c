@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "mr_b64.h"
+#include "mr_hmac.h"
 
 #define CT_PREFIX "mrs1:"
 #define DIGEST_PREFIX "mrd1:"
@@ -99,22 +100,10 @@ mr_err mr_secrets_gcm_open(const unsigned char key[32], const unsigned char nonc
 static int hmac_sha256(const unsigned char key[32], const char *context, const void *pt,
                        size_t len, unsigned char out[32])
 {
-    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    EVP_MAC_CTX *ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
-    EVP_MAC_free(mac);
-    char digest[] = "SHA256";
-    OSSL_PARAM params[2] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
-                            OSSL_PARAM_construct_end()};
     static const unsigned char zero = 0;
-    size_t outlen = 0;
     /* context || 0x00 || plaintext: the NUL keeps ("ab", "c") and ("a", "bc") apart. */
-    int ok = ctx && EVP_MAC_init(ctx, key, 32, params) &&
-             EVP_MAC_update(ctx, (const unsigned char *)context, strlen(context)) &&
-             EVP_MAC_update(ctx, &zero, 1) &&
-             (len == 0 || EVP_MAC_update(ctx, pt, len)) &&
-             EVP_MAC_final(ctx, out, &outlen, 32) && outlen == 32;
-    EVP_MAC_CTX_free(ctx);
-    return ok;
+    const mr_hmac_part parts[3] = {{context, strlen(context)}, {&zero, 1}, {pt, len}};
+    return mr_hmac_sha256(key, 32, parts, 3, out);
 }
 
 static void to_hex(const unsigned char *b, size_t n, char *out)

@@ -11,15 +11,12 @@
  * Time window: t older than tolerance_s seconds, or more than
  * MR_STRIPE_MAX_FUTURE_S seconds ahead of our clock, is refused. */
 #include "mr_stripe.h"
+#include "mr_hmac.h"
 
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <openssl/core_names.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/params.h>
 
 static void to_hex(const unsigned char *in, size_t n, char *out)
 {
@@ -31,67 +28,13 @@ static void to_hex(const unsigned char *in, size_t n, char *out)
     out[2 * n] = '\0';
 }
 
-/* Each secret's keyed HMAC context is kept, up to KEYED_MAX secrets a process
- * (each worker after fork has its own copies): initialized with its key once, it
- * is re-initialized for each message without one, which OpenSSL 3 allows and
- * which skips looking SHA-256 up and hashing the key into its pads again (a
- * third of the HMAC's time for a delivery). A secret past the last slot gets a
- * context of its own for the one message. */
-#define KEYED_MAX 8
-static struct {
-    char *secret;
-    size_t len;
-    EVP_MAC_CTX *ctx;
-} keyed[KEYED_MAX];
-
-/* The secret's context ready for a message; *once: the caller frees it after. */
-static EVP_MAC_CTX *keyed_ctx(const char *secret, int *once)
-{
-    static EVP_MAC *mac;
-    size_t len = strlen(secret);
-    *once = 0;
-    for (int i = 0; i < KEYED_MAX && keyed[i].secret; i++)
-        if (keyed[i].len == len && CRYPTO_memcmp(keyed[i].secret, secret, len) == 0)
-            return EVP_MAC_init(keyed[i].ctx, NULL, 0, NULL) ? keyed[i].ctx : NULL;
-    if (mac == NULL)
-        mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    char digest[] = "SHA256";
-    OSSL_PARAM params[2] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
-                            OSSL_PARAM_construct_end()};
-    EVP_MAC_CTX *ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
-    if (ctx == NULL || !EVP_MAC_init(ctx, (const unsigned char *)secret, len, params)) {
-        EVP_MAC_CTX_free(ctx);
-        return NULL;
-    }
-    for (int i = 0; i < KEYED_MAX; i++) {
-        if (keyed[i].secret)
-            continue;
-        if ((keyed[i].secret = malloc(len + 1)) == NULL)
-            break;
-        memcpy(keyed[i].secret, secret, len + 1);
-        keyed[i].len = len;
-        keyed[i].ctx = ctx;
-        return ctx;
-    }
-    *once = 1;
-    return ctx;
-}
-
 /* HMAC-SHA256 over the concatenation of up to two byte ranges. */
 static void hmac2(const char *secret, const void *a, size_t alen, const void *b, size_t blen,
                   char hex[65])
 {
     unsigned char out[32];
-    size_t outlen = 0;
-    int once = 0;
-    EVP_MAC_CTX *ctx = keyed_ctx(secret, &once);
-    int ok = ctx != NULL
-             && (alen == 0 || EVP_MAC_update(ctx, a, alen))
-             && (blen == 0 || EVP_MAC_update(ctx, b, blen))
-             && EVP_MAC_final(ctx, out, &outlen, sizeof out) && outlen == sizeof out;
-    if (once)
-        EVP_MAC_CTX_free(ctx);
-    if (!ok) {
+    const mr_hmac_part parts[2] = {{a, alen}, {b, blen}};
+    if (!mr_hmac_sha256(secret, strlen(secret), parts, 2, out)) {
         /* Allocation failure inside OpenSSL: produce a value no header can
          * carry (not hex), so verification fails closed. */
         memset(hex, 'x', 64);

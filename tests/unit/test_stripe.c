@@ -46,7 +46,7 @@ static void test_published_vectors(void **state)
     assert_string_equal(hex, "bebb1a643997f419b315ddba19e6f5411e1ce7f810ba6d3617ce72823092f363");
 }
 
-/* Keyed contexts are kept per secret (lib/mr_stripe.c): the same secret again,
+/* Keyed contexts are kept per key (lib/mr_hmac.c): the same secret again,
  * secrets that are prefixes of one another and more secrets than are kept each
  * give what a one-shot HMAC gives, in any order and again later. */
 static void test_kept_keys_match_one_shot_hmac(void **state)
