@@ -13,7 +13,6 @@
  *                 they still had apps or data (public.instance_teardowns): destroy
  *                 both apps and both storage entries on the instance's own
  *                 provisioner target, with backoff on failure */
-#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,9 +225,8 @@ int64_t jobs_run_due(worker *w)
         if (started) {
             health_job(w, started);
             /* A round over thousands of instances can leave many MiB of freed
-             * probe buffers in the heap; the worker waits most of its life, so it
-             * gives them back to the system. */
-            malloc_trim(0);
+             * probe buffers in the heap: given back when the worker goes idle. */
+            w->untrimmed = 1;
         }
         free(started);
     }

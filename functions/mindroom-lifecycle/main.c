@@ -210,7 +210,6 @@ static int child_main(void *arg)
     mr_log(MR_LOG_INFO, "worker %s ready", w.owner);
 
     int64_t backoff_ms = 0, trimmed_ms = 0;
-    int worked = 0; /* steps taken since the heap was last trimmed */
     while (!worker_stopping()) {
         int64_t sleep_ms = jobs_run_due(&w);
         if (worker_stopping())
@@ -228,21 +227,21 @@ static int child_main(void *arg)
         }
         backoff_ms = 0;
         if (got == CLAIM_DONE) {
-            worked = 1;
+            w.untrimmed = 1;
             continue; /* there may be more: claim again at once */
         }
         if (sleep_ms > wcfg.poll_ms)
             sleep_ms = wcfg.poll_ms;
         if (got == CLAIM_NONE && due_ms >= 0 && due_ms < sleep_ms)
             sleep_ms = due_ms;
-        if (worked && mr_now_ms() - trimmed_ms >= TRIM_EVERY_MS) {
-            /* Going idle after steps: the heap pages they freed go back to the
-             * system (glibc gives back only the heap's top by itself). About 50 us
-             * a call, so at most once a second: a worker woken for each instance
-             * goes idle after each. */
+        if (w.untrimmed && mr_now_ms() - trimmed_ms >= TRIM_EVERY_MS) {
+            /* Going idle after work (steps, a health round): the heap pages it
+             * freed go back to the system (glibc gives back only the heap's top by
+             * itself). About 50 us a call, so at most once a second: a worker woken
+             * for each instance goes idle after each. */
             malloc_trim(0);
             trimmed_ms = mr_now_ms();
-            worked = 0;
+            w.untrimmed = 0;
         }
         wait_for_work(&w, sleep_ms);
     }

@@ -51,6 +51,7 @@ typedef struct {
     mr_db *listen;              /* its LISTEN connection, or NULL */
     mr_httpc *http;
     char owner[160];            /* "<host>/<pid>": leases and job runs carry it */
+    int untrimmed;              /* work done since the heap was last trimmed (main.c) */
 } worker;
 
 /* Whether the process has been asked to stop (SIGTERM/SIGINT seen or pending). */
