@@ -42,11 +42,11 @@
  * (another deploy of the same app from elsewhere) is retried in runner.c. */
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "mr_hmac.h"
 #include "prov.h"
 
 #define STORAGE_LABEL "mindroom.chat/storage-gb"
@@ -181,11 +181,10 @@ static void fp_add(fp_text *t, const char *s)
 static void fp_finish(const prov_config *cfg, fp_text *t, char *hex)
 {
     hex[0] = '\0';
-    unsigned char mac[EVP_MAX_MD_SIZE];
-    unsigned int maclen = 0;
-    if (t->buf && HMAC(EVP_sha256(), cfg->token, (int)strlen(cfg->token),
-                       (const unsigned char *)t->buf, t->len, mac, &maclen))
-        for (unsigned int i = 0; i < maclen && i < 32; i++) sprintf(hex + 2 * i, "%02x", mac[i]);
+    unsigned char mac[32];
+    const mr_hmac_part part = {t->buf, t->len};
+    if (t->buf && mr_hmac_sha256(cfg->token, strlen(cfg->token), &part, 1, mac))
+        for (unsigned int i = 0; i < sizeof mac; i++) sprintf(hex + 2 * i, "%02x", mac[i]);
     if (t->buf) OPENSSL_cleanse(t->buf, t->cap);
     free(t->buf);
     t->buf = NULL;
