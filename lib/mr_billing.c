@@ -101,7 +101,6 @@ int mr_billing_require_user(mr_req *r)
 /* sha256 hex of "<path>\n<form>": the request an attempt stands for. */
 static int fingerprint(const char *path, const char *form, char hex[65])
 {
-    static const char digits[] = "0123456789abcdef";
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -112,11 +111,7 @@ static int fingerprint(const char *path, const char *form, char hex[65])
     EVP_MD_CTX_free(ctx);
     if (!ok)
         return 0;
-    for (unsigned i = 0; i < 32; i++) {
-        hex[2 * i] = digits[md[i] >> 4];
-        hex[2 * i + 1] = digits[md[i] & 15];
-    }
-    hex[64] = '\0';
+    mr_hex(md, 32, hex);
     return 1;
 }
 

@@ -41,6 +41,9 @@ int mr_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
 /* Monotonic milliseconds, for durations and deadlines. */
 int64_t mr_now_ms(void);
 
+/* Writes n bytes as 2n lowercase hex digits and a NUL into out (2n + 1 bytes). */
+void mr_hex(const void *in, size_t n, char *out);
+
 /* Whether s is a canonical textual UUID (8-4-4-4-12 hex digits). NULL is not. */
 int mr_is_uuid(const char *s);
 

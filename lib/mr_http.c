@@ -272,7 +272,6 @@ static int valid_request_id(const char *s)
 
 static void new_request_id(char out[65])
 {
-    static const char hex[] = "0123456789abcdef";
     unsigned char rnd[16];
     if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
         /* Uniqueness, not secrecy, is what a request id needs. */
@@ -280,11 +279,7 @@ static void new_request_id(char out[65])
         memcpy(rnd, &a, 8);
         memcpy(rnd + 8, &b, 8);
     }
-    for (size_t i = 0; i < sizeof(rnd); i++) {
-        out[2 * i] = hex[rnd[i] >> 4];
-        out[2 * i + 1] = hex[rnd[i] & 15];
-    }
-    out[32] = '\0';
+    mr_hex(rnd, sizeof rnd, out);
 }
 
 /* Copies the CGI params a handler (or its deferred job, which runs after

@@ -9,17 +9,6 @@
 
 #include "mr_b64.h"
 
-static const char hexdigits[] = "0123456789abcdef";
-
-static void to_hex(const unsigned char *in, size_t n, char *out)
-{
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = hexdigits[in[i] >> 4];
-        out[2 * i + 1] = hexdigits[in[i] & 15];
-    }
-    out[2 * n] = '\0';
-}
-
 static int hex_value(char c)
 {
     if (c >= '0' && c <= '9')
@@ -33,7 +22,7 @@ void mr_itoken_hash_hex(const char *s, size_t len, char hash_hex[MR_ITOKEN_HASH_
 {
     unsigned char md[SHA256_DIGEST_LENGTH];
     SHA256((const unsigned char *)s, len, md);
-    to_hex(md, sizeof md, hash_hex);
+    mr_hex(md, sizeof md, hash_hex);
 }
 
 mr_err mr_itoken_generate(char token[MR_ITOKEN_LEN + 1], char key_id[MR_ITOKEN_KEY_ID_LEN + 1],
@@ -47,7 +36,7 @@ mr_err mr_itoken_generate(char token[MR_ITOKEN_LEN + 1], char key_id[MR_ITOKEN_K
         OPENSSL_cleanse(secret, sizeof secret);
         return MR_EINTERNAL;
     }
-    to_hex(kid, sizeof kid, key_id);
+    mr_hex(kid, sizeof kid, key_id);
     memcpy(token, MR_ITOKEN_PREFIX, 4);
     memcpy(token + 4, key_id, MR_ITOKEN_KEY_ID_LEN);
     token[4 + MR_ITOKEN_KEY_ID_LEN] = '_';

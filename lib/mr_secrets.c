@@ -106,16 +106,6 @@ static int hmac_sha256(const unsigned char key[32], const char *context, const v
     return mr_hmac_sha256(key, 32, parts, 3, out);
 }
 
-static void to_hex(const unsigned char *b, size_t n, char *out)
-{
-    static const char hx[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = hx[b[i] >> 4];
-        out[2 * i + 1] = hx[b[i] & 15];
-    }
-    out[2 * n] = '\0';
-}
-
 static int is_kid(const char *s)
 {
     for (int i = 0; i < MR_SECRETS_KID_HEX; i++)
@@ -138,7 +128,7 @@ static mr_err derive(const unsigned char master[32], ring_key *k)
         mr_secrets_hkdf(master, 32, NULL, 0, (const unsigned char *)digest_info,
                         sizeof digest_info - 1, k->digest, sizeof k->digest) != MR_OK)
         return MR_EINTERNAL;
-    to_hex(kid, sizeof kid, k->kid);
+    mr_hex(kid, sizeof kid, k->kid);
     return MR_OK;
 }
 
@@ -389,7 +379,7 @@ static int digest_with(const ring_key *key, const char *context, const void *pt,
     memcpy(out, DIGEST_PREFIX, PREFIX_LEN);
     memcpy(out + PREFIX_LEN, key->kid, MR_SECRETS_KID_HEX);
     out[HEADER_LEN - 1] = ':';
-    to_hex(mac, sizeof mac, out + HEADER_LEN);
+    mr_hex(mac, sizeof mac, out + HEADER_LEN);
     return 1;
 }
 

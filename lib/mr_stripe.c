@@ -18,16 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void to_hex(const unsigned char *in, size_t n, char *out)
-{
-    static const char digits[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = digits[in[i] >> 4];
-        out[2 * i + 1] = digits[in[i] & 0x0f];
-    }
-    out[2 * n] = '\0';
-}
-
 /* HMAC-SHA256 over the concatenation of up to two byte ranges. */
 static void hmac2(const char *secret, const void *a, size_t alen, const void *b, size_t blen,
                   char hex[65])
@@ -41,7 +31,7 @@ static void hmac2(const char *secret, const void *a, size_t alen, const void *b,
         hex[64] = '\0';
         return;
     }
-    to_hex(out, sizeof out, hex);
+    mr_hex(out, sizeof out, hex);
 }
 
 void mr_stripe_hmac_hex(const char *secret, const void *data, size_t len, char hex[65])

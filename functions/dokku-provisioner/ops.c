@@ -184,7 +184,7 @@ static void fp_finish(const prov_config *cfg, fp_text *t, char *hex)
     unsigned char mac[32];
     const mr_hmac_part part = {t->buf, t->len};
     if (t->buf && mr_hmac_sha256(cfg->token, strlen(cfg->token), &part, 1, mac))
-        for (unsigned int i = 0; i < sizeof mac; i++) sprintf(hex + 2 * i, "%02x", mac[i]);
+        mr_hex(mac, sizeof mac, hex);
     if (t->buf) OPENSSL_cleanse(t->buf, t->cap);
     free(t->buf);
     t->buf = NULL;

@@ -27,6 +27,19 @@ static void test_ct_equal(void **state)
     assert_false(mr_ct_equal("ab", 2, "ab\0", 3));
 }
 
+static void test_hex(void **state)
+{
+    (void)state;
+    const unsigned char b[] = {0x00, 0x0f, 0x10, 0xa5, 0xff};
+    char out[2 * sizeof b + 2];
+    memset(out, 'x', sizeof out);
+    mr_hex(b, sizeof b, out);
+    assert_string_equal(out, "000f10a5ff"); /* lowercase, NUL-terminated */
+    assert_int_equal(out[sizeof out - 1], 'x'); /* nothing past 2n + 1 */
+    mr_hex(b, 0, out);
+    assert_string_equal(out, "");
+}
+
 static void test_is_uuid(void **state)
 {
     (void)state;
@@ -90,6 +103,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ct_equal),
+        cmocka_unit_test(test_hex),
         cmocka_unit_test(test_is_uuid),
         cmocka_unit_test(test_err_mapping),
         cmocka_unit_test(test_seterr),
