@@ -15,82 +15,27 @@
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include "mr_hmac.h"
 #include <openssl/objects.h>
 
+#include "mr_b64.h"
+#include "mr_hmac.h"
 #include "mr_json.h"
 
 #define HS256_SIG_B64_LEN 43 /* 32 bytes, base64url, no padding */
 #define MAX_HEADER_JSON 1024
 
-static const char b64url_alphabet[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
+/* JWTs' base64url (no padding, strict) is mr_b64's. */
 long mr_b64url_encode(const unsigned char *in, size_t len, char *out, size_t cap)
 {
-    size_t need = (len / 3) * 4 + ((len % 3) ? (len % 3) + 1 : 0);
-    if (cap < need + 1)
+    if (mr_b64_encode(in, len, MR_B64_URL, out, cap) != MR_OK)
         return -1;
-    size_t o = 0, i = 0;
-    for (; i + 2 < len; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
-        out[o++] = b64url_alphabet[(v >> 18) & 63];
-        out[o++] = b64url_alphabet[(v >> 12) & 63];
-        out[o++] = b64url_alphabet[(v >> 6) & 63];
-        out[o++] = b64url_alphabet[v & 63];
-    }
-    if (len - i == 1) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        out[o++] = b64url_alphabet[(v >> 18) & 63];
-        out[o++] = b64url_alphabet[(v >> 12) & 63];
-    } else if (len - i == 2) {
-        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
-        out[o++] = b64url_alphabet[(v >> 18) & 63];
-        out[o++] = b64url_alphabet[(v >> 12) & 63];
-        out[o++] = b64url_alphabet[(v >> 6) & 63];
-    }
-    out[o] = '\0';
-    return (long)o;
-}
-
-static int b64url_value(char c)
-{
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    if (c == '-') return 62;
-    if (c == '_') return 63;
-    return -1;
+    return (long)mr_b64_encoded_len(len, MR_B64_URL);
 }
 
 long mr_b64url_decode(const char *in, size_t len, unsigned char *out, size_t cap)
 {
-    /* Strict: no padding, no whitespace, no standard-alphabet '+' '/', and no
-     * stray bits in the last character, so every byte string has exactly one
-     * accepted encoding. */
-    if (len % 4 == 1)
-        return -1;
-    size_t need = (len / 4) * 3 + ((len % 4) ? (len % 4) - 1 : 0);
-    if (need > cap)
-        return -1;
-    size_t o = 0;
-    uint32_t acc = 0;
-    int bits = 0;
-    for (size_t i = 0; i < len; i++) {
-        int v = b64url_value(in[i]);
-        if (v < 0)
-            return -1;
-        acc = (acc << 6) | (uint32_t)v;
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (unsigned char)(acc >> bits);
-            acc &= (1u << bits) - 1;
-        }
-    }
-    if (acc != 0)
-        return -1;
-    return (long)o;
+    size_t n = 0;
+    return mr_b64_decode(in, len, MR_B64_URL, out, cap, &n) == MR_OK ? (long)n : -1;
 }
 
 /* HMAC-SHA256 of data, base64url-encoded into out[HS256_SIG_B64_LEN + 1]. */
