@@ -1,5 +1,6 @@
-/* mr_hmac.h: HMAC-SHA256, the one implementation the library uses (Stripe's
- * signatures, HS256 tokens, the sealed secrets' digests). */
+/* mr_hmac.h: HMAC-SHA256, the one implementation the project uses (Stripe's
+ * signatures, HS256 tokens, the sealed secrets' digests, the provisioner's
+ * fingerprints). */
 #ifndef MR_HMAC_H
 #define MR_HMAC_H
 

@@ -89,8 +89,8 @@ void mr_jwt_claims_free(mr_jwt_claims *c);
  * caller frees, or NULL on allocation failure. For tests and mindroomctl. */
 char *mr_jwt_sign(const char *payload_json, const unsigned char *secret, size_t secret_len);
 
-/* base64url without padding. Returns bytes written, or -1 when out is too small
- * / input malformed. Exposed for tests and the Stripe module's neighbours. */
+/* base64url without padding: mr_b64 with MR_B64_URL, returning the length. Returns
+ * bytes written, or -1 when out is too small / input malformed. */
 long mr_b64url_encode(const unsigned char *in, size_t len, char *out, size_t cap);
 long mr_b64url_decode(const char *in, size_t len, unsigned char *out, size_t cap);
 

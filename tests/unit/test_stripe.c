@@ -68,8 +68,7 @@ static void test_kept_keys_match_one_shot_hmac(void **state)
             HMAC(EVP_sha256(), secrets[i], (int)strlen(secrets[i]), (const unsigned char *)msg,
                  strlen(msg), want, &wlen);
             char want_hex[65], hex[65];
-            for (int j = 0; j < 32; j++)
-                snprintf(want_hex + 2 * j, 3, "%02x", want[j]);
+            mr_hex(want, sizeof want, want_hex);
             mr_stripe_hmac_hex(secrets[i], msg, strlen(msg), hex);
             assert_string_equal(hex, want_hex);
             mr_stripe_hmac_hex("test_secret", msg, strlen(msg), hex);
