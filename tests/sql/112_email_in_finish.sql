@@ -74,7 +74,7 @@ INSERT INTO r VALUES ('c4', public.lifecycle_claim('w1', 60));
 INSERT INTO r VALUES ('f4', pg_temp.finish('c4', jsonb_build_object('ok', true,
     'config_version', (SELECT v #>> '{step,config_version}' FROM r WHERE k = 'c4')::bigint)));
 SELECT results_eq($$SELECT v->>'outcome', v #>> '{step,action}' FROM r WHERE k = 'f4'$$,
-                  $$VALUES ('claimed', 'email')$$, 'the email chained under the same lease');
+                  $$VALUES ('claimed', 'email')$$, 'the email chained');
 SELECT is(pg_temp.finish('f4', '{"ok": true}')->>'outcome', 'done', 'and sent');
 
 SELECT * FROM finish();

@@ -133,14 +133,16 @@ SET LOCAL role service_role;
 SELECT ok((SELECT owed_due_at <= now() FROM pg_temp.inst('40000000-0000-4000-8000-000000000001')),
           'due once its backoff has passed');
 
--- 7. success: running with URLs, the welcome email chained under the same lease ----------
+-- 7. success: running with URLs, the welcome email chained (a lease of its own) ----------
 INSERT INTO r VALUES ('c3', public.lifecycle_claim('w1', 60));
 INSERT INTO r VALUES ('s3', pg_temp.finish('c3', jsonb_build_object('ok', true,
     'frontend_url', 'https://m400000000000.example', 'backend_url', 'https://api', 'matrix_server_url', 'https://matrix',
     'config_version', pg_temp.step('c3', 'config_version')::bigint)));
-SELECT results_eq($$SELECT v->>'outcome', v#>>'{step,action}', v#>>'{step,welcome,to}', v#>>'{step,token}' FROM r WHERE k = 's3'$$,
-                  $$SELECT 'claimed', 'email', 'test@example.com', pg_temp.step('c3', 'token')$$,
-                  'after create: the welcome email, same lease, to the account');
+SELECT results_eq($$SELECT v->>'outcome', v#>>'{step,action}', v#>>'{step,welcome,to}',
+                         v#>>'{step,token}' <> pg_temp.step('c3', 'token'), split_part(v#>>'{step,token}', '/', 2)
+                    FROM r WHERE k = 's3'$$,
+                  $$VALUES ('claimed', 'email', 'test@example.com', true, 'w1')$$,
+                  'after create: the welcome email, to the account, under a new lease of the same worker');
 SELECT results_eq($$SELECT status::text, attempts, last_error, next_attempt_at, frontend_url, provisioned_at IS NOT NULL,
                            applied_config_version = config_version
                       FROM pg_temp.inst('40000000-0000-4000-8000-000000000001')$$,
@@ -265,7 +267,7 @@ SELECT is(pg_temp.step('x2', 'action'), 'destroy', 'the destroy is due again');
 SELECT is(pg_temp.finish('x2', '{"ok": true}')#>>'{instance,status}', 'deprovisioned', 'and done');
 
 -- 15. cancelled while a create is in flight: the outcome is recorded, the newer intent
---     stays, and the same lease goes on to destroy.
+--     stays, and the worker goes on to destroy.
 INSERT INTO r VALUES ('k1', public.lifecycle_provision('44000000-0000-4000-8000-000000000004'));
 INSERT INTO r VALUES ('k2', public.lifecycle_claim('w1', 60));
 SELECT is(pg_temp.step('k2', 'app'), 'mindroom-440000000000', 'the create of the other subscription');
@@ -273,7 +275,7 @@ SELECT is((public.instance_request(pg_temp.step('k2', 'instance_id')::uuid, 'dep
           'deprovisioned', 'the webhook records the cancellation');
 INSERT INTO r VALUES ('k3', pg_temp.finish('k2', '{"ok": true, "frontend_url": "https://late", "config_version": 1}'));
 SELECT results_eq($$SELECT v#>>'{step,action}', v#>>'{instance,status}' FROM r WHERE k = 'k3'$$,
-                  $$VALUES ('destroy', 'deprovisioning')$$, 'cancelled mid-create: destroy next, same lease');
+                  $$VALUES ('destroy', 'deprovisioning')$$, 'cancelled mid-create: destroy chained');
 SELECT is(pg_temp.finish('k3', '{"ok": true, "retention_s": 2592000, "purged": false}')#>>'{instance,status}',
           'deprovisioned', 'then deprovisioned');
 SELECT results_eq($$SELECT owed_action::text, owed_due_at = now() + interval '30 days' FROM public.instances
