@@ -33,8 +33,7 @@ struct mr_db {
     PGconn *conn;
     pooler_mode pooler;
     char statement_timeout[24];
-    int64_t answer_ms;    /* how long to wait for an answer before giving up on the
-                             connection: the statement timeout + 2 s; 0: no limit */
+    int64_t timeout_ms;   /* the statement timeout; 0: none (and no answer limit) */
     char last_state[6];   /* SQLSTATE of the last statement ("00000" on success) */
     unsigned int rng;
     unsigned generation;  /* bumped on every new connection */
@@ -71,7 +70,7 @@ mr_db *mr_db_open(const char *conninfo)
                             5000, 0, 24 * 3600 * 1000, &t, NULL, 0) != MR_OK)
         t = 5000;
     snprintf(db->statement_timeout, sizeof(db->statement_timeout), "%lld", (long long)t);
-    db->answer_ms = t > 0 ? t + 2000 : 0;
+    db->timeout_ms = t;
     const char *pooler = getenv("DATABASE_POOLER");
     db->pooler = pooler && !strcmp(pooler, "transaction") ? POOLER_TRANSACTION
                  : pooler && !strcmp(pooler, "session") ? POOLER_SESSION : POOLER_NONE;
@@ -241,21 +240,27 @@ void mr_db_release(mr_db *db)
     PQclear(res);
 }
 
-/* Waits until the next result can be read without blocking, at most db->answer_ms
- * from `since`. The statement timeout ends a statement the server is running; this
- * ends a wait for a server that is not answering at all (a pooler waiting for a
- * PostgreSQL that is down, a dead network path). Returns 0 when ready; -1 when the
- * connection broke or the time ran out, after dropping it (its state is unknown). */
-static int await_answer(mr_db *db, int64_t since)
+/* Waits until the next result can be read without blocking, at most the answer
+ * window of `statements` statements from `since`: each statement's timeout, plus
+ * 2 s. The statement timeout ends a statement the server is running; this ends a
+ * wait for a server that is not answering at all (a pooler waiting for a
+ * PostgreSQL that is down, a dead network path). A pipeline's statements are timed
+ * one by one by the server, and its answers come together at the Sync, so a
+ * pipeline of n calls gets n timeouts: one that is slow as a whole but whose
+ * statements each fit is not given up on while the server goes on to commit it.
+ * Returns 0 when ready; -1 when the connection broke or the time ran out, after
+ * dropping it (its state is unknown). */
+static int await_answer(mr_db *db, int64_t since, int statements)
 {
     PGconn *c = db->conn;
+    int64_t window = db->timeout_ms > 0 ? (statements > 1 ? statements : 1) * db->timeout_ms + 2000 : 0;
     while (PQisBusy(c)) {
         int timeout = -1;
-        if (db->answer_ms > 0) {
-            int64_t left = since + db->answer_ms - mr_now_ms();
+        if (window > 0) {
+            int64_t left = since + window - mr_now_ms();
             if (left <= 0) {
                 mr_log(MR_LOG_WARN, "database did not answer within %lld ms; dropping the connection",
-                       (long long)db->answer_ms);
+                       (long long)window);
                 goto drop;
             }
             timeout = left > 1000 ? 1000 : (int)left;
@@ -289,7 +294,7 @@ mr_err mr_db_exec(mr_db *db, const char *sql, int nparams, const char *const *pa
     if (!PQsendQueryParams(c, sql, nparams, NULL, params, NULL, NULL, 0))
         return check_result(db, NULL, res, sqlstate, err, errlen);
     for (;;) {
-        if (await_answer(db, t0) != 0) {
+        if (await_answer(db, t0, 1) != 0) {
             PQclear(last);
             return check_result(db, NULL, res, sqlstate, err, errlen);
         }
@@ -378,7 +383,7 @@ static mr_err read_results(mr_db *db, char **values, int first, int step, int co
     *synced = 0;
     /* Bounded so that a broken connection cannot spin. */
     for (int i = 0; i < 32 + 2 * (first + step * count); i++) {
-        if (await_answer(db, t0) != 0) {
+        if (await_answer(db, t0, count) != 0) {
             c = NULL;
             break;
         }

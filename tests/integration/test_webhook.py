@@ -910,6 +910,70 @@ def test_an_event_the_database_refuses_is_answered_alone_and_the_batch_is_still_
         [rids[0], rids[2]])
 
 
+def test_a_batch_of_slow_events_each_within_its_timeout_is_answered(one_worker):
+    """Each event takes 1.9 s in PostgreSQL, well under the 5 s statement timeout,
+    and alone is a 200. Four in one batch take 7.6 s together, beyond one
+    statement's answer window (its timeout + 2 s). The server times each statement
+    alone, so the webhook waits for a batch of n its n timeouts + 2 s: the batch is
+    answered 200, not 503 while the server commits it."""
+    s = one_worker
+    s.sql("""CREATE FUNCTION public.test_slow_event() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.payload #>> '{data,object,description}' = 'slow' THEN
+                 PERFORM pg_catalog.pg_sleep(1.9);
+               END IF;
+               RETURN NEW;
+             END $$""")
+    s.sql("CREATE TRIGGER test_slow_event BEFORE INSERT ON public.stripe_events"
+          " FOR EACH ROW EXECUTE FUNCTION public.test_slow_event()")
+    try:
+        cust = "cus_" + uid()
+        new_account(s, cust)
+        events = [invoice_paid(cust) for _ in range(5)]
+        for e in events:
+            e["data"]["object"]["description"] = "slow"
+        assert send(s, events.pop()).status == 200
+        rids = ["slow" + uid() for _ in range(4)]
+        t0 = time.monotonic()
+        first, answers = held_then_batched(s, sub_event(customer=cust),
+                                           [(e, None, r) for e, r in zip(events, rids)])
+        assert time.monotonic() - t0 > 7.0      # the batch did outlast one window
+        assert first.status == 200
+        assert [a.status for a in answers] == [200] * 4
+        assert [event_row(s, e["id"])[0] for e in events] == ["processed"] * 4
+        notes = request_notes(s, rids)
+        assert all("one commit with" in notes[r] for r in rids), notes
+    finally:
+        s.sql("DROP TRIGGER IF EXISTS test_slow_event ON public.stripe_events")
+        s.sql("DROP FUNCTION IF EXISTS public.test_slow_event()")
+
+
+def test_a_database_that_does_not_answer_is_given_up_on_after_the_window(pg):
+    """A server that takes a delivery's statements and answers nothing (its backend
+    stopped: a pooler queueing forever, a dead path) is given up on after the
+    statement timeout + 2 s: 503, the connection dropped; once it answers again
+    the same delivery is a 200."""
+    env = {"STRIPE_WEBHOOK_SECRET": NEW_SECRET, "MR_DB_STATEMENT_TIMEOUT_MS": "1000"}
+    with mr.Stack(pg, env=env, functions=["handle-stripe-webhook"], workers=1) as s:
+        cust = "cus_" + uid()
+        new_account(s, cust)
+        assert send(s, invoice_paid(cust)).status == 200     # the worker's connection is open
+        (pid,), = s.sql("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name = 'handle-stripe-webhook'")
+        e = invoice_paid(cust)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = send(s, e)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert r.status == 503 and r.json["error"]["code"] == "database_unavailable"
+        assert 2.8 < took < 5.0, took
+        assert send(s, e).status == 200
+        assert event_row(s, e["id"])[0] == "processed"
+
+
 def test_a_delivery_still_arriving_does_not_hold_up_the_others(one_worker):
     """Of the connections waiting when the worker is free again, one whose request
     has not arrived whole is served after the batch, with its own deadline: the
