@@ -10,7 +10,7 @@
 
 cJSON *mr_json_parse(const char *buf, size_t len)
 {
-    if (!buf)
+    if (!buf || memchr(buf, '\0', len))
         return NULL;
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);

@@ -11,7 +11,10 @@
 #include "mr_common.h"
 
 /* Parses exactly `len` bytes (need not be NUL-terminated). Returns a tree the
- * caller frees with cJSON_Delete, or NULL on malformed input or trailing junk. */
+ * caller frees with cJSON_Delete, or NULL on malformed input or trailing junk.
+ * A NUL byte anywhere is malformed (JSON has none outside strings and none raw
+ * inside them): cJSON would copy it into a string, which C then reads as ending
+ * there. (The escape \u0000 is each caller's to refuse where it matters.) */
 cJSON *mr_json_parse(const char *buf, size_t len);
 
 /* Walks a dotted path of object keys ("data.object.customer"). NULL if absent. */

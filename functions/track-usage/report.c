@@ -38,7 +38,8 @@ mr_err tu_report_parse(const char *body, size_t len, tu_report *out, char *err, 
     if (len == 0)
         return MR_OK;
     /* Names need no escapes, and JSON's \u0000 would cut a name short in C (cJSON
-     * ends the string there): a report with any backslash is refused whole. */
+     * ends the string there): a report with any backslash is refused whole. (A raw
+     * NUL is malformed JSON: mr_json_parse refuses it.) */
     if (memchr(body, '\\', len))
         return mr_seterr(err, errlen, MR_EINVAL,
                          "agent and tool must be 1 to %d characters of letters, digits and - _ . : @",

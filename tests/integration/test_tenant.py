@@ -442,3 +442,16 @@ def test_audit_rows_record_the_real_client_behind_a_trusted_proxy_only(stack):
     rows = [a for a in audit(stack, "instance.status_changed")
             if a["details"]["subscription_id"] == c1.sid and a["details"]["to"] == "running"]
     assert rows and all(a["ip_address"] is None and a["actor_role"] == "service_role" for a in rows)
+
+
+def test_a_report_with_a_raw_nul_in_a_name_is_refused_and_counts_nothing(stack, dokku):
+    """A raw NUL byte (invalid JSON: control characters must be escaped) cuts a name
+    short in C exactly like the \\u0000 escape the parser refuses: 400, nothing counted."""
+    _, inst = live_instance(stack, "professional")
+    iid, token = str(inst["id"]), token_of(dokku, inst)
+    before = usage(stack, iid)
+    r = stack.call("POST", "track-usage", token=token,
+                   body=b'{"agent": "general\x00<not a name at all>"}',
+                   headers={"Content-Type": "application/json", "User-Agent": UA})
+    assert r.status == 400, r
+    assert usage(stack, iid) == before

@@ -216,6 +216,22 @@ static void test_report_refuses(void **state)
     assert_non_null(strstr(err, "agent"));
 }
 
+/* A raw NUL byte (not the escape \u0000) inside a name: invalid JSON (RFC 8259
+ * forbids raw control characters in strings), but cJSON copies it and the C
+ * string ends there, so the report must still be refused whole. */
+static void test_report_refuses_raw_nul(void **state)
+{
+    (void)state;
+    tu_report r;
+    char err[200];
+    static const char body[] = "{\"agent\":\"general\0; DROP\"}";
+    memset(&r, 'x', sizeof r);
+    assert_int_equal(tu_report_parse(body, sizeof body - 1, &r, err, sizeof err), MR_EINVAL);
+    assert_string_equal(r.agent, "");
+    static const char key[] = "{\"agent\0junk\":\"general\"}";
+    assert_int_equal(tu_report_parse(key, sizeof key - 1, &r, err, sizeof err), MR_EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -225,6 +241,7 @@ int main(void)
         cmocka_unit_test(test_verify_refuses_malformed_hashes),
         cmocka_unit_test(test_report_accepts),
         cmocka_unit_test(test_report_refuses),
+        cmocka_unit_test(test_report_refuses_raw_nul),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -128,6 +128,10 @@ static void test_parse_length(void **state)
     assert_non_null(j);
     cJSON_Delete(j);
     assert_null(mr_json_parse("{\"a\":1}\0", 8));
+    /* A raw NUL inside a string or a name (not the escape): malformed, never a
+     * string that C reads as shorter than it is. */
+    assert_null(mr_json_parse("{\"a\":\"ok\0; more\"}", 17));
+    assert_null(mr_json_parse("{\"a\0b\":1}", 9));
     assert_null(mr_json_parse("{\"a\":1} x", 9));
     assert_null(mr_json_parse("", 0));
     assert_null(mr_json_parse("   ", 3));
