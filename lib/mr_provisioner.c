@@ -38,6 +38,21 @@ static void describe_failure(mr_provisioner_call *out, const char *what, const m
              resp->status, *msg ? ": " : "", msg);
 }
 
+/* A 404 that says the app is missing ({"error": {"code": "not_found"}}), not one
+ * from a wrong route or base path (the provisioner's "no_route", a proxy's own
+ * page): only the first makes a stop or a destroy done, lest a misconfigured URL
+ * record every instance stopped, destroyed or purged while nothing happened. */
+static int says_missing(const mr_httpc_resp *resp)
+{
+    cJSON *j = resp->body ? mr_json_parse(resp->body, resp->body_len) : NULL;
+    const cJSON *eobj = j ? cJSON_GetObjectItemCaseSensitive(j, "error") : NULL;
+    const char *code = NULL;
+    int missing = cJSON_IsObject(eobj) && mr_json_str(eobj, "code", &code) == MR_OK &&
+                  strcmp(code, "not_found") == 0;
+    cJSON_Delete(j);
+    return missing;
+}
+
 static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_resp *resp,
                      int missing_ok)
 {
@@ -55,7 +70,7 @@ static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_
         cJSON_Delete(j);
         return;
     }
-    if (resp->status == 404 && missing_ok) {
+    if (resp->status == 404 && missing_ok && says_missing(resp)) {
         out->ok = 1;
         return;
     }

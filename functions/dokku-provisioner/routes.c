@@ -170,7 +170,7 @@ void prov_handle(mr_req *r)
         return;
     }
     if (strncmp(path, "/apps/", 6) != 0) {
-        mr_reply_error(r, 404, "not_found", "no such route");
+        mr_reply_error(r, 404, "no_route", "no such route");
         return;
     }
 
@@ -219,5 +219,5 @@ void prov_handle(mr_req *r)
         else not_allowed(r, "DELETE");
         return;
     }
-    mr_reply_error(r, 404, "not_found", "no such route");
+    mr_reply_error(r, 404, "no_route", "no such route");
 }

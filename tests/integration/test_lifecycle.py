@@ -409,6 +409,34 @@ def test_destroying_an_app_that_is_already_gone_succeeds(stack, prov):
     assert r.status == 200 and r.json["instance"]["status"] == "deprovisioned", r
 
 
+def test_a_404_that_does_not_say_the_app_is_missing_stops_and_destroys_nothing(stack, prov):
+    """Only the provisioner's 404 not_found (no such app) makes a stop or a destroy
+    done: a 404 from anything else (a wrong route or base path, a proxy's own page)
+    is a failure, so a misconfigured URL never records an instance stopped,
+    destroyed or purged while its apps and data are still there."""
+    sid = new_subscription(stack, "starter")
+    provision(stack, sid, wait=True)
+    app = instance(stack, sid)["dokku_app_name"]
+    for mode, purge in (("stop", False), ("destroy", True)):
+        prov.next(("status", 404))
+        body = dict(subscription_id=sid, mode=mode, wait=True)
+        if purge:
+            body["purge"] = True
+        r = deprovision(stack, **body)
+        assert r.status == 502 and r.json["error"]["code"] == "provisioner_rejected", r
+        inst = instance(stack, sid)
+        assert inst["status"] not in ("stopped", "deprovisioned"), inst
+        assert inst["last_error"].startswith("rejected: ") and "404" in inst["last_error"]
+        assert stack.sql("SELECT storage_destroyed_at FROM public.instances"
+                         " WHERE subscription_id = %s", sid) == [(None,)]
+        assert app in prov.apps
+        # The operator asks again once the URL is right: done.
+        r = deprovision(stack, **body)
+        assert r.status == 200, r
+    inst = instance(stack, sid)
+    assert inst["status"] == "deprovisioned" and app not in prov.apps
+
+
 def test_default_mode_destroys_cancelled_and_stops_otherwise(stack, prov):
     live = new_subscription(stack, "starter")
     gone = new_subscription(stack, "starter")

@@ -6,8 +6,11 @@ Speaks the provisioner's HTTP contract (README, provisioner section):
                               (creates, or updates and starts, an existing app)
   POST   /apps/{app}/stop     -> 200 {app, state: "stopped"}; 404 unknown app
   POST   /apps/{app}/start    -> 200 {app, state: "running", urls}; 404 unknown app
+  POST   /apps/{app}/restart  -> the same as start
   GET    /apps/{app}          -> 200 {app, state, ...}; 404 unknown app
-  DELETE /apps/{app}          -> 200 (also for a missing app)
+  DELETE /apps/{app}          -> 200 (also for a missing app); ?purge=true: "purged": true
+  DELETE /apps/{app}/storage  -> 200 (also when none is left); 409 apps_exist while the app is
+  any other path              -> 404 no_route (a missing app is 404 not_found)
 with `Authorization: Bearer <token>` compared in constant time (401 otherwise).
 Keeps the apps it was asked for in .apps, so a test can tell "one app" from "two".
 Failure behaviours come from RecordingServer (fail, reject, hang, slow).
@@ -23,7 +26,7 @@ try:
 except ImportError:  # imported as a top-level module
     from recording import RecordingServer
 
-APP_PATH = re.compile(r"^/apps/([a-z][a-z0-9-]{0,62})(?:/(start|stop))?$")
+APP_PATH = re.compile(r"^/apps/([a-z][a-z0-9-]{0,62})(?:/(start|stop|restart|storage))?$")
 
 
 class ProvisionerStandin(RecordingServer):
@@ -70,19 +73,26 @@ class ProvisionerStandin(RecordingServer):
                                    "cpu": b["cpu"], "env": dict(b.get("env") or {}),
                                    "subdomain": b["subdomain"]}
             return (201 if created else 200), dict(app=b["app"], state="running", **self.urls(b["subdomain"]))
-        m = APP_PATH.match(rec.path)
+        path, _, query = rec.path.partition("?")
+        m = APP_PATH.match(path)
         if not m:
-            return 404, {"error": {"code": "not_found", "message": "no such route"}}
+            return 404, {"error": {"code": "no_route", "message": "no such route"}}
         app, verb = m.group(1), m.group(2)
         known = self.apps.get(app)
+        if query and not (rec.method == "DELETE" and verb is None and query == "purge=true"):
+            return 400, {"error": {"code": "invalid_request", "message": "no such query"}}
         if rec.method == "DELETE" and verb is None:
             self.apps.pop(app, None)
-            return 200, {"app": app, "state": "deleted"}
+            return 200, {"app": app, "state": "deleted", "purged": bool(query)}
+        if rec.method == "DELETE" and verb == "storage":
+            if known is not None:
+                return 409, {"error": {"code": "apps_exist", "message": f"{app} still exists"}}
+            return 200, {"app": app, "storage": "destroyed"}
         if known is None:
             return 404, {"error": {"code": "not_found", "message": f"no app {app}"}}
         if rec.method == "GET" and verb is None:
             return 200, dict(app=app, state=known["state"], **self.urls(known["subdomain"]))
-        if rec.method == "POST" and verb in ("start", "stop"):
-            known["state"] = "running" if verb == "start" else "stopped"
+        if rec.method == "POST" and verb in ("start", "stop", "restart"):
+            known["state"] = "stopped" if verb == "stop" else "running"
             return 200, dict(app=app, state=known["state"], **self.urls(known["subdomain"]))
         return 405, {"error": {"code": "method_not_allowed", "message": "method not allowed"}}
