@@ -184,7 +184,9 @@ static void handle(mr_req *r)
     mr_json_str(res, "resets_at", &resets);
     mr_json_str(res, "limit", &limit);
     int64_t retry = 1, max_agents = 0, agents_today = 0;
-    mr_json_i64(res, "retry_after_s", 1, 86401, &retry);
+    /* Up to the next midnight: a day is 25 hours where the database's zone leaves
+     * summer time. */
+    mr_json_i64(res, "retry_after_s", 1, 90001, &retry);
     mr_json_i64(res, "max_agents", 0, INT32_MAX, &max_agents);
     mr_json_i64(res, "agents_today", 0, INT32_MAX, &agents_today);
 
