@@ -352,8 +352,11 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
         else
             mr_log(MR_LOG_WARN, "Stripe %s: no answer (attempt %d): %s", path, res->attempts, herr);
         if (!again) {
-            rc = mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: %ld %s/%s (request %s)", path,
-                           res->status, res->error_type, res->error_code, res->request_id);
+            /* Not worth retrying now, but a 5xx (even with Stripe-Should-Retry: false,
+             * "applied, or will be") leaves the outcome unknown: only a 4xx refuses. */
+            rc = mr_seterr(err, errlen, res->status >= 500 ? MR_ETRANSIENT : MR_EINTERNAL,
+                           "Stripe %s: %ld %s/%s (request %s)", path, res->status,
+                           res->error_type, res->error_code, res->request_id);
             break;
         }
         if (retry >= cfg->max_retries) {

@@ -596,3 +596,44 @@ def test_missing_or_bad_urls_stop_startup(bare, tmp_path, name, env, says):
     p = start_alone(bare, tmp_path, name, STRIPE_SECRET_KEY="sk_test_" + "a" * 24, **env)
     assert p.returncode == 2, p
     assert says in p.stderr.decode()
+
+
+def test_a_5xx_is_an_unknown_outcome_even_when_stripe_says_not_to_retry(stack, stripe):
+    """A 500 with Stripe-Should-Retry: false (applied, or will be) is not retried
+    within the request, but it is not a refusal either: 503, the attempt left
+    pending, so the next click resumes it with the same idempotency key instead of
+    creating the customer again."""
+    acc, _, tok = user(stack)
+    stripe.next(("status", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    rows = attempts(stack, acc)
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", (r, rows)
+    assert [(k, s) for k, s, _, _, _ in rows] == [("customer", "pending")], rows
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    custs = stripe.recorded("/v1/customers")
+    assert len(custs) == 2
+    assert custs[0].idempotency_key and custs[0].idempotency_key == custs[1].idempotency_key, custs
+
+
+def test_a_cancellation_applies_whatever_its_price(stack, stripe, prov):
+    """customer.subscription.deleted always means cancelled: a price the catalogue
+    lacks (switched to in Stripe's portal, a plan row removed) keeps the recorded
+    plan, and the instance is destroyed, not left running for a customer who left."""
+    acc, _, tok = user(stack)
+    r = checkout(stack, tok, tier="enterprise")
+    assert r.status == 200, r
+    evs = stripe.complete(r.json["id"])
+    for ev in evs:
+        assert deliver(stack, ev).status == 200
+    sub = json.loads(json.dumps(evs[1]["data"]["object"]))
+    sub["status"] = "canceled"
+    sub["items"]["data"][0]["price"]["id"] = "price_not_in_plans"
+    w = deliver(stack, stripe_event("customer.subscription.deleted", sub, int(time.time()) + 5))
+    assert w.status == 200 and "failed" not in w.json, w
+    rows = stack.sql("SELECT s.status::text, s.tier::text, s.stripe_price_id, i.desired_status::text"
+                     " FROM public.subscriptions s JOIN public.instances i ON i.subscription_id = s.id"
+                     " WHERE s.account_id = %s", acc)
+    assert [(st, tier, want) for st, tier, _, want in rows] == [("cancelled", "enterprise", "deprovisioned")]
+    assert rows[0][2] != "price_not_in_plans"
+
