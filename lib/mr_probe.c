@@ -58,6 +58,11 @@ mr_err mr_probe_check_url(const char *url, const mr_probe_opts *o, char *why, si
         rc = mr_seterr(why, whylen, MR_EINVAL, "scheme not allowed");
         goto out;
     }
+    /* A name longer than DNS allows cannot be judged by a copy cut short. */
+    if (strlen(host) > 254) {
+        rc = mr_seterr(why, whylen, MR_EINVAL, "outside base domain");
+        goto out;
+    }
     /* Compare lowercase and without one trailing dot ("a.example." is "a.example"). */
     snprintf(h, sizeof h, "%s", host);
     snprintf(domain, sizeof domain, "%s", o->base_domain ? o->base_domain : "");
@@ -88,6 +93,7 @@ static addr_class classify_v4(uint32_t a)
     if (b0 == 127) return ADDR_LOOPBACK;
     if (b0 == 0 || b0 >= 224) return ADDR_NEVER;          /* this-net, multicast, reserved, broadcast */
     if (b0 == 169 && b1 == 254) return ADDR_NEVER;        /* link-local: cloud metadata lives here */
+    if (a == 0x646464c8u) return ADDR_NEVER;               /* 100.100.100.200: Alibaba Cloud's metadata */
     if (b0 == 10) return ADDR_PRIVATE;
     if (b0 == 172 && (b1 & 0xf0) == 16) return ADDR_PRIVATE;
     if (b0 == 192 && b1 == 168) return ADDR_PRIVATE;
@@ -108,6 +114,8 @@ static addr_class classify_v6(const unsigned char *b)
                            (uint32_t)b[14] << 8 | b[15]);
     if (b[0] == 0xff) return ADDR_NEVER;                      /* multicast */
     if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) return ADDR_NEVER; /* link-local */
+    static const unsigned char aws[16] = {0xfd, 0x00, 0x0e, 0xc2, [14] = 0x02, [15] = 0x54};
+    if (memcmp(b, aws, 16) == 0) return ADDR_NEVER;           /* fd00:ec2::254: AWS's metadata */
     if ((b[0] & 0xfe) == 0xfc) return ADDR_PRIVATE;           /* unique local */
     return ADDR_PUBLIC;
 }

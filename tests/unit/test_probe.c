@@ -112,6 +112,30 @@ static void test_addr_rules(void **state)
     assert_false(mr_probe_addr_allowed(AF_UNIX, "x", &local));
 }
 
+/* A host longer than DNS allows is refused, never judged by a copy cut short
+ * ("<pad>.mindroom.chat" as the first 255 characters of a longer name). */
+static void test_long_host_refused(void **state)
+{
+    char url[400] = "https://";
+    (void)state;
+    size_t pad = 255 - strlen(".mindroom.chat");
+    for (size_t i = 0; i < pad; i++)
+        strcat(url, i % 60 == 59 ? "." : "a");
+    strcat(url, ".mindroom.chat.evil.example/api/health");
+    assert_false(url_ok(url, &prod, "outside base domain"));
+}
+
+/* Cloud metadata outside 169.254/16 is never probed, private addresses allowed
+ * or not. */
+static void test_metadata_never(void **state)
+{
+    mr_probe_opts priv = prod;
+    (void)state;
+    priv.allow_private = 1;
+    assert_false(v6("fd00:ec2::254", &priv));       /* AWS IMDS over IPv6 */
+    assert_false(v4("100.100.100.200", &priv));     /* Alibaba Cloud metadata */
+}
+
 /* A port that refuses (bound, not listening) and one that hangs (listening,
  * never accepted: the kernel completes the handshake, nobody ever answers). */
 static int bound_socket(int do_listen, int *port)
@@ -175,6 +199,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_url_rules),
         cmocka_unit_test(test_addr_rules),
+        cmocka_unit_test(test_metadata_never),
+        cmocka_unit_test(test_long_host_refused),
         cmocka_unit_test(test_run),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
