@@ -250,6 +250,12 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         for (size_t i = 0; i < MR_ARRAY_LEN(more); i++) fp_add(&t, more[i]);
     }
     fp_finish(cfg, &t, fp);
+    /* A new spec: the recorded one stops being true with the first change below
+     * (config:set and the limits apply at once, and a restart, this run's or a later
+     * one's, starts a container from them). Forgotten before it, so that a run cut
+     * short is followed by a restart whatever spec comes next, even the old one. */
+    if (!spec_matches(cfg, p->app, fp))
+        spec_forget(cfg, p->app);
 
     /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */
     int yes = 0;
@@ -695,19 +701,24 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
         break;
     }
 
-    if (!mr) {
+    /* A stop stops whichever app exists (a half-created instance may have only its
+     * homeserver, serving): not_found, which the control plane takes as stopped,
+     * only when neither does. A start or restart needs MindRoom (else the control
+     * plane creates it). */
+    if (!mr && (verb != PROV_STOP || !hs)) {
         e = not_found(&c, "not_found", "app does not exist");
         goto done;
     }
     if (verb == PROV_STOP) {
         /* MindRoom first: it must not see its homeserver vanish under it. */
-        const char *apps[] = {nm.app, hs ? nm.hs_app : NULL};
+        const char *apps[] = {mr ? nm.app : NULL, hs ? nm.hs_app : NULL};
         for (int i = 0; i < 2; i++) {
             if (!apps[i]) continue;
             const char *a[] = {"ps:stop", apps[i], NULL};
             if ((e = must(&c, a, slow)) != MR_OK) goto done;
         }
-        out->state = out->app_state = "stopped";
+        out->state = "stopped";
+        out->app_state = mr ? "stopped" : "missing";
         if (hs) out->hs_state = "stopped";
         goto done;
     }

@@ -848,3 +848,43 @@ def test_the_fixture_check_catches_undocumented_commands():
                          "--storage-class-name", "longhorn"]) is None
     assert undocumented(["storage:create", "x", "--scheduler", "k3s", "--size", "5Gi",
                          "--namespace", "mindroom"]) is not None
+
+
+def test_a_revert_after_an_update_that_failed_past_its_restart_restarts_again(stack, dokku):
+    """Spec A applied. Update B: config:set B, ps:restart (MindRoom's container now
+    runs B), then a later step fails (MindRoom's letsencrypt:active). The control
+    plane then sends A again: the container last started with B, so A reaches it
+    with a restart, although A is what was last applied whole."""
+    app = "mindroom-revert"
+    a = body(app, "srevert", env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-old"})
+    b = body(app, "srevert", env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-new"})
+    assert post(stack, a).status == 201
+    # MindRoom's letsencrypt:active is the second one of the sequence (the homeserver's first).
+    dokku.tell("fail", "letsencrypt:active", times=1, status=2, skip=1)
+    dokku.mark()
+    r = post(stack, b)
+    dokku.untell("fail", "letsencrypt:active")
+    assert r.status == 502, r
+    calls = dokku.new_calls()
+    assert ["ps:restart", app] in calls          # MindRoom's container now runs B
+    assert dokku.config(app)["OPENAI_API_KEY"] == "sk-new"
+    dokku.mark()
+    r = post(stack, a)
+    assert r.status == 200, r
+    assert dokku.config(app)["OPENAI_API_KEY"] == "sk-old"
+    calls = dokku.new_calls()
+    # The container was last started with B: A must reach it with a restart.
+    assert ["ps:restart", app] in calls and r.json["restarted"] is True, (r.json, calls)
+
+
+def test_stop_of_an_instance_whose_mindroom_app_is_missing_stops_its_homeserver(stack, dokku):
+    """A create that failed at MindRoom's apps:create leaves the homeserver deployed
+    and running. A stop stops it (404 not_found, which the control plane takes as
+    stopped, only when neither app exists)."""
+    app = "mindroom-hsonly"
+    dokku.tell("fail", "apps:create", times=1, skip=1)   # MindRoom's, after the homeserver's
+    assert post(stack, body(app, "shsonly")).status == 502
+    assert dokku.app(app + "-matrix", "running") == "true"
+    r = call(stack, "POST", "/apps/%s/stop" % app)
+    assert r.status == 200 and r.json["apps"] == {"mindroom": "missing", "homeserver": "stopped"}, r
+    assert dokku.app(app + "-matrix", "running") != "true", r.json
