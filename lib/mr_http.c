@@ -611,19 +611,26 @@ static int request_state(const unsigned char *b, size_t len, int *params_done)
     return 0;
 }
 
+/* A body's worth of bytes that a sender stopped at is the socket's queue being
+ * full (nginx writes a request at once), not a slow peer: FastCGI's largest record. */
+#define PEEK_FULL_MIN 65536
+
 /* One look, without waiting, at what connection fd has sent (*n: the bytes seen,
- * or recv's answer). Returns 1 when it is a whole request (or its params are
- * complete and the body is larger than the look-ahead buffer: its reads then have
- * the deadline each), 0 when more is to come or nothing came, -1 when it is not a
- * responder request. */
-static int look(int fd, ssize_t *n)
+ * or recv's answer; had: what the look before saw). Returns 1 when it is a whole
+ * request, or when its params are complete and its body is more than can be seen
+ * at once: larger than the look-ahead buffer, or stopped by the socket's queue
+ * (at least PEEK_FULL_MIN bytes, no more since the last look; a unix socket queues
+ * about 200 KB). Its reads then have the deadline each. 0 when more is to come or
+ * nothing came, -1 when it is not a responder request. */
+static int look(int fd, ssize_t *n, ssize_t had)
 {
     *n = recv(fd, g_peek, g_peek_cap, MSG_PEEK | MSG_DONTWAIT);
     if (*n <= 0)
         return 0;
     int params_done;
     int st = request_state(g_peek, (size_t)*n, &params_done);
-    if (st > 0 || (st == 0 && params_done && (size_t)*n == g_peek_cap))
+    if (st > 0 || (st == 0 && params_done &&
+                   ((size_t)*n == g_peek_cap || (*n >= PEEK_FULL_MIN && *n == had))))
         return 1;
     return st < 0 || (size_t)*n == g_peek_cap ? -1 : 0;
 }
@@ -640,7 +647,7 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
     *quiet = 0;
     for (;;) {
         ssize_t n;
-        int st = look(fd, &n);
+        int st = look(fd, &n, had);
         if (n > 0) {
             seen = 1;
             if (st > 0)
@@ -814,7 +821,7 @@ static int worker_main(int listen_fd)
             if (more < 0)
                 break;
             ssize_t seen;
-            if (look(more, &seen) <= 0)
+            if (look(more, &seen, -1) <= 0)
                 late[nlate++] = more;
             else if (take_request(&rqs[n], more, 1) == 0)
                 n++;

@@ -13,11 +13,14 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
+import fcgi
 import mr
 
 SERVICE_FUNCTIONS = ("provision-instance", "deprovision-instance")
@@ -420,3 +423,38 @@ def test_cors_preflight_is_answered_by_nginx(stack):
     assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "*", r
     r = stack.call("POST", "/functions/v1/nope", json={}, headers={"Origin": "https://x.example"})
     assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*", r
+
+
+def test_a_body_within_a_raised_cap_but_beyond_the_socket_queue_is_served(tmp_path):
+    """With MR_MAX_BODY raised (to 1 MiB, as nginx's client_max_body_size), a body
+    larger than a unix socket queues (about 200 KB) arrives only as the worker reads
+    it: the worker takes the request once its params are whole and the queue stops
+    growing, instead of waiting for the rest until its read deadline."""
+    sock = tmp_path / "noop.sock"
+    env = dict(os.environ, MR_MAX_BODY=str(1 << 20), MR_WORKERS="1", MR_SOCKET=str(sock),
+               MR_READ_TIMEOUT_MS="3000")
+    env.pop("DATABASE_URL", None)
+    p = subprocess.Popen([str(mr.build_dir() / "bin" / "noop")], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        for size in (100_000, 400_000, (1 << 20) - 100):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(str(sock))
+            try:
+                t0 = time.monotonic()
+                s.sendall(fcgi.request("POST", "/functions/v1/noop", b"x" * size))
+                status, _, _ = fcgi.read_response(s)
+                took = time.monotonic() - t0
+            except OSError as e:              # a broken pipe: the worker dropped it
+                status, took = repr(e), None
+            finally:
+                s.close()
+            assert status == 200 and took < 2.0, (size, status, took)
+    finally:
+        p.terminate()
+        p.wait(10)
