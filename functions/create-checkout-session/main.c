@@ -20,6 +20,12 @@
  *      STRIPE_ALLOW_PROMOTION_CODES is on.
  * Steps 3 and 4 are attempts (lib/mr_billing.h): a call repeated after a lost
  * answer gets the same customer and the same open session, never new ones.
+ *   5. Only the newest session can be paid: the account's older sessions that
+ *      may still be open are expired at Stripe and recorded abandoned
+ *      (sql/migrations/122_checkout_supersedes.sql). One that can no longer be
+ *      expired was paid: the new one is expired too and the answer is 409
+ *      checkout_completed (the subscription is on its way). One Stripe cannot
+ *      be reached about now stays open until it expires (logged).
  *
  * Without STRIPE_SECRET_KEY every call is answered 503 stripe_not_configured. */
 #include <stdio.h>
@@ -97,6 +103,78 @@ static int read_choice(mr_req *r, choice *c)
     snprintf(c->price_id, sizeof c->price_id, "%s", pe == MR_OK ? price : "");
     cJSON_Delete(body);
     return 1;
+}
+
+/* Expires checkout session `session` at Stripe. MR_OK: expired; MR_EINTERNAL:
+ * Stripe refused (it is no longer open: paid, or expired already); MR_ETRANSIENT:
+ * no answer. The key makes a repeat the same request. */
+static mr_err expire_session(mr_req *r, const char *session, int64_t deadline)
+{
+    char path[320], key[320], err[256] = "";
+    snprintf(path, sizeof path, "/v1/checkout/sessions/%s/expire", session);
+    snprintf(key, sizeof key, "mindroom-expire-%s", session);
+    mr_stripe_api_result res;
+    mr_err e = mr_stripe_api_post(r->http, &stripe, path, "", key, deadline, &res, err, sizeof err);
+    mr_stripe_api_result_free(&res);
+    if (e != MR_OK)
+        mr_log(MR_LOG_WARN, "could not expire checkout session %.64s: %s", session, err);
+    return e;
+}
+
+/* Step 5. Returns 1 when the new session stands, 0 when an older one was paid
+ * (answered 409 here) or the database failed (answered). */
+static int supersede_older(mr_req *r, const char *account, const char *session, int64_t deadline)
+{
+    const char *p[2] = {account, session};
+    cJSON *j;
+    if (mr_billing_sql(r, "SELECT public.billing_checkout_older_open($1, $2)::text", 2, p, &j) !=
+        MR_OK)
+        return 0;
+    int paid = 0;
+    char mine[40] = "";
+    const char *m = NULL;
+    if (mr_json_str(j, "attempt_id", &m) == MR_OK)
+        snprintf(mine, sizeof mine, "%s", m);
+    const cJSON *it;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(j, "older"))
+    {
+        const char *attempt = NULL, *older = NULL;
+        if (mr_json_str(it, "attempt_id", &attempt) != MR_OK ||
+            mr_json_str(it, "session_id", &older) != MR_OK)
+            continue;
+        mr_err e = expire_session(r, older, deadline);
+        if (e == MR_EINTERNAL)
+            paid = 1;
+        if (e == MR_OK || e == MR_EINTERNAL) {
+            const char *q[2] = {attempt, e == MR_OK ? "expired: a newer checkout of the account "
+                                                      "replaced it"
+                                                    : "no longer open at Stripe (paid)"};
+            cJSON *v = NULL;
+            if (mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q,
+                               &v) != MR_OK) {
+                cJSON_Delete(j);
+                return 0;
+            }
+            cJSON_Delete(v);
+        }
+    }
+    cJSON_Delete(j);
+    if (!paid)
+        return 1;
+    /* An older session was paid: this account's subscription is on its way, and the
+     * new session must not make a second one. */
+    if (expire_session(r, session, deadline) == MR_OK && mine[0]) {
+        const char *q[2] = {mine, "expired: another checkout of the account was paid"};
+        cJSON *v = NULL;
+        if (mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q, &v) !=
+            MR_OK)
+            return 0;
+        cJSON_Delete(v);
+    }
+    mr_reply_error(r, 409, "checkout_completed",
+                   "another checkout of this account was paid; its subscription is being set "
+                   "up (manage it in the billing portal)");
+    return 0;
 }
 
 static void handle(mr_req *r)
@@ -201,6 +279,12 @@ static void handle(mr_req *r)
     if (!s.url) {
         mr_billing_result_free(&s);
         mr_reply_error(r, 502, "stripe_error", "the payment provider sent a session without a URL");
+        return;
+    }
+
+    /* 5. Only the newest session can be paid. */
+    if (!supersede_older(r, account, s.object_id, deadline)) {
+        mr_billing_result_free(&s);
         return;
     }
     cJSON *out = cJSON_CreateObject();

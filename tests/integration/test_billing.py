@@ -637,3 +637,45 @@ def test_a_cancellation_applies_whatever_its_price(stack, stripe, prov):
     assert [(st, tier, want) for st, tier, _, want in rows] == [("cancelled", "enterprise", "deprovisioned")]
     assert rows[0][2] != "price_not_in_plans"
 
+
+def test_only_the_newest_checkout_session_can_be_paid(stack, stripe, prov):
+    """A second checkout (another interval) expires the first session at Stripe, so
+    paying both cannot make two subscriptions (two trials, two instances) on one
+    account; asking for the first plan again makes a new session, never the
+    expired one."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert a.status == 200 and b.status == 200 and a.json["id"] != b.json["id"]
+    assert stripe.sessions[a.json["id"]]["status"] == "expired"
+    assert stripe.sessions[b.json["id"]]["status"] == "open"
+    with pytest.raises(ValueError):
+        stripe.complete(a.json["id"])
+    c = checkout(stack, tok, tier="starter", interval="month")
+    assert c.status == 200 and c.json["id"] not in (a.json["id"], b.json["id"]), c
+    assert stripe.sessions[b.json["id"]]["status"] == "expired"
+    for ev in stripe.complete(c.json["id"]):
+        assert deliver(stack, ev).status == 200
+    live = stack.sql("SELECT status::text FROM public.subscriptions WHERE account_id = %s", acc)
+    assert live == [("trialing",)], live
+    states = sorted(st for kind, st, *_ in attempts(stack, acc) if kind == "checkout")
+    assert states == ["abandoned", "abandoned", "succeeded"], attempts(stack, acc)
+
+
+def test_a_checkout_after_an_older_session_was_paid_is_refused(stack, stripe, prov):
+    """The older session was paid but its subscription is not recorded yet (the
+    webhook has not come): the new session is expired too and the answer is 409
+    checkout_completed, so the account is not billed twice."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    events = stripe.complete(a.json["id"])
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 409 and error(b)["code"] == "checkout_completed", b
+    new = [obj for kind, st, _, obj, _ in attempts(stack, acc)
+           if kind == "checkout" and obj != a.json["id"]]
+    assert len(new) == 1 and stripe.sessions[new[0]]["status"] == "expired", new
+    for ev in events:
+        assert deliver(stack, ev).status == 200
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE account_id = %s", acc) == [(1,)]
+

@@ -6,6 +6,8 @@
                                       metadata[...], subscription_data[...],
                                       allow_promotion_codes              -> checkout.session
   POST /v1/billing_portal/sessions    customer, return_url               -> billing_portal.session
+  POST /v1/checkout/sessions/{id}/expire                                  -> checkout.session
+                                      (400 unless the session is open; complete() pays one)
 
 Requests are application/x-www-form-urlencoded with nested keys (a[b][0][c]=v),
 authenticated with `Authorization: Bearer <secret key>` (compared in constant time;
@@ -219,12 +221,26 @@ class StripeStandin:
         self.portal_sessions[pid] = obj
         return 200, obj, {}
 
+    def _expire(self, sid):
+        s = self.sessions.get(sid)
+        if s is None:
+            return error(404, "invalid_request_error", "No such checkout.session: '%s'" % sid,
+                         "resource_missing", "session")
+        if s["status"] != "open":
+            return error(400, "invalid_request_error",
+                         "Only Checkout Sessions with a status of `open` can be expired.")
+        s.update(status="expired")
+        return 200, {k: v for k, v in s.items() if not k.endswith("_sent")}, {}
+
     def complete(self, session_id, status=None):
         """The customer pays: the session completes and its subscription starts
         (trialing when it asked for a trial). Returns the events Stripe would send,
-        oldest first: checkout.session.completed, customer.subscription.created."""
+        oldest first: checkout.session.completed, customer.subscription.created.
+        Only an open session can be paid (ValueError otherwise)."""
         with self.lock:
             s = self.sessions[session_id]
+            if s["status"] != "open":
+                raise ValueError("checkout session %s is %s" % (session_id, s["status"]))
             sd = s["subscription_data_sent"] or {}
             trial = int(sd.get("trial_period_days") or 0)
             now = int(time.time())
@@ -254,6 +270,9 @@ class StripeStandin:
     def _execute(self, req):
         routes = {"/v1/customers": self._customer, "/v1/checkout/sessions": self._checkout,
                   "/v1/billing_portal/sessions": self._portal}
+        m = re.fullmatch(r"/v1/checkout/sessions/([A-Za-z0-9_]+)/expire", req.path)
+        if req.method == "POST" and m:
+            return self._expire(m.group(1))
         if req.method != "POST" or req.path not in routes:
             return error(404, "invalid_request_error",
                          "Unrecognized request URL (%s: %s)." % (req.method, req.path))
