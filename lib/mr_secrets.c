@@ -1,6 +1,7 @@
 /* mr_secrets.c: the keyring, AES-256-GCM sealing and keyed digests (see mr_secrets.h). */
 #include "mr_secrets.h"
 
+#include <ctype.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -213,7 +214,13 @@ int mr_secrets_instance_context(char *out, size_t cap, const char *instance_id, 
                                 const char *name)
 {
     int n = snprintf(out, cap, "instance/%s/%s/%s", instance_id, kind, name);
-    return n > 0 && (size_t)n < cap ? 0 : -1;
+    if (n <= 0 || (size_t)n >= cap)
+        return -1;
+    /* The id as PostgreSQL gives it back (lower case), however it was typed: a
+     * context that differs in case would seal what nothing opens again. */
+    for (char *p = out + 9, *end = out + 9 + strlen(instance_id); p < end; p++)
+        *p = (char)tolower((unsigned char)*p);
+    return 0;
 }
 
 static const ring_key *find(const mr_secrets *k, const char *kid)

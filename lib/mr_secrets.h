@@ -70,7 +70,8 @@ void mr_secrets_free(mr_secrets *k);
 const char *mr_secrets_kid(const mr_secrets *k);
 
 /* The context an instance's secret is sealed and digested for (instance_secrets:
- * "instance/<uuid>/<kind>/<name>"), so a ciphertext opens only for its own row.
+ * "instance/<uuid>/<kind>/<name>", the uuid in lower case however it is given), so a
+ * ciphertext opens only for its own row.
  * Returns 0, or -1 when it does not fit in cap. */
 #define MR_SECRETS_CONTEXT_MAX 400 /* "instance/" uuid "/" kind "/" a 255-byte name */
 int mr_secrets_instance_context(char *out, size_t cap, const char *instance_id, const char *kind,

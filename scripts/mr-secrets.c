@@ -269,11 +269,12 @@ static int cmd_reseal(mr_db *db, const mr_secrets *k, int batch)
                 free(pt);
             }
             if (e != MR_OK) {
-                cJSON_Delete(rows);
-                free(nct);
+                /* Named before rows (which iid, kind and name point into) go. */
                 fprintf(stderr, "mr-secrets: instance %s %s/%s cannot be opened with "
                         "MINDROOM_SECRETS_KEY or MINDROOM_SECRETS_KEY_PREVIOUS (%s): add the key "
                         "it was sealed with to MINDROOM_SECRETS_KEY_PREVIOUS\n", iid, kind, name, err);
+                cJSON_Delete(rows);
+                free(nct);
                 return 1;
             }
             const char *ps[] = {iid, kind, name, ct, nct, digest};

@@ -290,6 +290,22 @@ static void test_digest(void **state)
     mr_secrets_free(o);
 }
 
+/* The context names the instance as PostgreSQL gives its id back (lower case),
+ * however the id was typed; the kind and name are kept as they are. */
+static void test_instance_context_case(void **state)
+{
+    (void)state;
+    char a[MR_SECRETS_CONTEXT_MAX], b[MR_SECRETS_CONTEXT_MAX];
+    assert_int_equal(mr_secrets_instance_context(a, sizeof a, "ABCDEF01-0000-4000-8000-0000000000AA",
+                                                 "env", "OPENAI_API_KEY"), 0);
+    assert_int_equal(mr_secrets_instance_context(b, sizeof b, "abcdef01-0000-4000-8000-0000000000aa",
+                                                 "env", "OPENAI_API_KEY"), 0);
+    assert_string_equal(a, "instance/abcdef01-0000-4000-8000-0000000000aa/env/OPENAI_API_KEY");
+    assert_string_equal(a, b);
+    assert_int_equal(mr_secrets_instance_context(a, 20, "abcdef01-0000-4000-8000-0000000000aa",
+                                                 "env", "X"), -1);
+}
+
 static void test_loader_refuses_bad_keys(void **state)
 {
     (void)state;
@@ -425,6 +441,7 @@ int main(void)
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_rotation),
         cmocka_unit_test(test_digest),
+        cmocka_unit_test(test_instance_context_case),
         cmocka_unit_test(test_loader_refuses_bad_keys),
         cmocka_unit_test(test_parse),
         cmocka_unit_test(test_signing_key_known_answer),
