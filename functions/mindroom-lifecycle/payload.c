@@ -9,8 +9,9 @@
  *     sealed, and stored before the provisioner is ever called, so a retry sends
  *     the same keys (public.instance_homeserver_keys keeps the first set when two
  *     workers race);
- *   * a legacy plaintext environment_vars is sealed into instance_secrets once and
- *     emptied (public.instance_take_plain_env);
+ *   * a legacy plaintext environment_vars is sealed into instance_secrets, and
+ *     emptied once every value is stored (public.instance_plain_env, then
+ *     public.instance_plain_env_sealed: a failure part-way loses nothing);
  *   * the instance's control-plane token (lib/mr_itoken.c) is generated when it has
  *     no live one (its first deploy, a start after a stop, a rotation), stored as a
  *     hash and sealed (public.instance_token_issue keeps the first token when two
@@ -30,8 +31,10 @@
 #include "mr_secrets.h"
 #include "worker.h"
 
-static const mr_db_stmt take_env_stmt = {
-    "mr_pl_take_env", "SELECT public.instance_take_plain_env($1::uuid)::text", 1};
+static const mr_db_stmt read_env_stmt = {
+    "mr_pl_read_env", "SELECT public.instance_plain_env($1::uuid)::text", 1};
+static const mr_db_stmt sealed_env_stmt = {
+    "mr_pl_sealed_env", "SELECT public.instance_plain_env_sealed($1::uuid, $2::jsonb)::text", 2};
 static const mr_db_stmt put_stmt = {
     "mr_pl_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, false)::text", 5};
 static const mr_db_stmt issue_stmt = {
@@ -82,19 +85,16 @@ static mr_err open_secret(const char *instance_id, const char *kind, const char 
 }
 
 /* Seals a legacy plaintext environment into instance_secrets; adds its values to
- * env. */
+ * env. The column is emptied only once every value is stored, and only while it
+ * holds what was sealed. */
 static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, size_t errlen)
 {
     const char *p1[] = {iid};
     char *text = NULL;
-    mr_err e = mr_db_call(w->db, &mr_service_identity, &take_env_stmt, p1, NULL, &text, err, errlen);
+    mr_err e = mr_db_call(w->db, &mr_service_identity, &read_env_stmt, p1, NULL, &text, err, errlen);
     if (e != MR_OK)
         return e;
     cJSON *vars = text ? mr_json_parse(text, strlen(text)) : NULL;
-    if (text) {
-        OPENSSL_cleanse(text, strlen(text));
-        free(text);
-    }
     for (const cJSON *kv = vars ? vars->child : NULL; kv && e == MR_OK; kv = kv->next) {
         char *val = cJSON_IsString(kv) ? strdup(kv->valuestring) : cJSON_PrintUnformatted(kv);
         char *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1], *out = NULL;
@@ -116,6 +116,19 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
         }
     }
     cJSON_Delete(vars);
+    if (e == MR_OK && text) {
+        const char *p2[] = {iid, text};
+        char *done = NULL;
+        e = mr_db_call(w->db, &mr_service_identity, &sealed_env_stmt, p2, NULL, &done, err, errlen);
+        if (e == MR_OK && (!done || strcmp(done, "true") != 0))
+            e = mr_seterr(err, errlen, MR_ETRANSIENT,
+                          "environment_vars changed while it was sealed; the next step seals it");
+        free(done);
+    }
+    if (text) {
+        OPENSSL_cleanse(text, strlen(text));
+        free(text);
+    }
     if (e == MR_OK)
         mr_log(MR_LOG_INFO, "instance %s: plaintext environment sealed into instance_secrets", iid);
     return e;

@@ -545,3 +545,28 @@ def test_the_commit_wakes_the_worker_and_a_pooler_without_listen_polls(pg, prov)
         sid = new_subscription(s, "starter")
         assert provision(s, sid).status == 202
         wait_status(s, sid, "running", timeout=4)
+
+
+def test_a_legacy_environment_is_not_lost_when_sealing_it_fails(stack, prov):
+    """The legacy plaintext environment_vars is emptied only once every value is
+    sealed and stored: a value whose name instance_secrets refuses fails the step
+    with the column as it was, nothing lost."""
+    sid = new_subscription(stack, "starter")
+    provision(stack, sid, wait=True)
+    stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb WHERE subscription_id = %s",
+              '{"A_KEY": "sk-a", "b-key": "sk-b", "C_KEY": "sk-c"}', sid)
+    provision(stack, sid, wait=True)
+    iid = instance(stack, sid)["id"]
+    left = stack.sql("SELECT environment_vars FROM public.instances WHERE id = %s", iid)[0][0]
+    sealed = [n for (n,) in stack.sql("SELECT name FROM public.instance_secrets WHERE "
+                                      "instance_id = %s AND kind = 'env'", iid)]
+    # Every legacy value is still in the column (and whatever was sealed is sealed).
+    assert left == {"A_KEY": "sk-a", "b-key": "sk-b", "C_KEY": "sk-c"}, (left, sealed)
+    # Once the operator renames the bad one, the next step seals all and empties it.
+    stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb WHERE id = %s",
+              '{"A_KEY": "sk-a", "B_KEY": "sk-b", "C_KEY": "sk-c"}', iid)
+    provision(stack, sid, wait=True)
+    left = stack.sql("SELECT environment_vars FROM public.instances WHERE id = %s", iid)[0][0]
+    sealed = {n for (n,) in stack.sql("SELECT name FROM public.instance_secrets WHERE "
+                                      "instance_id = %s AND kind = 'env'", iid)}
+    assert left == {} and {"A_KEY", "B_KEY", "C_KEY"} <= sealed, (left, sealed)

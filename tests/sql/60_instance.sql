@@ -3,7 +3,7 @@
 -- homeserver's keys generated once, the environment contract, the homeserver's
 -- share of a plan, retention and purge, and teardown of deleted instances.
 BEGIN;
-SELECT plan(38);
+SELECT plan(41);
 
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
   ('60000000-0000-4000-8000-000000000001', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'),
@@ -80,8 +80,12 @@ SELECT is(public.instance_homeserver_keys(pg_temp.iid(),
 RESET role;
 UPDATE public.instances SET environment_vars = '{"LEGACY": "v"}' WHERE id = pg_temp.iid();
 SET LOCAL role service_role;
-SELECT is(public.instance_take_plain_env(pg_temp.iid()), '{"LEGACY": "v"}'::jsonb, 'taken once');
-SELECT is(public.instance_take_plain_env(pg_temp.iid()), '{}'::jsonb, 'and gone');
+SELECT is(public.instance_plain_env(pg_temp.iid()), '{"LEGACY": "v"}'::jsonb, 'read');
+SELECT is(public.instance_plain_env_sealed(pg_temp.iid(), '{"LEGACY": "other"}'), false,
+          'not emptied while it holds other than what was sealed');
+SELECT is(public.instance_plain_env(pg_temp.iid()), '{"LEGACY": "v"}'::jsonb, 'still there');
+SELECT is(public.instance_plain_env_sealed(pg_temp.iid(), '{"LEGACY": "v"}'), true, 'emptied once sealed');
+SELECT is(public.instance_plain_env(pg_temp.iid()), '{}'::jsonb, 'and gone');
 
 -- 5. The step a worker gets: ciphertext, never plaintext; the environment contract ------
 -- (lifecycle_step_json is lifecycle_claim's and lifecycle_finish's: run it as its owner.)
