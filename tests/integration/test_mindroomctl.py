@@ -128,6 +128,16 @@ def test_help_lists_every_command_and_each_has_its_own():
     fails(ctl("frobnicate"), 2, "unknown command: frobnicate")
 
 
+def test_deprovision_and_purge_take_one_target_only():
+    """Two targets (or one named twice) are refused before anything is sent: the
+    last must not silently win, a purge cannot be undone."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    for cmd in (("purge", "--instance", a, "--subscription", b),
+                ("purge", "--instance", a, "--instance", b),
+                ("deprovision", "--mode", "destroy", "--subscription", a, "--instance", b)):
+        fails(ctl(*cmd), 2, "give one --instance ID or --subscription ID")
+
+
 def test_version_is_the_builds():
     want = subprocess.run([str(mr.ROOT / "scripts/version.sh")], stdout=subprocess.PIPE,
                           text=True, check=True).stdout.strip()
