@@ -7,8 +7,10 @@
 -- the catalogue (switched to in Stripe's portal, or a plan row removed) was
 -- recorded failed, and the instance of a customer who had cancelled kept running.
 -- An event whose status does not keep the instance running now keeps the plan
--- recorded on the subscription and is applied; a new subscription, or one that
--- runs, with an unknown price still fails as before (nothing to size it by).
+-- recorded on the subscription (a subscription first seen ending is recorded on the
+-- lowest tier, with no instance) and is applied, so that an older event delivered
+-- after it is stale; a subscription that runs with an unknown price still fails as
+-- before (nothing to size it by).
 --
 -- Redefines public.stripe_apply_subscription (117_apply_subscription_columns.sql):
 -- unchanged but for those lines.
@@ -79,11 +81,17 @@ BEGIN
     v_price := coalesce(v_obj #>> '{items,data,0,price,id}', v_obj #>> '{plan,id}');
     SELECT p.tier INTO v_tier FROM public.plans p WHERE p.stripe_price_id = v_price;
     IF NOT FOUND THEN
-        -- A subscription that stops or ends needs no plan: it keeps the one recorded,
-        -- so that a cancellation is never lost to a price the catalogue lacks.
-        IF v_sub_id IS NOT NULL AND public.instance_desired_for(v_status) IS DISTINCT FROM 'running' THEN
-            SELECT s.stripe_price_id, s.tier INTO v_price, v_tier
-              FROM public.subscriptions s WHERE s.id = v_sub_id;
+        -- A subscription that stops or ends needs no plan: it keeps the one recorded
+        -- (first seen ending: the lowest tier; nothing runs for it), so that a
+        -- cancellation is never lost to a price the catalogue lacks, nor undone by an
+        -- older event that arrives after it.
+        IF public.instance_desired_for(v_status) IS DISTINCT FROM 'running' THEN
+            IF v_sub_id IS NOT NULL THEN
+                SELECT s.stripe_price_id, s.tier INTO v_price, v_tier
+                  FROM public.subscriptions s WHERE s.id = v_sub_id;
+            ELSE
+                v_tier := 'free';
+            END IF;
         ELSE
             RAISE EXCEPTION USING ERRCODE = 'MRW02', MESSAGE = 'unknown price: no plan has this price id';
         END IF;
