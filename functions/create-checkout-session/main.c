@@ -23,7 +23,7 @@
  *   5. Only the newest session can be paid: the account's older sessions that
  *      may still be open are expired at Stripe and recorded abandoned
  *      (sql/migrations/122_checkout_supersedes.sql). One that can no longer be
- *      expired was paid: the new one is expired too and the answer is 409
+ *      expired (400) was paid: the new one is expired too and the answer is 409
  *      checkout_completed (the subscription is on its way). One Stripe cannot
  *      be reached about now stays open until it expires (logged).
  *
@@ -105,20 +105,27 @@ static int read_choice(mr_req *r, choice *c)
     return 1;
 }
 
-/* Expires checkout session `session` at Stripe. MR_OK: expired; MR_EINTERNAL:
- * Stripe refused (it is no longer open: paid, or expired already); MR_ETRANSIENT:
- * no answer. The key makes a repeat the same request. */
-static mr_err expire_session(mr_req *r, const char *session, int64_t deadline)
+/* What expiring a checkout session at Stripe came to. */
+typedef enum { EXPIRED, NOT_OPEN, NOT_EXPIRED } expiry;
+
+/* Expires checkout session `session` at Stripe: EXPIRED (or Stripe has no such
+ * session: another key's, nothing to pay), NOT_OPEN (a 400: it is no longer open,
+ * so it was paid; our own expired ones are never asked about again), NOT_EXPIRED
+ * (no answer, or another refusal: logged, it stays open until it expires). The key
+ * makes a repeat the same request. */
+static expiry expire_session(mr_req *r, const char *session, int64_t deadline)
 {
     char path[320], key[320], err[256] = "";
     snprintf(path, sizeof path, "/v1/checkout/sessions/%s/expire", session);
     snprintf(key, sizeof key, "mindroom-expire-%s", session);
     mr_stripe_api_result res;
     mr_err e = mr_stripe_api_post(r->http, &stripe, path, "", key, deadline, &res, err, sizeof err);
+    long status = res.status;
     mr_stripe_api_result_free(&res);
-    if (e != MR_OK)
-        mr_log(MR_LOG_WARN, "could not expire checkout session %.64s: %s", session, err);
-    return e;
+    if (e == MR_OK || (e == MR_EINTERNAL && status == 404))
+        return EXPIRED;
+    mr_log(MR_LOG_WARN, "could not expire checkout session %.64s: %s", session, err);
+    return e == MR_EINTERNAL && status == 400 ? NOT_OPEN : NOT_EXPIRED;
 }
 
 /* Step 5. Returns 1 when the new session stands, 0 when an older one was paid
@@ -142,13 +149,13 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
         if (mr_json_str(it, "attempt_id", &attempt) != MR_OK ||
             mr_json_str(it, "session_id", &older) != MR_OK)
             continue;
-        mr_err e = expire_session(r, older, deadline);
-        if (e == MR_EINTERNAL)
+        expiry x = expire_session(r, older, deadline);
+        if (x == NOT_OPEN)
             paid = 1;
-        if (e == MR_OK || e == MR_EINTERNAL) {
-            const char *q[2] = {attempt, e == MR_OK ? "expired: a newer checkout of the account "
-                                                      "replaced it"
-                                                    : "no longer open at Stripe (paid)"};
+        if (x != NOT_EXPIRED) {
+            const char *q[2] = {attempt, x == EXPIRED ? "expired: a newer checkout of the account "
+                                                        "replaced it"
+                                                      : "no longer open at Stripe (paid)"};
             cJSON *v = NULL;
             if (mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q,
                                &v) != MR_OK) {
@@ -163,7 +170,7 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
         return 1;
     /* An older session was paid: this account's subscription is on its way, and the
      * new session must not make a second one. */
-    if (expire_session(r, session, deadline) == MR_OK && mine[0]) {
+    if (expire_session(r, session, deadline) == EXPIRED && mine[0]) {
         const char *q[2] = {mine, "expired: another checkout of the account was paid"};
         cJSON *v = NULL;
         if (mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q, &v) !=

@@ -679,3 +679,18 @@ def test_a_checkout_after_an_older_session_was_paid_is_refused(stack, stripe, pr
         assert deliver(stack, ev).status == 200
     assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE account_id = %s", acc) == [(1,)]
 
+
+def test_an_older_session_stripe_does_not_know_is_not_taken_for_a_paid_one(stack, stripe):
+    """An older session Stripe answers 404 for (made under another key, test or
+    live) cannot be paid: it is recorded abandoned and the new checkout goes ahead,
+    instead of being refused as if the older one had been paid."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    with stripe.lock:
+        del stripe.sessions[a.json["id"]]
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 200 and b.json["id"] != a.json["id"], b
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states == {a.json["id"]: "abandoned", b.json["id"]: "succeeded"}, states
+
