@@ -4,7 +4,8 @@
  * token and everything the step needs. No transaction is open while the step
  * runs; its outcome is recorded by public.lifecycle_finish, which applies only
  * while the lease is still ours and hands back the next step with a lease of its own
- * (so that a retried finish whose first call committed is answered lost).
+ * (a retried finish whose first call committed gets that answer again, and is never
+ * recorded as the next step's outcome).
  * A worker asked to stop lets its step run for the stop grace, then aborts the
  * call and gives the lease back (public.lifecycle_release) so another worker takes
  * the work at once instead of waiting for the lease to run out. */

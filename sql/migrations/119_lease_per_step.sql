@@ -8,9 +8,10 @@
 --    same token and was recorded as the chained step's outcome: a create's success
 --    as the destroy's (the instance recorded deprovisioned, its apps never deleted,
 --    its storage owed for destruction at once) or as the welcome email sent. The
---    chained step now gets a token of its own, for the same owner; the retry is
---    answered lost, and the chained step, which its worker never heard of, is
---    claimed again when its lease runs out.
+--    chained step now gets a token of its own, for the same owner, and records the
+--    token of the step it was chained from (claim_chained_from); a retry with that
+--    token is given the first call's answer again (the chained step, under its
+--    own token), and any other stale token is answered lost.
 -- 2. A purge asked while a destroy that keeps the data is running (the step was built
 --    before the purge) waited the whole retention period: the destroy's success set
 --    storage_destroy_after to now + retention whatever purge_requested said. It is
@@ -23,8 +24,39 @@
 --    the hold when the owed action changes, as an explicit request does
 --    (next_attempt_at = now()); the same action stays held.
 --
--- Redefines public.lifecycle_finish (116_dry_run_not_probed.sql) and
--- public.instances_work_owed (080_webhook_cost.sql): unchanged but for the lines above.
+-- Redefines public.lifecycle_finish (116_dry_run_not_probed.sql),
+-- public.lifecycle_take (080_webhook_cost.sql: one more argument, the token chained
+-- from, NULL for a claim) and public.instances_work_owed (080): unchanged but for
+-- the lines above.
+
+ALTER TABLE public.instances ADD COLUMN claim_chained_from text;
+
+DROP FUNCTION public.lifecycle_take(uuid, text, text, integer);
+CREATE FUNCTION public.lifecycle_take(p_id uuid, p_token text, p_owner text, p_lease_s integer,
+                                      p_chained_from text DEFAULT NULL)
+RETURNS public.instances
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+    i public.instances;
+BEGIN
+    UPDATE public.instances SET
+        claimed_by = coalesce(p_token, gen_random_uuid()::text || '/' || left(p_owner, 100)),
+        claim_expires_at = now() + make_interval(secs => p_lease_s),
+        claim_action = owed_action,
+        claim_chained_from = p_chained_from,
+        status = CASE
+            WHEN owed_action IN ('create', 'start') THEN 'provisioning'::public.instance_status
+            WHEN owed_action = 'destroy' THEN 'deprovisioning'::public.instance_status
+            ELSE status END
+     WHERE id = p_id
+    RETURNING * INTO i;
+    RETURN i;
+END;
+$$;
+REVOKE ALL ON FUNCTION public.lifecycle_take(uuid, text, text, integer, text)
+    FROM PUBLIC, anon, authenticated;
 
 CREATE OR REPLACE FUNCTION public.lifecycle_finish(p_instance_id uuid, p_token text, p_result jsonb,
                                                    p_lease_s integer, p_backoff_base_s integer,
@@ -45,6 +77,14 @@ DECLARE
     v_email jsonb;
 BEGIN
     SELECT * INTO i FROM public.instances WHERE id = p_instance_id FOR UPDATE;
+    IF FOUND AND i.claimed_by IS NOT NULL AND i.claimed_by IS DISTINCT FROM p_token
+       AND i.claim_chained_from = p_token THEN
+        -- A retry of a call that committed and chained the next step (its answer
+        -- lost with the connection): the same answer again, the chained step.
+        RETURN jsonb_build_object('outcome', 'claimed',
+                                  'instance', public.lifecycle_instance_json(i),
+                                  'step', public.lifecycle_step_json(i));
+    END IF;
     IF NOT FOUND OR i.claimed_by IS DISTINCT FROM p_token THEN
         RETURN jsonb_build_object('outcome', 'lost',
             'instance', CASE WHEN FOUND THEN public.lifecycle_instance_json(i) END);
@@ -172,9 +212,10 @@ BEGIN
                  THEN i.storage_destroy_after <= now()
                  ELSE i.next_attempt_at IS NULL OR i.next_attempt_at <= now() END) THEN
         -- A token of its own (the same owner): a retry of this call, whose answer
-        -- was lost with the connection, finds its token gone and is answered lost
-        -- instead of being recorded as the chained step's outcome.
-        i := public.lifecycle_take(i.id, NULL, substr(p_token, strpos(p_token, '/') + 1), p_lease_s);
+        -- was lost with the connection, is never recorded as the chained step's
+        -- outcome; it is given this answer again (claim_chained_from, above).
+        i := public.lifecycle_take(i.id, NULL, substr(p_token, strpos(p_token, '/') + 1), p_lease_s,
+                                   p_token);
         RETURN jsonb_build_object('outcome', 'claimed',
                                   'instance', public.lifecycle_instance_json(i),
                                   'step', public.lifecycle_step_json(i));

@@ -1,8 +1,8 @@
 -- 119_lease_per_step.sql: a retried finish is never recorded as the chained step's
--- outcome; a purge asked during a destroy is due when it is done; a rejected step
+-- outcome (it gets the first call's answer again); a purge asked during a destroy is due when it is done; a rejected step
 -- holds only itself (119_lease_per_step.sql).
 BEGIN;
-SELECT plan(11);
+SELECT plan(12);
 
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
   ('99100000-0000-4000-8000-000000000001', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'),
@@ -35,8 +35,9 @@ INSERT INTO r VALUES ('x2', to_jsonb(public.lifecycle_deprovision((SELECT id FRO
 INSERT INTO r VALUES ('a1', pg_temp.finish('a', '{"ok": true, "config_version": 1}'));
 -- The answer to a1 is lost with the connection; the worker retries the same call.
 INSERT INTO r VALUES ('a2', pg_temp.finish('a', '{"ok": true, "config_version": 1}'));
-SELECT is((SELECT v ->> 'outcome' FROM r WHERE k = 'a2'), 'lost',
-          'A: a retried finish of the create must not be applied to the chained destroy');
+SELECT is((SELECT concat_ws(' ', v ->> 'outcome', v #>> '{step,action}', v #>> '{step,token}') FROM r WHERE k = 'a2'),
+          (SELECT concat_ws(' ', 'claimed', 'destroy', v #>> '{step,token}') FROM r WHERE k = 'a1'),
+          'A: a retried finish of the create is given the first answer again (the chained destroy), not applied to it');
 SELECT isnt((SELECT status::text FROM pg_temp.inst('99100000-0000-4000-8000-000000000001')), 'deprovisioned',
             'A: the instance is not recorded destroyed without a DELETE /apps');
 
@@ -50,7 +51,12 @@ SELECT ok((SELECT welcome_email_sent_at IS NULL FROM pg_temp.inst('99200000-0000
           'A'': the create''s result retried is not recorded as the welcome email sent');
 SELECT isnt((SELECT v #>> '{step,token}' FROM r WHERE k = 'e1'), (SELECT v #>> '{step,token}' FROM r WHERE k = 'e'),
             'A'': the chained step has a lease token of its own');
-SELECT is((SELECT v ->> 'outcome' FROM r WHERE k = 'e2'), 'lost', 'A'': the retry is answered lost');
+SELECT is((SELECT v #>> '{step,token}' FROM r WHERE k = 'e2'), (SELECT v #>> '{step,token}' FROM r WHERE k = 'e1'),
+          'A'': the retry is given the chained step again, under its own token');
+-- Any other stale token is lost.
+SELECT is(public.lifecycle_finish((SELECT (v #>> '{step,instance_id}')::uuid FROM r WHERE k = 'e'),
+                                  'not-a-token/w1', '{"ok": true}', 60, 30, 3600) ->> 'outcome',
+          'lost', 'A'': a token that never held the lease is answered lost');
 -- The chained email, done under its own token, is recorded.
 INSERT INTO r VALUES ('e3', pg_temp.finish('e1', '{"ok": true}'));
 SELECT ok((SELECT v ->> 'outcome' = 'done' AND welcome_email_sent_at IS NOT NULL
