@@ -182,6 +182,10 @@ def test_a_connection_stopped_mid_request_does_not_make_its_worker_spin(tmp_path
     try:
         sock = tmp_path / "noop.sock"
         wait_socket(sock, p)
+        # The socket listens before the supervisor forks its worker.
+        deadline = time.monotonic() + 10
+        while not mr.children(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         worker, = mr.children(p.pid)
         c = socket.socket(socket.AF_UNIX)
         c.settimeout(10)
