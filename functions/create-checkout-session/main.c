@@ -128,6 +128,17 @@ static expiry expire_session(mr_req *r, const char *session, int64_t deadline)
     return e == MR_EINTERNAL && status == 400 ? NOT_OPEN : NOT_EXPIRED;
 }
 
+/* Records a checkout attempt abandoned (its session expired or no longer open).
+ * MR_OK, or the database's failure, answered. */
+static mr_err abandon(mr_req *r, const char *attempt, const char *why)
+{
+    const char *q[2] = {attempt, why};
+    cJSON *v = NULL;
+    mr_err e = mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q, &v);
+    cJSON_Delete(v);
+    return e;
+}
+
 /* Step 5. Returns 1 when the new session stands, 0 when an older one was paid
  * (answered 409 here) or the database failed (answered). */
 static int supersede_older(mr_req *r, const char *account, const char *session, int64_t deadline)
@@ -152,17 +163,11 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
         expiry x = expire_session(r, older, deadline);
         if (x == NOT_OPEN)
             paid = 1;
-        if (x != NOT_EXPIRED) {
-            const char *q[2] = {attempt, x == EXPIRED ? "expired: a newer checkout of the account "
-                                                        "replaced it"
-                                                      : "no longer open at Stripe (paid)"};
-            cJSON *v = NULL;
-            if (mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q,
-                               &v) != MR_OK) {
-                cJSON_Delete(j);
-                return 0;
-            }
-            cJSON_Delete(v);
+        if (x != NOT_EXPIRED &&
+            abandon(r, attempt, x == EXPIRED ? "expired: a newer checkout of the account replaced it"
+                                             : "no longer open at Stripe (paid)") != MR_OK) {
+            cJSON_Delete(j);
+            return 0;
         }
     }
     cJSON_Delete(j);
@@ -170,14 +175,9 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
         return 1;
     /* An older session was paid: this account's subscription is on its way, and the
      * new session must not make a second one. */
-    if (expire_session(r, session, deadline) == EXPIRED && mine[0]) {
-        const char *q[2] = {mine, "expired: another checkout of the account was paid"};
-        cJSON *v = NULL;
-        if (mr_billing_sql(r, "SELECT public.billing_checkout_abandoned($1, $2)::text", 2, q, &v) !=
-            MR_OK)
-            return 0;
-        cJSON_Delete(v);
-    }
+    if (expire_session(r, session, deadline) == EXPIRED && mine[0] &&
+        abandon(r, mine, "expired: another checkout of the account was paid") != MR_OK)
+        return 0;
     mr_reply_error(r, 409, "checkout_completed",
                    "another checkout of this account was paid; its subscription is being set "
                    "up (manage it in the billing portal)");
