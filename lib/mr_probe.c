@@ -237,7 +237,9 @@ static void slot_finish(slot *s, CURLcode rc)
     p->latency_ms = (long)(us / 1000);
     p->http_status = status;
 
-    if (s->addr_refused) {
+    /* Refused only when no allowed address was tried: curl moves on from a refused
+     * candidate (a name with several addresses), and then the answer is the verdict. */
+    if (s->addr_refused && !p->contacted) {
         p->http_status = 0;
         set_result(p, MR_PROBE_UNHEALTHY, "resolved address is not allowed for health probes",
                    "refused: address not allowed");
