@@ -25,7 +25,9 @@ void mr_health_config_load(mr_health_config *cfg)
     cfg->probe.timeout_ms = (long)mr_config_int("HEALTH_TIMEOUT_MS", MR_DL_HEALTH_PROBE_MS, 100,
                                                 MR_DL_NGINX_HEALTH_S * 1000 / 2);
     cfg->probe.max_body = (size_t)mr_config_int("HEALTH_MAX_BODY", 65536, 1, 16 << 20);
-    cfg->path = mr_config_str("HEALTH_PATH", "/api/health");
+    /* backend_url is MindRoom's API base (the provisioner's default answers
+     * <domain>/api), so "/health" reaches MindRoom's /api/health. */
+    cfg->path = mr_config_str("HEALTH_PATH", "/health");
     cfg->matrix_path = mr_config_str("HEALTH_MATRIX_PATH", "/health");
     cfg->threshold = (int)mr_config_int("HEALTH_FAILURE_THRESHOLD", 3, 1, 1000);
     cfg->interval_s = (int)mr_config_int("HEALTH_INTERVAL_S", 60, 1, 86400);

@@ -57,7 +57,7 @@ def stacks(pg, health):
         HEALTH_TIMEOUT_MS="500", HEALTH_ALLOW_LOOPBACK="1",
         # Every instance's two components are the health stand-in, keyed by the
         # subdomain (MindRoom) and the homeserver's host (its homeserver).
-        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
+        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}/api" % health.port,
         PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port)
     with mr.Stack(pg, env=env) as a:
         # The second host shares the database, the Dokku host and the secrets a

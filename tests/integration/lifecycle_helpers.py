@@ -48,7 +48,7 @@ def deploy_env(dokku, health, **extra):
                HEALTH_ALLOW_LOOPBACK="1", HEALTH_TIMEOUT_MS="1000")
     env.update({k: str(v) for k, v in extra.items()})
     env.update(dokku.env(
-        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}" % health.port,
+        PROVISIONER_BACKEND_URL="http://127.0.0.1:%d/i/{subdomain}/api" % health.port,
         PROVISIONER_MATRIX_URL="http://127.0.0.1:%d/i/{matrix_host}" % health.port))
     return env
 

@@ -118,7 +118,8 @@ def test_outcomes_recorded(stack, health_standin):
     acct = make_account(stack)
     ok = make_instance(stack, acct, health_standin.url("ok1", "ok"))
     bad = make_instance(stack, acct, health_standin.url("bad1", "500"))
-    hang = make_instance(stack, acct, health_standin.url("hang1", "hang") + "/")
+    # As the provisioner answers it by default: MindRoom's API base.
+    hang = make_instance(stack, acct, health_standin.url("hang1", "hang") + "/api/")
     refused = make_instance(stack, acct, health_standin.refused_url("ref1"))
     redirect = make_instance(stack, acct, health_standin.url("redir1", "redirect"))
     big = make_instance(stack, acct, health_standin.url("big1", "big"))
@@ -160,8 +161,8 @@ def test_outcomes_recorded(stack, health_standin):
         assert rw["status"] == "running"
         assert rw["last_health_check"] is not None
     assert row(stack, stopped)["last_health_check"] is None
-    # The health path was appended once (a trailing slash on backend_url is fine),
-    # and the redirect was not followed.
+    # The health path was appended once to the API base (a trailing slash on
+    # backend_url is fine): MindRoom's /api/health; the redirect was not followed.
     assert [q["path"] for q in health_standin.requests("hang1")] == ["/i/hang1/api/health"]
     assert health_standin.hits("stopped1") == 0
     assert health_standin.hits(None) == 5  # ok, 500, hang, redirect, big: refused never connects

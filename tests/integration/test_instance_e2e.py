@@ -151,7 +151,7 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
         (hs_dir / "registration_shared_secret").read_text().strip()
     # Three URLs; the homeserver's name recorded once.
     assert inst["frontend_url"] == "http://%s.%s" % (sub, DOMAIN)
-    assert inst["backend_url"].endswith("/i/" + sub)
+    assert inst["backend_url"].endswith("/i/%s/api" % sub)  # the API base, as by default
     assert inst["matrix_server_url"].endswith("/i/%s-matrix.%s" % (sub, DOMAIN))
     assert row(stack, "SELECT matrix_server_name FROM public.instances WHERE id = %s",
                inst["id"])[0] == "%s-matrix.%s" % (sub, DOMAIN)
@@ -164,6 +164,8 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
     assert h["components"]["mindroom"]["status"] == "healthy"
     assert h["components"]["homeserver"]["status"] == "healthy"
     assert health.hits(sub) >= 1 and health.hits("%s-matrix.%s" % (sub, DOMAIN)) >= 1
+    # MindRoom's health endpoint is /api/health at its domain's root.
+    assert {q["path"] for q in health.requests(sub)} == {"/i/%s/api/health" % sub}
 
     # Customer data in both components.
     dokku.container_write(n["app"], MINDROOM_FILE, "agents' memory")
