@@ -23,7 +23,7 @@
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "shared counters need lock-free 64-bit atomics");
 
 #define SEG_MAGIC 0x314d524du /* "MRM1" */
-#define SEG_LAYOUT 3
+#define SEG_LAYOUT 4
 #define DB_CLASSES (36 * 36)  /* a SQLSTATE class is two characters of [0-9A-Z] */
 
 typedef _Atomic uint64_t counter;
@@ -51,7 +51,7 @@ static const char *const stripe_types[] = {
     "checkout.session.completed", "customer.subscription.created",
     "customer.subscription.updated", "customer.subscription.deleted",
     "customer.subscription.paused", "customer.subscription.resumed",
-    "invoice.paid", "invoice.payment_failed", "other", "unknown"};
+    "invoice.paid", "invoice.payment_failed", "customer.deleted", "other", "unknown"};
 #define STRIPE_TYPES (sizeof stripe_types / sizeof stripe_types[0])
 static const char *const stripe_outcomes[] = {"processed", "duplicate", "ignored", "stale",
                                               "failed", "deferred", "refused", "invalid",

@@ -694,3 +694,39 @@ def test_an_older_session_stripe_does_not_know_is_not_taken_for_a_paid_one(stack
     states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
     assert states == {a.json["id"]: "abandoned", b.json["id"]: "succeeded"}, states
 
+
+
+def test_a_customer_deleted_in_stripe_does_not_lock_the_account_out_of_checkout(stack, stripe, prov):
+    """An operator deletes the account's customer in Stripe (which cancels its
+    subscription): customer.deleted unlinks it, a late event of that customer does
+    not link it again, and the next checkout creates a new customer instead of
+    naming the deleted one to Stripe (a 502 on every try)."""
+    acc, _, tok = user(stack)
+    r = checkout(stack, tok, tier="enterprise")
+    assert r.status == 200, r
+    evs = stripe.complete(r.json["id"])
+    for ev in evs:
+        assert deliver(stack, ev).status == 200
+    cus = customer_of(stack, acc)
+    t = int(time.time()) + 5
+    sub = json.loads(json.dumps(evs[1]["data"]["object"]))
+    sub.update(status="canceled", canceled_at=t)
+    with stripe.lock:
+        del stripe.customers[cus]
+    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, t)).status == 200
+    w = deliver(stack, stripe_event("customer.deleted", {"id": cus, "object": "customer", "deleted": True}, t))
+    assert w.status == 200 and w.json == {"received": True}, w
+    assert customer_of(stack, acc) is None
+    audit = stack.sql("SELECT details->>'customer' FROM public.audit_logs "
+                      "WHERE account_id = %s AND action = 'stripe.customer.deleted'", acc)
+    assert audit == [(cus,)], audit
+    # An invoice of the deleted customer, delivered late, still finds its account but
+    # does not link the customer again.
+    inv = {"id": "in_" + uuid.uuid4().hex[:14], "object": "invoice", "customer": cus,
+           "status": "void", "amount_due": 0, "amount_paid": 0, "currency": "usd"}
+    assert deliver(stack, stripe_event("invoice.payment_failed", inv, t - 1)).status == 200
+    assert customer_of(stack, acc) is None
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, (r, customer_of(stack, acc))
+    assert customer_of(stack, acc) not in (None, cus)
+    assert stripe.sessions[r.json["id"]]["customer"] == customer_of(stack, acc)
