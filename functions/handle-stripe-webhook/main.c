@@ -15,7 +15,9 @@
  *      public.process_stripe_event(id, payload, true) in one pipeline, one
  *      implicit transaction committed at its Sync. Dedupe, ordering, the
  *      subscription, what the instance should become and the event's status all
- *      happen in SQL (sql/migrations/010_stripe_webhook.sql, 041, 051, 080).
+ *      happen in SQL (public.process_stripe_event and the stripe_* functions it
+ *      calls, first written in sql/migrations/010_stripe_webhook.sql; later
+ *      migrations redefine them, docs/webhook.md describes them).
  *      When the commit made work due, the answer says "wake": the lifecycle
  *      worker is woken in a transaction of its own once the answer is sent
  *      (a notifying commit would hold PostgreSQL's notify lock through its WAL
