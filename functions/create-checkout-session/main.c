@@ -24,8 +24,11 @@
  *      may still be open are expired at Stripe and recorded abandoned
  *      (sql/migrations/122_checkout_supersedes.sql). One that can no longer be
  *      expired (400) was paid: the new one is expired too and the answer is 409
- *      checkout_completed (the subscription is on its way). One Stripe cannot
- *      be reached about now stays open until it expires (logged).
+ *      checkout_completed (the subscription is on its way). When a newer checkout
+ *      of the account already has its session (two tabs, this one slower at
+ *      Stripe), the new one is expired and the answer is 409 checkout_superseded
+ *      (127_checkout_one_payable.sql). One Stripe cannot be reached about now
+ *      stays open until it expires (logged).
  *
  * Without STRIPE_SECRET_KEY every call is answered 503 stripe_not_configured. */
 #include <stdio.h>
@@ -139,20 +142,40 @@ static mr_err abandon(mr_req *r, const char *attempt, const char *why)
     return e;
 }
 
-/* Step 5. Returns 1 when the new session stands, 0 when an older one was paid
- * (answered 409 here) or the database failed (answered). */
-static int supersede_older(mr_req *r, const char *account, const char *session, int64_t deadline)
+/* Takes back this request's own session, which must not be paid: expires it at
+ * Stripe and records its attempt `mine` abandoned. A session this request created
+ * that Stripe will no longer expire was expired by another checkout of the account
+ * (no browser has its URL yet); one answered again from an earlier call (reused)
+ * may have been paid and stays recorded as it is, like one Stripe could not be
+ * reached about, which the account's next checkout expires as an older one.
+ * MR_OK, or the database's failure, answered. */
+static mr_err withdraw(mr_req *r, const char *mine, const char *session, int reused,
+                       int64_t deadline, const char *why)
+{
+    expiry x = expire_session(r, session, deadline);
+    if (!mine[0] || x == NOT_EXPIRED || (x == NOT_OPEN && reused))
+        return MR_OK;
+    return abandon(r, mine, why);
+}
+
+/* Step 5, for the session this request has (reused: answered from an earlier
+ * call). Returns 1 when it stands, 0 when an older one was paid or a newer
+ * checkout of the account was started (answered 409 here) or the database failed
+ * (answered). */
+static int supersede_older(mr_req *r, const char *account, const char *session, int reused,
+                           int64_t deadline)
 {
     const char *p[2] = {account, session};
     cJSON *j;
     if (mr_billing_sql(r, "SELECT public.billing_checkout_older_open($1, $2)::text", 2, p, &j) !=
         MR_OK)
         return 0;
-    int paid = 0;
+    int paid = 0, newer = 0;
     char mine[40] = "";
     const char *m = NULL;
     if (mr_json_str(j, "attempt_id", &m) == MR_OK)
         snprintf(mine, sizeof mine, "%s", m);
+    mr_json_bool(j, "newer", &newer);
     const cJSON *it;
     cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(j, "older"))
     {
@@ -171,17 +194,28 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
         }
     }
     cJSON_Delete(j);
-    if (!paid)
-        return 1;
-    /* An older session was paid: this account's subscription is on its way, and the
-     * new session must not make a second one. */
-    if (expire_session(r, session, deadline) == EXPIRED && mine[0] &&
-        abandon(r, mine, "expired: another checkout of the account was paid") != MR_OK)
+    if (paid) {
+        /* An older session was paid: this account's subscription is on its way, and
+         * the new session must not make a second one. */
+        if (withdraw(r, mine, session, reused, deadline,
+                     "expired: another checkout of the account was paid") != MR_OK)
+            return 0;
+        mr_reply_error(r, 409, "checkout_completed",
+                       "another checkout of this account was paid; its subscription is being "
+                       "set up (manage it in the billing portal)");
         return 0;
-    mr_reply_error(r, 409, "checkout_completed",
-                   "another checkout of this account was paid; its subscription is being set "
-                   "up (manage it in the billing portal)");
-    return 0;
+    }
+    if (newer) {
+        /* Another tab's checkout started after this one and already has its session
+         * (its step 5 ran before this session existed): the newest wins. */
+        if (withdraw(r, mine, session, reused, deadline,
+                     "expired: a newer checkout of the account was started") != MR_OK)
+            return 0;
+        mr_reply_error(r, 409, "checkout_superseded",
+                       "a newer checkout of this account was started; use that one");
+        return 0;
+    }
+    return 1;
 }
 
 static void handle(mr_req *r)
@@ -290,7 +324,7 @@ static void handle(mr_req *r)
     }
 
     /* 5. Only the newest session can be paid. */
-    if (!supersede_older(r, account, s.object_id, deadline)) {
+    if (!supersede_older(r, account, s.object_id, s.reused, deadline)) {
         mr_billing_result_free(&s);
         return;
     }

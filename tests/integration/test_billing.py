@@ -695,7 +695,6 @@ def test_an_older_session_stripe_does_not_know_is_not_taken_for_a_paid_one(stack
     assert states == {a.json["id"]: "abandoned", b.json["id"]: "succeeded"}, states
 
 
-
 def test_a_customer_deleted_in_stripe_does_not_lock_the_account_out_of_checkout(stack, stripe, prov):
     """An operator deletes the account's customer in Stripe (which cancels its
     subscription): customer.deleted unlinks it, a late event of that customer does
@@ -730,3 +729,53 @@ def test_a_customer_deleted_in_stripe_does_not_lock_the_account_out_of_checkout(
     assert r.status == 200, (r, customer_of(stack, acc))
     assert customer_of(stack, acc) not in (None, cus)
     assert stripe.sessions[r.json["id"]]["customer"] == customer_of(stack, acc)
+
+
+def test_two_checkouts_at_once_leave_one_session_payable(stack, stripe, prov):
+    """Two checkouts of one account running at the same time (two tabs): the first
+    one's session is created at Stripe after the second's was created and recorded.
+    Only one of the two sessions may stay open, or paying both makes two
+    subscriptions on one account: the newest wins, the other request expires its own
+    session and answers 409 checkout_superseded."""
+    acc, _, tok = user(stack)
+    first = checkout(stack, tok, tier="starter", interval="month")   # the customer exists now
+    assert first.status == 200, first
+    stripe.next("hang")              # one tab's session request is slow at Stripe...
+    with ThreadPoolExecutor(2) as ex:
+        a = ex.submit(checkout, stack, tok, tier="starter", interval="year")
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/checkout/sessions")) == 2)
+        b = checkout(stack, tok, tier="professional", interval="month")   # ... while the other runs to its end
+        assert b.status == 200, b
+        stripe.release()
+        a = a.result()
+    mine = {sid: s["status"] for sid, s in stripe.sessions.items() if s["client_reference_id"] == acc}
+    open_ = [sid for sid, st in mine.items() if st == "open"]
+    assert len(open_) == 1, (mine, attempts(stack, acc))
+    assert open_ == [b.json["id"]], (mine, b)
+    assert a.status == 409 and error(a)["code"] == "checkout_superseded", a
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert sorted(states.values()) == ["abandoned", "abandoned", "succeeded"], states
+    assert states[b.json["id"]] == "succeeded", states
+
+
+def test_the_slower_tabs_plan_clicked_again_gets_a_new_session(stack, stripe, prov):
+    """The slower of two tabs was told checkout_superseded, and its session could not
+    be expired (Stripe 5xx): clicking that plan again gets a new session, the one left
+    payable, instead of the old one refused as superseded again."""
+    acc, _, tok = user(stack)
+    assert checkout(stack, tok, tier="starter", interval="month").status == 200
+    stripe.next("hang")
+    with ThreadPoolExecutor(2) as ex:
+        a = ex.submit(checkout, stack, tok, tier="starter", interval="year")
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/checkout/sessions")) == 2)
+        b = checkout(stack, tok, tier="professional", interval="month")
+        assert b.status == 200, b
+        stripe.next(("status", 500), ("status", 500), ("status", 500))   # A's own expiry
+        stripe.release()
+        a = a.result()
+    assert a.status == 409 and error(a)["code"] == "checkout_superseded", a
+    again = checkout(stack, tok, tier="starter", interval="year")
+    assert again.status == 200, (again, attempts(stack, acc))
+    mine = {sid: s["status"] for sid, s in stripe.sessions.items() if s["client_reference_id"] == acc}
+    assert [sid for sid, st in mine.items() if st == "open"] == [again.json["id"]], mine
+
