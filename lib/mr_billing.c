@@ -82,6 +82,7 @@ mr_err mr_billing_account_get(mr_req *r, const char *account_id, mr_billing_acco
         return e;
     mr_json_bool(a, "found", &out->found);
     mr_json_bool(a, "had_subscription", &out->had_subscription);
+    mr_json_bool(a, "checkout_paid", &out->checkout_paid);
     copy_str(a, "email", out->email, sizeof out->email);
     copy_str(a, "customer", out->customer, sizeof out->customer);
     copy_str(a, "live_status", out->live_status, sizeof out->live_status);

@@ -60,6 +60,7 @@ typedef struct {
     char customer[256];       /* its Stripe customer, "" when none yet */
     char live_status[24];     /* a subscription a new checkout would duplicate, "" if none */
     int had_subscription;     /* ever subscribed (no second trial) */
+    int checkout_paid;        /* a checkout session was paid, its subscription not recorded yet */
 } mr_billing_account;
 
 /* Reads account_id's billing view. Returns MR_OK (found may be 0), or the

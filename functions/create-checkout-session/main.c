@@ -7,7 +7,9 @@
  *
  *   1. The account (from the JWT's sub, never from the body): 404 without one;
  *      409 when it has a subscription a new one would duplicate (trialing,
- *      active, past_due, unpaid, paused): changes go through the portal.
+ *      active, past_due, unpaid, paused): changes go through the portal; 409
+ *      checkout_completed while a checkout of it was paid and its subscription
+ *      is not recorded yet (at most until Stripe stops retrying the webhook).
  *   2. The plan, from public.plans: 400 unknown_plan / inactive_plan.
  *   3. The account's Stripe customer; created by us when it has none, with
  *      metadata.account_id and the account's email, and stored on the account
@@ -23,12 +25,13 @@
  *   5. Only the newest session can be paid: the account's older sessions that
  *      may still be open are expired at Stripe and recorded abandoned
  *      (sql/migrations/122_checkout_supersedes.sql). One that can no longer be
- *      expired (400) was paid: the new one is expired too and the answer is 409
- *      checkout_completed (the subscription is on its way). When a newer checkout
- *      of the account already has its session (two tabs, this one slower at
- *      Stripe), the new one is expired and the answer is 409 checkout_superseded
+ *      expired (400) was paid: it is recorded completed, the new one is expired
+ *      too and the answer is 409 checkout_completed (the subscription is on its
+ *      way; the next calls stop at step 1). When a newer checkout of the account
+ *      already has its session (two tabs, this one slower at Stripe), the new
+ *      one is expired and the answer is 409 checkout_superseded
  *      (127_checkout_one_payable.sql). One Stripe cannot be reached about now
- *      stays open until it expires (logged).
+ *      stays open until it expires (logged), and is never handed out.
  *
  * Without STRIPE_SECRET_KEY every call is answered 503 stripe_not_configured. */
 #include <stdio.h>
@@ -142,26 +145,45 @@ static mr_err abandon(mr_req *r, const char *attempt, const char *why)
     return e;
 }
 
+/* Records a checkout attempt whose session Stripe will no longer expire: it was
+ * paid. Sets *paid when the account now has a paid checkout whose subscription is
+ * not recorded yet (public.billing_checkout_paid_pending). MR_OK, or the
+ * database's failure, answered. */
+static mr_err record_paid(mr_req *r, const char *attempt, int *paid)
+{
+    const char *q[2] = {attempt, "no longer open at Stripe (paid)"};
+    cJSON *v = NULL;
+    mr_err e = mr_billing_sql(r, "SELECT public.billing_checkout_completed($1, $2)::text", 2, q, &v);
+    int p = 0;
+    if (e == MR_OK && mr_json_bool(v, "paid", &p) == MR_OK && p)
+        *paid = 1;
+    cJSON_Delete(v);
+    return e;
+}
+
 /* Takes back this request's own session, which must not be paid: expires it at
  * Stripe and records its attempt `mine` abandoned. A session this request created
  * that Stripe will no longer expire was expired by another checkout of the account
  * (no browser has its URL yet); one answered again from an earlier call (reused)
- * may have been paid and stays recorded as it is, like one Stripe could not be
- * reached about, which the account's next checkout expires as an older one.
- * MR_OK, or the database's failure, answered. */
+ * was paid (recorded so, *paid set as record_paid does). One Stripe could not be
+ * reached about stays recorded as it is: the account's next checkout expires it as
+ * an older one, and none is handed it meanwhile. MR_OK, or the database's failure,
+ * answered. */
 static mr_err withdraw(mr_req *r, const char *mine, const char *session, int reused,
-                       int64_t deadline, const char *why)
+                       int64_t deadline, const char *why, int *paid)
 {
     expiry x = expire_session(r, session, deadline);
-    if (!mine[0] || x == NOT_EXPIRED || (x == NOT_OPEN && reused))
+    if (!mine[0] || x == NOT_EXPIRED)
         return MR_OK;
+    if (x == NOT_OPEN && reused)
+        return record_paid(r, mine, paid);
     return abandon(r, mine, why);
 }
 
 /* Step 5, for the session this request has (reused: answered from an earlier
- * call). Returns 1 when it stands, 0 when an older one was paid or a newer
- * checkout of the account was started (answered 409 here) or the database failed
- * (answered). */
+ * call). Returns 1 when it stands, 0 when a checkout of the account was paid and
+ * its subscription is not recorded yet, or a newer checkout of the account was
+ * started (answered 409 here), or the database failed (answered). */
 static int supersede_older(mr_req *r, const char *account, const char *session, int reused,
                            int64_t deadline)
 {
@@ -176,6 +198,7 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
     if (mr_json_str(j, "attempt_id", &m) == MR_OK)
         snprintf(mine, sizeof mine, "%s", m);
     mr_json_bool(j, "newer", &newer);
+    mr_json_bool(j, "paid", &paid);
     const cJSON *it;
     cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(j, "older"))
     {
@@ -184,38 +207,35 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
             mr_json_str(it, "session_id", &older) != MR_OK)
             continue;
         expiry x = expire_session(r, older, deadline);
-        if (x == NOT_OPEN)
-            paid = 1;
-        if (x != NOT_EXPIRED &&
-            abandon(r, attempt, x == EXPIRED ? "expired: a newer checkout of the account replaced it"
-                                             : "no longer open at Stripe (paid)") != MR_OK) {
+        mr_err e = MR_OK;
+        if (x == EXPIRED)
+            e = abandon(r, attempt, "expired: a newer checkout of the account replaced it");
+        else if (x == NOT_OPEN)
+            e = record_paid(r, attempt, &paid);
+        if (e != MR_OK) {
             cJSON_Delete(j);
             return 0;
         }
     }
     cJSON_Delete(j);
-    if (paid) {
-        /* An older session was paid: this account's subscription is on its way, and
-         * the new session must not make a second one. */
-        if (withdraw(r, mine, session, reused, deadline,
-                     "expired: another checkout of the account was paid") != MR_OK)
-            return 0;
+    if (!paid && !newer)
+        return 1;
+    /* A paid session's subscription is on its way, and this one must not make a
+     * second; or another tab's checkout started after this one and already has its
+     * session (its step 5 ran before this session existed): the newest wins. */
+    if (withdraw(r, mine, session, reused, deadline,
+                 paid ? "expired: another checkout of the account was paid"
+                      : "expired: a newer checkout of the account was started",
+                 &paid) != MR_OK)
+        return 0;
+    if (paid)
         mr_reply_error(r, 409, "checkout_completed",
                        "another checkout of this account was paid; its subscription is being "
                        "set up (manage it in the billing portal)");
-        return 0;
-    }
-    if (newer) {
-        /* Another tab's checkout started after this one and already has its session
-         * (its step 5 ran before this session existed): the newest wins. */
-        if (withdraw(r, mine, session, reused, deadline,
-                     "expired: a newer checkout of the account was started") != MR_OK)
-            return 0;
+    else
         mr_reply_error(r, 409, "checkout_superseded",
                        "a newer checkout of this account was started; use that one");
-        return 0;
-    }
-    return 1;
+    return 0;
 }
 
 static void handle(mr_req *r)
@@ -244,6 +264,14 @@ static void handle(mr_req *r)
         mr_reply_error(r, 409, "subscription_exists",
                        "this account already has a subscription (%s): change or cancel it in the "
                        "billing portal (create-portal-session)", acc.live_status);
+        return;
+    }
+    /* Its subscription is on its way: anything sent now could be paid a second time
+     * (a session a failed expiry left open would be answered again). */
+    if (acc.checkout_paid) {
+        mr_reply_error(r, 409, "checkout_completed",
+                       "a checkout of this account was paid; its subscription is being set up "
+                       "(manage it in the billing portal)");
         return;
     }
 

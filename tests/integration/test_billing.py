@@ -779,3 +779,52 @@ def test_the_slower_tabs_plan_clicked_again_gets_a_new_session(stack, stripe, pr
     mine = {sid: s["status"] for sid, s in stripe.sessions.items() if s["client_reference_id"] == acc}
     assert [sid for sid, st in mine.items() if st == "open"] == [again.json["id"]], mine
 
+
+def test_a_paid_older_session_still_refuses_the_next_click_when_an_expiry_failed(stack, stripe, prov):
+    """An older session was paid (its webhook not delivered yet) and the new
+    checkout's own session could not be expired (Stripe 5xx): the next click, even
+    for the same plan, is refused before anything reaches Stripe, instead of being
+    handed that still open session to pay a second time."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    stripe.complete(a.json["id"])      # paid; its webhook events are not delivered yet
+    # The new session and the older one's expiry (400: paid) go through; every try
+    # of expiring the new session fails.
+    stripe.next(None, None, ("status", 500), ("status", 500), ("status", 500))
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 409 and error(b)["code"] == "checkout_completed", b
+    sent = len(stripe.recorded())
+    again = checkout(stack, tok, tier="starter", interval="year")
+    assert again.status == 409 and error(again)["code"] == "checkout_completed", \
+        (again, attempts(stack, acc))
+    assert len(stripe.recorded()) == sent
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states[a.json["id"]] == "completed", states
+
+
+def test_a_paid_session_blocks_checkout_only_until_its_subscription_is_recorded(stack, stripe, prov):
+    """Once the paid session's subscription is recorded the account is refused for
+    having a subscription; once that subscription is cancelled a new checkout is
+    allowed again, and it expires the session left open by the refused one."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    events = stripe.complete(a.json["id"])
+    stripe.next(None, None, ("status", 500), ("status", 500), ("status", 500))
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 409 and error(b)["code"] == "checkout_completed", b
+    [left_open] = [sid for sid, s in stripe.sessions.items()
+                   if s["client_reference_id"] == acc and s["status"] == "open"]
+    for ev in events:
+        assert deliver(stack, ev).status == 200
+    r = checkout(stack, tok, tier="starter", interval="year")
+    assert r.status == 409 and error(r)["code"] == "subscription_exists", r
+    sub = json.loads(json.dumps(events[1]["data"]["object"]))
+    sub["status"] = "canceled"
+    w = deliver(stack, stripe_event("customer.subscription.deleted", sub, int(time.time()) + 5))
+    assert w.status == 200 and "failed" not in w.json, w
+    c = checkout(stack, tok, tier="professional", interval="month")
+    assert c.status == 200, (c, attempts(stack, acc))
+    assert stripe.sessions[c.json["id"]]["status"] == "open"
+    assert stripe.sessions[left_open]["status"] == "expired"

@@ -62,13 +62,13 @@ SELECT is(public.billing_account('50000000-0000-4000-8000-00000000ffff'), '{"fou
           'a user without an account');
 SELECT is(public.billing_account('50000000-0000-4000-8000-000000000001'),
           '{"found": true, "email": "buyer@example.com", "customer": null, "live_status": null,
-            "had_subscription": false}', 'a new account');
+            "had_subscription": false, "checkout_paid": false}', 'a new account');
 SELECT is(public.billing_account('5eed5eed-0000-4000-8000-000000000001') ->> 'live_status', 'active',
           'the seed''s account has a live subscription');
 INSERT INTO public.subscriptions (account_id, tier, stripe_price_id, status)
 VALUES ('50000000-0000-4000-8000-000000000002', 'starter', 'price_starter', 'cancelled');
 SELECT is(public.billing_account('50000000-0000-4000-8000-000000000002') - 'email' - 'found',
-          '{"customer": null, "live_status": null, "had_subscription": true}',
+          '{"customer": null, "live_status": null, "had_subscription": true, "checkout_paid": false}',
           'a cancelled subscription does not block a checkout, and counts as had');
 UPDATE public.subscriptions SET status = 'paused' WHERE account_id = '50000000-0000-4000-8000-000000000002';
 SELECT is(public.billing_account('50000000-0000-4000-8000-000000000002') ->> 'live_status', 'paused',
