@@ -1,6 +1,8 @@
 """scripts/migrate.sh on a real cluster: records files like the Supabase CLI, applies
-nothing twice, applies nothing of a failing file, tolerates concurrent runners, and the
-statements it records rebuild the same schema."""
+nothing twice, applies nothing of a failing file, tolerates concurrent runners, the
+statements it records rebuild the same schema, and what the previous release's
+binaries call still works once the new migrations are applied."""
+import json
 import os
 import re
 import shutil
@@ -9,7 +11,7 @@ import threading
 import psycopg2
 import pytest
 
-from schema_cluster import Cluster, MIGRATIONS, migration_files
+from schema_cluster import Cluster, MIGRATIONS, SEED, migration_files
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +176,44 @@ def test_concurrent_runners_apply_each_file_once(cluster):
     applied = sum(int(re.search(r"migrate: (\d+) applied", r.stdout).group(1)) for r in results)
     assert applied == len(migration_files())
     assert cluster.sql(db, "SELECT count(*) FROM supabase_migrations.schema_migrations") == [(len(migration_files()),)]
+
+
+# What the lifecycle worker built before migration 123 sends for every step of an
+# instance with a legacy plaintext environment (its payload.c, take_env_stmt).
+WORKER_BEFORE_123 = "SELECT public.instance_take_plain_env(%s::uuid)::text"
+
+
+def test_the_worker_built_before_123_keeps_working_on_the_new_schema(cluster, tmp_path):
+    """docs/install.md's upgrade: the new migrations are applied while the previous
+    release's worker still runs; it must keep working until it is restarted."""
+    db = cluster.new_db()
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in migration_files():
+        if f < "123_":
+            shutil.copy(os.path.join(MIGRATIONS, f), old)
+    r = cluster.migrate(db, migrations_dir=str(old))
+    assert r.returncode == 0, r.stderr
+    assert cluster.psql_file(db, SEED).returncode == 0
+    ((iid,),) = cluster.sql(db, "SELECT (public.lifecycle_provision('5eed5eed-0000-4000-8000-000000000101')"
+                                " #>> '{instance,id}')")
+
+    def old_worker_step(env):
+        cluster.sql(db, "UPDATE public.instances SET environment_vars = %s WHERE id = %s",
+                    (json.dumps(env), iid))
+        conn = cluster.connect(db, autocommit=False)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET LOCAL ROLE service_role")
+                cur.execute(WORKER_BEFORE_123, (iid,))
+                (taken,) = cur.fetchone()
+            conn.commit()
+        finally:
+            conn.close()
+        assert json.loads(taken) == env
+        assert cluster.sql(db, "SELECT environment_vars FROM public.instances WHERE id = %s", (iid,)) == [({},)]
+
+    old_worker_step({"LEGACY": "before"})   # the old release on its own schema
+    r = cluster.migrate(db)                  # the upgrade: the new migrations first
+    assert r.returncode == 0, r.stderr
+    old_worker_step({"LEGACY": "after"})    # the old worker's next step, before its restart
