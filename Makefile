@@ -144,7 +144,8 @@ install: build
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/mindroom
 	install -m 0755 $(filter-out $(DAEMONS:%=$(BUILD)/bin/%),$(FUNC_BINS)) $(DESTDIR)$(LIBEXECDIR)/functions/
 	install -m 0755 $(DAEMONS:%=$(BUILD)/bin/%) $(TOOL_BINS) $(DESTDIR)$(LIBEXECDIR)/
-	sed -e 's|^INSTALLED_MIGRATIONS=$$|INSTALLED_MIGRATIONS=$(DATADIR)/migrations|' scripts/migrate.sh \
+	sed -e 's|^INSTALLED_MIGRATIONS=$$|INSTALLED_MIGRATIONS=$(DATADIR)/migrations|' \
+	    -e 's|^INSTALLED_LIBEXEC=$$|INSTALLED_LIBEXEC=$(LIBEXECDIR)|' scripts/migrate.sh \
 	    > $(DESTDIR)$(LIBEXECDIR)/migrate.sh && chmod 0755 $(DESTDIR)$(LIBEXECDIR)/migrate.sh
 	sed -e 's|^INSTALLED_LIBEXEC=$$|INSTALLED_LIBEXEC=$(LIBEXECDIR)|' \
 	    -e 's|^INSTALLED_ENV=$$|INSTALLED_ENV=$(SYSCONFDIR)/mindroom/mindroom.env|' \

@@ -61,6 +61,8 @@ echo "$out" | grep -q "DATABASE_URL is required: not set in /etc/mindroom/mindro
   fail "mindroomctl status: $out"
 grep -q '^INSTALLED_MIGRATIONS=/usr/share/mindroom/migrations$' /usr/lib/mindroom/migrate.sh ||
   fail "migrate.sh does not look in /usr/share/mindroom/migrations"
+grep -q '^INSTALLED_LIBEXEC=/usr/lib/mindroom$' /usr/lib/mindroom/migrate.sh ||
+  fail "migrate.sh does not look for mr-pgservice in /usr/lib/mindroom"
 [ -f /usr/share/mindroom/migrations/000_supabase_compat.sql ] && [ -f /usr/share/mindroom/seed.sql ] ||
   fail "migrations or seed missing"
 [ -f /etc/nginx/mindroom/fastcgi.conf ] && [ -f /etc/nginx/sites-available/mindroom.conf ] ||

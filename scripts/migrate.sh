@@ -12,18 +12,37 @@
 #   scripts/migrate.sh CONNINFO          (libpq conninfo or URL; default: $DATABASE_URL)
 #   MR_MIGRATIONS_DIR=dir                 (default: sql/migrations next to this script)
 #
+# The connection string reaches psql through a service file only this user can read
+# (written by mr-pgservice, as for mindroomctl), never as an argument: every local
+# user can read a process's arguments, and a password in $DATABASE_URL would be
+# there once per file.
+#
 # Concurrent runners are safe: each file's transaction takes an advisory lock and
 # re-checks the table before applying.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 conn=${1:-${DATABASE_URL:-}}
 [ -n "$conn" ] || { echo "usage: migrate.sh CONNINFO" >&2; exit 2; }
-# Filled in by `make install` (where the migrations were installed); empty here.
+# Filled in by `make install` (where the migrations and mr-pgservice were installed);
+# empty here.
 INSTALLED_MIGRATIONS=
+INSTALLED_LIBEXEC=
 dir=${MR_MIGRATIONS_DIR:-${INSTALLED_MIGRATIONS:-$here/sql/migrations}}
 [ -d "$dir" ] || { echo "migrate: no directory $dir" >&2; exit 2; }
 
-psql_() { psql "$conn" -X -q -v ON_ERROR_STOP=1 "$@"; }
+pgservice=
+for d in "$INSTALLED_LIBEXEC" "$here/build/release/bin" "$here/build/san/bin"; do
+  [ -n "$d" ] && [ -x "$d/mr-pgservice" ] && { pgservice=$d/mr-pgservice; break; }
+done
+[ -n "$pgservice" ] || { echo "migrate: mr-pgservice not found (make build)" >&2; exit 2; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+(umask 077; MR_MIGRATE_CONNINFO=$conn "$pgservice" --var MR_MIGRATE_CONNINFO > "$tmp/pg_service.conf") ||
+  { echo "migrate: CONNINFO is not a valid connection string" >&2; exit 2; }
+unset conn
+export PGSERVICEFILE=$tmp/pg_service.conf
+
+psql_() { psql service=mindroom -X -q -v ON_ERROR_STOP=1 "$@"; }
 
 # Splits a migration file into statements exactly as the Supabase CLI does
 # (pkg/parser: Split + SplitAndTrim), so both tools record the same `statements`.
@@ -172,8 +191,7 @@ for file in "${files[@]}"; do
   # One transaction: lock, re-check (another runner may have applied it meanwhile),
   # apply the file, record it. ON_ERROR_STOP makes psql exit 3 on the first error;
   # the open transaction then dies with the connection, so nothing of the file stays.
-  if ! out=$(psql "$conn" -X -q -v ON_ERROR_STOP=1 -v version="$version" -v name="$name" \
-        -v file="$f" 2>&1 <<SQL
+  if ! out=$(psql_ -v version="$version" -v name="$name" -v file="$f" 2>&1 <<SQL
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtext('supabase_migrations.schema_migrations')) AS locked \gset
 SELECT EXISTS (SELECT 1 FROM supabase_migrations.schema_migrations WHERE version = :'version') AS already \gset

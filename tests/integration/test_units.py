@@ -147,7 +147,9 @@ def test_install_layout_and_modes(root):
     version = (mr.build_dir() / "version.stamp").read_text().split()[0]
     p = subprocess.run([str(root / "usr/bin/mindroomctl"), "version"], capture_output=True, text=True)
     assert p.stdout == "mindroomctl %s\n" % version
-    assert "\nINSTALLED_MIGRATIONS=/usr/share/mindroom/migrations\n" in (root / "usr/lib/mindroom/migrate.sh").read_text()
+    migrate = (root / "usr/lib/mindroom/migrate.sh").read_text()
+    assert "\nINSTALLED_MIGRATIONS=/usr/share/mindroom/migrations\n" in migrate
+    assert "\nINSTALLED_LIBEXEC=/usr/lib/mindroom\n" in migrate   # its mr-pgservice
     assert sorted(p.name for p in (root / "usr/share/mindroom/migrations").iterdir()) == \
         sorted(p.name for p in (ROOT / "sql/migrations").glob("*.sql"))
 
