@@ -118,7 +118,8 @@ drills: deps
 # `make install` copies the release build (SAN=1: the sanitizer build) and
 # everything it runs with: binaries, mindroomctl, systemd units, tmpfiles.d and
 # sysusers.d entries, nginx snippets and site, migrations, seed, docs, and the
-# configuration template (written only where none exists yet, mode 0600).
+# configuration templates, mindroom.env and the provisioner's provisioner.env
+# (each written only where none exists yet, mode 0600).
 # The units, the nginx site and the scripts name the packaged layout (/usr/lib/mindroom,
 # /etc/mindroom, /etc/nginx); other directories are substituted on the way.
 PREFIX      ?= /usr/local
@@ -164,6 +165,8 @@ install: build
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 	[ -e $(DESTDIR)$(SYSCONFDIR)/mindroom/mindroom.env ] || \
 	    install -m 0600 .env.example $(DESTDIR)$(SYSCONFDIR)/mindroom/mindroom.env
+	[ -e $(DESTDIR)$(SYSCONFDIR)/mindroom/provisioner.env ] || \
+	    install -m 0600 packaging/provisioner.env $(DESTDIR)$(SYSCONFDIR)/mindroom/provisioner.env
 
 # A Debian package of the release build (build/mindroom_<version>_<arch>.deb),
 # made with dpkg-deb: installable with `apt install ./build/mindroom_*.deb`.

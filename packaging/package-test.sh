@@ -126,6 +126,21 @@ DOKKU_PROVISIONER_URL=http://127.0.0.1:9
 DATABASE_URL="host=127.0.0.1 port=$pgport dbname=mindroom user=authenticator password=$apw"
 MR_WORKERS=2
 CONF
+# Configured as an install from before provisioner.env (the provisioner's settings in
+# mindroom.env too); then what an upgrade runs, the postinst, must have copied the
+# provisioner's settings into provisioner.env and none of the control plane's.
+in_root /var/lib/dpkg/info/mindroom.postinst configure 0.0.0 ||
+  die "the postinst failed on an upgrade"
+prov_env=$(cat "$root/etc/mindroom/provisioner.env")
+for v in DOKKU_PROVISIONER_TOKEN DOKKU_MODE MR_WORKERS; do
+  grep -q "^$v=" <<<"$prov_env" || die "the upgrade did not copy $v into provisioner.env"
+done
+for v in DATABASE_URL SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET MINDROOM_SECRETS_KEY \
+         STRIPE_WEBHOOK_SECRET DOKKU_PROVISIONER_URL; do
+  ! grep -q "^$v=" <<<"$prov_env" || die "the upgrade copied $v into provisioner.env"
+done
+[ "$(stat -c '%a %U' "$root/etc/mindroom/provisioner.env")" = "600 root" ] ||
+  die "provisioner.env is not root's 0600 after the upgrade"
 # The container shares the host's network: nothing in it may listen on a port.
 ln -sf /dev/null "$root/etc/systemd/system/nginx.service"
 mkdir -p "$root/opt/mindroom-check"
@@ -171,6 +186,12 @@ if [ "$booted" = yes ]; then
   done
   [ -z "$inactive" ] || { inside journalctl --no-pager -u 'mindroom-*' -n 30 >&2; die "not active: $inactive"; }
   say "$(echo "$units" | wc -w) services active"
+  # The provisioner runs with its own settings and without the control plane's secrets.
+  penv=$(inside sh -c 'tr "\0" "\n" < /proc/$(systemctl show -p MainPID --value mindroom-provisioner.service)/environ')
+  grep -q '^DOKKU_PROVISIONER_TOKEN=' <<<"$penv" ||
+    die "the provisioner runs without DOKKU_PROVISIONER_TOKEN"
+  ! grep -Eq '^(DATABASE_URL|MINDROOM_SECRETS_KEY|STRIPE_WEBHOOK_SECRET|MINDROOM_INTERNAL_SECRET)=' <<<"$penv" ||
+    die "the provisioner's environment holds the control plane's secrets"
   inside /usr/bin/python3 /opt/mindroom-check/check.py /opt/mindroom-check "$version" ||
     { inside journalctl --no-pager -u 'mindroom-*' -n 40 >&2; die "the booted checks failed"; }
   inside systemctl poweroff >/dev/null 2>&1 || true

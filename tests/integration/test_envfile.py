@@ -1,7 +1,10 @@
 """The configuration template, .env.example (installed as /etc/mindroom/mindroom.env),
 serves two readers: bash's `source` (scripts/stack.sh, mindroomctl) and systemd's
 EnvironmentFile= (the units). With every setting uncommented both must read the
-same values, and neither may choke on a line.
+same values, and neither may choke on a line. The provisioner's own template,
+packaging/provisioner.env (/etc/mindroom/provisioner.env), holds exactly what the
+provisioner reads, as .env.example documents it, and none of the control plane's
+secrets; an upgrade's postinst copies exactly those settings out of mindroom.env.
 
 systemd's reading is reproduced from systemd.exec(5), EnvironmentFile=: lines
 starting with '#' or ';' and lines without '=' are ignored; an unquoted value is
@@ -16,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / ".env.example"
+PROVISIONER_TEMPLATE = ROOT / "packaging/provisioner.env"
 SETTING = re.compile(r"^#\s?([A-Z][A-Z0-9_]*=.*)$")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -132,3 +136,54 @@ def test_the_readers_differ_where_the_format_forbids(tmp_path):
     p = subprocess.run(["env", "-i", "/bin/bash", "--noprofile", "--norc", "-c", '. "$1"', "b", str(f)],
                        capture_output=True, text=True)
     assert p.returncode != 0 and systemd_env(f.read_text()) == {"B": "MindRoom <hello@mindroom.chat>"}
+
+
+def provisioner_reads():
+    """What dokku-provisioner reads: its own settings (mr_config_* in its sources)
+    and the settings of the FastCGI runtime it runs on that its unit leaves to the
+    configuration (the socket is the socket unit's, the metrics directory the
+    unit's; it opens no database)."""
+    names = set()
+    for f in (ROOT / "functions/dokku-provisioner").glob("*.c"):
+        names |= set(re.findall(r'mr_config_[a-z_]+\(\s*"([A-Z][A-Z0-9_]*)"', f.read_text()))
+    assert {"DOKKU_MODE", "DOKKU_PROVISIONER_TOKEN", "MINDROOM_BASE_DOMAIN"} <= names, names
+    runtime = {"MR_WORKERS", "MR_MAX_BODY", "MR_READ_TIMEOUT_MS", "MR_LOG_LEVEL"}
+    lib = "".join(p.read_text() for p in (ROOT / "lib").glob("*.c"))
+    assert all('"%s"' % n in lib for n in runtime)
+    return names | runtime
+
+
+def settings(text):
+    return [SETTING.match(l).group(1) for l in text.split("\n") if SETTING.match(l)]
+
+
+def test_the_provisioner_template_holds_what_the_provisioner_reads_and_no_other_secret(tmp_path):
+    text = PROVISIONER_TEMPLATE.read_text()
+    mine = settings(text)
+    names = [l.split("=", 1)[0] for l in mine]
+    assert len(names) == len(set(names))
+    assert set(names) == provisioner_reads()
+    # Documented once: each setting as .env.example has it, default included.
+    assert set(mine) <= set(settings(TEMPLATE.read_text()))
+    for secret in ("DATABASE_URL", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "MINDROOM_SECRETS_KEY",
+                   "RESEND_API_KEY", "SUPABASE_JWT_SECRET", "MINDROOM_INTERNAL_SECRET"):
+        assert not re.search(r"^[#\s]*%s=" % secret, text, re.M), secret
+    f = tmp_path / "provisioner.env"
+    f.write_text(text)
+    assert systemd_env(text) == bash_env(f) == {}
+    f.write_text(uncommented(text))
+    assert systemd_env(uncommented(text)) == bash_env(f)
+    assert set(bash_env(f)) == set(names)
+
+
+def test_an_upgrade_copies_exactly_the_provisioner_s_settings():
+    """packaging/deb/postinst's pattern, with grep -E as the postinst runs it, over
+    every setting of .env.example made live: it takes the provisioner's and leaves
+    the rest (DATABASE_URL, the Stripe and sealing keys, the worker's
+    DOKKU_PROVISIONER_URL)."""
+    postinst = (ROOT / "packaging/deb/postinst").read_text()
+    (pattern,) = re.findall(r"^PROVISIONER_SETTING='([^']+)'$", postinst, re.M)
+    live = uncommented(TEMPLATE.read_text())
+    p = subprocess.run(["grep", "-E", pattern], input=live, capture_output=True, text=True)
+    copied = {l.split("=", 1)[0] for l in p.stdout.splitlines()}
+    assert copied == provisioner_reads()

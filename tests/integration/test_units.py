@@ -127,6 +127,22 @@ def test_sockets_are_for_nginx_s_group_at_the_paths_nginx_uses():
     assert re.search(r"^m\s+www-data\s+mindroom-web$", sysusers, re.M)
 
 
+def unit_env_files(unit):
+    return re.findall(r"^EnvironmentFile=(.*)$", (UNITS / unit).read_text(), re.M)
+
+
+def test_the_provisioner_reads_its_own_configuration_not_the_control_plane_s(root):
+    # mindroom.env holds DATABASE_URL with its password, the Stripe keys and the
+    # sealing key; the provisioner needs none of them, and in DOKKU_MODE=local it
+    # runs as root outside the sandbox.
+    assert unit_env_files("mindroom-provisioner.service") == ["/etc/mindroom/provisioner.env"]
+    for u in ("mindroom-lifecycle.service", "mindroom-function@.service"):
+        assert unit_env_files(u) == ["/etc/mindroom/mindroom.env"]
+    env = root / "etc/mindroom/provisioner.env"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assert env.read_text() == (ROOT / "packaging/provisioner.env").read_text()
+
+
 def test_the_target_wants_every_function(root):
     wants = re.findall(r"^Wants=mindroom-function@(.+)\.service$", (UNITS / "mindroom.target").read_text(), re.M)
     assert sorted(wants) == functions(root)
@@ -159,6 +175,8 @@ def test_other_prefixes_are_substituted_and_a_config_is_never_overwritten(tmp_pa
     unit = (tmp_path / "opt/mr/lib/systemd/system/mindroom-lifecycle.service").read_text()
     assert "ExecStart=/opt/mr/lib/mindroom/mindroom-lifecycle" in unit
     assert "EnvironmentFile=/etc/opt/mr/mindroom/mindroom.env" in unit
+    prov = (tmp_path / "opt/mr/lib/systemd/system/mindroom-provisioner.service").read_text()
+    assert "EnvironmentFile=/etc/opt/mr/mindroom/provisioner.env" in prov
     for u in (tmp_path / "opt/mr/lib/systemd/system").rglob("*"):
         if u.is_file():
             assert "/usr/lib/mindroom" not in u.read_text() and "/etc/mindroom" not in u.read_text(), u
@@ -166,5 +184,8 @@ def test_other_prefixes_are_substituted_and_a_config_is_never_overwritten(tmp_pa
     assert "include /etc/opt/mr/nginx/mindroom/fastcgi.conf;" in site
     env = tmp_path / "etc/opt/mr/mindroom/mindroom.env"
     env.write_text("DATABASE_URL=mine\n")
+    prov_env = tmp_path / "etc/opt/mr/mindroom/provisioner.env"
+    prov_env.write_text("DOKKU_MODE=ssh\n")
     make_install(tmp_path, PREFIX="/opt/mr", SYSCONFDIR="/etc/opt/mr")
     assert env.read_text() == "DATABASE_URL=mine\n"
+    assert prov_env.read_text() == "DOKKU_MODE=ssh\n"
