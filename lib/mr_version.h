@@ -3,7 +3,7 @@
 #ifndef MR_VERSION_H
 #define MR_VERSION_H
 
-/* The build's version ("0.1.0+g2a635a9d1e2f"); static storage. */
+/* The build's version ("0.1.0+r412.g2a635a9d1e2f"); static storage. */
 const char *mr_version(void);
 
 /* The versions of the migrations in sql/migrations at build time, oldest first,

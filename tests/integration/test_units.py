@@ -189,3 +189,53 @@ def test_other_prefixes_are_substituted_and_a_config_is_never_overwritten(tmp_pa
     make_install(tmp_path, PREFIX="/opt/mr", SYSCONFDIR="/etc/opt/mr")
     assert env.read_text() == "DATABASE_URL=mine\n"
     assert prov_env.read_text() == "DOKKU_MODE=ssh\n"
+
+
+def deb_version(tree):
+    """The package's version for a source tree: scripts/version.sh made a Debian
+    version the way packaging/deb/build.sh makes it."""
+    assert "version=$(scripts/version.sh | tr -- '-_' '++')" in (ROOT / "packaging/deb/build.sh").read_text()
+    v = subprocess.run([str(tree / "scripts/version.sh")], capture_output=True, text=True,
+                       check=True).stdout.strip()
+    return v.replace("-", "+").replace("_", "+")
+
+
+@pytest.mark.skipif(not shutil.which("dpkg"), reason="no dpkg")
+def test_each_later_commit_packages_as_an_upgrade(tmp_path):
+    """apt installs a later commit's package over an earlier one's only if dpkg
+    orders it after: untagged commits, a tag, commits after the tag, and from an
+    install of the older form VERSION+g<hash>. Fixed dates and names make the
+    hashes the same on every run."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts/version.sh", repo / "scripts/version.sh")
+    (repo / "VERSION").write_text("0.1.0\n")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+               GIT_CONFIG_GLOBAL="/dev/null", GIT_CONFIG_NOSYSTEM="1")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo)] + list(args), env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    versions = []
+    for i in range(24):
+        env["GIT_AUTHOR_DATE"] = env["GIT_COMMITTER_DATE"] = "2026-01-01T00:%02d:00Z" % i
+        git("commit", "-q", "--allow-empty", "-m", "c%d" % i)
+        if i == 0:
+            h = git("rev-parse", "--short=12", "HEAD")
+            versions.append("0.1.0+g%s" % h)   # a package built before the count
+        if i == 16:
+            git("tag", "v0.2.0")
+        versions.append(deb_version(repo))
+    assert "0.2.0" in versions and any(v.startswith("0.2.0+1+g") for v in versions), versions
+    downgrades = [(older, newer) for older, newer in zip(versions, versions[1:])
+                  if subprocess.run(["dpkg", "--compare-versions", newer, "gt", older]).returncode != 0]
+    assert downgrades == [], "apt would see these upgrades as downgrades: %s" % downgrades
+    # Local changes: a package of them is after the commit's own.
+    (repo / "VERSION").write_text("0.2.0\n")
+    dirty = deb_version(repo)
+    assert dirty.endswith(".dirty") or dirty.endswith("+dirty"), dirty
+    assert subprocess.run(["dpkg", "--compare-versions", dirty, "gt", versions[-1]]).returncode == 0
