@@ -8,7 +8,9 @@
  *   * the homeserver's keys are generated once per instance (lib/mr_homeserver.c),
  *     sealed, and stored before the provisioner is ever called, so a retry sends
  *     the same keys (public.instance_homeserver_keys keeps the first set when two
- *     workers race);
+ *     workers race); an instance that took over a destroyed one's kept storage
+ *     gets that homeserver's keys instead (the step's "predecessor"), opened and
+ *     sealed again for it, never new ones;
  *   * a legacy plaintext environment_vars is sealed into instance_secrets, and
  *     emptied once every value is stored (public.instance_plain_env, then
  *     public.instance_plain_env_sealed: a failure part-way loses nothing);
@@ -134,11 +136,66 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
     return e;
 }
 
-/* The homeserver's keys as {"name": ciphertext} (*keys) when all are stored; else a
- * fresh set generated and sealed, as the rows instance_homeserver_keys takes (*rows),
- * to be stored. The caller frees both. */
-static mr_err hs_prepare(const char *iid, const cJSON *secrets, cJSON **keys, cJSON **rows,
-                         char *err, size_t errlen)
+/* Wipes and frees each of the homeserver's values (NULL ones are fine). */
+static void hs_values_free(char *values[])
+{
+    for (size_t i = 0; i < MR_ARRAY_LEN(hs_names); i++) {
+        if (values[i]) {
+            OPENSSL_cleanse(values[i], strlen(values[i]));
+            free(values[i]);
+            values[i] = NULL;
+        }
+    }
+}
+
+/* The homeserver's keys of the instance whose storage this one took over
+ * (predecessor: {"instance_id", "homeserver": {"name": ciphertext}}), opened under
+ * that instance's context into values (malloc'd: hs_values_free). A key that is
+ * missing or does not open fails the step: the kept homeserver's database goes with
+ * those keys, and new ones would change its identity. */
+static mr_err hs_inherit(const cJSON *predecessor, char *values[], char *err, size_t errlen)
+{
+    const char *pid = NULL;
+    const cJSON *keys = cJSON_GetObjectItemCaseSensitive(predecessor, "homeserver");
+    if (mr_json_str(predecessor, "instance_id", &pid) != MR_OK || !cJSON_IsObject(keys))
+        return mr_seterr(err, errlen, MR_EINTERNAL, "step with a malformed predecessor");
+    for (size_t i = 0; i < MR_ARRAY_LEN(hs_names); i++) {
+        const char *ct = NULL;
+        if (mr_json_str(keys, hs_names[i], &ct) != MR_OK ||
+            open_secret(pid, "homeserver", hs_names[i], ct, &values[i], err, errlen) != MR_OK) {
+            hs_values_free(values);
+            return mr_seterr(err, errlen, MR_EINTERNAL, "the homeserver keys of instance %s, "
+                             "whose storage this one took over, cannot be opened with the "
+                             "configured MINDROOM_SECRETS_KEY(_PREVIOUS)", pid);
+        }
+    }
+    return MR_OK;
+}
+
+/* A fresh set of the homeserver's keys into values (malloc'd: hs_values_free). */
+static mr_err hs_generate(char *values[], char *err, size_t errlen)
+{
+    mr_homeserver_secrets hs;
+    mr_err e = mr_homeserver_generate(&hs, err, errlen);
+    if (e != MR_OK)
+        return e;
+    const char *fresh[] = {hs.signing_key, hs.registration_shared_secret,
+                           hs.macaroon_secret_key, hs.form_secret};
+    for (size_t i = 0; i < MR_ARRAY_LEN(hs_names) && e == MR_OK; i++)
+        if (!(values[i] = strdup(fresh[i])))
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
+    mr_homeserver_wipe(&hs);
+    if (e != MR_OK)
+        hs_values_free(values);
+    return e;
+}
+
+/* The homeserver's keys as {"name": ciphertext} (*keys) when all are stored; else the
+ * set to store, sealed for this instance as the rows instance_homeserver_keys takes
+ * (*rows): those of the instance whose storage it took over when the step names one
+ * (predecessor, hs_inherit), else a fresh set. The caller frees both. */
+static mr_err hs_prepare(const char *iid, const cJSON *secrets, const cJSON *predecessor,
+                         cJSON **keys, cJSON **rows, char *err, size_t errlen)
 {
     *rows = NULL;
     *keys = cJSON_CreateObject();
@@ -151,12 +208,11 @@ static mr_err hs_prepare(const char *iid, const cJSON *secrets, cJSON **keys, cJ
     if (cJSON_GetArraySize(*keys) == (int)MR_ARRAY_LEN(hs_names))
         return MR_OK;
 
-    mr_homeserver_secrets hs;
-    mr_err e = mr_homeserver_generate(&hs, err, errlen);
+    char *values[MR_ARRAY_LEN(hs_names)] = {NULL};
+    mr_err e = cJSON_IsObject(predecessor) ? hs_inherit(predecessor, values, err, errlen)
+                                           : hs_generate(values, err, errlen);
     if (e != MR_OK)
         return e;
-    const char *values[] = {hs.signing_key, hs.registration_shared_secret,
-                            hs.macaroon_secret_key, hs.form_secret};
     *rows = cJSON_CreateArray();
     for (size_t i = 0; i < MR_ARRAY_LEN(hs_names) && e == MR_OK; i++) {
         char *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1];
@@ -170,7 +226,7 @@ static mr_err hs_prepare(const char *iid, const cJSON *secrets, cJSON **keys, cJ
         }
         free(ct);
     }
-    mr_homeserver_wipe(&hs);
+    hs_values_free(values);
     return e;
 }
 
@@ -263,8 +319,9 @@ static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const 
     *keys = NULL;
     mr_json_str(step, "token_key_id", &live_key);
     mr_err e = token_prepare(iid, live_key, secrets, &ct, &fresh, err, errlen);
+    const cJSON *predecessor = cJSON_GetObjectItemCaseSensitive(step, "predecessor");
     if (e == MR_OK && homeserver)
-        e = hs_prepare(iid, secrets, keys, &rows, err, errlen);
+        e = hs_prepare(iid, secrets, predecessor, keys, &rows, err, errlen);
     if (e == MR_OK && (fresh || rows))
         e = secrets_issue(w, iid, fresh, rows, &stored, err, errlen);
     if (e == MR_OK && fresh) {
@@ -279,6 +336,10 @@ static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const 
         *keys = k;
         if (!cJSON_IsObject(k) || cJSON_GetArraySize(k) != (int)MR_ARRAY_LEN(hs_names))
             e = mr_seterr(err, errlen, MR_EINTERNAL, "the homeserver's keys were not stored");
+        else if (cJSON_IsObject(predecessor))
+            mr_log(MR_LOG_INFO, "instance %s: homeserver keys carried over from instance %s, "
+                   "whose storage it took over", iid,
+                   cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(predecessor, "instance_id")));
         else
             mr_log(MR_LOG_INFO, "instance %s: homeserver keys generated", iid);
     }
@@ -397,7 +458,7 @@ mr_err payload_prime(char *err, size_t errlen)
     cJSON *fresh = NULL, *keys = NULL, *rows = NULL;
     mr_err e = token_prepare(PRIME_INSTANCE, NULL, NULL, &ct, &fresh, err, errlen);
     if (e == MR_OK)
-        e = hs_prepare(PRIME_INSTANCE, NULL, &keys, &rows, err, errlen);
+        e = hs_prepare(PRIME_INSTANCE, NULL, NULL, &keys, &rows, err, errlen);
     if (e == MR_OK)
         e = mr_json_str(fresh, "ciphertext", &ct) != MR_OK
                 ? mr_seterr(err, errlen, MR_EINTERNAL, "no sealed token was prepared")

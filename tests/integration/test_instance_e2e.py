@@ -393,3 +393,88 @@ def test_the_worker_refuses_to_start_without_a_secrets_key(pg):
             with mr.Stack(pg, env={"MINDROOM_SECRETS_KEY": key}, functions=[WORKER]):
                 pass
         assert why in str(e.value) and "exited 2" in str(e.value)
+
+
+def test_an_instance_created_again_on_kept_storage_keeps_its_homeserver_identity(stack, dokku):
+    """An instance destroyed with its data kept, then created again under the same
+    names (its subscription provisioned again), mounts the same storage entries and
+    takes them over (docs/lifecycle.md, 124_kept_storage_taken.sql): the homeserver's
+    database, rooms and users are those of the first instance. Its keys must be too:
+    docs/instance.md says the homeserver's keys are generated once per instance "so
+    a re-created app ... gets the same identity", and docs/provisioner.md that
+    replacing the signing key changes the homeserver's federation identity."""
+    c = Customer(stack, "starter")
+    c.send("customer.subscription.created", "active")
+    first = running(stack, c.sid)
+    n = names(first["dokku_app_name"])
+    hs_dir = dokku.host_dir(n["hs_data"])
+    before = {f: (hs_dir / f).read_text() for f in SECRET_FILES}
+    dokku.container_write(n["hs"], "/data/homeserver.db", "rooms, users, events signed by "
+                          + before["signing.key"].split()[1])
+
+    r = stack.call("POST", "deprovision-instance", token=stack.jwt(),
+                   json={"instance_id": first["id"], "mode": "destroy", "wait": True})
+    assert r.status == 200 and r.json["instance"]["status"] == "deprovisioned", r
+    assert dokku.entry(n["hs_data"]) is not None            # the data is kept
+    # Its homeserver was named under an earlier PROVISIONER_MATRIX_HOST: the name in
+    # its database is the recorded one, not today's default.
+    old_name = "%s-chat.%s" % (first["subdomain"], DOMAIN)
+    stack.sql("UPDATE public.instances SET matrix_server_name = %s WHERE id = %s",
+              old_name, first["id"])
+    # The subscription is still paid for: its next event asks for an instance again.
+    c.send("customer.subscription.updated", "active")
+    second = wait_until(lambda: row(
+        stack, "SELECT id FROM public.instances WHERE subscription_id = %s AND status = "
+               "'running' AND claimed_by IS NULL", c.sid), timeout=45, what="running again")[0]
+    assert str(second) != str(first["id"])
+    assert row(stack, "SELECT storage_taken_by FROM public.instances WHERE id = %s",
+               first["id"])[0] == second
+    assert (hs_dir / "homeserver.db").read_text().startswith("rooms, users")
+    assert ('server_name: "%s"' % old_name) in (hs_dir / "homeserver.yaml").read_text()
+    assert row(stack, "SELECT matrix_server_name FROM public.instances WHERE id = %s",
+               second)[0] == old_name
+    after = {f: (hs_dir / f).read_text() for f in SECRET_FILES}
+    changed = sorted(f for f in SECRET_FILES if after[f] != before[f])
+    assert changed == [], "the kept homeserver's %s were replaced" % ", ".join(changed)
+
+
+def test_kept_homeserver_keys_that_do_not_open_fail_the_create_and_replace_nothing(stack, dokku):
+    """The keys of the instance whose storage a new one took over must open: new keys
+    would change the kept homeserver's identity under its database. The create fails,
+    names that instance, writes nothing into the kept storage, and goes through once
+    the keys open again (the operator restored the key that sealed them)."""
+    c = Customer(stack, "starter")
+    c.send("customer.subscription.created", "active")
+    first = running(stack, c.sid)
+    n = names(first["dokku_app_name"])
+    hs_dir = dokku.host_dir(n["hs_data"])
+    before = {f: (hs_dir / f).read_text() for f in SECRET_FILES}
+    r = stack.call("POST", "deprovision-instance", token=stack.jwt(),
+                   json={"instance_id": first["id"], "mode": "destroy", "wait": True})
+    assert r.status == 200 and r.json["instance"]["status"] == "deprovisioned", r
+    # Its signing key no longer opens (as under a key that was rotated away): another
+    # row's ciphertext, authenticated for another context.
+    good = row(stack, "SELECT ciphertext FROM public.instance_secrets WHERE instance_id = %s "
+                      "AND kind = 'homeserver' AND name = 'signing_key'", first["id"])[0]
+    stack.sql("UPDATE public.instance_secrets SET ciphertext = (SELECT ciphertext FROM "
+              "public.instance_secrets WHERE instance_id = %s AND kind = 'homeserver' AND "
+              "name = 'form_secret') WHERE instance_id = %s AND kind = 'homeserver' AND "
+              "name = 'signing_key'", first["id"], first["id"])
+
+    c.send("customer.subscription.updated", "active")
+    second, error = wait_until(lambda: row(
+        stack, "SELECT id, last_error FROM public.instances WHERE subscription_id = %s AND "
+               "status <> 'deprovisioned' AND last_error IS NOT NULL", c.sid),
+        timeout=45, what="the create failed")
+    assert ("homeserver keys of instance %s" % first["id"]) in error, error
+    assert row(stack, "SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                      "AND kind = 'homeserver'", second)[0] == 0
+    assert {f: (hs_dir / f).read_text() for f in SECRET_FILES} == before
+
+    stack.sql("UPDATE public.instance_secrets SET ciphertext = %s WHERE instance_id = %s AND "
+              "kind = 'homeserver' AND name = 'signing_key'", good, first["id"])
+    stack.sql("UPDATE public.instances SET next_attempt_at = now() WHERE id = %s", second)
+    wait_until(lambda: row(stack, "SELECT 1 FROM public.instances WHERE id = %s AND status = "
+                                  "'running' AND claimed_by IS NULL", second),
+               timeout=45, what="running once the keys open")
+    assert {f: (hs_dir / f).read_text() for f in SECRET_FILES} == before
