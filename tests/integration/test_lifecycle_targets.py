@@ -313,3 +313,55 @@ def test_a_teardown_goes_to_the_instances_own_target_and_waits_while_it_is_disab
     for n in ("alpha", "beta", "solo"):
         assert len(targets[n].requests) == others[n], n
     assert len(prov.requests) == legacy
+
+
+def test_an_instance_waiting_for_room_is_stopped_or_destroyed_without_calling_a_provisioner(
+        stack, prov, targets):
+    if "solo" not in target_rows(stack):   # run on its own
+        ok(ctl(stack, "target", "add", "solo", "--url", targets["solo"].url, "--token-ref",
+               "env:SOLO_TOKEN", "--capacity-mb", 50000))
+    # No target takes a new instance: every one is drained.
+    others = [n for n, row in target_rows(stack).items() if not row[7]]
+    for name in others:
+        ok(ctl(stack, "target", "drain", name))
+    try:
+        seen = {n: len(targets[n].requests) for n in targets}
+        legacy = len(prov.requests)
+        cancelled, paused = (new_subscription(stack, "starter", account=new_account(stack)[0])
+                             for _ in range(2))
+        for sid in (cancelled, paused):
+            assert provision(stack, sid).status == 202
+            assert target_of(stack, sid) is None
+        waiting = {r[0]: r[1] for r in stack.sql(
+            "SELECT instance_id::text, reason FROM public.lifecycle_waiting()")}
+        first = instance(stack, cancelled)
+        assert waiting.get(str(first["id"])) == "no_capacity", waiting
+
+        # Its create never ran: nothing of it exists anywhere, so its destroy or stop
+        # is done at once, and no provisioner (not even DOKKU_PROVISIONER_URL) is asked.
+        assert deprovision(stack, subscription_id=cancelled, mode="destroy").status == 202
+        assert deprovision(stack, subscription_id=paused, mode="stop").status == 202
+        gone = wait_status(stack, cancelled, "deprovisioned", timeout=10)
+        assert gone["owed_action"] is None
+        wait_status(stack, paused, "stopped", timeout=10)
+        assert {n: len(targets[n].requests) for n in targets} == seen
+        assert len(prov.requests) == legacy
+        # The cancelled subscription is not stuck "being destroyed".
+        assert provision(stack, cancelled).status == 202
+    finally:
+        for name in others:
+            ok(ctl(stack, "target", "drain", name, "--undo"))
+
+    # Room again: the new instance is created and the paused one, resumed, made
+    # (its start finds no app on its target and creates it there).
+    assert provision(stack, paused).status == 202
+    for sid in (cancelled, paused):
+        name = wait_until(lambda: target_of(stack, sid), timeout=20, what="%s placed" % sid)
+        wait_until(lambda: stack.sql(
+            "SELECT status = 'running' AND claimed_by IS NULL FROM public.instances "
+            "WHERE subscription_id = %s AND status <> 'deprovisioned'", sid)[0][0],
+                   timeout=30, what="%s running" % sid)
+        app = stack.sql("SELECT dokku_app_name FROM public.instances WHERE subscription_id = %s "
+                        "AND status <> 'deprovisioned'", sid)[0][0]
+        assert app in targets[name].apps, (name, app)
+    assert len(prov.requests) == legacy

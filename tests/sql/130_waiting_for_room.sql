@@ -5,8 +5,11 @@
 --   2. A claim while instances wait for room takes milliseconds: no statement of it is
 --      JIT-compiled, and the placements it makes are planned as they are, not under
 --      the claim's own settings (sorts and sequential scans priced out).
+--   3. The stop or destroy of an instance that waits for room (nothing of it exists
+--      anywhere) is done at the next claim, calling no provisioner; a create still
+--      waits, and so does the start of one stopped before it was made.
 BEGIN;
-SELECT plan(6);
+SELECT plan(14);
 \ir _helpers.inc
 
 -- 1. -------------------------------------------------------------------------------
@@ -103,6 +106,70 @@ SELECT diag('three claims: ' || (SELECT t1 - t0 FROM claim_clock));
 -- Milliseconds each; the bound leaves a loaded machine a hundredfold.
 SELECT cmp_ok((SELECT t1 - t0 FROM claim_clock), '<', interval '3 seconds',
               'three claims while 17 instances wait for room take milliseconds, not seconds');
+
+-- 3. -------------------------------------------------------------------------------
+-- Still no room anywhere. W1 and W2 sign up and wait; W1 is cancelled, W2 paused.
+INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status)
+SELECT ('a27000' || lpad(n::text, 2, '0') || '-0000-4000-8000-000000000000')::uuid,
+       '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'
+  FROM generate_series(1, 3) n;
+CREATE TEMP TABLE w (k text PRIMARY KEY, sub uuid, id uuid);
+INSERT INTO w SELECT 'w' || n, s, (public.lifecycle_provision(s) #>> '{instance,id}')::uuid
+  FROM generate_series(1, 3) n,
+       LATERAL (SELECT ('a27000' || lpad(n::text, 2, '0') || '-0000-4000-8000-000000000000')::uuid) x(s);
+CREATE FUNCTION pg_temp.w(p_k text) RETURNS public.instances LANGUAGE sql AS $$
+    SELECT i.* FROM public.instances i JOIN w ON w.id = i.id WHERE w.k = p_k $$;
+SELECT is((SELECT array_agg(public.lifecycle_target_wait(pg_temp.w(k)) ORDER BY k) FROM w),
+          ARRAY['no_capacity', 'no_capacity', 'no_capacity'], 'three sign-ups wait for room');
+-- W3's create was tried before there were targets (on DOKKU_PROVISIONER_URL) and failed.
+UPDATE public.instances SET status = 'failed', attempts = 1, last_error = 'boom'
+ WHERE id = (SELECT id FROM w WHERE k = 'w3');
+DO $$ BEGIN
+    PERFORM public.lifecycle_deprovision(NULL, (SELECT sub FROM w WHERE k = 'w1'), 'destroy');
+    PERFORM public.lifecycle_deprovision(NULL, (SELECT sub FROM w WHERE k = 'w2'), 'stop');
+    PERFORM public.lifecycle_deprovision(NULL, (SELECT sub FROM w WHERE k = 'w3'), 'destroy');
+END $$;
+-- The workers claim until nothing is left to claim.
+CREATE TEMP TABLE claimed (n serial, v jsonb);
+DO $$
+DECLARE v jsonb;
+BEGIN
+    FOR n IN 1..50 LOOP
+        v := public.lifecycle_claim('pgtap/w' || n, 60);
+        EXIT WHEN v ->> 'outcome' <> 'claimed';
+        INSERT INTO claimed (v) VALUES (v);
+    END LOOP;
+END $$;
+SELECT is((SELECT concat_ws(' ', i.status, coalesce(i.owed_action::text, 'nothing'),
+                            CASE WHEN i.storage_destroyed_at IS NULL THEN 'data kept' ELSE 'no data' END)
+             FROM pg_temp.w('w1') i),
+          'deprovisioned nothing no data',
+          'the cancelled instance that waited for room is destroyed, and keeps no data');
+SELECT is((SELECT concat_ws(' ', i.status, coalesce(i.owed_action::text, 'nothing'))
+             FROM pg_temp.w('w2') i),
+          'stopped nothing', 'the paused one is stopped');
+SELECT is((SELECT count(*) FROM claimed WHERE v #>> '{instance,id}' IN
+             (SELECT id::text FROM w WHERE k IN ('w1', 'w2'))), 0::bigint,
+          'neither step was handed to a worker: no provisioner is called');
+SELECT is((SELECT v #>> '{step,action}' || ' ' || (v -> 'step' -> 'target')::text FROM claimed
+            WHERE v #>> '{instance,id}' = (SELECT id::text FROM w WHERE k = 'w3')),
+          'destroy null',
+          'an unplaced instance whose create was tried goes to DOKKU_PROVISIONER_URL to be destroyed');
+SELECT is(public.lifecycle_provision((SELECT sub FROM w WHERE k = 'w1')) ->> 'outcome', 'ok',
+          'the cancelled subscription can be provisioned again');
+-- W2 is resumed: it owes a start, which makes its apps: it waits for room.
+DO $$ BEGIN PERFORM public.lifecycle_provision((SELECT sub FROM w WHERE k = 'w2')); END $$;
+SELECT is((SELECT i.owed_action || ' ' || public.lifecycle_target_wait(i) FROM pg_temp.w('w2') i),
+          'start no_capacity', 'the resumed one waits for room');
+UPDATE public.provisioner_targets SET capacity_mb = 1000000, max_in_flight = 100 WHERE id = 981;
+DO $$ BEGIN
+    FOR n IN 1..50 LOOP
+        EXIT WHEN public.lifecycle_claim('pgtap/room' || n, 60) ->> 'outcome' <> 'claimed';
+    END LOOP;
+END $$;
+SELECT is((SELECT t.name || ' ' || i.claim_action FROM pg_temp.w('w2') i
+             JOIN public.provisioner_targets t ON t.id = i.target_id),
+          'small start', 'once a target has room it is placed there and started');
 
 SELECT * FROM finish();
 ROLLBACK;
