@@ -73,7 +73,8 @@ ALTER FUNCTION public.instance_place(uuid)
 -- named: public.lifecycle_target_wait (125_purge_before_takeover.sql: the
 -- 'no_capacity' condition) and public.lifecycle_claim (110_claim_backlog.sql, with
 -- 118's enable_bitmapscan = off among its SET clauses and jit = off added: the
--- placement's owed actions and the stop or destroy recorded in the claim).
+-- placement's owed actions and the stop or destroy recorded in the claim; the
+-- placement's walk, below).
 
 -- Whether nothing of the instance exists on any provisioner: targets exist, it was
 -- never placed on one nor provisioned, no step of it was ever tried (its create has
@@ -135,6 +136,32 @@ BEGIN
 END;
 $$;
 
+-- A small instance that fits was never placed behind 16 larger ones that did not:
+-- the claim tried to place only the 16 oldest waiting instances, and with every one
+-- of them too large for the room there was, the same 16 were tried at every claim.
+-- Now the claim walks the waiting instances in the same order (the same index)
+-- past those larger than the most free memory a target may give a new instance
+-- (public.target_room_mb), which cost no placement, and tries at most 16 that fit.
+-- Nothing fits anywhere (no target may take even the smallest): it stops at the
+-- first row. The walk reads the waiting rows that are due, as the claim's own walk
+-- below already does while they wait.
+
+-- The most memory a new instance may reserve now: the free memory of the target the
+-- placement rule would choose for an instance reserving nothing (target_choose), or
+-- NULL when no target may take one. Planned with the ordinary settings, as
+-- instance_place is.
+CREATE FUNCTION public.target_room_mb()
+RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = ''
+SET enable_sort = on
+SET enable_seqscan = on
+SET enable_bitmapscan = on
+AS $$
+    SELECT public.target_free_mb(public.target_choose(0));
+$$;
+REVOKE ALL ON FUNCTION public.target_room_mb() FROM PUBLIC, anon, authenticated;
+
 CREATE OR REPLACE FUNCTION public.lifecycle_claim(p_owner text, p_lease_s integer)
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -157,18 +184,33 @@ DECLARE
     i public.instances;
     v_next timestamptz;
     v_done jsonb;
+    v_room bigint;
+    v_room_read boolean := false;
+    v_tries integer := 0;
 BEGIN
     IF p_owner IS NULL OR p_lease_s IS NULL OR p_lease_s < 1 THEN
         RAISE EXCEPTION 'owner and a positive lease are required' USING ERRCODE = '22023';
     END IF;
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('mindroom:lifecycle_claim', 0));
     IF EXISTS (SELECT 1 FROM public.provisioner_targets) THEN
-        PERFORM public.instance_place(x.id)
-           FROM public.instances x
-          WHERE x.target_id IS NULL AND x.provisioned_at IS NULL
-            AND x.owed_due_at <= now() AND x.owed_action IN ('create', 'start')
-          ORDER BY x.owed_due_at
-          LIMIT 16;
+        -- Instances waiting for room, oldest first: those that fit are placed (16
+        -- tries at most); those larger than any room are passed over.
+        FOR r IN SELECT * FROM public.instances x
+                  WHERE x.target_id IS NULL AND x.provisioned_at IS NULL
+                    AND x.owed_due_at <= now() AND x.owed_action IN ('create', 'start')
+                  ORDER BY x.owed_due_at LOOP
+            IF NOT v_room_read THEN
+                v_room := public.target_room_mb();
+                v_room_read := true;
+            END IF;
+            EXIT WHEN v_room IS NULL;
+            CONTINUE WHEN public.instance_reserved_mb(r) > v_room;
+            IF public.instance_place(r.id) IS NOT NULL THEN
+                v_room := public.target_room_mb();
+            END IF;
+            v_tries := v_tries + 1;
+            EXIT WHEN v_tries >= 16;
+        END LOOP;
     END IF;
     SELECT l.max_in_flight INTO v_limit FROM public.lifecycle_limits l WHERE l.scope = 'global';
     SELECT count(*) INTO v_busy FROM public.instances x

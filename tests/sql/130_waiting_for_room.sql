@@ -8,8 +8,10 @@
 --   3. The stop or destroy of an instance that waits for room (nothing of it exists
 --      anywhere) is done at the next claim, calling no provisioner; a create still
 --      waits, and so does the start of one stopped before it was made.
+--   4. A waiting instance that fits is placed, however many larger ones that do not
+--      waited longer.
 BEGIN;
-SELECT plan(14);
+SELECT plan(16);
 \ir _helpers.inc
 
 -- 1. -------------------------------------------------------------------------------
@@ -170,6 +172,33 @@ END $$;
 SELECT is((SELECT t.name || ' ' || i.claim_action FROM pg_temp.w('w2') i
              JOIN public.provisioner_targets t ON t.id = i.target_id),
           'small start', 'once a target has room it is placed there and started');
+
+-- 4. -------------------------------------------------------------------------------
+-- A target with room for a starter (1536 MB), not for a professional (3072 MB);
+-- 16 professionals wait, then a starter.
+UPDATE public.provisioner_targets SET enabled = false WHERE id = 981;
+INSERT INTO public.provisioner_targets (id, name, url, token_ref, capacity_mb)
+VALUES (982, 'medium', 'http://10.0.0.10:8002', 'env:MEDIUM_TOKEN', 2000);
+INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status)
+SELECT ('a28000' || lpad(n::text, 2, '0') || '-0000-4000-8000-000000000000')::uuid,
+       '5eed5eed-0000-4000-8000-000000000001',
+       CASE WHEN n <= 16 THEN 'price_professional' ELSE 'price_starter' END,
+       (CASE WHEN n <= 16 THEN 'professional' ELSE 'starter' END)::public.subscription_tier, 'active'
+  FROM generate_series(1, 17) n;
+UPDATE public.provisioner_targets SET capacity_mb = 1 WHERE id = 982;
+INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain)
+SELECT s.id, n.dokku_app_name, n.subdomain
+  FROM public.subscriptions s, public.instance_names(s.id) n WHERE s.id::text LIKE 'a28000%';
+UPDATE public.instances SET owed_since = now() - interval '1 hour'
+ WHERE subscription_id::text LIKE 'a28000%' AND memory_limit_mb = 2048;
+SELECT is((SELECT count(*) FROM public.instances
+            WHERE subscription_id::text LIKE 'a28000%' AND target_id IS NULL), 17::bigint,
+          '17 instances wait for room');
+UPDATE public.provisioner_targets SET capacity_mb = 2000 WHERE id = 982;
+DO $$ BEGIN PERFORM public.lifecycle_claim('pgtap/m' || n, 60) FROM generate_series(1, 3) n; END $$;
+SELECT is((SELECT t.name FROM public.instances i JOIN public.provisioner_targets t ON t.id = i.target_id
+            WHERE i.subscription_id = 'a2800017-0000-4000-8000-000000000000'), 'medium',
+          'the one that fits is placed, whatever larger ones wait before it');
 
 SELECT * FROM finish();
 ROLLBACK;
