@@ -529,3 +529,15 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         if p is not None:
             stop(run, env, p)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- operator commands that would do other than asked -----------------------------
+
+def test_deprovision_refuses_a_mode_given_twice():
+    """`--mode stop ... --mode destroy` names two different things; the last one
+    silently winning destroys an instance the operator may have meant to stop.
+    Refused before anything is sent, as two targets are."""
+    a = str(uuid.uuid4())
+    for cmd in (("deprovision", "--instance", a, "--mode", "stop", "--mode", "destroy"),
+                ("deprovision", "--subscription", a, "--mode", "destroy", "--mode", "stop")):
+        fails(ctl(*cmd), 2, "deprovision: give --mode once")
