@@ -6,6 +6,8 @@
  *                                    dropped); an update is owed only when the
  *                                    value changed (compared by keyed digest)
  *   mr-secrets unset INSTANCE NAME   removes it (an update is owed)
+ *                                    (set and unset refuse an instance destroyed
+ *                                    or being destroyed: nothing would deploy it)
  *   mr-secrets list INSTANCE         names, kinds, key ids: never a value
  *   mr-secrets reseal [--batch N]    re-seals every secret not sealed under the
  *                                    current key, and re-tags stale digests; owes
@@ -59,8 +61,16 @@ static const mr_db_stmt swap_stmt = {
     "            WHERE instance_id = $1::uuid AND kind = $2 AND name = $3 AND ciphertext = $4"
     "            RETURNING 1) SELECT count(*)::text FROM u",
     6};
-static const mr_db_stmt exists_stmt = {
-    "mr_sc_exists", "SELECT count(*)::text FROM public.instances WHERE id = $1::uuid", 1};
+/* "live", or for an instance destroyed or being destroyed "gone:" and the id of its
+ * subscription's live instance, if there is one; no row: no such instance. */
+static const mr_db_stmt state_stmt = {
+    "mr_sc_state",
+    "SELECT CASE WHEN i.status <> 'deprovisioned' AND i.desired_status <> 'deprovisioned'"
+    "            THEN 'live' ELSE 'gone:' || coalesce((SELECT l.id::text FROM public.instances l"
+    "              WHERE l.subscription_id = i.subscription_id AND l.status <> 'deprovisioned'"
+    "                AND l.id <> i.id ORDER BY l.created_at DESC LIMIT 1), '') END"
+    "  FROM public.instances i WHERE i.id = $1::uuid",
+    1};
 
 static int usage(void)
 {
@@ -117,19 +127,31 @@ static char *read_value(size_t *len)
     return buf;
 }
 
-static int instance_exists(mr_db *db, const char *iid)
+/* 1 when the instance exists (and, with live, is neither destroyed nor being
+ * destroyed), else 0 (said on stderr) or -1 (database error). A destroyed
+ * instance's environment is never deployed again, and the instance a later
+ * provision creates is another row: a value set on the old one would reach nothing. */
+static int instance_check(mr_db *db, const char *iid, int live)
 {
     const char *p[] = {iid};
     char *out = NULL, err[256] = "";
-    if (mr_db_call(db, &mr_service_identity, &exists_stmt, p, NULL, &out, err, sizeof err) != MR_OK) {
+    if (mr_db_call(db, &mr_service_identity, &state_stmt, p, NULL, &out, err, sizeof err) != MR_OK) {
         fail("database", err);
         return -1;
     }
-    int found = out && strcmp(out, "0") != 0;
-    free(out);
-    if (!found)
+    int ok = out && (!live || strcmp(out, "live") == 0);
+    if (!out)
         fprintf(stderr, "mr-secrets: no instance %s\n", iid);
-    return found;
+    else if (!ok && out[5])
+        fprintf(stderr, "mr-secrets: instance %s is destroyed (or being destroyed): nothing "
+                        "would deploy its environment; its subscription's live instance is %s\n",
+                iid, out + 5);
+    else if (!ok)
+        fprintf(stderr, "mr-secrets: instance %s is destroyed (or being destroyed): nothing "
+                        "would deploy its environment; its subscription has no live instance "
+                        "(set the value on the one `mindroomctl provision` creates)\n", iid);
+    free(out);
+    return ok;
 }
 
 static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *name)
@@ -139,7 +161,7 @@ static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *
                         "(^[A-Z_][A-Z0-9_]*$, not DOKKU_* or one the provisioner sets)\n", name);
         return 2;
     }
-    if (instance_exists(db, iid) != 1)
+    if (instance_check(db, iid, 1) != 1)
         return 1;
     size_t len = 0;
     char *value = read_value(&len);
@@ -185,7 +207,7 @@ done:
 
 static int cmd_unset(mr_db *db, const char *iid, const char *name)
 {
-    if (instance_exists(db, iid) != 1)
+    if (instance_check(db, iid, 1) != 1)
         return 1;
     const char *p[] = {iid, "env", name};
     char *out = NULL, err[256] = "";
@@ -199,7 +221,7 @@ static int cmd_unset(mr_db *db, const char *iid, const char *name)
 
 static int cmd_list(mr_db *db, const char *iid)
 {
-    if (instance_exists(db, iid) != 1)
+    if (instance_check(db, iid, 0) != 1)
         return 1;
     const char *p[] = {iid};
     char *out = NULL, err[256] = "";

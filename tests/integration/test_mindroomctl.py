@@ -541,3 +541,49 @@ def test_deprovision_refuses_a_mode_given_twice():
     for cmd in (("deprovision", "--instance", a, "--mode", "stop", "--mode", "destroy"),
                 ("deprovision", "--subscription", a, "--mode", "destroy", "--mode", "stop")):
         fails(ctl(*cmd), 2, "deprovision: give --mode once")
+
+
+
+def test_env_set_on_a_destroyed_instance_is_refused_naming_the_live_one(stack):
+    """`status` shows a destroyed subscription's last instance id; a value set on that
+    row would reach nothing (a destroyed instance is never deployed again, and the one
+    a later `provision` creates is another row), so `env set` and `env unset` refuse
+    it, store nothing, and name the subscription's live instance when there is one."""
+    sid = new_subscription(stack, "starter", status="cancelled")
+    dead = str(uuid.uuid4())
+    stack.sql("INSERT INTO public.instances (id, subscription_id, dokku_app_name, subdomain, status, "
+              "desired_status, provisioned_at, deprovisioned_at, storage_destroy_after) "
+              "SELECT %s, %s, n.dokku_app_name, n.subdomain, 'deprovisioned', 'deprovisioned', now(), "
+              "now(), now() + interval '30 days' FROM public.instance_names(%s) n", dead, sid, sid)
+    env = {"DATABASE_URL": stack.env["DATABASE_URL"],
+           "MINDROOM_SECRETS_KEY": stack.env["MINDROOM_SECRETS_KEY"],
+           "MR_BIN_DIR": str(mr.build_dir() / "bin")}
+    if stack.env.get("DATABASE_POOLER"):
+        env["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    e.update(env, MR_RUN_DIR="/nonexistent-mindroomctl-stack", MR_ENV_FILE="/nonexistent-mindroomctl.env")
+
+    def env_cmd(*args):
+        return subprocess.run([CTL, "env", *args], input="sk-" + "x" * 30, env=e,
+                              capture_output=True, text=True, timeout=60)
+
+    def version(iid):
+        return stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0]
+
+    before = version(dead)
+    p = env_cmd("set", dead, "OPENAI_API_KEY")
+    assert p.returncode == 1 and "owes an update" not in p.stdout, (p.returncode, p.stdout, p.stderr)
+    assert "instance %s is destroyed" % dead in p.stderr and "no live instance" in p.stderr, p.stderr
+    assert stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s", dead)[0][0] == 0
+    assert version(dead) == before
+
+    # Provisioned again: the refusal names the instance to set it on, which takes it.
+    stack.sql("UPDATE public.subscriptions SET status = 'active' WHERE id = %s", sid)
+    live = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    for verb in (("set", dead, "OPENAI_API_KEY"), ("unset", dead, "OPENAI_API_KEY")):
+        p = env_cmd(*verb)
+        assert p.returncode == 1 and "live instance is %s" % live in p.stderr, (verb, p.stderr)
+    p = env_cmd("set", live, "OPENAI_API_KEY")
+    assert p.returncode == 0 and "owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
+    # Listing a destroyed instance's secrets still works.
+    assert env_cmd("list", dead).returncode == 0
