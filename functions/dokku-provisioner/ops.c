@@ -16,7 +16,7 @@
  *     resource:limit -> [network:set attach-post-create] -> ports:set ->
  *     [config:set --no-restart --encoded] -> domains:set -> [certs:add]
  *     [storage:exec <entry> -- tar ...]          the homeserver's configuration
- *     git:from-image -> [ps:restart | ps:start when the image was already deployed]
+ *     git:from-image -> [ps:rebuild | ps:start when the image was already committed]
  *     [letsencrypt:active -> letsencrypt:enable]
  *
  * With DOKKU_SCHEDULER=k3s the same sequence differs where Dokku's k3s
@@ -31,11 +31,12 @@
  * start: only DELETE ?purge=true and DELETE /apps/{app}/storage destroy it.
  *
  * Limits, config, mounts and network attachments take effect on a deploy.
- * When git:from-image finds the image already deployed ("No changes
- * detected"), nothing was deployed, so the app is restarted if what we
- * applied differs from what its last successful run applied (a keyed hash
- * kept in the state directory; losing it costs one restart, never
- * correctness), and otherwise only started if it is not running.
+ * When git:from-image finds the image already committed ("No changes
+ * detected"), nothing was deployed, so the app is rebuilt from that commit
+ * unless what we apply is what its last successful run applied (a keyed hash
+ * kept in the state directory; losing it costs one rebuild, never
+ * correctness) and Dokku reports it deployed; then it is only started if it
+ * is not running.
  *
  * One request per instance at a time: an flock in the state directory, which
  * works across this function's worker processes. Dokku's own deploy lock
@@ -177,7 +178,7 @@ static void fp_add(fp_text *t, const char *s)
 
 /* HMAC-SHA256 keyed by the provisioner token, so the file says nothing about
  * the values. hex gets 65 bytes; "" when the hash could not be made (the
- * app is then restarted, which is always safe). */
+ * app is then rebuilt, which is always safe). */
 static void fp_finish(const prov_config *cfg, fp_text *t, char *hex)
 {
     hex[0] = '\0';
@@ -253,7 +254,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     /* A new spec: the recorded one stops being true with the first change below
      * (config:set and the limits apply at once, and a restart, this run's or a later
      * one's, starts a container from them). Forgotten before it, so that a run cut
-     * short is followed by a restart whatever spec comes next, even the old one. */
+     * short is followed by a rebuild whatever spec comes next, even the old one. */
     if (!spec_matches(cfg, p->app, fp))
         spec_forget(cfg, p->app);
 
@@ -355,17 +356,29 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         if ((e = must_in(c, a, p->files, p->files_len, slow)) != MR_OK) return e;
     }
 
-    /* 5. Deploy the pinned image. Dokku reports an image that is already
-     * deployed with "No changes detected, skipping git commit": exit 0 in
-     * current releases, exit 1 in some older ones. Both are success. */
+    /* 5. Deploy the pinned image. git:from-image commits "FROM <image>" to the
+     * app's repository, then builds and deploys that commit; a deploy that
+     * fails takes the commit back out, but one that is killed (our deadline,
+     * the OOM killer, the host going down) leaves it. "No changes detected,
+     * skipping git commit" (exit 0 in current releases, 1 in some older ones)
+     * only says the image is the one committed, not that it was deployed, and
+     * ps:restart / ps:start of an app never deployed warn and exit 0. So an
+     * unchanged image is rebuilt from that commit (a full deploy with the
+     * current config) unless this very spec completed before and the app is
+     * deployed; then it is only started if it is not running. */
     {
         const char *a[] = {"git:from-image", p->app, p->image, NULL};
         if ((e = run(c, a, slow)) != MR_OK) return e;
         int unchanged = said(c->res, "No changes detected");
         if (c->res->status != 0 && !unchanged) return failed(c, a);
         if (!unchanged) c->out->deployed = 1;
-        if (unchanged && !spec_matches(cfg, p->app, fp)) {
-            const char *r[] = {"ps:restart", p->app, NULL};
+        int deployed = 0;
+        if (unchanged && spec_matches(cfg, p->app, fp)) {
+            const char *q[] = {"ps:report", p->app, "--deployed", NULL};
+            if ((e = report_true(c, q, &deployed)) != MR_OK) return e;
+        }
+        if (unchanged && !deployed) {
+            const char *r[] = {"ps:rebuild", p->app, NULL};
             if ((e = must(c, r, slow)) != MR_OK) return e;
             c->out->restarted = 1;
         } else if (unchanged) {

@@ -284,7 +284,8 @@ typedef struct {
     prov_storage storage, hs_storage; /* the two entries, when this request looked */
     int existed;                /* an app of the instance existed before this request */
     int deployed;               /* git:from-image deployed a change in this request */
-    int restarted;              /* an app was restarted to apply a changed spec */
+    int restarted;              /* an app was rebuilt from its committed image (a changed
+                                 * spec, or a deploy that never completed) */
     int purged;                 /* storage entries were destroyed by this request */
     /* On failure: the status and error code to answer with (502 dokku_failed,
      * 504 dokku_timeout, 503 dokku_unavailable or app_busy, 404 not_found,

@@ -316,10 +316,11 @@ static const dry_rule dry_model[] = {
     {"apps:create", DRY_SET, "created"},    {"storage:create", DRY_SET, "created"},
     {"network:create", DRY_SET, "created"}, {"git:from-image", DRY_SET, "running"},
     {"ps:start", DRY_SET, "running"},       {"ps:restart", DRY_SET, "running"},
-    {"ps:stop", DRY_SET, "stopped"},        {"apps:destroy", DRY_SET, ""},
-    {"storage:destroy", DRY_SET, ""},       {"network:destroy", DRY_SET, ""},
-    {"apps:exists", DRY_EXISTS, NULL},      {"storage:info", DRY_EXISTS, NULL},
-    {"network:exists", DRY_EXISTS, NULL},   {"ps:report", DRY_REPORT, NULL},
+    {"ps:rebuild", DRY_SET, "running"},     {"ps:stop", DRY_SET, "stopped"},
+    {"apps:destroy", DRY_SET, ""},          {"storage:destroy", DRY_SET, ""},
+    {"network:destroy", DRY_SET, ""},       {"apps:exists", DRY_EXISTS, NULL},
+    {"storage:info", DRY_EXISTS, NULL},     {"network:exists", DRY_EXISTS, NULL},
+    {"ps:report", DRY_REPORT, NULL},
 };
 
 /* The registry could not be read or written: the command fails as a Dokku

@@ -419,8 +419,9 @@ def app_sequence(app, entry, cdir, uid, mem_, cpu, gb, network, port, domain, im
     seq.append(["git:from-image", app, image])
     if st["deployed"]:
         if not st["spec_ok"]:
-            seq.append(["ps:restart", app])
+            seq.append(["ps:rebuild", app])
         else:
+            seq.append(["ps:report", app, "--deployed"])
             seq.append(["ps:report", app, "--running"])
             if not st["running"]:
                 seq.append(["ps:start", app])

@@ -569,7 +569,8 @@ def test_data_survives_update_restart_stop_start_redeploy_and_destroy(stack, dok
     assert call(stack, "POST", "/apps/%s/start" % app).status == 200
     kept()
     # A redeploy of a new image (a health-driven redeploy is the same request again).
-    (dokku.dir / "apps" / app / "image").write_text("registry.example.com/old@sha256:" + "0" * 64)
+    for f in ("image", "source-image"):
+        (dokku.dir / "apps" / app / f).write_text("registry.example.com/old@sha256:" + "0" * 64)
     r = post(stack, body(app, "skeep", 1024, 1, env={"MINDROOM_TIER": "pro"}, hs_memory_mb=512))
     assert r.status == 200 and r.json["deployed"] is True, r
     kept()
@@ -872,7 +873,7 @@ def test_a_revert_after_an_update_that_failed_part_way_restarts_again(stack, dok
     assert r.status == 200, r
     assert dokku.config(app)["OPENAI_API_KEY"] == "sk-old"
     calls = dokku.new_calls()
-    assert ["ps:restart", app] in calls and r.json["restarted"] is True, (r.json, calls)
+    assert ["ps:rebuild", app] in calls and r.json["restarted"] is True, (r.json, calls)
 
 
 def test_stop_of_an_instance_whose_mindroom_app_is_missing_stops_its_homeserver(stack, dokku):
@@ -886,3 +887,29 @@ def test_stop_of_an_instance_whose_mindroom_app_is_missing_stops_its_homeserver(
     r = call(stack, "POST", "/apps/%s/stop" % app)
     assert r.status == 200 and r.json["apps"] == {"mindroom": "missing", "homeserver": "stopped"}, r
     assert dokku.app(app + "-matrix", "running") != "true", r.json
+
+
+def test_a_first_deploy_that_failed_after_its_commit_is_resumed(stack, dokku):
+    """Dokku's git:from-image commits "FROM <image>" to the app's repository, then
+    builds and deploys it (plugins/git/git-from-image, git-from-directory). A deploy
+    killed after the commit (the OOM killer, the host going down) keeps the commit:
+    the same image again is "No changes detected" although nothing was deployed,
+    and ps:restart / ps:start of an app never deployed only warn and exit 0
+    (plugins/ps/ps.go). The same request again must complete the instance ("a call
+    after a failure at any step completes the instance", docs/provisioner.md)."""
+    app = "mindroom-crashed"
+    n = names(app)
+    payload = body(app, "scrashed")
+    # The homeserver's deploy is the first git:from-image of the sequence.
+    dokku.tell("crash", "git:from-image", times=1)
+    r = post(stack, payload)
+    dokku.untell("crash", "git:from-image")
+    assert r.status == 502 and r.json["error"]["message"] == "git:from-image exited 137", r
+    assert dokku.app(n["hs"], "image") is None          # nothing deployed yet
+    answers = [post(stack, payload) for _ in range(3)]
+    assert [a.status for a in answers] == [201, 200, 200], answers
+    for a, image in ((n["hs"], MATRIX_IMAGE), (app, IMAGE)):
+        assert dokku.app(a, "image") == image, "%s was never deployed" % a
+        assert dokku.app(a, "running") == "true"
+    r = call(stack, "GET", "/apps/" + app)
+    assert r.json["apps"] == {"mindroom": "running", "homeserver": "running"}, r

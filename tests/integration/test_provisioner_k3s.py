@@ -101,9 +101,11 @@ def test_a_repeat_on_k3s_creates_nothing_and_restarts_nothing(stack, dokku):
     r = post(stack, PAYLOAD)
     assert r.status == 200 and r.json["restarted"] is False, r
     calls = dokku.new_calls()
-    assert not [c for c in calls if c[0] in ("apps:create", "storage:create", "ps:restart")]
+    assert not [c for c in calls if c[0] in ("apps:create", "storage:create", "ps:restart",
+                                             "ps:rebuild")]
     assert [c for c in calls if c[0] in ("ps:report", "ps:start")] == [
-        ["ps:report", APP + "-matrix", "--running"], ["ps:report", APP, "--running"]]
+        ["ps:report", APP + "-matrix", "--deployed"], ["ps:report", APP + "-matrix", "--running"],
+        ["ps:report", APP, "--deployed"], ["ps:report", APP, "--running"]]
 
 
 def test_a_storage_size_is_required_on_k3s_and_nothing_runs_without_it(stack, dokku):

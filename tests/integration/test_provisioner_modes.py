@@ -223,6 +223,63 @@ def test_a_stalled_deploy_times_out_and_the_retry_completes(slow):
     assert ["apps:create", "mindroom-slowdeploy"] not in d.new_calls()
 
 
+def test_a_deploy_cut_off_after_its_commit_is_completed_by_the_retry(slow):
+    """Dokku's git:from-image commits the image before deploying it, and only a
+    deploy that exits non-zero takes the commit back out: one killed at
+    DOKKU_DEPLOY_TIMEOUT_MS keeps it. The retry's git:from-image then says "No
+    changes detected" and ps:restart / ps:start of a never-deployed app are a
+    warning with exit 0; the retry must deploy the homeserver, not answer the
+    instance running without it (TLS off: no letsencrypt:enable to trip over)."""
+    s, d = slow
+    app = "mindroom-lies"
+    n = names(app)
+    payload = body(app, "slies")
+    d.tell("crash", "git:from-image", times=1, seconds=120)
+    r = s.call_provisioner("POST", "/apps", json=payload)
+    d.untell("crash", "git:from-image")
+    assert r.status == 504, r
+    assert r.json["error"]["message"] == "git:from-image timed out after 4000 ms"
+    assert d.app(n["hs"], "source-image") == MATRIX_IMAGE and d.app(n["hs"], "image") is None
+    r = s.call_provisioner("POST", "/apps", json=payload)
+    assert r.status == 201 and r.json["state"] == "running", r
+    assert d.app(n["hs"], "image") == MATRIX_IMAGE, "answered running, homeserver never deployed"
+    assert d.app(n["hs"], "running") == "true" and d.app(app, "image") == IMAGE
+    r = s.call_provisioner("GET", "/apps/" + app)
+    assert r.json["apps"] == {"mindroom": "running", "homeserver": "running"}, r
+
+
+def test_a_new_image_whose_deploy_was_killed_after_its_commit_is_rolled_out_by_the_retry(slow):
+    """MINDROOM_IMAGE changes (a release); the update's deploy of it is killed after
+    Dokku committed it. The retry's git:from-image is "No changes detected", and
+    ps:restart would restart the release that is deployed: the old image. The
+    retry must roll the new image out, not answer success with the old one."""
+    s, d = slow
+    app = "mindroom-rollout"
+    payload = body(app, "srollout", hs=False)
+    assert s.call_provisioner("POST", "/apps", json=payload).status == 201
+    new_image = IMAGE.split("@")[0] + "@sha256:" + "ef56" * 16
+    s.env["MINDROOM_IMAGE"] = new_image
+    s.restart_function("dokku-provisioner")
+    try:
+        d.tell("crash", "git:from-image", times=1)
+        r = s.call_provisioner("POST", "/apps", json=payload)
+        d.untell("crash", "git:from-image")
+        assert r.status == 502 and r.json["error"]["message"] == "git:from-image exited 137", r
+        assert d.app(app, "image") == IMAGE             # the old release still runs
+        r = s.call_provisioner("POST", "/apps", json=payload)
+        assert r.status == 200, r
+        assert d.app(app, "image") == new_image, "answered 200 with the old image deployed"
+        assert d.app(app, "running") == "true"
+        # Applied now: the same request again deploys nothing more.
+        d.mark()
+        r = s.call_provisioner("POST", "/apps", json=payload)
+        assert r.status == 200 and r.json["restarted"] is False, r
+        assert not [c for c in d.new_calls() if c[0] in ("ps:rebuild", "ps:restart")]
+    finally:
+        s.env["MINDROOM_IMAGE"] = IMAGE
+        s.restart_function("dokku-provisioner")
+
+
 def test_a_dokku_that_cannot_start_is_a_503(slow):
     s, d = slow
     s.env["DOKKU_BIN"] = str(d.dir / "no-such-dokku")
