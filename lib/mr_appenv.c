@@ -21,7 +21,7 @@ int mr_appenv_reserved_key(const char *key)
 {
     static const char *const mine[] = {"MATRIX_HOMESERVER", "MATRIX_SERVER_NAME",
                                        "MATRIX_REGISTRATION_SHARED_SECRET",
-                                       "MINDROOM_STORAGE_PATH"};
+                                       "MINDROOM_STORAGE_PATH", MR_APPENV_MANAGED};
     /* Dokku keeps its own settings in DOKKU_* variables of the app. */
     if (strncmp(key, "DOKKU_", 6) == 0) return 1;
     for (size_t i = 0; i < MR_ARRAY_LEN(mine); i++)

@@ -11,11 +11,16 @@
 #define MR_APPENV_CONTROL_PLANE_URL "MINDROOM_CONTROL_PLANE_URL"
 #define MR_APPENV_CONTROL_PLANE_TOKEN "MINDROOM_CONTROL_PLANE_TOKEN"
 
+/* What the provisioner itself puts in MindRoom's environment: the names of every
+ * variable it set there (comma-separated), so that a later create/update unsets
+ * the ones it no longer sets (docs/provisioner.md). */
+#define MR_APPENV_MANAGED "MINDROOM_MANAGED_ENV"
+
 /* 1 when s is an environment key: ^[A-Z_][A-Z0-9_]*$, at most 255 characters. */
 int mr_appenv_valid_key(const char *s);
 
-/* 1 when key is set by the provisioner itself (DOKKU_*, MATRIX_HOMESERVER, ...):
- * a request may not set it. */
+/* 1 when key is set by Dokku or the provisioner itself (DOKKU_*,
+ * MATRIX_HOMESERVER, MR_APPENV_MANAGED, ...): a request may not set it. */
 int mr_appenv_reserved_key(const char *key);
 
 #endif

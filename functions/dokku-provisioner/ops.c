@@ -14,7 +14,8 @@
  *     storage:mount (idempotent: same entry, same container dir)
  *     [storage:labels:set <entry> mindroom.chat/storage-gb <N>]
  *     resource:limit -> [network:set attach-post-create] -> ports:set ->
- *     [config:set --no-restart --encoded] -> domains:set -> [certs:add]
+ *     [config:get -> [config:unset --no-restart] -> config:set --no-restart --encoded]
+ *     -> domains:set -> [certs:add]
  *     [storage:exec <entry> -- tar ...]          the homeserver's configuration
  *     git:from-image -> [ps:rebuild | ps:start when the image was already committed]
  *     [letsencrypt:active -> letsencrypt:enable]
@@ -210,11 +211,70 @@ static void spec_forget(const prov_config *cfg, const char *app)
 
 /* ---- create / update of one app ---- */
 
+#define UNSET_BATCH 64
+
+/* 1 when key is one of the comma-separated names of list. */
+static int listed(const char *list, const char *key)
+{
+    size_t kl = strlen(key);
+    for (const char *s = list;;) {
+        size_t n = strcspn(s, ",");
+        if (n == kl && strncmp(s, key, kl) == 0) return 1;
+        if (!s[n]) return 0;
+        s += n + 1;
+    }
+}
+
+/* config:set only adds and overwrites, so a variable the control plane stopped
+ * sending (an operator's key being revoked) would stay in MindRoom's
+ * environment. The names this provisioner set last time are in the app's own
+ * MR_APPENV_MANAGED (it survives a move of the provisioner to another host);
+ * those missing from now (the same form) are unset before config:set records
+ * now, so that a run stopped between the two still finds them listed next
+ * time. Only names of that list are touched, never Dokku's own (DOKKU_*) or a
+ * variable someone set by hand; an app without the variable (set up before it
+ * existed) has nothing to unset. */
+static mr_err unset_dropped(run_ctx *c, const char *app, const char *now)
+{
+    const int64_t quick = c->cfg->command_timeout_ms;
+    const char *q[] = {"config:get", app, MR_APPENV_MANAGED, NULL};
+    mr_err e = run(c, q, quick);
+    if (e != MR_OK) return e;
+    /* Not set: exit 1 and no output at all (an error says " !" on stderr). */
+    if (c->res->status == 1 && c->res->out_len == 0 && !said(c->res, " !")) return MR_OK;
+    if (c->res->status != 0) return failed(c, q);
+    if (c->res->out_len >= PROV_OUT_MAX - 1) return internal(c, "config:get answered too much");
+    char *was = strdup(c->res->out);
+    if (!was) return internal(c, "out of memory");
+    const char *a[3 + UNSET_BATCH + 1] = {"config:unset", "--no-restart", app};
+    size_t k = 3;
+    char *save = NULL;
+    for (char *key = strtok_r(was, ",\r\n", &save); key && e == MR_OK;
+         key = strtok_r(NULL, ",\r\n", &save)) {
+        if (!mr_appenv_valid_key(key) || strncmp(key, "DOKKU_", 6) == 0 ||
+            strcmp(key, MR_APPENV_MANAGED) == 0 || listed(now, key))
+            continue;
+        a[k++] = key;
+        if (k == 3 + UNSET_BATCH) {
+            a[k] = NULL;
+            e = must(c, a, quick);
+            k = 3;
+        }
+    }
+    if (e == MR_OK && k > 3) {
+        a[k] = NULL;
+        e = must(c, a, quick);
+    }
+    free(was);
+    return e;
+}
+
 typedef struct {
     const char *app, *image, *entry, *container_dir, *network, *domain;
     const prov_limits *lim;
     int64_t uid, port;
     const char *const *config;   /* config:set argv, or NULL */
+    const char *managed;         /* with config: the names it sets (MR_APPENV_MANAGED's value) */
     const unsigned char *files;  /* tarball for storage:exec before the deploy, or NULL */
     size_t files_len;
     const char *const *fp_extra; /* more values the app depends on (NULL-terminated), or NULL */
@@ -326,7 +386,10 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
                            cfg->tls != PROV_TLS_OFF && !k3s ? https : NULL, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
-    if (p->config && (e = must(c, p->config, quick)) != MR_OK) return e;
+    if (p->config) {
+        if ((e = unset_dropped(c, p->app, p->managed)) != MR_OK) return e;
+        if ((e = must(c, p->config, quick)) != MR_OK) return e;
+    }
     {
         const char *a[] = {"domains:set", p->app, p->domain, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
@@ -463,10 +526,11 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     begin(out, cfg);
     prov_result *res = malloc(sizeof *res);
     /* MindRoom's environment: the request's plus what the provisioner defines. */
-    prov_env *env = calloc(spec->n_env + 4, sizeof *env);
+    prov_env *env = calloc(spec->n_env + 5, sizeof *env);
     run_ctx c = {cfg, out, res, err, errlen};
     int lockfd = -1;
     const char **cargs = NULL;
+    char *managed = NULL;
     prov_buf files = {0}, root = {0};
     const int k3s = cfg->scheduler == PROV_SCHED_K3S;
     mr_err e;
@@ -531,7 +595,18 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
         if ((e = apply_app(&c, &hp)) != MR_OK) goto done;
     }
 
-    /* 2. MindRoom. */
+    /* 2. MindRoom, with the names of its environment (see unset_dropped). */
+    qsort(env, n, sizeof *env, env_cmp);
+    size_t ml = 1;
+    for (size_t i = 0; i < n; i++) ml += strlen(env[i].key) + 1;
+    if (!(managed = malloc(ml))) {
+        e = internal(&c, "out of memory");
+        goto done;
+    }
+    managed[0] = '\0';
+    for (size_t i = 0, at = 0; i < n; i++)
+        at += (size_t)snprintf(managed + at, ml - at, "%s%s", i ? "," : "", env[i].key);
+    env[n++] = (prov_env){MR_APPENV_MANAGED, managed};
     qsort(env, n, sizeof *env, env_cmp);
     if (!(cargs = config_args(spec->app, env, n))) {
         e = internal(&c, "out of memory");
@@ -545,7 +620,8 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                    .container_dir = cfg->mindroom_data_dir,
                    .network = spec->hs.present && !k3s ? nm.network : NULL, .domain = domain,
                    .lim = &spec->lim, .uid = cfg->mindroom_uid, .port = cfg->mindroom_port,
-                   .config = cargs, .files = root.data, .files_len = root.len};
+                   .config = cargs, .managed = managed, .files = root.data,
+                   .files_len = root.len};
     if ((e = apply_app(&c, &mp)) != MR_OK) goto done;
 
     out->existed = !mp.created;
@@ -559,6 +635,7 @@ done:
     prov_buf_free(&files);
     prov_buf_free(&root);
     free_config_args(cargs);
+    free(managed);
     prov_unlock(lockfd);
     free(env);
     free(res);

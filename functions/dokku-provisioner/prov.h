@@ -214,7 +214,9 @@ mr_err prov_load_wildcard(const char *cert_path, const char *key_path, const cha
 
 /* ---- runner.c ---- */
 
-#define PROV_OUT_MAX 16384
+/* Room for config:get of MR_APPENV_MANAGED: PROV_MAX_ENV + 4 names of at most
+ * 255 characters, comma-separated. */
+#define PROV_OUT_MAX 69632
 
 typedef struct {
     int status;                 /* exit status; 128+N when killed by signal N; -1 not started */

@@ -363,6 +363,12 @@ def body(app, subdomain=None, memory_mb=512, cpu=0.5, env=None, storage_gb=5, hs
     return b
 
 
+def managed(env):
+    """MindRoom's environment as the provisioner sets it: env plus the names of
+    everything in it (MINDROOM_MANAGED_ENV, which a later update unsets by)."""
+    return dict(env, MINDROOM_MANAGED_ENV=",".join(sorted(env)))
+
+
 def decode_config_args(argv):
     """{KEY: decoded value} from a recorded config:set argv."""
     assert argv[:3] == ["config:set", "--no-restart", "--encoded"], argv
@@ -407,6 +413,7 @@ def app_sequence(app, entry, cdir, uid, mem_, cpu, gb, network, port, domain, im
         seq.append(["network:set", app, "attach-post-create", network])
     seq.append(["ports:set", app] + ports(port, tls, k3s).split())
     if config:
+        seq.append(["config:get", app, "MINDROOM_MANAGED_ENV"])
         seq.append(None)
     seq.append(["domains:set", app, domain])
     if tls == "wildcard":

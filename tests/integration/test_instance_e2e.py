@@ -478,3 +478,30 @@ def test_kept_homeserver_keys_that_do_not_open_fail_the_create_and_replace_nothi
                                   "'running' AND claimed_by IS NULL", second),
                timeout=45, what="running once the keys open")
     assert {f: (hs_dir / f).read_text() for f in SECRET_FILES} == before
+
+
+def test_an_unset_variable_leaves_the_instance_with_the_update_it_owes(stack, dokku):
+    """`mindroomctl env unset` removes an operator's variable (a leaked model-provider
+    key being revoked, say): "removed; the instance owes an update", and the update
+    redeploys MindRoom "with the new environment" (docs/lifecycle.md). The variable
+    must be gone from MindRoom's environment once that update is applied; the
+    provisioner's config:set only adds and overwrites, so Dokku keeps the old value."""
+    c = Customer(stack, "starter")
+    c.send("customer.subscription.created", "active")
+    inst = running(stack, c.sid)
+    iid, n = str(inst["id"]), names(inst["dokku_app_name"])
+    leaked = "sk-" + secrets.token_hex(20)
+    p = ctl(stack, "env", "set", iid, "OPENAI_API_KEY", stdin=leaked)
+    assert p.returncode == 0 and "owes an update" in p.stdout, p
+    wait_until(lambda: dokku.config(n["app"]).get("OPENAI_API_KEY") == leaked, timeout=45,
+               what="the key deployed")
+    running(stack, c.sid)
+
+    p = ctl(stack, "env", "unset", iid, "OPENAI_API_KEY")
+    assert p.returncode == 0 and "removed; the instance owes an update" in p.stdout, p
+    wait_until(lambda: (lambda v: v[0] == v[1] or None)(row(
+        stack, "SELECT config_version, applied_config_version FROM public.instances "
+               "WHERE id = %s", iid)), timeout=45, what="the update applied")
+    running(stack, c.sid)
+    assert "OPENAI_API_KEY" not in dokku.config(n["app"]), \
+        "the removed key is still in MindRoom's environment after the update"

@@ -4,6 +4,7 @@ commands that reach Dokku, what the instance's apps and storage hold after
 them, and nothing on bad input."""
 
 import base64
+import json
 import stat
 import threading
 
@@ -13,8 +14,8 @@ import mr
 from provisioner_helpers import (DOMAIN, DONE, HS_UID, IMAGE, K3S, LABEL, MATRIX_IMAGE,
                                  MINDROOM_DIR, MINDROOM_UID, TAR, Dokku, body, create_sequence,
                                  decode_config_args, destroy_sequence, hs_internal_url,
-                                 hs_secrets, match, matrix_host, mem, names, network_teardown,
-                                 ports, storage_destroy, subcommand)
+                                 hs_secrets, managed, match, matrix_host, mem, names,
+                                 network_teardown, ports, storage_destroy, subcommand)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,10 @@ def test_create_runs_the_exact_sequence(stack, dokku):
     # reach its homeserver over the private network (not the public domain).
     cfg = [c for c in calls if c[0] == "config:set"][0]
     assert cfg[3] == "mindroom-create"
-    want = dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR,
-                MATRIX_HOMESERVER=hs_internal_url("mindroom-create"),
-                MATRIX_SERVER_NAME="screate-matrix." + DOMAIN,
-                MATRIX_REGISTRATION_SHARED_SECRET=sec["registration_shared_secret"])
+    want = managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR,
+                        MATRIX_HOMESERVER=hs_internal_url("mindroom-create"),
+                        MATRIX_SERVER_NAME="screate-matrix." + DOMAIN,
+                        MATRIX_REGISTRATION_SHARED_SECRET=sec["registration_shared_secret"]))
     assert [p.split("=")[0] for p in cfg[4:]] == sorted(want)
     assert decode_config_args(cfg) == want
     assert dokku.config("mindroom-create") == want
@@ -171,8 +172,8 @@ def test_without_a_homeserver_only_mindroom_is_deployed(stack, dokku):
     assert r.json["storage"] == {"mindroom": "present"}
     match(dokku.new_calls(), create_sequence("mindroom-solo", "ssolo", hs=False, gb=gb,
                                              tls="letsencrypt"))
-    assert dokku.config("mindroom-solo") == {"MINDROOM_TIER": "starter",
-                                             "MINDROOM_STORAGE_PATH": MINDROOM_DIR}
+    assert dokku.config("mindroom-solo") == managed({"MINDROOM_TIER": "starter",
+                                                     "MINDROOM_STORAGE_PATH": MINDROOM_DIR})
     assert not dokku.exists("mindroom-solo-matrix")
 
 
@@ -242,7 +243,7 @@ def test_values_with_newlines_and_shell_are_passed_encoded(stack, dokku):
     assert r.status == 201, r
     calls = dokku.new_calls()
     cfg = [c for c in calls if c[0] == "config:set"][0]
-    assert decode_config_args(cfg) == dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR)
+    assert decode_config_args(cfg) == managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR))
     # No value appears in clear anywhere on any command line ...
     for c in calls:
         for a in c:
@@ -642,7 +643,7 @@ def test_bad_subdomains_run_nothing(stack, dokku, sub):
 @pytest.mark.parametrize("key", ["A=B", "A B", "lower", "1A", "", "A-B", "A;B", "A\nB",
                                  "DOKKU_PROXY_PORT", "\u00c4", "MATRIX_HOMESERVER",
                                  "MATRIX_REGISTRATION_SHARED_SECRET", "MINDROOM_STORAGE_PATH",
-                                 "MATRIX_SERVER_NAME"])
+                                 "MATRIX_SERVER_NAME", "MINDROOM_MANAGED_ENV"])
 def test_bad_env_keys_run_nothing(stack, dokku, key):
     dokku.mark()
     r = post(stack, body("mindroom-okname", "sok", env={"GOOD": "1", key: "v"}))
@@ -913,3 +914,40 @@ def test_a_first_deploy_that_failed_after_its_commit_is_resumed(stack, dokku):
         assert dokku.app(a, "running") == "true"
     r = call(stack, "GET", "/apps/" + app)
     assert r.json["apps"] == {"mindroom": "running", "homeserver": "running"}, r
+
+
+def test_a_variable_no_longer_sent_is_unset_and_nothing_else(stack, dokku):
+    """config:set only adds and overwrites: a variable the control plane stops
+    sending (an operator's key revoked with `mindroomctl env unset`, the
+    homeserver's MATRIX_* when the instance has none any more) must leave
+    MindRoom's environment with the update, before its deploy. What the
+    provisioner never set (Dokku's DOKKU_*, a variable set by hand) stays."""
+    app = "mindroom-unset"
+    env = {"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-revoked", "EXTRA": "x"}
+    assert post(stack, body(app, "sunset", env=env)).status == 201
+    cfg = dokku.config(app)
+    assert cfg["OPENAI_API_KEY"] == "sk-revoked" and "MATRIX_HOMESERVER" in cfg
+    # Set by others on the Dokku host.
+    cfg.update({"DOKKU_APP_RESTORE": "1", "BY_HAND": "kept"})
+    (dokku.dir / "apps" / app / "config.json").write_text(json.dumps(cfg))
+
+    dokku.mark()
+    r = post(stack, body(app, "sunset", env={"MINDROOM_TIER": "starter"}, hs=False))
+    assert r.status == 200 and r.json["restarted"] is True, r
+    calls = dokku.new_calls()
+    unset = [c for c in calls if c[0] == "config:unset"]
+    assert unset == [["config:unset", "--no-restart", app, "EXTRA", "MATRIX_HOMESERVER",
+                      "MATRIX_REGISTRATION_SHARED_SECRET", "MATRIX_SERVER_NAME",
+                      "OPENAI_API_KEY"]], calls
+    # Before the config:set that records the new names, and before the deploy.
+    order = [c[0] for c in calls]
+    assert order.index("config:unset") < order.index("config:set") < order.index("ps:rebuild")
+    want = managed({"MINDROOM_TIER": "starter", "MINDROOM_STORAGE_PATH": MINDROOM_DIR})
+    assert dokku.config(app) == dict(want, DOKKU_APP_RESTORE="1", BY_HAND="kept")
+    assert dokku.app_json(app, "container.json")["image"] == IMAGE
+
+    # Nothing dropped: nothing unset.
+    dokku.mark()
+    assert post(stack, body(app, "sunset", env={"MINDROOM_TIER": "pro"}, hs=False)).status == 200
+    assert not [c for c in dokku.new_calls() if c[0] == "config:unset"]
+    assert dokku.config(app)["BY_HAND"] == "kept"

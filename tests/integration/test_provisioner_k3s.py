@@ -70,6 +70,7 @@ def test_create_on_k3s_runs_the_documented_k3s_commands(stack, dokku):
         ["resource:limit", "--memory", "768Mi", "--cpu", "0.75", APP],
         ["resource:reserve", "--memory", "768Mi", "--cpu", "0.75", APP],
         ["ports:set", APP, "http:80:8765"],
+        ["config:get", APP, "MINDROOM_MANAGED_ENV"],
         None,
         ["domains:set", APP, "skube.mr.test"],
         ["scheduler-k3s:set", APP, "cert-issuer-name", "acme-dns"],
