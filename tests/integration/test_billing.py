@@ -828,3 +828,48 @@ def test_a_paid_session_blocks_checkout_only_until_its_subscription_is_recorded(
     assert c.status == 200, (c, attempts(stack, acc))
     assert stripe.sessions[c.json["id"]]["status"] == "open"
     assert stripe.sessions[left_open]["status"] == "expired"
+
+
+def test_a_subscription_recorded_while_a_checkout_waits_for_stripe_leaves_no_second_session(stack, stripe, prov):
+    """Tab 1's session is paid; tab 2's checkout passes step 1 (no subscription
+    recorded yet) and waits for Stripe while tab 1's webhook records the subscription.
+    Tab 2's step 5 then finds tab 1's session paid: the account has a live
+    subscription, so tab 2's session must not stay open (paying it would make a second
+    subscription on the account)."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="enterprise")
+    assert a.status == 200, a
+    events = stripe.complete(a.json["id"])          # tab 1 pays; its webhook is on its way
+    stripe.next("hang")                             # tab 2's session request is slow at Stripe
+    with ThreadPoolExecutor(1) as ex:
+        b = ex.submit(checkout, stack, tok, tier="enterprise", interval="year")
+        assert stripe.wait_for(lambda s: len(s.recorded("/v1/checkout/sessions")) == 2)
+        for ev in events:                           # ... and tab 1's webhook lands meanwhile
+            assert deliver(stack, ev).status == 200
+        stripe.release()
+        b = b.result()
+    assert stack.sql("SELECT status::text FROM public.subscriptions WHERE account_id = %s",
+                     acc) == [("active",)]
+    mine = {sid: s["status"] for sid, s in stripe.sessions.items() if s["client_reference_id"] == acc}
+    assert [sid for sid, st in mine.items() if st == "open"] == [], (b, mine, attempts(stack, acc))
+    assert b.status == 409, b
+
+
+def test_resubscribing_to_the_same_plan_after_cancelling_gets_a_payable_session(stack, stripe, prov):
+    """A customer subscribes, cancels at once and subscribes again to the same plan
+    within the hour: the checkout must hand out a new, open session, not the session
+    already paid (a completed Checkout page nobody can pay)."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="enterprise")
+    assert a.status == 200, a
+    events = stripe.complete(a.json["id"])
+    for ev in events:
+        assert deliver(stack, ev).status == 200
+    sub = json.loads(json.dumps(events[1]["data"]["object"]))
+    sub.update(status="canceled", canceled_at=int(time.time()) + 5)
+    w = deliver(stack, stripe_event("customer.subscription.deleted", sub, int(time.time()) + 5))
+    assert w.status == 200 and "failed" not in w.json, w
+    again = checkout(stack, tok, tier="enterprise")
+    assert again.status == 200, (again, attempts(stack, acc))
+    assert again.json["id"] != a.json["id"], (again.json, stripe.sessions[a.json["id"]]["status"])
+    assert stripe.sessions[again.json["id"]]["status"] == "open"
