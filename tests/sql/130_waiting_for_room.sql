@@ -123,8 +123,10 @@ CREATE FUNCTION pg_temp.w(p_k text) RETURNS public.instances LANGUAGE sql AS $$
     SELECT i.* FROM public.instances i JOIN w ON w.id = i.id WHERE w.k = p_k $$;
 SELECT is((SELECT array_agg(public.lifecycle_target_wait(pg_temp.w(k)) ORDER BY k) FROM w),
           ARRAY['no_capacity', 'no_capacity', 'no_capacity'], 'three sign-ups wait for room');
--- W3's create was tried before there were targets (on DOKKU_PROVISIONER_URL) and failed.
-UPDATE public.instances SET status = 'failed', attempts = 1, last_error = 'boom'
+-- W3 was made before there were targets (inserted then, it did not wait for
+-- placement) and its create was tried on DOKKU_PROVISIONER_URL and failed.
+UPDATE public.instances SET status = 'failed', attempts = 1, last_error = 'boom',
+       placement_waited = false
  WHERE id = (SELECT id FROM w WHERE k = 'w3');
 DO $$ BEGIN
     PERFORM public.lifecycle_deprovision(NULL, (SELECT sub FROM w WHERE k = 'w1'), 'destroy');
