@@ -37,12 +37,17 @@ done
 [ -n "$pgservice" ] || { echo "migrate: mr-pgservice not found (make build)" >&2; exit 2; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+rc=0
 (umask 077; MR_MIGRATE_CONNINFO=$conn "$pgservice" --var MR_MIGRATE_CONNINFO > "$tmp/pg_service.conf") ||
-  { echo "migrate: CONNINFO is not a valid connection string" >&2; exit 2; }
+  rc=$?
+case $rc in
+  0) target=service=mindroom; export PGSERVICEFILE=$tmp/pg_service.conf ;;
+  3) target=$conn ;;  # service=NAME alone: the operator's service file, nothing secret here
+  *) echo "migrate: CONNINFO is not a valid connection string" >&2; exit 2 ;;
+esac
 unset conn
-export PGSERVICEFILE=$tmp/pg_service.conf
 
-psql_() { psql service=mindroom -X -q -v ON_ERROR_STOP=1 "$@"; }
+psql_() { psql "$target" -X -q -v ON_ERROR_STOP=1 "$@"; }
 
 # Splits a migration file into statements exactly as the Supabase CLI does
 # (pkg/parser: Split + SplitAndTrim), so both tools record the same `statements`.

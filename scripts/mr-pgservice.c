@@ -10,7 +10,11 @@
  * exactly as psql would understand it. Exit 2 when the variable is unset or not a
  * valid connection string (the message never repeats it); a value a service file
  * cannot carry (a line break, trailing white space, which libpq strips from each
- * line) is refused likewise. */
+ * line) is refused likewise. A string that names a service itself (service=NAME,
+ * the usual way to keep a password off command lines) cannot be written as another
+ * service, since a service file cannot name one: exit 3, nothing on stdout, and the
+ * caller passes the string to psql as it is, with the caller's PGSERVICEFILE; it
+ * holds no secret, since one that also holds a password is refused (exit 2). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,19 +55,28 @@ int main(int argc, char **argv)
         PQfreemem(perr);
         return 2;
     }
-    int rc = 0;
+    int rc = 0, named = 0, password = 0;
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         size_t n = o->val ? strlen(o->val) : 0;
         if (n && (strpbrk(o->val, "\r\n") || strchr(" \t\f\v", o->val[n - 1])))
             rc = 2;
+        if (n && !strcmp(o->keyword, "service"))
+            named = 1;
+        if (n && !strcmp(o->keyword, "password"))
+            password = 1;
     }
-    if (rc) {
+    if (named) {
+        if (password)
+            fprintf(stderr, "mr-pgservice: %s names a service and holds a password: keep the "
+                    "password in the service file (or ~/.pgpass)\n", var);
+        rc = password ? 2 : 3;
+    } else if (rc) {
         fprintf(stderr, "mr-pgservice: a value in %s has a line break or trailing white space, "
                 "which a service file cannot carry\n", var);
     } else {
         printf("[%s]\n", service);
         for (PQconninfoOption *o = opts; o->keyword; o++)
-            if (o->val && *o->val && strcmp(o->keyword, "service") != 0)
+            if (o->val && *o->val)
                 printf("%s=%s\n", o->keyword, o->val);
     }
     PQconninfoFree(opts);

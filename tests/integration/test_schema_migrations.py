@@ -6,12 +6,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import threading
 
 import psycopg2
 import pytest
 
-from schema_cluster import Cluster, MIGRATIONS, SEED, migration_files
+from schema_cluster import Cluster, MIGRATE, MIGRATIONS, SEED, migration_files
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +218,21 @@ def test_the_worker_built_before_123_keeps_working_on_the_new_schema(cluster, tm
     r = cluster.migrate(db)                  # the upgrade: the new migrations first
     assert r.returncode == 0, r.stderr
     old_worker_step({"LEGACY": "after"})    # the old worker's next step, before its restart
+
+
+def test_service_conninfo_migrates_the_service_database(cluster, tmp_path):
+    """`migrate.sh service=NAME` (a libpq conninfo, the usual way to keep a password
+    out of arguments) migrates the database the operator's service file names; one
+    that names a service and holds a password too is refused, nothing applied."""
+    db = cluster.new_db()
+    svc = tmp_path / "pg_service.conf"
+    svc.write_text("[target]\n" + "\n".join(cluster.conninfo(db).split()) + "\n")
+    svc.chmod(0o600)
+    env = dict(os.environ, PGSERVICEFILE=str(svc))
+    r = subprocess.run([MIGRATE, "service=target password=not-here"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not-here" not in r.stderr, r
+    r = subprocess.run([MIGRATE, "service=target"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n = cluster.sql(db, "SELECT count(*) FROM supabase_migrations.schema_migrations")[0][0]
+    assert n == len(migration_files())
