@@ -11,10 +11,11 @@
 -- lowest price id), and its price is what the subscription records. Only when no item
 -- is a plan does the price come from the first item (or the legacy `plan`), with 121's
 -- rules for a price the catalogue lacks. A subscription of one item (nearly all) costs
--- what it did: one lookup of its price by primary key, no pass over the items.
+-- what it did and one look for a second item's price: one lookup of its price by
+-- primary key, no copy of or pass over the items.
 --
 -- Redefines public.stripe_apply_subscription (121_unknown_price_ends.sql): unchanged
--- but for the declaration of v_items and the choice of v_price and v_tier (the
+-- but for the choice of v_price and v_tier (the
 -- multi-item query before the first item's lookup, which now runs only when that query
 -- found no plan).
 
@@ -30,7 +31,6 @@ DECLARE
     v_stripe_st text := v_obj ->> 'status';
     v_status    public.subscription_status;
     v_price     text;
-    v_items     jsonb := v_obj #> '{items,data}';
     v_tier      public.subscription_tier;
     v_account   uuid;
     v_period    timestamptz;
@@ -85,9 +85,10 @@ BEGIN
     -- The plan: among several items (a plan and an add-on, or two plans, in no order
     -- Stripe promises), the highest tier whose price is a plan. One item, or no item a
     -- plan: the first item's price (or the legacy `plan`), looked up as it is.
-    IF jsonb_typeof(v_items) = 'array' AND jsonb_array_length(v_items) > 1 THEN
+    IF v_obj #>> '{items,data,1,price,id}' IS NOT NULL
+       AND jsonb_typeof(v_obj #> '{items,data}') = 'array' THEN
         SELECT p.stripe_price_id, p.tier INTO v_price, v_tier
-          FROM jsonb_array_elements(v_items) AS it
+          FROM jsonb_array_elements(v_obj #> '{items,data}') AS it
           JOIN public.plans p ON p.stripe_price_id = it #>> '{price,id}'
          ORDER BY p.tier DESC, p.stripe_price_id
          LIMIT 1;
