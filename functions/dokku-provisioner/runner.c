@@ -136,6 +136,18 @@ static char **child_env(const prov_config *cfg)
     return out;
 }
 
+/* Empties a result without touching its buffers beyond their first byte: they are
+ * large (out holds config:get's list of managed names), and writing them whole at
+ * every command kept every page of them resident in each worker. */
+static void result_reset(prov_result *res)
+{
+    res->status = -1;
+    res->timed_out = 0;
+    res->lock_retries = 0;
+    res->out[0] = res->err[0] = '\0';
+    res->out_len = res->err_len = 0;
+}
+
 static void drain(int *fd, char *buf, size_t *len)
 {
     char tmp[4096];
@@ -433,8 +445,7 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, const unsigne
     describe(args, what, sizeof what);
     const char *sub = prov_subcommand(args);
     int64_t backoff = cfg->lock_backoff_ms;
-    memset(res, 0, sizeof *res);
-    res->status = -1;
+    result_reset(res);
 
     if (cfg->mode == PROV_MODE_DRY_RUN) {
         dry_answer(cfg, args, res);
@@ -444,7 +455,7 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, const unsigne
 
     for (int attempt = 0;; attempt++) {
         int retries = res->lock_retries;
-        memset(res, 0, sizeof *res);
+        result_reset(res);
         res->lock_retries = retries;
         int64_t t0 = mr_now_ms(), budget = timeout_ms;
         if (deadline_ms > 0 && deadline_ms - t0 < budget) budget = deadline_ms - t0;
