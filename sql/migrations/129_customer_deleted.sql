@@ -222,7 +222,8 @@ BEGIN
                     -- a payment whose subscription is on its way (122).
                     UPDATE public.billing_attempts
                        SET status = 'abandoned', error = 'its customer was deleted in Stripe'
-                     WHERE account_id = v_account AND kind = 'checkout' AND status = 'succeeded';
+                     WHERE account_id = v_account AND kind = 'checkout'
+                       AND status IN ('succeeded', 'completed');
                     INSERT INTO public.audit_logs (account_id, action, details)
                     VALUES (v_account, 'stripe.customer.deleted',
                             jsonb_build_object('event_id', v_id, 'customer', v_cust));

@@ -1,4 +1,4 @@
--- 132_checkout_after_subscription.sql: a checkout found paid (recorded 'completed')
+-- 129_customer_deleted_completed.sql: a checkout found paid (recorded 'completed')
 -- whose customer is then deleted in Stripe. The subscription went with the customer; customer.deleted
 -- abandons the deleted customer's sessions so that the next checkout does not answer
 -- 409 checkout_completed for it (docs/billing.md step 3, docs/webhook.md).
