@@ -17,6 +17,7 @@ Stripe signatures and JWTs are computed here in Python (hmac), independently of
 libmindroom, so the tests check the C code against a second implementation.
 """
 
+import atexit
 import base64
 import hashlib
 import hmac
@@ -70,6 +71,14 @@ LIVE_STACKS = []
 def build_dir():
     """The build whose binaries the stacks run: $MR_BUILD, default build/san."""
     return (ROOT / os.environ.get("MR_BUILD", "build/san")).resolve()
+
+
+def scratch_dir(prefix):
+    """A private directory under the system's temporary directory, removed when the
+    test session's process exits (a stack or provisioner using it has stopped by then)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 def free_port():

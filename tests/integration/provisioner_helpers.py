@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 import mr
@@ -93,7 +92,7 @@ class Dokku:
     def __init__(self, scheduler=None):
         self.scheduler = scheduler or SCHEDULER
         self.k3s = self.scheduler == "k3s"
-        self.dir = Path(tempfile.mkdtemp(prefix="mr-dokku-"))
+        self.dir = Path(mr.scratch_dir("mr-dokku-"))
         self.state = self.dir / "state"
         self._seen = 0
 

@@ -6,7 +6,6 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -299,7 +298,7 @@ def start_with(env):
     """Runs the binary with env and returns (exit status, stderr) once it exits
     (or None when it kept running, i.e. accepted the configuration)."""
     binary = mr.build_dir() / "bin" / "dokku-provisioner"
-    run = tempfile.mkdtemp(prefix="mr-prov-start-")
+    run = mr.scratch_dir("mr-prov-start-")
     full = {k: os.environ[k] for k in ("PATH", "HOME", "ASAN_OPTIONS", "UBSAN_OPTIONS")
             if k in os.environ}
     full.update({"MR_SOCKET": os.path.join(run, "p.sock"), "MR_WORKERS": "1",
@@ -439,9 +438,9 @@ def test_the_state_directory_defaults_to_var_lib():
     StateDirectory=), created 0700: seen through a private mount of /var/lib."""
     if not shutil.which("unshare"):
         pytest.fail("unshare (util-linux) is needed to look at /var/lib privately")
-    varlib = tempfile.mkdtemp(prefix="mr-varlib-")
+    varlib = mr.scratch_dir("mr-varlib-")
     binary = mr.build_dir() / "bin" / "dokku-provisioner"
-    run = tempfile.mkdtemp(prefix="mr-prov-start-")
+    run = mr.scratch_dir("mr-prov-start-")
     env = {k: os.environ[k] for k in ("PATH", "HOME", "ASAN_OPTIONS", "UBSAN_OPTIONS")
            if k in os.environ}
     env.update(GOOD, MR_SOCKET=os.path.join(run, "p.sock"), MR_WORKERS="1")
@@ -465,7 +464,7 @@ def test_the_state_directory_defaults_to_var_lib():
 @pytest.mark.parametrize("how", ["other_owner", "group_writable", "world_writable", "symlink",
                                  "a_file", "sub_symlink", "sub_other_owner"])
 def test_an_unsafe_state_directory_stops_the_start(how):
-    base = tempfile.mkdtemp(prefix="mr-prov-state-")
+    base = mr.scratch_dir("mr-prov-state-")
     state = os.path.join(base, "state")
     os.mkdir(state, 0o700)
     if how == "other_owner":
@@ -543,7 +542,7 @@ def test_one_request_an_instance_at_a_time_across_workers(locking):
 
 def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
     s, d = slow
-    victim = os.path.join(tempfile.mkdtemp(prefix="mr-victim-"), "created-through-a-link")
+    victim = os.path.join(mr.scratch_dir("mr-victim-"), "created-through-a-link")
     lock = d.state / "locks" / "instances"
     kept = lock.with_name("instances.kept")
     if lock.exists():
@@ -563,7 +562,7 @@ def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
 
 def test_fingerprints_are_written_in_place_and_never_through_a_link(slow):
     s, d = slow
-    victim = os.path.join(tempfile.mkdtemp(prefix="mr-victim-"), "victim")
+    victim = os.path.join(mr.scratch_dir("mr-victim-"), "victim")
     with open(victim, "w") as f:
         f.write("untouched\n")
     planted = []
@@ -646,7 +645,7 @@ def make_cert(dirpath, cn, days=30):
 @pytest.fixture(scope="module")
 def wildcard(pg):
     d = Dokku()
-    certs = tempfile.mkdtemp(prefix="mr-certs-")
+    certs = mr.scratch_dir("mr-certs-")
     crt, key = make_cert(certs, "*." + DOMAIN)
     env = d.env(DOKKU_TLS="wildcard", DOKKU_TLS_CERT=crt, DOKKU_TLS_KEY=key)
     with mr.Stack(pg, env=env, functions=["dokku-provisioner"]) as s:
@@ -690,14 +689,14 @@ def test_wildcard_mode_installs_the_certificate_on_both_apps(wildcard):
     ("other_domain", "does not cover"), ("deeper", "does not cover"),
     ("mismatch", "does not belong"), ("missing", "DOKKU_TLS_CERT"), ("garbage", "no PEM")])
 def test_a_wrong_wildcard_certificate_stops_the_start(how, needle):
-    certs = tempfile.mkdtemp(prefix="mr-certs-")
+    certs = mr.scratch_dir("mr-certs-")
     crt, key = make_cert(certs, "*." + DOMAIN)
     if how == "other_domain":
         crt, key = make_cert(certs, "*.example.org")
     elif how == "deeper":
         crt, key = make_cert(certs, "*.x." + DOMAIN)
     elif how == "mismatch":
-        other = tempfile.mkdtemp(prefix="mr-certs-")
+        other = mr.scratch_dir("mr-certs-")
         _, key = make_cert(other, "*." + DOMAIN)
     elif how == "missing":
         crt = os.path.join(certs, "nope.crt")
