@@ -48,6 +48,10 @@ load_config() {
     [ "$name" = MINDROOM_SECRETS_KEY ] && value=$(openssl rand -base64 32)
     (umask 077; echo "$name=$value" >> "$RUN/secrets.env")
   done
+  # Lowest precedence first: secrets.env, .env, then what was exported already
+  # (mindroomctl's load_env reads them in the same order, so both agree).
+  local -A exported=()
+  for name in $(compgen -e); do exported[$name]=${!name}; done
   set -a
   # shellcheck disable=SC1091
   . "$RUN/secrets.env"
@@ -55,6 +59,9 @@ load_config() {
   # shellcheck disable=SC1091
   local envfile=${MR_ENV_FILE:-$ROOT/.env}
   [ -f "$envfile" ] && . "$envfile"
+  for name in "${!exported[@]}"; do  # only those a file changed (a readonly one cannot be)
+    [ "${!name-}" = "${exported[$name]}" ] || printf -v "$name" '%s' "${exported[$name]}"
+  done
   API_LISTEN=${MR_API_LISTEN:-127.0.0.1:54321}
   PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
   ADMIN_LISTEN=${MR_ADMIN_LISTEN:-127.0.0.1:8003}

@@ -587,3 +587,62 @@ def test_env_set_on_a_destroyed_instance_is_refused_naming_the_live_one(stack):
     assert p.returncode == 0 and "owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
     # Listing a destroyed instance's secrets still works.
     assert env_cmd("list", dead).returncode == 0
+
+
+def test_env_and_rotate_secrets_key_against_the_make_run_stack(tmp_path):
+    """docs/operations.md: "without `DATABASE_URL` it uses the local cluster in
+    `.run/pg` when there is one". `env ...` and `rotate-secrets-key` hand the work
+    to mr-secrets, which must get that same database: against `make run`'s stack,
+    with no .env and no DATABASE_URL exported, they work like `status` does."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from test_stack_script import start, stop
+
+    base = Path(tempfile.mkdtemp(prefix="mr-ctl-env-"))
+    os.chmod(base, 0o755)
+    run = base / "run"
+    ports = [mr.free_port() for _ in range(4)]
+    mr_vars = {"MR_RUN_DIR": str(run), "MR_ENV_FILE": "/dev/null",
+               "MR_API_LISTEN": "127.0.0.1:%d" % ports[0], "MR_PG_PORT": str(ports[2])}
+    env = dict(os.environ, MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
+               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1],
+               MR_ADMIN_LISTEN="127.0.0.1:%d" % ports[3], **mr_vars)
+    for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL",
+              "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "MINDROOM_SECRETS_KEY"):
+        env.pop(k, None)
+    p = None
+    try:
+        p, _ = start(run, env)
+        e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+        e.update(mr_vars, MR_BIN_DIR=str(mr.build_dir() / "bin"))
+
+        def c(*args, stdin=None):
+            return subprocess.run([CTL] + [str(a) for a in args], env=e, input=stdin,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  timeout=60)
+
+        ok(c("status"))                      # the local cluster is found
+        out = ok(c("rotate-secrets-key"))
+        assert "re-sealed" in out, out
+        nobody = str(uuid.uuid4())
+        fails(c("env", "list", nobody), 1, "no instance " + nobody)
+    finally:
+        if p is not None:
+            stop(run, env, p)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_wait_with_no_secret_is_missing_configuration_not_a_refusal(stack):
+    """docs/operations.md: exit status 2 is "bad usage or missing configuration".
+    Without --wait a missing signing secret is exit 2 and nothing is sent; with
+    --wait the same must hold (no unauthenticated request, no 401 blamed on a
+    secret that was never there)."""
+    env = {"FUNCTIONS_URL": stack.base_url + "/functions/v1"}
+    sub = str(uuid.uuid4())
+    fails(ctl("provision", sub, env=env), 2, "is required")
+    p = ctl("provision", sub, "--wait", env=env)
+    fails(p, 2, "is required")
+    assert "refused the token" not in p.stderr, p.stderr
+    p = ctl("deprovision", "--subscription", sub, "--mode", "stop", "--wait", env=env)
+    fails(p, 2, "is required")

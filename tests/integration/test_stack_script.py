@@ -251,3 +251,24 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
                "ON i.id = u.instance_id WHERE i.dokku_app_name = '%s'" % app) == "1"
     dokku.assert_documented()
     stop(run, env, p)
+
+
+def test_an_exported_secret_wins_over_secrets_env_as_documented(stack_env, tmp_path):
+    """docs/operations.md: "Configuration, lowest precedence first (the order
+    `scripts/stack.sh` uses): `.run/secrets.env`, `.env`, the environment", and
+    mindroomctl applies that order. The same exported value must therefore reach
+    both: a token mindroomctl signs with an exported MINDROOM_INTERNAL_SECRET is
+    one the stack started with that export accepts."""
+    run, env, ports = stack_env
+    secret = "e" * 40
+    env = dict(env, MINDROOM_INTERNAL_SECRET=secret)
+    p, text = start(run, env)
+    try:
+        ctl_env = {k: env[k] for k in ("PATH", "HOME", "MR_RUN_DIR", "MR_ENV_FILE",
+                                       "MR_API_LISTEN", "MR_PG_PORT", "MINDROOM_INTERNAL_SECRET")
+                   if k in env}
+        r = subprocess.run([str(mr.ROOT / "scripts/mindroomctl"), "health"], env=ctl_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert r.returncode == 0, "exit %d: %s" % (r.returncode, r.stderr)
+    finally:
+        stop(run, env, p)
