@@ -13,7 +13,8 @@
  *     sealed again for it, never new ones;
  *   * a legacy plaintext environment_vars is sealed into instance_secrets, and
  *     emptied once every value is stored (public.instance_plain_env, then
- *     public.instance_plain_env_sealed: a failure part-way loses nothing);
+ *     public.instance_plain_env_sealed: a failure part-way loses nothing); a name
+ *     that already has a sealed value keeps it (public.instance_plain_env_put);
  *   * the instance's control-plane token (lib/mr_itoken.c) is generated when it has
  *     no live one (its first deploy, a start after a stop, a rotation), stored as a
  *     hash and sealed (public.instance_token_issue keeps the first token when two
@@ -37,8 +38,8 @@ static const mr_db_stmt read_env_stmt = {
     "mr_pl_read_env", "SELECT public.instance_plain_env($1::uuid)::text", 1};
 static const mr_db_stmt sealed_env_stmt = {
     "mr_pl_sealed_env", "SELECT public.instance_plain_env_sealed($1::uuid, $2::jsonb)::text", 2};
-static const mr_db_stmt put_stmt = {
-    "mr_pl_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, false)::text", 5};
+static const mr_db_stmt put_plain_stmt = {
+    "mr_pl_put_plain", "SELECT public.instance_plain_env_put($1::uuid, $2, $3, $4)", 4};
 static const mr_db_stmt issue_stmt = {
     "mr_pl_issue", "SELECT public.instance_secrets_issue($1::uuid, $2::jsonb, $3::jsonb)::text", 3};
 
@@ -86,9 +87,12 @@ static mr_err open_secret(const char *instance_id, const char *kind, const char 
     return MR_OK;
 }
 
-/* Seals a legacy plaintext environment into instance_secrets; adds its values to
- * env. The column is emptied only once every value is stored, and only while it
- * holds what was sealed. */
+/* Seals a legacy plaintext environment into instance_secrets; adds to env the value
+ * in force for each of its names. A sealed value is always newer than the column (an
+ * operator's `mindroomctl env set`, whose update may be this very step, or one set
+ * after an earlier attempt stored the legacy value and was stopped): it is kept and
+ * sent, never replaced by the legacy one. The column is emptied only once every value
+ * is stored, and only while it holds what was sealed. */
 static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, size_t errlen)
 {
     const char *p1[] = {iid};
@@ -105,10 +109,19 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
         if (e == MR_OK)
             e = seal(iid, "env", kv->string, val, &ct, digest, err, errlen);
         if (e == MR_OK) {
-            const char *p[] = {iid, "env", kv->string, ct, digest};
-            e = mr_db_call(w->db, &mr_service_identity, &put_stmt, p, NULL, &out, err, errlen);
+            const char *p[] = {iid, kv->string, ct, digest};
+            e = mr_db_call(w->db, &mr_service_identity, &put_plain_stmt, p, NULL, &out, err,
+                           errlen);
         }
-        if (e == MR_OK && !cJSON_GetObjectItemCaseSensitive(env, kv->string))
+        /* out: the ciphertext in force; ours, or a sealed value's, opened instead of
+         * the legacy one (NULL: removed meanwhile, and that removal owes an update). */
+        if (e == MR_OK && out && strcmp(out, ct) != 0) {
+            OPENSSL_cleanse(val, strlen(val));
+            free(val);
+            val = NULL;
+            e = open_secret(iid, "env", kv->string, out, &val, err, errlen);
+        }
+        if (e == MR_OK && out && !cJSON_GetObjectItemCaseSensitive(env, kv->string))
             cJSON_AddStringToObject(env, kv->string, val);
         free(out);
         free(ct);

@@ -1,8 +1,11 @@
 """Shared helpers of the lifecycle tests (test_lifecycle*.py)."""
 import os
 import signal
+import subprocess
 import time
 import uuid
+
+import mr
 
 PRICES = {"free": "price_free", "starter": "price_starter",
           "professional": "price_professional", "enterprise": "price_enterprise"}
@@ -122,6 +125,15 @@ def provision(s, sid, token=None, **body):
 def deprovision(s, token=None, **body):
     return s.call("POST", "deprovision-instance", json=body,
                   token=s.jwt() if token is None else token)
+
+
+def env_set(s, iid, name, value):
+    """`mindroomctl env set` of one instance's variable: mr-secrets, the value on stdin."""
+    e = dict(os.environ, DATABASE_URL=s.env["DATABASE_URL"],
+             MINDROOM_SECRETS_KEY=s.env["MINDROOM_SECRETS_KEY"])
+    p = subprocess.run([str(mr.build_dir() / "bin/mr-secrets"), "set", iid, name], input=value,
+                       capture_output=True, text=True, env=e, timeout=30)
+    assert p.returncode == 0, p
 
 
 def wait_until(fn, timeout=5.0, interval=0.05, what="condition"):

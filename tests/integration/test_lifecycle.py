@@ -10,7 +10,7 @@ import time
 import pytest
 
 import mr
-from lifecycle_helpers import (WORKER, kill_workers_mid_provision, LIMITS, deprovision,
+from lifecycle_helpers import (WORKER, kill_workers_mid_provision, LIMITS, deprovision, env_set,
                                instance, instances, new_account, new_subscription, owed,
                                provision, stack_env, wait_status, wait_until)
 
@@ -570,3 +570,64 @@ def test_a_legacy_environment_is_not_lost_when_sealing_it_fails(stack, prov):
     sealed = {n for (n,) in stack.sql("SELECT name FROM public.instance_secrets WHERE "
                                       "instance_id = %s AND kind = 'env'", iid)}
     assert left == {} and {"A_KEY", "B_KEY", "C_KEY"} <= sealed, (left, sealed)
+
+
+def wait_deployed(stack, prov, sid, app, n, what):
+    """The env of the POST /apps after the first n, once nothing is owed or claimed."""
+    wait_until(lambda: len(creates_for(prov, app)) > n and owed(stack, sid) is None
+               and instance(stack, sid)["claimed_by"] is None, timeout=8, what=what)
+    return creates_for(prov, app)[-1].json["env"]
+
+
+def test_a_value_set_after_an_upgrade_is_not_replaced_by_the_legacy_one(stack, prov):
+    """An instance from before sealed secrets still has its plaintext
+    environment_vars (deployed, nothing owed). The operator rotates a leaked key
+    with `mindroomctl env set`: the update that follows (which moves the legacy
+    column too) deploys the new value and keeps it, not the stale legacy one."""
+    sid = new_subscription(stack, "starter")
+    assert provision(stack, sid, wait=True).status == 200
+    iid, app = str(instance(stack, sid)["id"]), instance(stack, sid)["dokku_app_name"]
+    # The row as an upgrade leaves it: legacy plaintext deployed, nothing owed.
+    stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb, "
+              "config_version = config_version + 1, applied_config_version = config_version + 1 "
+              "WHERE id = %s", '{"OPENAI_API_KEY": "sk-old-leaked", "OTHER": "kept"}', iid)
+    assert owed(stack, sid) is None
+    n = len(creates_for(prov, app))
+
+    env_set(stack, iid, "OPENAI_API_KEY", "sk-new-rotated")     # owes an update
+    env = wait_deployed(stack, prov, sid, app, n, "the update")
+    assert (env["OPENAI_API_KEY"], env["OTHER"]) == ("sk-new-rotated", "kept")
+    assert stack.sql("SELECT environment_vars FROM public.instances WHERE id = %s", iid) == [({},)]
+    # The next deploy (any configuration change) sends what is stored now.
+    n = len(creates_for(prov, app))
+    stack.sql("UPDATE public.instances SET memory_limit_mb = memory_limit_mb + 1 WHERE id = %s", iid)
+    env = wait_deployed(stack, prov, sid, app, n, "the next update")
+    assert (env["OPENAI_API_KEY"], env["OTHER"]) == ("sk-new-rotated", "kept")
+
+
+def test_a_value_set_between_two_attempts_of_the_move_is_kept(stack, prov):
+    """A step stored part of the legacy environment and failed before emptying the
+    column (here: a name instance_secrets refuses, as a worker stopped mid-step
+    would leave it). A value the operator sets before the step runs again is the
+    one deployed and kept, not the legacy value stored by the first attempt."""
+    sid = new_subscription(stack, "starter")
+    provision(stack, sid, wait=True)
+    iid, app = str(instance(stack, sid)["id"]), instance(stack, sid)["dokku_app_name"]
+    stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb WHERE id = %s",
+              '{"A_KEY": "sk-a-old", "b-key": "sk-b"}', iid)
+    provision(stack, sid, wait=True)
+    assert stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                     "AND kind = 'env' AND name = 'A_KEY'", iid) == [(1,)]
+    env_set(stack, iid, "A_KEY", "sk-a-new")
+    # The operator renames the bad one; the next attempt completes the move.
+    n = len(creates_for(prov, app))
+    stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb WHERE id = %s",
+              '{"A_KEY": "sk-a-old", "B_KEY": "sk-b"}', iid)
+    provision(stack, sid, wait=True)
+    env = wait_deployed(stack, prov, sid, app, n, "the completed move")
+    assert (env["A_KEY"], env["B_KEY"]) == ("sk-a-new", "sk-b")
+    assert stack.sql("SELECT environment_vars FROM public.instances WHERE id = %s", iid) == [({},)]
+    n = len(creates_for(prov, app))
+    stack.sql("UPDATE public.instances SET memory_limit_mb = memory_limit_mb + 1 WHERE id = %s", iid)
+    env = wait_deployed(stack, prov, sid, app, n, "the next update")
+    assert (env["A_KEY"], env["B_KEY"]) == ("sk-a-new", "sk-b")
