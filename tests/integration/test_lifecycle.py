@@ -358,6 +358,26 @@ def test_tier_upgrade_reaches_the_provisioner(stack, prov):
     assert provision(stack, sid).status == 200
 
 
+def test_a_restart_owed_with_an_update_follows_it(stack, prov):
+    """A tenant's restart asked while an update is owed: the update's POST /apps
+    restarts only what changed (an app whose configuration did not is left running),
+    so the restart follows it, and is recorded done only then."""
+    sid = new_subscription(stack, "starter")
+    provision(stack, sid, wait=True)
+    iid, app = instance(stack, sid)["id"], instance(stack, sid)["dokku_app_name"]
+    prov.reset()
+    stack.sql("UPDATE public.instances SET memory_limit_mb = memory_limit_mb + 1, "
+              "restart_version = restart_version + 1, restart_requested_at = now() WHERE id = %s", iid)
+    wait_until(lambda: owed(stack, sid) is None and not instance(stack, sid)["claimed_by"],
+               what="the owed work")
+    assert [(r.method, r.path) for r in prov.requests] == [
+        ("POST", "/apps"), ("POST", "/apps/%s/restart" % app)]
+    ((applied, asked, restarted_at),) = stack.sql(
+        "SELECT applied_restart_version, restart_version, restarted_at FROM public.instances "
+        "WHERE id = %s", iid)
+    assert applied == asked and restarted_at is not None
+
+
 def test_stop_then_resume_the_same_app_then_destroy(stack, prov):
     sid = new_subscription(stack, "starter")
     provision(stack, sid, wait=True)

@@ -214,6 +214,20 @@ def test_update_with_new_limits_restarts_to_apply_them(stack, dokku):
     assert dokku.entry("mindroom-update-data")["labels"] == {LABEL: "20"}
 
 
+def test_an_update_restarts_only_the_app_whose_configuration_changed(stack, dokku):
+    # Why an update does not count as a tenant's restart (docs/lifecycle.md): a
+    # change of MindRoom's environment rebuilds MindRoom and leaves its homeserver
+    # running as it was.
+    payload = body("mindroom-onlymr", "sonlymr")
+    assert post(stack, payload).status == 201
+    dokku.mark()
+    r = post(stack, dict(payload, env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-new"}))
+    assert r.status == 200 and r.json["restarted"] is True, r
+    n = names("mindroom-onlymr")
+    ps = [c for c in dokku.new_calls() if c[0].startswith("ps:") and c[0] != "ps:report"]
+    assert ps == [["ps:rebuild", n["app"]]], ps
+
+
 def test_a_stopped_app_is_started_again_by_create(stack, dokku):
     payload = body("mindroom-restart", "srestart")
     assert post(stack, payload).status == 201
