@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 import mr
-from lifecycle_helpers import (FAST_ENV, LINK_CUSTOMER_SQL, PRICES, WORKER, instance, new_account,
+from lifecycle_helpers import (FAST_ENV, LIMITS, LINK_CUSTOMER_SQL, PRICES, WORKER, instance, new_account,
                                new_subscription, wait_until)
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
@@ -222,6 +222,61 @@ def test_deprovision_stop_then_provision_resumes_then_destroy(stack, prov, envfi
     assert app not in prov.apps
     ok(ctl("--env", envfile, "deprovision", "--instance", inst["id"], "--mode", "destroy", "--wait"))
     assert instance(stack, sid)["status"] == "deprovisioned"
+
+
+def test_an_operators_stop_holds_through_billing_until_provision(stack, prov, envfile, tmp_path):
+    # An operator stops an instance (to move its storage, or to suspend it): the
+    # monthly renewal and a plan change go through the webhook, and the worker
+    # leaves it stopped; only the operator's provision starts it, at its new size.
+    customer = "cus_" + uuid.uuid4().hex[:12]
+    account, email = new_account(stack, customer)
+    sub = "sub_" + uuid.uuid4().hex[:12]
+    t = int(time.time()) - 100
+    ok(ctl("--env", envfile, "replay", write_event(tmp_path, sub_event(account, customer, sub, created=t))))
+    sid = stack.sql("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s", sub)[0][0]
+    inst = wait_until(lambda: (lambda i: i if i["status"] == "running" and not i["claimed_by"] else None)(
+        instance(stack, sid)), timeout=10, what="running")
+    app, iid = inst["dokku_app_name"], str(inst["id"])
+    p = ctl("--env", envfile, "deprovision", "--instance", iid, "--mode", "stop", "--wait")
+    assert json.loads(ok(p))["instance"]["status"] == "stopped"
+    assert "stopped by an operator until provision" in p.stderr, p.stderr
+    assert prov.apps[app]["state"] == "stopped"
+    line = next(l for l in ok(ctl("--env", envfile, "status")).splitlines() if email in l)
+    assert " operator " in line, line
+
+    n = len(prov.requests)
+    renewal = sub_event(account, customer, sub, created=t + 1, type_="customer.subscription.updated")
+    upgrade = sub_event(account, customer, sub, created=t + 2, tier="professional",
+                        type_="customer.subscription.updated")
+    for ev in (renewal, upgrade):
+        assert json.loads(ok(ctl("--env", envfile, "replay", write_event(tmp_path, ev)))) == {"received": True}
+        assert stack.sql("SELECT status FROM public.stripe_events WHERE id = %s", ev["id"]) == [("processed",)]
+    s = stack.sql("SELECT tier::text, status::text FROM public.subscriptions WHERE id = %s", sid)
+    assert s == [("professional", "active")]
+    time.sleep(1.5)   # the webhook's commit woke the worker: whatever it was given is done
+    i = instance(stack, sid)
+    assert (i["status"], i["desired_status"], i["owed_action"]) == ("stopped", "stopped", None), i
+    assert i["memory_limit_mb"] == LIMITS["professional"][0]
+    assert prov.apps[app]["state"] == "stopped"
+    assert not [r for r in prov.requests[n:] if app in r.path or app in str(r.body)], \
+        prov.requests[n:]
+
+    # The operator's provision ends the hold: running, sized for the plan paid for.
+    ok(ctl("--env", envfile, "provision", sid, "--wait"))
+    i = instance(stack, sid)
+    assert i["status"] == "running", i
+    assert stack.sql("SELECT operator_stopped_at FROM public.instances WHERE id = %s", iid) == [(None,)]
+    assert prov.apps[app]["state"] == "running" and prov.apps[app]["memory_mb"] == LIMITS["professional"][0]
+    line = next(l for l in ok(ctl("--env", envfile, "status")).splitlines() if email in l)
+    assert " operator " not in line, line
+
+    # Stopped by an operator again, then cancelled: billing that ends it still destroys it.
+    ok(ctl("--env", envfile, "deprovision", "--subscription", sid, "--mode", "stop", "--wait"))
+    ok(ctl("--env", envfile, "replay", write_event(tmp_path, sub_event(
+        account, customer, sub, status="canceled", tier="professional", created=t + 3,
+        type_="customer.subscription.deleted"))))
+    wait_until(lambda: instance(stack, sid)["status"] == "deprovisioned", timeout=10, what="destroyed")
+    assert app not in prov.apps
 
 
 def test_wait_shows_the_state_changes_as_they_happen(stack, prov, envfile):
