@@ -66,7 +66,7 @@ mr_err mr_stripe_api_check_key(const char *key, int *livemode, char *err, size_t
                      "restricted key (rk_test_..., rk_live_...)");
 }
 
-void mr_stripe_api_config_load(mr_stripe_api_config *cfg)
+void mr_stripe_api_config_load(mr_stripe_api_config *cfg, const char *without_key)
 {
     memset(cfg, 0, sizeof(*cfg));
     const char *key = getenv("STRIPE_SECRET_KEY");
@@ -86,7 +86,7 @@ void mr_stripe_api_config_load(mr_stripe_api_config *cfg)
         mr_log(MR_LOG_INFO, "Stripe API at %s in %s mode, version " MR_STRIPE_API_VERSION,
                cfg->base_url, cfg->livemode ? "live" : "test");
     else
-        mr_log(MR_LOG_WARN, "STRIPE_SECRET_KEY unset: payments answer 503 stripe_not_configured");
+        mr_log(MR_LOG_WARN, "STRIPE_SECRET_KEY unset: %s", without_key);
 }
 
 /* ---- form encoding -------------------------------------------------------- */
@@ -274,9 +274,11 @@ static void sleep_ms(long ms)
         ;
 }
 
-mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
-                          const char *form, const char *idempotency_key, int64_t deadline_ms,
-                          mr_stripe_api_result *res, char *err, size_t errlen)
+/* One POST (form: its body) or DELETE (form NULL: no body), as described in the
+ * header. */
+static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const char *method,
+                      const char *path, const char *form, const char *idempotency_key,
+                      int64_t deadline_ms, mr_stripe_api_result *res, char *err, size_t errlen)
 {
     memset(res, 0, sizeof(*res));
     if (!cfg->secret_key)
@@ -302,11 +304,12 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
             break;
         }
         mr_httpc_req req = {
-            .method = "POST", .url = url, .headers = headers,
-            .body = form, .body_len = strlen(form),
+            .method = method, .url = url, .headers = headers,
+            .body = form, .body_len = form ? strlen(form) : 0,
             .connect_timeout_ms = cfg->connect_timeout_ms < left ? cfg->connect_timeout_ms : (long)left,
             .timeout_ms = (long)left,
             .max_body = MAX_ANSWER,
+            .abort_cb = cfg->abort_cb,
         };
         mr_httpc_resp resp = {0};
         char herr[200] = "", should[16] = "", replayed[16] = "", msg[300] = "";
@@ -317,6 +320,11 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
         if (he == MR_EINVAL || he == MR_EINTERNAL) {
             mr_httpc_resp_free(&resp);
             rc = mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: %s", path, herr);
+            break;
+        }
+        if (he != MR_OK && cfg->abort_cb && cfg->abort_cb(NULL)) {
+            /* Stopping: whether Stripe applied it is unknown, as after a timeout. */
+            rc = mr_seterr(err, errlen, MR_ETRANSIENT, "Stripe %s: aborted (stopping)", path);
             break;
         }
         if (he == MR_OK) {
@@ -345,8 +353,10 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
         }
         mr_httpc_resp_free(&resp);
         int again = mr_stripe_api_retryable(res->status, *should ? should : NULL);
+        /* A DELETE of what Stripe does not have is an answer the caller expects. */
+        int gone = res->status == 404 && strcmp(method, "DELETE") == 0;
         if (he == MR_OK)
-            mr_log(again ? MR_LOG_WARN : MR_LOG_ERROR,
+            mr_log(again ? MR_LOG_WARN : gone ? MR_LOG_INFO : MR_LOG_ERROR,
                    "Stripe %s: %ld %s/%s (request %s, attempt %d): %.200s", path, res->status,
                    res->error_type, res->error_code, res->request_id, res->attempts, msg);
         else
@@ -374,10 +384,30 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
                            "%d attempt(s)", path, res->attempts);
             break;
         }
+        if (cfg->abort_cb && cfg->abort_cb(NULL)) {
+            rc = mr_seterr(err, errlen, MR_ETRANSIENT, "Stripe %s: aborted (stopping) after %d "
+                           "attempt(s)", path, res->attempts);
+            break;
+        }
         sleep_ms(delay);
     }
     memset(auth, 0, sizeof auth);
     return rc;
+}
+
+mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                          const char *form, const char *idempotency_key, int64_t deadline_ms,
+                          mr_stripe_api_result *res, char *err, size_t errlen)
+{
+    return request(http, cfg, "POST", path, form ? form : "", idempotency_key, deadline_ms, res,
+                   err, errlen);
+}
+
+mr_err mr_stripe_api_delete(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                            const char *idempotency_key, int64_t deadline_ms,
+                            mr_stripe_api_result *res, char *err, size_t errlen)
+{
+    return request(http, cfg, "DELETE", path, NULL, idempotency_key, deadline_ms, res, err, errlen);
 }
 
 void mr_stripe_api_result_free(mr_stripe_api_result *res)

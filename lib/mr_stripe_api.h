@@ -42,14 +42,19 @@ typedef struct {
     long deadline_ms;         /* STRIPE_DEADLINE_MS: every Stripe call of one request */
     long connect_timeout_ms;  /* STRIPE_CONNECT_TIMEOUT_MS: one connection attempt */
     int max_retries;          /* STRIPE_MAX_RETRIES: retries of one call */
+    /* Optional (NULL from mr_stripe_api_config_load): polled during a call and
+     * before each retry, with a NULL argument; non-zero ends the call at once
+     * with MR_ETRANSIENT (outcome unknown: repeat it later with the same key). */
+    int (*abort_cb)(void *arg);
 } mr_stripe_api_config;
 
 /* Reads the configuration (strings are the environment's own) and logs the
  * mode it found. A malformed value prints "config: ..." (never the key) and
  * exits 2. An unset
- * STRIPE_SECRET_KEY is not an error: secret_key is NULL and callers answer
- * 503 stripe_not_configured (mr_stripe_api_reply_not_configured). */
-void mr_stripe_api_config_load(mr_stripe_api_config *cfg);
+ * STRIPE_SECRET_KEY is not an error: secret_key is NULL, and the warning logged
+ * says what that means for the caller (without_key: "payments answer 503
+ * stripe_not_configured", see mr_stripe_api_reply_not_configured). */
+void mr_stripe_api_config_load(mr_stripe_api_config *cfg, const char *without_key);
 
 /* Checks a secret key's shape: sk_test_, sk_live_, rk_test_ or rk_live_
  * followed by at least 16 letters and digits. Returns MR_OK with *livemode
@@ -93,6 +98,12 @@ typedef struct {
 mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
                           const char *form, const char *idempotency_key, int64_t deadline_ms,
                           mr_stripe_api_result *res, char *err, size_t errlen);
+/* The same for DELETE base_url + path ("/v1/subscriptions/sub_..."), without a
+ * body. A refusal's status and error code are in res (Stripe answers 404
+ * resource_missing for an object it does not have, or no longer has live). */
+mr_err mr_stripe_api_delete(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                            const char *idempotency_key, int64_t deadline_ms,
+                            mr_stripe_api_result *res, char *err, size_t errlen);
 void mr_stripe_api_result_free(mr_stripe_api_result *res);
 
 /* Reads a Stripe error body into res->error_type / error_code and copies its

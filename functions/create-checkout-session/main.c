@@ -50,7 +50,7 @@ static struct {
 
 static void init(void)
 {
-    mr_stripe_api_config_load(&stripe);
+    mr_stripe_api_config_load(&stripe, "payments answer 503 stripe_not_configured");
     if (!stripe.secret_key)
         return;
     cfg.success_url = mr_config_url("STRIPE_CHECKOUT_SUCCESS_URL", NULL);

@@ -21,7 +21,7 @@ static const char *return_url;
 
 static void init(void)
 {
-    mr_stripe_api_config_load(&stripe);
+    mr_stripe_api_config_load(&stripe, "payments answer 503 stripe_not_configured");
     if (!stripe.secret_key)
         return;
     return_url = mr_config_url("STRIPE_PORTAL_RETURN_URL", NULL);

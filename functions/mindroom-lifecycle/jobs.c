@@ -12,7 +12,12 @@
  *   teardown      instances whose rows were deleted (an account erased) while
  *                 they still had apps or data (public.instance_teardowns): destroy
  *                 both apps and both storage entries on the instance's own
- *                 provisioner target, with backoff on failure */
+ *                 provisioner target, with backoff on failure
+ *   stripe-cancel  Stripe subscriptions of deleted accounts (public.stripe_cancellations,
+ *                 recorded by the delete): cancel each at once at Stripe
+ *                 (DELETE /v1/subscriptions/{id}), with backoff on failure; without
+ *                 STRIPE_SECRET_KEY they stay owed and the round says so */
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,7 +42,12 @@ static const mr_db_stmt teardown_done_stmt = {
     "mr_job_teardown_done",
     "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int)::text", 5};
 
+static const mr_db_stmt cancel_done_stmt = {
+    "mr_job_cancel_done",
+    "SELECT public.stripe_cancellation_finish($1, $2, $3, $4::int, $5::int)::text", 5};
+
 #define TEARDOWN_BATCH 20
+#define CANCEL_BATCH 20
 
 /* The lease start (timestamptz text, malloc'd) when this worker runs the job now. */
 static char *take(worker *w, const char *name, int interval_s)
@@ -148,7 +158,9 @@ static void sweep_job(worker *w)
     done(w, "stripe-sweep", failed ? "some events could not be retried" : NULL);
 }
 
-static int teardown_abort(void *arg)
+/* A teardown's or a cancellation's call ends at once when the worker stops: both
+ * are repeated by the next run, and repeating them is harmless. */
+static int stop_abort(void *arg)
 {
     (void)arg;
     return worker_stopping();
@@ -172,7 +184,7 @@ static void teardown_job(worker *w)
     for (int i = 0; i < n && !worker_stopping(); i++) {
         const char *iid = PQgetvalue(due.res, i, 0), *app = PQgetvalue(due.res, i, 1);
         mr_provisioner p = wcfg.provisioner;
-        p.abort_cb = teardown_abort;
+        p.abort_cb = stop_abort;
         mr_provisioner_call call;
         worker_target target;
         mr_err te = targets_use_text(PQgetisnull(due.res, i, 2) ? NULL : PQgetvalue(due.res, i, 2),
@@ -215,9 +227,94 @@ static void teardown_job(worker *w)
     done(w, "teardown", failed ? "some teardowns failed; retried with backoff" : NULL);
 }
 
+/* A Stripe subscription id as Stripe makes them: it becomes part of a URL path. */
+static int stripe_sub_id_ok(const char *id)
+{
+    size_t n = strlen(id);
+    if (n < 5 || n > 200 || strncmp(id, "sub_", 4) != 0)
+        return 0;
+    for (size_t i = 4; i < n; i++)
+        if (!isalnum((unsigned char)id[i]) && id[i] != '_')
+            return 0;
+    return 1;
+}
+
+static void cancel_job(worker *w)
+{
+    char err[256] = "", arg[16];
+    snprintf(arg, sizeof arg, "%d", CANCEL_BATCH);
+    ids_ctx due = {"SELECT stripe_subscription_id FROM public.stripe_cancellations_due($1::int)",
+                   arg, NULL};
+    if (mr_db_tx(w->db, &mr_service_identity, ids_tx, &due, err, sizeof err) != MR_OK) {
+        mr_log(MR_LOG_WARN, "stripe cancellations: %s", err);
+        done(w, "stripe-cancel", err);
+        return;
+    }
+    int n = PQntuples(due.res), cancelled = 0, failed = 0;
+    if (n > 0 && !wcfg.stripe.secret_key) {
+        /* Nothing is counted against them: they are done once a key is set. */
+        mr_log(MR_LOG_WARN, "stripe cancellations: %d%s owed (subscriptions of deleted accounts) "
+               "but STRIPE_SECRET_KEY is not set: Stripe keeps charging them until it is",
+               n, n == CANCEL_BATCH ? " or more" : "");
+        PQclear(due.res);
+        done(w, "stripe-cancel", "STRIPE_SECRET_KEY is not set");
+        return;
+    }
+    mr_stripe_api_config stripe = wcfg.stripe;
+    stripe.abort_cb = stop_abort;
+    char base[16], cap[16];
+    snprintf(base, sizeof base, "%d", wcfg.backoff_base_s);
+    snprintf(cap, sizeof cap, "%d", wcfg.backoff_cap_s);
+    for (int i = 0; i < n && !worker_stopping(); i++) {
+        const char *sub = PQgetvalue(due.res, i, 0), *outcome = NULL;
+        mr_err e = MR_EINTERNAL;
+        if (!stripe_sub_id_ok(sub)) {
+            snprintf(err, sizeof err, "not a Stripe subscription id");
+        } else {
+            /* Immediately, not at the period's end: nobody is left to serve. The key
+             * is the subscription's own, so every attempt is the same request. */
+            char path[256], key[256];
+            snprintf(path, sizeof path, "/v1/subscriptions/%s", sub);
+            snprintf(key, sizeof key, "mindroom-cancel-%s", sub);
+            mr_stripe_api_result res;
+            e = mr_stripe_api_delete(w->http, &stripe, path, key, mr_now_ms() + stripe.deadline_ms,
+                                     &res, err, sizeof err);
+            if (e == MR_OK)
+                outcome = "cancelled";
+            else if (res.status == 404 && strcmp(res.error_code, "resource_missing") == 0)
+                outcome = "not_found"; /* cancelled before (Stripe's answer then), or unknown */
+            mr_stripe_api_result_free(&res);
+            if (!outcome && worker_stopping())
+                break; /* not recorded: the next run asks again */
+        }
+        const char *params[] = {sub, outcome, outcome ? NULL : err, base, cap};
+        char *out = NULL, derr[256] = "";
+        if (mr_db_call(w->db, &mr_service_identity, &cancel_done_stmt, params, NULL, &out, derr,
+                       sizeof derr) != MR_OK)
+            mr_log(MR_LOG_WARN, "stripe cancellation of %.200s: cannot record it: %s", sub, derr);
+        free(out);
+        if (outcome) {
+            cancelled++;
+            mr_log(MR_LOG_INFO, "stripe cancellation: subscription %.200s of a deleted account: %s",
+                   sub, strcmp(outcome, "cancelled") == 0 ? "cancelled at Stripe"
+                                                          : "Stripe has no live subscription of that id");
+        } else {
+            failed++;
+            /* A refusal (a 4xx: our key or request) will not go away by itself. */
+            mr_log(e == MR_ETRANSIENT ? MR_LOG_WARN : MR_LOG_ERROR,
+                   "stripe cancellation: subscription %.200s of a deleted account: %s; retried "
+                   "with backoff", sub, err);
+        }
+    }
+    PQclear(due.res);
+    if (cancelled || failed)
+        mr_log(MR_LOG_INFO, "stripe cancellations: %d done, %d failed", cancelled, failed);
+    done(w, "stripe-cancel", failed ? "some cancellations failed; retried with backoff" : NULL);
+}
+
 int64_t jobs_run_due(worker *w)
 {
-    static int64_t next_health, next_sweep, next_teardown;
+    static int64_t next_health, next_sweep, next_teardown, next_cancel;
     int64_t now = mr_now_ms();
     if (now >= next_health) {
         next_health = now + ask_every_ms(wcfg.health.interval_s);
@@ -244,10 +341,19 @@ int64_t jobs_run_due(worker *w)
             teardown_job(w);
         free(started);
     }
+    if (!worker_stopping() && now >= next_cancel) {
+        next_cancel = now + ask_every_ms(wcfg.sweep_interval_s);
+        char *started = take(w, "stripe-cancel", wcfg.sweep_interval_s);
+        if (started)
+            cancel_job(w);
+        free(started);
+    }
     now = mr_now_ms();
     int64_t next = next_health < next_sweep ? next_health : next_sweep;
     if (next_teardown < next)
         next = next_teardown;
+    if (next_cancel < next)
+        next = next_cancel;
     int64_t wait = next - now;
     return wait > 0 ? wait : 0;
 }

@@ -99,6 +99,9 @@ static void load_config(void)
     c->sweep_batch = (int)mr_config_int("SWEEP_BATCH", 50, 0, 10000);
     c->defer_max_hours = (int)mr_config_int("STRIPE_DEFER_MAX_HOURS", 72, 1, 24 * 365);
     c->retention_days = (int)mr_config_int("MINDROOM_RETENTION_DAYS", 30, 0, 3650);
+    mr_stripe_api_config_load(&c->stripe, "the Stripe subscriptions of deleted accounts are "
+                              "not cancelled until it is set (they stay owed in "
+                              "stripe_cancellations)");
     char kerr[256];
     if (mr_secrets_load_env(&c->secrets, kerr, sizeof kerr) != MR_OK) {
         fprintf(stderr, "config: %s (instances' secrets are sealed with it: generate one with "

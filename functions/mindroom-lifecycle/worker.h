@@ -6,7 +6,8 @@
  *            record each outcome, give the lease back when told to stop
  *   payload.c what a create, update or start sends the provisioner: the step's
  *            payload with the instance's secrets opened (the only place they are)
- *   jobs.c   the periodic jobs: the health round, the Stripe sweep, teardowns
+ *   jobs.c   the periodic jobs: the health round, the Stripe sweep, teardowns,
+ *            the Stripe cancellations of deleted accounts' subscriptions
  *   targets.c which provisioner a step or a teardown goes to (its target's URL
  *            and token, or DOKKU_PROVISIONER_URL)
  *
@@ -20,6 +21,7 @@
 #include "mr_health.h"
 #include "mr_provisioner.h"
 #include "mr_secrets.h"
+#include "mr_stripe_api.h"
 
 typedef struct {
     int workers;                /* MR_LIFECYCLE_WORKERS: processes on this host */
@@ -38,6 +40,7 @@ typedef struct {
     int sweep_interval_s;       /* SWEEP_INTERVAL_S: the Stripe sweep's interval */
     int sweep_batch;            /* SWEEP_BATCH: events retried per run */
     int defer_max_hours;        /* STRIPE_DEFER_MAX_HOURS */
+    mr_stripe_api_config stripe;/* STRIPE_SECRET_KEY (unset: cancellations stay owed), _API_BASE, ... */
     int retention_days;         /* MINDROOM_RETENTION_DAYS: a destroyed instance's storage is kept */
     mr_secrets *secrets;        /* MINDROOM_SECRETS_KEY (+ _PREVIOUS): opens instance secrets */
     char control_plane_url[512];/* MINDROOM_CONTROL_PLANE_URL: where instances report usage */

@@ -434,6 +434,28 @@ def concurrency(envfile, *args):
     return int(fields[1]), int(fields[2])
 
 
+def test_stuck_lists_a_deleted_accounts_subscription_stripe_still_charges(stack, envfile):
+    # This stack's worker has no STRIPE_SECRET_KEY: the cancellation stays owed.
+    acc, _ = new_account(stack, "cus_d" + uuid.uuid4().hex[:8])
+    sub = "sub_d" + uuid.uuid4().hex[:20]
+    stack.sql("INSERT INTO public.subscriptions (account_id, stripe_subscription_id, stripe_price_id, "
+              "tier, status) VALUES (%s, %s, 'price_starter', 'starter', 'active')", acc, sub)
+    customer = stack.sql("SELECT stripe_customer_id FROM public.accounts WHERE id = %s", acc)[0][0]
+    stack.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    out = ok(ctl("--env", envfile, "stuck"))
+    assert sub not in out and "Stripe subscriptions" not in out, out   # just deleted
+    stack.sql("UPDATE public.stripe_cancellations SET created_at = now() - interval '10 minutes' "
+              "WHERE stripe_subscription_id = %s", sub)
+    out = ok(ctl("--env", envfile, "stuck"))
+    assert "Stripe subscriptions of deleted accounts not cancelled yet" in out, out
+    line = next((l for l in out.splitlines() if sub in l), None)
+    assert line and customer in line and acc in line and "00:10:" in line, out
+    # Done (a worker with a key cancelled it): no longer listed.
+    stack.sql("SELECT public.stripe_cancellation_finish(%s, 'cancelled', NULL, 1, 1)", sub)
+    out = ok(ctl("--env", envfile, "stuck"))
+    assert sub not in out, out
+
+
 def test_concurrency_shows_sets_and_a_raised_limit_is_used_at_once(stack, prov, envfile):
     assert concurrency(envfile)[0] == 8
     try:

@@ -1,10 +1,11 @@
 """What the lifecycle worker (mindroom-lifecycle) does with nobody asking, through
 real nginx and PostgreSQL and the provisioner stand-in: the Stripe sweep (events
 stored deferred are retried after their backoff and given up on after
-STRIPE_DEFER_MAX_HOURS), run once per interval across worker processes, and a
-failed step retried no sooner than its backoff. (The health round is in
-test_health.py; claims, leases, rejected steps and the welcome email in
-test_lifecycle.py.)"""
+STRIPE_DEFER_MAX_HOURS), run once per interval across worker processes, a
+failed step retried no sooner than its backoff, and the cancellation at Stripe
+(the stand-in, tests/standins/stripe_api.py) of a deleted account's subscription.
+(The health round is in test_health.py; claims, leases, rejected steps and the
+welcome email in test_lifecycle.py.)"""
 import json
 import os
 import time
@@ -15,6 +16,7 @@ import pytest
 import mr
 from lifecycle_helpers import (WORKER, instance, new_account, new_subscription, provision,
                                stack_env, wait_status, wait_until)
+from stripe_api import StripeStandin
 
 SWEEP_S = 1
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
@@ -188,3 +190,128 @@ def test_a_failed_step_is_retried_no_sooner_than_its_backoff(stack, prov):
     gaps = [b.time - a.time for a, b in zip(calls, calls[1:])]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
     assert instance(stack, sid)["attempts"] == 0
+
+
+# ---- the Stripe subscriptions of deleted accounts -------------------------------------
+
+@pytest.fixture(scope="module")
+def stripe():
+    with StripeStandin() as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def keyed(pg, prov, stripe):
+    """The worker alone, with a Stripe key and the stand-in for Stripe, its jobs every
+    second, and one attempt per call (STRIPE_MAX_RETRIES=0), so that every retry
+    is the job's, after its backoff (MR_PROVISION_BACKOFF_BASE_S=1)."""
+    env = stack_env(prov, SWEEP_INTERVAL_S=str(SWEEP_S), STRIPE_SECRET_KEY=stripe.key,
+                    STRIPE_API_BASE=stripe.url, STRIPE_MAX_RETRIES="0")
+    with mr.Stack(pg, env=env, functions=[WORKER]) as s:
+        yield s
+
+
+def paying_account(s, status="active"):
+    """An account with a subscription of ours in `status`, carrying a fresh Stripe
+    subscription id; returns (account id, that id)."""
+    acc, _ = new_account(s)
+    sub = "sub_" + uuid.uuid4().hex[:24]
+    s.sql("UPDATE public.accounts SET stripe_customer_id = %s WHERE id = %s",
+          "cus_" + uuid.uuid4().hex[:14], acc)
+    s.sql("INSERT INTO public.subscriptions (account_id, stripe_subscription_id, stripe_price_id, "
+          "tier, status) VALUES (%s, %s, 'price_starter', 'starter', %s)", acc, sub, status)
+    return acc, sub
+
+
+def cancellation(s, sub):
+    r = s.sql("SELECT done_at IS NOT NULL, outcome, attempts, last_error "
+              "FROM public.stripe_cancellations WHERE stripe_subscription_id = %s", sub)
+    return r[0] if r else None
+
+
+def job_runs(s, name):
+    r = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = %s", name)
+    return r[0][0] if r else 0
+
+
+def cancels(stripe, sub):
+    return [r for r in stripe.recorded("/v1/subscriptions/" + sub) if r.method == "DELETE"]
+
+
+def test_deleting_an_account_cancels_its_live_stripe_subscription_once(keyed, stripe):
+    stripe.reset()
+    acc, _ = paying_account(keyed)
+    sub = stripe.add_subscription()
+    keyed.sql("UPDATE public.subscriptions SET stripe_subscription_id = %s WHERE account_id = %s",
+              sub, acc)
+    # A second, cancelled one of the same account: Stripe is not asked about it.
+    old = "sub_" + uuid.uuid4().hex[:24]
+    keyed.sql("INSERT INTO public.subscriptions (account_id, stripe_subscription_id, status) "
+              "VALUES (%s, %s, 'cancelled')", acc, old)
+    keyed.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    assert keyed.sql("SELECT count(*) FROM public.accounts WHERE id = %s", acc)[0][0] == 0
+    wait_until(lambda: (cancellation(keyed, sub) or (False,))[0], timeout=10,
+               what="the cancellation done")
+    assert cancellation(keyed, sub) == (True, "cancelled", 1, None)
+    assert stripe.subscriptions[sub]["status"] == "canceled"
+    [req] = cancels(stripe, sub)
+    assert req.idempotency_key == "mindroom-cancel-" + sub
+    assert req.headers.get("Stripe-Version") == "2025-03-31.basil"
+    assert req.body == ""
+    assert cancellation(keyed, old) is None and cancels(stripe, old) == []
+    # Later rounds leave it done: Stripe was asked once.
+    runs = job_runs(keyed, "stripe-cancel")
+    wait_until(lambda: job_runs(keyed, "stripe-cancel") >= runs + 2, timeout=10, what="two more rounds")
+    assert len(cancels(stripe, sub)) == 1
+    assert keyed.sql("SELECT count(*) FROM public.audit_logs WHERE action = "
+                     "'stripe.subscription_cancelled' AND details->>'stripe_subscription_id' = %s",
+                     sub)[0][0] == 1
+    assert stripe.key not in keyed.log(WORKER)
+
+
+def test_a_refused_or_failed_cancellation_is_retried_with_backoff_and_the_same_key(keyed, stripe):
+    stripe.reset()
+    acc, _ = paying_account(keyed)
+    sub = stripe.add_subscription()
+    keyed.sql("UPDATE public.subscriptions SET stripe_subscription_id = %s WHERE account_id = %s",
+              sub, acc)
+    stripe.next(("status", 400), ("status", 500))
+    keyed.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    wait_until(lambda: (cancellation(keyed, sub) or (False,))[0], timeout=15,
+               what="the cancellation done")
+    assert cancellation(keyed, sub) == (True, "cancelled", 3, None)
+    reqs = cancels(stripe, sub)
+    assert len(reqs) == 3, reqs
+    assert {r.idempotency_key for r in reqs} == {"mindroom-cancel-" + sub}
+    # Backoff 1 s after the refusal, then 2 s after the 500.
+    gaps = [b.time - a.time for a, b in zip(reqs, reqs[1:])]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
+    assert stripe.subscriptions[sub]["status"] == "canceled"
+    # The refusal (a 4xx) is logged at error, the 500 at warn.
+    mine = [json.loads(l) for l in keyed.log(WORKER).splitlines()
+            if sub in l and "retried with backoff" in l]
+    assert [l["level"] for l in mine] == ["error", "warn"], mine
+
+
+def test_a_subscription_stripe_has_cancelled_already_is_done_with_one_call(keyed, stripe):
+    stripe.reset()
+    acc, _ = paying_account(keyed, status="past_due")
+    sub = stripe.add_subscription(status="canceled")   # its deletion event not yet applied
+    keyed.sql("UPDATE public.subscriptions SET stripe_subscription_id = %s WHERE account_id = %s",
+              sub, acc)
+    keyed.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    wait_until(lambda: (cancellation(keyed, sub) or (False,))[0], timeout=10,
+               what="the cancellation done")
+    assert cancellation(keyed, sub) == (True, "not_found", 1, None)
+    assert len(cancels(stripe, sub)) == 1
+
+
+def test_without_a_stripe_key_a_deleted_accounts_subscription_stays_owed(stack):
+    acc, sub = paying_account(stack)
+    stack.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    runs = job_runs(stack, "stripe-cancel")
+    wait_until(lambda: job_runs(stack, "stripe-cancel") >= runs + 2, timeout=10, what="two rounds")
+    assert cancellation(stack, sub) == (False, None, 0, None)
+    warned = [json.loads(l) for l in stack.log(WORKER).splitlines()
+              if "stripe cancellations" in l and "STRIPE_SECRET_KEY is not set" in l]
+    assert warned and all(l["level"] == "warn" for l in warned), warned

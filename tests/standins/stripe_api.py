@@ -8,6 +8,10 @@
   POST /v1/billing_portal/sessions    customer, return_url               -> billing_portal.session
   POST /v1/checkout/sessions/{id}/expire                                  -> checkout.session
                                       (400 unless the session is open; complete() pays one)
+  DELETE /v1/subscriptions/{id}       (no body)                           -> subscription,
+                                      cancelled now; 404 resource_missing ("No such
+                                      subscription") for one it does not have or that is
+                                      already canceled or incomplete_expired, as Stripe
 
 Requests are application/x-www-form-urlencoded with nested keys (a[b][0][c]=v),
 authenticated with `Authorization: Bearer <secret key>` (compared in constant time;
@@ -34,6 +38,7 @@ down() closes the listener (connections are refused) until up().
         stripe.customers, stripe.sessions, stripe.portal_sessions   # what was created
         stripe.requests                                             # every request
         stripe.complete(session_id) -> [event, ...]                 # Stripe's events
+        stripe.add_subscription(customer, status) -> id             # one made elsewhere
 """
 import hmac
 import json
@@ -266,6 +271,33 @@ class StripeStandin:
         return [event("checkout.session.completed", session, now),
                 event("customer.subscription.created", sub, now)]
 
+    def add_subscription(self, customer=None, status="active", price="price_starter"):
+        """A subscription Stripe has (as if paid for through a checkout); returns its id."""
+        now = int(time.time())
+        sub_id = self._id("sub_")
+        with self.lock:
+            self.subscriptions[sub_id] = {
+                "id": sub_id, "object": "subscription", "customer": customer or self._id("cus_"),
+                "status": status, "metadata": {}, "cancel_at_period_end": False,
+                "canceled_at": now if status == "canceled" else None, "ended_at": None,
+                "items": {"object": "list", "data": [{
+                    "id": self._id("si_"), "object": "subscription_item",
+                    "price": {"id": price, "object": "price"}, "quantity": 1,
+                    "current_period_end": now + 30 * 86400}]}}
+        return sub_id
+
+    def _cancel(self, sub_id, p):
+        sub = self.subscriptions.get(sub_id)
+        if sub is None or sub["status"] in ("canceled", "incomplete_expired"):
+            return error(404, "invalid_request_error", "No such subscription: '%s'" % sub_id,
+                         "resource_missing", "id")
+        if p:
+            return error(400, "invalid_request_error",
+                         "Received unknown parameter: %s" % sorted(p)[0])
+        now = int(time.time())
+        sub.update(status="canceled", canceled_at=now, ended_at=now)
+        return 200, json.loads(json.dumps(sub)), {}
+
     # ---- HTTP ----------------------------------------------------------------
     def _execute(self, req):
         routes = {"/v1/customers": self._customer, "/v1/checkout/sessions": self._checkout,
@@ -273,6 +305,9 @@ class StripeStandin:
         m = re.fullmatch(r"/v1/checkout/sessions/([A-Za-z0-9_]+)/expire", req.path)
         if req.method == "POST" and m:
             return self._expire(m.group(1))
+        m = re.fullmatch(r"/v1/subscriptions/([A-Za-z0-9_]+)", req.path)
+        if req.method == "DELETE" and m:
+            return self._cancel(m.group(1), req.params)
         if req.method != "POST" or req.path not in routes:
             return error(404, "invalid_request_error",
                          "Unrecognized request URL (%s: %s)." % (req.method, req.path))
