@@ -10,7 +10,8 @@
  *     the same keys (public.instance_homeserver_keys keeps the first set when two
  *     workers race); an instance that took over a destroyed one's kept storage
  *     gets that homeserver's keys instead (the step's "predecessor"), opened and
- *     sealed again for it, never new ones;
+ *     sealed again for it, never new ones, and with them that instance's operator
+ *     variables (stored in the same call, never over one this instance has);
  *   * a legacy plaintext environment_vars is sealed into instance_secrets, and
  *     emptied once every value is stored (public.instance_plain_env, then
  *     public.instance_plain_env_sealed: a failure part-way loses nothing); a name
@@ -19,7 +20,7 @@
  *     no live one (its first deploy, a start after a stop, a rotation), stored as a
  *     hash and sealed (public.instance_token_issue keeps the first token when two
  *     workers race), and delivered with the control plane's URL.
- * What must be stored (a new token, new keys) is stored in one call,
+ * What must be stored (a new token, new keys, variables carried over) is stored in one call,
  * public.instance_secrets_issue, whose answer is what is in force.
  * PostgreSQL never receives a plaintext secret from here. */
 #include <stdio.h>
@@ -41,7 +42,8 @@ static const mr_db_stmt sealed_env_stmt = {
 static const mr_db_stmt put_plain_stmt = {
     "mr_pl_put_plain", "SELECT public.instance_plain_env_put($1::uuid, $2, $3, $4)", 4};
 static const mr_db_stmt issue_stmt = {
-    "mr_pl_issue", "SELECT public.instance_secrets_issue($1::uuid, $2::jsonb, $3::jsonb)::text", 3};
+    "mr_pl_issue",
+    "SELECT public.instance_secrets_issue($1::uuid, $2::jsonb, $3::jsonb, $4::jsonb)::text", 4};
 
 /* The names of the homeserver's keys, as instance_secrets and POST /apps call them. */
 static const char *const hs_names[] = {"signing_key", "registration_shared_secret",
@@ -243,6 +245,85 @@ static mr_err hs_prepare(const char *iid, const cJSON *secrets, const cJSON *pre
     return e;
 }
 
+/* The operator's variables of the instance whose storage this one took over
+ * (predecessor's "env": {"name": ciphertext}, absent when it had none), opened under
+ * that instance's context and sealed again for this one, as the rows
+ * instance_secrets_issue takes (*rows, the caller frees it; NULL when there are
+ * none). A variable that does not open fails the step, naming it (never its value):
+ * MindRoom would come back on its data without it, and nothing is stored. */
+static mr_err env_inherit(const char *iid, const cJSON *predecessor, cJSON **rows, char *err,
+                          size_t errlen)
+{
+    const char *pid = NULL;
+    const cJSON *vars = cJSON_GetObjectItemCaseSensitive(predecessor, "env");
+    *rows = NULL;
+    if (!cJSON_IsObject(vars) || !vars->child)
+        return MR_OK;
+    if (mr_json_str(predecessor, "instance_id", &pid) != MR_OK)
+        return mr_seterr(err, errlen, MR_EINTERNAL, "step with a malformed predecessor");
+    mr_err e = MR_OK;
+    *rows = cJSON_CreateArray();
+    for (const cJSON *v = vars->child; v && e == MR_OK; v = v->next) {
+        char *val = NULL, *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1];
+        if (!cJSON_IsString(v) ||
+            open_secret(pid, "env", v->string, v->valuestring, &val, err, errlen) != MR_OK) {
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "the variable %s of instance %s, whose "
+                          "storage this one took over, cannot be opened with the configured "
+                          "MINDROOM_SECRETS_KEY(_PREVIOUS)", v->string, pid);
+            break;
+        }
+        e = seal(iid, "env", v->string, val, &ct, digest, err, errlen);
+        OPENSSL_cleanse(val, strlen(val));
+        free(val);
+        if (e == MR_OK) {
+            cJSON *r = cJSON_CreateObject();
+            cJSON_AddStringToObject(r, "name", v->string);
+            cJSON_AddStringToObject(r, "ciphertext", ct);
+            cJSON_AddStringToObject(r, "digest", digest);
+            cJSON_AddItemToArray(*rows, r);
+        }
+        free(ct);
+    }
+    if (e != MR_OK) {
+        cJSON_Delete(*rows);
+        *rows = NULL;
+    }
+    return e;
+}
+
+/* Logs the names (never the values) of the variables env_rows carried over that are
+ * in force (env, {"name": ciphertext}: the very ciphertext sent), and of those the
+ * instance already had of its own. */
+static void env_inherit_log(const char *iid, const cJSON *predecessor, const cJSON *env_rows,
+                            const cJSON *env)
+{
+    size_t cap = 1;
+    for (const cJSON *r = env_rows->child; r; r = r->next)
+        cap += strlen(cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "name"))) + 2;
+    char *carried = calloc(1, cap), *kept = calloc(1, cap);
+    if (carried && kept) {
+        for (const cJSON *r = env_rows->child; r; r = r->next) {
+            const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "name"));
+            const char *sent = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(r, "ciphertext"));
+            const char *now = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(env, name));
+            char *list = now && sent && !strcmp(now, sent) ? carried : kept;
+            if (list[0])
+                strcat(list, ", ");
+            strcat(list, name);
+        }
+        const char *pid = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(predecessor,
+                                                                                "instance_id"));
+        if (carried[0])
+            mr_log(MR_LOG_INFO, "instance %s: variables %s carried over from instance %s, whose "
+                   "storage it took over", iid, carried, pid);
+        if (kept[0])
+            mr_log(MR_LOG_INFO, "instance %s: variables %s of instance %s not carried over: "
+                   "this instance has its own", iid, kept, pid);
+    }
+    free(carried);
+    free(kept);
+}
+
 /* The sealed control-plane token of the live credential live_key (*ct, pointing
  * into secrets) when the instance has one; else a fresh token generated and sealed, as
  * {"key_id", "hash", "ciphertext", "digest"} for instance_token_issue (*fresh, the
@@ -279,20 +360,23 @@ static mr_err token_prepare(const char *iid, const char *live_key, const cJSON *
     return e;
 }
 
-/* Stores what was generated (a token, homeserver keys: either may be NULL) in one
- * call; *stored is the answer, {"token", "homeserver"}: what is in force. */
+/* Stores what was generated (a token, homeserver keys, a predecessor's variables
+ * sealed again: any may be NULL) in one call; *stored is the answer, {"token",
+ * "homeserver"}, and "env" when env_rows is given: what is in force. */
 static mr_err secrets_issue(worker *w, const char *iid, const cJSON *token, const cJSON *hs_rows,
-                            cJSON **stored, char *err, size_t errlen)
+                            const cJSON *env_rows, cJSON **stored, char *err, size_t errlen)
 {
-    char *t = token ? mr_json_print(token) : NULL, *h = hs_rows ? mr_json_print(hs_rows) : NULL;
+    char *t = token ? mr_json_print(token) : NULL, *h = hs_rows ? mr_json_print(hs_rows) : NULL,
+         *v = env_rows ? mr_json_print(env_rows) : NULL;
     *stored = NULL;
-    mr_err e = (token && !t) || (hs_rows && !h) ? mr_seterr(err, errlen, MR_EINTERNAL, "out of memory")
-                                                 : MR_OK;
-    const char *p[] = {iid, t, h};
+    mr_err e = (token && !t) || (hs_rows && !h) || (env_rows && !v)
+                   ? mr_seterr(err, errlen, MR_EINTERNAL, "out of memory") : MR_OK;
+    const char *p[] = {iid, t, h, v};
     if (e == MR_OK)
         e = mr_db_call_json(w->db, &mr_service_identity, &issue_stmt, p, stored, err, errlen);
     free(t);
     free(h);
+    free(v);
     return e;
 }
 
@@ -320,23 +404,38 @@ static mr_err token_open(const char *iid, const char *live_key, const char *ct, 
 }
 
 /* The control-plane token and the homeserver's keys: those stored, or new ones
- * generated, sealed and stored now (one call). *token is the token in clear (the
- * caller wipes and frees it); *keys the homeserver's keys as {"name": ciphertext}
- * when the payload has a homeserver, else NULL (the caller frees it). */
+ * generated, sealed and stored now (one call), with the variables of the instance
+ * whose storage this one took over when its keys are carried. *token is the token in
+ * clear (the caller wipes and frees it); *keys the homeserver's keys as {"name":
+ * ciphertext} when the payload has a homeserver, else NULL; *env the operator's
+ * variables in force as {"name": ciphertext} when some were carried over (the step's
+ * secrets do not have them yet), else NULL. The caller frees both. */
 static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const cJSON *secrets,
-                           int homeserver, char **token, cJSON **keys, char *err, size_t errlen)
+                           int homeserver, char **token, cJSON **keys, cJSON **env, char *err,
+                           size_t errlen)
 {
     const char *ct = NULL, *live_key = NULL; /* the live credential's key id, if any */
-    cJSON *fresh = NULL, *rows = NULL, *stored = NULL;
+    cJSON *fresh = NULL, *rows = NULL, *env_rows = NULL, *stored = NULL;
     *token = NULL;
     *keys = NULL;
+    *env = NULL;
     mr_json_str(step, "token_key_id", &live_key);
     mr_err e = token_prepare(iid, live_key, secrets, &ct, &fresh, err, errlen);
     const cJSON *predecessor = cJSON_GetObjectItemCaseSensitive(step, "predecessor");
     if (e == MR_OK && homeserver)
         e = hs_prepare(iid, secrets, predecessor, keys, &rows, err, errlen);
+    /* The predecessor's variables go where its keys go: only with keys still to store. */
+    if (e == MR_OK && rows && cJSON_IsObject(predecessor))
+        e = env_inherit(iid, predecessor, &env_rows, err, errlen);
     if (e == MR_OK && (fresh || rows))
-        e = secrets_issue(w, iid, fresh, rows, &stored, err, errlen);
+        e = secrets_issue(w, iid, fresh, rows, env_rows, &stored, err, errlen);
+    if (e == MR_OK && env_rows) {
+        *env = cJSON_DetachItemFromObjectCaseSensitive(stored, "env");
+        if (!cJSON_IsObject(*env))
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "the carried variables were not stored");
+        else
+            env_inherit_log(iid, predecessor, env_rows, *env);
+    }
     if (e == MR_OK && fresh) {
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(stored, "token");
         ct = cJSON_IsString(t) ? t->valuestring : NULL;
@@ -360,10 +459,13 @@ static mr_err step_secrets(worker *w, const char *iid, const cJSON *step, const 
         e = token_open(iid, live_key, ct, fresh != NULL, token, err, errlen);
     cJSON_Delete(fresh);
     cJSON_Delete(rows);
+    payload_free(env_rows);
     cJSON_Delete(stored);
     if (e != MR_OK) {
         cJSON_Delete(*keys);
         *keys = NULL;
+        cJSON_Delete(*env);
+        *env = NULL;
     }
     return e;
 }
@@ -387,11 +489,12 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
     /* The control plane's address and the instance's credential for it; the
      * homeserver's keys. */
     char *token = NULL;
-    cJSON *hs = cJSON_GetObjectItemCaseSensitive(p, "homeserver"), *keys = NULL;
+    cJSON *hs = cJSON_GetObjectItemCaseSensitive(p, "homeserver"), *keys = NULL, *carried = NULL;
     cJSON_DeleteItemFromObjectCaseSensitive(env, MR_APPENV_CONTROL_PLANE_URL);
     cJSON_DeleteItemFromObjectCaseSensitive(env, MR_APPENV_CONTROL_PLANE_TOKEN);
     cJSON_AddStringToObject(env, MR_APPENV_CONTROL_PLANE_URL, wcfg.control_plane_url);
-    e = step_secrets(w, iid, step, secrets, cJSON_IsObject(hs), &token, &keys, err, errlen);
+    e = step_secrets(w, iid, step, secrets, cJSON_IsObject(hs), &token, &keys, &carried, err,
+                     errlen);
     if (e == MR_OK) {
         cJSON_AddStringToObject(env, MR_APPENV_CONTROL_PLANE_TOKEN, token);
         OPENSSL_cleanse(token, strlen(token));
@@ -401,13 +504,21 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
     if (e == MR_OK && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "plain_env")))
         e = move_plain_env(w, iid, env, err, errlen);
 
-    /* The operator's sealed environment; ours (already in env) wins over a stored
+    /* The operator's sealed environment (as stored now when variables were carried
+     * over, else as the step read it); ours (already in env) wins over a stored
      * variable of the same name. */
-    for (const cJSON *s = secrets ? secrets->child : NULL; s && e == MR_OK; s = s->next) {
+    for (const cJSON *s = carried ? carried->child : secrets ? secrets->child : NULL;
+         s && e == MR_OK; s = s->next) {
         const char *kind = NULL, *name = NULL, *ct = NULL;
-        if (mr_json_str(s, "kind", &kind) != MR_OK || strcmp(kind, "env") != 0 ||
-            mr_json_str(s, "name", &name) != MR_OK || mr_json_str(s, "ciphertext", &ct) != MR_OK ||
-            cJSON_GetObjectItemCaseSensitive(env, name))
+        if (carried) {
+            name = s->string;
+            ct = cJSON_GetStringValue(s);
+        } else if (mr_json_str(s, "kind", &kind) != MR_OK || strcmp(kind, "env") != 0 ||
+                   mr_json_str(s, "name", &name) != MR_OK ||
+                   mr_json_str(s, "ciphertext", &ct) != MR_OK) {
+            continue;
+        }
+        if (!name || !ct || cJSON_GetObjectItemCaseSensitive(env, name))
             continue;
         char *val = NULL;
         if ((e = open_secret(iid, "env", name, ct, &val, err, errlen)) == MR_OK) {
@@ -434,6 +545,7 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
         }
     }
     cJSON_Delete(keys);
+    cJSON_Delete(carried);
     if (e != MR_OK) {
         payload_free(p);
         return e;

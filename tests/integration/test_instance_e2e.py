@@ -402,12 +402,21 @@ def test_an_instance_created_again_on_kept_storage_keeps_its_homeserver_identity
     database, rooms and users are those of the first instance. Its keys must be too:
     docs/instance.md says the homeserver's keys are generated once per instance "so
     a re-created app ... gets the same identity", and docs/provisioner.md that
-    replacing the signing key changes the homeserver's federation identity."""
+    replacing the signing key changes the homeserver's federation identity. And
+    MindRoom, on its kept data, must come back with the variables an operator set on
+    the first instance (its model providers' API keys): nobody is told to set them
+    again."""
     c = Customer(stack, "starter")
     c.send("customer.subscription.created", "active")
     first = running(stack, c.sid)
     n = names(first["dokku_app_name"])
     hs_dir = dokku.host_dir(n["hs_data"])
+    api_key = "sk-" + secrets.token_hex(20)
+    p = ctl(stack, "env", "set", str(first["id"]), "OPENAI_API_KEY", stdin=api_key)
+    assert p.returncode == 0 and "owes an update" in p.stdout, p
+    wait_until(lambda: dokku.config(n["app"]).get("OPENAI_API_KEY") == api_key, timeout=45,
+               what="the key deployed")
+    first = running(stack, c.sid)
     before = {f: (hs_dir / f).read_text() for f in SECRET_FILES}
     dokku.container_write(n["hs"], "/data/homeserver.db", "rooms, users, events signed by "
                           + before["signing.key"].split()[1])
@@ -422,11 +431,21 @@ def test_an_instance_created_again_on_kept_storage_keeps_its_homeserver_identity
     stack.sql("UPDATE public.instances SET matrix_server_name = %s WHERE id = %s",
               old_name, first["id"])
     # The subscription is still paid for: its next event asks for an instance again.
+    dokku.mark()
     c.send("customer.subscription.updated", "active")
     second = wait_until(lambda: row(
         stack, "SELECT id FROM public.instances WHERE subscription_id = %s AND status = "
                "'running' AND claimed_by IS NULL", c.sid), timeout=45, what="running again")[0]
     assert str(second) != str(first["id"])
+    sets = [x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x]
+    assert sets, "the re-created MindRoom was never configured"
+    assert decode_config_args(sets[-1]).get("OPENAI_API_KEY") == api_key, \
+        "the re-created MindRoom lost the operator's OPENAI_API_KEY"
+    p = ctl(stack, "env", "list", str(second))
+    assert p.returncode == 0 and "OPENAI_API_KEY" in p.stdout and api_key not in p.stdout, p
+    log = stack.log(WORKER)
+    assert ("instance %s: variables OPENAI_API_KEY carried over from instance %s"
+            % (second, first["id"])) in log and api_key not in log
     assert row(stack, "SELECT storage_taken_by FROM public.instances WHERE id = %s",
                first["id"])[0] == second
     assert (hs_dir / "homeserver.db").read_text().startswith("rooms, users")
@@ -478,6 +497,54 @@ def test_kept_homeserver_keys_that_do_not_open_fail_the_create_and_replace_nothi
                                   "'running' AND claimed_by IS NULL", second),
                timeout=45, what="running once the keys open")
     assert {f: (hs_dir / f).read_text() for f in SECRET_FILES} == before
+
+
+def test_kept_variables_that_do_not_open_fail_the_create_and_store_nothing(stack, dokku):
+    """The variables of the instance whose storage a new one took over must open too:
+    started without one of its API keys, MindRoom comes back on its data broken and
+    nobody is told. The create fails, names that instance and the variable (never its
+    value), stores nothing for the new instance, and goes through with every variable
+    once they open again."""
+    c = Customer(stack, "starter")
+    c.send("customer.subscription.created", "active")
+    first = running(stack, c.sid)
+    fid, n = str(first["id"]), names(first["dokku_app_name"])
+    values = {"OPENAI_API_KEY": "sk-" + secrets.token_hex(20), "SECOND_KEY": "v-" + secrets.token_hex(8)}
+    for name, value in values.items():
+        p = ctl(stack, "env", "set", fid, name, stdin=value)
+        assert p.returncode == 0, p
+    r = stack.call("POST", "deprovision-instance", token=stack.jwt(),
+                   json={"instance_id": fid, "mode": "destroy", "wait": True})
+    assert r.status == 200 and r.json["instance"]["status"] == "deprovisioned", r
+    # OPENAI_API_KEY no longer opens: another row's ciphertext, authenticated for
+    # another context.
+    good = row(stack, "SELECT ciphertext FROM public.instance_secrets WHERE instance_id = %s "
+                      "AND kind = 'env' AND name = 'OPENAI_API_KEY'", fid)[0]
+    stack.sql("UPDATE public.instance_secrets SET ciphertext = (SELECT ciphertext FROM "
+              "public.instance_secrets WHERE instance_id = %s AND kind = 'env' AND "
+              "name = 'SECOND_KEY') WHERE instance_id = %s AND kind = 'env' AND "
+              "name = 'OPENAI_API_KEY'", fid, fid)
+
+    dokku.mark()
+    c.send("customer.subscription.updated", "active")
+    second, error = wait_until(lambda: row(
+        stack, "SELECT id, last_error FROM public.instances WHERE subscription_id = %s AND "
+               "status <> 'deprovisioned' AND last_error IS NOT NULL", c.sid),
+        timeout=45, what="the create failed")
+    assert ("OPENAI_API_KEY of instance %s" % fid) in error, error
+    assert all(v not in error for v in values.values())
+    assert row(stack, "SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                      "AND kind IN ('env', 'homeserver')", second)[0] == 0
+    assert not [x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x]
+
+    stack.sql("UPDATE public.instance_secrets SET ciphertext = %s WHERE instance_id = %s AND "
+              "kind = 'env' AND name = 'OPENAI_API_KEY'", good, fid)
+    stack.sql("UPDATE public.instances SET next_attempt_at = now() WHERE id = %s", second)
+    wait_until(lambda: row(stack, "SELECT 1 FROM public.instances WHERE id = %s AND status = "
+                                  "'running' AND claimed_by IS NULL", second),
+               timeout=45, what="running once the variables open")
+    env = decode_config_args([x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x][-1])
+    assert {k: env.get(k) for k in values} == values
 
 
 def test_an_unset_variable_leaves_the_instance_with_the_update_it_owes(stack, dokku):
