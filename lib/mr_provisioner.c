@@ -65,6 +65,7 @@ static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_
         copy_str(j, "matrix_server_url", out->matrix_server_url, sizeof out->matrix_server_url);
         copy_str(j, "matrix_server_name", out->matrix_server_name, sizeof out->matrix_server_name);
         out->purged = j && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "purged"));
+        out->all_restarted = j && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "all_restarted"));
         const cJSON *dry = j ? cJSON_GetObjectItemCaseSensitive(j, "dry_run") : NULL;
         out->dry_run = cJSON_IsBool(dry) ? cJSON_IsTrue(dry) : -1;
         cJSON_Delete(j);

@@ -39,6 +39,8 @@ typedef struct {
     char backend_url[512], frontend_url[512], matrix_server_url[512];
     char matrix_server_name[256]; /* the homeserver's server_name, when it has one */
     int purged;         /* a destroy removed the storage too */
+    int all_restarted;  /* POST /apps gave every app of the instance new processes
+                           (its "all_restarted": true); 0 when it did not say so */
     int dry_run;        /* 1: the provisioner ran nothing (its "dry_run": true), 0: it
                            ran Dokku, -1: its answer did not say */
 } mr_provisioner_call;

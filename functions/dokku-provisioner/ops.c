@@ -37,7 +37,9 @@
  * unless what we apply is what its last successful run applied (a keyed hash
  * kept in the state directory; losing it costs one rebuild, never
  * correctness) and Dokku reports it deployed; then it is only started if it
- * is not running.
+ * is not running. The answer's all_restarted says whether every app got new
+ * processes in the call (deployed, rebuilt or started); an app left running as
+ * it was is restarted only by POST /apps/{app}/restart.
  *
  * One request per instance at a time: an flock in the state directory, which
  * works across this function's worker processes. Dokku's own deploy lock
@@ -279,6 +281,8 @@ typedef struct {
     size_t files_len;
     const char *const *fp_extra; /* more values the app depends on (NULL-terminated), or NULL */
     int created;                 /* out: apps:create ran */
+    int started;                 /* out: the app's processes were replaced or started here
+                                  * (a deploy, a rebuild, a start of a stopped app) */
 } app_plan;
 
 static mr_err apply_app(run_ctx *c, app_plan *p)
@@ -434,7 +438,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         if ((e = run(c, a, slow)) != MR_OK) return e;
         int unchanged = said(c->res, "No changes detected");
         if (c->res->status != 0 && !unchanged) return failed(c, a);
-        if (!unchanged) c->out->deployed = 1;
+        if (!unchanged) c->out->deployed = p->started = 1;
         int deployed = 0;
         if (unchanged && spec_matches(cfg, p->app, fp)) {
             const char *q[] = {"ps:report", p->app, "--deployed", NULL};
@@ -443,7 +447,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         if (unchanged && !deployed) {
             const char *r[] = {"ps:rebuild", p->app, NULL};
             if ((e = must(c, r, slow)) != MR_OK) return e;
-            c->out->restarted = 1;
+            c->out->restarted = p->started = 1;
         } else if (unchanged) {
             const char *q[] = {"ps:report", p->app, "--running", NULL};
             int running = 0;
@@ -451,6 +455,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
             if (!running) {
                 const char *s[] = {"ps:start", p->app, NULL};
                 if ((e = must(c, s, slow)) != MR_OK) return e;
+                p->started = 1;
             }
         }
     }
@@ -565,6 +570,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
         snprintf(internal_url, sizeof internal_url, "http://%s.web:%d", nm.hs_app, PROV_HS_PORT);
 
     size_t n = 0;
+    int hs_started = 0;
     for (size_t i = 0; i < spec->n_env; i++) env[n++] = spec->env[i];
     env[n++] = (prov_env){"MINDROOM_STORAGE_PATH", cfg->mindroom_data_dir};
 
@@ -593,6 +599,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                        .port = PROV_HS_PORT, .files = files.data, .files_len = files.len,
                        .fp_extra = extra};
         if ((e = apply_app(&c, &hp)) != MR_OK) goto done;
+        hs_started = hp.started;
     }
 
     /* 2. MindRoom, with the names of its environment (see unset_dropped). */
@@ -624,6 +631,10 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                    .files_len = root.len};
     if ((e = apply_app(&c, &mp)) != MR_OK) goto done;
 
+    /* Whether this call gave every app of the instance new processes: an app left
+     * running as it was (nothing changed) may be the one that hangs, so a caller
+     * that owes a restart still has to ask for one (POST /apps/{app}/restart). */
+    out->all_restarted = mp.started && (!spec->hs.present || hs_started);
     out->existed = !mp.created;
     out->status = mp.created ? 201 : 200;
     out->state = out->app_state = "running";

@@ -288,6 +288,8 @@ typedef struct {
     int deployed;               /* git:from-image deployed a change in this request */
     int restarted;              /* an app was rebuilt from its committed image (a changed
                                  * spec, or a deploy that never completed) */
+    int all_restarted;          /* every app of the instance got new processes in this
+                                 * request (deployed, rebuilt, or started from stopped) */
     int purged;                 /* storage entries were destroyed by this request */
     /* On failure: the status and error code to answer with (502 dokku_failed,
      * 504 dokku_timeout, 503 dokku_unavailable or app_busy, 404 not_found,

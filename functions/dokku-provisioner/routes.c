@@ -103,6 +103,7 @@ static void create_app(mr_req *r)
         cJSON_AddBoolToObject(j, "created", !o.existed);
         cJSON_AddBoolToObject(j, "deployed", o.deployed);
         cJSON_AddBoolToObject(j, "restarted", o.restarted);
+        cJSON_AddBoolToObject(j, "all_restarted", o.all_restarted);
     }
     answer(r, o.status, j);
 done:

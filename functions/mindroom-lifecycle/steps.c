@@ -163,8 +163,12 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(step, "config_version");
         if (applied && cJSON_IsNumber(v))
             cJSON_AddNumberToObject(result, "config_version", v->valuedouble);
+        /* A restart owed is done by a start or restart of both apps, or by a POST
+         * /apps that gave every app new processes; one that left an app running as
+         * it was (nothing of it changed) did not restart it, and the restart
+         * follows as its own step. */
         v = cJSON_GetObjectItemCaseSensitive(step, "restart_version");
-        if (cJSON_IsNumber(v))
+        if (cJSON_IsNumber(v) && (!applied || call.all_restarted))
             cJSON_AddNumberToObject(result, "restart_version", v->valuedouble);
         if (call.backend_url[0])
             cJSON_AddStringToObject(result, "backend_url", call.backend_url);

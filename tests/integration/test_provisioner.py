@@ -60,7 +60,8 @@ def test_create_runs_the_exact_sequence(stack, dokku):
         "frontend_url": "https://screate.%s" % DOMAIN,
         "matrix_server_url": "https://screate-matrix.%s" % DOMAIN,
         "matrix_server_name": "screate-matrix.%s" % DOMAIN,
-        "created": True, "deployed": True, "restarted": False, "dry_run": False}
+        "created": True, "deployed": True, "restarted": False, "all_restarted": True,
+        "dry_run": False}
     calls = dokku.new_calls()
     match(calls, create_sequence("mindroom-create", "screate", tls="letsencrypt"))
 
@@ -187,6 +188,9 @@ def test_create_twice_creates_once_and_does_not_restart(stack, dokku):
     assert r.status == 200, r
     assert r.json["created"] is False and r.json["deployed"] is False
     assert r.json["restarted"] is False and r.json["state"] == "running"
+    # Both apps were left running as they were: a caller owing a restart (a
+    # health failure's, a tenant's) has it still to do.
+    assert r.json["all_restarted"] is False
     match(dokku.new_calls(), create_sequence("mindroom-twice", "stwice", tls="letsencrypt",
                                              state={"hs": DONE, "mr": DONE, "net": True}))
     creates = [c for c in dokku.all_calls() if c[0] in ("apps:create", "storage:create",
@@ -203,6 +207,7 @@ def test_update_with_new_limits_restarts_to_apply_them(stack, dokku):
                          hs_storage_gb=10))
     assert r.status == 200, r
     assert r.json["restarted"] is True and r.json["created"] is False
+    assert r.json["all_restarted"] is True
     changed = dict(DONE, spec_ok=False)
     match(dokku.new_calls(), create_sequence(
         "mindroom-update", "supdate", mem="2048m", cpu="1.25", gb=20, hs_mem="1024m",
@@ -223,6 +228,7 @@ def test_an_update_restarts_only_the_app_whose_configuration_changed(stack, dokk
     dokku.mark()
     r = post(stack, dict(payload, env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-new"}))
     assert r.status == 200 and r.json["restarted"] is True, r
+    assert r.json["all_restarted"] is False, r       # the homeserver kept its processes
     n = names("mindroom-onlymr")
     ps = [c for c in dokku.new_calls() if c[0].startswith("ps:") and c[0] != "ps:report"]
     assert ps == [["ps:rebuild", n["app"]]], ps
@@ -235,6 +241,7 @@ def test_a_stopped_app_is_started_again_by_create(stack, dokku):
     dokku.mark()
     r = post(stack, payload)
     assert r.status == 200 and r.json["state"] == "running", r
+    assert r.json["all_restarted"] is True, r        # both started from stopped
     stopped = dict(DONE, running=False)
     match(dokku.new_calls(), create_sequence("mindroom-restart", "srestart", tls="letsencrypt",
                                              state={"hs": stopped, "mr": stopped, "net": True}))

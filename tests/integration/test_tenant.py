@@ -413,6 +413,108 @@ def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stac
     assert stack.call("POST", "my-instance/restart", json={}, token=stack.jwt()).status == 403
 
 
+HEALTH_THRESHOLD = 3     # HEALTH_FAILURE_THRESHOLD's default: deploy_env leaves it
+
+
+def marked_failed_by_health(stack, health, inst):
+    """MindRoom's health endpoint answers 500 until the health check has counted
+    HEALTH_FAILURE_THRESHOLD failures (an operator's probes, each as if a
+    HEALTH_INTERVAL_S had passed since the last) and marked the instance failed;
+    then it answers again, as a hung process does once it is replaced."""
+    iid, sub = str(inst["id"]), inst["subdomain"]
+    marked = 0
+    health.set_mode(sub, "500")
+    for _ in range(20):
+        stack.sql("UPDATE public.instances SET health_counted_at = health_counted_at - "
+                  "interval '1 day' WHERE id = %s AND status = 'running'", iid)
+        r = stack.call("GET", "check-instance-health?instance_id=%s" % iid, token=stack.jwt())
+        assert r.status == 200, r
+        marked = r.json["marked_failed"]
+        if marked:
+            break
+    health.set_mode(sub, "ok")
+    assert marked == 1, r.json
+
+
+def settled(stack, iid):
+    """Running, no lease, nothing owed but maybe the email, every restart asked done."""
+    def done():
+        (status, claimed, owed, asked, applied), = stack.sql(
+            "SELECT status, claimed_by, owed_action, restart_version, applied_restart_version "
+            "FROM public.instances WHERE id = %s", iid)
+        return (status == "running" and claimed is None and owed in (None, "email")
+                and asked == applied)
+    wait_until(done, timeout=45, interval=0.1, what="the instance running, nothing owed")
+
+
+def new_processes(dokku, n, calls):
+    """Each app's processes replaced exactly once by `calls` (a restart or a rebuild)."""
+    for a in (n["hs"], n["app"]):
+        got = [x for x in calls if x[:1] in (["ps:restart"], ["ps:rebuild"]) and x[1] == a]
+        assert len(got) == 1, (a, calls)
+        assert dokku.container_read(a, "/tmp/hung") is None, a     # a new container
+
+
+def test_an_instance_whose_processes_hang_while_their_containers_run_is_restarted(
+        stack, dokku, health):
+    c, inst = live_instance(stack, "starter")
+    iid, n = str(inst["id"]), names(inst["dokku_app_name"])
+    dokku.container_write(n["app"], MINDROOM_FILE, "agents' memory")
+    for a in (n["app"], n["hs"]):
+        dokku.container_write(a, "/tmp/hung", "the process that stopped answering")
+    assert dokku.app(n["app"], "running") == "true" and dokku.app(n["hs"], "running") == "true"
+    dokku.mark()
+
+    marked_failed_by_health(stack, health, inst)
+    settled(stack, iid)
+    calls = dokku.new_calls()
+    # The redeploy's POST /apps changed nothing (the image and the configuration are
+    # the same) and left both apps running as they were: the restart after it gives
+    # both new processes, once each, on the same storage.
+    assert any(x[:2] == ["git:from-image", n["app"]] for x in calls), calls
+    new_processes(dokku, n, calls)
+    assert not any(x[0] in ("apps:create", "storage:create", "apps:destroy") for x in calls), calls
+    assert dokku.container_read(n["app"], MINDROOM_FILE) == "agents' memory"
+    # Healthy again, and no second redeploy.
+    r = stack.call("GET", "check-instance-health?instance_id=%s" % iid, token=stack.jwt())
+    assert r.json["results"][0]["status"] == "healthy", r.json
+    assert stack.sql("SELECT status, consecutive_failures FROM public.instances WHERE id = %s",
+                     iid) == [("running", 0)]
+
+
+def test_a_tenants_restart_owed_when_the_health_check_fails_the_instance_still_happens(
+        stack, dokku, health):
+    c, inst = live_instance(stack, "starter")
+    iid, n = str(inst["id"]), names(inst["dokku_app_name"])
+    for a in (n["app"], n["hs"]):
+        dokku.container_write(a, "/tmp/hung", "the process that stopped answering")
+    # The tenant's restart meets a Dokku that fails it: owed, retried later.
+    dokku.tell("fail", "ps:restart", times=-1)
+    try:
+        r = stack.call("POST", "my-instance/restart", json={}, token=user_jwt(stack, c.account))
+        assert r.status == 202, r
+        wait_until(lambda: (stack.sql("SELECT last_error FROM public.instances WHERE id = %s",
+                                      iid)[0][0] or "").find("ps:restart") >= 0,
+                   timeout=30, what="the restart failed once")
+        dokku.mark()
+        # Meanwhile the health check marks the instance failed: the redeploy changes
+        # nothing, so it is not the tenant's restart, which is still owed after it.
+        back = len(audit(stack, "instance.status_changed", instance_id=iid, to="running"))
+        marked_failed_by_health(stack, health, inst)
+        wait_until(lambda: len(audit(stack, "instance.status_changed", instance_id=iid,
+                                     to="running")) > back, timeout=45, what="redeployed")
+        assert stack.sql("SELECT restart_version > applied_restart_version FROM public.instances "
+                         "WHERE id = %s", iid) == [(True,)], "the restart is still owed"
+    finally:
+        dokku.untell("fail", "ps:restart")
+    settled(stack, iid)
+    # Carried out once Dokku works again: both apps have new processes.
+    for a in (n["hs"], n["app"]):
+        assert dokku.container_read(a, "/tmp/hung") is None, a
+    assert ["ps:restart", n["app"]] in dokku.new_calls()
+    assert len(audit(stack, "instance.restarted", instance_id=iid)) == 1
+
+
 def test_audit_rows_record_the_real_client_behind_a_trusted_proxy_only(stack):
     """Stripe's deliveries (and any request) are recorded with the client's address:
     nginx's $remote_addr after real_ip, which believes X-Forwarded-For only from a

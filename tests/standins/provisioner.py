@@ -2,7 +2,8 @@
 
 Speaks the provisioner's HTTP contract (README, provisioner section):
   POST   /apps                {app, subdomain, memory_mb, cpu, env} -> 201 (new) / 200
-                              {app, state, backend_url, frontend_url, matrix_server_url}
+                              {app, state, all_restarted, backend_url, frontend_url,
+                               matrix_server_url}
                               (creates, or updates and starts, an existing app)
   POST   /apps/{app}/stop     -> 200 {app, state: "stopped"}; 404 unknown app
   POST   /apps/{app}/start    -> 200 {app, state: "running", urls}; 404 unknown app
@@ -69,10 +70,14 @@ class ProvisionerStandin(RecordingServer):
             created = b["app"] not in self.apps
             if created:
                 self.creates += 1
+            # As the provisioner: a new app and a stopped one get new processes; one
+            # running is left as it is (nothing changed).
+            started = created or self.apps[b["app"]]["state"] != "running"
             self.apps[b["app"]] = {"state": "running", "memory_mb": b["memory_mb"],
                                    "cpu": b["cpu"], "env": dict(b.get("env") or {}),
                                    "subdomain": b["subdomain"]}
-            return (201 if created else 200), dict(app=b["app"], state="running", **self.urls(b["subdomain"]))
+            return (201 if created else 200), dict(app=b["app"], state="running",
+                                                   all_restarted=started, **self.urls(b["subdomain"]))
         path, _, query = rec.path.partition("?")
         m = APP_PATH.match(path)
         if not m:
