@@ -1,5 +1,5 @@
 -- 140_failed_owes_restart.sql: an instance the health check marks failed owes a
--- restart as well as its redeploy.
+-- restart as well as its redeploy; an unset environment variable stays unset.
 --
 -- 1. At HEALTH_FAILURE_THRESHOLD failures health_record marks an instance failed,
 -- which owes a create (a POST /apps). The failure the check exists for is a
@@ -100,3 +100,45 @@ REVOKE ALL ON FUNCTION public.health_record(jsonb, integer, boolean, timestamptz
     FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.health_record(jsonb, integer, boolean, timestamptz, integer)
     TO service_role;
+
+-- 2. An unset environment variable stays unset.
+--
+-- `mindroomctl env unset X` (instance_secret_delete) removed X's sealed value only.
+-- While the instance's legacy plaintext environment_vars still held X, the next
+-- step moved that column into instance_secrets (instance_plain_env_put, 136) and
+-- sealed the legacy X again: the unset was undone, on the row and on the app.
+-- Deleting an env name now removes it from the legacy column too, in the same
+-- statement as the config_version bump (so the owed-work trigger does not bump it a
+-- second time); a name found only there counts as removed. A step that read the
+-- column before is not harmed: instance_plain_env_sealed empties the column only
+-- while it holds what was read, and the bump owes an update that unsets X on the app.
+-- (Setting needs no such rule: a sealed value already wins over the column, 136.)
+--
+-- Redefines public.instance_secret_delete (060_instance.sql) whole: the body
+-- differs (the DELETE's outcome kept, one UPDATE that also edits environment_vars
+-- and returns whether anything was removed); signature and grants are 060's.
+
+CREATE OR REPLACE FUNCTION public.instance_secret_delete(p_instance_id uuid, p_kind text, p_name text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+    v_sealed boolean;
+BEGIN
+    DELETE FROM public.instance_secrets
+     WHERE instance_id = p_instance_id AND kind = p_kind AND name = p_name;
+    v_sealed := FOUND;
+    UPDATE public.instances SET
+           environment_vars = CASE WHEN p_kind = 'env' AND jsonb_typeof(environment_vars) = 'object'
+                                   THEN environment_vars - p_name ELSE environment_vars END,
+           config_version = config_version + 1
+     WHERE id = p_instance_id
+       AND (v_sealed OR (p_kind = 'env' AND jsonb_typeof(environment_vars) = 'object'
+                         AND environment_vars ? p_name));
+    RETURN FOUND;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION public.instance_secret_delete(uuid, text, text) FROM PUBLIC, anon, authenticated;
+GRANT EXECUTE ON FUNCTION public.instance_secret_delete(uuid, text, text) TO service_role;
