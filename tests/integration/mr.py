@@ -10,7 +10,9 @@ A Stack clones the template into a fresh database, renders nginx/dev.conf into a
 temporary run directory with free ports, starts every function binary found in
 $MR_BUILD/bin (default build/san/bin) on unix sockets there, then nginx, and
 waits until each answers. On exit it stops everything, fails if a sanitizer
-reported anything in a function's log, and drops the database. Function logs
+reported anything in a function's log, and drops the database. A binary a test
+runs by hand goes through start_by_hand and assert_no_sanitizer_report, for the
+same check. Function logs
 are in <run>/log/<name>.log; a failing test prints their tails (conftest.py).
 
 Stripe signatures and JWTs are computed here in Python (hmac), independently of
@@ -313,6 +315,31 @@ def _alive(pid):
 
 def _sanitizer_report(text):
     return any(m in text for m in SANITIZER_MARKS)
+
+
+def start_by_hand(argv, env, log, **popen):
+    """Starts a process outside any Stack (a binary of the build a test runs itself)
+    with its stdout and stderr appended to the file log, for
+    assert_no_sanitizer_report once it has exited. A file, never a pipe: a pipe
+    nobody reads hides a sanitizer report (and blocks the writer once full)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=out, **popen)
+
+
+def assert_no_sanitizer_report(*logs):
+    """Fails when the log of a process started by hand (start_by_hand) holds a
+    sanitizer report, as a Stack fails for its functions' logs: a worker's leak,
+    overflow or undefined behaviour is reported on stderr, and its master respawns
+    it (or, stopping, exits 0) all the same. Call once the processes have exited
+    (LeakSanitizer reports at exit)."""
+    for log in logs:
+        try:
+            text = Path(log).read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        if _sanitizer_report(text):
+            raise AssertionError("sanitizer report in %s:\n%s" % (log, text[-6000:]))
 
 
 class Stack:

@@ -214,8 +214,8 @@ def test_ready_names_missing_migrations_and_dead_functions(stack, tmp_path):
     e = {k: os.environ[k] for k in mr.INHERITED_ENV if k in os.environ}
     e.update(MR_METRICS_DIR=str(stack.run / "metrics"), MR_SOCKET=str(tmp_path / "noop.sock"),
              MR_WORKERS="1")
-    p = subprocess.Popen([str(mr.build_dir() / "bin/noop")], env=e, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "noop.log"
+    p = mr.start_by_hand([str(mr.build_dir() / "bin/noop")], e, log, start_new_session=True)
     try:
         wait_until(lambda: (stack.run / "metrics/noop.metrics").exists(), timeout=10, what="segment")
         assert stack.call_admin("/ready").json["checks"]["functions"]["noop"] == "running"
@@ -228,6 +228,7 @@ def test_ready_names_missing_migrations_and_dead_functions(stack, tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         (stack.run / "metrics/noop.metrics").unlink(missing_ok=True)
+    mr.assert_no_sanitizer_report(log)   # what it did before it was killed
     assert stack.call_admin("/ready").status == 200
 
 

@@ -295,8 +295,9 @@ def test_a_dokku_that_cannot_start_is_a_503(slow):
 # ---- start-up checks --------------------------------------------------------
 
 def start_with(env):
-    """Runs the binary with env and returns (exit status, stderr) once it exits
-    (or None when it kept running, i.e. accepted the configuration)."""
+    """Runs the binary with env and returns (exit status, output) once it exits
+    (status None when it kept running, i.e. accepted the configuration: it is then
+    stopped). Either way a sanitizer report in its output fails the test."""
     binary = mr.build_dir() / "bin" / "dokku-provisioner"
     run = mr.scratch_dir("mr-prov-start-")
     full = {k: os.environ[k] for k in ("PATH", "HOME", "ASAN_OPTIONS", "UBSAN_OPTIONS")
@@ -304,15 +305,16 @@ def start_with(env):
     full.update({"MR_SOCKET": os.path.join(run, "p.sock"), "MR_WORKERS": "1",
                  "PROVISIONER_STATE_DIR": os.path.join(run, "state")})
     full.update(env)
-    p = subprocess.Popen([str(binary)], env=full, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, start_new_session=True)
+    log = os.path.join(run, "out.log")
+    p = mr.start_by_hand([str(binary)], full, log, start_new_session=True)
     try:
-        out, err = p.communicate(timeout=5)
-        return p.returncode, err.decode()
+        status = p.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        p.terminate()
-        p.communicate(timeout=30)
-        return None, ""
+        status = None
+        mr.Stack._terminate(p)
+    mr.assert_no_sanitizer_report(log)
+    with open(log, errors="replace") as f:
+        return status, f.read()
 
 
 GOOD = {"DOKKU_PROVISIONER_TOKEN": "t" * 32, "DOKKU_MODE": "local", "MINDROOM_IMAGE": IMAGE,
@@ -444,21 +446,21 @@ def test_the_state_directory_defaults_to_var_lib():
     env = {k: os.environ[k] for k in ("PATH", "HOME", "ASAN_OPTIONS", "UBSAN_OPTIONS")
            if k in os.environ}
     env.update(GOOD, MR_SOCKET=os.path.join(run, "p.sock"), MR_WORKERS="1")
-    p = subprocess.Popen(["unshare", "-m", "sh", "-c",
+    log = os.path.join(run, "out.log")
+    p = mr.start_by_hand(["unshare", "-m", "sh", "-c",
                           'mount --bind "$0" /var/lib && exec "$1"', varlib, str(binary)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+                         env, log, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         state = os.path.join(varlib, "mindroom-provisioner")
         while time.monotonic() < deadline and not os.path.isdir(os.path.join(state, "locks")):
-            assert p.poll() is None, p.communicate()[1].decode()
+            assert p.poll() is None, open(log, errors="replace").read()
             time.sleep(0.05)
         st = os.stat(state)
         assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
     finally:
-        p.terminate()
-        p.communicate(timeout=30)
+        mr.Stack._terminate(p)
+    mr.assert_no_sanitizer_report(log)
 
 
 @pytest.mark.parametrize("how", ["other_owner", "group_writable", "world_writable", "symlink",

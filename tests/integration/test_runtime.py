@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -434,8 +433,8 @@ def test_a_body_within_a_raised_cap_but_beyond_the_socket_queue_is_served(tmp_pa
     env = dict(os.environ, MR_MAX_BODY=str(1 << 20), MR_WORKERS="1", MR_SOCKET=str(sock),
                MR_READ_TIMEOUT_MS="3000")
     env.pop("DATABASE_URL", None)
-    p = subprocess.Popen([str(mr.build_dir() / "bin" / "noop")], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "noop.log"
+    p = mr.start_by_hand([str(mr.build_dir() / "bin" / "noop")], env, log)
     try:
         for _ in range(100):
             if sock.exists():
@@ -458,3 +457,4 @@ def test_a_body_within_a_raised_cap_but_beyond_the_socket_queue_is_served(tmp_pa
     finally:
         p.terminate()
         p.wait(10)
+    mr.assert_no_sanitizer_report(log)

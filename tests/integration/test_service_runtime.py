@@ -25,17 +25,33 @@ import mr
 BIN = mr.build_dir() / "bin"
 
 
+# (process, log) of every binary the running test started.
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_report():
+    """After each test, whatever it started by hand is stopped, and a sanitizer
+    report in its log fails the test (a worker's leak at exit, say: its master
+    exits 0 all the same)."""
+    yield
+    started = STARTED[:]
+    STARTED.clear()
+    for p, _ in started:
+        stop(p)
+    mr.assert_no_sanitizer_report(*sorted({log for _, log in started}))
+
+
 def start(tmp_path, name="noop", env=None, pass_fds=(), argv_prefix=(), log="fn.log"):
-    """Starts a binary of the build with a scrubbed environment; stderr to tmp_path/log."""
+    """Starts a binary of the build with a scrubbed environment; stdout and stderr
+    to tmp_path/log, read for sanitizer reports after the test."""
     e = {k: os.environ[k] for k in mr.INHERITED_ENV if k in os.environ}
     e.update({"MR_WORKERS": "2", "MR_SOCKET": str(tmp_path / (name + ".sock"))})
     e.update(env or {})
     e = {k: v for k, v in e.items() if v is not None}
-    out = open(tmp_path / log, "ab")
-    p = subprocess.Popen(list(argv_prefix) + [str(BIN / name)], env=e, stdin=subprocess.DEVNULL,
-                         stdout=out, stderr=out, pass_fds=pass_fds, cwd=str(tmp_path),
-                         start_new_session=True)
-    out.close()
+    p = mr.start_by_hand(list(argv_prefix) + [str(BIN / name)], e, tmp_path / log,
+                         pass_fds=pass_fds, cwd=str(tmp_path), start_new_session=True)
+    STARTED.append((p, tmp_path / log))
     return p
 
 
