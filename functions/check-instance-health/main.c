@@ -23,13 +23,15 @@ static void init(void)
 }
 
 /* The one instance asked for, if any: "" for all. Replies 400 itself and returns
- * -1 on bad input. */
+ * -1 on bad input. An instance_id given (in the query or the body) must be a UUID:
+ * an empty one (a script's unset variable) is an error, never a round over every
+ * instance. */
 static int parse_instance_id(mr_req *r, char id[40])
 {
     char v[64];
     id[0] = '\0';
     mr_err e = mr_http_query_param(r->query, "instance_id", v, sizeof v);
-    if (e == MR_OK && strlen(v) < 40) {
+    if (e == MR_OK && mr_is_uuid(v)) {
         memcpy(id, v, strlen(v) + 1);
     } else if (e != MR_ENOTFOUND) {
         mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
@@ -44,17 +46,14 @@ static int parse_instance_id(mr_req *r, char id[40])
             return -1;
         }
         e = mr_json_str(body, "instance_id", &s);
-        if (e == MR_OK && strlen(s) < 40)
+        int ok = e == MR_ENOTFOUND || (e == MR_OK && mr_is_uuid(s));
+        if (e == MR_OK && ok)
             memcpy(id, s, strlen(s) + 1);
         cJSON_Delete(body);
-        if (e == MR_EINVAL || (e == MR_OK && !id[0])) {
+        if (!ok) {
             mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
             return -1;
         }
-    }
-    if (id[0] && !mr_is_uuid(id)) {
-        mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
-        return -1;
     }
     return 0;
 }

@@ -409,6 +409,18 @@ def test_bad_requests(stack):
     assert r.status == 409 and r.json["error"]["code"] == "not_running", r
 
 
+def test_an_empty_instance_id_is_400_not_a_round_over_every_instance(stack, health_standin):
+    """A script whose variable is unset asks for ?instance_id= : it means one
+    instance, so it is refused like any other non-UUID, and nothing is probed."""
+    iid = make_instance(stack, make_account(stack), health_standin.url("empty-id", "ok"))
+    for query in ("?instance_id=", "?instance_id", "?instance_id=%20"):
+        r = check(stack, query)
+        assert r.status == 400 and r.json["error"]["code"] == "invalid_instance_id", (query, r)
+    r = check(stack, method="POST", json={"instance_id": ""})
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_instance_id", r
+    assert row(stack, iid)["last_health_check"] is None
+
+
 @pytest.fixture(scope="module")
 def strict_stack(pg):
     """Production-like rules: no loopback. "localhost" as the base domain makes a
