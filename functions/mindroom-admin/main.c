@@ -92,8 +92,9 @@ static cJSON *missing_versions(const char *applied)
 }
 
 /* The schema check: fills checks.database and checks.schema. Returns the missing
- * versions (a JSON array) or NULL when the database could not be asked; sets *why
- * to the first failure's description (static or err). */
+ * versions (a JSON array; every version this build knows when the database cannot
+ * say which it applied) or NULL when the database could not be asked; sets *why to
+ * the first failure's description (static or err). The caller frees the array. */
 static cJSON *check_schema(mr_req *r, cJSON *checks, char *err, size_t errlen, const char **why)
 {
     char *applied = NULL;
@@ -114,7 +115,8 @@ static cJSON *check_schema(mr_req *r, cJSON *checks, char *err, size_t errlen, c
         cJSON_AddStringToObject(schema, "error", err);
         *why = "the schema is older than this build (public.schema_versions() failed)";
         free(applied);
-        return cJSON_CreateArray();
+        /* Not "none missing": /metrics' alert on missing > 0 must fire as /ready does. */
+        return missing_versions("{}");
     }
     cJSON *missing = missing_versions(applied ? applied : "{}");
     cJSON_AddItemToObject(schema, "missing", cJSON_Duplicate(missing, 1));

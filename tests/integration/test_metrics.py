@@ -232,6 +232,29 @@ def test_ready_names_missing_migrations_and_dead_functions(stack, tmp_path):
     assert stack.call_admin("/ready").status == 200
 
 
+def test_a_schema_older_than_schema_versions_counts_as_missing_migrations(stack):
+    """A database older than migration 090 has no public.schema_versions(): /ready
+    says the schema is older than this build, and /metrics must not say that no
+    migration is missing (an alert on mindroom_schema_migrations_missing > 0 would
+    stay silent)."""
+    known = value(scrape(stack), "mindroom_schema_migrations_missing")
+    assert known == 0
+    stack.sql("ALTER FUNCTION public.schema_versions() RENAME TO schema_versions_gone")
+    try:
+        r = stack.call_admin("/ready")
+        assert r.status == 503 and "older than this build" in r.json["error"]["message"], r
+        text = scrape(stack)
+        promtool(text)
+        assert value(text, "mindroom_database_up") == 1
+        # Every migration this build knows.
+        assert value(text, "mindroom_schema_migrations_missing") == \
+            len(list((mr.ROOT / "sql/migrations").glob("*.sql"))), text
+    finally:
+        stack.sql("ALTER FUNCTION public.schema_versions_gone() RENAME TO schema_versions")
+    assert stack.call_admin("/ready").status == 200
+    assert value(scrape(stack), "mindroom_schema_migrations_missing") == 0
+
+
 def test_ready_requires_the_functions_it_is_told_to(stack):
     stack.env["MR_READY_FUNCTIONS"] = "list-plans,handle-stripe-webhook,no-such-function"
     try:
