@@ -1,9 +1,11 @@
 /* mr_itoken.h: an instance's credential for talking to the control plane.
  *
  * A token is "mri_<key id>_<secret>": the key id is 16 lowercase hex digits (64
- * random bits, public: it names the credential's row, and nginx rate-limits per
- * key id), the secret 43 base64url characters (256 random bits). The lifecycle
- * worker generates one per instance and delivers it in the app's environment
+ * random bits, public: it names the credential's row), the secret 43 base64url
+ * characters (256 random bits). nginx rate-limits per whole token of exactly the
+ * shape mr_itoken_parse accepts (the maps in nginx/dev.conf and
+ * nginx/mindroom.conf: keep them in step). The lifecycle worker generates one per
+ * instance and delivers it in the app's environment
  * (MINDROOM_CONTROL_PLANE_TOKEN); PostgreSQL keeps its key id and the SHA-256 of
  * the whole token (public.instance_tokens), and the token itself only sealed
  * (instance_secrets). A high-entropy token needs no slow hash: SHA-256 is enough.

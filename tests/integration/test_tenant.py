@@ -9,6 +9,7 @@ trusting 127.0.0.2 only (a client on 127.0.0.1 plays the Internet)."""
 import hashlib
 import re
 import subprocess
+import threading
 import time
 import uuid
 
@@ -212,6 +213,40 @@ def test_jwts_and_keys_cannot_report(stack, dokku):
     r = stack.call("GET", "track-usage", token=token_of(dokku, inst))
     assert r.status == 405, r
     assert usage(stack, str(inst["id"])) == before
+
+
+def test_wrong_secret_tokens_under_an_instances_key_id_do_not_spend_its_rate_limit(stack, dokku):
+    """The key id is public. nginx counts a report before the function checks the
+    secret: tokens with the instance's key id and a wrong secret are 401s that
+    fill their own bucket up to 429, and the instance's own reports still count."""
+    _, inst = live_instance(stack, "starter")
+    token = token_of(dokku, inst)
+    before = usage(stack, str(inst["id"]))[0]
+    junk = "mri_%s_%s" % (TOKEN_RE.match(token).group(1), "A" * 42 + "E")  # well-formed, wrong secret
+    assert TOKEN_RE.match(junk) and junk != token
+    stop, limited, statuses = threading.Event(), threading.Event(), []
+
+    def flood():
+        while not stop.is_set():
+            st = report(stack, junk).status
+            statuses.append(st)
+            if st == 429:
+                limited.set()
+
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert limited.wait(60), "the wrong-secret token was never rate-limited"
+        # While the junk keeps its own bucket full, the instance reports.
+        mine = [report(stack, token) for _ in range(3)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(statuses) == {401, 429}, set(statuses)
+    assert [r.status for r in mine] == [200] * 3, mine
+    assert usage(stack, str(inst["id"]))[0] == before + 3
 
 
 def test_a_rotated_token_stops_at_once_and_the_worker_delivers_a_new_one(stack, dokku):
