@@ -16,7 +16,7 @@ static const struct {
     [MR_EFORBIDDEN] = {"forbidden", 403},
     [MR_ENOTFOUND] = {"not_found", 404},
     [MR_ECONFLICT] = {"conflict", 409},
-    [MR_ETOOBIG] = {"too_large", 413},
+    [MR_ETOOBIG] = {"too_big", 413},
     [MR_ETRANSIENT] = {"transient", 503},
     [MR_EINTERNAL] = {"internal", 500},
 };

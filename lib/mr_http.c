@@ -407,7 +407,7 @@ static int read_body(mr_req *r, FCGX_Request *rq)
     size_t len;
     mr_err e = mr_http_content_length(param(rq, "CONTENT_LENGTH"), g_max_body, &len);
     if (e == MR_ETOOBIG) {
-        mr_reply_error(r, 413, "too_large", "request body exceeds %zu bytes", g_max_body);
+        mr_reply_error(r, 413, "too_big", "request body exceeds %zu bytes", g_max_body);
         return -1;
     }
     if (e != MR_OK) {

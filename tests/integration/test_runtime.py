@@ -239,7 +239,7 @@ def test_body_over_function_cap_is_413_from_the_function(stack):
         r = stack.call("POST", "provision-instance", body=b"{" + b" " * 2000 + b"}",
                        headers={"Content-Type": "application/json"}, token=stack.jwt())
         assert r.status == 413, r
-        error_of(r)
+        assert error_of(r)["code"] == "too_big"   # the code nginx's 413 says (docs/billing.md)
         assert [l["status"] for l in request_log(stack, "provision-instance",
                                                   r.headers["X-Request-Id"])] == [413]
     finally:
@@ -299,6 +299,56 @@ def test_provisioner_is_not_on_the_public_listener(stack):
     # The provisioner listener routes every path to dokku-provisioner itself.
     r = stack.call_provisioner("GET", "/apps/mindroom-000000000000")
     assert len(request_log(stack, "dokku-provisioner", r.headers["X-Request-Id"])) == 1, r
+
+
+def raw_request(port, data):
+    """Sends `data` as it is on a new connection; returns (status, headers, body)
+    of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(data)
+        out = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            out += b
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(l.split(": ", 1) for l in lines[1:] if ": " in l)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("case,status", [
+    ("headers over large_client_header_buffers", 400),
+    ("URI too long", 414),
+    ("unknown Transfer-Encoding", 501),
+    ("malformed request line", 400),
+    ("HTTP version not supported", 505),
+])
+def test_requests_nginx_cannot_read_are_answered_json(stack, case, status):
+    """A browser's or a script's request nginx refuses before any location (a big
+    JWT, a long query, a bad request line) gets the functions' error shape, with
+    the CORS origin header and a request id, not nginx's HTML page."""
+    fn = b"/functions/v1/list-plans"
+    req = {
+        "headers over large_client_header_buffers":
+            b"GET " + fn + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"a" * 9000 + b"\r\n",
+        "URI too long": b"GET " + fn + b"?x=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n",
+        "unknown Transfer-Encoding": b"POST " + fn + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n",
+        "malformed request line": b"GET@ " + fn + b" HTTP/1.1\r\nHost: x\r\n",
+        "HTTP version not supported": b"GET " + fn + b" HTTP/2.5\r\nHost: x\r\n",
+    }[case]
+    got, headers, body = raw_request(stack.port, req + b"Connection: close\r\n\r\n")
+    assert got == status, (got, headers, body[:200])
+    assert headers.get("Content-Type") == "application/json", (headers, body[:200])
+    err = json.loads(body)
+    assert set(err) == {"error"} and set(err["error"]) == {"code", "message"}, err
+    assert headers.get("Access-Control-Allow-Origin") == "*" and headers.get("X-Request-Id"), headers
+
+
+def test_the_error_pages_are_not_a_path(stack):
+    r = stack.call("GET", "/.mr-error/500")
+    assert r.status == 404 and error_of(r)["code"] == "not_found", r
 
 
 def test_function_down_is_502_json(stack):

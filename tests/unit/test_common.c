@@ -66,7 +66,7 @@ static void test_err_mapping(void **state)
         {MR_EFORBIDDEN, 403, "forbidden"},
         {MR_ENOTFOUND, 404, "not_found"},
         {MR_ECONFLICT, 409, "conflict"},
-        {MR_ETOOBIG, 413, "too_large"},
+        {MR_ETOOBIG, 413, "too_big"},
         {MR_ETRANSIENT, 503, "transient"},
         {MR_EINTERNAL, 500, "internal"},
     };
