@@ -274,6 +274,26 @@ def test_request_id_is_generated_when_absent(stack):
     assert len(ids) == 3
 
 
+@pytest.mark.parametrize("sent", ["trace:" + "x" * 70, "a b", "x" * 65, "é"])
+def test_a_request_id_the_function_would_refuse_is_replaced_by_one_id_for_all(stack, sent):
+    """An X-Request-Id the functions do not accept (they take 1 to 64 of
+    [A-Za-z0-9._-]) is replaced by nginx's own before anyone logs it: the answer,
+    nginx's log line and the function's log line carry one id."""
+    r = stack.call("GET", "noop", headers={"X-Request-Id": sent})
+    assert r.status == 200, r
+    rid = r.headers["X-Request-Id"]
+    assert rid != sent and re.fullmatch(r"[0-9A-Za-z_-]{8,64}", rid), rid
+    wait_for(lambda: request_log(stack, "noop", rid), what="function log line")
+    wait_for(lambda: '"request_id":"%s"' % rid in stack.log("nginx.access"),
+             what="nginx access log line")
+    # nginx's own answers too.
+    r = stack.call("GET", "/functions/v1/nope", headers={"X-Request-Id": sent})
+    assert r.status == 404 and r.headers["X-Request-Id"] != sent, r
+    rid = r.headers["X-Request-Id"]
+    wait_for(lambda: '"request_id":"%s"' % rid in stack.log("nginx.access"),
+             what="nginx access log line of the 404")
+
+
 def test_access_log_has_no_secrets(stack):
     token = stack.jwt()
     stack.call("POST", "provision-instance?token=" + token, json={}, token=token)
