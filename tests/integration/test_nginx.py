@@ -144,6 +144,26 @@ def test_production_serves_functions_over_tls(prod):
     assert r.status == 301 and r.headers["Location"].startswith("https://")
 
 
+def tls12_handshake(ports, cipher):
+    """Whether a TLS 1.2 client offering only `cipher` gets a session."""
+    p = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % ports["https"], "-tls1_2",
+                        "-cipher", cipher], input=b"", capture_output=True, timeout=20)
+    return p.returncode == 0 and ("Cipher is " + cipher).encode() in p.stdout
+
+
+def test_production_tls12_takes_only_forward_secret_aead_suites(prod):
+    """Mozilla's intermediate ciphers: a TLS 1.2 client that offers only static-RSA
+    key exchange (no forward secrecy), CBC with SHA-1 or Camellia is refused."""
+    _, ports, _ = prod
+    weak = [c for c in ("AES128-SHA", "AES256-SHA", "AES128-GCM-SHA256", "CAMELLIA256-SHA",
+                        "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384")
+            if tls12_handshake(ports, c)]
+    assert weak == [], weak
+    for good in ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+                 "ECDHE-RSA-CHACHA20-POLY1305"):
+        assert tls12_handshake(ports, good), good
+
+
 def test_production_provisioner_only_on_loopback_listener(prod):
     s, ports, _ = prod
     tok = s.env["DOKKU_PROVISIONER_TOKEN"]
