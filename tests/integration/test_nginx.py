@@ -164,6 +164,23 @@ def test_production_tls12_takes_only_forward_secret_aead_suites(prod):
         assert tls12_handshake(ports, good), good
 
 
+def test_production_nginx_own_answers_keep_hsts_and_hide_the_version(prod):
+    """Every answer over TLS carries Strict-Transport-Security, nginx's own errors
+    (JSON, nginx/json-errors.conf) included; plain HTTP answers never do; no
+    listener names nginx's version."""
+    s, ports, _ = prod
+    for r in (https(ports, "GET", "/no-such-path"),
+              https(ports, "POST", "/functions/v1/list-plans", body=b"x" * 70000),
+              https(ports, "GET", "/functions/v1/list-plans?x=" + "a" * 9000)):
+        assert r.status in (404, 413, 414) and set(r.json["error"]) == {"code", "message"}, r
+        assert r.headers.get("Strict-Transport-Security") == "max-age=63072000", r
+    r = mr.http("GET", "http://127.0.0.1:%d/nope" % ports["internal"])
+    assert r.status == 404 and "Strict-Transport-Security" not in r.headers, r
+    r = mr.http("GET", "http://127.0.0.1:%d/functions/v1/list-plans" % ports["http"])
+    assert r.status == 301 and r.headers.get("Server") == "nginx", r.headers
+    assert b"nginx/" not in r.body, r.body
+
+
 def test_production_provisioner_only_on_loopback_listener(prod):
     s, ports, _ = prod
     tok = s.env["DOKKU_PROVISIONER_TOKEN"]
