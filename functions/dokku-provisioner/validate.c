@@ -128,6 +128,11 @@ static mr_err parse_limits(const cJSON *obj, const char *where, const prov_confi
     if (lim->cpu_milli < 1 || fabs(milli - (double)lim->cpu_milli) > 1e-6)
         return mr_seterr(err, errlen, MR_EINVAL,
                          "%s\"cpu\" must be a multiple of 0.001 and at least 0.001", where);
+    /* docker-local hands the limit to `docker container create --cpus`, which
+     * refuses less than 0.01: every deploy would fail. Kubernetes takes 1m. */
+    if (cfg->scheduler != PROV_SCHED_K3S && lim->cpu_milli < 10)
+        return mr_seterr(err, errlen, MR_EINVAL,
+                         "%s\"cpu\" must be at least 0.01 (Docker's least --cpus)", where);
 
     lim->storage_gb = 0;
     const cJSON *st = cJSON_GetObjectItemCaseSensitive(obj, "storage_gb");

@@ -691,6 +691,26 @@ def test_out_of_bounds_or_mistyped_fields_run_nothing(stack, dokku, change):
     assert dokku.new_calls() == []
 
 
+@pytest.mark.skipif(K3S, reason="Kubernetes takes a limit of 1m (0.001 CPU)")
+@pytest.mark.parametrize("where,cpu", [("mindroom", 0.001), ("mindroom", 0.009),
+                                       ("homeserver", 0.005)])
+def test_a_cpu_limit_docker_refuses_is_a_400_and_runs_nothing(stack, dokku, where, cpu):
+    """docker-local: Dokku hands resource:limit --cpu to `docker container create
+    --cpus`, and Docker refuses anything under 0.01 ("Range of CPUs is from 0.01 to
+    N.00"): every deploy of that spec would fail, a 502 the control plane retries for
+    ever. The provisioner refuses it up front (400: the control plane holds it)."""
+    payload = body("mindroom-lowcpu", "slowcpu")
+    if where == "mindroom":
+        payload["cpu"] = cpu
+    else:
+        payload["homeserver"]["cpu"] = cpu
+    dokku.mark()
+    r = post(stack, payload)
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_request", (where, cpu, r)
+    assert "0.01" in r.json["error"]["message"]
+    assert dokku.new_calls() == []
+
+
 SIGNING = "ed25519 a_Test " + "A" * 43
 
 

@@ -119,6 +119,15 @@ def test_a_storage_size_is_required_on_k3s_and_nothing_runs_without_it(stack, do
         assert dokku.new_calls() == []
 
 
+def test_a_cpu_limit_of_1m_is_taken_on_k3s(stack, dokku):
+    """Kubernetes takes 1m (0.001 CPU); docker-local's least of 0.01 is not k3s's."""
+    dokku.mark()
+    r = post(stack, body("mindroom-milli", "smilli", cpu=0.001, hs_cpu=0.005))
+    assert r.status == 201, r
+    limits = [c for c in dokku.new_calls() if c[0] in ("resource:limit", "resource:reserve")]
+    assert [c[4] for c in limits] == ["0.005", "0.005", "0.001", "0.001"], limits
+
+
 def test_stop_start_restart_destroy_and_purge_on_k3s(stack, dokku):
     hs = APP + "-matrix"
     dokku.mark()

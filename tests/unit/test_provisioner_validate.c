@@ -115,9 +115,31 @@ static void test_parse_good(void **state)
                            "\"cpu\":4}", s, err), MR_OK);
     assert_true(s->lim.cpu_milli == 4000 && s->n_env == 0);
     assert_int_equal(parse("{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":8192,"
-                           "\"cpu\":0.001,\"env\":null,\"storage_gb\":100,\"homeserver\":null}",
+                           "\"cpu\":0.01,\"env\":null,\"storage_gb\":100,\"homeserver\":null}",
                            s, err), MR_OK);
-    assert_true(s->lim.storage_gb == 100);
+    assert_true(s->lim.storage_gb == 100 && s->lim.cpu_milli == 10);
+    free(s);
+}
+
+/* docker-local's least CPU limit is Docker's least --cpus, 0.01; k3s takes 1m. */
+static void test_cpu_floor_by_scheduler(void **state)
+{
+    (void)state;
+    prov_spec *s = calloc(1, sizeof *s);
+    char err[256];
+    const char *body = "{\"app\":\"mindroom-a\",\"subdomain\":\"b\",\"memory_mb\":512,"
+                       "\"cpu\":0.009,\"storage_gb\":1}";
+    prov_config c = cfg();
+    cJSON *tree = NULL;
+    assert_int_equal(prov_parse_spec(body, strlen(body), &c, &tree, s, err, sizeof err),
+                     MR_EINVAL);
+    assert_non_null(strstr(err, "0.01"));
+    cJSON_Delete(tree);
+    tree = NULL;
+    c.scheduler = PROV_SCHED_K3S;
+    assert_int_equal(prov_parse_spec(body, strlen(body), &c, &tree, s, err, sizeof err), MR_OK);
+    assert_true(s->lim.cpu_milli == 9);
+    cJSON_Delete(tree);
     free(s);
 }
 
@@ -339,6 +361,7 @@ int main(void)
         cmocka_unit_test(test_env_keys),
         cmocka_unit_test(test_images),
         cmocka_unit_test(test_parse_good),
+        cmocka_unit_test(test_cpu_floor_by_scheduler),
         cmocka_unit_test(test_parse_bad),
         cmocka_unit_test(test_env_values_never_in_messages),
         cmocka_unit_test(test_app_names),
