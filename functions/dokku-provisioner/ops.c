@@ -14,7 +14,7 @@
  *     storage:mount (idempotent: same entry, same container dir)
  *     [storage:labels:set <entry> mindroom.chat/storage-gb <N>]
  *     resource:limit -> [network:set attach-post-create] -> ports:set ->
- *     [config:get -> [config:unset --no-restart] -> config:set --no-restart --encoded]
+ *     [config:get -> [config:unset --no-restart] -> config:import --no-restart --format json]
  *     -> domains:set -> [certs:add]
  *     [storage:exec <entry> -- tar ...]          the homeserver's configuration
  *     git:from-image -> [ps:rebuild | ps:start when the image was already committed]
@@ -179,6 +179,34 @@ static void fp_add(fp_text *t, const char *s)
     t->len += sl;
 }
 
+/* An app's environment, hashed as the argv `config:set --no-restart --encoded
+ * <app> KEY=<base64 value> ...` (sorted by key) that the fingerprints already
+ * recorded for existing apps were made from: the same environment keeps its
+ * fingerprint, so no app is rebuilt for nothing. */
+static void fp_add_env(fp_text *t, const char *app, const prov_env *env, size_t n)
+{
+    const char *head[] = {"config:set", "--no-restart", "--encoded", app};
+    for (size_t i = 0; i < MR_ARRAY_LEN(head); i++) fp_add(t, head[i]);
+    for (size_t i = 0; i < n && t->buf; i++) {
+        size_t kl = strlen(env[i].key), vl = strlen(env[i].value);
+        size_t cap = kl + 1 + 4 * ((vl + 2) / 3) + 1;
+        char *kv = malloc(cap);
+        if (!kv) {
+            OPENSSL_cleanse(t->buf, t->cap);
+            free(t->buf);
+            t->buf = NULL; /* fp_finish makes "": the app is rebuilt, which is always safe */
+            return;
+        }
+        memcpy(kv, env[i].key, kl);
+        kv[kl] = '=';
+        EVP_EncodeBlock((unsigned char *)kv + kl + 1, (const unsigned char *)env[i].value,
+                        (int)vl);
+        fp_add(t, kv);
+        OPENSSL_cleanse(kv, cap);
+        free(kv);
+    }
+}
+
 /* HMAC-SHA256 keyed by the provisioner token, so the file says nothing about
  * the values. hex gets 65 bytes; "" when the hash could not be made (the
  * app is then rebuilt, which is always safe). */
@@ -227,15 +255,15 @@ static int listed(const char *list, const char *key)
     }
 }
 
-/* config:set only adds and overwrites, so a variable the control plane stopped
- * sending (an operator's key being revoked) would stay in MindRoom's
- * environment. The names this provisioner set last time are in the app's own
- * MR_APPENV_MANAGED (it survives a move of the provisioner to another host);
- * those missing from now (the same form) are unset before config:set records
- * now, so that a run stopped between the two still finds them listed next
- * time. Only names of that list are touched, never Dokku's own (DOKKU_*) or a
- * variable someone set by hand; an app without the variable (set up before it
- * existed) has nothing to unset. */
+/* config:import (without --replace) only adds and overwrites, so a variable
+ * the control plane stopped sending (an operator's key being revoked) would
+ * stay in MindRoom's environment. The names this provisioner set last time
+ * are in the app's own MR_APPENV_MANAGED (it survives a move of the
+ * provisioner to another host); those missing from now (the same form) are
+ * unset before config:import records now, so that a run stopped between the
+ * two still finds them listed next time. Only names of that list are
+ * touched, never Dokku's own (DOKKU_*) or a variable someone set by hand; an
+ * app without the variable (set up before it existed) has nothing to unset. */
 static mr_err unset_dropped(run_ctx *c, const char *app, const char *now)
 {
     const int64_t quick = c->cfg->command_timeout_ms;
@@ -275,8 +303,11 @@ typedef struct {
     const char *app, *image, *entry, *container_dir, *network, *domain;
     const prov_limits *lim;
     int64_t uid, port;
-    const char *const *config;   /* config:set argv, or NULL */
-    const char *managed;         /* with config: the names it sets (MR_APPENV_MANAGED's value) */
+    const prov_env *env;         /* the environment config:import sets, or NULL */
+    size_t n_env;
+    const unsigned char *config; /* with env: it as config:import reads it on stdin */
+    size_t config_len;
+    const char *managed;         /* with env: the names it sets (MR_APPENV_MANAGED's value) */
     const unsigned char *files;  /* tarball for storage:exec before the deploy, or NULL */
     size_t files_len;
     const char *const *fp_extra; /* more values the app depends on (NULL-terminated), or NULL */
@@ -307,7 +338,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
                            p->network ? p->network : "", http, p->domain, mem, cpu, gb,
                            cfg->tls == PROV_TLS_OFF ? "off" : "tls"};
     for (size_t i = 0; i < MR_ARRAY_LEN(items); i++) fp_add(&t, items[i]);
-    for (size_t i = 0; p->config && p->config[i]; i++) fp_add(&t, p->config[i]);
+    if (p->env) fp_add_env(&t, p->app, p->env, p->n_env);
     for (size_t i = 0; p->fp_extra && p->fp_extra[i]; i++) fp_add(&t, p->fp_extra[i]);
     if (k3s) {
         const char *more[] = {"k3s", cfg->storage_class, cfg->acme_email, cfg->cert_issuer,
@@ -316,7 +347,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     }
     fp_finish(cfg, &t, fp);
     /* A new spec: the recorded one stops being true with the first change below
-     * (config:set and the limits apply at once, and a restart, this run's or a later
+     * (config:import and the limits apply at once, and a restart, this run's or a later
      * one's, starts a container from them). Forgotten before it, so that a run cut
      * short is followed by a rebuild whatever spec comes next, even the old one. */
     if (!spec_matches(cfg, p->app, fp))
@@ -365,8 +396,8 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
 
-    /* 3. Limits, network, ports, config (values base64 on the command line:
-     * see config:set in docs/provisioner.md), domain, certificate. */
+    /* 3. Limits, network, ports, config (its values on stdin, never on a
+     * command line), domain, certificate. */
     {
         const char *a[] = {"resource:limit", "--memory", mem, "--cpu", cpu, p->app, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
@@ -390,9 +421,12 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
                            cfg->tls != PROV_TLS_OFF && !k3s ? https : NULL, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
-    if (p->config) {
+    if (p->env) {
+        /* Never --replace: it would drop Dokku's own variables and any set by hand. */
+        const char *a[] = {"config:import", "--no-restart", "--format", "json", p->app, "-",
+                           NULL};
         if ((e = unset_dropped(c, p->app, p->managed)) != MR_OK) return e;
-        if ((e = must(c, p->config, quick)) != MR_OK) return e;
+        if ((e = must_in(c, a, p->config, p->config_len, quick)) != MR_OK) return e;
     }
     {
         const char *a[] = {"domains:set", p->app, p->domain, NULL};
@@ -475,42 +509,43 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     return MR_OK;
 }
 
-/* config:set --no-restart --encoded <app> KEY=<base64> ...; freed with free_config_args. */
-static const char **config_args(const char *app, const prov_env *env, size_t n)
+/* The environment as config:import --format json reads it on stdin: one JSON
+ * object of strings (Dokku decodes it into a map of string to string). Keys
+ * are ^[A-Z_][A-Z0-9_]*$; a value is escaped where JSON requires it ('"', '\\'
+ * and control characters) and otherwise copied byte for byte. NULL when out of
+ * memory; free with free_config. */
+static unsigned char *config_json(const prov_env *env, size_t n, size_t *len)
 {
-    const char **args = calloc(n + 5, sizeof *args);
-    if (!args) return NULL;
-    size_t k = 0;
-    args[k++] = "config:set";
-    args[k++] = "--no-restart";
-    args[k++] = "--encoded";
-    args[k++] = app;
+    size_t cap = 3;
+    for (size_t i = 0; i < n; i++) cap += strlen(env[i].key) + 6 * strlen(env[i].value) + 6;
+    char *b = malloc(cap), *o = b;
+    if (!b) return NULL;
+    *o++ = '{';
     for (size_t i = 0; i < n; i++) {
-        size_t kl = strlen(env[i].key), vl = strlen(env[i].value);
-        char *kv = malloc(kl + 1 + 4 * ((vl + 2) / 3) + 1);
-        if (!kv) {
-            for (size_t j = 4; j < k; j++) free((void *)args[j]);
-            free(args);
-            return NULL;
+        o += sprintf(o, "%s\"%s\":\"", i ? "," : "", env[i].key);
+        for (const unsigned char *v = (const unsigned char *)env[i].value; *v; v++) {
+            if (*v == '"' || *v == '\\') {
+                *o++ = '\\';
+                *o++ = (char)*v;
+            } else if (*v < 0x20) {
+                o += sprintf(o, "\\u%04x", *v);
+            } else {
+                *o++ = (char)*v;
+            }
         }
-        memcpy(kv, env[i].key, kl);
-        kv[kl] = '=';
-        EVP_EncodeBlock((unsigned char *)kv + kl + 1, (const unsigned char *)env[i].value,
-                        (int)vl);
-        args[k++] = kv;
+        *o++ = '"';
     }
-    args[k] = NULL;
-    return args;
+    *o++ = '}';
+    *o = '\0';
+    *len = (size_t)(o - b);
+    return (unsigned char *)b;
 }
 
-static void free_config_args(const char **args)
+static void free_config(unsigned char *json, size_t len)
 {
-    if (!args) return;
-    for (size_t i = 4; args[i]; i++) {
-        OPENSSL_cleanse((void *)args[i], strlen(args[i]));
-        free((void *)args[i]);
-    }
-    free(args);
+    if (!json) return;
+    OPENSSL_cleanse(json, len);
+    free(json);
 }
 
 static int env_cmp(const void *a, const void *b)
@@ -534,7 +569,8 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     prov_env *env = calloc(spec->n_env + 5, sizeof *env);
     run_ctx c = {cfg, out, res, err, errlen};
     int lockfd = -1;
-    const char **cargs = NULL;
+    unsigned char *cjson = NULL;
+    size_t cjson_len = 0;
     char *managed = NULL;
     prov_buf files = {0}, root = {0};
     const int k3s = cfg->scheduler == PROV_SCHED_K3S;
@@ -615,7 +651,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
         at += (size_t)snprintf(managed + at, ml - at, "%s%s", i ? "," : "", env[i].key);
     env[n++] = (prov_env){MR_APPENV_MANAGED, managed};
     qsort(env, n, sizeof *env, env_cmp);
-    if (!(cargs = config_args(spec->app, env, n))) {
+    if (!(cjson = config_json(env, n, &cjson_len))) {
         e = internal(&c, "out of memory");
         goto done;
     }
@@ -627,7 +663,8 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                    .container_dir = cfg->mindroom_data_dir,
                    .network = spec->hs.present && !k3s ? nm.network : NULL, .domain = domain,
                    .lim = &spec->lim, .uid = cfg->mindroom_uid, .port = cfg->mindroom_port,
-                   .config = cargs, .managed = managed, .files = root.data,
+                   .env = env, .n_env = n, .config = cjson, .config_len = cjson_len,
+                   .managed = managed, .files = root.data,
                    .files_len = root.len};
     if ((e = apply_app(&c, &mp)) != MR_OK) goto done;
 
@@ -645,7 +682,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
 done:
     prov_buf_free(&files);
     prov_buf_free(&root);
-    free_config_args(cargs);
+    free_config(cjson, cjson_len);
     free(managed);
     prov_unlock(lockfd);
     free(env);

@@ -8,10 +8,11 @@
  * that, and run_one() refuses anything else instead of trusting it.
  *
  * The child gets its own process group, stdin from /dev/null or a pipe we
- * feed (a tarball for storage:exec or certs:add), stdout and stderr on pipes
- * (kept, truncated, never logged: `config:set` echoes values), an allow-listed
- * environment, and a deadline after which the whole group is killed: a
- * stalled ssh or docker pull must not pin a worker forever.
+ * feed (a tarball for storage:exec or certs:add, JSON for config:import),
+ * stdout and stderr on pipes (kept, truncated, never logged: `config:import`
+ * echoes values), an allow-listed environment, and a deadline after which
+ * the whole group is killed: a stalled ssh or docker pull must not pin a
+ * worker forever.
  *
  * The environment is built from names, not filtered by them: a deny-list
  * ("anything named *SECRET*") lets SENTRY_DSN or a cloud token through, so

@@ -85,6 +85,18 @@ def names(app):
             "hs_data": app + "-matrix-data", "net": app + "-net"}
 
 
+class Call(list):
+    """One call's argv (compares equal to the list), with .stdin: what a
+    config:import from "-" read (as text), else None."""
+
+    def __init__(self, rec):
+        super().__init__(rec["argv"])
+        self.stdin = rec.get("stdin")
+
+
+CONFIG_IMPORT = ["config:import", "--no-restart", "--format", "json"]
+
+
 class Dokku:
     """The stand-in dokku's directory: calls made, app, storage and network
     state, the apps' containers, and switches."""
@@ -130,7 +142,7 @@ class Dokku:
         return [json.loads(line) for line in lines if line.strip()]
 
     def all_calls(self):
-        return [r["argv"] for r in self.records()]
+        return [Call(r) for r in self.records()]
 
     def mark(self):
         """Forget the calls so far: new_calls() returns only later ones."""
@@ -368,13 +380,13 @@ def managed(env):
     return dict(env, MINDROOM_MANAGED_ENV=",".join(sorted(env)))
 
 
-def decode_config_args(argv):
-    """{KEY: decoded value} from a recorded config:set argv."""
-    assert argv[:3] == ["config:set", "--no-restart", "--encoded"], argv
-    out = {}
-    for pair in argv[4:]:
-        k, _, v = pair.partition("=")
-        out[k] = base64.b64decode(v, validate=True).decode()
+def imported(call):
+    """{KEY: value} a recorded `config:import --no-restart --format json <app> -`
+    read on its stdin (through ssh: after the "--" that Dokku drops)."""
+    argv = call[1:] if call[:1] == ["--"] else call
+    assert argv[:4] == CONFIG_IMPORT and len(argv) == 6 and argv[5] == "-", call
+    out = json.loads(call.stdin)
+    assert isinstance(out, dict) and all(isinstance(v, str) for v in out.values()), out
     return out
 
 
@@ -440,8 +452,8 @@ def app_sequence(app, entry, cdir, uid, mem_, cpu, gb, network, port, domain, im
 
 def create_sequence(app, subdomain=None, mem="512m", cpu="0.5", gb=5, hs=True, hs_mem="256m",
                     hs_cpu="0.25", hs_gb=3, tls="off", state=None, k3s=None):
-    """The commands a create/update runs, config:set left as None (its
-    arguments are base64 and checked separately). state: observed() of the
+    """The commands a create/update runs, config:import left as None (what it
+    reads on stdin is checked separately). state: observed() of the
     instance before the request (default: nothing exists). Memory is given in
     docker-local's units and converted for k3s."""
     k3s = K3S if k3s is None else k3s
@@ -496,16 +508,16 @@ def destroy_sequence(app, state, purge=False, k3s=None):
 
 
 def subcommand(argv):
-    return "config:set" if argv is None else [a for a in argv if not a.startswith("--")][0]
+    return "config:import" if argv is None else [a for a in argv if not a.startswith("--")][0]
 
 
 def match(calls, expected):
-    """Asserts calls equal expected, where None in expected matches a config:set."""
+    """Asserts calls equal expected, where None in expected matches a config:import."""
     assert len(calls) == len(expected), "calls:\n%s\nexpected:\n%s" % (
         "\n".join(map(str, calls)), "\n".join(map(str, expected)))
     for got, want in zip(calls, expected):
         if want is None:
-            assert got[:3] == ["config:set", "--no-restart", "--encoded"], got
+            assert got[:4] == CONFIG_IMPORT and got[5:] == ["-"], got
         else:
             assert got == want, "got %s, wanted %s (all: %s)" % (got, want, calls)
 

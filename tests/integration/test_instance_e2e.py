@@ -20,7 +20,7 @@ import mr
 from health import HealthStandin
 from lifecycle_helpers import (deploy_env, LIMITS, PRICES, WORKER, instance, new_account,
                                wait_status, wait_until)
-from provisioner_helpers import DOMAIN, Dokku, decode_config_args, hs_internal_url, mem, names
+from provisioner_helpers import DOMAIN, Dokku, hs_internal_url, imported, mem, names
 
 FUNCS = ["handle-stripe-webhook", "deprovision-instance", "check-instance-health",
          "dokku-provisioner", WORKER]
@@ -143,7 +143,7 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
         lim = next(x for x in calls if x[0] == "resource:limit" and x[-1] == a)
         assert lim[lim.index("--memory") + 1] == mem("%dm" % mb) and float(lim[lim.index("--cpu") + 1]) == cpu
     # MindRoom's environment: the contract (docs/instance.md).
-    env = decode_config_args(next(x for x in calls if x[0] == "config:set" and n["app"] in x))
+    env = imported(next(x for x in calls if x[0] == "config:import" and n["app"] in x))
     assert env["MINDROOM_INSTANCE_ID"] == str(inst["id"]) and env["MINDROOM_TIER"] == "starter"
     assert (env["MAX_AGENTS"], env["MAX_MESSAGES_PER_DAY"], env["MAX_STORAGE_GB"]) == ("3", "1000", "5")
     assert env["MATRIX_HOMESERVER"] == hs_internal_url(n["app"])
@@ -187,7 +187,7 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
                             "storage:destroy") for x in calls), calls
     assert dokku.container_read(n["app"], "/tmp/scratch") is None  # a new container
     data_kept("after a plan change")
-    env = decode_config_args([x for x in calls if x[0] == "config:set" and n["app"] in x][-1])
+    env = imported([x for x in calls if x[0] == "config:import" and n["app"] in x][-1])
     assert (env["MAX_AGENTS"], env["MINDROOM_TIER"]) == ("10", "professional")
 
     # 2. Unpaid stops both apps; paid again starts them: the same apps, the same data.
@@ -200,7 +200,7 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
     # The stop revoked the instance's control-plane token, so the start applies the
     # configuration with a new one (POST /apps of the same apps, which starts them).
     assert dokku.app(n["app"], "running") == "true" and dokku.app(n["hs"], "running") == "true"
-    started_env = decode_config_args([x for x in calls if x[0] == "config:set" and n["app"] in x][-1])
+    started_env = imported([x for x in calls if x[0] == "config:import" and n["app"] in x][-1])
     assert started_env["MINDROOM_CONTROL_PLANE_TOKEN"] != env["MINDROOM_CONTROL_PLANE_TOKEN"]
     assert not any(x[0] in ("apps:create", "storage:create") for x in calls), calls
     data_kept("after stop and start")
@@ -312,10 +312,10 @@ def test_secrets_are_sealed_set_without_redeploy_when_unchanged_and_survive_a_ke
     p = ctl(stack, "env", "set", iid, "OPENAI_API_KEY", stdin=api_key + "\n")
     assert p.returncode == 0 and "owes an update" in p.stdout, p
     assert api_key not in p.stdout + p.stderr
-    wait_until(lambda: any(x[0] == "config:set" and n["app"] in x for x in dokku.all_calls()[dokku._seen:]),
-               timeout=45, what="config:set with the new key")
+    wait_until(lambda: any(x[0] == "config:import" and n["app"] in x for x in dokku.all_calls()[dokku._seen:]),
+               timeout=45, what="config:import with the new key")
     running(stack, c.sid)
-    env = decode_config_args([x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x][-1])
+    env = imported([x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x][-1])
     assert env["OPENAI_API_KEY"] == api_key
     # The same value again: nothing owed, nothing called.
     p = ctl(stack, "env", "set", iid, "OPENAI_API_KEY", stdin=api_key)
@@ -335,7 +335,7 @@ def test_secrets_are_sealed_set_without_redeploy_when_unchanged_and_survive_a_ke
     wait_until(lambda: row(stack, "SELECT environment_vars = '{}'::jsonb FROM public.instances "
                                   "WHERE id = %s", iid)[0], timeout=45, what="legacy env sealed")
     running(stack, c.sid)
-    env = decode_config_args([x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x][-1])
+    env = imported([x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x][-1])
     assert env["LEGACY_TOKEN"] == legacy and env["OPENAI_API_KEY"] == api_key
 
     # No dump of the database holds any of them.
@@ -377,10 +377,10 @@ def test_secrets_are_sealed_set_without_redeploy_when_unchanged_and_survive_a_ke
     p = ctl(stack, "env", "set", iid, "SECOND_KEY", stdin="v2",
             extra={"MINDROOM_SECRETS_KEY": new_key})
     assert p.returncode == 0, p
-    wait_until(lambda: any(x[0] == "config:set" and n["app"] in x for x in dokku.all_calls()[dokku._seen:]),
+    wait_until(lambda: any(x[0] == "config:import" and n["app"] in x for x in dokku.all_calls()[dokku._seen:]),
                timeout=45, what="update after rotation")
     running(stack, c.sid)
-    env = decode_config_args([x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x][-1])
+    env = imported([x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x][-1])
     assert env["OPENAI_API_KEY"] == api_key and env["SECOND_KEY"] == "v2"
     assert env["MATRIX_REGISTRATION_SHARED_SECRET"] == hs_secret
     assert (hs_dir / "registration_shared_secret").read_text().strip() == hs_secret
@@ -552,7 +552,7 @@ def test_an_unset_variable_leaves_the_instance_with_the_update_it_owes(stack, do
     key being revoked, say): "removed; the instance owes an update", and the update
     redeploys MindRoom "with the new environment" (docs/lifecycle.md). The variable
     must be gone from MindRoom's environment once that update is applied; the
-    provisioner's config:set only adds and overwrites, so Dokku keeps the old value."""
+    provisioner's config:import only adds and overwrites, so Dokku keeps the old value."""
     c = Customer(stack, "starter")
     c.send("customer.subscription.created", "active")
     inst = running(stack, c.sid)

@@ -9,7 +9,7 @@ import pytest
 import mr
 from lifecycle_helpers import (FAST_ENV, LIMITS, WORKER, deprovision, instance, instances,
                                new_account, new_subscription, provision, wait_status, wait_until)
-from provisioner_helpers import DOMAIN, Dokku, decode_config_args, mem
+from provisioner_helpers import DOMAIN, Dokku, imported, mem
 
 FUNCS = ["provision-instance", "deprovision-instance", "dokku-provisioner", WORKER]
 
@@ -51,12 +51,12 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
 
     calls = dokku.new_calls()
     cmds = commands(calls, app)
-    for c in ("apps:create", "resource:limit", "config:set", "domains:set", "git:from-image"):
+    for c in ("apps:create", "resource:limit", "config:import", "domains:set", "git:from-image"):
         assert cmds.count(c) == 1, (c, calls)
     limit = next(c for c in calls if c[0] == "resource:limit" and c[-1] == app)
     assert limit[limit.index("--memory") + 1] == mem("%dm" % LIMITS["starter"][0])
     assert float(limit[limit.index("--cpu") + 1]) == LIMITS["starter"][1]
-    env = decode_config_args(next(c for c in calls if c[0] == "config:set"))
+    env = imported(next(c for c in calls if c[0] == "config:import"))
     assert env["MINDROOM_INSTANCE_ID"] == str(inst["id"])
     assert env["MINDROOM_SUBDOMAIN"] == sub and env["MINDROOM_TIER"] == "starter"
     assert ["domains:set", app, "%s.%s" % (sub, DOMAIN)] in calls
@@ -98,7 +98,7 @@ def test_full_life_of_an_instance_against_the_real_provisioner(stack, dokku, res
     # (The stop revoked its control-plane token: the start is a POST /apps of the same
     # app with a new one, which starts it; docs/lifecycle.md.)
     assert dokku.app(app, "running") == "true" and "apps:create" not in commands(calls, app)
-    assert any(c[0] == "config:set" and app in c for c in calls), calls
+    assert any(c[0] == "config:import" and app in c for c in calls), calls
     assert instance(stack, sid)["dokku_app_name"] == app
 
     # Deleted: destroyed in Dokku, deprovisioned here; a second destroy is a no-op.

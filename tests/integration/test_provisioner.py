@@ -5,6 +5,7 @@ them, and nothing on bad input."""
 
 import base64
 import json
+import secrets
 import stat
 import threading
 
@@ -13,8 +14,8 @@ import pytest
 import mr
 from provisioner_helpers import (DOMAIN, DONE, HS_UID, IMAGE, K3S, LABEL, MATRIX_IMAGE,
                                  MINDROOM_DIR, MINDROOM_UID, TAR, Dokku, body, create_sequence,
-                                 decode_config_args, destroy_sequence, hs_internal_url,
-                                 hs_secrets, managed, match, matrix_host, mem, names,
+                                 destroy_sequence, hs_internal_url, hs_secrets, imported,
+                                 managed, match, matrix_host, mem, names,
                                  network_teardown, ports, storage_destroy, subcommand)
 
 
@@ -67,14 +68,13 @@ def test_create_runs_the_exact_sequence(stack, dokku):
 
     # MindRoom's environment: the request's, plus its storage path and how to
     # reach its homeserver over the private network (not the public domain).
-    cfg = [c for c in calls if c[0] == "config:set"][0]
-    assert cfg[3] == "mindroom-create"
+    cfg = [c for c in calls if c[0] == "config:import"][0]
+    assert cfg == ["config:import", "--no-restart", "--format", "json", "mindroom-create", "-"]
     want = managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR,
                         MATRIX_HOMESERVER=hs_internal_url("mindroom-create"),
                         MATRIX_SERVER_NAME="screate-matrix." + DOMAIN,
                         MATRIX_REGISTRATION_SHARED_SECRET=sec["registration_shared_secret"]))
-    assert [p.split("=")[0] for p in cfg[4:]] == sorted(want)
-    assert decode_config_args(cfg) == want
+    assert imported(cfg) == want
     assert dokku.config("mindroom-create") == want
     assert dokku.config("mindroom-create-matrix") == {}
     assert dokku.reaches("mindroom-create", "mindroom-create-matrix.web")
@@ -249,9 +249,11 @@ def test_a_stopped_app_is_started_again_by_create(stack, dokku):
     assert dokku.app("mindroom-restart-matrix", "running") == "true"
 
 
-def test_values_with_newlines_and_shell_are_passed_encoded(stack, dokku):
+def test_values_with_newlines_and_shell_reach_the_app_intact(stack, dokku):
     env = {
         "MULTI": "line one\nline two\n",
+        "CONTROL": "tab\there \x01\x1f\x7f end",
+        "JSONISH": "{\"a\": [1, \"\\u0041\"]} \\n \u2028",
         "SHELL_BAIT": "$(touch /tmp/pwned); `id`; a && b | c > d",
         "QUOTES": "it's \"quoted\" \\ back",
         "EQUALS": "a=b=c",
@@ -263,17 +265,44 @@ def test_values_with_newlines_and_shell_are_passed_encoded(stack, dokku):
     r = post(stack, body("mindroom-values", "svalues", env=env, hs=False))
     assert r.status == 201, r
     calls = dokku.new_calls()
-    cfg = [c for c in calls if c[0] == "config:set"][0]
-    assert decode_config_args(cfg) == managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR))
+    cfg = [c for c in calls if c[0] == "config:import"][0]
+    assert imported(cfg) == managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR))
     # No value appears in clear anywhere on any command line ...
     for c in calls:
         for a in c:
             assert "line one" not in a and "touch" not in a and "supersecret" not in a
-    # ... nor in the provisioner's log (Dokku's config:set output echoes values).
+    assert dokku.config("mindroom-values") == imported(cfg)
+    # ... nor in the provisioner's log (Dokku's config:import output echoes values).
     log = stack.log("dokku-provisioner")
     assert "supersecret-value-zz9" not in log
-    assert "config:set --no-restart --encoded mindroom-values" in log
-    assert "SECRETISH=..." in log
+    assert "config:import --no-restart --format json mindroom-values -" in log
+
+
+def test_no_secret_value_is_on_any_command_line(stack, dokku):
+    """Every local user of the provisioner's host (and of the Dokku host) can read
+    /proc/<pid>/cmdline. config:import reads MindRoom's environment on stdin, so
+    no secret is on a command line, base64 or not: the stand-in records each
+    child's argv, and none may hold a secret in any form, on a create or an update."""
+    api_key = "sk-live-" + secrets.token_hex(16)
+    token = "mri_k1_" + secrets.token_hex(16)
+    sec = hs_secrets()
+    dokku.mark()
+    env = {"OPENAI_API_KEY": api_key, "MINDROOM_CONTROL_PLANE_TOKEN": token}
+    r = post(stack, body("mindroom-argv", "sargv", env=env, secrets_=sec))
+    assert r.status == 201, r
+    api_key2 = "sk-live-" + secrets.token_hex(16)
+    env["OPENAI_API_KEY"] = api_key2
+    r = post(stack, body("mindroom-argv", "sargv", env=env, secrets_=sec))
+    assert r.status == 200, r
+    cfg = dokku.config("mindroom-argv")
+    assert cfg["OPENAI_API_KEY"] == api_key2 and cfg["MINDROOM_CONTROL_PLANE_TOKEN"] == token
+    plain = [api_key, api_key2, token] + list(sec.values())
+    needles = plain + [base64.b64encode(p.encode()).decode() for p in plain]
+    calls = dokku.new_calls()
+    leaked = sorted({"%s ... %s" % (c[0], n[:12]) for c in calls for a in c
+                     for n in needles if n in a})
+    assert leaked == []
+    assert [c[0] for c in calls].count("config:import") == 2, calls
 
 
 # ---- resume after a failure at every step -------------------------------------------
@@ -766,6 +795,20 @@ def test_malformed_bodies_run_nothing(stack, dokku, raw):
     assert dokku.new_calls() == []
 
 
+@pytest.mark.parametrize("raw", [b"\xff", b"a\xc3", b"\xc0\xaf", b"\xed\xa0\x80",
+                                 b"\xf4\x90\x80\x80", b"\xe0\x80\xaf"])
+def test_an_env_value_that_is_not_utf8_runs_nothing(stack, dokku, raw):
+    """Dokku reads MindRoom's environment as JSON and would turn a byte that is not
+    UTF-8 into U+FFFD: the app would run with another value than the one sent."""
+    payload = json.dumps(body("mindroom-okname", "sok", env={"KEY": "@@"})).encode()
+    dokku.mark()
+    r = stack.call_provisioner("POST", "/apps", body=payload.replace(b"@@", raw),
+                               headers={"Content-Type": "application/json"})
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_request", (raw, r)
+    assert "KEY" in r.json["error"]["message"]
+    assert dokku.new_calls() == []
+
+
 @pytest.mark.parametrize("path", ["/apps/Upper", "/apps/a%3Brm%20-rf%20%2F",
                                   "/apps/" + "a" * 64, "/apps/a%20b", "/apps/-x",
                                   "/apps/a%0Ab/stop", "/apps/other-app", "/apps/dokku",
@@ -895,7 +938,7 @@ def test_the_fixture_check_catches_undocumented_commands():
 
 def test_a_revert_after_an_update_that_failed_part_way_restarts_again(stack, dokku):
     """Spec A applied. Update B fails part-way (MindRoom's git:from-image), after its
-    config:set: Dokku holds B's environment, and a restart (an operator's, or the
+    config:import: Dokku holds B's environment, and a restart (an operator's, or the
     control plane's) starts MindRoom's container from it. The control plane then
     sends A again: A reaches the container with a restart, although A is what was
     last applied whole. (Both schedulers: the k3s suite runs this file too.)"""
@@ -958,7 +1001,7 @@ def test_a_first_deploy_that_failed_after_its_commit_is_resumed(stack, dokku):
 
 
 def test_a_variable_no_longer_sent_is_unset_and_nothing_else(stack, dokku):
-    """config:set only adds and overwrites: a variable the control plane stops
+    """config:import only adds and overwrites: a variable the control plane stops
     sending (an operator's key revoked with `mindroomctl env unset`, the
     homeserver's MATRIX_* when the instance has none any more) must leave
     MindRoom's environment with the update, before its deploy. What the
@@ -980,9 +1023,9 @@ def test_a_variable_no_longer_sent_is_unset_and_nothing_else(stack, dokku):
     assert unset == [["config:unset", "--no-restart", app, "EXTRA", "MATRIX_HOMESERVER",
                       "MATRIX_REGISTRATION_SHARED_SECRET", "MATRIX_SERVER_NAME",
                       "OPENAI_API_KEY"]], calls
-    # Before the config:set that records the new names, and before the deploy.
+    # Before the config:import that records the new names, and before the deploy.
     order = [c[0] for c in calls]
-    assert order.index("config:unset") < order.index("config:set") < order.index("ps:rebuild")
+    assert order.index("config:unset") < order.index("config:import") < order.index("ps:rebuild")
     want = managed({"MINDROOM_TIER": "starter", "MINDROOM_STORAGE_PATH": MINDROOM_DIR})
     assert dokku.config(app) == dict(want, DOKKU_APP_RESTORE="1", BY_HAND="kept")
     assert dokku.app_json(app, "container.json")["image"] == IMAGE

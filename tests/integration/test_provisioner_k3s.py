@@ -10,7 +10,7 @@ import pytest
 
 import mr
 from provisioner_helpers import (HS_UID, IMAGE, MATRIX_IMAGE, MINDROOM_DIR, MINDROOM_UID, TAR,
-                                 Dokku, body, decode_config_args, match)
+                                 Dokku, body, imported, match)
 
 APP = "mindroom-kube"
 CLASS = "longhorn"
@@ -76,8 +76,8 @@ def test_create_on_k3s_runs_the_documented_k3s_commands(stack, dokku):
         ["scheduler-k3s:set", APP, "cert-issuer-name", "acme-dns"],
         ["storage:exec", data] + TAR,
         ["git:from-image", APP, IMAGE]])
-    cfg = [c for c in dokku.all_calls() if c[0] == "config:set"][0]
-    assert decode_config_args(cfg)["MATRIX_HOMESERVER"] == \
+    cfg = [c for c in dokku.all_calls() if c[0] == "config:import"][0]
+    assert imported(cfg)["MATRIX_HOMESERVER"] == \
         "http://mindroom-kube-matrix-web.default.svc.cluster.local"
     assert dokku.reaches(APP, hs + ".web")
     for app, entry, uid, gb, memory in ((hs, hsd, HS_UID, "2Gi", "256Mi"),

@@ -1,5 +1,6 @@
 """dokku-provisioner's modes and limits: dry-run, ssh, deadlines, start-up checks."""
 
+import base64
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 import mr
 from provisioner_helpers import (DOMAIN, IMAGE, K3S, MATRIX_IMAGE, MINDROOM_DIR, STANDINS,
                                  STORAGE_CLASS, Dokku, alive, body, create_sequence,
-                                 decode_config_args, match, mem, names, ports,
+                                 imported, match, mem, names, ports,
                                  record_bucket, state_record, storage_destroy)
 
 
@@ -57,7 +58,7 @@ def test_dry_run_records_and_answers_without_running_anything(dry):
                  "would run: dokku storage:mount mindroom-dry mindroom-dry-data --container-dir "
                  + MINDROOM_DIR,
                  "would run: dokku resource:limit --memory %s --cpu 0.5 mindroom-dry" % mem("512m"),
-                 "would run: dokku config:set --no-restart --encoded mindroom-dry API_TOKEN_X=...",
+                 "would run: dokku config:import --no-restart --format json mindroom-dry - (with stdin)",
                  "would run: dokku domains:set mindroom-dry sdry." + DOMAIN,
                  "would run: dokku git:from-image mindroom-dry " + IMAGE):
         assert line in log, line
@@ -145,10 +146,14 @@ def ssh_calls(d):
 
 def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     s, d = ssh
-    env = {"MULTI": "a\nb c\td", "SPACES": "  padded  ", "GLOB": "* ? [x]"}
+    env = {"MULTI": "a\nb c\td", "SPACES": "  padded  ", "GLOB": "* ? [x]",
+           "API_KEY": "ssh-secret-value-42"}
     r = s.call_provisioner("POST", "/apps", json=body("mindroom-ssh", "sssh", env=env))
     assert r.status == 201, r
     calls = ssh_calls(d)
+    # No value on ssh's command line, plain or base64 (the Dokku host's too, below).
+    secret = [env["API_KEY"], base64.b64encode(env["API_KEY"].encode()).decode()]
+    assert not [a for c in calls for a in c for n in secret if n in a]
     prefix = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15",
               "-i", "/etc/mindroom/dokku_ed25519", "-o", "IdentitiesOnly=yes",
               "-o", "UserKnownHostsFile=/etc/mindroom/known_hosts",
@@ -158,12 +163,13 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     assert all(c[:len(prefix)] == prefix for c in calls)
     # What the host ran after splitting the joined command line: the "--" that
     # ssh passed on (Dokku drops leading "--" arguments), then exactly the
-    # create sequence, values intact (base64 has no spaces or glob characters).
+    # create sequence; the environment crossed on stdin, values intact.
     raw = d.all_calls()
     assert raw and all(c[0] == "--" for c in raw), raw
     dk = [c[1:] for c in raw]
     match(dk, create_sequence("mindroom-ssh", "sssh"))
-    assert decode_config_args([c for c in dk if c[0] == "config:set"][0])["MULTI"] == env["MULTI"]
+    assert not [a for c in dk for a in c for n in secret if n in a]
+    assert imported([c for c in raw if c[1] == "config:import"][0])["MULTI"] == env["MULTI"]
     assert {k: v for k, v in d.config("mindroom-ssh").items() if k in env} == env
     # stdin crossed ssh: the homeserver's files are in its storage.
     assert (d.host_dir("mindroom-ssh-matrix-data") / "homeserver.yaml").exists()

@@ -237,11 +237,11 @@ def test_make_run_with_a_dokku_on_path_deploys_a_real_instance(stack_env):
         deploy = next(i for i, c in enumerate(calls) if c[:2] == ["git:from-image", a])
         mount = next(i for i, c in enumerate(calls) if c[:3] == ["storage:mount", a, entry])
         assert mount < deploy, calls
-    # MindRoom's environment (its last config:set) carries its own control-plane token,
+    # MindRoom's environment (its last config:import) carries its own control-plane token,
     # this stack's URL and its plan's limits; with the token, track-usage counts.
-    from provisioner_helpers import decode_config_args
+    from provisioner_helpers import imported
     api = "http://127.0.0.1:%d" % ports[0]
-    menv = decode_config_args([c for c in calls if c[0] == "config:set" and n["app"] in c][-1])
+    menv = imported([c for c in calls if c[0] == "config:import" and n["app"] in c][-1])
     assert menv["MINDROOM_CONTROL_PLANE_URL"] == api, menv
     assert (menv["MAX_AGENTS"], menv["MAX_MESSAGES_PER_DAY"]) == ("3", "1000"), menv
     resp = mr.http("POST", api + "/functions/v1/track-usage", json={"agent": "general"},

@@ -18,7 +18,7 @@ import pytest
 import mr
 from health import HealthStandin
 from lifecycle_helpers import WORKER, deploy_env, instance, new_account, wait_status, wait_until
-from provisioner_helpers import Dokku, decode_config_args, names
+from provisioner_helpers import Dokku, imported, names
 from test_instance_e2e import Customer, ctl, running
 
 FUNCS = ["handle-stripe-webhook", "provision-instance", "deprovision-instance", "check-instance-health",
@@ -51,11 +51,11 @@ def stack(pg, dokku, health):
 
 
 def mindroom_env(dokku, app, calls=None):
-    """MindRoom's environment as the last config:set (of `calls`, else all) set it."""
+    """MindRoom's environment as the last config:import (of `calls`, else all) set it."""
     calls = dokku.all_calls() if calls is None else calls
-    sets = [c for c in calls if c[0] == "config:set" and app in c]
-    assert sets, "no config:set for %s" % app
-    return decode_config_args(sets[-1])
+    sets = [c for c in calls if c[0] == "config:import" and app in c]
+    assert sets, "no config:import for %s" % app
+    return imported(sets[-1])
 
 
 def report(stack, token, body=None, headers=None, source=None):
@@ -85,7 +85,7 @@ def audit(stack, action, **details):
 
 def live_instance(stack, tier="starter"):
     """A customer whose subscription.created made a running instance; returns
-    (customer, instance row, its token from the recorded config:set)."""
+    (customer, instance row, its token from the recorded config:import)."""
     c = Customer(stack, tier)
     c.send("customer.subscription.created", "active")
     inst = running(stack, c.sid)
@@ -263,8 +263,8 @@ def test_a_rotated_token_stops_at_once_and_the_worker_delivers_a_new_one(stack, 
         r = report(stack, old)
         assert r.status == 401, r
     # The worker owes an update: it issues a new token and applies it, data kept.
-    wait_until(lambda: any(x[0] == "config:set" and app in x for x in dokku.all_calls()[dokku._seen:]),
-               timeout=45, what="config:set with a new token")
+    wait_until(lambda: any(x[0] == "config:import" and app in x for x in dokku.all_calls()[dokku._seen:]),
+               timeout=45, what="config:import with a new token")
     running(stack, c.sid)
     new = mindroom_env(dokku, app, dokku.new_calls())["MINDROOM_CONTROL_PLANE_TOKEN"]
     assert TOKEN_RE.match(new) and new != old
@@ -411,7 +411,7 @@ def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stac
                    what="restart %d done" % k)
         calls = dokku.new_calls()
         assert ["ps:restart", n["hs"]] in calls and ["ps:restart", n["app"]] in calls, calls
-        assert not any(x[0] in ("apps:create", "storage:create", "apps:destroy", "config:set",
+        assert not any(x[0] in ("apps:create", "storage:create", "apps:destroy", "config:import",
                                 "git:from-image") for x in calls), calls
         assert dokku.container_read(n["app"], MINDROOM_FILE) == "agents' memory"
     r = stack.call("GET", "my-instance", token=tok)

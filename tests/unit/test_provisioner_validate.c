@@ -205,6 +205,32 @@ static void test_env_values_never_in_messages(void **state)
     free(s);
 }
 
+/* Dokku reads the environment as JSON: a value must be UTF-8 to arrive unchanged. */
+static void test_env_values_are_utf8(void **state)
+{
+    (void)state;
+    prov_spec *s = calloc(1, sizeof *s);
+    char err[256], body[256];
+    const char *good[] = {"", "plain", "h\xc3\xa9llo \xe2\x98\x83", "\xf0\x9f\x98\x80",
+                          "\xf4\x8f\xbf\xbf", "\x7f\x01\ttab", NULL};
+    const char *bad[] = {"\xff", "a\xc3", "\xc0\xaf", "\xc1\xbf", "\xe0\x80\xaf",
+                         "\xed\xa0\x80", "\xf4\x90\x80\x80", "\xf8\x88\x80\x80\x80",
+                         "\x80", "\xe2\x98", NULL};
+    for (int pass = 0; pass < 2; pass++) {
+        const char *const *list = pass ? bad : good;
+        for (size_t i = 0; list[i]; i++) {
+            snprintf(body, sizeof body, "{\"app\":\"mindroom-a\",\"subdomain\":\"b\","
+                     "\"memory_mb\":512,\"cpu\":1,\"env\":{\"KEY\":\"%s\"}}", list[i]);
+            err[0] = '\0';
+            mr_err e = parse(body, s, err);
+            if (pass == 0 && e != MR_OK) fail_msg("refused #%zu: %s", i, err);
+            if (pass == 1 && e != MR_EINVAL) fail_msg("accepted #%zu", i);
+            if (pass == 1) assert_non_null(strstr(err, "KEY"));
+        }
+    }
+    free(s);
+}
+
 static void test_app_names(void **state)
 {
     (void)state;
@@ -362,6 +388,7 @@ int main(void)
         cmocka_unit_test(test_images),
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_cpu_floor_by_scheduler),
+        cmocka_unit_test(test_env_values_are_utf8),
         cmocka_unit_test(test_parse_bad),
         cmocka_unit_test(test_env_values_never_in_messages),
         cmocka_unit_test(test_app_names),
