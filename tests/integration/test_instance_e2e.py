@@ -437,9 +437,9 @@ def test_an_instance_created_again_on_kept_storage_keeps_its_homeserver_identity
         stack, "SELECT id FROM public.instances WHERE subscription_id = %s AND status = "
                "'running' AND claimed_by IS NULL", c.sid), timeout=45, what="running again")[0]
     assert str(second) != str(first["id"])
-    sets = [x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x]
+    sets = [x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x]
     assert sets, "the re-created MindRoom was never configured"
-    assert decode_config_args(sets[-1]).get("OPENAI_API_KEY") == api_key, \
+    assert imported(sets[-1]).get("OPENAI_API_KEY") == api_key, \
         "the re-created MindRoom lost the operator's OPENAI_API_KEY"
     p = ctl(stack, "env", "list", str(second))
     assert p.returncode == 0 and "OPENAI_API_KEY" in p.stdout and api_key not in p.stdout, p
@@ -535,7 +535,7 @@ def test_kept_variables_that_do_not_open_fail_the_create_and_store_nothing(stack
     assert all(v not in error for v in values.values())
     assert row(stack, "SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
                       "AND kind IN ('env', 'homeserver')", second)[0] == 0
-    assert not [x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x]
+    assert not [x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x]
 
     stack.sql("UPDATE public.instance_secrets SET ciphertext = %s WHERE instance_id = %s AND "
               "kind = 'env' AND name = 'OPENAI_API_KEY'", good, fid)
@@ -543,7 +543,7 @@ def test_kept_variables_that_do_not_open_fail_the_create_and_store_nothing(stack
     wait_until(lambda: row(stack, "SELECT 1 FROM public.instances WHERE id = %s AND status = "
                                   "'running' AND claimed_by IS NULL", second),
                timeout=45, what="running once the variables open")
-    env = decode_config_args([x for x in dokku.new_calls() if x[0] == "config:set" and n["app"] in x][-1])
+    env = imported([x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x][-1])
     assert {k: env.get(k) for k in values} == values
 
 
