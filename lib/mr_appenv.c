@@ -2,6 +2,7 @@
 #include "mr_appenv.h"
 
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "mr_common.h"
@@ -27,4 +28,24 @@ int mr_appenv_reserved_key(const char *key)
     for (size_t i = 0; i < MR_ARRAY_LEN(mine); i++)
         if (strcmp(key, mine[i]) == 0) return 1;
     return 0;
+}
+
+int mr_appenv_valid_value(const char *str)
+{
+    for (const unsigned char *s = (const unsigned char *)str; *s;) {
+        unsigned c = *s;
+        size_t n = c < 0x80 ? 0 : (c & 0xE0) == 0xC0 ? 1 : (c & 0xF0) == 0xE0 ? 2
+                 : (c & 0xF8) == 0xF0 ? 3 : 4;
+        if (n == 4 || (n == 1 && c < 0xC2)) return 0;
+        uint32_t cp = n == 0 ? c : c & (0x3Fu >> n);
+        for (size_t i = 1; i <= n; i++) {
+            if ((s[i] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i] & 0x3Fu);
+        }
+        if ((n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+            (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0;
+        s += n + 1;
+    }
+    return 1;
 }

@@ -23,4 +23,11 @@ int mr_appenv_valid_key(const char *s);
  * MATRIX_HOMESERVER, MR_APPENV_MANAGED, ...): a request may not set it. */
 int mr_appenv_reserved_key(const char *key);
 
+/* 1 when s is a value an app's environment can carry: UTF-8 text (no overlong
+ * forms, surrogates or code points above U+10FFFF). Dokku reads the environment as
+ * JSON (config:import) and would replace a byte that is not UTF-8 with U+FFFD: the
+ * app would get another value. mindroomctl env set refuses such a value before it
+ * is stored, the provisioner before any command. */
+int mr_appenv_valid_value(const char *s);
+
 #endif

@@ -167,6 +167,12 @@ static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *
     char *value = read_value(&len);
     if (!value)
         return 1;
+    if (!mr_appenv_valid_value(value)) {
+        wipe_free(value, MAX_VALUE + 2);
+        fprintf(stderr, "mr-secrets: the value of %s is not UTF-8 text (the app's environment "
+                        "reaches Dokku as JSON): nothing stored\n", name);
+        return 2;
+    }
     char ctx[MR_SECRETS_CONTEXT_MAX], err[256] = "", digest[MR_SECRETS_DIGEST_LEN + 1];
     char *ct = NULL, *stored = NULL, *out = NULL;
     int rc = 1, stale = 0;

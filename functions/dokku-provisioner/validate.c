@@ -83,27 +83,6 @@ int prov_valid_host(const char *s)
     return 1;
 }
 
-/* 1 when s is UTF-8: no overlong form, no surrogate, nothing past U+10FFFF. */
-static int utf8_valid(const char *str)
-{
-    for (const unsigned char *s = (const unsigned char *)str; *s;) {
-        unsigned c = *s;
-        size_t n = c < 0x80 ? 0 : (c & 0xE0) == 0xC0 ? 1 : (c & 0xF0) == 0xE0 ? 2
-                 : (c & 0xF8) == 0xF0 ? 3 : 4;
-        if (n == 4 || (n == 1 && c < 0xC2)) return 0;
-        uint32_t cp = n == 0 ? c : c & (0x3Fu >> n);
-        for (size_t i = 1; i <= n; i++) {
-            if ((s[i] & 0xC0) != 0x80) return 0;
-            cp = (cp << 6) | (s[i] & 0x3Fu);
-        }
-        if ((n == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
-            (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
-            return 0;
-        s += n + 1;
-    }
-    return 1;
-}
-
 static int env_cmp(const void *a, const void *b)
 {
     return strcmp(((const prov_env *)a)->key, ((const prov_env *)b)->key);
@@ -266,9 +245,7 @@ mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
             if (!cJSON_IsString(kv) || !kv->valuestring)
                 return mr_seterr(err, errlen, MR_EINVAL, "env value of %s must be a string",
                                  kv->string);
-            /* Dokku reads it as JSON (config:import) and would replace a byte that
-             * is not UTF-8 with U+FFFD: the app would get another value. */
-            if (!utf8_valid(kv->valuestring))
+            if (!mr_appenv_valid_value(kv->valuestring))
                 return mr_seterr(err, errlen, MR_EINVAL, "env value of %s must be UTF-8 text",
                                  kv->string);
             spec->env[spec->n_env].key = kv->string;

@@ -666,6 +666,38 @@ def test_env_set_on_a_destroyed_instance_is_refused_naming_the_live_one(stack):
     assert env_cmd("list", dead).returncode == 0
 
 
+def test_env_set_refuses_a_value_that_is_not_utf8(stack):
+    """The app's environment reaches Dokku as JSON (config:import), which carries only
+    UTF-8 text, and the provisioner refuses anything else: a value `env set` stored
+    anyway would make every later update of the instance fail for good. It is
+    refused at once (exit 2, as bad input), nothing stored, nothing owed; UTF-8 text
+    beyond ASCII is taken."""
+    sid = new_subscription(stack, "starter")
+    iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
+             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
+             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
+             MR_ENV_FILE="/nonexistent-mindroomctl.env")
+    if stack.env.get("DATABASE_POOLER"):
+        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+
+    def env_set(value):
+        return subprocess.run([CTL, "env", "set", iid, "LATIN1_PASSWORD"], input=value, env=e,
+                              capture_output=True, timeout=60)
+
+    before = stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0]
+    for bad in (b"caf\xe9-secret", b"\xc0\xaf", b"\xed\xa0\x80", b"ok\xff"):
+        p = env_set(bad)
+        assert p.returncode == 2 and b"not UTF-8" in p.stderr, (bad, p.returncode, p.stderr)
+        assert bad not in p.stderr
+    assert stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                     "AND name = 'LATIN1_PASSWORD'", iid)[0][0] == 0
+    assert stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0] == before
+    p = env_set("café-sécret ✓".encode())
+    assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
 def test_env_and_rotate_secrets_key_against_the_make_run_stack(tmp_path):
     """docs/operations.md: "without `DATABASE_URL` it uses the local cluster in
     `.run/pg` when there is one". `env ...` and `rotate-secrets-key` hand the work
