@@ -29,7 +29,7 @@
 --
 -- Redefines, each whole from its last definition and unchanged but for the lines
 -- named:
--- - public.stripe_apply_subscription (128_subscription_items.sql): v_inst_held
+-- - public.stripe_apply_subscription (137_stripe_cancellations.sql): v_inst_held
 --   (declared, and read by the one SELECT of the instance that was there: no
 --   statement added on the hot path), and the `AND NOT (v_inst_held AND v_desired =
 --   'running')` condition, with its comment, on the instance_request branch.
@@ -91,6 +91,14 @@ BEGIN
     SELECT s.id, s.last_event_created, s.last_event_id INTO v_sub_id, v_sub_last, v_sub_lastid
       FROM public.subscriptions s
      WHERE s.stripe_subscription_id = v_stripe_id FOR NO KEY UPDATE;
+
+    -- A subscription with no row that was deleted on purpose (with its account)
+    -- is not new: its events (our own cancellation's among them) are ignored.
+    IF v_sub_id IS NULL AND EXISTS (SELECT 1 FROM public.stripe_cancellations c
+                                     WHERE c.stripe_subscription_id = v_stripe_id) THEN
+        RAISE EXCEPTION USING ERRCODE = 'MRW05',
+            MESSAGE = 'ignored: its subscription was deleted with its account and is cancelled at Stripe by us';
+    END IF;
 
     -- Ordering: compare with the last applied event before validating anything else,
     -- so that a stale event changes nothing, not even the account link.

@@ -1,4 +1,4 @@
--- 142_cancelled_subscription_events.sql: the events Stripe sends for a subscription
+-- 137_cancelled_subscription_events.sql: the events Stripe sends for a subscription
 -- deleted with its account (customer.subscription.deleted for the cancellation our
 -- stripe-cancel job made, an .updated before or after it) are our own doing: each
 -- is recorded ignored, neither a refused account link (a security event, logged at
