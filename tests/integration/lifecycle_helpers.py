@@ -131,6 +131,8 @@ def env_set(s, iid, name, value):
     """`mindroomctl env set` of one instance's variable: mr-secrets, the value on stdin."""
     e = dict(os.environ, DATABASE_URL=s.env["DATABASE_URL"],
              MINDROOM_SECRETS_KEY=s.env["MINDROOM_SECRETS_KEY"])
+    if s.env.get("DATABASE_POOLER"):  # through PgBouncer, as the stack's functions
+        e["DATABASE_POOLER"] = s.env["DATABASE_POOLER"]
     p = subprocess.run([str(mr.build_dir() / "bin/mr-secrets"), "set", iid, name], input=value,
                        capture_output=True, text=True, env=e, timeout=30)
     assert p.returncode == 0, p
