@@ -29,10 +29,14 @@
 --
 -- Redefines, each whole from its last definition and unchanged but for the lines
 -- named:
--- - public.stripe_apply_subscription (137_stripe_cancellations.sql): v_inst_held
+-- - public.stripe_apply_subscription (128_subscription_items.sql): v_inst_held
 --   (declared, and read by the one SELECT of the instance that was there: no
 --   statement added on the hot path), and the `AND NOT (v_inst_held AND v_desired =
---   'running')` condition, with its comment, on the instance_request branch.
+--   'running')` condition, with its comment, on the instance_request branch; and,
+--   for 137_stripe_cancellations.sql, the IF v_sub_id IS NULL block with its comment
+--   after the SELECT of the subscription row (an event of a subscription deleted
+--   with its account raises MRW05, which 137's stripe_handle_event records ignored;
+--   one primary-key probe, only when the subscription has no row).
 -- - public.lifecycle_deprovision (125_purge_before_takeover.sql): the IF after
 --   instance_request that sets operator_stopped_at on a stop.
 -- - public.lifecycle_provision (040_owed_work.sql): `operator_stopped_at = NULL` in
