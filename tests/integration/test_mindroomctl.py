@@ -539,7 +539,9 @@ def test_wrong_ids_are_explained(stack, envfile):
 def test_every_subcommand_against_the_make_run_stack(tmp_path):
     """stack.sh on free ports in a temporary run directory (MR_RUN_DIR, as in
     test_stack_script.py); mindroomctl gets only the same MR_* variables an
-    operator's shell would have and finds secrets, API and database itself."""
+    operator's shell would have and finds secrets, API and database itself
+    (docs/operations.md: "without `DATABASE_URL` it uses the local cluster in
+    `.run/pg`"), also for what it hands to mr-secrets (env, rotate-secrets-key)."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -555,7 +557,7 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
                MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1],
                MR_ADMIN_LISTEN="127.0.0.1:%d" % ports[3], **mr_vars)
     for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL",
-              "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET"):
+              "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "MINDROOM_SECRETS_KEY"):
         env.pop(k, None)
     p = None
     try:
@@ -563,7 +565,7 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
 
         def c(*args, **kw):
             e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-            e.update(mr_vars)
+            e.update(mr_vars, MR_BIN_DIR=str(mr.build_dir() / "bin"))
             return subprocess.run([CTL] + [str(a) for a in args], env=e, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, timeout=kw.get("timeout", 120))
 
@@ -598,6 +600,11 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         ok(c("provision", sid, "--wait"))
         assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("running",)]
         ok(c("health"))
+        # mr-secrets gets the same local cluster (DATABASE_URL exported to it).
+        out = ok(c("rotate-secrets-key"))
+        assert "re-sealed" in out, out
+        nobody = str(uuid.uuid4())
+        fails(c("env", "list", nobody), 1, "no instance " + nobody)
         ok(c("failed-events"))
         ok(c("stuck"))
         assert "global" in ok(c("concurrency"))
@@ -696,50 +703,6 @@ def test_env_set_refuses_a_value_that_is_not_utf8(stack):
     assert stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0] == before
     p = env_set("café-sécret ✓".encode())
     assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
-
-
-def test_env_and_rotate_secrets_key_against_the_make_run_stack(tmp_path):
-    """docs/operations.md: "without `DATABASE_URL` it uses the local cluster in
-    `.run/pg` when there is one". `env ...` and `rotate-secrets-key` hand the work
-    to mr-secrets, which must get that same database: against `make run`'s stack,
-    with no .env and no DATABASE_URL exported, they work like `status` does."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-    from test_stack_script import start, stop
-
-    base = Path(tempfile.mkdtemp(prefix="mr-ctl-env-"))
-    os.chmod(base, 0o755)
-    run = base / "run"
-    ports = [mr.free_port() for _ in range(4)]
-    mr_vars = {"MR_RUN_DIR": str(run), "MR_ENV_FILE": "/dev/null",
-               "MR_API_LISTEN": "127.0.0.1:%d" % ports[0], "MR_PG_PORT": str(ports[2])}
-    env = dict(os.environ, MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
-               MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1],
-               MR_ADMIN_LISTEN="127.0.0.1:%d" % ports[3], **mr_vars)
-    for k in ("DATABASE_URL", "SUPABASE_URL", "FUNCTIONS_URL", "DOKKU_PROVISIONER_URL",
-              "SUPABASE_JWT_SECRET", "STRIPE_WEBHOOK_SECRET", "MINDROOM_SECRETS_KEY"):
-        env.pop(k, None)
-    p = None
-    try:
-        p, _ = start(run, env)
-        e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-        e.update(mr_vars, MR_BIN_DIR=str(mr.build_dir() / "bin"))
-
-        def c(*args, stdin=None):
-            return subprocess.run([CTL] + [str(a) for a in args], env=e, input=stdin,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  timeout=60)
-
-        ok(c("status"))                      # the local cluster is found
-        out = ok(c("rotate-secrets-key"))
-        assert "re-sealed" in out, out
-        nobody = str(uuid.uuid4())
-        fails(c("env", "list", nobody), 1, "no instance " + nobody)
-    finally:
-        if p is not None:
-            stop(run, env, p)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_wait_with_no_secret_is_missing_configuration_not_a_refusal(stack):
