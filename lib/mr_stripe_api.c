@@ -260,8 +260,13 @@ int mr_stripe_api_parse_error(const char *body, size_t len, mr_stripe_api_result
             copy(res->error_type, sizeof res->error_type, s);
         if (mr_json_str(e, "code", &s) == MR_OK)
             copy(res->error_code, sizeof res->error_code, s);
-        if (mr_json_str(e, "message", &s) == MR_OK && msglen)
-            copy(msg, msglen, s);
+        if (mr_json_str(e, "message", &s) == MR_OK) {
+            /* Stripe says so in the message only. */
+            res->other_mode = strstr(s, "a similar object exists in live mode") != NULL ||
+                              strstr(s, "a similar object exists in test mode") != NULL;
+            if (msglen)
+                copy(msg, msglen, s);
+        }
     }
     cJSON_Delete(root);
     return ok;
@@ -317,6 +322,7 @@ static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const cha
         res->attempts++;
         res->status = he == MR_OK ? resp.status : 0;
         res->request_id[0] = res->error_type[0] = res->error_code[0] = '\0';
+        res->other_mode = 0;
         if (he == MR_EINVAL || he == MR_EINTERNAL) {
             mr_httpc_resp_free(&resp);
             rc = mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: %s", path, herr);
@@ -353,8 +359,9 @@ static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const cha
         }
         mr_httpc_resp_free(&resp);
         int again = mr_stripe_api_retryable(res->status, *should ? should : NULL);
-        /* A DELETE of what Stripe does not have is an answer the caller expects. */
-        int gone = res->status == 404 && strcmp(method, "DELETE") == 0;
+        /* A DELETE of what Stripe does not have is an answer the caller expects;
+         * one of the other mode's object is not (the object is there). */
+        int gone = res->status == 404 && !res->other_mode && strcmp(method, "DELETE") == 0;
         if (he == MR_OK)
             mr_log(again ? MR_LOG_WARN : gone ? MR_LOG_INFO : MR_LOG_ERROR,
                    "Stripe %s: %ld %s/%s (request %s, attempt %d): %.200s", path, res->status,

@@ -85,6 +85,11 @@ typedef struct {
     char request_id[64];     /* Stripe's Request-Id of the last answer, "" if none */
     char error_type[48];     /* a refusal's error.type ("invalid_request_error", ...), or "" */
     char error_code[64];     /* a refusal's error.code ("resource_missing", ...), or "" */
+    /* A refusal saying the object exists in the other mode than the key's (live or
+     * test): Stripe answers 404 resource_missing, "No such subscription: '...'; a
+     * similar object exists in live mode, but a test mode key was used to make this
+     * request". The object is there: not one Stripe does not have. */
+    int other_mode;
 } mr_stripe_api_result;
 
 /* POSTs form (from mr_stripe_api_form) to base_url + path ("/v1/customers")
@@ -100,15 +105,16 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
                           mr_stripe_api_result *res, char *err, size_t errlen);
 /* The same for DELETE base_url + path ("/v1/subscriptions/sub_..."), without a
  * body. A refusal's status and error code are in res (Stripe answers 404
- * resource_missing for an object it does not have, or no longer has live). */
+ * resource_missing for an object it does not have, or no longer has live, and
+ * also for one of the other mode: then res->other_mode is set). */
 mr_err mr_stripe_api_delete(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
                             const char *idempotency_key, int64_t deadline_ms,
                             mr_stripe_api_result *res, char *err, size_t errlen);
 void mr_stripe_api_result_free(mr_stripe_api_result *res);
 
-/* Reads a Stripe error body into res->error_type / error_code and copies its
- * message (for the log only) into msg. Returns 1 when body had Stripe's error
- * shape. Exposed for the tests and the fuzzer. */
+/* Reads a Stripe error body into res->error_type / error_code / other_mode and
+ * copies its message (for the log only) into msg. Returns 1 when body had
+ * Stripe's error shape. Exposed for the tests and the fuzzer. */
 int mr_stripe_api_parse_error(const char *body, size_t len, mr_stripe_api_result *res,
                               char *msg, size_t msglen);
 

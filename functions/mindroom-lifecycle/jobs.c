@@ -281,6 +281,12 @@ static void cancel_job(worker *w)
                                      &res, err, sizeof err);
             if (e == MR_OK)
                 outcome = "cancelled";
+            else if (res.other_mode) { /* 404 too, but Stripe has it and keeps charging it */
+                const char *mine = stripe.livemode ? "live" : "test",
+                           *its = stripe.livemode ? "test" : "live";
+                snprintf(err, sizeof err, "Stripe has it in %s mode but STRIPE_SECRET_KEY is a %s "
+                         "key (request %s): cancel it with a %s key", its, mine, res.request_id, its);
+            }
             else if (res.status == 404 && strcmp(res.error_code, "resource_missing") == 0)
                 outcome = "not_found"; /* cancelled before (Stripe's answer then), or unknown */
             mr_stripe_api_result_free(&res);

@@ -306,6 +306,29 @@ def test_a_subscription_stripe_has_cancelled_already_is_done_with_one_call(keyed
     assert len(cancels(stripe, sub)) == 1
 
 
+def test_a_subscription_of_the_other_mode_is_not_counted_cancelled(keyed, stripe):
+    """A live subscription and a test key (or the reverse): Stripe answers 404
+    resource_missing, "a similar object exists in live mode", and keeps charging it.
+    It stays owed, refused (logged at error, retried with backoff), saying why."""
+    stripe.reset()
+    acc, _ = paying_account(keyed)
+    sub = stripe.add_subscription(livemode=True)   # the worker's key is a test key
+    keyed.sql("UPDATE public.subscriptions SET stripe_subscription_id = %s WHERE account_id = %s",
+              sub, acc)
+    keyed.sql("DELETE FROM auth.users WHERE id = %s", acc)
+    wait_until(lambda: len(cancels(stripe, sub)) >= 2, timeout=15, what="a retry")
+    done, outcome, attempts, last_error = cancellation(keyed, sub)
+    assert (done, outcome) == (False, None) and attempts >= 1
+    assert "live mode" in last_error and "test key" in last_error, last_error
+    assert stripe.subscriptions[sub]["status"] == "active"
+    assert keyed.sql("SELECT count(*) FROM public.audit_logs WHERE action = "
+                     "'stripe.subscription_cancelled' AND details->>'stripe_subscription_id' = %s",
+                     sub)[0][0] == 0
+    mine = [json.loads(l) for l in keyed.log(WORKER).splitlines()
+            if sub in l and "retried with backoff" in l]
+    assert mine and all(l["level"] == "error" for l in mine), mine
+
+
 def test_without_a_stripe_key_a_deleted_accounts_subscription_stays_owed(stack):
     acc, sub = paying_account(stack)
     stack.sql("DELETE FROM auth.users WHERE id = %s", acc)

@@ -11,7 +11,11 @@
   DELETE /v1/subscriptions/{id}       (no body)                           -> subscription,
                                       cancelled now; 404 resource_missing ("No such
                                       subscription") for one it does not have or that is
-                                      already canceled or incomplete_expired, as Stripe
+                                      already canceled or incomplete_expired, as Stripe;
+                                      one of the other mode than the key (live or test)
+                                      gets Stripe's 404 resource_missing "...; a similar
+                                      object exists in live mode, but a test mode key was
+                                      used to make this request"
 
 Requests are application/x-www-form-urlencoded with nested keys (a[b][0][c]=v),
 authenticated with `Authorization: Bearer <secret key>` (compared in constant time;
@@ -121,6 +125,7 @@ class StripeStandin:
                                          "price_professional", "price_professional_annual",
                                          "price_enterprise", "price_enterprise_annual")):
         self.key = key or "sk_test_" + secrets.token_hex(16)
+        self.livemode = self.key[3:8] == "live_"
         self.prices = set(prices)
         self.lock = threading.Lock()
         self.requests = []
@@ -271,13 +276,16 @@ class StripeStandin:
         return [event("checkout.session.completed", session, now),
                 event("customer.subscription.created", sub, now)]
 
-    def add_subscription(self, customer=None, status="active", price="price_starter"):
-        """A subscription Stripe has (as if paid for through a checkout); returns its id."""
+    def add_subscription(self, customer=None, status="active", price="price_starter",
+                         livemode=None):
+        """A subscription Stripe has (as if paid for through a checkout); returns its id.
+        livemode: the mode it was made in (default: the key's)."""
         now = int(time.time())
         sub_id = self._id("sub_")
         with self.lock:
             self.subscriptions[sub_id] = {
                 "id": sub_id, "object": "subscription", "customer": customer or self._id("cus_"),
+                "livemode": self.livemode if livemode is None else livemode,
                 "status": status, "metadata": {}, "cancel_at_period_end": False,
                 "canceled_at": now if status == "canceled" else None, "ended_at": None,
                 "items": {"object": "list", "data": [{
@@ -288,6 +296,13 @@ class StripeStandin:
 
     def _cancel(self, sub_id, p):
         sub = self.subscriptions.get(sub_id)
+        if sub is not None and sub.get("livemode", False) != self.livemode:
+            # Another mode's object is invisible to this key, whatever its status.
+            modes = ("live", "test") if sub.get("livemode", False) else ("test", "live")
+            return error(404, "invalid_request_error",
+                         "No such subscription: '%s'; a similar object exists in %s mode, but a "
+                         "%s mode key was used to make this request." % ((sub_id,) + modes),
+                         "resource_missing", "id")
         if sub is None or sub["status"] in ("canceled", "incomplete_expired"):
             return error(404, "invalid_request_error", "No such subscription: '%s'" % sub_id,
                          "resource_missing", "id")

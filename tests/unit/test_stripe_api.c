@@ -190,6 +190,22 @@ static void test_stripe_error_body(void **state)
     assert_string_equal(r.error_type, "invalid_request_error");
     assert_string_equal(r.error_code, "resource_missing");
     assert_string_equal(msg, "No such customer: 'cus_x'");
+    assert_int_equal(r.other_mode, 0);
+
+    /* The object is there, in the other mode: Stripe says so in the message only. */
+    static const char *const modes[] = {"live", "test"};
+    for (size_t i = 0; i < MR_ARRAY_LEN(modes); i++) {
+        char other[320];
+        snprintf(other, sizeof other,
+                 "{\"error\":{\"type\":\"invalid_request_error\",\"code\":\"resource_missing\","
+                 "\"message\":\"No such subscription: 'sub_x'; a similar object exists in %s "
+                 "mode, but a %s mode key was used to make this request.\"}}",
+                 modes[i], modes[1 - i]);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(mr_stripe_api_parse_error(other, strlen(other), &r, NULL, 0), 1);
+        assert_string_equal(r.error_code, "resource_missing");
+        assert_int_equal(r.other_mode, 1);
+    }
 
     memset(&r, 0, sizeof r);
     body = "{\"error\":{\"type\":\"idempotency_error\",\"message\":\"Keys for idempotent requests\"}}";
