@@ -189,10 +189,12 @@ mr_err mr_billing_call(mr_req *r, const mr_stripe_api_config *cfg, const char *a
     cJSON_Delete(b);
     free(form);
 
-    /* 3. The outcome. A refusal closes the attempt; anything else leaves it
-     * pending for the next call to resume (its outcome is unknown). */
+    /* 3. The outcome. A refusal closes the attempt; so does a 5xx Stripe replayed:
+     * Stripe keeps a key's first answer, a 500 too, and the key would only get it
+     * again (the next call starts a new attempt; still a 503 now). Anything else
+     * leaves it pending for the next call to resume (its outcome is unknown). */
     if (e != MR_OK) {
-        const char *final = e == MR_ETRANSIENT ? "false" : "true";
+        const char *final = e == MR_ETRANSIENT && !sr.replayed ? "false" : "true";
         const char *fp3[3] = {attempt_id, err, final};
         cJSON *ignored = NULL;
         char dberr[256];

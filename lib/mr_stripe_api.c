@@ -322,7 +322,7 @@ static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const cha
         res->attempts++;
         res->status = he == MR_OK ? resp.status : 0;
         res->request_id[0] = res->error_type[0] = res->error_code[0] = '\0';
-        res->other_mode = 0;
+        res->other_mode = res->replayed = 0;
         if (he == MR_EINVAL || he == MR_EINTERNAL) {
             mr_httpc_resp_free(&resp);
             rc = mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: %s", path, herr);
@@ -358,7 +358,8 @@ static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const cha
             mr_stripe_api_parse_error(resp.body, resp.body_len, res, msg, sizeof msg);
         }
         mr_httpc_resp_free(&resp);
-        int again = mr_stripe_api_retryable(res->status, *should ? should : NULL);
+        /* A replayed answer is the key's for good (a 5xx too): a retry gets it again. */
+        int again = !res->replayed && mr_stripe_api_retryable(res->status, *should ? should : NULL);
         /* A DELETE of what Stripe does not have is an answer the caller expects;
          * one of the other mode's object is not (the object is there). */
         int gone = res->status == 404 && !res->other_mode && strcmp(method, "DELETE") == 0;

@@ -11,7 +11,10 @@
  *
  * Retries follow stripe-node and stripe-go: a Stripe-Should-Retry header
  * decides when present; otherwise a connection error, a 409 (another request
- * with the same key is in flight) and any 5xx are retried. A 429 is retried
+ * with the same key is in flight) and any 5xx are retried, but never an answer
+ * Stripe replayed (Idempotent-Replayed: true): Stripe keeps a key's first
+ * answer once it began executing the request, a 500 included, and a retry with
+ * that key only gets it again (res->replayed tells the caller). A 429 is retried
  * too: Stripe's libraries leave rate limits to the caller, and Stripe's
  * rate-limit guidance is to back off and retry; here the caller is a person
  * waiting for a checkout page. The delay before retry n (1, 2, ...) is
@@ -81,7 +84,7 @@ typedef struct {
     cJSON *object;           /* 2xx: the answer's object; free with mr_stripe_api_result_free */
     long status;             /* status of the last answer, 0 when none came */
     int attempts;            /* requests sent */
-    int replayed;            /* the answer was a replay (Idempotent-Replayed: true) */
+    int replayed;            /* the last answer was a replay (Idempotent-Replayed: true) */
     char request_id[64];     /* Stripe's Request-Id of the last answer, "" if none */
     char error_type[48];     /* a refusal's error.type ("invalid_request_error", ...), or "" */
     char error_code[64];     /* a refusal's error.code ("resource_missing", ...), or "" */

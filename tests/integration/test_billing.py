@@ -616,6 +616,29 @@ def test_a_5xx_is_an_unknown_outcome_even_when_stripe_says_not_to_retry(stack, s
     assert custs[0].idempotency_key and custs[0].idempotency_key == custs[1].idempotency_key, custs
 
 
+def test_a_5xx_stripe_replays_for_its_key_does_not_block_checkout_for_a_day(stack, stripe):
+    """Stripe keeps a key's first answer once it began executing the request, a 500
+    too, and replays it to that key for 24 hours. Resumed with that key, the attempt
+    would answer 503 to every click for as long as it is resumed (23 hours): once
+    Stripe replays a 5xx, the attempt is closed and the next click gets a new key."""
+    acc, _, tok = user(stack)
+    stripe.next(("kept", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 again
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    [key] = {c.idempotency_key for c in stripe.recorded("/v1/customers")}
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    last = stripe.recorded("/v1/customers")[-1]
+    assert last.idempotency_key != key
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+    # The replayed key's attempt is closed, never sent again.
+    rows = attempts(stack, acc)
+    assert [(k, s) for k, s, ik, _, _ in rows if ik == key] == [("customer", "failed")], rows
+
+
 def test_a_cancellation_applies_whatever_its_price(stack, stripe, prov):
     """customer.subscription.deleted always means cancelled: a price the catalogue
     lacks (switched to in Stripe's portal, a plan row removed) keeps the recorded

@@ -32,6 +32,10 @@ kept, as on Stripe.
 Scripting, per test: next(...) queues behaviours for the next requests:
     ("status", 429) / ("status", 500[, {"Stripe-Should-Retry": "false"}])
                      answer that status, in Stripe's error shape, executing nothing
+    ("kept", 500[, {"Stripe-Should-Retry": "false"}])
+                     a 500 after the request began executing: kept for its key and
+                     replayed to every later request with it, as Stripe keeps a key's
+                     first answer, "including 500 errors"
     "lost"           execute the request (and keep its answer for the key), then close
                      the connection without answering: a lost response
     "hang"           hold the request until release()
@@ -370,6 +374,12 @@ class StripeStandin:
                 self._keys[key] = {"fp": fp, "done": False}
         if behaviour == "hang":
             self._release.wait(60)
+        if isinstance(behaviour, tuple) and behaviour[0] == "kept":
+            status, body, _ = error(behaviour[1], "api_error", "An unknown error occurred")
+            with self.lock:
+                if key is not None:
+                    self._keys[key].update(done=True, status=status, body=body)
+            return status, body, dict(behaviour[2] if len(behaviour) > 2 else {})
         with self.lock:
             try:
                 status, body, headers = self._execute(req)
