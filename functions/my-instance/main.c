@@ -25,15 +25,17 @@ static const mr_db_stmt restart_stmt = {
     "mr_mi_restart", "SELECT public.tenant_instance_restart($1::uuid)::text", 1};
 
 /* The instance asked for (query or body), "" for the current one. Replies 400
- * itself and returns -1 on bad input. */
+ * itself and returns -1 on bad input. An instance_id given must be a UUID: an
+ * empty one (a dashboard's unset variable) is an error, never the current one. */
 static int instance_arg(mr_req *r, char id[40])
 {
     char v[64];
     id[0] = '\0';
     mr_err e = mr_http_query_param(r->query, "instance_id", v, sizeof v);
+    int given = e != MR_ENOTFOUND;
     if (e == MR_OK && strlen(v) < 40)
         memcpy(id, v, strlen(v) + 1);
-    else if (e != MR_ENOTFOUND)
+    else if (given)
         id[0] = '?';
     if (r->body_len > 0) {
         cJSON *body = mr_json_parse(r->body, r->body_len);
@@ -53,9 +55,10 @@ static int instance_arg(mr_req *r, char id[40])
             snprintf(id, 40, "%s", strlen(s) < 40 ? s : "?");
         else if (e == MR_EINVAL)
             id[0] = '?';
+        given = given || e != MR_ENOTFOUND;
         cJSON_Delete(body);
     }
-    if (id[0] && !mr_is_uuid(id)) {
+    if (given && !mr_is_uuid(id)) {
         mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
         return -1;
     }

@@ -448,6 +448,23 @@ def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stac
     assert stack.call("POST", "my-instance/restart", json={}, token=stack.jwt()).status == 403
 
 
+def test_an_empty_instance_id_is_refused_never_taken_for_the_current_instance(stack, dokku):
+    # A dashboard's unset variable must not restart (or show) whichever instance is
+    # the user's current one: an instance_id given is a UUID, or the request is 400.
+    c, inst = live_instance(stack, "starter")
+    iid = str(inst["id"])
+    tok = user_jwt(stack, c.account)
+    for path, body in (("my-instance/restart", {"instance_id": ""}),
+                       ("my-instance/restart?instance_id=", {})):
+        r = stack.call("POST", path, json=body, token=tok)
+        assert r.status == 400 and r.json["error"]["code"] == "invalid_instance_id", (path, body, r)
+    for path in ("my-instance?instance_id=", "my-instance?instance_id"):
+        r = stack.call("GET", path, token=tok)
+        assert r.status == 400 and r.json["error"]["code"] == "invalid_instance_id", (path, r)
+    assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(0,)]
+    assert audit(stack, "instance.restart_requested", instance_id=iid) == []
+
+
 HEALTH_THRESHOLD = 3     # HEALTH_FAILURE_THRESHOLD's default: deploy_env leaves it
 
 
