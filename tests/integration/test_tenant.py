@@ -422,6 +422,9 @@ def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stac
     r = stack.call("POST", "my-instance/restart", json={}, token=tok, headers=hdrs)
     assert r.status == 429 and r.json["error"]["code"] == "rate_limited", r
     assert 0 < int(r.headers.get("Retry-After")) <= 600
+    # A dashboard in a browser (supabase-js, another origin) may read it too.
+    exposed = {h.strip().lower() for h in r.headers.get("Access-Control-Expose-Headers", "").split(",")}
+    assert "retry-after" in exposed, r.headers
     assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(3,)]
 
     # Every restart has its audit row: who (the user), from where (the real peer,
