@@ -119,8 +119,12 @@ static void restart(mr_req *r, const char *id)
     } else if (!strcmp(outcome, "not_found")) {
         not_found(r, id);
     } else if (!strcmp(outcome, "not_running")) {
-        const char *st = "not running";
+        /* Still running but on its way out: say where it is going, not "running". */
+        const char *st = "not running", *want = "running";
         mr_json_str(res, "status", &st);
+        mr_json_str(res, "desired_status", &want);
+        if (!strcmp(st, "running") && strcmp(want, "running") != 0)
+            st = !strcmp(want, "stopped") ? "being stopped" : "being destroyed";
         mr_reply_error(r, 409, "not_running", "the instance is %s: only a running instance is "
                        "restarted", st);
     } else if (!strcmp(outcome, "rate_limited")) {

@@ -468,6 +468,26 @@ def test_an_empty_instance_id_is_refused_never_taken_for_the_current_instance(st
     assert audit(stack, "instance.restart_requested", instance_id=iid) == []
 
 
+def test_a_restart_of_an_instance_being_stopped_says_so(stack, dokku):
+    # Billing asked for the stop (unpaid) and the worker is still stopping it: the
+    # instance's status is still running, but the answer must not say it is.
+    c, inst = live_instance(stack, "free")
+    iid = str(inst["id"])
+    dokku.tell("stall", "ps:stop", times=1, seconds=20)
+    try:
+        c.send("customer.subscription.updated", "unpaid")
+        wait_until(lambda: stack.sql("SELECT status, desired_status FROM public.instances "
+                                     "WHERE id = %s", iid) == [("running", "stopped")],
+                   timeout=30, what="the stop asked for")
+        r = stack.call("POST", "my-instance/restart", json={}, token=user_jwt(stack, c.account))
+        assert r.status == 409 and r.json["error"]["code"] == "not_running", r
+        assert r.json["error"]["message"].startswith("the instance is being stopped:"), r.json
+        assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(0,)]
+    finally:
+        dokku.untell("stall", "ps:stop")
+    wait_status(stack, c.sid, "stopped", timeout=60)
+
+
 HEALTH_THRESHOLD = 3     # HEALTH_FAILURE_THRESHOLD's default: deploy_env leaves it
 
 
