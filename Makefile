@@ -122,8 +122,8 @@ drills: deps
 # `make install` copies the release build (SAN=1: the sanitizer build) and
 # everything it runs with: binaries, mindroomctl, systemd units, tmpfiles.d and
 # sysusers.d entries, nginx snippets and site, migrations, seed, docs, and the
-# configuration templates, mindroom.env and the provisioner's provisioner.env
-# (each written only where none exists yet, mode 0600).
+# configuration templates (in DATADIR, and as mindroom.env and the provisioner's
+# provisioner.env, each written only where none exists yet, mode 0600).
 # The units, the nginx site and the scripts name the packaged layout (/usr/lib/mindroom,
 # /etc/mindroom, /etc/nginx); other directories are substituted on the way.
 PREFIX      ?= /usr/local
@@ -158,6 +158,8 @@ install: build
 	    > $(DESTDIR)$(BINDIR)/mindroomctl && chmod 0755 $(DESTDIR)$(BINDIR)/mindroomctl
 	install -m 0644 sql/migrations/*.sql $(DESTDIR)$(DATADIR)/migrations/
 	install -m 0644 sql/seed.sql $(DESTDIR)$(DATADIR)/
+	install -m 0644 .env.example $(DESTDIR)$(DATADIR)/mindroom.env.example
+	install -m 0644 packaging/provisioner.env $(DESTDIR)$(DATADIR)/provisioner.env.example
 	for f in packaging/systemd/*.service packaging/systemd/*.socket packaging/systemd/*.target \
 	         packaging/systemd/mindroom-.service.d/*.conf; do \
 	    $(SUBST) $$f > $(DESTDIR)$(UNITDIR)/$${f#packaging/systemd/} && \

@@ -141,6 +141,28 @@ for v in DATABASE_URL SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET MINDROOM_SECR
 done
 [ "$(stat -c '%a %U' "$root/etc/mindroom/provisioner.env")" = "600 root" ] ||
   die "provisioner.env is not root's 0600 after the upgrade"
+# The next release, as apt sees it: this package with a later version whose
+# configuration templates changed, as a release adding a setting does. Installed
+# the way docs/install.md says (no answer to give: stdin is empty), then the
+# downgrade back and a second install of the same version: each completes and
+# leaves the configured mindroom.env and provisioner.env as they were.
+next=$CACHE/next
+rm -rf "$next"
+dpkg-deb -R "$deb" "$next"
+sed -i 's/^Version: .*/&+next/' "$next/DEBIAN/control"
+find "$next/etc" "$next/usr/share/mindroom" -name '*.env*' -type f \
+  -exec sh -c 'echo "# a setting of the next release" >> "$1"' sh {} \;
+dpkg-deb --root-owner-group -Zgzip -z1 --build "$next" "$root/tmp/mindroom-next.deb" >/dev/null
+rm -rf "$next"
+conf() { stat -c '%a %U %n' "$root"/etc/mindroom/*.env; sha256sum "$root"/etc/mindroom/*.env; }
+configured=$(conf)
+for step in "upgrade:./mindroom-next.deb" "downgrade:--allow-downgrades ./$(basename "$deb")" \
+            "reinstall:--reinstall ./$(basename "$deb")"; do
+  in_root sh -c "cd /tmp && apt-get install -y -q ${step#*:} </dev/null" >>"$CACHE/apt.log" 2>&1 ||
+    { tail -20 "$CACHE/apt.log" >&2; die "the ${step%%:*} failed (log: $CACHE/apt.log)"; }
+  [ "$(conf)" = "$configured" ] || die "the ${step%%:*} changed the configuration: $(conf)"
+done
+say "upgrade, downgrade and reinstall keep the configuration"
 # The container shares the host's network: nothing in it may listen on a port.
 ln -sf /dev/null "$root/etc/systemd/system/nginx.service"
 mkdir -p "$root/opt/mindroom-check"

@@ -6,7 +6,8 @@
 #   build/mindroom_<v>_<arch>.deb   the package; `apt install ./build/mindroom_*.deb`
 #
 # The version is scripts/version.sh's, made a Debian version ('-' -> '+'); Depends
-# comes from dpkg-shlibdeps on the binaries; every file under /etc is a conffile.
+# comes from dpkg-shlibdeps on the binaries; every file under /etc is a conffile
+# but the configuration files of /etc/mindroom, which the postinst makes.
 # Run as root or not (dpkg-deb --root-owner-group gives root:root either way).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +20,13 @@ rm -rf "$ROOT/build/deb"
 mkdir -p "$STAGE/DEBIAN"
 make --no-print-directory -s install DESTDIR="$STAGE" PREFIX=/usr SYSCONFDIR=/etc \
   UNITDIR=/lib/systemd/system >/dev/null
+# mindroom.env and provisioner.env hold the operator's secrets: the package ships
+# their templates (/usr/share/mindroom/*.env.example) and the postinst makes each
+# where it is missing. As conffiles, every release that changed a template would
+# stop its upgrade at dpkg's prompt (and fail without a terminal), offering to
+# replace the configured file with the template.
+rm "$STAGE"/etc/mindroom/mindroom.env "$STAGE"/etc/mindroom/provisioner.env
+rmdir "$STAGE"/etc/mindroom
 
 # The ELF executables (not the scripts beside them).
 elfs=()

@@ -152,6 +152,10 @@ def test_install_layout_and_modes(root):
     env = root / "etc/mindroom/mindroom.env"
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     assert env.read_text() == (ROOT / ".env.example").read_text()
+    # The templates the package's postinst makes the configuration from.
+    share = root / "usr/share/mindroom"
+    assert (share / "mindroom.env.example").read_text() == (ROOT / ".env.example").read_text()
+    assert (share / "provisioner.env.example").read_text() == (ROOT / "packaging/provisioner.env").read_text()
     assert stat.S_IMODE((root / "usr/bin/mindroomctl").stat().st_mode) == 0o755
     for f in (root / "usr/lib/mindroom/functions").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o755
