@@ -17,6 +17,8 @@ if [ "$1" = purged ]; then
            /var/lib/mindroom-provisioner; do
     [ ! -e "$p" ] || fail "$p left after purge"
   done
+  links=$(find /etc/systemd/system -type l -lname '*/systemd/system/mindroom*')
+  [ -z "$links" ] || fail "enabled units' links left after purge:" $links
   ok "purge leaves nothing"
   exit 0
 fi

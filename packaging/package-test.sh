@@ -223,6 +223,10 @@ kill -0 "$nspawn" 2>/dev/null && { kill -TERM "$nspawn"; sleep 3; }
 nspawn=
 mount_root
 
+# Enabled as an operator does (already so where the root booted): purging must not
+# leave the links behind.
+in_root systemctl enable mindroom.target mindroom-provisioner.service >/dev/null 2>&1 ||
+  die "cannot enable the units"
 say "purging"
 in_root apt-get purge -y -q mindroom >>"$CACHE/apt.log" 2>&1 || { tail -20 "$CACHE/apt.log" >&2; die "purge failed"; }
 in_root /tmp/package-check.sh purged
