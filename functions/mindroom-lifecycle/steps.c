@@ -17,7 +17,9 @@
 #include "mr_resend.h"
 #include "worker.h"
 
-#define MAX_CHAIN 8 /* steps one claim may chain (create, email, ... never more) */
+#define MAX_CHAIN 8 /* steps one claim runs in a row (create, restart, email...; work owed anew
+                      * during each step, an update or a restart, chains again): the next
+                      * one is given back, due at once for whichever worker claims next */
 
 static const mr_db_stmt claim_stmt = {
     "mr_lc_claim", "SELECT public.lifecycle_claim($1, $2::int)::text", 2};
@@ -222,14 +224,14 @@ static mr_err finish(worker *w, const char *instance_id, const char *token, cons
     return e;
 }
 
-static void release(worker *w, const char *instance_id, const char *token)
+static void release(worker *w, const char *instance_id, const char *token, const char *why)
 {
     const char *p[] = {instance_id, token};
     char *text = NULL, err[200] = "";
     if (mr_db_call(w->db, &mr_service_identity, &release_stmt, p, NULL, &text, err, sizeof err) != MR_OK)
         mr_log(MR_LOG_WARN, "instance %s: could not give the lease back (%s); it expires", instance_id, err);
     else
-        mr_log(MR_LOG_INFO, "instance %s: stopping; lease given back", instance_id);
+        mr_log(MR_LOG_INFO, "instance %s: %s; lease given back", instance_id, why);
     free(text);
 }
 
@@ -262,7 +264,7 @@ static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
         if (do_step(w, action, step, instance_id, result)) {
             cJSON_Delete(result);
             cJSON_Delete(reply);
-            release(w, instance_id, tok);
+            release(w, instance_id, tok, "stopping");
             return MR_OK;
         }
         int ok = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "ok"));
@@ -289,15 +291,16 @@ static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
             return e;
         }
         reply = next;
-        if (worker_stopping()) {
-            /* Between steps: give back whatever was chained rather than start it. */
+        if (worker_stopping() || n == MAX_CHAIN - 1) {
+            /* Between steps, stopping, or at the chain's limit: give back whatever was
+             * chained rather than start it (due at once for the next claim). */
             const char *o = "";
             mr_json_str(reply, "outcome", &o);
             const char *t2 = NULL;
             if (!strcmp(o, "claimed") &&
                 mr_json_str(cJSON_GetObjectItemCaseSensitive(reply, "step"), "token", &t2) == MR_OK) {
                 snprintf(tok, sizeof tok, "%s", t2);
-                release(w, instance_id, tok);
+                release(w, instance_id, tok, worker_stopping() ? "stopping" : "chain limit reached");
             }
             break;
         }

@@ -378,6 +378,41 @@ def test_a_restart_owed_with_an_update_follows_it(stack, prov):
     assert applied == asked and restarted_at is not None
 
 
+def test_a_long_chain_of_steps_gives_its_next_step_back_at_its_limit(pg, prov):
+    """Owed work that keeps arriving while each step runs (here a restart asked again
+    during every restart, until the ninth) is chained by the finish, up to the
+    worker's limit of steps per claim; the step chained past that limit is given
+    back, due at once, not left leased to a worker that will not run it until the
+    lease (30 s here) runs out."""
+    env = stack_env(prov, MR_LIFECYCLE_LEASE_S="30")
+    with mr.Stack(pg, env=env, functions=["provision-instance", WORKER]) as s:
+        sid = new_subscription(s, "starter")
+        provision(s, sid, wait=True)
+        iid, app = instance(s, sid)["id"], instance(s, sid)["dokku_app_name"]
+        prov.reset()
+        # Whenever a restart is recorded done, another one has been asked meanwhile
+        # (before the owed-work trigger, which runs in name order after this one).
+        s.sql("""CREATE FUNCTION public.test_restart_again() RETURNS trigger LANGUAGE plpgsql
+                 SET search_path = '' AS $$
+                 BEGIN
+                     IF NEW.applied_restart_version > OLD.applied_restart_version
+                        AND NEW.applied_restart_version < 9 THEN
+                         NEW.restart_version := NEW.applied_restart_version + 1;
+                     END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER instances_a_test_restart_again BEFORE UPDATE ON public.instances
+                     FOR EACH ROW EXECUTE FUNCTION public.test_restart_again()""")
+        s.sql("UPDATE public.instances SET restart_version = 1 WHERE id = %s", iid)
+        wait_until(lambda: s.sql("SELECT applied_restart_version = 9 AND restart_version = 9 "
+                                 "AND claimed_by IS NULL FROM public.instances WHERE id = %s",
+                                 iid)[0][0], timeout=8, what="the ninth restart")
+        restarts = [r for r in prov.requests if r.path == "/apps/%s/restart" % app]
+        assert len(restarts) == 9                         # each once
+        s.sql("DROP TRIGGER instances_a_test_restart_again ON public.instances; "
+              "DROP FUNCTION public.test_restart_again()")
+
+
 def test_stop_then_resume_the_same_app_then_destroy(stack, prov):
     sid = new_subscription(stack, "starter")
     provision(stack, sid, wait=True)
