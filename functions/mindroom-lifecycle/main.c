@@ -38,6 +38,11 @@
 
 #define CHANNEL "mindroom_lifecycle"
 #define TRIM_EVERY_MS 1000
+/* A claim that found due work held by another transaction (an edge's, an
+ * operator's psql) says it is due now: ask again after this long (or when a
+ * commit notifies), not at once, so that a lock held for seconds is not met by
+ * thousands of claims, each taking the claim lock every worker shares. */
+#define HELD_RETRY_MS 50
 
 worker_config wcfg;
 
@@ -236,7 +241,7 @@ static int child_main(void *arg)
         if (sleep_ms > wcfg.poll_ms)
             sleep_ms = wcfg.poll_ms;
         if (got == CLAIM_NONE && due_ms >= 0 && due_ms < sleep_ms)
-            sleep_ms = due_ms;
+            sleep_ms = due_ms < HELD_RETRY_MS ? HELD_RETRY_MS : due_ms;
         if (w.untrimmed && mr_now_ms() - trimmed_ms >= TRIM_EVERY_MS) {
             /* Going idle after work (steps, a health round): the heap pages it
              * freed go back to the system (glibc gives back only the heap's top by
