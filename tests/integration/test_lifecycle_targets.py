@@ -365,3 +365,51 @@ def test_an_instance_waiting_for_room_is_stopped_or_destroyed_without_calling_a_
                         "AND status <> 'deprovisioned'", sid)[0][0]
         assert app in targets[name].apps, (name, app)
     assert len(prov.requests) == legacy
+
+
+def test_adopting_the_old_host_keeps_its_owed_teardown_ahead_of_a_new_instance_there(pg, resend):
+    # Registering today's host with --adopt gives it what DOKKU_PROVISIONER_URL holds:
+    # its instances, and the teardowns still owed there. A new instance of the same
+    # names placed there waits for the teardown, which would destroy its apps and data.
+    host = ProvisionerStandin().start()
+    try:
+        env = dict(FAST_ENV)
+        env.update(DOKKU_PROVISIONER_URL=host.url, DOKKU_PROVISIONER_TOKEN=host.token,
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+                   HOST_TOKEN=host.token, SWEEP_INTERVAL_S="1")
+        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            first = running(s, sid)
+            app = first["dokku_app_name"]
+            assert deprovision(s, instance_id=str(first["id"]), mode="destroy", wait=True).status == 200
+            # The host fails for a while; meanwhile an operator clears the destroyed
+            # row, which leaves its kept data to a teardown on DOKKU_PROVISIONER_URL.
+            host.behave("fail")
+            s.sql("DELETE FROM public.instances WHERE id = %s", first["id"])
+            wait_until(lambda: s.sql("SELECT attempts FROM public.instance_teardowns "
+                                     "WHERE instance_id = %s", first["id"])[0][0] >= 1,
+                       timeout=10, what="the teardown tried and failed")
+            ok(ctl(s, "target", "add", "host-1", "--url", host.url, "--token-ref", "env:HOST_TOKEN",
+                   "--capacity-mb", 100000, "--adopt"))
+            assert s.sql("SELECT t.name FROM public.instance_teardowns d JOIN public.provisioner_targets t "
+                         "ON t.id = d.target_id WHERE d.instance_id = %s", first["id"]) == [("host-1",)]
+            assert provision(s, sid).status == 202
+            assert target_of(s, sid) == "host-1"
+            second = instance(s, sid)
+            assert s.sql("SELECT public.lifecycle_target_wait(i) FROM public.instances i WHERE id = %s",
+                         second["id"])[0][0] == "teardown_pending"
+            host.behave("ok")
+            running(s, sid, timeout=30)
+            wait_until(lambda: s.sql("SELECT done_at FROM public.instance_teardowns "
+                                     "WHERE instance_id = %s", first["id"])[0][0],
+                       timeout=20, what="the teardown done")
+            # The teardown erased the old data before the new instance's apps were
+            # made, and they are still there.
+            calls = [(r.method, r.path) for r in host.requests]
+            purged = max(n for n, c in enumerate(calls)
+                         if c == ("DELETE", "/apps/%s?purge=true" % app))
+            assert ("POST", "/apps") in calls[purged + 1:], calls
+            assert app in host.apps, calls
+    finally:
+        host.stop()
