@@ -29,7 +29,7 @@ SELECT throws_ok($$INSERT INTO public.provisioner_targets (name, url, token_ref,
                    VALUES ('leak', 'http://x:8002', 'sk_live_0123456789abcdef', 1000)$$, '23514', NULL,
                  'a token itself is no token reference: only env:NAME or file:/path');
 SELECT throws_ok($$INSERT INTO public.provisioner_targets (name, url, token_ref, capacity_mb, scheduler)
-                   VALUES ('bad', 'http://x:8002', 'env:T', 1000, 'nomad')$$, '23514', NULL,
+                   VALUES ('bad', 'http://x:8002', 'env:T_TOKEN', 1000, 'nomad')$$, '23514', NULL,
                  'scheduler is docker-local or k3s');
 DELETE FROM public.provisioner_targets WHERE id = 901;
 
