@@ -5,7 +5,8 @@
  * same transaction (the redeploy owed delivers the new one).
  * 202 while work is owed (the lifecycle worker does it), 200 when nothing is (or,
  * with wait, once done), 409 when the subscription is not entitled to an instance
- * or its instance is being destroyed. An explicit request also lifts a retry
+ * (the message says when an operator's stop still holds its instance) or its
+ * instance is being destroyed. An explicit request also lifts a retry
  * backoff. The model: lib/mr_instance.c, sql/migrations/040_owed_work.sql. */
 #include <stdio.h>
 #include <string.h>
@@ -60,11 +61,18 @@ static void handle(mr_req *r)
     if (strcmp(res.outcome, "not_found") == 0) {
         mr_reply_error(r, 404, "not_found", "no subscription %s", sub);
     } else if (strcmp(res.outcome, "not_entitled") == 0) {
-        const char *st = "unknown";
+        const char *st = "unknown", *held = NULL;
         mr_json_str(res.reply, "subscription_status", &st);
+        const cJSON *inst = mr_instance_of(&res);
+        if (inst)
+            mr_json_str(inst, "operator_stopped_at", &held);
+        /* Refused, the operator's stop holds: paying again does not resume it. */
         mr_reply_error(r, 409, "not_entitled",
                        "subscription %s is %s: only trialing, active and past_due subscriptions "
-                       "get an instance", sub, st);
+                       "get an instance%s", sub, st,
+                       held ? "; its instance stays stopped by an operator (billing does not "
+                              "resume it): provision again once the subscription is entitled"
+                            : "");
     } else if (strcmp(res.outcome, "conflict") == 0) {
         const char *msg = "conflict";
         mr_json_str(res.reply, "message", &msg);

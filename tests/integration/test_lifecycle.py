@@ -147,6 +147,28 @@ def test_not_entitled_is_409_and_creates_nothing(stack, prov):
     assert prov.requests == []
 
 
+def test_a_refused_provision_says_an_operators_stop_still_holds(stack, prov):
+    # An operator stopped the instance; the subscription then went unpaid. The
+    # operator's provision is refused, and its answer says the stop still holds:
+    # the customer paying again will not resume the instance, a provision will.
+    sid = new_subscription(stack, "starter")
+    assert provision(stack, sid).status == 202
+    wait_status(stack, sid, "running", timeout=5)
+    assert deprovision(stack, subscription_id=sid, mode="stop").status == 202
+    wait_status(stack, sid, "stopped", timeout=5)
+    stack.sql("UPDATE public.subscriptions SET status = 'unpaid' WHERE id = %s", sid)
+    r = provision(stack, sid)
+    assert r.status == 409, r
+    assert r.json["error"]["code"] == "not_entitled"
+    msg = r.json["error"]["message"]
+    assert "unpaid" in msg and "stays stopped by an operator" in msg and "provision again" in msg, msg
+    assert stack.sql("SELECT operator_stopped_at IS NOT NULL, desired_status::text FROM public.instances "
+                     "WHERE subscription_id = %s", sid) == [(True, "stopped")]
+    # Without an operator's stop the refusal says nothing of one.
+    other = new_subscription(stack, "starter", status="unpaid")
+    assert "operator" not in provision(stack, other).json["error"]["message"]
+
+
 @pytest.mark.parametrize("fn", ["provision-instance", "deprovision-instance"])
 def test_wrong_or_missing_token_is_refused_before_any_work(stack, prov, fn):
     sid = new_subscription(stack, "starter")
