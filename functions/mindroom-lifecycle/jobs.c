@@ -178,9 +178,6 @@ static void teardown_job(worker *w)
         return;
     }
     int n = PQntuples(due.res), torn = 0, failed = 0;
-    char base[16], cap[16];
-    snprintf(base, sizeof base, "%d", wcfg.backoff_base_s);
-    snprintf(cap, sizeof cap, "%d", wcfg.backoff_cap_s);
     for (int i = 0; i < n && !worker_stopping(); i++) {
         const char *iid = PQgetvalue(due.res, i, 0), *app = PQgetvalue(due.res, i, 1);
         mr_provisioner p = wcfg.provisioner;
@@ -205,7 +202,8 @@ static void teardown_job(worker *w)
         targets_forget(&target);
         if (call.aborted)
             break; /* not recorded: the next run does it again (it is idempotent) */
-        const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error, base, cap};
+        const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,
+                                wcfg.backoff_base_arg, wcfg.backoff_cap_arg};
         char *out = NULL;
         if (mr_db_call(w->db, &mr_service_identity, &teardown_done_stmt, params, NULL, &out, err,
                        sizeof err) != MR_OK)
@@ -262,9 +260,6 @@ static void cancel_job(worker *w)
     }
     mr_stripe_api_config stripe = wcfg.stripe;
     stripe.abort_cb = stop_abort;
-    char base[16], cap[16];
-    snprintf(base, sizeof base, "%d", wcfg.backoff_base_s);
-    snprintf(cap, sizeof cap, "%d", wcfg.backoff_cap_s);
     for (int i = 0; i < n && !worker_stopping(); i++) {
         const char *sub = PQgetvalue(due.res, i, 0), *outcome = NULL;
         mr_err e = MR_EINTERNAL;
@@ -293,7 +288,8 @@ static void cancel_job(worker *w)
             if (!outcome && worker_stopping())
                 break; /* not recorded: the next run asks again */
         }
-        const char *params[] = {sub, outcome, outcome ? NULL : err, base, cap};
+        const char *params[] = {sub, outcome, outcome ? NULL : err, wcfg.backoff_base_arg,
+                                wcfg.backoff_cap_arg};
         char *out = NULL, derr[256] = "";
         if (mr_db_call(w->db, &mr_service_identity, &cancel_done_stmt, params, NULL, &out, derr,
                        sizeof derr) != MR_OK)

@@ -136,6 +136,8 @@ static void load_config(void)
         fprintf(stderr, "config: MR_PROVISION_BACKOFF_CAP_S must be >= MR_PROVISION_BACKOFF_BASE_S\n");
         exit(2);
     }
+    snprintf(c->backoff_base_arg, sizeof c->backoff_base_arg, "%d", c->backoff_base_s);
+    snprintf(c->backoff_cap_arg, sizeof c->backoff_cap_arg, "%d", c->backoff_cap_s);
     /* The address instances report usage to, handed to each in its environment. */
     const char *cp = mr_config_str("MINDROOM_CONTROL_PLANE_URL", "");
     size_t cpl = strlen(cp);

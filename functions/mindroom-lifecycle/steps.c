@@ -202,14 +202,12 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
 static mr_err finish(worker *w, const char *instance_id, const char *token, const cJSON *result,
                      cJSON **reply, char *err, size_t errlen)
 {
-    char lease[16], base[16], cap[16];
+    char lease[16];
     snprintf(lease, sizeof lease, "%d", wcfg.lease_s);
-    snprintf(base, sizeof base, "%d", wcfg.backoff_base_s);
-    snprintf(cap, sizeof cap, "%d", wcfg.backoff_cap_s);
     char *rtext = mr_json_print(result);
     if (!rtext)
         return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
-    const char *p[] = {instance_id, token, rtext, lease, base, cap};
+    const char *p[] = {instance_id, token, rtext, lease, wcfg.backoff_base_arg, wcfg.backoff_cap_arg};
     mr_err e = MR_ETRANSIENT;
     for (int attempt = 0; attempt < 4; attempt++) {
         if (attempt) {
