@@ -154,7 +154,8 @@ install: build
 	    > $(DESTDIR)$(LIBEXECDIR)/migrate.sh && chmod 0755 $(DESTDIR)$(LIBEXECDIR)/migrate.sh
 	sed -e 's|^INSTALLED_LIBEXEC=$$|INSTALLED_LIBEXEC=$(LIBEXECDIR)|' \
 	    -e 's|^INSTALLED_ENV=$$|INSTALLED_ENV=$(SYSCONFDIR)/mindroom/mindroom.env|' \
-	    -e 's|^INSTALLED_VERSION=$$|INSTALLED_VERSION=$(VERSION)|' scripts/mindroomctl \
+	    -e 's|^INSTALLED_VERSION=$$|INSTALLED_VERSION=$(VERSION)|' \
+	    -e '/^\. "$$ROOT\/scripts\/load-env\.sh"$$/{r scripts/load-env.sh' -e 'd' -e '}' scripts/mindroomctl \
 	    > $(DESTDIR)$(BINDIR)/mindroomctl && chmod 0755 $(DESTDIR)$(BINDIR)/mindroomctl
 	install -m 0644 sql/migrations/*.sql $(DESTDIR)$(DATADIR)/migrations/
 	install -m 0644 sql/seed.sql $(DESTDIR)$(DATADIR)/

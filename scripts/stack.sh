@@ -27,6 +27,8 @@ FUNCTIONS=(handle-stripe-webhook provision-instance deprovision-instance check-i
 DAEMONS=(mindroom-lifecycle)
 
 die() { echo "stack: $*" >&2; exit 1; }
+# shellcheck source=scripts/load-env.sh
+. "$ROOT/scripts/load-env.sh"
 say() { echo "stack: $*" >&2; }
 
 # A short-lived service token signed with MINDROOM_INTERNAL_SECRET (accepted
@@ -49,19 +51,10 @@ load_config() {
     (umask 077; echo "$name=$value" >> "$RUN/secrets.env")
   done
   # Lowest precedence first: secrets.env, .env, then what was exported already
-  # (mindroomctl's load_env reads them in the same order, so both agree).
-  local -A exported=()
-  for name in $(compgen -e); do exported[$name]=${!name}; done
-  set -a
-  # shellcheck disable=SC1091
-  . "$RUN/secrets.env"
+  # (mindroomctl loads them with the same load_env, in the same order).
+  load_env "$RUN/secrets.env" "${MR_ENV_FILE:-$ROOT/.env}"
+  set -a  # what follows reaches the processes too
   MR_BUILD=${MR_BUILD:-build/release}
-  # shellcheck disable=SC1091
-  local envfile=${MR_ENV_FILE:-$ROOT/.env}
-  [ -f "$envfile" ] && . "$envfile"
-  for name in "${!exported[@]}"; do  # only those a file changed (a readonly one cannot be)
-    [ "${!name-}" = "${exported[$name]}" ] || printf -v "$name" '%s' "${exported[$name]}"
-  done
   API_LISTEN=${MR_API_LISTEN:-127.0.0.1:54321}
   PROVISIONER_LISTEN=${MR_PROVISIONER_LISTEN:-127.0.0.1:8002}
   ADMIN_LISTEN=${MR_ADMIN_LISTEN:-127.0.0.1:8003}
