@@ -20,7 +20,7 @@
 --
 -- Redefines, each whole from its last definition and unchanged but for the lines
 -- named: public.instances_take_kept_storage (131_kept_storage_identity.sql: the
--- claimed_by condition) and public.lifecycle_target_wait (133_made_nowhere_yet.sql:
+-- claimed_by condition) and public.lifecycle_target_wait (150_made_before_targets_stays.sql:
 -- the storage_destroy_after condition of 'purge_pending'). CREATE OR REPLACE keeps
 -- each function's grants.
 
@@ -95,7 +95,7 @@ BEGIN
     END IF;
     IF i.target_id IS NULL THEN
         IF i.owed_action NOT IN ('stop', 'destroy')
-           AND i.provisioned_at IS NULL AND i.status <> 'deprovisioned'
+           AND i.provisioned_at IS NULL AND i.status <> 'deprovisioned' AND i.placement_waited
            AND EXISTS (SELECT 1 FROM public.provisioner_targets) THEN
             RETURN 'no_capacity';
         END IF;
