@@ -139,6 +139,28 @@ def test_all_migrations_apply_unchanged_as_the_non_superuser_owner(supa):
     supa.sql("supa", "DELETE FROM auth.users WHERE id = 'dddddddd-0000-4000-8000-000000000001'", user="supabase_auth_admin")
 
 
+def test_an_sso_user_with_a_password_users_email_signs_up_and_gets_an_account(supa):
+    """Supabase Auth keeps email unique among non-SSO users only (is_sso_user): an SSO
+    identity may carry the email of a password user, and its sign-up (the insert into
+    auth.users, whose trigger creates the account) must not fail on our side."""
+    pw, sso = "dddddddd-0000-4000-8000-000000000002", "dddddddd-0000-4000-8000-000000000003"
+    try:
+        supa.sql("supa", "INSERT INTO auth.users (id, email) VALUES (%s, 'same@example.com')", (pw,),
+                 user="supabase_auth_admin")
+        supa.sql("supa", "INSERT INTO auth.users (id, email, is_sso_user) VALUES (%s, 'same@example.com', true)",
+                 (sso,), user="supabase_auth_admin")
+        assert supa.sql("supa", "SELECT id::text, email FROM public.accounts WHERE id IN (%s, %s) ORDER BY id",
+                        (pw, sso)) == [(pw, "same@example.com"), (sso, "same@example.com")]
+        # An email change follows to the account, whoever else has that email.
+        supa.sql("supa", "UPDATE auth.users SET email = 'other@example.com' WHERE id = %s", (sso,),
+                 user="supabase_auth_admin")
+        supa.sql("supa", "UPDATE auth.users SET email = 'same@example.com' WHERE id = %s", (sso,),
+                 user="supabase_auth_admin")
+        assert supa.sql("supa", "SELECT email FROM public.accounts WHERE id = %s", (sso,)) \
+            == [("same@example.com",)]
+    finally:
+        supa.sql("supa", "DELETE FROM auth.users WHERE id IN (%s, %s)", (pw, sso), user="supabase_auth_admin")
+
 def test_applying_twice_is_a_no_op(supa):
     roles = supa.sql("supa", ROLES_SNAPSHOT)
     dump = supa.dump_schema("supa")
