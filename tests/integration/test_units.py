@@ -127,6 +127,18 @@ def test_sockets_are_for_nginx_s_group_at_the_paths_nginx_uses():
     assert re.search(r"^m\s+www-data\s+mindroom-web$", sysusers, re.M)
 
 
+def test_a_local_postgresql_stops_after_the_services_that_use_it():
+    # At shutdown systemd stops units in the reverse of their After= order: without
+    # it a PostgreSQL on this host may go first, and the worker could not hand back
+    # its lease nor a function finish its request. Ordering only: the database may
+    # be on another host, where no postgresql.service exists to require.
+    for u in ("mindroom-function@.service", "mindroom-lifecycle.service"):
+        text = (UNITS / u).read_text()
+        after = " ".join(re.findall(r"^After=(.*)$", text, re.M)).split()
+        assert "postgresql.service" in after, (u, after)
+        assert not re.search(r"^(Requires|Wants|BindsTo|Requisite)=.*postgresql", text, re.M), u
+
+
 def unit_env_files(unit):
     return re.findall(r"^EnvironmentFile=(.*)$", (UNITS / unit).read_text(), re.M)
 
