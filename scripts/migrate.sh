@@ -19,6 +19,14 @@
 #
 # Concurrent runners are safe: each file's transaction takes an advisory lock and
 # re-checks the table before applying.
+#
+# A file's DDL waits for its tables' locks behind the transactions of the binaries
+# still running, and while it waits every other query on those tables waits behind
+# it (the webhook would stop answering). So each file's statements wait at most
+# MR_MIGRATE_LOCK_TIMEOUT_MS (default 2000) for a lock; a file that cannot get one
+# (SQLSTATE 55P03) rolls back whole and is tried again after MR_MIGRATE_LOCK_PAUSE_S
+# (default 5), MR_MIGRATE_LOCK_TRIES times in all (default 5). Then the runner stops
+# there, nothing of that file applied, and says so: run it again later.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 conn=${1:-${DATABASE_URL:-}}
@@ -29,6 +37,15 @@ INSTALLED_MIGRATIONS=
 INSTALLED_LIBEXEC=
 dir=${MR_MIGRATIONS_DIR:-${INSTALLED_MIGRATIONS:-$here/sql/migrations}}
 [ -d "$dir" ] || { echo "migrate: no directory $dir" >&2; exit 2; }
+for v in MR_MIGRATE_LOCK_TIMEOUT_MS MR_MIGRATE_LOCK_TRIES MR_MIGRATE_LOCK_PAUSE_S; do
+  [[ ${!v:-1} =~ ^[0-9]{1,7}$ ]] || { echo "migrate: $v must be a whole number, not '${!v}'" >&2; exit 2; }
+done
+lock_timeout_ms=${MR_MIGRATE_LOCK_TIMEOUT_MS:-2000}
+lock_tries=${MR_MIGRATE_LOCK_TRIES:-5}
+lock_pause_s=${MR_MIGRATE_LOCK_PAUSE_S:-5}
+# 0 would be no timeout, or no try at all.
+[ "$lock_timeout_ms" -gt 0 ] && [ "$lock_tries" -gt 0 ] ||
+  { echo "migrate: MR_MIGRATE_LOCK_TIMEOUT_MS and MR_MIGRATE_LOCK_TRIES must be at least 1" >&2; exit 2; }
 
 pgservice=
 for d in "$INSTALLED_LIBEXEC" "$here/build/release/bin" "$here/build/san/bin"; do
@@ -196,9 +213,14 @@ for file in "${files[@]}"; do
   # One transaction: lock, re-check (another runner may have applied it meanwhile),
   # apply the file, record it. ON_ERROR_STOP makes psql exit 3 on the first error;
   # the open transaction then dies with the connection, so nothing of the file stays.
-  if ! out=$(psql_ -v version="$version" -v name="$name" -v file="$f" 2>&1 <<SQL
+  # The file's statements wait at most lock_timeout for a lock (the runners' own
+  # advisory lock before it is not limited); VERBOSITY=verbose puts the SQLSTATE in
+  # the error, which tells a lock not got (55P03: try again) from a failing file.
+  try=1
+  until out=$(psql_ -v VERBOSITY=verbose -v version="$version" -v name="$name" -v file="$f" 2>&1 <<SQL
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtext('supabase_migrations.schema_migrations')) AS locked \gset
+SET LOCAL lock_timeout = $lock_timeout_ms;
 SELECT EXISTS (SELECT 1 FROM supabase_migrations.schema_migrations WHERE version = :'version') AS already \gset
 \if :already
 ROLLBACK;
@@ -210,11 +232,27 @@ COMMIT;
 \echo applied
 \endif
 SQL
-  ); then
-    printf '%s\n' "$out" >&2
-    echo "migrate: $(basename "$f") failed; nothing of it was applied" >&2
-    exit 1
-  fi
+  ); do
+    # The C source's place of each message means nothing here.
+    out=$(grep -v '^LOCATION:  ' <<<"$out" || true)
+    if ! grep -q 'ERROR:  55P03: ' <<<"$out"; then
+      printf '%s\n' "$out" >&2
+      echo "migrate: $file failed; nothing of it was applied" >&2
+      exit 1
+    fi
+    if [ "$try" -ge "$lock_tries" ]; then
+      printf '%s\n' "$out" >&2
+      echo "migrate: $file could not get a lock it needs within ${lock_timeout_ms} ms, $lock_tries times:" \
+           "another transaction holds it (pg_stat_activity, pg_locks say which); nothing of it was" \
+           "applied; run migrate.sh again" >&2
+      exit 1
+    fi
+    echo "migrate: $file waited ${lock_timeout_ms} ms for a lock (try $try of $lock_tries);" \
+         "nothing of it applied; again in ${lock_pause_s} s" >&2
+    sleep "$lock_pause_s"
+    try=$((try + 1))
+  done
+  out=$(grep -v '^LOCATION:  ' <<<"$out" || true)
   # Notices and warnings from the file go to stderr, as psql would show them.
   grep -v '^applied$' <<<"$out" >&2 || true
   if grep -qx applied <<<"$out"; then

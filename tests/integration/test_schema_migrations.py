@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -177,6 +179,96 @@ def test_concurrent_runners_apply_each_file_once(cluster):
     applied = sum(int(re.search(r"migrate: (\d+) applied", r.stdout).group(1)) for r in results)
     assert applied == len(migration_files())
     assert cluster.sql(db, "SELECT count(*) FROM supabase_migrations.schema_migrations") == [(len(migration_files()),)]
+
+
+def start_migrate(cluster, db, migrations_dir, **settings):
+    env = dict(os.environ, MR_MIGRATIONS_DIR=str(migrations_dir), **settings)
+    return subprocess.Popen([MIGRATE, cluster.conninfo(db)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_migrate(p):
+    """migrate.sh and its psql (which would otherwise wait on)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+@pytest.fixture
+def held_plans(cluster, tmp_path):
+    """A migrated database, a new migration that alters public.plans, and an open
+    transaction that has read public.plans, as the previous release's binaries keep
+    while migrate.sh runs during an upgrade (docs/install.md)."""
+    db = cluster.new_db()
+    assert cluster.migrate(db).returncode == 0
+    d = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, d)
+    (d / "900_alter.sql").write_text("CREATE TABLE public.half_done (id int);\n"
+                                     "ALTER TABLE public.plans ADD COLUMN extra int;\n")
+    holder = cluster.connect(db, autocommit=False)
+    holder.cursor().execute("SELECT count(*) FROM public.plans")
+    yield db, d, holder
+    holder.close()
+
+
+def test_a_migration_waiting_for_a_lock_holds_up_no_query_and_stops_with_nothing_applied(cluster, held_plans):
+    db, d, holder = held_plans
+    p = start_migrate(cluster, db, d, MR_MIGRATE_LOCK_TIMEOUT_MS="200", MR_MIGRATE_LOCK_TRIES="3",
+                      MR_MIGRATE_LOCK_PAUSE_S="1")
+    try:
+        # Meanwhile the table answers other queries (the webhook's): a migration
+        # queued for its lock without a timeout would hold each of them behind it.
+        reader = cluster.connect(db)
+        with reader.cursor() as cur:
+            cur.execute("SET statement_timeout = '2s'")
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                cur.execute("SELECT count(*) FROM public.plans")
+                time.sleep(0.05)
+        reader.close()
+        out, err = p.communicate(timeout=60)
+    finally:
+        kill_migrate(p)
+    assert p.returncode == 1, (out, err)
+    assert "migrate: 900_alter.sql waited 200 ms for a lock (try 1 of 3)" in err, err
+    assert "900_alter.sql could not get a lock it needs within 200 ms, 3 times" in err, err
+    assert "lock timeout" in err, err   # PostgreSQL's own error
+    assert cluster.sql(db, "SELECT to_regclass('public.half_done')") == [(None,)]
+    assert cluster.sql(db, "SELECT count(*) FROM supabase_migrations.schema_migrations WHERE version = '900'") == [(0,)]
+    cols = cluster.sql(db, "SELECT count(*) FROM information_schema.columns "
+                           "WHERE table_name = 'plans' AND column_name = 'extra'")
+    assert cols == [(0,)]
+
+
+def test_a_migration_gets_its_lock_once_the_old_transaction_ends(cluster, held_plans):
+    db, d, holder = held_plans
+    p = start_migrate(cluster, db, d, MR_MIGRATE_LOCK_TIMEOUT_MS="200", MR_MIGRATE_LOCK_TRIES="10",
+                      MR_MIGRATE_LOCK_PAUSE_S="1")
+    killer = threading.Timer(60, kill_migrate, (p,))
+    killer.start()
+    try:
+        first = p.stderr.readline()   # the first try given up
+        holder.rollback()
+        out, err = p.communicate(timeout=60)
+    finally:
+        killer.cancel()
+        kill_migrate(p)
+    assert "migrate: 900_alter.sql waited 200 ms for a lock (try 1 of 10)" in first, (first, err)
+    assert p.returncode == 0, err
+    assert "migrate: 1 applied" in out, (out, err)
+    assert cluster.sql(db, "SELECT to_regclass('public.half_done') IS NOT NULL") == [(True,)]
+
+
+@pytest.mark.parametrize("setting,value", [("MR_MIGRATE_LOCK_TIMEOUT_MS", "0"), ("MR_MIGRATE_LOCK_TRIES", "0"),
+                                           ("MR_MIGRATE_LOCK_PAUSE_S", "1s")])
+def test_bad_lock_settings_are_refused_before_anything_is_applied(cluster, setting, value):
+    db = cluster.new_db()
+    p = start_migrate(cluster, db, MIGRATIONS, **{setting: value})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and setting in err, err
+    assert cluster.sql(db, "SELECT to_regnamespace('supabase_migrations')") == [(None,)]
 
 
 # What the lifecycle worker built before migration 123 sends for every step of an
