@@ -121,11 +121,13 @@ drills: deps
 # ---- install and package (docs/install.md) ----------------------------------
 # `make install` copies the release build (SAN=1: the sanitizer build) and
 # everything it runs with: binaries, mindroomctl, systemd units, tmpfiles.d and
-# sysusers.d entries, nginx snippets and site, migrations, seed, docs, and the
+# sysusers.d entries, nginx's configuration (in DATADIR/nginx, and the site, the
+# operator's, written only where none exists yet), migrations, seed, docs, and the
 # configuration templates (in DATADIR, and as mindroom.env and the provisioner's
 # provisioner.env, each written only where none exists yet, mode 0600).
-# The units, the nginx site and the scripts name the packaged layout (/usr/lib/mindroom,
-# /etc/mindroom, /etc/nginx); other directories are substituted on the way.
+# The units, the nginx files and the scripts name the packaged layout (/usr/lib/mindroom,
+# /etc/mindroom, /usr/share/mindroom, /etc/nginx); other directories are substituted
+# on the way.
 PREFIX      ?= /usr/local
 SYSCONFDIR  ?= $(PREFIX)/etc
 BINDIR      ?= $(PREFIX)/bin
@@ -140,12 +142,13 @@ DESTDIR     ?=
 # Not FastCGI functions: their own units, outside the template's directory.
 DAEMONS     := mindroom-lifecycle dokku-provisioner
 SUBST = sed -e 's|/usr/lib/mindroom|$(LIBEXECDIR)|g' -e 's|/etc/mindroom|$(SYSCONFDIR)/mindroom|g' \
-            -e 's|/usr/share/doc/mindroom|$(DOCDIR)|g' -e 's|/etc/nginx|$(NGINXDIR)|g'
+            -e 's|/usr/share/doc/mindroom|$(DOCDIR)|g' -e 's|/usr/share/mindroom|$(DATADIR)|g' \
+            -e 's|/etc/nginx|$(NGINXDIR)|g'
 
 install: build
 	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR)/functions $(DESTDIR)$(DATADIR)/migrations \
 	    $(DESTDIR)$(DOCDIR) $(DESTDIR)$(UNITDIR)/mindroom-.service.d $(DESTDIR)$(TMPFILESDIR) \
-	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(NGINXDIR)/mindroom $(DESTDIR)$(NGINXDIR)/sites-available
+	    $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DATADIR)/nginx $(DESTDIR)$(NGINXDIR)/sites-available
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/mindroom
 	install -m 0755 $(filter-out $(DAEMONS:%=$(BUILD)/bin/%),$(FUNC_BINS)) $(DESTDIR)$(LIBEXECDIR)/functions/
 	install -m 0755 $(DAEMONS:%=$(BUILD)/bin/%) $(TOOL_BINS) $(DESTDIR)$(LIBEXECDIR)/
@@ -167,13 +170,15 @@ install: build
 	    chmod 0644 $(DESTDIR)$(UNITDIR)/$${f#packaging/systemd/} || exit 1; done
 	install -m 0644 packaging/tmpfiles.d/mindroom.conf $(DESTDIR)$(TMPFILESDIR)/mindroom.conf
 	install -m 0644 packaging/sysusers.d/mindroom.conf $(DESTDIR)$(SYSUSERSDIR)/mindroom.conf
-	install -m 0644 nginx/fastcgi.conf nginx/json-errors.conf nginx/cors.conf $(DESTDIR)$(NGINXDIR)/mindroom/
-	$(SUBST) nginx/mindroom.conf > $(DESTDIR)$(NGINXDIR)/sites-available/mindroom.conf
+	for f in $(filter-out nginx/dev.conf,$(wildcard nginx/*.conf)); do \
+	    $(SUBST) $$f > $(DESTDIR)$(DATADIR)/$$f && chmod 0644 $(DESTDIR)$(DATADIR)/$$f || exit 1; done
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 	[ -e $(DESTDIR)$(SYSCONFDIR)/mindroom/mindroom.env ] || \
 	    install -m 0600 .env.example $(DESTDIR)$(SYSCONFDIR)/mindroom/mindroom.env
 	[ -e $(DESTDIR)$(SYSCONFDIR)/mindroom/provisioner.env ] || \
 	    install -m 0600 packaging/provisioner.env $(DESTDIR)$(SYSCONFDIR)/mindroom/provisioner.env
+	[ -e $(DESTDIR)$(NGINXDIR)/sites-available/mindroom.conf ] || \
+	    install -m 0644 $(DESTDIR)$(DATADIR)/nginx/site.conf $(DESTDIR)$(NGINXDIR)/sites-available/mindroom.conf
 
 # A Debian package of the release build (build/mindroom_<version>_<arch>.deb),
 # made with dpkg-deb: installable with `apt install ./build/mindroom_*.deb`.

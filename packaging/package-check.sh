@@ -13,8 +13,9 @@ mode_is() { # path "mode user group"
 if [ "$1" = purged ]; then
   dpkg-query -W -f='${Status}' mindroom 2>/dev/null | grep -q 'not-installed' ||
     ! dpkg-query -W mindroom >/dev/null 2>&1 || fail "mindroom still known to dpkg"
-  for p in /etc/mindroom /usr/lib/mindroom /usr/bin/mindroomctl /lib/systemd/system/mindroom.target \
-           /var/lib/mindroom-provisioner; do
+  for p in /etc/mindroom /usr/lib/mindroom /usr/share/mindroom /usr/bin/mindroomctl \
+           /lib/systemd/system/mindroom.target /var/lib/mindroom-provisioner \
+           /etc/nginx/sites-available/mindroom.conf /etc/nginx/sites-enabled/mindroom.conf; do
     [ ! -e "$p" ] || fail "$p left after purge"
   done
   links=$(find /etc/systemd/system -type l -lname '*/systemd/system/mindroom*')
@@ -68,8 +69,14 @@ grep -q '^INSTALLED_LIBEXEC=/usr/lib/mindroom$' /usr/lib/mindroom/migrate.sh ||
   fail "migrate.sh does not look for mr-pgservice in /usr/lib/mindroom"
 [ -f /usr/share/mindroom/migrations/000_supabase_compat.sql ] && [ -f /usr/share/mindroom/seed.sql ] ||
   fail "migrations or seed missing"
-[ -f /etc/nginx/mindroom/fastcgi.conf ] && [ -f /etc/nginx/sites-available/mindroom.conf ] ||
-  fail "nginx snippets missing"
+for f in mindroom api redirect fastcgi json-errors cors site; do
+  mode_is "/usr/share/mindroom/nginx/$f.conf" "644 root root"
+done
+# The site is the operator's, made from its template; the package has no conffile.
+mode_is /etc/nginx/sites-available/mindroom.conf "644 root root"
+cmp -s /etc/nginx/sites-available/mindroom.conf /usr/share/mindroom/nginx/site.conf ||
+  fail "the nginx site is not its template"
+[ ! -s /var/lib/dpkg/info/mindroom.conffiles ] || fail "conffiles: $(cat /var/lib/dpkg/info/mindroom.conffiles)"
 [ ! -e /etc/nginx/sites-enabled/mindroom.conf ] || fail "the nginx site was enabled"
 ok "files, modes, --version of every binary, mindroomctl installed"
 

@@ -141,28 +141,47 @@ for v in DATABASE_URL SUPABASE_JWT_SECRET MINDROOM_INTERNAL_SECRET MINDROOM_SECR
 done
 [ "$(stat -c '%a %U' "$root/etc/mindroom/provisioner.env")" = "600 root" ] ||
   die "provisioner.env is not root's 0600 after the upgrade"
+# The nginx site as docs/install.md says: server_name and certificates edited,
+# enabled (nginx is the package's Recommends).
+site=$root/etc/nginx/sites-available/mindroom.conf
+[ -x "$root/usr/sbin/nginx" ] || die "nginx (Recommends) was not installed"
+mkdir -p "$root/etc/ssl/mindroom-test"
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=api.operator.test \
+  -keyout "$root/etc/ssl/mindroom-test/key.pem" -out "$root/etc/ssl/mindroom-test/cert.pem" 2>/dev/null
+sed -i -e 's/api\.mindroom\.example;/api.operator.test;/' \
+  -e 's|ssl_certificate .*|ssl_certificate /etc/ssl/mindroom-test/cert.pem;|' \
+  -e 's|ssl_certificate_key .*|ssl_certificate_key /etc/ssl/mindroom-test/key.pem;|' "$site"
+ln -s ../sites-available/mindroom.conf "$root/etc/nginx/sites-enabled/mindroom.conf"
+in_root nginx -t -q || die "nginx -t fails on the configured site"
 # The next release, as apt sees it: this package with a later version whose
-# configuration templates changed, as a release adding a setting does. Installed
-# the way docs/install.md says (no answer to give: stdin is empty), then the
-# downgrade back and a second install of the same version: each completes and
-# leaves the configured mindroom.env and provisioner.env as they were.
+# configuration templates changed, as a release adding a setting does, and whose
+# nginx part has a new route. Installed the way docs/install.md says (no answer to
+# give: stdin is empty), then the downgrade back and a second install of the same
+# version: each completes, leaves the configured mindroom.env, provisioner.env and
+# nginx site as they were, and brings its own nginx part, which the site serves.
 next=$CACHE/next
 rm -rf "$next"
 dpkg-deb -R "$deb" "$next"
 sed -i 's/^Version: .*/&+next/' "$next/DEBIAN/control"
-find "$next/etc" "$next/usr/share/mindroom" -name '*.env*' -type f \
+find "$next/usr/share/mindroom" -name '*.env*' -type f \
   -exec sh -c 'echo "# a setting of the next release" >> "$1"' sh {} \;
+echo 'location = /functions/v1/next-release { return 204; }' >> "$next/usr/share/mindroom/nginx/api.conf"
+echo '# a change of the next release' >> "$next/usr/share/mindroom/nginx/site.conf"
 dpkg-deb --root-owner-group -Zgzip -z1 --build "$next" "$root/tmp/mindroom-next.deb" >/dev/null
 rm -rf "$next"
-conf() { stat -c '%a %U %n' "$root"/etc/mindroom/*.env; sha256sum "$root"/etc/mindroom/*.env; }
+conf() { stat -c '%a %U %n' "$root"/etc/mindroom/*.env "$site"; sha256sum "$root"/etc/mindroom/*.env "$site"; }
 configured=$(conf)
-for step in "upgrade:./mindroom-next.deb" "downgrade:--allow-downgrades ./$(basename "$deb")" \
-            "reinstall:--reinstall ./$(basename "$deb")"; do
-  in_root sh -c "cd /tmp && apt-get install -y -q ${step#*:} </dev/null" >>"$CACHE/apt.log" 2>&1 ||
-    { tail -20 "$CACHE/apt.log" >&2; die "the ${step%%:*} failed (log: $CACHE/apt.log)"; }
-  [ "$(conf)" = "$configured" ] || die "the ${step%%:*} changed the configuration: $(conf)"
+for step in "upgrade:./mindroom-next.deb:1" "downgrade:--allow-downgrades ./$(basename "$deb"):0" \
+            "reinstall:--reinstall ./$(basename "$deb"):0"; do
+  name=${step%%:*} args=${step#*:} routes=${step##*:}
+  in_root sh -c "cd /tmp && apt-get install -y -q ${args%:*} </dev/null" >>"$CACHE/apt.log" 2>&1 ||
+    { tail -20 "$CACHE/apt.log" >&2; die "the $name failed (log: $CACHE/apt.log)"; }
+  [ "$(conf)" = "$configured" ] || die "the $name changed the configuration: $(conf)"
+  in_root nginx -T 2>/dev/null > "$CACHE/nginx-T.txt" || die "nginx -t fails on the site after the $name"
+  [ "$(grep -c 'location = /functions/v1/next-release' "$CACHE/nginx-T.txt")" = "$routes" ] ||
+    die "after the $name, the site serves the next release's route $(grep -c next-release "$CACHE/nginx-T.txt") times, want $routes"
 done
-say "upgrade, downgrade and reinstall keep the configuration"
+say "upgrade, downgrade and reinstall keep the configuration and the nginx site, and replace nginx's part"
 # The container shares the host's network: nothing in it may listen on a port.
 ln -sf /dev/null "$root/etc/systemd/system/nginx.service"
 mkdir -p "$root/opt/mindroom-check"

@@ -6,8 +6,10 @@
 #   build/mindroom_<v>_<arch>.deb   the package; `apt install ./build/mindroom_*.deb`
 #
 # The version is scripts/version.sh's, made a Debian version ('-' -> '+'); Depends
-# comes from dpkg-shlibdeps on the binaries; every file under /etc is a conffile
-# but the configuration files of /etc/mindroom, which the postinst makes.
+# comes from dpkg-shlibdeps on the binaries. The package has no conffiles: what
+# the operator edits under /etc (mindroom.env, provisioner.env, the nginx site) the
+# postinst makes from templates in /usr/share/mindroom, and the rest of nginx's
+# configuration is the package's, in /usr/share/mindroom/nginx.
 # Run as root or not (dpkg-deb --root-owner-group gives root:root either way).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,6 +29,11 @@ make --no-print-directory -s install DESTDIR="$STAGE" PREFIX=/usr SYSCONFDIR=/et
 # replace the configured file with the template.
 rm "$STAGE"/etc/mindroom/mindroom.env "$STAGE"/etc/mindroom/provisioner.env
 rmdir "$STAGE"/etc/mindroom
+# So is the nginx site (server_name, certificates): its template is
+# /usr/share/mindroom/nginx/site.conf, and what it includes, the package's part
+# that every release changes, is replaced by each upgrade without a question.
+rm "$STAGE"/etc/nginx/sites-available/mindroom.conf
+rmdir "$STAGE"/etc/nginx/sites-available "$STAGE"/etc/nginx "$STAGE"/etc
 
 # The ELF executables (not the scripts beside them).
 elfs=()
@@ -64,7 +71,6 @@ Description: MindRoom control plane
  PostgreSQL migrations. Nothing starts until /etc/mindroom/mindroom.env is
  filled in and the units are enabled (/usr/share/doc/mindroom/install.md).
 CONTROL
-(cd "$STAGE" && find etc -type f | sed 's|^|/|' | sort) > "$STAGE/DEBIAN/conffiles"
 install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$STAGE/DEBIAN/"
 
 out=$ROOT/build/mindroom_${version}_${arch}.deb

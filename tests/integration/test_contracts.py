@@ -61,10 +61,11 @@ def header_defaults():
     return {k: int(v) for k, v in re.findall(r"#define (MR_DL_[A-Z_]+) (\d+)", text)}
 
 
-def nginx_read_timeouts(conf):
+def nginx_read_timeouts(*confs):
     """{location pattern: seconds} of every location with a fastcgi_read_timeout."""
     out, current = {}, None
-    for line in (ROOT / "nginx" / conf).read_text().splitlines():
+    lines = [l for conf in confs for l in (ROOT / "nginx" / conf).read_text().splitlines()]
+    for line in lines:
         m = re.match(r"\s*location\s+(.*?)\s*\{", line)
         if m:
             current = m.group(1)
@@ -82,7 +83,8 @@ def timeout_for(timeouts, needle):
 
 def test_nginx_read_timeouts_are_the_table_rows():
     d = header_defaults()
-    prod = nginx_read_timeouts("mindroom.conf")
+    # The public server's locations (api.conf), then the loopback listeners'.
+    prod = nginx_read_timeouts("api.conf", "mindroom.conf")
     assert timeout_for(prod, "= /functions/v1/handle-stripe-webhook") == [d["MR_DL_NGINX_WEBHOOK_S"]]
     assert timeout_for(prod, "provision-instance|deprovision-instance")[0] == d["MR_DL_NGINX_LIFECYCLE_S"]
     assert timeout_for(prod, "check-instance-health")[0] == d["MR_DL_NGINX_HEALTH_S"]

@@ -2,8 +2,10 @@
 block actually serving (TLS, rate limits with JSON 429, the provisioner kept off
 the public listener) in front of a test stack's functions.
 
-mindroom.conf is written for /etc/nginx, /run/mindroom and ports 80/443; the
-test rewrites only those paths and ports, so what runs is the file as shipped.
+The production site is nginx/site.conf (the operator's, installed once) including
+the package's nginx/mindroom.conf, api.conf, redirect.conf and snippets, written
+for /usr/share/mindroom/nginx, /run/mindroom and ports 80/443; the test rewrites
+only those paths and ports, so what runs is the files as shipped.
 """
 
 import os
@@ -33,15 +35,17 @@ def self_signed(dirpath):
 
 
 def production_conf(tmp, sockdir, ports):
-    """mindroom.conf with its system paths and ports moved into tmp, inside a
-    minimal nginx.conf (as /etc/nginx/nginx.conf would include it)."""
+    """The site (nginx/site.conf) and the package's files it includes, with their
+    system paths and ports moved into tmp, inside a minimal nginx.conf (as
+    /etc/nginx/nginx.conf includes sites-enabled)."""
     cert, key = self_signed(tmp)
     (tmp / "log").mkdir(exist_ok=True)
-    text = (mr.ROOT / "nginx/mindroom.conf").read_text()
+    share = tmp / "share"
+    share.mkdir(exist_ok=True)
     subs = [
         ("/etc/letsencrypt/live/api.mindroom.example/fullchain.pem", str(cert)),
         ("/etc/letsencrypt/live/api.mindroom.example/privkey.pem", str(key)),
-        ("/etc/nginx/mindroom/", str(mr.ROOT / "nginx") + "/"),
+        ("/usr/share/mindroom/nginx/", str(share) + "/"),
         ("/run/mindroom/", str(sockdir) + "/"),
         ("/var/log/nginx/", str(tmp / "log") + "/"),
         ("listen 127.0.0.1:54321;", "listen 127.0.0.1:%d;" % ports["internal"]),
@@ -50,11 +54,13 @@ def production_conf(tmp, sockdir, ports):
         ("listen 443 ssl http2;", "listen 127.0.0.1:%d ssl http2;" % ports["https"]),
         ("listen 80;", "listen 127.0.0.1:%d;" % ports["http"]),
     ]
+    files = {f.name: f.read_text() for f in (mr.ROOT / "nginx").glob("*.conf") if f.name != "dev.conf"}
     for old, new in subs:
-        assert old in text, "mindroom.conf no longer has %r" % old
-        text = text.replace(old, new)
-    text = re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", text)  # no IPv6 in the sandbox
-    (tmp / "mindroom.conf").write_text(text)
+        assert any(old in text for text in files.values()), "the nginx files no longer have %r" % old
+        files = {name: text.replace(old, new) for name, text in files.items()}
+    for name, text in files.items():
+        text = re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", text)  # no IPv6 in the sandbox
+        (share / name).write_text(text)
     user = "user root root;" if os.geteuid() == 0 else ""
     wrapper = tmp / "nginx.conf"
     wrapper.write_text("""%s
@@ -68,9 +74,9 @@ http {
     proxy_temp_path %s/proxy;
     scgi_temp_path %s/scgi;
     uwsgi_temp_path %s/uwsgi;
-    include %s/mindroom.conf;
+    include %s/site.conf;
 }
-""" % ((user,) + (tmp,) * 8))
+""" % ((user,) + (tmp,) * 7 + (share,)))
     return wrapper
 
 
@@ -99,7 +105,7 @@ def test_body_caps_agree():
     """nginx's client_max_body_size in both configs equals the C default cap."""
     hdr = (mr.ROOT / "lib/mr_http.h").read_text()
     cap = int(re.search(r"#define MR_DEFAULT_MAX_BODY (\d+)", hdr).group(1))
-    for name in ("dev.conf", "mindroom.conf"):
+    for name in ("dev.conf", "mindroom.conf", "api.conf"):
         sizes = re.findall(r"client_max_body_size (\d+)k;", (mr.ROOT / "nginx" / name).read_text())
         assert sizes and all(int(s) * 1024 == cap for s in sizes), (name, sizes)
 

@@ -114,7 +114,7 @@ def test_stop_timeouts_outlast_each_process_s_longest_deadline():
 
 
 def test_sockets_are_for_nginx_s_group_at_the_paths_nginx_uses():
-    site = (ROOT / "nginx/mindroom.conf").read_text()
+    site = (ROOT / "nginx/mindroom.conf").read_text() + (ROOT / "nginx/api.conf").read_text()
     used = set(re.findall(r"fastcgi_pass unix:/run/mindroom/([^;$]+|\$mr_fn)\.sock;", site))
     for sock in ("mindroom-function@.socket", "mindroom-provisioner.socket"):
         assert setting(sock, "SocketMode") == "0660"
@@ -196,14 +196,18 @@ def test_other_prefixes_are_substituted_and_a_config_is_never_overwritten(tmp_pa
     for u in (tmp_path / "opt/mr/lib/systemd/system").rglob("*"):
         if u.is_file():
             assert "/usr/lib/mindroom" not in u.read_text() and "/etc/mindroom" not in u.read_text(), u
-    site = (tmp_path / "etc/opt/mr/nginx/sites-available/mindroom.conf").read_text()
-    assert "include /etc/opt/mr/nginx/mindroom/fastcgi.conf;" in site
+    site = tmp_path / "etc/opt/mr/nginx/sites-available/mindroom.conf"
+    assert "include /opt/mr/share/mindroom/nginx/api.conf;" in site.read_text()
+    api = (tmp_path / "opt/mr/share/mindroom/nginx/api.conf").read_text()
+    assert "include /opt/mr/share/mindroom/nginx/fastcgi.conf;" in api and "/usr/share/mindroom" not in api
     env = tmp_path / "etc/opt/mr/mindroom/mindroom.env"
     env.write_text("DATABASE_URL=mine\n")
     prov_env = tmp_path / "etc/opt/mr/mindroom/provisioner.env"
     prov_env.write_text("DOKKU_MODE=ssh\n")
+    site.write_text("server_name mine;\n")
     make_install(tmp_path, PREFIX="/opt/mr", SYSCONFDIR="/etc/opt/mr")
     assert env.read_text() == "DATABASE_URL=mine\n"
+    assert site.read_text() == "server_name mine;\n"
     assert prov_env.read_text() == "DOKKU_MODE=ssh\n"
 
 
