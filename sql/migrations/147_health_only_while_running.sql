@@ -1,8 +1,7 @@
 -- 147_health_only_while_running.sql: a customer no longer sees a stopped, failed or
--- destroyed instance reported healthy; an SSO user whose email a password user has
--- can sign up.
+-- destroyed instance reported healthy.
 --
--- 1. Health is probed and recorded for running instances only (health_record), and
+-- Health is probed and recorded for running instances only (health_record), and
 -- the instance's health columns keep the last result after it stops running.
 -- tenant_instance (GET my-instance, and the answer of a restart) showed that result
 -- as the instance's health: "status": "stopped" with "health": {"status":
@@ -94,17 +93,3 @@ BEGIN
     RETURN v;
 END;
 $$;
-
--- 2. accounts.email is no longer unique.
---
--- Supabase Auth keeps an email unique among users that are not SSO users only
--- (auth.users' partial index users_email_partial_key, WHERE is_sso_user = false):
--- an SSO identity may carry the email of a password user. accounts.email was
--- UNIQUE, so the trigger creating that SSO user's account (handle_new_user) failed,
--- and with it the user's sign-up in Supabase Auth; an email change onto such an
--- email failed the same way. Nothing finds an account by its email: the functions
--- and the webhook find it by id (the JWT's sub, a Stripe customer's metadata and
--- stripe_customer_id), each account gets its own Stripe customer and its own
--- welcome emails, and mindroomctl status tells accounts apart by their
--- subscription and instance ids.
-ALTER TABLE public.accounts DROP CONSTRAINT accounts_email_key;

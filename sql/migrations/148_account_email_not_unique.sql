@@ -1,0 +1,14 @@
+-- 148_account_email_not_unique.sql: an SSO user whose email a password user already
+-- has can sign up.
+--
+-- Supabase Auth keeps an email unique among users that are not SSO users only
+-- (auth.users' partial index users_email_partial_key, WHERE is_sso_user = false):
+-- an SSO identity may carry the email of a password user. accounts.email was
+-- UNIQUE, so the trigger creating that SSO user's account (handle_new_user) failed,
+-- and with it the user's sign-up in Supabase Auth; an email change onto such an
+-- email failed the same way. Nothing finds an account by its email: the functions
+-- and the webhook find it by id (the JWT's sub, a Stripe customer's metadata and
+-- stripe_customer_id), each account gets its own Stripe customer and its own
+-- welcome emails, and mindroomctl status tells accounts apart by their
+-- subscription and instance ids.
+ALTER TABLE public.accounts DROP CONSTRAINT accounts_email_key;
