@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs inside the fresh Debian 12 root of packaging/package-test.sh, as root.
 #   package-check.sh installed VERSION   the package is installed as it should be
+#   package-check.sh removed             removing it kept the configuration, and nginx works
 #   package-check.sh purged              and purging it left nothing behind
 set -eu
 fail() { echo "package-check: FAIL: $*" >&2; exit 1; }
@@ -14,13 +15,30 @@ if [ "$1" = purged ]; then
   dpkg-query -W -f='${Status}' mindroom 2>/dev/null | grep -q 'not-installed' ||
     ! dpkg-query -W mindroom >/dev/null 2>&1 || fail "mindroom still known to dpkg"
   for p in /etc/mindroom /usr/lib/mindroom /usr/share/mindroom /usr/bin/mindroomctl \
-           /lib/systemd/system/mindroom.target /var/lib/mindroom-provisioner \
+           /lib/systemd/system/mindroom.target /var/lib/mindroom-provisioner /var/lib/mindroom-package \
            /etc/nginx/sites-available/mindroom.conf /etc/nginx/sites-enabled/mindroom.conf; do
     [ ! -e "$p" ] || fail "$p left after purge"
   done
   links=$(find /etc/systemd/system -type l -lname '*/systemd/system/mindroom*')
   [ -z "$links" ] || fail "enabled units' links left after purge:" $links
   ok "purge leaves nothing"
+  exit 0
+fi
+
+if [ "$1" = removed ]; then
+  dpkg-query -W -f='${Status}' mindroom | grep -q 'deinstall ok config-files' ||
+    fail "mindroom is '$(dpkg-query -W -f='${Status}' mindroom)', want removed"
+  for p in /usr/lib/mindroom /usr/share/mindroom /usr/bin/mindroomctl; do
+    [ ! -e "$p" ] || fail "$p left after remove"
+  done
+  for p in /etc/mindroom/mindroom.env /etc/mindroom/provisioner.env /etc/nginx/sites-available/mindroom.conf; do
+    [ -e "$p" ] || fail "$p gone after remove"
+  done
+  # The site was enabled: nginx, every site of the host, must still load.
+  out=$(nginx -t 2>&1) || fail "nginx -t fails after remove: $out"
+  [ ! -e /etc/nginx/sites-enabled/mindroom.conf ] && [ ! -L /etc/nginx/sites-enabled/mindroom.conf ] ||
+    fail "the nginx site is still enabled after remove"
+  ok "remove keeps the configuration; nginx -t passes without the site"
   exit 0
 fi
 

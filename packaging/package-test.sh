@@ -182,6 +182,22 @@ for step in "upgrade:./mindroom-next.deb:1" "downgrade:--allow-downgrades ./$(ba
     die "after the $name, the site serves the next release's route $(grep -c next-release "$CACHE/nginx-T.txt") times, want $routes"
 done
 say "upgrade, downgrade and reinstall keep the configuration and the nginx site, and replace nginx's part"
+# Removed (not purged) while the site is enabled: what the site includes is gone,
+# and nginx, every site of the host, must still pass nginx -t (package-check.sh
+# removed). Installed again, the site is enabled and served as before.
+in_root sh -c 'apt-get remove -y -q mindroom </dev/null' >>"$CACHE/apt.log" 2>&1 ||
+  { tail -20 "$CACHE/apt.log" >&2; die "the remove failed (log: $CACHE/apt.log)"; }
+in_root /tmp/package-check.sh removed
+in_root sh -c "cd /tmp && apt-get install -y -q ./$(basename "$deb") </dev/null" >>"$CACHE/apt.log" 2>&1 ||
+  { tail -20 "$CACHE/apt.log" >&2; die "the install after the remove failed (log: $CACHE/apt.log)"; }
+[ "$(readlink "$root/etc/nginx/sites-enabled/mindroom.conf")" = ../sites-available/mindroom.conf ] ||
+  die "the install after the remove did not enable the site again"
+[ "$(conf)" = "$configured" ] || die "the remove and install changed the configuration: $(conf)"
+in_root nginx -T 2>/dev/null > "$CACHE/nginx-T.txt" || die "nginx -t fails on the site after the install"
+grep -q 'server_name api.operator.test;' "$CACHE/nginx-T.txt" &&
+  grep -q 'location = /functions/v1/handle-stripe-webhook' "$CACHE/nginx-T.txt" ||
+  die "after the remove and install, nginx does not serve the site"
+say "a remove leaves nginx working without the site; the next install serves it again"
 # The container shares the host's network: nothing in it may listen on a port.
 ln -sf /dev/null "$root/etc/systemd/system/nginx.service"
 mkdir -p "$root/opt/mindroom-check"
