@@ -68,9 +68,10 @@ for s in "${suites[@]}"; do
     unit) run_unit ;;
     sql) run_sql ;;
     integration) run_pytest integration tests/integration ;;
-    # The whole integration suite once more, the functions and the worker reaching
+    # The integration suite once more, the functions and the worker reaching
     # PostgreSQL through PgBouncer in transaction mode (as through Supavisor's
     # port 6543): no named statements, no session state, LISTEN on a direct URL.
+    # Only the tests on the session cluster (conftest.py deselects the others).
     pooler) MR_TEST_POOLER=transaction run_pytest pooler tests/integration ;;
     # The provisioner's tests and the lifecycle suite once more against a k3s-mode
     # target: the provisioner with DOKKU_SCHEDULER=k3s (provisioner_helpers.py) and,

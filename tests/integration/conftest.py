@@ -84,3 +84,17 @@ def pytest_runtest_makereport(item, call):
     if rep.failed and mr.LIVE_STACKS:
         for s in mr.LIVE_STACKS:
             rep.sections.append(("stack logs %s" % s.run, s.all_logs()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The pooler suite (MR_TEST_POOLER=transaction) repeats only the tests that
+    reach the session cluster (`pg`), the one cluster the pooler stands in front
+    of. The others start their own PostgreSQL (stack.sh, the migration runner,
+    the Supabase CLI) or none, so they cannot differ behind a pooler; they ran
+    in the integration suite and are deselected here, not skipped."""
+    if os.environ.get("MR_TEST_POOLER") != "transaction":
+        return
+    kept = [i for i in items if "pg" in getattr(i, "fixturenames", ())]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "pg" not in getattr(i, "fixturenames", ())])
+        items[:] = kept
