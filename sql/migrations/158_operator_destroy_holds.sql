@@ -1,0 +1,289 @@
+-- 158_operator_destroy_holds.sql: an operator's destroy holds like their stop, until
+-- the operator provisions again.
+--
+-- deprovision-instance's destroy (mindroomctl deprovision --mode destroy) of an
+-- instance whose subscription was still active took its apps down, and the
+-- subscription's next event that keeps it running (the monthly renewal, a payment
+-- after past_due, the Stripe sweep's retry of a deferred one) found no live instance
+-- and made a new one under the same names: the instance the operator took down was
+-- back, on its kept data or on new, empty storage. The operator's stop held
+-- (138_operator_stop.sql); the destroy did not.
+-- Now every destroy lifecycle_deprovision records sets instances.operator_stopped_at
+-- too (the CHECK instances_operator_stop_held allows it: the row is never desired
+-- running again), and stripe_apply_subscription makes no new instance while the
+-- subscription's latest instance is destroyed and held so. lifecycle_provision makes
+-- one, as it always did for a subscription without a live instance: the new row is
+-- the latest, and billing keeps it running.
+--
+-- Redefines, each whole and unchanged but for the lines named (CREATE OR REPLACE, so
+-- their grants stay):
+-- - public.lifecycle_deprovision (154_operator_stop_audited.sql): the UPDATE after
+--   the stop's audit, which sets operator_stopped_at for a destroy;
+-- - public.stripe_apply_subscription (142_deleted_account_late_subscription.sql):
+--   the SELECT of v_inst_held for a subscription without a live instance, and
+--   `AND NOT coalesce(v_inst_held, false)` in the condition of the INSERT.
+
+CREATE OR REPLACE FUNCTION public.lifecycle_deprovision(p_instance_id uuid, p_subscription_id uuid,
+                                             p_mode text, p_purge boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    i public.instances;
+    v_sub_status public.subscription_status;
+    v_id uuid := p_instance_id;
+    v_mode text := p_mode;
+BEGIN
+    IF p_mode IS NOT NULL AND p_mode NOT IN ('stop', 'destroy') THEN
+        RAISE EXCEPTION 'mode must be stop or destroy' USING ERRCODE = '22023';
+    END IF;
+    IF p_purge AND p_mode IS DISTINCT FROM 'destroy' THEN
+        RAISE EXCEPTION 'purge goes with mode destroy' USING ERRCODE = '22023';
+    END IF;
+    IF v_id IS NULL THEN
+        PERFORM 1 FROM public.subscriptions WHERE id = p_subscription_id;
+        IF NOT FOUND THEN
+            RETURN jsonb_build_object('outcome', 'not_found');
+        END IF;
+        v_id := coalesce(public.lifecycle_live_instance_id(p_subscription_id),
+                         (SELECT id FROM public.instances WHERE subscription_id = p_subscription_id
+                           ORDER BY created_at DESC LIMIT 1));
+        IF v_id IS NULL THEN
+            RETURN jsonb_build_object('outcome', 'none', 'mode', coalesce(v_mode, 'stop'));
+        END IF;
+    END IF;
+
+    SELECT * INTO i FROM public.instances WHERE id = v_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('outcome', 'not_found');
+    END IF;
+    IF v_mode IS NULL THEN
+        SELECT status INTO v_sub_status FROM public.subscriptions WHERE id = i.subscription_id;
+        v_mode := CASE WHEN public.instance_desired_for(v_sub_status) = 'deprovisioned'
+                       THEN 'destroy' ELSE 'stop' END;
+    END IF;
+    i := public.instance_request(v_id, CASE v_mode WHEN 'destroy' THEN 'deprovisioned'::public.instance_status
+                                                   ELSE 'stopped'::public.instance_status END);
+    -- The operator's stop holds: until lifecycle_provision, no billing event resumes it.
+    IF v_mode = 'stop' AND i.desired_status = 'stopped' AND i.operator_stopped_at IS NULL THEN
+        UPDATE public.instances SET operator_stopped_at = now() WHERE id = v_id RETURNING * INTO i;
+        INSERT INTO public.audit_logs (account_id, action, details)
+        SELECT s.account_id, 'instance.stop_requested',
+               jsonb_build_object('instance_id', i.id, 'app', i.dokku_app_name,
+                                  'by', coalesce(current_setting('request.jwt.claims', true), '{}')::jsonb ->> 'role')
+          FROM public.subscriptions s WHERE s.id = i.subscription_id;
+    END IF;
+    -- So does the operator's destroy: billing that keeps the subscription running
+    -- makes no new instance in its place (stripe_apply_subscription).
+    IF v_mode = 'destroy' AND i.operator_stopped_at IS NULL THEN
+        UPDATE public.instances SET operator_stopped_at = now() WHERE id = v_id RETURNING * INTO i;
+    END IF;
+    IF p_purge AND NOT i.purge_requested AND i.storage_destroyed_at IS NULL
+       AND i.storage_taken_by IS NULL THEN
+        UPDATE public.instances SET purge_requested = true,
+               storage_destroy_after = CASE WHEN status = 'deprovisioned' THEN now()
+                                            ELSE storage_destroy_after END
+         WHERE id = v_id RETURNING * INTO i;
+        INSERT INTO public.audit_logs (account_id, action, details)
+        SELECT s.account_id, 'instance.purge_requested',
+               jsonb_build_object('instance_id', i.id, 'app', i.dokku_app_name,
+                                  'by', coalesce(current_setting('request.jwt.claims', true), '{}')::jsonb ->> 'role')
+          FROM public.subscriptions s WHERE s.id = i.subscription_id;
+    END IF;
+    -- An explicit request lifts a retry backoff or an operator hold on what it asks for.
+    IF i.owed_action IN ('stop', 'destroy', 'destroy_storage')
+       AND (i.next_attempt_at > now() OR (i.next_attempt_at IS NULL AND i.last_error IS NOT NULL)) THEN
+        UPDATE public.instances SET next_attempt_at = now() WHERE id = v_id RETURNING * INTO i;
+    END IF;
+    RETURN jsonb_build_object('outcome', 'ok', 'mode', v_mode, 'purge', i.purge_requested,
+                              'instance', public.lifecycle_instance_json(i))
+        || CASE WHEN p_purge AND i.storage_taken_by IS NOT NULL
+                THEN jsonb_build_object('storage_taken_by', i.storage_taken_by)
+                ELSE '{}'::jsonb END;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION public.stripe_apply_subscription(
+    p_event jsonb, p_event_id text, p_type text, p_created timestamptz,
+    OUT subscription_id uuid, OUT instance_id uuid, OUT owed text, OUT stale boolean)
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+    v_obj       jsonb := p_event -> 'data' -> 'object';
+    v_stripe_id text := v_obj ->> 'id';
+    v_stripe_st text := v_obj ->> 'status';
+    v_status    public.subscription_status;
+    v_price     text;
+    v_tier      public.subscription_tier;
+    v_account   uuid;
+    v_period    timestamptz;
+    v_sub_id    uuid;
+    v_sub_last  timestamptz;
+    v_sub_lastid text;
+    v_last      record;
+    v_inst_id   uuid;
+    v_inst_want public.instance_status;
+    v_names     record;
+    v_desired   public.instance_status;
+    v_inst_held boolean;
+BEGIN
+    stale := false;
+    IF v_stripe_id IS NULL OR v_stripe_id = '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'MRW03', MESSAGE = 'subscription object without id';
+    END IF;
+
+    -- Every event of one subscription is serialized by this lock, including the two
+    -- that might otherwise both try to create its row. The row lock keeps
+    -- provision-instance's requests (FOR UPDATE) out meanwhile; the worker's
+    -- foreign-key checks (FOR KEY SHARE) do not wait for it.
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(v_stripe_id, 4242));
+    SELECT s.id, s.last_event_created, s.last_event_id INTO v_sub_id, v_sub_last, v_sub_lastid
+      FROM public.subscriptions s
+     WHERE s.stripe_subscription_id = v_stripe_id FOR NO KEY UPDATE;
+
+    -- A subscription with no row that was deleted on purpose (with its account)
+    -- is not new: its events (our own cancellation's among them) are ignored.
+    IF v_sub_id IS NULL AND EXISTS (SELECT 1 FROM public.stripe_cancellations c
+                                     WHERE c.stripe_subscription_id = v_stripe_id) THEN
+        RAISE EXCEPTION USING ERRCODE = 'MRW05',
+            MESSAGE = 'ignored: its subscription was deleted with its account and is cancelled at Stripe by us';
+    END IF;
+
+    -- Ordering: compare with the last applied event before validating anything else,
+    -- so that a stale event changes nothing, not even the account link.
+    IF FOUND AND v_sub_last IS NOT NULL THEN
+        IF p_created < v_sub_last THEN
+            stale := true;
+        ELSIF p_created = v_sub_last THEN
+            SELECT e.type, e.payload -> 'data' -> 'object' ->> 'status' AS st
+              INTO v_last FROM public.stripe_events e WHERE e.id = v_sub_lastid;
+            IF (public.stripe_event_rank(p_type, v_stripe_st), p_event_id)
+               <= (public.stripe_event_rank(v_last.type, v_last.st), v_sub_lastid) THEN
+                stale := true;
+            END IF;
+        END IF;
+        IF stale THEN
+            subscription_id := v_sub_id;
+            RETURN;
+        END IF;
+    END IF;
+
+    v_status := public.stripe_subscription_status(v_stripe_st);
+    -- deleted always means canceled, whatever status the payload carries.
+    IF p_type = 'customer.subscription.deleted' THEN
+        v_status := 'cancelled';
+    END IF;
+
+    -- A new subscription of an account deleted before its first event: its
+    -- cancellation at Stripe is owed (one probe of deleted_account_customers, only
+    -- for a subscription without a row), and nothing else is recorded.
+    IF v_sub_id IS NULL AND public.stripe_deleted_account_subscription(
+           v_stripe_id, public.stripe_id(v_obj -> 'customer'), v_obj #>> '{metadata,account_id}',
+           v_status) THEN
+        RETURN;
+    END IF;
+
+    -- The plan: among several items (a plan and an add-on, or two plans, in no order
+    -- Stripe promises), the highest tier whose price is a plan. One item, or no item a
+    -- plan: the first item's price (or the legacy `plan`), looked up as it is.
+    IF v_obj #>> '{items,data,1,price,id}' IS NOT NULL
+       AND jsonb_typeof(v_obj #> '{items,data}') = 'array' THEN
+        SELECT p.stripe_price_id, p.tier INTO v_price, v_tier
+          FROM jsonb_array_elements(v_obj #> '{items,data}') AS it
+          JOIN public.plans p ON p.stripe_price_id = it #>> '{price,id}'
+         ORDER BY p.tier DESC, p.stripe_price_id
+         LIMIT 1;
+    END IF;
+    IF v_price IS NULL THEN
+        v_price := coalesce(v_obj #>> '{items,data,0,price,id}', v_obj #>> '{plan,id}');
+        SELECT p.tier INTO v_tier FROM public.plans p WHERE p.stripe_price_id = v_price;
+        IF NOT FOUND THEN
+            -- A subscription that stops or ends needs no plan: it keeps the one recorded
+            -- (first seen ending: the lowest tier; nothing runs for it), so that a
+            -- cancellation is never lost to a price the catalogue lacks, nor undone by an
+            -- older event that arrives after it.
+            IF public.instance_desired_for(v_status) IS DISTINCT FROM 'running' THEN
+                IF v_sub_id IS NOT NULL THEN
+                    SELECT s.stripe_price_id, s.tier INTO v_price, v_tier
+                      FROM public.subscriptions s WHERE s.id = v_sub_id;
+                ELSE
+                    v_tier := 'free';
+                END IF;
+            ELSE
+                RAISE EXCEPTION USING ERRCODE = 'MRW02', MESSAGE = 'unknown price: no plan has this price id';
+            END IF;
+        END IF;
+    END IF;
+
+    -- Before API version 2025-03-31 the period end is on the subscription; since, on
+    -- each item.
+    v_period := coalesce(pg_catalog.to_timestamp((v_obj ->> 'current_period_end')::bigint),
+                         (SELECT pg_catalog.to_timestamp(max((it ->> 'current_period_end')::bigint))
+                            FROM jsonb_array_elements(
+                                 CASE WHEN jsonb_typeof(v_obj #> '{items,data}') = 'array'
+                                      THEN v_obj #> '{items,data}' ELSE '[]'::jsonb END) AS it));
+
+    IF v_sub_id IS NULL THEN
+        v_account := public.stripe_account_for(public.stripe_id(v_obj -> 'customer'),
+                                               v_obj #>> '{metadata,account_id}');
+        INSERT INTO public.subscriptions AS s (
+            account_id, stripe_subscription_id, stripe_price_id, tier, status,
+            trial_ends_at, current_period_end, cancelled_at, cancel_at_period_end,
+            last_event_created, last_event_id)
+        VALUES (v_account, v_stripe_id, v_price, v_tier, v_status,
+                pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint), v_period,
+                pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
+                coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
+                p_created, p_event_id)
+        RETURNING s.id INTO v_sub_id;
+    ELSE
+        UPDATE public.subscriptions AS s SET
+            stripe_price_id      = v_price,
+            tier                 = v_tier,
+            status               = v_status,
+            trial_ends_at        = pg_catalog.to_timestamp((v_obj ->> 'trial_end')::bigint),
+            current_period_end   = v_period,
+            cancelled_at         = pg_catalog.to_timestamp((v_obj ->> 'canceled_at')::bigint),
+            cancel_at_period_end = coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
+            last_event_created   = p_created,
+            last_event_id        = p_event_id
+        WHERE s.id = v_sub_id;
+    END IF;
+    subscription_id := v_sub_id;
+
+    -- The instance consequence, as intent. A new price reaches the instance's limits
+    -- through the plan triggers (004), which makes an update owed. The row is read
+    -- without a lock: what it is asked to become (desired_status) changes only under
+    -- this subscription's lock or the instance's own, and instance_request's UPDATE
+    -- re-checks the row it writes; an event that asks nothing new writes nothing.
+    v_desired := public.instance_desired_for(v_status);
+    SELECT i.id, i.desired_status, i.owed_action, i.operator_stopped_at IS NOT NULL
+      INTO v_inst_id, v_inst_want, owed, v_inst_held
+      FROM public.instances i
+     WHERE i.subscription_id = v_sub_id AND i.status <> 'deprovisioned';
+    -- No live instance: one an operator destroyed holds until the operator provisions.
+    IF v_desired = 'running' AND v_inst_id IS NULL THEN
+        SELECT i.operator_stopped_at IS NOT NULL INTO v_inst_held
+          FROM public.instances i WHERE i.subscription_id = v_sub_id
+         ORDER BY i.created_at DESC LIMIT 1;
+    END IF;
+    IF v_desired = 'running' AND v_inst_id IS NULL AND NOT coalesce(v_inst_held, false) THEN
+        SELECT * INTO v_names FROM public.instance_names(v_sub_id);
+        -- Memory and CPU come from the plan (trigger, 004).
+        INSERT INTO public.instances AS i (
+            subscription_id, dokku_app_name, subdomain, status, desired_status)
+        VALUES (v_sub_id, v_names.dokku_app_name, v_names.subdomain, 'provisioning', 'running')
+        RETURNING i.id, i.owed_action INTO v_inst_id, owed;
+    -- An operator's stop holds until the operator provisions again: billing that
+    -- keeps the subscription running does not resume it (its plan still sizes it,
+    -- above); billing that ends it still destroys it.
+    ELSIF v_desired IS NOT NULL AND v_inst_id IS NOT NULL
+          AND v_inst_want IS DISTINCT FROM v_desired
+          AND NOT (v_inst_held AND v_desired = 'running') THEN
+        SELECT q.owed_action INTO owed FROM public.instance_request(v_inst_id, v_desired) q;
+    END IF;
+    instance_id := v_inst_id;
+END;
+$$;
