@@ -418,3 +418,47 @@ def test_adopting_the_old_host_keeps_its_owed_teardown_ahead_of_a_new_instance_t
             assert app in host.apps, calls
     finally:
         host.stop()
+
+
+def test_a_hung_target_leaves_the_workers_free_for_a_healthy_one(pg, resend):
+    # Two targets added with mindroomctl's defaults and the worker's default of two
+    # processes (a two-core host). One target accepts connections and never answers:
+    # its steps hold a worker each until the call's deadline. A new customer placed
+    # on the healthy target is served meanwhile, not after that deadline.
+    hung, good = ProvisionerStandin().start(), ProvisionerStandin().start()
+    try:
+        env = dict(FAST_ENV)
+        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+                   HUNG_TOKEN=hung.token, GOOD_TOKEN=good.token,
+                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
+                   MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+                   MR_PROVISION_WAIT_MS="30000")
+        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+            for name, p in (("hung", hung), ("good", good)):
+                ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
+                       "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+            assert [target_rows(s)[n][5] for n in ("hung", "good")] == [1, 1]
+            hung.behave("hang")
+            ok(ctl(s, "target", "pin", "hung"))
+            stuck = [new_subscription(s, "starter", account=new_account(s)[0]) for _ in range(3)]
+            for sid in stuck:
+                assert provision(s, sid).status == 202
+            assert [target_of(s, sid) for sid in stuck] == ["hung"] * 3
+            hung.wait_for(lambda p: p.create_calls(), timeout=5)
+            time.sleep(1.5)  # every worker that would take a hung step has taken one
+            ok(ctl(s, "target", "pin", "hung", "--undo"))
+            ok(ctl(s, "target", "drain", "hung"))
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            assert target_of(s, sid) == "good"
+            # Served within seconds, long before the hung calls' 30 s deadline.
+            running(s, sid, timeout=8)
+            assert len(good.create_calls()) == 1
+            hung.behave("ok")
+            hung.release()
+            for x in stuck:
+                running(s, x, timeout=30)
+    finally:
+        hung.stop()
+        good.stop()
