@@ -20,7 +20,8 @@
 -- - public.lifecycle_deprovision (154_operator_stop_audited.sql): the UPDATE after
 --   the stop's audit, which sets operator_stopped_at for a destroy;
 -- - public.stripe_apply_subscription (142_deleted_account_late_subscription.sql):
---   the SELECT of v_inst_held for a subscription without a live instance, and
+--   v_sub_new (set where the subscription's row is inserted), the SELECT of
+--   v_inst_held for a subscription recorded before without a live instance, and
 --   `AND NOT coalesce(v_inst_held, false)` in the condition of the INSERT.
 
 CREATE OR REPLACE FUNCTION public.lifecycle_deprovision(p_instance_id uuid, p_subscription_id uuid,
@@ -128,6 +129,7 @@ DECLARE
     v_names     record;
     v_desired   public.instance_status;
     v_inst_held boolean;
+    v_sub_new   boolean := false;
 BEGIN
     stale := false;
     IF v_stripe_id IS NULL OR v_stripe_id = '' THEN
@@ -238,6 +240,7 @@ BEGIN
                 coalesce((v_obj ->> 'cancel_at_period_end')::boolean, false),
                 p_created, p_event_id)
         RETURNING s.id INTO v_sub_id;
+        v_sub_new := true;
     ELSE
         UPDATE public.subscriptions AS s SET
             stripe_price_id      = v_price,
@@ -263,8 +266,9 @@ BEGIN
       INTO v_inst_id, v_inst_want, owed, v_inst_held
       FROM public.instances i
      WHERE i.subscription_id = v_sub_id AND i.status <> 'deprovisioned';
-    -- No live instance: one an operator destroyed holds until the operator provisions.
-    IF v_desired = 'running' AND v_inst_id IS NULL THEN
+    -- No live instance: one an operator destroyed holds until the operator provisions
+    -- (a subscription recorded just now has no instance to ask).
+    IF v_desired = 'running' AND v_inst_id IS NULL AND NOT v_sub_new THEN
         SELECT i.operator_stopped_at IS NOT NULL INTO v_inst_held
           FROM public.instances i WHERE i.subscription_id = v_sub_id
          ORDER BY i.created_at DESC LIMIT 1;
