@@ -83,7 +83,7 @@ $(BUILD)/tests/%: tests/unit/%.c $(LIB_A)
 	$(CC) $(CFLAGS) $< $(LIB_A) $(LDFLAGS) $(LIBS) -lcmocka -o $@
 
 # Unit tests that #include a function's sources to test its static parts.
-$(BUILD)/tests/test_provisioner_state $(BUILD)/tests/test_provisioner_validate: $(wildcard functions/dokku-provisioner/*.[ch])
+$(BUILD)/tests/test_provisioner_state $(BUILD)/tests/test_provisioner_validate $(BUILD)/tests/test_provisioner_wipe: $(wildcard functions/dokku-provisioner/*.[ch])
 $(BUILD)/tests/test_itoken: $(wildcard functions/track-usage/*.[ch])
 
 deps:

@@ -58,6 +58,7 @@
 
 #include <curl/curl.h>
 #include <libpq-fe.h>
+#include <openssl/crypto.h>
 
 #include "mr_auth.h"
 #include "mr_config.h"
@@ -522,6 +523,9 @@ static void serve_end(req_ctx *ctx)
         ctx->job_free(ctx->job_arg);
     mr_db_release(g_db);
     free(r->who.claims_json);
+    /* A body may hold secrets (the provisioner's is an instance's environment and keys). */
+    if (r->body)
+        OPENSSL_cleanse(r->body, r->body_len);
     free(r->body);
     free(ctx->strings);
     free(ctx->request_json);
@@ -629,6 +633,7 @@ static int look(int fd, ssize_t *n, ssize_t had)
         return 0;
     int params_done;
     int st = request_state(g_peek, (size_t)*n, &params_done);
+    OPENSSL_cleanse(g_peek, (size_t)*n); /* a request's bytes: its body may hold secrets */
     if (st > 0 || (st == 0 && params_done &&
                    ((size_t)*n == g_peek_cap || (*n >= PEEK_FULL_MIN && *n == had))))
         return 1;

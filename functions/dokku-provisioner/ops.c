@@ -564,7 +564,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                   char *err, size_t errlen)
 {
     begin(out, cfg);
-    prov_result *res = malloc(sizeof *res);
+    prov_result *res = prov_result_new();
     /* MindRoom's environment: the request's plus what the provisioner defines. */
     prov_env *env = calloc(spec->n_env + 5, sizeof *env);
     run_ctx c = {cfg, out, res, err, errlen};
@@ -686,7 +686,7 @@ done:
     free(managed);
     prov_unlock(lockfd);
     free(env);
-    free(res);
+    prov_result_free(res);
     return e;
 }
 
@@ -742,7 +742,7 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
                        prov_outcome *out, char *err, size_t errlen)
 {
     begin(out, cfg);
-    prov_result *res = malloc(sizeof *res);
+    prov_result *res = prov_result_new();
     run_ctx c = {cfg, out, res, err, errlen};
     int lockfd = -1, mr = 0, hs = 0;
     mr_err e = MR_OK;
@@ -885,6 +885,6 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
     if (hs) out->hs_state = "running";
 done:
     prov_unlock(lockfd);
-    free(res);
+    prov_result_free(res);
     return e;
 }

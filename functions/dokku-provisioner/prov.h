@@ -155,10 +155,13 @@ int prov_valid_image(const char *s);
  * or ending with '-', at most PROV_HOST_MAX in all. */
 int prov_valid_host(const char *s);
 /* Parses and validates a POST /apps body against cfg's bounds. Returns MR_OK with
- * *spec filled (pointing into *tree, which the caller frees with cJSON_Delete
+ * *spec filled (pointing into *tree, which the caller frees with prov_spec_free
  * whatever the result), or MR_EINVAL with err naming the offending field. */
 mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
                        cJSON **tree, prov_spec *spec, char *err, size_t errlen);
+/* Wipes every string of a parsed body (env values, the homeserver's keys) and
+ * frees it; NULL is fine. */
+void prov_spec_free(cJSON *tree);
 /* Writes cpu_milli as Dokku reads it ("1", "0.5", "2.25") into out. */
 void prov_format_cpu(int64_t cpu_milli, char *out, size_t cap);
 /* Expands a URL template ({scheme}, {subdomain}, {domain}, {app}) into out.
@@ -227,6 +230,12 @@ typedef struct {
     char err[PROV_OUT_MAX];     /* stderr (truncated), NUL-terminated; never logged */
     size_t err_len;
 } prov_result;
+
+/* A result for prov_dokku, empty; NULL when out of memory. prov_result_free wipes
+ * what its last command wrote (Dokku's output may hold secrets: config:import
+ * echoes the values it sets) and frees it; prov_dokku wipes it before each command. */
+prov_result *prov_result_new(void);
+void prov_result_free(prov_result *res);
 
 /* Runs `dokku <args...>` (args NULL-terminated; args[0] is the subcommand,
  * or a global flag such as "--force" followed by it) per cfg->mode, with in

@@ -107,7 +107,7 @@ static void create_app(mr_req *r)
     }
     answer(r, o.status, j);
 done:
-    cJSON_Delete(tree);
+    prov_spec_free(tree);
     free(spec);
 }
 

@@ -32,6 +32,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "prov.h"
 
 extern char **environ;
@@ -137,16 +139,36 @@ static char **child_env(const prov_config *cfg)
     return out;
 }
 
-/* Empties a result without touching its buffers beyond their first byte: they are
- * large (out holds config:get's list of managed names), and writing them whole at
- * every command kept every page of them resident in each worker. */
+/* Wipes what the last command wrote (config:import echoes the values it sets, and
+ * a tarball's files may come back in an error) and empties the result. Only the
+ * bytes written are touched: the buffers are large (out holds config:get's list of
+ * managed names), and writing them whole at every command kept every page of them
+ * resident in each worker. */
 static void result_reset(prov_result *res)
 {
+    OPENSSL_cleanse(res->out, res->out_len + 1);
+    OPENSSL_cleanse(res->err, res->err_len + 1);
     res->status = -1;
     res->timed_out = 0;
     res->lock_retries = 0;
-    res->out[0] = res->err[0] = '\0';
     res->out_len = res->err_len = 0;
+}
+
+prov_result *prov_result_new(void)
+{
+    prov_result *res = malloc(sizeof *res);
+    if (res) {
+        res->out_len = res->err_len = 0;
+        result_reset(res);
+    }
+    return res;
+}
+
+void prov_result_free(prov_result *res)
+{
+    if (!res) return;
+    result_reset(res);
+    free(res);
 }
 
 static void drain(int *fd, char *buf, size_t *len)
@@ -157,6 +179,7 @@ static void drain(int *fd, char *buf, size_t *len)
         size_t room = PROV_OUT_MAX - 1 - *len;
         size_t take = (size_t)r < room ? (size_t)r : room;
         memcpy(buf + *len, tmp, take);
+        OPENSSL_cleanse(tmp, (size_t)r);
         *len += take;
         buf[*len] = '\0';
     } else if (r == 0 || (errno != EINTR && errno != EAGAIN)) {

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+
 #include "mr_homeserver.h"
 #include "prov.h"
 
@@ -193,6 +195,22 @@ static mr_err parse_homeserver(const cJSON *hs, const prov_config *cfg, prov_hs_
                              MR_HS_SECRET_MAX);
     out->present = 1;
     return MR_OK;
+}
+
+static void wipe_strings(cJSON *j)
+{
+    for (cJSON *c = j ? j->child : NULL; c; c = c->next) {
+        if (cJSON_IsString(c) && c->valuestring)
+            OPENSSL_cleanse(c->valuestring, strlen(c->valuestring));
+        else if (cJSON_IsObject(c) || cJSON_IsArray(c))
+            wipe_strings(c);
+    }
+}
+
+void prov_spec_free(cJSON *tree)
+{
+    wipe_strings(tree);
+    cJSON_Delete(tree);
 }
 
 mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
