@@ -18,16 +18,39 @@ int mr_appenv_valid_key(const char *s)
     return 1;
 }
 
+static int named(const char *key, const char *const *names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(key, names[i]) == 0) return 1;
+    return 0;
+}
+
 int mr_appenv_reserved_key(const char *key)
 {
-    static const char *const mine[] = {"MATRIX_HOMESERVER", "MATRIX_SERVER_NAME",
-                                       "MATRIX_REGISTRATION_SHARED_SECRET",
-                                       "MINDROOM_STORAGE_PATH", MR_APPENV_MANAGED};
-    /* Dokku keeps its own settings in DOKKU_* variables of the app. */
-    if (strncmp(key, "DOKKU_", 6) == 0) return 1;
-    for (size_t i = 0; i < MR_ARRAY_LEN(mine); i++)
-        if (strcmp(key, mine[i]) == 0) return 1;
-    return 0;
+    static const char *const mine[] = {
+        /* the provisioner's (docs/instance.md) */
+        "MATRIX_HOMESERVER", "MATRIX_SERVER_NAME", "MATRIX_REGISTRATION_SHARED_SECRET",
+        "MINDROOM_STORAGE_PATH", MR_APPENV_MANAGED,
+        /* Dokku's: the port it routes to */
+        "PORT",
+        /* what the container's processes are found and run by */
+        "PATH", "HOME", "USER", "SHELL", "HOSTNAME", "PYTHONPATH", "PYTHONHOME",
+        "PYTHONSTARTUP"};
+    /* Dokku keeps its own settings in DOKKU_* variables of the app; LD_* tell the
+     * dynamic loader what to load into every process (LD_PRELOAD, LD_LIBRARY_PATH). */
+    if (strncmp(key, "DOKKU_", 6) == 0 || strncmp(key, "LD_", 3) == 0) return 1;
+    return named(key, mine, MR_ARRAY_LEN(mine));
+}
+
+int mr_appenv_operator_key(const char *key)
+{
+    /* The control plane's (public.lifecycle_step_json's env, and the worker's). */
+    static const char *const ours[] = {
+        MR_APPENV_CONTROL_PLANE_URL, MR_APPENV_CONTROL_PLANE_TOKEN, "MINDROOM_INSTANCE_ID",
+        "MINDROOM_SUBSCRIPTION_ID", "MINDROOM_SUBDOMAIN", "MINDROOM_TIER", "MAX_AGENTS",
+        "MAX_MESSAGES_PER_DAY", "MAX_STORAGE_GB"};
+    return mr_appenv_valid_key(key) && !mr_appenv_reserved_key(key) &&
+           !named(key, ours, MR_ARRAY_LEN(ours));
 }
 
 int mr_appenv_valid_value(const char *str)

@@ -19,9 +19,16 @@
 /* 1 when s is an environment key: ^[A-Z_][A-Z0-9_]*$, at most 255 characters. */
 int mr_appenv_valid_key(const char *s);
 
-/* 1 when key is set by Dokku or the provisioner itself (DOKKU_*,
- * MATRIX_HOMESERVER, MR_APPENV_MANAGED, ...): a request may not set it. */
+/* 1 when key is set by Dokku or the provisioner itself (DOKKU_*, PORT,
+ * MATRIX_HOMESERVER, MR_APPENV_MANAGED, ...), or is one the container's own
+ * processes run by (PATH, HOME, LD_*, ...): a request may not set it. */
 int mr_appenv_reserved_key(const char *key);
+
+/* 1 when an operator may set key on an instance (mindroomctl env set): a valid
+ * key, not reserved, and not one the control plane itself sets (its address and
+ * the instance's token, MINDROOM_INSTANCE_ID, MINDROOM_TIER, MAX_AGENTS, ...).
+ * The lifecycle worker sends no stored variable that fails it. */
+int mr_appenv_operator_key(const char *key);
 
 /* 1 when s is a value an app's environment can carry: UTF-8 text (no overlong
  * forms, surrogates or code points above U+10FFFF). Dokku reads the environment as

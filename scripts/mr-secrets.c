@@ -156,9 +156,10 @@ static int instance_check(mr_db *db, const char *iid, int live)
 
 static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *name)
 {
-    if (!mr_appenv_valid_key(name) || mr_appenv_reserved_key(name)) {
-        fprintf(stderr, "mr-secrets: %s is not a name an instance's environment may take "
-                        "(^[A-Z_][A-Z0-9_]*$, not DOKKU_* or one the provisioner sets)\n", name);
+    if (!mr_appenv_operator_key(name)) {
+        fprintf(stderr, "mr-secrets: %s is not a name an operator may set on an instance "
+                        "(^[A-Z_][A-Z0-9_]*$; not DOKKU_*, LD_*, PATH, HOME..., nor one the "
+                        "control plane or the provisioner sets): nothing stored\n", name);
         return 2;
     }
     if (instance_check(db, iid, 1) != 1)

@@ -258,7 +258,8 @@ mr_err prov_parse_spec(const char *body, size_t len, const prov_config *cfg,
                                  "env key #%zu must match ^[A-Z_][A-Z0-9_]*$", spec->n_env + 1);
             if (mr_appenv_reserved_key(kv->string))
                 return mr_seterr(err, errlen, MR_EINVAL,
-                                 "env key %s is reserved (set by Dokku or the provisioner)",
+                                 "env key %s is reserved (set by Dokku or the provisioner, "
+                                 "or what the app's processes run by)",
                                  kv->string);
             if (!cJSON_IsString(kv) || !kv->valuestring)
                 return mr_seterr(err, errlen, MR_EINVAL, "env value of %s must be a string",

@@ -89,6 +89,19 @@ static mr_err open_secret(const char *instance_id, const char *kind, const char 
     return MR_OK;
 }
 
+/* 1 when a stored variable may reach the app (mr_appenv_operator_key); else 0, said
+ * in the log. One stored before the rule, or not through mindroomctl env set (a
+ * legacy environment_vars, a row written by hand), stays stored and is not sent:
+ * `mindroomctl env unset` removes it. */
+static int operator_key(const char *iid, const char *name)
+{
+    if (mr_appenv_operator_key(name))
+        return 1;
+    mr_log(MR_LOG_WARN, "instance %s: stored variable %s not sent: an operator may not set it "
+           "(mindroomctl env unset %s %s removes it)", iid, name, iid, name);
+    return 0;
+}
+
 /* Seals a legacy plaintext environment into instance_secrets; adds to env the value
  * in force for each of its names. A sealed value is always newer than the column (an
  * operator's `mindroomctl env set`, whose update may be this very step, or one set
@@ -123,7 +136,8 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
             val = NULL;
             e = open_secret(iid, "env", kv->string, out, &val, err, errlen);
         }
-        if (e == MR_OK && out && !cJSON_GetObjectItemCaseSensitive(env, kv->string))
+        if (e == MR_OK && out && !cJSON_GetObjectItemCaseSensitive(env, kv->string) &&
+            operator_key(iid, kv->string))
             cJSON_AddStringToObject(env, kv->string, val);
         free(out);
         free(ct);
@@ -518,7 +532,8 @@ mr_err payload_build(worker *w, const cJSON *step, cJSON **out, char *err, size_
                    mr_json_str(s, "ciphertext", &ct) != MR_OK) {
             continue;
         }
-        if (!name || !ct || cJSON_GetObjectItemCaseSensitive(env, name))
+        if (!name || !ct || cJSON_GetObjectItemCaseSensitive(env, name) ||
+            !operator_key(iid, name))
             continue;
         char *val = NULL;
         if ((e = open_secret(iid, "env", name, ct, &val, err, errlen)) == MR_OK) {

@@ -750,3 +750,28 @@ def test_a_value_set_between_two_attempts_of_the_move_is_kept(stack, prov):
     stack.sql("UPDATE public.instances SET memory_limit_mb = memory_limit_mb + 1 WHERE id = %s", iid)
     env = wait_deployed(stack, prov, sid, app, n, "the next update")
     assert (env["A_KEY"], env["B_KEY"]) == ("sk-a-new", "sk-b")
+
+
+def test_a_stored_variable_an_operator_may_not_set_never_reaches_the_app(stack, prov):
+    """A variable stored before `env set` refused such names (here: a legacy plaintext
+    environment_vars) is kept, sealed, but never sent: PATH or LD_PRELOAD would change
+    what runs in MindRoom's process, MAX_AGENTS would stand in for the plan's, a
+    lower-case name the provisioner refuses would fail every update of the instance.
+    The instance deploys with the others, and the plan's own values."""
+    sid = new_subscription(stack, "starter")
+    assert provision(stack, sid, wait=True).status == 200
+    iid, app = str(instance(stack, sid)["id"]), instance(stack, sid)["dokku_app_name"]
+    n = len(creates_for(prov, app))
+    plan = creates_for(prov, app)[-1].json["env"]
+    stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb WHERE id = %s",
+              '{"PATH": "/evil", "LD_PRELOAD": "/tmp/evil.so", "MAX_AGENTS": "9999", '
+              '"lower_key": "v", "GOOD_KEY": "kept"}', iid)
+    provision(stack, sid, wait=True)
+    env = wait_deployed(stack, prov, sid, app, n, "the update")
+    assert env["GOOD_KEY"] == "kept" and env["MAX_AGENTS"] == plan["MAX_AGENTS"], env
+    assert not {"PATH", "LD_PRELOAD", "lower_key"} & set(env), env
+    assert instance(stack, sid)["status"] == "running"
+    # Kept (sealed), so that `mindroomctl env unset` is what removes them.
+    sealed = {n for (n,) in stack.sql("SELECT name FROM public.instance_secrets WHERE "
+                                      "instance_id = %s AND kind = 'env'", iid)}
+    assert {"PATH", "LD_PRELOAD", "MAX_AGENTS", "lower_key", "GOOD_KEY"} <= sealed, sealed

@@ -705,6 +705,43 @@ def test_env_set_refuses_a_value_that_is_not_utf8(stack):
     assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
+def test_env_set_refuses_a_name_the_instance_must_not_get_from_an_operator(stack):
+    """A variable set with `env set` reaches MindRoom's process: PATH, HOME or LD_PRELOAD
+    would change what runs in it, PORT where Dokku routes to, and a name the control
+    plane sets (its token, the plan's limits) would never be sent (the control plane's
+    wins), while `env set` said the instance owes an update with it. Each is refused
+    (exit 2, as bad input), nothing stored, nothing owed; an ordinary name is taken."""
+    sid = new_subscription(stack, "starter")
+    iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
+             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
+             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
+             MR_ENV_FILE="/nonexistent-mindroomctl.env")
+    if stack.env.get("DATABASE_POOLER"):
+        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+
+    def env_set(name):
+        return subprocess.run([CTL, "env", "set", iid, name], input="/tmp/x", env=e,
+                              capture_output=True, text=True, timeout=60)
+
+    before = stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0]
+    for name in ("PATH", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PORT",
+                 "DOKKU_APP_TYPE", "MATRIX_HOMESERVER", "MINDROOM_STORAGE_PATH",
+                 "MINDROOM_CONTROL_PLANE_TOKEN", "MINDROOM_CONTROL_PLANE_URL",
+                 "MINDROOM_INSTANCE_ID", "MINDROOM_SUBSCRIPTION_ID", "MINDROOM_SUBDOMAIN",
+                 "MINDROOM_TIER", "MAX_AGENTS", "MAX_MESSAGES_PER_DAY", "MAX_STORAGE_GB"):
+        p = env_set(name)
+        assert p.returncode == 2 and "%s is not a name an operator may set" % name in p.stderr, \
+            (name, p.returncode, p.stdout, p.stderr)
+        assert "owes an update" not in p.stdout
+    assert stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                     "AND kind = 'env'", iid)[0][0] == 0
+    assert stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0] == before
+    p = env_set("ANTHROPIC_API_KEY")
+    assert p.returncode == 0 and "owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
 def test_wait_with_no_secret_is_missing_configuration_not_a_refusal(stack):
     """docs/operations.md: exit status 2 is "bad usage or missing configuration".
     Without --wait a missing signing secret is exit 2 and nothing is sent; with

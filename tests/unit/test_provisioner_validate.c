@@ -54,6 +54,30 @@ static void test_env_keys(void **state)
     for (size_t i = 0; bad[i]; i++) assert_false(mr_appenv_valid_key(bad[i]));
 }
 
+/* What a request may not set (the provisioner's, Dokku's, what the container's
+ * processes run by), and what an operator may not set on top of it (the control
+ * plane's own, which the control plane itself sends). */
+static void test_env_reserved(void **state)
+{
+    (void)state;
+    const char *reserved[] = {"DOKKU_APP_TYPE", "PORT", "PATH", "HOME", "LD_PRELOAD",
+                              "LD_LIBRARY_PATH", "PYTHONPATH", "MATRIX_HOMESERVER",
+                              "MINDROOM_STORAGE_PATH", MR_APPENV_MANAGED, NULL};
+    const char *ours[] = {"MINDROOM_INSTANCE_ID", "MINDROOM_TIER", "MAX_AGENTS",
+                          MR_APPENV_CONTROL_PLANE_TOKEN, MR_APPENV_CONTROL_PLANE_URL, NULL};
+    const char *free_[] = {"OPENAI_API_KEY", "PATHS", "LDAP_URL", "MINDROOM_LOG_LEVEL", NULL};
+    for (size_t i = 0; reserved[i]; i++) {
+        assert_true(mr_appenv_reserved_key(reserved[i]));
+        assert_false(mr_appenv_operator_key(reserved[i]));
+    }
+    for (size_t i = 0; ours[i]; i++) {
+        assert_false(mr_appenv_reserved_key(ours[i]));
+        assert_false(mr_appenv_operator_key(ours[i]));
+    }
+    for (size_t i = 0; free_[i]; i++) assert_true(mr_appenv_operator_key(free_[i]));
+    assert_false(mr_appenv_operator_key("lower_key"));
+}
+
 static void test_images(void **state)
 {
     (void)state;
@@ -385,6 +409,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_env_keys),
+        cmocka_unit_test(test_env_reserved),
         cmocka_unit_test(test_images),
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_cpu_floor_by_scheduler),
