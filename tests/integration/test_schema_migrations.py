@@ -312,6 +312,57 @@ def test_the_worker_built_before_123_keeps_working_on_the_new_schema(cluster, tm
     old_worker_step({"LEGACY": "after"})    # the old worker's next step, before its restart
 
 
+
+def test_a_restart_held_behind_a_rejected_update_is_carried_out_after_the_upgrade(cluster, tmp_path):
+    """A tenant's restart that a release before 164 left pending behind an update the
+    provisioner rejected is due once the new migrations are applied; the update stays
+    held for an operator."""
+    db = cluster.new_db()
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in migration_files():
+        if f < "164_":
+            shutil.copy(os.path.join(MIGRATIONS, f), old)
+    r = cluster.migrate(db, migrations_dir=str(old))
+    assert r.returncode == 0, r.stderr
+    assert cluster.psql_file(db, SEED).returncode == 0
+    ((iid,),) = cluster.sql(db, "SELECT (public.lifecycle_provision('5eed5eed-0000-4000-8000-000000000101')"
+                                " #>> '{instance,id}')")
+
+    chained = []
+
+    def step(result):
+        """Claims the next step (or takes the one chained) and finishes it with result."""
+        ((f,),) = cluster.sql(db, """
+            SELECT public.lifecycle_finish((c #>> '{step,instance_id}')::uuid, c #>> '{step,token}',
+                       %s::jsonb || jsonb_build_object(
+                           'config_version', (c #>> '{step,config_version}')::bigint,
+                           'restart_version', (c #>> '{step,restart_version}')::bigint),
+                       60, 30, 3600)
+              FROM (SELECT coalesce(%s::jsonb, public.lifecycle_claim('w1', 60)) c) x""",
+                              (json.dumps(result), chained.pop() if chained else None))
+        if f["outcome"] == "claimed":
+            chained.append(json.dumps(f))
+        return f["outcome"]
+
+    def owed():
+        return cluster.sql(db, "SELECT owed_action::text, owed_due_at IS NOT NULL,"
+                               " restart_version > applied_restart_version"
+                               " FROM public.instances WHERE id = %s", (iid,))[0]
+
+    assert step({"ok": True, "welcome_email": {"ok": True}}) == "done"
+    cluster.sql(db, "UPDATE public.instances SET storage_gb = storage_gb + 1 WHERE id = %s", (iid,))
+    assert step({"ok": False, "rejected": True, "error": "HTTP 422: storage cannot shrink"}) == "failed"
+    cluster.sql(db, "UPDATE public.instances SET restart_version = restart_version + 1,"
+                    " restart_requested_at = now() WHERE id = %s", (iid,))
+    assert owed() == ("update", False, True)   # the old release: the restart waits for good
+    r = cluster.migrate(db)
+    assert r.returncode == 0, r.stderr
+    assert owed() == ("restart", True, True)
+    assert step({"ok": True}) == "claimed"     # the restart done, the update tried again
+    assert step({"ok": False, "rejected": True, "error": "HTTP 422: storage cannot shrink"}) == "failed"
+    assert owed() == ("update", False, False)
+
 def test_service_conninfo_migrates_the_service_database(cluster, tmp_path):
     """`migrate.sh service=NAME` (a libpq conninfo, the usual way to keep a password
     out of arguments) migrates the database the operator's service file names; one
