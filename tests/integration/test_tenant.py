@@ -363,7 +363,8 @@ def test_a_user_reads_own_instance_and_usage_and_nobody_elses(stack, dokku, heal
     assert len(days) == 30 and days[-1]["messages_sent"] == 3 and days[-4]["messages_sent"] == 42
     assert days[-1]["agents"] == 2
     assert j["health"]["status"] == "healthy" and j["health"]["checked_at"]
-    assert j["instance"]["restart"] == {"pending": False, "requested_at": None, "restarted_at": None}
+    assert j["instance"]["restart"] == {"pending": False, "held": False, "requested_at": None,
+                                       "restarted_at": None}
     assert "environment_vars" not in r.text and "claimed_by" not in r.text and "mri_" not in r.text
     # The same by id; the id of someone else's instance is 404 like a made-up one.
     assert stack.call("GET", "my-instance?instance_id=%s" % iid,

@@ -2,9 +2,10 @@
 -- update the provisioner rejected waits for an operator, whether the restart was
 -- asked before or after the rejection; the update stays held after it. A restart
 -- rejected too is held with it (never retried in a loop), and a cancellation's
--- destroy owed while an update ran that is then rejected is due.
+-- destroy owed while an update ran that is then rejected is due. my-instance says
+-- when the restart is held.
 BEGIN;
-SELECT plan(23);
+SELECT plan(26);
 \ir _helpers.inc
 
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
@@ -43,6 +44,16 @@ BEGIN
     RETURN r ->> 'outcome';
 END;
 $$;
+-- What the tenant's my-instance shows of the restart: pending, held.
+CREATE FUNCTION pg_temp.shown() RETURNS text LANGUAGE plpgsql AS $$
+DECLARE r jsonb; v_id uuid := (pg_temp.inst()).id;
+BEGIN
+    PERFORM pg_temp.become('5eed5eed-0000-4000-8000-000000000001');
+    r := public.tenant_instance(v_id) #> '{instance,restart}';
+    PERFORM pg_temp.unbecome();
+    RETURN 'pending ' || (r ->> 'pending') || ', held ' || coalesce(r ->> 'held', '-');
+END;
+$$;
 GRANT ALL ON chained TO service_role;
 GRANT EXECUTE ON FUNCTION pg_temp.inst(), pg_temp.step(jsonb) TO service_role;
 CREATE FUNCTION pg_temp.owed() RETURNS text LANGUAGE sql AS $$
@@ -67,6 +78,7 @@ SELECT is(pg_temp.owed(), 'update held', 'and held');
 -- once more and held again.
 SELECT is(pg_temp.restart(), 'ok', 'the tenant asks a restart');
 SELECT is(pg_temp.owed(), 'restart due', 'the restart is due past the held update');
+SELECT is(pg_temp.shown(), 'pending true, held false', 'my-instance: pending, not held');
 SET LOCAL role service_role;
 SELECT is(pg_temp.step('{"ok": true}'), 'restart:claimed', 'the restart is done, the update follows');
 SELECT is(pg_temp.step('{"ok": false, "rejected": true, "error": "HTTP 422: storage cannot shrink"}'),
@@ -95,6 +107,7 @@ SELECT is(pg_temp.step('{"ok": false, "rejected": true, "error": "HTTP 422: stor
 SELECT is(pg_temp.step('{"ok": true}'), 'nothing due', 'nothing is tried again');
 RESET role;
 SELECT is(pg_temp.owed(), 'restart held', 'the restart is held, with the update');
+SELECT is(pg_temp.shown(), 'pending true, held true', 'my-instance: the restart is held');
 
 -- An operator asks again: the update is tried, rejected, and the restart goes ahead
 -- of it again.
@@ -107,6 +120,7 @@ SELECT is(pg_temp.step('{"ok": false, "rejected": true, "error": "HTTP 422: stor
           'the update is rejected, the restart is done, the update rejected again');
 RESET role;
 SELECT is(pg_temp.owed(), 'update held', 'the update is held');
+SELECT is(pg_temp.shown(), 'pending false, held false', 'my-instance: restarted, nothing held');
 
 -- Another instance: a cancellation arrives while an update is in flight, which the
 -- provisioner then rejects: the destroy is due.
