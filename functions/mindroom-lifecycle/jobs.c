@@ -38,6 +38,8 @@ static const mr_db_stmt done_stmt = {
     "mr_job_done", "SELECT public.scheduled_job_done($1, $2, $3)::text", 3};
 static const mr_db_stmt reprocess_stmt = {
     "mr_job_reprocess", "SELECT public.reprocess_stripe_event($1) ->> 'result'", 1};
+static const mr_db_stmt teardown_begin_stmt = {
+    "mr_job_teardown_begin", "SELECT public.instance_teardown_begin($1::uuid, $2::int)::text", 2};
 static const mr_db_stmt teardown_done_stmt = {
     "mr_job_teardown_done",
     "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int)::text", 5};
@@ -159,7 +161,8 @@ static void sweep_job(worker *w)
 }
 
 /* A teardown's or a cancellation's call ends at once when the worker stops: both
- * are repeated by the next run, and repeating them is harmless. */
+ * are repeated (a teardown once its lease runs out: the provisioner may still be
+ * carrying it out), and repeating them is harmless. */
 static int stop_abort(void *arg)
 {
     (void)arg;
@@ -168,8 +171,9 @@ static int stop_abort(void *arg)
 
 static void teardown_job(worker *w)
 {
-    char err[256] = "", arg[16];
+    char err[256] = "", arg[16], lease[16];
     snprintf(arg, sizeof arg, "%d", TEARDOWN_BATCH);
+    snprintf(lease, sizeof lease, "%d", wcfg.lease_s);
     ids_ctx due = {"SELECT instance_id::text, dokku_app_name, target::text "
                    "FROM public.instance_teardowns_due($1::int)", arg, NULL};
     if (mr_db_tx(w->db, &mr_service_identity, ids_tx, &due, err, sizeof err) != MR_OK) {
@@ -192,6 +196,22 @@ static void teardown_job(worker *w)
             mr_log(MR_LOG_INFO, "teardown: instance %s (%s) waits: %s", iid, app, err);
             continue;
         }
+        /* Its lease first: a run taken over from this one (presumed dead while a
+         * call hangs) never calls the same teardown while this call is in flight. */
+        const char *bp[] = {iid, lease};
+        char *begun = NULL;
+        if (mr_db_call(w->db, &mr_service_identity, &teardown_begin_stmt, bp, NULL, &begun, err,
+                       sizeof err) != MR_OK || !begun || strcmp(begun, "true") != 0) {
+            targets_forget(&target);
+            if (begun)
+                mr_log(MR_LOG_INFO, "teardown: instance %s (%s): no longer due here", iid, app);
+            else
+                mr_log(MR_LOG_WARN, "teardown: instance %s (%s): cannot take its lease: %s", iid,
+                       app, err);
+            free(begun);
+            continue;
+        }
+        free(begun);
         if (te != MR_OK) {
             memset(&call, 0, sizeof call);
             snprintf(call.error, sizeof call.error, "%s", err);
@@ -201,7 +221,7 @@ static void teardown_job(worker *w)
         }
         targets_forget(&target);
         if (call.aborted)
-            break; /* not recorded: the next run does it again (it is idempotent) */
+            break; /* not recorded: done again after its lease (it is idempotent) */
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,
                                 wcfg.backoff_base_arg, wcfg.backoff_cap_arg};
         char *out = NULL;

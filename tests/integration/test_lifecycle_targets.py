@@ -462,3 +462,46 @@ def test_a_hung_target_leaves_the_workers_free_for_a_healthy_one(pg, resend):
     finally:
         hung.stop()
         good.stop()
+
+
+def test_a_teardown_in_flight_is_not_called_again_when_its_job_is_taken_over(pg, resend):
+    # A teardown's call may last up to MR_PROVISION_TIMEOUT_MS, longer than the ten
+    # intervals after which the teardown job's run is presumed dead and another
+    # worker takes the job over. That worker must not call the same teardown while
+    # the first call is still in flight; once the provisioner answers, it is done.
+    hung = ProvisionerStandin().start()
+    try:
+        env = dict(FAST_ENV)
+        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+                   HUNG_TOKEN=hung.token, SWEEP_INTERVAL_S="1",
+                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
+                   MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+                   MR_PROVISION_WAIT_MS="30000")
+        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+            ok(ctl(s, "target", "add", "hung", "--url", hung.url, "--token-ref", "env:HUNG_TOKEN",
+                   "--capacity-mb", 100000))
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            inst = running(s, sid)
+            hung.behave("hang")
+            s.sql("DELETE FROM public.instances WHERE id = %s", inst["id"])
+            hung.wait_for(lambda p: p.recorded("DELETE"), timeout=10)
+            runs = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'teardown'")[0][0]
+            # The run is presumed dead, as ten intervals later: the other worker takes
+            # the job over while the call hangs.
+            s.sql("UPDATE public.scheduled_jobs SET last_started_at = now() - interval '1 hour', "
+                  "until = now() WHERE name = 'teardown'")
+            wait_until(lambda: s.sql("SELECT runs FROM public.scheduled_jobs "
+                                     "WHERE name = 'teardown'")[0][0] > runs,
+                       timeout=10, what="the teardown job taken over")
+            time.sleep(2)
+            assert len(hung.recorded("DELETE")) == 1
+            assert hung.max_in_flight == 1
+            hung.behave("ok")
+            hung.release()
+            wait_until(lambda: s.sql("SELECT done_at FROM public.instance_teardowns "
+                                     "WHERE instance_id = %s", inst["id"])[0][0],
+                       timeout=15, what="the teardown done")
+    finally:
+        hung.stop()
