@@ -197,14 +197,16 @@ static void teardown_job(worker *w)
             continue;
         }
         /* Its lease first: a run taken over from this one (presumed dead while a
-         * call hangs) never calls the same teardown while this call is in flight. */
+         * call hangs) never calls the same teardown while this call is in flight,
+         * and it counts against its target's max_in_flight (refused at the limit). */
         const char *bp[] = {iid, lease};
         char *begun = NULL;
         if (mr_db_call(w->db, &mr_service_identity, &teardown_begin_stmt, bp, NULL, &begun, err,
                        sizeof err) != MR_OK || !begun || strcmp(begun, "true") != 0) {
             targets_forget(&target);
             if (begun)
-                mr_log(MR_LOG_INFO, "teardown: instance %s (%s): no longer due here", iid, app);
+                mr_log(MR_LOG_INFO, "teardown: instance %s (%s) waits: in flight, its target "
+                       "at its limit or disabled, or no longer due", iid, app);
             else
                 mr_log(MR_LOG_WARN, "teardown: instance %s (%s): cannot take its lease: %s", iid,
                        app, err);

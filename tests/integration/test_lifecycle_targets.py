@@ -505,3 +505,54 @@ def test_a_teardown_in_flight_is_not_called_again_when_its_job_is_taken_over(pg,
                        timeout=15, what="the teardown done")
     finally:
         hung.stop()
+
+
+def test_teardowns_on_a_hung_target_count_against_its_limit(pg, resend):
+    # A target with the default limit of 1 stops answering while it owes two
+    # teardowns (deleted accounts) and a stop. Its teardowns and its steps together
+    # hold one worker, never the second one: a new customer placed on the healthy
+    # target is served meanwhile, not after the hung calls' deadline.
+    hung, good = ProvisionerStandin().start(), ProvisionerStandin().start()
+    try:
+        env = dict(FAST_ENV)
+        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+                   HUNG_TOKEN=hung.token, GOOD_TOKEN=good.token, SWEEP_INTERVAL_S="1",
+                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
+                   MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+                   MR_PROVISION_WAIT_MS="30000")
+        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+            for name, p in (("hung", hung), ("good", good)):
+                ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
+                       "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+            ok(ctl(s, "target", "pin", "hung"))
+            sids = [new_subscription(s, "starter", account=new_account(s)[0]) for _ in range(3)]
+            for sid in sids:
+                assert provision(s, sid).status == 202
+            insts = [running(s, sid) for sid in sids]
+            hung.reset()
+            hung.behave("hang")
+            for i in insts[:2]:
+                s.sql("DELETE FROM public.instances WHERE id = %s", i["id"])
+            assert deprovision(s, subscription_id=sids[2], mode="stop").status == 202
+            hung.wait_for(lambda p: p.in_flight, timeout=5)
+            time.sleep(3)  # every worker that would take a hung call has taken one
+            assert hung.max_in_flight == 1
+            hung_target = rows_of(ok(ctl(s, "target", "list")))
+            assert [r[8:10] for r in hung_target if len(r) > 9 and r[1] == "hung"] == [["1", "1"]]
+            ok(ctl(s, "target", "pin", "hung", "--undo"))
+            ok(ctl(s, "target", "drain", "hung"))
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            assert target_of(s, sid) == "good"
+            # Served within seconds, long before the hung call's 30 s deadline.
+            running(s, sid, timeout=8)
+            hung.behave("ok")
+            hung.release()
+            wait_until(lambda: s.sql("SELECT count(*) FROM public.instance_teardowns "
+                                     "WHERE done_at IS NULL")[0][0] == 0,
+                       timeout=30, what="both teardowns done")
+            wait_status(s, sids[2], "stopped", timeout=30)
+    finally:
+        hung.stop()
+        good.stop()
