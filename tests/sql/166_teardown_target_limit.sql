@@ -1,4 +1,4 @@
--- 167_teardown_target_limit.sql (167_teardowns_count_against_target.sql): a target's
+-- 166_teardown_target_limit.sql (166_teardown_lease.sql): a target's
 -- teardowns under lease count against its max_in_flight together with its instances'
 -- leases (public.target_in_flight): its steps wait ('target_busy') while a teardown
 -- is in flight there, and a teardown is not begun while the target is at its limit
