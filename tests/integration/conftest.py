@@ -94,7 +94,9 @@ def pytest_collection_modifyitems(config, items):
     in the integration suite and are deselected here, not skipped."""
     if os.environ.get("MR_TEST_POOLER") != "transaction":
         return
-    kept = [i for i in items if "pg" in getattr(i, "fixturenames", ())]
-    if len(kept) < len(items):
-        config.hook.pytest_deselected(items=[i for i in items if "pg" not in getattr(i, "fixturenames", ())])
+    kept, dropped = [], []
+    for i in items:
+        (kept if "pg" in getattr(i, "fixturenames", ()) else dropped).append(i)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
         items[:] = kept
