@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -24,13 +25,28 @@
 #include "worker.h"
 
 /* Reads a token file (at most TARGET_TOKEN_MAX - 1 bytes, one line, trailing
- * newline dropped). Returns MR_OK or MR_EINVAL with err naming the path only. */
+ * newline dropped). Like ssh with its keys, a file others could read or change is
+ * refused: it must be a regular file of the worker's user or root, neither
+ * group-writable nor open to other users (0600, or 0640 with the worker's group).
+ * Returns MR_OK or MR_EINVAL with err naming the path only. */
 static mr_err read_token_file(const char *path, char *out, size_t cap, char *err, size_t errlen)
 {
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return mr_seterr(err, errlen, MR_EINVAL, "cannot read the token file %s (%s)", path,
                          strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return mr_seterr(err, errlen, MR_EINVAL, "the token file %s is not a regular file", path);
+    }
+    if ((st.st_mode & (S_IWGRP | S_IRWXO)) || (st.st_uid != geteuid() && st.st_uid != 0)) {
+        close(fd);
+        return mr_seterr(err, errlen, MR_EINVAL,
+                         "the token file %s is open to other users (mode %04o, owner uid %u): "
+                         "make it the worker's or root's, mode 0600",
+                         path, (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid);
+    }
     ssize_t n = read(fd, out, cap - 1);
     int more = n > 0 && (size_t)n == cap - 1;
     close(fd);

@@ -252,6 +252,29 @@ def test_a_disabled_targets_owed_work_waits_with_a_clear_status(stack, targets, 
     assert not [w for w in rows_of(ok(ctl(stack, "target", "list"))) if "target_disabled" in w]
 
 
+def test_a_token_file_open_to_other_users_is_refused_until_it_is_made_private(stack, targets):
+    beta = targets["beta"]
+    sid, app = stack.sql("SELECT i.subscription_id::text, i.dokku_app_name FROM public.instances i "
+                         "JOIN public.provisioner_targets t ON t.id = i.target_id "
+                         "WHERE t.name = 'beta' AND i.status = 'running' AND i.owed_action IS NULL "
+                         "ORDER BY i.created_at LIMIT 1")[0]
+    n = len(beta.requests)
+    os.chmod(stack.beta_token_file, 0o644)
+    try:
+        assert deprovision(stack, subscription_id=sid, mode="stop").status == 202
+        err = wait_until(lambda: (lambda e: e if e and "open to other users" in e else None)(
+            instance(stack, sid)["last_error"]), timeout=10, interval=0.05,
+            what="the step refused over the token file's mode")
+        assert stack.beta_token_file in err and "mode 0644" in err, err
+        # The token was never sent anywhere.
+        assert beta.requests[n:] == []
+        assert instance(stack, sid)["status"] == "running"
+    finally:
+        os.chmod(stack.beta_token_file, 0o600)
+    wait_status(stack, sid, "stopped", timeout=30)
+    assert [x.path for x in beta.requests[n:]] == ["/apps/%s/stop" % app]
+
+
 def test_a_targets_concurrency_limit_holds_across_workers(stack, targets):
     solo = targets["solo"]
     ok(ctl(stack, "target", "add", "solo", "--url", solo.url, "--token-ref", "env:SOLO_TOKEN",
