@@ -181,7 +181,12 @@ static void teardown_job(worker *w)
         done(w, "teardown", err);
         return;
     }
-    int n = PQntuples(due.res), torn = 0, failed = 0;
+    int n = PQntuples(due.res), torn = 0, failed = 0, nsilent = 0;
+    /* Targets that left one of this round's calls unanswered (its deadline passed,
+     * or no connection): their other teardowns wait for the next round, so a target
+     * that stops answering holds the job for one call's deadline a round, not for
+     * one per teardown while the other targets' teardowns wait behind it. */
+    char silent[TEARDOWN_BATCH][sizeof ((worker_target *)0)->name];
     for (int i = 0; i < n && !worker_stopping(); i++) {
         const char *iid = PQgetvalue(due.res, i, 0), *app = PQgetvalue(due.res, i, 1);
         mr_provisioner p = wcfg.provisioner;
@@ -194,6 +199,17 @@ static void teardown_job(worker *w)
             /* Disabled since the query: not due while it stays so, nothing counted. */
             targets_forget(&target);
             mr_log(MR_LOG_INFO, "teardown: instance %s (%s) waits: %s", iid, app, err);
+            continue;
+        }
+        const char *tname = target.chosen ? target.name : "";
+        int quiet = 0;
+        for (int k = 0; k < nsilent && !quiet; k++)
+            quiet = strcmp(silent[k], tname) == 0;
+        if (quiet) {
+            /* Not due this round, nothing counted: the next round asks again. */
+            targets_forget(&target);
+            mr_log(MR_LOG_INFO, "teardown: instance %s (%s) waits: %s did not answer this "
+                   "round's call", iid, app, *tname ? tname : "DOKKU_PROVISIONER_URL");
             continue;
         }
         /* Its lease first: a run taken over from this one (presumed dead while a
@@ -224,6 +240,9 @@ static void teardown_job(worker *w)
         targets_forget(&target);
         if (call.aborted)
             break; /* not recorded: done again after its lease (it is idempotent) */
+        if (te == MR_OK && !call.ok && !call.rejected && call.status == 0 &&
+            nsilent < TEARDOWN_BATCH)
+            snprintf(silent[nsilent++], sizeof silent[0], "%s", tname);
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,
                                 wcfg.backoff_base_arg, wcfg.backoff_cap_arg};
         char *out = NULL;

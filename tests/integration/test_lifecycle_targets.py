@@ -579,3 +579,62 @@ def test_teardowns_on_a_hung_target_count_against_its_limit(pg, resend):
     finally:
         hung.stop()
         good.stop()
+
+
+def test_a_target_that_stops_answering_holds_a_teardown_round_for_one_call(pg, resend):
+    # Four accounts are erased together: three of their instances live on a target
+    # that has stopped answering, one on a healthy target, and the round takes the
+    # hung target's first. Once one call there has gone unanswered to its deadline,
+    # the round leaves that target's other teardowns for the next round (nothing
+    # counted) and does the healthy target's at once, instead of waiting out one
+    # deadline per teardown before it.
+    hung, good = ProvisionerStandin().start(), ProvisionerStandin().start()
+    try:
+        env = dict(FAST_ENV)
+        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+                   HUNG_TOKEN=hung.token, GOOD_TOKEN=good.token, SWEEP_INTERVAL_S="1",
+                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
+                   MR_PROVISION_TIMEOUT_MS="3000", MR_LIFECYCLE_LEASE_S="60",
+                   MR_PROVISION_WAIT_MS="30000")
+        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+            for name, p in (("hung", hung), ("good", good)):
+                ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
+                       "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+            placed = {}
+            for name, n in (("hung", 3), ("good", 1)):
+                ok(ctl(s, "target", "pin", name))
+                for _ in range(n):
+                    sid = new_subscription(s, "starter", account=new_account(s)[0])
+                    assert provision(s, sid).status == 202
+                    placed.setdefault(name, []).append(running(s, sid)["id"])
+                    assert target_of(s, sid) == name
+                ok(ctl(s, "target", "pin", name, "--undo"))
+            hung.reset()
+            good.reset()
+            hung.behave("hang")
+            # One transaction: every teardown is recorded, the hung target's first in
+            # the round's order, before any round sees them.
+            s.sql("DELETE FROM public.instances WHERE id = ANY(%s::uuid[]); "
+                  "UPDATE public.instance_teardowns SET not_before = now() - interval '1 minute' "
+                  "WHERE instance_id = ANY(%s::uuid[])", placed["hung"] + placed["good"],
+                  placed["hung"])
+            wait_until(lambda: s.sql("SELECT done_at FROM public.instance_teardowns "
+                                     "WHERE instance_id = %s", placed["good"][0])[0][0],
+                       timeout=20, what="the healthy target's teardown done")
+            # Each later call to the hung target needs its 3 s deadline to be counted:
+            # what is counted now is what the round did before the healthy teardown.
+            attempts = [r[0] for r in s.sql(
+                "SELECT attempts FROM public.instance_teardowns WHERE instance_id = ANY(%s::uuid[]) "
+                "ORDER BY attempts", placed["hung"])]
+            assert attempts == [0, 0, 1]
+            assert len(good.recorded("DELETE")) == 1
+            # The others are asked again in later rounds, and done once it answers.
+            hung.behave("ok")
+            hung.release()
+            wait_until(lambda: s.sql("SELECT count(*) FROM public.instance_teardowns "
+                                     "WHERE done_at IS NULL")[0][0] == 0,
+                       timeout=40, what="every teardown done")
+    finally:
+        hung.stop()
+        good.stop()
