@@ -301,7 +301,11 @@ static void cancel_job(worker *w)
     }
     mr_stripe_api_config stripe = wcfg.stripe;
     stripe.abort_cb = stop_abort;
-    for (int i = 0; i < n && !worker_stopping(); i++) {
+    /* Once a call gets no answer (Stripe's deadline passed, or no connection), the
+     * round ends: the others wait for the next round (nothing counted), so an outage
+     * holds the job for one deadline a round, not one per cancellation. */
+    int silent = 0;
+    for (int i = 0; i < n && !silent && !worker_stopping(); i++) {
         const char *sub = PQgetvalue(due.res, i, 0), *outcome = NULL;
         mr_err e = MR_EINTERNAL;
         if (!stripe_sub_id_ok(sub)) {
@@ -325,6 +329,7 @@ static void cancel_job(worker *w)
             }
             else if (res.status == 404 && strcmp(res.error_code, "resource_missing") == 0)
                 outcome = "not_found"; /* cancelled before (Stripe's answer then), or unknown */
+            silent = e == MR_ETRANSIENT && res.status == 0;
             mr_stripe_api_result_free(&res);
             if (!outcome && worker_stopping())
                 break; /* not recorded: the next run asks again */
@@ -349,6 +354,9 @@ static void cancel_job(worker *w)
                    "with backoff", sub, err);
         }
     }
+    if (silent && cancelled + failed < n)
+        mr_log(MR_LOG_INFO, "stripe cancellations: %d more wait for the next round: Stripe did "
+               "not answer", n - cancelled - failed);
     PQclear(due.res);
     if (cancelled || failed)
         mr_log(MR_LOG_INFO, "stripe cancellations: %d done, %d failed", cancelled, failed);

@@ -329,6 +329,40 @@ def test_a_subscription_of_the_other_mode_is_not_counted_cancelled(keyed, stripe
     assert mine and all(l["level"] == "error" for l in mine), mine
 
 
+def test_when_stripe_stops_answering_a_round_waits_out_one_call_not_each(pg, prov, stripe):
+    """Two deleted accounts' subscriptions are owed when Stripe stops answering. The
+    round's first call runs to its deadline (1 s here, 20 s by default) and is counted
+    failed; the other is not called in that round (nothing counted), instead of each
+    of up to twenty holding the worker for a deadline. The next round does both."""
+    stripe.reset()
+    env = stack_env(prov, SWEEP_INTERVAL_S="30", STRIPE_SECRET_KEY=stripe.key,
+                    STRIPE_API_BASE=stripe.url, STRIPE_MAX_RETRIES="0", STRIPE_DEADLINE_MS="1000")
+    with mr.Stack(pg, env=env, functions=[WORKER]) as s:
+        subs = []
+        for _ in range(2):
+            acc, _ = paying_account(s)
+            sub = stripe.add_subscription()
+            s.sql("UPDATE public.subscriptions SET stripe_subscription_id = %s "
+                  "WHERE account_id = %s", sub, acc)
+            subs.append((acc, sub))
+        stripe.next("hang", "hang")
+        s.sql("DELETE FROM auth.users WHERE id = ANY(%s::uuid[])", [a for a, _ in subs])
+        # The job's next round now, not at the end of its 30 s interval.
+        s.sql("UPDATE public.scheduled_jobs SET until = now() WHERE name = 'stripe-cancel'")
+        wait_until(lambda: any(cancellation(s, sub)[2] for _, sub in subs), timeout=15,
+                   what="the first call counted failed")
+        time.sleep(1.5)  # a second call in the same round would be counted by now
+        assert sorted(cancellation(s, sub)[2] for _, sub in subs) == [0, 1]
+        assert sum(len(cancels(stripe, sub)) for _, sub in subs) == 1
+        assert [l for l in s.log(WORKER).splitlines()
+                if "1 more wait for the next round: Stripe did not answer" in l]
+        stripe.release()
+        s.sql("UPDATE public.scheduled_jobs SET until = now() WHERE name = 'stripe-cancel'")
+        wait_until(lambda: all(cancellation(s, sub)[0] for _, sub in subs), timeout=20,
+                   what="both cancelled in a later round")
+        assert all(stripe.subscriptions[sub]["status"] == "canceled" for _, sub in subs)
+
+
 def test_without_a_stripe_key_a_deleted_accounts_subscription_stays_owed(stack):
     acc, sub = paying_account(stack)
     stack.sql("DELETE FROM auth.users WHERE id = %s", acc)
