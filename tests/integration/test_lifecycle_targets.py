@@ -581,6 +581,50 @@ def test_teardowns_on_a_hung_target_count_against_its_limit(pg, resend):
         good.stop()
 
 
+def test_a_welcome_email_in_flight_holds_no_deploy_of_its_target_back(pg, resend):
+    # A target with mindroomctl's default of one slot, and Resend not answering. The
+    # first customer's instance is made and its welcome email hangs: a second
+    # customer placed on the same target is made meanwhile, not once the email's
+    # call has reached its deadline. The email is sent once Resend answers.
+    solo = ProvisionerStandin().start()
+    resend.reset()
+    try:
+        env = dict(FAST_ENV)
+        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
+                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token, SOLO_TOKEN=solo.token,
+                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
+                   MR_RESEND_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+                   MR_PROVISION_TIMEOUT_MS="20000", MR_PROVISION_WAIT_MS="30000")
+        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
+            ok(ctl(s, "target", "add", "solo", "--url", solo.url, "--token-ref", "env:SOLO_TOKEN",
+                   "--capacity-mb", 100000))
+            assert target_rows(s)["solo"][5] == 1
+            resend.behave("hang")
+            first = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, first).status == 202
+            resend.wait_for(lambda r: r.in_flight, timeout=10)
+            assert s.sql("SELECT status::text, claim_action FROM public.instances "
+                         "WHERE subscription_id = %s", first) == [("running", "email")]
+            second = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, second).status == 202
+            assert target_of(s, second) == "solo"
+            # Made within seconds, long before the first email's 30 s deadline (its own
+            # email then hangs too).
+            wait_until(lambda: instance(s, second)["provisioned_at"], timeout=8,
+                       what="the second customer's instance made")
+            assert instance(s, second)["status"] == "running"
+            assert len(solo.create_calls()) == 2
+            assert not resend.delivered and instance(s, first)["welcome_email_sent_at"] is None
+            resend.behave("ok")
+            resend.release()
+            wait_until(lambda: instance(s, first)["welcome_email_sent_at"], timeout=30,
+                       what="the first customer's welcome email sent")
+    finally:
+        resend.behave("ok")
+        resend.release()
+        solo.stop()
+
+
 def test_a_target_that_stops_answering_holds_a_teardown_round_for_one_call(pg, resend):
     # Four accounts are erased together: three of their instances live on a target
     # that has stopped answering, one on a healthy target, and the round takes the
