@@ -279,27 +279,34 @@ static void sleep_ms(long ms)
         ;
 }
 
-/* One POST (form: its body) or DELETE (form NULL: no body), as described in the
+/* One POST (form: its body), DELETE or GET (form NULL: no body), as described in the
  * header. */
 static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const char *method,
-                      const char *path, const char *form, const char *idempotency_key,
+                      const char *target, const char *form, const char *idempotency_key,
                       int64_t deadline_ms, mr_stripe_api_result *res, char *err, size_t errlen)
 {
     memset(res, 0, sizeof(*res));
+    /* Errors and log lines name the path, never its query (a GET's may hold an email). */
+    char path[256];
+    snprintf(path, sizeof path, "%.*s", (int)strcspn(target, "?"), target);
     if (!cfg->secret_key)
         return mr_seterr(err, errlen, MR_EINTERNAL, "STRIPE_SECRET_KEY is not set");
     char url[1024], auth[512], idem[320];
     size_t blen = strlen(cfg->base_url);
     while (blen > 0 && cfg->base_url[blen - 1] == '/')
         blen--;
-    if ((size_t)snprintf(url, sizeof url, "%.*s%s", (int)blen, cfg->base_url, path) >= sizeof url ||
-        (size_t)snprintf(idem, sizeof idem, "Idempotency-Key: %s", idempotency_key) >= sizeof idem)
+    if ((size_t)snprintf(url, sizeof url, "%.*s%s", (int)blen, cfg->base_url, target) >= sizeof url ||
+        (idempotency_key &&
+         (size_t)snprintf(idem, sizeof idem, "Idempotency-Key: %s", idempotency_key) >= sizeof idem))
         return mr_seterr(err, errlen, MR_EINTERNAL, "Stripe URL or idempotency key too long");
     if ((size_t)snprintf(auth, sizeof auth, "Authorization: Bearer %s", cfg->secret_key) >= sizeof auth)
         return mr_seterr(err, errlen, MR_EINTERNAL, "STRIPE_SECRET_KEY is too long");
-    const char *headers[] = {auth, "Stripe-Version: " MR_STRIPE_API_VERSION, idem,
-                             "Content-Type: application/x-www-form-urlencoded",
-                             "Accept: application/json", NULL};
+    /* A GET carries no key (Stripe ignores one there) and no body. */
+    const char *headers[] = {auth, "Stripe-Version: " MR_STRIPE_API_VERSION, "Accept: application/json",
+                             form ? "Content-Type: application/x-www-form-urlencoded" : NULL,
+                             NULL, NULL};
+    if (idempotency_key)
+        headers[form ? 4 : 3] = idem;
     mr_err rc;
     for (int retry = 0;; retry++) {
         int64_t left = deadline_ms - mr_now_ms();
@@ -409,6 +416,12 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
 {
     return request(http, cfg, "POST", path, form ? form : "", idempotency_key, deadline_ms, res,
                    err, errlen);
+}
+
+mr_err mr_stripe_api_get(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                         int64_t deadline_ms, mr_stripe_api_result *res, char *err, size_t errlen)
+{
+    return request(http, cfg, "GET", path, NULL, NULL, deadline_ms, res, err, errlen);
 }
 
 mr_err mr_stripe_api_delete(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,

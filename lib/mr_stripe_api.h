@@ -4,10 +4,10 @@
  * Requests are form-encoded from a cJSON object of parameters, flattened the
  * way Stripe's own libraries do it: a nested object becomes key[sub], an
  * array key[0], key[1]..., booleans "true"/"false", null an empty value.
- * Every request carries the pinned Stripe-Version and the caller's
- * Idempotency-Key (one per attempt the caller stored before calling: see
+ * Every request carries the pinned Stripe-Version, and every POST and DELETE the
+ * caller's Idempotency-Key (one per attempt the caller stored before calling: see
  * mr_billing.h; Stripe replays a key's first answer for 24 hours and refuses
- * the key with other parameters).
+ * the key with other parameters). A GET reads and needs none.
  *
  * Retries follow stripe-node and stripe-go: a Stripe-Should-Retry header
  * decides when present; otherwise a connection error, a 409 (another request
@@ -113,6 +113,10 @@ mr_err mr_stripe_api_post(mr_httpc *http, const mr_stripe_api_config *cfg, const
 mr_err mr_stripe_api_delete(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
                             const char *idempotency_key, int64_t deadline_ms,
                             mr_stripe_api_result *res, char *err, size_t errlen);
+/* The same for GET base_url + path, path carrying its query ("/v1/customers?email=..."
+ * from mr_stripe_api_form): no key, no body; retried as a repeat changes nothing. */
+mr_err mr_stripe_api_get(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                         int64_t deadline_ms, mr_stripe_api_result *res, char *err, size_t errlen);
 void mr_stripe_api_result_free(mr_stripe_api_result *res);
 
 /* Reads a Stripe error body into res->error_type / error_code / other_mode and

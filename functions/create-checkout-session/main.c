@@ -14,7 +14,9 @@
  *   3. The account's Stripe customer; created by us when it has none, with
  *      metadata.account_id and the account's email, and stored on the account
  *      in the transaction that records the answer (the webhook links events
- *      through it).
+ *      through it). When an earlier attempt to create it ended without an
+ *      answer saying what Stripe did, the one Stripe may have made is looked
+ *      for first (find_customer).
  *   4. The session: client_reference_id and metadata.account_id (on the
  *      session and on the subscription it creates) = the account, success and
  *      cancel URLs from configuration only, the plan's trial days for an
@@ -34,7 +36,9 @@
  *      stays open until it expires (logged), and is never handed out.
  *
  * Without STRIPE_SECRET_KEY every call is answered 503 stripe_not_configured. */
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "mindroom.h"
@@ -238,6 +242,78 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
     return 0;
 }
 
+/* Step 3's guard against a second customer: while the account has no customer and
+ * one of its customer attempts was closed without one (a 500 Stripe kept for its key,
+ * an attempt given up: public.billing_customer_unsure), Stripe may have made one.
+ * Its customers with the account's email are listed (consistent, unlike Stripe's
+ * search) and the oldest made for this account (metadata.account_id) becomes the
+ * account's (public.billing_customer_found).
+ * MR_OK with customer filled when one was found and left "" when none was; otherwise
+ * the failure, answered (503 when Stripe cannot be asked: nothing is made blind). */
+static mr_err find_customer(mr_req *r, const char *account, const char *email, int64_t deadline,
+                            char *customer, size_t len)
+{
+    const char *ap[1] = {account};
+    cJSON *unsure;
+    mr_err e = mr_billing_sql(r, "SELECT public.billing_customer_unsure($1::uuid)::text", 1, ap,
+                              &unsure);
+    if (e != MR_OK)
+        return e;
+    int ask = cJSON_IsTrue(unsure);
+    cJSON_Delete(unsure);
+    if (!ask)
+        return MR_OK;
+    cJSON *q = cJSON_CreateObject();
+    cJSON_AddStringToObject(q, "email", email);
+    cJSON_AddStringToObject(q, "limit", "100");
+    char *query = mr_stripe_api_form(q), path[1024], err[256] = "";
+    cJSON_Delete(q);
+    if (!query || (size_t)snprintf(path, sizeof path, "/v1/customers?%s", query) >= sizeof path) {
+        free(query);
+        mr_reply_error(r, 500, "internal", "could not build the payment request");
+        return MR_EINTERNAL;
+    }
+    free(query);
+    mr_stripe_api_result res;
+    e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
+    if (e != MR_OK) {
+        mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: %s", account, err);
+        mr_stripe_api_reply_error(r, e, &res);
+        mr_stripe_api_result_free(&res);
+        return e;
+    }
+    const cJSON *c, *found = NULL;
+    int64_t first = INT64_MAX;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
+        const char *id = NULL, *of = NULL;
+        int64_t created = 0;
+        if (mr_json_str(c, "id", &id) != MR_OK ||
+            mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) != MR_OK ||
+            strcmp(of, account) != 0)
+            continue;
+        mr_json_i64(c, "created", 0, INT64_MAX, &created);
+        if (created < first) {
+            first = created;
+            found = c;
+        }
+    }
+    if (found) {
+        const char *id = NULL;
+        mr_json_str(found, "id", &id);
+        const char *fp[3] = {account, id, stripe.livemode ? "true" : "false"};
+        cJSON *v;
+        if ((e = mr_billing_sql(r, "SELECT to_json(public.billing_customer_found($1::uuid, $2, "
+                                   "$3::boolean))::text", 3, fp, &v)) == MR_OK) {
+            snprintf(customer, len, "%s", cJSON_IsString(v) ? v->valuestring : "");
+            mr_log(MR_LOG_INFO, "billing: account %s: its customer %s found at Stripe, not made "
+                   "again (request %s)", account, customer, r->request_id);
+            cJSON_Delete(v);
+        }
+    }
+    mr_stripe_api_result_free(&res);
+    return e;
+}
+
 static void handle(mr_req *r)
 {
     if (!stripe.secret_key) {
@@ -306,6 +382,9 @@ static void handle(mr_req *r)
     /* 3. The customer. */
     char customer[256];
     snprintf(customer, sizeof customer, "%s", acc.customer);
+    if (!customer[0] &&
+        find_customer(r, account, acc.email, deadline, customer, sizeof customer) != MR_OK)
+        return;
     if (!customer[0]) {
         cJSON *p = cJSON_CreateObject();
         cJSON_AddStringToObject(p, "email", acc.email);

@@ -639,6 +639,48 @@ def test_a_5xx_stripe_replays_for_its_key_does_not_block_checkout_for_a_day(stac
     assert [(k, s) for k, s, ik, _, _ in rows if ik == key] == [("customer", "failed")], rows
 
 
+def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack, stripe):
+    """A 500 that Stripe keeps for its key may hide a customer it did make. Once that
+    attempt is closed, the next click looks for the account's customer at Stripe (its
+    email, this account's id in its metadata) before making one: the account gets the
+    customer Stripe made, never a second one, and never another account's customer
+    that has the same email."""
+    acc, email, tok = user(stack)
+    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    made = [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    assert len(made) == 1 and customer_of(stack, acc) is None
+    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    # Made before ours, with the same email, for someone else: not ours to take.
+    other = "cus_other" + uuid.uuid4().hex[:12]
+    stripe.customers[other] = {"id": other, "object": "customer", "created": 1, "email": email,
+                               "name": None, "metadata": {"account_id": str(uuid.uuid4())},
+                               "livemode": False}
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert customer_of(stack, acc) == made[0]
+    assert stripe.sessions[r.json["id"]]["customer"] == made[0]
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == made
+    calls = stripe.recorded("/v1/customers")
+    assert [c.method for c in calls] == ["POST", "POST", "GET"], calls
+    assert calls[2].query == {"email": email, "limit": "100"} and calls[2].idempotency_key is None
+    assert email.split("@")[0] not in stack.log("create-checkout-session")  # nor encoded
+    # The closed attempt stays failed; the customer is recorded ours by an attempt
+    # whose key was never sent.
+    rows = attempts(stack, acc)
+    assert [(k, s, o, n) for k, s, _, o, n in rows] == [
+        ("customer", "failed", None, 2), ("customer", "succeeded", made[0], 0),
+        ("checkout", "succeeded", r.json["id"], 1)], rows
+    assert stack.sql("SELECT details->>'object_id' FROM public.audit_logs WHERE account_id = %s "
+                     "AND action = 'billing.customer_found'", acc) == [(made[0],)]
+    # From now on the account has its customer: Stripe is not asked again.
+    r = checkout(stack, tok, tier="professional", interval="month")
+    assert r.status == 200 and len(stripe.recorded("/v1/customers")) == 3, r
+
+
 def test_a_cancellation_applies_whatever_its_price(stack, stripe, prov):
     """customer.subscription.deleted always means cancelled: a price the catalogue
     lacks (switched to in Stripe's portal, a plan row removed) keeps the recorded

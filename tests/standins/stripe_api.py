@@ -36,6 +36,7 @@ Scripting, per test: next(...) queues behaviours for the next requests:
                      a 500 after the request began executing: kept for its key and
                      replayed to every later request with it, as Stripe keeps a key's
                      first answer, "including 500 errors"
+    ("executed", 500) the same, after executing the request: what the 500 hides was done
     "lost"           execute the request (and keep its answer for the key), then close
                      the connection without answering: a lost response
     "hang"           hold the request until release()
@@ -64,12 +65,14 @@ API_VERSION = "2025-03-31.basil"
 
 
 class Request:
-    """One request as received: method, path, headers (dict), raw body (str),
-    pairs (the form's (key, value) list in order), params (nested dict)."""
+    """One request as received: method, path (without its query), query (dict),
+    headers (dict), raw body (str), pairs (the form's (key, value) list in order),
+    params (nested dict)."""
 
     def __init__(self, method, path, headers, body):
         self.method = method
-        self.path = path
+        self.path, _, query = path.partition("?")
+        self.query = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
         self.headers = headers
         self.body = body
         self.pairs = urllib.parse.parse_qsl(body, keep_blank_values=True, strict_parsing=False)
@@ -186,6 +189,26 @@ class StripeStandin:
                "metadata": p.get("metadata") or {}, "livemode": False}
         self.customers[obj["id"]] = obj
         return 200, obj, {}
+
+    def _list_customers(self, q):
+        """GET /v1/customers: newest first, filtered by email (case-sensitive, as
+        Stripe's filter is), at most limit (1-100, default 10)."""
+        try:
+            limit = int(q.get("limit", "10"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            return error(400, "invalid_request_error",
+                         "Invalid integer: %s" % q.get("limit"), param="limit")
+        unknown = sorted(set(q) - {"email", "limit"})
+        if unknown:
+            return error(400, "invalid_request_error",
+                         "Received unknown parameter: %s" % unknown[0])
+        found = [c for c in self.customers.values()
+                 if "email" not in q or c.get("email") == q["email"]]
+        found.sort(key=lambda c: c["created"], reverse=True)
+        return 200, {"object": "list", "url": "/v1/customers", "has_more": len(found) > limit,
+                     "data": json.loads(json.dumps(found[:limit]))}, {}
 
     def _checkout(self, p):
         if p.get("mode") not in ("payment", "setup", "subscription"):
@@ -327,6 +350,8 @@ class StripeStandin:
         m = re.fullmatch(r"/v1/subscriptions/([A-Za-z0-9_]+)", req.path)
         if req.method == "DELETE" and m:
             return self._cancel(m.group(1), req.params)
+        if req.method == "GET" and req.path == "/v1/customers":
+            return self._list_customers(req.query)
         if req.method != "POST" or req.path not in routes:
             return error(404, "invalid_request_error",
                          "Unrecognized request URL (%s: %s)." % (req.method, req.path))
@@ -374,7 +399,10 @@ class StripeStandin:
                 self._keys[key] = {"fp": fp, "done": False}
         if behaviour == "hang":
             self._release.wait(60)
-        if isinstance(behaviour, tuple) and behaviour[0] == "kept":
+        if isinstance(behaviour, tuple) and behaviour[0] in ("kept", "executed"):
+            if behaviour[0] == "executed":
+                with self.lock:
+                    self._execute(req)
             status, body, _ = error(behaviour[1], "api_error", "An unknown error occurred")
             with self.lock:
                 if key is not None:
