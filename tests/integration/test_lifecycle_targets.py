@@ -6,6 +6,7 @@ instance's own target with that target's token, never another's; a disabled
 target's owed work and teardowns wait, saying why; a target's concurrency limit
 holds across worker processes. Each target is a provisioner stand-in
 (tests/standins/provisioner.py) that answers only its own token."""
+import contextlib
 import os
 import subprocess
 import time
@@ -77,6 +78,27 @@ def ok(p):
 def rows_of(out):
     """psql's aligned table as lists of stripped cells (header and rows)."""
     return [[c.strip() for c in line.split("|")] for line in out.splitlines() if "|" in line]
+
+
+@contextlib.contextmanager
+def own_targets(pg, resend, targets, **env):
+    """A stack whose only provisioners are `targets` ((name, stand-in) pairs, added in
+    that order with mindroomctl's defaults, each token in the worker's environment as
+    NAME_TOKEN; DOKKU_PROVISIONER_URL a closed port): two workers polling every second,
+    calls that may hang for 30 s under a 60 s lease; env overrides any of it."""
+    e = dict(FAST_ENV)
+    e.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
+             RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
+             MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
+             MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
+             MR_PROVISION_WAIT_MS="30000")
+    e.update({name.upper() + "_TOKEN": p.token for name, p in targets})
+    e.update(env)
+    with mr.Stack(pg, env=e, functions=FUNCS, test_target=False) as s:
+        for name, p in targets:
+            ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
+                   "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+        yield s
 
 
 def target_rows(stack):
@@ -450,17 +472,7 @@ def test_a_hung_target_leaves_the_workers_free_for_a_healthy_one(pg, resend):
     # on the healthy target is served meanwhile, not after that deadline.
     hung, good = ProvisionerStandin().start(), ProvisionerStandin().start()
     try:
-        env = dict(FAST_ENV)
-        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
-                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
-                   HUNG_TOKEN=hung.token, GOOD_TOKEN=good.token,
-                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
-                   MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
-                   MR_PROVISION_WAIT_MS="30000")
-        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
-            for name, p in (("hung", hung), ("good", good)):
-                ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
-                       "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+        with own_targets(pg, resend, [("hung", hung), ("good", good)]) as s:
             assert [target_rows(s)[n][5] for n in ("hung", "good")] == [1, 1]
             hung.behave("hang")
             ok(ctl(s, "target", "pin", "hung"))
@@ -494,16 +506,7 @@ def test_a_teardown_in_flight_is_not_called_again_when_its_job_is_taken_over(pg,
     # the first call is still in flight; once the provisioner answers, it is done.
     hung = ProvisionerStandin().start()
     try:
-        env = dict(FAST_ENV)
-        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
-                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
-                   HUNG_TOKEN=hung.token, SWEEP_INTERVAL_S="1",
-                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
-                   MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
-                   MR_PROVISION_WAIT_MS="30000")
-        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
-            ok(ctl(s, "target", "add", "hung", "--url", hung.url, "--token-ref", "env:HUNG_TOKEN",
-                   "--capacity-mb", 100000))
+        with own_targets(pg, resend, [("hung", hung)], SWEEP_INTERVAL_S="1") as s:
             sid = new_subscription(s, "starter", account=new_account(s)[0])
             assert provision(s, sid).status == 202
             inst = running(s, sid)
@@ -537,17 +540,7 @@ def test_teardowns_on_a_hung_target_count_against_its_limit(pg, resend):
     # target is served meanwhile, not after the hung calls' deadline.
     hung, good = ProvisionerStandin().start(), ProvisionerStandin().start()
     try:
-        env = dict(FAST_ENV)
-        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
-                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
-                   HUNG_TOKEN=hung.token, GOOD_TOKEN=good.token, SWEEP_INTERVAL_S="1",
-                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
-                   MR_PROVISION_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
-                   MR_PROVISION_WAIT_MS="30000")
-        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
-            for name, p in (("hung", hung), ("good", good)):
-                ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
-                       "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+        with own_targets(pg, resend, [("hung", hung), ("good", good)], SWEEP_INTERVAL_S="1") as s:
             ok(ctl(s, "target", "pin", "hung"))
             sids = [new_subscription(s, "starter", account=new_account(s)[0]) for _ in range(3)]
             for sid in sids:
@@ -589,15 +582,8 @@ def test_a_welcome_email_in_flight_holds_no_deploy_of_its_target_back(pg, resend
     solo = ProvisionerStandin().start()
     resend.reset()
     try:
-        env = dict(FAST_ENV)
-        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
-                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token, SOLO_TOKEN=solo.token,
-                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
-                   MR_RESEND_TIMEOUT_MS="30000", MR_LIFECYCLE_LEASE_S="60",
-                   MR_PROVISION_TIMEOUT_MS="20000", MR_PROVISION_WAIT_MS="30000")
-        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
-            ok(ctl(s, "target", "add", "solo", "--url", solo.url, "--token-ref", "env:SOLO_TOKEN",
-                   "--capacity-mb", 100000))
+        with own_targets(pg, resend, [("solo", solo)], MR_RESEND_TIMEOUT_MS="30000",
+                         MR_PROVISION_TIMEOUT_MS="20000") as s:
             assert target_rows(s)["solo"][5] == 1
             resend.behave("hang")
             first = new_subscription(s, "starter", account=new_account(s)[0])
@@ -634,17 +620,8 @@ def test_a_target_that_stops_answering_holds_a_teardown_round_for_one_call(pg, r
     # deadline per teardown before it.
     hung, good = ProvisionerStandin().start(), ProvisionerStandin().start()
     try:
-        env = dict(FAST_ENV)
-        env.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
-                   RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
-                   HUNG_TOKEN=hung.token, GOOD_TOKEN=good.token, SWEEP_INTERVAL_S="1",
-                   MR_LIFECYCLE_WORKERS="2", MR_LIFECYCLE_POLL_MS="1000",
-                   MR_PROVISION_TIMEOUT_MS="3000", MR_LIFECYCLE_LEASE_S="60",
-                   MR_PROVISION_WAIT_MS="30000")
-        with mr.Stack(pg, env=env, functions=FUNCS, test_target=False) as s:
-            for name, p in (("hung", hung), ("good", good)):
-                ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
-                       "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
+        with own_targets(pg, resend, [("hung", hung), ("good", good)], SWEEP_INTERVAL_S="1",
+                         MR_PROVISION_TIMEOUT_MS="3000") as s:
             placed = {}
             for name, n in (("hung", 3), ("good", 1)):
                 ok(ctl(s, "target", "pin", name))
