@@ -282,7 +282,8 @@ static mr_err find_customer(mr_req *r, const char *account, const char *email, i
         mr_stripe_api_result_free(&res);
         return e;
     }
-    const cJSON *c, *found = NULL;
+    const cJSON *c;
+    const char *found = NULL;
     int64_t first = INT64_MAX;
     cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
         const char *id = NULL, *of = NULL;
@@ -294,13 +295,11 @@ static mr_err find_customer(mr_req *r, const char *account, const char *email, i
         mr_json_i64(c, "created", 0, INT64_MAX, &created);
         if (created < first) {
             first = created;
-            found = c;
+            found = id;
         }
     }
     if (found) {
-        const char *id = NULL;
-        mr_json_str(found, "id", &id);
-        const char *fp[3] = {account, id, stripe.livemode ? "true" : "false"};
+        const char *fp[3] = {account, found, stripe.livemode ? "true" : "false"};
         cJSON *v;
         if ((e = mr_billing_sql(r, "SELECT to_json(public.billing_customer_found($1::uuid, $2, "
                                    "$3::boolean))::text", 3, fp, &v)) == MR_OK) {
