@@ -240,9 +240,11 @@ static void teardown_job(worker *w)
         targets_forget(&target);
         if (call.aborted)
             break; /* not recorded: done again after its lease (it is idempotent) */
-        if (te == MR_OK && !call.ok && !call.rejected && call.status == 0 &&
-            nsilent < TEARDOWN_BATCH)
-            snprintf(silent[nsilent++], sizeof silent[0], "%s", tname);
+        if (te == MR_OK) {
+            targets_note_answer(w, &target, &call);
+            if (targets_unanswered(&call) && nsilent < TEARDOWN_BATCH)
+                snprintf(silent[nsilent++], sizeof silent[0], "%s", tname);
+        }
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,
                                 wcfg.backoff_base_arg, wcfg.backoff_cap_arg};
         char *out = NULL;

@@ -79,8 +79,9 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
     }
 }
 
-/* POST /apps with the step's payload, its secrets opened for this call only. */
-static void apply(worker *w, const mr_provisioner *p, const cJSON *step, mr_provisioner_call *call)
+/* POST /apps with the step's payload, its secrets opened for this call only.
+ * Returns 1 when the call was sent. */
+static int apply(worker *w, const mr_provisioner *p, const cJSON *step, mr_provisioner_call *call)
 {
     cJSON *payload = NULL;
     char err[256] = "";
@@ -89,10 +90,11 @@ static void apply(worker *w, const mr_provisioner *p, const cJSON *step, mr_prov
          * fix (or time) makes the same step work, so it is retried, not refused. */
         memset(call, 0, sizeof *call);
         snprintf(call->error, sizeof call->error, "%s", err);
-        return;
+        return 0;
     }
     mr_provisioner_apply(w->http, p, payload, call);
     payload_free(payload);
+    return 1;
 }
 
 /* Carries out one step; fills result ({"ok", "rejected", "error", urls,
@@ -122,11 +124,11 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
         cJSON_AddStringToObject(result, "error", terr);
         return 0;
     }
-    int applied = 0;
+    int applied = 0, sent = 1;
     switch (action) {
     case MR_ACTION_CREATE:
     case MR_ACTION_UPDATE:
-        apply(w, &p, step, &call);
+        sent = apply(w, &p, step, &call);
         applied = 1;
         break;
     case MR_ACTION_START:
@@ -135,7 +137,7 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
          * control-plane token, a plan change) is a POST /apps: it starts the apps
          * with the new configuration in one restart. */
         if (action == MR_ACTION_START && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "apply"))) {
-            apply(w, &p, step, &call);
+            sent = apply(w, &p, step, &call);
             applied = 1;
             break;
         }
@@ -143,7 +145,8 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
         /* The app is gone (removed by hand, or never made): create it again under
          * the same name, on the same storage, so it resumes as it was. */
         if (!call.ok && call.status == 404) {
-            apply(w, &p, step, &call);
+            targets_note_answer(w, &target, &call); /* the 404 was an answer */
+            sent = apply(w, &p, step, &call);
             applied = 1;
         }
         break;
@@ -155,9 +158,12 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     default:
         memset(&call, 0, sizeof call);
         call.rejected = 1;
+        sent = 0;
         snprintf(call.error, sizeof call.error, "no step for action %s", mr_action_name(action));
     }
     targets_forget(&target);
+    if (sent)
+        targets_note_answer(w, &target, &call);
     if (call.aborted)
         return 1;
     cJSON_AddBoolToObject(result, "ok", call.ok);

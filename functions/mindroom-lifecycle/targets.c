@@ -11,7 +11,14 @@
  * disabled target; one disabled by then is refused here, and the step fails and
  * is retried like any outage. The teardown job of a deleted instance goes to the
  * target its teardown record kept (public.instance_teardowns_due gives it), the
- * same way. */
+ * same way.
+ *
+ * After each call to a target the worker compares whether it was answered with
+ * what the target's row said ("answering") and records a change
+ * (public.target_answered): new instances are placed on the targets that answer
+ * first (public.target_choose), so a host that is down or unreachable stops taking
+ * new customers once one call there went unanswered, and takes them again once
+ * one is answered. Only a change costs a round trip. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -70,6 +77,7 @@ static mr_err use_target(const cJSON *o, mr_provisioner *p, worker_target *t, ch
         return mr_seterr(err, errlen, MR_EINTERNAL, "unreadable provisioner target");
     snprintf(t->name, sizeof t->name, "%s", name);
     snprintf(t->url, sizeof t->url, "%s", url);
+    t->answering = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(o, "answering"));
     if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "enabled")))
         return mr_seterr(err, errlen, MR_ETRANSIENT, "provisioner target %s is disabled", t->name);
     mr_err e = MR_OK;
@@ -118,4 +126,36 @@ mr_err targets_use_text(const char *target_json, mr_provisioner *p, worker_targe
 void targets_forget(worker_target *t)
 {
     OPENSSL_cleanse(t->token, sizeof t->token);
+}
+
+int targets_unanswered(const mr_provisioner_call *call)
+{
+    return call->status == 0 && !call->ok && !call->rejected && !call->aborted;
+}
+
+static const mr_db_stmt answered_stmt = {
+    "mr_lc_target_answered", "SELECT public.target_answered($1, $2::boolean)::text", 2};
+
+void targets_note_answer(worker *w, worker_target *t, const mr_provisioner_call *call)
+{
+    if (!t->chosen || call->aborted)
+        return;
+    /* Refused before it was sent (status 0 and rejected) says nothing either way. */
+    int answered = call->status != 0;
+    if ((!answered && !targets_unanswered(call)) || answered == t->answering)
+        return;
+    const char *p[] = {t->name, answered ? "true" : "false"};
+    char *out = NULL, err[200] = "";
+    if (mr_db_call(w->db, &mr_service_identity, &answered_stmt, p, NULL, &out, err, sizeof err)
+        != MR_OK)
+        mr_log(MR_LOG_WARN, "provisioner target %s: cannot record whether it answers: %s", t->name,
+               err);
+    else if (out && strcmp(out, "true") == 0 && !answered)
+        mr_log(MR_LOG_WARN, "provisioner target %s does not answer (%s): new instances go to "
+               "targets that answer while any has room", t->name, call->error);
+    else if (out && strcmp(out, "true") == 0)
+        mr_log(MR_LOG_INFO, "provisioner target %s answers again: it takes new instances by the "
+               "placement rule", t->name);
+    free(out);
+    t->answering = answered;
 }

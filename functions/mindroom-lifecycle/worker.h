@@ -79,6 +79,7 @@ mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_
 /* The provisioner target of one step (see targets.c); its strings back p's. */
 typedef struct {
     int chosen;                 /* a target was chosen (else DOKKU_PROVISIONER_URL) */
+    int answering;              /* as the database last knew it ("answering") */
     char name[48];
     char url[320];
     char token[512];            /* wiped by targets_forget */
@@ -97,6 +98,13 @@ mr_err targets_use_text(const char *target_json, mr_provisioner *p, worker_targe
                         size_t errlen);
 /* Wipes t's token. */
 void targets_forget(worker_target *t);
+/* Whether a call that was sent got no answer at all: no connection, or its deadline
+ * passed (a refusal or an error status is an answer; an aborted call is neither). */
+int targets_unanswered(const mr_provisioner_call *call);
+/* After a call sent to t (a chosen target): records whether it was answered when
+ * that differs from what the target's row said (public.target_answered: placement
+ * prefers the targets that answer) and logs the change; nothing otherwise. */
+void targets_note_answer(worker *w, worker_target *t, const mr_provisioner_call *call);
 
 /* ---- payload.c ---- */
 

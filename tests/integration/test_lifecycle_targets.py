@@ -659,3 +659,59 @@ def test_a_target_that_stops_answering_holds_a_teardown_round_for_one_call(pg, r
     finally:
         hung.stop()
         good.stop()
+
+
+def test_new_customers_go_to_a_target_that_answers_while_another_does_not(pg, resend):
+    # By the rule new instances go to "first", which has the more room. It stops
+    # answering: the call of the instance placed there meanwhile
+    # goes unanswered to its deadline, the worker records it, and the customers who
+    # sign up next are placed on "second" and served, not left to wait on a host
+    # that is down. Once "first" answers again, its own instance is made and new
+    # customers go by the rule again.
+    first, second = ProvisionerStandin().start(), ProvisionerStandin().start()
+    try:
+        with own_targets(pg, resend, [("first", first), ("second", second)],
+                         MR_PROVISION_TIMEOUT_MS="2000") as s:
+            def unanswered_since():
+                return s.sql("SELECT unanswered_since FROM public.provisioner_targets "
+                             "WHERE name = 'first'")[0][0]
+
+            ok(ctl(s, "target", "set", "first", "--capacity-mb", 200000))
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            assert target_of(s, sid) == "first"
+            running(s, sid)
+            assert unanswered_since() is None
+
+            first.behave("hang")
+            stuck = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, stuck).status == 202
+            assert target_of(s, stuck) == "first"
+            wait_until(unanswered_since, timeout=10, what="first recorded as not answering")
+            listed = {r[1]: r for r in rows_of(ok(ctl(s, "target", "list")))[1:] if len(r) > 13}
+            assert listed["first"][13] != "-" and listed["second"][13] == "-"
+            assert "provisioner target first does not answer" in s.log(WORKER)
+
+            later = []
+            for _ in range(3):
+                x = new_subscription(s, "starter", account=new_account(s)[0])
+                assert provision(s, x).status == 202
+                later.append(x)
+            assert [target_of(s, x) for x in later] == ["second"] * 3
+            for x in later:
+                running(s, x, timeout=10)
+            assert instance(s, stuck)["provisioned_at"] is None  # still waiting on first
+
+            first.behave("ok")
+            first.release()
+            running(s, stuck, timeout=30)
+            wait_until(lambda: unanswered_since() is None, timeout=10,
+                       what="first recorded as answering again")
+            assert "provisioner target first answers again" in s.log(WORKER)
+            nxt = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, nxt).status == 202
+            assert target_of(s, nxt) == "first"
+            running(s, nxt)
+    finally:
+        first.stop()
+        second.stop()

@@ -113,7 +113,7 @@ SELECT is((SELECT count(*) FROM public.lifecycle_waiting() WHERE target = 'alpha
 SELECT cmp_ok((public.lifecycle_claim('pgtap/x', 60)->>'next_due_in_ms')::bigint, '>', 30000::bigint,
           'waiting work is not due for the worker (no busy loop): next is a lease''s end');
 SELECT is(public.lifecycle_target_of((SELECT id FROM public.instances WHERE target_id = 912 LIMIT 1)),
-          '{"url": "https://beta.example.com", "target": "beta", "enabled": false, "scheduler": "k3s", "token_ref": "file:/etc/mindroom/beta.token"}'::jsonb,
+          '{"url": "https://beta.example.com", "target": "beta", "enabled": false, "scheduler": "k3s", "token_ref": "file:/etc/mindroom/beta.token", "answering": true}'::jsonb,
           'lifecycle_target_of: the URL and the token''s reference, never a token');
 
 -- 4. No room anywhere; pinned ------------------------------------------------------------
@@ -169,7 +169,7 @@ SELECT results_eq($$SELECT t.instance_id, t.target_id FROM public.instance_teard
                   $$SELECT on_alpha, 911::bigint FROM gone UNION ALL SELECT on_beta, 912::bigint FROM gone$$,
                   'a deleted instance''s teardown keeps its target');
 SELECT is((SELECT target FROM public.instance_teardowns_due(100) WHERE instance_id = (SELECT on_alpha FROM gone)),
-          '{"url": "http://10.0.0.1:8002", "target": "alpha", "enabled": true, "scheduler": "docker-local", "token_ref": "env:ALPHA_TOKEN"}'::jsonb,
+          '{"url": "http://10.0.0.1:8002", "target": "alpha", "enabled": true, "scheduler": "docker-local", "token_ref": "env:ALPHA_TOKEN", "answering": true}'::jsonb,
           'the teardown job is told where: the target''s URL and token reference');
 SELECT is((SELECT count(*) FROM public.instance_teardowns_due(100) WHERE instance_id = (SELECT on_beta FROM gone)),
           0::bigint, 'a disabled target''s teardown is not due: it waits');
