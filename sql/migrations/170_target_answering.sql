@@ -10,7 +10,11 @@
 -- - provisioner_targets.unanswered_since: when the last call to the target got no
 --   answer, NULL once a call is answered (and for a target not called yet);
 -- - public.target_answered(name, answered): the worker's record after a call, which
---   writes only when the state changes (true when it did);
+--   writes only when the state changes (true when it did). When the target answers
+--   again, the steps of its instances that wait out a retry backoff are due at once
+--   (their next attempt now, as an explicit request does): they failed while it was
+--   away, and would otherwise wait up to MR_PROVISION_BACKOFF_CAP_S (an hour) each.
+--   A step held for an operator (rejected) stays held;
 -- - public.target_choose: among the candidates with room, those that answer first,
 --   then by free memory as before. A target that does not answer still takes an
 --   instance that fits nowhere else: the instance would wait either way, and there
@@ -34,18 +38,29 @@ COMMENT ON COLUMN public.provisioner_targets.unanswered_since IS
     'prefers targets where it is NULL (public.target_choose).';
 
 -- The worker's record of a call to target p_name: p_answered false when it got no
--- answer at all. Writes only a change of state; true when it wrote one.
+-- answer at all. Writes only a change of state; true when it wrote one. Answering
+-- again, its instances' steps backing off are due now (they wake the workers).
 CREATE FUNCTION public.target_answered(p_name text, p_answered boolean)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = ''
 AS $$
+DECLARE
+    v_id bigint;
 BEGIN
     UPDATE public.provisioner_targets
        SET unanswered_since = CASE WHEN p_answered THEN NULL ELSE now() END
      WHERE name = p_name AND p_answered IS NOT NULL
-       AND (unanswered_since IS NULL) IS DISTINCT FROM p_answered;
-    RETURN FOUND;
+       AND (unanswered_since IS NULL) IS DISTINCT FROM p_answered
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        RETURN false;
+    END IF;
+    IF p_answered THEN
+        UPDATE public.instances SET next_attempt_at = now()
+         WHERE target_id = v_id AND owed_action <> 'email' AND next_attempt_at > now();
+    END IF;
+    RETURN true;
 END;
 $$;
 

@@ -715,3 +715,33 @@ def test_new_customers_go_to_a_target_that_answers_while_another_does_not(pg, re
     finally:
         first.stop()
         second.stop()
+
+
+def test_once_a_target_answers_again_its_instances_backing_off_are_made_at_once(pg, resend):
+    # Two customers' creates fail on a target that does not answer and back off for a
+    # minute or more. When it answers again (an operator's explicit provision of the
+    # first reaches it), the second's create is retried at once, not at the end of its
+    # backoff.
+    solo = ProvisionerStandin().start()
+    try:
+        with own_targets(pg, resend, [("solo", solo)], MR_PROVISION_TIMEOUT_MS="1500",
+                         MR_PROVISION_BACKOFF_BASE_S="120", MR_PROVISION_BACKOFF_CAP_S="3600") as s:
+            solo.behave("hang")
+            a, b = (new_subscription(s, "starter", account=new_account(s)[0]) for _ in range(2))
+            for sid in (a, b):
+                assert provision(s, sid).status == 202
+            for sid in (a, b):
+                wait_until(lambda: (lambda i: i["last_error"] and i["next_attempt_at"])(instance(s, sid)),
+                           timeout=15, what="the create of %s failed and backing off" % sid)
+            assert s.sql("SELECT unanswered_since IS NOT NULL FROM public.provisioner_targets")[0][0]
+            backoff_b = s.sql("SELECT next_attempt_at - now() FROM public.instances "
+                              "WHERE subscription_id = %s", b)[0][0]
+            assert backoff_b.total_seconds() > 60
+            solo.behave("ok")
+            solo.release()
+            assert provision(s, a).status == 202
+            running(s, a, timeout=10)
+            running(s, b, timeout=10)
+            assert s.sql("SELECT unanswered_since FROM public.provisioner_targets")[0][0] is None
+    finally:
+        solo.stop()

@@ -4,7 +4,7 @@
 -- has room, and keeps kept storage where it is; the target a step and a teardown
 -- carry says whether it answers; least privilege.
 BEGIN;
-SELECT plan(17);
+SELECT plan(18);
 \ir _helpers.inc
 
 INSERT INTO public.provisioner_targets (id, name, url, token_ref, scheduler, capacity_mb)
@@ -63,13 +63,27 @@ UPDATE public.provisioner_targets SET capacity_mb = 1 WHERE id = 972;
 SET LOCAL role service_role;
 SELECT is(pg_temp.place(4), 'roomy', 'no target that answers has room: placed where it fits, made once it answers');
 
--- roomy answers again.
+-- roomy answers again. Instance 4's create failed while it was away and backs off for
+-- an hour; instance 2's (on small) too; instance 3's was rejected and waits for an
+-- operator.
 RESET role;
 UPDATE public.provisioner_targets SET capacity_mb = 100000 WHERE id = 972;
+UPDATE public.instances SET status = 'failed', attempts = 3, last_error = 'connect: refused',
+       next_attempt_at = now() + interval '1 hour'
+ WHERE dokku_app_name IN ('mindroom-a174', 'mindroom-a172');
+UPDATE public.instances SET target_id = 971, status = 'failed', last_error = 'rejected: bad image',
+       next_attempt_at = NULL, rejected_actions = ARRAY['create']::public.lifecycle_action[]
+ WHERE dokku_app_name = 'mindroom-a173';
 SET LOCAL role service_role;
 SELECT is(public.target_answered('roomy', true), true, 'an answer is recorded');
 SELECT is((SELECT unanswered_since FROM public.provisioner_targets WHERE id = 971), NULL,
           'roomy: unanswered_since cleared');
+SELECT is((SELECT array_agg(ARRAY[i.dokku_app_name, (i.owed_due_at <= now())::text,
+                                  (i.next_attempt_at IS NULL)::text] ORDER BY i.dokku_app_name)
+             FROM public.instances i WHERE i.dokku_app_name IN ('mindroom-a172', 'mindroom-a173', 'mindroom-a174')),
+          ARRAY[ARRAY['mindroom-a172', 'false', 'false'], ARRAY['mindroom-a173', NULL, 'true'],
+                ARRAY['mindroom-a174', 'true', 'false']],
+          'its instance''s create backing off is due at once; another target''s is not, nor is a rejected one given a next attempt');
 SELECT is(pg_temp.place(5), 'roomy', 'new instances go by free memory again');
 
 -- A teardown carries the same object.
