@@ -145,7 +145,6 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
         /* The app is gone (removed by hand, or never made): create it again under
          * the same name, on the same storage, so it resumes as it was. */
         if (!call.ok && call.status == 404) {
-            targets_note_answer(w, &target, &call); /* the 404 was an answer */
             sent = apply(w, &p, step, &call);
             applied = 1;
         }

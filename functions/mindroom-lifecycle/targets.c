@@ -138,24 +138,25 @@ static const mr_db_stmt answered_stmt = {
 
 void targets_note_answer(worker *w, worker_target *t, const mr_provisioner_call *call)
 {
-    if (!t->chosen || call->aborted)
-        return;
-    /* Refused before it was sent (status 0 and rejected) says nothing either way. */
+    /* An aborted call, or one refused before it was sent (status 0 and rejected),
+     * says nothing either way. */
     int answered = call->status != 0;
-    if ((!answered && !targets_unanswered(call)) || answered == t->answering)
+    if (!t->chosen || (!answered && !targets_unanswered(call)) || answered == t->answering)
         return;
     const char *p[] = {t->name, answered ? "true" : "false"};
     char *out = NULL, err[200] = "";
     if (mr_db_call(w->db, &mr_service_identity, &answered_stmt, p, NULL, &out, err, sizeof err)
-        != MR_OK)
+        != MR_OK) {
         mr_log(MR_LOG_WARN, "provisioner target %s: cannot record whether it answers: %s", t->name,
                err);
-    else if (out && strcmp(out, "true") == 0 && !answered)
-        mr_log(MR_LOG_WARN, "provisioner target %s does not answer (%s): new instances go to "
-               "targets that answer while any has room", t->name, call->error);
-    else if (out && strcmp(out, "true") == 0)
-        mr_log(MR_LOG_INFO, "provisioner target %s answers again: it takes new instances by the "
-               "placement rule", t->name);
+    } else if (out && strcmp(out, "true") == 0) { /* this call changed the record */
+        if (answered)
+            mr_log(MR_LOG_INFO, "provisioner target %s answers again: it takes new instances by "
+                   "the placement rule", t->name);
+        else
+            mr_log(MR_LOG_WARN, "provisioner target %s does not answer (%s): new instances go to "
+                   "targets that answer while any has room", t->name, call->error);
+    }
     free(out);
     t->answering = answered;
 }

@@ -7,8 +7,9 @@
 -- when one of its calls there got no answer at all (no connection, or no answer
 -- before the call's deadline: a refusal or an error is an answer) and when a call
 -- there is answered again, and placement prefers the targets that answer:
--- - provisioner_targets.unanswered_since: when the last call to the target got no
---   answer, NULL once a call is answered (and for a target not called yet);
+-- - provisioner_targets.unanswered_since: since when the worker's calls to the target
+--   get no answer (the first unanswered call of the streak), NULL once a call is
+--   answered (and for a target not called yet);
 -- - public.target_answered(name, answered): the worker's record after a call, which
 --   writes only when the state changes (true when it did). When the target answers
 --   again, the steps of its instances that wait out a retry backoff are due at once
@@ -33,8 +34,8 @@
 ALTER TABLE public.provisioner_targets ADD COLUMN unanswered_since timestamptz;
 
 COMMENT ON COLUMN public.provisioner_targets.unanswered_since IS
-    'When the last call of the lifecycle worker to this target got no answer (no '
-    'connection, or its deadline passed); NULL once a call is answered. Placement '
+    'Since when the lifecycle worker''s calls to this target get no answer (no '
+    'connection, or their deadline passed); NULL once a call is answered. Placement '
     'prefers targets where it is NULL (public.target_choose).';
 
 -- The worker's record of a call to target p_name: p_answered false when it got no
@@ -42,7 +43,7 @@ COMMENT ON COLUMN public.provisioner_targets.unanswered_since IS
 -- again, its instances' steps backing off are due now (they wake the workers).
 CREATE FUNCTION public.target_answered(p_name text, p_answered boolean)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
@@ -50,8 +51,7 @@ DECLARE
 BEGIN
     UPDATE public.provisioner_targets
        SET unanswered_since = CASE WHEN p_answered THEN NULL ELSE now() END
-     WHERE name = p_name AND p_answered IS NOT NULL
-       AND (unanswered_since IS NULL) IS DISTINCT FROM p_answered
+     WHERE name = p_name AND (unanswered_since IS NULL) <> p_answered
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
         RETURN false;
