@@ -17,7 +17,8 @@ import pytest
 
 import mr
 from health import HealthStandin
-from lifecycle_helpers import WORKER, deploy_env, instance, new_account, wait_status, wait_until
+from lifecycle_helpers import (WORKER, deploy_env, instance, new_account, provision, wait_status,
+                               wait_until)
 from provisioner_helpers import Dokku, imported, names
 from test_instance_e2e import Customer, ctl, running
 
@@ -383,6 +384,33 @@ def test_a_user_reads_own_instance_and_usage_and_nobody_elses(stack, dokku, heal
     assert stack.call("DELETE", "my-instance", token=user_jwt(stack, c.account)).status == 405
     assert stack.call("GET", "my-instance/restart", token=user_jwt(stack, c.account)).status == 405
     assert stack.call("GET", "my-instance/elsewhere", token=user_jwt(stack, c.account)).status == 404
+
+
+def test_a_user_whose_instance_failed_is_told_which_step_and_not_the_provisioners_text(stack, dokku):
+    """A failed create: my-instance says which step failed and that it is retried;
+    the provisioner's error (its address, the Dokku command) stays the operators'."""
+    dokku.tell("fail", "git:from-image", times=1000, status=1)
+    try:
+        c = Customer(stack, "starter")
+        c.send("customer.subscription.created", "active")
+        inst = wait_until(lambda: (lambda i: i if i["attempts"] >= 1 and not i["claimed_by"] else None)(
+            instance(stack, c.sid)), what="a failed create")
+        assert "git:from-image" in inst["last_error"], inst["last_error"]
+        r = stack.call("GET", "my-instance", token=user_jwt(stack, c.account))
+        assert r.status == 200, r
+        assert r.json["instance"]["status"] == "failed"
+        assert r.json["instance"]["error"] == \
+            "Setting up your instance failed: it is tried again automatically.", r.json
+        assert r.json["health"]["status"] == "not_checked"
+        for leak in ("git:from-image", "dokku", "127.0.0.1", "502", inst["last_error"]):
+            assert leak not in r.text, (leak, r.text)
+    finally:
+        dokku.untell("fail", "git:from-image")
+    # Retried once Dokku works: running, and nothing to tell any more.
+    assert provision(stack, c.sid).status in (200, 202)
+    running(stack, c.sid)
+    r = stack.call("GET", "my-instance", token=user_jwt(stack, c.account))
+    assert r.json["instance"]["status"] == "running" and r.json["instance"]["error"] is None, r.json
 
 
 def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stack, dokku):
