@@ -296,7 +296,13 @@ def test_a_request_id_the_function_would_refuse_is_replaced_by_one_id_for_all(st
 
 def test_access_log_has_no_secrets(stack):
     token = stack.jwt()
-    stack.call("POST", "provision-instance?token=" + token, json={}, token=token)
+    rid = "secrets-" + str(time.time_ns())
+    stack.call("POST", "provision-instance?token=" + token, json={}, token=token,
+               headers={"X-Request-Id": rid})
+    # Both lines of this request written (nginx's log is buffered up to a second).
+    wait_for(lambda: request_log(stack, "provision-instance", rid), what="function log line")
+    wait_for(lambda: '"request_id":"%s"' % rid in stack.log("nginx.access"),
+             what="nginx access log line")
     for name in ("provision-instance", "nginx.access", "nginx.error"):
         assert token not in stack.log(name), name
         assert stack.env["SUPABASE_JWT_SECRET"] not in stack.log(name), name
