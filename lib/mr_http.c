@@ -680,6 +680,7 @@ static int await_request(int fd, char *why, size_t whylen, int *quiet)
          * arrive: while a look finds nothing new, the next one is a millisecond
          * later (a peer that stops mid-request must not make its worker spin). */
         struct pollfd p = {.fd = fd, .events = POLLIN};
+        mr_log_flush(); /* the lines held must not wait for a slow peer */
         if (n > 0 && n == had)
             (void)poll(NULL, 0, 1);
         else
@@ -785,6 +786,10 @@ static int worker_main(int listen_fd)
     }
     sigset_t waitset; /* while waiting in epoll: nothing blocked */
     sigemptyset(&waitset);
+    /* A batching worker writes its request lines when it is about to wait, or
+     * several at a time while connections keep coming (mr_log.c). */
+    if (ep >= 0)
+        mr_log_hold(1);
     int status = 0;
     for (;;) {
         /* A stop that arrived while a request was served is taken here, before
@@ -796,6 +801,7 @@ static int worker_main(int listen_fd)
         if (fd < 0 && ep >= 0 && !g_stop && aerr == EAGAIN) {
             /* Nothing waiting: sleep until a connection (or a stop) comes. */
             struct epoll_event ev;
+            mr_log_flush();
             (void)epoll_pwait(ep, &ev, 1, -1, &waitset);
             continue;
         }
@@ -841,6 +847,7 @@ static int worker_main(int listen_fd)
         if (g_stop)
             break;
     }
+    mr_log_hold(0);
     if (ep >= 0)
         close(ep);
     for (size_t i = 1; i < batch; i++)

@@ -1,7 +1,16 @@
 /* mr_log.c: JSON lines on stderr.
  *
  * Each line is built in a stack buffer and written with one write(2), so lines
- * from several workers sharing stderr never interleave mid-line.
+ * from several workers sharing stderr never interleave mid-line. A process that
+ * asks for it (mr_log_hold: the webhook's batching workers) holds its info and
+ * debug lines and writes them together, whole lines in one write(2) of at most
+ * LINE_MAX_BYTES: when it is about to wait for a peer (mr_log_flush), when a
+ * warning or an error comes (after them, in order), when no more fit, and when a
+ * line comes and the oldest has waited HOLD_MAX_MS. A write to a file or the
+ * journal's stream can wait, and a request's answer has gone out before its line
+ * is logged: held, a burst costs a write per several requests instead of one each.
+ * Lines held wait at most for the requests being served (their database round
+ * trips); a crash loses them.
  *
  * When stderr is the journal's stream (systemd sets JOURNAL_STREAM to its
  * "device:inode"; a child that redirected stderr elsewhere no longer matches),
@@ -21,12 +30,19 @@
 #include <unistd.h>
 
 #define LINE_MAX_BYTES 4096
+#define HOLD_MAX_MS 100
 
 static const char *log_name = "mindroom";
 static mr_log_level log_min = MR_LOG_INFO;
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 static const char *const level_prefix[] = {"<7>", "<6>", "<4>", "<3>"};
 static int to_journal; /* stderr is journald's stream: prefix the priority */
+
+/* Held lines (mr_log_hold); one process, one thread. */
+static int holding;
+static char held[LINE_MAX_BYTES];
+static size_t held_len;
+static int64_t held_since_ms;
 
 /* Whether stderr is the stream JOURNAL_STREAM names ("<st_dev>:<st_ino>"). */
 static int stderr_is_journal(void)
@@ -50,6 +66,7 @@ static pid_t log_pid;
 static void refresh_pid(void)
 {
     log_pid = getpid();
+    held_len = 0; /* a child writes only its own lines */
 }
 
 static void register_atfork(void)
@@ -136,12 +153,8 @@ static void begin_line(line *l, mr_log_level level)
     put_str(l, pid);
 }
 
-static void end_line(line *l)
+static void write_all(const char *p, size_t left)
 {
-    l->buf[l->len++] = '}';
-    l->buf[l->len++] = '\n';
-    const char *p = l->buf;
-    size_t left = l->len;
     while (left > 0) {
         ssize_t w = write(STDERR_FILENO, p, left);
         if (w <= 0)
@@ -149,6 +162,45 @@ static void end_line(line *l)
         p += w;
         left -= (size_t)w;
     }
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void mr_log_flush(void)
+{
+    if (held_len > 0)
+        write_all(held, held_len);
+    held_len = 0;
+}
+
+void mr_log_hold(int on)
+{
+    if (!on)
+        mr_log_flush();
+    holding = on;
+}
+
+static void end_line(line *l, mr_log_level level)
+{
+    l->buf[l->len++] = '}';
+    l->buf[l->len++] = '\n';
+    if (!holding) {
+        write_all(l->buf, l->len);
+        return;
+    }
+    if (held_len + l->len > sizeof held)
+        mr_log_flush();
+    if (held_len == 0)
+        held_since_ms = mono_ms();
+    memcpy(held + held_len, l->buf, l->len); /* a line is at most sizeof held */
+    held_len += l->len;
+    if (level >= MR_LOG_WARN || mono_ms() - held_since_ms >= HOLD_MAX_MS)
+        mr_log_flush();
 }
 
 void mr_log(mr_log_level level, const char *fmt, ...)
@@ -166,7 +218,7 @@ void mr_log(mr_log_level level, const char *fmt, ...)
     put_str(&l, ",\"msg\":\"");
     put_escaped(&l, msg);
     put_str(&l, "\"");
-    end_line(&l);
+    end_line(&l, level);
 }
 
 void mr_log_request(const char *request_id, const char *method, int status,
@@ -191,7 +243,7 @@ void mr_log_request(const char *request_id, const char *method, int status,
         put_escaped(&l, note);
         put_str(&l, "\"");
     }
-    end_line(&l);
+    end_line(&l, MR_LOG_INFO);
 }
 
 void mr_log_init_env(const char *name)

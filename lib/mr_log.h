@@ -25,6 +25,15 @@ void mr_log_init_env(const char *name);
 /* Logs {"time","level","function","pid","msg"} with msg formatted and JSON-escaped. */
 void mr_log(mr_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Whether this process holds its info and debug lines to write several with one
+ * write(2) (mr_log.c says when they are written); off by default. Turning it off
+ * writes what is held. One thread only: the lines are held in one buffer. */
+void mr_log_hold(int on);
+
+/* Writes the held lines now: before the process waits for work, and before it
+ * exits. */
+void mr_log_flush(void);
+
 /* The per-request access line: time, function, request_id, method, status,
  * duration_ms, role (NULL -> "none") and, when note is neither NULL nor "",
  * "note": what the handler did (escaped like msg). */
