@@ -50,6 +50,9 @@
 #define MR_DL_PROVISION_CALL_MS 610000
 #define MR_DL_PROVISION_CONNECT_MS 2000
 #define MR_DL_RESEND_MS 10000
+/* A Resend call that got no answer: the worker's process calls Resend again only
+ * after this many of its deadlines (the welcome emails due meanwhile wait). */
+#define MR_DL_RESEND_QUIET_FACTOR 6
 #define MR_DL_LIFECYCLE_LEASE_S 660
 #define MR_DL_LIFECYCLE_STOP_GRACE_MS 20000
 /* Room the lease leaves for recording a step's outcome (retries included). */

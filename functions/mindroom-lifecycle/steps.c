@@ -14,6 +14,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "mr_deadlines.h"
 #include "mr_resend.h"
 #include "worker.h"
 
@@ -51,11 +52,29 @@ static void email_unsendable(cJSON *result)
     cJSON_AddNumberToObject(result, "retry_in_s", 3600);
 }
 
+/* Until when this process leaves Resend alone: one of its calls
+ * got no answer (its deadline passed, or no connection). Each email would hold a
+ * worker for the whole deadline while Resend hangs, and the instances behind it
+ * with it; the emails due meanwhile wait for the window's end instead, and the
+ * first call after it asks Resend again. */
+static int64_t resend_quiet_until; /* mr_now_ms */
+
 /* The welcome email. */
 static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSON *result)
 {
     if (!wcfg.resend_api_key) {
         email_unsendable(result);
+        return;
+    }
+    int64_t now = mr_now_ms();
+    if (now < resend_quiet_until) {
+        long wait_s = (long)((resend_quiet_until - now + 999) / 1000);
+        char why[160];
+        snprintf(why, sizeof why, "not sent: Resend did not answer this worker's last call; "
+                 "asked again in %ld s", wait_s);
+        cJSON_AddBoolToObject(result, "ok", 0);
+        cJSON_AddStringToObject(result, "error", why);
+        cJSON_AddNumberToObject(result, "retry_in_s", (double)wait_s);
         return;
     }
     const cJSON *email = cJSON_GetObjectItemCaseSensitive(step, "welcome");
@@ -72,6 +91,11 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
                                      err, sizeof err)
                     : mr_seterr(err, sizeof err, MR_EINTERNAL, "out of memory");
     free(text);
+    if (e == MR_ETRANSIENT && st == 0) {
+        resend_quiet_until = mr_now_ms() + MR_DL_RESEND_QUIET_FACTOR * wcfg.resend_timeout_ms;
+        mr_log(MR_LOG_WARN, "Resend did not answer (%s): this worker sends no email for %ld s",
+               err, MR_DL_RESEND_QUIET_FACTOR * wcfg.resend_timeout_ms / 1000);
+    }
     cJSON_AddBoolToObject(result, "ok", e == MR_OK);
     if (e != MR_OK) {
         cJSON_AddBoolToObject(result, "rejected", e == MR_EINVAL);

@@ -633,6 +633,31 @@ def test_a_stop_after_a_lost_create_stops_what_the_create_left(pg, prov):
         prov.reset()
 
 
+def test_a_hanging_resend_holds_each_worker_for_one_deadline_not_one_per_email(stack, prov, resend):
+    """While Resend hangs, a worker whose call waited out its deadline (1 s here) sends
+    no email for six deadlines: the emails due meanwhile wait with the reason, instead
+    of each holding a worker (and the instances behind it) for a deadline. After the
+    window Resend is asked again, and every email goes out once."""
+    resend.behave("hang")
+    sids = [new_subscription(stack, "starter") for _ in range(6)]
+    for sid in sids:
+        assert provision(stack, sid).status == 202
+    wait_until(lambda: all(i["status"] == "running" and i["welcome_email_error"]
+                           for i in (instance(stack, sid) for sid in sids)),
+               timeout=8, what="six instances running, each email tried")
+    assert len(resend.requests) <= 2, len(resend.requests)     # a call per worker at most
+    errors = [instance(stack, sid)["welcome_email_error"] for sid in sids]
+    waited = [e for e in errors if "Resend did not answer this worker's last call" in e]
+    assert len(waited) >= len(sids) - 2, errors
+    assert all(owed(stack, sid) == ("email", False) for sid in sids)
+
+    resend.release()                                            # answers again
+    wait_until(lambda: all(instance(stack, sid)["welcome_email_sent_at"] for sid in sids),
+               timeout=20, what="every email sent after the window")
+    assert len(resend.delivered) == len(sids)
+    assert "Resend did not answer" in stack.log(WORKER)
+
+
 def test_no_resend_key_leaves_the_email_owed_for_an_hour(pg, prov):
     with mr.Stack(pg, env=stack_env(prov), functions=["provision-instance", WORKER]) as s:
         sid = new_subscription(s, "starter")
