@@ -18,6 +18,7 @@
  * "<7>" debug, which journald strips and records, so `journalctl -p err` finds
  * the errors. The JSON after it is unchanged. */
 #include "mr_log.h"
+#include "mr_common.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -42,7 +43,7 @@ static int to_journal; /* stderr is journald's stream: prefix the priority */
 static int holding;
 static char held[LINE_MAX_BYTES];
 static size_t held_len;
-static int64_t held_since_ms;
+static int64_t held_since_ms; /* mr_now_ms */
 
 /* Whether stderr is the stream JOURNAL_STREAM names ("<st_dev>:<st_ino>"). */
 static int stderr_is_journal(void)
@@ -164,13 +165,6 @@ static void write_all(const char *p, size_t left)
     }
 }
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 void mr_log_flush(void)
 {
     if (held_len > 0)
@@ -196,10 +190,10 @@ static void end_line(line *l, mr_log_level level)
     if (held_len + l->len > sizeof held)
         mr_log_flush();
     if (held_len == 0)
-        held_since_ms = mono_ms();
+        held_since_ms = mr_now_ms();
     memcpy(held + held_len, l->buf, l->len); /* a line is at most sizeof held */
     held_len += l->len;
-    if (level >= MR_LOG_WARN || mono_ms() - held_since_ms >= HOLD_MAX_MS)
+    if (level >= MR_LOG_WARN || mr_now_ms() - held_since_ms >= HOLD_MAX_MS)
         mr_log_flush();
 }
 
