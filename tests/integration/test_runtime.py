@@ -109,8 +109,11 @@ def test_wrong_method_is_405_json(stack, method, name):
     r = stack.call(method, name, json={}, token=stack.jwt())
     assert r.status == 405, r
     assert error_of(r)["code"] == "method_not_allowed"
-    # The runtime said so, not nginx: the function logged the request.
-    assert [l["status"] for l in request_log(stack, name, r.headers["X-Request-Id"])] == [405]
+    # The runtime said so, not nginx: the function logged the request (after its
+    # answer: a webhook worker writes its lines when it is about to wait).
+    rid = r.headers["X-Request-Id"]
+    wait_for(lambda: request_log(stack, name, rid), what="the function's log line")
+    assert [l["status"] for l in request_log(stack, name, rid)] == [405]
 
 
 # ---- auth ----------------------------------------------------------------
