@@ -92,9 +92,10 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
                     : mr_seterr(err, sizeof err, MR_EINTERNAL, "out of memory");
     free(text);
     if (e == MR_ETRANSIENT && st == 0) {
-        resend_quiet_until = mr_now_ms() + MR_DL_RESEND_QUIET_FACTOR * wcfg.resend_timeout_ms;
+        long quiet_ms = MR_DL_RESEND_QUIET_FACTOR * wcfg.resend_timeout_ms;
+        resend_quiet_until = mr_now_ms() + quiet_ms;
         mr_log(MR_LOG_WARN, "Resend did not answer (%s): this worker sends no email for %ld s",
-               err, MR_DL_RESEND_QUIET_FACTOR * wcfg.resend_timeout_ms / 1000);
+               err, quiet_ms / 1000);
     }
     cJSON_AddBoolToObject(result, "ok", e == MR_OK);
     if (e != MR_OK) {
