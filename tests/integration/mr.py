@@ -83,11 +83,24 @@ def scratch_dir(prefix):
     return d
 
 
+def free_ports(n):
+    """n distinct TCP ports that were free a moment ago on 127.0.0.1 (callers
+    retry on a race). They are held together while chosen: ports picked one at a
+    time may repeat, and two listeners on one port make nginx serve one's
+    requests with the other's server block."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port():
     """A TCP port that was free a moment ago on 127.0.0.1 (callers retry on a race)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_port(port, timeout=START_TIMEOUT):
@@ -100,6 +113,31 @@ def wait_port(port, timeout=START_TIMEOUT):
                 return
         time.sleep(0.02)
     raise RuntimeError("nothing listening on 127.0.0.1:%d after %ss" % (port, timeout))
+
+
+def start_nginx(render, n, prefix, errlog, stderr_log):
+    """nginx on n fresh ports: render(ports) writes its config and returns the
+    path. Ports are picked free and then bound by nginx, so another process may
+    win one: that start is retried with fresh ports. Returns (process, ports)
+    once every port accepts connections."""
+    last = ""
+    for _ in range(5):
+        ports = free_ports(n)
+        conf = render(ports)
+        p = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(errlog)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=open(stderr_log, "ab"), start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and p.poll() is None:
+            if all(Stack._port_open(port) for port in ports):
+                return p, ports
+            time.sleep(0.02)
+        Stack._terminate(p)
+        last = "".join(Path(f).read_text(errors="replace") for f in (errlog, stderr_log)
+                       if Path(f).exists())
+        if "Address already in use" not in last:
+            break
+    raise RuntimeError("nginx did not start:\n" + last)
 
 
 def _b64url(data):
@@ -499,13 +537,12 @@ class Stack:
 
     # ---- nginx -----------------------------------------------------------
 
-    def render_nginx(self, public_listen, provisioner_listen, admin_listen=None):
+    def render_nginx(self, public_listen, provisioner_listen, admin_listen):
         """nginx/dev.conf with this stack's paths and listeners."""
         text = (ROOT / "nginx/dev.conf").read_text()
         user = "user root root;" if os.geteuid() == 0 else "# user: the current one"
         proxies = getattr(self, "trusted_proxies", ())
         real_ip = "".join("set_real_ip_from %s;" % p for p in proxies) or "# no trusted proxies"
-        admin_listen = admin_listen or "127.0.0.1:%d" % free_port()
         for k, v in (("@ROOT@", str(ROOT)), ("@RUN@", str(self.run)),
                      ("@PUBLIC_LISTEN@", public_listen),
                      ("@PROVISIONER_LISTEN@", provisioner_listen),
@@ -524,32 +561,13 @@ class Stack:
                 "}\n") % {"n": name, "run": self.run, "root": ROOT}
 
     def _start_nginx(self):
-        # Ports are picked free and then bound by nginx: another process may win
-        # the race, so retry with fresh ports.
-        last = ""
-        for _ in range(5):
-            self.port, self.provisioner_port, self.admin_port = free_port(), free_port(), free_port()
+        def render(ports):
+            self.port, self.provisioner_port, self.admin_port = ports
             conf = self.run / "nginx.conf"
-            conf.write_text(self.render_nginx("127.0.0.1:%d" % self.port,
-                                              "127.0.0.1:%d" % self.provisioner_port,
-                                              "127.0.0.1:%d" % self.admin_port))
-            errlog = self.run / "log/nginx.error.log"
-            p = subprocess.Popen(["nginx", "-p", str(self.run / "nginx"), "-c", str(conf),
-                                  "-e", str(errlog)],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=open(self.run / "log/nginx.stderr.log", "ab"),
-                                 start_new_session=True)
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and p.poll() is None:
-                if all(self._port_open(p) for p in (self.port, self.provisioner_port, self.admin_port)):
-                    self.nginx = p
-                    return
-                time.sleep(0.02)
-            self._terminate(p)
-            last = self.log("nginx.error") + self.log("nginx.stderr")
-            if "Address already in use" not in last:
-                break
-        raise RuntimeError("nginx did not start:\n" + last)
+            conf.write_text(self.render_nginx(*("127.0.0.1:%d" % p for p in ports)))
+            return conf
+        self.nginx, _ = start_nginx(render, 3, self.run / "nginx", self.run / "log/nginx.error.log",
+                                    self.run / "log/nginx.stderr.log")
 
     @staticmethod
     def _port_open(port):

@@ -550,7 +550,7 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
     base = Path(tempfile.mkdtemp(prefix="mr-ctl-stacksh-"))
     os.chmod(base, 0o755)   # PostgreSQL runs as postgres when we are root
     run = base / "run"
-    ports = [mr.free_port() for _ in range(4)]
+    ports = mr.free_ports(4)
     mr_vars = {"MR_RUN_DIR": str(run), "MR_ENV_FILE": "/dev/null",
                "MR_API_LISTEN": "127.0.0.1:%d" % ports[0], "MR_PG_PORT": str(ports[2])}
     env = dict(os.environ, MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",

@@ -86,7 +86,7 @@ def test_dev_conf_passes_nginx_t(tmp_path):
     for d in ("log", "nginx", "conf.d"):
         (tmp_path / d).mkdir()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(s.render_nginx("127.0.0.1:%d" % mr.free_port(), "127.0.0.1:%d" % mr.free_port()))
+    conf.write_text(s.render_nginx(*("127.0.0.1:%d" % p for p in mr.free_ports(3))))
     assert "@" not in re.sub(r"#.*", "", conf.read_text()), "unreplaced placeholder"
     rc, out = nginx_t(conf, tmp_path / "nginx")
     assert rc == 0, out
@@ -94,7 +94,7 @@ def test_dev_conf_passes_nginx_t(tmp_path):
 
 
 def test_production_conf_passes_nginx_t(tmp_path):
-    ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner", "admin")}
+    ports = dict(zip(("http", "https", "internal", "provisioner", "admin"), mr.free_ports(5)))
     conf = production_conf(tmp_path, tmp_path / "sock", ports)
     rc, out = nginx_t(conf, tmp_path)
     assert rc == 0, out
@@ -115,13 +115,11 @@ def prod(pg, tmp_path_factory):
     """The production config serving a test stack's function sockets."""
     with mr.Stack(pg) as s:
         tmp = tmp_path_factory.mktemp("prod")
-        ports = {k: mr.free_port() for k in ("http", "https", "internal", "provisioner", "admin")}
-        conf = production_conf(tmp, s.run / "sock", ports)
-        p = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "log/error.log")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+        names = ("http", "https", "internal", "provisioner", "admin")
+        p, ports = mr.start_nginx(lambda ports: production_conf(tmp, s.run / "sock", dict(zip(names, ports))),
+                                  len(names), tmp, tmp / "log/error.log", tmp / "nginx.stderr.log")
+        ports = dict(zip(names, ports))
         try:
-            mr.wait_port(ports["https"])
             yield s, ports, tmp
         finally:
             mr.Stack._terminate(p)

@@ -123,7 +123,7 @@ def test_stack_sh_passes_no_secret_in_arguments():
     base = Path(tempfile.mkdtemp(prefix="mr-argv-"))
     os.chmod(base, 0o755)   # PostgreSQL runs as postgres when we are root
     run = base / "run"
-    ports = [mr.free_port() for _ in range(4)]
+    ports = mr.free_ports(4)
     env = dict(os.environ, MR_RUN_DIR=str(run), MR_ENV_FILE="/dev/null",
                MR_BUILD=os.environ.get("MR_BUILD", "build/san"), MR_WORKERS="1",
                MR_API_LISTEN="127.0.0.1:%d" % ports[0], MR_PROVISIONER_LISTEN="127.0.0.1:%d" % ports[1],
