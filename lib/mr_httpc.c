@@ -169,6 +169,12 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
     if (rc != CURLE_OK) {
         free(s.buf);
         free(h.buf);
+        long got = 0; /* the status line's code, 0 before one came */
+        curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &got);
+        resp->outcome = rc == CURLE_ABORTED_BY_CALLBACK ? MR_HTTPC_ABORTED
+                        : rc == CURLE_URL_MALFORMAT || rc == CURLE_UNSUPPORTED_PROTOCOL
+                            ? MR_HTTPC_UNSENT
+                        : got ? MR_HTTPC_ANSWERED : MR_HTTPC_NO_ANSWER;
         if (s.too_big || rc == CURLE_FILESIZE_EXCEEDED)
             return mr_seterr(err, errlen, MR_ETRANSIENT, "response larger than %zu bytes", s.max);
         if (rc == CURLE_ABORTED_BY_CALLBACK)
@@ -178,6 +184,7 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
         return mr_seterr(err, errlen, MR_ETRANSIENT, "%s", curl_easy_strerror(rc));
     }
     curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &resp->status);
+    resp->outcome = MR_HTTPC_ANSWERED;
     if (!s.buf && !(s.buf = calloc(1, 1))) {
         free(h.buf);
         return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");

@@ -13,7 +13,18 @@
 
 typedef struct mr_httpc mr_httpc;
 
+/* Whether the peer answered: the one place that tells a party that is down,
+ * unreachable or hanging (no answer) from one that answers with an error. */
+typedef enum {
+    MR_HTTPC_UNSENT = 0,  /* never sent: a bad URL or scheme, out of memory */
+    MR_HTTPC_ANSWERED,    /* a status line came: MR_OK, or the answer was cut off after it
+                             (too large, its deadline passed, the connection dropped) */
+    MR_HTTPC_NO_ANSWER,   /* no connection, or no status line before the deadlines */
+    MR_HTTPC_ABORTED,     /* the caller's abort_cb stopped it: says nothing of the peer */
+} mr_httpc_outcome;
+
 typedef struct {
+    mr_httpc_outcome outcome; /* set by every mr_httpc_do, whatever it returns */
     long status;        /* HTTP status, 0 if no response */
     char *body;         /* malloc'd, NUL-terminated; caller frees with mr_httpc_resp_free */
     size_t body_len;
@@ -42,7 +53,7 @@ void mr_httpc_close(mr_httpc *c);
 
 /* Performs the request. Returns MR_OK with *resp filled (any HTTP status),
  * MR_ETRANSIENT on connect failure, timeout or oversized body, MR_EINVAL for a
- * bad URL or scheme. err says which. */
+ * bad URL or scheme. err says which, and resp->outcome whether the peer answered. */
 mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
                    char *err, size_t errlen);
 void mr_httpc_resp_free(mr_httpc_resp *resp);

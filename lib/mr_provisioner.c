@@ -110,14 +110,14 @@ static void call(mr_httpc *http, const mr_provisioner *p, const char *method, co
     char herr[200] = "";
     mr_err e = mr_httpc_do(http, &req, &resp, herr, sizeof herr);
     memset(auth, 0, sizeof auth);
+    out->outcome = resp.outcome;
     if (e != MR_OK) {
-        out->aborted = req.abort_cb && strcmp(herr, "aborted") == 0;
         snprintf(out->error, sizeof out->error, "provisioner %s: %s", what, herr);
     }
     else
         classify(out, what, &resp, missing_ok);
     mr_httpc_resp_free(&resp);
-    mr_metrics_provisioner_call(route, out->ok ? MR_PROV_OK : out->aborted ? MR_PROV_ABORTED
+    mr_metrics_provisioner_call(route, out->ok ? MR_PROV_OK : out->outcome == MR_HTTPC_ABORTED ? MR_PROV_ABORTED
                                        : out->rejected ? MR_PROV_REJECTED : MR_PROV_FAILED,
                                 (mr_now_ms() - t0) * 1000);
 }

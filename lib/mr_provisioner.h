@@ -33,7 +33,9 @@ typedef struct {
 typedef struct {
     int ok;             /* 2xx (or a missing app where that means done) */
     int rejected;       /* 4xx: the provisioner refused the input; not retried blindly */
-    int aborted;        /* the caller's abort_cb stopped the call */
+    mr_httpc_outcome outcome; /* whether the provisioner answered (MR_HTTPC_ABORTED: the
+                                 caller's abort_cb stopped the call); MR_HTTPC_UNSENT
+                                 for a call refused before it was sent */
     long status;        /* HTTP status, 0 when no answer */
     char error[256];    /* why, when !ok: safe to store and show (no token, no body dump) */
     char backend_url[512], frontend_url[512], matrix_server_url[512];

@@ -9,9 +9,9 @@
 
 mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *idempotency_key,
                       const char *to, const char *subject, const char *text,
-                      long *http_status, char *err, size_t errlen)
+                      mr_httpc_outcome *outcome, char *err, size_t errlen)
 {
-    if (http_status) *http_status = 0;
+    if (outcome) *outcome = MR_HTTPC_UNSENT;
     if (!cfg->api_key || !*cfg->api_key)
         return mr_seterr(err, errlen, MR_EINVAL, "RESEND_API_KEY is not set");
     if (!to || !*to)
@@ -54,13 +54,13 @@ mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *i
     mr_err e = mr_httpc_do(http, &req, &resp, herr, sizeof herr);
     memset(auth, 0, sizeof auth);
     free(body);
+    if (outcome) *outcome = resp.outcome;
     if (e != MR_OK) {
         mr_httpc_resp_free(&resp);
         return mr_seterr(err, errlen, e == MR_EINVAL ? MR_EINVAL : MR_ETRANSIENT,
                          "resend: %s", herr);
     }
     long st = resp.status;
-    if (http_status) *http_status = st;
     mr_httpc_resp_free(&resp);
     if (st >= 200 && st < 300) return MR_OK;
     if (st == 429 || st >= 500)

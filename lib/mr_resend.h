@@ -17,11 +17,12 @@ typedef struct {
 
 /* Sends one plain-text email to a single recipient. Returns MR_OK on a 2xx,
  * MR_ETRANSIENT on no answer, a timeout or a 5xx/429, MR_EINVAL on another 4xx
- * (refused input). *http_status (may be NULL) gets the status, 0 without one.
- * err gets a safe one-line reason (never the key). All strings are the caller's. */
+ * (refused input). *outcome (may be NULL) gets whether Resend answered
+ * (mr_httpc.h). err gets a safe one-line reason (never the key). All strings are
+ * the caller's. */
 mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *idempotency_key,
                       const char *to, const char *subject, const char *text,
-                      long *http_status, char *err, size_t errlen);
+                      mr_httpc_outcome *outcome, char *err, size_t errlen);
 
 /* The welcome email's subject and body for an instance's frontend URL.
  * Returns malloc'd text the caller frees. */

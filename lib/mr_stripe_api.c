@@ -328,6 +328,7 @@ static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const cha
         mr_err he = mr_httpc_do(http, &req, &resp, herr, sizeof herr);
         res->attempts++;
         res->status = he == MR_OK ? resp.status : 0;
+        res->outcome = resp.outcome;
         res->request_id[0] = res->error_type[0] = res->error_code[0] = '\0';
         res->other_mode = res->replayed = 0;
         if (he == MR_EINVAL || he == MR_EINTERNAL) {

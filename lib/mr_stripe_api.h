@@ -32,6 +32,7 @@
 #include <cjson/cJSON.h>
 #include "mr_common.h"
 #include "mr_http.h"
+#include "mr_httpc.h"
 
 /* The API version every request asks for: the one whose payloads the webhook
  * reads first (current_period_end on subscription items). */
@@ -83,6 +84,8 @@ long mr_stripe_api_backoff_ms(int retry, double random01);
 typedef struct {
     cJSON *object;           /* 2xx: the answer's object; free with mr_stripe_api_result_free */
     long status;             /* status of the last answer, 0 when none came */
+    mr_httpc_outcome outcome; /* whether Stripe answered the last request sent
+                                 (MR_HTTPC_UNSENT: none was) */
     int attempts;            /* requests sent */
     int replayed;            /* the last answer was a replay (Idempotent-Replayed: true) */
     char request_id[64];     /* Stripe's Request-Id of the last answer, "" if none */

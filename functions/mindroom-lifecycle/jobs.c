@@ -238,11 +238,11 @@ static void teardown_job(worker *w)
             mr_provisioner_app(w->http, &p, app, MR_ACTION_DESTROY, 1, &call);
         }
         targets_forget(&target);
-        if (call.aborted)
+        if (call.outcome == MR_HTTPC_ABORTED)
             break; /* not recorded: done again after its lease (it is idempotent) */
         if (te == MR_OK) {
             targets_note_answer(w, &target, &call);
-            if (targets_unanswered(&call) && nsilent < TEARDOWN_BATCH)
+            if (call.outcome == MR_HTTPC_NO_ANSWER && nsilent < TEARDOWN_BATCH)
                 snprintf(silent[nsilent++], sizeof silent[0], "%s", tname);
         }
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,
@@ -331,7 +331,7 @@ static void cancel_job(worker *w)
             }
             else if (res.status == 404 && strcmp(res.error_code, "resource_missing") == 0)
                 outcome = "not_found"; /* cancelled before (Stripe's answer then), or unknown */
-            silent = e == MR_ETRANSIENT && res.status == 0;
+            silent = res.outcome == MR_HTTPC_NO_ANSWER;
             mr_stripe_api_result_free(&res);
             if (!outcome && worker_stopping())
                 break; /* not recorded: the next run asks again */

@@ -86,12 +86,12 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
     char *text = mr_resend_welcome_text(url);
     mr_resend_config rc = {.base_url = wcfg.resend_base_url, .api_key = wcfg.resend_api_key,
                            .from = wcfg.resend_from, .timeout_ms = wcfg.resend_timeout_ms};
-    long st = 0;
-    mr_err e = text ? mr_resend_send(w->http, &rc, idem, to, MR_RESEND_WELCOME_SUBJECT, text, &st,
+    mr_httpc_outcome said = MR_HTTPC_UNSENT;
+    mr_err e = text ? mr_resend_send(w->http, &rc, idem, to, MR_RESEND_WELCOME_SUBJECT, text, &said,
                                      err, sizeof err)
                     : mr_seterr(err, sizeof err, MR_EINTERNAL, "out of memory");
     free(text);
-    if (e == MR_ETRANSIENT && st == 0) {
+    if (said == MR_HTTPC_NO_ANSWER) {
         long quiet_ms = MR_DL_RESEND_QUIET_FACTOR * wcfg.resend_timeout_ms;
         resend_quiet_until = mr_now_ms() + quiet_ms;
         mr_log(MR_LOG_WARN, "Resend did not answer (%s): this worker sends no email for %ld s",
@@ -188,7 +188,7 @@ static int do_step(worker *w, mr_action action, const cJSON *step, const char *i
     targets_forget(&target);
     if (sent)
         targets_note_answer(w, &target, &call);
-    if (call.aborted)
+    if (call.outcome == MR_HTTPC_ABORTED)
         return 1;
     cJSON_AddBoolToObject(result, "ok", call.ok);
     if (call.ok) {

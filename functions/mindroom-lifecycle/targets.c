@@ -128,20 +128,15 @@ void targets_forget(worker_target *t)
     OPENSSL_cleanse(t->token, sizeof t->token);
 }
 
-int targets_unanswered(const mr_provisioner_call *call)
-{
-    return call->status == 0 && !call->ok && !call->rejected && !call->aborted;
-}
-
 static const mr_db_stmt answered_stmt = {
     "mr_lc_target_answered", "SELECT public.target_answered($1, $2::boolean)::text", 2};
 
 void targets_note_answer(worker *w, worker_target *t, const mr_provisioner_call *call)
 {
-    /* An aborted call, or one refused before it was sent (status 0 and rejected),
-     * says nothing either way. */
-    int answered = call->status != 0;
-    if (!t->chosen || (!answered && !targets_unanswered(call)) || answered == t->answering)
+    /* An aborted call, or one refused before it was sent, says nothing either way. */
+    int answered = call->outcome == MR_HTTPC_ANSWERED;
+    if (!t->chosen || (!answered && call->outcome != MR_HTTPC_NO_ANSWER) ||
+        answered == t->answering)
         return;
     const char *p[] = {t->name, answered ? "true" : "false"};
     char *out = NULL, err[200] = "";

@@ -98,9 +98,6 @@ mr_err targets_use_text(const char *target_json, mr_provisioner *p, worker_targe
                         size_t errlen);
 /* Wipes t's token. */
 void targets_forget(worker_target *t);
-/* Whether a call that was sent got no answer at all: no connection, or its deadline
- * passed (a refusal or an error status is an answer; an aborted call is neither). */
-int targets_unanswered(const mr_provisioner_call *call);
 /* After a call sent to t (a chosen target): records whether it was answered when
  * that differs from what the target's row said (public.target_answered: placement
  * prefers the targets that answer) and logs the change; nothing otherwise. */

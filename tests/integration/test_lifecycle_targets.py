@@ -717,6 +717,29 @@ def test_new_customers_go_to_a_target_that_answers_while_another_does_not(pg, re
         second.stop()
 
 
+def test_a_target_whose_answer_is_too_large_to_read_still_answers(pg, resend):
+    # A target that answers, if wrongly (here a 500 larger than the worker reads),
+    # is not down: the create fails and backs off as after any error status, and the
+    # target is not recorded as one that does not answer (placement would pass it
+    # over). Once its answers are right, the instance is made there.
+    solo = ProvisionerStandin().start()
+    try:
+        with own_targets(pg, resend, [("solo", solo)], MR_PROVISION_TIMEOUT_MS="2000") as s:
+            solo.behave(("huge", 200000))
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            wait_until(lambda: instance(s, sid)["last_error"], timeout=15,
+                       what="the create failed")
+            assert "larger than" in instance(s, sid)["last_error"]
+            assert s.sql("SELECT unanswered_since FROM public.provisioner_targets")[0][0] is None
+            assert "does not answer" not in s.log(WORKER)
+            solo.behave("ok")
+            assert provision(s, sid).status == 202
+            running(s, sid, timeout=10)
+    finally:
+        solo.stop()
+
+
 def test_once_a_target_answers_again_its_instances_backing_off_are_made_at_once(pg, resend):
     # Two customers' creates fail on a target that does not answer and back off for a
     # minute or more. When it answers again (an operator's explicit provision of the

@@ -11,7 +11,8 @@ test: a default behaviour plus a queue of one-shot behaviours for the next reque
     s.release()                    # let every hanging request go (they then answer 500)
 
 Behaviours: "ok", "fail" (500), "reject" (400), ("status", N), "hang" (until
-release() or stop), ("slow", seconds).
+release() or stop), ("slow", seconds), ("huge", N) (a 500 whose body is N bytes
+and more).
 """
 import hmac
 import json
@@ -192,6 +193,8 @@ class RecordingServer:
             return 500, {"error": {"code": "internal", "message": "stand-in told to fail"}}
         if behaviour == "reject":
             return 400, {"error": {"code": "invalid", "message": "stand-in told to reject"}}
+        if isinstance(behaviour, tuple) and behaviour[0] == "huge":
+            return 500, {"error": {"code": "internal", "message": "x" * behaviour[1]}}
         if isinstance(behaviour, tuple) and behaviour[0] == "status":
             return behaviour[1], {"error": {"code": "scripted", "message": "scripted status"}}
         return self.answer(rec)
