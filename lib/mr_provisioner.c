@@ -38,19 +38,16 @@ static void describe_failure(mr_provisioner_call *out, const char *what, const m
              resp->status, *msg ? ": " : "", msg);
 }
 
-/* A 404 that says the app is missing ({"error": {"code": "not_found"}}), not one
- * from a wrong route or base path (the provisioner's "no_route", a proxy's own
- * page): only the first makes a stop or a destroy done, lest a misconfigured URL
- * record every instance stopped, destroyed or purged while nothing happened. */
-static int says_missing(const mr_httpc_resp *resp)
+/* Whether the answer is the provisioner's error `code` ({"error": {"code": ...}}). */
+static int says(const mr_httpc_resp *resp, const char *code)
 {
     cJSON *j = resp->body ? mr_json_parse(resp->body, resp->body_len) : NULL;
     const cJSON *eobj = j ? cJSON_GetObjectItemCaseSensitive(j, "error") : NULL;
-    const char *code = NULL;
-    int missing = cJSON_IsObject(eobj) && mr_json_str(eobj, "code", &code) == MR_OK &&
-                  strcmp(code, "not_found") == 0;
+    const char *got = NULL;
+    int yes = cJSON_IsObject(eobj) && mr_json_str(eobj, "code", &got) == MR_OK &&
+              strcmp(got, code) == 0;
     cJSON_Delete(j);
-    return missing;
+    return yes;
 }
 
 static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_resp *resp,
@@ -71,11 +68,16 @@ static void classify(mr_provisioner_call *out, const char *what, const mr_httpc_
         cJSON_Delete(j);
         return;
     }
-    if (resp->status == 404 && missing_ok && says_missing(resp)) {
+    /* Only a 404 that says the app is missing, not one from a wrong route or base
+     * path (the provisioner's "no_route", a proxy's own page), makes a stop or a
+     * destroy done, lest a misconfigured URL record every instance stopped,
+     * destroyed or purged while nothing happened. */
+    if (resp->status == 404 && missing_ok && says(resp, "not_found")) {
         out->ok = 1;
         return;
     }
     describe_failure(out, what, resp);
+    out->host_unreachable = resp->status == 503 && says(resp, "dokku_unreachable");
     /* 401/403 mean our token is wrong (configuration, fixed by an operator, then
      * retried); 408/429 are load. Any other 4xx refuses this input: retrying it
      * unchanged cannot succeed. */

@@ -37,6 +37,8 @@ typedef struct {
                                  caller's abort_cb stopped the call); MR_HTTPC_UNSENT
                                  for a call refused before it was sent */
     long status;        /* HTTP status, 0 when no answer */
+    int host_unreachable; /* it answered that it could not reach its Dokku host
+                             (503 dokku_unreachable) */
     char error[256];    /* why, when !ok: safe to store and show (no token, no body dump) */
     char backend_url[512], frontend_url[512], matrix_server_url[512];
     char matrix_server_name[256]; /* the homeserver's server_name, when it has one */

@@ -72,6 +72,15 @@ static mr_err run_in(run_ctx *c, const char *const *args, const unsigned char *i
 {
     mr_err e = prov_dokku(c->cfg, args, in, in_len, timeout_ms, c->out->deadline_ms, c->res,
                           c->err, c->errlen);
+    if (e == MR_OK && c->cfg->mode == PROV_MODE_SSH && c->res->status == 255) {
+        /* ssh's own failure (ssh exits 255: no connection, or the host's key or our
+         * key refused; Dokku's commands do not use 255): the host was not reached,
+         * and the caller's placement passes this provisioner over while it is so. */
+        c->out->fail_status = 503;
+        c->out->fail_code = "dokku_unreachable";
+        return mr_seterr(c->err, c->errlen, MR_ETRANSIENT, "%s: ssh to %s exited 255: the Dokku "
+                         "host was not reached", prov_subcommand(args), c->cfg->host);
+    }
     if (e != MR_OK) {
         c->out->fail_status = c->res->timed_out ? 504 : 503;
         c->out->fail_code = c->res->timed_out ? "dokku_timeout" : "dokku_unavailable";

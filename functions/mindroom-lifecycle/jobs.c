@@ -182,8 +182,8 @@ static void teardown_job(worker *w)
         return;
     }
     int n = PQntuples(due.res), torn = 0, failed = 0, nsilent = 0;
-    /* Targets that left one of this round's calls unanswered (its deadline passed,
-     * or no connection): their other teardowns wait for the next round, so a target
+    /* Targets that left one of this round's calls unanswered (targets_answers):
+     * their other teardowns wait for the next round, so a target
      * that stops answering holds the job for one call's deadline a round, not for
      * one per teardown while the other targets' teardowns wait behind it. */
     char silent[TEARDOWN_BATCH][sizeof ((worker_target *)0)->name];
@@ -242,7 +242,7 @@ static void teardown_job(worker *w)
             break; /* not recorded: done again after its lease (it is idempotent) */
         if (te == MR_OK) {
             targets_note_answer(w, &target, &call);
-            if (call.outcome == MR_HTTPC_NO_ANSWER && nsilent < TEARDOWN_BATCH)
+            if (targets_answers(&call) == 0 && nsilent < TEARDOWN_BATCH)
                 snprintf(silent[nsilent++], sizeof silent[0], "%s", tname);
         }
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,

@@ -13,8 +13,10 @@
  * target its teardown record kept (public.instance_teardowns_due gives it), the
  * same way.
  *
- * After each call to a target the worker compares whether it was answered with
- * what the target's row said ("answering") and records a change
+ * After each call to a target the worker compares whether it was answered
+ * (targets_answers: its provisioner answered, and did not answer that its Dokku
+ * host was out of reach) with what the target's row said ("answering") and
+ * records a change
  * (public.target_answered): new instances are placed on the targets that answer
  * first (public.target_choose), so a host that is down or unreachable stops taking
  * new customers once one call there went unanswered, and takes them again once
@@ -131,12 +133,18 @@ void targets_forget(worker_target *t)
 static const mr_db_stmt answered_stmt = {
     "mr_lc_target_answered", "SELECT public.target_answered($1, $2::boolean)::text", 2};
 
+int targets_answers(const mr_provisioner_call *call)
+{
+    if (call->outcome == MR_HTTPC_NO_ANSWER ||
+        (call->outcome == MR_HTTPC_ANSWERED && call->host_unreachable))
+        return 0;
+    return call->outcome == MR_HTTPC_ANSWERED ? 1 : -1;
+}
+
 void targets_note_answer(worker *w, worker_target *t, const mr_provisioner_call *call)
 {
-    /* An aborted call, or one refused before it was sent, says nothing either way. */
-    int answered = call->outcome == MR_HTTPC_ANSWERED;
-    if (!t->chosen || (!answered && call->outcome != MR_HTTPC_NO_ANSWER) ||
-        answered == t->answering)
+    int answered = targets_answers(call);
+    if (!t->chosen || answered < 0 || answered == t->answering)
         return;
     const char *p[] = {t->name, answered ? "true" : "false"};
     char *out = NULL, err[200] = "";

@@ -98,6 +98,10 @@ mr_err targets_use_text(const char *target_json, mr_provisioner *p, worker_targe
                         size_t errlen);
 /* Wipes t's token. */
 void targets_forget(worker_target *t);
+/* Whether a call sent to a target says the target answers: 1 yes; 0 no (its
+ * provisioner gave no answer, mr_httpc.h, or answered that it could not reach its
+ * Dokku host); -1 neither (aborted, or never sent). */
+int targets_answers(const mr_provisioner_call *call);
 /* After a call sent to t (a chosen target): records whether it was answered when
  * that differs from what the target's row said (public.target_answered: placement
  * prefers the targets that answer) and logs the change; nothing otherwise. */

@@ -661,13 +661,15 @@ def test_a_target_that_stops_answering_holds_a_teardown_round_for_one_call(pg, r
         good.stop()
 
 
-def test_new_customers_go_to_a_target_that_answers_while_another_does_not(pg, resend):
+@pytest.mark.parametrize("down", ["hang", "unreachable"])
+def test_new_customers_go_to_a_target_that_answers_while_another_does_not(pg, resend, down):
     # By the rule new instances go to "first", which has the more room. It stops
-    # answering: the call of the instance placed there meanwhile
-    # goes unanswered to its deadline, the worker records it, and the customers who
-    # sign up next are placed on "second" and served, not left to wait on a host
-    # that is down. Once "first" answers again, its own instance is made and new
-    # customers go by the rule again.
+    # answering ("hang": its provisioner does not answer; "unreachable": its
+    # provisioner answers that its Dokku host is out of reach): the call of the
+    # instance placed there meanwhile goes unanswered, the worker records it, and
+    # the customers who sign up next are placed on "second" and served, not left to
+    # wait on a host that is down. Once "first" answers again, its own instance is
+    # made and new customers go by the rule again.
     first, second = ProvisionerStandin().start(), ProvisionerStandin().start()
     try:
         with own_targets(pg, resend, [("first", first), ("second", second)],
@@ -683,7 +685,7 @@ def test_new_customers_go_to_a_target_that_answers_while_another_does_not(pg, re
             running(s, sid)
             assert unanswered_since() is None
 
-            first.behave("hang")
+            first.behave(down)
             stuck = new_subscription(s, "starter", account=new_account(s)[0])
             assert provision(s, stuck).status == 202
             assert target_of(s, stuck) == "first"

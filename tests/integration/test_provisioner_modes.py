@@ -180,6 +180,26 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     d.assert_documented()
 
 
+def test_ssh_mode_says_when_the_dokku_host_is_out_of_reach(ssh):
+    # ssh's own failure (exit 255) is not a Dokku command that failed: the answer says
+    # the host was not reached (the lifecycle worker then places new customers on
+    # other targets), and nothing ran there. Once it is back, the same call succeeds.
+    s, d = ssh
+    down = d.dir / "ssh.down"
+    down.touch()
+    try:
+        before = len(d.all_calls())
+        r = s.call_provisioner("POST", "/apps", json=body("mindroom-sshdown", "sshdown"))
+        assert r.status == 503 and r.json["error"]["code"] == "dokku_unreachable", r
+        assert "dokku.example.com" in r.json["error"]["message"], r
+        assert "not reached" in r.json["error"]["message"], r
+        assert len(d.all_calls()) == before
+    finally:
+        down.unlink()
+    r = s.call_provisioner("POST", "/apps", json=body("mindroom-sshdown", "sshdown"))
+    assert r.status == 201, r
+
+
 # ---- deadlines and start failures ------------------------------------------
 
 @pytest.fixture(scope="module")

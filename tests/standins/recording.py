@@ -12,7 +12,8 @@ test: a default behaviour plus a queue of one-shot behaviours for the next reque
 
 Behaviours: "ok", "fail" (500), "reject" (400), ("status", N), "hang" (until
 release() or stop), ("slow", seconds), ("huge", N) (a 500 whose body is N bytes
-and more).
+and more), "unreachable" (the provisioner's 503 dokku_unreachable: its Dokku host
+is out of reach).
 """
 import hmac
 import json
@@ -193,6 +194,10 @@ class RecordingServer:
             return 500, {"error": {"code": "internal", "message": "stand-in told to fail"}}
         if behaviour == "reject":
             return 400, {"error": {"code": "invalid", "message": "stand-in told to reject"}}
+        if behaviour == "unreachable":
+            return 503, {"error": {"code": "dokku_unreachable",
+                                   "message": "apps:exists: ssh to dokku.test exited 255: "
+                                              "the Dokku host was not reached"}}
         if isinstance(behaviour, tuple) and behaviour[0] == "huge":
             return 500, {"error": {"code": "internal", "message": "x" * behaviour[1]}}
         if isinstance(behaviour, tuple) and behaviour[0] == "status":
