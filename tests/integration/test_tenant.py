@@ -413,6 +413,40 @@ def test_a_user_whose_instance_failed_is_told_which_step_and_not_the_provisioner
     assert r.json["instance"]["status"] == "running" and r.json["instance"]["error"] is None, r.json
 
 
+def test_a_user_whose_restart_fails_is_told_so_while_the_instance_runs(stack, dokku):
+    """A restart that fails leaves the instance running: my-instance says the restart
+    failed and is retried (instance.error) for as long as it fails, not as the
+    health checks' error, and not the provisioner's text; once it is done, nothing."""
+    c, inst = live_instance(stack, "starter")
+    iid = str(inst["id"])
+    tok = user_jwt(stack, c.account)
+    dokku.tell("fail", "ps:restart", times=1000, status=1)
+    try:
+        r = stack.call("POST", "my-instance/restart", json={}, token=tok,
+                       headers={"User-Agent": UA})
+        assert r.status == 202, r
+        wait_until(lambda: stack.sql("SELECT attempts >= 1 AND claimed_by IS NULL FROM public.instances "
+                                     "WHERE id = %s", iid)[0][0], what="a failed restart")
+        r = stack.call("GET", "my-instance", token=tok)
+        assert r.status == 200, r
+        assert r.json["instance"]["status"] == "running", r.json
+        assert r.json["instance"]["error"] == \
+            "Restarting your instance failed: it is tried again automatically.", r.json
+        assert r.json["instance"]["restart"]["pending"] is True
+        assert r.json["health"]["error"] is None, r.json
+        last_error = stack.sql("SELECT last_error FROM public.instances WHERE id = %s", iid)[0][0]
+        assert "ps:restart" in last_error, last_error  # the operators' text
+        for leak in ("ps:restart", "exited", last_error):
+            assert leak not in r.text, (leak, r.text)
+    finally:
+        dokku.untell("fail", "ps:restart")
+    stack.sql("UPDATE public.instances SET next_attempt_at = now() WHERE id = %s", iid)
+    wait_until(lambda: stack.sql("SELECT applied_restart_version = restart_version FROM public.instances "
+                                 "WHERE id = %s", iid)[0][0], timeout=30, what="the restart done")
+    r = stack.call("GET", "my-instance", token=tok)
+    assert r.json["instance"]["error"] is None and r.json["health"]["error"] is None, r.json
+
+
 def test_a_user_restarts_own_instance_four_times_is_too_many_others_are_404(stack, dokku):
     c, inst = live_instance(stack, "starter")
     iid, app = str(inst["id"]), inst["dokku_app_name"]
