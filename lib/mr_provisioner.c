@@ -119,8 +119,10 @@ static void call(mr_httpc *http, const mr_provisioner *p, const char *method, co
     else
         classify(out, what, &resp, missing_ok);
     mr_httpc_resp_free(&resp);
-    mr_metrics_provisioner_call(route, out->ok ? MR_PROV_OK : out->outcome == MR_HTTPC_ABORTED ? MR_PROV_ABORTED
-                                       : out->rejected ? MR_PROV_REJECTED : MR_PROV_FAILED,
+    mr_metrics_provisioner_call(route, out->ok                              ? MR_PROV_OK
+                                       : out->outcome == MR_HTTPC_ABORTED ? MR_PROV_ABORTED
+                                       : out->rejected                    ? MR_PROV_REJECTED
+                                                                          : MR_PROV_FAILED,
                                 (mr_now_ms() - t0) * 1000);
 }
 

@@ -183,9 +183,9 @@ static void teardown_job(worker *w)
     }
     int n = PQntuples(due.res), torn = 0, failed = 0, nsilent = 0;
     /* Targets that left one of this round's calls unanswered (targets_answers):
-     * their other teardowns wait for the next round, so a target
-     * that stops answering holds the job for one call's deadline a round, not for
-     * one per teardown while the other targets' teardowns wait behind it. */
+     * their other teardowns wait for the next round, so a target that stops
+     * answering holds the job for one call's deadline a round, not for one per
+     * teardown while the other targets' teardowns wait behind it. */
     char silent[TEARDOWN_BATCH][sizeof ((worker_target *)0)->name];
     for (int i = 0; i < n && !worker_stopping(); i++) {
         const char *iid = PQgetvalue(due.res, i, 0), *app = PQgetvalue(due.res, i, 1);

@@ -16,11 +16,10 @@
  * After each call to a target the worker compares whether it was answered
  * (targets_answers: its provisioner answered, and did not answer that its Dokku
  * host was out of reach) with what the target's row said ("answering") and
- * records a change
- * (public.target_answered): new instances are placed on the targets that answer
- * first (public.target_choose), so a host that is down or unreachable stops taking
- * new customers once one call there went unanswered, and takes them again once
- * one is answered. Only a change costs a round trip. */
+ * records a change (public.target_answered): new instances are placed on the
+ * targets that answer first (public.target_choose), so a host that is down or
+ * unreachable stops taking new customers once one call there went unanswered, and
+ * takes them again once one is answered. Only a change costs a round trip. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
