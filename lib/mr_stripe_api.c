@@ -336,7 +336,7 @@ static mr_err request(mr_httpc *http, const mr_stripe_api_config *cfg, const cha
             rc = mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: %s", path, herr);
             break;
         }
-        if (he != MR_OK && cfg->abort_cb && cfg->abort_cb(NULL)) {
+        if (resp.outcome == MR_HTTPC_ABORTED) {
             /* Stopping: whether Stripe applied it is unknown, as after a timeout. */
             rc = mr_seterr(err, errlen, MR_ETRANSIENT, "Stripe %s: aborted (stopping)", path);
             break;

@@ -27,7 +27,7 @@ import pytest
 
 import fcgi
 import mr
-from lifecycle_helpers import link_customer
+from lifecycle_helpers import link_customer, wait_until
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 OLD_SECRET = "whsec_old_" + uuid.uuid4().hex
@@ -836,18 +836,16 @@ def invoice_paid(customer):
     return e
 
 
-def request_notes(s, rids, timeout=10.0):
+def request_notes(s, rids):
     """The notes of the deliveries' log lines, once every one is written (a webhook
-    worker writes its lines when it is about to wait) or the timeout has passed."""
-    deadline = time.monotonic() + timeout
-    while True:
+    worker writes its lines when it is about to wait)."""
+    def notes():
         lines = [json.loads(l) for l in s.log("handle-stripe-webhook").splitlines()
                  if l.startswith("{")]
-        notes = {l["request_id"]: l.get("note", "") for l in lines
-                 if l.get("msg") == "request" and l.get("request_id") in rids}
-        if len(notes) == len(set(rids)) or time.monotonic() > deadline:
-            return notes
-        time.sleep(0.02)
+        got = {l["request_id"]: l.get("note", "") for l in lines
+               if l.get("msg") == "request" and l.get("request_id") in rids}
+        return got if len(got) == len(set(rids)) else None
+    return wait_until(notes, timeout=10, interval=0.02, what="the deliveries' log lines")
 
 
 def test_deliveries_that_arrive_together_share_one_commit_and_keep_their_own_outcomes(one_worker):
