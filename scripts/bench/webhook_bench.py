@@ -585,6 +585,7 @@ def track_statements(pg):
         "shared_preload_libraries = 'pg_stat_statements'\n"
         "pg_stat_statements.track = all\n"
         "pg_stat_statements.max = 2000\n"
+        "pg_stat_statements.track_planning = on\n"
         "track_functions = all\n"))
     pg.stop()
     pg.start()
@@ -592,20 +593,35 @@ def track_statements(pg):
 
 
 def statements(pg, db, label, path=OUT / "webhook-statements.txt"):
-    """The top statements and functions by total time since the last call (or
-    track_statements), added to path; then the counts start again."""
+    """The top statements (by execution and planning time: a statement a function
+    plans again at each call shows as many plans as calls) and functions by total
+    time since the last call (or track_statements), added to path; then the counts
+    start again."""
     rows = pg.sql(
-        "SELECT round(total_exec_time::numeric, 1), calls, round((total_exec_time / calls)::numeric, 4),"
+        "SELECT round(total_exec_time::numeric, 1), calls,"
+        " round((total_exec_time / nullif(calls, 0))::numeric, 4), plans, round(total_plan_time::numeric, 1),"
         " round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1),"
         " toplevel, left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
         " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s"
-        " ORDER BY total_exec_time DESC LIMIT 40", db, dbname="postgres")
+        " ORDER BY total_exec_time + total_plan_time DESC LIMIT 40", db, dbname="postgres")
+    # Statements planned again at most calls (PL/pgSQL keeps a plan for a statement
+    # unless plans made for the parameters of each call look cheaper).
+    replanned = pg.sql(
+        "SELECT round(total_plan_time::numeric, 1), plans, calls,"
+        " left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
+        " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s"
+        " AND calls >= 100 AND plans > calls / 2 ORDER BY total_plan_time DESC LIMIT 20",
+        db, dbname="postgres")
     funcs = pg.sql("SELECT funcname, calls, round(total_time::numeric, 1), round(self_time::numeric, 1)"
                    " FROM pg_stat_user_functions ORDER BY self_time DESC LIMIT 25", dbname=db)
     with open(path, "a") as f:
-        f.write("== %s: pg_stat_statements (ms total, calls, ms/call, %%, toplevel, query)\n" % label)
+        f.write("== %s: pg_stat_statements (ms total, calls, ms/call, plans, ms planning,"
+                " %%, toplevel, query)\n" % label)
         for r in rows:
-            f.write("%10s %8s %9s %5s%% %-5s %s\n" % r)
+            f.write("%10s %8s %9s %8s %8s %5s%% %-5s %s\n" % r)
+        f.write("== %s: planned again at most calls (ms planning, plans, calls, query)\n" % label)
+        for r in replanned:
+            f.write("%10s %8s %8s %s\n" % r)
         f.write("== %s: pg_stat_user_functions (name, calls, total ms, self ms)\n" % label)
         for r in funcs:
             f.write("%-40s %8s %10s %10s\n" % r)
