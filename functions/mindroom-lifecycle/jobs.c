@@ -39,10 +39,10 @@ static const mr_db_stmt done_stmt = {
 static const mr_db_stmt reprocess_stmt = {
     "mr_job_reprocess", "SELECT public.reprocess_stripe_event($1) ->> 'result'", 1};
 static const mr_db_stmt teardown_begin_stmt = {
-    "mr_job_teardown_begin", "SELECT public.instance_teardown_begin($1::uuid, $2::int)::text", 2};
+    "mr_job_teardown_begin", "SELECT public.instance_teardown_begin($1::uuid, $2::int, $3)", 3};
 static const mr_db_stmt teardown_done_stmt = {
     "mr_job_teardown_done",
-    "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int)::text", 5};
+    "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int, $6)::text", 6};
 
 static const mr_db_stmt cancel_done_stmt = {
     "mr_job_cancel_done",
@@ -214,22 +214,23 @@ static void teardown_job(worker *w)
         }
         /* Its lease first: a run taken over from this one (presumed dead while a
          * call hangs) never calls the same teardown while this call is in flight,
-         * and it counts against its target's max_in_flight (refused at the limit). */
-        const char *bp[] = {iid, lease};
-        char *begun = NULL;
-        if (mr_db_call(w->db, &mr_service_identity, &teardown_begin_stmt, bp, NULL, &begun, err,
-                       sizeof err) != MR_OK || !begun || strcmp(begun, "true") != 0) {
+         * and it counts against its target's max_in_flight (refused at the limit).
+         * Its token (NULL: not taken) makes the outcome this lease's: once the lease
+         * ran out and another worker took it, this one's failure is not recorded. */
+        const char *bp[] = {iid, lease, w->owner};
+        char *token = NULL;
+        mr_err be = mr_db_call(w->db, &mr_service_identity, &teardown_begin_stmt, bp, NULL, &token,
+                               err, sizeof err);
+        if (be != MR_OK || !token) {
             targets_forget(&target);
-            if (begun)
+            if (be == MR_OK)
                 mr_log(MR_LOG_INFO, "teardown: instance %s (%s) waits: in flight, its target "
                        "at its limit or disabled, or no longer due", iid, app);
             else
                 mr_log(MR_LOG_WARN, "teardown: instance %s (%s): cannot take its lease: %s", iid,
                        app, err);
-            free(begun);
             continue;
         }
-        free(begun);
         if (te != MR_OK) {
             memset(&call, 0, sizeof call);
             snprintf(call.error, sizeof call.error, "%s", err);
@@ -238,28 +239,35 @@ static void teardown_job(worker *w)
             mr_provisioner_app(w->http, &p, app, MR_ACTION_DESTROY, 1, &call);
         }
         targets_forget(&target);
-        if (call.outcome == MR_HTTPC_ABORTED)
+        if (call.outcome == MR_HTTPC_ABORTED) {
+            free(token);
             break; /* not recorded: done again after its lease (it is idempotent) */
+        }
         if (te == MR_OK) {
             targets_note_answer(w, &target, &call);
             if (targets_answers(&call) == 0 && nsilent < TEARDOWN_BATCH)
                 snprintf(silent[nsilent++], sizeof silent[0], "%s", tname);
         }
         const char *params[] = {iid, call.ok ? "true" : "false", call.ok ? NULL : call.error,
-                                wcfg.backoff_base_arg, wcfg.backoff_cap_arg};
+                                wcfg.backoff_base_arg, wcfg.backoff_cap_arg, token};
         char *out = NULL;
-        if (mr_db_call(w->db, &mr_service_identity, &teardown_done_stmt, params, NULL, &out, err,
-                       sizeof err) != MR_OK)
-            mr_log(MR_LOG_WARN, "teardown of %s: cannot record it: %s", app, err);
+        mr_err fe = mr_db_call(w->db, &mr_service_identity, &teardown_done_stmt, params, NULL, &out,
+                               err, sizeof err);
+        int recorded = fe == MR_OK && out && strcmp(out, "true") == 0;
         free(out);
+        free(token);
+        if (fe != MR_OK)
+            mr_log(MR_LOG_WARN, "teardown of %s: cannot record it: %s", app, err);
         if (call.ok) {
             torn++;
             mr_log(MR_LOG_INFO, "teardown: instance %s (%s): apps and storage destroyed on %s", iid,
                    app, target.chosen ? target.name : "DOKKU_PROVISIONER_URL");
         } else {
             failed++;
-            mr_log(MR_LOG_WARN, "teardown: instance %s (%s): %s; retried with backoff", iid, app,
-                   call.error);
+            mr_log(MR_LOG_WARN, "teardown: instance %s (%s): %s; %s", iid, app, call.error,
+                   recorded || fe != MR_OK ? "retried with backoff"
+                                           : "not recorded: its lease ran out and another worker "
+                                             "took the teardown over");
         }
     }
     PQclear(due.res);

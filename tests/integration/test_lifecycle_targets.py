@@ -533,6 +533,42 @@ def test_a_teardown_in_flight_is_not_called_again_when_its_job_is_taken_over(pg,
         hung.stop()
 
 
+def test_a_teardown_call_that_outlived_its_lease_does_not_record_its_failure_over_the_next(
+        pg, resend):
+    # A call that outlives the teardown's lease (MR_LIFECYCLE_LEASE_S) lets another
+    # worker take the teardown over and call it again. When both calls then fail,
+    # only the one under the lease in force is recorded: one attempt, and the first
+    # worker says why its outcome was left out.
+    hung = ProvisionerStandin().start()
+    try:
+        with own_targets(pg, resend, [("hung", hung)], SWEEP_INTERVAL_S="1") as s:
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            inst = running(s, sid)
+            hung.behave("hang")
+            s.sql("DELETE FROM public.instances WHERE id = %s", inst["id"])
+            hung.wait_for(lambda p: p.recorded("DELETE"), timeout=10)
+            # The lease runs out and the job's run is presumed dead while the call
+            # hangs: the other worker takes both over and calls the teardown again.
+            s.sql("UPDATE public.instance_teardowns SET claimed_until = now() - interval '1 second' "
+                  "WHERE instance_id = %s", inst["id"])
+            s.sql("UPDATE public.scheduled_jobs SET last_started_at = now() - interval '1 hour', "
+                  "until = now() WHERE name = 'teardown'")
+            hung.wait_for(lambda p: len(p.recorded("DELETE")) == 2, timeout=10)
+            hung.release()  # both calls answer 500; the calls after them hang again
+            wait_until(lambda: "not recorded: its lease ran out" in s.log(WORKER),
+                       timeout=10, what="the first worker's failure left out")
+            wait_until(lambda: s.sql("SELECT attempts FROM public.instance_teardowns "
+                                     "WHERE instance_id = %s", inst["id"])[0][0] >= 1,
+                       timeout=10, what="the second worker's failure recorded")
+            time.sleep(1)
+            row = s.sql("SELECT attempts, done_at, last_error IS NOT NULL FROM public.instance_teardowns "
+                        "WHERE instance_id = %s", inst["id"])[0]
+            assert row == (1, None, True)
+    finally:
+        hung.stop()
+
+
 def test_teardowns_on_a_hung_target_count_against_its_limit(pg, resend):
     # A target with the default limit of 1 stops answering while it owes two
     # teardowns (deleted accounts) and a stop. Its teardowns and its steps together
