@@ -9,6 +9,7 @@ that is never deployed) holds a request in flight in a worker and in
 PostgreSQL with ?sleep_ms=N.
 """
 
+import functools
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 
 import fcgi
 import mr
+from lifecycle_helpers import wait_until
 
 SERVICE_FUNCTIONS = ("provision-instance", "deprovision-instance")
 JWT_FUNCTIONS = SERVICE_FUNCTIONS + ("check-instance-health",)
@@ -55,14 +57,8 @@ def request_log(stack, name, request_id):
     return [l for l in log_lines(stack, name) if l.get("request_id") == request_id]
 
 
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for " + what)
+# Log lines and requests in flight are waited for up to 10 s.
+wait_for = functools.partial(wait_until, timeout=10.0, interval=0.02)
 
 
 def sleeping_backends(stack):
