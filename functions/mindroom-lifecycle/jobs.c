@@ -42,7 +42,8 @@ static const mr_db_stmt teardown_begin_stmt = {
     "mr_job_teardown_begin", "SELECT public.instance_teardown_begin($1::uuid, $2::int, $3)", 3};
 static const mr_db_stmt teardown_done_stmt = {
     "mr_job_teardown_done",
-    "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int, $6)::text", 6};
+    "SELECT public.instance_teardown_finish($1::uuid, $2::boolean, $3, $4::int, $5::int, $6)::text",
+    6};
 
 static const mr_db_stmt cancel_done_stmt = {
     "mr_job_cancel_done",

@@ -44,7 +44,8 @@ BEGIN
      WHERE d.stripe_customer_id = p_customer
      ORDER BY d.deleted_at DESC
      LIMIT 1;
-    IF NOT FOUND AND p_claim ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    IF NOT FOUND
+       AND p_claim ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
         SELECT d.account_id INTO v_account FROM public.deleted_account_customers d
          WHERE d.account_id = p_claim::uuid
          ORDER BY d.deleted_at DESC
