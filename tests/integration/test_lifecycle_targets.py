@@ -499,6 +499,25 @@ def test_a_hung_target_leaves_the_workers_free_for_a_healthy_one(pg, resend):
         good.stop()
 
 
+def teardown_hanging(s, hung):
+    """A running instance on `hung` whose row is deleted while `hung` hangs: returns
+    the instance once the worker's teardown call (DELETE) hangs there."""
+    sid = new_subscription(s, "starter", account=new_account(s)[0])
+    assert provision(s, sid).status == 202
+    inst = running(s, sid)
+    hung.behave("hang")
+    s.sql("DELETE FROM public.instances WHERE id = %s", inst["id"])
+    hung.wait_for(lambda p: p.recorded("DELETE"), timeout=10)
+    return inst
+
+
+def presume_teardown_run_dead(s):
+    """As ten intervals later: the teardown job's run is presumed dead, and another
+    worker takes the job over."""
+    s.sql("UPDATE public.scheduled_jobs SET last_started_at = now() - interval '1 hour', "
+          "until = now() WHERE name = 'teardown'")
+
+
 def test_a_teardown_in_flight_is_not_called_again_when_its_job_is_taken_over(pg, resend):
     # A teardown's call may last up to MR_PROVISION_TIMEOUT_MS, longer than the ten
     # intervals after which the teardown job's run is presumed dead and another
@@ -507,17 +526,10 @@ def test_a_teardown_in_flight_is_not_called_again_when_its_job_is_taken_over(pg,
     hung = ProvisionerStandin().start()
     try:
         with own_targets(pg, resend, [("hung", hung)], SWEEP_INTERVAL_S="1") as s:
-            sid = new_subscription(s, "starter", account=new_account(s)[0])
-            assert provision(s, sid).status == 202
-            inst = running(s, sid)
-            hung.behave("hang")
-            s.sql("DELETE FROM public.instances WHERE id = %s", inst["id"])
-            hung.wait_for(lambda p: p.recorded("DELETE"), timeout=10)
+            inst = teardown_hanging(s, hung)
             runs = s.sql("SELECT runs FROM public.scheduled_jobs WHERE name = 'teardown'")[0][0]
-            # The run is presumed dead, as ten intervals later: the other worker takes
-            # the job over while the call hangs.
-            s.sql("UPDATE public.scheduled_jobs SET last_started_at = now() - interval '1 hour', "
-                  "until = now() WHERE name = 'teardown'")
+            # The other worker takes the job over while the call hangs.
+            presume_teardown_run_dead(s)
             wait_until(lambda: s.sql("SELECT runs FROM public.scheduled_jobs "
                                      "WHERE name = 'teardown'")[0][0] > runs,
                        timeout=10, what="the teardown job taken over")
@@ -542,18 +554,12 @@ def test_a_teardown_call_that_outlived_its_lease_does_not_record_its_failure_ove
     hung = ProvisionerStandin().start()
     try:
         with own_targets(pg, resend, [("hung", hung)], SWEEP_INTERVAL_S="1") as s:
-            sid = new_subscription(s, "starter", account=new_account(s)[0])
-            assert provision(s, sid).status == 202
-            inst = running(s, sid)
-            hung.behave("hang")
-            s.sql("DELETE FROM public.instances WHERE id = %s", inst["id"])
-            hung.wait_for(lambda p: p.recorded("DELETE"), timeout=10)
+            inst = teardown_hanging(s, hung)
             # The lease runs out and the job's run is presumed dead while the call
             # hangs: the other worker takes both over and calls the teardown again.
             s.sql("UPDATE public.instance_teardowns SET claimed_until = now() - interval '1 second' "
                   "WHERE instance_id = %s", inst["id"])
-            s.sql("UPDATE public.scheduled_jobs SET last_started_at = now() - interval '1 hour', "
-                  "until = now() WHERE name = 'teardown'")
+            presume_teardown_run_dead(s)
             hung.wait_for(lambda p: len(p.recorded("DELETE")) == 2, timeout=10)
             hung.release()  # both calls answer 500; the calls after them hang again
             wait_until(lambda: "not recorded: its lease ran out" in s.log(WORKER),
