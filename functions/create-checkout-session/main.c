@@ -242,64 +242,74 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
     return 0;
 }
 
-/* Step 3's guard against a second customer: while the account has no customer and
- * one of its customer attempts was closed without one (a 500 Stripe kept for its key,
- * an attempt given up: public.billing_customer_unsure), Stripe may have made one.
- * Its customers with the account's email are listed (consistent, unlike Stripe's
- * search) and the oldest made for this account (metadata.account_id) becomes the
- * account's (public.billing_customer_found).
+/* Step 3's guard against a second customer: while one of the account's customer
+ * attempts is unsure (closed without a customer: a 500 Stripe kept for its key, an
+ * attempt given up; or pending with another email, which will not be resumed), Stripe
+ * may have made a customer for it. Stripe's customers are listed by each email those
+ * attempts sent and by the one this request sends (public.billing_customer_emails:
+ * Stripe's filter is the exact email, and the user may have changed theirs since);
+ * the list is consistent, unlike Stripe's search. The oldest made for this account
+ * (metadata.account_id) becomes the account's (public.billing_customer_found).
  * MR_OK with customer filled when one was found and left "" when none was; otherwise
  * the failure, answered (503 when Stripe cannot be asked: nothing is made blind). */
 static mr_err find_customer(mr_req *r, const char *account, const char *email, int64_t deadline,
                             char *customer, size_t len)
 {
-    const char *ap[1] = {account};
-    cJSON *unsure;
-    mr_err e = mr_billing_sql(r, "SELECT public.billing_customer_unsure($1::uuid)::text", 1, ap,
-                              &unsure);
+    const char *ap[2] = {account, email};
+    cJSON *emails;
+    mr_err e = mr_billing_sql(r, "SELECT to_json(public.billing_customer_emails($1::uuid, $2))"
+                                 "::text", 2, ap, &emails);
     if (e != MR_OK)
         return e;
-    int ask = cJSON_IsTrue(unsure);
-    cJSON_Delete(unsure);
-    if (!ask)
-        return MR_OK;
-    cJSON *q = cJSON_CreateObject();
-    cJSON_AddStringToObject(q, "email", email);
-    cJSON_AddStringToObject(q, "limit", "100");
-    char *query = mr_stripe_api_form(q), path[1024], err[256] = "";
-    cJSON_Delete(q);
-    if (!query || (size_t)snprintf(path, sizeof path, "/v1/customers?%s", query) >= sizeof path) {
-        free(query);
-        mr_reply_error(r, 500, "internal", "could not build the payment request");
-        return MR_EINTERNAL;
-    }
-    free(query);
-    mr_stripe_api_result res;
-    e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
-    if (e != MR_OK) {
-        mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: %s", account, err);
-        mr_stripe_api_reply_error(r, e, &res);
-        mr_stripe_api_result_free(&res);
-        return e;
-    }
-    const cJSON *c;
-    const char *found = NULL;
+    /* The oldest customer of this account under any of them (found: in `first_id`). */
+    char first_id[256] = "";
     int64_t first = INT64_MAX;
-    cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
-        const char *id = NULL, *of = NULL;
-        int64_t created = 0;
-        if (mr_json_str(c, "id", &id) != MR_OK ||
-            mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) != MR_OK ||
-            strcmp(of, account) != 0)
+    const cJSON *address;
+    cJSON_ArrayForEach(address, emails) {
+        if (!cJSON_IsString(address))
             continue;
-        mr_json_i64(c, "created", 0, INT64_MAX, &created);
-        if (created < first) {
-            first = created;
-            found = id;
+        cJSON *q = cJSON_CreateObject();
+        cJSON_AddStringToObject(q, "email", address->valuestring);
+        cJSON_AddStringToObject(q, "limit", "100");
+        char *query = mr_stripe_api_form(q), path[1024], err[256] = "";
+        cJSON_Delete(q);
+        if (!query || (size_t)snprintf(path, sizeof path, "/v1/customers?%s", query) >= sizeof path) {
+            free(query);
+            cJSON_Delete(emails);
+            mr_reply_error(r, 500, "internal", "could not build the payment request");
+            return MR_EINTERNAL;
         }
+        free(query);
+        mr_stripe_api_result res;
+        e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
+        if (e != MR_OK) {
+            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: %s", account,
+                   err);
+            mr_stripe_api_reply_error(r, e, &res);
+            mr_stripe_api_result_free(&res);
+            cJSON_Delete(emails);
+            return e;
+        }
+        const cJSON *c;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
+            const char *id = NULL, *of = NULL;
+            int64_t created = 0;
+            if (mr_json_str(c, "id", &id) != MR_OK || strlen(id) >= sizeof first_id ||
+                mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) !=
+                    MR_OK ||
+                strcmp(of, account) != 0)
+                continue;
+            mr_json_i64(c, "created", 0, INT64_MAX, &created);
+            if (created < first) {
+                first = created;
+                snprintf(first_id, sizeof first_id, "%s", id);
+            }
+        }
+        mr_stripe_api_result_free(&res);
     }
-    if (found) {
-        const char *fp[3] = {account, found, stripe.livemode ? "true" : "false"};
+    cJSON_Delete(emails);
+    if (first_id[0]) {
+        const char *fp[3] = {account, first_id, stripe.livemode ? "true" : "false"};
         cJSON *v;
         if ((e = mr_billing_sql(r, "SELECT to_json(public.billing_customer_found($1::uuid, $2, "
                                    "$3::boolean))::text", 3, fp, &v)) == MR_OK) {
@@ -309,7 +319,6 @@ static mr_err find_customer(mr_req *r, const char *account, const char *email, i
             cJSON_Delete(v);
         }
     }
-    mr_stripe_api_result_free(&res);
     return e;
 }
 

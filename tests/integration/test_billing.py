@@ -681,6 +681,71 @@ def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack,
     assert r.status == 200 and len(stripe.recorded("/v1/customers")) == 3, r
 
 
+def change_email(stack, acc, email):
+    """The user changes their email (Supabase Auth's row; the account follows it)."""
+    stack.sql("UPDATE auth.users SET email = %s WHERE id = %s", email, acc)
+    assert stack.sql("SELECT email FROM public.accounts WHERE id = %s", acc) == [(email,)]
+
+
+def test_a_customer_made_under_the_users_old_email_is_found_after_they_change_it(stack, stripe):
+    """Stripe lists customers by the exact email. A customer Stripe made behind a kept
+    500 under the email the user had then is found after they changed it: the checkout
+    looks under the email each unsure attempt sent as well as under the new one, and
+    the account gets that customer, never a second one."""
+    acc, email, tok = user(stack)
+    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    made = [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    assert len(made) == 1 and stripe.customers[made[0]]["email"] == email, made
+    new = "renamed-" + email
+    change_email(stack, acc, new)
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert customer_of(stack, acc) == made[0]
+    assert stripe.sessions[r.json["id"]]["customer"] == made[0]
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == made
+    calls = stripe.recorded("/v1/customers")
+    assert [c.method for c in calls] == ["POST", "POST", "GET", "GET"], calls
+    assert [c.query for c in calls[2:]] == [{"email": new, "limit": "100"},
+                                            {"email": email, "limit": "100"}], calls
+    rows = attempts(stack, acc)
+    assert [(k, s, o) for k, s, _, o, _ in rows] == [
+        ("customer", "failed", None), ("customer", "succeeded", made[0]),
+        ("checkout", "succeeded", r.json["id"])], rows
+
+
+def test_a_pending_customer_attempt_of_the_users_old_email_is_looked_for_not_left(stack, stripe):
+    """A customer attempt whose answer was lost stays pending and is resumed by the
+    same request. After an email change the next request is another one: the pending
+    attempt is given up, so the customer Stripe may have made for it is looked for
+    under its email first, and taken rather than made again."""
+    acc, email, tok = user(stack)
+    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    assert [(k, s) for k, s, _, _, _ in attempts(stack, acc)] == [("customer", "pending")]
+    made = [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    assert len(made) == 1, made
+    new = "renamed-" + email
+    change_email(stack, acc, new)
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert customer_of(stack, acc) == made[0]
+    assert [c["id"] for c in stripe.customers.values()
+            if c["metadata"] == {"account_id": acc}] == made
+    calls = stripe.recorded("/v1/customers")
+    assert [(c.method, c.query.get("email")) for c in calls[1:]] == [
+        ("GET", new), ("GET", email)], calls
+    rows = attempts(stack, acc)
+    assert [(k, s, o) for k, s, _, o, _ in rows] == [
+        ("customer", "abandoned", None), ("customer", "succeeded", made[0]),
+        ("checkout", "succeeded", r.json["id"])], rows
+
+
 def test_a_cancellation_applies_whatever_its_price(stack, stripe, prov):
     """customer.subscription.deleted always means cancelled: a price the catalogue
     lacks (switched to in Stripe's portal, a plan row removed) keeps the recorded
