@@ -252,6 +252,13 @@ static void slot_finish(slot *s, CURLcode rc)
         char e[64];
         snprintf(e, sizeof e, "health endpoint answered HTTP %ld", status);
         set_result(p, MR_PROBE_UNHEALTHY, e, "unhealthy: HTTP %ld", status);
+    } else if (status != 0) {
+        /* A status line came, then the answer was cut short (stalled, dropped): the
+         * instance answered, badly, as mr_httpc counts an answer (mr_httpc.h). */
+        char e[64];
+        snprintf(e, sizeof e, "health endpoint's HTTP %ld answer cut short", status);
+        set_result(p, MR_PROBE_UNHEALTHY, e, "unhealthy: HTTP %ld cut short: %s", status,
+                   rc == CURLE_OPERATION_TIMEDOUT ? "timeout" : curl_easy_strerror(rc));
     } else if (rc == CURLE_OPERATION_TIMEDOUT) {
         set_result(p, MR_PROBE_UNREACHABLE, detail, "unreachable: timeout after %ld ms",
                    s->o->timeout_ms);

@@ -18,7 +18,7 @@
 
 typedef enum {
     MR_PROBE_HEALTHY,      /* a 2xx answer */
-    MR_PROBE_UNHEALTHY,    /* an answer that is not 2xx, an oversized one, or refused by the rules */
+    MR_PROBE_UNHEALTHY,    /* an answer that is not 2xx, cut short or oversized, or refused by the rules */
     MR_PROBE_UNREACHABLE   /* no answer: refused connection, timeout, DNS, TLS... */
 } mr_probe_outcome;
 

@@ -14,6 +14,7 @@
 
 #include "mr_common.h"
 #include "mr_probe.h"
+#include "peer.h"
 
 static const mr_probe_opts prod = {
     .base_domain = "mindroom.chat", .allow_loopback = 0, .allow_private = 0,
@@ -194,6 +195,33 @@ static void test_run(void **state)
     close(hfd);
 }
 
+/* An answer whose status line came and whose body then stalled or was dropped: the
+ * instance answered, badly (unhealthy), as mr_httpc counts an answer; never
+ * "unreachable" beside an http_status of 200. */
+static void test_answer_cut_short_is_unhealthy(void **state)
+{
+    (void)state;
+    int sport, dport, sfd = listener(&sport), dfd = listener(&dport);
+    pid_t stall = peer(sfd, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\"", 5);
+    pid_t drop = peer(dfd, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"ok\"", 0);
+    char u_stall[64], u_drop[64], err[64];
+    snprintf(u_stall, sizeof u_stall, "http://127.0.0.1:%d/api/health", sport);
+    snprintf(u_drop, sizeof u_drop, "http://127.0.0.1:%d/api/health", dport);
+    mr_probe p[2] = {{.url = u_stall}, {.url = u_drop}};
+    assert_int_equal(mr_probe_run(p, 2, &local, err, sizeof err), MR_OK);
+    assert_int_equal(p[0].outcome, MR_PROBE_UNHEALTHY);
+    assert_int_equal(p[0].http_status, 200);
+    assert_string_equal(p[0].status, "unhealthy: HTTP 200 cut short: timeout");
+    assert_string_equal(p[0].error, "health endpoint's HTTP 200 answer cut short");
+    assert_int_equal(p[1].outcome, MR_PROBE_UNHEALTHY);
+    assert_int_equal(p[1].http_status, 200);
+    assert_true(strncmp(p[1].status, "unhealthy: HTTP 200 cut short: ", 31) == 0);
+    reap(stall);
+    reap(drop);
+    close(sfd);
+    close(dfd);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -202,6 +230,7 @@ int main(void)
         cmocka_unit_test(test_metadata_never),
         cmocka_unit_test(test_long_host_refused),
         cmocka_unit_test(test_run),
+        cmocka_unit_test(test_answer_cut_short_is_unhealthy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
