@@ -150,11 +150,10 @@ mr_err mr_billing_call(mr_req *r, const mr_stripe_api_config *cfg, const char *a
     }
 
     /* 1. The attempt, recorded before anything is sent; a customer attempt with the
-     * email it sends (the checkout looks for a customer Stripe may have made under it:
-     * public.billing_customer_emails). */
+     * email it sends (public.billing_attempt_begin keeps it for that kind alone: the
+     * checkout looks for a customer Stripe may have made under it). */
     const char *email = NULL;
-    if (strcmp(kind, "customer") == 0)
-        (void)mr_json_str(params, "email", &email);
+    (void)mr_json_str(params, "email", &email);
     const char *bp[4] = {account_id, kind, fp, email};
     cJSON *b;
     mr_err e = mr_billing_sql(r, "SELECT public.billing_attempt_begin($1, $2, $3, $4)::text", 4,

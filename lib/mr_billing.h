@@ -33,9 +33,10 @@ typedef struct {
 
 /* Makes the POST to `path` with `params` as attempt `kind` ("customer",
  * "checkout" or "portal") of account_id, as described above, finishing by
- * deadline_ms (an mr_now_ms() time). For kind "customer", the customer is
- * linked to the account in the transaction that records it, and object_id is
- * the account's customer afterwards.
+ * deadline_ms (an mr_now_ms() time). For kind "customer", the attempt records
+ * the email it sends (params' "email"), the customer is linked to the account in
+ * the transaction that records it, and object_id is the account's customer
+ * afterwards.
  * Returns MR_OK with *out filled (the caller frees it with
  * mr_billing_result_free) and nothing replied; on failure the error, having
  * replied to r itself: 503 stripe_unavailable (transient: the attempt stays

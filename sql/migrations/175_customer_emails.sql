@@ -20,7 +20,10 @@
 --   is unsure. An attempt is unsure when it was closed without a customer ('failed' or
 --   'abandoned', as billing_customer_unsure) or is pending with another email (it will
 --   not be resumed: the next request is not its own). An unsure attempt recorded
---   before this migration (no email) is looked for under `email`, as before.
+--   before this migration (no email) is looked for under `email`, as before;
+-- - billing_customer_unsure(account): redefined from 169_customer_found.sql as whether
+--   billing_customer_emails names any email for the account's email of now, so that
+--   "unsure" is one rule (a function built before 175 still calls it).
 
 ALTER TABLE public.billing_attempts ADD COLUMN email text;
 COMMENT ON COLUMN public.billing_attempts.email IS
@@ -64,6 +67,15 @@ AS $$
          GROUP BY e.email
          ORDER BY max(e.at) DESC, e.email
          LIMIT 5) END
+$$;
+
+CREATE OR REPLACE FUNCTION public.billing_customer_unsure(p_account_id uuid)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+    SELECT cardinality(public.billing_customer_emails(
+               p_account_id, (SELECT a.email FROM public.accounts a WHERE a.id = p_account_id))) > 0
 $$;
 
 DO $grants$

@@ -77,6 +77,11 @@ def customer_of(stack, acc):
     return stack.sql("SELECT stripe_customer_id FROM public.accounts WHERE id = %s", acc)[0][0]
 
 
+def made_for(stripe, acc):
+    """The ids of the customers Stripe holds that were made for this account."""
+    return [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+
+
 def error(r):
     assert r.headers.get("Content-Type", "").startswith("application/json"), r
     assert set(r.json) == {"error"} and set(r.json["error"]) == {"code", "message"}, r
@@ -108,8 +113,7 @@ def test_checkout_creates_one_customer_and_one_session(stack, stripe):
     sessions = stripe.recorded("/v1/checkout/sessions")
     assert len(custs) == 1 and len(sessions) == 1, stripe.requests
     cus = customer_of(stack, acc)
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == [cus]
+    assert made_for(stripe, acc) == [cus]
     assert custs[0].pairs == [("email", email), ("metadata[account_id]", acc)]
     assert stripe.customers[cus]["metadata"] == {"account_id": acc}
     # Starter has a 14-day trial; this account never had a subscription.
@@ -160,7 +164,7 @@ def test_a_lost_stripe_answer_is_replayed_with_the_same_key(stack, stripe):
     assert r.status == 200, r
     custs = stripe.recorded("/v1/customers")
     assert len(custs) == 2 and custs[0].idempotency_key == custs[1].idempotency_key
-    assert len([c for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]) == 1
+    assert len(made_for(stripe, acc)) == 1
     assert customer_of(stack, acc) in stripe.customers
 
 
@@ -179,9 +183,9 @@ def test_an_answer_lost_on_every_try_is_resumed_by_the_next_call(stack, stripe):
     assert r.status == 200, r
     custs = stripe.recorded("/v1/customers")
     assert len(custs) == 4 and {c.idempotency_key for c in custs} == {key}
-    mine = [c for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
-    assert len(mine) == 1 and customer_of(stack, acc) == mine[0]["id"]
-    assert attempts(stack, acc)[0][1:] == ("succeeded", key, mine[0]["id"], 2)
+    mine = made_for(stripe, acc)
+    assert len(mine) == 1 and customer_of(stack, acc) == mine[0]
+    assert attempts(stack, acc)[0][1:] == ("succeeded", key, mine[0], 2)
 
 
 def test_a_double_click_creates_one_customer_and_one_session(stack, stripe):
@@ -198,8 +202,7 @@ def test_a_double_click_creates_one_customer_and_one_session(stack, stripe):
     assert a.status == 200 and b.status == 200 and a.json == b.json, (a, b)
     custs = stripe.recorded("/v1/customers")
     assert len({c.idempotency_key for c in custs}) == 1
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+    assert made_for(stripe, acc) == [customer_of(stack, acc)]
     assert [s["id"] for s in stripe.sessions.values() if s["client_reference_id"] == acc] == [a.json["id"]]
 
 
@@ -234,8 +237,7 @@ def test_stripe_429_then_200(stack, stripe):
     assert time.monotonic() - t0 >= 0.5
     custs = stripe.recorded("/v1/customers")
     assert len(custs) == 2 and custs[0].idempotency_key == custs[1].idempotency_key
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+    assert made_for(stripe, acc) == [customer_of(stack, acc)]
 
 
 def test_a_refusal_is_a_502_that_does_not_leak_stripes_message(stack, stripe):
@@ -632,8 +634,7 @@ def test_a_5xx_stripe_replays_for_its_key_does_not_block_checkout_for_a_day(stac
     assert r.status == 200, r
     last = stripe.recorded("/v1/customers")[-1]
     assert last.idempotency_key != key
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == [customer_of(stack, acc)]
+    assert made_for(stripe, acc) == [customer_of(stack, acc)]
     # The replayed key's attempt is closed, never sent again.
     rows = attempts(stack, acc)
     assert [(k, s) for k, s, ik, _, _ in rows if ik == key] == [("customer", "failed")], rows
@@ -649,7 +650,7 @@ def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack,
     stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
     r = checkout(stack, tok, tier="starter")
     assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    made = [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    made = made_for(stripe, acc)
     assert len(made) == 1 and customer_of(stack, acc) is None
     r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
     assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
@@ -662,8 +663,7 @@ def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack,
     assert r.status == 200, r
     assert customer_of(stack, acc) == made[0]
     assert stripe.sessions[r.json["id"]]["customer"] == made[0]
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == made
+    assert made_for(stripe, acc) == made
     calls = stripe.recorded("/v1/customers")
     assert [c.method for c in calls] == ["POST", "POST", "GET"], calls
     assert calls[2].query == {"email": email, "limit": "100"} and calls[2].idempotency_key is None
@@ -698,7 +698,7 @@ def test_a_customer_made_under_the_users_old_email_is_found_after_they_change_it
     assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
     r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
     assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    made = [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    made = made_for(stripe, acc)
     assert len(made) == 1 and stripe.customers[made[0]]["email"] == email, made
     new = "renamed-" + email
     change_email(stack, acc, new)
@@ -706,8 +706,7 @@ def test_a_customer_made_under_the_users_old_email_is_found_after_they_change_it
     assert r.status == 200, r
     assert customer_of(stack, acc) == made[0]
     assert stripe.sessions[r.json["id"]]["customer"] == made[0]
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == made
+    assert made_for(stripe, acc) == made
     calls = stripe.recorded("/v1/customers")
     assert [c.method for c in calls] == ["POST", "POST", "GET", "GET"], calls
     assert [c.query for c in calls[2:]] == [{"email": new, "limit": "100"},
@@ -728,15 +727,14 @@ def test_a_pending_customer_attempt_of_the_users_old_email_is_looked_for_not_lef
     r = checkout(stack, tok, tier="starter")
     assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
     assert [(k, s) for k, s, _, _, _ in attempts(stack, acc)] == [("customer", "pending")]
-    made = [c["id"] for c in stripe.customers.values() if c["metadata"] == {"account_id": acc}]
+    made = made_for(stripe, acc)
     assert len(made) == 1, made
     new = "renamed-" + email
     change_email(stack, acc, new)
     r = checkout(stack, tok, tier="starter")
     assert r.status == 200, r
     assert customer_of(stack, acc) == made[0]
-    assert [c["id"] for c in stripe.customers.values()
-            if c["metadata"] == {"account_id": acc}] == made
+    assert made_for(stripe, acc) == made
     calls = stripe.recorded("/v1/customers")
     assert [(c.method, c.query.get("email")) for c in calls[1:]] == [
         ("GET", new), ("GET", email)], calls

@@ -1,9 +1,9 @@
 -- 175_customer_emails.sql: a customer attempt records the email it sent
 -- (billing_attempt_begin with an email), and the checkout looks for a customer Stripe
 -- may have made under every email an unsure attempt sent and the one it would send
--- (billing_customer_emails).
+-- (billing_customer_emails, and billing_customer_unsure as the same rule).
 BEGIN;
-SELECT plan(15);
+SELECT plan(16);
 \ir _helpers.inc
 
 INSERT INTO auth.users (id, aud, role, email)
@@ -39,6 +39,10 @@ SELECT is(pg_temp.emails('old@example.com'), '{}'::text[],
           'a pending attempt of the same email is resumed: nothing to look for');
 SELECT is(pg_temp.emails('new@example.com'), ARRAY['new@example.com', 'old@example.com'],
           'a pending attempt of another email is given up by the next request: both');
+UPDATE auth.users SET email = 'new@example.com' WHERE id = '17500000-0000-4000-8000-000000000001';
+SELECT is(public.billing_customer_unsure('17500000-0000-4000-8000-000000000001'), true,
+          'billing_customer_unsure is the same rule, for the account''s email of now');
+UPDATE auth.users SET email = 'old@example.com' WHERE id = '17500000-0000-4000-8000-000000000001';
 UPDATE public.billing_attempts SET status = 'failed' WHERE kind = 'customer'
    AND account_id = '17500000-0000-4000-8000-000000000001';
 SELECT is(pg_temp.emails('old@example.com'), ARRAY['old@example.com'],
