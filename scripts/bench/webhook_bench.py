@@ -39,7 +39,8 @@ Prints a table, writes build/bench/webhook.json and a row into docs/benchmarks.m
 (between the webhook-bench markers; BENCH_NO_DOCS=1 leaves the file alone).
 Environment: BENCH_SECONDS (10), BENCH_CONNS (16), BENCH_PROFILE=1 (also
 pg_stat_statements, track all: where the database's time goes per statement, into
-build/bench/webhook-statements.txt; a profiling run, its rates are not the bench's),
+build/bench/webhook-statements.txt, written anew each run; a profiling run, its rates
+are not the bench's),
 BENCH_PERF=1 (perf record -a -g during each stream: build/bench/perf-<stream>.txt),
 MR_BUILD (build/release).
 """
@@ -511,6 +512,8 @@ def run():
     try:
         if PROFILE:
             track_statements(pg)
+            # This run's profile only (statements() adds each stream's to the file).
+            (OUT / "webhook-statements.txt").write_text("profile of the run of %s\n" % res["date"])
         pg.make_template()
 
         print("bench webhook: pgbench baseline (8 clients, %ds)..." % SECONDS, flush=True)
