@@ -242,6 +242,77 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
     return 0;
 }
 
+/* The customers Stripe lists under one email, page by page (newest first, 100 a
+ * page, each page after the last one's id while Stripe says it has more): the
+ * oldest made for this account (metadata.account_id) is kept in first_id / *first
+ * when it is older than the one they hold. MR_OK, or the failure, answered. Every
+ * page is read, as the account's oldest customer is on the last page that has one;
+ * the request's deadline bounds them all. */
+static mr_err oldest_under(mr_req *r, const char *account, const char *email, int64_t deadline,
+                           char *first_id, size_t len, int64_t *first)
+{
+    char after[256] = "";
+    for (int page = 1;; page++) {
+        cJSON *q = cJSON_CreateObject();
+        cJSON_AddStringToObject(q, "email", email);
+        cJSON_AddStringToObject(q, "limit", "100");
+        if (after[0])
+            cJSON_AddStringToObject(q, "starting_after", after);
+        char *query = mr_stripe_api_form(q), path[1024], err[256] = "";
+        cJSON_Delete(q);
+        if (!query || (size_t)snprintf(path, sizeof path, "/v1/customers?%s", query) >= sizeof path) {
+            free(query);
+            mr_reply_error(r, 500, "internal", "could not build the payment request");
+            return MR_EINTERNAL;
+        }
+        free(query);
+        mr_stripe_api_result res;
+        mr_err e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
+        if (e != MR_OK) {
+            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s (page %d): "
+                   "%s", account, page, err);
+            mr_stripe_api_reply_error(r, e, &res);
+            mr_stripe_api_result_free(&res);
+            return e;
+        }
+        const char *last = NULL;
+        const cJSON *c;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
+            const char *id = NULL, *of = NULL;
+            int64_t created = 0;
+            if (mr_json_str(c, "id", &id) != MR_OK)
+                continue;
+            last = id;
+            if (strlen(id) >= len ||
+                mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) !=
+                    MR_OK ||
+                strcmp(of, account) != 0)
+                continue;
+            mr_json_i64(c, "created", 0, INT64_MAX, &created);
+            if (created < *first) {
+                *first = created;
+                snprintf(first_id, len, "%s", id);
+            }
+        }
+        int more = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res.object, "has_more"));
+        /* More after a page that names no customer, or after the same one again, is
+         * a list that does not advance: not an answer to make a customer on. */
+        if (more && (!last || strlen(last) >= sizeof after || strcmp(last, after) == 0)) {
+            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: Stripe's "
+                   "list of customers does not advance after page %d (request id %s)", account,
+                   page, res.request_id[0] ? res.request_id : "none");
+            mr_stripe_api_result_free(&res);
+            mr_reply_error(r, 502, "stripe_error", "the payment provider's answer was not usable");
+            return MR_EINTERNAL;
+        }
+        if (more)
+            snprintf(after, sizeof after, "%s", last);
+        mr_stripe_api_result_free(&res);
+        if (!more)
+            return MR_OK;
+    }
+}
+
 /* Step 3's guard against a second customer: while one of the account's customer
  * attempts is unsure (closed without a customer: a 500 Stripe kept for its key, an
  * attempt given up; or pending with another email, which will not be resumed), Stripe
@@ -266,46 +337,12 @@ static mr_err find_customer(mr_req *r, const char *account, const char *email, i
     int64_t first = INT64_MAX;
     const cJSON *address;
     cJSON_ArrayForEach(address, emails) {
-        if (!cJSON_IsString(address))
-            continue;
-        cJSON *q = cJSON_CreateObject();
-        cJSON_AddStringToObject(q, "email", address->valuestring);
-        cJSON_AddStringToObject(q, "limit", "100");
-        char *query = mr_stripe_api_form(q), path[1024], err[256] = "";
-        cJSON_Delete(q);
-        if (!query || (size_t)snprintf(path, sizeof path, "/v1/customers?%s", query) >= sizeof path) {
-            free(query);
-            cJSON_Delete(emails);
-            mr_reply_error(r, 500, "internal", "could not build the payment request");
-            return MR_EINTERNAL;
-        }
-        free(query);
-        mr_stripe_api_result res;
-        e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
-        if (e != MR_OK) {
-            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: %s", account,
-                   err);
-            mr_stripe_api_reply_error(r, e, &res);
-            mr_stripe_api_result_free(&res);
+        if (cJSON_IsString(address) &&
+            (e = oldest_under(r, account, address->valuestring, deadline, first_id,
+                              sizeof first_id, &first)) != MR_OK) {
             cJSON_Delete(emails);
             return e;
         }
-        const cJSON *c;
-        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
-            const char *id = NULL, *of = NULL;
-            int64_t created = 0;
-            if (mr_json_str(c, "id", &id) != MR_OK || strlen(id) >= sizeof first_id ||
-                mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) !=
-                    MR_OK ||
-                strcmp(of, account) != 0)
-                continue;
-            mr_json_i64(c, "created", 0, INT64_MAX, &created);
-            if (created < first) {
-                first = created;
-                snprintf(first_id, sizeof first_id, "%s", id);
-            }
-        }
-        mr_stripe_api_result_free(&res);
     }
     cJSON_Delete(emails);
     if (first_id[0]) {

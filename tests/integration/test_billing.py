@@ -681,6 +681,41 @@ def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack,
     assert r.status == 200 and len(stripe.recorded("/v1/customers")) == 3, r
 
 
+def test_a_customer_made_behind_a_kept_500_is_found_past_the_first_page(stack, stripe):
+    """Stripe lists an email's customers newest first, 100 a page. When more than a
+    page of customers share the user's email (made later, for other accounts), the
+    one Stripe made for this account behind a kept 500 is on a later page: the
+    checkout reads on (starting_after the last one's id) and takes it, never making
+    a second customer."""
+    acc, email, tok = user(stack)
+    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    made = made_for(stripe, acc)
+    assert len(made) == 1, made
+    newer = []
+    for n in range(150):
+        cid = "cus_newer%03d%s" % (n, uuid.uuid4().hex[:8])
+        stripe.customers[cid] = {"id": cid, "object": "customer",
+                                 "created": stripe.customers[made[0]]["created"] + 1 + n,
+                                 "email": email, "name": None,
+                                 "metadata": {"account_id": str(uuid.uuid4())},
+                                 "livemode": False}
+        newer.append(cid)
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert customer_of(stack, acc) == made[0]
+    assert stripe.sessions[r.json["id"]]["customer"] == made[0]
+    assert made_for(stripe, acc) == made
+    calls = stripe.recorded("/v1/customers")
+    assert [c.method for c in calls] == ["POST", "POST", "GET", "GET"], calls
+    # The first page ends at the 100th newest; the second starts after it.
+    assert calls[2].query == {"email": email, "limit": "100"}, calls
+    assert calls[3].query == {"email": email, "limit": "100", "starting_after": newer[50]}, calls
+
+
 def change_email(stack, acc, email):
     """The user changes their email (Supabase Auth's row; the account follows it)."""
     stack.sql("UPDATE auth.users SET email = %s WHERE id = %s", email, acc)

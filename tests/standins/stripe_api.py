@@ -1,6 +1,8 @@
 """Stand-in for Stripe's API (STRIPE_API_BASE), speaking its wire format.
 
   POST /v1/customers                  email, name, metadata[...]       -> customer
+  GET /v1/customers                   email, limit, starting_after       -> list (newest
+                                      first, has_more)
   POST /v1/checkout/sessions          mode, customer, line_items[i][price|quantity],
                                       success_url, cancel_url, client_reference_id,
                                       metadata[...], subscription_data[...],
@@ -192,7 +194,9 @@ class StripeStandin:
 
     def _list_customers(self, q):
         """GET /v1/customers: newest first, filtered by email (case-sensitive, as
-        Stripe's filter is), at most limit (1-100, default 10)."""
+        Stripe's filter is), at most limit (1-100, default 10), after the customer
+        starting_after names (400 resource_missing for one it does not have), with
+        has_more saying whether any follow."""
         try:
             limit = int(q.get("limit", "10"))
         except ValueError:
@@ -200,13 +204,20 @@ class StripeStandin:
         if not 1 <= limit <= 100:
             return error(400, "invalid_request_error",
                          "Invalid integer: %s" % q.get("limit"), param="limit")
-        unknown = sorted(set(q) - {"email", "limit"})
+        unknown = sorted(set(q) - {"email", "limit", "starting_after"})
         if unknown:
             return error(400, "invalid_request_error",
                          "Received unknown parameter: %s" % unknown[0])
         found = [c for c in self.customers.values()
                  if "email" not in q or c.get("email") == q["email"]]
         found.sort(key=lambda c: c["created"], reverse=True)
+        if "starting_after" in q:
+            at = [i for i, c in enumerate(found) if c["id"] == q["starting_after"]]
+            if not at:
+                return error(400, "invalid_request_error",
+                             "No such customer: '%s'" % q["starting_after"],
+                             param="starting_after", code="resource_missing")
+            found = found[at[0] + 1:]
         return 200, {"object": "list", "url": "/v1/customers", "has_more": len(found) > limit,
                      "data": json.loads(json.dumps(found[:limit]))}, {}
 
