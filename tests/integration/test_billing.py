@@ -640,33 +640,56 @@ def test_a_5xx_stripe_replays_for_its_key_does_not_block_checkout_for_a_day(stac
     assert [(k, s) for k, s, ik, _, _ in rows if ik == key] == [("customer", "failed")], rows
 
 
-def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack, stripe):
-    """A 500 that Stripe keeps for its key may hide a customer it did make. Once that
-    attempt is closed, the next click looks for the account's customer at Stripe (its
-    email, this account's id in its metadata) before making one: the account gets the
-    customer Stripe made, never a second one, and never another account's customer
-    that has the same email."""
+def customer_behind_kept_500(stack, stripe):
+    """A user whose first customer attempt Stripe executed and answered with a 500 it
+    keeps for the attempt's key (the second click gets it replayed): the attempt is
+    closed, and Stripe holds a customer made for the account that the account does
+    not know. Returns (account, email, token, [that customer's id])."""
     acc, email, tok = user(stack)
     stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
-    r = checkout(stack, tok, tier="starter")
-    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    for _ in range(2):      # the second with the same key: Stripe's 500 replayed
+        r = checkout(stack, tok, tier="starter")
+        assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
     made = made_for(stripe, acc)
-    assert len(made) == 1 and customer_of(stack, acc) is None
-    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
-    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    # Made before ours, with the same email, for someone else: not ours to take.
-    other = "cus_other" + uuid.uuid4().hex[:12]
-    stripe.customers[other] = {"id": other, "object": "customer", "created": 1, "email": email,
-                               "name": None, "metadata": {"account_id": str(uuid.uuid4())},
-                               "livemode": False}
+    assert len(made) == 1 and customer_of(stack, acc) is None, made
+    return acc, email, tok, made
+
+
+def someone_elses_customer(stripe, email, created, prefix="cus_other"):
+    """A customer at Stripe with this email, made for another account."""
+    cid = prefix + uuid.uuid4().hex[:12]
+    stripe.customers[cid] = {"id": cid, "object": "customer", "created": created, "email": email,
+                             "name": None, "metadata": {"account_id": str(uuid.uuid4())},
+                             "livemode": False}
+    return cid
+
+
+def checkout_takes(stack, stripe, tok, acc, made, lists):
+    """The next checkout takes the customer Stripe made for the account (made[0])
+    after `lists` requests listing customers: it becomes the account's and the
+    session's, and no other customer is made for the account. Returns the answer and
+    those list requests."""
     r = checkout(stack, tok, tier="starter")
     assert r.status == 200, r
     assert customer_of(stack, acc) == made[0]
     assert stripe.sessions[r.json["id"]]["customer"] == made[0]
     assert made_for(stripe, acc) == made
     calls = stripe.recorded("/v1/customers")
-    assert [c.method for c in calls] == ["POST", "POST", "GET"], calls
-    assert calls[2].query == {"email": email, "limit": "100"} and calls[2].idempotency_key is None
+    assert [c.method for c in calls] == ["POST", "POST"] + ["GET"] * lists, calls
+    return r, calls[2:]
+
+
+def test_a_customer_stripe_made_behind_a_kept_500_is_found_not_made_again(stack, stripe):
+    """A 500 that Stripe keeps for its key may hide a customer it did make. Once that
+    attempt is closed, the next click looks for the account's customer at Stripe (its
+    email, this account's id in its metadata) before making one: the account gets the
+    customer Stripe made, never a second one, and never another account's customer
+    that has the same email."""
+    acc, email, tok, made = customer_behind_kept_500(stack, stripe)
+    # Made before ours, with the same email, for someone else: not ours to take.
+    someone_elses_customer(stripe, email, created=1)
+    r, [listed] = checkout_takes(stack, stripe, tok, acc, made, 1)
+    assert listed.query == {"email": email, "limit": "100"} and listed.idempotency_key is None
     assert email.split("@")[0] not in stack.log("create-checkout-session")  # nor encoded
     # The closed attempt stays failed; the customer is recorded ours by an attempt
     # whose key was never sent.
@@ -687,33 +710,15 @@ def test_a_customer_made_behind_a_kept_500_is_found_past_the_first_page(stack, s
     one Stripe made for this account behind a kept 500 is on a later page: the
     checkout reads on (starting_after the last one's id) and takes it, never making
     a second customer."""
-    acc, email, tok = user(stack)
-    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
-    r = checkout(stack, tok, tier="starter")
-    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
-    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    made = made_for(stripe, acc)
-    assert len(made) == 1, made
-    newer = []
-    for n in range(150):
-        cid = "cus_newer%03d%s" % (n, uuid.uuid4().hex[:8])
-        stripe.customers[cid] = {"id": cid, "object": "customer",
-                                 "created": stripe.customers[made[0]]["created"] + 1 + n,
-                                 "email": email, "name": None,
-                                 "metadata": {"account_id": str(uuid.uuid4())},
-                                 "livemode": False}
-        newer.append(cid)
-    r = checkout(stack, tok, tier="starter")
-    assert r.status == 200, r
-    assert customer_of(stack, acc) == made[0]
-    assert stripe.sessions[r.json["id"]]["customer"] == made[0]
-    assert made_for(stripe, acc) == made
-    calls = stripe.recorded("/v1/customers")
-    assert [c.method for c in calls] == ["POST", "POST", "GET", "GET"], calls
+    acc, email, tok, made = customer_behind_kept_500(stack, stripe)
+    ours = stripe.customers[made[0]]["created"]
+    newer = [someone_elses_customer(stripe, email, ours + 1 + n, "cus_newer%03d" % n)
+             for n in range(150)]
+    _, listed = checkout_takes(stack, stripe, tok, acc, made, 2)
     # The first page ends at the 100th newest; the second starts after it.
-    assert calls[2].query == {"email": email, "limit": "100"}, calls
-    assert calls[3].query == {"email": email, "limit": "100", "starting_after": newer[50]}, calls
+    assert [c.query for c in listed] == [
+        {"email": email, "limit": "100"},
+        {"email": email, "limit": "100", "starting_after": newer[50]}], listed
 
 
 def change_email(stack, acc, email):
@@ -727,25 +732,13 @@ def test_a_customer_made_under_the_users_old_email_is_found_after_they_change_it
     500 under the email the user had then is found after they changed it: the checkout
     looks under the email each unsure attempt sent as well as under the new one, and
     the account gets that customer, never a second one."""
-    acc, email, tok = user(stack)
-    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
-    r = checkout(stack, tok, tier="starter")
-    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    r = checkout(stack, tok, tier="starter")      # the same key: Stripe's 500 replayed
-    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
-    made = made_for(stripe, acc)
-    assert len(made) == 1 and stripe.customers[made[0]]["email"] == email, made
+    acc, email, tok, made = customer_behind_kept_500(stack, stripe)
+    assert stripe.customers[made[0]]["email"] == email, made
     new = "renamed-" + email
     change_email(stack, acc, new)
-    r = checkout(stack, tok, tier="starter")
-    assert r.status == 200, r
-    assert customer_of(stack, acc) == made[0]
-    assert stripe.sessions[r.json["id"]]["customer"] == made[0]
-    assert made_for(stripe, acc) == made
-    calls = stripe.recorded("/v1/customers")
-    assert [c.method for c in calls] == ["POST", "POST", "GET", "GET"], calls
-    assert [c.query for c in calls[2:]] == [{"email": new, "limit": "100"},
-                                            {"email": email, "limit": "100"}], calls
+    r, listed = checkout_takes(stack, stripe, tok, acc, made, 2)
+    assert [c.query for c in listed] == [{"email": new, "limit": "100"},
+                                         {"email": email, "limit": "100"}], listed
     rows = attempts(stack, acc)
     assert [(k, s, o) for k, s, _, o, _ in rows] == [
         ("customer", "failed", None), ("customer", "succeeded", made[0]),
