@@ -425,6 +425,49 @@ mr_err mr_stripe_api_get(mr_httpc *http, const mr_stripe_api_config *cfg, const 
     return request(http, cfg, "GET", path, NULL, NULL, deadline_ms, res, err, errlen);
 }
 
+mr_err mr_stripe_api_list(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                          const cJSON *params, int64_t deadline_ms,
+                          void (*each)(const cJSON *object, void *arg), void *arg,
+                          mr_stripe_api_result *res, char *err, size_t errlen)
+{
+    memset(res, 0, sizeof(*res));
+    char after[256] = ""; /* the last object read: the next page starts after it */
+    for (int page = 1;; page++) {
+        cJSON *q = params ? cJSON_Duplicate(params, 1) : cJSON_CreateObject();
+        if (q) {
+            cJSON_DeleteItemFromObjectCaseSensitive(q, "limit");
+            cJSON_AddStringToObject(q, "limit", "100");
+            if (after[0])
+                cJSON_AddStringToObject(q, "starting_after", after);
+        }
+        char *query = q ? mr_stripe_api_form(q) : NULL, target[1024];
+        cJSON_Delete(q);
+        if (!query || (size_t)snprintf(target, sizeof target, "%s?%s", path, query) >= sizeof target) {
+            free(query);
+            return mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: cannot build the list's "
+                             "request (page %d)", path, page);
+        }
+        free(query);
+        mr_stripe_api_result_free(res);
+        mr_err e = mr_stripe_api_get(http, cfg, target, deadline_ms, res, err, errlen);
+        if (e != MR_OK)
+            return e;
+        const char *last = NULL;
+        const cJSON *o;
+        cJSON_ArrayForEach(o, cJSON_GetObjectItemCaseSensitive(res->object, "data")) {
+            const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
+            last = cJSON_IsString(id) ? id->valuestring : NULL;
+            each(o, arg);
+        }
+        if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res->object, "has_more")))
+            return MR_OK;
+        if (!last || strlen(last) >= sizeof after || strcmp(last, after) == 0)
+            return mr_seterr(err, errlen, MR_EINTERNAL, "Stripe %s: the list does not advance "
+                             "after page %d (request %s)", path, page, res->request_id);
+        memcpy(after, last, strlen(last) + 1);
+    }
+}
+
 mr_err mr_stripe_api_delete(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
                             const char *idempotency_key, int64_t deadline_ms,
                             mr_stripe_api_result *res, char *err, size_t errlen)

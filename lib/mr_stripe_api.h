@@ -122,13 +122,27 @@ mr_err mr_stripe_api_get(mr_httpc *http, const mr_stripe_api_config *cfg, const 
                          int64_t deadline_ms, mr_stripe_api_result *res, char *err, size_t errlen);
 void mr_stripe_api_result_free(mr_stripe_api_result *res);
 
+/* Reads a whole Stripe list ("/v1/customers" with params, a cJSON object of its
+ * filters, or NULL), the way Stripe's libraries page through one: pages of 100
+ * (limit), each after the last object of the one before (starting_after) while
+ * Stripe says has_more, every page a GET as above, all before deadline_ms. Calls
+ * each(object, arg) for every object in Stripe's order (newest first). Returns MR_OK
+ * once the last page is read; otherwise the failed page's error as for a GET, or
+ * MR_EINTERNAL for a list that says it has more but does not advance (a page whose
+ * last object has no id, or the same one again): never a partial list taken for the
+ * whole. res holds the last page read either way; the caller frees it. */
+mr_err mr_stripe_api_list(mr_httpc *http, const mr_stripe_api_config *cfg, const char *path,
+                          const cJSON *params, int64_t deadline_ms,
+                          void (*each)(const cJSON *object, void *arg), void *arg,
+                          mr_stripe_api_result *res, char *err, size_t errlen);
+
 /* Reads a Stripe error body into res->error_type / error_code / other_mode and
  * copies its message (for the log only) into msg. Returns 1 when body had
  * Stripe's error shape. Exposed for the tests and the fuzzer. */
 int mr_stripe_api_parse_error(const char *body, size_t len, mr_stripe_api_result *res,
                               char *msg, size_t msglen);
 
-/* Answers a failed mr_stripe_api_post: MR_ETRANSIENT -> 503 stripe_unavailable,
+/* Answers a failed mr_stripe_api_post (or _get, _delete, _list): MR_ETRANSIENT -> 503 stripe_unavailable,
  * anything else -> 502 stripe_error naming Stripe's request id (never its message). */
 void mr_stripe_api_reply_error(mr_req *r, mr_err e, const mr_stripe_api_result *res);
 

@@ -242,74 +242,27 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
     return 0;
 }
 
-/* The customers Stripe lists under one email, page by page (newest first, 100 a
- * page, each page after the last one's id while Stripe says it has more): the
- * oldest made for this account (metadata.account_id) is kept in first_id / *first
- * when it is older than the one they hold. MR_OK, or the failure, answered. Every
- * page is read, as the account's oldest customer is on the last page that has one;
- * the request's deadline bounds them all. */
-static mr_err oldest_under(mr_req *r, const char *account, const char *email, int64_t deadline,
-                           char *first_id, size_t len, int64_t *first)
+/* The oldest customer made for an account (metadata.account_id) among those listed
+ * (mr_stripe_api_list's each). */
+typedef struct {
+    const char *account;
+    char id[256];      /* "" until one is found */
+    int64_t created;
+} oldest_customer;
+
+static void keep_oldest(const cJSON *c, void *arg)
 {
-    char after[256] = "";
-    for (int page = 1;; page++) {
-        cJSON *q = cJSON_CreateObject();
-        cJSON_AddStringToObject(q, "email", email);
-        cJSON_AddStringToObject(q, "limit", "100");
-        if (after[0])
-            cJSON_AddStringToObject(q, "starting_after", after);
-        char *query = mr_stripe_api_form(q), path[1024], err[256] = "";
-        cJSON_Delete(q);
-        if (!query || (size_t)snprintf(path, sizeof path, "/v1/customers?%s", query) >= sizeof path) {
-            free(query);
-            mr_reply_error(r, 500, "internal", "could not build the payment request");
-            return MR_EINTERNAL;
-        }
-        free(query);
-        mr_stripe_api_result res;
-        mr_err e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
-        if (e != MR_OK) {
-            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s (page %d): "
-                   "%s", account, page, err);
-            mr_stripe_api_reply_error(r, e, &res);
-            mr_stripe_api_result_free(&res);
-            return e;
-        }
-        const char *last = NULL;
-        const cJSON *c;
-        cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(res.object, "data")) {
-            const char *id = NULL, *of = NULL;
-            int64_t created = 0;
-            if (mr_json_str(c, "id", &id) != MR_OK)
-                continue;
-            last = id;
-            if (strlen(id) >= len ||
-                mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) !=
-                    MR_OK ||
-                strcmp(of, account) != 0)
-                continue;
-            mr_json_i64(c, "created", 0, INT64_MAX, &created);
-            if (created < *first) {
-                *first = created;
-                snprintf(first_id, len, "%s", id);
-            }
-        }
-        int more = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res.object, "has_more"));
-        /* More after a page that names no customer, or after the same one again, is
-         * a list that does not advance: not an answer to make a customer on. */
-        if (more && (!last || strlen(last) >= sizeof after || strcmp(last, after) == 0)) {
-            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: Stripe's "
-                   "list of customers does not advance after page %d (request id %s)", account,
-                   page, res.request_id[0] ? res.request_id : "none");
-            mr_stripe_api_result_free(&res);
-            mr_reply_error(r, 502, "stripe_error", "the payment provider's answer was not usable");
-            return MR_EINTERNAL;
-        }
-        if (more)
-            snprintf(after, sizeof after, "%s", last);
-        mr_stripe_api_result_free(&res);
-        if (!more)
-            return MR_OK;
+    oldest_customer *o = arg;
+    const char *id = NULL, *of = NULL;
+    int64_t created = 0;
+    if (mr_json_str(c, "id", &id) != MR_OK || strlen(id) >= sizeof o->id ||
+        mr_json_str(cJSON_GetObjectItemCaseSensitive(c, "metadata"), "account_id", &of) != MR_OK ||
+        strcmp(of, o->account) != 0)
+        return;
+    mr_json_i64(c, "created", 0, INT64_MAX, &created);
+    if (created < o->created) {
+        o->created = created;
+        snprintf(o->id, sizeof o->id, "%s", id);
     }
 }
 
@@ -332,21 +285,32 @@ static mr_err find_customer(mr_req *r, const char *account, const char *email, i
                                  "::text", 2, ap, &emails);
     if (e != MR_OK)
         return e;
-    /* The oldest customer of this account under any of them (found: in `first_id`). */
-    char first_id[256] = "";
-    int64_t first = INT64_MAX;
+    /* The oldest customer of this account under any of them. Stripe lists newest
+     * first, so every page is read (mr_stripe_api_list). */
+    oldest_customer found = {.account = account, .created = INT64_MAX};
     const cJSON *address;
     cJSON_ArrayForEach(address, emails) {
-        if (cJSON_IsString(address) &&
-            (e = oldest_under(r, account, address->valuestring, deadline, first_id,
-                              sizeof first_id, &first)) != MR_OK) {
-            cJSON_Delete(emails);
-            return e;
+        if (!cJSON_IsString(address))
+            continue;
+        cJSON *q = cJSON_CreateObject();
+        cJSON_AddStringToObject(q, "email", address->valuestring);
+        mr_stripe_api_result res;
+        char err[256] = "";
+        e = mr_stripe_api_list(r->http, &stripe, "/v1/customers", q, deadline, keep_oldest, &found,
+                               &res, err, sizeof err);
+        cJSON_Delete(q);
+        if (e != MR_OK) {
+            mr_log(MR_LOG_WARN, "billing: cannot look for the customer of account %s: %s", account,
+                   err);
+            mr_stripe_api_reply_error(r, e, &res);
         }
+        mr_stripe_api_result_free(&res);
+        if (e != MR_OK)
+            break;
     }
     cJSON_Delete(emails);
-    if (first_id[0]) {
-        const char *fp[3] = {account, first_id, stripe.livemode ? "true" : "false"};
+    if (e == MR_OK && found.id[0]) {
+        const char *fp[3] = {account, found.id, stripe.livemode ? "true" : "false"};
         cJSON *v;
         if ((e = mr_billing_sql(r, "SELECT to_json(public.billing_customer_found($1::uuid, $2, "
                                    "$3::boolean))::text", 3, fp, &v)) == MR_OK) {

@@ -1,5 +1,5 @@
 /* peer.h: an HTTP peer on 127.0.0.1 for the unit tests of the HTTP clients, played
- * by a forked child. Included by test_httpc.c and test_probe.c. */
+ * by a forked child. Included by test_httpc.c, test_probe.c and test_stripe_api.c. */
 #ifndef PEER_H
 #define PEER_H
 
@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 /* A listening socket on 127.0.0.1 and a free port. */
-static int listener(int *port)
+static inline int listener(int *port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -33,7 +33,7 @@ static int listener(int *port)
 
 /* A child that accepts one connection, reads the request, writes `answer` (NULL:
  * nothing), then holds the connection for `hold_s` seconds before it closes it. */
-static pid_t peer(int lfd, const char *answer, unsigned hold_s)
+static inline pid_t peer(int lfd, const char *answer, unsigned hold_s)
 {
     pid_t pid = fork();
     assert_true(pid >= 0);
@@ -51,7 +51,7 @@ static pid_t peer(int lfd, const char *answer, unsigned hold_s)
     return pid;
 }
 
-static void reap(pid_t pid)
+static inline void reap(pid_t pid)
 {
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);

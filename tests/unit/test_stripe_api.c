@@ -1,6 +1,7 @@
 /* test_stripe_api.c: the Stripe API client's pure parts: form encoding, the
  * retry decision and its backoff, the secret key's shape, Stripe's error body,
- * and reading response headers. */
+ * and reading response headers; and reading a list page by page against a peer
+ * on 127.0.0.1 (peer.h's listener). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +13,7 @@
 
 #include "mr_httpc.h"
 #include "mr_stripe_api.h"
+#include "peer.h"
 
 static char *form_of(const char *json)
 {
@@ -252,6 +254,109 @@ static void test_response_headers(void **state)
     assert_int_equal(mr_httpc_resp_header(&resp, "Request-Id", v, sizeof v), 0);
 }
 
+/* A child that answers `n` connections in turn with pages[i] (a JSON body), each
+ * request's first line written to `lines` (a pipe). */
+static pid_t pages_peer(int lfd, const char *const *pages, int n, int lines)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        for (int i = 0; i < n; i++) {
+            int c = accept(lfd, NULL, NULL);
+            char buf[4096], out[4096];
+            ssize_t got = c >= 0 ? read(c, buf, sizeof buf - 1) : -1;
+            if (got <= 0)
+                _exit(1);
+            buf[got] = '\0';
+            size_t first = strcspn(buf, "\r\n");
+            buf[first] = '\n';
+            if (write(lines, buf, first + 1) != (ssize_t)(first + 1))
+                _exit(1);
+            int len = snprintf(out, sizeof out, "HTTP/1.1 200 OK\r\nContent-Type: application/json"
+                               "\r\nRequest-Id: req_%d\r\nContent-Length: %zu\r\n"
+                               "Connection: close\r\n\r\n%s", i + 1, strlen(pages[i]), pages[i]);
+            if (write(c, out, (size_t)len) != len)
+                _exit(1);
+            close(c);
+        }
+        _exit(0);
+    }
+    return pid;
+}
+
+static void collect(const cJSON *object, void *arg)
+{
+    char *ids = arg;
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(object, "id");
+    strcat(ids, cJSON_IsString(id) ? id->valuestring : "?");
+    strcat(ids, " ");
+}
+
+/* Lists "/v1/customers" filtered by email against `n` pages; the objects seen go to
+ * ids, the requests' first lines to lines. */
+static mr_err list_pages(const char *const *pages, int n, char *ids, char *lines, size_t cap,
+                         char *err, size_t errlen)
+{
+    int port, fds[2];
+    int lfd = listener(&port);
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = pages_peer(lfd, pages, n, fds[1]);
+    close(fds[1]);
+    char base[64];
+    snprintf(base, sizeof base, "http://127.0.0.1:%d", port);
+    mr_stripe_api_config cfg = {.secret_key = "sk_test_0123456789abcdefghij", .base_url = base,
+                                .deadline_ms = 5000, .connect_timeout_ms = 1000};
+    mr_httpc *http = mr_httpc_open();
+    cJSON *q = cJSON_Parse("{\"email\": \"a@b.example\"}");
+    mr_stripe_api_result res;
+    ids[0] = '\0';
+    mr_err e = mr_stripe_api_list(http, &cfg, "/v1/customers", q, mr_now_ms() + 5000, collect, ids,
+                                  &res, err, errlen);
+    mr_stripe_api_result_free(&res);
+    cJSON_Delete(q);
+    mr_httpc_close(http);
+    reap(pid);
+    close(lfd);
+    size_t got = 0;
+    ssize_t r;
+    while (got + 1 < cap && (r = read(fds[0], lines + got, cap - 1 - got)) > 0)
+        got += (size_t)r;
+    lines[got] = '\0';
+    close(fds[0]);
+    return e;
+}
+
+static void test_list_reads_every_page(void **state)
+{
+    (void)state;
+    const char *pages[] = {
+        "{\"object\":\"list\",\"has_more\":true,\"data\":[{\"id\":\"cus_c\"},{\"id\":\"cus_b\"}]}",
+        "{\"object\":\"list\",\"has_more\":false,\"data\":[{\"id\":\"cus_a\"}]}"};
+    char ids[256], lines[1024], err[256] = "";
+    assert_int_equal(list_pages(pages, 2, ids, lines, sizeof lines, err, sizeof err), MR_OK);
+    assert_string_equal(ids, "cus_c cus_b cus_a ");
+    assert_string_equal(lines,
+        "GET /v1/customers?email=a%40b.example&limit=100 HTTP/1.1\n"
+        "GET /v1/customers?email=a%40b.example&limit=100&starting_after=cus_b HTTP/1.1\n");
+}
+
+static void test_list_that_does_not_advance(void **state)
+{
+    (void)state;
+    /* The same last object again, then a page with none: neither is the list's end. */
+    const char *same[] = {
+        "{\"object\":\"list\",\"has_more\":true,\"data\":[{\"id\":\"cus_b\"}]}",
+        "{\"object\":\"list\",\"has_more\":true,\"data\":[{\"id\":\"cus_b\"}]}"};
+    char ids[256], lines[1024], err[256] = "";
+    assert_int_equal(list_pages(same, 2, ids, lines, sizeof lines, err, sizeof err), MR_EINTERNAL);
+    assert_string_equal(ids, "cus_b cus_b ");
+    assert_non_null(strstr(err, "does not advance after page 2 (request req_2)"));
+    const char *empty[] = {"{\"object\":\"list\",\"has_more\":true,\"data\":[]}"};
+    assert_int_equal(list_pages(empty, 1, ids, lines, sizeof lines, err, sizeof err), MR_EINTERNAL);
+    assert_string_equal(ids, "");
+    assert_non_null(strstr(err, "does not advance after page 1"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -263,6 +368,8 @@ int main(void)
         cmocka_unit_test(test_secret_key_shape),
         cmocka_unit_test(test_stripe_error_body),
         cmocka_unit_test(test_response_headers),
+        cmocka_unit_test(test_list_reads_every_page),
+        cmocka_unit_test(test_list_that_does_not_advance),
     };
     return cmocka_run_group_tests_name("stripe_api", tests, NULL, NULL);
 }
