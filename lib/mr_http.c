@@ -489,7 +489,9 @@ static void serve_end(req_ctx *ctx)
     }
     /* The request's one log line, before the caller has the answer: whoever
      * reads the log after an answer finds its line (tests, an operator's
-     * tail -f); a write of one short line costs microseconds. */
+     * tail -f); a write of one short line costs microseconds. A batching
+     * worker holds it instead (mr_log_hold) and writes it after the answer,
+     * with the lines of the requests served beside it (mr_log.c says when). */
     mr_log_request(r->request_id, r->method, r->status, mr_now_ms() - r->started_ms, r->who.role,
                    r->note);
     struct timespec t1;
