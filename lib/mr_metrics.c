@@ -23,7 +23,7 @@
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "shared counters need lock-free 64-bit atomics");
 
 #define SEG_MAGIC 0x314d524du /* "MRM1" */
-#define SEG_LAYOUT 4
+#define SEG_LAYOUT 5
 #define DB_CLASSES (36 * 36)  /* a SQLSTATE class is two characters of [0-9A-Z] */
 
 typedef _Atomic uint64_t counter;
@@ -45,13 +45,15 @@ static const char *const prov_le[] = {"0.1", "0.5", "1", "5", "10", "30", "60", 
 #define PROV_BUCKETS (sizeof prov_bounds / sizeof prov_bounds[0])
 
 /* The label values of the Stripe family: a bounded set (the types the webhook
- * handles; any other type is "other"), so an unexpected stream of event types
+ * handles, those of SQL's stripe_event_kind, which test_contracts.py holds this
+ * list to; any other type is "other"), so an unexpected stream of event types
  * cannot grow the exposition without bound. */
 static const char *const stripe_types[] = {
     "checkout.session.completed", "customer.subscription.created",
     "customer.subscription.updated", "customer.subscription.deleted",
     "customer.subscription.paused", "customer.subscription.resumed",
-    "invoice.paid", "invoice.payment_failed", "customer.deleted", "other", "unknown"};
+    "invoice.paid", "invoice.payment_failed", "customer.deleted", "charge.refunded",
+    "charge.dispute.created", "charge.dispute.closed", "other", "unknown"};
 #define STRIPE_TYPES (sizeof stripe_types / sizeof stripe_types[0])
 static const char *const stripe_outcomes[] = {"processed", "duplicate", "ignored", "stale",
                                               "failed", "deferred", "refused", "invalid",

@@ -1,6 +1,8 @@
 """Rules that live in two languages and must not drift apart: the owed-work
-vocabulary (SQL's lifecycle_action domain and C's mr_action), and the deadline
-table (lib/mr_deadlines.h) against nginx's read timeouts and against itself."""
+vocabulary (SQL's lifecycle_action domain and C's mr_action), the Stripe event
+types the webhook handles (SQL's stripe_event_kind and the metrics' labels), and
+the deadline table (lib/mr_deadlines.h) against nginx's read timeouts and against
+itself."""
 import base64
 import re
 from pathlib import Path
@@ -25,6 +27,20 @@ def test_c_and_sql_speak_one_vocabulary(pg):
                      dbname="mindroom_template")[0]
     sql_words = re.findall(r"'([a-z_]+)'::text", defn)
     assert sql_words == c_vocabulary()
+
+
+def test_the_metrics_name_every_stripe_type_the_webhook_handles(pg):
+    # mindroom_stripe_events_total's type label is a bounded set (lib/mr_metrics.c):
+    # the types stripe_event_kind handles, then "other" and "unknown". A type handled
+    # but not named there would be counted as "other", out of its alert's sight.
+    text = (ROOT / "lib/mr_metrics.c").read_text()
+    table = re.search(r"stripe_types\[\] = \{(.*?)\};", text, re.S)
+    labels = re.findall(r'"([^"]+)"', table.group(1))
+    assert labels[-2:] == ["other", "unknown"], labels
+    (defn,) = pg.sql("SELECT pg_get_functiondef('public.stripe_event_kind(text)'::regprocedure)",
+                     dbname="mindroom_template")[0]
+    handled = {t for t in re.findall(r"'([a-z_.]+)'", defn) if "." in t}
+    assert handled and sorted(labels[:-2]) == sorted(handled)
 
 
 def lifecycle_sources():

@@ -121,6 +121,11 @@ def test_every_function_exercised_then_promtool_accepts_the_exposition(stack, pr
     assert stack.call("POST", "handle-stripe-webhook", body=raw, headers=headers).json["duplicate"]
     assert stack.call("POST", "handle-stripe-webhook", body=raw,
                       headers={"Stripe-Signature": "t=1,v1=00"}).status == 400
+    dispute = json.loads((mr.ROOT / "tests/fixtures/stripe_charge_dispute_created.json").read_text())
+    dispute["id"] = "evt_" + uuid.uuid4().hex
+    raw_dispute = json.dumps(dispute).encode()
+    assert stack.call("POST", "handle-stripe-webhook", body=raw_dispute,
+                      headers=stack.stripe_headers(raw_dispute)).json == {"received": True}
     sid = wait_until(lambda: stack.sql("SELECT s.id::text FROM public.subscriptions s "
                                        "JOIN public.instances i ON i.subscription_id = s.id "
                                        "WHERE s.account_id = %s AND i.status = 'running'", account),
@@ -154,6 +159,10 @@ def test_every_function_exercised_then_promtool_accepts_the_exposition(stack, pr
             value(before, "mindroom_stripe_events_total", type=t, outcome=outcome) == n
     assert value(after, "mindroom_stripe_events_total", type="unknown", outcome="invalid") - \
         value(before, "mindroom_stripe_events_total", type="unknown", outcome="invalid") == 1
+    # A dispute has a type of its own, for an alert to count.
+    assert value(after, "mindroom_stripe_events_total", type="charge.dispute.created",
+                 outcome="processed") - value(before, "mindroom_stripe_events_total",
+                                              type="charge.dispute.created", outcome="processed") == 1
     assert value(after, "mindroom_http_requests_total", function="handle-stripe-webhook", code="4xx") - \
         value(before, "mindroom_http_requests_total", function="handle-stripe-webhook", code="4xx") == 1
     # The worker's provisioner calls: the create, the stop.
@@ -191,6 +200,20 @@ def test_owed_work_and_deferred_events_are_read_from_the_database(stack, prov):
     assert value(text, "mindroom_stripe_events_oldest_seconds", status="deferred") >= 0
     assert value(text, "mindroom_instances", status="running") >= 1
     assert value(text, "mindroom_database_up") == 1 and value(text, "mindroom_schema_migrations_missing") == 0
+
+
+def test_the_documented_alerts_are_rules_over_metrics_we_export(stack, tmp_path):
+    doc = (mr.ROOT / "docs" / "install.md").read_text()
+    m = re.search(r"alerts to start from:\n\n```yaml\n(.*?)```", doc, re.S)
+    assert m, "docs/install.md has no alert rules"
+    rules = tmp_path / "alerts.yml"
+    rules.write_text(m.group(1))
+    p = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    exported = set(re.findall(r"^# TYPE (\S+) ", scrape(stack), re.M))
+    used = set(re.findall(r"\b(mindroom_[a-z_]+)", m.group(1)))
+    assert used and used <= exported, used - exported
 
 
 def test_ready_names_missing_migrations_and_dead_functions(stack, tmp_path):

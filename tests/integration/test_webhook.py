@@ -596,6 +596,51 @@ def test_invoices_audited(stack):
         assert row[1]["subscription"].startswith("sub_")
 
 
+def test_refunds_and_disputes_audited(stack):
+    # A refund of our customer's charge: on the account, with what went back.
+    cust = "cus_" + uid()
+    aid = new_account(stack, cust)
+    e = fixture("stripe_charge_refunded.json")
+    e["id"] = "evt_" + uid()
+    e["data"]["object"]["customer"] = cust
+    assert send(stack, e).json == {"received": True}
+    action, details = one(stack, "SELECT action, details FROM audit_logs WHERE account_id = %s"
+                                 " AND details->>'event_id' = %s", aid, e["id"])
+    assert action == "stripe.charge.refunded"
+    assert details == {"event_id": e["id"], "charge_id": "ch_3QrefundedCharge0000001",
+                       "customer": cust, "payment_intent": "pi_3QrefundedCharge0000001",
+                       "amount": 2000, "amount_refunded": 2000, "currency": "usd", "refunded": True}
+    assert send(stack, e).json == {"received": True, "duplicate": True}
+    assert count(stack, "SELECT count(*) FROM audit_logs WHERE details->>'event_id' = %s", e["id"]) == 1
+
+    # A refund of a customer that is not ours is recorded, not deferred for Stripe
+    # to retry for days.
+    e = fixture("stripe_charge_refunded.json")
+    e["id"] = "evt_" + uid()
+    e["data"]["object"]["customer"] = "cus_" + uid()
+    assert send(stack, e).json == {"received": True}
+    assert event_row(stack, e["id"]) == ("processed", None, 1)
+    assert one(stack, "SELECT account_id FROM audit_logs WHERE details->>'event_id' = %s",
+               e["id"]) == (None,)
+
+    # A dispute opened, then lost: the operator's rows (a dispute names no customer),
+    # with when its evidence is due.
+    for status, type_ in (("needs_response", "charge.dispute.created"), ("lost", "charge.dispute.closed")):
+        e = fixture("stripe_charge_dispute_created.json")
+        e["id"] = "evt_" + uid()
+        e["type"] = type_
+        e["data"]["object"]["status"] = status
+        assert send(stack, e).json == {"received": True}
+        account, action, details = one(stack, "SELECT account_id, action, details FROM audit_logs"
+                                              " WHERE details->>'event_id' = %s", e["id"])
+        assert (account, action) == (None, "stripe." + type_)
+        assert details == {"event_id": e["id"], "dispute_id": "dp_1QdisputeCreated0000001",
+                           "charge_id": "ch_3QdisputedCharge000001",
+                           "payment_intent": "pi_3QdisputedCharge000001", "amount": 2000,
+                           "currency": "usd", "reason": "fraudulent", "status": status,
+                           "evidence_due_by": 1744329599}
+
+
 # ---- the database goes away ------------------------------------------------------------
 
 def test_database_stopped_mid_run(stack):
