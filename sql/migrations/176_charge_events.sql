@@ -16,11 +16,17 @@
 --   payment_intent, amount, currency, reason, status, evidence_due_by} on none: a
 --   dispute names no customer.
 --
+-- - audit_logs_dispute_idx (new, partial): the disputes' rows, for `mindroomctl
+--   disputes` (the audit log is not indexed by action, and disputes are few).
+--
 -- Events of these types recorded before this migration stay ignored (a redelivery is
 -- a duplicate). Redefines public.stripe_event_kind (129_customer_deleted.sql):
 -- unchanged but for the 'charge' line. public.stripe_handle_event
 -- (137_stripe_cancellations.sql): unchanged but for the WHEN 'charge' branch. Grants
 -- are as before (CREATE OR REPLACE keeps them).
+
+CREATE INDEX audit_logs_dispute_idx ON public.audit_logs ((details ->> 'dispute_id'))
+    WHERE action IN ('stripe.charge.dispute.created', 'stripe.charge.dispute.closed');
 
 -- What the webhook does with an event type: 'subscription' (customer.subscription.*),
 -- 'checkout' (checkout.session.completed), 'invoice' (invoice.paid,

@@ -24,8 +24,8 @@ from lifecycle_helpers import (FAST_ENV, LIMITS, LINK_CUSTOMER_SQL, PRICES, WORK
 
 CTL = str(mr.ROOT / "scripts/mindroomctl")
 COMMANDS = ("token", "provision", "deprovision", "health", "replay", "status",
-            "failed-events", "refused-links", "stuck", "concurrency", "rotate-instance-token",
-            "target")
+            "failed-events", "refused-links", "disputes", "stuck", "concurrency",
+            "rotate-instance-token", "target")
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +363,33 @@ def test_refused_links_counts_and_lists_forged_claims(stack, envfile, tmp_path):
     line = next(l for l in ok(ctl("--env", envfile, "refused-links")).splitlines() if forged["id"] in l)
     assert forged["data"]["object"]["customer"] in line and victim in line, line
     fails(ctl("--env", envfile, "refused-links", "--limit", "x"), 2, "--limit takes a number")
+
+
+def test_disputes_lists_the_open_ones_first_by_when_their_evidence_is_due(stack, envfile, tmp_path):
+    def dispute(dp, type_, status, due):
+        ev = json.loads((mr.ROOT / "tests/fixtures/stripe_charge_dispute_created.json").read_text())
+        ev["id"] = "evt_" + uuid.uuid4().hex
+        ev["type"] = type_
+        o = ev["data"]["object"]
+        o.update(id=dp, status=status, charge="ch_" + dp)
+        o["evidence_details"]["due_by"] = due
+        assert json.loads(ok(ctl("--env", envfile, "replay", write_event(tmp_path, ev)))) == {
+            "received": True}
+    tag = uuid.uuid4().hex[:8]
+    late, soon, closed = ("dp_%s_%s" % (w, tag) for w in ("late", "soon", "closed"))
+    now = int(time.time())
+    dispute(late, "charge.dispute.created", "needs_response", now + 20 * 86400)
+    # Closed, and its closing delivered before its opening (Stripe promises no order).
+    dispute(closed, "charge.dispute.closed", "lost", now + 1 * 86400)
+    dispute(closed, "charge.dispute.created", "needs_response", now + 1 * 86400)
+    dispute(soon, "charge.dispute.created", "warning_needs_response", now + 5 * 86400)
+    out = ok(ctl("--env", envfile, "disputes"))
+    rows = [[c.strip() for c in l.split("|")] for l in out.splitlines() if tag in l]
+    assert [r[0] for r in rows] == [soon, late, closed], out
+    assert [r[1:3] for r in rows] == [["f", "warning_needs_response"], ["f", "needs_response"],
+                                      ["t", "lost"]], out
+    assert rows[0][4:8] == ["ch_" + soon, "2000", "usd", "fraudulent"], rows[0]
+    fails(ctl("--env", envfile, "disputes", "--limit", "x"), 2, "--limit takes a number")
 
 
 def stuck_line(envfile, iid):
