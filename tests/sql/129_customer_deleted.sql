@@ -10,14 +10,8 @@ INSERT INTO auth.users (id, email) VALUES
     ('12900000-0000-4000-8000-000000000001', 'gone@example.com'),
     ('12900000-0000-4000-8000-000000000002', 'other@example.com');
 
-CREATE FUNCTION pg_temp.ev(p_id text, p_type text, p_obj jsonb, p_created bigint DEFAULT 1750000000)
-RETURNS text LANGUAGE sql AS $$
-    SELECT jsonb_build_object('id', p_id, 'object', 'event', 'type', p_type,
-                              'created', p_created, 'livemode', false,
-                              'data', jsonb_build_object('object', p_obj))::text
-$$;
 CREATE FUNCTION pg_temp.deleted(p_id text, p_customer text) RETURNS text LANGUAGE sql AS $$
-    SELECT pg_temp.ev(p_id, 'customer.deleted',
+    SELECT pg_temp.stripe_event(p_id, 'customer.deleted',
                       jsonb_build_object('id', p_customer, 'object', 'customer', 'deleted', true))
 $$;
 -- Our creation of a customer for an account, as create-checkout-session records it.
@@ -59,12 +53,12 @@ SELECT is((SELECT status FROM public.billing_attempts WHERE object_id = 'cs_gone
           'the deleted customer''s session is not one the next checkout waits on');
 
 -- A late event of the deleted customer is still the account's, and links nothing.
-SELECT is(public.process_stripe_event('evt_cd2', pg_temp.ev('evt_cd2', 'invoice.payment_failed',
+SELECT is(public.process_stripe_event('evt_cd2', pg_temp.stripe_event('evt_cd2', 'invoice.payment_failed',
               '{"id": "in_cd2", "object": "invoice", "customer": "cus_gone", "status": "open"}'), true) ->> 'result',
           'processed', 'a late invoice of the deleted customer is applied');
 SELECT is((SELECT count(*) FROM public.audit_logs WHERE account_id = '12900000-0000-4000-8000-000000000001'
              AND action = 'stripe.invoice.payment_failed'), 1::bigint, 'to its account');
-SELECT is(public.process_stripe_event('evt_cd3', pg_temp.ev('evt_cd3', 'checkout.session.completed',
+SELECT is(public.process_stripe_event('evt_cd3', pg_temp.stripe_event('evt_cd3', 'checkout.session.completed',
               jsonb_build_object('id', 'cs_cd3', 'object', 'checkout.session', 'customer', 'cus_gone',
                                  'client_reference_id', '12900000-0000-4000-8000-000000000001')), true) ->> 'result',
           'processed', 'a late checkout of the deleted customer naming its account is applied');
@@ -83,7 +77,7 @@ SELECT is(pg_temp.customer_of('12900000-0000-4000-8000-000000000001') || ' '
 -- A customer an operator linked is unlinked too.
 SELECT public.process_stripe_event('evt_cd5', pg_temp.deleted('evt_cd5', 'cus_op'), true);
 SELECT is(pg_temp.customer_of('12900000-0000-4000-8000-000000000002'), NULL, 'an operator''s link is removed too');
-SELECT is(public.process_stripe_event('evt_cd6', pg_temp.ev('evt_cd6', 'customer.deleted', '{"object": "customer"}'), true) ->> 'result',
+SELECT is(public.process_stripe_event('evt_cd6', pg_temp.stripe_event('evt_cd6', 'customer.deleted', '{"object": "customer"}'), true) ->> 'result',
           'failed', 'a customer.deleted without an id fails');
 SELECT pg_temp.unbecome();
 

@@ -11,19 +11,14 @@ INSERT INTO auth.users (id, email) VALUES
 UPDATE public.accounts SET stripe_customer_id = 'cus_176'
  WHERE id = '17600000-0000-4000-8000-000000000001';
 
-CREATE FUNCTION pg_temp.ev(p_id text, p_type text, p_obj jsonb) RETURNS text LANGUAGE sql AS $$
-    SELECT jsonb_build_object('id', p_id, 'object', 'event', 'type', p_type,
-                              'created', 1750000000, 'livemode', false,
-                              'data', jsonb_build_object('object', p_obj))::text
-$$;
 CREATE FUNCTION pg_temp.refund(p_id text, p_customer jsonb) RETURNS text LANGUAGE sql AS $$
-    SELECT pg_temp.ev(p_id, 'charge.refunded', jsonb_build_object(
+    SELECT pg_temp.stripe_event(p_id, 'charge.refunded', jsonb_build_object(
         'id', 'ch_' || p_id, 'object', 'charge', 'customer', p_customer, 'amount', 2000,
         'amount_refunded', 500, 'currency', 'eur', 'refunded', false,
         'payment_intent', 'pi_' || p_id))
 $$;
 CREATE FUNCTION pg_temp.dispute(p_id text, p_type text, p_status text) RETURNS text LANGUAGE sql AS $$
-    SELECT pg_temp.ev(p_id, p_type, jsonb_build_object(
+    SELECT pg_temp.stripe_event(p_id, p_type, jsonb_build_object(
         'id', 'dp_176', 'object', 'dispute', 'charge', 'ch_disputed', 'amount', 2000,
         'currency', 'usd', 'reason', 'fraudulent', 'status', p_status, 'payment_intent', NULL,
         'evidence_details', jsonb_build_object('due_by', 1751000000, 'has_evidence', false)))
