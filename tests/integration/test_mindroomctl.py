@@ -609,6 +609,23 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         ok(c("token"))
         out = json.loads(ok(c("health")))
         assert "checked" in out
+        # The README's tour, as written: the seeded subscription provisioned, and the
+        # example event (the seeded account's customer) delivered, then again.
+        seeded = "5eed5eed-0000-4000-8000-000000000101"
+        ok(c("provision", seeded, "--wait"))
+        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s",
+                 seeded) == [("running",)]
+        example = mr.ROOT / "docs/examples/customer.subscription.created.json"
+        assert json.loads(ok(c("replay", example))) == {"received": True}
+        wait_until(lambda: q("SELECT s.tier::text, i.status::text FROM public.subscriptions s "
+                             "JOIN public.instances i ON i.subscription_id = s.id "
+                             "JOIN public.accounts a ON a.id = s.account_id "
+                             "WHERE s.stripe_subscription_id = 'sub_1TourSubscription00001' "
+                             "AND a.email = 'test@example.com'") == [("professional", "running")],
+                   timeout=30, what="the tour's event: a professional instance running")
+        assert json.loads(ok(c("replay", example))) == {"received": True, "duplicate": True}
+        tour = ok(c("status"))
+        assert "professional" in tour and "starter" in tour, tour
         uid = str(uuid.uuid4())
         q("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
           "'authenticated', %s)", uid, "ctl-%s@example.com" % uid[:8])
