@@ -64,11 +64,12 @@
 #define MR_DL_NGINX_LIFECYCLE_S 900
 
 /* The webhook: nginx's fastcgi_read_timeout, seconds; and how many deliveries
- * that arrive together share a transaction at most. A delivery's worst case is its
- * batch's statements each at the statement timeout, then each again alone after
- * the batch failed, then its own read if it was left for after the batch:
- * 2 x MR_DL_WEBHOOK_BATCH x MR_DL_DB_STATEMENT_MS + MR_DL_FCGI_READ_MS, under
- * nginx's timeout. */
+ * that arrive together share a transaction at most. A delivery's worst case when
+ * no attempt is retried is its batch's statements each at the statement timeout,
+ * then each again alone after the batch failed, then its own read if it was left
+ * for after the batch: 2 x MR_DL_WEBHOOK_BATCH x MR_DL_DB_STATEMENT_MS +
+ * MR_DL_FCGI_READ_MS, under nginx's timeout. Retries (a deadlock, a serialization
+ * failure, a lost connection) add to it; what a 504 then costs: docs/deadlines.md. */
 #define MR_DL_NGINX_WEBHOOK_S 60
 #define MR_DL_WEBHOOK_BATCH 4
 
