@@ -606,6 +606,9 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
                 cur.execute(sql, params or None)
                 return cur.fetchall() if cur.description else []
 
+        def statuses(sub):
+            return q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sub)
+
         ok(c("token"))
         out = json.loads(ok(c("health")))
         assert "checked" in out
@@ -613,9 +616,25 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         # example event (the seeded account's customer) delivered, then again.
         seeded = "5eed5eed-0000-4000-8000-000000000101"
         ok(c("provision", seeded, "--wait"))
-        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s",
-                 seeded) == [("running",)]
+        assert statuses(seeded) == [("running",)]
         example = mr.ROOT / "docs/examples/customer.subscription.created.json"
+        # The example is the basil fixture but for what names it and its customer: a
+        # change to the fixture's shape has to reach the example too.
+        shaped = json.loads((mr.ROOT / "tests/fixtures/stripe_subscription_created_basil.json")
+                            .read_text())
+        tour_ev = json.loads(example.read_text())
+        o, t = shaped["data"]["object"], tour_ev["data"]["object"]
+        shaped["id"], shaped["request"] = tour_ev["id"], tour_ev["request"]
+        for k in ("id", "customer", "metadata", "latest_invoice", "default_payment_method"):
+            o[k] = t[k]
+        o["items"]["url"] = t["items"]["url"]
+        item, titem = o["items"]["data"][0], t["items"]["data"][0]
+        item["id"], item["subscription"] = titem["id"], titem["subscription"]
+        for k in ("id", "product", "unit_amount", "unit_amount_decimal"):
+            item["price"][k] = titem["price"][k]
+        assert shaped == tour_ev
+        assert (t["customer"], t["metadata"]["account_id"], titem["price"]["id"]) == (
+            "cus_test123", "5eed5eed-0000-4000-8000-000000000001", "price_professional")
         assert json.loads(ok(c("replay", example))) == {"received": True}
         wait_until(lambda: q("SELECT s.tier::text, i.status::text FROM public.subscriptions s "
                              "JOIN public.instances i ON i.subscription_id = s.id "
@@ -626,6 +645,8 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         assert json.loads(ok(c("replay", example))) == {"received": True, "duplicate": True}
         tour = ok(c("status"))
         assert "professional" in tour and "starter" in tour, tour
+        # Nothing serves a dry-run instance: the tour's health call probes none.
+        assert json.loads(ok(c("health")))["checked"] == 0
         uid = str(uuid.uuid4())
         q("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
           "'authenticated', %s)", uid, "ctl-%s@example.com" % uid[:8])
@@ -636,13 +657,13 @@ def test_every_subcommand_against_the_make_run_stack(tmp_path):
         sid = q("SELECT id::text FROM public.subscriptions WHERE stripe_subscription_id = %s",
                 ev["data"]["object"]["id"])[0][0]
         # The dokku-provisioner of `make run` (dry-run) provisions it.
-        wait_until(lambda: q("SELECT status::text FROM public.instances WHERE subscription_id = %s",
-                             sid) == [("running",)], timeout=30, what="running via make run's stack")
+        wait_until(lambda: statuses(sid) == [("running",)], timeout=30,
+                   what="running via make run's stack")
         assert "ctl-%s" % uid[:8] in ok(c("status"))
         ok(c("deprovision", "--subscription", sid, "--mode", "stop", "--wait"))
-        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("stopped",)]
+        assert statuses(sid) == [("stopped",)]
         ok(c("provision", sid, "--wait"))
-        assert q("SELECT status::text FROM public.instances WHERE subscription_id = %s", sid) == [("running",)]
+        assert statuses(sid) == [("running",)]
         ok(c("health"))
         # mr-secrets gets the same local cluster (DATABASE_URL exported to it).
         out = ok(c("rotate-secrets-key"))
