@@ -11,7 +11,9 @@ is switched off.
   1. baseline  pgbench -M prepared -c 8 -j 2 -T BENCH_SECONDS of the minimal
                transaction a webhook needs (scripts/bench/baseline.sql on the two
                tables of baseline_schema.sql, a database of its own on the same
-               cluster): the rate every figure below is compared with
+               cluster): the rate every figure below is compared with; then
+               offered at half of that rate (pgbench -R), its p50 and p99 printed
+               as the reference for the paced runs' (4)
   2. sign-up   wrk -t2 -c16 through nginx: the events Stripe sends around one
                sign-up (customer.updated, customer.subscription.created,
                invoice.created, invoice.finalized, payment_intent.succeeded,
@@ -56,6 +58,7 @@ import re
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -355,11 +358,51 @@ def baseline(pg, seconds):
     done = re.search(r"number of transactions actually processed: (\d+)", out)
     n = int(done.group(1)) if done else 1
     rows = pg.sql("SELECT count(*) FROM bench_events", dbname=db)[0][0]
+    res = {"tps": float(m.group(1)), "latency_avg_ms": float(lat.group(1)) if lat else None,
+           "rows": rows, "load": [before, load()],
+           "cpu_us_per_tx": {"postgres": round(ticks * 1e6 / TICK / n, 1),
+                             "pgbench": round((client - c0) * 1e6 / n, 1)}}
+    res["paced"] = baseline_paced(cmd, res["tps"] / 2, pg.dir, seconds)
     pg.sql('DROP DATABASE "%s"' % db)
-    return {"tps": float(m.group(1)), "latency_avg_ms": float(lat.group(1)) if lat else None,
-            "rows": rows, "load": [before, load()],
-            "cpu_us_per_tx": {"postgres": round(ticks * 1e6 / TICK / n, 1),
-                              "pgbench": round((client - c0) * 1e6 / n, 1)}}
+    return res
+
+
+def baseline_paced(cmd, rate, directory, seconds):
+    """The baseline's transaction offered at half of its peak (pgbench -R, its
+    clients unchanged) after quiesce(), the disk probed meanwhile: what the same
+    machine and disk give the minimal transaction at the load the paced streams run
+    at, printed beside their p99 target. pgbench schedules each transaction on a
+    Poisson clock and logs, per transaction, its time from that schedule and how
+    late it started (-l); the time from its start is the one wrk reports for a
+    paced request (from its send to its answer), the time from its schedule adds
+    the waits of a client still busy with the transaction before."""
+    with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
+        prefix = str(Path(tmp) / "log")
+        quiesce()
+        before = load()
+        with FsyncProbe(directory) as probe:
+            p = subprocess.run(cmd[:-1] + ["-R", "%.0f" % rate, "-l", "--log-prefix", prefix,
+                                           cmd[-1]], capture_output=True, text=True,
+                               timeout=seconds + 120)
+        if p.returncode != 0:
+            raise RuntimeError("pgbench -R failed:\n" + p.stdout + p.stderr)
+        sched, sent = [], []
+        for f in Path(tmp).iterdir():
+            for line in f.read_text().splitlines():
+                # client, transaction, time (µs from its schedule), script, epoch s,
+                # µs, schedule lag (µs)
+                fields = line.split()
+                sched.append(int(fields[2]) / 1000.0)
+                sent.append((int(fields[2]) - int(fields[6])) / 1000.0)
+    done = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
+
+    def pct(xs, q):
+        xs = sorted(xs) or [0.0]
+        return round(xs[min(len(xs) - 1, int(len(xs) * q))], 2)
+    return {"target_tps": round(rate, 1), "tps": float(done.group(1)) if done else None,
+            "n": len(sent), "p50_ms": pct(sent, 0.5), "p99_ms": pct(sent, 0.99),
+            "p99_from_schedule_ms": pct(sched, 0.99), "load": [before, load()],
+            "disk_fsync": probe.summary()}
 
 
 def pss(s, names):
@@ -676,6 +719,14 @@ def report(res):
     print("  (load average, 1 min, before/after each run)")
     print("  baseline  pgbench minimal transaction, 8 clients : %8.0f tx/s    avg %.2f ms   load %s"
           % (b["tps"], b["latency_avg_ms"] or 0, fmt_load(b["load"])))
+    bp = b["paced"]
+    print("            paced at half of peak (%4.0f/s offered): %8.0f tx/s    p50 %.2f p99 %.2f ms"
+          " (from pgbench's schedule: p99 %.2f ms), the paced runs' reference   load %s"
+          % (bp["target_tps"], bp["tps"] or 0, bp["p50_ms"], bp["p99_ms"],
+             bp["p99_from_schedule_ms"], fmt_load(bp["load"])))
+    f = bp["disk_fsync"]
+    print("            disk fdatasync meanwhile: p50 %.2f p99 %.2f max %.2f ms (%d probes)"
+          % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
     print("  sign-up   wrk -c%d                               : %8.0f events/s p50 %.2f p99 %.2f ms"
           "  non-200 %d  -> %.0f%% of baseline (target %.0f%%) %s   load %s"
           % (CONNS, su["rps"], su["p50_ms"], su["p99_ms"], su["non200"], 100 * r["signup"],
@@ -726,7 +777,7 @@ def report(res):
 
 BEGIN, END = "<!-- webhook-bench:begin -->", "<!-- webhook-bench:end -->"
 HEADER = ("| date | machine (load avg during the runs) | baseline tx/s | sign-up events/s | "
-          "new events/s | paced p99 sign-up / new | duplicates / noop | PSS fn / worker |\n"
+          "new events/s | paced p99 sign-up / new (pgbench's) | duplicates / noop | PSS fn / worker |\n"
           "|---|---|---|---|---|---|---|---|\n")
 
 
@@ -734,11 +785,12 @@ def doc_row(res):
     r, loads = res["ratios"], []
     for k in ("baseline", "signup", "new", "signup_paced", "new_paced"):
         loads += [res[k]["load"][0][0], res[k]["load"][1][0]]
-    return ("| %s | %d cores (%.1f-%.1f) | %.0f | %.0f = %.0f%% | %.0f = %.0f%% | %.1f / %.1f ms |"
-            " %.0f / %.0f = %.1f%% | %.2f / %.2f MiB |\n" % (
+    return ("| %s | %d cores (%.1f-%.1f) | %.0f | %.0f = %.0f%% | %.0f = %.0f%% | %.1f / %.1f ms"
+            " (%.1f) | %.0f / %.0f = %.1f%% | %.2f / %.2f MiB |\n" % (
                 res["date"], res["cores"], min(loads), max(loads), res["baseline"]["tps"],
                 res["signup"]["rps"], 100 * r["signup"], res["new"]["rps"], 100 * r["new"],
-                r["signup_paced_p99_ms"], r["new_paced_p99_ms"], res["duplicates"]["rps"],
+                r["signup_paced_p99_ms"], r["new_paced_p99_ms"],
+                res["baseline"]["paced"]["p99_ms"], res["duplicates"]["rps"],
                 res["noop"]["rps"], 100 * r["duplicates"], r["function_pss_kib"] / 1024,
                 r["worker_pss_kib"] / 1024))
 
