@@ -395,14 +395,17 @@ def baseline_paced(cmd, rate, directory, seconds):
                 sched.append(int(fields[2]) / 1000.0)
                 sent.append((int(fields[2]) - int(fields[6])) / 1000.0)
     done = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
-
-    def pct(xs, q):
-        xs = sorted(xs) or [0.0]
-        return round(xs[min(len(xs) - 1, int(len(xs) * q))], 2)
     return {"target_tps": round(rate, 1), "tps": float(done.group(1)) if done else None,
-            "n": len(sent), "p50_ms": pct(sent, 0.5), "p99_ms": pct(sent, 0.99),
-            "p99_from_schedule_ms": pct(sched, 0.99), "load": [before, load()],
+            "n": len(sent), "p50_ms": percentile(sent, 0.5), "p99_ms": percentile(sent, 0.99),
+            "p99_from_schedule_ms": percentile(sched, 0.99), "load": [before, load()],
             "disk_fsync": probe.summary()}
+
+
+def percentile(xs, q):
+    """The q-quantile of xs (the value below which a fraction q of them lie; q = 1:
+    the largest), rounded to 0.01; 0.0 for none."""
+    xs = sorted(xs) or [0.0]
+    return round(xs[min(len(xs) - 1, int(len(xs) * q))], 2)
 
 
 def pss(s, names):
@@ -471,9 +474,8 @@ class FsyncProbe:
         self.thread.join()
 
     def summary(self):
-        lat = sorted(self.lat) or [0.0]
-        return {"n": len(self.lat), "p50_ms": round(lat[len(lat) // 2], 2),
-                "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2), "max_ms": round(lat[-1], 2)}
+        return {"n": len(self.lat), "p50_ms": percentile(self.lat, 0.5),
+                "p99_ms": percentile(self.lat, 0.99), "max_ms": percentile(self.lat, 1.0)}
 
 
 def paced(s, url, kind, secret, peak, prefix):
