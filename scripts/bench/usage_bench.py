@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests/integration"))
 os.environ.setdefault("MR_BUILD", "build/release")
 import mr  # noqa: E402
+from webhook_bench import pgbench_result  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNS", "8"))
@@ -78,11 +79,7 @@ def pgbench(s):
     cmd = ["pgbench", "-n", "-M", "prepared", "-c", str(CONNS), "-j", "2", "-T", str(SECONDS),
            "-f", str(script), s.pg.conninfo(s.db, "postgres")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 120)
-    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
-    if p.returncode != 0 or not m:
-        raise RuntimeError("pgbench failed:\n" + p.stdout + p.stderr)
-    lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
-    return {"tps": float(m.group(1)), "latency_avg_ms": float(lat.group(1)) if lat else None}
+    return pgbench_result(p.returncode, p.stdout, p.stderr)
 
 
 def wrk(url, tokens_file, threads=2):

@@ -351,17 +351,13 @@ def baseline(pg, seconds):
              - sum(t for pid, (pp, t) in t0.items() if pp == post or pid == post))
     # pgbench has exited: its time is in our children's.
     client = os.times().children_user + os.times().children_system
-    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-    if p.returncode != 0 or not m:
-        raise RuntimeError("pgbench failed:\n" + out + err)
-    lat = re.search(r"latency average = ([\d.]+) ms", out)
+    res = pgbench_result(p.returncode, out, err)
     done = re.search(r"number of transactions actually processed: (\d+)", out)
     n = int(done.group(1)) if done else 1
-    rows = pg.sql("SELECT count(*) FROM bench_events", dbname=db)[0][0]
-    res = {"tps": float(m.group(1)), "latency_avg_ms": float(lat.group(1)) if lat else None,
-           "rows": rows, "load": [before, load()],
-           "cpu_us_per_tx": {"postgres": round(ticks * 1e6 / TICK / n, 1),
-                             "pgbench": round((client - c0) * 1e6 / n, 1)}}
+    res.update(rows=pg.sql("SELECT count(*) FROM bench_events", dbname=db)[0][0],
+               load=[before, load()],
+               cpu_us_per_tx={"postgres": round(ticks * 1e6 / TICK / n, 1),
+                              "pgbench": round((client - c0) * 1e6 / n, 1)})
     res["paced"] = baseline_paced(cmd, res["tps"] / 2, pg.dir, seconds)
     pg.sql('DROP DATABASE "%s"' % db)
     return res
@@ -381,11 +377,9 @@ def baseline_paced(cmd, rate, directory, seconds):
         quiesce()
         before = load()
         with FsyncProbe(directory) as probe:
-            p = subprocess.run(cmd[:-1] + ["-R", "%.0f" % rate, "-l", "--log-prefix", prefix,
-                                           cmd[-1]], capture_output=True, text=True,
-                               timeout=seconds + 120)
-        if p.returncode != 0:
-            raise RuntimeError("pgbench -R failed:\n" + p.stdout + p.stderr)
+            p = subprocess.run(cmd[:1] + ["-R", "%.0f" % rate, "-l", "--log-prefix", prefix]
+                               + cmd[1:], capture_output=True, text=True, timeout=seconds + 120)
+        done = pgbench_result(p.returncode, p.stdout, p.stderr)
         sched, sent = [], []
         for f in Path(tmp).iterdir():
             for line in f.read_text().splitlines():
@@ -394,11 +388,20 @@ def baseline_paced(cmd, rate, directory, seconds):
                 fields = line.split()
                 sched.append(int(fields[2]) / 1000.0)
                 sent.append((int(fields[2]) - int(fields[6])) / 1000.0)
-    done = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
-    return {"target_tps": round(rate, 1), "tps": float(done.group(1)) if done else None,
+    return {"target_tps": round(rate, 1), "tps": done["tps"],
             "n": len(sent), "p50_ms": percentile(sent, 0.5), "p99_ms": percentile(sent, 0.99),
             "p99_from_schedule_ms": percentile(sched, 0.99), "load": [before, load()],
             "disk_fsync": probe.summary()}
+
+
+def pgbench_result(returncode, out, err):
+    """{"tps", "latency_avg_ms"} from a pgbench run's output (tps after its
+    connections were made); raises when it failed."""
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if returncode != 0 or not m:
+        raise RuntimeError("pgbench failed:\n" + out + err)
+    lat = re.search(r"latency average = ([\d.]+) ms", out)
+    return {"tps": float(m.group(1)), "latency_avg_ms": float(lat.group(1)) if lat else None}
 
 
 def percentile(xs, q):
@@ -476,6 +479,12 @@ class FsyncProbe:
     def summary(self):
         return {"n": len(self.lat), "p50_ms": percentile(self.lat, 0.5),
                 "p99_ms": percentile(self.lat, 0.99), "max_ms": percentile(self.lat, 1.0)}
+
+    @staticmethod
+    def line(f):
+        """A summary() as the report prints it under the run it was probed during."""
+        return ("            disk fdatasync meanwhile: p50 %.2f p99 %.2f max %.2f ms (%d probes)"
+                % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
 
 
 def paced(s, url, kind, secret, peak, prefix):
@@ -726,9 +735,7 @@ def report(res):
           " (from pgbench's schedule: p99 %.2f ms), the paced runs' reference   load %s"
           % (bp["target_tps"], bp["tps"] or 0, bp["p50_ms"], bp["p99_ms"],
              bp["p99_from_schedule_ms"], fmt_load(bp["load"])))
-    f = bp["disk_fsync"]
-    print("            disk fdatasync meanwhile: p50 %.2f p99 %.2f max %.2f ms (%d probes)"
-          % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
+    print(FsyncProbe.line(bp["disk_fsync"]))
     print("  sign-up   wrk -c%d                               : %8.0f events/s p50 %.2f p99 %.2f ms"
           "  non-200 %d  -> %.0f%% of baseline (target %.0f%%) %s   load %s"
           % (CONNS, su["rps"], su["p50_ms"], su["p99_ms"], su["non200"], 100 * r["signup"],
@@ -748,9 +755,7 @@ def report(res):
               % (name, p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"],
                  mark(key),
                  fmt_load(p["load"])))
-        f = p["disk_fsync"]
-        print("            disk fdatasync meanwhile: p50 %.2f p99 %.2f max %.2f ms (%d probes)"
-              % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
+        print(FsyncProbe.line(p["disk_fsync"]))
     # One decimal: 64.9% is short of 65%, and must not read as 65%.
     print("  duplicates wrk -c%d                              : %8.0f events/s = %.1f%% of the noop's"
           " %.0f/s (target 65%%) %s" % (CONNS, d["rps"], 100 * r["duplicates"], z["rps"],
