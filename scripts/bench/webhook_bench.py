@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests/integration"))
 os.environ.setdefault("MR_BUILD", "build/release")
 import mr  # noqa: E402
+import psycopg2  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNS", "16"))
@@ -487,6 +488,55 @@ class FsyncProbe:
                 % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
 
 
+class WaitSampler:
+    """What the webhook's database sessions wait for during a run (BENCH_PROFILE=1):
+    pg_stat_activity every 10 ms over one connection, each active session counted
+    as on CPU (no wait event), waiting for the WAL's flush (its own, IO WALSync and
+    WALWrite, or another session's, LWLock WALWrite) or waiting for something else."""
+
+    FLUSH = {("IO", "WALSync"), ("IO", "WALWrite"), ("LWLock", "WALWrite")}
+
+    def __init__(self, s):
+        self.s = s
+        self.counts = {"cpu": 0, "wal flush": 0, "other": 0}
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        conn = psycopg2.connect(self.s.pg.conninfo(self.s.db))
+        try:
+            conn.autocommit = True
+            cur = conn.cursor()
+            while not self.stop.is_set():
+                cur.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity"
+                            " WHERE application_name = 'handle-stripe-webhook' AND state = 'active'")
+                for wt, we in cur.fetchall():
+                    part = ("cpu" if wt is None else
+                            "wal flush" if (wt, we) in self.FLUSH else "other")
+                    self.counts[part] += 1
+                self.samples += 1
+                self.stop.wait(0.01)
+        finally:
+            conn.close()
+
+    def __enter__(self):
+        if PROFILE:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if PROFILE:
+            self.stop.set()
+            self.thread.join()
+
+    def summary(self):
+        """{part: mean number of sessions in it}, or None outside a profiling run."""
+        if not self.samples:
+            return None
+        return {k: round(v / self.samples, 3) for k, v in self.counts.items()}
+
+
 def paced(s, url, kind, secret, peak, prefix):
     """The stream offered at half of `peak`, about 100 requests a second per
     connection, each connection waiting a delay before each request: calibrated by
@@ -503,9 +553,13 @@ def paced(s, url, kind, secret, peak, prefix):
     delay = max(0.0, round(period - calib["p50_ms"], 3))
     f = prepare(s, kind, secret, prefix, need)
     quiesce()
-    with FsyncProbe(s.pg.dir) as probe:
+    with FsyncProbe(s.pg.dir) as probe, WaitSampler(s) as waits:
         r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
-    r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns, disk_fsync=probe.summary())
+    # The instances the run asked for that the worker had not created by its end:
+    # more than a few means the worker did not keep pace with the rate offered.
+    behind = s.sql("SELECT count(*) FROM instances WHERE status = 'provisioning'")[0][0]
+    r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns, disk_fsync=probe.summary(),
+             instances_behind=behind, sessions=waits.summary())
     return r
 
 
@@ -756,6 +810,12 @@ def report(res):
                  mark(key),
                  fmt_load(p["load"])))
         print(FsyncProbe.line(p["disk_fsync"]))
+        print("            instances asked for and not yet created at its end: %d" % p["instances_behind"])
+        w = p.get("sessions")
+        if w:
+            print("            the webhook's database sessions meanwhile (mean in each state): on CPU %.2f,"
+                  " waiting for the WAL flush %.2f, for something else %.2f"
+                  % (w["cpu"], w["wal flush"], w["other"]))
     # One decimal: 64.9% is short of 65%, and must not read as 65%.
     print("  duplicates wrk -c%d                              : %8.0f events/s = %.1f%% of the noop's"
           " %.0f/s (target 65%%) %s" % (CONNS, d["rps"], 100 * r["duplicates"], z["rps"],
