@@ -557,10 +557,15 @@ def paced(s, url, kind, secret, peak, prefix):
         r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
     # The instances the run asked for that the worker had not created by its end:
     # more than a few means the worker did not keep pace with the rate offered.
-    behind = s.sql("SELECT count(*) FROM instances WHERE status = 'provisioning'")[0][0]
+    behind = provisioning(s)
     r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns, disk_fsync=probe.summary(),
              instances_behind=behind, sessions=waits.summary())
     return r
+
+
+def provisioning(s):
+    """How many instances the lifecycle worker has yet to create."""
+    return s.sql("SELECT count(*) FROM instances WHERE status = 'provisioning'")[0][0]
 
 
 def settle(s, limit=300):
@@ -572,7 +577,7 @@ def settle(s, limit=300):
     t0 = time.monotonic()
     left0 = None
     while True:
-        left = s.sql("SELECT count(*) FROM instances WHERE status = 'provisioning'")[0][0]
+        left = provisioning(s)
         if left0 is None:
             left0 = left
         if left == 0 or time.monotonic() - t0 > limit:
