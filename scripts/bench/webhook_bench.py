@@ -47,6 +47,7 @@ BENCH_PERF=1 (perf record -a -g during each stream: build/bench/perf-<stream>.tx
 MR_BUILD (build/release).
 """
 
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -78,6 +79,7 @@ LUA = ROOT / "scripts/bench/webhook.lua"
 OUT = ROOT / "build/bench"
 DOC = ROOT / "docs/benchmarks.md"
 FIXTURES = ROOT / "tests/fixtures"
+WEBHOOK = "handle-stripe-webhook"
 WORKER = "mindroom-lifecycle"
 TARGETS = {"signup": 0.50, "new": 0.25, "duplicates": 0.65, "paced_p99_ms": 10.0,
            "pss_kib": 1024}
@@ -253,7 +255,7 @@ class Cpu:
     def _sessions(self):
         """PostgreSQL's sessions of the webhook and of the lifecycle worker, by the
         application name each process gives its connections: {pid: part}."""
-        names = {"handle-stripe-webhook": "postgres:webhook", "mindroom-lifecycle": "postgres:worker"}
+        names = {WEBHOOK: "postgres:webhook", WORKER: "postgres:worker"}
         rows = self.s.sql("SELECT pid, application_name FROM pg_stat_activity"
                           " WHERE application_name = ANY(%s)", list(names))
         return {int(pid): names[app] for pid, app in rows}
@@ -294,7 +296,7 @@ def per_event(cpu_ms, requests):
     """{part: microseconds of CPU per event}, the small parts folded into "other"."""
     out = {}
     for part, ms in cpu_ms.items():
-        key = {"handle-stripe-webhook": "webhook", "mindroom-lifecycle": "worker",
+        key = {WEBHOOK: "webhook", WORKER: "worker",
                "postgres": "postgres", "nginx": "nginx", "postgres:webhook": "postgres:webhook",
                "postgres:worker": "postgres:worker"}.get(part, "other")
         out[key] = out.get(key, 0) + ms * 1000.0 / max(requests, 1)
@@ -445,29 +447,23 @@ def quiesce():
     os.sync()
 
 
-class FsyncProbe:
-    """The disk's fdatasync latency during a run: an 8 KiB write and fdatasync every
-    10 ms on a file next to the cluster's data. Reported beside a paced run's p99 so
-    that a stall of the disk is visible as such."""
+class Sampler:
+    """Something sampled every 10 ms on a thread of its own for as long as a `with`
+    block runs (a run of wrk or pgbench): _open() once, _sample(handle) each time,
+    _close(handle) at the end."""
 
-    def __init__(self, directory):
-        self.path = Path(directory) / "fsync-probe"
-        self.lat = []
+    def __init__(self):
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        fd = os.open(str(self.path), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        handle = self._open()
         try:
             while not self.stop.is_set():
-                os.pwrite(fd, b"\0" * 8192, 0)
-                t = time.perf_counter()
-                os.fdatasync(fd)
-                self.lat.append((time.perf_counter() - t) * 1000)
+                self._sample(handle)
                 self.stop.wait(0.01)
         finally:
-            os.close(fd)
-            self.path.unlink()
+            self._close(handle)
 
     def __enter__(self):
         self.thread.start()
@@ -476,6 +472,30 @@ class FsyncProbe:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+class FsyncProbe(Sampler):
+    """The disk's fdatasync latency during a run: an 8 KiB write and fdatasync every
+    10 ms on a file next to the cluster's data. Reported beside a paced run's p99 so
+    that a stall of the disk is visible as such."""
+
+    def __init__(self, directory):
+        super().__init__()
+        self.path = Path(directory) / "fsync-probe"
+        self.lat = []
+
+    def _open(self):
+        return os.open(str(self.path), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+
+    def _sample(self, fd):
+        os.pwrite(fd, b"\0" * 8192, 0)
+        t = time.perf_counter()
+        os.fdatasync(fd)
+        self.lat.append((time.perf_counter() - t) * 1000)
+
+    def _close(self, fd):
+        os.close(fd)
+        self.path.unlink()
 
     def summary(self):
         return {"n": len(self.lat), "p50_ms": percentile(self.lat, 0.5),
@@ -488,8 +508,8 @@ class FsyncProbe:
                 % (f["p50_ms"], f["p99_ms"], f["max_ms"], f["n"]))
 
 
-class WaitSampler:
-    """What the webhook's database sessions wait for during a run (BENCH_PROFILE=1):
+class WaitSampler(Sampler):
+    """What the webhook's database sessions wait for during a run (a profiling run's):
     pg_stat_activity every 10 ms over one connection, each active session counted
     as on CPU (no wait event), waiting for the WAL's flush (its own, IO WALSync and
     WALWrite, or another session's, LWLock WALWrite) or waiting for something else."""
@@ -497,44 +517,31 @@ class WaitSampler:
     FLUSH = {("IO", "WALSync"), ("IO", "WALWrite"), ("LWLock", "WALWrite")}
 
     def __init__(self, s):
+        super().__init__()
         self.s = s
         self.counts = {"cpu": 0, "wal flush": 0, "other": 0}
         self.samples = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
+    def _open(self):
         conn = psycopg2.connect(self.s.pg.conninfo(self.s.db))
-        try:
-            conn.autocommit = True
-            cur = conn.cursor()
-            while not self.stop.is_set():
-                cur.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity"
-                            " WHERE application_name = 'handle-stripe-webhook' AND state = 'active'")
-                for wt, we in cur.fetchall():
-                    part = ("cpu" if wt is None else
-                            "wal flush" if (wt, we) in self.FLUSH else "other")
-                    self.counts[part] += 1
-                self.samples += 1
-                self.stop.wait(0.01)
-        finally:
-            conn.close()
+        conn.autocommit = True
+        return conn
 
-    def __enter__(self):
-        if PROFILE:
-            self.thread.start()
-        return self
+    def _sample(self, conn):
+        with conn.cursor() as cur:
+            cur.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity"
+                        " WHERE application_name = %s AND state = 'active'", (WEBHOOK,))
+            for wt, we in cur.fetchall():
+                self.counts["cpu" if wt is None else
+                            "wal flush" if (wt, we) in self.FLUSH else "other"] += 1
+        self.samples += 1
 
-    def __exit__(self, *exc):
-        if PROFILE:
-            self.stop.set()
-            self.thread.join()
+    def _close(self, conn):
+        conn.close()
 
     def summary(self):
-        """{part: mean number of sessions in it}, or None outside a profiling run."""
-        if not self.samples:
-            return None
-        return {k: round(v / self.samples, 3) for k, v in self.counts.items()}
+        """{part: mean number of sessions in it}."""
+        return {k: round(v / max(self.samples, 1), 3) for k, v in self.counts.items()}
 
 
 def paced(s, url, kind, secret, peak, prefix):
@@ -553,13 +560,12 @@ def paced(s, url, kind, secret, peak, prefix):
     delay = max(0.0, round(period - calib["p50_ms"], 3))
     f = prepare(s, kind, secret, prefix, need)
     quiesce()
-    with FsyncProbe(s.pg.dir) as probe, WaitSampler(s) as waits:
+    with FsyncProbe(s.pg.dir) as probe, (WaitSampler(s) if PROFILE else contextlib.nullcontext()) as waits:
         r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
-    # The instances the run asked for that the worker had not created by its end:
-    # more than a few means the worker did not keep pace with the rate offered.
-    behind = provisioning(s)
+    # instances_behind: the instances the run asked for that the worker had not created
+    # by its end; more than a few means it did not keep pace with the rate offered.
     r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns, disk_fsync=probe.summary(),
-             instances_behind=behind, sessions=waits.summary())
+             instances_behind=provisioning(s), sessions=waits.summary() if waits else None)
     return r
 
 
@@ -636,7 +642,7 @@ def run():
         # workers=None: MR_WORKERS unset, each function's default, as in make run.
         with mr.Stack(pg, env=env, workers=None, extra_functions=("noop",)) as s:
             secret = s.env["STRIPE_WEBHOOK_SECRET"]
-            url = s.url("handle-stripe-webhook")
+            url = s.url(WEBHOOK)
             s.sql("INSERT INTO auth.users (id, email) SELECT gen_random_uuid(),"
                   " 'bench' || i || '@example.com' FROM generate_series(1, %s) AS i", ACCOUNTS)
             s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || split_part(email, '@', 1)"
@@ -686,7 +692,7 @@ def run():
                            "rounds": [r["rps"] for r in noops]}
 
             res["pss_kib"] = pss(s, s.functions)
-            res["worker_log_lines"] = sum(1 for _ in s.log("handle-stripe-webhook").splitlines())
+            res["worker_log_lines"] = sum(1 for _ in s.log(WEBHOOK).splitlines())
     finally:
         pg.destroy()
     return res
