@@ -81,6 +81,10 @@ DOC = ROOT / "docs/benchmarks.md"
 FIXTURES = ROOT / "tests/fixtures"
 WEBHOOK = "handle-stripe-webhook"
 WORKER = "mindroom-lifecycle"
+# The two programs whose CPU the figures show on their own, by a short name, and
+# their PostgreSQL sessions (found by the application name each gives them).
+SHORT = {WEBHOOK: "webhook", WORKER: "worker"}
+SESSIONS = {name: "postgres:" + short for name, short in SHORT.items()}
 TARGETS = {"signup": 0.50, "new": 0.25, "duplicates": 0.65, "paced_p99_ms": 10.0,
            "pss_kib": 1024}
 
@@ -255,10 +259,9 @@ class Cpu:
     def _sessions(self):
         """PostgreSQL's sessions of the webhook and of the lifecycle worker, by the
         application name each process gives its connections: {pid: part}."""
-        names = {WEBHOOK: "postgres:webhook", WORKER: "postgres:worker"}
         rows = self.s.sql("SELECT pid, application_name FROM pg_stat_activity"
-                          " WHERE application_name = ANY(%s)", list(names))
-        return {int(pid): names[app] for pid, app in rows}
+                          " WHERE application_name = ANY(%s)", list(SESSIONS))
+        return {int(pid): SESSIONS[app] for pid, app in rows}
 
     def _sample(self):
         sessions = self._sessions()
@@ -296,13 +299,12 @@ def per_event(cpu_ms, requests):
     """{part: microseconds of CPU per event}, the small parts folded into "other"."""
     out = {}
     for part, ms in cpu_ms.items():
-        key = {WEBHOOK: "webhook", WORKER: "worker",
-               "postgres": "postgres", "nginx": "nginx", "postgres:webhook": "postgres:webhook",
-               "postgres:worker": "postgres:worker"}.get(part, "other")
+        key = SHORT.get(part) or (part if part in ("postgres", "nginx", *SESSIONS.values())
+                                  else "other")
         out[key] = out.get(key, 0) + ms * 1000.0 / max(requests, 1)
     # postgres is every process of the cluster; its webhook and worker sessions
     # are also shown on their own (a part of it, not added to the total again).
-    for k in ("postgres:webhook", "postgres:worker"):
+    for k in SESSIONS.values():
         out["postgres"] = out.get("postgres", 0) + out.get(k, 0)
     out["total"] = sum(v for k, v in out.items() if ":" not in k)
     return {k: round(v, 1) for k, v in out.items()}
@@ -509,7 +511,7 @@ class FsyncProbe(Sampler):
 
 
 class WaitSampler(Sampler):
-    """What the webhook's database sessions wait for during a run (a profiling run's):
+    """What the webhook's database sessions wait for during a run (in a profiling run):
     pg_stat_activity every 10 ms over one connection, each active session counted
     as on CPU (no wait event), waiting for the WAL's flush (its own, IO WALSync and
     WALWrite, or another session's, LWLock WALWrite) or waiting for something else."""
