@@ -23,7 +23,7 @@
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "shared counters need lock-free 64-bit atomics");
 
 #define SEG_MAGIC 0x314d524du /* "MRM1" */
-#define SEG_LAYOUT 5
+#define SEG_LAYOUT 6
 #define DB_CLASSES (36 * 36)  /* a SQLSTATE class is two characters of [0-9A-Z] */
 
 typedef _Atomic uint64_t counter;
@@ -66,6 +66,7 @@ static const char *const prov_routes[MR_PROV_ROUTES] = {
     "DELETE /apps/{app}/storage", "POST /apps/{app}/restart"};
 static const char *const prov_outcomes[MR_PROV_OUTCOMES] = {"ok", "rejected", "failed", "aborted"};
 static const char *const health_results[] = {"healthy", "unhealthy", "unreachable"};
+static const char *const claim_outcomes[MR_CLAIM_OUTCOMES] = {"claimed", "none", "full"};
 
 typedef struct {
     uint32_t magic, layout, size, kind;
@@ -86,6 +87,7 @@ typedef struct {
     counter health[3];
     counter health_marked;
     counter health_rounds;
+    counter claims[MR_CLAIM_OUTCOMES];
 } seg;
 
 /* ---- writing ----------------------------------------------------------- */
@@ -289,6 +291,12 @@ void mr_metrics_health_round(int healthy, int unhealthy, int unreachable, int ma
     add(&g_seg->health[2], (uint64_t)(unreachable > 0 ? unreachable : 0));
     add(&g_seg->health_marked, (uint64_t)(marked_failed > 0 ? marked_failed : 0));
     add(&g_seg->health_rounds, 1);
+}
+
+void mr_metrics_lifecycle_claim(mr_metrics_claim_outcome outcome)
+{
+    if (g_seg && outcome < MR_CLAIM_OUTCOMES)
+        add(&g_seg->claims[outcome], 1);
 }
 
 /* ---- reading ----------------------------------------------------------- */
@@ -583,4 +591,19 @@ void mr_metrics_write(FILE *out, const mr_metrics_view *v)
         if (v->e[i].alive && get(&v->e[i].s->health_rounds))
             fprintf(out, "mindroom_health_rounds_total{function=\"%s\"} %llu\n", v->e[i].name,
                     (unsigned long long)get(&v->e[i].s->health_rounds));
+
+    /* Claims: only the processes that made one (the lifecycle worker). */
+    family(out, "mindroom_lifecycle_claims_total", "counter",
+           "The lifecycle worker's claims, by what they answered.");
+    for (size_t i = 0; i < n; i++) {
+        if (!v->e[i].alive)
+            continue;
+        uint64_t any = 0;
+        for (size_t k = 0; k < MR_CLAIM_OUTCOMES; k++)
+            any += get(&v->e[i].s->claims[k]);
+        for (size_t k = 0; any && k < MR_CLAIM_OUTCOMES; k++)
+            fprintf(out, "mindroom_lifecycle_claims_total{function=\"%s\",outcome=\"%s\"} %llu\n",
+                    v->e[i].name, claim_outcomes[k],
+                    (unsigned long long)get(&v->e[i].s->claims[k]));
+    }
 }

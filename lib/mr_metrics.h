@@ -21,6 +21,7 @@
  *   mindroom_provisioner_calls_total{route,outcome}, mindroom_provisioner_call_duration_seconds
  *   mindroom_health_probes_total{result}, mindroom_health_marked_failed_total,
  *   mindroom_health_rounds_total
+ *   mindroom_lifecycle_claims_total{outcome}
  * Every family but the Stripe and provisioner ones carries function="<name>". */
 #ifndef MR_METRICS_H
 #define MR_METRICS_H
@@ -81,6 +82,15 @@ void mr_metrics_provisioner_call(mr_metrics_prov_route route, mr_metrics_prov_ou
                                  int64_t duration_us);
 /* One health round's results. */
 void mr_metrics_health_round(int healthy, int unhealthy, int unreachable, int marked_failed);
+/* One claim of the lifecycle worker's (public.lifecycle_claim), by what it
+ * answered. */
+typedef enum {
+    MR_CLAIM_CLAIMED, /* a step was taken */
+    MR_CLAIM_NONE,    /* nothing due (or what is due is held, or waits for its target) */
+    MR_CLAIM_FULL,    /* work is due, but max_in_flight steps are under way */
+    MR_CLAIM_OUTCOMES
+} mr_metrics_claim_outcome;
+void mr_metrics_lifecycle_claim(mr_metrics_claim_outcome outcome);
 
 /* ---- the reading side (mindroom-admin) ---- */
 

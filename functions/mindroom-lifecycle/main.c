@@ -9,9 +9,11 @@
  * limit is a row (lifecycle_limits), periodic jobs take a lease row
  * (scheduled_jobs). Each process loops:
  *   1. the periodic jobs whose turn it is, if it takes their lease;
- *   2. claim the next due instance and carry out its steps (steps.c);
- *   3. with nothing to claim, sleep until a notification on mindroom_lifecycle,
- *      the next owed work falls due, a job's turn, or MR_LIFECYCLE_POLL_MS.
+ *   2. when woken for work, claim the next due instance and carry out its steps
+ *      (steps.c): one process of the host claims for each wake-up (wake.c);
+ *   3. sleep until a notification on mindroom_lifecycle, a sibling's "more is
+ *      due", the next owed work falls due, a job's turn, or MR_LIFECYCLE_POLL_MS
+ *      after the host's last claim.
  * Notifications come over DATABASE_LISTEN_URL, else over DATABASE_URL unless that
  * is a transaction-mode pooler (DATABASE_POOLER=transaction, where LISTEN does not
  * work): then the worker polls.
@@ -38,11 +40,6 @@
 
 #define CHANNEL "mindroom_lifecycle"
 #define TRIM_EVERY_MS 1000
-/* A claim that found due work held by another transaction (an edge's, an
- * operator's psql) says it is due now: ask again after this long (or when a
- * commit notifies), not at once, so that a lock held for seconds is not met by
- * thousands of claims, each taking the claim lock every worker shares. */
-#define HELD_RETRY_MS 50
 
 worker_config wcfg;
 
@@ -161,22 +158,25 @@ static void load_config(void)
                "DATABASE_LISTEN_URL): polling every %ld ms", c->poll_ms);
 }
 
-/* Sleeps until a notification, a stop, or timeout_ms. */
-static void wait_for_work(worker *w, int64_t timeout_ms)
+/* Sleeps until a notification, a sibling's wake (when pokes), a stop, timeout_ms,
+ * or claim_at (a wake_now() time, 0: none). Returns what to claim for: the time
+ * of a notification or a wake, claim_at once it has come; 0 for nothing. */
+static int64_t wait_for_work(worker *w, int64_t timeout_ms, int64_t claim_at, int pokes)
 {
     char err[200];
     if (w->listen && mr_db_socket(w->listen) < 0) {
         /* (Re)connect and listen; whatever was notified meanwhile is covered by the
-         * claim that follows any wake-up. */
+         * claim that follows. */
         if (mr_db_listen(w->listen, CHANNEL, err, sizeof err) != MR_OK) {
             mr_log(MR_LOG_WARN, "LISTEN %s: %s; polling until it works", CHANNEL, err);
             if (timeout_ms > 1000)
                 timeout_ms = 1000;
         } else {
-            return; /* listening again: look for work before sleeping */
+            return wake_now(); /* listening again: look for work before sleeping */
         }
     }
-    struct pollfd p = {.fd = w->listen ? mr_db_socket(w->listen) : -1, .events = POLLIN};
+    struct pollfd p[2] = {{.fd = w->listen ? mr_db_socket(w->listen) : -1, .events = POLLIN},
+                          {.fd = pokes ? wake_pokefd() : -1, .events = POLLIN}};
     if (timeout_ms > INT32_MAX)
         timeout_ms = INT32_MAX;
     struct timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
@@ -184,11 +184,20 @@ static void wait_for_work(worker *w, int64_t timeout_ms)
     sigemptyset(&open);
     /* The stop signals are delivered only here (ppoll's mask), so no other call is
      * interrupted by them. */
-    int rc = ppoll(&p, p.fd >= 0 ? 1 : 0, &ts, &open);
-    if (rc > 0 && w->listen)
-        mr_db_notifications(w->listen); /* -1: broken; re-listened on the next wait */
-    else if (rc < 0 && errno != EINTR)
+    int rc = ppoll(p, 2, &ts, &open);
+    if (rc < 0 && errno != EINTR)
         mr_log(MR_LOG_WARN, "ppoll: %s", strerror(errno));
+    int64_t now = wake_now(), need = 0;
+    /* A notification read now was committed before: a claim begun from now on
+     * sees its work. -1: the connection broke (re-listened on the next wait), and
+     * what it would have said is looked for too. */
+    if (rc > 0 && p[0].revents && mr_db_notifications(w->listen) != 0)
+        need = now;
+    if (rc > 0 && p[1].revents && wake_take_poke())
+        need = now;
+    if (!need && claim_at && now >= claim_at)
+        need = claim_at;
+    return need;
 }
 
 static int child_main(void *arg)
@@ -219,31 +228,39 @@ static int child_main(void *arg)
     }
     mr_log(MR_LOG_INFO, "worker %s ready", w.owner);
 
+    int64_t need = wake_now(); /* at start: look for work at once */
     int64_t backoff_ms = 0, trimmed_ms = 0;
     while (!worker_stopping()) {
-        int64_t sleep_ms = jobs_run_due(&w);
+        int asked;
+        int64_t sleep_ms = jobs_run_due(&w, &asked);
         if (worker_stopping())
             break;
-        claim_outcome got;
-        int64_t due_ms;
-        char err[256] = "";
-        mr_err e = steps_claim_and_run(&w, &got, &due_ms, err, sizeof err);
-        if (e != MR_OK) {
-            /* The database is away: back off (up to 5 s) instead of spinning. */
-            backoff_ms = backoff_ms ? (backoff_ms * 2 > 5000 ? 5000 : backoff_ms * 2) : 100;
-            mr_log(MR_LOG_WARN, "claim: %s; retrying in %lld ms", err, (long long)backoff_ms);
-            wait_for_work(&w, backoff_ms);
-            continue;
+        if (asked)
+            need = wake_now(); /* a teardown done, say, lets the work that waited for it go */
+        if (need) {
+            claim_outcome got;
+            char err[256] = "";
+            mr_err e = wake_claim(&w, need, &got, err, sizeof err);
+            if (e != MR_OK) {
+                /* The database is away: back off (up to 5 s) instead of spinning. */
+                backoff_ms = backoff_ms ? (backoff_ms * 2 > 5000 ? 5000 : backoff_ms * 2) : 100;
+                mr_log(MR_LOG_WARN, "claim: %s; retrying in %lld ms", err, (long long)backoff_ms);
+                wait_for_work(&w, backoff_ms, 0, 0);
+                need = wake_now();
+                continue;
+            }
+            backoff_ms = 0;
+            if (got == CLAIM_DONE) {
+                w.untrimmed = 1;
+                need = wake_now(); /* there may be more: look again at once */
+                continue;
+            }
         }
-        backoff_ms = 0;
-        if (got == CLAIM_DONE) {
-            w.untrimmed = 1;
-            continue; /* there may be more: claim again at once */
-        }
-        if (sleep_ms > wcfg.poll_ms)
-            sleep_ms = wcfg.poll_ms;
-        if (got == CLAIM_NONE && due_ms >= 0 && due_ms < sleep_ms)
-            sleep_ms = due_ms < HELD_RETRY_MS ? HELD_RETRY_MS : due_ms;
+        int64_t at, wake_at;
+        wake_next(wcfg.poll_ms, &at, &wake_at);
+        int64_t until = (wake_at - wake_now() + 999999) / 1000000;
+        if (until < sleep_ms)
+            sleep_ms = until < 0 ? 0 : until;
         if (w.untrimmed && mr_now_ms() - trimmed_ms >= TRIM_EVERY_MS) {
             /* Going idle after work (steps, a health round): the heap pages it
              * freed go back to the system (glibc gives back only the heap's top by
@@ -253,7 +270,7 @@ static int child_main(void *arg)
             trimmed_ms = mr_now_ms();
             w.untrimmed = 0;
         }
-        wait_for_work(&w, sleep_ms);
+        need = wait_for_work(&w, sleep_ms, at, 1);
     }
     mr_log(MR_LOG_INFO, "worker %s stopped", w.owner);
     mr_db_close(w.db);
@@ -283,6 +300,10 @@ int main(int argc, char **argv)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     if (payload_prime(err, sizeof err) != MR_OK) {
         fprintf(stderr, "startup: cannot generate and seal a secret: %s\n", err);
+        return 2;
+    }
+    if (wake_init(err, sizeof err) != MR_OK) {
+        fprintf(stderr, "startup: %s\n", err);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);

@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "mr_deadlines.h"
+#include "mr_metrics.h"
 #include "mr_resend.h"
 #include "worker.h"
 
@@ -263,9 +264,7 @@ static void release(worker *w, const char *instance_id, const char *token, const
     free(text);
 }
 
-/* Runs the claimed steps of reply until nothing more is due, a step fails, the
- * lease is lost, or the worker stops. Takes reply. */
-static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
+mr_err steps_run(worker *w, cJSON *reply, char *err, size_t errlen)
 {
     for (int n = 0; n < MAX_CHAIN; n++) {
         const char *outcome = "";
@@ -337,15 +336,17 @@ static mr_err run(worker *w, cJSON *reply, char *err, size_t errlen)
     return MR_OK;
 }
 
-mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
-                           char *err, size_t errlen)
+mr_err steps_claim(worker *w, cJSON **claimed, claim_outcome *outcome, int64_t *next_due_ms,
+                   int *more, char *err, size_t errlen)
 {
     char lease[16];
     snprintf(lease, sizeof lease, "%d", wcfg.lease_s);
     const char *p[] = {w->owner, lease};
     cJSON *reply = NULL;
+    *claimed = NULL;
     *outcome = CLAIM_NONE;
     *next_due_ms = -1;
+    *more = 1;
     mr_err e = mr_db_call_json(w->db, &mr_service_identity, &claim_stmt, p, &reply, err, errlen);
     if (e != MR_OK)
         return e;
@@ -356,9 +357,14 @@ mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_
         if (cJSON_IsNumber(due))
             *next_due_ms = (int64_t)due->valuedouble;
         *outcome = strcmp(o, "full") == 0 ? CLAIM_FULL : CLAIM_NONE;
+        mr_metrics_lifecycle_claim(*outcome == CLAIM_FULL ? MR_CLAIM_FULL : MR_CLAIM_NONE);
         cJSON_Delete(reply);
         return MR_OK;
     }
+    /* Absent (a step a purge chained): more may be due. */
+    *more = !cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(reply, "more"));
     *outcome = CLAIM_DONE;
-    return run(w, reply, err, errlen);
+    *claimed = reply;
+    mr_metrics_lifecycle_claim(MR_CLAIM_CLAIMED);
+    return MR_OK;
 }

@@ -2,6 +2,7 @@
  *
  *   main.c   configuration (checked once, before fork), the supervisor, and each
  *            worker process's loop: periodic jobs, claim, wait for a notification
+ *   wake.c   one claim a wake-up on each host, however many processes were woken
  *   steps.c  one claimed instance: carry out its steps (the provisioner, Resend),
  *            record each outcome, give the lease back when told to stop
  *   payload.c what a create, update or start sends the provisioner: the step's
@@ -64,16 +65,41 @@ int worker_stopping(void);
 
 /* ---- steps.c ---- */
 
-typedef enum { CLAIM_NONE, CLAIM_FULL, CLAIM_DONE } claim_outcome;
-
-/* Claims the next due instance and carries out its steps (chained under the same
- * lease until nothing more is due, a step fails, or the lease is lost). *next_due_ms
- * gets the time until the next owed work falls due (-1: none) when nothing was
- * claimed. Returns MR_OK or a database failure (then nothing was claimed, or the
- * lease simply expires). */
-mr_err steps_claim_and_run(worker *w, claim_outcome *outcome, int64_t *next_due_ms,
-                           char *err, size_t errlen);
-
+typedef enum {
+    CLAIM_NONE,    /* nothing claimable */
+    CLAIM_FULL,    /* work is due, but max_in_flight steps are under way */
+    CLAIM_DONE,    /* a step was claimed (and carried out, by wake_claim) */
+    CLAIM_ANSWERED /* no claim made: another process's answers this wake-up (wake.c) */
+} claim_outcome;
+/* Claims the next due instance (public.lifecycle_claim). CLAIM_DONE: *claimed is
+ * the claim's answer, for steps_run, and *more whether another instance was due
+ * when it was taken (1 when the claim does not say). Otherwise *next_due_ms is the
+ * time until the next owed work falls due (-1: none). Returns MR_OK or a database
+ * failure (then nothing was claimed, or the lease simply expires). */
+mr_err steps_claim(worker *w, cJSON **claimed, claim_outcome *outcome, int64_t *next_due_ms,
+                   int *more, char *err, size_t errlen);
+/* Carries out the claimed steps (chained under the same lease until nothing more
+ * is due, a step fails, the lease is lost, or the worker stops). Takes claimed. */
+mr_err steps_run(worker *w, cJSON *claimed, char *err, size_t errlen);
+/* ---- wake.c ---- */
+/* Sets up what the processes of this host share (before the fork). */
+mr_err wake_init(char *err, size_t errlen);
+/* CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the host. */
+int64_t wake_now(void);
+/* Claims for a wake-up at `need` (a wake_now() time: work may have become due by
+ * then), unless a claim another process began at or after it answers it, and
+ * carries out the step claimed (steps_run). Returns MR_OK with *outcome, or a
+ * database failure. */
+mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, size_t errlen);
+/* When this host should claim next without being woken (*at, a wake_now() time:
+ * when the last claim that found nothing said work falls due, else poll_ms after
+ * the latest claim), and when to wake for it (*wake_at: at, or a little later when
+ * at has passed and another process is claiming for it). */
+void wake_next(long poll_ms, int64_t *at, int64_t *wake_at);
+/* The descriptor a sleeping process polls for a sibling's "more is due": readable
+ * while a wake is waiting; wake_take_poke takes one (1) or finds none (0). */
+int wake_pokefd(void);
+int wake_take_poke(void);
 /* ---- targets.c ---- */
 
 /* The provisioner target of one step (see targets.c); its strings back p's. */
@@ -129,7 +155,10 @@ mr_err payload_prime(char *err, size_t errlen);
 /* ---- jobs.c ---- */
 
 /* Runs every periodic job whose turn it is, if this process takes its lease.
- * Returns the milliseconds until it should be asked again. */
-int64_t jobs_run_due(worker *w);
+ * *asked: whether it asked for any (every 1-15 s a job); the worker claims after
+ * each ask, as what a job did (a teardown done) or an operator's change that
+ * notifies nobody (a target enabled) may let owed work go ahead. Returns the
+ * milliseconds until it should be asked again. */
+int64_t jobs_run_due(worker *w, int *asked);
 
 #endif
