@@ -21,13 +21,14 @@
  *            one of them sees the other: no need is left unclaimed;
  *   due      when the last claim that found nothing said work falls due (its
  *            processes' shared timer);
- *   working  how many processes are carrying out steps.
+ *   poked    whether a wake is waiting to be taken.
  * A need that a claim begun at or after it answers costs nothing more. A claim
  * that takes a step and says more is due (or saw a need arrive) wakes one more
- * process while some process is not carrying out steps: an eventfd semaphore, one
- * token, one process. So due instances are still worked on at once, one a process.
- * The token only hastens work: every due row is notified or timed, and a process
- * claims again after its steps.
+ * process: one token of an eventfd semaphore, taken by one process, and at most one
+ * waiting (a process busy with steps takes it when it is done, and the claim it
+ * then makes wakes the next if more is due). So due instances are still worked on
+ * at once, one a process. The token only hastens work: every due row is notified
+ * or timed, and a process claims again after its steps.
  *
  * A scout that dies holding the word (SIGKILL) is replaced by the next process that
  * finds it held (kill(pid, 0) fails with ESRCH). Other hosts' processes are woken
@@ -58,7 +59,7 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2 && ATOMIC_LLONG_LOCK_FREE == 2,
 
 typedef struct {
     atomic_int scout;
-    atomic_int working;
+    atomic_int poked;
     atomic_llong started;
     atomic_llong wanted;
     atomic_llong due;
@@ -94,7 +95,22 @@ int wake_pokefd(void)
 int wake_take_poke(void)
 {
     uint64_t v;
-    return read(g_poke, &v, sizeof v) == (ssize_t)sizeof v;
+    if (read(g_poke, &v, sizeof v) != (ssize_t)sizeof v)
+        return 0;
+    atomic_store(&g->poked, 0);
+    return 1;
+}
+
+/* Wakes one more process, unless a wake is already waiting to be taken. */
+static void poke(void)
+{
+    int idle = 0;
+    uint64_t one = 1;
+    if (wcfg.workers > 1 && atomic_compare_exchange_strong(&g->poked, &idle, 1) &&
+        write(g_poke, &one, sizeof one) < 0) {
+        atomic_store(&g->poked, 0);
+        mr_log(MR_LOG_WARN, "waking another worker process: %s", strerror(errno));
+    }
 }
 
 static void raise_to(atomic_llong *a, long long v)
@@ -142,15 +158,9 @@ mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, si
         }
         if (*outcome == CLAIM_DONE) {
             atomic_store(&g->scout, 0);
-            int busy = atomic_fetch_add(&g->working, 1) + 1;
-            if ((more || atomic_load(&g->wanted) > start) && busy < wcfg.workers) {
-                uint64_t one = 1;
-                if (write(g_poke, &one, sizeof one) < 0)
-                    mr_log(MR_LOG_WARN, "waking another worker process: %s", strerror(errno));
-            }
-            e = steps_run(w, claimed, err, errlen);
-            atomic_fetch_sub(&g->working, 1);
-            return e;
+            if (more || atomic_load(&g->wanted) > start)
+                poke();
+            return steps_run(w, claimed, err, errlen);
         }
         long long due = 0;
         if (*outcome == CLAIM_NONE && due_ms >= 0)

@@ -31,7 +31,7 @@ typedef struct {
     int backoff_cap_s;          /* MR_PROVISION_BACKOFF_CAP_S */
     char backoff_base_arg[16];  /* backoff_base_s and _cap_s, formatted once: the text */
     char backoff_cap_arg[16];   /* parameters of each SQL call that records a failure */
-    long poll_ms;               /* MR_LIFECYCLE_POLL_MS: longest sleep without a notification */
+    long poll_ms;               /* MR_LIFECYCLE_POLL_MS: longest the host goes without a claim */
     long stop_grace_ms;         /* MR_LIFECYCLE_STOP_GRACE_MS */
     const char *database_url;   /* DATABASE_URL */
     const char *listen_url;     /* where LISTEN goes, or NULL: poll only */
