@@ -5,7 +5,7 @@
  * wakes every idle process, and a due time read from a claim wakes every process
  * that read it. Were each to claim, a host of N processes would make N claims for
  * one instance, N - 1 of them finding nothing after waiting for the claim lock the
- * others hold (docs/benchmarks.md, "Creating an instance").
+ * others hold (docs/benchmarks.md, "Where an event's time goes").
  *
  * So a wake-up is a *need*: a claim that begins at or after its time must run
  * (CLOCK_MONOTONIC, one clock for the processes of a host). A notification's time
