@@ -69,8 +69,9 @@ typedef enum {
     CLAIM_NONE,    /* nothing claimable */
     CLAIM_FULL,    /* work is due, but max_in_flight steps are under way */
     CLAIM_DONE,    /* a step was claimed (and carried out, by wake_claim) */
-    CLAIM_ANSWERED /* no claim made: another process's answers this wake-up (wake.c) */
+    CLAIM_ANSWERED /* no claim made: another process's claim answers this wake-up (wake.c) */
 } claim_outcome;
+
 /* Claims the next due instance (public.lifecycle_claim). CLAIM_DONE: *claimed is
  * the claim's answer, for steps_run, and *more whether another instance was due
  * when it was taken (1 when the claim does not say). Otherwise *next_due_ms is the
@@ -78,28 +79,36 @@ typedef enum {
  * failure (then nothing was claimed, or the lease simply expires). */
 mr_err steps_claim(worker *w, cJSON **claimed, claim_outcome *outcome, int64_t *next_due_ms,
                    int *more, char *err, size_t errlen);
+
 /* Carries out the claimed steps (chained under the same lease until nothing more
  * is due, a step fails, the lease is lost, or the worker stops). Takes claimed. */
 mr_err steps_run(worker *w, cJSON *claimed, char *err, size_t errlen);
+
 /* ---- wake.c ---- */
+
 /* Sets up what the processes of this host share (before the fork). */
 mr_err wake_init(char *err, size_t errlen);
+
 /* CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the host. */
 int64_t wake_now(void);
+
 /* Claims for a wake-up at `need` (a wake_now() time: work may have become due by
  * then), unless a claim another process began at or after it answers it, and
  * carries out the step claimed (steps_run). Returns MR_OK with *outcome, or a
  * database failure. */
 mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, size_t errlen);
+
 /* When this host should claim next without being woken (*at, a wake_now() time:
  * when the last claim that found nothing said work falls due, else poll_ms after
  * the latest claim), and when to wake for it (*wake_at: at, or a little later when
  * at has passed and another process is claiming for it). */
 void wake_next(long poll_ms, int64_t *at, int64_t *wake_at);
+
 /* The descriptor a sleeping process polls for a sibling's "more is due": readable
  * while a wake is waiting; wake_take_poke takes one (1) or finds none (0). */
 int wake_pokefd(void);
 int wake_take_poke(void);
+
 /* ---- targets.c ---- */
 
 /* The provisioner target of one step (see targets.c); its strings back p's. */
