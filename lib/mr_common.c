@@ -57,11 +57,16 @@ int mr_ct_equal(const void *a, size_t alen, const void *b, size_t blen)
     return (diff == 0) & (alen == blen);
 }
 
-int64_t mr_now_ms(void)
+int64_t mr_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int64_t mr_now_ms(void)
+{
+    return mr_now_ns() / 1000000;
 }
 
 void mr_hex(const void *in, size_t n, char *out)

@@ -40,6 +40,9 @@ int mr_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
 
 /* Monotonic milliseconds, for durations and deadlines. */
 int64_t mr_now_ms(void);
+/* The same clock in nanoseconds (CLOCK_MONOTONIC: one clock for every process of
+ * the host, so times may be compared across processes). */
+int64_t mr_now_ns(void);
 
 /* Writes n bytes as 2n lowercase hex digits and a NUL into out (2n + 1 bytes). */
 void mr_hex(const void *in, size_t n, char *out);

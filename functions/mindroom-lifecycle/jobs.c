@@ -374,13 +374,11 @@ static void cancel_job(worker *w)
     done(w, "stripe-cancel", failed ? "some cancellations failed; retried with backoff" : NULL);
 }
 
-int64_t jobs_run_due(worker *w, int *asked)
+int64_t jobs_run_due(worker *w)
 {
-    *asked = 0;
     static int64_t next_health, next_sweep, next_teardown, next_cancel;
     int64_t now = mr_now_ms();
     if (now >= next_health) {
-        *asked = 1;
         next_health = now + ask_every_ms(wcfg.health.interval_s);
         char *started = take(w, "health", wcfg.health.interval_s);
         if (started) {
@@ -392,7 +390,6 @@ int64_t jobs_run_due(worker *w, int *asked)
         free(started);
     }
     if (!worker_stopping() && now >= next_sweep) {
-        *asked = 1;
         next_sweep = now + ask_every_ms(wcfg.sweep_interval_s);
         char *started = take(w, "stripe-sweep", wcfg.sweep_interval_s);
         if (started)
@@ -400,7 +397,6 @@ int64_t jobs_run_due(worker *w, int *asked)
         free(started);
     }
     if (!worker_stopping() && now >= next_teardown) {
-        *asked = 1;
         next_teardown = now + ask_every_ms(wcfg.sweep_interval_s);
         char *started = take(w, "teardown", wcfg.sweep_interval_s);
         if (started)
@@ -408,7 +404,6 @@ int64_t jobs_run_due(worker *w, int *asked)
         free(started);
     }
     if (!worker_stopping() && now >= next_cancel) {
-        *asked = 1;
         next_cancel = now + ask_every_ms(wcfg.sweep_interval_s);
         char *started = take(w, "stripe-cancel", wcfg.sweep_interval_s);
         if (started)

@@ -159,7 +159,7 @@ static void load_config(void)
 }
 
 /* Sleeps until a notification, a sibling's wake (when pokes), a stop, timeout_ms,
- * or claim_at (a wake_now() time, 0: none). Returns what to claim for: the time
+ * or claim_at (an mr_now_ns() time, 0: none). Returns what to claim for: the time
  * of a notification or a wake, claim_at once it has come; 0 for nothing. */
 static int64_t wait_for_work(worker *w, int64_t timeout_ms, int64_t claim_at, int pokes)
 {
@@ -172,7 +172,7 @@ static int64_t wait_for_work(worker *w, int64_t timeout_ms, int64_t claim_at, in
             if (timeout_ms > 1000)
                 timeout_ms = 1000;
         } else {
-            return wake_now(); /* listening again: look for work before sleeping */
+            return mr_now_ns(); /* listening again: look for work before sleeping */
         }
     }
     struct pollfd p[2] = {{.fd = w->listen ? mr_db_socket(w->listen) : -1, .events = POLLIN},
@@ -187,7 +187,7 @@ static int64_t wait_for_work(worker *w, int64_t timeout_ms, int64_t claim_at, in
     int rc = ppoll(p, 2, &ts, &open);
     if (rc < 0 && errno != EINTR)
         mr_log(MR_LOG_WARN, "ppoll: %s", strerror(errno));
-    int64_t now = wake_now(), need = 0;
+    int64_t now = mr_now_ns(), need = 0;
     /* A notification read now was committed before: a claim begun from now on
      * sees its work. -1: the connection broke (re-listened on the next wait), and
      * what it would have said is looked for too. */
@@ -228,15 +228,12 @@ static int child_main(void *arg)
     }
     mr_log(MR_LOG_INFO, "worker %s ready", w.owner);
 
-    int64_t need = wake_now(); /* at start: look for work at once */
+    int64_t need = mr_now_ns(); /* at start: look for work at once */
     int64_t backoff_ms = 0, trimmed_ms = 0;
     while (!worker_stopping()) {
-        int asked;
-        int64_t sleep_ms = jobs_run_due(&w, &asked);
+        int64_t sleep_ms = jobs_run_due(&w);
         if (worker_stopping())
             break;
-        if (asked)
-            need = wake_now(); /* a teardown done, say, lets the work that waited for it go */
         if (need) {
             claim_outcome got;
             char err[256] = "";
@@ -246,19 +243,19 @@ static int child_main(void *arg)
                 backoff_ms = backoff_ms ? (backoff_ms * 2 > 5000 ? 5000 : backoff_ms * 2) : 100;
                 mr_log(MR_LOG_WARN, "claim: %s; retrying in %lld ms", err, (long long)backoff_ms);
                 wait_for_work(&w, backoff_ms, 0, 0);
-                need = wake_now();
+                need = mr_now_ns();
                 continue;
             }
             backoff_ms = 0;
             if (got == CLAIM_DONE) {
                 w.untrimmed = 1;
-                need = wake_now(); /* there may be more: look again at once */
+                need = mr_now_ns(); /* there may be more: look again at once */
                 continue;
             }
         }
         int64_t at, wake_at;
         wake_next(wcfg.poll_ms, &at, &wake_at);
-        int64_t until = (wake_at - wake_now() + 999999) / 1000000;
+        int64_t until = (wake_at - mr_now_ns() + 999999) / 1000000;
         if (until < sleep_ms)
             sleep_ms = until < 0 ? 0 : until;
         if (w.untrimmed && mr_now_ms() - trimmed_ms >= TRIM_EVERY_MS) {

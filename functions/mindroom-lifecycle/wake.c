@@ -24,9 +24,9 @@
  *   poked    whether a wake is waiting to be taken.
  * A need that a claim begun at or after it answers costs nothing more. A claim
  * that takes a step and says more is due (or saw a need arrive) wakes one more
- * process: one token of an eventfd semaphore, taken by one process, and at most one
- * waiting (a process busy with steps takes it when it is done, and the claim it
- * then makes wakes the next if more is due). So due instances are still worked on
+ * process: an eventfd of at most one token (poked), which one process takes (a
+ * process busy with steps takes it when it is done, and the claim it then makes
+ * wakes the next if more is due). So due instances are still worked on
  * at once, one a process. The token only hastens work: every due row is notified
  * or timed, and a process claims again after its steps.
  *
@@ -43,7 +43,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "worker.h"
@@ -74,17 +73,10 @@ mr_err wake_init(char *err, size_t errlen)
     if (m == MAP_FAILED)
         return mr_seterr(err, errlen, MR_EINTERNAL, "mmap: %s", strerror(errno));
     g = m; /* zeroed */
-    g_poke = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
+    g_poke = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (g_poke < 0)
         return mr_seterr(err, errlen, MR_EINTERNAL, "eventfd: %s", strerror(errno));
     return MR_OK;
-}
-
-int64_t wake_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 int wake_pokefd(void)
@@ -144,7 +136,7 @@ mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, si
     if (!take_scout(me))
         return MR_OK; /* the scout claims again for it */
     for (;;) {
-        long long start = wake_now();
+        long long start = mr_now_ns();
         atomic_store(&g->started, start);
         cJSON *claimed = NULL;
         int64_t due_ms;
@@ -164,7 +156,7 @@ mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, si
         }
         long long due = 0;
         if (*outcome == CLAIM_NONE && due_ms >= 0)
-            due = wake_now() + (due_ms < HELD_RETRY_MS ? HELD_RETRY_MS : due_ms) * 1000000LL;
+            due = mr_now_ns() + (due_ms < HELD_RETRY_MS ? HELD_RETRY_MS : due_ms) * 1000000LL;
         atomic_store(&g->due, due);
         if (atomic_load(&g->wanted) > start)
             continue; /* woken since this claim began: once more */
@@ -182,6 +174,6 @@ void wake_next(long poll_ms, int64_t *at, int64_t *wake_at)
         *at = d;
     /* Passed and not yet claimed for: the scout is claiming and claims again
      * (wanted). Look shortly, for the same need, rather than spin. */
-    long long now = wake_now();
+    long long now = mr_now_ns();
     *wake_at = *at > now ? *at : now + HELD_RETRY_MS * 1000000LL;
 }

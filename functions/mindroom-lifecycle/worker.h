@@ -89,16 +89,13 @@ mr_err steps_run(worker *w, cJSON *claimed, char *err, size_t errlen);
 /* Sets up what the processes of this host share (before the fork). */
 mr_err wake_init(char *err, size_t errlen);
 
-/* CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the host. */
-int64_t wake_now(void);
-
-/* Claims for a wake-up at `need` (a wake_now() time: work may have become due by
+/* Claims for a wake-up at `need` (an mr_now_ns() time: work may have become due by
  * then), unless a claim another process began at or after it answers it, and
  * carries out the step claimed (steps_run). Returns MR_OK with *outcome, or a
  * database failure. */
 mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, size_t errlen);
 
-/* When this host should claim next without being woken (*at, a wake_now() time:
+/* When this host should claim next without being woken (*at, an mr_now_ns() time:
  * when the last claim that found nothing said work falls due, else poll_ms after
  * the latest claim), and when to wake for it (*wake_at: at, or a little later when
  * at has passed and another process is claiming for it). */
@@ -164,10 +161,7 @@ mr_err payload_prime(char *err, size_t errlen);
 /* ---- jobs.c ---- */
 
 /* Runs every periodic job whose turn it is, if this process takes its lease.
- * *asked: whether it asked for any (every 1-15 s a job); the worker claims after
- * each ask, as what a job did (a teardown done) or an operator's change that
- * notifies nobody (a target enabled) may let owed work go ahead. Returns the
- * milliseconds until it should be asked again. */
-int64_t jobs_run_due(worker *w, int *asked);
+ * Returns the milliseconds until it should be asked again. */
+int64_t jobs_run_due(worker *w);
 
 #endif

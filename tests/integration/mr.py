@@ -26,6 +26,7 @@ import hmac
 from http import client as httpclient
 import json as jsonlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -315,6 +316,30 @@ class Pooler:
             os.kill(pid, signal.SIGTERM)
         except (FileNotFoundError, ValueError, ProcessLookupError):
             pass
+
+
+# Prometheus text format (GET /metrics on mindroom-admin).
+METRIC_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_samples(text):
+    """[(name, {labels}, value)] of every sample line."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = METRIC_SAMPLE.match(line)
+        assert m, "not a sample line: %r" % line
+        out.append((m.group(1), dict(METRIC_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return out
+
+
+def metric_value(text, name, **labels):
+    """The sample of name with exactly these labels, or 0 when there is none."""
+    hits = [v for n, l, v in metric_samples(text) if n == name and l == labels]
+    assert len(hits) <= 1, (name, labels, hits)
+    return hits[0] if hits else 0.0
 
 
 def _run(argv, env=None, timeout=300):

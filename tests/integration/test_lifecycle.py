@@ -4,7 +4,6 @@ deprovision-instance record what an operator asks, the lifecycle worker
 (tests/standins)."""
 import concurrent.futures
 import os
-import re
 import signal
 import time
 
@@ -261,11 +260,8 @@ def claims(s):
     """The lifecycle worker's claims so far (mindroom_lifecycle_claims_total), by answer."""
     r = s.call_admin("/metrics")
     assert r.status == 200, r
-    out = {"claimed": 0, "none": 0, "full": 0}
-    for m in re.finditer(r'^mindroom_lifecycle_claims_total\{function="%s",outcome="(\w+)"\} (\d+)$'
-                         % WORKER, r.text, re.M):
-        out[m.group(1)] = int(m.group(2))
-    return out
+    return {k: int(mr.metric_value(r.text, "mindroom_lifecycle_claims_total", function=WORKER, outcome=k))
+            for k in ("claimed", "none", "full")}
 
 
 def test_one_claim_a_wake_up_however_many_processes_and_due_work_still_shared(pg, prov):

@@ -14,13 +14,12 @@ import uuid
 import pytest
 
 import mr
+from mr import metric_samples as samples, metric_value as value
 from lifecycle_helpers import (PRICES, WORKER, link_customer, new_account, new_subscription, stack_env,
                                wait_until)
 
 PROBE_ENV = {"MINDROOM_BASE_DOMAIN": "mindroom.test", "HEALTH_ALLOW_LOOPBACK": "1",
              "HEALTH_TIMEOUT_MS": "1000"}
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +35,6 @@ def scrape(s):
     assert r.status == 200, r
     assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     return r.text
-
-
-def samples(text):
-    """[(name, {labels}, value)] of every sample line."""
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = SAMPLE.match(line)
-        assert m, "not a sample line: %r" % line
-        out.append((m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
-
-def value(text, name, **labels):
-    """The sample of name with exactly these labels, or 0 when there is none."""
-    hits = [v for n, l, v in samples(text) if n == name and l == labels]
-    assert len(hits) <= 1, (name, labels, hits)
-    return hits[0] if hits else 0.0
 
 
 def promtool(text):
