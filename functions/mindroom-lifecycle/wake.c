@@ -20,14 +20,13 @@
  *            its word and then reads the other's, all sequentially consistent, so
  *            one of them sees the other: no need is left unclaimed;
  *   due      when the last claim that found nothing said work falls due (its
- *            processes' shared timer);
- *   poked    whether a wake is waiting to be taken.
+ *            processes' shared timer).
  * A need that a claim begun at or after it answers costs nothing more. A claim
  * that takes a step and says more is due (or saw a need arrive) wakes one more
- * process: an eventfd of at most one token (poked), which one process takes (a
- * process busy with steps takes it when it is done, and the claim it then makes
- * wakes the next if more is due). So due instances are still worked on
- * at once, one a process. The token only hastens work: every due row is notified
+ * process through an eventfd: one read takes its whole count, so however many
+ * wakes were written, one process takes them (a process busy with steps takes
+ * them when it is done, and the claim it then makes wakes the next if more is
+ * due). So due instances are still worked on at once, one a process. The token only hastens work: every due row is notified
  * or timed, and a process claims again after its steps.
  *
  * A scout that dies holding the word (SIGKILL) is replaced by the next process that
@@ -58,7 +57,6 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2 && ATOMIC_LLONG_LOCK_FREE == 2,
 
 typedef struct {
     atomic_int scout;
-    atomic_int poked;
     atomic_llong started;
     atomic_llong wanted;
     atomic_llong due;
@@ -87,22 +85,15 @@ int wake_pokefd(void)
 int wake_take_poke(void)
 {
     uint64_t v;
-    if (read(g_poke, &v, sizeof v) != (ssize_t)sizeof v)
-        return 0;
-    atomic_store(&g->poked, 0);
-    return 1;
+    return read(g_poke, &v, sizeof v) == (ssize_t)sizeof v;
 }
 
-/* Wakes one more process, unless a wake is already waiting to be taken. */
+/* Wakes one more process (a wake already waiting is the same wake). */
 static void poke(void)
 {
-    int idle = 0;
     uint64_t one = 1;
-    if (wcfg.workers > 1 && atomic_compare_exchange_strong(&g->poked, &idle, 1) &&
-        write(g_poke, &one, sizeof one) < 0) {
-        atomic_store(&g->poked, 0);
+    if (wcfg.workers > 1 && write(g_poke, &one, sizeof one) < 0)
         mr_log(MR_LOG_WARN, "waking another worker process: %s", strerror(errno));
-    }
 }
 
 static void raise_to(atomic_llong *a, long long v)

@@ -102,7 +102,7 @@ mr_err wake_claim(worker *w, int64_t need, claim_outcome *outcome, char *err, si
 void wake_next(long poll_ms, int64_t *at, int64_t *wake_at);
 
 /* The descriptor a sleeping process polls for a sibling's "more is due": readable
- * while a wake is waiting; wake_take_poke takes one (1) or finds none (0). */
+ * while a wake is waiting; wake_take_poke takes it (1) or finds none (0). */
 int wake_pokefd(void);
 int wake_take_poke(void);
 

@@ -563,8 +563,7 @@ def test_a_teardown_call_that_outlived_its_lease_does_not_record_its_failure_ove
             hung.wait_for(lambda p: len(p.recorded("DELETE")) == 2, timeout=10)
             # Both calls answer 500; the calls after them hang again, so that the
             # retry, due a second after the failure recorded, records nothing here.
-            hung.release()
-            hung.behave("hang")
+            hung.release(then="hang")
             wait_until(lambda: "not recorded: its lease ran out" in s.log(WORKER),
                        timeout=10, what="the first worker's failure left out")
             wait_until(lambda: s.sql("SELECT attempts FROM public.instance_teardowns "

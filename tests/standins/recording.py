@@ -9,6 +9,7 @@ test: a default behaviour plus a queue of one-shot behaviours for the next reque
     s.next("fail", "hang")         # the next request gets a 500, the one after hangs
     s.behave(("slow", 0.5))        # answer normally after 0.5 s
     s.release()                    # let every hanging request go (they then answer 500)
+    s.release(then="hang")         # the same, and the requests after them hang again
 
 Behaviours: "ok", "fail" (500), "reject" (400), ("status", N), "hang" (until
 release() or stop), ("slow", seconds), ("huge", N) (a 500 whose body is N bytes
@@ -64,12 +65,14 @@ class RecordingServer:
         with self.lock:
             self.queue.extend(behaviours)
 
-    def release(self):
-        """Lets every hanging request go (answering 500); later ones follow the script."""
+    def release(self, then="ok"):
+        """Lets every hanging request go (answering 500); later ones follow the script,
+        a default of "hang" becoming then (in the same step: no request in between
+        meets another behaviour)."""
         with self.lock:
             self.generation += 1
             if self.default == "hang":
-                self.default = "ok"
+                self.default = then
 
     def reset(self):
         with self.lock:
