@@ -4,7 +4,7 @@
 BEGIN;
 \ir _helpers.inc
 SELECT pg_temp.fixture();
-SELECT plan(69);
+SELECT plan(70);
 
 -- instance_names --------------------------------------------------------------------------
 SELECT results_eq($$SELECT * FROM public.instance_names('0123abcd-ef45-4678-9abc-def012345678')$$,
@@ -43,6 +43,19 @@ SELECT is(pg_temp.cell('aaaaaaaa-0000-4000-8000-000000000001',
           $$SELECT set_config('request.jwt.claims', '{"sub":"aaaaaaaa-0000-4000-8000-000000000001","role":"service_role"}', true);
             SELECT * FROM public.get_user_instance('bbbbbbbb-0000-4000-8000-000000000001')$$),
           'ok:0', 'a forged role claim does not make an authenticated caller service_role');
+-- No `sub` in the claims: the guard alone answers, not Row Level Security (off for
+-- this check, as for a role RLS does not hold).
+ALTER TABLE public.instances DISABLE ROW LEVEL SECURITY;
+ALTER TABLE public.subscriptions DISABLE ROW LEVEL SECURITY;
+SELECT set_config('role', 'authenticated', true),
+       set_config('request.jwt.claims', '{"role":"authenticated"}', true);
+SELECT count(*) AS bypass_rows
+  FROM public.get_user_instance('bbbbbbbb-0000-4000-8000-000000000001') \gset
+SELECT set_config('role', 'none', true), set_config('request.jwt.claims', '', true);
+ALTER TABLE public.instances ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.subscriptions ENABLE ROW LEVEL SECURITY;
+SELECT is(:bypass_rows::bigint, 0::bigint,
+          'no sub in the claims: nothing for any user id, whatever RLS would hide');
 SELECT is(pg_temp.cell('service_role',
           $$UPDATE public.subscriptions SET status = 'cancelled' WHERE id = 'aaaaaaaa-0000-4000-8000-000000000002';
             SELECT * FROM public.get_user_instance('aaaaaaaa-0000-4000-8000-000000000001')$$),
