@@ -8,7 +8,8 @@
  * recorded as the next step's outcome).
  * A worker asked to stop lets its step run for the stop grace, then aborts the
  * call and gives the lease back (public.lifecycle_release) so another worker takes
- * the work at once instead of waiting for the lease to run out. */
+ * the work at once instead of waiting for the lease to run out; a storage
+ * destruction's lease alone is left to expire (steps_run). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -291,7 +292,17 @@ mr_err steps_run(worker *w, cJSON *reply, char *err, size_t errlen)
         if (do_step(w, action, step, instance_id, result)) {
             cJSON_Delete(result);
             cJSON_Delete(reply);
-            release(w, instance_id, tok, "stopping");
+            /* The aborted call may still run at the provisioner. Any other step
+             * taken again there waits for the app's lock; but a storage
+             * destruction's lease is what keeps an instance made again under the
+             * same names from taking over the entries it removes
+             * (instances_take_kept_storage): it is left to expire, by which time
+             * the provisioner's request has ended (the deadline table). */
+            if (action == MR_ACTION_DESTROY_STORAGE)
+                mr_log(MR_LOG_INFO, "instance %s: stopping during destroy_storage; lease left to "
+                       "expire (the provisioner may still be removing the storage)", instance_id);
+            else
+                release(w, instance_id, tok, "stopping");
             return MR_OK;
         }
         int ok = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "ok"));

@@ -425,6 +425,53 @@ def test_a_stopping_worker_gives_its_claim_back_within_the_grace(pg, prov):
         prov.reset()
 
 
+def test_a_stopping_worker_leaves_a_storage_destruction_leased_so_nothing_takes_it_over(pg, prov):
+    # The storage of a destroyed instance is past its retention (0 days) and its
+    # DELETE hangs at the provisioner when the worker is stopped. The aborted call may
+    # still be removing the data there, so its lease is not given back: the instance
+    # made again under the same names does not take that storage over (it would be
+    # told it holds data that is gone) but waits for the destruction, then starts on
+    # new, empty storage.
+    env = stack_env(prov, MR_PROVISION_TIMEOUT_MS="4000", MR_LIFECYCLE_LEASE_S="10",
+                    MINDROOM_RETENTION_DAYS="0")
+    with mr.Stack(pg, env=env, functions=["provision-instance", WORKER]) as s:
+        sid = new_subscription(s, "starter")
+        assert provision(s, sid).status in (200, 202)
+        old = wait_status(s, sid, "running", timeout=8)
+        storage = "/apps/%s/storage" % old["dokku_app_name"]
+        prov.behave("hang")
+        prov.next("ok")                                   # the apps' DELETE; the storage's hangs
+        s.sql("UPDATE public.instances SET desired_status = 'deprovisioned' WHERE id = %s",
+              old["id"])
+        prov.wait_for(lambda p: p.recorded("DELETE", storage), timeout=5)
+        assert s.stop_function(WORKER) == 0               # SIGTERM: a routine restart
+        lease = s.sql("SELECT claimed_by IS NOT NULL, claim_action FROM public.instances "
+                      "WHERE id = %s", old["id"])[0]
+        assert lease == (True, "destroy_storage")         # not given back
+        assert "lease left to expire" in s.log(WORKER)
+
+        assert provision(s, sid).status in (200, 202)     # the subscription provisioned again
+        new = [i for i in instances(s, sid) if i["id"] != old["id"]][0]
+        assert s.sql("SELECT storage_taken_by FROM public.instances WHERE id = %s",
+                     old["id"])[0][0] is None
+        assert s.sql("SELECT public.lifecycle_target_wait(i) FROM public.instances i "
+                     "WHERE id = %s", new["id"])[0][0] == "purge_pending"
+
+        # Once the lease expires a worker destroys the storage again, then creates the
+        # new instance on new storage.
+        prov.release()
+        s.start_function(WORKER)
+        wait_until(lambda: s.sql("SELECT storage_destroyed_at IS NOT NULL FROM public.instances "
+                                 "WHERE id = %s", old["id"])[0][0], timeout=15,
+                   what="the old storage destroyed")
+        wait_until(lambda: [i for i in instances(s, sid)
+                            if i["id"] == new["id"] and i["status"] == "running"], timeout=8,
+                   what="the new instance running")
+        assert s.sql("SELECT storage_taken_by FROM public.instances WHERE id = %s",
+                     old["id"])[0][0] is None
+        assert len(prov.recorded("DELETE", storage)) == 2
+        prov.reset()
+
 def test_resend_down_keeps_the_instance_running_and_the_email_owed(stack, prov, resend):
     sid = new_subscription(stack, "starter")
     resend.behave("fail")
