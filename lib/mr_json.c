@@ -2,6 +2,7 @@
 #include "mr_json.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* 2^53 - 1: above it doubles stop being exact, and 2^53 + 1 parses to 2^53,
@@ -102,19 +103,65 @@ mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, 
     return MR_OK;
 }
 
+/* Objects of up to this many members are checked pair by pair; a larger one by
+ * sorting its names, so that a body of thousands of members (an unauthenticated
+ * request's, before its caller is known) costs n log n, not n squared. */
+#define DUP_PAIRWISE_MAX 16
+
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static int object_names_repeat(const cJSON *obj)
+{
+    size_t n = 0;
+    for (const cJSON *m = obj->child; m; m = m->next)
+        n++;
+    if (n <= DUP_PAIRWISE_MAX) {
+        for (const cJSON *a = obj->child; a; a = a->next)
+            for (const cJSON *b = a->next; b; b = b->next)
+                if (a->string && b->string && strcmp(a->string, b->string) == 0)
+                    return 1;
+        return 0;
+    }
+    const char **names = malloc(n * sizeof *names);
+    if (!names)
+        return 1; /* unchecked is refused */
+    size_t k = 0;
+    for (const cJSON *m = obj->child; m; m = m->next)
+        if (m->string)
+            names[k++] = m->string;
+    qsort(names, k, sizeof *names, cmp_names);
+    int dup = 0;
+    for (size_t i = 1; i < k && !dup; i++)
+        dup = strcmp(names[i - 1], names[i]) == 0;
+    free(names);
+    return dup;
+}
+
 int mr_json_has_duplicate_keys(const cJSON *item)
 {
     if (!item)
         return 0;
-    for (const cJSON *a = item->child; a; a = a->next) {
-        /* Quadratic, but objects here are small: inputs are capped (a token at
-         * 8 KiB) long before this matters. */
-        if (cJSON_IsObject(item))
-            for (const cJSON *b = a->next; b; b = b->next)
-                if (a->string && b->string && strcmp(a->string, b->string) == 0)
-                    return 1;
+    if (cJSON_IsObject(item) && object_names_repeat(item))
+        return 1;
+    for (const cJSON *a = item->child; a; a = a->next)
         if (mr_json_has_duplicate_keys(a))
             return 1;
+    return 0;
+}
+
+int mr_json_has_nul_escape(const char *buf, size_t len)
+{
+    /* In well-formed JSON a backslash appears only in a string, as an escape:
+     * each is read with the character it escapes, so "\\u0000" is not one. */
+    for (size_t i = 0; i + 1 < len; i++) {
+        if (buf[i] != '\\')
+            continue;
+        if (buf[i + 1] == 'u' && len - i >= 6 && memcmp(buf + i + 2, "0000", 4) == 0)
+            return 1;
+        i++;
     }
     return 0;
 }

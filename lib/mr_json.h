@@ -14,7 +14,8 @@
  * caller frees with cJSON_Delete, or NULL on malformed input or trailing junk.
  * A NUL byte anywhere is malformed (JSON has none outside strings and none raw
  * inside them): cJSON would copy it into a string, which C then reads as ending
- * there. (The escape \u0000 is each caller's to refuse where it matters.) */
+ * there. (The escape \u0000 is each caller's to refuse where it matters:
+ * mr_json_has_nul_escape.) */
 cJSON *mr_json_parse(const char *buf, size_t len);
 
 /* Walks a dotted path of object keys ("data.object.customer"). NULL if absent. */
@@ -32,6 +33,10 @@ mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, 
  * while another reader (PostgreSQL's jsonb keeps the last) may see the other:
  * signed claims must mean one thing to every reader. */
 int mr_json_has_duplicate_keys(const cJSON *item);
+
+/* Returns 1 when the JSON text holds the escape \u0000: cJSON ends the string
+ * there, so C reads a shorter value than the one sent (or signed). */
+int mr_json_has_nul_escape(const char *buf, size_t len);
 
 /* Serializes without whitespace. Returns malloc'd text the caller frees with free(). */
 char *mr_json_print(const cJSON *item);

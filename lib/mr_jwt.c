@@ -50,7 +50,8 @@ static int hs256_b64(const unsigned char *secret, size_t secret_len, const char 
 }
 
 /* Decodes one base64url segment and parses it as a JSON object with no key
- * given twice (at any depth). NULL when it is anything else. */
+ * given twice (at any depth) and no \u0000 in it (a claim would be read shorter
+ * than it was signed). NULL when it is anything else. */
 static cJSON *decode_json_segment(const char *seg, size_t len, size_t max_json)
 {
     size_t cap = (len / 4) * 3 + 3;
@@ -60,7 +61,9 @@ static cJSON *decode_json_segment(const char *seg, size_t len, size_t max_json)
     if (!buf)
         return NULL;
     long n = mr_b64url_decode(seg, len, buf, cap);
-    cJSON *obj = n < 0 ? NULL : mr_json_parse((const char *)buf, (size_t)n);
+    cJSON *obj = n < 0 || mr_json_has_nul_escape((const char *)buf, (size_t)n)
+                     ? NULL
+                     : mr_json_parse((const char *)buf, (size_t)n);
     free(buf);
     if (obj && (!cJSON_IsObject(obj) || mr_json_has_duplicate_keys(obj))) {
         cJSON_Delete(obj);
@@ -112,7 +115,12 @@ mr_err mr_jwt_split(const char *token, mr_jwt_parts *out, char *err, size_t errl
         return mr_seterr(err, errlen, MR_EAUTH, "malformed token header");
     int alg = copy_str(hdr, "alg", out->alg, sizeof(out->alg));
     int kid = copy_str(hdr, "kid", out->kid, sizeof(out->kid));
+    /* "crit" names extensions the verifier must understand (RFC 7515 4.1.11): this
+     * one understands none. */
+    int crit = cJSON_GetObjectItemCaseSensitive(hdr, "crit") != NULL;
     cJSON_Delete(hdr);
+    if (crit)
+        return mr_seterr(err, errlen, MR_EAUTH, "critical header extension not understood");
     if (alg != 1)
         return mr_seterr(err, errlen, MR_EAUTH, "alg not allowed");
     if (kid < 0)

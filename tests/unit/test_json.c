@@ -174,6 +174,54 @@ static void test_duplicate_keys(void **state)
     assert_int_equal(mr_json_has_duplicate_keys(NULL), 0);
 }
 
+/* Objects past the pairwise limit are checked by sorting their names: the same
+ * answers wherever the repeated name is, nested too. */
+static void test_duplicate_keys_many_members(void **state)
+{
+    (void)state;
+    enum { N = 5000 };
+    char *buf = malloc(N * 16 + 64);
+    assert_non_null(buf);
+    for (int variant = 0; variant < 5; variant++) {
+        size_t o = 0;
+        o += (size_t)sprintf(buf + o, variant == 4 ? "{\"x\":{" : "{");
+        for (int i = 0; i < N; i++) {
+            /* variant 1: the last repeats the first; 2: two neighbours; 3: the middle
+             * repeats the last; 4: nested, the last repeats the first. */
+            int k = (variant == 1 || variant == 4) && i == N - 1 ? 0
+                    : variant == 2 && i == 1                     ? 0
+                    : variant == 3 && i == N / 2                 ? N - 1
+                                                                 : i;
+            o += (size_t)sprintf(buf + o, "%s\"k%d\":%d", i ? "," : "", k, i);
+        }
+        o += (size_t)sprintf(buf + o, variant == 4 ? "}}" : "}");
+        cJSON *j = mr_json_parse(buf, o);
+        assert_non_null(j);
+        assert_int_equal(mr_json_has_duplicate_keys(j), variant != 0);
+        cJSON_Delete(j);
+    }
+    free(buf);
+}
+
+static void test_nul_escape(void **state)
+{
+    (void)state;
+    struct {
+        const char *json;
+        int nul;
+    } cases[] = {
+        {"{\"a\":\"\\u0000\"}", 1},       {"{\"a\\u0000\":1}", 1},
+        {"[\"x\\u0000y\"]", 1},             {"{\"a\":\"\\\\u0000\"}", 0},
+        {"{\"a\":\"\\\\\\u0000\"}", 1}, {"{\"a\":\"\\u0001\"}", 0},
+        {"{\"a\":\"u0000\"}", 0},           {"{\"a\":\"\\u000\"}", 0},
+        {"\\u0000", 1},                    {"\\u000", 0},
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(cases); i++)
+        assert_int_equal(mr_json_has_nul_escape(cases[i].json, strlen(cases[i].json)), cases[i].nul);
+    /* Only the given length is read. */
+    assert_int_equal(mr_json_has_nul_escape("\"\\u0000\"", 4), 0);
+}
+
 static void test_print(void **state)
 {
     (void)state;
@@ -194,6 +242,8 @@ int main(void)
         cmocka_unit_test(test_parse_length),
         cmocka_unit_test(test_print),
         cmocka_unit_test(test_duplicate_keys),
+        cmocka_unit_test(test_duplicate_keys_many_members),
+        cmocka_unit_test(test_nul_escape),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

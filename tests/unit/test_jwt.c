@@ -380,6 +380,46 @@ static void test_duplicate_keys_and_rebuilt_claims(void **state)
     free(t);
 }
 
+/* What the library would read must be what was signed: a \u0000 in a claim would
+ * end it early in C ("service_role\u0000x" read as service_role), so a payload
+ * or header holding that escape is refused; an escaped backslash before "u0000"
+ * is not that escape. A header naming a critical extension (RFC 7515 4.1.11) is
+ * refused, as none is understood here. */
+static void test_nul_escape_and_crit(void **state)
+{
+    (void)state;
+    mr_jwt_claims c;
+    char why[128];
+    const char *nul[] = {
+        "{\"role\":\"service_role\\u0000x\",\"exp\":1700003600}",
+        "{\"role\":\"authenticated\",\"sub\":\"a\\u0000b\",\"exp\":1700003600}",
+        "{\"role\":\"authenticated\",\"sub\":\"a\",\"email\":\"\\\\\\u0000\",\"exp\":1700003600}",
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(nul); i++) { /* the last: "\\\u0000" */
+        char *t = sign(nul[i]);
+        assert_int_equal(verify(t, &c, why), MR_EAUTH);
+        assert_string_equal(why, "malformed token payload");
+        assert_null(c.claims_json);
+        free(t);
+    }
+    char *t = sign("{\"role\":\"authenticated\",\"sub\":\"a\",\"email\":\"x\\\\u0000\",\"exp\":1700003600}");
+    assert_int_equal(verify(t, &c, why), MR_OK); /* "x\\u0000": a backslash, then u0000 */
+    assert_string_equal(c.sub, "a");
+    mr_jwt_claims_free(&c);
+    free(t);
+    t = forge("{\"alg\":\"HS256\",\"typ\":\"JWT\",\"crit\":[\"b64\"],\"b64\":false}",
+              "{\"role\":\"service_role\",\"exp\":1700003600}", EVP_sha256(), NULL);
+    assert_int_equal(verify(t, &c, why), MR_EAUTH);
+    assert_string_equal(why, "critical header extension not understood");
+    assert_null(c.claims_json);
+    free(t);
+    t = forge("{\"alg\":\"HS256\",\"typ\":\"JWT\",\"kid\":\"k\\u0000x\"}",
+              "{\"role\":\"service_role\",\"exp\":1700003600}", EVP_sha256(), NULL);
+    assert_int_equal(verify(t, &c, why), MR_EAUTH);
+    assert_string_equal(why, "malformed token header");
+    free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -395,6 +435,7 @@ int main(void)
         cmocka_unit_test(test_b64url_roundtrip),
         cmocka_unit_test(test_previous_secret),
         cmocka_unit_test(test_duplicate_keys_and_rebuilt_claims),
+        cmocka_unit_test(test_nul_escape_and_crit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
