@@ -357,6 +357,50 @@ mr_identity mr_req_service(const mr_req *r)
     return who;
 }
 
+int mr_req_instance_id(mr_req *r, char id[40])
+{
+    static const char *const members[] = {"instance_id", NULL};
+    char v[64], err[200];
+    id[0] = '\0';
+    mr_err e = mr_http_query_param(r->query, "instance_id", v, sizeof v);
+    int in_query = e != MR_ENOTFOUND;
+    if (in_query && (e != MR_OK || !mr_is_uuid(v))) {
+        mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID, given once");
+        return -1;
+    }
+    if (in_query)
+        memcpy(id, v, strlen(v) + 1);
+    if (r->body_len == 0)
+        return 0;
+    cJSON *body = mr_json_parse(r->body, r->body_len);
+    const char *s = NULL;
+    if (mr_json_members(body, members, err, sizeof err) != MR_OK) {
+        cJSON_Delete(body);
+        mr_reply_error(r, 400, "invalid_body", "body must be empty or {\"instance_id\": uuid}: %s",
+                       err);
+        return -1;
+    }
+    /* null is not "none given": that would be the current instance, or every one. */
+    e = cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(body, "instance_id"))
+            ? MR_EINVAL
+            : mr_json_str(body, "instance_id", &s);
+    int ok = e == MR_ENOTFOUND || (e == MR_OK && mr_is_uuid(s));
+    if (ok && e == MR_OK && in_query) {
+        cJSON_Delete(body);
+        mr_reply_error(r, 400, "invalid_body", "instance_id is given in the query and the body: "
+                                               "give it once");
+        return -1;
+    }
+    if (ok && e == MR_OK)
+        memcpy(id, s, strlen(s) + 1);
+    cJSON_Delete(body);
+    if (!ok) {
+        mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID, given once");
+        return -1;
+    }
+    return 0;
+}
+
 static int method_allowed(const char *method)
 {
     const char *m = g_app->methods ? g_app->methods : "";

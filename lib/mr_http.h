@@ -141,6 +141,13 @@ void mr_reply_err(mr_req *r, mr_err e, const char *message);
  * strings stay owned by the runtime (valid until the request ends). */
 mr_identity mr_req_service(const mr_req *r);
 
+/* The one instance a request names: ?instance_id=<uuid> or a JSON body
+ * {"instance_id": <uuid>} (a body may also be empty or {}); "" in id when neither
+ * names one. An instance_id given must be a UUID, once: an empty one (a script's
+ * unset variable), a null, one repeated or one in both the query and the body is
+ * refused, never taken for "none". Replies 400 itself and returns -1 on bad input. */
+int mr_req_instance_id(mr_req *r, char id[40]);
+
 /* Registers work to run after the response has been sent and the FastCGI request
  * finished (the caller already has the answer). At most one job per request.
  * arg is passed to fn and then to free_arg (may be NULL). */
@@ -157,7 +164,8 @@ mr_err mr_http_content_length(const char *value, size_t max, size_t *len);
 char *mr_http_read_exact(int (*reader)(void *ctx, char *buf, int n), void *ctx,
                          size_t len, mr_err *e);
 /* Looks up key in an application/x-www-form-urlencoded query; copies the decoded
- * value into out. Returns MR_OK, MR_ENOTFOUND, or MR_EINVAL (too long/bad escape). */
+ * value into out. Returns MR_OK, MR_ENOTFOUND, or MR_EINVAL (too long, a bad
+ * escape, or the key given more than once). */
 mr_err mr_http_query_param(const char *query, const char *key, char *out, size_t cap);
 
 #endif

@@ -113,19 +113,23 @@ mr_err mr_http_query_param(const char *query, const char *key, char *out, size_t
         return MR_ENOTFOUND;
     char name[256];
     const char *p = query;
+    mr_err found = MR_ENOTFOUND;
     while (*p) {
         const char *amp = strchr(p, '&');
         size_t n = amp ? (size_t)(amp - p) : strlen(p);
         const char *eq = memchr(p, '=', n);
         size_t klen = eq ? (size_t)(eq - p) : n;
         if (klen > 0 && form_decode(p, klen, name, sizeof(name)) == 0 && strcmp(name, key) == 0) {
+            /* Given twice, it is ambiguous (readers differ on which one wins). */
+            if (found != MR_ENOTFOUND)
+                return MR_EINVAL;
             const char *v = eq ? eq + 1 : p + n;
             size_t vlen = eq ? n - klen - 1 : 0;
-            return form_decode(v, vlen, out, cap) == 0 ? MR_OK : MR_EINVAL;
+            found = form_decode(v, vlen, out, cap) == 0 ? MR_OK : MR_EINVAL;
         }
         p += n;
         if (*p == '&')
             p++;
     }
-    return MR_ENOTFOUND;
+    return found;
 }

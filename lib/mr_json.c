@@ -2,6 +2,7 @@
 #include "mr_json.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -164,6 +165,31 @@ int mr_json_has_nul_escape(const char *buf, size_t len)
         i++;
     }
     return 0;
+}
+
+mr_err mr_json_members(const cJSON *obj, const char *const names[], char *err, size_t errlen)
+{
+    if (!cJSON_IsObject(obj))
+        return mr_seterr(err, errlen, MR_EINVAL, "body must be a JSON object");
+    unsigned seen = 0;
+    for (const cJSON *m = obj->child; m; m = m->next) {
+        size_t i = 0;
+        while (names[i] && strcmp(names[i], m->string) != 0)
+            i++;
+        if (!names[i]) {
+            char list[160] = "";
+            size_t o = 0;
+            for (size_t k = 0; names[k] && o < sizeof list; k++)
+                o += (size_t)snprintf(list + o, sizeof list - o, "%s\"%s\"",
+                                      k == 0 ? "" : names[k + 1] ? ", " : " and ", names[k]);
+            return mr_seterr(err, errlen, MR_EINVAL, "unknown member \"%.40s\": the body has only %s",
+                             m->string, list);
+        }
+        if (seen & (1u << i))
+            return mr_seterr(err, errlen, MR_EINVAL, "\"%s\" is given twice", names[i]);
+        seen |= 1u << i;
+    }
+    return MR_OK;
 }
 
 char *mr_json_print(const cJSON *item)

@@ -38,6 +38,14 @@ int mr_json_has_duplicate_keys(const cJSON *item);
  * there, so C reads a shorter value than the one sent (or signed). */
 int mr_json_has_nul_escape(const char *buf, size_t len);
 
+/* A request body's members: obj is a JSON object whose every member is named in
+ * `names` (NULL-terminated, at most 16), each once (a misspelt option must not be
+ * ignored, nor a repeated one read as either). A null member reads as absent with
+ * the getters above: where absent means "the default one" (an instance id), the
+ * caller refuses null itself. MR_OK, or MR_EINVAL with err saying which member and
+ * why. */
+mr_err mr_json_members(const cJSON *obj, const char *const names[], char *err, size_t errlen);
+
 /* Serializes without whitespace. Returns malloc'd text the caller frees with free(). */
 char *mr_json_print(const cJSON *item);
 

@@ -22,46 +22,12 @@ static void init(void)
     mr_health_config_load(&cfg);
 }
 
-/* The one instance asked for, if any: "" for all. Replies 400 itself and returns
- * -1 on bad input. An instance_id given (in the query or the body) must be a UUID:
- * an empty one (a script's unset variable) is an error, never a round over every
- * instance. */
-static int parse_instance_id(mr_req *r, char id[40])
-{
-    char v[64];
-    id[0] = '\0';
-    mr_err e = mr_http_query_param(r->query, "instance_id", v, sizeof v);
-    if (e == MR_OK && mr_is_uuid(v)) {
-        memcpy(id, v, strlen(v) + 1);
-    } else if (e != MR_ENOTFOUND) {
-        mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
-        return -1;
-    }
-    if (r->body_len > 0) {
-        cJSON *body = mr_json_parse(r->body, r->body_len);
-        const char *s = NULL;
-        if (!cJSON_IsObject(body)) {
-            cJSON_Delete(body);
-            mr_reply_error(r, 400, "invalid_body", "body must be empty or a JSON object");
-            return -1;
-        }
-        e = mr_json_str(body, "instance_id", &s);
-        int ok = e == MR_ENOTFOUND || (e == MR_OK && mr_is_uuid(s));
-        if (e == MR_OK && ok)
-            memcpy(id, s, strlen(s) + 1);
-        cJSON_Delete(body);
-        if (!ok) {
-            mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
-            return -1;
-        }
-    }
-    return 0;
-}
-
 static void handle(mr_req *r)
 {
     char id[40], err[256] = "";
-    if (parse_instance_id(r, id) != 0)
+    /* The one instance asked for, if any: "" for all (an empty id is an error,
+     * never a round over every instance). */
+    if (mr_req_instance_id(r, id) != 0)
         return;
     int counted = strcmp(r->who.role, "service_role") == 0;
     cJSON *out = NULL;

@@ -72,6 +72,8 @@ typedef struct {
 
 static int read_choice(mr_req *r, choice *c)
 {
+    static const char *const members[] = {"tier", "interval", "price_id", NULL};
+    char why[200];
     memset(c, 0, sizeof(*c));
     cJSON *body = mr_json_parse(r->body, r->body_len);
     const char *bad = NULL;
@@ -83,6 +85,8 @@ static int read_choice(mr_req *r, choice *c)
                 strcmp(it->string, "price_id") != 0)
                 bad = "unknown field: only tier, interval and price_id are accepted (the account "
                       "is always the caller's)";
+        if (!bad && mr_json_members(body, members, why, sizeof why) != MR_OK)
+            bad = why; /* a member given twice */
     }
     const char *tier = NULL, *interval = NULL, *price = NULL;
     mr_err te = MR_ENOTFOUND, ie = MR_ENOTFOUND, pe = MR_ENOTFOUND;

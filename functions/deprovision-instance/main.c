@@ -25,10 +25,13 @@ static void init(void)
 
 static void handle(mr_req *r)
 {
+    static const char *const members[] = {"instance_id", "subscription_id", "mode", "wait",
+                                          "purge", NULL};
+    char why[200];
     cJSON *body = mr_json_parse(r->body, r->body_len);
-    if (!cJSON_IsObject(body)) {
+    if (mr_json_members(body, members, why, sizeof why) != MR_OK) {
         cJSON_Delete(body);
-        mr_reply_error(r, 400, "invalid_body", "body must be a JSON object");
+        mr_reply_error(r, 400, "invalid_body", "%s", why);
         return;
     }
     const char *iid = NULL, *sid = NULL, *mode = NULL;

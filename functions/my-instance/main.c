@@ -24,47 +24,6 @@ static const mr_db_stmt read_stmt = {
 static const mr_db_stmt restart_stmt = {
     "mr_mi_restart", "SELECT public.tenant_instance_restart($1::uuid)::text", 1};
 
-/* The instance asked for (query or body), "" for the current one. Replies 400
- * itself and returns -1 on bad input. An instance_id given must be a UUID: an
- * empty one (a dashboard's unset variable) is an error, never the current one. */
-static int instance_arg(mr_req *r, char id[40])
-{
-    char v[64];
-    id[0] = '\0';
-    mr_err e = mr_http_query_param(r->query, "instance_id", v, sizeof v);
-    int given = e != MR_ENOTFOUND;
-    if (e == MR_OK && strlen(v) < 40)
-        memcpy(id, v, strlen(v) + 1);
-    else if (given)
-        id[0] = '?';
-    if (r->body_len > 0) {
-        cJSON *body = mr_json_parse(r->body, r->body_len);
-        const char *s = NULL;
-        int ok = cJSON_IsObject(body) && !mr_json_has_duplicate_keys(body);
-        for (const cJSON *m = ok ? body->child : NULL; m; m = m->next)
-            if (!m->string || strcmp(m->string, "instance_id") != 0)
-                ok = 0;
-        if (!ok) {
-            cJSON_Delete(body);
-            mr_reply_error(r, 400, "invalid_body",
-                           "body must be empty or a JSON object with only \"instance_id\"");
-            return -1;
-        }
-        e = mr_json_str(body, "instance_id", &s);
-        if (e == MR_OK)
-            snprintf(id, 40, "%s", strlen(s) < 40 ? s : "?");
-        else if (e == MR_EINVAL)
-            id[0] = '?';
-        given = given || e != MR_ENOTFOUND;
-        cJSON_Delete(body);
-    }
-    if (given && !mr_is_uuid(id)) {
-        mr_reply_error(r, 400, "invalid_instance_id", "instance_id must be a UUID");
-        return -1;
-    }
-    return 0;
-}
-
 /* Runs stmt as the caller; *out is the parsed JSON (NULL for SQL NULL). Replies
  * and returns -1 on a failure. */
 static int call(mr_req *r, const mr_db_stmt *stmt, const char *id, cJSON **out)
@@ -168,7 +127,9 @@ static void handle(mr_req *r)
         mr_reply_json_h(r, 405, j, hdr);
         return;
     }
-    if (instance_arg(r, id) != 0)
+    /* The instance asked for, "" for the current one (an empty id is an error,
+     * never the current one). */
+    if (mr_req_instance_id(r, id) != 0)
         return;
     if (is_restart)
         restart(r, id);

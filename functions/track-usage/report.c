@@ -44,19 +44,13 @@ mr_err tu_report_parse(const char *body, size_t len, tu_report *out, char *err, 
         return mr_seterr(err, errlen, MR_EINVAL,
                          "agent and tool must be 1 to %d characters of letters, digits and - _ . : @",
                          TU_NAME_MAX);
+    static const char *const members[] = {"agent", "tool", NULL};
     cJSON *j = mr_json_parse(body, len);
     mr_err e = MR_OK;
     if (!cJSON_IsObject(j)) {
         e = mr_seterr(err, errlen, MR_EINVAL, "body must be empty or a JSON object");
-    } else if (mr_json_has_duplicate_keys(j)) {
-        e = mr_seterr(err, errlen, MR_EINVAL, "a member appears twice");
-    } else {
-        for (const cJSON *m = j->child; m && e == MR_OK; m = m->next)
-            if (!m->string || (strcmp(m->string, "agent") != 0 && strcmp(m->string, "tool") != 0))
-                e = mr_seterr(err, errlen, MR_EINVAL,
-                              "unknown member: a report has only \"agent\" and \"tool\"");
-        if (e == MR_OK)
-            e = name_member(j, "agent", out->agent, err, errlen);
+    } else if ((e = mr_json_members(j, members, err, errlen)) == MR_OK) {
+        e = name_member(j, "agent", out->agent, err, errlen);
         if (e == MR_OK)
             e = name_member(j, "tool", out->tool, err, errlen);
     }

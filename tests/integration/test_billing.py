@@ -293,6 +293,7 @@ def test_a_live_subscription_gets_409(stack, stripe):
      "unknown field: only tier, interval and price_id are accepted (the account is always the "
      "caller's)"),
     ([], "invalid_body", "body must be a JSON object"),
+    (b'{"tier": "starter", "tier": "professional"}', "invalid_body", '"tier" is given twice'),
 ])
 def test_bad_input_is_refused_and_writes_nothing(stack, stripe, body, code, message):
     stack.sql("INSERT INTO public.plans (stripe_price_id, tier, name, max_agents, max_storage_gb,"
@@ -300,6 +301,8 @@ def test_bad_input_is_refused_and_writes_nothing(stack, stripe, body, code, mess
               "'starter', 'Starter (2024)', 3, 5, 1024, 1.0, 800, false) ON CONFLICT DO NOTHING")
     acc, _, tok = user(stack)
     r = checkout(stack, tok, **body) if isinstance(body, dict) else \
+        stack.call("POST", "create-checkout-session", body=body, token=tok,
+                   headers={"Content-Type": "application/json"}) if isinstance(body, bytes) else \
         stack.call("POST", "create-checkout-session", json=body, token=tok)
     assert r.status == 400, r
     assert error(r) == {"code": code, "message": message}

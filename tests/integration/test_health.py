@@ -421,6 +421,24 @@ def test_an_empty_instance_id_is_400_not_a_round_over_every_instance(stack, heal
     assert row(stack, iid)["last_health_check"] is None
 
 
+def test_a_null_repeated_or_doubled_instance_id_is_400_not_a_round_over_every_instance(
+        stack, health_standin):
+    iid = make_instance(stack, make_account(stack), health_standin.url("null-id", "ok"))
+    other = str(uuid.uuid4())
+    json_h = {"Content-Type": "application/json"}
+    for query, body, code in (
+            ("", b'{"instance_id": null}', "invalid_instance_id"),
+            ("", b'{"instance_id": "%s", "instance_id": "%s"}' % (iid.encode(), other.encode()),
+             "invalid_body"),
+            ("", b'{"foo": 1}', "invalid_body"),
+            ("?instance_id=%s&instance_id=%s" % (iid, other), b"", "invalid_instance_id"),
+            ("?instance_id=%s" % other, b'{"instance_id": "%s"}' % iid.encode(), "invalid_body")):
+        r = stack.call("POST", "check-instance-health" + query, body=body, token=stack.jwt(),
+                       headers=json_h, timeout=60)
+        assert r.status == 400 and r.json["error"]["code"] == code, (query, body, r)
+    assert row(stack, iid)["last_health_check"] is None
+
+
 @pytest.fixture(scope="module")
 def strict_stack(pg):
     """Production-like rules: no loopback. "localhost" as the base domain makes a

@@ -125,6 +125,28 @@ def test_bad_input_is_refused_and_writes_nothing(stack, prov, body, status):
     assert prov.requests == []
 
 
+def test_a_misspelt_or_repeated_member_is_refused_not_ignored(stack, prov):
+    # An operator's misspelt option must not be dropped (a token believed rotated is
+    # not), nor a repeated one read as either: 400 naming the member, nothing done.
+    sid = new_subscription(stack, "starter")
+    r = provision(stack, sid, rotate_tokens=True)
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_body", r
+    assert r.json["error"]["message"] == (
+        'unknown member "rotate_tokens": the body has only "subscription_id", "wait" and '
+        '"rotate_token"')
+    assert instances(stack, sid) == []
+    assert provision(stack, sid).status == 202
+    iid = wait_status(stack, sid, "running")["id"]
+    for body in (b'{"instance_id": "%s", "mode": "stop", "mode": "destroy"}' % iid.encode(),
+                 b'{"instance_id": "%s", "mode": "stop", "dry": true}' % iid.encode()):
+        r = stack.call("POST", "deprovision-instance", body=body, token=stack.jwt(),
+                       headers={"Content-Type": "application/json"})
+        assert r.status == 400 and r.json["error"]["code"] == "invalid_body", (body, r)
+    assert r.json["error"]["message"].startswith('unknown member "dry"')
+    assert owed(stack, sid) is None
+    assert instance(stack, sid)["desired_status"] == "running"
+
+
 def test_deprovision_bad_input(stack, prov):
     for body in ({}, {"instance_id": "x"}, {"instance_id": "00000000-0000-4000-8000-000000000000",
                                             "subscription_id": "00000000-0000-4000-8000-000000000000"},

@@ -531,6 +531,32 @@ def test_an_empty_instance_id_is_refused_never_taken_for_the_current_instance(st
     assert audit(stack, "instance.restart_requested", instance_id=iid) == []
 
 
+def test_a_null_repeated_or_doubled_instance_id_is_refused_never_read_as_none(stack, dokku):
+    # null is what a dashboard's unset variable sends; an id given twice (in the
+    # query, or in the query and the body) is ambiguous. Each is 400: neither the
+    # current instance nor either id is restarted or shown.
+    c, inst = live_instance(stack, "starter")
+    iid = str(inst["id"])
+    other = str(uuid.uuid4())
+    tok = user_jwt(stack, c.account)
+    json_h = {"Content-Type": "application/json"}
+    for path, body, code in (
+            ("my-instance/restart", b'{"instance_id": null}', "invalid_instance_id"),
+            ("my-instance/restart", b'{"instance_id": "%s", "instance_id": "%s"}'
+             % (iid.encode(), other.encode()), "invalid_body"),
+            ("my-instance/restart", b'{"instance": "%s"}' % iid.encode(), "invalid_body"),
+            ("my-instance/restart?instance_id=%s&instance_id=%s" % (iid, other), b"{}",
+             "invalid_instance_id"),
+            ("my-instance/restart?instance_id=%s" % other, b'{"instance_id": "%s"}' % iid.encode(),
+             "invalid_body")):
+        r = stack.call("POST", path, body=body, token=tok, headers=json_h)
+        assert r.status == 400 and r.json["error"]["code"] == code, (path, body, r)
+    r = stack.call("GET", "my-instance?instance_id=%s&instance_id=xyz" % iid, token=tok)
+    assert r.status == 400 and r.json["error"]["code"] == "invalid_instance_id", r
+    assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(0,)]
+    assert audit(stack, "instance.restart_requested", instance_id=iid) == []
+
+
 def test_a_restart_of_an_instance_being_stopped_says_so(stack, dokku):
     # Billing asked for the stop (unpaid) and the worker is still stopping it: the
     # instance's status is still running, but the answer must not say it is.

@@ -222,6 +222,42 @@ static void test_nul_escape(void **state)
     assert_int_equal(mr_json_has_nul_escape("\"\\u0000\"", 4), 0);
 }
 
+/* A body's members: each one known, once; the message names the member. */
+static void test_members(void **state)
+{
+    (void)state;
+    static const char *const names[] = {"subscription_id", "wait", "rotate_token", NULL};
+    struct {
+        const char *json, *message; /* NULL: accepted */
+    } cases[] = {
+        {"{}", NULL},
+        {"{\"subscription_id\":\"x\",\"wait\":true,\"rotate_token\":null}", NULL},
+        {"{\"rotate_tokens\":true}",
+         "unknown member \"rotate_tokens\": the body has only \"subscription_id\", \"wait\" and "
+         "\"rotate_token\""},
+        {"{\"wait\":true,\"wait\":false}", "\"wait\" is given twice"},
+        {"{\"wait\":true,\"w\\u0061it\":false}", "\"wait\" is given twice"},
+        {"[]", "body must be a JSON object"},
+    };
+    char err[200];
+    for (size_t i = 0; i < MR_ARRAY_LEN(cases); i++) {
+        cJSON *j = mr_json_parse(cases[i].json, strlen(cases[i].json));
+        assert_non_null(j);
+        err[0] = '\0';
+        mr_err e = mr_json_members(j, names, err, sizeof err);
+        assert_int_equal(e, cases[i].message ? MR_EINVAL : MR_OK);
+        if (cases[i].message)
+            assert_string_equal(err, cases[i].message);
+        cJSON_Delete(j);
+    }
+    assert_int_equal(mr_json_members(NULL, names, err, sizeof err), MR_EINVAL);
+    static const char *const one[] = {"instance_id", NULL};
+    cJSON *j = mr_json_parse("{\"x\":1}", 7);
+    assert_int_equal(mr_json_members(j, one, err, sizeof err), MR_EINVAL);
+    assert_string_equal(err, "unknown member \"x\": the body has only \"instance_id\"");
+    cJSON_Delete(j);
+}
+
 static void test_print(void **state)
 {
     (void)state;
@@ -244,6 +280,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_duplicate_keys_many_members),
         cmocka_unit_test(test_nul_escape),
+        cmocka_unit_test(test_members),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
