@@ -8,15 +8,18 @@ for /usr/share/mindroom/nginx, /run/mindroom and ports 80/443; the test rewrites
 only those paths and ports, so what runs is the files as shipped.
 """
 
+import json
 import os
 import re
 import ssl
 import subprocess
+import time
 from http import client as httpclient
 
 import pytest
 
 import mr
+from lifecycle_helpers import wait_until
 
 
 def nginx_t(conf, prefix):
@@ -108,6 +111,19 @@ def test_body_caps_agree():
     for name in ("dev.conf", "mindroom.conf", "api.conf"):
         sizes = re.findall(r"client_max_body_size (\d+)k;", (mr.ROOT / "nginx" / name).read_text())
         assert sizes and all(int(s) * 1024 == cap for s in sizes), (name, sizes)
+
+
+def test_both_configurations_log_alike():
+    """dev.conf and mindroom.conf write the same access-log line: one format (only
+    its name differs) and the same maps for its method and path."""
+    def log_part(name):
+        text = re.sub(r"(?m)^\s*#.*$", "", (mr.ROOT / "nginx" / name).read_text())
+        maps = [" ".join(m.split()) for m in re.findall(r"map \$\w+ \$mr_log_\w+ \{[^}]*\}", text)]
+        fmt = re.search(r"log_format \w+ (escape=json[^;]*);", text).group(1)
+        return maps, " ".join(fmt.split())
+    dev, prod = log_part("dev.conf"), log_part("mindroom.conf")
+    assert len(dev[0]) == 3 and "$mr_log_method" in dev[1] and "$mr_log_path" in dev[1], dev
+    assert dev == prod
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +234,69 @@ def test_production_rate_limits_provision_with_json_429(prod):
         r = mr.http("POST", "http://127.0.0.1:%d/functions/v1/deprovision-instance" % ports["internal"],
                     json={}, token=s.jwt(role="anon"))
         assert r.status == 403, r
+
+
+# ---- the access log: the request as the client sent it -----------------------
+
+def access_log_lines(text, rid):
+    """The JSON access-log lines of one request id."""
+    out = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("request_id") == rid:
+            out.append(entry)
+    return out
+
+
+def logged_as(read_log, rid):
+    """The one access-log line of request `rid` (the log is buffered: written
+    within a second)."""
+    lines = wait_until(lambda: access_log_lines(read_log(), rid), timeout=10.0, interval=0.05,
+                       what="the access-log line of %s" % rid)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_access_log_names_the_method_and_path_of_nginx_own_answers(prod):
+    """nginx's own answers (json-errors.conf: an internal redirect to
+    /.mr-error/<status>, which nginx makes a GET) are logged with the method and
+    path the client sent, without the query string, in both configurations; the
+    bodies stay the JSON errors."""
+    s, ports, tmp = prod
+    tag = "alog-%d" % time.time_ns()
+    # dev.conf (the test stack's own nginx).
+    cases = [
+        ("/functions/v1/provision-instance?apikey=secret", b"x" * 70000, 413, "too_big"),
+        ("/functions/v1/no-such-function", b"{}", 404, "not_found"),
+    ]
+    for i, (path, body, status, code) in enumerate(cases):
+        rid = "%s-dev-%d" % (tag, i)
+        r = s.call("POST", path, body=body, headers={"X-Request-Id": rid})
+        assert r.status == status and r.json["error"]["code"] == code, r
+        line = logged_as(lambda: s.log("nginx.access"), rid)
+        assert (line["method"], line["uri"], line["status"]) == ("POST", path.split("?")[0], status), line
+    # Production (mindroom.conf, api.conf): a body too large, and the lifecycle
+    # zone's rate limit (30 r/min, burst 10).
+    prod_log = lambda: (tmp / "log/mindroom.access.log").read_text(errors="replace")
+    rid = tag + "-prod-413"
+    r = https(ports, "POST", "/functions/v1/list-plans?apikey=secret", body=b"x" * 70000,
+              headers={"X-Request-Id": rid})
+    assert r.status == 413 and r.json == {"error": {"code": "too_big",
+                                                    "message": "request body too large"}}, r
+    line = logged_as(prod_log, rid)
+    assert (line["method"], line["uri"], line["status"]) == ("POST", "/functions/v1/list-plans", 413), line
+    for i in range(25):
+        rid = "%s-prod-429-%d" % (tag, i)
+        r = https(ports, "POST", "/functions/v1/deprovision-instance", body=b"{}",
+                  headers={"Authorization": "Bearer " + s.jwt(role="anon"), "X-Request-Id": rid})
+        if r.status == 429:
+            break
+    assert r.status == 429 and r.json == {"error": {"code": "rate_limited",
+                                                    "message": "too many requests"}}, r
+    line = logged_as(prod_log, rid)
+    assert (line["method"], line["uri"], line["status"]) == \
+        ("POST", "/functions/v1/deprovision-instance", 429), line
+    assert "secret" not in prod_log() and "apikey" not in s.log("nginx.access")
