@@ -230,6 +230,11 @@ static const ring_key *find(const mr_secrets *k, const char *kid)
     return NULL;
 }
 
+int mr_secrets_has_kid(const mr_secrets *k, const char *kid)
+{
+    return kid && strlen(kid) == MR_SECRETS_KID_HEX && is_kid(kid) && find(k, kid) != NULL;
+}
+
 /* aad = "mrs1:<kid>:" || context; malloc'd. */
 static unsigned char *make_aad(const char *kid, const char *context, size_t *len)
 {

@@ -69,6 +69,10 @@ void mr_secrets_free(mr_secrets *k);
 /* The current key's id: 8 lowercase hex characters, owned by k. */
 const char *mr_secrets_kid(const mr_secrets *k);
 
+/* 1 when kid (a key id as a ciphertext or digest names it: 8 lowercase hex) is the
+ * id of one of the loaded keys, current or previous, else 0. */
+int mr_secrets_has_kid(const mr_secrets *k, const char *kid);
+
 /* The context an instance's secret is sealed and digested for (instance_secrets:
  * "instance/<uuid>/<kind>/<name>", the uuid in lower case however it is given), so a
  * ciphertext opens only for its own row.

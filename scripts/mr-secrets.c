@@ -17,7 +17,11 @@
  *
  * DATABASE_URL names the database (as a role that may act as service_role).
  * Used by mindroomctl (env set/unset/list, rotate-secrets-key). The value never
- * appears on a command line: it comes on stdin. Exit 0 done, 1 failed, 2 usage. */
+ * appears on a command line: it comes on stdin. set and reseal refuse a keyring
+ * none of whose keys sealed any of the secrets stored (a value sealed with it would
+ * be one the lifecycle worker cannot open); the first secret ever stored is taken
+ * under any key. Exit 0 done, 1 failed, 2 usage (or a keyring that is not the stored
+ * secrets'). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +65,13 @@ static const mr_db_stmt swap_stmt = {
     "            WHERE instance_id = $1::uuid AND kind = $2 AND name = $3 AND ciphertext = $4"
     "            RETURNING 1) SELECT count(*)::text FROM u",
     6};
+/* The key ids the stored secrets are sealed under (ciphertext "mrs1:<kid>:..."),
+ * comma-separated; "" when none is stored. */
+static const mr_db_stmt kids_stmt = {
+    "mr_sc_kids",
+    "SELECT coalesce(string_agg(kid, ',' ORDER BY kid), '') FROM (SELECT DISTINCT"
+    "       split_part(ciphertext, ':', 2) AS kid FROM public.instance_secrets) x",
+    0};
 /* "live", or for an instance destroyed or being destroyed "gone:" and the id of its
  * subscription's live instance, if there is one; no row: no such instance. */
 static const mr_db_stmt state_stmt = {
@@ -154,6 +165,37 @@ static int instance_check(mr_db *db, const char *iid, int live)
     return ok;
 }
 
+/* 1 when the keyring holds a key that sealed secrets already stored, or when none is
+ * stored yet; 0 (said on stderr, one line) when every stored secret is sealed under
+ * keys it does not hold: what it sealed, the lifecycle workers (which open what is
+ * stored) could not open. -1: database error. A rotation in progress passes: its
+ * new key is current and the old one, which sealed what is stored, is previous. */
+static int keyring_check(mr_db *db, const mr_secrets *k, const char *nothing)
+{
+    char *out = NULL, err[256] = "";
+    if (mr_db_call(db, &mr_service_identity, &kids_stmt, NULL, NULL, &out, err, sizeof err) != MR_OK) {
+        fail("database", err);
+        return -1;
+    }
+    int ok = !out || !*out;
+    for (const char *p = out; !ok && p && *p;) {
+        size_t n = strcspn(p, ",");
+        char kid[MR_SECRETS_KID_HEX + 1] = "";
+        if (n == MR_SECRETS_KID_HEX) {
+            memcpy(kid, p, n);
+            ok = mr_secrets_has_kid(k, kid);
+        }
+        p += n + (p[n] == ',');
+    }
+    if (!ok)
+        fprintf(stderr, "mr-secrets: MINDROOM_SECRETS_KEY (key id %s) is not the key the stored "
+                        "secrets are sealed with (key ids %.80s), nor is any key of "
+                        "MINDROOM_SECRETS_KEY_PREVIOUS: the lifecycle workers could not open what "
+                        "it would seal (give the workers' key): %s\n", mr_secrets_kid(k), out, nothing);
+    free(out);
+    return ok;
+}
+
 static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *name)
 {
     if (!mr_appenv_operator_key(name)) {
@@ -164,6 +206,9 @@ static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *
     }
     if (instance_check(db, iid, 1) != 1)
         return 1;
+    int kc = keyring_check(db, k, "nothing stored");
+    if (kc != 1)
+        return kc == 0 ? 2 : 1;
     size_t len = 0;
     char *value = read_value(&len);
     if (!value)
@@ -262,6 +307,9 @@ static int cmd_reseal(mr_db *db, const mr_secrets *k, int batch)
     char last_i[40] = "00000000-0000-0000-0000-000000000000", last_k[16] = "", last_n[260] = "";
     char bs[16], err[256] = "";
     long seen = 0, resealed = 0, skipped = 0;
+    int kc = keyring_check(db, k, "nothing re-sealed");
+    if (kc != 1)
+        return kc == 0 ? 2 : 1;
     snprintf(bs, sizeof bs, "%d", batch);
     for (;;) {
         const char *p[] = {last_i, last_k, last_n, bs};

@@ -233,6 +233,16 @@ static void test_rotation(void **state)
 
     /* During the rotation: k2 current, k1 previous. */
     mr_secrets *during = ring(k2, k1);
+    /* Both keys' ids are known to it (the id an old ciphertext names among them). */
+    char kid1[MR_SECRETS_KID_HEX + 1];
+    snprintf(kid1, sizeof kid1, "%s", mr_secrets_kid(before));
+    assert_true(mr_secrets_has_kid(during, kid1));
+    assert_true(mr_secrets_has_kid(during, mr_secrets_kid(during)));
+    assert_int_equal(strncmp(old + 5, kid1, MR_SECRETS_KID_HEX), 0);
+    assert_false(mr_secrets_has_kid(before, mr_secrets_kid(during)));
+    assert_false(mr_secrets_has_kid(during, "0000000"));
+    assert_false(mr_secrets_has_kid(during, ""));
+    assert_false(mr_secrets_has_kid(during, NULL));
     assert_false(mr_secrets_is_current(during, old, strlen(old)));
     assert_int_equal(mr_secrets_reseal(during, "ctx", old, strlen(old), &new, err, sizeof err),
                      MR_OK);
