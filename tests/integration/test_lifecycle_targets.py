@@ -180,6 +180,15 @@ def test_registering_the_old_host_adopts_its_instances_and_a_drained_host_still_
         "SELECT homeserver_memory_mb FROM public.instances WHERE id = %s", inst["id"])[0][0]
     # The token is never in the database, only where to find it.
     assert prov.token not in repr(stack.sql("SELECT * FROM public.provisioner_targets"))
+    # Added again: PostgreSQL's refusal, said once, is what the operator reads (not a
+    # database said to be down), and nothing changes.
+    before = target_rows(stack)
+    p = ctl(stack, "target", "add", "legacy", "--url", "http://10.0.0.9:8002", "--token-ref",
+            "env:LEGACY_TOKEN", "--capacity-mb", 5)
+    assert p.returncode == 1 and p.stderr.count("duplicate key value violates unique constraint") == 1, p
+    assert "mindroomctl: ERROR:" in p.stderr and "Key (name)=(legacy) already exists" in p.stderr, p.stderr
+    assert "cannot reach the database" not in p.stderr and "cannot query" not in p.stderr, p.stderr
+    assert p.stdout == "" and target_rows(stack) == before
 
     out = ok(ctl(stack, "target", "drain", "legacy"))
     assert target_rows(stack)["legacy"][7] is True

@@ -53,15 +53,15 @@ def envfile(stack, tmp_path):
     return f
 
 
-def ctl(*args, env=None, stack_dir=None, timeout=60):
+def ctl(*args, env=None, stack_dir=None, timeout=60, stdout=subprocess.PIPE):
     """Runs mindroomctl; returns CompletedProcess (text). Only PATH and HOME are
-    inherited; env adds variables as an exported shell would."""
+    inherited; env adds variables as an exported shell would. stdin is empty."""
     e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     e["MR_RUN_DIR"] = str(stack_dir or "/nonexistent-mindroomctl-stack")
     e["MR_ENV_FILE"] = "/nonexistent-mindroomctl.env"
     e.update(env or {})
-    return subprocess.run([CTL] + [str(a) for a in args], env=e, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+    return subprocess.run([CTL] + [str(a) for a in args], env=e, stdin=subprocess.DEVNULL,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
 
 
 def ok(p):
@@ -541,7 +541,26 @@ def test_a_function_that_is_down_is_told_from_one_that_answered(stack, envfile):
 
 def test_database_down_or_wrong_is_explained(envfile, stack):
     p = ctl("--env", envfile, "status", env={"DATABASE_URL": "host=127.0.0.1 port=%d dbname=x" % mr.free_port()})
-    fails(p, 1, "cannot query the database")
+    fails(p, 1, "cannot reach the database at DATABASE_URL", "Connection refused")
+
+
+def test_a_reader_that_stops_reading_is_no_error(stack, envfile):
+    """`mindroomctl target list | head -1`: the reader has what it wanted and closed
+    the pipe. That is no failure of the command and no sign of a database down:
+    it stops, silent, exit 0."""
+    for args in (("target", "list"), ("status",), ("concurrency",)):
+        r, w = os.pipe()
+        os.close(r)                       # a reader already gone: every write is refused
+        try:
+            p = ctl("--env", envfile, *args, stdout=w)
+        finally:
+            os.close(w)
+        assert p.returncode == 0 and p.stderr == "", (args, p.returncode, p.stderr)
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", '"$0" --env "$1" target list | head -1',
+                        CTL, str(envfile)], env=dict(os.environ, MR_RUN_DIR="/nonexistent-mindroomctl-stack",
+                                                     MR_ENV_FILE="/nonexistent-mindroomctl.env"),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "" and "name" in p.stdout, p
 
 
 def test_wrong_ids_are_explained(stack, envfile):
