@@ -714,6 +714,25 @@ def test_deprovision_refuses_a_mode_given_twice():
         fails(ctl(*cmd), 2, "deprovision: give --mode once")
 
 
+def test_purge_takes_no_mode_and_speaks_as_purge():
+    """purge is deprovision --mode destroy --purge: a --mode of the operator's own is
+    refused (a purge always destroys), and every refusal names purge, the command
+    typed, not the deprovision it runs."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    for mode in ("stop", "destroy"):
+        err = fails(ctl("purge", "--instance", a, "--mode", mode), 2, "purge takes no --mode")
+        assert "deprovision" not in err.replace("deprovision --mode stop", ""), err
+    for cmd, needle in ((("purge",), "purge: give --instance ID or --subscription ID"),
+                        (("purge", "--wait"), "purge: give --instance ID or --subscription ID"),
+                        (("purge", "--instance", a, "--subscription", b),
+                         "purge: give one --instance ID or --subscription ID"),
+                        (("purge", "--instance", "nope"), "purge: the id must be a uuid"),
+                        (("purge", "--instance"), "purge: --instance needs a value"),
+                        (("purge", "--instance", a, "--frob"), "purge: unknown argument --frob")):
+        err = fails(ctl(*cmd), 2, needle)
+        assert "deprovision" not in err, (cmd, err)
+
+
 
 def test_env_set_on_a_destroyed_instance_is_refused_naming_the_live_one(stack):
     """`status` shows a destroyed subscription's last instance id; a value set on that
