@@ -20,8 +20,9 @@
  * appears on a command line: it comes on stdin. set and reseal refuse a keyring
  * none of whose keys sealed any of the secrets stored (a value sealed with it would
  * be one the lifecycle worker cannot open); the first secret ever stored is taken
- * under any key. Exit 0 done, 1 failed, 2 usage (or a keyring that is not the stored
- * secrets'). */
+ * under any key. Exit 0 done, 1 failed (the database, or a value that cannot be
+ * opened), 2 bad usage or configuration (DATABASE_URL missing; MINDROOM_SECRETS_KEY
+ * or _PREVIOUS missing, malformed, or holding none of the stored secrets' keys). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,6 +97,13 @@ static int fail(const char *what, const char *err)
 {
     fprintf(stderr, "mr-secrets: %s: %s\n", what, err);
     return 1;
+}
+
+/* Configuration missing or malformed: exit 2, as mindroomctl's own checks. */
+static int bad_config(const char *what, const char *err)
+{
+    fail(what, err);
+    return 2;
 }
 
 static void wipe_free(char *s, size_t n)
@@ -404,11 +412,11 @@ int main(int argc, char **argv)
     char err[256];
     if (strcmp(cmd, "list") != 0 && strcmp(cmd, "unset") != 0 &&
         mr_secrets_load_env(&k, err, sizeof err) != MR_OK)
-        return fail("keyring", err);
+        return bad_config("keyring", err);
     const char *url = getenv("DATABASE_URL");
     if (!url || !*url) {
         mr_secrets_free(k);
-        return fail("config", "DATABASE_URL is required");
+        return bad_config("config", "DATABASE_URL is required");
     }
     mr_db *db = mr_db_open(url);
     int rc = !db ? fail("database", "out of memory")

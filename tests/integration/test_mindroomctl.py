@@ -854,8 +854,26 @@ def test_env_set_refuses_a_name_the_instance_must_not_get_from_an_operator(stack
     assert p.returncode == 0 and "owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
+def test_a_malformed_secrets_key_is_bad_configuration():
+    """docs/operations.md: exit status 2 is bad usage or configuration, 1 a refusal
+    or failure of the stack or database. A MINDROOM_SECRETS_KEY (or _PREVIOUS) that
+    is not 32 bytes in base64 is configuration: 2, naming the variable, before any
+    database is asked."""
+    short = base64.b64encode(b"short").decode()
+    good = base64.b64encode(os.urandom(32)).decode()
+    base = {"DATABASE_URL": "host=127.0.0.1 port=%d dbname=x" % mr.free_port(),
+            "MR_BIN_DIR": str(mr.build_dir() / "bin")}
+    for keys, needle in (({"MINDROOM_SECRETS_KEY": "short"}, "MINDROOM_SECRETS_KEY must be 32 bytes"),
+                         ({"MINDROOM_SECRETS_KEY": short}, "MINDROOM_SECRETS_KEY must be 32 bytes"),
+                         ({"MINDROOM_SECRETS_KEY": good, "MINDROOM_SECRETS_KEY_PREVIOUS": short},
+                          "MINDROOM_SECRETS_KEY_PREVIOUS key #1 must be 32 bytes")):
+        env = dict(base, **keys)
+        fails(ctl("rotate-secrets-key", env=env), 2, needle)
+        fails(ctl("env", "set", str(uuid.uuid4()), "FOO", env=env), 2, needle)
+
+
 def test_wait_with_no_secret_is_missing_configuration_not_a_refusal(stack):
-    """docs/operations.md: exit status 2 is "bad usage or missing configuration".
+    """docs/operations.md: exit status 2 is bad usage or configuration (missing here).
     Without --wait a missing signing secret is exit 2 and nothing is sent; with
     --wait the same must hold (no unauthenticated request, no 401 blamed on a
     secret that was never there)."""
