@@ -4,10 +4,14 @@
  * DELETE /apps/{app}/storage into `dokku` commands (ops.c), locally, over
  * SSH, or recorded only (dry-run). Served by nginx on its own loopback listener, never on the
  * public server block. Configuration is read and checked once, here. */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "mr_deadlines.h"
 #include "prov.h"
@@ -115,6 +119,35 @@ static void scheduler_settings(prov_config *c)
         die("%s is used with DOKKU_TLS=issuer only", "PROVISIONER_CERT_ISSUER");
 }
 
+/* ssh mode talks to one Dokku host whose key is pinned, or not at all: the
+ * instances' environments and secrets cross that connection on stdin. The
+ * runner gives ssh no configuration files (-F /dev/null), no global known
+ * hosts and StrictHostKeyChecking=yes, so this file is the only trust there
+ * is; without it ssh would fall back to whatever ~/.ssh and /etc/ssh say
+ * (accept-new or no there: any key is taken). The path goes into
+ * -o UserKnownHostsFile=, where ssh splits on whitespace and expands ~, %
+ * tokens and ${VAR}: an absolute path with none of those. */
+static void check_known_hosts(const char *path)
+{
+    static const char *const var = "DOKKU_SSH_KNOWN_HOSTS";
+    if (!*path)
+        die("%s is required with DOKKU_MODE=ssh: a known_hosts file pinning DOKKU_HOST's "
+            "host key (ssh-keyscan, fingerprint checked on the host)", var);
+    if (strlen(path) > 1000 || path[0] != '/' || strpbrk(path, " \t\r\n\"'%$\\"))
+        die("%s must be an absolute file path without whitespace, quotes, '%%', '$' or '\\'",
+            var);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0) die("%s: cannot read %s: %s", var, path, strerror(errno));
+    struct stat st;
+    int ok = fstat(fd, &st) == 0;
+    int saved = errno;
+    close(fd);
+    if (!ok) die("%s: cannot read %s: %s", var, path, strerror(saved));
+    if (!S_ISREG(st.st_mode)) die("%s: %s is not a regular file", var, path);
+    if (st.st_size == 0)
+        die("%s: %s is empty: it must hold DOKKU_HOST's pinned host key", var, path);
+}
+
 static void init(void)
 {
     prov_config *c = &prov_cfg;
@@ -141,6 +174,7 @@ static void init(void)
             if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]", *h))
                 die("%s must be a host name or address", "DOKKU_HOST");
         if (c->host[0] == '-') die("%s must be a host name or address", "DOKKU_HOST");
+        check_known_hosts(c->known_hosts);
     }
     c->child_env = mr_config_str("PROVISIONER_CHILD_ENV", "");
     {

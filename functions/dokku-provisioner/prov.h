@@ -52,7 +52,7 @@ typedef struct {
     const char *ssh_user;       /* DOKKU_SSH_USER, "dokku" */
     const char *host;           /* DOKKU_HOST (ssh mode) */
     const char *ssh_key;        /* DOKKU_SSH_KEY, a file path, or "" for ssh's defaults */
-    const char *known_hosts;    /* DOKKU_SSH_KNOWN_HOSTS, or "" for ssh's defaults */
+    const char *known_hosts;    /* DOKKU_SSH_KNOWN_HOSTS: the pinned host keys (ssh mode) */
     int64_t ssh_port;           /* DOKKU_SSH_PORT */
     const char *app_prefix;     /* PROVISIONER_APP_PREFIX, "mindroom-" */
     const char *image;          /* MINDROOM_IMAGE, name@sha256:<64 hex> */

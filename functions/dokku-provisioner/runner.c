@@ -7,6 +7,14 @@
  * narrow alphabet (names, numbers, the image, base64). validate.c guarantees
  * that, and run_one() refuses anything else instead of trusting it.
  *
+ * ssh reads no configuration file (-F /dev/null: neither /etc/ssh/ssh_config
+ * nor ~/.ssh/config can relax host-key checking, add a ProxyCommand or change
+ * the destination) and trusts only the host keys in DOKKU_SSH_KNOWN_HOSTS
+ * (StrictHostKeyChecking=yes, GlobalKnownHostsFile=/dev/null); main.c refuses
+ * to start in ssh mode without that file. Everything ssh needs is on its
+ * command line: user, host and port, the key (-i, IdentitiesOnly) when one is
+ * configured, otherwise ssh's default key files and agent.
+ *
  * The child gets its own process group, stdin from /dev/null or a pipe we
  * feed (a tarball for storage:exec or certs:add, JSON for config:import),
  * stdout and stderr on pipes (kept, truncated, never logged: `config:import`
@@ -425,13 +433,18 @@ static mr_err run_one(const prov_config *cfg, const char *const *args, const uns
     char khopt[1100];
     size_t nargs = 0;
     while (args[nargs]) nargs++;
-    if (nargs + 20 >= MAX_ARGV)
+    if (nargs + 32 >= MAX_ARGV)
         return mr_seterr(err, errlen, MR_EINTERNAL, "too many arguments");
 
     if (cfg->mode == PROV_MODE_SSH) {
         snprintf(port, sizeof port, "%lld", (long long)cfg->ssh_port);
         snprintf(dest, sizeof dest, "%s@%s", cfg->ssh_user, cfg->host);
+        /* main.c checked it; an ssh without a pinned host key is never started. */
+        int kl = snprintf(khopt, sizeof khopt, "UserKnownHostsFile=%s", cfg->known_hosts);
+        if (!cfg->known_hosts[0] || kl < 0 || (size_t)kl >= sizeof khopt)
+            return mr_seterr(err, errlen, MR_EINTERNAL, "no pinned host key file for ssh");
         argv[n++] = cfg->ssh_bin;
+        argv[n++] = "-F"; argv[n++] = "/dev/null";
         argv[n++] = "-o"; argv[n++] = "BatchMode=yes";
         argv[n++] = "-o"; argv[n++] = "ConnectTimeout=10";
         argv[n++] = "-o"; argv[n++] = "ServerAliveInterval=15";
@@ -439,11 +452,9 @@ static mr_err run_one(const prov_config *cfg, const char *const *args, const uns
             argv[n++] = "-i"; argv[n++] = cfg->ssh_key;
             argv[n++] = "-o"; argv[n++] = "IdentitiesOnly=yes";
         }
-        if (cfg->known_hosts[0]) {
-            snprintf(khopt, sizeof khopt, "UserKnownHostsFile=%s", cfg->known_hosts);
-            argv[n++] = "-o"; argv[n++] = khopt;
-            argv[n++] = "-o"; argv[n++] = "StrictHostKeyChecking=yes";
-        }
+        argv[n++] = "-o"; argv[n++] = "StrictHostKeyChecking=yes";
+        argv[n++] = "-o"; argv[n++] = khopt;
+        argv[n++] = "-o"; argv[n++] = "GlobalKnownHostsFile=/dev/null";
         argv[n++] = "-p"; argv[n++] = port;
         argv[n++] = dest;
         argv[n++] = "--";

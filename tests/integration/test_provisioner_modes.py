@@ -126,12 +126,23 @@ def test_explicit_dry_run_still_validates_and_authenticates(dry):
 
 # ---- ssh -------------------------------------------------------------------
 
+# A pinned host key as ssh-keyscan writes it (the key itself is never checked here).
+KNOWN_HOST_LINE = ("dokku.example.com ssh-ed25519 "
+                   "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+
+
+def known_hosts_file(directory):
+    path = directory / "known_hosts"
+    path.write_text(KNOWN_HOST_LINE)
+    return path
+
+
 @pytest.fixture(scope="module")
 def ssh(pg):
     d = Dokku()
     env = d.env(DOKKU_MODE="ssh", DOKKU_SSH_BIN=str(STANDINS / "ssh"),
                 DOKKU_HOST="dokku.example.com", DOKKU_SSH_KEY="/etc/mindroom/dokku_ed25519",
-                DOKKU_SSH_PORT="2222", DOKKU_SSH_KNOWN_HOSTS="/etc/mindroom/known_hosts")
+                DOKKU_SSH_PORT="2222", DOKKU_SSH_KNOWN_HOSTS=str(known_hosts_file(d.dir)))
     with mr.Stack(pg, env=env, functions=["dokku-provisioner"]) as s:
         yield s, d
 
@@ -154,10 +165,12 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     # No value on ssh's command line, plain or base64 (the Dokku host's too, below).
     secret = [env["API_KEY"], base64.b64encode(env["API_KEY"].encode()).decode()]
     assert not [a for c in calls for a in c for n in secret if n in a]
-    prefix = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15",
+    prefix = ["-F", "/dev/null",
+              "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15",
               "-i", "/etc/mindroom/dokku_ed25519", "-o", "IdentitiesOnly=yes",
-              "-o", "UserKnownHostsFile=/etc/mindroom/known_hosts",
               "-o", "StrictHostKeyChecking=yes",
+              "-o", "UserKnownHostsFile=%s" % (d.dir / "known_hosts"),
+              "-o", "GlobalKnownHostsFile=/dev/null",
               "-p", "2222", "dokku@dokku.example.com", "--"]
     assert calls[0] == prefix + create_sequence("mindroom-ssh", "sssh")[0]
     assert all(c[:len(prefix)] == prefix for c in calls)
@@ -178,6 +191,45 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
     assert ssh_calls(d)[-1] == prefix + storage_destroy("mindroom-ssh-matrix-data")
     assert prefix + ["--force", "apps:destroy", "mindroom-ssh"] in ssh_calls(d)
     d.assert_documented()
+
+
+def ssh_options(argv):
+    """ssh's own options, up to the destination: [(flag, value)]."""
+    out, i = [], 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] in ("-o", "-i", "-p", "-F", "-l", "-J", "-E"):
+            out.append((argv[i], argv[i + 1]))
+            i += 2
+        else:
+            out.append((argv[i], None))
+            i += 1
+    assert i < len(argv) and "@" in argv[i], argv
+    return out
+
+
+def test_ssh_mode_trusts_only_the_pinned_host_key(ssh):
+    # No ssh_config (system or user) can relax host-key checking or reroute the
+    # connection, no global known_hosts adds keys: DOKKU_SSH_KNOWN_HOSTS, and
+    # strict checking, for every command.
+    s, d = ssh
+    r = s.call_provisioner("POST", "/apps", json=body("mindroom-sshpin", "sshpin", hs=False))
+    assert r.status == 201, r
+    calls = ssh_calls(d)
+    assert calls
+    for argv in calls:
+        opts = ssh_options(argv)
+        assert opts[0] == ("-F", "/dev/null"), argv
+        assert [o for o in opts if o[0] == "-F"] == [("-F", "/dev/null")], argv
+        o = [v for f, v in opts if f == "-o"]
+        assert [v for v in o if v.lower().startswith("stricthostkeychecking=")] == \
+            ["StrictHostKeyChecking=yes"], argv
+        assert [v for v in o if v.lower().startswith("userknownhostsfile=")] == \
+            ["UserKnownHostsFile=%s" % (d.dir / "known_hosts")], argv
+        assert [v for v in o if v.lower().startswith("globalknownhostsfile=")] == \
+            ["GlobalKnownHostsFile=/dev/null"], argv
+        assert "BatchMode=yes" in o and "IdentitiesOnly=yes" in o, argv
+        assert ("-i", "/etc/mindroom/dokku_ed25519") in opts, argv
+    assert s.call_provisioner("DELETE", "/apps/mindroom-sshpin?purge=true").status == 200
 
 
 def test_ssh_mode_says_when_the_dokku_host_is_out_of_reach(ssh):
@@ -408,6 +460,57 @@ def test_bad_configuration_stops_the_start(change, needle):
 def test_good_configuration_starts():
     status, err = start_with(GOOD)
     assert status is None, err
+
+
+SSH = dict(GOOD, DOKKU_MODE="ssh", DOKKU_HOST="dokku.example.com")
+
+
+def test_ssh_mode_starts_with_a_pinned_host_key(tmp_path):
+    status, err = start_with(dict(SSH, DOKKU_SSH_KNOWN_HOSTS=str(known_hosts_file(tmp_path))))
+    assert status is None, err
+
+
+@pytest.mark.parametrize("known_hosts", [None, "", "missing", "empty", "directory", "spaced",
+                                         "relative", "tilde", "none", "unreadable"])
+def test_ssh_mode_refuses_to_start_without_a_pinned_host_key(tmp_path, known_hosts):
+    """Without a known_hosts file of its own, ssh would trust whatever the system's
+    and the user's ssh configuration say (accept-new, or no checking at all): the
+    instances' secrets would go to any host answering DOKKU_HOST's name."""
+    env = dict(SSH)
+    if known_hosts == "missing":
+        env["DOKKU_SSH_KNOWN_HOSTS"] = str(tmp_path / "no-such-file")
+    elif known_hosts == "empty":
+        (tmp_path / "known_hosts").write_text("")
+        env["DOKKU_SSH_KNOWN_HOSTS"] = str(tmp_path / "known_hosts")
+    elif known_hosts == "directory":
+        env["DOKKU_SSH_KNOWN_HOSTS"] = str(tmp_path)
+    elif known_hosts == "spaced":
+        # ssh would read two files, the second ~/.ssh/known_hosts.
+        env["DOKKU_SSH_KNOWN_HOSTS"] = "%s ~/.ssh/known_hosts" % known_hosts_file(tmp_path)
+    elif known_hosts in ("relative", "tilde"):
+        # ssh would look for it elsewhere than the provisioner checked.
+        known_hosts_file(tmp_path)
+        env["DOKKU_SSH_KNOWN_HOSTS"] = ("~/" if known_hosts == "tilde" else "") + "known_hosts"
+        env["HOME"] = str(tmp_path)
+    elif known_hosts == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads a mode 0000 file")
+        f = known_hosts_file(tmp_path)
+        f.chmod(0)
+        env["DOKKU_SSH_KNOWN_HOSTS"] = str(f)
+    elif known_hosts is not None:
+        env["DOKKU_SSH_KNOWN_HOSTS"] = known_hosts
+    status, err = start_with(env)
+    assert status == 2, (known_hosts, status, err)
+    lines = [l for l in err.splitlines() if "DOKKU_SSH_KNOWN_HOSTS" in l]
+    assert len(lines) == 1 and lines[0].startswith("dokku-provisioner: DOKKU_SSH_KNOWN_HOSTS"), err
+    assert "t" * 32 not in err
+
+
+def test_the_known_hosts_file_is_needed_in_ssh_mode_only():
+    for mode in ("local", "dry-run"):
+        status, err = start_with(dict(GOOD, DOKKU_MODE=mode))
+        assert status is None, (mode, err)
 
 
 @pytest.mark.parametrize("change", [
