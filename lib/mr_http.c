@@ -94,7 +94,6 @@ static size_t g_peek_cap;
 typedef struct {
     mr_req pub;
     char *strings; /* one allocation holding every copied CGI param */
-    size_t strings_len;
     char *request_json; /* the request's context for audit rows (r->who.request_json) */
     void (*job)(mr_req *r, void *arg);
     void *job_arg;
@@ -314,7 +313,6 @@ static int copy_params(req_ctx *ctx, FCGX_Request *rq)
     if (!p)
         return -1;
     ctx->strings = p;
-    ctx->strings_len = total;
     for (size_t i = 0; i < MR_ARRAY_LEN(src); i++) {
         size_t n = strlen(src[i]) + 1;
         memcpy(p, src[i], n);
@@ -575,9 +573,9 @@ static void serve_end(req_ctx *ctx)
     if (r->body)
         OPENSSL_cleanse(r->body, r->body_len);
     free(r->body);
-    /* So does the Authorization header (a bearer token, an API key). */
+    /* So does the Authorization header (a bearer token, an API key), kept in strings. */
     if (ctx->strings)
-        OPENSSL_cleanse(ctx->strings, ctx->strings_len);
+        OPENSSL_cleanse((char *)r->authorization, strlen(r->authorization));
     free(ctx->strings);
     free(ctx->request_json);
 }

@@ -104,30 +104,22 @@ mr_err mr_json_i64(const cJSON *obj, const char *key, int64_t min, int64_t max, 
     return MR_OK;
 }
 
-/* Objects of up to this many members are checked pair by pair; a larger one by
- * sorting its names, so that a body of thousands of members (an unauthenticated
- * request's, before its caller is known) costs n log n, not n squared. */
-#define DUP_PAIRWISE_MAX 16
-
 static int cmp_names(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
+/* Sorts the object's names and compares neighbours: n log n, so that a body of
+ * thousands of members (an unauthenticated request's, before its caller is known)
+ * costs no more than its parse. Objects of up to 32 members (a token's) need no
+ * allocation. */
 static int object_names_repeat(const cJSON *obj)
 {
+    const char *small[32], **names = small;
     size_t n = 0;
     for (const cJSON *m = obj->child; m; m = m->next)
         n++;
-    if (n <= DUP_PAIRWISE_MAX) {
-        for (const cJSON *a = obj->child; a; a = a->next)
-            for (const cJSON *b = a->next; b; b = b->next)
-                if (a->string && b->string && strcmp(a->string, b->string) == 0)
-                    return 1;
-        return 0;
-    }
-    const char **names = malloc(n * sizeof *names);
-    if (!names)
+    if (n > MR_ARRAY_LEN(small) && !(names = malloc(n * sizeof *names)))
         return 1; /* unchecked is refused */
     size_t k = 0;
     for (const cJSON *m = obj->child; m; m = m->next)
@@ -137,7 +129,8 @@ static int object_names_repeat(const cJSON *obj)
     int dup = 0;
     for (size_t i = 1; i < k && !dup; i++)
         dup = strcmp(names[i - 1], names[i]) == 0;
-    free(names);
+    if (names != small)
+        free(names);
     return dup;
 }
 
