@@ -40,7 +40,7 @@ struct mr_auth {
 
 static const char *env(const char *name)
 {
-    const char *v = getenv(name);
+    const char *v = mr_config_getenv(name);
     return v && *v ? v : NULL;
 }
 

@@ -1,7 +1,10 @@
 /* mr_config.c: environment configuration, validated once at start-up.
  *
  * The parse/check functions are pure (tests call them); the mr_config_* wrappers
- * read the environment and exit(2) with one line naming the variable. */
+ * read the environment and exit(2) with one line naming the variable.
+ *
+ * Every process of an install is given the same environment file, so each is
+ * handed every secret; mr_config_seal() leaves it only those it read. */
 #include "mr_config.h"
 
 #include <ctype.h>
@@ -11,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/prctl.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 
@@ -21,9 +26,79 @@ static void die(const char *msg)
     exit(2);
 }
 
+/* ---- secrets in the environment ------------------------------------------- */
+
+/* The settings whose values are secrets (.env.example and provisioner.env); a
+ * name ending in _TOKEN is one too: a provisioner target's token, which the
+ * worker reads by the name of its token_ref (env:NAME_TOKEN). */
+static const char *const secret_names[] = {
+    "DATABASE_URL",          "DATABASE_LISTEN_URL",     "SUPABASE_SECRET_KEYS",
+    "SUPABASE_JWT_SECRET",   "SUPABASE_JWT_SECRET_PREVIOUS", "MINDROOM_INTERNAL_SECRET",
+    "MINDROOM_SECRETS_KEY",  "MINDROOM_SECRETS_KEY_PREVIOUS", "STRIPE_SECRET_KEY",
+    "STRIPE_WEBHOOK_SECRET", "RESEND_API_KEY",          "DOKKU_PROVISIONER_TOKEN",
+};
+static unsigned secrets_read; /* bit i: secret_names[i] was read */
+
+static int listed(const char *name, size_t len)
+{
+    for (size_t i = 0; i < MR_ARRAY_LEN(secret_names); i++)
+        if (strlen(secret_names[i]) == len && memcmp(name, secret_names[i], len) == 0)
+            return 1;
+    return 0;
+}
+
+const char *mr_config_getenv(const char *name)
+{
+    for (size_t i = 0; i < MR_ARRAY_LEN(secret_names); i++)
+        if (strcmp(name, secret_names[i]) == 0)
+            secrets_read |= 1u << i;
+    return getenv(name);
+}
+
+void mr_config_forget(const char *name)
+{
+    char *v = getenv(name);
+    if (v)
+        explicit_bzero(v, strlen(v));
+    unsetenv(name);
+}
+
+/* Forgets the next *_TOKEN variable not in secret_names; 0 when none is left. */
+static int forget_a_token(void)
+{
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '=');
+        size_t n = eq ? (size_t)(eq - *e) : 0;
+        char name[128];
+        if (n <= 6 || n >= sizeof name || memcmp(eq - 6, "_TOKEN", 6) != 0 || listed(*e, n))
+            continue;
+        memcpy(name, *e, n);
+        name[n] = '\0';
+        mr_config_forget(name); /* reorders environ: the caller looks again */
+        return 1;
+    }
+    return 0;
+}
+
+void mr_config_seal(unsigned keep)
+{
+    for (size_t i = 0; i < MR_ARRAY_LEN(secret_names); i++)
+        if (!(secrets_read & (1u << i)))
+            mr_config_forget(secret_names[i]);
+    if (!(keep & MR_CONFIG_KEEP_TOKENS))
+        while (forget_a_token())
+            ;
+    /* Not dumpable: no core file, and /proc/PID/environ, mem and ptrace are
+     * root's alone, not every process's of the same user. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+        die("cannot make the process non-dumpable (prctl PR_SET_DUMPABLE)");
+}
+
+/* ---- reading settings ------------------------------------------------------- */
+
 static const char *env(const char *name)
 {
-    const char *v = getenv(name);
+    const char *v = mr_config_getenv(name);
     return (v && *v) ? v : NULL;
 }
 
@@ -62,7 +137,7 @@ mr_err mr_config_check_secret(const char *name, const char *value, size_t min_le
 
 const char *mr_config_secret(const char *name, const char *def, size_t min_len)
 {
-    const char *v = getenv(name);
+    const char *v = mr_config_getenv(name);
     if (!v || !*v) {
         if (def)
             return def;
@@ -145,7 +220,7 @@ int64_t mr_config_int(const char *name, int64_t def, int64_t min, int64_t max)
 {
     int64_t v;
     char msg[256];
-    if (mr_config_parse_int(name, getenv(name), def, min, max, &v, msg, sizeof(msg)) != MR_OK)
+    if (mr_config_parse_int(name, mr_config_getenv(name), def, min, max, &v, msg, sizeof(msg)) != MR_OK)
         die(msg);
     return v;
 }
@@ -177,7 +252,7 @@ int mr_config_bool(const char *name, int def)
 {
     int v;
     char msg[256];
-    if (mr_config_parse_bool(name, getenv(name), def, &v, msg, sizeof(msg)) != MR_OK)
+    if (mr_config_parse_bool(name, mr_config_getenv(name), def, &v, msg, sizeof(msg)) != MR_OK)
         die(msg);
     return v;
 }

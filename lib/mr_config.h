@@ -29,6 +29,28 @@ const char *mr_config_url(const char *name, const char *def);
 /* "1/true/yes/on" or "0/false/no/off"; unset -> def; anything else -> exit(2). */
 int mr_config_bool(const char *name, int def);
 
+/* ---- secrets in the environment ----------------------------------------------
+ * Every process of an install is given the same environment file. Each keeps only
+ * the secret settings it read while starting: the others are wiped before it
+ * serves, so a process taken over holds no secret another one needs. */
+
+/* getenv(name), recording that this process reads the setting. Read every
+ * secret this way (the mr_config_* readers do), before mr_config_seal(). */
+const char *mr_config_getenv(const char *name);
+
+/* Wipes the variable's value (its bytes, where /proc/PID/environ reads them)
+ * and removes it from the environment. */
+void mr_config_forget(const char *name);
+
+/* Once a process has read its configuration, before it serves or forks: forgets
+ * every secret setting it did not read and every *_TOKEN variable (a provisioner
+ * target's token; kept with MR_CONFIG_KEEP_TOKENS by the worker, which reads
+ * them as it meets the targets), and makes the process non-dumpable (no core
+ * file; its memory and /proc/PID/environ are root's alone, not readable by the
+ * other processes of its user). Exits 2 if that cannot be done. */
+#define MR_CONFIG_KEEP_TOKENS 1u
+void mr_config_seal(unsigned keep);
+
 /* Testable core of the above: parse `value` (may be NULL) for variable
  * `name`. Returns MR_OK and fills *out, or MR_EINVAL with err filled. */
 #include "mr_common.h"

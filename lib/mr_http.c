@@ -801,7 +801,7 @@ static int worker_main(int listen_fd)
     sigprocmask(SIG_SETMASK, &stopset, NULL);
 
     /* A function that needs no database must start without one. */
-    const char *dburl = getenv("DATABASE_URL");
+    const char *dburl = mr_config_getenv("DATABASE_URL");
     if (dburl && *dburl)
         g_db = mr_db_open(dburl);
     g_http = mr_httpc_open();
@@ -1096,7 +1096,7 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
             return 2;
         }
     }
-    const char *dburl = getenv("DATABASE_URL");
+    const char *dburl = mr_config_getenv("DATABASE_URL");
     if (dburl && *dburl) {
         char *perr = NULL;
         PQconninfoOption *opts = PQconninfoParse(dburl, &perr);
@@ -1116,6 +1116,7 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
     }
     if (app->init)
         app->init();
+    mr_config_seal(0); /* every setting is read: the secrets this function did not read go */
     if (mr_metrics_open(app->name, MR_METRICS_FUNCTION, msg, sizeof msg) != MR_OK) {
         fprintf(stderr, "config: %s\n", msg);
         return 2;

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mr_config.h"
 #include "mr_b64.h"
 #include "mr_hmac.h"
 
@@ -194,7 +195,8 @@ mr_err mr_secrets_new(const char *current, const char *previous, mr_secrets **ou
 
 mr_err mr_secrets_load_env(mr_secrets **out, char *err, size_t errlen)
 {
-    return mr_secrets_new(getenv("MINDROOM_SECRETS_KEY"), getenv("MINDROOM_SECRETS_KEY_PREVIOUS"),
+    return mr_secrets_new(mr_config_getenv("MINDROOM_SECRETS_KEY"),
+                          mr_config_getenv("MINDROOM_SECRETS_KEY_PREVIOUS"),
                           out, err, errlen);
 }
 

@@ -69,7 +69,7 @@ mr_err mr_stripe_api_check_key(const char *key, int *livemode, char *err, size_t
 void mr_stripe_api_config_load(mr_stripe_api_config *cfg, const char *without_key)
 {
     memset(cfg, 0, sizeof(*cfg));
-    const char *key = getenv("STRIPE_SECRET_KEY");
+    const char *key = mr_config_getenv("STRIPE_SECRET_KEY");
     if (key && *key) {
         char msg[256];
         if (mr_stripe_api_check_key(key, &cfg->livemode, msg, sizeof msg) != MR_OK)

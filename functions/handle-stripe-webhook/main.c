@@ -69,13 +69,14 @@ static void init(void)
     cfg.tolerance_s = (long)mr_config_int("STRIPE_WEBHOOK_TOLERANCE", 300, 1, 7 * 24 * 3600);
     cfg.seen_ttl_s = (long)mr_config_int("STRIPE_DUPLICATE_CACHE_SECONDS", 60, 0, 3600);
     /* The API key says which mode this deployment is in; events of the other mode
-     * are refused. The key itself is not kept. */
+     * are refused. The key itself is not kept: it is wiped from the environment. */
     cfg.livemode = -1;
-    const char *key = getenv("STRIPE_SECRET_KEY");
+    const char *key = mr_config_getenv("STRIPE_SECRET_KEY");
     if (key && *key && mr_stripe_api_check_key(key, &cfg.livemode, err, sizeof err) != MR_OK) {
         fprintf(stderr, "config: %s\n", err);
         exit(2);
     }
+    mr_config_forget("STRIPE_SECRET_KEY");
 }
 
 /* Event ids this worker saw committed as final (worker-local, after fork). */

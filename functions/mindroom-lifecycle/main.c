@@ -289,6 +289,7 @@ int main(int argc, char **argv)
     }
     mr_log_init_env("mindroom-lifecycle");
     load_config();
+    mr_config_seal(MR_CONFIG_KEEP_TOKENS); /* targets' tokens are read as they are met */
     char err[256];
     if (mr_metrics_open("mindroom-lifecycle", MR_METRICS_DAEMON, err, sizeof err) != MR_OK) {
         fprintf(stderr, "config: %s\n", err);

@@ -83,7 +83,7 @@ static mr_err use_target(const cJSON *o, mr_provisioner *p, worker_target *t, ch
         return mr_seterr(err, errlen, MR_ETRANSIENT, "provisioner target %s is disabled", t->name);
     mr_err e = MR_OK;
     if (strncmp(ref, "env:", 4) == 0) {
-        const char *v = getenv(ref + 4);
+        const char *v = mr_config_getenv(ref + 4);
         if (!v || strlen(v) < 16 || strlen(v) >= sizeof t->token)
             e = mr_seterr(err, errlen, MR_EINVAL, "provisioner target %s: %s is not set to a token",
                           t->name, ref + 4);

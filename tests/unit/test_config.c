@@ -7,6 +7,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 
 #include "mindroom.h"
 
@@ -140,6 +141,35 @@ static void test_url(void **state)
     assert_string_equal(err, "U is longer than 2048 characters");
 }
 
+/* A process keeps the secret settings it read, by any reader, and no other. */
+static void test_seal(void **state)
+{
+    (void)state;
+    setenv("STRIPE_SECRET_KEY", "sk_test_" GOOD_SECRET, 1);
+    setenv("MINDROOM_SECRETS_KEY", GOOD_SECRET, 1);
+    setenv("RESEND_API_KEY", "re_" GOOD_SECRET, 1);
+    setenv("DOKKU_PROVISIONER_TOKEN", GOOD_SECRET, 1);
+    setenv("CLUSTER_1_TOKEN", GOOD_SECRET, 1);
+    setenv("MR_TEST_PLAIN", "kept", 1);
+    char *resend = getenv("RESEND_API_KEY");
+    assert_non_null(mr_config_secret("MINDROOM_SECRETS_KEY", NULL, 32));
+    assert_non_null(mr_config_getenv("DOKKU_PROVISIONER_TOKEN"));
+    /* Read, then given up. */
+    assert_non_null(mr_config_getenv("STRIPE_SECRET_KEY"));
+    mr_config_forget("STRIPE_SECRET_KEY");
+    mr_config_seal(0);
+    assert_string_equal(getenv("MINDROOM_SECRETS_KEY"), GOOD_SECRET);
+    assert_string_equal(getenv("DOKKU_PROVISIONER_TOKEN"), GOOD_SECRET);
+    assert_null(getenv("STRIPE_SECRET_KEY"));
+    assert_null(getenv("RESEND_API_KEY"));
+    assert_null(getenv("CLUSTER_1_TOKEN")); /* a provisioner target's */
+    /* Its bytes, where /proc/PID/environ would still show them, are wiped. */
+    for (size_t i = 0; i < strlen("re_" GOOD_SECRET); i++)
+        assert_int_equal(resend[i], 0);
+    assert_string_equal(getenv("MR_TEST_PLAIN"), "kept");
+    assert_int_equal(prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -148,6 +178,7 @@ int main(void)
         cmocka_unit_test(test_int),
         cmocka_unit_test(test_bool),
         cmocka_unit_test(test_env_wrappers),
+        cmocka_unit_test(test_seal),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
