@@ -566,6 +566,37 @@ def test_a_reader_that_stops_reading_is_no_error(stack, envfile):
     assert p.returncode == 0 and p.stderr == "" and "name" in p.stdout, p
 
 
+def test_a_reader_that_stops_reading_a_stack_call_is_no_error(stack, prov, envfile):
+    """`mindroomctl health | head -1`: as for the database commands, a reader that
+    closed the pipe has what it wanted. The call was made (the instance is provisioned
+    and probed); the command stops there, silent, exit 0: with SIGPIPE at its default
+    (the writer dies of it) and ignored (the writer is told "Broken pipe"), with and
+    without --wait."""
+    import signal
+    sid = new_subscription(stack, "starter")
+    for ignore in (False, True):
+        def pre():
+            if ignore:
+                signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for args in (("provision", sid), ("provision", sid, "--wait"), ("health", "{iid}")):
+            if "{iid}" in args:
+                args = ("health", str(instance(stack, sid)["id"]))
+            r, w = os.pipe()
+            os.close(r)                   # a reader already gone: every write is refused
+            e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+            e.update(MR_RUN_DIR="/nonexistent-mindroomctl-stack", MR_ENV_FILE="/nonexistent-mindroomctl.env")
+            try:
+                p = subprocess.run([CTL, "--env", str(envfile), *args], env=e, stdin=subprocess.DEVNULL,
+                                   stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
+                                   preexec_fn=pre)
+            finally:
+                os.close(w)
+            # --wait shows the instance's progress on stderr; nothing else is said.
+            err = [l for l in p.stderr.splitlines() if " instance " not in l]
+            assert p.returncode == 0 and err == [], (ignore, args, p.returncode, p.stderr)
+        assert instance(stack, sid)["status"] == "running"
+
+
 def test_wrong_ids_are_explained(stack, envfile):
     fails(ctl("--env", envfile, "provision", "not-a-uuid"), 2, "must be a uuid")
     fails(ctl("--env", envfile, "provision"), 2, "SUBSCRIPTION_ID is missing")
