@@ -20,9 +20,13 @@
  * appears on a command line: it comes on stdin. set and reseal refuse a keyring
  * none of whose keys sealed any of the secrets stored (a value sealed with it would
  * be one the lifecycle worker cannot open); the first secret ever stored is taken
- * under any key. Exit 0 done, 1 failed (the database, or a value that cannot be
- * opened), 2 bad usage or configuration (DATABASE_URL missing; MINDROOM_SECRETS_KEY
- * or _PREVIOUS missing, malformed, or holding none of the stored secrets' keys). */
+ * under any key. set takes a value of at most 64 KiB of UTF-8 text without a NUL
+ * byte (the app's environment reaches Dokku as JSON), and a NAME an operator may set
+ * (mr_appenv_operator_key). Exit 0 done, 1 failed (the database, no such instance or
+ * one destroyed, stdin unreadable, or a stored value that cannot be opened), 2 bad
+ * usage or configuration (arguments; a NAME or a value set does not take;
+ * DATABASE_URL missing; MINDROOM_SECRETS_KEY or _PREVIOUS missing, malformed, or
+ * holding none of the stored secrets' keys). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,36 +118,52 @@ static void wipe_free(char *s, size_t n)
     }
 }
 
-/* The value on stdin, at most MAX_VALUE bytes, one trailing newline dropped. */
-static char *read_value(size_t *len)
+/* NAME's value from stdin, one trailing newline dropped, into *out (wiped and freed
+ * by the caller). 0: read. 2: a value set does not take, said on stderr, nothing
+ * stored: over MAX_VALUE bytes, a NUL byte, or not UTF-8 text (the app's environment
+ * reaches Dokku as JSON); the operator's input, refused as a NAME an operator may not
+ * set is. 1: stdin could not be read (or no memory). */
+static int read_value(const char *name, char **out, size_t *len)
 {
     char *buf = malloc(MAX_VALUE + 2);
     size_t n = 0;
+    const char *bad = NULL;
     if (!buf)
-        return NULL;
+        return fail("value", "out of memory");
     while (n < MAX_VALUE + 1) {
         size_t r = fread(buf + n, 1, MAX_VALUE + 1 - n, stdin);
         if (r == 0)
             break;
         n += r;
     }
-    if (n > MAX_VALUE || ferror(stdin)) {
+    if (ferror(stdin)) {
         wipe_free(buf, MAX_VALUE + 2);
-        fprintf(stderr, "mr-secrets: the value on stdin is over %d bytes or unreadable\n", MAX_VALUE);
-        return NULL;
+        fprintf(stderr, "mr-secrets: cannot read the value of %s on stdin: nothing stored\n", name);
+        return 1;
     }
-    if (n > 0 && buf[n - 1] == '\n')
-        n--;
-    if (n > 0 && buf[n - 1] == '\r')
-        n--;
-    buf[n] = '\0';
-    if (memchr(buf, '\0', n)) {
+    char over[48];
+    if (n > MAX_VALUE) {
+        snprintf(over, sizeof over, "is over %d bytes", MAX_VALUE);
+        bad = over;
+    } else {
+        if (n > 0 && buf[n - 1] == '\n')
+            n--;
+        if (n > 0 && buf[n - 1] == '\r')
+            n--;
+        buf[n] = '\0';
+        if (memchr(buf, '\0', n))
+            bad = "holds a NUL byte";
+        else if (!mr_appenv_valid_value(buf))
+            bad = "is not UTF-8 text (the app's environment reaches Dokku as JSON)";
+    }
+    if (bad) {
         wipe_free(buf, MAX_VALUE + 2);
-        fprintf(stderr, "mr-secrets: the value holds a NUL byte\n");
-        return NULL;
+        fprintf(stderr, "mr-secrets: the value of %s %s: nothing stored\n", name, bad);
+        return 2;
     }
+    *out = buf;
     *len = n;
-    return buf;
+    return 0;
 }
 
 /* 1 when the instance exists (and, with live, is neither destroyed nor being
@@ -218,15 +238,10 @@ static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *
     if (kc != 1)
         return kc == 0 ? 2 : 1;
     size_t len = 0;
-    char *value = read_value(&len);
-    if (!value)
-        return 1;
-    if (!mr_appenv_valid_value(value)) {
-        wipe_free(value, MAX_VALUE + 2);
-        fprintf(stderr, "mr-secrets: the value of %s is not UTF-8 text (the app's environment "
-                        "reaches Dokku as JSON): nothing stored\n", name);
-        return 2;
-    }
+    char *value = NULL;
+    int vr = read_value(name, &value, &len);
+    if (vr != 0)
+        return vr;
     char ctx[MR_SECRETS_CONTEXT_MAX], err[256] = "", digest[MR_SECRETS_DIGEST_LEN + 1];
     char *ct = NULL, *stored = NULL, *out = NULL;
     int rc = 1, stale = 0;

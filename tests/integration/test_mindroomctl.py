@@ -842,6 +842,49 @@ def test_env_set_refuses_a_value_that_is_not_utf8(stack):
     assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
+def test_env_set_refuses_every_bad_value_alike(stack):
+    """A value `env set` does not take is the operator's input, refused as a name or a
+    value that is not UTF-8 is (docs/operations.md: exit 2, bad usage): one with a NUL
+    byte, or over 64 KiB, too. Nothing stored, nothing owed. Stdin that cannot be read
+    is a failure (1), not bad input."""
+    sid = new_subscription(stack, "starter")
+    iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
+             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
+             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
+             MR_ENV_FILE="/nonexistent-mindroomctl.env")
+    if stack.env.get("DATABASE_POOLER"):
+        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+
+    def env_set(value=None, stdin=None):
+        kw = {"input": value} if stdin is None else {"stdin": stdin}
+        return subprocess.run([CTL, "env", "set", iid, "BAD_VALUE"], env=e, capture_output=True,
+                              timeout=60, **kw)
+
+    def stored():
+        return stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                         "AND name = 'BAD_VALUE'", iid)[0][0]
+
+    before = stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0]
+    for bad, needle in ((b"sk-\x00-secret", b"NUL byte"), (b"x" * (64 * 1024 + 1), b"over 65536 bytes"),
+                        (b"caf\xe9", b"not UTF-8")):
+        p = env_set(bad)
+        assert p.returncode == 2 and needle in p.stderr and b"nothing stored" in p.stderr, \
+            (bad[:16], p.returncode, p.stderr)
+    assert stored() == 0
+    assert stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0] == before
+    fd = os.open("/", os.O_RDONLY)       # a directory: every read fails
+    try:
+        p = env_set(stdin=fd)
+    finally:
+        os.close(fd)
+    assert p.returncode == 1 and b"cannot read the value" in p.stderr, (p.returncode, p.stderr)
+    assert stored() == 0
+    p = env_set(b"sk-" + b"x" * 60)
+    assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
 def test_env_set_refuses_a_name_the_instance_must_not_get_from_an_operator(stack):
     """A variable set with `env set` reaches MindRoom's process: PATH, HOME or LD_PRELOAD
     would change what runs in it, PORT where Dokku routes to, and a name the control
