@@ -597,6 +597,26 @@ def test_a_reader_that_stops_reading_a_stack_call_is_no_error(stack, prov, envfi
         assert instance(stack, sid)["status"] == "running"
 
 
+def test_a_malformed_stack_setting_is_bad_configuration():
+    """docs/operations.md: exit status 2 is bad usage or configuration, a setting
+    missing or malformed. A FUNCTIONS_URL that is no URL, or a MINDROOMCTL_TIMEOUT that
+    is no number of seconds, is that (not a refusal or failure of the stack): 2, naming
+    the setting, with and without --wait."""
+    base = {"SUPABASE_JWT_SECRET": "s" * 40, "DATABASE_URL": ""}
+    sub = str(uuid.uuid4())
+    for env, needle in (({"FUNCTIONS_URL": "http://exa mple/functions/v1"}, "FUNCTIONS_URL"),
+                        ({"FUNCTIONS_URL": "http://"}, "FUNCTIONS_URL"),
+                        ({"FUNCTIONS_URL": "htp://127.0.0.1:1/functions/v1"}, "FUNCTIONS_URL"),
+                        ({"FUNCTIONS_URL": "http://127.0.0.1:99999/functions/v1"}, "FUNCTIONS_URL"),
+                        ({"FUNCTIONS_URL": "http://127.0.0.1:%d/functions/v1" % mr.free_port(),
+                          "MINDROOMCTL_TIMEOUT": "ten"}, "MINDROOMCTL_TIMEOUT")):
+        for args in (("health",), ("provision", sub, "--wait")):
+            fails(ctl(*args, env=dict(base, **env)), 2, needle)
+    # A well-formed URL where nothing listens is the stack not reached: 1.
+    fails(ctl("health", env=dict(base, FUNCTIONS_URL="http://127.0.0.1:%d/functions/v1" % mr.free_port(),
+                                 MINDROOMCTL_TIMEOUT="30")), 1, "cannot reach the stack")
+
+
 def test_wrong_ids_are_explained(stack, envfile):
     fails(ctl("--env", envfile, "provision", "not-a-uuid"), 2, "must be a uuid")
     fails(ctl("--env", envfile, "provision"), 2, "SUBSCRIPTION_ID is missing")
