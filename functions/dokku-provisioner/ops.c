@@ -13,7 +13,7 @@
  *     storage:info -> storage:create (only when missing)
  *     storage:mount (idempotent: same entry, same container dir)
  *     [storage:labels:set <entry> mindroom.chat/storage-gb <N>]
- *     resource:limit -> [network:set attach-post-create] -> ports:set ->
+ *     resource:limit -> [network:set attach-post-create] -> ports:set -> checks:disable ->
  *     [config:get -> [config:unset --no-restart] -> config:import --no-restart --format json]
  *     -> domains:set -> [certs:add]
  *     [storage:exec <entry> -- tar ...]          the homeserver's configuration
@@ -23,7 +23,8 @@
  * With DOKKU_SCHEDULER=k3s the same sequence differs where Dokku's k3s
  * scheduler does: no network (MindRoom reaches the homeserver's Service),
  * scheduler:set after apps:create, storage:create --scheduler k3s with a size,
- * resource:reserve after resource:limit (Kubernetes units), cert-manager
+ * resource:reserve after resource:limit (Kubernetes units), no checks:disable
+ * (the k3s scheduler does not read it), cert-manager
  * through scheduler-k3s:set instead of the letsencrypt plugin, and a
  * storage:exec for both apps (it makes the volume's root the app's own).
  *
@@ -428,6 +429,16 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
          * certificate source (cert-manager or an imported certificate). */
         const char *a[] = {"ports:set", p->app, http,
                            cfg->tls != PROV_TLS_OFF && !k3s ? https : NULL, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    if (!k3s) {
+        /* Dokku's zero-downtime deploy starts the new container beside the old
+         * one and retires the old one only after its checks: for that while two
+         * processes share the app's storage (two Synapses on one SQLite database,
+         * which Synapse assumes it alone writes; two MindRooms on one state
+         * directory and one set of Matrix accounts). Disabled, every deploy,
+         * rebuild and restart stops the old container before starting the new. */
+        const char *a[] = {"checks:disable", p->app, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
     if (p->env) {

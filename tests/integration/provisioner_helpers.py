@@ -423,6 +423,8 @@ def app_sequence(app, entry, cdir, uid, mem_, cpu, gb, network, port, domain, im
     if network and not k3s:
         seq.append(["network:set", app, "attach-post-create", network])
     seq.append(["ports:set", app] + ports(port, tls, k3s).split())
+    if not k3s:
+        seq.append(["checks:disable", app])
     if config:
         seq.append(["config:get", app, "MINDROOM_MANAGED_ENV"])
         seq.append(None)

@@ -178,6 +178,25 @@ def test_without_a_homeserver_only_mindroom_is_deployed(stack, dokku):
     assert not dokku.exists("mindroom-solo-matrix")
 
 
+def test_no_deploy_starts_an_app_beside_its_running_container(stack, dokku):
+    """One process at a time on each storage entry: Synapse assumes it alone
+    writes its SQLite database, and MindRoom its state and Matrix sessions. Dokku's
+    zero-downtime deploy would start the new container beside the old one."""
+    if K3S:
+        pytest.skip("the k3s scheduler does not read checks:disable; its Deployment rolls")
+    app = "mindroom-overlap"
+    assert post(stack, body(app, "soverlap")).status == 201
+    # A plan change rebuilds both apps, a restart replaces both containers.
+    r = post(stack, body(app, "soverlap", 768, 0.75, hs_memory_mb=384))
+    assert r.status == 200 and r.json["restarted"] is True, r
+    assert call(stack, "POST", "/apps/%s/restart" % app).status == 200
+    n = names(app)
+    for a in (n["hs"], n["app"]):
+        assert dokku.app(a, "checks-disabled") == "_all_"
+        assert dokku.app(a, "overlaps") is None, a
+        assert dokku.app(a, "running") == "true"
+
+
 # ---- update, repeat ----------------------------------------------------------------
 
 def test_create_twice_creates_once_and_does_not_restart(stack, dokku):
