@@ -138,6 +138,7 @@ static const char hs_yaml[] =
     "  args:\n"
     "    database: " PROV_HS_DATA_DIR "/homeserver.db\n"
     "media_store_path: " PROV_HS_DATA_DIR "/media_store\n"
+    "max_upload_size: " PROV_HS_MAX_UPLOAD "\n"
     "signing_key_path: " PROV_HS_DATA_DIR "/signing.key\n"
     "registration_shared_secret_path: " PROV_HS_DATA_DIR "/registration_shared_secret\n"
     "macaroon_secret_key_path: " PROV_HS_DATA_DIR "/macaroon_secret_key\n"

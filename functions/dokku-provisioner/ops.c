@@ -14,6 +14,7 @@
  *     storage:mount (idempotent: same entry, same container dir)
  *     [storage:labels:set <entry> mindroom.chat/storage-gb <N>]
  *     resource:limit -> [network:set attach-post-create] -> ports:set -> checks:disable ->
+ *     [nginx:set client-max-body-size]           the homeserver only
  *     [config:get -> [config:unset --no-restart] -> config:import --no-restart --format json]
  *     -> domains:set -> [certs:add]
  *     [storage:exec <entry> -- tar ...]          the homeserver's configuration
@@ -321,6 +322,7 @@ typedef struct {
     const unsigned char *files;  /* tarball for storage:exec before the deploy, or NULL */
     size_t files_len;
     const char *const *fp_extra; /* more values the app depends on (NULL-terminated), or NULL */
+    const char *body_max;        /* nginx client-max-body-size of its public host, or NULL */
     int created;                 /* out: apps:create ran */
     int started;                 /* out: the app's processes were replaced or started here
                                   * (a deploy, a rebuild, a start of a stopped app) */
@@ -350,6 +352,9 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     for (size_t i = 0; i < MR_ARRAY_LEN(items); i++) fp_add(&t, items[i]);
     if (p->env) fp_add_env(&t, p->app, p->env, p->n_env);
     for (size_t i = 0; p->fp_extra && p->fp_extra[i]; i++) fp_add(&t, p->fp_extra[i]);
+    /* nginx properties take effect when Dokku rebuilds the app's proxy config:
+     * on a deploy or rebuild. */
+    if (p->body_max) fp_add(&t, p->body_max);
     if (k3s) {
         const char *more[] = {"k3s", cfg->storage_class, cfg->acme_email, cfg->cert_issuer,
                               cfg->tls == PROV_TLS_ISSUER ? "issuer" : ""};
@@ -439,6 +444,11 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
          * directory and one set of Matrix accounts). Disabled, every deploy,
          * rebuild and restart stops the old container before starting the new. */
         const char *a[] = {"checks:disable", p->app, NULL};
+        if ((e = must(c, a, quick)) != MR_OK) return e;
+    }
+    if (p->body_max) {
+        /* k3s turns it into the ingress's proxy-body-size annotation. */
+        const char *a[] = {"nginx:set", p->app, "client-max-body-size", p->body_max, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
     if (p->env) {
@@ -653,7 +663,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
                        .container_dir = PROV_HS_DATA_DIR, .network = k3s ? NULL : nm.network,
                        .domain = hs_host, .lim = &spec->hs.lim, .uid = PROV_HS_UID,
                        .port = PROV_HS_PORT, .files = files.data, .files_len = files.len,
-                       .fp_extra = extra};
+                       .fp_extra = extra, .body_max = PROV_HS_MAX_UPLOAD};
         if ((e = apply_app(&c, &hp)) != MR_OK) goto done;
         hs_started = hp.started;
     }

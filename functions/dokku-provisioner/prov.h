@@ -38,6 +38,10 @@ typedef enum { PROV_SCHED_DOCKER_LOCAL, PROV_SCHED_K3S } prov_scheduler;
 #define PROV_HS_DATA_DIR "/data"
 #define PROV_HS_PORT 8008
 #define PROV_HS_UID 991
+/* The largest upload Synapse takes (its max_upload_size, written into
+ * homeserver.yaml), and the request body the homeserver's public proxy lets
+ * through (nginx:set client-max-body-size): Dokku's nginx default is 1m. */
+#define PROV_HS_MAX_UPLOAD "50M"
 /* On k3s, Dokku exposes an app's web process as the Service <app>-web in the
  * app's namespace, on the host port of its http mapping (80). The provisioner
  * leaves the k3s `namespace` property at its default, where Dokku also makes

@@ -27,6 +27,8 @@ MINDROOM_PORT = 8765
 MINDROOM_DIR = "/mindroom_data"
 MINDROOM_UID = 1000
 HS_UID = 991
+# Synapse's max_upload_size, and the body its public host's nginx lets through.
+HS_MAX_UPLOAD = "50M"
 LABEL = "mindroom.chat/storage-gb"
 TAR = ["--", "tar", "-x", "-f", "-", "-C", "/data"]
 SCHEDULER = os.environ.get("MR_DOKKU_SCHEDULER", "docker-local")
@@ -425,6 +427,8 @@ def app_sequence(app, entry, cdir, uid, mem_, cpu, gb, network, port, domain, im
     seq.append(["ports:set", app] + ports(port, tls, k3s).split())
     if not k3s:
         seq.append(["checks:disable", app])
+    if files:   # the homeserver
+        seq.append(["nginx:set", app, "client-max-body-size", HS_MAX_UPLOAD])
     if config:
         seq.append(["config:get", app, "MINDROOM_MANAGED_ENV"])
         seq.append(None)

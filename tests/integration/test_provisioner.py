@@ -12,8 +12,9 @@ import threading
 import pytest
 
 import mr
-from provisioner_helpers import (DOMAIN, DONE, HS_UID, IMAGE, K3S, LABEL, MATRIX_IMAGE,
-                                 MINDROOM_DIR, MINDROOM_UID, TAR, Dokku, body, create_sequence,
+from provisioner_helpers import (DOMAIN, DONE, HS_MAX_UPLOAD, HS_UID, IMAGE, K3S, LABEL,
+                                 MATRIX_IMAGE, MINDROOM_DIR, MINDROOM_UID, TAR, Dokku, body,
+                                 create_sequence,
                                  destroy_sequence, hs_internal_url, hs_secrets, imported,
                                  managed, match, matrix_host, mem, names,
                                  network_teardown, ports, storage_destroy, subcommand)
@@ -176,6 +177,18 @@ def test_without_a_homeserver_only_mindroom_is_deployed(stack, dokku):
     assert dokku.config("mindroom-solo") == managed({"MINDROOM_TIER": "starter",
                                                      "MINDROOM_STORAGE_PATH": MINDROOM_DIR})
     assert not dokku.exists("mindroom-solo-matrix")
+
+
+def test_the_homeserver_takes_uploads_as_large_as_synapse_does(stack, dokku):
+    """Dokku's nginx refuses a body over 1m by default; Synapse takes uploads up to
+    its max_upload_size: the homeserver's public host lets that much through."""
+    app = "mindroom-upload"
+    assert post(stack, body(app, "supload")).status == 201
+    n = names(app)
+    yaml = (dokku.host_dir(n["hs_data"]) / "homeserver.yaml").read_text()
+    assert "max_upload_size: %s\n" % HS_MAX_UPLOAD in yaml
+    assert dokku.app_json(n["hs"], "nginx.json") == {"client-max-body-size": HS_MAX_UPLOAD}
+    assert dokku.app_json(app, "nginx.json") is None
 
 
 def test_no_deploy_starts_an_app_beside_its_running_container(stack, dokku):

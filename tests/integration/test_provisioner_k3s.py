@@ -55,6 +55,7 @@ def test_create_on_k3s_runs_the_documented_k3s_commands(stack, dokku):
         ["resource:limit", "--memory", "256Mi", "--cpu", "0.25", hs],
         ["resource:reserve", "--memory", "256Mi", "--cpu", "0.25", hs],
         ["ports:set", hs, "http:80:8008"],
+        ["nginx:set", hs, "client-max-body-size", "50M"],
         ["domains:set", hs, "skube-matrix.mr.test"],
         ["scheduler-k3s:set", hs, "cert-issuer-name", "acme-dns"],
         ["storage:exec", hsd] + TAR,
@@ -95,6 +96,10 @@ def test_create_on_k3s_runs_the_documented_k3s_commands(stack, dokku):
         if os.geteuid() == 0:
             assert st.st_uid == uid
     assert (dokku.host_dir(hsd) / "homeserver.yaml").exists()
+    # The ingress takes the uploads Synapse takes (client-max-body-size becomes its
+    # proxy-body-size annotation on k3s).
+    assert dokku.app_json(hs, "nginx.json") == {"client-max-body-size": "50M"}
+    assert dokku.app_json(APP, "nginx.json") is None
 
 
 def test_a_repeat_on_k3s_creates_nothing_and_restarts_nothing(stack, dokku):
