@@ -30,7 +30,8 @@ int mr_appenv_reserved_key(const char *key)
     static const char *const mine[] = {
         /* the provisioner's (docs/instance.md) */
         "MATRIX_HOMESERVER", "MATRIX_SERVER_NAME", "MATRIX_REGISTRATION_SHARED_SECRET",
-        "MINDROOM_STORAGE_PATH", MR_APPENV_MANAGED,
+        "MINDROOM_STORAGE_PATH", "MINDROOM_CONFIG_PATH", "MINDROOM_CONFIG_TEMPLATE",
+        MR_APPENV_MANAGED,
         /* Dokku's: the port it routes to */
         "PORT",
         /* what the container's processes are found and run by */

@@ -596,7 +596,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     begin(out, cfg);
     prov_result *res = prov_result_new();
     /* MindRoom's environment: the request's plus what the provisioner defines. */
-    prov_env *env = calloc(spec->n_env + 5, sizeof *env);
+    prov_env *env = calloc(spec->n_env + 7, sizeof *env);
     run_ctx c = {cfg, out, res, err, errlen};
     int lockfd = -1;
     unsigned char *cjson = NULL;
@@ -639,6 +639,12 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     int hs_started = 0;
     for (size_t i = 0; i < spec->n_env; i++) env[n++] = spec->env[i];
     env[n++] = (prov_env){"MINDROOM_STORAGE_PATH", cfg->mindroom_data_dir};
+    /* Its configuration too lives in its storage entry: unset, MindRoom reads and
+     * saves the config.yaml of its working directory, which every deploy replaces. */
+    char config_path[256];
+    snprintf(config_path, sizeof config_path, "%s" PROV_MINDROOM_CONFIG, cfg->mindroom_data_dir);
+    env[n++] = (prov_env){"MINDROOM_CONFIG_PATH", config_path};
+    env[n++] = (prov_env){"MINDROOM_CONFIG_TEMPLATE", PROV_MINDROOM_CONFIG_TEMPLATE};
 
     /* 1. The homeserver first: MindRoom expects it when it starts. */
     if (spec->hs.present) {

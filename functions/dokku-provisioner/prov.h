@@ -42,6 +42,11 @@ typedef enum { PROV_SCHED_DOCKER_LOCAL, PROV_SCHED_K3S } prov_scheduler;
  * homeserver.yaml), and the request body the homeserver's public proxy lets
  * through (nginx:set client-max-body-size): Dokku's nginx default is 1m. */
 #define PROV_HS_MAX_UPLOAD "50M"
+/* MindRoom's configuration, kept in its storage entry (under MINDROOM_DATA_DIR)
+ * so that what its dashboard saves survives a redeploy; seeded by MindRoom on
+ * its first start from the config.yaml its image ships (WORKDIR /app). */
+#define PROV_MINDROOM_CONFIG "/config/config.yaml"
+#define PROV_MINDROOM_CONFIG_TEMPLATE "/app/config.yaml"
 /* On k3s, Dokku exposes an app's web process as the Service <app>-web in the
  * app's namespace, on the host port of its http mapping (80). The provisioner
  * leaves the k3s `namespace` property at its default, where Dokku also makes

@@ -25,6 +25,11 @@ DOMAIN = "mr.test"
 PREFIX = "mindroom-"
 MINDROOM_PORT = 8765
 MINDROOM_DIR = "/mindroom_data"
+# What the provisioner puts in every MindRoom's environment: where its data and
+# its configuration (seeded from the image's own) live, both in its storage.
+MINDROOM_CONFIG = MINDROOM_DIR + "/config/config.yaml"
+MINDROOM_OWN = {"MINDROOM_STORAGE_PATH": MINDROOM_DIR, "MINDROOM_CONFIG_PATH": MINDROOM_CONFIG,
+                "MINDROOM_CONFIG_TEMPLATE": "/app/config.yaml"}
 MINDROOM_UID = 1000
 HS_UID = 991
 # Synapse's max_upload_size, and the body its public host's nginx lets through.

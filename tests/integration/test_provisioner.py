@@ -13,8 +13,8 @@ import pytest
 
 import mr
 from provisioner_helpers import (DOMAIN, DONE, HS_MAX_UPLOAD, HS_UID, IMAGE, K3S, LABEL,
-                                 MATRIX_IMAGE, MINDROOM_DIR, MINDROOM_UID, TAR, Dokku, body,
-                                 create_sequence,
+                                 MATRIX_IMAGE, MINDROOM_CONFIG, MINDROOM_DIR, MINDROOM_OWN,
+                                 MINDROOM_UID, TAR, Dokku, body, create_sequence,
                                  destroy_sequence, hs_internal_url, hs_secrets, imported,
                                  managed, match, matrix_host, mem, names,
                                  network_teardown, ports, storage_destroy, subcommand)
@@ -71,7 +71,7 @@ def test_create_runs_the_exact_sequence(stack, dokku):
     # reach its homeserver over the private network (not the public domain).
     cfg = [c for c in calls if c[0] == "config:import"][0]
     assert cfg == ["config:import", "--no-restart", "--format", "json", "mindroom-create", "-"]
-    want = managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR,
+    want = managed(dict(env, **MINDROOM_OWN,
                         MATRIX_HOMESERVER=hs_internal_url("mindroom-create"),
                         MATRIX_SERVER_NAME="screate-matrix." + DOMAIN,
                         MATRIX_REGISTRATION_SHARED_SECRET=sec["registration_shared_secret"]))
@@ -174,9 +174,27 @@ def test_without_a_homeserver_only_mindroom_is_deployed(stack, dokku):
     assert r.json["storage"] == {"mindroom": "present"}
     match(dokku.new_calls(), create_sequence("mindroom-solo", "ssolo", hs=False, gb=gb,
                                              tls="letsencrypt"))
-    assert dokku.config("mindroom-solo") == managed({"MINDROOM_TIER": "starter",
-                                                     "MINDROOM_STORAGE_PATH": MINDROOM_DIR})
+    assert dokku.config("mindroom-solo") == managed(dict({"MINDROOM_TIER": "starter"},
+                                                         **MINDROOM_OWN))
     assert not dokku.exists("mindroom-solo-matrix")
+
+
+def test_mindroom_keeps_its_configuration_in_its_storage(stack, dokku):
+    """MindRoom reads and saves its config.yaml at MINDROOM_CONFIG_PATH (unset:
+    the one in its working directory, inside the container): it is in the
+    storage entry, so what the dashboard saved is still there after a plan
+    change's rebuild and a restart."""
+    app = "mindroom-cfgkept"
+    assert post(stack, body(app, "scfgkept")).status == 201
+    cfg = dokku.config(app)
+    assert {k: cfg.get(k) for k in MINDROOM_OWN} == MINDROOM_OWN
+    assert cfg["MINDROOM_CONFIG_PATH"].startswith(MINDROOM_DIR + "/")
+    saved = "agents:\n  saved: {}\n"
+    dokku.container_write(app, MINDROOM_CONFIG, saved)
+    r = post(stack, body(app, "scfgkept", 768, 0.75))
+    assert r.status == 200 and r.json["restarted"] is True, r
+    assert call(stack, "POST", "/apps/%s/restart" % app).status == 200
+    assert dokku.container_read(app, MINDROOM_CONFIG) == saved
 
 
 def test_the_homeserver_takes_uploads_as_large_as_synapse_does(stack, dokku):
@@ -298,7 +316,7 @@ def test_values_with_newlines_and_shell_reach_the_app_intact(stack, dokku):
     assert r.status == 201, r
     calls = dokku.new_calls()
     cfg = [c for c in calls if c[0] == "config:import"][0]
-    assert imported(cfg) == managed(dict(env, MINDROOM_STORAGE_PATH=MINDROOM_DIR))
+    assert imported(cfg) == managed(dict(env, **MINDROOM_OWN))
     # No value appears in clear anywhere on any command line ...
     for c in calls:
         for a in c:
@@ -725,6 +743,7 @@ def test_bad_subdomains_run_nothing(stack, dokku, sub):
 @pytest.mark.parametrize("key", ["A=B", "A B", "lower", "1A", "", "A-B", "A;B", "A\nB",
                                  "DOKKU_PROXY_PORT", "\u00c4", "MATRIX_HOMESERVER",
                                  "MATRIX_REGISTRATION_SHARED_SECRET", "MINDROOM_STORAGE_PATH",
+                                 "MINDROOM_CONFIG_PATH", "MINDROOM_CONFIG_TEMPLATE",
                                  "MATRIX_SERVER_NAME", "MINDROOM_MANAGED_ENV"])
 def test_bad_env_keys_run_nothing(stack, dokku, key):
     dokku.mark()
@@ -1063,7 +1082,7 @@ def test_a_variable_no_longer_sent_is_unset_and_nothing_else(stack, dokku):
     # Before the config:import that records the new names, and before the deploy.
     order = [c[0] for c in calls]
     assert order.index("config:unset") < order.index("config:import") < order.index("ps:rebuild")
-    want = managed({"MINDROOM_TIER": "starter", "MINDROOM_STORAGE_PATH": MINDROOM_DIR})
+    want = managed(dict({"MINDROOM_TIER": "starter"}, **MINDROOM_OWN))
     assert dokku.config(app) == dict(want, DOKKU_APP_RESTORE="1", BY_HAND="kept")
     assert dokku.app_json(app, "container.json")["image"] == IMAGE
 

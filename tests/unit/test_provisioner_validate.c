@@ -62,7 +62,8 @@ static void test_env_reserved(void **state)
     (void)state;
     const char *reserved[] = {"DOKKU_APP_TYPE", "PORT", "PATH", "HOME", "LD_PRELOAD",
                               "LD_LIBRARY_PATH", "PYTHONPATH", "MATRIX_HOMESERVER",
-                              "MINDROOM_STORAGE_PATH", MR_APPENV_MANAGED, NULL};
+                              "MINDROOM_STORAGE_PATH", "MINDROOM_CONFIG_PATH",
+                              "MINDROOM_CONFIG_TEMPLATE", MR_APPENV_MANAGED, NULL};
     const char *ours[] = {"MINDROOM_INSTANCE_ID", "MINDROOM_TIER", "MAX_AGENTS",
                           MR_APPENV_CONTROL_PLANE_TOKEN, MR_APPENV_CONTROL_PLANE_URL, NULL};
     const char *free_[] = {"OPENAI_API_KEY", "PATHS", "LDAP_URL", "MINDROOM_LOG_LEVEL", NULL};
