@@ -355,6 +355,11 @@ mr_identity mr_req_service(const mr_req *r)
     return who;
 }
 
+const char *mr_req_header(const mr_req *r, const char *cgi_name)
+{
+    return r->fcgx ? FCGX_GetParam(cgi_name, r->fcgx->envp) : NULL;
+}
+
 int mr_req_instance_id(mr_req *r, char id[40])
 {
     static const char *const members[] = {"instance_id", NULL};

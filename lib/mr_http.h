@@ -141,6 +141,10 @@ void mr_reply_err(mr_req *r, mr_err e, const char *message);
  * strings stay owned by the runtime (valid until the request ends). */
 mr_identity mr_req_service(const mr_req *r);
 
+/* A request header nginx passed, by its CGI name ("HTTP_IDEMPOTENCY_KEY" for
+ * Idempotency-Key), or NULL when the request has none. Valid until it ends. */
+const char *mr_req_header(const mr_req *r, const char *cgi_name);
+
 /* The one instance a request names: ?instance_id=<uuid> or a JSON body
  * {"instance_id": <uuid>} (a body may also be empty or {}); "" in id when neither
  * names one. An instance_id given must be a UUID, once: an empty one (a script's

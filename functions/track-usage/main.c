@@ -11,6 +11,11 @@
  *       the plan's distinct agents of the day. Nothing was counted.
  *   401 no token, not a token, unknown or revoked (a rotated token stops working
  *       with the rotation's commit); 400 a bad body (nothing counted).
+ * With "Idempotency-Key: <1-255 visible ASCII characters>", a report whose key the
+ * instance used before (until the end of the day after) counts nothing: it is
+ * answered as the first one was, with the counters as they are and
+ * "Idempotent-Replayed: true"; 422 when that first report named another agent or
+ * tool.
  *
  * Verification: the token's key id finds its credential (public.instance_tokens:
  * instance id and SHA-256 of the token), and the hashes are compared in constant
@@ -49,7 +54,17 @@ static const mr_db_stmt lookup_stmt = {
     " WHERE t.key_id = $1",
     1};
 static const mr_db_stmt track_stmt = {
-    "mr_tu_track", "SELECT public.instance_track_usage($1::uuid, $2, $3, $4)::text", 4};
+    "mr_tu_track", "SELECT public.instance_track_usage($1::uuid, $2, $3, $4, $5)::text", 5};
+
+/* An Idempotency-Key: 1 to 255 visible ASCII characters (migration 181's check). */
+static int valid_idempotency_key(const char *k)
+{
+    size_t n = strlen(k);
+    for (size_t i = 0; i < n; i++)
+        if (k[i] < '!' || k[i] > '~')
+            return 0;
+    return n >= 1 && n <= 255;
+}
 
 static void worker_init(void)
 {
@@ -144,6 +159,13 @@ static void handle(mr_req *r)
         mr_reply_error(r, 400, "invalid_report", "%s", err);
         return;
     }
+    const char *idem = mr_req_header(r, "HTTP_IDEMPOTENCY_KEY");
+    if (idem && !valid_idempotency_key(idem)) {
+        OPENSSL_cleanse(token, sizeof token);
+        mr_reply_error(r, 400, "invalid_report",
+                       "Idempotency-Key must be 1 to 255 visible ASCII characters");
+        return;
+    }
 
     /* 2. Whose token. */
     char iid[40];
@@ -159,7 +181,8 @@ static void handle(mr_req *r)
     }
 
     /* 3. Count it (or not), in one round trip. */
-    const char *p[] = {iid, key_id, rep.agent[0] ? rep.agent : NULL, rep.tool[0] ? rep.tool : NULL};
+    const char *p[] = {iid, key_id, rep.agent[0] ? rep.agent : NULL, rep.tool[0] ? rep.tool : NULL,
+                       idem};
     cJSON *res = NULL;
     mr_identity who = mr_req_service(r);
     e = mr_db_call_json(r->db, &who, &track_stmt, p, &res, err, sizeof err);
@@ -175,6 +198,13 @@ static void handle(mr_req *r)
         forget(key_id);
         cJSON_Delete(res);
         unauthorized(r, "unknown or revoked instance token");
+        return;
+    }
+    if (strcmp(outcome, "key_reused") == 0) {
+        cJSON_Delete(res);
+        mr_reply_error(r, 422, "idempotency_key_reused",
+                       "this Idempotency-Key was sent with a report of another agent or tool: "
+                       "give each message a key of its own");
         return;
     }
 
@@ -200,9 +230,13 @@ static void handle(mr_req *r)
     cJSON *ag = cJSON_AddObjectToObject(out, "agents");
     cJSON_AddNumberToObject(ag, "used", (double)agents_today);
     cJSON_AddNumberToObject(ag, "max", (double)max_agents);
+    /* Sent again: what the first one was answered, and it says so. */
+    const char *replayed = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "replayed"))
+                               ? "Idempotent-Replayed: true" : NULL;
     if (allowed) {
         cJSON_Delete(res);
-        mr_reply_json(r, 200, out);
+        const char *const hdr[] = {replayed, NULL};
+        mr_reply_json_h(r, 200, out, hdr);
         return;
     }
     int agents = limit && strcmp(limit, "agents") == 0;
@@ -216,7 +250,7 @@ static void handle(mr_req *r)
     cJSON_Delete(res);
     char after[48];
     snprintf(after, sizeof after, "Retry-After: %lld", (long long)retry);
-    const char *const hdr[] = {after, NULL};
+    const char *const hdr[] = {after, replayed, NULL};
     mr_reply_json_h(r, 429, out, hdr);
 }
 

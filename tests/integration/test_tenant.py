@@ -721,3 +721,30 @@ def test_a_report_with_a_raw_nul_in_a_name_is_refused_and_counts_nothing(stack, 
                    headers={"Content-Type": "application/json", "User-Agent": UA})
     assert r.status == 400, r
     assert usage(stack, iid) == before
+
+
+def test_a_report_sent_again_with_its_key_is_counted_once(stack, dokku):
+    """An instance that got no answer cannot know whether its report was counted:
+    sent again with the same Idempotency-Key it is answered as the first time, says
+    so, and counts nothing. The key with another message is refused; a malformed key
+    is a bad report; another key counts."""
+    _, inst = live_instance(stack, "professional")
+    iid, token = str(inst["id"]), token_of(dokku, inst)
+    key = {"Idempotency-Key": "msg-" + uuid.uuid4().hex}
+    first = report(stack, token, {"agent": "general", "tool": "search"}, headers=key)
+    assert first.status == 200 and first.headers.get("Idempotent-Replayed") is None, first
+    again = report(stack, token, {"agent": "general", "tool": "search"}, headers=key)
+    assert again.status == 200 and again.headers.get("Idempotent-Replayed") == "true", again
+    assert again.json == first.json
+    assert usage(stack, iid)[0] == 1
+    # The same key for another message: the instance's mistake, said, nothing counted.
+    r = report(stack, token, {"agent": "research", "tool": "search"}, headers=key)
+    assert r.status == 422 and r.json["error"]["code"] == "idempotency_key_reused", r
+    for bad in ("", "a b", "x" * 256, "caf\u00e9".encode().decode("latin-1")):
+        r = report(stack, token, {"agent": "general"}, headers={"Idempotency-Key": bad})
+        assert r.status == 400 and "Idempotency-Key" in r.json["error"]["message"], (bad, r)
+    assert usage(stack, iid)[0] == 1
+    r = report(stack, token, {"agent": "general", "tool": "search"},
+               headers={"Idempotency-Key": "msg-" + uuid.uuid4().hex})
+    assert r.status == 200 and r.json["remaining"] == first.json["remaining"] - 1, r
+    assert usage(stack, iid)[0] == 2

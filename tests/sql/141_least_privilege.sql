@@ -24,10 +24,10 @@ SELECT t.name || ':' || coalesce((
             WHERE has_table_privilege('service_role', t.oid, p)), '') AS x
   FROM our_tables t;
 
--- What the migrations grant service_role (002, 040, 050, 060, 070, 100) and
+-- What the migrations grant service_role (002, 040, 050, 060, 070, 100, 181) and
 -- docs/schema.md describes: audit_logs append-only, plans read-only, stripe_events
 -- and billing_attempts never deleted, teardowns written only by the delete trigger,
--- token rows inserted and removed but never rewritten.
+-- token rows and usage report keys inserted and removed but never rewritten.
 SELECT is((SELECT array_agg(x ORDER BY x) FROM service_role_privileges),
           ARRAY['accounts:DELETE,INSERT,SELECT,UPDATE',
                 'audit_logs:INSERT,SELECT',
@@ -44,7 +44,8 @@ SELECT is((SELECT array_agg(x ORDER BY x) FROM service_role_privileges),
                 'stripe_cancellations:SELECT,UPDATE',
                 'stripe_events:INSERT,SELECT,UPDATE',
                 'subscriptions:DELETE,INSERT,SELECT,UPDATE',
-                'usage_metrics:DELETE,INSERT,SELECT,UPDATE'],
+                'usage_metrics:DELETE,INSERT,SELECT,UPDATE',
+                'usage_report_keys:DELETE,INSERT,SELECT'],
           'service_role holds exactly the table privileges the migrations grant it');
 
 SELECT is((SELECT coalesce(array_agg(t.name || ':' || r ORDER BY t.name, r), '{}')
