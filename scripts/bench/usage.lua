@@ -1,7 +1,9 @@
 -- wrk script for the usage-report benchmark (scripts/bench/usage_bench.py).
 -- The file holds one instance token per line. Thread k of n sends with tokens
 -- k, k+n, k+2n... in turn, so the instances are reported for round-robin.
---   wrk ... -s usage.lua URL -- FILE NTHREADS
+-- With "keys", each report carries an Idempotency-Key of its own, as an instance
+-- that may send a report again does.
+--   wrk ... -s usage.lua URL -- FILE NTHREADS [keys]
 local counter = 0
 local threads = {}
 
@@ -13,10 +15,12 @@ end
 
 function init(args)
   local file, n = args[1], tonumber(args[2])
-  reqs = {}
+  keys = args[3] == "keys"
+  reqs, tokens = {}, {}
   local i = 0
   for token in io.lines(file) do
     if i % n == id then
+      tokens[#tokens + 1] = token
       reqs[#reqs + 1] = wrk.format("POST", nil,
         {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. token},
         '{"agent":"general"}')
@@ -24,12 +28,18 @@ function init(args)
     i = i + 1
   end
   pos = 0
+  sent = 0
   non2xx = 0
 end
 
 function request()
   pos = pos % #reqs + 1
-  return reqs[pos]
+  if not keys then return reqs[pos] end
+  sent = sent + 1
+  return wrk.format("POST", nil,
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. tokens[pos],
+     ["Idempotency-Key"] = string.format("bench-%d-%d", id, sent)},
+    '{"agent":"general"}')
 end
 
 function response(status, headers, body)

@@ -10,7 +10,8 @@ The target: reports >= 50% of the ceiling. Prints a table and writes
 build/bench/usage.json.
 
 Environment: BENCH_SECONDS (10), BENCH_CONNS (8), BENCH_WORKERS (8 track-usage
-workers), MR_BUILD (build/release).
+workers), MR_BUILD (build/release), BENCH_USAGE_KEYS=1 (every report with an
+Idempotency-Key of its own).
 """
 
 import base64
@@ -32,6 +33,8 @@ from webhook_bench import pgbench_result  # noqa: E402
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNS", "8"))
 WORKERS = int(os.environ.get("BENCH_WORKERS", "8"))
+# BENCH_USAGE_KEYS=1: every report carries an Idempotency-Key of its own.
+KEYS = os.environ.get("BENCH_USAGE_KEYS") == "1"
 INSTANCES = 100
 LUA = ROOT / "scripts/bench/usage.lua"
 OUT = ROOT / "build/bench"
@@ -85,6 +88,8 @@ def pgbench(s):
 def wrk(url, tokens_file, threads=2):
     cmd = ["wrk", "-t%d" % threads, "-c%d" % CONNS, "-d%ds" % SECONDS, "--latency",
            "-s", str(LUA), url, "--", str(tokens_file), str(threads)]
+    if KEYS:
+        cmd.append("keys")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 60)
     m = re.search(r"^RESULT (\{.*\})$", p.stdout, re.M)
     if not m:
