@@ -25,7 +25,9 @@
  * scheduler does: no network (MindRoom reaches the homeserver's Service),
  * scheduler:set after apps:create, storage:create --scheduler k3s with a size,
  * resource:reserve after resource:limit (Kubernetes units), no checks:disable
- * (the k3s scheduler does not read it), cert-manager
+ * (the k3s scheduler does not read it, and Dokku has no setting for the
+ * Deployment's rolling update: an update runs the new pod beside the old one
+ * on the same volume until the old one exits; docs/provisioner.md), cert-manager
  * through scheduler-k3s:set instead of the letsencrypt plugin, and a
  * storage:exec for both apps (it makes the volume's root the app's own).
  *
@@ -442,7 +444,9 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
          * processes share the app's storage (two Synapses on one SQLite database,
          * which Synapse assumes it alone writes; two MindRooms on one state
          * directory and one set of Matrix accounts). Disabled, every deploy,
-         * rebuild and restart stops the old container before starting the new. */
+         * rebuild and restart stops the old container before starting the new.
+         * k3s has no counterpart: Dokku's chart leaves each Deployment on
+         * Kubernetes' default rolling update and offers no setting for it. */
         const char *a[] = {"checks:disable", p->app, NULL};
         if ((e = must(c, a, quick)) != MR_OK) return e;
     }
