@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -53,15 +54,33 @@ def envfile(stack, tmp_path):
     return f
 
 
-def ctl(*args, env=None, stack_dir=None, timeout=60, stdout=subprocess.PIPE):
+def ctl(*args, env=None, stack_dir=None, timeout=60, stdout=subprocess.PIPE, input=None,
+        preexec_fn=None):
     """Runs mindroomctl; returns CompletedProcess (text). Only PATH and HOME are
-    inherited; env adds variables as an exported shell would. stdin is empty."""
+    inherited; env adds variables as an exported shell would. stdin is input, else
+    empty."""
     e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     e["MR_RUN_DIR"] = str(stack_dir or "/nonexistent-mindroomctl-stack")
     e["MR_ENV_FILE"] = "/nonexistent-mindroomctl.env"
     e.update(env or {})
-    return subprocess.run([CTL] + [str(a) for a in args], env=e, stdin=subprocess.DEVNULL,
-                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    return subprocess.run([CTL] + [str(a) for a in args], env=e,
+                          stdin=subprocess.DEVNULL if input is None else None, input=input,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
+
+
+def ctl_to_a_gone_reader(*args, ignore_sigpipe=False, **kw):
+    """ctl with stdout a pipe whose reader is already gone (`mindroomctl ... | head -1`
+    once head has what it wanted): every write is refused. With SIGPIPE at its
+    default the writer dies of it; ignored (ignore_sigpipe), the writer is told
+    "Broken pipe"."""
+    r, w = os.pipe()
+    os.close(r)
+    pre = (lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN)) if ignore_sigpipe else None
+    try:
+        return ctl(*args, stdout=w, preexec_fn=pre, **kw)
+    finally:
+        os.close(w)
 
 
 def ok(p):
@@ -552,12 +571,7 @@ def test_a_reader_that_stops_reading_is_no_error(stack, envfile):
     the pipe. That is no failure of the command and no sign of a database down:
     it stops, silent, exit 0."""
     for args in (("target", "list"), ("status",), ("concurrency",)):
-        r, w = os.pipe()
-        os.close(r)                       # a reader already gone: every write is refused
-        try:
-            p = ctl("--env", envfile, *args, stdout=w)
-        finally:
-            os.close(w)
+        p = ctl_to_a_gone_reader("--env", envfile, *args)
         assert p.returncode == 0 and p.stderr == "", (args, p.returncode, p.stderr)
     p = subprocess.run(["bash", "-o", "pipefail", "-c", '"$0" --env "$1" target list | head -1',
                         CTL, str(envfile)], env=dict(os.environ, MR_RUN_DIR="/nonexistent-mindroomctl-stack",
@@ -572,29 +586,62 @@ def test_a_reader_that_stops_reading_a_stack_call_is_no_error(stack, prov, envfi
     and probed); the command stops there, silent, exit 0: with SIGPIPE at its default
     (the writer dies of it) and ignored (the writer is told "Broken pipe"), with and
     without --wait."""
-    import signal
     sid = new_subscription(stack, "starter")
     for ignore in (False, True):
-        def pre():
-            if ignore:
-                signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         for args in (("provision", sid), ("provision", sid, "--wait"), ("health", "{iid}")):
             if "{iid}" in args:
                 args = ("health", str(instance(stack, sid)["id"]))
-            r, w = os.pipe()
-            os.close(r)                   # a reader already gone: every write is refused
-            e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-            e.update(MR_RUN_DIR="/nonexistent-mindroomctl-stack", MR_ENV_FILE="/nonexistent-mindroomctl.env")
-            try:
-                p = subprocess.run([CTL, "--env", str(envfile), *args], env=e, stdin=subprocess.DEVNULL,
-                                   stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
-                                   preexec_fn=pre)
-            finally:
-                os.close(w)
+            p = ctl_to_a_gone_reader("--env", envfile, *args, ignore_sigpipe=ignore)
             # --wait shows the instance's progress on stderr; nothing else is said.
             err = [l for l in p.stderr.splitlines() if " instance " not in l]
             assert p.returncode == 0 and err == [], (ignore, args, p.returncode, p.stderr)
         assert instance(stack, sid)["status"] == "running"
+
+
+def test_a_reader_that_stops_reading_is_no_error_for_any_command(stack, envfile):
+    """docs/operations.md: for every command, a reader that closed the pipe
+    (`mindroomctl token | head -1`) has what it wanted. What the command does is
+    done (a value set stays set, a token rotated stays rotated); it stops there,
+    silent, exit 0, with SIGPIPE at its default and ignored: also for what our
+    tools print (mr-jwt, mr-secrets), what the shell prints itself, and help."""
+    sid = new_subscription(stack, "starter")
+    iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    env = {"MINDROOM_SECRETS_KEY": stack.env["MINDROOM_SECRETS_KEY"],
+           "MR_BIN_DIR": str(mr.build_dir() / "bin")}
+    if stack.env.get("DATABASE_POOLER"):
+        env["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+
+    def stored():
+        return stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                         "AND name = 'GONE_READER_KEY'", iid)[0][0]
+
+    def rotations():
+        return stack.sql("SELECT count(*) FROM public.audit_logs WHERE action = 'instance.token_rotated' "
+                         "AND details ->> 'instance_id' = %s", iid)[0][0]
+
+    for ignore in (False, True):
+        for args in (("token",), ("token", "--role", "authenticated"), ("version",), ("--version",),
+                     ("--help",), ("help",), ("status", "--help"), ("env", "--help"),
+                     ("env", "list", iid), ("rotate-secrets-key",)):
+            p = ctl_to_a_gone_reader("--env", envfile, *args, env=env, ignore_sigpipe=ignore)
+            assert p.returncode == 0 and p.stderr == "", (ignore, args, p.returncode, p.stderr)
+        p = ctl_to_a_gone_reader("--env", envfile, "env", "set", iid, "GONE_READER_KEY", env=env,
+                                 input="sk-%s\n" % ignore, ignore_sigpipe=ignore)
+        assert p.returncode == 0 and p.stderr == "", (ignore, p.returncode, p.stderr)
+        assert stored() == 1
+        p = ctl_to_a_gone_reader("--env", envfile, "env", "unset", iid, "GONE_READER_KEY", env=env,
+                                 ignore_sigpipe=ignore)
+        assert p.returncode == 0 and p.stderr == "", (ignore, p.returncode, p.stderr)
+        assert stored() == 0
+        before = rotations()
+        p = ctl_to_a_gone_reader("--env", envfile, "rotate-instance-token", iid, ignore_sigpipe=ignore)
+        assert p.returncode == 0 and p.stderr == "", (ignore, p.returncode, p.stderr)
+        assert rotations() == before + 1
+    # A command that fails still says so, and its status stands: the rule is the reader's only.
+    p = ctl_to_a_gone_reader("--env", envfile, "rotate-instance-token", str(uuid.uuid4()))
+    assert p.returncode == 1 and "no such instance" in p.stderr, (p.returncode, p.stderr)
+    p = ctl_to_a_gone_reader("--env", envfile, "env", "set", iid, "PATH", env=env, input="/x")
+    assert p.returncode == 2 and "not a name an operator may set" in p.stderr, (p.returncode, p.stderr)
 
 
 def test_a_malformed_stack_setting_is_bad_configuration():
