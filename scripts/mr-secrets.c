@@ -2,9 +2,10 @@
  * (MINDROOM_SECRETS_KEY, _PREVIOUS) and the same contexts as the lifecycle
  * worker. PostgreSQL only ever receives ciphertext and keyed digests.
  *
- *   mr-secrets set INSTANCE NAME     the value on stdin (one trailing newline
- *                                    dropped); an update is owed only when the
- *                                    value changed (compared by keyed digest)
+ *   mr-secrets set INSTANCE NAME     the value on stdin (one trailing newline,
+ *                                    or CR LF, dropped); an update is owed only
+ *                                    when the value changed (compared by keyed
+ *                                    digest)
  *   mr-secrets unset INSTANCE NAME   removes it (an update is owed)
  *                                    (set and unset refuse an instance destroyed
  *                                    or being destroyed: nothing would deploy it)
@@ -20,8 +21,9 @@
  * appears on a command line: it comes on stdin. set and reseal refuse a keyring
  * none of whose keys sealed any of the secrets stored (a value sealed with it would
  * be one the lifecycle worker cannot open); the first secret ever stored is taken
- * under any key. set takes a value of at most 64 KiB of UTF-8 text without a NUL
- * byte (the app's environment reaches Dokku as JSON), and a NAME an operator may set
+ * under any key. set takes a value of at most 64 KiB (its line end dropped) of UTF-8
+ * text without a NUL byte (the app's environment reaches Dokku as JSON), and a NAME
+ * an operator may set
  * (mr_appenv_operator_key). Exit 0 done, 1 failed (the database, no such instance or
  * one destroyed, stdin unreadable, or a stored value that cannot be opened), 2 bad
  * usage or configuration (arguments; a NAME or a value set does not take;
@@ -40,6 +42,10 @@
 #include "mr_version.h"
 
 #define MAX_VALUE (64 * 1024)
+/* What set reads of stdin at most: MAX_VALUE, its line end (CR LF) and one byte
+ * more, so that a value over MAX_VALUE is known as such without reading the rest
+ * (the line end is dropped before the value is counted). */
+#define MAX_READ (MAX_VALUE + 3)
 
 static const mr_db_stmt put_stmt = {
     "mr_sc_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, $6::boolean)::text", 6};
@@ -118,38 +124,39 @@ static void wipe_free(char *s, size_t n)
     }
 }
 
-/* NAME's value from stdin, one trailing newline dropped, into *out (wiped and freed
- * by the caller). 0: read. 2: a value set does not take, said on stderr, nothing
- * stored: over MAX_VALUE bytes, a NUL byte, or not UTF-8 text (the app's environment
- * reaches Dokku as JSON); the operator's input, refused as a NAME an operator may not
- * set is. 1: stdin could not be read (or no memory). */
+/* NAME's value from stdin, its line end dropped (one trailing newline, or CR LF; a
+ * lone trailing CR too), into *out (wiped and freed by the caller). 0: read. 2: a
+ * value set does not take, said on stderr, nothing stored: over MAX_VALUE bytes
+ * (counted without the line end), a NUL byte, or not UTF-8 text (the app's
+ * environment reaches Dokku as JSON); the operator's input, refused as a NAME an
+ * operator may not set is. 1: stdin could not be read (or no memory). */
 static int read_value(const char *name, char **out, size_t *len)
 {
-    char *buf = malloc(MAX_VALUE + 2);
+    char *buf = malloc(MAX_READ + 1);
     size_t n = 0;
     const char *bad = NULL;
     if (!buf)
         return fail("value", "out of memory");
-    while (n < MAX_VALUE + 1) {
-        size_t r = fread(buf + n, 1, MAX_VALUE + 1 - n, stdin);
+    while (n < MAX_READ) {
+        size_t r = fread(buf + n, 1, MAX_READ - n, stdin);
         if (r == 0)
             break;
         n += r;
     }
     if (ferror(stdin)) {
-        wipe_free(buf, MAX_VALUE + 2);
+        wipe_free(buf, MAX_READ + 1);
         fprintf(stderr, "mr-secrets: cannot read the value of %s on stdin: nothing stored\n", name);
         return 1;
     }
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    if (n > 0 && buf[n - 1] == '\r')
+        n--;
     char over[48];
     if (n > MAX_VALUE) {
         snprintf(over, sizeof over, "is over %d bytes", MAX_VALUE);
         bad = over;
     } else {
-        if (n > 0 && buf[n - 1] == '\n')
-            n--;
-        if (n > 0 && buf[n - 1] == '\r')
-            n--;
         buf[n] = '\0';
         if (memchr(buf, '\0', n))
             bad = "holds a NUL byte";
@@ -157,7 +164,7 @@ static int read_value(const char *name, char **out, size_t *len)
             bad = "is not UTF-8 text (the app's environment reaches Dokku as JSON)";
     }
     if (bad) {
-        wipe_free(buf, MAX_VALUE + 2);
+        wipe_free(buf, MAX_READ + 1);
         fprintf(stderr, "mr-secrets: the value of %s %s: nothing stored\n", name, bad);
         return 2;
     }

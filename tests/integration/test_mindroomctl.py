@@ -952,6 +952,35 @@ def test_env_set_refuses_every_bad_value_alike(stack):
     assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
+def test_env_set_takes_64_kib_and_its_line_end(stack):
+    """The 64 KiB limit is the value's: one trailing newline (as `echo` adds), or CR
+    LF, is dropped before it is counted. A value of exactly 64 KiB is taken with
+    either; one byte more is refused (exit 2, nothing stored), line end or not."""
+    sid = new_subscription(stack, "starter")
+    iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    env = {"DATABASE_URL": stack.env["DATABASE_URL"],
+           "MINDROOM_SECRETS_KEY": stack.env["MINDROOM_SECRETS_KEY"],
+           "MR_BIN_DIR": str(mr.build_dir() / "bin")}
+    if stack.env.get("DATABASE_POOLER"):
+        env["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+
+    def env_set(name, value):
+        return ctl("env", "set", iid, name, env=env, input=value)
+
+    def stored(name):
+        return stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
+                         "AND name = %s", iid, name)[0][0]
+
+    full = "x" * (64 * 1024)
+    for over in (full + "y", full + "y\n", full + "y\r\n", full + "\n\n"):
+        fails(env_set("TOO_LONG", over), 2, "over 65536 bytes", "nothing stored")
+    assert stored("TOO_LONG") == 0
+    assert "owes an update" in ok(env_set("FULL_VALUE", full + "\n"))
+    # The line end was not stored: the same 64 KiB without one, or with CR LF, is no change.
+    for same in (full, full + "\r\n"):
+        assert ok(env_set("FULL_VALUE", same)) == "FULL_VALUE: unchanged\n"
+
+
 def test_env_set_refuses_a_name_the_instance_must_not_get_from_an_operator(stack):
     """A variable set with `env set` reaches MindRoom's process: PATH, HOME or LD_PRELOAD
     would change what runs in it, PORT where Dokku routes to, and a name the control
