@@ -877,6 +877,19 @@ def test_env_set_on_a_destroyed_instance_is_refused_naming_the_live_one(stack):
     assert env_cmd("list", dead).returncode == 0
 
 
+def secrets_env(stack):
+    """mindroomctl's environment for `env set`, `unset` and `list` alone: the
+    stack's database and secrets key, no stack to call and no env file."""
+    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
+             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
+             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
+             MR_ENV_FILE="/nonexistent-mindroomctl.env")
+    if stack.env.get("DATABASE_POOLER"):
+        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+    return e
+
+
 def test_env_set_refuses_a_value_that_is_not_utf8(stack):
     """The app's environment reaches Dokku as JSON (config:import), which carries only
     UTF-8 text, and the provisioner refuses anything else: a value `env set` stored
@@ -885,13 +898,7 @@ def test_env_set_refuses_a_value_that_is_not_utf8(stack):
     beyond ASCII is taken."""
     sid = new_subscription(stack, "starter")
     iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
-    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
-             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
-             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
-             MR_ENV_FILE="/nonexistent-mindroomctl.env")
-    if stack.env.get("DATABASE_POOLER"):
-        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+    e = secrets_env(stack)
 
     def env_set(value):
         return subprocess.run([CTL, "env", "set", iid, "LATIN1_PASSWORD"], input=value, env=e,
@@ -916,13 +923,7 @@ def test_env_set_refuses_every_bad_value_alike(stack):
     is a failure (1), not bad input."""
     sid = new_subscription(stack, "starter")
     iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
-    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
-             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
-             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
-             MR_ENV_FILE="/nonexistent-mindroomctl.env")
-    if stack.env.get("DATABASE_POOLER"):
-        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+    e = secrets_env(stack)
 
     def env_set(value=None, stdin=None):
         kw = {"input": value} if stdin is None else {"stdin": stdin}
@@ -989,13 +990,7 @@ def test_env_set_refuses_a_name_the_instance_must_not_get_from_an_operator(stack
     (exit 2, as bad input), nothing stored, nothing owed; an ordinary name is taken."""
     sid = new_subscription(stack, "starter")
     iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
-    e = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    e.update(DATABASE_URL=stack.env["DATABASE_URL"],
-             MINDROOM_SECRETS_KEY=stack.env["MINDROOM_SECRETS_KEY"],
-             MR_BIN_DIR=str(mr.build_dir() / "bin"), MR_RUN_DIR="/nonexistent-mindroomctl-stack",
-             MR_ENV_FILE="/nonexistent-mindroomctl.env")
-    if stack.env.get("DATABASE_POOLER"):
-        e["DATABASE_POOLER"] = stack.env["DATABASE_POOLER"]
+    e = secrets_env(stack)
 
     def env_set(name):
         return subprocess.run([CTL, "env", "set", iid, name], input="/tmp/x", env=e,
