@@ -39,19 +39,20 @@ static const char *const secret_names[] = {
 };
 static unsigned secrets_read; /* bit i: secret_names[i] was read */
 
-static int listed(const char *name, size_t len)
+/* secret_names' index of the name's first len bytes, or -1. */
+static int secret_index(const char *name, size_t len)
 {
     for (size_t i = 0; i < MR_ARRAY_LEN(secret_names); i++)
         if (strlen(secret_names[i]) == len && memcmp(name, secret_names[i], len) == 0)
-            return 1;
-    return 0;
+            return (int)i;
+    return -1;
 }
 
 const char *mr_config_getenv(const char *name)
 {
-    for (size_t i = 0; i < MR_ARRAY_LEN(secret_names); i++)
-        if (strcmp(name, secret_names[i]) == 0)
-            secrets_read |= 1u << i;
+    int i = secret_index(name, strlen(name));
+    if (i >= 0)
+        secrets_read |= 1u << i;
     return getenv(name);
 }
 
@@ -70,7 +71,8 @@ static int forget_a_token(void)
         const char *eq = strchr(*e, '=');
         size_t n = eq ? (size_t)(eq - *e) : 0;
         char name[128];
-        if (n <= 6 || n >= sizeof name || memcmp(eq - 6, "_TOKEN", 6) != 0 || listed(*e, n))
+        if (n <= 6 || n >= sizeof name || memcmp(eq - 6, "_TOKEN", 6) != 0 ||
+            secret_index(*e, n) >= 0)
             continue;
         memcpy(name, *e, n);
         name[n] = '\0';

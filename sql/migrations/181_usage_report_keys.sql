@@ -45,10 +45,11 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 DECLARE
-    v_sub uuid;
     v_account uuid;
     v_max_agents integer;
     v_reset date;
+    v_max_messages integer;
+    v_count integer;
     v_agents jsonb;
     v_agents_today integer;
     v_allowed boolean;
@@ -65,8 +66,9 @@ BEGIN
     END IF;
     -- The subscription row serializes an instance's reports (track_usage locks it
     -- too): the distinct-agent check, the key and the count cannot race.
-    SELECT s.id, s.account_id, s.max_agents, s.last_reset_at
-      INTO v_sub, v_account, v_max_agents, v_reset
+    SELECT s.account_id, s.max_agents, s.last_reset_at, s.max_messages_per_day,
+           s.current_messages_today
+      INTO v_account, v_max_agents, v_reset, v_max_messages, v_count
       FROM public.instances i JOIN public.subscriptions s ON s.id = i.subscription_id
      WHERE i.id = p_instance_id
        FOR UPDATE OF s;
@@ -107,11 +109,11 @@ BEGIN
         END IF;
     END IF;
     IF NOT v_counted THEN
-        SELECT CASE WHEN s.max_messages_per_day IS NULL THEN NULL
-                    ELSE greatest(s.max_messages_per_day -
-                         CASE WHEN s.last_reset_at < CURRENT_DATE THEN 0
-                              ELSE coalesce(s.current_messages_today, 0) END, 0) END
-          INTO v_remaining FROM public.subscriptions s WHERE s.id = v_sub;
+        -- What is left today, from the row read (and locked) above.
+        v_remaining := CASE WHEN v_max_messages IS NULL THEN NULL
+                            ELSE greatest(v_max_messages -
+                                 CASE WHEN v_reset < CURRENT_DATE THEN 0
+                                      ELSE coalesce(v_count, 0) END, 0) END;
     END IF;
 
     IF p_idempotency_key IS NOT NULL AND v_seen.instance_id IS NULL THEN
