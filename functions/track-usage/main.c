@@ -4,7 +4,8 @@
  * own token, lib/mr_itoken.h; never a JWT or an API key) and an optional body
  * {"agent": "...", "tool": "..."} (report.h). The token names the instance: an
  * instance can only ever report for itself. Answers
- *   200 {"allowed": true, "remaining": n | null, "resets_at", "agents": {"used", "max"}}
+ *   200 {"allowed": true, "remaining": n | null, "resets_at",
+ *        "agents": {"used", "max": n | null}}
  *   429 the same with "allowed": false, "limit": "messages" | "agents" and an
  *       error, and Retry-After (seconds until the daily counters reset): the
  *       plan's daily messages are used up, or the message names an agent beyond
@@ -213,11 +214,12 @@ static void handle(mr_req *r)
     const char *resets = "", *limit = NULL;
     mr_json_str(res, "resets_at", &resets);
     mr_json_str(res, "limit", &limit);
-    int64_t retry = 1, max_agents = 0, agents_today = 0;
+    int64_t retry = 1, max_agents = -1, agents_today = 0;
     /* Up to the next midnight: a day is 25 hours where the database's zone leaves
      * summer time. */
     mr_json_i64(res, "retry_after_s", 1, 90001, &retry);
-    mr_json_i64(res, "max_agents", 0, INT32_MAX, &max_agents);
+    /* NULL: a subscription without an agent limit (an operator's setting). */
+    if (mr_json_i64(res, "max_agents", 0, INT32_MAX, &max_agents) != MR_OK) max_agents = -1;
     mr_json_i64(res, "agents_today", 0, INT32_MAX, &agents_today);
 
     cJSON *out = cJSON_CreateObject();
@@ -229,7 +231,10 @@ static void handle(mr_req *r)
     cJSON_AddStringToObject(out, "resets_at", resets);
     cJSON *ag = cJSON_AddObjectToObject(out, "agents");
     cJSON_AddNumberToObject(ag, "used", (double)agents_today);
-    cJSON_AddNumberToObject(ag, "max", (double)max_agents);
+    if (max_agents >= 0)
+        cJSON_AddNumberToObject(ag, "max", (double)max_agents);
+    else
+        cJSON_AddNullToObject(ag, "max");
     /* Sent again: what the first one was answered, and it says so. */
     const char *replayed = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "replayed"))
                                ? "Idempotent-Replayed: true" : NULL;

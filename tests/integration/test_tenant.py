@@ -168,6 +168,13 @@ def test_the_environment_carries_token_url_and_limits_and_reports_count(stack, d
     r = report(stack, token, {"agent": "writer"})
     assert r.status == 200, r
 
+    # A subscription an operator set to no agent limit: the fourth agent counts, and the
+    # answer says there is no maximum (null, as remaining says no daily limit), not 0.
+    stack.sql("UPDATE public.subscriptions SET max_agents = NULL WHERE id = %s", c.sid)
+    r = report(stack, token, {"agent": "fourth"})
+    assert r.status == 200 and r.json["agents"] == {"used": 4, "max": None}, r
+    stack.sql("UPDATE public.subscriptions SET max_agents = 3 WHERE id = %s", c.sid)
+
     # Each limit's first refusal of the day is audited, the instance as the actor.
     for limit in ("messages", "agents"):
         rows = audit(stack, "usage.limit_reached", instance_id=iid, limit=limit)
