@@ -243,6 +243,42 @@ def test_a_paid_subscription_becomes_a_working_instance_whose_data_survives_ever
                str(inst["id"]))[0] == 1
 
 
+def test_a_customer_who_subscribes_again_within_the_retention_gets_its_mindroom_back(stack, dokku):
+    """A customer cancels, then subscribes again through Checkout: a new Stripe
+    subscription. While the cancelled instance's data is kept (the retention period),
+    the new instance is that instance again: its address, its agents' data, its
+    homeserver (rooms, users, keys, server_name). Without that, the customer's data
+    waited out the retention beside a new, empty MindRoom and was destroyed."""
+    c = Customer(stack, "starter")
+    c.send("customer.subscription.created", "active")
+    first = running(stack, c.sid)
+    n = names(first["dokku_app_name"])
+    hs_dir = dokku.host_dir(n["hs_data"])
+    keys = {f: (hs_dir / f).read_text() for f in SECRET_FILES}
+    dokku.container_write(n["app"], MINDROOM_FILE, "agents' memory")
+    dokku.container_write(n["hs"], "/data/homeserver.db", "rooms and users")
+
+    c.send("customer.subscription.deleted", "canceled")
+    wait_status(stack, c.sid, "deprovisioned", timeout=30)
+    assert not dokku.exists(n["app"]) and dokku.entry(n["data"]) is not None
+
+    # A week later (within the 30 days) the same customer subscribes again, to another plan.
+    c.sub = "sub_" + uuid.uuid4().hex[:14]
+    c.send("customer.subscription.created", "active", tier="professional")
+    second = running(stack, c.sid)
+    assert str(second["id"]) != str(first["id"])
+    assert (second["dokku_app_name"], second["subdomain"], second["frontend_url"]) == \
+        (first["dokku_app_name"], first["subdomain"], first["frontend_url"]), second
+    assert dokku.app(n["app"], "running") == "true" and dokku.app(n["hs"], "running") == "true"
+    assert dokku.container_read(n["app"], MINDROOM_FILE) == "agents' memory"
+    assert (hs_dir / "homeserver.db").read_text() == "rooms and users"
+    assert {f: (hs_dir / f).read_text() for f in SECRET_FILES} == keys, "a new homeserver identity"
+    assert row(stack, "SELECT matrix_server_name FROM public.instances WHERE id = %s",
+               second["id"])[0] == "%s-matrix.%s" % (first["subdomain"], DOMAIN)
+    assert row(stack, "SELECT storage_taken_by, owed_action FROM public.instances WHERE id = %s",
+               first["id"]) == (second["id"], None), "the kept data is still owed its destruction"
+
+
 def test_purge_destroys_apps_and_data_at_once(stack, dokku):
     c = Customer(stack, "free")
     c.send("customer.subscription.created", "active")

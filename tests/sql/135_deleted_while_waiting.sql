@@ -21,16 +21,22 @@ CREATE FUNCTION pg_temp.legacy_teardowns(p_sub uuid) RETURNS integer LANGUAGE sq
      WHERE t.dokku_app_name = (SELECT n.dokku_app_name FROM public.instance_names(p_sub) n)
        AND t.target_id IS NULL AND t.done_at IS NULL $$;
 
+-- C, D and E are other customers than A and B: a customer's new subscription would
+-- take its own kept data over (186_returning_customer_keeps_data.sql).
+INSERT INTO auth.users (id, email) VALUES
+    ('13500000-0000-4000-8000-0000000000c0', 'c@example.com'),
+    ('13500000-0000-4000-8000-0000000000d0', 'd@example.com'),
+    ('13500000-0000-4000-8000-0000000000e0', 'e@example.com');
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
     ('a3510000-0000-4000-8000-0000000000a1', '5eed5eed-0000-4000-8000-000000000001',
      'price_starter', 'starter', 'active'),
     ('b3510000-0000-4000-8000-0000000000b1', '5eed5eed-0000-4000-8000-000000000001',
      'price_starter', 'starter', 'active'),
-    ('c3510000-0000-4000-8000-0000000000c1', '5eed5eed-0000-4000-8000-000000000001',
+    ('c3510000-0000-4000-8000-0000000000c1', '13500000-0000-4000-8000-0000000000c0',
      'price_starter', 'starter', 'active'),
-    ('d3510000-0000-4000-8000-0000000000d1', '5eed5eed-0000-4000-8000-000000000001',
+    ('d3510000-0000-4000-8000-0000000000d1', '13500000-0000-4000-8000-0000000000d0',
      'price_starter', 'starter', 'active'),
-    ('e3510000-0000-4000-8000-0000000000e1', '5eed5eed-0000-4000-8000-000000000001',
+    ('e3510000-0000-4000-8000-0000000000e1', '13500000-0000-4000-8000-0000000000e0',
      'price_starter', 'starter', 'active');
 -- C1, D1, E1: made on DOKKU_PROVISIONER_URL before targets existed, destroyed there
 -- with their data kept.
