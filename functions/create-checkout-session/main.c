@@ -6,8 +6,9 @@
  * 200 {"id", "url", "expires_at"}: the browser goes to url.
  *
  *   1. The account (from the JWT's sub, never from the body): 404 without one;
- *      409 when it has a subscription a new one would duplicate (trialing,
- *      active, past_due, unpaid, paused): changes go through the portal; 409
+ *      409 when it has a subscription a new one would duplicate (incomplete: its
+ *      first payment is processing; trialing, active, past_due, unpaid, paused:
+ *      changes go through the portal); 409
  *      checkout_completed while a checkout of it was paid and its subscription
  *      is not recorded yet (at most until Stripe stops retrying the webhook).
  *   2. The plan, from public.plans: 400 unknown_plan / inactive_plan.
@@ -347,6 +348,12 @@ static void handle(mr_req *r)
         return;
     if (!acc.found) {
         mr_reply_error(r, 404, "no_account", "no account for this user");
+        return;
+    }
+    if (strcmp(acc.live_status, "incomplete") == 0) {
+        mr_reply_error(r, 409, "subscription_exists",
+                       "this account already has a subscription (incomplete): its first payment "
+                       "is still being processed; a second checkout would charge twice");
         return;
     }
     if (acc.live_status[0]) {

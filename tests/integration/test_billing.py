@@ -989,6 +989,38 @@ def test_a_paid_session_blocks_checkout_only_until_its_subscription_is_recorded(
     assert stripe.sessions[left_open]["status"] == "expired"
 
 
+def test_a_subscription_whose_first_payment_is_processing_refuses_a_second_checkout(stack, stripe, prov):
+    """Paid by bank debit: Stripe completes the session (payment_status unpaid) and
+    keeps the subscription incomplete until the debit clears, days later. No
+    instance runs meanwhile, and a second checkout (by card, "it did not work")
+    would bill the customer twice; once the first payment is given up
+    (incomplete_expired) the account can check out again."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="enterprise")
+    assert a.status == 200, a
+    events = stripe.complete(a.json["id"], status="incomplete")
+    for ev in events:
+        assert deliver(stack, ev).status == 200
+    assert stack.sql("SELECT status::text FROM public.subscriptions WHERE account_id = %s",
+                     acc) == [("incomplete",)]
+    sent = len(stripe.recorded())
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 409, r
+    assert error(r) == {"code": "subscription_exists",
+                        "message": "this account already has a subscription (incomplete): its "
+                                   "first payment is still being processed; a second checkout "
+                                   "would charge twice"}
+    assert len(stripe.recorded()) == sent
+    assert [s for s in stripe.sessions.values()
+            if s["client_reference_id"] == acc and s["status"] == "open"] == []
+    sub = json.loads(json.dumps(events[1]["data"]["object"]))
+    sub["status"] = "incomplete_expired"
+    w = deliver(stack, stripe_event("customer.subscription.updated", sub, int(time.time()) + 5))
+    assert w.status == 200 and "failed" not in w.json, w
+    c = checkout(stack, tok, tier="starter")
+    assert c.status == 200, (c, attempts(stack, acc))
+
+
 def test_a_subscription_recorded_while_a_checkout_waits_for_stripe_leaves_no_second_session(stack, stripe, prov):
     """Tab 1's session is paid; tab 2's checkout passes step 1 (no subscription
     recorded yet) and waits for Stripe while tab 1's webhook records the subscription.

@@ -1,6 +1,6 @@
 -- 50_billing.sql: the plan catalogue and billing attempts (050_billing.sql).
 BEGIN;
-SELECT plan(43);
+SELECT plan(45);
 
 INSERT INTO auth.users (id, aud, role, email)
 VALUES ('50000000-0000-4000-8000-000000000001', 'authenticated', 'authenticated', 'buyer@example.com'),
@@ -73,6 +73,13 @@ SELECT is(public.billing_account('50000000-0000-4000-8000-000000000002') - 'emai
 UPDATE public.subscriptions SET status = 'paused' WHERE account_id = '50000000-0000-4000-8000-000000000002';
 SELECT is(public.billing_account('50000000-0000-4000-8000-000000000002') ->> 'live_status', 'paused',
           'a paused one does');
+UPDATE public.subscriptions SET status = 'incomplete' WHERE account_id = '50000000-0000-4000-8000-000000000002';
+SELECT is(public.billing_account('50000000-0000-4000-8000-000000000002') ->> 'live_status', 'incomplete',
+          'so does an incomplete one (its first payment may be processing)');
+UPDATE public.subscriptions SET status = 'incomplete_expired' WHERE account_id = '50000000-0000-4000-8000-000000000002';
+SELECT is(public.billing_account('50000000-0000-4000-8000-000000000002') ->> 'live_status', NULL,
+          'an incomplete_expired one does not');
+UPDATE public.subscriptions SET status = 'paused' WHERE account_id = '50000000-0000-4000-8000-000000000002';
 
 -- Attempts -----------------------------------------------------------------------------------
 SELECT is(pg_temp.begin('customer', 'c1') - 'attempt_id' - 'idempotency_key',

@@ -282,9 +282,12 @@ class StripeStandin:
 
     def complete(self, session_id, status=None):
         """The customer pays: the session completes and its subscription starts
-        (trialing when it asked for a trial). Returns the events Stripe would send,
-        oldest first: checkout.session.completed, customer.subscription.created.
-        Only an open session can be paid (ValueError otherwise)."""
+        (trialing when it asked for a trial). status "incomplete" is a payment that is
+        still processing (a bank debit takes days): the session completes with
+        payment_status "unpaid" and the subscription waits for the payment. Returns the
+        events Stripe would send, oldest first: checkout.session.completed,
+        customer.subscription.created. Only an open session can be paid (ValueError
+        otherwise)."""
         with self.lock:
             s = self.sessions[session_id]
             if s["status"] != "open":
@@ -304,7 +307,8 @@ class StripeStandin:
                        "current_period_end": now + 30 * 86400}
                        for it in s["line_items_sent"]]}}
             self.subscriptions[sub_id] = sub
-            s.update(status="complete", payment_status="paid", subscription=sub_id)
+            s.update(status="complete", subscription=sub_id,
+                     payment_status="unpaid" if sub["status"] == "incomplete" else "paid")
             session = {k: v for k, v in s.items() if not k.endswith("_sent")}
 
         def event(type_, obj, created):
