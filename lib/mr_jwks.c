@@ -192,6 +192,8 @@ struct mr_jwks_cache {
     int64_t attempted_ms;   /* last attempt, successful or not */
     int attempted;          /* an attempt was made at all */
     int last_failed;        /* the last attempt failed */
+    int64_t outage_ms;      /* first failed attempt since the keys stopped being fresh */
+    int in_outage;          /* outage_ms is set (cleared by a successful fetch) */
 };
 
 mr_jwks_cache *mr_jwks_cache_new(const mr_jwks_policy *policy)
@@ -228,16 +230,23 @@ mr_err mr_jwks_cache_store(mr_jwks_cache *c, const char *doc, size_t len, int64_
     c->attempted = 1;
     c->attempted_ms = now_ms;
     c->last_failed = 1;
-    if (!doc)
-        return mr_seterr(err, errlen, MR_ETRANSIENT, "JWKS fetch failed");
+    /* The stale bound counts from the first failure once the keys are no longer
+     * fresh, not from the last success: a worker nobody asked for a while has
+     * not seen the endpoint fail, however old its keys are. */
+    if (!c->in_outage && c->keys && !fresh(c, now_ms)) {
+        c->in_outage = 1;
+        c->outage_ms = now_ms;
+    }
     mr_jwks *set;
-    mr_err e = mr_jwks_parse(doc, len, &set, err, errlen);
+    mr_err e = doc ? mr_jwks_parse(doc, len, &set, err, errlen)
+                   : mr_seterr(err, errlen, MR_ETRANSIENT, "JWKS fetch failed");
     if (e != MR_OK)
         return e;
     mr_jwks_free(c->keys);
     c->keys = set;
     c->fetched_ms = now_ms;
     c->last_failed = 0;
+    c->in_outage = 0;
     return MR_OK;
 }
 
@@ -247,7 +256,7 @@ mr_err mr_jwks_cache_key(const mr_jwks_cache *c, const char *kid, int64_t now_ms
     *key = NULL;
     if (!c->keys)
         return mr_seterr(err, errlen, MR_ETRANSIENT, "signing keys unavailable (JWKS not fetched yet)");
-    if (now_ms - c->fetched_ms >= c->policy.ttl_ms + c->policy.stale_ms)
+    if (c->in_outage && now_ms - c->outage_ms >= c->policy.stale_ms)
         return mr_seterr(err, errlen, MR_ETRANSIENT,
                          "signing keys unavailable (JWKS unreachable for too long)");
     *key = mr_jwks_find(c->keys, kid);

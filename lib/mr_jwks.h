@@ -16,8 +16,9 @@
  *     least `refetch` apart, so a flood of made-up kids costs one fetch per
  *     interval;
  *   - when fetching fails, the last keys keep being served until `stale` after
- *     they stopped being fresh; then, and before any fetch ever succeeded, the
- *     answer is MR_ETRANSIENT (503). */
+ *     the first failed fetch since they stopped being fresh (an idle worker's
+ *     old keys get the whole bound when its first fetch fails); then, and
+ *     before any fetch ever succeeded, the answer is MR_ETRANSIENT (503). */
 #ifndef MR_JWKS_H
 #define MR_JWKS_H
 

@@ -353,3 +353,28 @@ def test_endpoint_down_cached_keys_work_for_the_bound_then_503(pg, auth, keys):
         auth.publish(keys[1])
         time.sleep(ttl + 0.3)
         error(health(s, token), 401, "unauthorized", "unknown key id")
+
+
+def test_keys_idle_past_the_bound_still_serve_when_the_outage_starts(pg, auth, keys):
+    """A worker nobody asked for longer than TTL + stale has not seen the JWKS fail:
+    an outage that starts only then is served from its keys for the stale bound,
+    counted from the first failed fetch, like an outage under steady traffic."""
+    ttl, stale = 1, 3
+    env = jwks_env(auth, SUPABASE_JWKS_TTL_S=str(ttl), SUPABASE_JWKS_STALE_S=str(stale))
+    with mr.Stack(pg, env=env, functions=[HEALTH], workers=1) as s:
+        user = make_account(s)
+        token = keys[0].sign(auth.user_claims(user))
+        assert health(s, token).status == 200
+        time.sleep(ttl + stale + 0.5)  # idle: no fetch was due, none failed
+        auth.behave("fail")
+        before = auth.fetches()
+        outage_from = time.monotonic()
+        r = health(s, token)
+        assert r.status == 200, r
+        assert auth.fetches() == before + 1  # it did ask, and the endpoint failed
+        while time.monotonic() < outage_from + stale - 1.0:
+            assert health(s, token).status == 200
+            time.sleep(0.2)
+        # The bound holds from the first failure on.
+        time.sleep(max(0.0, outage_from + stale + 0.5 - time.monotonic()))
+        error(health(s, token), 503, "transient", "signing keys unavailable")

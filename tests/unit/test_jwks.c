@@ -375,6 +375,32 @@ static void test_cache_serves_stale_keys_for_the_bound_then_503(void **state)
     free(doc);
 }
 
+static void test_cache_stale_bound_counts_from_the_first_failure(void **state)
+{
+    (void)state;
+    const test_key *one[] = {&ec1};
+    char *doc = tk_jwks(one, 1);
+    mr_jwks_cache *c = cache();
+    store(c, doc, 0);
+    /* Nobody asked for two hours: nothing failed, so the outage starts with the
+     * first fetch that fails, and the keys serve for the bound from then. */
+    assert_true(mr_jwks_cache_should_fetch(c, "ec-1", 7200 * S));
+    store(c, NULL, 7200 * S);
+    assert_int_equal(key_at(c, "ec-1", 7200 * S), MR_OK);
+    assert_int_equal(key_at(c, "ec-1", 10799 * S), MR_OK);
+    store(c, NULL, 10000 * S); /* later failures do not move the start */
+    assert_int_equal(key_at(c, "ec-1", 10800 * S), MR_ETRANSIENT);
+    /* A failure while the keys are fresh is no outage of stale keys. */
+    store(c, doc, 20000 * S);
+    store(c, NULL, 20100 * S);
+    assert_true(mr_jwks_cache_should_fetch(c, "ec-1", 27000 * S));
+    store(c, NULL, 27000 * S);
+    assert_int_equal(key_at(c, "ec-1", 30599 * S), MR_OK);
+    assert_int_equal(key_at(c, "ec-1", 30600 * S), MR_ETRANSIENT);
+    mr_jwks_cache_free(c);
+    free(doc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -387,6 +413,7 @@ int main(void)
         cmocka_unit_test(test_cache_fetches_first_then_on_ttl),
         cmocka_unit_test(test_cache_unknown_kid_refetches_at_most_once_per_interval),
         cmocka_unit_test(test_cache_serves_stale_keys_for_the_bound_then_503),
+        cmocka_unit_test(test_cache_stale_bound_counts_from_the_first_failure),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
