@@ -27,14 +27,20 @@
  * answer gets the same customer and the same open session, never new ones.
  *   5. Only the newest session can be paid: the account's older sessions that
  *      may still be open are expired at Stripe and recorded abandoned
- *      (sql/migrations/122_checkout_supersedes.sql). One that can no longer be
- *      expired (400) was paid: it is recorded completed, the new one is expired
- *      too and the answer is 409 checkout_completed (the subscription is on its
- *      way; the next calls stop at step 1). When a newer checkout of the account
- *      already has its session (two tabs, this one slower at Stripe), the new
- *      one is expired and the answer is 409 checkout_superseded
- *      (127_checkout_one_payable.sql). One Stripe cannot be reached about now
- *      stays open until it expires (logged), and is never handed out.
+ *      (sql/migrations/122_checkout_supersedes.sql). Stripe refuses to expire one
+ *      that is no longer open with the same 400 whether it was paid or had
+ *      expired already (at its expires_at, by an operator), so that session is
+ *      then read (GET): one that had expired is recorded abandoned and the new
+ *      one goes ahead; a complete one was paid: it is recorded completed, the new
+ *      one is expired too and the answer is 409 checkout_completed (the
+ *      subscription is on its way; the next calls stop at step 1); one that
+ *      cannot be read, or reads neither, is answered 503 with the new session
+ *      not handed out (the customer tries again and it is asked about again).
+ *      When a newer checkout of the account already has its session (two tabs,
+ *      this one slower at Stripe), the new one is expired and the answer is 409
+ *      checkout_superseded (127_checkout_one_payable.sql). One Stripe cannot be
+ *      reached about now stays open until it expires (logged), and is never
+ *      handed out.
  *
  * Without STRIPE_SECRET_KEY every call is answered 503 stripe_not_configured. */
 #include <stdint.h>
@@ -121,14 +127,56 @@ static int read_choice(mr_req *r, choice *c)
 }
 
 /* What expiring a checkout session at Stripe came to. */
-typedef enum { EXPIRED, NOT_OPEN, NOT_EXPIRED } expiry;
+typedef enum {
+    EXPIRED,      /* expired now, or Stripe has no such session (another key's): nothing to pay */
+    WAS_EXPIRED,  /* no longer open because it had expired already (it lapsed, an operator or
+                     another checkout of the account expired it): nothing to pay */
+    COMPLETE,     /* no longer open because it was completed: paid, or its payment processing */
+    NOT_EXPIRED,  /* no answer, or another refusal: it stays open until it expires */
+    UNSURE        /* refused as no longer open, but what it is now could not be read */
+} expiry;
 
-/* Expires checkout session `session` at Stripe: EXPIRED (or Stripe has no such
- * session: another key's, nothing to pay), NOT_OPEN (a 400: it is no longer open,
- * so it was paid; our own expired ones are never asked about again), NOT_EXPIRED
- * (no answer, or another refusal: logged, it stays open until it expires). The key
- * makes a repeat the same request. */
-static expiry expire_session(mr_req *r, const char *session, int64_t deadline)
+/* What a checkout session Stripe refused to expire is now: GET
+ * /v1/checkout/sessions/{id} and its status. Stripe refuses the expiry of any session
+ * that is not open with the same 400 (invalid_request_error, no code, the status only
+ * in its message), whether it was paid or had merely expired already. Fills why (for
+ * the attempt's record) and returns COMPLETE, WAS_EXPIRED or UNSURE. */
+static expiry read_session(mr_req *r, const char *session, int64_t deadline, char *why,
+                           size_t len)
+{
+    char path[320], err[256] = "";
+    snprintf(path, sizeof path, "/v1/checkout/sessions/%s", session);
+    mr_stripe_api_result res;
+    mr_err e = mr_stripe_api_get(r->http, &stripe, path, deadline, &res, err, sizeof err);
+    const char *status = "", *payment = "";
+    if (e == MR_OK) {
+        mr_json_str(res.object, "status", &status);
+        mr_json_str(res.object, "payment_status", &payment);
+    }
+    expiry x = UNSURE;
+    /* A complete session's subscription exists whatever its payment_status: "unpaid"
+     * is a payment still processing (a bank debit), "no_payment_required" a trial. */
+    if (strcmp(status, "complete") == 0)
+        x = COMPLETE;
+    else if (strcmp(status, "expired") == 0 && strcmp(payment, "paid") != 0)
+        x = WAS_EXPIRED;
+    if (x == COMPLETE)
+        snprintf(why, len, "complete at Stripe (payment_status %.40s)", payment);
+    else if (e != MR_OK)
+        mr_log(MR_LOG_WARN, "checkout session %.64s is no longer open, and reading it failed: %s",
+               session, err);
+    else if (x == UNSURE)
+        mr_log(MR_LOG_ERROR, "checkout session %.64s is no longer open but %.40s (payment_status "
+               "%.40s) at Stripe (request %s)", session, status, payment, res.request_id);
+    mr_stripe_api_result_free(&res);
+    return x;
+}
+
+/* Expires checkout session `session` at Stripe, as `expiry` above says; a refusal as
+ * no longer open (400) is settled by reading the session (read_session, which fills
+ * why for a COMPLETE one). The key makes a repeat the same request. */
+static expiry expire_session(mr_req *r, const char *session, int64_t deadline, char *why,
+                             size_t len)
 {
     char path[320], key[320], err[256] = "";
     snprintf(path, sizeof path, "/v1/checkout/sessions/%s/expire", session);
@@ -139,11 +187,13 @@ static expiry expire_session(mr_req *r, const char *session, int64_t deadline)
     mr_stripe_api_result_free(&res);
     if (e == MR_OK || (e == MR_EINTERNAL && status == 404))
         return EXPIRED;
+    if (e == MR_EINTERNAL && status == 400)
+        return read_session(r, session, deadline, why, len);
     mr_log(MR_LOG_WARN, "could not expire checkout session %.64s: %s", session, err);
-    return e == MR_EINTERNAL && status == 400 ? NOT_OPEN : NOT_EXPIRED;
+    return NOT_EXPIRED;
 }
 
-/* Records a checkout attempt abandoned (its session expired or no longer open).
+/* Records a checkout attempt abandoned (its session expired, or no longer open).
  * MR_OK, or the database's failure, answered. */
 static mr_err abandon(mr_req *r, const char *attempt, const char *why)
 {
@@ -154,13 +204,13 @@ static mr_err abandon(mr_req *r, const char *attempt, const char *why)
     return e;
 }
 
-/* Records a checkout attempt whose session Stripe will no longer expire: it was
- * paid. Sets *paid when the account now has a paid checkout whose subscription is
- * not recorded yet (public.billing_checkout_paid_pending). MR_OK, or the
- * database's failure, answered. */
-static mr_err record_paid(mr_req *r, const char *attempt, int *paid)
+/* Records a checkout attempt whose session Stripe reads complete (why: what it read):
+ * paid. Sets *paid when the account now has a paid checkout whose subscription is not
+ * recorded yet (public.billing_checkout_paid_pending). MR_OK, or the database's
+ * failure, answered. */
+static mr_err record_paid(mr_req *r, const char *attempt, const char *why, int *paid)
 {
-    const char *q[2] = {attempt, "no longer open at Stripe (paid)"};
+    const char *q[2] = {attempt, why};
     cJSON *v = NULL;
     mr_err e = mr_billing_sql(r, "SELECT public.billing_checkout_completed($1, $2)::text", 2, q, &v);
     int p = 0;
@@ -170,38 +220,41 @@ static mr_err record_paid(mr_req *r, const char *attempt, int *paid)
     return e;
 }
 
+/* Why an attempt is abandoned whose session Stripe found expired already. */
+#define WAS_EXPIRED_WHY "no longer open at Stripe: it had expired already (at its expires_at, " \
+                        "or expired by an operator or another checkout of the account)"
+
 /* Takes back this request's own session, which must not be paid: expires it at
- * Stripe and records its attempt `mine` abandoned. A session this request created
- * that Stripe will no longer expire was expired by another checkout of the account
- * (no browser has its URL yet); one answered again from an earlier call (reused)
- * was paid (recorded so, *paid set as record_paid does). One Stripe could not be
- * reached about stays recorded as it is: the account's next checkout expires it as
- * an older one, and none is handed it meanwhile. MR_OK, or the database's failure,
- * answered. */
-static mr_err withdraw(mr_req *r, const char *mine, const char *session, int reused,
-                       int64_t deadline, const char *why, int *paid)
+ * Stripe and records its attempt `mine` abandoned (why). One Stripe reads complete was
+ * paid (an earlier call answered it): recorded so, *paid set as record_paid does. One
+ * Stripe could not be reached or read about stays recorded as it is: the account's
+ * next checkout expires it as an older one, and none is handed it meanwhile. MR_OK, or
+ * the database's failure, answered. */
+static mr_err withdraw(mr_req *r, const char *mine, const char *session, int64_t deadline,
+                       const char *why, int *paid)
 {
-    expiry x = expire_session(r, session, deadline);
-    if (!mine[0] || x == NOT_EXPIRED)
+    char seen[120] = "";
+    expiry x = expire_session(r, session, deadline, seen, sizeof seen);
+    if (!mine[0] || x == NOT_EXPIRED || x == UNSURE)
         return MR_OK;
-    if (x == NOT_OPEN && reused)
-        return record_paid(r, mine, paid);
-    return abandon(r, mine, why);
+    if (x == COMPLETE)
+        return record_paid(r, mine, seen, paid);
+    return abandon(r, mine, x == WAS_EXPIRED ? WAS_EXPIRED_WHY : why);
 }
 
-/* Step 5, for the session this request has (reused: answered from an earlier
- * call). Returns 1 when it stands, 0 when a checkout of the account was paid and
- * its subscription is not recorded yet, or a newer checkout of the account was
- * started (answered 409 here), or the database failed (answered). */
-static int supersede_older(mr_req *r, const char *account, const char *session, int reused,
-                           int64_t deadline)
+/* Step 5, for the session this request has. Returns 1 when it stands, 0 when a
+ * checkout of the account was paid and its subscription is not recorded yet, or a
+ * newer checkout of the account was started (answered 409 here), or an older session
+ * is no longer open and what it is now could not be read (answered 503: the next call
+ * is answered this session again and asks again), or the database failed (answered). */
+static int supersede_older(mr_req *r, const char *account, const char *session, int64_t deadline)
 {
     const char *p[2] = {account, session};
     cJSON *j;
     if (mr_billing_sql(r, "SELECT public.billing_checkout_older_open($1, $2)::text", 2, p, &j) !=
         MR_OK)
         return 0;
-    int paid = 0, newer = 0;
+    int paid = 0, newer = 0, unsure = 0;
     char mine[40] = "";
     const char *m = NULL;
     if (mr_json_str(j, "attempt_id", &m) == MR_OK)
@@ -215,24 +268,35 @@ static int supersede_older(mr_req *r, const char *account, const char *session, 
         if (mr_json_str(it, "attempt_id", &attempt) != MR_OK ||
             mr_json_str(it, "session_id", &older) != MR_OK)
             continue;
-        expiry x = expire_session(r, older, deadline);
+        char seen[120] = "";
+        expiry x = expire_session(r, older, deadline, seen, sizeof seen);
         mr_err e = MR_OK;
         if (x == EXPIRED)
             e = abandon(r, attempt, "expired: a newer checkout of the account replaced it");
-        else if (x == NOT_OPEN)
-            e = record_paid(r, attempt, &paid);
+        else if (x == WAS_EXPIRED)
+            e = abandon(r, attempt, WAS_EXPIRED_WHY);
+        else if (x == COMPLETE)
+            e = record_paid(r, attempt, seen, &paid);
+        else if (x == UNSURE)
+            unsure = 1;
         if (e != MR_OK) {
             cJSON_Delete(j);
             return 0;
         }
     }
     cJSON_Delete(j);
+    /* It may have been paid: handing out a second payable session could bill twice,
+     * and taking it for paid would refuse the account for days. */
+    if (!paid && !newer && unsure) {
+        mr_stripe_api_reply_error(r, MR_ETRANSIENT, NULL);
+        return 0;
+    }
     if (!paid && !newer)
         return 1;
     /* A paid session's subscription is on its way, and this one must not make a
      * second; or another tab's checkout started after this one and already has its
      * session (its step 5 ran before this session existed): the newest wins. */
-    if (withdraw(r, mine, session, reused, deadline,
+    if (withdraw(r, mine, session, deadline,
                  paid ? "expired: another checkout of the account was paid"
                       : "expired: a newer checkout of the account was started",
                  &paid) != MR_OK)
@@ -451,7 +515,7 @@ static void handle(mr_req *r)
     }
 
     /* 5. Only the newest session can be paid. */
-    if (!supersede_older(r, account, s.object_id, s.reused, deadline)) {
+    if (!supersede_older(r, account, s.object_id, deadline)) {
         mr_billing_result_free(&s);
         return;
     }

@@ -854,6 +854,64 @@ def test_an_older_session_stripe_does_not_know_is_not_taken_for_a_paid_one(stack
     assert states == {a.json["id"]: "abandoned", b.json["id"]: "succeeded"}, states
 
 
+def test_a_session_expired_outside_is_not_taken_for_a_paid_one(stack, stripe, prov):
+    """An older session that expired without this function (an operator expired it in
+    the Dashboard, or its expires_at passed) was never paid. Stripe refuses its expiry
+    with the same 400 as for a paid one: the session is read, and the customer's next
+    checkout gets a new session instead of 409 checkout_completed, and the checkouts
+    after it too (not refused for days). A session that was paid still refuses the
+    next checkout."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    stripe.expire_outside(a.json["id"])
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 200 and b.json["id"] != a.json["id"], (b, attempts(stack, acc))
+    assert stripe.sessions[b.json["id"]]["status"] == "open"
+    reads = [r for r in stripe.recorded("/v1/checkout/sessions/" + a.json["id"])
+             if r.method == "GET"]
+    assert len(reads) == 1 and reads[0].body == "" and reads[0].idempotency_key is None, reads
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states == {a.json["id"]: "abandoned", b.json["id"]: "succeeded"}, states
+    c = checkout(stack, tok, tier="professional", interval="month")
+    assert c.status == 200, (c, attempts(stack, acc))
+    assert stripe.sessions[b.json["id"]]["status"] == "expired"
+    events = stripe.complete(c.json["id"])          # paid; its webhook is on its way
+    d = checkout(stack, tok, tier="enterprise")
+    assert d.status == 409 and error(d)["code"] == "checkout_completed", d
+    mine = {sid: s["status"] for sid, s in stripe.sessions.items() if s["client_reference_id"] == acc}
+    assert [sid for sid, st in mine.items() if st == "open"] == [], mine
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states[c.json["id"]] == "completed", states
+    for ev in events:
+        assert deliver(stack, ev).status == 200
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE account_id = %s", acc) == [(1,)]
+
+
+def test_a_session_not_open_that_cannot_be_read_is_a_503_that_loses_nothing(stack, stripe):
+    """Stripe refuses to expire an older session (not open) and then cannot be asked
+    what it is (5xx on every try): it may have been paid, so no session is handed out,
+    and the answer is a 503 to try again, not 409 checkout_completed. Trying again
+    gets the session made for the first try, now that Stripe says the older one had
+    expired."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    stripe.expire_outside(a.json["id"])
+    # The new session and the older one's expiry (400) go through; every read fails.
+    stripe.next(None, None, ("status", 500), ("status", 500), ("status", 500))
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 503 and error(b)["code"] == "stripe_unavailable", b
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    [made] = [obj for obj in states if obj != a.json["id"]]
+    assert states == {a.json["id"]: "succeeded", made: "succeeded"}, states
+    again = checkout(stack, tok, tier="starter", interval="year")
+    assert again.status == 200 and again.json["id"] == made, (again, attempts(stack, acc))
+    assert stripe.sessions[made]["status"] == "open"
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states == {a.json["id"]: "abandoned", made: "succeeded"}, states
+
+
 def test_a_customer_deleted_in_stripe_does_not_lock_the_account_out_of_checkout(stack, stripe, prov):
     """An operator deletes the account's customer in Stripe (which cancels its
     subscription): customer.deleted unlinks it, a late event of that customer does
@@ -948,9 +1006,9 @@ def test_a_paid_older_session_still_refuses_the_next_click_when_an_expiry_failed
     a = checkout(stack, tok, tier="starter", interval="month")
     assert a.status == 200, a
     stripe.complete(a.json["id"])      # paid; its webhook events are not delivered yet
-    # The new session and the older one's expiry (400: paid) go through; every try
-    # of expiring the new session fails.
-    stripe.next(None, None, ("status", 500), ("status", 500), ("status", 500))
+    # The new session, the older one's expiry (400: not open) and its reading (complete)
+    # go through; every try of expiring the new session fails.
+    stripe.next(None, None, None, ("status", 500), ("status", 500), ("status", 500))
     b = checkout(stack, tok, tier="starter", interval="year")
     assert b.status == 409 and error(b)["code"] == "checkout_completed", b
     sent = len(stripe.recorded())
@@ -970,7 +1028,7 @@ def test_a_paid_session_blocks_checkout_only_until_its_subscription_is_recorded(
     a = checkout(stack, tok, tier="starter", interval="month")
     assert a.status == 200, a
     events = stripe.complete(a.json["id"])
-    stripe.next(None, None, ("status", 500), ("status", 500), ("status", 500))
+    stripe.next(None, None, None, ("status", 500), ("status", 500), ("status", 500))
     b = checkout(stack, tok, tier="starter", interval="year")
     assert b.status == 409 and error(b)["code"] == "checkout_completed", b
     [left_open] = [sid for sid, s in stripe.sessions.items()

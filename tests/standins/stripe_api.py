@@ -9,7 +9,12 @@
                                       allow_promotion_codes              -> checkout.session
   POST /v1/billing_portal/sessions    customer, return_url               -> billing_portal.session
   POST /v1/checkout/sessions/{id}/expire                                  -> checkout.session
-                                      (400 unless the session is open; complete() pays one)
+                                      (400 invalid_request_error without a code unless the
+                                      session is open, the same for a complete and an
+                                      expired one, as Stripe; complete() pays one,
+                                      expire_outside() expires one as an operator would)
+  GET /v1/checkout/sessions/{id}                                          -> checkout.session
+                                      (status open/complete/expired, payment_status)
   DELETE /v1/subscriptions/{id}       (no body)                           -> subscription,
                                       cancelled now; 404 resource_missing ("No such
                                       subscription") for one it does not have or that is
@@ -49,6 +54,7 @@ down() closes the listener (connections are refused) until up().
         stripe.customers, stripe.sessions, stripe.portal_sessions   # what was created
         stripe.requests                                             # every request
         stripe.complete(session_id) -> [event, ...]                 # Stripe's events
+        stripe.expire_outside(session_id)     # expired in the Dashboard, or at expires_at
         stripe.add_subscription(customer, status) -> id             # one made elsewhere
 """
 import hmac
@@ -269,16 +275,46 @@ class StripeStandin:
         self.portal_sessions[pid] = obj
         return 200, obj, {}
 
-    def _expire(self, sid):
+    def _session(self, sid):
         s = self.sessions.get(sid)
         if s is None:
-            return error(404, "invalid_request_error", "No such checkout.session: '%s'" % sid,
-                         "resource_missing", "session")
+            return None, error(404, "invalid_request_error",
+                               "No such checkout.session: '%s'" % sid, "resource_missing",
+                               "session")
+        return s, None
+
+    def _expire(self, sid):
+        s, missing = self._session(sid)
+        if missing:
+            return missing
         if s["status"] != "open":
+            # Stripe's answer for a complete and an expired session alike: only the
+            # message names the status.
             return error(400, "invalid_request_error",
-                         "Only Checkout Sessions with a status of `open` can be expired.")
-        s.update(status="expired")
+                         'Only Checkout Sessions with a status in ["open"] can be expired. '
+                         "This Checkout Session has a status of `%s`." % s["status"])
+        s.update(status="expired", url=None)
         return 200, {k: v for k, v in s.items() if not k.endswith("_sent")}, {}
+
+    def _retrieve(self, sid, q):
+        s, missing = self._session(sid)
+        if missing:
+            return missing
+        if q:
+            return error(400, "invalid_request_error",
+                         "Received unknown parameter: %s" % sorted(q)[0])
+        return 200, json.loads(json.dumps({k: v for k, v in s.items()
+                                            if not k.endswith("_sent")})), {}
+
+    def expire_outside(self, session_id):
+        """The session expires without this API being asked to expire it: an operator
+        expires it in the Dashboard, or its expires_at passes. Only an open session
+        (ValueError otherwise)."""
+        with self.lock:
+            s = self.sessions[session_id]
+            if s["status"] != "open":
+                raise ValueError("checkout session %s is %s" % (session_id, s["status"]))
+            s.update(status="expired", url=None)
 
     def complete(self, session_id, status=None):
         """The customer pays: the session completes and its subscription starts
@@ -365,6 +401,9 @@ class StripeStandin:
         m = re.fullmatch(r"/v1/subscriptions/([A-Za-z0-9_]+)", req.path)
         if req.method == "DELETE" and m:
             return self._cancel(m.group(1), req.params)
+        m = re.fullmatch(r"/v1/checkout/sessions/([A-Za-z0-9_]+)", req.path)
+        if req.method == "GET" and m:
+            return self._retrieve(m.group(1), req.query)
         if req.method == "GET" and req.path == "/v1/customers":
             return self._list_customers(req.query)
         if req.method != "POST" or req.path not in routes:
