@@ -45,9 +45,11 @@
  * processes in the call (deployed, rebuilt or started); an app left running as
  * it was is restarted only by POST /apps/{app}/restart.
  *
- * One request per instance at a time: an flock in the state directory, which
- * works across this function's worker processes. Dokku's own deploy lock
- * (another deploy of the same app from elsewhere) is retried in runner.c. */
+ * One request per instance at a time: an OFD lock in the state directory
+ * (prov_lock), which works across this function's worker processes and is
+ * held by every command run under it until that command has ended, even past
+ * its worker's death (runner.c). A state read takes none. Dokku's own deploy
+ * lock (another deploy of the same app from elsewhere) is retried in runner.c. */
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -67,6 +69,8 @@ typedef struct {
     prov_result *res;
     char *err;
     size_t errlen;
+    int lock_fd;                /* the instance's lock (prov_lock), -1 for none: every
+                                 * command runs holding it (runner.c's keeper) */
 } run_ctx;
 
 /* Runs one command; on a start failure or timeout fills out and returns the error.
@@ -74,8 +78,8 @@ typedef struct {
 static mr_err run_in(run_ctx *c, const char *const *args, const unsigned char *in, size_t in_len,
                      int64_t timeout_ms)
 {
-    mr_err e = prov_dokku(c->cfg, args, in, in_len, timeout_ms, c->out->deadline_ms, c->res,
-                          c->err, c->errlen);
+    mr_err e = prov_dokku(c->cfg, args, in, in_len, timeout_ms, c->out->deadline_ms, c->lock_fd,
+                          c->res, c->err, c->errlen);
     if (e == MR_OK && c->cfg->mode == PROV_MODE_SSH && c->res->status == 255) {
         /* ssh's own failure (ssh exits 255: no connection, or the host's key or our
          * key refused; Dokku's commands do not use 255): the host was not reached,
@@ -601,8 +605,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
     prov_result *res = prov_result_new();
     /* MindRoom's environment: the request's plus what the provisioner defines. */
     prov_env *env = calloc(spec->n_env + 7, sizeof *env);
-    run_ctx c = {cfg, out, res, err, errlen};
-    int lockfd = -1;
+    run_ctx c = {cfg, out, res, err, errlen, -1};
     unsigned char *cjson = NULL;
     size_t cjson_len = 0;
     char *managed = NULL;
@@ -613,7 +616,7 @@ mr_err prov_apply(const prov_config *cfg, const prov_spec *spec, prov_outcome *o
         e = internal(&c, "out of memory");
         goto done;
     }
-    if ((e = prov_lock(cfg, spec->app, &lockfd, err, errlen)) != MR_OK) {
+    if ((e = prov_lock(cfg, spec->app, &c.lock_fd, err, errlen)) != MR_OK) {
         out->fail_status = e == MR_ETRANSIENT ? 503 : 500;
         out->fail_code = e == MR_ETRANSIENT ? "app_busy" : "internal";
         goto done;
@@ -724,7 +727,7 @@ done:
     prov_buf_free(&root);
     free_config(cjson, cjson_len);
     free(managed);
-    prov_unlock(lockfd);
+    prov_unlock(c.lock_fd);
     free(env);
     prov_result_free(res);
     return e;
@@ -783,8 +786,8 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
 {
     begin(out, cfg);
     prov_result *res = prov_result_new();
-    run_ctx c = {cfg, out, res, err, errlen};
-    int lockfd = -1, mr = 0, hs = 0;
+    run_ctx c = {cfg, out, res, err, errlen, -1};
+    int mr = 0, hs = 0;
     mr_err e = MR_OK;
     prov_names nm;
     prov_names_of(app, &nm);
@@ -794,7 +797,7 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
         goto done;
     }
     /* A state read does not wait behind a deploy of the same app that takes minutes. */
-    if (verb != PROV_STATE && (e = prov_lock(cfg, app, &lockfd, err, errlen)) != MR_OK) {
+    if (verb != PROV_STATE && (e = prov_lock(cfg, app, &c.lock_fd, err, errlen)) != MR_OK) {
         out->fail_status = e == MR_ETRANSIENT ? 503 : 500;
         out->fail_code = e == MR_ETRANSIENT ? "app_busy" : "internal";
         goto done;
@@ -924,7 +927,7 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
     out->state = out->app_state = "running";
     if (hs) out->hs_state = "running";
 done:
-    prov_unlock(lockfd);
+    prov_unlock(c.lock_fd);
     prov_result_free(res);
     return e;
 }

@@ -250,7 +250,10 @@ void prov_result_free(prov_result *res);
  * or a global flag such as "--force" followed by it) per cfg->mode, with in
  * (in_len bytes; NULL: /dev/null) on its stdin, a deadline of timeout_ms but
  * never past deadline_ms (absolute, mr_now_ms(); 0 for none), retrying
- * deploy-lock contention with backoff within it. Fills *res (caller-owned).
+ * deploy-lock contention with backoff within it. lock_fd is the instance's
+ * lock (prov_lock; -1 for none): a keeper process holds a copy of it until
+ * the command has ended, even if this process dies first (runner.c); the
+ * caller keeps and releases its own. Fills *res (caller-owned).
  * Returns MR_OK when the command ran to an exit status (any status: the
  * caller decides what it means), MR_ETRANSIENT when it could not be started
  * or timed out, with err filled. Arguments containing '=' are logged as
@@ -258,8 +261,8 @@ void prov_result_free(prov_result *res);
  * nothing is spawned: the command is logged and answered by a simulated
  * registry under cfg->state_dir/dry-run. */
 mr_err prov_dokku(const prov_config *cfg, const char *const *args, const unsigned char *in,
-                  size_t in_len, int64_t timeout_ms, int64_t deadline_ms, prov_result *res,
-                  char *err, size_t errlen);
+                  size_t in_len, int64_t timeout_ms, int64_t deadline_ms, int lock_fd,
+                  prov_result *res, char *err, size_t errlen);
 /* The subcommand of an argv (skips leading "--flags"), for messages. */
 const char *prov_subcommand(const char *const *args);
 /* 1 when a finished command's output reports Dokku's deploy lock held by another deploy. */
@@ -287,8 +290,10 @@ int prov_state_record(const prov_config *cfg, const char *dir, const char *name,
                       const char *set, char *state, size_t cap);
 /* Takes the exclusive lock of an instance (an OFD lock on its byte of
  * locks/instances), waiting up to cfg->app_lock_wait_ms. Returns MR_OK with *fd
- * (release with prov_unlock), MR_ETRANSIENT when another request holds it,
- * MR_EINTERNAL when the lock file cannot be opened safely or locked. */
+ * (release with prov_unlock; the lock lasts while any copy of it is open: pass
+ * it to prov_dokku), MR_ETRANSIENT when another request holds it, or a command
+ * started under it still runs, MR_EINTERNAL when the lock file cannot be
+ * opened safely or locked. */
 mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, size_t errlen);
 void prov_unlock(int fd);
 

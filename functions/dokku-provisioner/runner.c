@@ -15,12 +15,36 @@
  * command line: user, host and port, the key (-i, IdentitiesOnly) when one is
  * configured, otherwise ssh's default key files and agent.
  *
- * The child gets its own process group, stdin from /dev/null or a pipe we
- * feed (a tarball for storage:exec or certs:add, JSON for config:import),
- * stdout and stderr on pipes (kept, truncated, never logged: `config:import`
- * echoes values), an allow-listed environment, and a deadline after which
- * the whole group is killed: a stalled ssh or docker pull must not pin a
- * worker forever.
+ * The command gets stdin from /dev/null or a pipe we feed (a tarball for
+ * storage:exec or certs:add, JSON for config:import), stdout and stderr on
+ * pipes (kept, truncated, never logged: `config:import` echoes values), no
+ * other descriptor, an allow-listed environment, and a deadline after which
+ * its whole process group is killed: a stalled ssh or docker pull must not
+ * pin a worker forever.
+ *
+ * The command is not the worker's child but its keeper's: a fork of the
+ * worker that leads the command's process group, keeps nothing of the
+ * worker's but the instance's lock (prov_lock: an OFD lock, which lives while
+ * any descriptor of its open file description does), starts the command,
+ * waits for it and exits with its status. So the lock is held until the
+ * command has ended even when the worker dies first (SIGKILL, a crash) and
+ * the command runs on as an orphan: the request the caller retries waits for
+ * it ("another request is working on this app") instead of running a second
+ * command on the app beside it, a destroy beside a deploy. The keeper also
+ * kills the group at the command's deadline (a little after the worker would
+ * have), so an orphan does not hold its app forever either.
+ *
+ * Why a keeper and not the lock's descriptor handed to the command: ssh
+ * closes every descriptor above stderr as it starts, so in ssh mode the lock
+ * would go with the worker all the same; and a descriptor handed on reaches
+ * whatever the command starts, so a process that outlives the command (a
+ * background job of a plugin) would hold the app's lock for as long as it
+ * runs. The keeper holds it for the life of the command's own process (dokku,
+ * or ssh while the host runs the command), no longer. Why not the supervisor
+ * killing an orphan's group when its worker dies: it would need to learn each
+ * worker's command groups (state shared between processes) to do what the
+ * keeper's deadline already bounds, and cutting a deploy short leaves more
+ * for the retry to repair than letting it finish does.
  *
  * The environment is built from names, not filtered by them: a deny-list
  * ("anything named *SECRET*") lets SENTRY_DSN or a cloud token through, so
@@ -196,28 +220,77 @@ static void drain(int *fd, char *buf, size_t *len)
     }
 }
 
-static void kill_group(pid_t pid)
+#define KILL_GRACE_MS 1000 /* from SIGTERM to SIGKILL when a command's group is killed */
+
+/* Kills the process group pgid: SIGTERM, up to KILL_GRACE_MS for pid (the
+ * keeper, or in the keeper the command) to exit, then SIGKILL. */
+static void kill_group(pid_t pgid, pid_t pid)
 {
-    kill(-pid, SIGTERM);
-    for (int i = 0; i < 20; i++) {
+    kill(-pgid, SIGTERM);
+    for (int i = 0; i < KILL_GRACE_MS / 50; i++) {
         if (waitpid(pid, NULL, WNOHANG) != 0) break;
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
-    kill(-pid, SIGKILL);
+    kill(-pgid, SIGKILL);
 }
 
-/* Spawns argv with in on its stdin and waits for it within timeout_ms.
- * Returns MR_OK with res->status, or MR_ETRANSIENT (not started, or timed out). */
-static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsigned char *in,
-                         size_t in_len, int64_t timeout_ms, prov_result *res, char *err,
-                         size_t errlen)
+/* The keeper (see the top of this file), in the child of fork(): leads its own
+ * process group, starts argv in it, writes posix_spawnp's error to status_fd
+ * if it could not, closes every descriptor but lock_fd (-1: none; the FastCGI
+ * and database sockets, the pipes' ends, whose EOF the command and the worker
+ * wait for), waits for the command and exits with its status (128+N for
+ * signal N, as the worker reports it). Past limit_ms it kills the group,
+ * itself included. Never returns. */
+static void keep(char *const *argv, char **envp, const posix_spawn_file_actions_t *fa,
+                 const posix_spawnattr_t *at, int lock_fd, int status_fd, int64_t limit_ms)
 {
-    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1};
+    setpgid(0, 0);
+    /* SIGTERM to the group is for the command: the keeper, and with it the
+     * lock, stays until the command has gone (or SIGKILL). The worker's SIGCHLD
+     * disposition might lose the command's status; blocked, it is waited for. */
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGCHLD, SIG_DFL);
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_SETMASK, &chld, NULL);
+    pid_t cmd;
+    int rc = posix_spawnp(&cmd, argv[0], fa, at, argv, envp);
+    if (rc != 0) {
+        ssize_t w = write(status_fd, &rc, sizeof rc);
+        _exit(w == (ssize_t)sizeof rc ? 127 : 126);
+    }
+    for (int fd = 0; fd < lock_fd; fd++) close(fd);
+    closefrom(lock_fd + 1);
+    int64_t until = mr_now_ms() + limit_ms;
+    for (;;) {
+        int st;
+        pid_t w = waitpid(cmd, &st, WNOHANG);
+        if (w == cmd) _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+        if (w < 0 && errno != EINTR) _exit(127);
+        int64_t left = until - mr_now_ms();
+        if (left <= 0) {
+            kill_group(getpid(), cmd);
+            _exit(128 + SIGKILL);
+        }
+        struct timespec ts = {(time_t)(left / 1000), (long)(left % 1000) * 1000000L};
+        sigtimedwait(&chld, NULL, &ts);
+    }
+}
+
+/* Runs argv with in on its stdin under a keeper holding lock_fd (-1: none) and
+ * waits for it within timeout_ms. Returns MR_OK with res->status, or
+ * MR_ETRANSIENT (not started, or timed out). */
+static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsigned char *in,
+                         size_t in_len, int64_t timeout_ms, int lock_fd, prov_result *res,
+                         char *err, size_t errlen)
+{
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, ps[2] = {-1, -1};
     if (pipe2(po, O_CLOEXEC) != 0 || pipe2(pe, O_CLOEXEC) != 0 ||
-        (in && pipe2(pi, O_CLOEXEC) != 0)) {
-        int *all[] = {po, pe, pi};
-        for (int i = 0; i < 3; i++)
+        (in && pipe2(pi, O_CLOEXEC) != 0) || pipe2(ps, O_CLOEXEC) != 0) {
+        int *all[] = {po, pe, pi, ps};
+        for (int i = 0; i < 4; i++)
             for (int j = 0; j < 2; j++)
                 if (all[i][j] >= 0) close(all[i][j]);
         return mr_seterr(err, errlen, MR_ETRANSIENT, "cannot create pipes");
@@ -231,10 +304,11 @@ static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsign
     else posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, po[1], 1);
     posix_spawn_file_actions_adddup2(&fa, pe[1], 2);
-    /* Nothing else of ours: not the FastCGI sockets, not the database's. */
+    /* Nothing else of ours: not the FastCGI sockets, not the database's, not
+     * the lock (the keeper holds it). */
     posix_spawn_file_actions_addclosefrom_np(&fa, 3);
-    /* Own process group (killed as a whole on the deadline), default signal
-     * dispositions and an empty mask whatever the worker has installed. */
+    /* The keeper's process group (killed as a whole on the deadline), default
+     * signal dispositions and an empty mask whatever the worker has installed. */
     sigset_t none, all;
     sigemptyset(&none);
     sigfillset(&all);
@@ -242,12 +316,24 @@ static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsign
     sigdelset(&all, SIGSTOP);
     posix_spawnattr_setsigmask(&at, &none);
     posix_spawnattr_setsigdefault(&at, &all);
-    posix_spawnattr_setpgroup(&at, 0);
-    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
-                                  POSIX_SPAWN_SETSIGDEF);
-    pid_t pid = -1;
-    /* posix_spawnp: a bare "dokku" or "ssh" is looked up in PATH. */
-    int rc = envp ? posix_spawnp(&pid, argv[0], &fa, &at, argv, envp) : ENOMEM;
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    /* posix_spawnp (in the keeper): a bare "dokku" or "ssh" is looked up in PATH.
+     * The keeper's deadline comes after the worker's kill would have ended it. */
+    pid_t pid = envp ? fork() : -1;
+    if (pid == 0)
+        keep(argv, envp, &fa, &at, lock_fd, ps[1], timeout_ms + 2 * KILL_GRACE_MS);
+    int rc = !envp ? ENOMEM : pid < 0 ? errno : 0;
+    close(ps[1]);
+    if (pid > 0) {
+        /* Also here, so that a kill of the group cannot come before the keeper's own. */
+        setpgid(pid, pid);
+        /* The keeper's error, or EOF once it has started the command. */
+        ssize_t r;
+        while ((r = read(ps[0], &rc, sizeof rc)) < 0 && errno == EINTR) {}
+        if (r != (ssize_t)sizeof rc) rc = 0;
+        else waitpid(pid, NULL, 0);
+    }
+    close(ps[0]);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     free(envp);
@@ -295,7 +381,7 @@ static mr_err spawn_wait(const prov_config *cfg, char *const *argv, const unsign
             break;
         int64_t now = mr_now_ms();
         if (!reaped && now >= deadline) {
-            kill_group(pid);
+            kill_group(pid, pid);
             waitpid(pid, &wstatus, 0);
             res->timed_out = 1;
             break;
@@ -423,8 +509,8 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
 /* ---- one attempt ---- */
 
 static mr_err run_one(const prov_config *cfg, const char *const *args, const unsigned char *in,
-                      size_t in_len, int64_t timeout_ms, prov_result *res, char *err,
-                      size_t errlen)
+                      size_t in_len, int64_t timeout_ms, int lock_fd, prov_result *res,
+                      char *err, size_t errlen)
 {
     const char *argv[MAX_ARGV];
     size_t n = 0;
@@ -469,12 +555,13 @@ static mr_err run_one(const prov_config *cfg, const char *const *args, const uns
     }
     for (size_t i = 0; i < nargs; i++) argv[n++] = args[i];
     argv[n] = NULL;
-    return spawn_wait(cfg, (char *const *)argv, in, in_len, timeout_ms, res, err, errlen);
+    return spawn_wait(cfg, (char *const *)argv, in, in_len, timeout_ms, lock_fd, res, err,
+                      errlen);
 }
 
 mr_err prov_dokku(const prov_config *cfg, const char *const *args, const unsigned char *in,
-                  size_t in_len, int64_t timeout_ms, int64_t deadline_ms, prov_result *res,
-                  char *err, size_t errlen)
+                  size_t in_len, int64_t timeout_ms, int64_t deadline_ms, int lock_fd,
+                  prov_result *res, char *err, size_t errlen)
 {
     char what[1024];
     describe(args, what, sizeof what);
@@ -500,7 +587,7 @@ mr_err prov_dokku(const prov_config *cfg, const char *const *args, const unsigne
             return mr_seterr(err, errlen, MR_ETRANSIENT,
                              "%s not started: the request's deadline has passed", sub);
         }
-        mr_err e = run_one(cfg, args, in, in_len, budget, res, err, errlen);
+        mr_err e = run_one(cfg, args, in, in_len, budget, lock_fd, res, err, errlen);
         int64_t took = mr_now_ms() - t0;
         if (e != MR_OK) {
             mr_log(MR_LOG_ERROR, "%s: %s (%lld ms)", what, err, (long long)took);

@@ -1,7 +1,9 @@
 /* state.c: the provisioner's state directory (PROVISIONER_STATE_DIR).
  *
  *   locks/instances     one lock per instance, an OFD lock on the byte at
- *                       its name's hash: one request at a time (prov_lock)
+ *                       its name's hash: one request at a time (prov_lock),
+ *                       held until the request and every command it started
+ *                       have ended (runner.c's keeper keeps a copy)
  *   apps/<xx>           fingerprints of what the last successful create/update
  *                       applied to each app (decide whether an unchanged image
  *                       needs a restart): 256 bucket files, a line
@@ -274,5 +276,6 @@ mr_err prov_lock(const prov_config *cfg, const char *app, int *fd, char *err, si
 
 void prov_unlock(int fd)
 {
-    if (fd >= 0) close(fd); /* closing releases the lock */
+    /* Closing releases the lock, unless a command's keeper still holds it. */
+    if (fd >= 0) close(fd);
 }

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -137,13 +138,17 @@ def known_hosts_file(directory):
     return path
 
 
+def ssh_env(d, **extra):
+    return d.env(DOKKU_MODE="ssh", DOKKU_SSH_BIN=str(STANDINS / "ssh"),
+                 DOKKU_HOST="dokku.example.com", DOKKU_SSH_KEY="/etc/mindroom/dokku_ed25519",
+                 DOKKU_SSH_PORT="2222", DOKKU_SSH_KNOWN_HOSTS=str(known_hosts_file(d.dir)),
+                 **extra)
+
+
 @pytest.fixture(scope="module")
 def ssh(pg):
     d = Dokku()
-    env = d.env(DOKKU_MODE="ssh", DOKKU_SSH_BIN=str(STANDINS / "ssh"),
-                DOKKU_HOST="dokku.example.com", DOKKU_SSH_KEY="/etc/mindroom/dokku_ed25519",
-                DOKKU_SSH_PORT="2222", DOKKU_SSH_KNOWN_HOSTS=str(known_hosts_file(d.dir)))
-    with mr.Stack(pg, env=env, functions=["dokku-provisioner"]) as s:
+    with mr.Stack(pg, env=ssh_env(d), functions=["dokku-provisioner"]) as s:
         yield s, d
 
 
@@ -663,6 +668,90 @@ def test_one_request_an_instance_at_a_time_across_workers(locking):
     finally:
         t.join(30)
     assert first["r"].status == 200 and first["r"].json["state"] == "destroyed", first
+
+
+@pytest.fixture(scope="module")
+def ssh_locking(pg):
+    d = Dokku()
+    with mr.Stack(pg, env=ssh_env(d, PROVISIONER_APP_LOCK_WAIT_MS="500"),
+                  functions=["dokku-provisioner"]) as s:
+        yield s, d
+
+
+def parent_of(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def orphan_a_command(s, d, app, seconds):
+    """Starts DELETE /apps/<app> with its first command (apps:exists) stalled for
+    seconds and SIGKILLs the worker running it. Returns the stalled command's
+    pid, its child's, its keeper's (the process between it and the worker),
+    what the keeper held open then, and when it started (time.monotonic())."""
+    (d.dir / "stalled.pids").unlink(missing_ok=True)
+    d.tell("stall", "apps:exists", times=1, seconds=seconds)
+    first = {}
+    t = threading.Thread(target=lambda: first.update(
+        r=s.call_provisioner("DELETE", "/apps/" + app)))
+    t0 = time.monotonic()
+    t.start()
+    try:
+        while not (d.dir / "stalled.pids").exists() and time.monotonic() < t0 + 10:
+            time.sleep(0.02)
+        command, sleeper = [int(p) for p in
+                            (d.dir / "stalled.pids").read_text().split("\n")[-2].split()]
+        workers = worker_pids(s)[1:]
+        keeper, worker = command, parent_of(command)
+        while worker > 1 and worker not in workers:
+            keeper, worker = worker, parent_of(worker)
+        assert worker in workers, (command, workers)
+        held = [os.readlink("/proc/%d/fd/%s" % (keeper, fd))
+                for fd in os.listdir("/proc/%d/fd" % keeper)]
+        os.kill(worker, signal.SIGKILL)
+    finally:
+        t.join(30)
+    assert first["r"].status == 502, first      # nginx: the worker went away
+    return command, sleeper, keeper, held, t0
+
+
+@pytest.mark.parametrize("mode", ["local", "ssh"])
+def test_a_command_outliving_its_killed_worker_keeps_its_app(mode, request):
+    """A worker killed outright (SIGKILL, a crash) while its command runs leaves
+    the command running; until it ends, the next request for the same app is
+    answered 503 "another request is working on this app" with nothing run (a
+    destroy never runs beside a deploy), and once it has ended the same request
+    succeeds. In ssh mode too, where ssh closes every inherited descriptor."""
+    s, d = request.getfixturevalue("locking" if mode == "local" else "ssh_locking")
+    app = "mindroom-orphan" + mode
+    command, sleeper, keeper, held, _ = orphan_a_command(s, d, app, 4)
+    try:
+        d.mark()
+        r = s.call_provisioner("DELETE", "/apps/" + app)
+        assert r.status == 503 and r.json["error"]["code"] == "app_busy", r
+        assert "another request is working on this app" in r.json["error"]["message"], r
+        assert d.new_calls() == []
+        assert alive(command)           # the 503 was for the orphan, not for a stale lock
+    finally:
+        assert wait_dead([command, sleeper, keeper], timeout=15) == []
+    r = s.call_provisioner("DELETE", "/apps/" + app)
+    assert r.status == 200 and r.json["state"] == "destroyed", r
+    assert d.new_calls()[0][-2:] == ["apps:exists", app]    # ssh: after a "--"
+    # What held the lock: the command's keeper, a child of the worker with
+    # nothing else of the worker's open (not the FastCGI socket, not a pipe).
+    assert keeper != command and held == [str(d.state / "locks" / "instances")], held
+
+
+def test_an_orphaned_command_is_still_killed_after_its_deadline(slow):
+    """The orphan of a killed worker keeps its deadline (DOKKU_COMMAND_TIMEOUT_MS,
+    3 s here, and the 2 s the worker's own kill would have taken): its process
+    group is killed then, so a stalled command cannot keep its app busy forever."""
+    s, d = slow
+    command, sleeper, keeper, _, t0 = orphan_a_command(s, d, "mindroom-orphandl", 120)
+    assert wait_dead([command, sleeper, keeper], timeout=15) == []
+    took = time.monotonic() - t0
+    assert 4.5 < took < 9, took
+    r = s.call_provisioner("DELETE", "/apps/mindroom-orphandl")
+    assert r.status == 200 and r.json["state"] == "destroyed", r
 
 
 def test_a_planted_lock_symlink_is_refused_and_followed_nowhere(slow):
