@@ -78,14 +78,24 @@ static void restart(mr_req *r, const char *id)
     } else if (!strcmp(outcome, "not_found")) {
         not_found(r, id);
     } else if (!strcmp(outcome, "not_running")) {
-        /* Still running but on its way out: say where it is going, not "running". */
-        const char *st = "not running", *want = "running";
+        /* Still running but on its way out: say where it is going, not "running".
+         * The notice says why and what the customer can do (tenant_instance_notice). */
+        const char *st = "not running", *want = "running", *notice = NULL;
         mr_json_str(res, "status", &st);
         mr_json_str(res, "desired_status", &want);
+        mr_json_str(res, "notice", &notice);
         if (!strcmp(st, "running") && strcmp(want, "running") != 0)
             st = !strcmp(want, "stopped") ? "being stopped" : "being destroyed";
+        else if (!strcmp(st, "provisioning"))
+            st = "being set up";
+        else if (!strcmp(st, "deprovisioning"))
+            st = "being destroyed";
+        else if (!strcmp(st, "deprovisioned"))
+            st = "destroyed";
+        else if (!strcmp(st, "failed"))
+            st = "not running (a step failed)";
         mr_reply_error(r, 409, "not_running", "the instance is %s: only a running instance is "
-                       "restarted", st);
+                       "restarted%s%s", st, notice ? ". " : "", notice ? notice : "");
     } else if (!strcmp(outcome, "rate_limited")) {
         int64_t retry = 60;
         mr_json_i64(res, "retry_after_s", 1, 3600, &retry);

@@ -67,7 +67,8 @@ class Customer:
         stack.sql("UPDATE public.accounts SET stripe_customer_id = %s WHERE id = %s",
                   self.customer, self.account)
 
-    def send(self, type_, status, tier=None):
+    def send(self, type_, status, tier=None, **fields):
+        """fields: more of the subscription object's members (cancel_at_period_end...)."""
         self.t += 1
         self.tier = tier or self.tier
         obj = {"id": self.sub, "object": "subscription", "customer": self.customer,
@@ -77,6 +78,7 @@ class Customer:
                    "id": "si_" + uuid.uuid4().hex[:10],
                    "price": {"id": PRICES[self.tier], "object": "price"},
                    "current_period_end": self.t + 30 * 86400}]}}
+        obj.update(fields)
         raw = json.dumps({"id": "evt_" + uuid.uuid4().hex, "object": "event", "type": type_,
                           "created": self.t, "api_version": "2025-03-31.basil",
                           "livemode": False, "data": {"object": obj}}).encode()

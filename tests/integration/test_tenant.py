@@ -584,6 +584,118 @@ def test_a_restart_of_an_instance_being_stopped_says_so(stack, dokku):
     wait_status(stack, c.sid, "stopped", timeout=60)
 
 
+
+# What my-instance's instance object may hold: nothing of the operators' (the provisioner's
+# text, the lease, the target, the environment, the token).
+INSTANCE_KEYS = {"id", "status", "desired_status", "owed_action", "owed_since", "subdomain",
+                 "frontend_url", "backend_url", "matrix_server_url", "matrix_server_name",
+                 "memory_limit_mb", "cpu_limit", "storage_gb", "created_at", "provisioned_at",
+                 "deprovisioned_at", "storage_destroy_after", "restart", "error", "notice"}
+
+
+def test_a_customer_is_told_what_happens_to_its_instance_and_what_to_do_in_every_state(
+        stack, dokku, health):
+    """A customer walked through its subscription's states: my-instance says in words
+    what is happening (being created, payment failed, stopped and why, data kept until
+    when) and what to do, a refused restart says it too, and nothing of the
+    operators' or of another account's is in any answer."""
+    _, theirs = live_instance(stack, "free")          # another account's, running
+    c = Customer(stack, "starter")
+    tok = user_jwt(stack, c.account)
+
+    def mine(code):
+        r = stack.call("GET", "my-instance", token=tok)
+        assert r.status == 200, r
+        inst = r.json["instance"]
+        assert set(inst) == INSTANCE_KEYS, set(inst) ^ INSTANCE_KEYS
+        assert str(theirs["id"]) not in r.text and theirs["subdomain"] not in r.text
+        assert "mri_" not in r.text and "claimed_by" not in r.text
+        assert (inst["notice"] or {}).get("code") == code, inst
+        return r.json
+
+    def refused(*words):
+        r = stack.call("POST", "my-instance/restart", json={}, token=tok)
+        assert r.status == 409 and r.json["error"]["code"] == "not_running", r
+        for w in words:
+            assert w in r.json["error"]["message"], (w, r.json)
+
+    # Paid, being created: said so, and a restart is refused as such.
+    dokku.tell("stall", "git:from-image", times=1, seconds=8)
+    try:
+        c.send("customer.subscription.created", "active")
+        wait_until(lambda: stack.sql("SELECT status = 'provisioning' AND claimed_by IS NOT NULL "
+                                     "FROM public.instances WHERE subscription_id = %s", c.sid)[0][0],
+                   timeout=15, what="the create under way")
+        j = mine("being_created")
+        assert j["instance"]["status"] == "provisioning" and j["instance"]["error"] is None
+        assert j["instance"]["notice"]["message"] == \
+            "Your instance is being created: this takes a few minutes."
+        refused("the instance is being set up:", "being created")
+    finally:
+        dokku.untell("stall", "git:from-image")
+    inst = running(stack, c.sid)
+    iid = str(inst["id"])
+
+    # Running and paid: nothing to say; the health view is the user's own instance only.
+    assert mine(None)["instance"]["status"] == "running"
+    h = stack.call("GET", "check-instance-health", token=tok)
+    assert h.status == 200 and [x["instance_id"] for x in h.json["results"]] == [iid], h.json
+
+    # Payment failed (past_due): still running, and told to update the card.
+    c.send("customer.subscription.updated", "past_due")
+    j = mine("payment_failed")
+    assert j["instance"]["status"] == "running" and j["subscription"]["status"] == "past_due"
+    assert "update your payment method" in j["instance"]["notice"]["message"]
+
+    # Cancelled at the period's end: runs until then, and says when.
+    c.send("customer.subscription.updated", "active", cancel_at_period_end=True)
+    j = mine("ends_at_period_end")
+    end = j["subscription"]["current_period_end"][:10]
+    assert j["instance"]["status"] == "running"
+    assert j["instance"]["notice"]["message"] == \
+        "Your subscription ends on %s (UTC): your instance runs until then." % end
+    c.send("customer.subscription.updated", "active")
+    assert mine(None)
+
+    # Unpaid: stopped, why, and what brings it back; a restart says the same.
+    c.send("customer.subscription.updated", "unpaid")
+    wait_status(stack, c.sid, "stopped", timeout=30)
+    assert "Update your payment method" in mine("unpaid")["instance"]["notice"]["message"]
+    refused("the instance is stopped:", "your subscription is unpaid")
+    c.send("customer.subscription.updated", "active")
+    running(stack, c.sid)
+
+    # Paused: stopped, and resuming brings it back.
+    c.send("customer.subscription.updated", "paused")
+    wait_status(stack, c.sid, "stopped", timeout=30)
+    assert "Resume it" in mine("paused")["instance"]["notice"]["message"]
+    c.send("customer.subscription.updated", "active")
+    running(stack, c.sid)
+
+    # An operator's stop: the subscription is paid, so paying is not the answer.
+    r = stack.call("POST", "deprovision-instance", json={"instance_id": iid, "mode": "stop",
+                                                          "wait": True}, token=stack.jwt())
+    assert r.status == 200, r
+    j = mine("stopped_by_operator")
+    assert j["subscription"]["status"] == "active" and j["instance"]["status"] == "stopped"
+    refused("the instance is stopped:", "contact support")
+    assert provision(stack, c.sid, wait=True).status == 200
+    running(stack, c.sid)
+
+    # Cancelled: destroyed, the data kept until a date the customer is told.
+    c.send("customer.subscription.deleted", "canceled")
+    wait_status(stack, c.sid, "deprovisioned", timeout=30)
+    j = mine("data_kept")
+    kept = stack.sql("SELECT to_char(storage_destroy_after AT TIME ZONE 'UTC', 'YYYY-MM-DD') "
+                     "FROM public.instances WHERE id = %s", iid)[0][0]
+    assert "Its data is kept until %s (UTC)" % kept in j["instance"]["notice"]["message"], j
+    assert j["health"]["status"] == "not_checked"
+    refused("the instance is destroyed:", kept)
+    h = stack.call("GET", "check-instance-health", token=tok)
+    assert h.status == 200 and h.json["results"] == [], h.json
+    assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(0,)]
+
+
 HEALTH_THRESHOLD = 3     # HEALTH_FAILURE_THRESHOLD's default: deploy_env leaves it
 
 
