@@ -217,13 +217,14 @@ mr_jwks_cache *mr_auth_jwks(mr_auth *a)
 
 /* ---- one request ---------------------------------------------------------- */
 
-static mr_err set_identity(mr_identity *who, const char *role, const char *sub, char *claims,
-                           char *err, size_t errlen)
+static mr_err set_identity(mr_identity *who, const char *role, const char *sub, int oauth_client,
+                           char *claims, char *err, size_t errlen)
 {
     if (!claims)
         return mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
     snprintf(who->role, sizeof(who->role), "%s", role);
     snprintf(who->sub, sizeof(who->sub), "%s", sub);
+    who->oauth_client = oauth_client;
     who->claims_json = claims;
     return MR_OK;
 }
@@ -243,11 +244,11 @@ static int key_listed(const key_list *l, const char *key)
 static mr_err api_key(const mr_auth *a, const char *key, mr_identity *who, char *err, size_t errlen)
 {
     if (strncmp(key, SECRET_PREFIX, strlen(SECRET_PREFIX)) == 0 && key_listed(&a->secret_keys, key))
-        return set_identity(who, "service_role", "", strdup("{\"role\":\"service_role\"}"), err,
+        return set_identity(who, "service_role", "", 0, strdup("{\"role\":\"service_role\"}"), err,
                             errlen);
     if (strncmp(key, PUBLISHABLE_PREFIX, strlen(PUBLISHABLE_PREFIX)) == 0 &&
         key_listed(&a->publishable_keys, key))
-        return set_identity(who, "anon", "", strdup("{\"role\":\"anon\"}"), err, errlen);
+        return set_identity(who, "anon", "", 0, strdup("{\"role\":\"anon\"}"), err, errlen);
     return mr_seterr(err, errlen, MR_EAUTH, "invalid API key");
 }
 
@@ -335,7 +336,7 @@ static mr_err jwt(mr_auth *a, mr_httpc *http, const char *token, time_t now, mr_
     e = mr_jwt_read_claims(&p, &rules, now, &c, why, sizeof(why));
     if (e != MR_OK)
         return mr_seterr(err, errlen, e, e == MR_EAUTH ? "invalid token: %s" : "%s", why);
-    return set_identity(who, c.role, c.sub, c.claims_json, err, errlen);
+    return set_identity(who, c.role, c.sub, c.oauth_client, c.claims_json, err, errlen);
 }
 
 /* Three base64url parts: the shape of a legacy anon or service_role key sent

@@ -56,6 +56,8 @@ int mr_is_uuid(const char *s);
 typedef struct {
     char role[64];       /* "service_role", "authenticated", or "" (the connecting role) */
     char sub[64];        /* auth.uid() for users, "" otherwise */
+    int oauth_client;    /* 1: a token Supabase Auth's OAuth 2.1 server issued to a
+                            third-party app (client_id); what it may call: mr_app */
     char *claims_json;   /* the claims as JSON, or NULL; owned by whoever filled it */
     const char *request_json; /* {"ip", "user_agent", "request_id"} of the HTTP request, or
                                  NULL (no request: the worker, tools); borrowed from the

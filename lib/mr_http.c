@@ -404,9 +404,10 @@ int mr_req_instance_id(mr_req *r, char id[40])
     return 0;
 }
 
-static int method_allowed(const char *method)
+/* 1 when method is one of the comma-separated list (NULL: none). */
+static int method_listed(const char *list, const char *method)
 {
-    const char *m = g_app->methods ? g_app->methods : "";
+    const char *m = list ? list : "";
     size_t n = strlen(method);
     while (*m) {
         const char *comma = strchr(m, ',');
@@ -418,6 +419,11 @@ static int method_allowed(const char *method)
             m++;
     }
     return 0;
+}
+
+static int method_allowed(const char *method)
+{
+    return method_listed(g_app->methods, method);
 }
 
 /* Identifies the caller (mr_auth.h) and checks the role. Replies 401/403 (or
@@ -442,6 +448,16 @@ static int authenticate(mr_req *r, FCGX_Request *rq)
         /* r->who stays for the access log (and is freed with the request). */
         mr_reply_error(r, 403, "forbidden", "role %s may not call %s",
                        r->who.role[0] ? r->who.role : "(none)", g_app->name);
+        return -1;
+    }
+    /* An app the user authorised acts with the user's role and sub, but not with
+     * everything the user may do: what it may call is the function's to say, and
+     * nothing unless it says so (Supabase's guidance for OAuth clients: least
+     * privilege, read-only unless granted). */
+    if (r->who.oauth_client && !method_listed(g_app->oauth_client_methods, r->method)) {
+        mr_reply_error(r, 403, "oauth_client_not_allowed",
+                       "%.16s %s takes the user's own session, not a token issued to a "
+                       "third-party app (client_id)", r->method, g_app->name);
         return -1;
     }
     return 0;

@@ -33,7 +33,9 @@
  * Auth (MR_AUTH_SERVICE/USER): the caller is identified from Authorization and
  * apikey as mr_auth.h describes (JWTs by SUPABASE_AUTH_MODE, sb_ API keys;
  * Authorization wins). Missing/invalid -> 401 "unauthorized", wrong role (anon
- * everywhere, authenticated on MR_AUTH_SERVICE) -> 403 "forbidden", signing
+ * everywhere, authenticated on MR_AUTH_SERVICE) -> 403 "forbidden", a token
+ * issued to a third-party app on a method the app does not open to it
+ * (mr_app.oauth_client_methods) -> 403 "oauth_client_not_allowed", signing
  * keys unavailable -> 503. */
 #ifndef MR_HTTP_H
 #define MR_HTTP_H
@@ -89,6 +91,12 @@ typedef struct {
     const char *name;            /* "provision-instance": logs and the socket's default name */
     const char *methods;         /* "POST" or "GET,POST" */
     mr_auth_mode auth;
+    /* MR_AUTH_USER: the methods a token issued to a third-party app (a user's
+     * token with client_id, from Supabase Auth's OAuth 2.1 server) may call,
+     * "GET" or "GET,POST"; NULL: none (403 oauth_client_not_allowed). Only what
+     * reads: whatever spends money, manages billing or acts on an instance takes
+     * the user's own session. */
+    const char *oauth_client_methods;
     /* Workers per online core when MR_WORKERS is unset (0: one). More than one
      * for a function whose requests mostly wait on PostgreSQL's commit: more
      * commits in flight are flushed together. */

@@ -255,6 +255,7 @@ static const struct {
     {"exp", cJSON_Number}, {"iat", cJSON_Number}, {"role", cJSON_String},
     {"email", cJSON_String}, {"phone", cJSON_String}, {"session_id", cJSON_String},
     {"aal", cJSON_String}, {"is_anonymous", cJSON_True | cJSON_False},
+    {"client_id", cJSON_String},
 };
 
 static mr_err rebuild_claims(const cJSON *payload, char **out, char *err, size_t errlen)
@@ -315,6 +316,11 @@ static mr_err check_claims(const cJSON *payload, const mr_jwt_rules *rules, time
         if (!aud || aud_names(aud, rules->user_audience) != 1)
             return mr_seterr(err, errlen, MR_EAUTH, "wrong audience");
     }
+    /* Supabase Auth's OAuth 2.1 server names the app a token was issued to in
+     * client_id (absent from the user's own sessions). Present as SQL sees it:
+     * not null; rebuild_claims refuses any type but a string. */
+    const cJSON *cid = cJSON_GetObjectItemCaseSensitive(payload, "client_id");
+    out->oauth_client = cid && !cJSON_IsNull(cid);
     return rebuild_claims(payload, &out->claims_json, err, errlen);
 }
 

@@ -24,6 +24,8 @@
 typedef struct {
     char role[64];      /* "service_role", "authenticated", "anon"... */
     char sub[64];       /* user id (uuid) or "" */
+    int oauth_client;   /* 1 when the token names a client_id: Supabase Auth's OAuth 2.1
+                           server issued it to a third-party app the user authorised */
     char *claims_json;  /* the verified claims, compact JSON; owned, free with mr_jwt_claims_free */
 } mr_jwt_claims;
 

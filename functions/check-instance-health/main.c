@@ -7,7 +7,8 @@
  *   service_role JWT: every running instance (or one); failures count toward a
  *                     redeploy, at most once per HEALTH_INTERVAL_S per instance.
  *   user JWT: only the caller's own instances, selected under RLS; recorded, but
- *             a tenant's probe never counts toward a redeploy. */
+ *             a tenant's probe never counts toward a redeploy. It only looks, so a
+ *             third-party app the user authorised (client_id) may call it too. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +50,7 @@ int main(int argc, char **argv)
         .name = "check-instance-health",
         .methods = "GET,POST",
         .auth = MR_AUTH_USER,
+        .oauth_client_methods = "GET,POST",
         .init = init,
         .handle = handle,
     };

@@ -11,7 +11,8 @@
  *        (public.tenant_instance_restart)
  *
  * A user's session JWT (role authenticated) only: a service key has no "my"
- * (403). Without instance_id, the user's current instance; someone else's id, or
+ * (403). A third-party app the user authorised (a token with client_id) may read
+ * (GET), not restart (403 oauth_client_not_allowed). Without instance_id, the user's current instance; someone else's id, or
  * a user without an instance: 404. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -153,6 +154,7 @@ int main(int argc, char **argv)
         .name = "my-instance",
         .methods = "GET,POST",
         .auth = MR_AUTH_USER,
+        .oauth_client_methods = "GET",
         .handle = handle,
     };
     return mr_app_main(&app, argc, argv);

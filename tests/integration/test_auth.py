@@ -16,6 +16,7 @@ import pytest
 
 import mr
 from jwks import JwksStandin
+from stripe_api import StripeStandin
 from test_health import make_account, make_instance
 from test_supabase_cli import CLI_SH, copy_project
 
@@ -238,6 +239,75 @@ def test_a_session_signed_by_supabases_own_code_is_accepted(stack, auth, keys, t
     r = health(stack, token)
     assert r.status == 200, r
     assert role_logged(stack, HEALTH, r) == ["authenticated"]
+
+
+# ---- tokens Supabase Auth's OAuth 2.1 server issued to third-party apps ------------
+
+CHECKOUT, PORTAL, MINE = "create-checkout-session", "create-portal-session", "my-instance"
+
+
+@pytest.fixture(scope="module")
+def stripe():
+    with StripeStandin() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def user_stack(pg, auth, keys, stripe):
+    """The functions a signed-in user calls: the read-only ones and those that pay,
+    manage billing or restart the instance."""
+    env = jwks_env(auth, STRIPE_SECRET_KEY=stripe.key, STRIPE_API_BASE=stripe.url,
+                   STRIPE_CHECKOUT_SUCCESS_URL="https://app.mindroom.test/done",
+                   STRIPE_CHECKOUT_CANCEL_URL="https://app.mindroom.test/pricing",
+                   STRIPE_PORTAL_RETURN_URL="https://app.mindroom.test/account")
+    with mr.Stack(pg, env=env, functions=[HEALTH, CHECKOUT, PORTAL, MINE], workers=1) as s:
+        yield s
+
+
+def test_a_third_party_apps_token_reads_but_neither_pays_nor_manages_billing_nor_restarts(
+        user_stack, auth, keys, stripe):
+    """A token with client_id is the user as seen by an app they authorised: it may
+    read the instance and its health, but checkout, the billing portal and a restart
+    take the user's own session. Nothing reaches Stripe, nothing is restarted."""
+    s, es = user_stack, keys[0]
+    stripe.reset()
+    client = uuid.uuid4()
+    # A user with a running instance, and one who has not subscribed yet.
+    user, payer = make_account(s), make_account(s)
+    iid = make_instance(s, user, "http://127.0.0.1:9/")
+
+    def restarts():
+        return s.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid)[0][0]
+
+    def refused(r):
+        msg = error(r, 403, "oauth_client_not_allowed", "takes the user's own session")
+        assert "third-party app" in msg
+
+    app = es.sign(auth.oauth_claims(user, client))
+    r = s.call("GET", MINE, token=app)
+    assert r.status == 200 and r.json["instance"]["id"] == iid, r
+    assert health(s, app, query="?instance_id=" + iid).status == 200
+    before = restarts()
+    refused(s.call("POST", MINE + "/restart", json={}, token=app))
+    assert restarts() == before
+
+    app = es.sign(auth.oauth_claims(payer, client))
+    refused(s.call("POST", CHECKOUT, json={"tier": "starter"}, token=app))
+    refused(s.call("POST", PORTAL, json={}, token=app))
+    assert stripe.recorded() == []
+    assert s.sql("SELECT count(*) FROM public.billing_attempts WHERE account_id = %s",
+                 payer)[0][0] == 0
+
+    # The users' own sessions do all three.
+    r = s.call("POST", MINE + "/restart", json={}, token=es.sign(auth.user_claims(user)))
+    assert r.status == 202, r
+    assert restarts() == before + 1
+    own = es.sign(auth.user_claims(payer))
+    r = s.call("POST", CHECKOUT, json={"tier": "starter"}, token=own)
+    assert r.status == 200 and r.json["url"], r
+    assert len(stripe.recorded("/v1/checkout/sessions")) == 1
+    r = s.call("POST", PORTAL, json={}, token=own)
+    assert r.status == 200 and r.json["url"], r
 
 
 # ---- API keys --------------------------------------------------------------------

@@ -5,6 +5,7 @@ endpoint that publishes their public halves, and tokens signed with them.
         k1 = auth.new_key("ES256")          # or "RS256"; published at once
         env = {"SUPABASE_AUTH_MODE": "jwks", "SUPABASE_URL": auth.url}
         token = k1.sign(auth.user_claims(sub))
+        app = k1.sign(auth.oauth_claims(sub, client_id))  # issued to a third-party app
         auth.publish(k2)                    # rotation: the endpoint now serves k2 only
         auth.fetches()                      # GETs of the JWKS so far (failed ones too)
         auth.behave("fail")                 # the endpoint answers 500 (recording.py)
@@ -117,6 +118,13 @@ class JwksStandin(RecordingServer):
              "session_id": str(uuid.uuid4()), "is_anonymous": False}
         c.update(extra)
         return {k: v for k, v in c.items() if v is not None}
+
+    def oauth_claims(self, sub, client_id, scope="openid email", **extra):
+        """Claims shaped like the access token Supabase Auth's OAuth 2.1 server
+        issues to a third-party app (`client_id`, its registered client's id) for
+        user `sub`: the user's own claims plus client_id and the granted scope
+        (supabase/auth internal/tokens/service.go, AccessTokenClaims)."""
+        return self.user_claims(sub, client_id=str(client_id), scope=scope, **extra)
 
     def answer(self, rec):
         if rec.method != "GET" or rec.path != JWKS_PATH:

@@ -438,6 +438,52 @@ static void test_leeway(void **state)
     mr_auth_free(a);
 }
 
+/* A token Supabase Auth's OAuth 2.1 server issued to a third-party app: the
+ * user's role and sub, marked as the app's, and client_id handed on to SQL so RLS
+ * can tell it from the user's own session. */
+static void test_oauth_client_tokens(void **state)
+{
+    (void)state;
+    mr_auth *a = auth_for("jwks");
+    char *t = tk_sign(&ec1, "ES256", USER_CLAIMS(
+        ",\"session_id\":\"s1\",\"client_id\":\"9a8b7c6d-5e4f-3a2b-1c0d-9e8f7a6b5c4d\","
+        "\"scope\":\"openid email\""));
+    outcome o = bearer(a, t);
+    assert_int_equal(o.e, MR_OK);
+    assert_string_equal(o.who.role, "authenticated");
+    assert_string_equal(o.who.sub, USER);
+    assert_int_equal(o.who.oauth_client, 1);
+    assert_string_equal(o.who.claims_json,
+                        "{\"iss\":\"" ISS "\",\"sub\":\"" USER "\",\"aud\":\"authenticated\","
+                        "\"exp\":1700003600,\"iat\":1699996400,\"role\":\"authenticated\","
+                        "\"session_id\":\"s1\",\"client_id\":\"9a8b7c6d-5e4f-3a2b-1c0d-9e8f7a6b5c4d\"}");
+    done(&o);
+    free(t);
+    /* The user's own session, and API keys, are nobody's app. */
+    t = tk_sign(&ec1, "ES256", USER_CLAIMS(""));
+    o = bearer(a, t);
+    assert_int_equal(o.e, MR_OK);
+    assert_int_equal(o.who.oauth_client, 0);
+    done(&o);
+    free(t);
+    o = call(a, NULL, SK1);
+    assert_int_equal(o.e, MR_OK);
+    assert_int_equal(o.who.oauth_client, 0);
+    done(&o);
+    /* A client_id that is not a string is no client SQL could name: refused, never
+     * read as "no client". An empty one is still a client (SQL sees it not null). */
+    t = tk_sign(&ec1, "ES256", USER_CLAIMS(",\"client_id\":42"));
+    expect_refused(a, t, "malformed client_id");
+    free(t);
+    t = tk_sign(&ec1, "ES256", USER_CLAIMS(",\"client_id\":\"\""));
+    o = bearer(a, t);
+    assert_int_equal(o.e, MR_OK);
+    assert_int_equal(o.who.oauth_client, 1);
+    done(&o);
+    free(t);
+    mr_auth_free(a);
+}
+
 static void test_no_keys_is_503(void **state)
 {
     (void)state;
@@ -465,6 +511,7 @@ int main(void)
         cmocka_unit_test(test_jwks_mode),
         cmocka_unit_test(test_legacy_and_both_modes),
         cmocka_unit_test(test_leeway),
+        cmocka_unit_test(test_oauth_client_tokens),
         cmocka_unit_test(test_no_keys_is_503),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
