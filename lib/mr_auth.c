@@ -240,12 +240,31 @@ static int key_listed(const key_list *l, const char *key)
     return found;
 }
 
-/* An sb_ key: Supabase's API keys are opaque strings, never JWTs. */
-static mr_err api_key(const mr_auth *a, const char *key, mr_identity *who, char *err, size_t errlen)
+/* Whether a request comes from a browser, as Supabase's API gateway decides it
+ * for secret keys: by its User-Agent. Every browser's starts "Mozilla/" (a
+ * compatibility token no server-side client sends: curl, Node's fetch, Deno,
+ * Python, Go name themselves), and a page's script cannot replace it in
+ * Chromium or Safari. */
+static int from_browser(const char *user_agent)
 {
-    if (strncmp(key, SECRET_PREFIX, strlen(SECRET_PREFIX)) == 0 && key_listed(&a->secret_keys, key))
+    return user_agent && strncmp(user_agent, "Mozilla/", 8) == 0;
+}
+
+/* An sb_ key: Supabase's API keys are opaque strings, never JWTs. */
+static mr_err api_key(const mr_auth *a, const char *key, const char *user_agent, mr_identity *who,
+                      char *err, size_t errlen)
+{
+    if (strncmp(key, SECRET_PREFIX, strlen(SECRET_PREFIX)) == 0 && key_listed(&a->secret_keys, key)) {
+        /* A secret key bypasses RLS; in a browser it has leaked into a page (CORS
+         * lets any page call here). Refused like Supabase does, without saying
+         * more than that: the key is valid, and it must be rotated. */
+        if (from_browser(user_agent))
+            return mr_seterr(err, errlen, MR_EAUTH,
+                             "secret API key used from a browser: secret keys are for servers "
+                             "only (a browser sends the publishable key and the user's session)");
         return set_identity(who, "service_role", "", 0, strdup("{\"role\":\"service_role\"}"), err,
                             errlen);
+    }
     if (strncmp(key, PUBLISHABLE_PREFIX, strlen(PUBLISHABLE_PREFIX)) == 0 &&
         key_listed(&a->publishable_keys, key))
         return set_identity(who, "anon", "", 0, strdup("{\"role\":\"anon\"}"), err, errlen);
@@ -355,8 +374,8 @@ static int looks_like_jwt(const char *s)
 }
 
 mr_err mr_auth_identify(mr_auth *a, mr_httpc *http, const char *authorization,
-                        const char *apikey, time_t now, mr_identity *who,
-                        char *err, size_t errlen)
+                        const char *apikey, const char *user_agent, time_t now,
+                        mr_identity *who, char *err, size_t errlen)
 {
     const char *cred;
     memset(who, 0, sizeof(*who));
@@ -373,6 +392,6 @@ mr_err mr_auth_identify(mr_auth *a, mr_httpc *http, const char *authorization,
                          "missing credentials: send Authorization: Bearer <token> or apikey");
     }
     if (strncmp(cred, "sb_", 3) == 0)
-        return api_key(a, cred, who, err, errlen);
+        return api_key(a, cred, user_agent, who, err, errlen);
     return jwt(a, http, cred, now, who, err, errlen);
 }

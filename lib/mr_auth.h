@@ -7,7 +7,8 @@
  *   2. apikey: <x>, when there is no Authorization header.
  * An <x> starting with "sb_" is an API key, never parsed as a JWT:
  *   sb_secret_...       equal (constant time) to one of SUPABASE_SECRET_KEYS:
- *                       the service_role identity
+ *                       the service_role identity, except from a browser
+ *                       (User-Agent "Mozilla/..."): 401, as Supabase refuses it
  *   sb_publishable_...  equal to one of SUPABASE_PUBLISHABLE_KEYS: the anon
  *                       identity (which every function refuses with 403)
  * anything else is a JWT, accepted by its alg as the mode allows:
@@ -60,13 +61,14 @@ mr_auth_keymode mr_auth_keys_mode(const mr_auth *a);
  * store a document in it instead of serving one. */
 mr_jwks_cache *mr_auth_jwks(mr_auth *a);
 
-/* Identifies the caller from the raw header values (NULL or "" when absent) at
+/* Identifies the caller from the raw header values (NULL or "" when absent;
+ * user_agent only decides whether a secret key comes from a browser) at
  * wall-clock time `now`, fetching the JWKS with `http` when the cache asks for
  * it (http NULL: a fetch fails). Returns MR_OK with *who filled (claims_json
  * malloc'd: the caller frees it), MR_EAUTH (401) or MR_ETRANSIENT (503, the
  * signing keys cannot be had) with err saying why; never a secret in err. */
 mr_err mr_auth_identify(mr_auth *a, mr_httpc *http, const char *authorization,
-                        const char *apikey, time_t now, mr_identity *who,
-                        char *err, size_t errlen);
+                        const char *apikey, const char *user_agent, time_t now,
+                        mr_identity *who, char *err, size_t errlen);
 
 #endif

@@ -433,7 +433,7 @@ static int authenticate(mr_req *r, FCGX_Request *rq)
 {
     char why[256];
     mr_err e = mr_auth_identify(g_auth, r->http, r->authorization, param(rq, "HTTP_APIKEY"),
-                                time(NULL), &r->who, why, sizeof(why));
+                                r->user_agent, time(NULL), &r->who, why, sizeof(why));
     if (e != MR_OK) {
         if (e == MR_EAUTH)
             mr_reply_error(r, 401, "unauthorized", "%s", why);

@@ -91,7 +91,7 @@ static mr_err identify(const char *authorization, const char *apikey)
 {
     mr_identity who;
     char err[256];
-    mr_err e = mr_auth_identify(auth, NULL, authorization, apikey, NOW, &who, err, sizeof err);
+    mr_err e = mr_auth_identify(auth, NULL, authorization, apikey, NULL, NOW, &who, err, sizeof err);
     if (e == MR_OK)
         free(who.claims_json);
     else if (who.claims_json)

@@ -326,6 +326,38 @@ def test_secret_keys_are_service_role(stack, key, where):
     assert r.status == 200, r
 
 
+BROWSERS = {
+    "chrome": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/131.0.0.0 Safari/537.36",
+    "firefox": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
+    "safari": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like "
+              "Gecko) Version/18.1 Safari/605.1.15",
+}
+
+
+@pytest.mark.parametrize("browser", sorted(BROWSERS))
+def test_a_secret_key_from_a_browser_is_401_and_does_nothing(stack, browser):
+    """A secret key leaked into a web page (CORS lets any page call the functions)
+    is refused as Supabase's gateway refuses it: by the browser's User-Agent, in
+    either header; the same key from a server's client still works."""
+    sub = str(uuid.uuid4())
+    page = {"User-Agent": BROWSERS[browser], "Origin": "https://leaky.example"}
+    for cred in ({"apikey": SECRET_KEYS[0]},
+                 {"apikey": SECRET_KEYS[1], "Authorization": "Bearer " + SECRET_KEYS[1]}):
+        r = stack.call("POST", PROVISION, json={"subscription_id": sub}, headers=dict(page, **cred))
+        error(r, 401, "unauthorized", "secret API key used from a browser")
+        assert SECRET_KEYS[0] not in r.text and SECRET_KEYS[1] not in r.text
+        assert r.headers.get("Access-Control-Allow-Origin") == "*"  # the page can read why
+        error(health(stack, headers=dict(page, **cred)), 401, "unauthorized")
+    # The publishable key from that page is still just anon.
+    error(health(stack, headers=dict(page, apikey=PUBLISHABLE_KEY)), 403, "forbidden")
+    # Servers' clients name themselves, and keep the key.
+    for ua in ("curl/8.5.0", "node", "Deno/2.1.4", "python-requests/2.32.3"):
+        r = stack.call("POST", PROVISION, json={"subscription_id": sub},
+                       headers={"User-Agent": ua, "apikey": SECRET_KEYS[0]})
+        error(r, 404, "not_found")
+
+
 @pytest.mark.parametrize("where", ["apikey", "bearer"])
 def test_publishable_key_alone_is_anon_which_no_function_takes(stack, where):
     headers = {"apikey": PUBLISHABLE_KEY} if where == "apikey" else {

@@ -86,14 +86,21 @@ typedef struct {
     char why[256];
 } outcome;
 
-static outcome call(mr_auth *a, const char *authorization, const char *apikey)
+static outcome call_ua(mr_auth *a, const char *authorization, const char *apikey,
+                       const char *user_agent)
 {
     outcome o;
     memset(&o, 0, sizeof(o));
-    o.e = mr_auth_identify(a, NULL, authorization, apikey, NOW, &o.who, o.why, sizeof(o.why));
+    o.e = mr_auth_identify(a, NULL, authorization, apikey, user_agent, NOW, &o.who, o.why,
+                           sizeof(o.why));
     if (o.e != MR_OK)
         assert_null(o.who.claims_json);
     return o;
+}
+
+static outcome call(mr_auth *a, const char *authorization, const char *apikey)
+{
+    return call_ua(a, authorization, apikey, "curl/8.5.0");
 }
 
 static outcome bearer(mr_auth *a, const char *token)
@@ -196,6 +203,48 @@ static void test_settings_that_stop_start_up(void **state)
 }
 
 /* ---- API keys ---- */
+
+/* A secret key from a browser (its User-Agent) is refused in either header, as
+ * Supabase's gateway does; servers' clients, and no User-Agent, keep it; the
+ * publishable key and user sessions do not care. */
+static void test_secret_keys_from_a_browser(void **state)
+{
+    (void)state;
+    mr_auth *a = auth_for("jwks");
+    const char *browsers[] = {
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+        "Version/18.1 Mobile/15E148 Safari/604.1",
+    };
+    for (size_t i = 0; i < MR_ARRAY_LEN(browsers); i++) {
+        outcome o = call_ua(a, NULL, SK1, browsers[i]);
+        assert_int_equal(o.e, MR_EAUTH);
+        assert_non_null(strstr(o.why, "secret API key used from a browser"));
+        assert_null(strstr(o.why, SK1));
+        o = call_ua(a, "Bearer " SK2, SK2, browsers[i]);
+        assert_int_equal(o.e, MR_EAUTH);
+        o = call_ua(a, NULL, PK1, browsers[i]);
+        assert_int_equal(o.e, MR_OK);
+        assert_string_equal(o.who.role, "anon");
+        done(&o);
+    }
+    const char *servers[] = {"curl/8.5.0", "node", "Deno/2.1.4", "python-requests/2.32.3",
+                             "Go-http-client/1.1", "supabase-js-node/2.50.0", "", NULL,
+                             "mozilla/5.0", "Mozilla"};
+    for (size_t i = 0; i < MR_ARRAY_LEN(servers); i++) {
+        outcome o = call_ua(a, NULL, SK1, servers[i]);
+        if (o.e != MR_OK)
+            fail_msg("User-Agent \"%s\": %s", servers[i] ? servers[i] : "(none)", o.why);
+        assert_string_equal(o.who.role, "service_role");
+        done(&o);
+    }
+    /* A wrong key from a browser is still just a wrong key. */
+    outcome o = call_ua(a, NULL, SK1 "x", browsers[0]);
+    assert_int_equal(o.e, MR_EAUTH);
+    assert_string_equal(o.why, "invalid API key");
+    mr_auth_free(a);
+}
 
 static void test_api_keys(void **state)
 {
@@ -508,6 +557,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_settings_that_stop_start_up),
         cmocka_unit_test(test_api_keys),
+        cmocka_unit_test(test_secret_keys_from_a_browser),
         cmocka_unit_test(test_jwks_mode),
         cmocka_unit_test(test_legacy_and_both_modes),
         cmocka_unit_test(test_leeway),
