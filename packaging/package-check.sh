@@ -98,6 +98,14 @@ cmp -s /etc/nginx/sites-available/mindroom.conf /usr/share/mindroom/nginx/site.c
 [ ! -e /etc/nginx/sites-enabled/mindroom.conf ] || fail "the nginx site was enabled"
 ok "files, modes, --version of every binary, mindroomctl installed"
 
+# What docs/install.md runs on this host, and what the package's programs run
+# (the provisioner's ssh mode, migrate.sh's and mindroomctl's psql, the signing
+# of mindroomctl replay), come with `apt install` on a fresh Debian 12.
+for c in ssh ssh-keygen ssh-keyscan openssl psql python3 curl runuser; do
+  command -v "$c" >/dev/null || fail "$c not installed: docs/install.md or the package's programs run it"
+done
+ok "the commands the install steps and the programs run are installed"
+
 # Nothing enabled, nothing running, until an operator configures and enables it.
 if ls /etc/systemd/system/*.wants/ 2>/dev/null | grep -q mindroom; then fail "a mindroom unit was enabled"; fi
 for u in mindroom.target mindroom-lifecycle.service mindroom-provisioner.service; do

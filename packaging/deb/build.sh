@@ -51,6 +51,10 @@ printf 'Source: mindroom\n\nPackage: mindroom\nArchitecture: any\n' > "$shl/debi
 depends=$(cd "$shl" && dpkg-shlibdeps -O "${elfs[@]}" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
 [ -n "$depends" ] || { echo "deb: dpkg-shlibdeps found no dependencies" >&2; exit 1; }
 
+# Recommends: what docs/install.md runs and the package's programs call where they
+# are used: nginx, psql (migrate.sh, mindroomctl), python3 (mindroomctl's signing),
+# ssh, ssh-keygen and ssh-keyscan (the provisioner's ssh mode, install step 4) and
+# openssl (the keys of step 2); none is in a fresh Debian 12 (debootstrap) root.
 size=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
 cat > "$STAGE/DEBIAN/control" <<CONTROL
 Package: mindroom
@@ -59,7 +63,7 @@ Architecture: $arch
 Maintainer: MindRoom <ops@mindroom.chat>
 Installed-Size: $size
 Depends: $depends, systemd-sysusers, systemd-tmpfiles, curl
-Recommends: nginx | nginx-light, postgresql-client, python3
+Recommends: nginx | nginx-light, postgresql-client, python3, openssh-client, openssl
 Section: net
 Priority: optional
 Homepage: https://mindroom.chat
