@@ -13,7 +13,8 @@
  * A user's session JWT (role authenticated) only: a service key has no "my"
  * (403). A third-party app the user authorised (a token with client_id) may read
  * (GET), not restart (403 oauth_client_not_allowed). Without instance_id, the user's current instance; someone else's id, or
- * a user without an instance: 404. */
+ * a user without an instance: 404 (with a notice when a first payment explains it:
+ * public.tenant_no_instance_notice). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,12 +44,36 @@ static int call(mr_req *r, const mr_db_stmt *stmt, const char *id, cJSON **out)
     return 0;
 }
 
+static const mr_db_stmt no_instance_stmt = {
+    "mr_mi_no_instance", "SELECT public.tenant_no_instance_notice()::text", 0};
+
+/* A user without an instance may be waiting for one (a first payment still
+ * processing) or not get one (it did not complete): the 404 keeps its status and
+ * code, and says which with the notice (tenant_instance_notice's words), as
+ * instance.notice would. An id that is not the user's says nothing about them. */
 static void not_found(mr_req *r, const char *id)
 {
-    if (id[0])
+    if (id[0]) {
         mr_reply_error(r, 404, "not_found", "no instance %s of yours", id);
-    else
+        return;
+    }
+    cJSON *notice = NULL;
+    if (call(r, &no_instance_stmt, "", &notice) != 0)
+        return;
+    const char *msg = NULL;
+    if (!cJSON_IsObject(notice) || mr_json_str(notice, "message", &msg) != MR_OK) {
+        cJSON_Delete(notice);
         mr_reply_error(r, 404, "not_found", "you have no instance");
+        return;
+    }
+    char text[512];
+    snprintf(text, sizeof text, "you have no instance. %s", msg);
+    cJSON *j = cJSON_CreateObject();
+    cJSON *e = cJSON_AddObjectToObject(j, "error");
+    cJSON_AddStringToObject(e, "code", "not_found");
+    cJSON_AddStringToObject(e, "message", text);
+    cJSON_AddItemToObject(j, "notice", notice);
+    mr_reply_json(r, 404, j);
 }
 
 static void read_instance(mr_req *r, const char *id)

@@ -696,6 +696,55 @@ def test_a_customer_is_told_what_happens_to_its_instance_and_what_to_do_in_every
     assert stack.sql("SELECT restart_version FROM public.instances WHERE id = %s", iid) == [(0,)]
 
 
+def test_a_customer_whose_first_payment_is_processing_is_told_its_instance_comes_when_it_clears(
+        stack):
+    """Paid by bank debit: the subscription stays incomplete and no instance exists until
+    the debit clears. my-instance is still 404 not_found (clients branch on it), but says
+    the payment is processing and the instance will come, so does a restart; a payment
+    given up (incomplete_expired) says it did not complete; an account that never
+    subscribed is told nothing more."""
+    c = Customer(stack, "starter")
+    tok = user_jwt(stack, c.account)
+    c.send("customer.subscription.created", "incomplete")
+    assert stack.sql("SELECT count(*) FROM public.instances WHERE subscription_id = %s", c.sid) == [(0,)]
+
+    processing = {"code": "payment_processing",
+                  "message": "Your first payment is still processing (a bank debit takes a few "
+                             "days to clear): your instance is created as soon as it clears."}
+    for r in (stack.call("GET", "my-instance", token=tok),
+              stack.call("POST", "my-instance/restart", json={}, token=tok)):
+        assert r.status == 404, r
+        assert r.json == {"error": {"code": "not_found",
+                                    "message": "you have no instance. " + processing["message"]},
+                          "notice": processing}, r.json
+    # Another id is still "not one of yours", with nothing about the account.
+    r = stack.call("GET", "my-instance?instance_id=%s" % uuid.uuid4(), token=tok)
+    assert r.status == 404 and "notice" not in r.json and "payment" not in r.text, r.json
+
+    # The debit clears: the instance is created, and my-instance shows it.
+    c.send("customer.subscription.updated", "active")
+    inst = running(stack, c.sid)
+    r = stack.call("GET", "my-instance", token=tok)
+    assert r.status == 200 and r.json["instance"]["id"] == str(inst["id"]), r
+
+    # Given up (another customer's debit): no instance will come; it may subscribe again.
+    g = Customer(stack, "starter")
+    g.send("customer.subscription.created", "incomplete")
+    g.send("customer.subscription.updated", "incomplete_expired")
+    r = stack.call("GET", "my-instance", token=user_jwt(stack, g.account))
+    assert r.status == 404 and r.json["error"]["code"] == "not_found", r
+    assert r.json["notice"] == {"code": "payment_not_completed",
+                                "message": "Your first payment did not complete, so no instance "
+                                           "was created: subscribe again to get one."}, r.json
+    assert r.json["error"]["message"] == "you have no instance. " + r.json["notice"]["message"]
+
+    # Never subscribed: the 404 as it always was.
+    other, _ = new_account(stack)
+    r = stack.call("GET", "my-instance", token=user_jwt(stack, other))
+    assert r.status == 404 and r.json == {"error": {"code": "not_found",
+                                                    "message": "you have no instance"}}, r.json
+
+
 HEALTH_THRESHOLD = 3     # HEALTH_FAILURE_THRESHOLD's default: deploy_env leaves it
 
 
