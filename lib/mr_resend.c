@@ -9,9 +9,10 @@
 
 mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *idempotency_key,
                       const char *to, const char *subject, const char *text,
-                      mr_httpc_outcome *outcome, char *err, size_t errlen)
+                      mr_httpc_outcome *outcome, long *retry_after_s, char *err, size_t errlen)
 {
     if (outcome) *outcome = MR_HTTPC_UNSENT;
+    if (retry_after_s) *retry_after_s = 0;
     if (!cfg->api_key || !*cfg->api_key)
         return mr_seterr(err, errlen, MR_EINVAL, "RESEND_API_KEY is not set");
     if (!to || !*to)
@@ -61,11 +62,36 @@ mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *i
                          "resend: %s", herr);
     }
     long st = resp.status;
+    if (st >= 200 && st < 300) {
+        mr_httpc_resp_free(&resp);
+        return MR_OK;
+    }
+    /* Resend's error: {"statusCode", "name", "message"}; the name tells a refusal of
+     * this email from a failure of ours (the key) or of the moment. */
+    char name[64] = "", why[256] = "";
+    cJSON *eb = resp.body ? mr_json_parse(resp.body, resp.body_len) : NULL;
+    const char *s = NULL;
+    if (mr_json_str(eb, "name", &s) == MR_OK) snprintf(name, sizeof name, "%s", s);
+    if (mr_json_str(eb, "message", &s) == MR_OK) snprintf(why, sizeof why, "%s", s);
+    cJSON_Delete(eb);
+    char after[32] = "";
+    if (retry_after_s && mr_httpc_resp_header(&resp, "retry-after", after, sizeof after)) {
+        char *end = NULL;
+        long v = strtol(after, &end, 10);
+        if (end != after && *end == '\0' && v > 0 && v <= 86400) *retry_after_s = v;
+    }
     mr_httpc_resp_free(&resp);
-    if (st >= 200 && st < 300) return MR_OK;
-    if (st == 429 || st >= 500)
-        return mr_seterr(err, errlen, MR_ETRANSIENT, "resend answered %ld", st);
-    return mr_seterr(err, errlen, MR_EINVAL, "resend refused the email (%ld)", st);
+    /* Transient: a rate limit or quota (429, its retry-after), Resend's failure (5xx),
+     * the same Idempotency-Key still in progress (409), and the key refused (401, 403
+     * invalid_api_key...: the operator's to fix, every email alike). Anything else
+     * (validation_error: the address, an unverified domain; the same key with another
+     * payload) refuses this email whenever it is sent again. */
+    int transient = st == 429 || st >= 500 || st == 401
+                    || (st == 409 && !strcmp(name, "concurrent_idempotent_requests"))
+                    || (st == 403 && strcmp(name, "validation_error") != 0);
+    return mr_seterr(err, errlen, transient ? MR_ETRANSIENT : MR_EINVAL,
+                     "resend %s the email (%ld%s%s%s%s)", transient ? "did not take" : "refused",
+                     st, *name ? " " : "", name, *why ? ": " : "", why);
 }
 
 char *mr_resend_welcome_text(const char *frontend_url)

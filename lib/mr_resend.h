@@ -16,13 +16,16 @@ typedef struct {
 } mr_resend_config;
 
 /* Sends one plain-text email to a single recipient. Returns MR_OK on a 2xx,
- * MR_ETRANSIENT on no answer, a timeout or a 5xx/429, MR_EINVAL on another 4xx
- * (refused input). *outcome (may be NULL) gets whether Resend answered
- * (mr_httpc.h). err gets a safe one-line reason (never the key). All strings are
- * the caller's. */
+ * MR_ETRANSIENT on no answer, a timeout, a 5xx or 429, a 409
+ * concurrent_idempotent_requests or a refused key (401; 403 other than
+ * validation_error), MR_EINVAL when Resend refuses this email (any other 4xx: it
+ * would be refused again). *outcome (may be NULL) gets whether Resend answered
+ * (mr_httpc.h); *retry_after_s (may be NULL) the seconds of Resend's retry-after
+ * header, else 0. err gets a safe one-line reason with Resend's error name and
+ * message (never the key). All strings are the caller's. */
 mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *idempotency_key,
                       const char *to, const char *subject, const char *text,
-                      mr_httpc_outcome *outcome, char *err, size_t errlen);
+                      mr_httpc_outcome *outcome, long *retry_after_s, char *err, size_t errlen);
 
 /* The welcome email's subject and body for an instance's frontend URL.
  * Returns malloc'd text the caller frees. */

@@ -89,8 +89,9 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
     mr_resend_config rc = {.base_url = wcfg.resend_base_url, .api_key = wcfg.resend_api_key,
                            .from = wcfg.resend_from, .timeout_ms = wcfg.resend_timeout_ms};
     mr_httpc_outcome said = MR_HTTPC_UNSENT;
+    long retry_after_s = 0;
     mr_err e = text ? mr_resend_send(w->http, &rc, idem, to, MR_RESEND_WELCOME_SUBJECT, text, &said,
-                                     err, sizeof err)
+                                     &retry_after_s, err, sizeof err)
                     : mr_seterr(err, sizeof err, MR_EINTERNAL, "out of memory");
     free(text);
     if (said == MR_HTTPC_NO_ANSWER) {
@@ -103,6 +104,8 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
     if (e != MR_OK) {
         cJSON_AddBoolToObject(result, "rejected", e == MR_EINVAL);
         cJSON_AddStringToObject(result, "error", err);
+        if (retry_after_s > 0) /* Resend's own wait (a 429's retry-after) over our backoff */
+            cJSON_AddNumberToObject(result, "retry_in_s", (double)retry_after_s);
     }
 }
 

@@ -517,6 +517,57 @@ def test_resend_down_keeps_the_instance_running_and_the_email_owed(stack, prov, 
     assert len(creates_for(prov, inst["dokku_app_name"])) == 1
 
 
+def test_an_email_resend_refuses_is_held_not_sent_again_and_again(stack, prov, resend):
+    """A 4xx that refuses the email itself (an address Resend will not send to, an
+    unverified domain) is recorded in Resend's words and held, not sent again at
+    every backoff; an operator who fixed the cause lifts it with provision."""
+    sid = new_subscription(stack, "starter")
+    resend.behave(("resend", 403, "validation_error",
+                   "The mindroom.test domain is not verified. Please, add and verify your domain."))
+    assert provision(stack, sid).status == 202
+    wait_until(lambda: instance(stack, sid)["welcome_email_error"], what="email refusal")
+    time.sleep(3)                                         # past backoffs of 1 s and 2 s
+    err = instance(stack, sid)["welcome_email_error"]
+    assert err.startswith("rejected: ") and "validation_error" in err
+    assert "domain is not verified" in err
+    assert len(resend.requests) == 1 and len(resend.delivered) == 0
+    assert owed(stack, sid) == ("email", None)            # waits for an operator
+
+    resend.behave("ok")
+    assert provision(stack, sid).status in (200, 202)     # the operator's lift
+    wait_until(lambda: instance(stack, sid)["welcome_email_sent_at"], timeout=5, what="email sent")
+    assert len(resend.delivered) == 1 and owed(stack, sid) is None
+
+
+def test_resends_rate_limit_and_a_concurrent_idempotent_request_are_waited_out(stack, prov, resend):
+    """A 429 waits Resend's retry-after, not our shorter backoff; a 409
+    concurrent_idempotent_requests (the same key still in progress) and a refused API
+    key are retried, not held as a refusal of the email."""
+    sid = new_subscription(stack, "starter")
+    resend.next(("resend", 429, "rate_limit_exceeded", "Too many requests.", {"retry-after": "30"}))
+    assert provision(stack, sid).status == 202
+    wait_until(lambda: instance(stack, sid)["welcome_email_error"], what="the rate limit")
+    ((wait_s,),) = stack.sql("SELECT extract(epoch FROM welcome_email_next_at - now()) "
+                             "FROM public.instances WHERE subscription_id = %s", sid)
+    assert 25 < wait_s <= 30
+    assert owed(stack, sid) == ("email", False)
+
+    for answer in [(409, "concurrent_idempotent_requests",
+                    "Same idempotency key used while original request is still in progress."),
+                   (403, "invalid_api_key", "API key is invalid")]:
+        resend.next(("resend",) + answer)
+        stack.sql("UPDATE public.instances SET welcome_email_next_at = now() "
+                  "WHERE subscription_id = %s", sid)
+        wait_until(lambda: answer[1] in (instance(stack, sid)["welcome_email_error"] or ""),
+                   what=answer[1])
+        assert not instance(stack, sid)["welcome_email_error"].startswith("rejected: ")
+        assert owed(stack, sid) == ("email", False)       # its backoff, then again
+    stack.sql("UPDATE public.instances SET welcome_email_next_at = now() "
+              "WHERE subscription_id = %s", sid)
+    wait_until(lambda: instance(stack, sid)["welcome_email_sent_at"], timeout=5, what="email sent")
+    assert len(resend.delivered) == 1
+
+
 # --- changes over a subscription's life ------------------------------------------------
 
 def test_tier_upgrade_reaches_the_provisioner(stack, prov):

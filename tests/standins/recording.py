@@ -125,26 +125,27 @@ class RecordingServer:
                                body.decode("utf-8", "replace"), started)
                 if outer.token is not None and not outer._authorized(self.headers):
                     outer._record_unauthorized(rec)
-                    return self._send(401, {"error": {"code": "unauthorized",
-                                                      "message": "bad token"}})
+                    return self._send(*outer.unauthorized_answer(self.headers))
                 with outer.lock:
                     outer.requests.append(rec)
                     behaviour = outer.queue.pop(0) if outer.queue else outer.default
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
-                    status, obj = outer._apply(behaviour, rec)
+                    status, obj, *headers = outer._apply(behaviour, rec)
                     if status is None:
                         return  # connection dropped on purpose
-                    self._send(status, obj)
+                    self._send(status, obj, *headers)
                 finally:
                     with outer.lock:
                         outer.in_flight -= 1
 
-            def _send(self, status, obj):
+            def _send(self, status, obj, headers=None):
                 data = json.dumps(obj).encode()
                 try:
                     self.send_response(status)
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -174,6 +175,10 @@ class RecordingServer:
 
     # --- internals ---
     unauthorized = 0
+
+    def unauthorized_answer(self, headers):
+        """(status, body) for a request without the right token."""
+        return 401, {"error": {"code": "unauthorized", "message": "bad token"}}
 
     def _record_unauthorized(self, rec):
         with self.lock:
@@ -208,4 +213,5 @@ class RecordingServer:
         return self.answer(rec)
 
     def answer(self, rec):
+        """(status, json_obj) or (status, json_obj, headers) for rec."""
         raise NotImplementedError
