@@ -414,16 +414,13 @@ static void handle(mr_req *r)
         mr_reply_error(r, 404, "no_account", "no account for this user");
         return;
     }
-    if (strcmp(acc.live_status, "incomplete") == 0) {
-        mr_reply_error(r, 409, "subscription_exists",
-                       "this account already has a subscription (incomplete): its first payment "
-                       "is still being processed; a second checkout would charge twice");
-        return;
-    }
     if (acc.live_status[0]) {
-        mr_reply_error(r, 409, "subscription_exists",
-                       "this account already has a subscription (%s): change or cancel it in the "
-                       "billing portal (create-portal-session)", acc.live_status);
+        mr_reply_error(r, 409, "subscription_exists", "this account already has a subscription (%s): %s",
+                       acc.live_status,
+                       strcmp(acc.live_status, "incomplete") == 0
+                           ? "its first payment is still being processed; a second checkout "
+                             "would charge twice"
+                           : "change or cancel it in the billing portal (create-portal-session)");
         return;
     }
     /* Its subscription is on its way: anything sent now could be paid a second time

@@ -218,8 +218,8 @@ static void handle(mr_req *r)
     /* Up to the next midnight: a day is 25 hours where the database's zone leaves
      * summer time. */
     mr_json_i64(res, "retry_after_s", 1, 90001, &retry);
-    /* NULL: a subscription without an agent limit (an operator's setting). */
-    if (mr_json_i64(res, "max_agents", 0, INT32_MAX, &max_agents) != MR_OK) max_agents = -1;
+    /* Left at -1 when NULL: a subscription without an agent limit (an operator's setting). */
+    mr_json_i64(res, "max_agents", 0, INT32_MAX, &max_agents);
     mr_json_i64(res, "agents_today", 0, INT32_MAX, &agents_today);
 
     cJSON *out = cJSON_CreateObject();

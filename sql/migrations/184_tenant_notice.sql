@@ -13,7 +13,10 @@
 --   instance's and the subscription's columns a tenant reads (never
 --   operator_stopped_at: a stop while the subscription is entitled is an
 --   operator's, since billing would want it running), {"code", "message"} or NULL
---   when there is nothing to say (running, paid).
+--   when there is nothing to say (running, paid). With no instance (p_status
+--   NULL: 185's tenant_no_instance_notice), the notice of a subscription whose
+--   first payment has not gone through: `payment_processing` while `incomplete`,
+--   `payment_not_completed` once `incomplete_expired`.
 -- - public.tenant_instance: the instance object gets "notice" (added; nothing
 --   else changes).
 -- - public.tenant_instance_restart: a refusal (not_running) carries the notice's
@@ -39,7 +42,19 @@ DECLARE
     v_msg text;
     v_is text := CASE WHEN p_status = 'stopped' THEN 'is stopped' ELSE 'is being stopped' END;
 BEGIN
-    IF p_status = 'deprovisioned' THEN
+    IF p_status IS NULL THEN
+        -- No instance (tenant_no_instance_notice): only a first payment that has not
+        -- gone through explains that.
+        IF p_sub_status = 'incomplete' THEN
+            v_code := 'payment_processing';
+            v_msg := 'Your first payment is still processing (a bank debit takes a few days to clear): '
+                     || 'your instance is created as soon as it clears.';
+        ELSIF p_sub_status = 'incomplete_expired' THEN
+            v_code := 'payment_not_completed';
+            v_msg := 'Your first payment did not complete, so no instance was created: '
+                     || 'subscribe again to get one.';
+        END IF;
+    ELSIF p_status = 'deprovisioned' THEN
         IF p_storage_destroyed_at IS NOT NULL THEN
             v_code := 'data_deleted';
             v_msg := 'This instance was removed and its data deleted.';
