@@ -2,7 +2,7 @@
  *
  *   GET  /functions/v1/my-instance[?instance_id=<uuid>]
  *        status, URLs, plan and limits, today's usage and the last 30 days, the
- *        last health result, cancel_at_period_end, trial end
+ *        last health result, when the subscription ends (cancel_at), trial end
  *        (public.tenant_instance, run as the user: RLS decides what it reads)
  *   POST /functions/v1/my-instance/restart   body {} or {"instance_id": "<uuid>"}
  *        records a restart the lifecycle worker carries out: 202; 429 with

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import pytest
 
@@ -26,7 +27,7 @@ CANCEL_URL = "https://app.mindroom.test/pricing"
 RETURN_URL = "https://app.mindroom.test/account"
 PUBLISHABLE_KEY = "sb_publishable_" + secrets.token_urlsafe(24)
 FUNCS = ["create-checkout-session", "create-portal-session", "list-plans",
-         "handle-stripe-webhook", "mindroom-lifecycle"]
+         "handle-stripe-webhook", "mindroom-lifecycle", "my-instance"]
 
 
 @pytest.fixture(scope="module")
@@ -1045,6 +1046,87 @@ def test_a_paid_session_blocks_checkout_only_until_its_subscription_is_recorded(
     assert c.status == 200, (c, attempts(stack, acc))
     assert stripe.sessions[c.json["id"]]["status"] == "open"
     assert stripe.sessions[left_open]["status"] == "expired"
+
+
+def mine(stack, tok):
+    """GET my-instance as the customer: its JSON."""
+    r = stack.call("GET", "my-instance", token=tok)
+    assert r.status == 200, r
+    return r.json
+
+
+def paid(stack, stripe, tok, acc, status=None):
+    """A checkout the customer pays, its events delivered; returns them."""
+    r = checkout(stack, tok, tier="enterprise")     # no trial on enterprise
+    assert r.status == 200, r
+    events = stripe.complete(r.json["id"], status=status)
+    for ev in events:
+        assert deliver(stack, ev).status == 200, ev["type"]
+    return events
+
+
+def test_a_cancellation_in_the_customer_portal_shows_when_the_subscription_ends_and_a_renewal_takes_it_back(
+        stack, stripe, prov):
+    """Stripe's flexible billing mode, new subscriptions' default, says a cancellation at
+    the period's end made in the customer portal only as cancel_at (the period's end)
+    with cancel_at_period_end false. The customer sees in my-instance when the
+    subscription ends and that the instance runs until then; renewing it there takes
+    that back."""
+    acc, _, tok = user(stack)
+    events = paid(stack, stripe, tok, acc)
+    sub_id, t = events[1]["data"]["object"]["id"], events[1]["created"]
+    [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
+    assert wait_status(stack, str(sid), "running", timeout=15)
+    assert mine(stack, tok)["instance"]["notice"] is None
+    assert portal(stack, tok).status == 200
+
+    # The customer cancels in the portal. (Each event a second after the last: the
+    # webhook orders one subscription's events by their time.)
+    ev = stripe.portal_cancel(sub_id)
+    ev["created"] = t + 1
+    end = ev["data"]["object"]["cancel_at"]
+    assert ev["data"]["object"]["cancel_at_period_end"] is False and end > t
+    assert deliver(stack, ev).status == 200
+    j = mine(stack, tok)
+    assert datetime.fromisoformat(j["subscription"]["cancel_at"]).timestamp() == end, j["subscription"]
+    assert j["subscription"]["cancel_at_period_end"] is False
+    day = datetime.fromtimestamp(end, timezone.utc).strftime("%Y-%m-%d")
+    assert j["instance"]["notice"] == {
+        "code": "ends_at_period_end",
+        "message": "Your subscription ends on %s (UTC): your instance runs until then." % day}, j
+    assert j["instance"]["status"] == "running" and j["subscription"]["status"] == "active"
+
+    # Renewed there: nothing ends any more.
+    ev = stripe.portal_renew(sub_id)
+    ev["created"] = t + 2
+    assert deliver(stack, ev).status == 200
+    j = mine(stack, tok)
+    assert j["subscription"]["cancel_at"] is None and j["instance"]["notice"] is None, j
+
+
+def test_a_returning_customer_whose_first_payment_is_processing_is_told_so_not_to_subscribe_again(
+        stack, stripe, prov):
+    """A customer whose subscription ended sees its destroyed instance and that its data
+    is kept until a date: subscribe again before then. Once it has subscribed again by
+    bank debit, the new subscription waits for its first payment and has no instance
+    yet: my-instance says the payment is processing, not to subscribe again."""
+    acc, _, tok = user(stack)
+    events = paid(stack, stripe, tok, acc)
+    sub = json.loads(json.dumps(events[1]["data"]["object"]))
+    [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
+    assert wait_status(stack, str(sid), "running", timeout=15)
+    sub["status"] = "canceled"
+    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, events[1]["created"] + 1)).status == 200
+    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+    assert mine(stack, tok)["instance"]["notice"]["code"] == "data_kept"
+
+    paid(stack, stripe, tok, acc, status="incomplete")
+    j = mine(stack, tok)
+    assert j["instance"]["status"] == "deprovisioned"
+    assert j["instance"]["notice"] == {
+        "code": "payment_processing",
+        "message": "Your first payment is still processing (a bank debit takes a few days to "
+                   "clear): your instance is created as soon as it clears."}, j
 
 
 def test_a_subscription_whose_first_payment_is_processing_refuses_a_second_checkout(stack, stripe, prov):

@@ -56,6 +56,12 @@ down() closes the listener (connections are refused) until up().
         stripe.complete(session_id) -> [event, ...]                 # Stripe's events
         stripe.expire_outside(session_id)     # expired in the Dashboard, or at expires_at
         stripe.add_subscription(customer, status) -> id             # one made elsewhere
+        stripe.portal_cancel(sub_id[, at]) -> event   # cancelled in the customer portal
+        stripe.portal_renew(sub_id) -> event          # and renewed there
+
+Subscriptions are in flexible billing mode (billing_mode.type = flexible, the default
+for new subscriptions in current API versions): a cancellation at the period's end
+sets cancel_at and leaves cancel_at_period_end false.
 """
 import hmac
 import json
@@ -334,8 +340,8 @@ class StripeStandin:
             sub_id = self._id("sub_")
             sub = {"id": sub_id, "object": "subscription", "customer": s["customer"],
                    "status": status or ("trialing" if trial else "active"),
-                   "metadata": sd.get("metadata") or {}, "cancel_at_period_end": False,
-                   "canceled_at": None, "trial_end": now + trial * 86400 if trial else None,
+                   "metadata": sd.get("metadata") or {}, "billing_mode": {"type": "flexible"},
+                   "cancel_at": None, "cancel_at_period_end": False, "canceled_at": None, "trial_end": now + trial * 86400 if trial else None,
                    "items": {"object": "list", "data": [{
                        "id": self._id("si_"), "object": "subscription_item",
                        "price": {"id": it["price"], "object": "price"},
@@ -347,12 +353,35 @@ class StripeStandin:
                      payment_status="unpaid" if sub["status"] == "incomplete" else "paid")
             session = {k: v for k, v in s.items() if not k.endswith("_sent")}
 
-        def event(type_, obj, created):
-            return {"id": self._id("evt_"), "object": "event", "type": type_,
-                    "api_version": API_VERSION, "created": created, "livemode": False,
-                    "data": {"object": json.loads(json.dumps(obj))}}
-        return [event("checkout.session.completed", session, now),
-                event("customer.subscription.created", sub, now)]
+        return [self._event("checkout.session.completed", session, now),
+                self._event("customer.subscription.created", sub, now)]
+
+    def _event(self, type_, obj, created):
+        return {"id": self._id("evt_"), "object": "event", "type": type_,
+                "api_version": API_VERSION, "created": created, "livemode": False,
+                "data": {"object": json.loads(json.dumps(obj))}}
+
+    def portal_cancel(self, sub_id, at=None):
+        """The customer cancels in the customer portal ("at the end of the period"), or
+        the merchant sets the date `at` (Unix time): as Stripe does it in flexible
+        billing mode, cancel_at is that time (default: the period's end, the latest
+        item's current_period_end) and cancel_at_period_end stays false; the
+        subscription stays active until then. Returns the customer.subscription.updated
+        event Stripe sends."""
+        with self.lock:
+            sub = self.subscriptions[sub_id]
+            end = max(it["current_period_end"] for it in sub["items"]["data"])
+            sub.update(cancel_at=end if at is None else at, cancel_at_period_end=False,
+                       canceled_at=int(time.time()))
+            return self._event("customer.subscription.updated", sub, int(time.time()))
+
+    def portal_renew(self, sub_id):
+        """The customer renews (un-cancels) it in the portal: cancel_at back to null.
+        Returns the customer.subscription.updated event."""
+        with self.lock:
+            sub = self.subscriptions[sub_id]
+            sub.update(cancel_at=None, cancel_at_period_end=False, canceled_at=None)
+            return self._event("customer.subscription.updated", sub, int(time.time()))
 
     def add_subscription(self, customer=None, status="active", price="price_starter",
                          livemode=None):
@@ -364,7 +393,8 @@ class StripeStandin:
             self.subscriptions[sub_id] = {
                 "id": sub_id, "object": "subscription", "customer": customer or self._id("cus_"),
                 "livemode": self.livemode if livemode is None else livemode,
-                "status": status, "metadata": {}, "cancel_at_period_end": False,
+                "status": status, "metadata": {}, "billing_mode": {"type": "flexible"},
+                "cancel_at": None, "cancel_at_period_end": False,
                 "canceled_at": now if status == "canceled" else None, "ended_at": None,
                 "items": {"object": "list", "data": [{
                     "id": self._id("si_"), "object": "subscription_item",
