@@ -5,9 +5,13 @@
  * one call leaks into the next. */
 #include "mr_httpc.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include <curl/curl.h>
 
@@ -110,6 +114,37 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
+/* The address guard of one call (mr_httpc_req.addr_rule). */
+typedef struct {
+    const mr_addr_rule *rule;
+    int opened;            /* a socket was opened to an allowed address */
+    const char *refusal;   /* why the last refused address was refused */
+    char refused[INET6_ADDRSTRLEN];
+} guard;
+
+/* libcurl calls this for each address it is about to connect to, after DNS: the
+ * only place where what a name resolved to can be checked without a window before
+ * connect(). A refused address is skipped; curl moves on to the next one. */
+static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
+{
+    guard *g = clientp;
+    const void *ip = NULL;
+    (void)purpose;
+    if (a->family == AF_INET)
+        ip = &((const struct sockaddr_in *)(const void *)&a->addr)->sin_addr;
+    else if (a->family == AF_INET6)
+        ip = &((const struct sockaddr_in6 *)(const void *)&a->addr)->sin6_addr;
+    const char *no = ip ? mr_addr_refusal(a->family, ip, g->rule) : "not an IP address";
+    if (no) {
+        g->refusal = no;
+        if (!ip || !inet_ntop(a->family, ip, g->refused, sizeof g->refused))
+            snprintf(g->refused, sizeof g->refused, "an address");
+        return CURL_SOCKET_BAD;
+    }
+    g->opened = 1;
+    return socket(a->family, a->socktype, a->protocol);
+}
+
 mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
                    char *err, size_t errlen)
 {
@@ -147,6 +182,11 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
     curl_easy_setopt(e, CURLOPT_HEADERDATA, &h);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "mindroom-control-plane");
     curl_easy_setopt(e, CURLOPT_PROXY, "");
+    guard g = {.rule = req->addr_rule};
+    if (req->addr_rule) {
+        curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
+        curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, &g);
+    }
     if (req->abort_cb) {
         curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
         curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, on_progress);
@@ -181,6 +221,11 @@ mr_err mr_httpc_do(mr_httpc *c, const mr_httpc_req *req, mr_httpc_resp *resp,
             return mr_seterr(err, errlen, MR_ETRANSIENT, "aborted");
         if (rc == CURLE_URL_MALFORMAT || rc == CURLE_UNSUPPORTED_PROTOCOL)
             return mr_seterr(err, errlen, MR_EINVAL, "bad URL: %s", curl_easy_strerror(rc));
+        /* Refused only when no allowed address was tried: otherwise the failure is
+         * that address's, and curl's message says it. */
+        if (g.refusal && !g.opened)
+            return mr_seterr(err, errlen, MR_ETRANSIENT, "not connected to %s: it is %s",
+                             g.refused, g.refusal);
         return mr_seterr(err, errlen, MR_ETRANSIENT, "%s", curl_easy_strerror(rc));
     }
     curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &resp->status);

@@ -9,6 +9,7 @@
 #define MR_HTTPC_H
 
 #include <stddef.h>
+#include "mr_addr.h"
 #include "mr_common.h"
 
 typedef struct mr_httpc mr_httpc;
@@ -45,6 +46,12 @@ typedef struct {
      * progress); returning non-zero aborts it with MR_ETRANSIENT "aborted". */
     int (*abort_cb)(void *arg);
     void *abort_arg;
+    /* Optional: the addresses the call may connect to (mr_addr.h), checked on each
+     * address the host resolves to, before its socket is opened. NULL: any. When
+     * every address is refused, nothing is sent, the outcome is MR_HTTPC_NO_ANSWER
+     * (the peer is out of reach, as far as the caller can tell) and err says which
+     * address was refused and why. */
+    const mr_addr_rule *addr_rule;
 } mr_httpc_req;
 
 /* Returns a handle owned by the caller; free with mr_httpc_close. */

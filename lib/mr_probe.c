@@ -1,6 +1,8 @@
 /* mr_probe.c: concurrent health probes (see mr_probe.h). */
 #include "mr_probe.h"
 
+#include "mr_addr.h"
+
 #include <arpa/inet.h>
 #include <assert.h>
 #include <ctype.h>
@@ -85,57 +87,10 @@ out:
 
 /* ---- guard 2: the address connected to ---- */
 
-typedef enum { ADDR_PUBLIC, ADDR_LOOPBACK, ADDR_PRIVATE, ADDR_NEVER } addr_class;
-
-static addr_class classify_v4(uint32_t a)
-{
-    uint32_t b0 = a >> 24, b1 = (a >> 16) & 0xff;
-    if (b0 == 127) return ADDR_LOOPBACK;
-    if (b0 == 0 || b0 >= 224) return ADDR_NEVER;          /* this-net, multicast, reserved, broadcast */
-    if (b0 == 169 && b1 == 254) return ADDR_NEVER;        /* link-local: cloud metadata lives here */
-    if (a == 0x646464c8u) return ADDR_NEVER;               /* 100.100.100.200: Alibaba Cloud's metadata */
-    if (b0 == 10) return ADDR_PRIVATE;
-    if (b0 == 172 && (b1 & 0xf0) == 16) return ADDR_PRIVATE;
-    if (b0 == 192 && b1 == 168) return ADDR_PRIVATE;
-    if (b0 == 100 && (b1 & 0xc0) == 64) return ADDR_PRIVATE; /* carrier-grade NAT */
-    return ADDR_PUBLIC;
-}
-
-static addr_class classify_v6(const unsigned char *b)
-{
-    static const unsigned char loop[16] = {[15] = 1};
-    static const unsigned char any[16] = {0};
-    static const unsigned char mapped[12] = {[10] = 0xff, [11] = 0xff};
-    static const unsigned char nat64[12] = {0x00, 0x64, 0xff, 0x9b};
-    if (memcmp(b, loop, 16) == 0) return ADDR_LOOPBACK;
-    if (memcmp(b, any, 16) == 0) return ADDR_NEVER;
-    if (memcmp(b, mapped, 12) == 0 || memcmp(b, nat64, 12) == 0)
-        return classify_v4((uint32_t)b[12] << 24 | (uint32_t)b[13] << 16 |
-                           (uint32_t)b[14] << 8 | b[15]);
-    if (b[0] == 0xff) return ADDR_NEVER;                      /* multicast */
-    if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80) return ADDR_NEVER; /* link-local */
-    static const unsigned char aws[16] = {0xfd, 0x00, 0x0e, 0xc2, [14] = 0x02, [15] = 0x54};
-    if (memcmp(b, aws, 16) == 0) return ADDR_NEVER;           /* fd00:ec2::254: AWS's metadata */
-    if ((b[0] & 0xfe) == 0xfc) return ADDR_PRIVATE;           /* unique local */
-    return ADDR_PUBLIC;
-}
-
 int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o)
 {
-    addr_class c;
-    if (family == AF_INET)
-        c = classify_v4(ntohl(((const struct in_addr *)addr)->s_addr));
-    else if (family == AF_INET6)
-        c = classify_v6(((const struct in6_addr *)addr)->s6_addr);
-    else
-        return 0;
-    switch (c) {
-    case ADDR_PUBLIC: return 1;
-    case ADDR_LOOPBACK: return o->allow_loopback;
-    case ADDR_PRIVATE: return o->allow_private;
-    case ADDR_NEVER: return 0;
-    }
-    return 0;
+    mr_addr_rule r = {.allow_loopback = o->allow_loopback, .allow_private = o->allow_private};
+    return mr_addr_allowed(family, addr, &r);
 }
 
 /* ---- the multi loop ---- */

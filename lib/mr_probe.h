@@ -47,7 +47,8 @@ typedef struct {
  * allowed", "malformed URL") otherwise. */
 mr_err mr_probe_check_url(const char *url, const mr_probe_opts *o, char *why, size_t whylen);
 
-/* Classifies an address for guard 2. family is AF_INET or AF_INET6, addr points
+/* Classifies an address for guard 2 (the rule of mr_addr.h with the options'
+ * allow_loopback and allow_private). family is AF_INET or AF_INET6, addr points
  * to a struct in_addr or in6_addr. Returns 1 when a probe may connect to it. */
 int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o);
 

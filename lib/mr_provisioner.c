@@ -11,6 +11,14 @@
 #include "mr_json.h"
 #include "mr_metrics.h"
 
+/* The provisioners' rule (mr_provisioner.h): one for every call and every check. */
+static const mr_addr_rule provisioner_addrs = {.allow_loopback = 1, .allow_private = 1};
+
+mr_err mr_provisioner_check_url(const char *url, char *why, size_t whylen)
+{
+    return mr_addr_check_url(url, &provisioner_addrs, why, whylen);
+}
+
 static void copy_str(const cJSON *obj, const char *key, char *dst, size_t cap)
 {
     const char *s = NULL;
@@ -107,6 +115,7 @@ static void call(mr_httpc *http, const mr_provisioner *p, const char *method, co
         .body = body, .body_len = body ? strlen(body) : 0,
         .connect_timeout_ms = p->connect_timeout_ms, .timeout_ms = p->timeout_ms,
         .max_body = 65536, .abort_cb = p->abort_cb, .abort_arg = p->abort_arg,
+        .addr_rule = &provisioner_addrs,
     };
     mr_httpc_resp resp = {0};
     char herr[200] = "";

@@ -12,7 +12,15 @@
  * Every call has a connect deadline and a total deadline, carries the bearer token
  * only in its Authorization header, and may be aborted by the caller (a stopping
  * worker). An answer is classified for the lifecycle: ok, rejected (a 4xx that
- * retrying unchanged cannot fix) or failed (anything else: retried with backoff). */
+ * retrying unchanged cannot fix) or failed (anything else: retried with backoff).
+ *
+ * A call connects only to an address the provisioners' rule allows (mr_addr.h:
+ * loopback and private networks, where provisioners live, and public addresses;
+ * never a link-local, multicast, unspecified or reserved one, where a cloud's
+ * metadata service would take the bearer token and the instance's secrets). The
+ * rule is checked on what the URL's host resolves to, at connect time; a call
+ * refused by it is sent nowhere and reads as unanswered (MR_HTTPC_NO_ANSWER), with
+ * the address and why in its error. */
 #ifndef MR_PROVISIONER_H
 #define MR_PROVISIONER_H
 
@@ -48,6 +56,12 @@ typedef struct {
     int dry_run;        /* 1: the provisioner ran nothing (its "dry_run": true), 0: it
                            ran Dokku, -1: its answer did not say */
 } mr_provisioner_call;
+
+/* Checks a provisioner URL an operator gives (DOKKU_PROVISIONER_URL, a target's
+ * URL) against the rule above where its host is an address literal, so that it is
+ * refused when given rather than at each call. Returns MR_OK (a name, or an allowed
+ * address) or MR_EINVAL with why filled. */
+mr_err mr_provisioner_check_url(const char *url, char *why, size_t whylen);
 
 /* POST /apps with payload (the step's payload object). */
 void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,

@@ -11,8 +11,9 @@
  *                 process that died; else 503 with what failed
  *   GET /metrics  the Prometheus text exposition: every running process's counters
  *                 from MR_METRICS_DIR (mr_metrics.h) and, read from the database at
- *                 scrape time (public.ops_metrics(), 090, 091), the owed work by action
- *                 and age, instances by status and the Stripe events waiting
+ *                 scrape time (public.ops_metrics(), 090, 091, 191), the owed work by
+ *                 action and age, instances by status, the Stripe events waiting and
+ *                 each provisioner target's state, instances and room
  *
  * No authentication: what it says is not secret, and the listener is loopback only.
  * Settings: MR_METRICS_DIR (required), DATABASE_URL (required), MR_READY_FUNCTIONS
@@ -252,6 +253,49 @@ static void write_sql_gauges(FILE *f, mr_req *r)
         fputs("mindroom_stripe_events_oldest_seconds{status=\"", f);
         mr_metrics_label(f, st->string);
         fprintf(f, "\"} %.3f\n", num(st, "oldest_s"));
+    }
+
+    /* The provisioner targets (public.target_summary(), as `mindroomctl target list`):
+     * memory in bytes, Prometheus' base unit, from the MiB that plans and capacities
+     * are counted in (Docker's "m", k3s' "Mi"). */
+    const cJSON *targets = cJSON_GetObjectItemCaseSensitive(ops, "targets");
+    enum { AS_IS, MIB, BELOW_ZERO };
+    static const struct {
+        const char *name, *key;
+        int kind;
+        const char *help;
+    } target_gauges[] = {
+        {"mindroom_target_answering", "answering", AS_IS,
+         "Whether the lifecycle worker's last call to the provisioner target was answered "
+         "(0 from an unanswered one until one is answered)."},
+        {"mindroom_target_instances", "instances", AS_IS,
+         "Instances placed on the target and not deprovisioned."},
+        {"mindroom_target_memory_capacity_bytes", "capacity_mb", MIB,
+         "Memory the target's instances may reserve in all (its capacity_mb)."},
+        {"mindroom_target_memory_free_bytes", "free_mb", MIB,
+         "The target's capacity less what its instances reserve, as placement counts it "
+         "(negative when overfilled)."},
+        {"mindroom_target_overfilled", "free_mb", BELOW_ZERO,
+         "1 when the target's instances reserve more than its capacity."},
+    };
+    for (size_t k = 0; k < MR_ARRAY_LEN(target_gauges); k++) {
+        gauge_header(f, target_gauges[k].name, target_gauges[k].help);
+        const cJSON *t;
+        cJSON_ArrayForEach(t, targets)
+        {
+            const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "target");
+            if (!cJSON_IsString(name))
+                continue;
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(t, target_gauges[k].key);
+            double x = cJSON_IsBool(v) ? cJSON_IsTrue(v) : cJSON_IsNumber(v) ? v->valuedouble : 0;
+            if (target_gauges[k].kind == MIB)
+                x *= 1048576.0;
+            else if (target_gauges[k].kind == BELOW_ZERO)
+                x = x < 0;
+            fprintf(f, "%s{target=\"", target_gauges[k].name);
+            mr_metrics_label(f, name->valuestring);
+            fprintf(f, "\"} %.0f\n", x);
+        }
     }
     cJSON_Delete(ops);
 }

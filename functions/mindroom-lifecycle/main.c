@@ -85,6 +85,12 @@ static void load_config(void)
     c->listen_url = *listen ? listen : strcmp(pooler, "transaction") ? c->database_url : NULL;
 
     c->provisioner.url = mr_config_str("DOKKU_PROVISIONER_URL", "http://127.0.0.1:8002");
+    char why[200];
+    if (mr_provisioner_check_url(c->provisioner.url, why, sizeof why) != MR_OK) {
+        fprintf(stderr, "config: DOKKU_PROVISIONER_URL: %s: the worker never connects there\n",
+                why);
+        exit(2);
+    }
     c->provisioner.token = mr_config_secret("DOKKU_PROVISIONER_TOKEN", NULL, 16);
     c->provisioner.timeout_ms = (long)mr_config_int("MR_PROVISION_TIMEOUT_MS", MR_DL_PROVISION_CALL_MS,
                                                     100, 7200000);
@@ -280,11 +286,21 @@ int main(int argc, char **argv)
 {
     if (mr_version_arg("mindroom-lifecycle", argc, argv))
         return 0;
+    /* mindroomctl target add asks the worker's own rule of the URL it is given
+     * (the rule lives in one place, and the address classes with it). */
+    if (argc == 3 && strcmp(argv[1], "--check-target-url") == 0) {
+        char why[200];
+        if (mr_provisioner_check_url(argv[2], why, sizeof why) == MR_OK)
+            return 0;
+        fprintf(stderr, "%s: the worker never connects there\n", why);
+        return 2;
+    }
     if (argc > 1) {
         int help = strcmp(argv[1], "--help") == 0;
         fprintf(help ? stdout : stderr,
-                "usage: %s [--version]\n  the lifecycle worker; configured by the environment "
-                "(docs/lifecycle.md)\n", argv[0]);
+                "usage: %s [--version | --check-target-url URL]\n  the lifecycle worker; "
+                "configured by the environment (docs/lifecycle.md)\n  --check-target-url: exit 0 "
+                "when URL may be a provisioner's, else 2 with why\n", argv[0]);
         return help ? 0 : 2;
     }
     mr_log_init_env("mindroom-lifecycle");

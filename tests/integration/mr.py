@@ -423,6 +423,9 @@ class Stack:
     trusted_proxies= lists the addresses nginx believes X-Forwarded-For from
     (set_real_ip_from; default none, as `make run`). test_target=False: never
     registers a provisioner target for MR_TEST_TARGET (_register_test_target).
+    wrappers= maps a function's name to the argv its binary is started under
+    (e.g. a private mount namespace); the wrapper must exec the binary, keeping
+    its pid.
 
     The lifecycle worker (mindroom-lifecycle) runs in every stack that starts it;
     its periodic health round is set to once a day unless env says otherwise, so
@@ -430,7 +433,7 @@ class Stack:
     """
 
     def __init__(self, pg, env=None, functions=None, workers=2, extra_functions=(),
-                 nginx_extra="", db=None, trusted_proxies=(), test_target=True):
+                 nginx_extra="", db=None, trusted_proxies=(), test_target=True, wrappers=None):
         self.pg = pg
         self.run = Path(tempfile.mkdtemp(prefix="mr-stack-"))
         self.own_db = db is None
@@ -451,6 +454,7 @@ class Stack:
         self._extra_env = dict(env or {})
         self._workers = workers
         self._test_target = test_target
+        self._wrappers = dict(wrappers or {})
         self.env = {}
 
     # ---- lifecycle -------------------------------------------------------
@@ -626,7 +630,7 @@ class Stack:
     def _start_function(self, name):
         log = open(self.run / "log" / (name + ".log"), "ab")
         self.procs[name] = subprocess.Popen(
-            [str(self.bin / name)], env=self._function_env(name), cwd=str(self.run),
+            [*self._wrappers.get(name, ()), str(self.bin / name)], env=self._function_env(name), cwd=str(self.run),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
 

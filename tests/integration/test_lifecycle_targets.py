@@ -81,11 +81,12 @@ def rows_of(out):
 
 
 @contextlib.contextmanager
-def own_targets(pg, resend, targets, **env):
+def own_targets(pg, resend, targets, wrappers=None, **env):
     """A stack whose only provisioners are `targets` ((name, stand-in) pairs, added in
     that order with mindroomctl's defaults, each token in the worker's environment as
     NAME_TOKEN; DOKKU_PROVISIONER_URL a closed port): two workers polling every second,
-    calls that may hang for 30 s under a 60 s lease; env overrides any of it."""
+    calls that may hang for 30 s under a 60 s lease; env overrides any of it, wrappers
+    is mr.Stack's."""
     e = dict(FAST_ENV)
     e.update(DOKKU_PROVISIONER_URL="http://127.0.0.1:9", DOKKU_PROVISIONER_TOKEN="unused-legacy-token-0123",
              RESEND_BASE_URL=resend.url, RESEND_API_KEY=resend.token,
@@ -94,7 +95,7 @@ def own_targets(pg, resend, targets, **env):
              MR_PROVISION_WAIT_MS="30000")
     e.update({name.upper() + "_TOKEN": p.token for name, p in targets})
     e.update(env)
-    with mr.Stack(pg, env=e, functions=FUNCS, test_target=False) as s:
+    with mr.Stack(pg, env=e, functions=FUNCS, test_target=False, wrappers=wrappers) as s:
         for name, p in targets:
             ok(ctl(s, "target", "add", name, "--url", p.url, "--token-ref",
                    "env:%s_TOKEN" % name.upper(), "--capacity-mb", 100000))
@@ -142,6 +143,16 @@ def test_target_commands_refuse_bad_input_and_write_nothing(stack):
               "--capacity-mb", "1000"), "--url is http(s)://host[:port][/path]"),
             (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T_TOKEN",
               "--capacity-mb", "0"), "--capacity-mb is a positive number"),
+            # The worker would send the token (and instances' secrets) there: a cloud's
+            # metadata service, in any spelling of its address, and the like.
+            *((("add", "t1", "--url", url, "--token-ref", "env:T_TOKEN", "--capacity-mb", "1000"),
+               "target add: --url: %s is a link-local, multicast, unspecified or reserved address"
+               % ip)
+              for url, ip in (("http://169.254.169.254:8002", "169.254.169.254"),
+                              ("http://2852039166/prov", "169.254.169.254"),
+                              ("https://0251.0376.0251.0376", "169.254.169.254"),
+                              ("http://0.0.0.0:8002", "0.0.0.0"),
+                              ("http://224.0.0.251:8002", "224.0.0.251"))),
             (("add", "t1", "--url", "http://10.0.0.1:8002", "--token-ref", "env:T_TOKEN",
               "--capacity-mb", "1000", "--max-in-flight", "-1"), "--max-in-flight is a number"),
             (("frobnicate",), "target: list, add, set, drain, pin, enable or disable"),
@@ -820,6 +831,74 @@ def test_once_a_target_answers_again_its_instances_backing_off_are_made_at_once(
             assert provision(s, a).status == 202
             running(s, a, timeout=10)
             running(s, b, timeout=10)
+            assert s.sql("SELECT unanswered_since FROM public.provisioner_targets")[0][0] is None
+    finally:
+        solo.stop()
+
+
+def private_hosts(tmp_path, lines):
+    """An argv prefix that runs a binary with its own /etc/hosts (`lines` after
+    localhost's), bind-mounted in a mount namespace of its own: the system's resolver,
+    answering names as the tests say. Skips where no mount namespace can be made
+    (it needs root)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + lines)
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    probe = subprocess.run(argv + ["getent", "hosts", lines.split()[1]], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0 or lines.split()[0] not in probe.stdout:
+        pytest.skip("no private /etc/hosts here (a mount namespace needs root): %s" % probe.stderr)
+    return argv
+
+
+@pytest.mark.parametrize("how", ["name", "literal"])
+def test_a_target_at_a_metadata_address_is_never_called_and_reads_as_not_answering(
+        pg, resend, tmp_path, how):
+    # A target's URL names a host that resolves to 169.254.169.254 (a cloud's metadata
+    # service: "name", registered by mindroomctl, which cannot know what a name will
+    # resolve to), or names that address itself ("literal": a row written by hand,
+    # past mindroomctl's check). The worker refuses to connect there, so neither the
+    # token nor the instance's secrets are sent; the target reads as not answering,
+    # with the reason in the instance's error, the worker's log and the target list;
+    # the create waits, and is made once the operator points the target back at its
+    # provisioner.
+    solo = ProvisionerStandin().start()
+    port = solo.url.rsplit(":", 1)[1]
+    wrappers = None
+    if how == "name":
+        wrappers = {WORKER: private_hosts(tmp_path, "169.254.169.254 prov-1.internal.test\n")}
+    try:
+        with own_targets(pg, resend, [], wrappers=wrappers, MR_PROVISION_TIMEOUT_MS="2000",
+                         SOLO_TOKEN=solo.token) as s:
+            if how == "name":
+                ok(ctl(s, "target", "add", "solo", "--url", "http://prov-1.internal.test:" + port,
+                       "--token-ref", "env:SOLO_TOKEN", "--capacity-mb", 100000))
+            else:
+                ok(ctl(s, "target", "add", "solo", "--url", solo.url, "--token-ref",
+                       "env:SOLO_TOKEN", "--capacity-mb", 100000))
+                s.sql("UPDATE public.provisioner_targets SET url = %s WHERE name = 'solo'",
+                      "http://169.254.169.254:" + port)
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            assert target_of(s, sid) == "solo"
+            why = ("not connected to 169.254.169.254: it is a link-local, multicast, "
+                   "unspecified or reserved address")
+            wait_until(lambda: instance(s, sid)["last_error"], timeout=15, what="the create failed")
+            i = instance(s, sid)
+            assert why in i["last_error"], i
+            assert i["owed_action"] == "create" and i["provisioned_at"] is None, i
+            assert s.sql("SELECT unanswered_since IS NOT NULL FROM public.provisioner_targets")[0][0]
+            listed = {r[1]: r for r in rows_of(ok(ctl(s, "target", "list")))[1:] if len(r) > 13}
+            assert listed["solo"][13] != "-"
+            log = s.log(WORKER)
+            assert "provisioner target solo does not answer" in log and why in log, log[-2000:]
+            assert solo.recorded() == []
+            assert solo.token not in log
+            # The operator points it at the provisioner: the create is made there.
+            s.sql("UPDATE public.provisioner_targets SET url = %s WHERE name = 'solo'", solo.url)
+            assert provision(s, sid).status == 202
+            running(s, sid, timeout=15)
             assert s.sql("SELECT unanswered_since FROM public.provisioner_targets")[0][0] is None
     finally:
         solo.stop()

@@ -15,8 +15,9 @@ import pytest
 
 import mr
 from mr import metric_samples as samples, metric_value as value
-from lifecycle_helpers import (PRICES, WORKER, link_customer, new_account, new_subscription, stack_env,
-                               wait_until)
+from lifecycle_helpers import (PRICES, WORKER, instance, link_customer, new_account, new_subscription,
+                               provision, stack_env, wait_until)
+from provisioner import ProvisionerStandin
 
 PROBE_ENV = {"MINDROOM_BASE_DOMAIN": "mindroom.test", "HEALTH_ALLOW_LOOPBACK": "1",
              "HEALTH_TIMEOUT_MS": "1000"}
@@ -180,6 +181,73 @@ def test_owed_work_and_deferred_events_are_read_from_the_database(stack, prov):
     assert value(text, "mindroom_stripe_events_oldest_seconds", status="deferred") >= 0
     assert value(text, "mindroom_instances", status="running") >= 1
     assert value(text, "mindroom_database_up") == 1 and value(text, "mindroom_schema_migrations_missing") == 0
+
+
+def test_each_provisioner_target_says_whether_it_answers_its_instances_and_its_room(pg, resend):
+    # Two targets: "spare", which stopped answering, and "full", where new instances
+    # go while it has room (targets that answer first). Three instances are made on
+    # "full", one of them is deprovisioned (it holds no room), and its capacity is
+    # set to leave 500 MB; then one instance's plan is upgraded past what is free
+    # there (placement never overfills a host, an upgrade in place can). /metrics
+    # says per target what `mindroomctl target list` says, in bytes.
+    full, spare = ProvisionerStandin().start(), ProvisionerStandin().start()
+    env = stack_env(full, resend, FULL_TOKEN=full.token, SPARE_TOKEN=spare.token,
+                    DOKKU_PROVISIONER_URL="http://127.0.0.1:9")
+    try:
+        with mr.Stack(pg, env=env, functions=["provision-instance", WORKER, "mindroom-admin"],
+                      test_target=False) as s:
+            text = scrape(s)
+            promtool(text)
+            assert not [x for x in samples(text) if x[0].startswith("mindroom_target_")]
+            for name, p in (("full", full), ("spare", spare)):
+                s.sql("INSERT INTO public.provisioner_targets (name, url, token_ref, capacity_mb) "
+                      "VALUES (%s, %s, %s, 100000)", name, p.url, "env:%s_TOKEN" % name.upper())
+            s.sql("UPDATE public.provisioner_targets SET unanswered_since = now() - interval '5 min' "
+                  "WHERE name = 'spare'")
+            sids = [new_subscription(s, "starter") for _ in range(3)]
+            for sid in sids:
+                assert provision(s, sid).status == 202
+                wait_until(lambda: instance(s, sid)["status"] == "running", timeout=20,
+                           what="instance of %s running" % sid)
+            assert len(full.create_calls()) == 3 and spare.recorded() == []
+            s.sql("UPDATE public.instances SET status = 'deprovisioning' WHERE subscription_id = %s",
+                  sids[2])
+            s.sql("UPDATE public.instances SET status = 'deprovisioned', deprovisioned_at = now() "
+                  "WHERE subscription_id = %s", sids[2])
+            reserved = s.sql("SELECT coalesce(memory_limit_mb, 0) + coalesce(homeserver_memory_mb, 0) "
+                             "FROM public.instances WHERE subscription_id = %s", sids[0])[0][0]
+            assert reserved > 0
+            capacity = 2 * reserved + 500
+            s.sql("UPDATE public.provisioner_targets SET capacity_mb = %s WHERE name = 'full'",
+                  capacity)
+
+            text = scrape(s)
+            promtool(text)
+            mib = 1048576
+            for name, answering, n, cap, free, over in (
+                    ("full", 1, 2, capacity, 500, 0),
+                    ("spare", 0, 0, 100000, 100000, 0)):
+                assert value(text, "mindroom_target_answering", target=name) == answering, name
+                assert value(text, "mindroom_target_instances", target=name) == n, name
+                assert value(text, "mindroom_target_memory_capacity_bytes", target=name) == cap * mib
+                assert value(text, "mindroom_target_memory_free_bytes", target=name) == free * mib
+                assert value(text, "mindroom_target_overfilled", target=name) == over, name
+
+            # An upgrade in place on the full host: 1000 MB more where 500 are free.
+            s.sql("UPDATE public.instances SET memory_limit_mb = memory_limit_mb + 1000 "
+                  "WHERE subscription_id = %s", sids[0])
+            text = scrape(s)
+            promtool(text)
+            assert value(text, "mindroom_target_overfilled", target="full") == 1
+            assert value(text, "mindroom_target_memory_free_bytes", target="full") == -500 * mib
+            assert value(text, "mindroom_target_overfilled", target="spare") == 0
+            # `mindroomctl target list` reads the same summary.
+            listed = {r[0]: r[1:] for r in s.sql(
+                "SELECT name, free_mb, instances FROM public.target_summary()")}
+            assert listed == {"full": (-500, 2), "spare": (100000, 0)}
+    finally:
+        full.stop()
+        spare.stop()
 
 
 def test_the_documented_alerts_are_rules_over_metrics_we_export(stack, tmp_path):
