@@ -400,8 +400,9 @@ def test_a_user_whose_instance_failed_is_told_which_step_and_not_the_provisioner
     try:
         c = Customer(stack, "starter")
         c.send("customer.subscription.created", "active")
+        # A failed create takes what a create takes: as long as running() waits for one.
         inst = wait_until(lambda: (lambda i: i if i["attempts"] >= 1 and not i["claimed_by"] else None)(
-            instance(stack, c.sid)), what="a failed create")
+            instance(stack, c.sid)), timeout=45, what="a failed create")
         assert "git:from-image" in inst["last_error"], inst["last_error"]
         r = stack.call("GET", "my-instance", token=user_jwt(stack, c.account))
         assert r.status == 200, r
