@@ -58,7 +58,7 @@ static void tar_entry(prov_buf *b, const char *name, char type, unsigned mode, u
     unsigned char h[512];
     memset(h, 0, sizeof h);
     size_t nl = strlen(name);
-    if (nl > 99 || len > 077777777777ULL) {
+    if (nl > 99 || len > 077777777777ULL || uid > PROV_MAX_TAR_UID) {
         b->failed = 1;
         return;
     }

@@ -210,7 +210,11 @@ static void init(void)
     scheduler_settings(c);
 
     c->mindroom_port = mr_config_int("MINDROOM_PORT", 8765, 1, 65535);
-    c->mindroom_uid = mr_config_int("MINDROOM_DATA_UID", 1000, 0, 2147483647);
+    /* docker-local: the uid storage:create --chown takes; k3s: the owner of the
+     * volume's root in the storage:exec tarball, a ustar field of 7 octal digits. */
+    c->mindroom_uid = mr_config_int("MINDROOM_DATA_UID", 1000, 0,
+                                    c->scheduler == PROV_SCHED_K3S ? PROV_MAX_TAR_UID
+                                                                   : PROV_MAX_CHOWN_UID);
     c->mindroom_data_dir = mr_config_str("MINDROOM_DATA_DIR", "/mindroom_data");
     {
         const char *d = c->mindroom_data_dir;

@@ -140,16 +140,23 @@ static int said(const prov_result *res, const char *needle)
     return strstr(res->out, needle) != NULL || strstr(res->err, needle) != NULL;
 }
 
-/* apps:exists, network:exists: 0 exists, 1 missing; storage:info: 0 exists,
- * non-zero saying "does not exist" missing. Anything else is a failure. */
+/* Exit 0: it exists. Missing is the one answer Dokku gives for it, its exit
+ * status and "does not exist": apps:exists exits 20 ("App <app> does not
+ * exist", common.AppDoesNotExist, the status of every command naming a
+ * missing app); network:exists 1 ("Network does not exist"); storage:info 1
+ * ('storage entry "<name>" does not exist'). Anything else is a failure, never
+ * "missing": exit 1 from apps:exists is another error (access denied, sudo),
+ * and exit 1 from network:exists without that message is Docker failing; a
+ * destroy that read either as "missing" would answer destroyed and leave the
+ * app or the network behind. */
 static mr_err exists(run_ctx *c, const char *sub, const char *name, int *yes)
 {
     const char *args[] = {sub, name, NULL};
     mr_err e = run(c, args, c->cfg->command_timeout_ms);
     if (e != MR_OK) return e;
     int st = c->res->status;
-    if (st == 0 || (strcmp(sub, "storage:info") != 0 && st == 1) ||
-        (strcmp(sub, "storage:info") == 0 && said(c->res, "does not exist"))) {
+    int missing = strcmp(sub, "apps:exists") == 0 ? PROV_APP_MISSING_STATUS : 1;
+    if (st == 0 || (st == missing && said(c->res, "does not exist"))) {
         *yes = st == 0;
         return MR_OK;
     }
@@ -499,7 +506,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
      * app's repository, then builds and deploys that commit; a deploy that
      * fails takes the commit back out, but one that is killed (our deadline,
      * the OOM killer, the host going down) leaves it. "No changes detected,
-     * skipping git commit" (exit 0 in current releases, 1 in some older ones)
+     * skipping git commit" (on stderr, exit 1: git-from-directory returns 1)
      * only says the image is the one committed, not that it was deployed, and
      * ps:restart / ps:start of an app never deployed warn and exit 0. So an
      * unchanged image is rebuilt from that commit (a full deploy with the

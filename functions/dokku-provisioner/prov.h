@@ -52,6 +52,16 @@ typedef enum { PROV_SCHED_DOCKER_LOCAL, PROV_SCHED_K3S } prov_scheduler;
  * leaves the k3s `namespace` property at its default, where Dokku also makes
  * the storage entries' PersistentVolumeClaims. */
 #define PROV_K3S_NAMESPACE "default"
+/* Dokku's exit status for a command naming an app that does not exist
+ * (plugins/common: AppDoesNotExist.ExitCode, and verify_app_name's
+ * DOKKU_FAIL_EXIT_CODE), apps:exists included. ops.c reads it, and the
+ * dry-run registry answers it. */
+#define PROV_APP_MISSING_STATUS 20
+/* Dokku's storage:create --chown takes a uid up to 65535
+ * (plugins/storage ResolveChownID: strconv.ParseUint(value, 10, 16)). */
+#define PROV_MAX_CHOWN_UID 65535
+/* The largest uid a ustar header holds (7 octal digits): files.c. */
+#define PROV_MAX_TAR_UID 07777777
 
 typedef struct {
     prov_mode mode;

@@ -489,7 +489,7 @@ static void dry_answer(const prov_config *cfg, const char *const *args, prov_res
     if (exists < 0) {
         registry_failed(res, name);
     } else if (rule->ask == DRY_EXISTS) {
-        res->status = exists ? 0 : 1;
+        res->status = exists ? 0 : strcmp(sub, "apps:exists") == 0 ? PROV_APP_MISSING_STATUS : 1;
         if (!exists)
             res->err_len = (size_t)snprintf(res->err, sizeof res->err,
                                             " !     %s does not exist\n", name);

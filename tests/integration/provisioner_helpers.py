@@ -306,10 +306,9 @@ def undocumented(argv):
     fx = fixture()
     i, used_globals = 0, []
     while i < len(argv) and argv[i].startswith("--"):
-        if argv[i] != "--":      # ssh mode passes a bare "--" that Dokku drops
-            if argv[i] not in fx["global_flags"]:
-                return "undocumented global flag %s" % argv[i]
-            used_globals.append(argv[i])
+        if argv[i] not in fx["global_flags"]:
+            return "undocumented global flag %s" % argv[i]
+        used_globals.append(argv[i])
         i += 1
     if i >= len(argv):
         return "no subcommand"
@@ -389,8 +388,8 @@ def managed(env):
 
 def imported(call):
     """{KEY: value} a recorded `config:import --no-restart --format json <app> -`
-    read on its stdin (through ssh: after the "--" that Dokku drops)."""
-    argv = call[1:] if call[:1] == ["--"] else call
+    read on its stdin."""
+    argv = call
     assert argv[:4] == CONFIG_IMPORT and len(argv) == 6 and argv[5] == "-", call
     out = json.loads(call.stdin)
     assert isinstance(out, dict) and all(isinstance(v, str) for v in out.values()), out

@@ -715,6 +715,52 @@ def test_a_failing_stop_is_a_502_with_the_subcommand(stack, dokku):
     assert r.json == {"error": {"code": "dokku_failed", "message": "ps:stop exited 7"}}
 
 
+def test_a_missing_app_is_dokkus_exit_20_and_any_other_failure_is_a_502(stack, dokku):
+    """Dokku's apps:exists exits 20 for a missing app ("App <app> does not exist",
+    the status of every command naming one); exit 1 is another error (access
+    denied, sudo). A destroy that took that for "missing" would answer
+    destroyed and leave the app running."""
+    app = "mindroom-exists20"
+    dokku.mark()
+    r = call(stack, "DELETE", "/apps/" + app)
+    assert r.status == 200 and r.json["existed"] is False, r
+    assert dokku.new_calls()[:2] == [["apps:exists", app], ["apps:exists", app + "-matrix"]]
+    assert post(stack, body(app, "sexists20")).status == 201
+    dokku.tell("fail", "apps:exists", times=1, status=1)
+    dokku.mark()
+    r = call(stack, "DELETE", "/apps/" + app)
+    assert r.status == 502, r
+    assert r.json == {"error": {"code": "dokku_failed", "message": "apps:exists exited 1"}}
+    assert dokku.new_calls() == [["apps:exists", app]]
+    assert dokku.exists(app) and dokku.app(app, "running") == "true"
+    r = call(stack, "DELETE", "/apps/" + app)
+    assert r.status == 200 and r.json["existed"] is True and not dokku.exists(app), r
+
+
+def test_a_network_check_that_fails_is_a_502_not_a_missing_network(stack, dokku):
+    """network:exists exits 1 with "Network does not exist" for a missing network,
+    and 1 with Docker's error when Docker fails: only the first is missing. A
+    destroy that took Docker's failure for it would answer destroyed and leave
+    the network behind."""
+    app = "mindroom-netcheck"
+    net = names(app)["net"]
+    assert post(stack, body(app, "snetcheck")).status == 201
+    dokku.tell("fail", "network:exists", times=1, status=1)
+    dokku.mark()
+    try:
+        r = call(stack, "DELETE", "/apps/" + app)
+    finally:
+        dokku.untell("fail", "network:exists")
+    if K3S:     # no network, no network:exists
+        assert r.status == 200 and "network:exists" not in map(subcommand, dokku.new_calls()), r
+        return
+    assert r.status == 502, r
+    assert r.json == {"error": {"code": "dokku_failed", "message": "network:exists exited 1"}}
+    assert dokku.network(net)
+    r = call(stack, "DELETE", "/apps/" + app)
+    assert r.status == 200 and not dokku.network(net), r
+
+
 # ---- bad input: 400 and nothing runs ---------------------------------------------
 
 BAD_APPS = ["a;rm -rf /", "../x", "Upper", "mindroom-" + "a" * 25, "", "-a", "1abc", "a b",

@@ -179,15 +179,15 @@ def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
               "-p", "2222", "dokku@dokku.example.com", "--"]
     assert calls[0] == prefix + create_sequence("mindroom-ssh", "sssh")[0]
     assert all(c[:len(prefix)] == prefix for c in calls)
-    # What the host ran after splitting the joined command line: the "--" that
-    # ssh passed on (Dokku drops leading "--" arguments), then exactly the
-    # create sequence; the environment crossed on stdin, values intact.
-    raw = d.all_calls()
-    assert raw and all(c[0] == "--" for c in raw), raw
-    dk = [c[1:] for c in raw]
+    # What the host ran after splitting the joined command line: exactly the
+    # create sequence (ssh ends its own options at the "--" after the
+    # destination and does not send it); the environment crossed on stdin,
+    # values intact.
+    dk = d.all_calls()
+    assert dk and not [c for c in dk if c[0] == "--"], dk
     match(dk, create_sequence("mindroom-ssh", "sssh"))
     assert not [a for c in dk for a in c for n in secret if n in a]
-    assert imported([c for c in raw if c[1] == "config:import"][0])["MULTI"] == env["MULTI"]
+    assert imported([c for c in dk if c[0] == "config:import"][0])["MULTI"] == env["MULTI"]
     assert {k: v for k, v in d.config("mindroom-ssh").items() if k in env} == env
     # stdin crossed ssh: the homeserver's files are in its storage.
     assert (d.host_dir("mindroom-ssh-matrix-data") / "homeserver.yaml").exists()
@@ -436,6 +436,10 @@ GOOD = {"DOKKU_PROVISIONER_TOKEN": "t" * 32, "DOKKU_MODE": "local", "MINDROOM_IM
     ({"MINDROOM_DATA_DIR": "/"}, "MINDROOM_DATA_DIR"),
     ({"MINDROOM_DATA_DIR": "/a b"}, "MINDROOM_DATA_DIR"),
     ({"PROVISIONER_STATE_DIR": "relative/state"}, "PROVISIONER_STATE_DIR"),
+    # Dokku's storage:create --chown takes a uid up to 65535 (a larger one fails
+    # every create there); k3s writes it into a ustar header of 7 octal digits.
+    ({"MINDROOM_DATA_UID": "65536"}, "MINDROOM_DATA_UID"),
+    ({"DOKKU_SCHEDULER": "k3s", "MINDROOM_DATA_UID": "2097152"}, "MINDROOM_DATA_UID"),
     ({"DOKKU_SCHEDULER": "kubernetes"}, "DOKKU_SCHEDULER"),
     ({"DOKKU_TLS": "issuer", "PROVISIONER_CERT_ISSUER": "acme-dns"}, "DOKKU_SCHEDULER=k3s"),
     ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "issuer"}, "PROVISIONER_CERT_ISSUER"),
@@ -464,6 +468,8 @@ def test_bad_configuration_stops_the_start(change, needle):
 
 def test_good_configuration_starts():
     status, err = start_with(GOOD)
+    assert status is None, err
+    status, err = start_with(dict(GOOD, MINDROOM_DATA_UID="65535"))
     assert status is None, err
 
 
@@ -517,6 +523,7 @@ def test_the_known_hosts_file_is_needed_in_ssh_mode_only():
     {"DOKKU_SCHEDULER": "k3s", "PROVISIONER_STORAGE_CLASS": "longhorn", "DOKKU_TLS": "letsencrypt",
      "PROVISIONER_ACME_EMAIL": "ops+certs@example.com"},
     {"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "issuer", "PROVISIONER_CERT_ISSUER": "acme-dns"},
+    {"DOKKU_SCHEDULER": "k3s", "MINDROOM_DATA_UID": "2097151"},
 ])
 def test_good_k3s_configuration_starts(change):
     status, err = start_with(dict(GOOD, **change))
@@ -735,7 +742,7 @@ def test_a_command_outliving_its_killed_worker_keeps_its_app(mode, request):
         assert wait_dead([command, sleeper, keeper], timeout=15) == []
     r = s.call_provisioner("DELETE", "/apps/" + app)
     assert r.status == 200 and r.json["state"] == "destroyed", r
-    assert d.new_calls()[0][-2:] == ["apps:exists", app]    # ssh: after a "--"
+    assert d.new_calls()[0] == ["apps:exists", app]
     # What held the lock: the command's keeper, a child of the worker with
     # nothing else of the worker's open (not the FastCGI socket, not a pipe).
     assert keeper != command and held == [str(d.state / "locks" / "instances")], held
