@@ -252,6 +252,56 @@ def test_threshold_marks_failed_and_the_worker_redeploys_once(stack, health_stan
     assert len(creates_for(prov, app)) == 1 and went_failed(stack, iid) == 1
 
 
+def test_an_instance_failed_again_after_its_redeploy_waits_before_the_next_one(
+        stack, health_standin, prov):
+    """A cause a redeploy does not cure (the instance fails at start, a certificate
+    expired): the first redeploy is at once, the next one since the instance was last
+    seen healthy waits (threshold x interval, here capped at an hour), instead of a
+    redeploy and restart of the customer's instance every few minutes for ever. A
+    healthy result ends the run: the next failure is redeployed at once again."""
+    acct = make_account(stack)
+    iid = make_instance(stack, acct, health_standin.url("relapse", "500"))
+    app = row(stack, iid)["dokku_app_name"]
+
+    def fail_to_threshold():
+        # The redeploy answers the provisioner stand-in's URLs: back to the failing one
+        # (and no homeserver's, which would not resolve).
+        stack.sql("UPDATE public.instances SET backend_url = %s, matrix_server_url = NULL "
+                  "WHERE id = %s", health_standin.url("relapse", "500"), iid)
+        for _ in range(THRESHOLD):
+            an_interval_passes(stack, iid)
+            r = check(stack)
+            assert r.status == 200, r
+        assert by_id(r)[iid]["marked_failed"] is True, r.json
+
+    def redeployed(n):
+        wait_until(lambda: len(creates_for(prov, app)) == n and (lambda x: x["status"] == "running"
+                   and not x["claimed_by"])(row(stack, iid)), timeout=5, what="redeploy %d" % n)
+
+    fail_to_threshold()
+    redeployed(1)                                        # the first: at once, as before
+    fail_to_threshold()                                  # still failing after it
+    assert went_failed(stack, iid) == 2
+    rw = row(stack, iid)
+    assert rw["status"] == "failed" and rw["owed_action"] == "create", rw
+    (wait_s,) = stack.sql("SELECT extract(epoch FROM next_attempt_at - now())::int "
+                          "FROM public.instances WHERE id = %s", iid)[0]
+    assert 3500 <= wait_s <= 3600, wait_s                # min(3 x a day, an hour)
+    time.sleep(1.0)
+    assert len(creates_for(prov, app)) == 1, "redeployed again at once"
+    assert row(stack, iid)["status"] == "failed"
+
+    # Its time comes: redeployed; seen healthy, the run ends.
+    stack.sql("UPDATE public.instances SET next_attempt_at = now() WHERE id = %s", iid)
+    redeployed(2)
+    stack.sql("UPDATE public.instances SET backend_url = %s, matrix_server_url = NULL "
+              "WHERE id = %s", health_standin.url("relapse-ok", "ok"), iid)
+    assert by_id(check(stack))[iid]["status"] == "healthy"
+    fail_to_threshold()
+    redeployed(3)                                        # at once again
+    assert went_failed(stack, iid) == 3
+
+
 def test_a_tenants_probes_are_recorded_but_never_count(stack, health_standin, prov):
     alice = make_account(stack)
     iid = make_instance(stack, alice, health_standin.url("tenant-probe", "500"))
