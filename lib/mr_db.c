@@ -45,14 +45,20 @@ struct mr_db {
 };
 
 /* BEGIN's companions: the request's identity, its context for audit rows and the
- * statement timeout, local to the transaction. */
+ * statement timeout, local to the transaction. And the time zone: the day a usage
+ * report counts in, its limit's reset time (CURRENT_DATE in track_usage and
+ * tenant_instance) and every timestamp an answer renders are UTC's, whatever zone
+ * the database server (or a PGTZ) gives the session; set here, per transaction,
+ * as a pooler in transaction mode takes no startup options. */
+#define TX_TIME_ZONE "set_config('TimeZone', 'UTC', true)"
 static const mr_db_stmt identity_stmt = {
     "mr_db_identity",
     "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true),"
-    " set_config('mindroom.request', $3, true), set_config('statement_timeout', $4, true)",
+    " set_config('mindroom.request', $3, true), set_config('statement_timeout', $4, true), "
+    TX_TIME_ZONE,
     4};
 static const mr_db_stmt timeout_stmt = {
-    "mr_db_timeout", "SELECT set_config('statement_timeout', $1, true)", 1};
+    "mr_db_timeout", "SELECT set_config('statement_timeout', $1, true), " TX_TIME_ZONE, 1};
 
 mr_db *mr_db_open(const char *conninfo)
 {

@@ -215,8 +215,8 @@ static void handle(mr_req *r)
     mr_json_str(res, "resets_at", &resets);
     mr_json_str(res, "limit", &limit);
     int64_t retry = 1, max_agents = -1, agents_today = 0;
-    /* Up to the next midnight: a day is 25 hours where the database's zone leaves
-     * summer time. */
+    /* Up to the next midnight UTC (mr_db's transactions run in UTC): a day, and a
+     * little more for a report whose transaction began just before midnight. */
     mr_json_i64(res, "retry_after_s", 1, 90001, &retry);
     /* Left at -1 when NULL: a subscription without an agent limit (an operator's setting). */
     mr_json_i64(res, "max_agents", 0, INT32_MAX, &max_agents);

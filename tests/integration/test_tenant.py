@@ -6,12 +6,15 @@ Everything real but Dokku, Stripe's delivery and the instances' HTTP: signed eve
 through the webhook, the lifecycle worker, nginx's provisioner listener and the real
 dokku-provisioner driving the stand-in `dokku` (local mode), nginx with real_ip
 trusting 127.0.0.2 only (a client on 127.0.0.1 plays the Internet)."""
+import base64
 import hashlib
+import os
 import re
 import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -917,3 +920,46 @@ def test_a_report_sent_again_with_its_key_is_counted_once(stack, dokku):
                headers={"Idempotency-Key": "msg-" + uuid.uuid4().hex})
     assert r.status == 200 and r.json["remaining"] == first.json["remaining"] - 1, r
     assert usage(stack, iid)[0] == 2
+
+
+def test_a_days_limit_resets_at_midnight_utc_whatever_the_databases_zone(pg):
+    """The day an instance's messages count in, and when its limit resets, are UTC's,
+    as every date the customer is told: not the database server's zone (here UTC+14,
+    as a server set to its own zone, or a session given PGTZ, makes it)."""
+    with mr.Stack(pg, env={"PGTZ": "Pacific/Kiritimati"},
+                  functions=["track-usage", "my-instance"]) as s:
+        uid, sid = str(uuid.uuid4()), str(uuid.uuid4())
+        s.sql("INSERT INTO auth.users (id, aud, role, email) VALUES (%s, 'authenticated', "
+              "'authenticated', %s)", uid, "utc-%s@example.com" % uid[:8])
+        s.sql("INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) "
+              "VALUES (%s, %s, 'price_starter', 'starter', 'active')", sid, uid)
+        s.sql("UPDATE public.subscriptions SET max_messages_per_day = 2 WHERE id = %s", sid)
+        iid = s.sql("INSERT INTO public.instances (subscription_id, dokku_app_name, subdomain, "
+                    "status, desired_status, applied_config_version, welcome_email_sent_at) "
+                    "SELECT %s, n.dokku_app_name, n.subdomain, 'running', 'running', 1, now() "
+                    "FROM public.instance_names(%s) n RETURNING id::text", sid, sid)[0][0]
+        key_id = uuid.uuid4().hex[:16]
+        token = "mri_%s_%s" % (key_id, base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("="))
+        s.sql("INSERT INTO public.instance_tokens (instance_id, key_id, token_hash) "
+              "VALUES (%s, %s, %s)", iid, key_id, hashlib.sha256(token.encode()).hexdigest())
+
+        now = datetime.now(timezone.utc)
+        today = now.date()
+        midnight = datetime.combine(today + timedelta(days=1), datetime.min.time(), timezone.utc)
+        r = report(s, token, {"agent": "general"})
+        assert r.status == 200 and r.json["remaining"] == 1, r
+        assert r.json["resets_at"].endswith("+00:00"), r.json
+        assert datetime.fromisoformat(r.json["resets_at"]) == midnight, r.json
+        assert s.sql("SELECT date FROM public.usage_metrics WHERE instance_id = %s", iid) == [(today,)]
+        assert report(s, token).status == 200
+        r = report(s, token)
+        assert r.status == 429 and r.json["limit"] == "messages", r
+        left = (midnight - now).total_seconds()
+        assert left - 60 <= int(r.headers["Retry-After"]) <= left + 1, (r.headers, left)
+
+        j = s.call("GET", "my-instance", token=user_jwt(s, uid)).json
+        t = j["usage"]["today"]
+        assert (t["date"], t["messages_sent"], t["remaining"]) == (today.isoformat(), 2, 0), t
+        assert datetime.fromisoformat(t["resets_at"]) == midnight, t
+        assert j["usage"]["last_30_days"][-1] == {"date": today.isoformat(), "messages_sent": 2,
+                                                  "agents": 1}, j["usage"]
