@@ -18,6 +18,15 @@
 -- Redefines public.health_record (140_failed_owes_restart.sql) whole: only the
 -- recording's health_redeploys line and the threshold's UPDATE (health_redeploys,
 -- next_attempt_at and the comment above them) differ.
+--
+-- And an instance running again shows no health result from before: a start (after
+-- a stop) or a redeploy (after the health checks failed it) made it running, and
+-- its health columns still held the last result of when it ran before, which
+-- my-instance and mindroomctl status showed as its health until the next round: a
+-- process still starting "healthy", a cured one "unreachable". Whatever moves it
+-- into running now clears health_status and last_health_check with the count, so
+-- it reads "not checked yet" (null) until its first check. Redefines
+-- public.health_reset_on_running (030_health.sql) whole.
 
 ALTER TABLE public.instances
     ADD COLUMN health_redeploys integer NOT NULL DEFAULT 0 CHECK (health_redeploys >= 0);
@@ -113,3 +122,22 @@ REVOKE ALL ON FUNCTION public.health_record(jsonb, integer, boolean, timestamptz
     FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.health_record(jsonb, integer, boolean, timestamptz, integer)
     TO service_role;
+
+-- A (re)deployed instance starts counting afresh: whatever moves it into running
+-- (a redeploy, a start) clears the old failures, or the first failed probe after a
+-- redeploy would fail it again at once; and the last result, which is of the
+-- processes before: it has not been checked since.
+CREATE OR REPLACE FUNCTION public.health_reset_on_running()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, public
+AS $$
+BEGIN
+    IF NEW.status = 'running' AND OLD.status IS DISTINCT FROM 'running' THEN
+        NEW.consecutive_failures := 0;
+        NEW.health_status := NULL;
+        NEW.last_health_check := NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;

@@ -345,6 +345,30 @@ def test_stopping_revokes_the_token_and_a_start_issues_a_new_one(stack, dokku):
     assert instance(stack, c.sid)["owed_action"] in (None, "email")
 
 
+def test_an_instance_running_again_shows_no_health_from_before_until_it_is_checked(
+        stack, dokku, health):
+    """Started again (here after an unpaid stop; a health redeploy likewise), the
+    instance has not been checked since it came back: my-instance says so (status and
+    checked_at null), not the result of when it last ran, which would call a process
+    still starting healthy (or a cured one unreachable)."""
+    c, inst = live_instance(stack, "starter")
+    iid = str(inst["id"])
+    tok = user_jwt(stack, c.account)
+    assert stack.call("GET", "check-instance-health?instance_id=%s" % iid,
+                      token=stack.jwt()).status == 200
+    assert stack.call("GET", "my-instance", token=tok).json["health"]["status"] == "healthy"
+    c.send("customer.subscription.updated", "unpaid")
+    wait_status(stack, c.sid, "stopped", timeout=30)
+    c.send("customer.subscription.updated", "active")
+    running(stack, c.sid)
+    h = stack.call("GET", "my-instance", token=tok).json["health"]
+    assert h == {"status": None, "checked_at": None, "error": None, "consecutive_failures": 0}, h
+    assert stack.call("GET", "check-instance-health?instance_id=%s" % iid,
+                      token=stack.jwt()).status == 200
+    h = stack.call("GET", "my-instance", token=tok).json["health"]
+    assert h["status"] == "healthy" and h["checked_at"], h
+
+
 def test_a_user_reads_own_instance_and_usage_and_nobody_elses(stack, dokku, health):
     c, inst = live_instance(stack, "starter")
     iid = str(inst["id"])
