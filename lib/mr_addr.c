@@ -64,6 +64,15 @@ const char *mr_addr_refusal(int family, const void *addr, const mr_addr_rule *r)
     return never;
 }
 
+const void *mr_addr_in(int family, const void *sockaddr)
+{
+    if (family == AF_INET)
+        return &((const struct sockaddr_in *)sockaddr)->sin_addr;
+    if (family == AF_INET6)
+        return &((const struct sockaddr_in6 *)sockaddr)->sin6_addr;
+    return NULL;
+}
+
 int mr_addr_allowed(int family, const void *addr, const mr_addr_rule *r)
 {
     return mr_addr_refusal(family, addr, r) == NULL;

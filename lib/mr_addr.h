@@ -28,6 +28,10 @@ typedef struct {
  * reserved address", "a loopback address", "a private address"). */
 const char *mr_addr_refusal(int family, const void *addr, const mr_addr_rule *r);
 
+/* The address in a socket address of family (AF_INET: its struct in_addr; AF_INET6:
+ * its struct in6_addr), as mr_addr_refusal takes it; NULL for any other family. */
+const void *mr_addr_in(int family, const void *sockaddr);
+
 /* The same as a yes (1) or no (0). */
 int mr_addr_allowed(int family, const void *addr, const mr_addr_rule *r);
 

@@ -128,12 +128,8 @@ typedef struct {
 static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
 {
     guard *g = clientp;
-    const void *ip = NULL;
+    const void *ip = mr_addr_in(a->family, &a->addr);
     (void)purpose;
-    if (a->family == AF_INET)
-        ip = &((const struct sockaddr_in *)(const void *)&a->addr)->sin_addr;
-    else if (a->family == AF_INET6)
-        ip = &((const struct sockaddr_in6 *)(const void *)&a->addr)->sin6_addr;
     const char *no = ip ? mr_addr_refusal(a->family, ip, g->rule) : "not an IP address";
     if (no) {
         g->refusal = no;

@@ -121,12 +121,8 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *userp)
 static curl_socket_t on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
 {
     slot *s = clientp;
-    const void *ip = NULL;
+    const void *ip = mr_addr_in(a->family, &a->addr);
     (void)purpose;
-    if (a->family == AF_INET)
-        ip = &((const struct sockaddr_in *)(const void *)&a->addr)->sin_addr;
-    else if (a->family == AF_INET6)
-        ip = &((const struct sockaddr_in6 *)(const void *)&a->addr)->sin6_addr;
     if (!ip || !mr_probe_addr_allowed(a->family, ip, s->o)) {
         s->addr_refused = 1;
         return CURL_SOCKET_BAD;
