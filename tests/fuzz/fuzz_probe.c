@@ -1,11 +1,13 @@
 /* fuzz_probe.c: the health probe's URL rule (backend_url comes from the
- * database, which the provisioner and operators write) and address classes.
- * fuzz-targets: lib/mr_probe.c */
+ * database, which the provisioner and operators write), the address classes, and
+ * the provisioners' URL rule (a target's URL, given by an operator).
+ * fuzz-targets: lib/mr_probe.c lib/mr_addr.c */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 
+#include "mr_addr.h"
 #include "mr_probe.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -22,6 +24,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     memcpy(s, data, size);
     s[size] = '\0';
+    static const mr_addr_rule provisioners = {.allow_loopback = 1, .allow_private = 1};
+    why[0] = '\0';
+    if (mr_addr_check_url(s, &provisioners, why, sizeof why) != MR_OK && why[0] == '\0')
+        abort();
     for (int i = 0; i < 2; i++) {
         why[0] = '\0';
         if (mr_probe_check_url(s, &o[i], why, sizeof why) != MR_OK && why[0] == '\0')
