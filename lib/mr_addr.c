@@ -73,11 +73,6 @@ const void *mr_addr_in(int family, const void *sockaddr)
     return NULL;
 }
 
-int mr_addr_allowed(int family, const void *addr, const mr_addr_rule *r)
-{
-    return mr_addr_refusal(family, addr, r) == NULL;
-}
-
 mr_err mr_addr_check_url(const char *url, const mr_addr_rule *r, char *why, size_t whylen)
 {
     CURLU *u = curl_url();

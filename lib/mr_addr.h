@@ -32,9 +32,6 @@ const char *mr_addr_refusal(int family, const void *addr, const mr_addr_rule *r)
  * its struct in6_addr), as mr_addr_refusal takes it; NULL for any other family. */
 const void *mr_addr_in(int family, const void *sockaddr);
 
-/* The same as a yes (1) or no (0). */
-int mr_addr_allowed(int family, const void *addr, const mr_addr_rule *r);
-
 /* Checks the host of url when it is an address literal (as libcurl reads it:
  * "2852039166" and "0251.0376.0251.0376" are 169.254.169.254, "[::ffff:a9fe:a9fe]"
  * too), so that a URL naming a refused address is refused where it is given. A

@@ -90,7 +90,7 @@ out:
 int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o)
 {
     mr_addr_rule r = {.allow_loopback = o->allow_loopback, .allow_private = o->allow_private};
-    return mr_addr_allowed(family, addr, &r);
+    return mr_addr_refusal(family, addr, &r) == NULL;
 }
 
 /* ---- the multi loop ---- */
