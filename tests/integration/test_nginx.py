@@ -225,6 +225,21 @@ def test_production_rate_limits_provision_with_json_429(prod):
             assert r.headers.get("Retry-After")
     # burst=10 at 30 r/min: the first ~11 pass, the rest are limited.
     assert 403 in statuses and statuses.count(429) >= 10, statuses
+    # A client that waits the Retry-After it was given is let through: at 30 r/min
+    # the next slot is 2 s away (after 1 s it would be refused again).
+    assert r.status == 429 and r.headers["Retry-After"] == "2", r.headers
+    time.sleep(int(r.headers["Retry-After"]))
+    r = https(ports, "POST", "/functions/v1/deprovision-instance", body=b"{}",
+              headers={"Authorization": "Bearer " + s.jwt(role="anon")})
+    assert r.status == 403, r
+    # At 5 r/s (my-instance) the next slot is within the second.
+    for _ in range(40):
+        r = https(ports, "GET", "/functions/v1/my-instance")
+        if r.status == 429:
+            break
+    assert r.status == 429 and r.headers["Retry-After"] == "1", r
+    time.sleep(1)
+    assert https(ports, "GET", "/functions/v1/my-instance").status == 401
     # The webhook's zone is separate and generous.
     for _ in range(30):
         r = https(ports, "POST", "/functions/v1/handle-stripe-webhook", body=b"{}")
