@@ -237,6 +237,20 @@ static void write_sql_gauges(FILE *f, mr_req *r)
         fprintf(f, "\"} %.0f\n", st->valuedouble);
     }
 
+    /* The running instances by their last check (failing: its last check failed;
+     * unchecked: not checked since it was started). */
+    gauge_header(f, "mindroom_instances_running",
+                 "Running instances by their last health check: healthy, failing, "
+                 "unchecked (not checked since it was started).");
+    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(ops, "health"))
+    {
+        if (!cJSON_IsNumber(st))
+            continue;
+        fputs("mindroom_instances_running{health=\"", f);
+        mr_metrics_label(f, st->string);
+        fprintf(f, "\"} %.0f\n", st->valuedouble);
+    }
+
     const cJSON *stripe = cJSON_GetObjectItemCaseSensitive(ops, "stripe");
     gauge_header(f, "mindroom_stripe_events_stored",
                  "Stored Stripe events not settled (deferred, received) or given up (failed).");

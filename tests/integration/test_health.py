@@ -34,7 +34,7 @@ def stack(pg, prov):
     the worker's own round ran once at start-up (on no instances) and does not run
     again here, so every probe in these tests is one a test asked for."""
     env = stack_env(prov, HEALTH_FAILURE_THRESHOLD=str(THRESHOLD), **PROBE_ENV)
-    with mr.Stack(pg, env=env, functions=["check-instance-health", WORKER]) as s:
+    with mr.Stack(pg, env=env, functions=["check-instance-health", WORKER, "mindroom-admin"]) as s:
         yield s
 
 
@@ -173,6 +173,30 @@ def test_outcomes_recorded(stack, health_standin):
     assert r.status == 200 and r.json["checked"] == 1, r
     assert row(stack, bad)["consecutive_failures"] == 0
     assert row(stack, bad)["health_status"] == "healthy"
+
+
+def test_metrics_count_the_running_instances_by_their_last_check(stack, health_standin):
+    """An operator's /metrics says how many running instances pass their checks, fail
+    them, or have not been checked since they started: what an alert on failing
+    instances reads."""
+    acct = make_account(stack)
+    ok = make_instance(stack, acct, health_standin.url("mok", "ok"))
+    bad = make_instance(stack, acct, health_standin.url("mbad", "500"))
+    make_instance(stack, acct, health_standin.url("mnew", "ok"))
+    make_instance(stack, acct, health_standin.url("mstopped", "500"), status="stopped")
+    for iid in (ok, bad):
+        assert check(stack, "?instance_id=" + iid).json["checked"] == 1
+
+    def running_by_health():
+        r = stack.call_admin("/metrics")
+        assert r.status == 200, r
+        return {h: mr.metric_value(r.text, "mindroom_instances_running", health=h)
+                for h in ("healthy", "failing", "unchecked")}
+
+    assert running_by_health() == {"healthy": 1, "failing": 1, "unchecked": 1}
+    health_standin.set_mode("mbad", "ok")
+    assert check(stack, "?instance_id=" + bad).json["healthy"] == 1
+    assert running_by_health() == {"healthy": 2, "failing": 0, "unchecked": 1}
 
 
 def test_a_round_over_many_instances_records_every_one(stack, health_standin):
