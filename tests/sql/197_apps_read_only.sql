@@ -1,0 +1,55 @@
+-- 197_apps_read_only.sql (197_apps_read_only_in_sql.sql): a third-party app's token
+-- (Supabase Auth's OAuth server: the user's role and sub, plus client_id) reads what
+-- the user reads and changes nothing, when it reaches the database without a
+-- function: Supabase's Data API sets role and request.jwt.claims exactly as
+-- pg_temp.cell does.
+BEGIN;
+\ir _helpers.inc
+SELECT pg_temp.fixture();
+SELECT plan(9);
+
+-- An app's session of user A, and (to show the rule is the claim, not its value) one
+-- whose client_id is empty.
+CREATE FUNCTION pg_temp.as_app(p_client jsonb, p_sql text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE n bigint; r text;
+BEGIN
+    BEGIN
+        PERFORM set_config('role', 'authenticated', true),
+                set_config('request.jwt.claims',
+                           jsonb_build_object('sub', 'aaaaaaaa-0000-4000-8000-000000000001',
+                                              'role', 'authenticated', 'client_id', p_client)::text, true);
+        EXECUTE p_sql;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        RAISE EXCEPTION USING ERRCODE = 'MRT00', MESSAGE = n::text;
+    EXCEPTION
+        WHEN SQLSTATE 'MRT00' THEN r := 'ok:' || SQLERRM;
+        WHEN OTHERS THEN r := 'err:' || SQLSTATE;
+    END;
+    RETURN r;
+END $$;
+UPDATE public.instances SET applied_config_version = config_version, welcome_email_sent_at = now();
+
+SELECT is(pg_temp.as_app('"app-1"', $$SELECT * FROM public.accounts$$), 'ok:1',
+          'an app reads the user''s account');
+SELECT is(pg_temp.as_app('"app-1"', $$SELECT public.tenant_instance(NULL)$$), 'ok:1',
+          'and the instance (my-instance''s view)');
+SELECT is(pg_temp.as_app('"app-1"', $$UPDATE public.accounts SET full_name = 'renamed by an app'$$), 'ok:0',
+          'an app renames no account');
+SELECT is(pg_temp.as_app('""', $$UPDATE public.accounts SET full_name = 'renamed by an app'$$), 'ok:0',
+          'whatever its client_id says');
+SELECT is(pg_temp.as_app('"app-1"', $$SELECT public.tenant_instance_restart(NULL)$$), 'err:42501',
+          'an app cannot restart the instance');
+SELECT is(pg_temp.as_app('null', $$SELECT public.tenant_instance_restart(NULL)$$), 'err:42501',
+          'nor with a null client_id');
+SELECT is((SELECT restart_version FROM public.instances WHERE id = 'aaaaaaaa-0000-4000-8000-000000000003'),
+          0::bigint, 'nothing was owed');
+
+-- The user's own session does both.
+SELECT is(pg_temp.cell('aaaaaaaa-0000-4000-8000-000000000001',
+                       $$UPDATE public.accounts SET full_name = 'A'$$), 'ok:1', 'the user renames its account');
+SELECT is(pg_temp.cell('aaaaaaaa-0000-4000-8000-000000000001',
+                       $$SELECT public.tenant_instance_restart(NULL) ->> 'outcome'$$), 'ok:1',
+          'and restarts its instance');
+
+SELECT * FROM finish();
+ROLLBACK;
