@@ -94,7 +94,12 @@ mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *i
                      st, *name ? " " : "", name, *why ? ": " : "", why);
 }
 
-char *mr_resend_welcome_text(const char *frontend_url)
+const char *mr_resend_welcome_subject(int returning)
+{
+    return returning ? "Your MindRoom is back" : "Your MindRoom is ready";
+}
+
+char *mr_resend_welcome_text(const char *frontend_url, int returning)
 {
     const char *url = frontend_url && *frontend_url ? frontend_url : "(your MindRoom URL)";
 #define WELCOME_FMT \
@@ -102,10 +107,17 @@ char *mr_resend_welcome_text(const char *frontend_url)
         "Your MindRoom instance is up and running at:\n\n  %s\n\n" \
         "Sign in there to set up your agents and connect your chat apps.\n\n" \
         "-- The MindRoom team\n"
-    int n = snprintf(NULL, 0, WELCOME_FMT, url);
+#define BACK_FMT \
+        "Welcome back to MindRoom!\n\n" \
+        "Your MindRoom is running again at:\n\n  %s\n\n" \
+        "with the rooms, agents and settings it had before. Sign in there and carry on " \
+        "where you left off.\n\n" \
+        "-- The MindRoom team\n"
+    int n = snprintf(NULL, 0, returning ? BACK_FMT : WELCOME_FMT, url);
     if (n < 0) return NULL;
     char *out = malloc((size_t)n + 1);
-    if (out) snprintf(out, (size_t)n + 1, WELCOME_FMT, url);
+    if (out) snprintf(out, (size_t)n + 1, returning ? BACK_FMT : WELCOME_FMT, url);
 #undef WELCOME_FMT
+#undef BACK_FMT
     return out;
 }

@@ -27,9 +27,12 @@ mr_err mr_resend_send(mr_httpc *http, const mr_resend_config *cfg, const char *i
                       const char *to, const char *subject, const char *text,
                       mr_httpc_outcome *outcome, long *retry_after_s, char *err, size_t errlen);
 
-/* The welcome email's subject and body for an instance's frontend URL.
- * Returns malloc'd text the caller frees. */
-char *mr_resend_welcome_text(const char *frontend_url);
-#define MR_RESEND_WELCOME_SUBJECT "Your MindRoom is ready"
+/* The welcome email's body for an instance's frontend URL (NULL or "": a placeholder);
+ * returning: the instance took over a destroyed instance's kept data (a customer who
+ * subscribed again), and the email says its rooms, agents and settings are back.
+ * Returns malloc'd text the caller frees (NULL: out of memory). */
+char *mr_resend_welcome_text(const char *frontend_url, int returning);
+/* The welcome email's subject (a static string), returning as above. */
+const char *mr_resend_welcome_subject(int returning);
 
 #endif

@@ -61,7 +61,7 @@ static void email_unsendable(cJSON *result)
  * first call after it asks Resend again. */
 static int64_t resend_quiet_until; /* mr_now_ms */
 
-/* The welcome email. */
+/* The welcome email (a returning customer's says its data is back). */
 static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSON *result)
 {
     if (!wcfg.resend_api_key) {
@@ -83,15 +83,17 @@ static void do_email(worker *w, const char *instance_id, const cJSON *step, cJSO
     const char *to = NULL, *url = NULL;
     mr_json_str(email, "to", &to);
     mr_json_str(email, "frontend_url", &url);
+    /* A customer who subscribed again: the instance took over its kept data. */
+    int returning = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(email, "returning"));
     char idem[80], err[256] = "";
     snprintf(idem, sizeof idem, "welcome-%s", instance_id);
-    char *text = mr_resend_welcome_text(url);
+    char *text = mr_resend_welcome_text(url, returning);
     mr_resend_config rc = {.base_url = wcfg.resend_base_url, .api_key = wcfg.resend_api_key,
                            .from = wcfg.resend_from, .timeout_ms = wcfg.resend_timeout_ms};
     mr_httpc_outcome said = MR_HTTPC_UNSENT;
     long retry_after_s = 0;
-    mr_err e = text ? mr_resend_send(w->http, &rc, idem, to, MR_RESEND_WELCOME_SUBJECT, text, &said,
-                                     &retry_after_s, err, sizeof err)
+    mr_err e = text ? mr_resend_send(w->http, &rc, idem, to, mr_resend_welcome_subject(returning),
+                                     text, &said, &retry_after_s, err, sizeof err)
                     : mr_seterr(err, sizeof err, MR_EINTERNAL, "out of memory");
     free(text);
     if (said == MR_HTTPC_NO_ANSWER) {

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import pytest
 
 import mr
-from lifecycle_helpers import new_account, stack_env, wait_status
+from lifecycle_helpers import instance, new_account, stack_env, wait_status, wait_until
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "standins"))
 from stripe_api import StripeStandin  # noqa: E402
@@ -1127,6 +1127,50 @@ def test_a_returning_customer_whose_first_payment_is_processing_is_told_so_not_t
         "code": "payment_processing",
         "message": "Your first payment is still processing (a bank debit takes a few days to "
                    "clear): your instance is created as soon as it clears."}, j
+
+
+def welcome_email(stack, resend, sid, to):
+    """The welcome email of sid's live instance, once sent: (instance, the email)."""
+    inst = wait_until(lambda: (lambda i: i if i["welcome_email_sent_at"] else None)(
+        instance(stack, sid)), timeout=15, what="welcome email sent")
+    [mail] = [m for m in resend.requests
+              if m.headers["Idempotency-Key"] == "welcome-%s" % inst["id"]]
+    assert mail.json["to"] == [to]
+    return inst, mail
+
+
+def test_a_returning_customer_is_told_its_mindroom_is_back_with_its_data(stack, stripe, prov, resend):
+    """A new customer's welcome email says its MindRoom is ready. One who cancelled and
+    subscribes again while its data is kept gets that data back in its new instance:
+    its email says so (the same address, its rooms, agents and settings), instead of
+    welcoming it as if it started from nothing."""
+    acc, email, tok = user(stack)
+    events = paid(stack, stripe, tok, acc)
+    sub = json.loads(json.dumps(events[1]["data"]["object"]))
+    [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
+    first, mail = welcome_email(stack, resend, str(sid), email)
+    assert mail.json["subject"] == "Your MindRoom is ready"
+    assert mail.json["text"].startswith("Welcome to MindRoom!\n\nYour MindRoom instance is up "
+                                        "and running at:\n\n  %s\n" % first["frontend_url"])
+    assert "back" not in mail.json["text"] and "before" not in mail.json["text"]
+
+    sub["status"] = "canceled"
+    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, events[1]["created"] + 1)).status == 200
+    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+
+    paid(stack, stripe, tok, acc)
+    [(again,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s AND id <> %s",
+                           acc, sid)
+    second, mail = welcome_email(stack, resend, str(again), email)
+    assert str(second["id"]) != str(first["id"]) and second["frontend_url"] == first["frontend_url"]
+    assert stack.sql("SELECT storage_taken_by FROM public.instances WHERE id = %s",
+                     first["id"]) == [(second["id"],)]
+    assert mail.json["subject"] == "Your MindRoom is back"
+    text = mail.json["text"]
+    assert text.startswith("Welcome back to MindRoom!\n\nYour MindRoom is running again at:"
+                           "\n\n  %s\n" % first["frontend_url"]), text
+    assert "with the rooms, agents and settings it had before" in text, text
+    assert "Welcome to MindRoom!" not in text and "up and running" not in text, text
 
 
 def test_a_subscription_whose_first_payment_is_processing_refuses_a_second_checkout(stack, stripe, prov):

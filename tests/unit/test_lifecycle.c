@@ -116,14 +116,23 @@ static void test_provisioner_refuses_bad_app_names(void **state)
 static void test_welcome_text(void **state)
 {
     (void)state;
-    char *t = mr_resend_welcome_text("https://m0123456789ab.example.com");
+    char *t = mr_resend_welcome_text("https://m0123456789ab.example.com", 0);
     assert_non_null(t);
     assert_non_null(strstr(t, "https://m0123456789ab.example.com"));
+    assert_null(strstr(t, "back"));
     free(t);
-    t = mr_resend_welcome_text(NULL);
+    t = mr_resend_welcome_text(NULL, 0);
     assert_non_null(t);
     assert_non_null(strstr(t, "MindRoom"));
     free(t);
+    /* A returning customer's: the same address, and its data is back. */
+    t = mr_resend_welcome_text("https://m0123456789ab.example.com", 1);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "https://m0123456789ab.example.com"));
+    assert_non_null(strstr(t, "rooms, agents and settings it had before"));
+    free(t);
+    assert_string_equal(mr_resend_welcome_subject(0), "Your MindRoom is ready");
+    assert_string_equal(mr_resend_welcome_subject(1), "Your MindRoom is back");
 }
 
 int main(void)
