@@ -1055,9 +1055,9 @@ def mine(stack, tok):
     return r.json
 
 
-def paid(stack, stripe, tok, acc, status=None):
+def paid(stack, stripe, tok, acc, status=None, tier="enterprise"):
     """A checkout the customer pays, its events delivered; returns them."""
-    r = checkout(stack, tok, tier="enterprise")     # no trial on enterprise
+    r = checkout(stack, tok, tier=tier)     # no trial on enterprise, nor a second one
     assert r.status == 200, r
     events = stripe.complete(r.json["id"], status=status)
     for ev in events:
@@ -1127,6 +1127,35 @@ def test_a_returning_customer_whose_first_payment_is_processing_is_told_so_not_t
         "code": "payment_processing",
         "message": "Your first payment is still processing (a bank debit takes a few days to "
                    "clear): your instance is created as soon as it clears."}, j
+
+
+def test_a_returning_customer_waiting_for_its_first_payment_sees_its_new_subscription(
+        stack, stripe, prov):
+    """Beside its destroyed instance, a customer who has subscribed again (to another
+    plan, by bank debit: no instance until the debit clears) sees the subscription the
+    notice speaks of, its new one still processing, with that plan's limits: not the
+    one that ended."""
+    acc, _, tok = user(stack)
+    events = paid(stack, stripe, tok, acc)
+    sub = json.loads(json.dumps(events[1]["data"]["object"]))
+    [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
+    assert wait_status(stack, str(sid), "running", timeout=15)
+    sub["status"] = "canceled"
+    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, events[1]["created"] + 1)).status == 200
+    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+    j = mine(stack, tok)
+    assert (j["subscription"]["id"], j["subscription"]["status"]) == (str(sid), "cancelled"), j
+
+    paid(stack, stripe, tok, acc, status="incomplete", tier="starter")
+    [(new, agents)] = stack.sql("SELECT id, max_agents FROM public.subscriptions "
+                                "WHERE account_id = %s AND id <> %s", acc, sid)
+    j = mine(stack, tok)
+    assert j["instance"]["status"] == "deprovisioned"
+    assert j["instance"]["notice"]["code"] == "payment_processing", j
+    assert j["subscription"]["id"] == str(new), j["subscription"]
+    assert (j["subscription"]["status"], j["subscription"]["tier"]) == ("incomplete", "starter"), j
+    assert j["subscription"]["cancelled_at"] is None, j["subscription"]
+    assert (j["plan"]["tier"], j["plan"]["max_agents"]) == ("starter", agents), j["plan"]
 
 
 def welcome_email(stack, resend, sid, to):
