@@ -86,17 +86,37 @@ def pytest_runtest_makereport(item, call):
             rep.sections.append(("stack logs %s" % s.run, s.all_logs()))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "database_free: the module's stacks run only functions that never connect "
+                   "to PostgreSQL (mr.DATABASE_FREE_FUNCTIONS: the provisioner); the pooler "
+                   "suite deselects it")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def database_free(request):
+    """A module marked database_free may start stacks of database-free functions
+    only (mr.Stack refuses others while this is set), so that deselecting it from
+    the pooler suite never drops a test that goes through the pooler."""
+    mr.DATABASE_FREE_MODULE = request.node.get_closest_marker("database_free") is not None
+    yield
+    mr.DATABASE_FREE_MODULE = False
+
+
 def pytest_collection_modifyitems(config, items):
     """The pooler suite (MR_TEST_POOLER=transaction) repeats only the tests that
     reach the session cluster (`pg`), the one cluster the pooler stands in front
-    of. The others start their own PostgreSQL (stack.sh, the migration runner,
-    the Supabase CLI) or none, so they cannot differ behind a pooler; they ran
-    in the integration suite and are deselected here, not skipped."""
+    of, through a function. The others start their own PostgreSQL (stack.sh, the
+    migration runner, the Supabase CLI) or none, or run only functions that never
+    connect to it (marked database_free: the provisioner's suites), so they cannot
+    differ behind a pooler; they ran in the integration suite and are deselected
+    here, not skipped."""
     if os.environ.get("MR_TEST_POOLER") != "transaction":
         return
     kept, dropped = [], []
     for i in items:
-        (kept if "pg" in getattr(i, "fixturenames", ()) else dropped).append(i)
+        (kept if "pg" in getattr(i, "fixturenames", ()) and not i.get_closest_marker("database_free")
+         else dropped).append(i)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -69,6 +69,10 @@ STOP_TIMEOUT = 30.0
 
 # Stacks currently running, so conftest.py can print their logs when a test fails.
 LIVE_STACKS = []
+# Functions that never open a database connection, and whether the running test
+# module says its stacks start only those (conftest.py: the database_free marker).
+DATABASE_FREE_FUNCTIONS = frozenset({"dokku-provisioner"})
+DATABASE_FREE_MODULE = False
 
 
 def build_dir():
@@ -446,6 +450,9 @@ class Stack:
                 raise RuntimeError("%s not built in %s" % (f, self.bin))
         self.extra_functions = list(extra_functions)
         self.functions += self.extra_functions
+        if DATABASE_FREE_MODULE and set(self.functions) - DATABASE_FREE_FUNCTIONS:
+            raise RuntimeError("a database_free test module starts %s, which connect to PostgreSQL"
+                               % sorted(set(self.functions) - DATABASE_FREE_FUNCTIONS))
         self.procs = {}
         self.nginx = None
         self.port = self.provisioner_port = self.admin_port = None

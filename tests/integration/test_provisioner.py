@@ -19,6 +19,9 @@ from provisioner_helpers import (DOMAIN, DONE, HS_MAX_UPLOAD, HS_UID, IMAGE, K3S
                                  managed, match, matrix_host, mem, names,
                                  network_teardown, ports, storage_destroy, subcommand)
 
+# The provisioner never connects to PostgreSQL: nothing here differs behind a pooler.
+pytestmark = pytest.mark.database_free
+
 
 @pytest.fixture(scope="module")
 def dokku():

@@ -12,6 +12,9 @@ import mr
 from provisioner_helpers import (HS_UID, IMAGE, MATRIX_IMAGE, MINDROOM_DIR, MINDROOM_UID, TAR,
                                  Dokku, body, imported, match)
 
+# The provisioner never connects to PostgreSQL: nothing here differs behind a pooler.
+pytestmark = pytest.mark.database_free
+
 APP = "mindroom-kube"
 CLASS = "longhorn"
 PAYLOAD = body(APP, "skube", 768, 0.75, storage_gb=5, hs_memory_mb=256, hs_cpu=0.25,

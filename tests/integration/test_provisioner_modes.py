@@ -19,6 +19,9 @@ from provisioner_helpers import (DOMAIN, IMAGE, K3S, MATRIX_IMAGE, MINDROOM_DIR,
                                  imported, match, mem, names, ports,
                                  record_bucket, state_record, storage_destroy)
 
+# The provisioner never connects to PostgreSQL: nothing here differs behind a pooler.
+pytestmark = pytest.mark.database_free
+
 
 # ---- dry-run ---------------------------------------------------------------
 
