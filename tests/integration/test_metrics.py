@@ -264,6 +264,33 @@ def test_the_documented_alerts_are_rules_over_metrics_we_export(stack, tmp_path)
     assert used and used <= exported, used - exported
 
 
+def test_the_failing_checks_alert_fires_for_a_flapping_instance_not_a_blip(tmp_path):
+    """The documented alert on failing health checks, under promtool's rule tests:
+    one instance failing every other round for an hour (never marked failed) and one
+    failing for good fire it; one check that failed once does not."""
+    doc = (mr.ROOT / "docs" / "install.md").read_text()
+    (tmp_path / "alerts.yml").write_text(
+        re.search(r"alerts to start from:\n\n```yaml\n(.*?)```", doc, re.S).group(1))
+    series = {"flapping": "0 1 " * 35, "down": "0 " + "1 " * 70, "blip": "0 " * 20 + "1 " + "0 " * 50}
+    tests = []
+    for name, values in series.items():
+        tests.append({
+            "interval": "1m",
+            "input_series": [{"series": 'mindroom_instances_running{health="failing"}',
+                              "values": values.strip()}],
+            "alert_rule_test": [{
+                "eval_time": "70m", "alertname": "MindRoomInstancesFailingChecks",
+                "exp_alerts": [] if name == "blip" else [{
+                    "exp_labels": {"severity": "ticket", "health": "failing"},
+                    "exp_annotations": {"summary": "Running instances failed their health checks "
+                                                   "for half of the last hour or more"}}]}]})
+    spec = tmp_path / "alerts_test.yml"
+    spec.write_text(json.dumps({"rule_files": ["alerts.yml"], "tests": tests}))
+    p = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 def test_ready_names_missing_migrations_and_dead_functions(stack, tmp_path):
     r = stack.call_admin("/ready")
     assert r.status == 200 and r.json["status"] == "ready", r
