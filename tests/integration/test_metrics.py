@@ -264,31 +264,54 @@ def test_the_documented_alerts_are_rules_over_metrics_we_export(stack, tmp_path)
     assert used and used <= exported, used - exported
 
 
-def test_the_failing_checks_alert_fires_for_a_flapping_instance_not_a_blip(tmp_path):
-    """The documented alert on failing health checks, under promtool's rule tests:
-    one instance failing every other round for an hour (never marked failed) and one
-    failing for good fire it; one check that failed once does not."""
+def documented_alerts_fire(tmp_path, tests):
+    """Runs promtool's rule tests (`tests`: its `tests` list) against the alert
+    rules docs/install.md documents."""
     doc = (mr.ROOT / "docs" / "install.md").read_text()
     (tmp_path / "alerts.yml").write_text(
         re.search(r"alerts to start from:\n\n```yaml\n(.*?)```", doc, re.S).group(1))
-    series = {"flapping": "0 1 " * 35, "down": "0 " + "1 " * 70, "blip": "0 " * 20 + "1 " + "0 " * 50}
-    tests = []
-    for name, values in series.items():
-        tests.append({
-            "interval": "1m",
-            "input_series": [{"series": 'mindroom_instances_running{health="failing"}',
-                              "values": values.strip()}],
-            "alert_rule_test": [{
-                "eval_time": "70m", "alertname": "MindRoomInstancesFailingChecks",
-                "exp_alerts": [] if name == "blip" else [{
-                    "exp_labels": {"severity": "ticket", "health": "failing"},
-                    "exp_annotations": {"summary": "Running instances failed their health checks "
-                                                   "for half of the last hour or more"}}]}]})
     spec = tmp_path / "alerts_test.yml"
     spec.write_text(json.dumps({"rule_files": ["alerts.yml"], "tests": tests}))
     p = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_failing_checks_alert_fires_for_a_flapping_instance_not_a_blip(tmp_path):
+    """The documented alert on failing health checks: one instance failing every
+    other round for an hour (never marked failed) and one failing for good fire it;
+    one check that failed once does not."""
+    series = {"flapping": "0 1 " * 35, "down": "0 " + "1 " * 70, "blip": "0 " * 20 + "1 " + "0 " * 50}
+    documented_alerts_fire(tmp_path, [{
+        "interval": "1m",
+        "input_series": [{"series": 'mindroom_instances_running{health="failing"}',
+                          "values": values.strip()}],
+        "alert_rule_test": [{
+            "eval_time": "70m", "alertname": "MindRoomInstancesFailingChecks",
+            "exp_alerts": [] if name == "blip" else [{
+                "exp_labels": {"severity": "ticket", "health": "failing"},
+                "exp_annotations": {"summary": "Running instances failed their health checks "
+                                               "for half of the last hour or more"}}]}]}
+        for name, values in series.items()])
+
+
+def test_a_failed_or_refused_stripe_event_pages_a_processed_one_does_not(tmp_path):
+    """The documented alert on Stripe events that cannot apply fires for an event
+    recorded failed (an unknown price) or refused, on whichever worker counted it,
+    and not for processed events."""
+    def counter(type_, outcome, fn, values):
+        return {"series": 'mindroom_stripe_events_total{function="%s",type="%s",outcome="%s"}'
+                          % (fn, type_, outcome), "values": values}
+    t = "customer.subscription.created"
+    documented_alerts_fire(tmp_path, [{
+        "interval": "1m",
+        "input_series": [counter(t, "processed", "w1", "0+5x30"),
+                         counter(t, "failed", "w2", "0 0 0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1")],
+        "alert_rule_test": [
+            {"eval_time": "10m", "alertname": "MindRoomStripeEventFailed", "exp_alerts": [{
+                "exp_labels": {"severity": "page", "type": t, "outcome": "failed"},
+                "exp_annotations": {"summary": "Stripe %s events failed in the last 15 minutes" % t}}]},
+            {"eval_time": "29m", "alertname": "MindRoomStripeEventFailed", "exp_alerts": []}]}])
 
 
 def test_ready_names_missing_migrations_and_dead_functions(stack, tmp_path):
