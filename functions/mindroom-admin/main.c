@@ -180,6 +180,22 @@ static void gauge_header(FILE *f, const char *name, const char *help)
     fprintf(f, "# HELP %s %s\n# TYPE %s gauge\n", name, help, name);
 }
 
+/* A gauge of counts by one label: {"<label value>": count, ...}. */
+static void counts_gauge(FILE *f, const char *name, const char *help, const char *label,
+                         const cJSON *counts)
+{
+    gauge_header(f, name, help);
+    const cJSON *c;
+    cJSON_ArrayForEach(c, counts)
+    {
+        if (!cJSON_IsNumber(c))
+            continue;
+        fprintf(f, "%s{%s=\"", name, label);
+        mr_metrics_label(f, c->string);
+        fprintf(f, "\"} %.0f\n", c->valuedouble);
+    }
+}
+
 /* The gauges read from the database at scrape time. */
 static void write_sql_gauges(FILE *f, mr_req *r)
 {
@@ -226,31 +242,15 @@ static void write_sql_gauges(FILE *f, mr_req *r)
         }
     }
 
-    gauge_header(f, "mindroom_instances", "Instances by status.");
-    const cJSON *st;
-    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(ops, "instances"))
-    {
-        if (!cJSON_IsNumber(st))
-            continue;
-        fputs("mindroom_instances{status=\"", f);
-        mr_metrics_label(f, st->string);
-        fprintf(f, "\"} %.0f\n", st->valuedouble);
-    }
-
-    /* The running instances by their last check (failing: its last check failed;
-     * unchecked: not checked since it was started). */
-    gauge_header(f, "mindroom_instances_running",
+    counts_gauge(f, "mindroom_instances", "Instances by status.", "status",
+                 cJSON_GetObjectItemCaseSensitive(ops, "instances"));
+    /* failing: its last check failed; unchecked: not checked since it was started. */
+    counts_gauge(f, "mindroom_instances_running",
                  "Running instances by their last health check: healthy, failing, "
-                 "unchecked (not checked since it was started).");
-    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(ops, "health"))
-    {
-        if (!cJSON_IsNumber(st))
-            continue;
-        fputs("mindroom_instances_running{health=\"", f);
-        mr_metrics_label(f, st->string);
-        fprintf(f, "\"} %.0f\n", st->valuedouble);
-    }
+                 "unchecked (not checked since it was started).",
+                 "health", cJSON_GetObjectItemCaseSensitive(ops, "health"));
 
+    const cJSON *st;
     const cJSON *stripe = cJSON_GetObjectItemCaseSensitive(ops, "stripe");
     gauge_header(f, "mindroom_stripe_events_stored",
                  "Stored Stripe events not settled (deferred, received) or given up (failed).");
