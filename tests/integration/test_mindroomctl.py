@@ -475,6 +475,21 @@ def test_stuck_lists_a_step_held_for_an_operator_until_asked_again(stack, prov, 
     assert stuck_line(envfile, iid)[0] is None
 
 
+def test_stuck_lists_a_running_instance_whose_last_health_check_failed(stack, prov, envfile, tmp_path):
+    # What the documented alert on failing checks sends the operator to: the instance
+    # and what failed, for as long as its last check failed.
+    _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
+
+    def record(ok_, status, error=None):
+        stack.sql("SELECT * FROM public.health_record(%s::jsonb, 3, true, NULL, 60)", json.dumps(
+            [{"instance_id": str(inst["id"]), "ok": ok_, "health_status": status, "error": error}]))
+    record(False, "unhealthy: HTTP 500", "HTTP 500 from /api/health")
+    line, out = stuck_line(envfile, str(inst["id"]))
+    assert line and " running " in line and "HTTP 500 from /api/health" in line, out
+    record(True, "healthy")
+    assert stuck_line(envfile, str(inst["id"]))[0] is None
+
+
 def concurrency(envfile, *args):
     """max_in_flight and in_flight as `mindroomctl concurrency` prints them."""
     out = ok(ctl("--env", envfile, "concurrency", *args))
