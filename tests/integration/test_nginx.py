@@ -9,6 +9,7 @@ only those paths and ports, so what runs is the files as shipped.
 """
 
 import json
+import math
 import os
 import re
 import ssl
@@ -111,6 +112,28 @@ def test_body_caps_agree():
     for name in ("dev.conf", "mindroom.conf", "api.conf"):
         sizes = re.findall(r"client_max_body_size (\d+)k;", (mr.ROOT / "nginx" / name).read_text())
         assert sizes and all(int(s) * 1024 == cap for s in sizes), (name, sizes)
+
+
+def test_each_zones_retry_after_is_when_it_lets_the_next_request_through():
+    """Every location with a rate limit answers its 429 with the Retry-After of its
+    slowest zone: the seconds between two requests it lets through, rounded up
+    (json-errors.conf's default, 1, unless the location sets $mr_retry_after)."""
+    zones = {}
+    for name in ("dev.conf", "mindroom.conf"):
+        for zone, n, unit in re.findall(r"limit_req_zone \S+\s+zone=(\w+):\S+\s+rate=(\d+)r/(s|m);",
+                                        (mr.ROOT / "nginx" / name).read_text()):
+            zones[zone] = int(n) / (60 if unit == "m" else 1)
+    checked = 0
+    for name in ("dev.conf", "api.conf"):
+        for block in re.findall(r"location [^{]*\{(.*?)\n\s*\}", (mr.ROOT / "nginx" / name).read_text(), re.S):
+            used = re.findall(r"limit_req zone=(\w+)", block)
+            if not used:
+                continue
+            wanted = max(math.ceil(1 / zones[z]) for z in used)
+            said = re.search(r"set \$mr_retry_after (\d+);", block)
+            assert (int(said.group(1)) if said else 1) == wanted, (name, used, block)
+            checked += 1
+    assert checked >= 8, checked
 
 
 def test_both_configurations_log_alike():
