@@ -6,7 +6,7 @@
 BEGIN;
 \ir _helpers.inc
 SELECT pg_temp.fixture();
-SELECT plan(9);
+SELECT plan(11);
 
 -- An app's session of user A, and (to show the rule is the claim, not its value) one
 -- whose client_id is empty.
@@ -50,6 +50,24 @@ SELECT is(pg_temp.cell('aaaaaaaa-0000-4000-8000-000000000001',
 SELECT is(pg_temp.cell('aaaaaaaa-0000-4000-8000-000000000001',
                        $$SELECT public.tenant_instance_restart(NULL) ->> 'outcome'$$), 'ok:1',
           'and restarts its instance');
+
+-- What a user's token can change without a function is these two writes alone, so
+-- that both ask is_users_own_session(); a new one must be added here, and ask it too.
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname)
+             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+            WHERE n.nspname = 'public' AND p.provolatile = 'v'
+              AND has_function_privilege('authenticated', p.oid, 'EXECUTE')
+              -- pgTAP's own functions (an extension's) are not the schema's.
+              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                                 AND d.objid = p.oid AND d.deptype = 'e')),
+          ARRAY['tenant_instance_restart'], 'the one function a user''s token may call that writes');
+SELECT is((SELECT array_agg(c.relname || '.' || a.attname ORDER BY c.relname, a.attname)
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'public' AND a.attnum > 0 AND NOT a.attisdropped
+              AND (has_column_privilege('authenticated', c.oid, a.attname, 'INSERT')
+                   OR has_column_privilege('authenticated', c.oid, a.attname, 'UPDATE'))),
+          ARRAY['accounts.company_name', 'accounts.full_name'], 'the only columns it may write');
 
 SELECT * FROM finish();
 ROLLBACK;
