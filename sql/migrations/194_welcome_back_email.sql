@@ -9,14 +9,16 @@
 --
 -- public.lifecycle_step_json's `welcome` (the email step) now says whether the
 -- instance took over a destroyed instance's kept storage (`returning`: a row whose
--- storage_taken_by is this instance; a probe of instances_storage_taken_by_idx in a
--- statement of its own, made only for the email step). The worker then sends the "back" email. Whether an
--- instance took storage over is settled before it is created (placement releases
--- storage only before the first create), so every retry of one email sends the same
--- words under the same Idempotency-Key.
+-- storage_taken_by is this instance: the probe of instances_storage_taken_by_idx that
+-- a deploy already made before reading the homeserver's chain, now made once for
+-- both). The worker then sends the "back" email. Whether an instance took storage
+-- over is settled before it is created (placement releases storage only before the
+-- first create), so every retry of one email sends the same words under the same
+-- Idempotency-Key.
 --
 -- Redefines public.lifecycle_step_json (173_plans_kept.sql) whole, unchanged but for
--- the `welcome` member. CREATE OR REPLACE keeps its grants.
+-- the `welcome` member and the probe it shares with the chain. CREATE OR REPLACE
+-- keeps its grants.
 
 CREATE OR REPLACE FUNCTION public.lifecycle_step_json(i public.instances)
 RETURNS jsonb
@@ -33,7 +35,7 @@ DECLARE
     v_has_keys boolean;
     v_server_name text := i.matrix_server_name;
     v_predecessor jsonb;
-    v_returning boolean := false;
+    v_took_over boolean := false;
 BEGIN
     SELECT s.tier::text, a.email, s.max_agents, s.max_messages_per_day
       INTO v_tier, v_email, v_max_agents, v_max_messages
@@ -52,48 +54,45 @@ BEGIN
     -- this instance has its own), and that instance's operator variables, which the
     -- MindRoom in the same storage was running with.
     v_has_keys := v_secrets @> '[{"kind": "homeserver"}]'::jsonb;
-    IF i.claim_action IN ('create', 'update', 'start', 'restart')
-       AND (v_server_name IS NULL OR NOT v_has_keys) THEN
-        -- Only an instance that took storage over has a chain. The probe is a
-        -- statement of its own: its plan is the same at every call, while the
-        -- chain's query, whose parameters make a plan of their own look cheaper,
-        -- would be planned again at each one.
-        IF EXISTS (SELECT 1 FROM public.instances x WHERE x.storage_taken_by = i.id) THEN
-            WITH RECURSIVE chain (id, matrix_server_name, created_at, depth) AS (
-                SELECT x.id, x.matrix_server_name, x.created_at, 1
-                  FROM public.instances x WHERE x.storage_taken_by = i.id
-                UNION ALL
-                SELECT x.id, x.matrix_server_name, x.created_at, c.depth + 1
-                  FROM chain c JOIN public.instances x ON x.storage_taken_by = c.id
-                 WHERE c.depth < 64
-            )
-            SELECT coalesce(v_server_name,
-                            (SELECT c.matrix_server_name FROM chain c
-                              WHERE c.matrix_server_name IS NOT NULL
-                              ORDER BY c.depth, c.created_at DESC LIMIT 1)),
-                   CASE WHEN NOT v_has_keys THEN
-                       (SELECT jsonb_strip_nulls(jsonb_build_object('instance_id', c.id, 'homeserver',
-                                   (SELECT jsonb_object_agg(k.name, k.ciphertext)
-                                      FROM public.instance_secrets k
-                                     WHERE k.instance_id = c.id AND k.kind = 'homeserver'),
-                                   'env',
-                                   (SELECT jsonb_object_agg(k.name, k.ciphertext)
-                                      FROM public.instance_secrets k
-                                     WHERE k.instance_id = c.id AND k.kind = 'env')))
-                          FROM chain c
-                         WHERE EXISTS (SELECT 1 FROM public.instance_secrets k
-                                        WHERE k.instance_id = c.id AND k.kind = 'homeserver')
-                         ORDER BY c.depth, c.created_at DESC LIMIT 1) END
-              INTO v_server_name, v_predecessor;
-        END IF;
+    -- Whether this instance took over a destroyed instance's kept storage, asked only
+    -- by the steps that use it: a deploy still without the homeserver's name or keys
+    -- (only such an instance has a chain to read them from) and the welcome email (a
+    -- returning customer's says its data is back). The probe is a statement of its
+    -- own: its plan is the same at every call, while the chain's query, or a
+    -- subquery in the RETURN's CASE, whose parameters make a plan of their own look
+    -- cheaper, would be planned again at each one.
+    IF i.claim_action = 'email'
+       OR i.claim_action IN ('create', 'update', 'start', 'restart')
+          AND (v_server_name IS NULL OR NOT v_has_keys) THEN
+        v_took_over := EXISTS (SELECT 1 FROM public.instances x WHERE x.storage_taken_by = i.id);
     END IF;
-
-    -- The welcome email: whether this instance took over a destroyed instance's kept
-    -- data (a returning customer's). A statement of its own, for the email step only:
-    -- in the RETURN's CASE its subquery would make each call's plan (the CASE folded
-    -- away) look cheaper than the kept one, and have it planned again at every step.
-    IF i.claim_action = 'email' THEN
-        v_returning := EXISTS (SELECT 1 FROM public.instances x WHERE x.storage_taken_by = i.id);
+    IF v_took_over AND i.claim_action <> 'email' THEN
+        WITH RECURSIVE chain (id, matrix_server_name, created_at, depth) AS (
+            SELECT x.id, x.matrix_server_name, x.created_at, 1
+              FROM public.instances x WHERE x.storage_taken_by = i.id
+            UNION ALL
+            SELECT x.id, x.matrix_server_name, x.created_at, c.depth + 1
+              FROM chain c JOIN public.instances x ON x.storage_taken_by = c.id
+             WHERE c.depth < 64
+        )
+        SELECT coalesce(v_server_name,
+                        (SELECT c.matrix_server_name FROM chain c
+                          WHERE c.matrix_server_name IS NOT NULL
+                          ORDER BY c.depth, c.created_at DESC LIMIT 1)),
+               CASE WHEN NOT v_has_keys THEN
+                   (SELECT jsonb_strip_nulls(jsonb_build_object('instance_id', c.id, 'homeserver',
+                               (SELECT jsonb_object_agg(k.name, k.ciphertext)
+                                  FROM public.instance_secrets k
+                                 WHERE k.instance_id = c.id AND k.kind = 'homeserver'),
+                               'env',
+                               (SELECT jsonb_object_agg(k.name, k.ciphertext)
+                                  FROM public.instance_secrets k
+                                 WHERE k.instance_id = c.id AND k.kind = 'env')))
+                      FROM chain c
+                     WHERE EXISTS (SELECT 1 FROM public.instance_secrets k
+                                    WHERE k.instance_id = c.id AND k.kind = 'homeserver')
+                     ORDER BY c.depth, c.created_at DESC LIMIT 1) END
+          INTO v_server_name, v_predecessor;
     END IF;
 
     RETURN jsonb_build_object(
@@ -131,7 +130,7 @@ BEGIN
         'welcome', CASE WHEN i.claim_action = 'email' THEN jsonb_build_object(
             'to', v_email,
             'frontend_url', i.frontend_url,
-            'returning', v_returning) END,
+            'returning', v_took_over) END,
         'target', CASE WHEN i.target_id IS NOT NULL AND i.claim_action IS DISTINCT FROM 'email'
                        THEN public.lifecycle_target_of(i.id) END);
 END;
