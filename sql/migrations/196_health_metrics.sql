@@ -5,14 +5,25 @@
 -- instance whose checks fail is redeployed with a growing wait (193), and one that
 -- fails every other round is never marked failed; nothing could alert on either.
 -- public.ops_metrics() (191_target_metrics.sql, redefined whole, unchanged but for the
--- key added): "health", {"healthy", "failing", "unchecked"}, the running instances
--- by their last check's result.
+-- key added, read in the same scan as the instances by status): "health",
+-- {"healthy", "failing", "unchecked"}, the running instances by their last check's
+-- result.
 
 CREATE OR REPLACE FUNCTION public.ops_metrics()
 RETURNS jsonb
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, public
 AS $$
+-- The instances by status, and the running ones by their last check, in one scan:
+-- the check's result is in health_status ('healthy', else the failing part's words),
+-- NULL since the instance was (re)started and until its first check
+-- (health_reset_on_running).
+WITH st AS (
+    SELECT i.status, count(*) AS n,
+           count(*) FILTER (WHERE i.health_status = 'healthy') AS healthy,
+           count(*) FILTER (WHERE i.health_status <> 'healthy') AS failing,
+           count(*) FILTER (WHERE i.health_status IS NULL) AS unchecked
+      FROM public.instances i GROUP BY i.status)
 SELECT jsonb_build_object(
     'owed', coalesce((
         SELECT jsonb_agg(o ORDER BY o.action)
@@ -34,10 +45,7 @@ SELECT jsonb_build_object(
                           FROM public.instances i
                          WHERE i.owed_action IS NOT NULL) w
                  GROUP BY w.action) o), '[]'::jsonb),
-    'instances', coalesce((
-        SELECT jsonb_object_agg(s.status, s.n)
-          FROM (SELECT i.status::text AS status, count(*) AS n
-                  FROM public.instances i GROUP BY i.status) s), '{}'::jsonb),
+    'instances', coalesce((SELECT jsonb_object_agg(st.status::text, st.n) FROM st), '{}'::jsonb),
     'stripe', coalesce((
         SELECT jsonb_object_agg(e.status, jsonb_build_object('count', e.n, 'oldest_s', e.oldest_s))
           FROM (SELECT se.status, count(*) AS n,
@@ -45,16 +53,11 @@ SELECT jsonb_build_object(
                   FROM public.stripe_events se
                  WHERE se.status IN ('deferred', 'received', 'failed')
                  GROUP BY se.status) e), '{}'::jsonb),
-    -- The running instances by their last check: its result is in health_status
-    -- ('healthy', else the failing part's words); NULL since the instance was
-    -- (re)started and until its first check (health_reset_on_running).
-    'health', (
-        SELECT jsonb_build_object(
-                   'healthy', count(*) FILTER (WHERE i.health_status = 'healthy'),
-                   'failing', count(*) FILTER (WHERE i.health_status <> 'healthy'),
-                   'unchecked', count(*) FILTER (WHERE i.health_status IS NULL))
-          FROM public.instances i
-         WHERE i.status = 'running'),
+    'health', coalesce((
+        SELECT jsonb_build_object('healthy', st.healthy, 'failing', st.failing,
+                                  'unchecked', st.unchecked)
+          FROM st WHERE st.status = 'running'),
+        '{"healthy": 0, "failing": 0, "unchecked": 0}'::jsonb),
     'targets', coalesce((
         SELECT jsonb_agg(jsonb_build_object('target', s.name,
                                             'answering', s.unanswered_since IS NULL,
