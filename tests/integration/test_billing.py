@@ -1104,6 +1104,16 @@ def test_a_cancellation_in_the_customer_portal_shows_when_the_subscription_ends_
     assert j["subscription"]["cancel_at"] is None and j["instance"]["notice"] is None, j
 
 
+def end_subscription(stack, events, sid):
+    """Stripe ends the subscription that `events` (paid()'s) created: its
+    customer.subscription.deleted a second later; its instance is destroyed, its data
+    kept for the account."""
+    sub = dict(events[1]["data"]["object"], status="canceled")
+    assert deliver(stack, stripe_event("customer.subscription.deleted", sub,
+                                       events[1]["created"] + 1)).status == 200
+    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+
+
 def test_a_returning_customer_whose_first_payment_is_processing_is_told_so_not_to_subscribe_again(
         stack, stripe, prov):
     """A customer whose subscription ended sees its destroyed instance and that its data
@@ -1112,12 +1122,9 @@ def test_a_returning_customer_whose_first_payment_is_processing_is_told_so_not_t
     yet: my-instance says the payment is processing, not to subscribe again."""
     acc, _, tok = user(stack)
     events = paid(stack, stripe, tok, acc)
-    sub = json.loads(json.dumps(events[1]["data"]["object"]))
     [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
     assert wait_status(stack, str(sid), "running", timeout=15)
-    sub["status"] = "canceled"
-    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, events[1]["created"] + 1)).status == 200
-    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+    end_subscription(stack, events, sid)
     assert mine(stack, tok)["instance"]["notice"]["code"] == "data_kept"
 
     paid(stack, stripe, tok, acc, status="incomplete")
@@ -1137,12 +1144,9 @@ def test_a_returning_customer_waiting_for_its_first_payment_sees_its_new_subscri
     one that ended."""
     acc, _, tok = user(stack)
     events = paid(stack, stripe, tok, acc)
-    sub = json.loads(json.dumps(events[1]["data"]["object"]))
     [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
     assert wait_status(stack, str(sid), "running", timeout=15)
-    sub["status"] = "canceled"
-    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, events[1]["created"] + 1)).status == 200
-    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+    end_subscription(stack, events, sid)
     j = mine(stack, tok)
     assert (j["subscription"]["id"], j["subscription"]["status"]) == (str(sid), "cancelled"), j
 
@@ -1175,7 +1179,6 @@ def test_a_returning_customer_is_told_its_mindroom_is_back_with_its_data(stack, 
     welcoming it as if it started from nothing."""
     acc, email, tok = user(stack)
     events = paid(stack, stripe, tok, acc)
-    sub = json.loads(json.dumps(events[1]["data"]["object"]))
     [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
     first, mail = welcome_email(stack, resend, str(sid), email)
     assert mail.json["subject"] == "Your MindRoom is ready"
@@ -1183,9 +1186,7 @@ def test_a_returning_customer_is_told_its_mindroom_is_back_with_its_data(stack, 
                                         "and running at:\n\n  %s\n" % first["frontend_url"])
     assert "back" not in mail.json["text"] and "before" not in mail.json["text"]
 
-    sub["status"] = "canceled"
-    assert deliver(stack, stripe_event("customer.subscription.deleted", sub, events[1]["created"] + 1)).status == 200
-    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+    end_subscription(stack, events, sid)
 
     paid(stack, stripe, tok, acc)
     [(again,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s AND id <> %s",
