@@ -8,25 +8,12 @@ BEGIN;
 SELECT pg_temp.fixture();
 SELECT plan(11);
 
--- An app's session of user A, and (to show the rule is the claim, not its value) one
--- whose client_id is empty.
-CREATE FUNCTION pg_temp.as_app(p_client jsonb, p_sql text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE n bigint; r text;
-BEGIN
-    BEGIN
-        PERFORM set_config('role', 'authenticated', true),
-                set_config('request.jwt.claims',
-                           jsonb_build_object('sub', 'aaaaaaaa-0000-4000-8000-000000000001',
-                                              'role', 'authenticated', 'client_id', p_client)::text, true);
-        EXECUTE p_sql;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        RAISE EXCEPTION USING ERRCODE = 'MRT00', MESSAGE = n::text;
-    EXCEPTION
-        WHEN SQLSTATE 'MRT00' THEN r := 'ok:' || SQLERRM;
-        WHEN OTHERS THEN r := 'err:' || SQLSTATE;
-    END;
-    RETURN r;
-END $$;
+-- An app's session of user A: the user's claims and a client_id, "app-1", or (the rule
+-- is the claim, not its value) an empty or a null one.
+CREATE FUNCTION pg_temp.as_app(p_client jsonb, p_sql text) RETURNS text LANGUAGE sql AS $$
+    SELECT pg_temp.cell_claims(pg_temp.claims('aaaaaaaa-0000-4000-8000-000000000001')
+                               || jsonb_build_object('client_id', p_client), p_sql)
+$$;
 UPDATE public.instances SET applied_config_version = config_version, welcome_email_sent_at = now();
 
 SELECT is(pg_temp.as_app('"app-1"', $$SELECT * FROM public.accounts$$), 'ok:1',
