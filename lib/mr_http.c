@@ -1138,6 +1138,9 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
     if (app->init)
         app->init();
     mr_config_seal(0); /* every setting is read: the secrets this function did not read go */
+    /* From here on the process owns a metrics segment, then the socket: a stop
+     * waits for the supervisor, which cleans both up (mr_proc.h says why). */
+    mr_proc_hold_signals();
     if (mr_metrics_open(app->name, MR_METRICS_FUNCTION, msg, sizeof msg) != MR_OK) {
         fprintf(stderr, "config: %s\n", msg);
         return 2;

@@ -85,6 +85,21 @@ static int reap(slot *slots, int n, int stopping)
     return alive;
 }
 
+static void supervisor_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGCHLD);
+}
+
+void mr_proc_hold_signals(void)
+{
+    sigset_t set;
+    supervisor_signals(&set);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+}
+
 int mr_proc_supervise(int n, int (*child)(void *arg), void *arg)
 {
     slot slots[MR_PROC_MAX];
@@ -92,10 +107,7 @@ int mr_proc_supervise(int n, int (*child)(void *arg), void *arg)
         return 2;
     memset(slots, 0, sizeof(slots));
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGCHLD);
+    supervisor_signals(&set);
     sigprocmask(SIG_BLOCK, &set, NULL);
     mr_sd_init(); /* the children never speak for the service */
 

@@ -18,6 +18,13 @@
  * mask. Returns 0 after a clean stop. */
 int mr_proc_supervise(int n, int (*child)(void *arg), void *arg);
 
+/* Blocks the signals mr_proc_supervise takes, now: a stop that arrives before it
+ * runs stays pending and is taken by it, instead of killing a process that has
+ * something to clean up, or reaching a handler a library installed meanwhile
+ * (libfcgi's FCGX_Init sets one for SIGTERM that only raises a flag, so the stop
+ * would be lost and the process run on until killed). */
+void mr_proc_hold_signals(void);
+
 #define MR_PROC_MAX 256
 
 #endif

@@ -307,6 +307,9 @@ int main(int argc, char **argv)
     load_config();
     mr_config_seal(MR_CONFIG_KEEP_TOKENS); /* targets' tokens are read as they are met */
     char err[256];
+    /* From here on the process owns a metrics segment: a stop waits for the
+     * supervisor, which removes it (mr_proc.h). */
+    mr_proc_hold_signals();
     if (mr_metrics_open("mindroom-lifecycle", MR_METRICS_DAEMON, err, sizeof err) != MR_OK) {
         fprintf(stderr, "config: %s\n", err);
         return 2;

@@ -318,14 +318,21 @@ def test_ready_and_stopping_are_notified(tmp_path):
         n.close()
 
 
+def lifecycle_env(tmp_path, **more):
+    """The lifecycle worker's settings, with a database it never reaches."""
+    e = {"MR_LIFECYCLE_WORKERS": "1", "DATABASE_URL": "host=%s dbname=none" % tmp_path,
+         "MR_SOCKET": None, "DOKKU_PROVISIONER_TOKEN": "t" * 32,
+         "MR_LIFECYCLE_STOP_GRACE_MS": "500",
+         "MINDROOM_SECRETS_KEY": base64.b64encode(b"k" * 32).decode(),
+         "MINDROOM_CONTROL_PLANE_URL": "https://api.mindroom.test"}
+    e.update(more)
+    return e
+
+
 def test_the_lifecycle_worker_notifies_too(tmp_path):
     n = notify_socket(tmp_path)
     p = start(tmp_path, name="mindroom-lifecycle",
-              env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "MR_LIFECYCLE_WORKERS": "1",
-                   "DATABASE_URL": "host=%s dbname=none" % tmp_path, "MR_SOCKET": None,
-                   "DOKKU_PROVISIONER_TOKEN": "t" * 32, "MR_LIFECYCLE_STOP_GRACE_MS": "500",
-                   "MINDROOM_SECRETS_KEY": base64.b64encode(b"k" * 32).decode(),
-                   "MINDROOM_CONTROL_PLANE_URL": "https://api.mindroom.test"})
+              env=lifecycle_env(tmp_path, NOTIFY_SOCKET=str(tmp_path / "notify")))
     try:
         assert n.recv(4096) == b"READY=1"
         p.send_signal(signal.SIGTERM)
@@ -334,6 +341,46 @@ def test_the_lifecycle_worker_notifies_too(tmp_path):
     finally:
         stop(p)
         n.close()
+
+
+# ---- a stop at start-up -------------------------------------------------------------------
+
+def stop_as_soon_as(p, path):
+    """SIGTERMs p the moment path exists (a busy wait: the moment is the point) and
+    returns its exit status."""
+    deadline = time.monotonic() + 15
+    while not os.path.exists(path):
+        assert p.poll() is None, "exited %s" % p.returncode
+        assert time.monotonic() < deadline, "no %s" % path
+    p.send_signal(signal.SIGTERM)
+    try:
+        return p.wait(15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("still running 15 s after SIGTERM: the stop was lost")
+
+
+def test_a_stop_as_soon_as_the_socket_is_there_is_taken(tmp_path):
+    # systemd or an operator may stop a function the moment it is up: it drains and
+    # exits 0, taking its socket and metrics segment with it, and never runs on
+    # until killed.
+    (tmp_path / "metrics").mkdir(mode=0o750)
+    for i in range(10):
+        log = "fn%d.log" % i
+        p = start(tmp_path, env={"MR_METRICS_DIR": str(tmp_path / "metrics")}, log=log)
+        assert stop_as_soon_as(p, tmp_path / "noop.sock") == 0
+        assert any('"stopped"' in l for l in lines(tmp_path / log))
+        assert not (tmp_path / "noop.sock").exists()
+        assert list((tmp_path / "metrics").iterdir()) == []
+
+
+def test_a_stop_as_soon_as_the_lifecycle_worker_has_its_segment_is_taken(tmp_path):
+    (tmp_path / "metrics").mkdir(mode=0o750)
+    seg = tmp_path / "metrics/mindroom-lifecycle.metrics"
+    for i in range(10):
+        p = start(tmp_path, name="mindroom-lifecycle", log="lc%d.log" % i,
+                  env=lifecycle_env(tmp_path, MR_METRICS_DIR=str(tmp_path / "metrics")))
+        assert stop_as_soon_as(p, seg) == 0
+        assert not seg.exists()
 
 
 # ---- logs in the journal -------------------------------------------------------------------
