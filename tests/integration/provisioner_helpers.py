@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import mr
@@ -64,6 +65,22 @@ def state_record(directory, name):
         if key == name:
             return value
     return None
+
+
+def jsonl_records(path):
+    """The JSON lines of a stand-in's record file (calls.jsonl, ssh.jsonl), [] before the
+    first. Each record is appended in one write(2), which a concurrent read can find
+    half done: the file is read again until it ends with a whole line (a half line
+    for seconds is a broken writer, and json.loads says so)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            return []
+        if text.endswith("\n") or not text or time.monotonic() > deadline:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        time.sleep(0.005)
 
 
 def mem(value, k3s=None):
@@ -142,11 +159,7 @@ class Dokku:
 
     def records(self):
         """Every call's full record: argv, pid, time, fds, env (names)."""
-        try:
-            lines = (self.dir / "calls.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.strip()]
+        return jsonl_records(self.dir / "calls.jsonl")
 
     def all_calls(self):
         return [Call(r) for r in self.records()]

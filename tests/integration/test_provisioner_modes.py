@@ -16,7 +16,7 @@ import pytest
 import mr
 from provisioner_helpers import (DOMAIN, IMAGE, K3S, MATRIX_IMAGE, MINDROOM_DIR, STANDINS,
                                  STORAGE_CLASS, Dokku, alive, body, create_sequence,
-                                 imported, match, mem, names, ports,
+                                 imported, jsonl_records, match, mem, names, ports,
                                  record_bucket, state_record, storage_destroy)
 
 # The provisioner never connects to PostgreSQL: nothing here differs behind a pooler.
@@ -156,11 +156,7 @@ def ssh(pg):
 
 
 def ssh_calls(d):
-    try:
-        text = (d.dir / "ssh.jsonl").read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(x)["argv"] for x in text.splitlines() if x.strip()]
+    return [r["argv"] for r in jsonl_records(d.dir / "ssh.jsonl")]
 
 
 def test_ssh_mode_sends_argv_to_the_dokku_user(ssh):
