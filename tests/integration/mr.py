@@ -322,6 +322,24 @@ class Pooler:
             pass
 
 
+def whole_lines(path, settle=5.0):
+    """A file another process appends lines to, read whole: "" before it exists. A
+    line appended in one write(2) (a log line, a stand-in's record) can be read half
+    done by a concurrent read, so while the file does not end with a whole line it
+    is read again, for up to `settle` seconds; what is there then is returned as it
+    is (a writer that left a half line for that long is broken, and the reader's
+    parse says so)."""
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        if not text or text.endswith("\n") or time.monotonic() > deadline:
+            return text
+        time.sleep(0.005)
+
+
 # Prometheus text format (GET /metrics on mindroom-admin).
 METRIC_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -825,11 +843,10 @@ class Stack:
     # ---- logs ------------------------------------------------------------
 
     def log(self, name):
-        """A log's text: a function name, "nginx.error", "nginx.access", "nginx.stderr"."""
-        try:
-            return (self.run / "log" / (name + ".log")).read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """A log's text, whole lines only (whole_lines): a function name, "nginx.error",
+        "nginx.access", "nginx.stderr". A log whose writer died mid-line comes back as
+        it is after a second."""
+        return whole_lines(self.run / "log" / (name + ".log"), settle=1.0)
 
     def log_tail(self, name, lines=60):
         text = self.log(name).splitlines()[-lines:]

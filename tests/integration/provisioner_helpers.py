@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import stat
-import time
 from pathlib import Path
 
 import mr
@@ -69,18 +68,9 @@ def state_record(directory, name):
 
 def jsonl_records(path):
     """The JSON lines of a stand-in's record file (calls.jsonl, ssh.jsonl), [] before the
-    first. Each record is appended in one write(2), which a concurrent read can find
-    half done: the file is read again until it ends with a whole line (a half line
-    for seconds is a broken writer, and json.loads says so)."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            return []
-        if text.endswith("\n") or not text or time.monotonic() > deadline:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        time.sleep(0.005)
+    first, read whole lines only (mr.whole_lines: a record is appended in one write(2),
+    which a concurrent read can find half done)."""
+    return [json.loads(line) for line in mr.whole_lines(path).splitlines() if line.strip()]
 
 
 def mem(value, k3s=None):
