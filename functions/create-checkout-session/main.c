@@ -48,6 +48,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/rand.h>
+
 #include "mindroom.h"
 #include "mr_billing.h"
 #include "mr_stripe_api.h"
@@ -174,13 +176,23 @@ static expiry read_session(mr_req *r, const char *session, int64_t deadline, cha
 
 /* Expires checkout session `session` at Stripe, as `expiry` above says; a refusal as
  * no longer open (400) is settled by reading the session (read_session, which fills
- * why for a COMPLETE one). The key makes a repeat the same request. */
+ * why for a COMPLETE one). Each call has a key of its own, which makes its retries
+ * the same request: Stripe keeps a key's first answer for a day, a 500 too, so a key
+ * of the session alone would get that 500 back at every later call and leave the
+ * session payable; expiring a session twice is harmless (the second is the 400). */
 static expiry expire_session(mr_req *r, const char *session, int64_t deadline, char *why,
                              size_t len)
 {
-    char path[320], key[320], err[256] = "";
+    char path[320], key[320], err[256] = "", nonce_hex[2 * 12 + 1];
+    unsigned char nonce[12];
+    if (RAND_bytes(nonce, sizeof nonce) != 1) {
+        mr_log(MR_LOG_ERROR, "could not expire checkout session %.64s: no randomness for its "
+               "key", session);
+        return NOT_EXPIRED;
+    }
+    mr_hex(nonce, sizeof nonce, nonce_hex);
     snprintf(path, sizeof path, "/v1/checkout/sessions/%s/expire", session);
-    snprintf(key, sizeof key, "mindroom-expire-%s", session);
+    snprintf(key, sizeof key, "mindroom-expire-%s-%s", session, nonce_hex);
     mr_stripe_api_result res;
     mr_err e = mr_stripe_api_post(r->http, &stripe, path, "", key, deadline, &res, err, sizeof err);
     long status = res.status;

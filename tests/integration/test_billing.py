@@ -822,6 +822,34 @@ def test_only_the_newest_checkout_session_can_be_paid(stack, stripe, prov):
     assert states == ["abandoned", "abandoned", "succeeded"], attempts(stack, acc)
 
 
+def test_an_older_session_whose_expiry_stripe_kept_as_a_500_is_expired_by_the_next_checkout(
+        stack, stripe, prov):
+    """Stripe keeps a key's first answer for a day, a 500 too. An older session whose
+    expiry got such a 500 stays open for now, and the account's next checkout expires
+    it (its expiry has a key of its own), instead of getting the kept 500 again and
+    leaving it payable beside the newest session for the rest of its day."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    stripe.next(None, ("kept", 500))      # b's session is made; a's expiry: a 500 kept
+    b = checkout(stack, tok, tier="starter", interval="year")
+    assert b.status == 200 and b.json["id"] != a.json["id"], b
+    assert stripe.sessions[a.json["id"]]["status"] == "open"
+    c = checkout(stack, tok, tier="professional", interval="month")
+    assert c.status == 200, c
+    assert stripe.sessions[a.json["id"]]["status"] == "expired"
+    assert stripe.sessions[b.json["id"]]["status"] == "expired"
+    with pytest.raises(ValueError):
+        stripe.complete(a.json["id"])
+    tries = stripe.recorded("/v1/checkout/sessions/%s/expire" % a.json["id"])
+    # b's call and its retry (the kept 500 replayed), then c's call with a new key.
+    assert len(tries) == 3, tries
+    assert tries[0].idempotency_key == tries[1].idempotency_key != tries[2].idempotency_key
+    for ev in stripe.complete(c.json["id"]):
+        assert deliver(stack, ev).status == 200
+    assert stack.sql("SELECT count(*) FROM public.subscriptions WHERE account_id = %s", acc) == [(1,)]
+
+
 def test_a_checkout_after_an_older_session_was_paid_is_refused(stack, stripe, prov):
     """The older session was paid but its subscription is not recorded yet (the
     webhook has not come): the new session is expired too and the answer is 409
