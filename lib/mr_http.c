@@ -520,11 +520,15 @@ static int serve_begin(req_ctx *ctx, FCGX_Request *rq)
         }
         mr_reply_error(r, 500, "internal", "out of memory");
     } else if (!method_allowed(r->method)) {
-        char allow[160];
-        snprintf(allow, sizeof(allow), "Allow: %s", g_app->methods ? g_app->methods : "");
-        for (char *p = allow; *p; p++)
-            if (*p == ',')
-                *p = ' '; /* "GET POST" reads oddly but stays one token list */
+        /* RFC 9110 10.2.1: Allow = #method, "GET, POST" (methods is "GET,POST"). */
+        char allow[160] = "Allow: ";
+        size_t len = strlen(allow);
+        for (const char *m = g_app->methods ? g_app->methods : ""; *m && len + 3 < sizeof allow; m++) {
+            allow[len++] = *m;
+            if (*m == ',')
+                allow[len++] = ' ';
+        }
+        allow[len] = '\0';
         const char *const hdrs[] = {allow, NULL};
         char msg[128];
         snprintf(msg, sizeof(msg), "method %.16s not allowed", r->method);

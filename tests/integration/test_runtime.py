@@ -94,17 +94,20 @@ class Background:
 
 # ---- methods -------------------------------------------------------------
 
-@pytest.mark.parametrize("method,name", [
-    ("GET", "handle-stripe-webhook"),
-    ("PUT", "handle-stripe-webhook"),
-    ("GET", "provision-instance"),
-    ("DELETE", "deprovision-instance"),
-    ("PATCH", "check-instance-health"),
+@pytest.mark.parametrize("method,name,allow", [
+    ("GET", "handle-stripe-webhook", "POST"),
+    ("PUT", "handle-stripe-webhook", "POST"),
+    ("GET", "provision-instance", "POST"),
+    ("DELETE", "deprovision-instance", "POST"),
+    ("PATCH", "check-instance-health", "GET, POST"),
+    ("PUT", "my-instance", "GET, POST"),
 ])
-def test_wrong_method_is_405_json(stack, method, name):
+def test_wrong_method_is_405_json(stack, method, name, allow):
     r = stack.call(method, name, json={}, token=stack.jwt())
     assert r.status == 405, r
     assert error_of(r)["code"] == "method_not_allowed"
+    # RFC 9110's list of methods, as clients split it.
+    assert r.headers["Allow"] == allow, r.headers
     # The runtime said so, not nginx: the function logged the request (after its
     # answer: a webhook worker writes its lines when it is about to wait).
     rid = r.headers["X-Request-Id"]
