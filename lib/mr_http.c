@@ -546,8 +546,8 @@ static int serve_begin(req_ctx *ctx, FCGX_Request *rq)
     return 0;
 }
 
-/* The second half: the log line, the metrics, the end of the connection, the
- * deferred job. */
+/* The second half: the log line, the metrics, the end of the connection (then
+ * serve_after). */
 static void serve_end(req_ctx *ctx)
 {
     mr_req *r = &ctx->pub;
@@ -584,6 +584,12 @@ static void serve_end(req_ctx *ctx)
     rq->keepConnection = 0;
     FCGX_Finish_r(rq);
     r->fcgx = NULL;
+}
+
+/* After the answer: the deferred job, then what the request held. */
+static void serve_after(req_ctx *ctx)
+{
+    mr_req *r = &ctx->pub;
     if (ctx->job) {
         int64_t t0 = mr_now_ms();
         ctx->job(r, ctx->job_arg);
@@ -612,10 +618,12 @@ static void serve(FCGX_Request *rq)
     if (serve_begin(&ctx, rq))
         g_app->handle(&ctx.pub);
     serve_end(&ctx);
+    serve_after(&ctx);
 }
 
 /* Requests taken together (mr_app.handle_batch): each begun, the ones left to
- * the handler handled at once, each ended. */
+ * the handler handled at once, each ended; the deferred jobs only once every
+ * caller has its answer. */
 static void serve_batch(FCGX_Request *rqs, size_t n)
 {
     req_ctx ctx[MR_BATCH_MAX];
@@ -631,6 +639,8 @@ static void serve_batch(FCGX_Request *rqs, size_t n)
         g_app->handle_batch(ready, k);
     for (size_t i = 0; i < n; i++)
         serve_end(&ctx[i]);
+    for (size_t i = 0; i < n; i++)
+        serve_after(&ctx[i]);
 }
 
 /* ---- worker ------------------------------------------------------------ */
