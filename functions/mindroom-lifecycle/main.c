@@ -98,7 +98,7 @@ static void load_config(void)
                                                             MR_DL_PROVISION_CONNECT_MS, 50, 60000);
     const char *key = mr_config_str("RESEND_API_KEY", "");
     c->resend_api_key = *key ? mr_config_secret("RESEND_API_KEY", NULL, 1) : NULL;
-    c->resend_base_url = mr_config_str("RESEND_BASE_URL", "https://api.resend.com");
+    c->resend_base_url = mr_config_url("RESEND_BASE_URL", "https://api.resend.com");
     c->resend_from = mr_config_str("RESEND_FROM", "MindRoom <hello@mindroom.chat>");
     c->resend_timeout_ms = (long)mr_config_int("MR_RESEND_TIMEOUT_MS", MR_DL_RESEND_MS, 100, 120000);
 

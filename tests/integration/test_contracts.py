@@ -145,8 +145,11 @@ def test_the_default_deadlines_nest():
     ({"MR_LIFECYCLE_STOP_GRACE_MS": "59000"}, "MR_LIFECYCLE_STOP_GRACE_MS"),
     ({"MR_PROVISION_BACKOFF_BASE_S": "100", "MR_PROVISION_BACKOFF_CAP_S": "10"}, "BACKOFF_CAP"),
     ({"DATABASE_POOLER": "sometimes"}, "DATABASE_POOLER"),
+    # Else every welcome email would be held as refused (libcurl's unsupported scheme).
+    ({"RESEND_BASE_URL": "ftp://api.resend.com"}, "RESEND_BASE_URL must be an http:// or https://"),
+    ({"RESEND_BASE_URL": "htps://api.resend.com"}, "RESEND_BASE_URL is not an absolute URL"),
 ])
-def test_the_worker_refuses_deadlines_that_do_not_nest(env, message, tmp_path):
+def test_the_worker_refuses_settings_it_cannot_work_with(env, message, tmp_path):
     import subprocess
     import mr
     full = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "host=/nonexistent dbname=x",
