@@ -510,7 +510,7 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
      * only says the image is the one committed, not that it was deployed, and
      * ps:restart / ps:start of an app never deployed warn and exit 0. So an
      * unchanged image is rebuilt from that commit (a full deploy with the
-     * current config) unless this very spec completed before and the app is
+     * current config) unless this very spec was deployed before and the app is
      * deployed; then it is only started if it is not running. */
     {
         const char *a[] = {"git:from-image", p->app, p->image, NULL};
@@ -538,6 +538,10 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
             }
         }
     }
+    /* This spec is deployed: a certificate that fails below (DNS not pointed here
+     * yet, Let's Encrypt's rate limits) is asked for again by the next request
+     * without rebuilding the app. */
+    spec_store(cfg, p->app, fp);
 
     /* 6. Let's Encrypt, once: letsencrypt:enable on an app that already has a
      * certificate would request another and run into Let's Encrypt's rate limits. */
@@ -550,7 +554,6 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
             if ((e = must(c, a, slow)) != MR_OK) return e;
         }
     }
-    spec_store(cfg, p->app, fp);
     return MR_OK;
 }
 

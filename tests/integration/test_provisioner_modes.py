@@ -256,6 +256,29 @@ def test_ssh_mode_says_when_the_dokku_host_is_out_of_reach(ssh):
     assert r.status == 201, r
 
 
+# ---- Let's Encrypt on a Dokku host ---------------------------------------------
+
+def test_a_create_whose_certificate_failed_is_not_rebuilt_when_sent_again(pg):
+    """A first deploy whose letsencrypt:enable fails (DNS not pointed at the host yet,
+    Let's Encrypt's rate limit) has deployed the apps and left them running. The
+    create sent again asks for the certificate again and rebuilds nothing: a rebuild
+    at every retry would take the homeserver down each time for nothing. (A Dokku
+    host's plugin; on k3s cert-manager asks for certificates, no command does.)"""
+    d = Dokku(scheduler="docker-local")
+    with mr.Stack(pg, env=d.env(DOKKU_TLS="letsencrypt"), functions=["dokku-provisioner"]) as s:
+        payload = body("mindroom-lefail", "slefail")
+        d.tell("fail", "letsencrypt:enable", times=1)
+        r = s.call_provisioner("POST", "/apps", json=payload)
+        d.untell("fail", "letsencrypt:enable")
+        assert r.status == 502, r
+        d.mark()
+        r = s.call_provisioner("POST", "/apps", json=payload)
+        assert r.status in (200, 201) and r.json["state"] == "running", r
+        calls = d.new_calls()
+        assert not [c for c in calls if c[0] in ("ps:rebuild", "ps:restart")], calls
+        assert [c for c in calls if c[0] == "letsencrypt:enable"], calls
+
+
 # ---- deadlines and start failures ------------------------------------------
 
 @pytest.fixture(scope="module")
