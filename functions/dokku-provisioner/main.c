@@ -79,14 +79,17 @@ static int dns_name(const char *s)
     return 1;
 }
 
+/* An address whose local part is of the alphabet every argument is sent in over
+ * ssh (no '%'), and which cannot be read as an option (no leading '-'). */
 static int email_address(const char *s)
 {
     const char *at = strchr(s, '@');
-    if (!at || at == s || strchr(at + 1, '@') || strlen(s) > 254 || !prov_valid_host(at + 1))
+    if (!at || at == s || s[0] == '-' || s[0] == '.' || strchr(at + 1, '@') || strlen(s) > 254 ||
+        !prov_valid_host(at + 1))
         return 0;
     for (const char *p = s; p < at; p++)
         if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-              strchr("._%+-", *p)))
+              strchr("._+-", *p)))
             return 0;
     return 1;
 }

@@ -472,6 +472,11 @@ GOOD = {"DOKKU_PROVISIONER_TOKEN": "t" * 32, "DOKKU_MODE": "local", "MINDROOM_IM
     ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "letsencrypt"}, "PROVISIONER_ACME_EMAIL"),
     ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "letsencrypt",
       "PROVISIONER_ACME_EMAIL": "ops example.com"}, "PROVISIONER_ACME_EMAIL"),
+    # Read as an option by scheduler-k3s:set; refused by ssh mode at every create.
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "letsencrypt",
+      "PROVISIONER_ACME_EMAIL": "-ops@example.com"}, "PROVISIONER_ACME_EMAIL"),
+    ({"DOKKU_SCHEDULER": "k3s", "DOKKU_TLS": "letsencrypt",
+      "PROVISIONER_ACME_EMAIL": "ops%team@example.com"}, "PROVISIONER_ACME_EMAIL"),
     ({"DOKKU_TLS": "letsencrypt", "PROVISIONER_ACME_EMAIL": "ops@example.com"},
      "PROVISIONER_ACME_EMAIL"),
     ({"PROVISIONER_STORAGE_CLASS": "longhorn"}, "PROVISIONER_STORAGE_CLASS"),
