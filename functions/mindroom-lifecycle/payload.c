@@ -146,7 +146,7 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
             free(val);
         }
     }
-    cJSON_Delete(vars);
+    payload_free(vars); /* the legacy values, wiped as text is below */
     if (e == MR_OK && text) {
         const char *p2[] = {iid, text};
         char *done = NULL;
