@@ -36,7 +36,8 @@ mr_err mr_itoken_generate(char token[MR_ITOKEN_LEN + 1], char key_id[MR_ITOKEN_K
  * token of another length or alphabet). Reads no byte past len. */
 mr_err mr_itoken_parse(const char *s, size_t len, char key_id[MR_ITOKEN_KEY_ID_LEN + 1]);
 
-/* The lowercase hex SHA-256 of the len bytes at s, into hash_hex. */
+/* The lowercase hex SHA-256 of the len bytes at s, into hash_hex ("" when OpenSSL
+ * cannot compute it: no provider). */
 void mr_itoken_hash_hex(const char *s, size_t len, char hash_hex[MR_ITOKEN_HASH_HEX_LEN + 1]);
 
 /* 1 when SHA-256(s) equals the stored lowercase hex hash, compared in constant
