@@ -258,10 +258,9 @@ static void spec_store(const prov_config *cfg, const char *app, const char *hex)
     if (hex[0]) prov_state_record(cfg, "apps", app, hex, NULL, 0);
 }
 
-/* -1 when it could not be removed (prov_state_record). */
-static int spec_forget(const prov_config *cfg, const char *app)
+static void spec_forget(const prov_config *cfg, const char *app)
 {
-    return prov_state_record(cfg, "apps", app, "", NULL, 0) < 0 ? -1 : 0;
+    prov_state_record(cfg, "apps", app, "", NULL, 0);
 }
 
 /* ---- create / update of one app ---- */
@@ -378,12 +377,9 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     /* A new spec: the recorded one stops being true with the first change below
      * (config:import and the limits apply at once, and a restart, this run's or a later
      * one's, starts a container from them). Forgotten before it, so that a run cut
-     * short is followed by a rebuild whatever spec comes next, even the old one. One
-     * that cannot be forgotten stops the run before it changes anything: kept, it
-     * would skip the rebuild of a later run with the old spec, and the app would run
-     * this one's. */
-    if (!spec_matches(cfg, p->app, fp) && spec_forget(cfg, p->app) != 0)
-        return internal(c, "the provisioner's state could not be written (PROVISIONER_STATE_DIR)");
+     * short is followed by a rebuild whatever spec comes next, even the old one. */
+    if (!spec_matches(cfg, p->app, fp))
+        spec_forget(cfg, p->app);
 
     /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */
     int yes = 0;
@@ -836,10 +832,8 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
             const char *a[] = {"--force", "apps:destroy", apps[i], NULL};
             if ((e = must(&c, a, slow)) != MR_OK) goto done;
         }
-        /* Failing to forget them is harmless here: an app created again deploys
-         * its first commit, never "No changes detected". */
-        (void)spec_forget(cfg, nm.app);
-        (void)spec_forget(cfg, nm.hs_app);
+        spec_forget(cfg, nm.app);
+        spec_forget(cfg, nm.hs_app);
         out->app_state = out->hs_state = "missing";
         int net = 0;
         if (cfg->scheduler != PROV_SCHED_K3S &&
