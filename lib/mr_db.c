@@ -37,6 +37,7 @@ struct mr_db {
     char last_state[6];   /* SQLSTATE of the last statement ("00000" on success) */
     unsigned int rng;
     unsigned generation;  /* bumped on every new connection */
+    int in_tx;            /* inside mr_db_tx's transaction: a lost connection is not replaced */
     struct {
         const mr_db_stmt *stmt;
         unsigned generation; /* the connection it was prepared on; 0: not prepared */
@@ -222,9 +223,19 @@ PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen)
         return NULL;
     }
     if (db->conn && (PQstatus(db->conn) != CONNECTION_OK || peer_closed(db->conn))) {
-        mr_log(MR_LOG_INFO, "database connection lost; reconnecting");
+        mr_log(MR_LOG_INFO, "database connection lost%s", db->in_tx ? " in a transaction" :
+               "; reconnecting");
         PQfinish(db->conn);
         db->conn = NULL;
+    }
+    if (!db->conn && db->in_tx) {
+        /* The transaction went with its connection: a new one would run the rest of it
+         * outside any transaction and identity, and its COMMIT would commit nothing
+         * yet answer COMMIT. mr_db_tx decides whether the whole may be tried again. */
+        memcpy(db->last_state, "08006", 6);
+        mr_seterr(err, errlen, MR_ETRANSIENT, "database connection lost in a transaction, "
+                  "retry later");
+        return NULL;
     }
     if (!db->conn && db_connect(db, err, errlen) != MR_OK)
         return NULL;
@@ -505,18 +516,20 @@ mr_err mr_db_tx(mr_db *db, const mr_identity *who,
         memcpy(db->last_state, "00000", 6);
         mr_err rc = begin_tx(db, who, err, errlen);
         if (rc == MR_OK) {
+            db->in_tx = 1;
             memcpy(db->last_state, "00000", 6);
             rc = fn(db, arg, err, errlen);
-        }
-        if (rc == MR_OK) {
-            PGresult *res = NULL;
-            commit_sent = 1;
-            rc = mr_db_exec(db, "COMMIT", 0, NULL, &res, NULL, err, errlen);
-            /* COMMIT of a transaction that already failed answers ROLLBACK
-             * without an error: a handler that swallowed an error lands here. */
-            if (rc == MR_OK && strcmp(PQcmdStatus(res), "COMMIT") != 0)
-                rc = mr_seterr(err, errlen, MR_EINTERNAL, "transaction was rolled back");
-            PQclear(res);
+            if (rc == MR_OK) {
+                PGresult *res = NULL;
+                commit_sent = 1;
+                rc = mr_db_exec(db, "COMMIT", 0, NULL, &res, NULL, err, errlen);
+                /* COMMIT of a transaction that already failed answers ROLLBACK
+                 * without an error: a handler that swallowed an error lands here. */
+                if (rc == MR_OK && strcmp(PQcmdStatus(res), "COMMIT") != 0)
+                    rc = mr_seterr(err, errlen, MR_EINTERNAL, "transaction was rolled back");
+                PQclear(res);
+            }
+            db->in_tx = 0;
         }
         if (rc == MR_OK)
             return MR_OK;

@@ -6,15 +6,64 @@
  * is what the benchmark measures. With ?sleep_ms=N (0..30000) it first runs
  * `SELECT pg_sleep(N/1000.0)` on the worker's own database connection, so a
  * request really sits in a worker and in PostgreSQL (visible in
- * pg_stat_activity) while a test signals or kills that worker. */
+ * pg_stat_activity) while a test signals or kills that worker. With
+ * ?tx_pause_ms=N (0..30000) it runs a transaction as service_role (mr_db_tx) that
+ * pauses N ms between two statements, idle in transaction, and answers the second
+ * one's current_user as "tx_user": a test ends the backend during the pause. */
 #include "mindroom.h"
 
+#include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
+
+typedef struct {
+    long pause_ms;
+    char user[64];
+} pause_arg;
+
+static mr_err pause_tx(mr_db *db, void *arg, char *err, size_t errlen)
+{
+    pause_arg *a = arg;
+    PGresult *res = NULL;
+    mr_err e = mr_db_exec(db, "SELECT pg_backend_pid()", 0, NULL, &res, NULL, err, errlen);
+    PQclear(res);
+    if (e != MR_OK)
+        return e;
+    struct timespec ts = {.tv_sec = a->pause_ms / 1000, .tv_nsec = (a->pause_ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+    res = NULL;
+    e = mr_db_exec(db, "SELECT current_user::text", 0, NULL, &res, NULL, err, errlen);
+    if (e == MR_OK)
+        snprintf(a->user, sizeof a->user, "%s", PQntuples(res) ? PQgetvalue(res, 0, 0) : "");
+    PQclear(res);
+    return e;
+}
 
 static void handle(mr_req *r)
 {
     char ms[16];
+    if (mr_http_query_param(r->query, "tx_pause_ms", ms, sizeof(ms)) == MR_OK) {
+        char err[256], *end;
+        pause_arg a = {.pause_ms = strtol(ms, &end, 10)};
+        if (end == ms || *end || a.pause_ms < 0 || a.pause_ms > 30000) {
+            mr_reply_error(r, 400, "invalid", "tx_pause_ms must be an integer in 0..30000");
+            return;
+        }
+        if (!r->db) {
+            mr_reply_error(r, 503, "unavailable", "no DATABASE_URL");
+            return;
+        }
+        mr_err e = mr_db_tx(r->db, &mr_service_identity, pause_tx, &a, err, sizeof err);
+        if (e != MR_OK) {
+            mr_reply_err(r, e, err);
+            return;
+        }
+        cJSON *out = cJSON_CreateObject();
+        cJSON_AddStringToObject(out, "tx_user", a.user);
+        mr_reply_json(r, 200, out);
+        return;
+    }
     if (mr_http_query_param(r->query, "sleep_ms", ms, sizeof(ms)) == MR_OK) {
         char err[256], *end;
         long v = strtol(ms, &end, 10);

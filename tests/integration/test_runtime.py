@@ -479,6 +479,27 @@ def test_db_restart_costs_no_failed_request_after_it(stack):
         assert r.status == 200, r
 
 
+def test_a_connection_lost_inside_a_transaction_is_not_replaced_inside_it(stack):
+    """The backend of a transaction ends between two of its statements (an operator's
+    pg_terminate_backend, a pooler restart, idle_in_transaction_session_timeout). The
+    rest of it must not run on a new connection, outside any transaction and without
+    its identity, with a COMMIT of nothing answered as success: the transaction is
+    tried again whole on a new connection, as its identity."""
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=stack.call("GET", "noop?tx_pause_ms=1500",
+                                                                  timeout=30)))
+    t.start()
+    try:
+        pids = wait_until(lambda: stack.sql(
+            "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction'"
+            " AND query = 'SELECT pg_backend_pid()'"), timeout=10, what="the paused transaction")
+        assert stack.sql("SELECT pg_terminate_backend(%s)", pids[0][0]) == [(True,)]
+    finally:
+        t.join(30)
+    r = out["r"]
+    assert r.status == 200 and r.json["tx_user"] == "service_role", r
+
+
 # ---- browsers --------------------------------------------------------------
 
 def test_cors_preflight_is_answered_by_nginx(stack):
