@@ -25,6 +25,9 @@
 
 #define TX_MAX_RETRIES 5
 #define MAX_PREPARED 16
+/* Failed calls a connection serves before it is replaced: each may leave up to
+ * MAX_PREPARED statements prepared under names never used again (forget_prepared). */
+#define MAX_FORGETS 32
 
 typedef enum { POOLER_NONE, POOLER_SESSION, POOLER_TRANSACTION } pooler_mode;
 
@@ -38,6 +41,7 @@ struct mr_db {
     unsigned int rng;
     unsigned generation;  /* bumped on every new connection */
     int in_tx;            /* inside mr_db_tx's transaction: a lost connection is not replaced */
+    unsigned forgets;     /* forget_prepared calls since the connection was made */
     struct {
         const mr_db_stmt *stmt;
         unsigned generation; /* the connection it was prepared on; 0: not prepared */
@@ -213,6 +217,7 @@ static mr_err db_connect(mr_db *db, char *err, size_t errlen)
     PQsetNoticeProcessor(c, on_notice, NULL);
     db->conn = c;
     db->generation++;
+    db->forgets = 0;
     return MR_OK;
 }
 
@@ -225,6 +230,12 @@ PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen)
     if (db->conn && (PQstatus(db->conn) != CONNECTION_OK || peer_closed(db->conn))) {
         mr_log(MR_LOG_INFO, "database connection lost%s", db->in_tx ? " in a transaction" :
                "; reconnecting");
+        PQfinish(db->conn);
+        db->conn = NULL;
+    }
+    if (db->conn && !db->in_tx && db->forgets >= MAX_FORGETS) {
+        mr_log(MR_LOG_INFO, "database connection replaced after %u failed calls (the statements "
+               "they left prepared go with it)", db->forgets);
         PQfinish(db->conn);
         db->conn = NULL;
     }
@@ -362,15 +373,19 @@ static int send_stmt(mr_db *db, const mr_db_stmt *stmt, const char *const *param
 /* Forgets what was prepared on this connection (after 26000, or any error in a
  * pipeline, which may have skipped a queued prepare). The next use prepares again
  * under a new name, so a statement that did get prepared meanwhile is never
- * prepared twice under one name (42P05). */
+ * prepared twice under one name (42P05). The old names stay prepared on the server
+ * until the connection ends: after MAX_FORGETS, mr_db_conn replaces it. */
 static void forget_prepared(mr_db *db)
 {
+    int any = 0;
     for (int i = 0; i < MAX_PREPARED; i++) {
         if (db->prepared[i].generation) {
             db->prepared[i].generation = 0;
             db->prepared[i].version++;
+            any = 1;
         }
     }
+    db->forgets += any;
 }
 
 /* Queues the identity (or only the timeout) of a transaction. */

@@ -9,7 +9,9 @@
  * pg_stat_activity) while a test signals or kills that worker. With
  * ?tx_pause_ms=N (0..30000) it runs a transaction as service_role (mr_db_tx) that
  * pauses N ms between two statements, idle in transaction, and answers the second
- * one's current_user as "tx_user": a test ends the backend during the pause. */
+ * one's current_user as "tx_user": a test ends the backend during the pause. With
+ * ?failed_calls=N (0..10000) it makes N calls of a prepared statement that fails
+ * (mr_db_call), then answers how many statements its connection has prepared. */
 #include "mindroom.h"
 
 #include <stdio.h>
@@ -40,9 +42,51 @@ static mr_err pause_tx(mr_db *db, void *arg, char *err, size_t errlen)
     return e;
 }
 
+static const mr_db_stmt failing_stmt = {"noop_failing", "SELECT (1 / $1::int)::text", 1};
+static const mr_db_stmt prepared_stmt = {
+    "noop_prepared", "SELECT count(*)::text FROM pg_prepared_statements", 0};
+
+static void failed_calls(mr_req *r, long n)
+{
+    char err[256], *out = NULL;
+    const char *zero[] = {"0"};
+    for (long i = 0; i < n; i++) {
+        if (mr_db_call(r->db, &mr_service_identity, &failing_stmt, zero, NULL, &out, err,
+                       sizeof err) == MR_OK) {
+            free(out);
+            mr_reply_error(r, 500, "internal", "1 / 0 did not fail");
+            return;
+        }
+    }
+    mr_err e = mr_db_call(r->db, &mr_service_identity, &prepared_stmt, NULL, NULL, &out, err,
+                          sizeof err);
+    if (e != MR_OK) {
+        mr_reply_err(r, e, err);
+        return;
+    }
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddNumberToObject(j, "prepared", out ? atof(out) : -1);
+    free(out);
+    mr_reply_json(r, 200, j);
+}
+
 static void handle(mr_req *r)
 {
     char ms[16];
+    if (mr_http_query_param(r->query, "failed_calls", ms, sizeof(ms)) == MR_OK) {
+        char *end;
+        long n = strtol(ms, &end, 10);
+        if (end == ms || *end || n < 0 || n > 10000) {
+            mr_reply_error(r, 400, "invalid", "failed_calls must be an integer in 0..10000");
+            return;
+        }
+        if (!r->db) {
+            mr_reply_error(r, 503, "unavailable", "no DATABASE_URL");
+            return;
+        }
+        failed_calls(r, n);
+        return;
+    }
     if (mr_http_query_param(r->query, "tx_pause_ms", ms, sizeof(ms)) == MR_OK) {
         char err[256], *end;
         pause_arg a = {.pause_ms = strtol(ms, &end, 10)};

@@ -500,6 +500,16 @@ def test_a_connection_lost_inside_a_transaction_is_not_replaced_inside_it(stack)
     assert r.status == 200 and r.json["tx_user"] == "service_role", r
 
 
+def test_failed_calls_do_not_pile_prepared_statements_up_in_a_connection(stack):
+    """A call that fails (a tenant's bad input, a constraint) makes its connection
+    prepare its statements again under new names, and the old ones stay prepared on
+    the server for the connection's life: a worker's connection is replaced before
+    failed calls pile them up without bound."""
+    r = stack.call("GET", "noop?failed_calls=400", timeout=60)
+    assert r.status == 200, r
+    assert r.json["prepared"] < 100, r
+
+
 # ---- browsers --------------------------------------------------------------
 
 def test_cors_preflight_is_answered_by_nginx(stack):
