@@ -11,7 +11,8 @@
  * pauses N ms between two statements, idle in transaction, and answers the second
  * one's current_user as "tx_user": a test ends the backend during the pause. With
  * ?failed_calls=N (0..10000) it makes N calls of a prepared statement that fails
- * (mr_db_call), then answers how many statements its connection has prepared. */
+ * (mr_db_call), then answers how many statements its connection has prepared. Each
+ * parameter is read by db_param. */
 #include "mindroom.h"
 
 #include <stdio.h>
@@ -70,34 +71,39 @@ static void failed_calls(mr_req *r, long n)
     mr_reply_json(r, 200, j);
 }
 
+/* Query parameter `name`, an integer in 0..max that needs the database: 1 with *v
+ * set; 0 when absent; -1 when answered (400 for a bad value, 503 without a database). */
+static int db_param(mr_req *r, const char *name, long max, long *v)
+{
+    char s[16], *end;
+    if (mr_http_query_param(r->query, name, s, sizeof(s)) != MR_OK)
+        return 0;
+    *v = strtol(s, &end, 10);
+    if (end == s || *end || *v < 0 || *v > max) {
+        mr_reply_error(r, 400, "invalid", "%s must be an integer in 0..%ld", name, max);
+        return -1;
+    }
+    if (!r->db) {
+        mr_reply_error(r, 503, "unavailable", "no DATABASE_URL");
+        return -1;
+    }
+    return 1;
+}
+
 static void handle(mr_req *r)
 {
-    char ms[16];
-    if (mr_http_query_param(r->query, "failed_calls", ms, sizeof(ms)) == MR_OK) {
-        char *end;
-        long n = strtol(ms, &end, 10);
-        if (end == ms || *end || n < 0 || n > 10000) {
-            mr_reply_error(r, 400, "invalid", "failed_calls must be an integer in 0..10000");
-            return;
-        }
-        if (!r->db) {
-            mr_reply_error(r, 503, "unavailable", "no DATABASE_URL");
-            return;
-        }
-        failed_calls(r, n);
+    char err[256];
+    long v;
+    int got;
+    if ((got = db_param(r, "failed_calls", 10000, &v)) != 0) {
+        if (got > 0)
+            failed_calls(r, v);
         return;
     }
-    if (mr_http_query_param(r->query, "tx_pause_ms", ms, sizeof(ms)) == MR_OK) {
-        char err[256], *end;
-        pause_arg a = {.pause_ms = strtol(ms, &end, 10)};
-        if (end == ms || *end || a.pause_ms < 0 || a.pause_ms > 30000) {
-            mr_reply_error(r, 400, "invalid", "tx_pause_ms must be an integer in 0..30000");
+    if ((got = db_param(r, "tx_pause_ms", 30000, &v)) != 0) {
+        if (got < 0)
             return;
-        }
-        if (!r->db) {
-            mr_reply_error(r, 503, "unavailable", "no DATABASE_URL");
-            return;
-        }
+        pause_arg a = {.pause_ms = v};
         mr_err e = mr_db_tx(r->db, &mr_service_identity, pause_tx, &a, err, sizeof err);
         if (e != MR_OK) {
             mr_reply_err(r, e, err);
@@ -108,17 +114,11 @@ static void handle(mr_req *r)
         mr_reply_json(r, 200, out);
         return;
     }
-    if (mr_http_query_param(r->query, "sleep_ms", ms, sizeof(ms)) == MR_OK) {
-        char err[256], *end;
-        long v = strtol(ms, &end, 10);
-        if (end == ms || *end || v < 0 || v > 30000) {
-            mr_reply_error(r, 400, "invalid", "sleep_ms must be an integer in 0..30000");
-            return;
-        }
-        if (!r->db) {
-            mr_reply_error(r, 503, "unavailable", "no DATABASE_URL");
-            return;
-        }
+    if ((got = db_param(r, "sleep_ms", 30000, &v)) < 0)
+        return;
+    if (got) {
+        char ms[24];
+        snprintf(ms, sizeof ms, "%ld", v);
         const char *params[] = {ms};
         PGresult *res = NULL;
         mr_err e = mr_db_exec(r->db, "SELECT pg_sleep($1::float8 / 1000)", 1, params, &res,
