@@ -135,6 +135,42 @@ static void test_metadata_never(void **state)
     priv.allow_private = 1;
     assert_false(v6("fd00:ec2::254", &priv));       /* AWS IMDS over IPv6 */
     assert_false(v4("100.100.100.200", &priv));     /* Alibaba Cloud metadata */
+    assert_false(v4("192.0.0.192", &priv));         /* Oracle Cloud metadata */
+}
+
+/* The special-purpose ranges outside the private ones: an address that carries an
+ * IPv4 address (6to4) is judged by it; translation and tunnel prefixes that hide
+ * or place it as they like, documentation and discard ranges are never probed. */
+static void test_special_purpose_ranges(void **state)
+{
+    mr_probe_opts priv = prod;
+    (void)state;
+    priv.allow_private = 1;
+    assert_false(v4("192.0.0.1", &priv));
+    assert_false(v4("192.0.2.1", &priv));
+    assert_false(v4("198.51.100.1", &priv));
+    assert_false(v4("203.0.113.1", &priv));
+    assert_false(v4("192.88.99.1", &priv));
+    assert_false(v4("198.18.0.1", &prod));          /* benchmarking: private */
+    assert_false(v4("198.19.255.1", &prod));
+    assert_true(v4("198.19.255.1", &priv));
+    assert_true(v4("198.20.0.1", &prod));
+    assert_true(v4("192.0.1.1", &prod));
+    assert_false(v6("2002:a9fe:a9fe::1", &priv));   /* 6to4 of 169.254.169.254 */
+    assert_false(v6("2002:7f00:1::1", &prod));      /* 6to4 of 127.0.0.1 */
+    assert_false(v6("2002:0a00:0001::1", &prod));   /* 6to4 of 10.0.0.1 */
+    assert_true(v6("2002:0a00:0001::1", &priv));
+    assert_true(v6("2002:5db8:d822::1", &prod));    /* 6to4 of a public address */
+    assert_false(v6("::a9fe:a9fe", &priv));         /* IPv4-compatible */
+    assert_false(v6("::7f00:1", &local));
+    assert_false(v6("64:ff9b:1::a9fe:a9fe", &priv)); /* local-use NAT64 */
+    assert_false(v6("64:ff9b:1:ffff::1", &priv));
+    assert_false(v6("100::1", &priv));              /* discard only */
+    assert_false(v6("2001::1", &priv));             /* Teredo */
+    assert_false(v6("2001:db8::1", &priv));         /* documentation */
+    assert_true(v6("2001:4860::8888", &prod));      /* not Teredo: 2001:4860::/32 */
+    assert_false(v6("fec0::1", &prod));             /* site-local: private */
+    assert_true(v6("fec0::1", &priv));
 }
 
 /* A port that refuses (bound, not listening) and one that hangs (listening,
@@ -228,6 +264,7 @@ int main(void)
         cmocka_unit_test(test_url_rules),
         cmocka_unit_test(test_addr_rules),
         cmocka_unit_test(test_metadata_never),
+        cmocka_unit_test(test_special_purpose_ranges),
         cmocka_unit_test(test_long_host_refused),
         cmocka_unit_test(test_run),
         cmocka_unit_test(test_answer_cut_short_is_unhealthy),

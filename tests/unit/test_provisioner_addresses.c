@@ -229,11 +229,14 @@ static void a_url_is_checked_where_it_is_given(void **state)
         "http://169.254.169.254:8002", "http://2852039166:8002", "http://0251.0376.0251.0376",
         "http://0xa9.254.169.254", "http://169.254.43518", "http://[fe80::1]:8002",
         "http://[::ffff:169.254.169.254]", "http://0.0.0.0:8002", "http://[::]:8002",
-        "http://224.0.0.1", "http://[ff02::1]", "http://100.100.100.200", "http://[fd00:ec2::254]"};
+        "http://224.0.0.1", "http://[ff02::1]", "http://100.100.100.200", "http://[fd00:ec2::254]",
+        "http://192.0.0.192", "http://[2002:a9fe:a9fe::1]", "http://[64:ff9b:1::a9fe:a9fe]",
+        "http://[::a9fe:a9fe]", "http://[2001::1]", "https://203.0.113.7", "http://[2001:db8::1]"};
     static const char *const allowed[] = {
         "http://127.0.0.1:8002", "http://[::1]:8002", "http://10.0.0.5:8002",
         "https://192.168.1.2/prov", "http://100.64.0.1", "http://[fd12::1]", "https://prov.example.com",
-        "http://localhost:8002", "https://203.0.113.7"};
+        "http://localhost:8002", "https://93.184.216.34", "http://198.18.0.1",
+        "http://[2002:5db8:d822::1]"};
     char why[200];
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
         why[0] = '\0';
