@@ -61,7 +61,7 @@ ok "users mindroom, mindroom-provisioner; group mindroom-web = www-data"
 mode_is /etc/mindroom/mindroom.env "600 root root"
 mode_is /etc/mindroom/provisioner.env "600 root root"
 mode_is /run/mindroom "755 root root"
-mode_is /run/mindroom/metrics "2770 mindroom mindroom"
+mode_is /run/mindroom/metrics "3770 mindroom mindroom"
 for f in /usr/lib/mindroom/functions/* /usr/lib/mindroom/mindroom-lifecycle /usr/lib/mindroom/dokku-provisioner \
          /usr/lib/mindroom/mr-jwt /usr/lib/mindroom/mr-pgservice /usr/lib/mindroom/mr-secrets \
          /usr/bin/mindroomctl; do
