@@ -73,3 +73,15 @@ int mr_appenv_valid_value(const char *str)
     }
     return 1;
 }
+
+size_t mr_appenv_json_size(const char *key, const char *value)
+{
+    size_t n = strlen(key) + 6; /* "key":"value", */
+    for (const unsigned char *s = (const unsigned char *)value; *s; s++) {
+        if (*s == '"' || *s == '\\' || (*s < 0x20 && strchr("\b\f\n\r\t", *s)))
+            n += 2;
+        else
+            n += *s < 0x20 ? 6 : 1;
+    }
+    return n;
+}

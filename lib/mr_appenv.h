@@ -4,6 +4,8 @@
 #ifndef MR_APPENV_H
 #define MR_APPENV_H
 
+#include <stddef.h>
+
 /* What the control plane itself puts in MindRoom's environment to be reached by
  * it (docs/instance.md): its base URL, and the instance's own credential (a
  * secret; also the name of its sealed row in instance_secrets, kind
@@ -36,5 +38,20 @@ int mr_appenv_operator_key(const char *key);
  * app would get another value. mindroomctl env set refuses such a value before it
  * is stored, the provisioner before any command. */
 int mr_appenv_valid_value(const char *s);
+
+/* What an operator may set on one instance, in all (mindroomctl env set): at most
+ * MR_APPENV_OPERATOR_MAX_VARS variables and MR_APPENV_OPERATOR_MAX_BYTES of them as
+ * a create or update carries them to the provisioner (mr_appenv_json_size each).
+ * Twice that (an instance that takes over a destroyed one's kept storage gets its
+ * variables too), the control plane's own variables, the homeserver's keys and the
+ * rest of the request fit in the provisioner's request body (MR_MAX_BODY, 64 KiB)
+ * and its PROV_MAX_ENV keys: a value env set takes can always be deployed. */
+#define MR_APPENV_OPERATOR_MAX_VARS 100
+#define MR_APPENV_OPERATOR_MAX_BYTES (24 * 1024)
+
+/* The bytes "key":"value", takes in a JSON object as cJSON prints it: '"', '\\'
+ * and \b \f \n \r \t escaped in two bytes, the other control characters in six
+ * (\u00XX), every other byte as it is. */
+size_t mr_appenv_json_size(const char *key, const char *value);
 
 #endif

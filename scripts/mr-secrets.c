@@ -21,10 +21,12 @@
  * appears on a command line: it comes on stdin. set and reseal refuse a keyring
  * none of whose keys sealed any of the secrets stored (a value sealed with it would
  * be one the lifecycle worker cannot open); the first secret ever stored is taken
- * under any key. set takes a value of at most 64 KiB (its line end dropped) of UTF-8
- * text without a NUL byte (the app's environment reaches Dokku as JSON), and a NAME
- * an operator may set
- * (mr_appenv_operator_key). Exit 0 done, 1 failed (the database, no such instance or
+ * under any key. set takes a NAME an operator may set (mr_appenv_operator_key) and a
+ * value of UTF-8 text without a NUL byte (the app's environment reaches Dokku as
+ * JSON; its line end dropped) that keeps the instance's variables within
+ * MR_APPENV_OPERATOR_MAX_VARS and MR_APPENV_OPERATOR_MAX_BYTES (24 KiB as they are
+ * deployed: what a create or update can always carry), counted with the instance's
+ * row locked. Exit 0 done, 1 failed (the database, no such instance or
  * one destroyed, stdin unreadable, or a stored value that cannot be opened), 2 bad
  * usage or configuration (arguments; a NAME or a value set does not take;
  * DATABASE_URL missing; MINDROOM_SECRETS_KEY or _PREVIOUS missing, malformed, or
@@ -41,18 +43,13 @@
 #include "mr_secrets.h"
 #include "mr_version.h"
 
-#define MAX_VALUE (64 * 1024)
+/* A value alone may be as large as an instance's variables may be in all. */
+#define MAX_VALUE MR_APPENV_OPERATOR_MAX_BYTES
 /* What set reads of stdin at most: MAX_VALUE, its line end (CR LF) and one byte
  * more, so that a value over MAX_VALUE is known as such without reading the rest
  * (the line end is dropped before the value is counted). */
 #define MAX_READ (MAX_VALUE + 3)
 
-static const mr_db_stmt put_stmt = {
-    "mr_sc_put", "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5, $6::boolean)::text", 6};
-static const mr_db_stmt digest_stmt = {
-    "mr_sc_digest",
-    "SELECT digest FROM public.instance_secrets WHERE instance_id = $1::uuid AND kind = $2 AND name = $3",
-    3};
 static const mr_db_stmt delete_stmt = {
     "mr_sc_delete", "SELECT public.instance_secret_delete($1::uuid, $2, $3)::text", 3};
 static const mr_db_stmt list_stmt = {
@@ -231,6 +228,95 @@ static int keyring_check(mr_db *db, const mr_secrets *k, const char *nothing)
     return ok;
 }
 
+/* One set, in one transaction: the instance's row locked (two sets on one instance
+ * run one after the other, so that together they cannot pass the limits either),
+ * its other variables opened to count them, then the value stored. */
+typedef struct {
+    const mr_secrets *k;
+    const char *iid, *name, *value;
+    size_t len;
+    int same, refused;     /* out: the value unchanged; over the instance's limits */
+    int unopened;          /* out: another of its variables cannot be opened */
+    char over[160];        /* with refused: which limit */
+    char version[32];      /* the instance's config_version after */
+} set_tx;
+
+static mr_err set_fn(mr_db *db, void *arg, char *err, size_t errlen)
+{
+    set_tx *s = arg;
+    const char *pi[] = {s->iid};
+    PGresult *res = NULL;
+    char ctx[MR_SECRETS_CONTEXT_MAX], digest[MR_SECRETS_DIGEST_LEN + 1];
+    char *ct = NULL;
+    s->same = s->refused = s->unopened = 0;
+    s->version[0] = '\0';
+    mr_err e = mr_db_exec(db, "SELECT 1 FROM public.instances WHERE id = $1::uuid FOR UPDATE",
+                          1, pi, &res, NULL, err, errlen);
+    PQclear(res);
+    res = NULL;
+    if (e != MR_OK ||
+        (e = mr_db_exec(db, "SELECT name, ciphertext, digest FROM public.instance_secrets"
+                            " WHERE instance_id = $1::uuid AND kind = 'env'",
+                        1, pi, &res, NULL, err, errlen)) != MR_OK)
+        goto out;
+    size_t bytes = mr_appenv_json_size(s->name, s->value), vars = 1;
+    const char *stored = NULL;
+    int stale = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        const char *n = PQgetvalue(res, i, 0), *c = PQgetvalue(res, i, 1);
+        if (!strcmp(n, s->name)) {
+            stored = PQgetvalue(res, i, 2);
+            continue;
+        }
+        unsigned char *pt = NULL;
+        size_t len = 0;
+        mr_secrets_instance_context(ctx, sizeof ctx, s->iid, "env", n);
+        if (mr_secrets_open(s->k, ctx, c, strlen(c), &pt, &len, err, errlen) != MR_OK) {
+            s->unopened = 1;
+            e = mr_seterr(err, errlen, MR_EINTERNAL, "the instance's %s cannot be opened with "
+                          "MINDROOM_SECRETS_KEY or MINDROOM_SECRETS_KEY_PREVIOUS", n);
+            goto out;
+        }
+        bytes += mr_appenv_json_size(n, (const char *)pt);
+        vars++;
+        OPENSSL_cleanse(pt, len);
+        free(pt);
+    }
+    mr_secrets_instance_context(ctx, sizeof ctx, s->iid, "env", s->name);
+    s->same = stored && mr_secrets_digest_matches(s->k, ctx, s->value, s->len, stored, &stale);
+    if (s->same && !stale)
+        goto out; /* unchanged: nothing to store, nothing owed */
+    if (!s->same && (vars > MR_APPENV_OPERATOR_MAX_VARS || bytes > MR_APPENV_OPERATOR_MAX_BYTES)) {
+        s->refused = 1;
+        snprintf(s->over, sizeof s->over,
+                 vars > MR_APPENV_OPERATOR_MAX_VARS
+                     ? "would make the instance's %zu variables, over %d"
+                     : "would make the instance's variables %zu bytes as they are deployed "
+                       "(JSON), over %d",
+                 vars > MR_APPENV_OPERATOR_MAX_VARS ? vars : bytes,
+                 vars > MR_APPENV_OPERATOR_MAX_VARS ? MR_APPENV_OPERATOR_MAX_VARS
+                                                    : MR_APPENV_OPERATOR_MAX_BYTES);
+        e = MR_EINVAL;
+        goto out;
+    }
+    if (mr_secrets_seal(s->k, ctx, s->value, s->len, &ct, err, errlen) != MR_OK ||
+        mr_secrets_digest(s->k, ctx, s->value, s->len, digest) != MR_OK) {
+        e = mr_seterr(err, errlen, MR_EINTERNAL, "cannot seal the value");
+        goto out;
+    }
+    const char *pp[] = {s->iid, "env", s->name, ct, digest, s->same ? "false" : "true"};
+    PQclear(res);
+    res = NULL;
+    if ((e = mr_db_exec(db, "SELECT public.instance_secret_put($1::uuid, $2, $3, $4, $5,"
+                            " $6::boolean)::text", 6, pp, &res, NULL, err, errlen)) == MR_OK &&
+        PQntuples(res) == 1)
+        snprintf(s->version, sizeof s->version, "%s", PQgetvalue(res, 0, 0));
+out:
+    PQclear(res);
+    free(ct);
+    return e;
+}
+
 static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *name)
 {
     if (!mr_appenv_operator_key(name)) {
@@ -249,42 +335,25 @@ static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *
     int vr = read_value(name, &value, &len);
     if (vr != 0)
         return vr;
-    char ctx[MR_SECRETS_CONTEXT_MAX], err[256] = "", digest[MR_SECRETS_DIGEST_LEN + 1];
-    char *ct = NULL, *stored = NULL, *out = NULL;
-    int rc = 1, stale = 0;
-    mr_secrets_instance_context(ctx, sizeof ctx, iid, "env", name);
-    const char *pd[] = {iid, "env", name};
-    if (mr_db_call(db, &mr_service_identity, &digest_stmt, pd, NULL, &stored, err, sizeof err) != MR_OK) {
-        fail("database", err);
-        goto done;
+    char err[256] = "";
+    set_tx s = {.k = k, .iid = iid, .name = name, .value = value, .len = len};
+    mr_err e = mr_db_tx(db, &mr_service_identity, set_fn, &s, err, sizeof err);
+    wipe_free(value, len);
+    if (s.refused) {
+        fprintf(stderr, "mr-secrets: the value of %s %s (mindroomctl env unset makes room): "
+                        "nothing stored\n", name, s.over);
+        return 2;
     }
-    int same = stored && mr_secrets_digest_matches(k, ctx, value, len, stored, &stale);
-    if (same && !stale) {
+    if (e != MR_OK)
+        return fail(s.unopened ? "secret" : "database", err);
+    if (s.same && !s.version[0])
         printf("%s: unchanged\n", name);
-        rc = 0;
-        goto done;
-    }
-    if (mr_secrets_seal(k, ctx, value, len, &ct, err, sizeof err) != MR_OK ||
-        mr_secrets_digest(k, ctx, value, len, digest) != MR_OK) {
-        fail("seal", err[0] ? err : "cannot digest");
-        goto done;
-    }
-    const char *pp[] = {iid, "env", name, ct, digest, same ? "false" : "true"};
-    if (mr_db_call(db, &mr_service_identity, &put_stmt, pp, NULL, &out, err, sizeof err) != MR_OK) {
-        fail("database", err);
-        goto done;
-    }
-    if (same)
+    else if (s.same)
         printf("%s: unchanged (re-sealed under key %s)\n", name, mr_secrets_kid(k));
     else
-        printf("%s: set; the instance owes an update (config_version %s)\n", name, out ? out : "?");
-    rc = 0;
-done:
-    wipe_free(value, len);
-    free(ct);
-    free(stored);
-    free(out);
-    return rc;
+        printf("%s: set; the instance owes an update (config_version %s)\n", name,
+               s.version[0] ? s.version : "?");
+    return 0;
 }
 
 static int cmd_unset(mr_db *db, const char *iid, const char *name)

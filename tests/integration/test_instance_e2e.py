@@ -424,6 +424,34 @@ def test_secrets_are_sealed_set_without_redeploy_when_unchanged_and_survive_a_ke
     assert (hs_dir / "registration_shared_secret").read_text().strip() == hs_secret
 
 
+def test_variables_at_their_limit_are_deployed_as_they_were_set(stack, dokku):
+    """What `env set` takes, the instance gets: variables filling the 24 KiB an instance
+    may have (counted as they are deployed, a control character six bytes in JSON) reach
+    MindRoom's config:import intact through the provisioner's request, and the instance
+    is running with nothing owed, never held on a request too large (413)."""
+    c = Customer(stack, "starter")
+    c.send("customer.subscription.created", "active")
+    inst = running(stack, c.sid)
+    iid, n = str(inst["id"]), names(inst["dokku_app_name"])
+    a = "\x01\x1f" * 1000                                # 12,000 bytes as deployed
+    b = "\x7f\"\\\n" + "\x02" * 2089 + "xyz\u00e9"      # the rest: 24,576 in all
+    deployed = json.dumps({"CONTROL_A": a, "CONTROL_B": b}, ensure_ascii=False,
+                          separators=(",", ":")).encode()
+    assert len(deployed) - 2 + 1 == 24 * 1024          # {...} as "K":"v", twice
+    dokku.mark()
+    for name, value in (("CONTROL_A", a), ("CONTROL_B", b)):
+        p = ctl(stack, "env", "set", iid, name, stdin=value)
+        assert p.returncode == 0 and "owes an update" in p.stdout, p
+    p = ctl(stack, "env", "set", iid, "ONE_MORE", stdin="x")
+    assert p.returncode == 2 and "over 24576" in p.stderr, p
+    wait_until(lambda: dokku.config(n["app"]).get("CONTROL_B") == b, timeout=45,
+               what="both variables deployed")
+    inst = running(stack, c.sid)
+    assert inst["last_error"] is None, inst["last_error"]
+    env = imported([x for x in dokku.new_calls() if x[0] == "config:import" and n["app"] in x][-1])
+    assert env["CONTROL_A"] == a and env["CONTROL_B"] == b and "ONE_MORE" not in env
+
+
 def test_the_worker_refuses_to_start_without_a_secrets_key(pg):
     for key, why in ((None, "MINDROOM_SECRETS_KEY is required"),
                      (base64.b64encode(b"short").decode(), "MINDROOM_SECRETS_KEY")):

@@ -934,7 +934,7 @@ def test_env_set_refuses_a_value_that_is_not_utf8(stack):
 def test_env_set_refuses_every_bad_value_alike(stack):
     """A value `env set` does not take is the operator's input, refused as a name or a
     value that is not UTF-8 is (docs/operations.md: exit 2, bad usage): one with a NUL
-    byte, or over 64 KiB, too. Nothing stored, nothing owed. Stdin that cannot be read
+    byte, or over 24 KiB, too. Nothing stored, nothing owed. Stdin that cannot be read
     is a failure (1), not bad input."""
     sid = new_subscription(stack, "starter")
     iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
@@ -950,7 +950,7 @@ def test_env_set_refuses_every_bad_value_alike(stack):
                          "AND name = 'BAD_VALUE'", iid)[0][0]
 
     before = stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0]
-    for bad, needle in ((b"sk-\x00-secret", b"NUL byte"), (b"x" * (64 * 1024 + 1), b"over 65536 bytes"),
+    for bad, needle in ((b"sk-\x00-secret", b"NUL byte"), (b"x" * (24 * 1024 + 1), b"over 24576 bytes"),
                         (b"caf\xe9", b"not UTF-8")):
         p = env_set(bad)
         assert p.returncode == 2 and needle in p.stderr and b"nothing stored" in p.stderr, \
@@ -968,10 +968,11 @@ def test_env_set_refuses_every_bad_value_alike(stack):
     assert p.returncode == 0 and b"owes an update" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
-def test_env_set_takes_64_kib_and_its_line_end(stack):
-    """The 64 KiB limit is the value's: one trailing newline (as `echo` adds), or CR
-    LF, is dropped before it is counted. A value of exactly 64 KiB is taken with
-    either; one byte more is refused (exit 2, nothing stored), line end or not."""
+def test_env_set_takes_24_kib_and_its_line_end(stack):
+    """An instance's variables may take 24 KiB as they are deployed (JSON: "NAME":"value",),
+    what a create or update always carries. One trailing newline (as `echo` adds), or CR
+    LF, is dropped before the value is counted. A value that fills the 24 KiB is taken
+    with either; one byte more is refused (exit 2, nothing stored), line end or not."""
     sid = new_subscription(stack, "starter")
     iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
     env = {"DATABASE_URL": stack.env["DATABASE_URL"],
@@ -987,14 +988,62 @@ def test_env_set_takes_64_kib_and_its_line_end(stack):
         return stack.sql("SELECT count(*) FROM public.instance_secrets WHERE instance_id = %s "
                          "AND name = %s", iid, name)[0][0]
 
-    full = "x" * (64 * 1024)
+    full = "x" * (24 * 1024 - len('"FULL_VALUE":"",'))
     for over in (full + "y", full + "y\n", full + "y\r\n", full + "\n\n"):
-        fails(env_set("TOO_LONG", over), 2, "over 65536 bytes", "nothing stored")
-    assert stored("TOO_LONG") == 0
+        fails(env_set("FULL_VALUE", over), 2, "over 24576", "nothing stored")
+    assert stored("FULL_VALUE") == 0
     assert "owes an update" in ok(env_set("FULL_VALUE", full + "\n"))
-    # The line end was not stored: the same 64 KiB without one, or with CR LF, is no change.
+    # The line end was not stored: the same value without one, or with CR LF, is no change.
     for same in (full, full + "\r\n"):
         assert ok(env_set("FULL_VALUE", same)) == "FULL_VALUE: unchanged\n"
+
+
+def test_env_set_keeps_an_instance_s_variables_within_what_a_deploy_carries(stack):
+    """The 24 KiB are the instance's variables together, counted as they are deployed:
+    a control character takes six bytes in JSON. A value that would take them over is
+    refused (exit 2, nothing stored, nothing owed), whichever variable it is; unset
+    makes room, and a variable set again is counted once. At most 100 variables."""
+    sid = new_subscription(stack, "starter")
+    iid = stack.sql("SELECT (public.lifecycle_provision(%s) #>> '{instance,id}')", sid)[0][0]
+    e = secrets_env(stack)
+
+    def env_set(name, value):
+        return subprocess.run([CTL, "env", "set", iid, name], input=value, env=e,
+                              capture_output=True, text=True, timeout=60)
+
+    def version():
+        return stack.sql("SELECT config_version FROM public.instances WHERE id = %s", iid)[0][0]
+
+    def names():
+        return [n for (n,) in stack.sql("SELECT name FROM public.instance_secrets WHERE "
+                                        "instance_id = %s AND kind = 'env' ORDER BY name", iid)]
+
+    # 2,000 control characters are 12,000 bytes as deployed ("CONTROL_A":"…", 12,015):
+    # two fit, with 546 bytes left.
+    ok(env_set("CONTROL_A", "\x01" * 2000))
+    ok(env_set("CONTROL_B", "\x02" * 2000))
+    before = version()
+    fails(env_set("SMALL_C", "\x03" * 100), 2, "24643 bytes", "over 24576", "nothing stored")
+    fails(env_set("SMALL_C", "y" * 600), 2, "over 24576", "nothing stored")
+    # A variable set again is counted with its new value, not its old one as well.
+    fails(env_set("CONTROL_B", "\x02" * 2092), 2, "24582 bytes", "nothing stored")
+    assert version() == before and names() == ["CONTROL_A", "CONTROL_B"]
+    ok(env_set("CONTROL_B", "\x02" * 2091))                   # 24,576 exactly
+    ok(env_set("CONTROL_B", "\x02" * 1000))
+    ok(env_set("SMALL_C", "y" * 600))
+    ok(subprocess.run([CTL, "env", "unset", iid, "CONTROL_A"], env=e, capture_output=True,
+                      text=True, timeout=60))
+    ok(env_set("CONTROL_B", "\x02" * 3800))
+    assert names() == ["CONTROL_B", "SMALL_C"]
+
+    # The count: 100 variables in all.
+    for i in range(98):
+        ok(env_set("V%03d" % i, "v"))
+    before = version()
+    fails(env_set("ONE_MORE", "v"), 2, "101 variables", "over 100", "nothing stored")
+    assert version() == before and len(names()) == 100
+    assert "unchanged" in ok(env_set("V000", "v"))
+    ok(env_set("V000", "w"))
 
 
 def test_env_set_refuses_a_name_the_instance_must_not_get_from_an_operator(stack):

@@ -79,6 +79,29 @@ static void test_env_reserved(void **state)
     assert_false(mr_appenv_operator_key("lower_key"));
 }
 
+/* An operator's variable is counted as the worker's request carries it: cJSON's
+ * own printing of {"KEY":value}, for every byte a value may hold. */
+static void test_env_json_size_is_what_cjson_prints(void **state)
+{
+    (void)state;
+    char value[300];
+    size_t n = 0;
+    for (int c = 1; c < 256; c++)
+        value[n++] = (char)c;
+    strcpy(value + n, "caf\xc3\xa9 \xe2\x9c\x93");
+    const char *values[] = {"", "plain", "a\"b\\c", "line\nfeed\r\n\t\b\f", "\x01\x1f\x7f",
+                            value};
+    for (size_t i = 0; i < sizeof values / sizeof *values; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "OPENAI_API_KEY", values[i]);
+        char *printed = cJSON_PrintUnformatted(o);
+        /* {"KEY":"value"}: the braces stand for the comma that follows in a list. */
+        assert_int_equal(mr_appenv_json_size("OPENAI_API_KEY", values[i]), strlen(printed) - 1);
+        cJSON_free(printed);
+        cJSON_Delete(o);
+    }
+}
+
 static void test_images(void **state)
 {
     (void)state;
@@ -411,6 +434,7 @@ int main(void)
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_env_keys),
         cmocka_unit_test(test_env_reserved),
+        cmocka_unit_test(test_env_json_size_is_what_cjson_prints),
         cmocka_unit_test(test_images),
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_cpu_floor_by_scheduler),
