@@ -117,7 +117,8 @@ static cJSON *error_answer(mr_err e, const char *message, int *status)
 }
 
 cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
-                          const mr_instance_result *res, int wait, int *status)
+                          const mr_instance_result *res, int wait, int64_t started_ms,
+                          int *status)
 {
     char err[256] = "";
     cJSON *inst = cJSON_Duplicate(mr_instance_of(res), 1);
@@ -133,7 +134,7 @@ cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_c
         char iid[40] = "";
         if (mr_json_str(inst, "id", &id) == MR_OK)
             snprintf(iid, sizeof iid, "%s", id);
-        int64_t deadline = mr_now_ms() + cfg->wait_ms;
+        int64_t deadline = started_ms + cfg->wait_ms;
         while (st == ST_PENDING && iid[0] && mr_now_ms() < deadline) {
             struct timespec ts = {cfg->poll_ms / 1000, (cfg->poll_ms % 1000) * 1000000L};
             nanosleep(&ts, NULL);

@@ -61,10 +61,13 @@ mr_err mr_instance_deprovision(mr_db *db, const mr_identity *who, const char *in
  *   with wait:    polls until done (200), the step failed (503
  *                 provisioner_unavailable, or 502 provisioner_rejected for a
  *                 refusal, with the instance's last error), or cfg->wait_ms passed
- *                 (202, the instance as it stands).
+ *                 since started_ms, the request's arrival (202, the instance as it
+ *                 stands): the time the request itself took counts, so that the
+ *                 answer comes inside nginx's timeout whatever the wait.
  * A database failure while waiting answers 503 {"error": {"code": "transient", ...}}.
  * Returns a new object the caller replies with (never NULL but out of memory). */
 cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_config *cfg,
-                          const mr_instance_result *res, int wait, int *status);
+                          const mr_instance_result *res, int wait, int64_t started_ms,
+                          int *status);
 
 #endif

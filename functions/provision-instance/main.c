@@ -81,7 +81,7 @@ static void handle(mr_req *r)
         mr_reply_error(r, 409, "conflict", "%s", msg);
     } else {
         int status = 500;
-        cJSON *out = mr_instance_answer(r->db, &r->who, &cfg, &res, wait, &status);
+        cJSON *out = mr_instance_answer(r->db, &r->who, &cfg, &res, wait, r->started_ms, &status);
         mr_reply_json(r, status, out);
     }
     mr_instance_result_free(&res);

@@ -403,6 +403,33 @@ def test_wait_true_answers_202_when_the_work_outlasts_the_wait(pg, prov):
         prov.release()
 
 
+def test_wait_true_counts_from_the_request_s_arrival(pg, prov):
+    """The wait is the request's, not what is left after its own work: a provision
+    that waited 1.5 s for its subscription's lock (a webhook applying an event of
+    it) answers 202 once the 0.7 s wait has passed since it arrived, not 0.7 s after
+    the lock was given. (nginx's timeout runs from the arrival too.)"""
+    env = stack_env(prov, MR_PROVISION_WAIT_MS="700")
+    with mr.Stack(pg, env=env, functions=FUNCS) as s:
+        sid = new_subscription(s, "starter")
+        prov.behave("hang")
+        holder = psycopg2.connect(s.pg.conninfo(s.db))
+        try:
+            with holder.cursor() as cur:
+                cur.execute("SELECT 1 FROM public.subscriptions WHERE id = %s FOR UPDATE", (sid,))
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                t0 = time.monotonic()
+                f = pool.submit(provision, s, sid, wait=True)
+                time.sleep(1.5)
+                holder.commit()
+                r = f.result(timeout=30)
+                took = time.monotonic() - t0
+        finally:
+            holder.close()
+        assert r.status == 202 and r.json["instance"]["owed_action"] == "create", r
+        assert 1.5 <= took < 1.9, took        # before: the lock's 1.5 s and then 0.7 more
+        prov.release()
+
+
 def test_a_worker_killed_mid_provision_leaves_a_lease_that_expires(stack, prov):
     sid = new_subscription(stack, "starter")
     kill_workers_mid_provision(stack, prov, sid)
