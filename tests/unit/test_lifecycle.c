@@ -56,7 +56,7 @@ static int status_for(const char *instance_json, const char *mode)
     assert_non_null(res.reply);
     mr_instance_config cfg = {.wait_ms = 1000, .poll_ms = 10};
     int status = 0;
-    cJSON *out = mr_instance_answer(NULL, NULL, &cfg, &res, 0, &status);
+    cJSON *out = mr_instance_answer(NULL, NULL, &cfg, &res, 0, mr_now_ms(), &status);
     assert_non_null(out);
     assert_non_null(cJSON_GetObjectItemCaseSensitive(out, "instance"));
     if (mode)
