@@ -235,9 +235,9 @@ typedef struct {
     const mr_secrets *k;
     const char *iid, *name, *value;
     size_t len;
-    int same, refused;     /* out: the value unchanged; over the instance's limits */
+    int same;              /* out: the value unchanged */
     int unopened;          /* out: another of its variables cannot be opened */
-    char over[160];        /* with refused: which limit */
+    char over[160];        /* out: which of the instance's limits it would pass, or "" */
     char version[32];      /* the instance's config_version after */
 } set_tx;
 
@@ -248,8 +248,8 @@ static mr_err set_fn(mr_db *db, void *arg, char *err, size_t errlen)
     PGresult *res = NULL;
     char ctx[MR_SECRETS_CONTEXT_MAX], digest[MR_SECRETS_DIGEST_LEN + 1];
     char *ct = NULL;
-    s->same = s->refused = s->unopened = 0;
-    s->version[0] = '\0';
+    s->same = s->unopened = 0;
+    s->version[0] = s->over[0] = '\0';
     mr_err e = mr_db_exec(db, "SELECT 1 FROM public.instances WHERE id = $1::uuid FOR UPDATE",
                           1, pi, &res, NULL, err, errlen);
     PQclear(res);
@@ -286,16 +286,13 @@ static mr_err set_fn(mr_db *db, void *arg, char *err, size_t errlen)
     s->same = stored && mr_secrets_digest_matches(s->k, ctx, s->value, s->len, stored, &stale);
     if (s->same && !stale)
         goto out; /* unchanged: nothing to store, nothing owed */
-    if (!s->same && (vars > MR_APPENV_OPERATOR_MAX_VARS || bytes > MR_APPENV_OPERATOR_MAX_BYTES)) {
-        s->refused = 1;
-        snprintf(s->over, sizeof s->over,
-                 vars > MR_APPENV_OPERATOR_MAX_VARS
-                     ? "would make the instance's %zu variables, over %d"
-                     : "would make the instance's variables %zu bytes as they are deployed "
-                       "(JSON), over %d",
-                 vars > MR_APPENV_OPERATOR_MAX_VARS ? vars : bytes,
-                 vars > MR_APPENV_OPERATOR_MAX_VARS ? MR_APPENV_OPERATOR_MAX_VARS
-                                                    : MR_APPENV_OPERATOR_MAX_BYTES);
+    if (!s->same && vars > MR_APPENV_OPERATOR_MAX_VARS)
+        snprintf(s->over, sizeof s->over, "would make the instance's %zu variables, over %d",
+                 vars, MR_APPENV_OPERATOR_MAX_VARS);
+    else if (!s->same && bytes > MR_APPENV_OPERATOR_MAX_BYTES)
+        snprintf(s->over, sizeof s->over, "would make the instance's variables %zu bytes as "
+                 "they are deployed (JSON), over %d", bytes, MR_APPENV_OPERATOR_MAX_BYTES);
+    if (s->over[0]) {
         e = MR_EINVAL;
         goto out;
     }
@@ -339,7 +336,7 @@ static int cmd_set(mr_db *db, const mr_secrets *k, const char *iid, const char *
     set_tx s = {.k = k, .iid = iid, .name = name, .value = value, .len = len};
     mr_err e = mr_db_tx(db, &mr_service_identity, set_fn, &s, err, sizeof err);
     wipe_free(value, len);
-    if (s.refused) {
+    if (s.over[0]) {
         fprintf(stderr, "mr-secrets: the value of %s %s (mindroomctl env unset makes room): "
                         "nothing stored\n", name, s.over);
         return 2;
