@@ -22,7 +22,8 @@
  *     workers race), and delivered with the control plane's URL.
  * What must be stored (a new token, new keys, variables carried over) is stored in one call,
  * public.instance_secrets_issue, whose answer is what is in force.
- * PostgreSQL never receives a plaintext secret from here. */
+ * PostgreSQL never receives a plaintext secret from here (what was read of the legacy
+ * column is named back by its SHA-256). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +39,7 @@
 static const mr_db_stmt read_env_stmt = {
     "mr_pl_read_env", "SELECT public.instance_plain_env($1::uuid)::text", 1};
 static const mr_db_stmt sealed_env_stmt = {
-    "mr_pl_sealed_env", "SELECT public.instance_plain_env_sealed($1::uuid, $2::jsonb)::text", 2};
+    "mr_pl_sealed_env", "SELECT public.instance_plain_env_sealed($1::uuid, $2::text)::text", 2};
 static const mr_db_stmt put_plain_stmt = {
     "mr_pl_put_plain", "SELECT public.instance_plain_env_put($1::uuid, $2, $3, $4)", 4};
 static const mr_db_stmt issue_stmt = {
@@ -148,7 +149,9 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
     }
     payload_free(vars); /* the legacy values, wiped as text is below */
     if (e == MR_OK && text) {
-        const char *p2[] = {iid, text};
+        char was[MR_ITOKEN_HASH_HEX_LEN + 1]; /* what was sealed, named by its digest */
+        mr_itoken_hash_hex(text, strlen(text), was);
+        const char *p2[] = {iid, was};
         char *done = NULL;
         e = mr_db_call(w->db, &mr_service_identity, &sealed_env_stmt, p2, NULL, &done, err, errlen);
         if (e == MR_OK && (!done || strcmp(done, "true") != 0))

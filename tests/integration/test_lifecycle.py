@@ -909,6 +909,38 @@ def test_a_legacy_environment_is_not_lost_when_sealing_it_fails(stack, prov):
     assert left == {} and {"A_KEY", "B_KEY", "C_KEY"} <= sealed, (left, sealed)
 
 
+def test_a_legacy_environment_never_reaches_the_database_s_log(stack, prov, pg):
+    """Sealing the legacy plaintext environment_vars sends PostgreSQL no plaintext:
+    a server that logs every statement with its parameters (log_statement = 'all')
+    logs the move, and no legacy value is in that log."""
+    sid = new_subscription(stack, "starter")
+    provision(stack, sid, wait=True)
+    secret = "sk-legacy-" + "q" * 24
+    log = pg.dir / "postgres.log"
+    start = log.stat().st_size
+    pg.sql("ALTER SYSTEM SET log_statement = 'all'")
+    pg.sql("SELECT pg_reload_conf()")
+    try:
+        # The value is made by the server, so that this statement's own text does not
+        # hold it; the change owes an update, whose step moves it.
+        stack.sql("UPDATE public.instances SET environment_vars = jsonb_build_object("
+                  "'OPENAI_API_KEY', 'sk-legacy-' || repeat('q', 24)) WHERE subscription_id = %s",
+                  sid)
+        assert provision(stack, sid, wait=True).status == 200
+    finally:
+        pg.sql("ALTER SYSTEM RESET log_statement")
+        pg.sql("SELECT pg_reload_conf()")
+    iid = instance(stack, sid)["id"]
+    assert stack.sql("SELECT environment_vars FROM public.instances WHERE id = %s", iid) == [({},)]
+    assert creates_for(prov, instance(stack, sid)["dokku_app_name"])[-1].json["env"][
+        "OPENAI_API_KEY"] == secret
+    with open(log, "rb") as f:
+        f.seek(start)
+        logged = f.read().decode("utf-8", "replace")
+    assert "instance_plain_env_sealed" in logged        # the move was logged, with its parameters
+    assert secret not in logged
+
+
 def wait_deployed(stack, prov, sid, app, n, what):
     """The env of the POST /apps after the first n, once nothing is owed or claimed."""
     wait_until(lambda: len(creates_for(prov, app)) > n and owed(stack, sid) is None
