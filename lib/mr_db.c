@@ -253,19 +253,31 @@ PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen)
     return db->conn;
 }
 
+static int await_answer(mr_db *db, int64_t since, int statements);
+
 void mr_db_release(mr_db *db)
 {
     if (!db || !db->conn || PQstatus(db->conn) != CONNECTION_OK)
         return;
-    if (PQtransactionStatus(db->conn) == PQTRANS_IDLE)
+    PGconn *c = db->conn;
+    if (PQtransactionStatus(c) == PQTRANS_IDLE)
         return;
-    PGresult *res = PQexecParams(db->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        /* A connection that cannot roll back cannot be trusted with the next request. */
-        PQfinish(db->conn);
+    /* The ROLLBACK is answered within one statement's window, as every other wait
+     * is: a server or pooler that stops answering must not hold the worker here.
+     * A connection that cannot roll back, or does not say so in time, cannot be
+     * trusted with the next request: it is dropped. */
+    int64_t t0 = mr_now_ms();
+    int ok = PQpipelineStatus(c) == PQ_PIPELINE_OFF &&
+             PQsendQueryParams(c, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
+    PGresult *res;
+    while (ok && (ok = await_answer(db, t0, 1) == 0) && (res = PQgetResult(c)) != NULL) {
+        ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+        PQclear(res);
+    }
+    if (db->conn && (!ok || PQtransactionStatus(c) != PQTRANS_IDLE)) {
+        PQfinish(c);
         db->conn = NULL;
     }
-    PQclear(res);
 }
 
 /* Waits until the next result can be read without blocking, at most the answer

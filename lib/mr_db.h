@@ -50,7 +50,10 @@ mr_db *mr_db_open(const char *conninfo);
 void mr_db_close(mr_db *db);
 
 /* Rolls back a transaction a request left open (so its locks and identity die
- * with the request). The runtime calls it after every request; db may be NULL. */
+ * with the request), waiting for the answer at most one statement's window (the
+ * statement timeout + 2 s); a connection that does not roll back in time is
+ * dropped. The runtime calls it after every request, mr_db_tx after a failed
+ * attempt; db may be NULL. */
 void mr_db_release(mr_db *db);
 
 /* The connection, connecting or resetting first if needed. NULL with err on failure

@@ -10,6 +10,8 @@
  * ?tx_pause_ms=N (0..30000) it runs a transaction as service_role (mr_db_tx) that
  * pauses N ms between two statements, idle in transaction, and answers the second
  * one's current_user as "tx_user": a test ends the backend during the pause. With
+ * &tx_refuse=1 as well, the transaction is refused after the pause instead (503,
+ * its second statement never sent), so that it is rolled back. With
  * ?failed_calls=N (0..10000) it makes N calls of a prepared statement that fails
  * (mr_db_call), then answers how many statements its connection has prepared. Each
  * parameter is read by db_param. */
@@ -22,6 +24,7 @@
 
 typedef struct {
     long pause_ms;
+    int refuse;
     char user[64];
 } pause_arg;
 
@@ -35,6 +38,8 @@ static mr_err pause_tx(mr_db *db, void *arg, char *err, size_t errlen)
         return e;
     struct timespec ts = {.tv_sec = a->pause_ms / 1000, .tv_nsec = (a->pause_ms % 1000) * 1000000};
     nanosleep(&ts, NULL);
+    if (a->refuse)
+        return mr_seterr(err, errlen, MR_ETRANSIENT, "refused after the pause (tx_refuse)");
     res = NULL;
     e = mr_db_exec(db, "SELECT current_user::text", 0, NULL, &res, NULL, err, errlen);
     if (e == MR_OK)
@@ -104,6 +109,9 @@ static void handle(mr_req *r)
         if (got < 0)
             return;
         pause_arg a = {.pause_ms = v};
+        if ((got = db_param(r, "tx_refuse", 1, &v)) < 0)
+            return;
+        a.refuse = got && v;
         mr_err e = mr_db_tx(r->db, &mr_service_identity, pause_tx, &a, err, sizeof err);
         if (e != MR_OK) {
             mr_reply_err(r, e, err);

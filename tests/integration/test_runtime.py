@@ -500,6 +500,42 @@ def test_a_connection_lost_inside_a_transaction_is_not_replaced_inside_it(stack)
     assert r.status == 200 and r.json["tx_user"] == "service_role", r
 
 
+def test_a_rollback_the_server_does_not_answer_is_given_up_on_after_the_window(pg):
+    """A transaction refused part-way is rolled back; a server that stops answering
+    then (its backend stopped: a pooler queueing forever, a dead path) holds the
+    worker one statement's window (statement timeout + 2 s), not for ever: the
+    connection is dropped and the next request is served on a new one."""
+    with mr.Stack(pg, env={"MR_DB_STATEMENT_TIMEOUT_MS": "1000"}, extra_functions=("noop",),
+                  functions=[], workers=1) as s:
+        out = {}
+
+        def call():
+            try:
+                out["r"] = s.call("GET", "noop?tx_pause_ms=1500&tx_refuse=1", timeout=30)
+            except Exception as e:   # noqa: BLE001 (reported by the assertion below)
+                out["error"] = repr(e)
+        t = threading.Thread(target=call)
+        t0 = time.monotonic()
+        t.start()
+        pids = wait_until(lambda: s.sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'idle in transaction' AND query = 'SELECT pg_backend_pid()'"),
+            timeout=10, what="the paused transaction")
+        assert len(pids) == 1, pids
+        os.kill(pids[0][0], signal.SIGSTOP)
+        try:
+            t.join(30)
+            took = time.monotonic() - t0
+            assert not t.is_alive() and "r" in out, ("the worker was held past the window", out)
+            r = out["r"]
+            assert r.status == 503, r
+            assert 4.3 < took < 9.0, took     # the pause, then one window of 1 + 2 s
+            r = s.call("GET", "noop?tx_pause_ms=0", timeout=10)
+        finally:
+            os.kill(pids[0][0], signal.SIGCONT)
+        assert r.status == 200 and r.json["tx_user"] == "service_role", r
+
+
 def test_failed_calls_do_not_pile_prepared_statements_up_in_a_connection(stack):
     """A call that fails (a tenant's bad input, a constraint) makes its connection
     prepare its statements again under new names, and the old ones stay prepared on
