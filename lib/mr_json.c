@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+
 /* 2^53 - 1: above it doubles stop being exact, and 2^53 + 1 parses to 2^53,
  * so 2^53 itself cannot be told apart from a rounded larger number. */
 #define MR_JSON_MAX_SAFE 9007199254740991.0
@@ -188,4 +190,22 @@ mr_err mr_json_members(const cJSON *obj, const char *const names[], char *err, s
 char *mr_json_print(const cJSON *item)
 {
     return item ? cJSON_PrintUnformatted(item) : NULL;
+}
+
+char *mr_json_print_wiped(const cJSON *item)
+{
+    if (!item)
+        return NULL;
+    /* cJSON's allocator (malloc unless hooks are installed), so that whoever
+     * installs hooks sees these buffers as it sees cJSON's own. */
+    for (size_t cap = 4096; cap <= (size_t)16 << 20; cap *= 2) {
+        char *buf = cJSON_malloc(cap);
+        if (!buf)
+            return NULL;
+        if (cJSON_PrintPreallocated((cJSON *)item, buf, (int)cap, 0))
+            return buf;
+        OPENSSL_cleanse(buf, cap); /* the part that fitted */
+        cJSON_free(buf);
+    }
+    return NULL;
 }

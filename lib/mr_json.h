@@ -49,4 +49,12 @@ mr_err mr_json_members(const cJSON *obj, const char *const names[], char *err, s
 /* Serializes without whitespace. Returns malloc'd text the caller frees with free(). */
 char *mr_json_print(const cJSON *item);
 
+/* mr_json_print for a document that holds secrets: cJSON_PrintUnformatted grows its
+ * buffer by reallocating it and frees each smaller copy as it was, so the secrets
+ * would stay readable in freed memory. This prints into buffers of its own
+ * (cJSON_PrintPreallocated never allocates), doubling from 4 KiB up to 16 MiB, and
+ * wipes each one too small before freeing it. The caller wipes the text and frees
+ * it with free(). NULL when out of memory or over 16 MiB. */
+char *mr_json_print_wiped(const cJSON *item);
+
 #endif

@@ -138,7 +138,7 @@ static void call(mr_httpc *http, const mr_provisioner *p, const char *method, co
 void mr_provisioner_apply(mr_httpc *http, const mr_provisioner *p, const cJSON *payload,
                           mr_provisioner_call *out)
 {
-    char *body = payload ? mr_json_print(payload) : NULL;
+    char *body = payload ? mr_json_print_wiped(payload) : NULL;
     if (!body) {
         memset(out, 0, sizeof *out);
         out->rejected = payload != NULL ? 0 : 1;

@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <malloc.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -269,6 +271,67 @@ static void test_print(void **state)
     assert_null(mr_json_print(NULL));
 }
 
+/* Frees that cJSON makes while a secret is set count the blocks that still hold it. */
+static const char *g_secret;
+static int g_freed_with_secret;
+
+static void *hook_malloc(size_t n)
+{
+    return malloc(n);
+}
+
+static void hook_free(void *p)
+{
+    if (p && g_secret && memmem(p, malloc_usable_size(p), g_secret, strlen(g_secret)))
+        g_freed_with_secret++;
+    free(p);
+}
+
+/* A POST /apps body's size: the secret first, so that every copy made while the
+ * buffer grows holds it. */
+static cJSON *env_with_secret(const char *secret)
+{
+    cJSON *env = cJSON_CreateObject();
+    cJSON_AddStringToObject(env, "OPENAI_API_KEY", secret);
+    for (int i = 0; i < 400; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "VARIABLE_%03d", i);
+        cJSON_AddStringToObject(env, name, "a value of about forty bytes, not secret");
+    }
+    return env;
+}
+
+static void test_print_wiped_leaves_no_copy_in_freed_memory(void **state)
+{
+    (void)state;
+    const char *secret = "sk-live-0123456789abcdefghijklmnopqrstuv";
+    cJSON *env = env_with_secret(secret);
+    cJSON_Hooks hooks = {hook_malloc, hook_free};
+    cJSON_InitHooks(&hooks);
+
+    /* The plain print leaves copies behind (the check can see them)... */
+    g_secret = secret;
+    g_freed_with_secret = 0;
+    char *plain = mr_json_print(env);
+    int plain_left = g_freed_with_secret;
+    /* ...the wiped one none, and prints the same text. */
+    g_freed_with_secret = 0;
+    char *wiped = mr_json_print_wiped(env);
+    int wiped_left = g_freed_with_secret;
+    g_secret = NULL;
+    cJSON_InitHooks(NULL);
+
+    assert_true(plain_left > 0);
+    assert_int_equal(wiped_left, 0);
+    assert_non_null(wiped);
+    assert_true(strlen(wiped) > 16384); /* past three doublings of the first buffer */
+    assert_string_equal(wiped, plain);
+    free(plain);
+    free(wiped);
+    cJSON_Delete(env);
+    assert_null(mr_json_print_wiped(NULL));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -277,6 +340,7 @@ int main(void)
         cmocka_unit_test(test_paths),
         cmocka_unit_test(test_parse_length),
         cmocka_unit_test(test_print),
+        cmocka_unit_test(test_print_wiped_leaves_no_copy_in_freed_memory),
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_duplicate_keys_many_members),
         cmocka_unit_test(test_nul_escape),
