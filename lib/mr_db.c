@@ -20,6 +20,7 @@
 #include <time.h>
 
 #include "mr_config.h"
+#include "mr_deadlines.h"
 #include "mr_log.h"
 #include "mr_metrics.h"
 
@@ -78,8 +79,8 @@ mr_db *mr_db_open(const char *conninfo)
     /* Validated by the runtime in the parent; a bad value here falls back. */
     int64_t t;
     if (mr_config_parse_int("MR_DB_STATEMENT_TIMEOUT_MS", getenv("MR_DB_STATEMENT_TIMEOUT_MS"),
-                            5000, 0, 24 * 3600 * 1000, &t, NULL, 0) != MR_OK)
-        t = 5000;
+                            MR_DL_DB_STATEMENT_MS, 0, 24 * 3600 * 1000, &t, NULL, 0) != MR_OK)
+        t = MR_DL_DB_STATEMENT_MS;
     snprintf(db->statement_timeout, sizeof(db->statement_timeout), "%lld", (long long)t);
     db->timeout_ms = t;
     const char *pooler = getenv("DATABASE_POOLER");
@@ -293,7 +294,8 @@ void mr_db_release(mr_db *db)
 static int await_answer(mr_db *db, int64_t since, int statements)
 {
     PGconn *c = db->conn;
-    int64_t window = db->timeout_ms > 0 ? (statements > 1 ? statements : 1) * db->timeout_ms + 2000 : 0;
+    int64_t window = db->timeout_ms > 0 ? (statements > 1 ? statements : 1) * db->timeout_ms +
+                                              MR_DL_DB_ANSWER_SLACK_MS : 0;
     while (PQisBusy(c)) {
         int timeout = -1;
         if (window > 0) {

@@ -30,8 +30,11 @@
  * (MR_READ_TIMEOUT_MS). */
 #define MR_DL_FCGI_READ_MS 5000
 
-/* PostgreSQL: any one statement (MR_DB_STATEMENT_TIMEOUT_MS). */
+/* PostgreSQL: any one statement (MR_DB_STATEMENT_TIMEOUT_MS); and how much longer
+ * than its timeout a statement's answer is waited for before the connection is
+ * dropped (a server that does not answer at all: lib/mr_db.c). */
 #define MR_DL_DB_STATEMENT_MS 5000
+#define MR_DL_DB_ANSWER_SLACK_MS 2000
 
 /* The provisioner (DOKKU_COMMAND_TIMEOUT_MS, DOKKU_DEPLOY_TIMEOUT_MS,
  * PROVISIONER_APP_LOCK_WAIT_MS, PROVISIONER_REQUEST_TIMEOUT_MS). */

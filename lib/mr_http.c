@@ -1143,7 +1143,7 @@ int mr_app_main(const mr_app *app, int argc, char **argv)
         }
         PQconninfoFree(opts);
     }
-    mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", 5000, 0, 24 * 3600 * 1000);
+    mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", MR_DL_DB_STATEMENT_MS, 0, 24 * 3600 * 1000);
     int fd = mr_sd_listen_fd(msg, sizeof msg);
     if (fd == -2) {
         fprintf(stderr, "config: %s\n", msg);

@@ -28,10 +28,18 @@ void mr_instance_config_load(mr_instance_config *cfg)
 {
     cfg->wait_ms = (long)mr_config_int("MR_PROVISION_WAIT_MS", MR_DL_WAIT_MS, 100, 4 * 3600000);
     cfg->poll_ms = 200;
-    if (cfg->wait_ms >= (long)MR_DL_NGINX_LIFECYCLE_S * 1000) {
-        fprintf(stderr, "config: MR_PROVISION_WAIT_MS (%ld ms) must end before nginx's %d s "
-                "read timeout for provision-instance and deprovision-instance\n",
-                cfg->wait_ms, MR_DL_NGINX_LIFECYCLE_S);
+    /* The wait's last poll may start as it ends, and a database that does not
+     * answer it is given up on only after its answer window (lib/mr_db.c): both
+     * must end before nginx gives up on the request. */
+    int64_t window = mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", MR_DL_DB_STATEMENT_MS, 0,
+                                   24 * 3600 * 1000);
+    if (window > 0)
+        window += MR_DL_DB_ANSWER_SLACK_MS;
+    if (cfg->wait_ms + window >= (int64_t)MR_DL_NGINX_LIFECYCLE_S * 1000) {
+        fprintf(stderr, "config: MR_PROVISION_WAIT_MS (%ld ms) and its last poll's answer window "
+                "(MR_DB_STATEMENT_TIMEOUT_MS + %d ms: %lld ms) must end before nginx's %d s read "
+                "timeout for provision-instance and deprovision-instance\n", cfg->wait_ms,
+                MR_DL_DB_ANSWER_SLACK_MS, (long long)window, MR_DL_NGINX_LIFECYCLE_S);
         exit(2);
     }
 }
@@ -135,8 +143,9 @@ cJSON *mr_instance_answer(mr_db *db, const mr_identity *who, const mr_instance_c
         if (mr_json_str(inst, "id", &id) == MR_OK)
             snprintf(iid, sizeof iid, "%s", id);
         int64_t deadline = started_ms + cfg->wait_ms;
-        while (st == ST_PENDING && iid[0] && mr_now_ms() < deadline) {
-            struct timespec ts = {cfg->poll_ms / 1000, (cfg->poll_ms % 1000) * 1000000L};
+        for (int64_t left; st == ST_PENDING && iid[0] && (left = deadline - mr_now_ms()) > 0;) {
+            long ms = left < cfg->poll_ms ? (long)left : cfg->poll_ms; /* no poll after the wait */
+            struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
             nanosleep(&ts, NULL);
             const char *p[] = {iid};
             cJSON *fresh = NULL;

@@ -20,8 +20,9 @@ typedef struct {
     long poll_ms;       /* how often a waiting edge re-reads the instance */
 } mr_instance_config;
 
-/* Reads MR_PROVISION_WAIT_MS (a bad value, or one that does not end inside nginx's
- * read timeout, exits 2). */
+/* Reads MR_PROVISION_WAIT_MS (a bad value, or one that with its last poll's answer
+ * window, MR_DB_STATEMENT_TIMEOUT_MS + MR_DL_DB_ANSWER_SLACK_MS, does not end inside
+ * nginx's read timeout, exits 2). */
 void mr_instance_config_load(mr_instance_config *cfg);
 
 /* The answer of a request's SQL function. */

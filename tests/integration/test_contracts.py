@@ -127,8 +127,9 @@ def test_the_default_deadlines_nest():
     # The lease outlives the longest step plus the time to record it.
     longest = max(d["MR_DL_PROVISION_CALL_MS"] + d["MR_DL_PROVISION_CONNECT_MS"], d["MR_DL_RESEND_MS"])
     assert longest + d["MR_DL_RECORD_MARGIN_MS"] <= d["MR_DL_LIFECYCLE_LEASE_S"] * 1000
-    # Edges answer before nginx gives up on them.
-    assert d["MR_DL_WAIT_MS"] < d["MR_DL_NGINX_LIFECYCLE_S"] * 1000
+    # Edges answer before nginx gives up on them, the wait's last poll included.
+    assert (d["MR_DL_WAIT_MS"] + d["MR_DL_DB_STATEMENT_MS"] + d["MR_DL_DB_ANSWER_SLACK_MS"]
+            < d["MR_DL_NGINX_LIFECYCLE_S"] * 1000)
     # The webhook: a batch's statements, each again alone after a failed batch, and a
     # connection left for after the batch.
     assert (2 * d["MR_DL_WEBHOOK_BATCH"] * d["MR_DL_DB_STATEMENT_MS"] + d["MR_DL_FCGI_READ_MS"]
@@ -164,6 +165,10 @@ def test_the_worker_refuses_settings_it_cannot_work_with(env, message, tmp_path)
 
 @pytest.mark.parametrize("binary, env, message", [
     ("provision-instance", {"MR_PROVISION_WAIT_MS": "900000"}, "MR_PROVISION_WAIT_MS"),
+    # Its last poll, answered at worst after 5 + 2 s, would end past nginx's 900 s.
+    ("provision-instance", {"MR_PROVISION_WAIT_MS": "895000"}, "last poll's answer window"),
+    ("deprovision-instance", {"MR_PROVISION_WAIT_MS": "880000",
+                              "MR_DB_STATEMENT_TIMEOUT_MS": "20000"}, "MR_PROVISION_WAIT_MS"),
     ("dokku-provisioner", {"PROVISIONER_REQUEST_TIMEOUT_MS": "600000"}, "PROVISIONER_REQUEST_TIMEOUT_MS"),
     ("check-instance-health", {"HEALTH_TIMEOUT_MS": "160000"}, "HEALTH_TIMEOUT_MS"),
 ])
