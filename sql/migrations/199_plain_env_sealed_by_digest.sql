@@ -10,9 +10,9 @@
 -- emptied only while it still holds what was read and sealed.
 --
 -- A new signature beside the old one, which stays for the worker built before this
--- migration while an upgrade runs (docs/schema.md); a later release drops it. The
--- log then holds a digest of the whole object, which tells its values only to
--- someone who can guess every one of them.
+-- migration while an upgrade runs (docs/schema.md), now the same rule through the
+-- new one; a later release drops it. The log then holds a digest of the whole
+-- object, which tells its values only to someone who can guess every one of them.
 
 -- Empties environment_vars once its values are sealed into instance_secrets, only
 -- while its text (jsonb's output, as instance_plain_env reads it) still has the
@@ -41,3 +41,15 @@ $$;
 
 REVOKE ALL ON FUNCTION public.instance_plain_env_sealed(uuid, text) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.instance_plain_env_sealed(uuid, text) TO service_role;
+
+-- The worker built before this migration sends back the text it read, as jsonb: the
+-- same rule, by that text's digest (jsonb prints the text it was read from, which
+-- jsonb printed, unchanged).
+CREATE OR REPLACE FUNCTION public.instance_plain_env_sealed(p_instance_id uuid, p_was jsonb)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = ''
+AS $$
+    SELECT public.instance_plain_env_sealed(p_instance_id,
+               pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(p_was::text, 'UTF8')), 'hex'))
+$$;
