@@ -256,6 +256,12 @@ PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen)
 
 static int await_answer(mr_db *db, int64_t since, int statements);
 
+int64_t mr_db_answer_window_ms(int64_t timeout_ms, int statements)
+{
+    return timeout_ms > 0 ? (statements > 1 ? statements : 1) * timeout_ms + MR_DL_DB_ANSWER_SLACK_MS
+                          : 0;
+}
+
 void mr_db_release(mr_db *db)
 {
     if (!db || !db->conn || PQstatus(db->conn) != CONNECTION_OK)
@@ -294,8 +300,7 @@ void mr_db_release(mr_db *db)
 static int await_answer(mr_db *db, int64_t since, int statements)
 {
     PGconn *c = db->conn;
-    int64_t window = db->timeout_ms > 0 ? (statements > 1 ? statements : 1) * db->timeout_ms +
-                                              MR_DL_DB_ANSWER_SLACK_MS : 0;
+    int64_t window = mr_db_answer_window_ms(db->timeout_ms, statements);
     while (PQisBusy(c)) {
         int timeout = -1;
         if (window > 0) {

@@ -56,6 +56,11 @@ void mr_db_close(mr_db *db);
  * attempt; db may be NULL. */
 void mr_db_release(mr_db *db);
 
+/* How long the answer to `statements` statements is waited for under a statement
+ * timeout of timeout_ms before the connection is dropped: each one's timeout plus
+ * MR_DL_DB_ANSWER_SLACK_MS (0: no timeout, no limit). */
+int64_t mr_db_answer_window_ms(int64_t timeout_ms, int statements);
+
 /* The connection, connecting or resetting first if needed. NULL with err on failure
  * (MR_ETRANSIENT). The PGconn stays owned by db. */
 PGconn *mr_db_conn(mr_db *db, char *err, size_t errlen);

@@ -31,10 +31,8 @@ void mr_instance_config_load(mr_instance_config *cfg)
     /* The wait's last poll may start as it ends, and a database that does not
      * answer it is given up on only after its answer window (lib/mr_db.c): both
      * must end before nginx gives up on the request. */
-    int64_t window = mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", MR_DL_DB_STATEMENT_MS, 0,
-                                   24 * 3600 * 1000);
-    if (window > 0)
-        window += MR_DL_DB_ANSWER_SLACK_MS;
+    int64_t window = mr_db_answer_window_ms(
+        mr_config_int("MR_DB_STATEMENT_TIMEOUT_MS", MR_DL_DB_STATEMENT_MS, 0, 24 * 3600 * 1000), 1);
     if (cfg->wait_ms + window >= (int64_t)MR_DL_NGINX_LIFECYCLE_S * 1000) {
         fprintf(stderr, "config: MR_PROVISION_WAIT_MS (%ld ms) and its last poll's answer window "
                 "(MR_DB_STATEMENT_TIMEOUT_MS + %d ms: %lld ms) must end before nginx's %d s read "
