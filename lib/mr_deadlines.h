@@ -80,9 +80,12 @@
  * fastcgi_read_timeout, seconds. */
 #define MR_DL_NGINX_TENANT_S 30
 
-/* Health: one probe (HEALTH_TIMEOUT_MS) and nginx's fastcgi_read_timeout for
+/* Health: one probe (HEALTH_TIMEOUT_MS), a round's probing (HEALTH_ROUND_MS: no
+ * probe starts later than one probe's deadline before its end; the rest of nginx's
+ * timeout is the recording's) and nginx's fastcgi_read_timeout for
  * check-instance-health, seconds. */
 #define MR_DL_HEALTH_PROBE_MS 5000
+#define MR_DL_HEALTH_ROUND_MS 120000
 #define MR_DL_NGINX_HEALTH_S 300
 
 /* systemd's TimeoutStopSec for the worker's unit, seconds: longer than the stop

@@ -24,6 +24,15 @@ void mr_health_config_load(mr_health_config *cfg)
      * at most half of nginx's read timeout for check-instance-health. */
     cfg->probe.timeout_ms = (long)mr_config_int("HEALTH_TIMEOUT_MS", MR_DL_HEALTH_PROBE_MS, 100,
                                                 MR_DL_NGINX_HEALTH_S * 1000 / 2);
+    /* The probing of a round ends by then; what it did not reach waits for the next
+     * round, which takes the instances checked longest ago first. */
+    cfg->round_ms = (long)mr_config_int("HEALTH_ROUND_MS", MR_DL_HEALTH_ROUND_MS, 100,
+                                        MR_DL_NGINX_HEALTH_S * 1000 / 2);
+    if (cfg->round_ms < cfg->probe.timeout_ms) {
+        fprintf(stderr, "config: HEALTH_ROUND_MS (%ld) is shorter than HEALTH_TIMEOUT_MS (%ld): "
+                "a round would have no time for one probe\n", cfg->round_ms, cfg->probe.timeout_ms);
+        exit(2);
+    }
     cfg->probe.max_body = (size_t)mr_config_int("HEALTH_MAX_BODY", 65536, 1, 16 << 20);
     /* backend_url is MindRoom's API base (the provisioner's default answers
      * <domain>/api), so "/health" reaches MindRoom's /api/health. */
@@ -117,13 +126,14 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
     c->skipped[0] = '\0';
     /* Named columns only: tenants have no SELECT on environment_vars. An instance a
      * dry-run provisioner "deployed" has nothing at its URLs: it is left out
-     * (116_dry_run_not_probed.sql). */
+     * (116_dry_run_not_probed.sql). Those checked longest ago (or never) first: they
+     * are probed in this order, and a round whose time runs out leaves the last. */
     mr_err e = mr_db_exec(db,
                           "SELECT id::text, status::text, dry_run, backend_url, matrix_server_url"
                           "  FROM public.instances "
                           " WHERE ($1::uuid IS NULL AND status = 'running' AND NOT dry_run)"
                           "    OR id = $1::uuid "
-                          " ORDER BY id",
+                          " ORDER BY last_health_check NULLS FIRST, id",
                           1, params, &res, NULL, err, errlen);
     if (e != MR_OK)
         return e;
@@ -160,6 +170,32 @@ static mr_err select_tx(mr_db *db, void *arg, char *err, size_t errlen)
     }
     PQclear(res);
     return MR_OK;
+}
+
+static int by_id(const void *a, const void *b)
+{
+    return strcmp(((const target *)a)->id, ((const target *)b)->id);
+}
+
+/* Moves the targets whose every probe ran to the front, in id order (uuid order
+ * is the order of their lowercase text, as health_record answers), and returns
+ * how many they are; the others are left after them for targets_free. */
+static size_t keep_probed(select_ctx *c, const mr_probe *probes)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        int all = 1;
+        for (int k = 0; k < N_PARTS; k++)
+            if (c->t[i].probe[k] != NO_PROBE && !probes[c->t[i].probe[k]].ran)
+                all = 0;
+        if (!all)
+            continue;
+        target tmp = c->t[kept];
+        c->t[kept++] = c->t[i];
+        c->t[i] = tmp;
+    }
+    qsort(c->t, kept, sizeof *c->t, by_id);
+    return kept;
 }
 
 /* ---- recording ---- */
@@ -254,7 +290,7 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     select_ctx sc = {.instance_id = instance_id, .path = {cfg->path, cfg->matrix_path}};
     mr_probe *probes = NULL;
     verdict *verdicts = NULL;
-    size_t np = 0;
+    size_t np = 0, n = 0;
     record_ctx rc = {.counted = counted ? "true" : "false", .round_started = round_started};
     char *rec_json = NULL;
     recorded_row *rows = NULL;
@@ -285,12 +321,22 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
                 probes[np].url = sc.t[i].url[k];
                 sc.t[i].probe[k] = np++;
             }
+    /* The probing ends within HEALTH_ROUND_MS, so that nginx's timeout leaves the
+     * recording its time whatever hangs. */
     int64_t t0 = mr_now_ms();
-    e = mr_probe_run(probes, np, &cfg->probe, err, errlen);
+    e = mr_probe_run(probes, np, &cfg->probe, t0 + cfg->round_ms - cfg->probe.timeout_ms,
+                     err, errlen);
     int64_t probe_ms = mr_now_ms() - t0;
     if (e != MR_OK)
         goto done;
-    for (size_t i = 0; i < sc.n; i++)
+    /* From here on only the instances probed whole: the others are neither recorded
+     * nor answered, and are the next round's first. */
+    n = keep_probed(&sc, probes);
+    if (n < sc.n)
+        mr_log(MR_LOG_WARN, "health round: %zu of %zu instances not probed: HEALTH_ROUND_MS "
+               "(%ld ms) ran out; the next round probes them first", sc.n - n, sc.n,
+               cfg->round_ms);
+    for (size_t i = 0; i < n; i++)
         judge(&sc.t[i], probes, &verdicts[i]);
 
     /* Record as service_role (the rows were chosen under the caller's identity, and
@@ -303,13 +349,13 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     snprintf(rc.interval, sizeof rc.interval, "%d", cfg->interval_s);
     mr_identity recorder = mr_service_identity;
     recorder.request_json = who ? who->request_json : NULL; /* audit rows: from where */
-    rows = calloc(sc.n ? sc.n : 1, sizeof *rows);
+    rows = calloc(n ? n : 1, sizeof *rows);
     if (!rows) {
         e = mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
         goto done;
     }
-    for (size_t b = 0; b < sc.n; b += RECORD_BATCH) {
-        size_t end = sc.n - b > RECORD_BATCH ? b + RECORD_BATCH : sc.n;
+    for (size_t b = 0; b < n; b += RECORD_BATCH) {
+        size_t end = n - b > RECORD_BATCH ? b + RECORD_BATCH : n;
         cJSON *rec = cJSON_CreateArray();
         for (size_t i = b; i < end; i++) {
             const verdict *v = &verdicts[i];
@@ -351,7 +397,7 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
     cJSON *o_all = cJSON_CreateObject();
     cJSON *results = cJSON_CreateArray();
     int healthy = 0, unhealthy = 0, unreachable = 0, marked = 0;
-    for (size_t i = 0; i < sc.n; i++) {
+    for (size_t i = 0; i < n; i++) {
         const verdict *v = &verdicts[i];
         const mr_probe *mp = sc.t[i].probe[PART_MINDROOM] == NO_PROBE
                                  ? NULL : &probes[sc.t[i].probe[PART_MINDROOM]];
@@ -386,7 +432,8 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         cJSON_AddItemToArray(results, o);
     }
     mr_metrics_health_round(healthy, unhealthy, unreachable, marked);
-    cJSON_AddNumberToObject(o_all, "checked", (double)sc.n);
+    cJSON_AddNumberToObject(o_all, "checked", (double)n);
+    cJSON_AddNumberToObject(o_all, "not_probed", (double)(sc.n - n));
     cJSON_AddNumberToObject(o_all, "healthy", healthy);
     cJSON_AddNumberToObject(o_all, "unhealthy", unhealthy);
     cJSON_AddNumberToObject(o_all, "unreachable", unreachable);

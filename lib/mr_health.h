@@ -21,13 +21,14 @@ typedef struct {
     mr_probe_opts probe;   /* HEALTH_* and MINDROOM_BASE_DOMAIN */
     const char *path;      /* HEALTH_PATH, appended to each backend_url (MindRoom) */
     const char *matrix_path; /* HEALTH_MATRIX_PATH, appended to each matrix_server_url */
+    long round_ms;         /* HEALTH_ROUND_MS: a round's probing ends within it */
     int threshold;         /* HEALTH_FAILURE_THRESHOLD: counted failures in a row -> failed */
     int interval_s;        /* HEALTH_INTERVAL_S: the periodic round's interval; a failure
                               counts at most once per interval */
 } mr_health_config;
 
 /* Reads HEALTH_PATH, HEALTH_MATRIX_PATH, HEALTH_FAILURE_THRESHOLD, HEALTH_INTERVAL_S, HEALTH_CONCURRENCY,
- * HEALTH_TIMEOUT_MS, HEALTH_MAX_BODY, HEALTH_ALLOW_LOOPBACK, HEALTH_ALLOW_PRIVATE and
+ * HEALTH_TIMEOUT_MS, HEALTH_ROUND_MS (not below HEALTH_TIMEOUT_MS), HEALTH_MAX_BODY, HEALTH_ALLOW_LOOPBACK, HEALTH_ALLOW_PRIVATE and
  * MINDROOM_BASE_DOMAIN (a bad value exits 2), and raises the open-file limit to
  * fit the concurrency (or lowers the concurrency to fit the limit). */
 void mr_health_config_load(mr_health_config *cfg);
@@ -36,8 +37,11 @@ void mr_health_config_load(mr_health_config *cfg);
  * one. counted: whether failures count toward a redeploy (never for a tenant's own
  * probe). round_started: the round's start as a timestamptz text (the periodic
  * job's lease start), or NULL for now().
+ * Instances are probed checked-longest-ago first, and the probing ends within
+ * cfg->round_ms: those it did not reach are not recorded nor answered, only
+ * counted (not_probed), and are the next round's first.
  * Returns MR_OK with *out a new answer object (the caller owns it):
- *   {"checked", "healthy", "unhealthy", "unreachable", "marked_failed", "probe_ms",
+ *   {"checked", "not_probed", "healthy", "unhealthy", "unreachable", "marked_failed", "probe_ms",
  *    "results": [{"instance_id", "status", "http_status", "latency_ms", "error",
  *                 "failed_component" ("mindroom", "homeserver" or null),
  *                 "components": {"mindroom": {"status", "http_status", "latency_ms"} | null,

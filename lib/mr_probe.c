@@ -222,11 +222,12 @@ static void slot_finish(slot *s, CURLcode rc)
     }
 }
 
-mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, char *err, size_t errlen)
+mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t start_by_ms,
+                    char *err, size_t errlen)
 {
     CURLM *m;
     slot *slots;
-    size_t next = 0, active = 0;
+    size_t next = 0, active = 0, last = n; /* probes [next, last) are still to start */
     char why[64];
 
     assert(o->concurrency >= 1 && o->timeout_ms >= 1 && o->max_body >= 1);
@@ -242,10 +243,14 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, char *er
     for (size_t i = 0; i < n; i++) {
         slots[i].p = &probes[i];
         slots[i].o = o;
+        probes[i].ran = 0;
         probes[i].contacted = 0;
         probes[i].http_status = 0;
         probes[i].latency_ms = 0;
-        probes[i].status[0] = probes[i].error[0] = '\0';
+        /* What a probe never started says, should a caller not look at ran. */
+        probes[i].outcome = MR_PROBE_UNREACHABLE;
+        snprintf(probes[i].status, sizeof probes[i].status, "not probed: the round's time ran out");
+        probes[i].error[0] = '\0';
     }
 
     /* Keep up to `concurrency` transfers in flight; a finished one makes room
@@ -253,8 +258,13 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, char *er
     for (;;) {
         int running = 0, q, finished = 0;
         CURLMsg *msg;
-        while (active < (size_t)o->concurrency && next < n) {
+        /* Past start_by_ms the rest are left as they are (ran 0): a probe started
+         * later could end after the caller's deadline. The first ones always start. */
+        if (start_by_ms > 0 && next > 0 && next < last && mr_now_ms() > start_by_ms)
+            last = next;
+        while (active < (size_t)o->concurrency && next < last) {
             slot *s = &slots[next++];
+            s->p->ran = 1;
             if (mr_probe_check_url(s->p->url, o, why, sizeof why) != MR_OK) {
                 set_result(s->p, MR_PROBE_UNHEALTHY, "backend URL not allowed for health probes: never contacted",
                            "refused: %s", why);
@@ -282,7 +292,7 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, char *er
             finished++;
         }
         /* Wait only when no room was made: otherwise start the next ones first. */
-        if (active > 0 && (finished == 0 || next >= n))
+        if (active > 0 && (finished == 0 || next >= last))
             curl_multi_poll(m, NULL, 0, 200, NULL);
     }
     curl_multi_cleanup(m);

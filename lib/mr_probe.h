@@ -34,6 +34,9 @@ typedef struct {
 typedef struct {
     const char *url;          /* in: full URL to GET; caller-owned, outlives mr_probe_run */
     mr_probe_outcome outcome; /* out */
+    int ran;                  /* out: 1 when it was decided (started, or refused by the
+                                 rules); 0 when its round's time ran out first (then
+                                 it is unreachable, "not probed: ...", never healthy) */
     int contacted;            /* out: 1 when a connection was attempted */
     long http_status;         /* out: 0 when there was no answer */
     long latency_ms;          /* out: time the probe took (0 when never contacted) */
@@ -52,10 +55,14 @@ mr_err mr_probe_check_url(const char *url, const mr_probe_opts *o, char *why, si
  * to a struct in_addr or in6_addr. Returns 1 when a probe may connect to it. */
 int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o);
 
-/* Runs all n probes, at most o->concurrency at once, and fills their outputs.
- * Returns MR_OK (each probe's own outcome says how it went) or MR_EINTERNAL
- * when the multi handle cannot be created (err filled); then no probe ran. */
-mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o,
+/* Runs the n probes in their order, at most o->concurrency at once, and fills
+ * their outputs. start_by_ms (mr_now_ms's clock; 0 for none): no probe but the
+ * first o->concurrency starts after it, so with start_by_ms = the run's start +
+ * d - o->timeout_ms (d >= o->timeout_ms) every probe has ended d after the run's
+ * start; those left have ran 0. Returns MR_OK (each probe's own outcome says how it
+ * went) or MR_EINTERNAL when the multi handle cannot be created (err filled);
+ * then no probe ran. */
+mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t start_by_ms,
                     char *err, size_t errlen);
 
 #endif

@@ -86,9 +86,11 @@ static void health_job(worker *w, const char *started)
     const cJSON *n = cJSON_GetObjectItemCaseSensitive(out, "checked");
     const cJSON *h = cJSON_GetObjectItemCaseSensitive(out, "healthy");
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(out, "marked_failed");
-    mr_log(MR_LOG_INFO, "health round: %d checked, %d healthy, %d marked failed",
+    const cJSON *left = cJSON_GetObjectItemCaseSensitive(out, "not_probed");
+    mr_log(MR_LOG_INFO, "health round: %d checked, %d healthy, %d marked failed, %d not probed",
            cJSON_IsNumber(n) ? (int)n->valuedouble : 0, cJSON_IsNumber(h) ? (int)h->valuedouble : 0,
-           cJSON_IsNumber(m) ? (int)m->valuedouble : 0);
+           cJSON_IsNumber(m) ? (int)m->valuedouble : 0,
+           cJSON_IsNumber(left) ? (int)left->valuedouble : 0);
     cJSON_Delete(out);
     done(w, "health", NULL);
 }

@@ -137,6 +137,8 @@ def test_the_default_deadlines_nest():
     # track-usage's two statements at most (a credential's first use), my-instance's one.
     assert 2 * d["MR_DL_DB_STATEMENT_MS"] < d["MR_DL_NGINX_TENANT_S"] * 1000
     assert d["MR_DL_HEALTH_PROBE_MS"] < d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
+    # A round's probing ends within HEALTH_ROUND_MS; the rest is the recording's.
+    assert d["MR_DL_HEALTH_PROBE_MS"] <= d["MR_DL_HEALTH_ROUND_MS"] <= d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
     # A stopping worker ends before the service manager kills it.
     assert d["MR_DL_LIFECYCLE_STOP_GRACE_MS"] + d["MR_DL_RECORD_MARGIN_MS"] < d["MR_DL_WORKER_STOP_S"] * 1000
 
@@ -171,6 +173,9 @@ def test_the_worker_refuses_settings_it_cannot_work_with(env, message, tmp_path)
                               "MR_DB_STATEMENT_TIMEOUT_MS": "20000"}, "MR_PROVISION_WAIT_MS"),
     ("dokku-provisioner", {"PROVISIONER_REQUEST_TIMEOUT_MS": "600000"}, "PROVISIONER_REQUEST_TIMEOUT_MS"),
     ("check-instance-health", {"HEALTH_TIMEOUT_MS": "160000"}, "HEALTH_TIMEOUT_MS"),
+    # A round's probing past half of nginx's timeout, or shorter than one probe.
+    ("check-instance-health", {"HEALTH_ROUND_MS": "160000"}, "HEALTH_ROUND_MS"),
+    ("check-instance-health", {"HEALTH_ROUND_MS": "4000"}, "shorter than HEALTH_TIMEOUT_MS"),
 ])
 def test_functions_refuse_deadlines_past_nginx(binary, env, message, tmp_path):
     import subprocess

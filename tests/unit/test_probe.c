@@ -205,7 +205,7 @@ static void test_run(void **state)
                      {.url = u_hang_prod}};
     char err[64];
     int64_t t0 = mr_now_ms();
-    assert_int_equal(mr_probe_run(p, 3, &local, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(p, 3, &local, 0, err, sizeof err), MR_OK);
     int64_t took = mr_now_ms() - t0;
 
     assert_int_equal(p[0].outcome, MR_PROBE_UNREACHABLE);
@@ -221,13 +221,48 @@ static void test_run(void **state)
 
     mr_probe_opts lh = prod;
     lh.base_domain = "localhost";
-    assert_int_equal(mr_probe_run(&p[3], 1, &lh, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(&p[3], 1, &lh, 0, err, sizeof err), MR_OK);
     assert_int_equal(p[3].outcome, MR_PROBE_UNHEALTHY);
     assert_string_equal(p[3].status, "refused: address not allowed");
     assert_false(p[3].contacted);
 
-    assert_int_equal(mr_probe_run(NULL, 0, &local, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(NULL, 0, &local, 0, err, sizeof err), MR_OK);
     close(rfd);
+    close(hfd);
+}
+
+/* A deadline to start by: the probes started by then run their course, the rest
+ * never start and say so, never healthy; the run ends one probe's timeout after
+ * the deadline, not after every hanging probe in turn. */
+static void test_no_probe_starts_after_the_deadline(void **state)
+{
+    (void)state;
+    int hang_port, hfd = bound_socket(1, &hang_port);
+    char u[64], err[64];
+    snprintf(u, sizeof u, "http://127.0.0.1:%d/api/health", hang_port);
+    mr_probe_opts one = local;
+    one.concurrency = 1;
+    mr_probe p[3] = {{.url = u}, {.url = u}, {.url = u}};
+    int64_t t0 = mr_now_ms();
+    assert_int_equal(mr_probe_run(p, 3, &one, t0 + 100, err, sizeof err), MR_OK);
+    int64_t took = mr_now_ms() - t0;
+    assert_true(p[0].ran);
+    assert_string_equal(p[0].status, "unreachable: timeout after 300 ms");
+    for (int i = 1; i < 3; i++) {
+        assert_false(p[i].ran);
+        assert_false(p[i].contacted);
+        assert_int_equal(p[i].outcome, MR_PROBE_UNREACHABLE);
+        assert_string_equal(p[i].status, "not probed: the round's time ran out");
+    }
+    assert_true(took >= 300 && took < 300 + 250);
+
+    /* Without one, each waits its turn. */
+    t0 = mr_now_ms();
+    assert_int_equal(mr_probe_run(p, 3, &one, 0, err, sizeof err), MR_OK);
+    took = mr_now_ms() - t0;
+    for (int i = 0; i < 3; i++)
+        assert_true(p[i].ran && p[i].contacted);
+    assert_true(took >= 900);
     close(hfd);
 }
 
@@ -244,7 +279,7 @@ static void test_answer_cut_short_is_unhealthy(void **state)
     snprintf(u_stall, sizeof u_stall, "http://127.0.0.1:%d/api/health", sport);
     snprintf(u_drop, sizeof u_drop, "http://127.0.0.1:%d/api/health", dport);
     mr_probe p[2] = {{.url = u_stall}, {.url = u_drop}};
-    assert_int_equal(mr_probe_run(p, 2, &local, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(p, 2, &local, 0, err, sizeof err), MR_OK);
     assert_int_equal(p[0].outcome, MR_PROBE_UNHEALTHY);
     assert_int_equal(p[0].http_status, 200);
     assert_string_equal(p[0].status, "unhealthy: HTTP 200 cut short: timeout");
@@ -267,6 +302,7 @@ int main(void)
         cmocka_unit_test(test_special_purpose_ranges),
         cmocka_unit_test(test_long_host_refused),
         cmocka_unit_test(test_run),
+        cmocka_unit_test(test_no_probe_starts_after_the_deadline),
         cmocka_unit_test(test_answer_cut_short_is_unhealthy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -96,7 +96,7 @@ static void test_refused_candidate_then_allowed_address(void **state)
     char url[96], err[64];
     snprintf(url, sizeof url, "http://mixed.mindroom.chat:%d/api/health", port);
     mr_probe p = {.url = url};
-    assert_int_equal(mr_probe_run(&p, 1, &o, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(&p, 1, &o, 0, err, sizeof err), MR_OK);
     kill(srv, SIGTERM);
     waitpid(srv, NULL, 0);
     /* The endpoint was reached (on 127.0.0.1) and answered 200. */
