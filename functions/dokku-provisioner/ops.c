@@ -258,9 +258,13 @@ static void spec_store(const prov_config *cfg, const char *app, const char *hex)
     if (hex[0]) prov_state_record(cfg, "apps", app, hex, NULL, 0);
 }
 
-static void spec_forget(const prov_config *cfg, const char *app)
+/* 0, or -1 when the record is still there to be read: its bucket can be read but
+ * not written. One that cannot be read either is as good as forgotten (a run that
+ * cannot read a record rebuilds). */
+static int spec_forget(const prov_config *cfg, const char *app)
 {
-    prov_state_record(cfg, "apps", app, "", NULL, 0);
+    if (prov_state_record(cfg, "apps", app, "", NULL, 0) >= 0) return 0;
+    return prov_state_record(cfg, "apps", app, NULL, NULL, 0) == 1 ? -1 : 0;
 }
 
 /* ---- create / update of one app ---- */
@@ -377,9 +381,16 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
     /* A new spec: the recorded one stops being true with the first change below
      * (config:import and the limits apply at once, and a restart, this run's or a later
      * one's, starts a container from them). Forgotten before it, so that a run cut
-     * short is followed by a rebuild whatever spec comes next, even the old one. */
-    if (!spec_matches(cfg, p->app, fp))
-        spec_forget(cfg, p->app);
+     * short is followed by a rebuild whatever spec comes next, even the old one. One
+     * that cannot be forgotten stops the run before any change: the next run of the
+     * old spec would find it and skip the rebuild its app then needs. */
+    if (!spec_matches(cfg, p->app, fp) && spec_forget(cfg, p->app) != 0) {
+        c->out->fail_status = 500;
+        c->out->fail_code = "internal";
+        return mr_seterr(c->err, c->errlen, MR_EINTERNAL, "%s: its recorded spec in "
+                         "PROVISIONER_STATE_DIR/apps cannot be removed (the file can be read but "
+                         "not written): the app was left as it was", p->app);
+    }
 
     /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */
     int yes = 0;
@@ -832,8 +843,10 @@ mr_err prov_app_action(const prov_config *cfg, const char *app, prov_verb verb,
             const char *a[] = {"--force", "apps:destroy", apps[i], NULL};
             if ((e = must(&c, a, slow)) != MR_OK) goto done;
         }
-        spec_forget(cfg, nm.app);
-        spec_forget(cfg, nm.hs_app);
+        /* Left behind, a record is harmless: a new app of the name deploys whatever
+         * it says (its image is not yet committed). */
+        (void)spec_forget(cfg, nm.app);
+        (void)spec_forget(cfg, nm.hs_app);
         out->app_state = out->hs_state = "missing";
         int net = 0;
         if (cfg->scheduler != PROV_SCHED_K3S &&

@@ -1068,6 +1068,47 @@ def test_a_revert_after_an_update_that_failed_part_way_restarts_again(stack, dok
     assert ["ps:rebuild", app] in calls and r.json["restarted"] is True, (r.json, calls)
 
 
+def record_bucket(state_dir, app):
+    """The file of PROVISIONER_STATE_DIR/apps that holds app's recorded spec (FNV-1a
+    of its name, 256 buckets: state.c)."""
+    h = 14695981039346656037
+    for c in app.encode():
+        h = ((h ^ c) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return state_dir / "apps" / ("%02x" % (h % 256))
+
+
+def test_an_update_whose_recorded_spec_cannot_be_forgotten_changes_nothing(stack, dokku):
+    """Spec A applied, its record kept. The record's file can then be read but not
+    written (read-only: chattr +i holds even for root), and update B comes. Were B to
+    go on with A's record in place and fail part-way, as in the test above, A sent
+    again would find it and skip the rebuild its container needs. B is refused
+    before it changes the app instead, and once the file can be written the same
+    update applies."""
+    import subprocess
+    app = "mindroom-stuck"
+    a = body(app, "sstuck", env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-old"})
+    b = body(app, "sstuck", env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-new"})
+    assert post(stack, a).status == 201
+    bucket = record_bucket(dokku.state, app)
+    assert (app + " ") in bucket.read_text()
+    subprocess.run(["chattr", "+i", str(bucket)], check=True)
+    try:
+        dokku.mark()
+        r = post(stack, b)
+    finally:
+        subprocess.run(["chattr", "-i", str(bucket)], check=True)
+    assert r.status == 500 and r.json["error"]["code"] == "internal", r
+    assert r.json["error"]["message"].startswith(app + ": its recorded spec"), r.json
+    changed = [c for c in dokku.new_calls() if c[0] not in ("apps:exists", "storage:info",
+                                                            "network:exists", "config:get")]
+    # The homeserver's spec did not change; MindRoom's app was not touched.
+    assert not [c for c in changed if app in c], changed
+    assert dokku.config(app)["OPENAI_API_KEY"] == "sk-old"
+    r = post(stack, b)
+    assert r.status == 200, r
+    assert dokku.config(app)["OPENAI_API_KEY"] == "sk-new"
+
+
 def test_stop_of_an_instance_whose_mindroom_app_is_missing_stops_its_homeserver(stack, dokku):
     """A create that failed at MindRoom's apps:create leaves the homeserver deployed
     and running. A stop stops it (404 not_found, which the control plane takes as
