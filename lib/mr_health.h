@@ -28,9 +28,10 @@ typedef struct {
 } mr_health_config;
 
 /* Reads HEALTH_PATH, HEALTH_MATRIX_PATH, HEALTH_FAILURE_THRESHOLD, HEALTH_INTERVAL_S, HEALTH_CONCURRENCY,
- * HEALTH_TIMEOUT_MS, HEALTH_ROUND_MS (not below HEALTH_TIMEOUT_MS), HEALTH_MAX_BODY, HEALTH_ALLOW_LOOPBACK, HEALTH_ALLOW_PRIVATE and
- * MINDROOM_BASE_DOMAIN (a bad value exits 2), and raises the open-file limit to
- * fit the concurrency (or lowers the concurrency to fit the limit). */
+ * HEALTH_TIMEOUT_MS, HEALTH_ROUND_MS (not below HEALTH_TIMEOUT_MS), HEALTH_MAX_BODY,
+ * HEALTH_ALLOW_LOOPBACK, HEALTH_ALLOW_PRIVATE and MINDROOM_BASE_DOMAIN (a bad value
+ * exits 2), and raises the open-file limit to fit the concurrency (or lowers the
+ * concurrency to fit the limit). */
 void mr_health_config_load(mr_health_config *cfg);
 
 /* Runs one round. instance_id NULL: every running instance `who` can see; else that
