@@ -81,8 +81,8 @@
 #define MR_DL_NGINX_TENANT_S 30
 
 /* Health: one probe (HEALTH_TIMEOUT_MS), a round's probing (HEALTH_ROUND_MS: no
- * probe starts later than one probe's deadline before its end; the rest of nginx's
- * timeout is the recording's) and nginx's fastcgi_read_timeout for
+ * instance's probes start later than two probes' deadlines before its end; the rest
+ * of nginx's timeout is the recording's) and nginx's fastcgi_read_timeout for
  * check-instance-health, seconds. */
 #define MR_DL_HEALTH_PROBE_MS 5000
 #define MR_DL_HEALTH_ROUND_MS 120000

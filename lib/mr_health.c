@@ -25,8 +25,11 @@ void mr_health_config_load(mr_health_config *cfg)
     cfg->probe.timeout_ms = (long)mr_config_int("HEALTH_TIMEOUT_MS", MR_DL_HEALTH_PROBE_MS, 100,
                                                 MR_DL_NGINX_HEALTH_S * 1000 / 2);
     /* The probing of a round ends by then; what it did not reach waits for the next
-     * round, which takes the instances checked longest ago first. */
-    cfg->round_ms = (long)mr_config_int("HEALTH_ROUND_MS", MR_DL_HEALTH_ROUND_MS, 100,
+     * round, which takes the instances checked longest ago first. Unset, it is never
+     * shorter than one probe. */
+    long round_def = cfg->probe.timeout_ms > MR_DL_HEALTH_ROUND_MS ? cfg->probe.timeout_ms
+                                                                   : MR_DL_HEALTH_ROUND_MS;
+    cfg->round_ms = (long)mr_config_int("HEALTH_ROUND_MS", round_def, 100,
                                         MR_DL_NGINX_HEALTH_S * 1000 / 2);
     if (cfg->round_ms < cfg->probe.timeout_ms) {
         fprintf(stderr, "config: HEALTH_ROUND_MS (%ld) is shorter than HEALTH_TIMEOUT_MS (%ld): "
@@ -40,6 +43,11 @@ void mr_health_config_load(mr_health_config *cfg)
     cfg->matrix_path = mr_config_str("HEALTH_MATRIX_PATH", "/health");
     cfg->threshold = (int)mr_config_int("HEALTH_FAILURE_THRESHOLD", 3, 1, 1000);
     cfg->interval_s = (int)mr_config_int("HEALTH_INTERVAL_S", 60, 1, 86400);
+    /* The worker's rounds also end inside their lease (one interval): their probing
+     * takes at most half of it, never less than one probe. */
+    long half = (long)cfg->interval_s * 1000 / 2;
+    cfg->periodic_round_ms = cfg->round_ms < half ? cfg->round_ms
+                             : half > cfg->probe.timeout_ms ? half : cfg->probe.timeout_ms;
 
     const char *const paths[][2] = {{"HEALTH_PATH", cfg->path},
                                     {"HEALTH_MATRIX_PATH", cfg->matrix_path}};
@@ -285,7 +293,7 @@ static cJSON *part_json(const target *t, const mr_probe *probes, int k)
 
 mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,
                        const char *instance_id, int counted, const char *round_started,
-                       cJSON **out, char *err, size_t errlen)
+                       long round_ms, cJSON **out, char *err, size_t errlen)
 {
     select_ctx sc = {.instance_id = instance_id, .path = {cfg->path, cfg->matrix_path}};
     mr_probe *probes = NULL;
@@ -319,13 +327,17 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
         for (int k = 0; k < N_PARTS; k++)
             if (sc.t[i].url[k]) {
                 probes[np].url = sc.t[i].url[k];
+                /* An instance's parts are probed together or not at all. */
+                probes[np].follows = k > 0 && sc.t[i].probe[PART_MINDROOM] != NO_PROBE;
                 sc.t[i].probe[k] = np++;
             }
-    /* The probing ends within HEALTH_ROUND_MS, so that nginx's timeout leaves the
-     * recording its time whatever hangs. */
+    /* The probing ends within round_ms, so that nginx's timeout (or the worker's
+     * lease) leaves the recording its time whatever hangs: no instance's probes start
+     * later than two probes before its end (the second may wait one for a slot), and
+     * the first wave's always start. */
     int64_t t0 = mr_now_ms();
-    e = mr_probe_run(probes, np, &cfg->probe, t0 + cfg->round_ms - cfg->probe.timeout_ms,
-                     err, errlen);
+    int64_t start_by = t0 + round_ms - 2 * cfg->probe.timeout_ms;
+    e = mr_probe_run(probes, np, &cfg->probe, start_by > 0 ? start_by : 1, err, errlen);
     int64_t probe_ms = mr_now_ms() - t0;
     if (e != MR_OK)
         goto done;
@@ -333,9 +345,9 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
      * nor answered, and are the next round's first. */
     n = keep_probed(&sc, probes);
     if (n < sc.n)
-        mr_log(MR_LOG_WARN, "health round: %zu of %zu instances not probed: HEALTH_ROUND_MS "
-               "(%ld ms) ran out; the next round probes them first", sc.n - n, sc.n,
-               cfg->round_ms);
+        mr_log(MR_LOG_WARN, "%zu of %zu instances not probed in this health round: its %ld ms "
+               "(HEALTH_ROUND_MS, for the worker at most half of HEALTH_INTERVAL_S) ran out; "
+               "the next round probes them first", sc.n - n, sc.n, round_ms);
     for (size_t i = 0; i < n; i++)
         judge(&sc.t[i], probes, &verdicts[i]);
 

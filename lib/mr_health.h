@@ -21,7 +21,9 @@ typedef struct {
     mr_probe_opts probe;   /* HEALTH_* and MINDROOM_BASE_DOMAIN */
     const char *path;      /* HEALTH_PATH, appended to each backend_url (MindRoom) */
     const char *matrix_path; /* HEALTH_MATRIX_PATH, appended to each matrix_server_url */
-    long round_ms;         /* HEALTH_ROUND_MS: a round's probing ends within it */
+    long round_ms;         /* HEALTH_ROUND_MS: a requested round's probing ends within it */
+    long periodic_round_ms;/* the worker's: round_ms, at most half of the interval (its
+                              lease), at least one probe's timeout */
     int threshold;         /* HEALTH_FAILURE_THRESHOLD: counted failures in a row -> failed */
     int interval_s;        /* HEALTH_INTERVAL_S: the periodic round's interval; a failure
                               counts at most once per interval */
@@ -39,8 +41,9 @@ void mr_health_config_load(mr_health_config *cfg);
  * probe). round_started: the round's start as a timestamptz text (the periodic
  * job's lease start), or NULL for now().
  * Instances are probed checked-longest-ago first, and the probing ends within
- * cfg->round_ms: those it did not reach are not recorded nor answered, only
- * counted (not_probed), and are the next round's first.
+ * round_ms (cfg->round_ms or cfg->periodic_round_ms; one instance's probes are never
+ * cut): those it did not reach are not recorded nor answered, only counted
+ * (not_probed), and are the next round's first.
  * Returns MR_OK with *out a new answer object (the caller owns it):
  *   {"checked", "not_probed", "healthy", "unhealthy", "unreachable", "marked_failed", "probe_ms",
  *    "results": [{"instance_id", "status", "http_status", "latency_ms", "error",
@@ -53,6 +56,6 @@ void mr_health_config_load(mr_health_config *cfg);
  * not running (err names its status) or a dry run deployed it. Database failures as mr_db_tx. */
 mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config *cfg,
                        const char *instance_id, int counted, const char *round_started,
-                       cJSON **out, char *err, size_t errlen);
+                       long round_ms, cJSON **out, char *err, size_t errlen);
 
 #endif

@@ -255,14 +255,18 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t 
 
     /* Keep up to `concurrency` transfers in flight; a finished one makes room
      * for the next, so a few hanging probes delay nobody but themselves. */
-    for (;;) {
+    for (int first_wave = 1;; first_wave = 0) {
         int running = 0, q, finished = 0;
         CURLMsg *msg;
-        /* Past start_by_ms the rest are left as they are (ran 0): a probe started
-         * later could end after the caller's deadline. The first ones always start. */
-        if (start_by_ms > 0 && next > 0 && next < last && mr_now_ms() > start_by_ms)
-            last = next;
         while (active < (size_t)o->concurrency && next < last) {
+            /* Past start_by_ms the rest are left as they are (ran 0): a probe started
+             * later could end after the caller's deadline. The first wave, and a probe
+             * that follows one started, start whenever they can. */
+            if (!first_wave && start_by_ms > 0 && !probes[next].follows &&
+                mr_now_ms() > start_by_ms) {
+                last = next;
+                break;
+            }
             slot *s = &slots[next++];
             s->p->ran = 1;
             if (mr_probe_check_url(s->p->url, o, why, sizeof why) != MR_OK) {

@@ -33,6 +33,8 @@ typedef struct {
 
 typedef struct {
     const char *url;          /* in: full URL to GET; caller-owned, outlives mr_probe_run */
+    int follows;              /* in: 1 when it goes with the probe before it (another part
+                                 of one target): it starts whenever that one did */
     mr_probe_outcome outcome; /* out */
     int ran;                  /* out: 1 when it was decided (started, or refused by the
                                  rules); 0 when its round's time ran out first (then
@@ -56,10 +58,12 @@ mr_err mr_probe_check_url(const char *url, const mr_probe_opts *o, char *why, si
 int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o);
 
 /* Runs the n probes in their order, at most o->concurrency at once, and fills
- * their outputs. start_by_ms (mr_now_ms's clock; 0 for none): no probe but the
- * first o->concurrency starts after it, so with start_by_ms = the run's start +
- * d - o->timeout_ms (d >= o->timeout_ms) every probe has ended d after the run's
- * start; those left have ran 0. Returns MR_OK (each probe's own outcome says how it
+ * their outputs. start_by_ms (mr_now_ms's clock; 0 for none): no probe starts
+ * after it but the first wave (the first o->concurrency) and those that follow a
+ * probe started (which may wait one probe's timeout for a slot, then run one
+ * more); those left have ran 0. So with start_by_ms = the run's start + d -
+ * 2 * o->timeout_ms and targets of two probes at most, every probe has ended
+ * max(d, 2 * o->timeout_ms) after the run's start. Returns MR_OK (each probe's own outcome says how it
  * went) or MR_EINTERNAL when the multi handle cannot be created (err filled);
  * then no probe ran. */
 mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t start_by_ms,

@@ -32,8 +32,8 @@ static void handle(mr_req *r)
         return;
     int counted = strcmp(r->who.role, "service_role") == 0;
     cJSON *out = NULL;
-    mr_err e = mr_health_round(r->db, &r->who, &cfg, id[0] ? id : NULL, counted, NULL, &out,
-                               err, sizeof err);
+    mr_err e = mr_health_round(r->db, &r->who, &cfg, id[0] ? id : NULL, counted, NULL,
+                               cfg.round_ms, &out, err, sizeof err);
     if (e == MR_ENOTFOUND)
         mr_reply_error(r, 404, "not_found", "%s", err);
     else if (e == MR_ECONFLICT)

@@ -388,8 +388,8 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
         c->out->fail_status = 500;
         c->out->fail_code = "internal";
         return mr_seterr(c->err, c->errlen, MR_EINTERNAL, "%s: its recorded spec in "
-                         "PROVISIONER_STATE_DIR/apps cannot be removed (the file can be read but "
-                         "not written): the app was left as it was", p->app);
+                         "PROVISIONER_STATE_DIR/apps could not be removed and can still be "
+                         "read: the app was left as it was", p->app);
     }
 
     /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */

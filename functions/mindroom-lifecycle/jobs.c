@@ -76,8 +76,8 @@ static void health_job(worker *w, const char *started)
 {
     cJSON *out = NULL;
     char err[256] = "";
-    mr_err e = mr_health_round(w->db, &mr_service_identity, &wcfg.health, NULL, 1, started, &out,
-                               err, sizeof err);
+    mr_err e = mr_health_round(w->db, &mr_service_identity, &wcfg.health, NULL, 1, started,
+                               wcfg.health.periodic_round_ms, &out, err, sizeof err);
     if (e != MR_OK) {
         mr_log(MR_LOG_WARN, "health round: %s", err);
         done(w, "health", err);

@@ -137,8 +137,9 @@ def test_the_default_deadlines_nest():
     # track-usage's two statements at most (a credential's first use), my-instance's one.
     assert 2 * d["MR_DL_DB_STATEMENT_MS"] < d["MR_DL_NGINX_TENANT_S"] * 1000
     assert d["MR_DL_HEALTH_PROBE_MS"] < d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
-    # A round's probing ends within HEALTH_ROUND_MS; the rest is the recording's.
-    assert d["MR_DL_HEALTH_PROBE_MS"] <= d["MR_DL_HEALTH_ROUND_MS"] <= d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
+    # A round's probing ends within HEALTH_ROUND_MS (no instance's probes start later
+    # than two probes before its end); the rest is the recording's.
+    assert 2 * d["MR_DL_HEALTH_PROBE_MS"] <= d["MR_DL_HEALTH_ROUND_MS"] <= d["MR_DL_NGINX_HEALTH_S"] * 1000 / 2
     # A stopping worker ends before the service manager kills it.
     assert d["MR_DL_LIFECYCLE_STOP_GRACE_MS"] + d["MR_DL_RECORD_MARGIN_MS"] < d["MR_DL_WORKER_STOP_S"] * 1000
 
@@ -189,3 +190,25 @@ def test_functions_refuse_deadlines_past_nginx(binary, env, message, tmp_path):
                        text=True, timeout=10, cwd=tmp_path)
     assert p.returncode == 2, p
     assert message in p.stderr, p.stderr
+
+
+def test_a_long_probe_timeout_alone_still_starts(tmp_path):
+    """HEALTH_TIMEOUT_MS up to half of nginx's timeout was always allowed: set alone
+    above HEALTH_ROUND_MS's default, the round's default follows it instead of
+    refusing to start."""
+    import subprocess
+    import time
+    import mr
+    full = {"PATH": "/usr/bin:/bin", "SUPABASE_JWT_SECRET": "s" * 40,
+            "MR_SOCKET": str(tmp_path / "x.sock"), "HEALTH_TIMEOUT_MS": "130000"}
+    p = subprocess.Popen([str(mr.build_dir() / "bin/check-instance-health")], env=full,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "x.sock").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "x.sock").exists() and p.poll() is None, p
+    finally:
+        p.terminate()
+        out, errs = p.communicate(timeout=10)
+    assert "HEALTH_ROUND_MS" not in errs, errs

@@ -394,14 +394,14 @@ def test_an_operators_failures_count_once_per_interval(interval_stack, health_st
     assert row(s, iid)["status"] == "running"
 
 
-ROUND_MS = 2500
+ROUND_MS = 4800
 
 
 @pytest.fixture(scope="module")
 def round_stack(pg):
-    """check-instance-health alone with two probes at a time and a round's probing
-    cut at HEALTH_ROUND_MS: 2.5 s, where a probe's deadline is 1 s."""
-    env = dict(PROBE_ENV, HEALTH_CONCURRENCY="2", HEALTH_ROUND_MS=str(ROUND_MS))
+    """check-instance-health alone, one probe at a time (1 s each), a round's probing
+    cut at HEALTH_ROUND_MS, 4.8 s: no instance's probes start after 2.8 s."""
+    env = dict(PROBE_ENV, HEALTH_CONCURRENCY="1", HEALTH_ROUND_MS=str(ROUND_MS))
     with mr.Stack(pg, env=env, functions=["check-instance-health"]) as s:
         yield s
 
@@ -409,36 +409,47 @@ def round_stack(pg):
 def test_a_round_that_runs_out_of_time_leaves_the_rest_to_the_next_one(round_stack, health_standin):
     """More hanging instances than a round's time can probe: the round answers within
     HEALTH_ROUND_MS (so that an operator's round over every instance answers before
-    nginx's timeout, whatever hangs), records only what it probed, says how many it
-    left, and the next round probes those first. Two at a time, 1 s each: 2.5 s holds
-    two waves of the six instances, not three."""
+    nginx's timeout, whatever hangs), probes an instance's two parts together or not
+    at all, records only what it probed, says how many it left, and the next round
+    probes those first. Three instances whose MindRoom and homeserver both hang, one
+    probe at a time: the first two instances take 4 s, the third would start after
+    the cut."""
     s = round_stack
     acct = make_account(s)
-    ids = [make_instance(s, acct, health_standin.url("rt%d" % i, "hang")) for i in range(6)]
+    ids = []
+    for i in range(3):
+        iid = make_instance(s, acct, health_standin.url("rt%d" % i, "hang"))
+        s.sql("UPDATE public.instances SET matrix_server_url = %s WHERE id = %s",
+              health_standin.url("rt%d-matrix" % i, "hang"), iid)
+        ids.append(iid)
     health_standin.reset()
 
     t0 = time.monotonic()
     r = check(s)
     took = time.monotonic() - t0
     assert r.status == 200, r
-    assert (r.json["checked"], r.json["not_probed"], r.json["unreachable"]) == (4, 2, 4), r.json
+    assert (r.json["checked"], r.json["not_probed"], r.json["unreachable"]) == (2, 1, 2), r.json
     assert took < ROUND_MS / 1000 + 0.5, took
-    first = set(by_id(r))
-    left = set(ids) - first
-    assert len(left) == 2
-    for iid in first:
-        assert row(s, iid)["consecutive_failures"] == 1
+    first = by_id(r)
+    left = set(ids) - set(first)
+    assert len(left) == 1
+    for iid, res in first.items():
+        assert res["failed_component"] == "mindroom" and res["consecutive_failures"] == 1, res
+        assert res["components"]["homeserver"]["status"] == "unreachable: timeout after %d ms" % TIMEOUT_MS
         assert row(s, iid)["health_status"] == "unreachable: timeout after %d ms" % TIMEOUT_MS
     for iid in left:  # never contacted, nothing recorded
         rw = row(s, iid)
         assert (rw["last_health_check"], rw["health_status"], rw["consecutive_failures"]) == (None, None, 0)
     assert health_standin.hits(None) == 4
-    assert "2 of 6 instances not probed: HEALTH_ROUND_MS" in s.log("check-instance-health")
+    assert "1 of 3 instances not probed" in s.log("check-instance-health")
 
-    # The next round takes those never checked first, then the oldest checks.
+    # The next round takes the one never checked first, then the oldest check; every
+    # instance it probed gets its count (a failure counts once per interval).
     r = check(s)
-    assert (r.json["checked"], r.json["not_probed"]) == (4, 2), r.json
-    assert left <= set(by_id(r)), (left, set(by_id(r)))
+    assert (r.json["checked"], r.json["not_probed"]) == (2, 1), r.json
+    second = by_id(r)
+    assert left <= set(second), (left, set(second))
+    assert all(res["consecutive_failures"] == 1 for res in second.values()), second
     assert s.sql("SELECT count(*) FROM public.instances WHERE last_health_check IS NULL")[0][0] == 0
 
 

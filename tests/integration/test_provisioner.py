@@ -17,7 +17,8 @@ from provisioner_helpers import (DOMAIN, DONE, HS_MAX_UPLOAD, HS_UID, IMAGE, K3S
                                  MINDROOM_UID, TAR, Dokku, body, create_sequence,
                                  destroy_sequence, hs_internal_url, hs_secrets, imported,
                                  managed, match, matrix_host, mem, names,
-                                 network_teardown, ports, storage_destroy, subcommand)
+                                 network_teardown, ports, record_bucket, state_record,
+                                 storage_destroy, subcommand)
 
 # The provisioner never connects to PostgreSQL: nothing here differs behind a pooler.
 pytestmark = pytest.mark.database_free
@@ -1068,35 +1069,35 @@ def test_a_revert_after_an_update_that_failed_part_way_restarts_again(stack, dok
     assert ["ps:rebuild", app] in calls and r.json["restarted"] is True, (r.json, calls)
 
 
-def record_bucket(state_dir, app):
-    """The file of PROVISIONER_STATE_DIR/apps that holds app's recorded spec (FNV-1a
-    of its name, 256 buckets: state.c)."""
-    h = 14695981039346656037
-    for c in app.encode():
-        h = ((h ^ c) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return state_dir / "apps" / ("%02x" % (h % 256))
-
-
 def test_an_update_whose_recorded_spec_cannot_be_forgotten_changes_nothing(stack, dokku):
     """Spec A applied, its record kept. The record's file can then be read but not
-    written (read-only: chattr +i holds even for root), and update B comes. Were B to
+    written (immutable for root, whom mode bits do not stop; read-only for anyone
+    else), and update B comes. Were B to
     go on with A's record in place and fail part-way, as in the test above, A sent
     again would find it and skip the rebuild its container needs. B is refused
     before it changes the app instead, and once the file can be written the same
     update applies."""
+    import os
     import subprocess
     app = "mindroom-stuck"
     a = body(app, "sstuck", env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-old"})
     b = body(app, "sstuck", env={"MINDROOM_TIER": "starter", "OPENAI_API_KEY": "sk-new"})
     assert post(stack, a).status == 201
-    bucket = record_bucket(dokku.state, app)
-    assert (app + " ") in bucket.read_text()
-    subprocess.run(["chattr", "+i", str(bucket)], check=True)
+    bucket = record_bucket(dokku.state / "apps", app)
+    assert state_record(dokku.state / "apps", app)
+    root = os.geteuid() == 0
+    if root:
+        subprocess.run(["chattr", "+i", str(bucket)], check=True)
+    else:
+        bucket.chmod(0o400)
     try:
         dokku.mark()
         r = post(stack, b)
     finally:
-        subprocess.run(["chattr", "-i", str(bucket)], check=True)
+        if root:
+            subprocess.run(["chattr", "-i", str(bucket)], check=True)
+        else:
+            bucket.chmod(0o600)
     assert r.status == 500 and r.json["error"]["code"] == "internal", r
     assert r.json["error"]["message"].startswith(app + ": its recorded spec"), r.json
     changed = [c for c in dokku.new_calls() if c[0] not in ("apps:exists", "storage:info",

@@ -256,6 +256,17 @@ static void test_no_probe_starts_after_the_deadline(void **state)
     }
     assert_true(took >= 300 && took < 300 + 250);
 
+    /* A probe that follows one started (another part of its target) starts after the
+     * deadline too, when a slot frees; the next target's does not. */
+    p[1].follows = 1;
+    t0 = mr_now_ms();
+    assert_int_equal(mr_probe_run(p, 3, &one, t0 + 100, err, sizeof err), MR_OK);
+    took = mr_now_ms() - t0;
+    assert_true(p[0].ran && p[1].ran && !p[2].ran);
+    assert_string_equal(p[1].status, "unreachable: timeout after 300 ms");
+    assert_true(took >= 600 && took < 600 + 250);
+    p[1].follows = 0;
+
     /* Without one, each waits its turn. */
     t0 = mr_now_ms();
     assert_int_equal(mr_probe_run(p, 3, &one, 0, err, sizeof err), MR_OK);
