@@ -27,8 +27,9 @@ void mr_health_config_load(mr_health_config *cfg)
     /* The probing of a round ends by then; what it did not reach waits for the next
      * round, which takes the instances checked longest ago first. Unset, it is never
      * shorter than one probe. */
-    long round_def = cfg->probe.timeout_ms > MR_DL_HEALTH_ROUND_MS ? cfg->probe.timeout_ms
-                                                                   : MR_DL_HEALTH_ROUND_MS;
+    long round_def = MR_DL_HEALTH_ROUND_MS;
+    if (round_def < cfg->probe.timeout_ms)
+        round_def = cfg->probe.timeout_ms;
     cfg->round_ms = (long)mr_config_int("HEALTH_ROUND_MS", round_def, 100,
                                         MR_DL_NGINX_HEALTH_S * 1000 / 2);
     if (cfg->round_ms < cfg->probe.timeout_ms) {
@@ -46,8 +47,9 @@ void mr_health_config_load(mr_health_config *cfg)
     /* The worker's rounds also end inside their lease (one interval): their probing
      * takes at most half of it, never less than one probe. */
     long half = (long)cfg->interval_s * 1000 / 2;
-    cfg->periodic_round_ms = cfg->round_ms < half ? cfg->round_ms
-                             : half > cfg->probe.timeout_ms ? half : cfg->probe.timeout_ms;
+    if (half < cfg->probe.timeout_ms)
+        half = cfg->probe.timeout_ms;
+    cfg->periodic_round_ms = half < cfg->round_ms ? half : cfg->round_ms;
 
     const char *const paths[][2] = {{"HEALTH_PATH", cfg->path},
                                     {"HEALTH_MATRIX_PATH", cfg->matrix_path}};
@@ -332,12 +334,9 @@ mr_err mr_health_round(mr_db *db, const mr_identity *who, const mr_health_config
                 sc.t[i].probe[k] = np++;
             }
     /* The probing ends within round_ms, so that nginx's timeout (or the worker's
-     * lease) leaves the recording its time whatever hangs: no instance's probes start
-     * later than two probes before its end (the second may wait one for a slot), and
-     * the first wave's always start. */
+     * lease) leaves the recording its time whatever hangs. */
     int64_t t0 = mr_now_ms();
-    int64_t start_by = t0 + round_ms - 2 * cfg->probe.timeout_ms;
-    e = mr_probe_run(probes, np, &cfg->probe, start_by > 0 ? start_by : 1, err, errlen);
+    e = mr_probe_run(probes, np, &cfg->probe, round_ms, err, errlen);
     int64_t probe_ms = mr_now_ms() - t0;
     if (e != MR_OK)
         goto done;

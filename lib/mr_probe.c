@@ -222,7 +222,7 @@ static void slot_finish(slot *s, CURLcode rc)
     }
 }
 
-mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t start_by_ms,
+mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t within_ms,
                     char *err, size_t errlen)
 {
     CURLM *m;
@@ -247,11 +247,11 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t 
         probes[i].contacted = 0;
         probes[i].http_status = 0;
         probes[i].latency_ms = 0;
-        /* What a probe never started says, should a caller not look at ran. */
-        probes[i].outcome = MR_PROBE_UNREACHABLE;
-        snprintf(probes[i].status, sizeof probes[i].status, "not probed: the round's time ran out");
-        probes[i].error[0] = '\0';
+        probes[i].status[0] = probes[i].error[0] = '\0';
     }
+    /* A probe started by then ends one timeout later; one that follows it may wait
+     * one more for a slot. */
+    const int64_t start_by = mr_now_ms() + within_ms - 2 * o->timeout_ms;
 
     /* Keep up to `concurrency` transfers in flight; a finished one makes room
      * for the next, so a few hanging probes delay nobody but themselves. */
@@ -259,11 +259,11 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t 
         int running = 0, q, finished = 0;
         CURLMsg *msg;
         while (active < (size_t)o->concurrency && next < last) {
-            /* Past start_by_ms the rest are left as they are (ran 0): a probe started
-             * later could end after the caller's deadline. The first wave, and a probe
-             * that follows one started, start whenever they can. */
-            if (!first_wave && start_by_ms > 0 && !probes[next].follows &&
-                mr_now_ms() > start_by_ms) {
+            /* Past start_by the rest are left (ran 0): a probe started later could end
+             * after the caller's deadline. The first wave, and a probe that follows
+             * one started, start whenever they can. */
+            if (!first_wave && within_ms > 0 && !probes[next].follows &&
+                mr_now_ms() > start_by) {
                 last = next;
                 break;
             }
@@ -299,6 +299,9 @@ mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t 
         if (active > 0 && (finished == 0 || next >= last))
             curl_multi_poll(m, NULL, 0, 200, NULL);
     }
+    /* What a probe never started says, should a caller not look at ran. */
+    for (size_t i = last; i < n; i++)
+        set_result(&probes[i], MR_PROBE_UNREACHABLE, NULL, "not probed: the round's time ran out");
     curl_multi_cleanup(m);
     free(slots);
     return MR_OK;

@@ -58,15 +58,15 @@ mr_err mr_probe_check_url(const char *url, const mr_probe_opts *o, char *why, si
 int mr_probe_addr_allowed(int family, const void *addr, const mr_probe_opts *o);
 
 /* Runs the n probes in their order, at most o->concurrency at once, and fills
- * their outputs. start_by_ms (mr_now_ms's clock; 0 for none): no probe starts
- * after it but the first wave (the first o->concurrency) and those that follow a
- * probe started (which may wait one probe's timeout for a slot, then run one
- * more); those left have ran 0. So with start_by_ms = the run's start + d -
- * 2 * o->timeout_ms and targets of two probes at most, every probe has ended
- * max(d, 2 * o->timeout_ms) after the run's start. Returns MR_OK (each probe's own outcome says how it
- * went) or MR_EINTERNAL when the multi handle cannot be created (err filled);
- * then no probe ran. */
-mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t start_by_ms,
+ * their outputs. within_ms (0: no bound): with targets of two probes at most (the
+ * second marked follows), every probe has ended max(within_ms, 2 * o->timeout_ms)
+ * after the call. No probe starts later than 2 * o->timeout_ms before within_ms
+ * but the first wave (the first o->concurrency) and those that follow a probe
+ * started (which may wait one probe's timeout for a slot, then run one more);
+ * those left have ran 0. Returns MR_OK (each probe's own outcome says how it went)
+ * or MR_EINTERNAL when the multi handle cannot be created (err filled); then no
+ * probe ran. */
+mr_err mr_probe_run(mr_probe *probes, size_t n, const mr_probe_opts *o, int64_t within_ms,
                     char *err, size_t errlen);
 
 #endif

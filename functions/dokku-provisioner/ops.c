@@ -52,6 +52,7 @@
  * lock (another deploy of the same app from elsewhere) is retried in runner.c. */
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -128,11 +129,19 @@ static mr_err must(run_ctx *c, const char *const *args, int64_t timeout_ms)
     return must_in(c, args, NULL, 0, timeout_ms);
 }
 
-static mr_err internal(run_ctx *c, const char *what)
+static mr_err internal(run_ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static mr_err internal(run_ctx *c, const char *fmt, ...)
 {
     c->out->fail_status = 500;
     c->out->fail_code = "internal";
-    return mr_seterr(c->err, c->errlen, MR_EINTERNAL, "%s", what);
+    if (c->err && c->errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->err, c->errlen, fmt, ap);
+        va_end(ap);
+    }
+    return MR_EINTERNAL;
 }
 
 static int said(const prov_result *res, const char *needle)
@@ -384,13 +393,9 @@ static mr_err apply_app(run_ctx *c, app_plan *p)
      * short is followed by a rebuild whatever spec comes next, even the old one. One
      * that cannot be forgotten stops the run before any change: the next run of the
      * old spec would find it and skip the rebuild its app then needs. */
-    if (!spec_matches(cfg, p->app, fp) && spec_forget(cfg, p->app) != 0) {
-        c->out->fail_status = 500;
-        c->out->fail_code = "internal";
-        return mr_seterr(c->err, c->errlen, MR_EINTERNAL, "%s: its recorded spec in "
-                         "PROVISIONER_STATE_DIR/apps could not be removed and can still be "
-                         "read: the app was left as it was", p->app);
-    }
+    if (!spec_matches(cfg, p->app, fp) && spec_forget(cfg, p->app) != 0)
+        return internal(c, "%s: its recorded spec in PROVISIONER_STATE_DIR/apps could not be "
+                        "removed and can still be read: the app was left as it was", p->app);
 
     /* 1. The app, created only when missing, so a repeat or a resume never duplicates it. */
     int yes = 0;

@@ -231,9 +231,10 @@ static void test_run(void **state)
     close(hfd);
 }
 
-/* A deadline to start by: the probes started by then run their course, the rest
- * never start and say so, never healthy; the run ends one probe's timeout after
- * the deadline, not after every hanging probe in turn. */
+/* A bound on the run (700 ms with 300 ms probes: none starts after 100 ms but the
+ * first wave and those that follow a probe started): the probes started by then
+ * run their course, the rest never start and say so, never healthy; the run ends
+ * one probe's timeout after that, not after every hanging probe in turn. */
 static void test_no_probe_starts_after_the_deadline(void **state)
 {
     (void)state;
@@ -244,7 +245,7 @@ static void test_no_probe_starts_after_the_deadline(void **state)
     one.concurrency = 1;
     mr_probe p[3] = {{.url = u}, {.url = u}, {.url = u}};
     int64_t t0 = mr_now_ms();
-    assert_int_equal(mr_probe_run(p, 3, &one, t0 + 100, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(p, 3, &one, 100 + 2 * 300, err, sizeof err), MR_OK);
     int64_t took = mr_now_ms() - t0;
     assert_true(p[0].ran);
     assert_string_equal(p[0].status, "unreachable: timeout after 300 ms");
@@ -260,7 +261,7 @@ static void test_no_probe_starts_after_the_deadline(void **state)
      * deadline too, when a slot frees; the next target's does not. */
     p[1].follows = 1;
     t0 = mr_now_ms();
-    assert_int_equal(mr_probe_run(p, 3, &one, t0 + 100, err, sizeof err), MR_OK);
+    assert_int_equal(mr_probe_run(p, 3, &one, 100 + 2 * 300, err, sizeof err), MR_OK);
     took = mr_now_ms() - t0;
     assert_true(p[0].ran && p[1].ran && !p[2].ran);
     assert_string_equal(p[1].status, "unreachable: timeout after 300 ms");
