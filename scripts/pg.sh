@@ -85,6 +85,9 @@ init)
       if [ -n "$port" ]; then echo "listen_addresses = '127.0.0.1'"; else echo "listen_addresses = ''"; fi
       echo "port = $tcp_port"
       echo "max_connections = 200"
+      # Sessions in UTC, as Supabase's are, whatever zone this machine is in: a day
+      # (usage, daily limits) is a UTC day, and psql and the tests read it so.
+      echo "timezone = 'UTC'"
       echo "shared_buffers = 128MB"
       echo "fsync = ${PG_FSYNC:-on}"
       echo "synchronous_commit = ${PG_FSYNC:-on}"

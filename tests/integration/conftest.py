@@ -17,13 +17,6 @@ import sys
 
 import pytest
 
-# A day is a UTC day (tenant usage, its daily limits): the functions set their
-# transactions' TimeZone to UTC, so the tests' own sessions (CURRENT_DATE, a
-# timestamp's day) must be in it too, whatever zone this machine, and with it the
-# cluster initdb makes, is in. libpq sends PGTZ when it connects; the functions do
-# not inherit it (mr.INHERITED_ENV).
-os.environ["PGTZ"] = "UTC"
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "standins"))
