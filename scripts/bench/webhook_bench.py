@@ -44,7 +44,11 @@ pg_stat_statements, track all: where the database's time goes per statement, int
 build/bench/webhook-statements.txt, written anew each run; a profiling run, its rates
 are not the bench's),
 BENCH_PERF=1 (perf record -a -g during each stream: build/bench/perf-<stream>.txt),
-MR_BUILD (build/release).
+MR_BUILD (build/release). For experiments (a run with either is not written to the
+docs): BENCH_EXPERIMENT_SQL=FILE (run as the superuser on the stack's database once
+the accounts exist, before the streams: e.g. a function redefined), and
+BENCH_PACED_SIGNUP / BENCH_PACED_NEW (events a second offered in that paced run,
+instead of half of its stream's peak).
 """
 
 import contextlib
@@ -74,6 +78,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNS", "16"))
 PROFILE = os.environ.get("BENCH_PROFILE") == "1"
 PERF = os.environ.get("BENCH_PERF") == "1"
+EXPERIMENT_SQL = os.environ.get("BENCH_EXPERIMENT_SQL")
 ACCOUNTS = 1000
 LUA = ROOT / "scripts/bench/webhook.lua"
 OUT = ROOT / "build/bench"
@@ -546,6 +551,13 @@ class WaitSampler(Sampler):
         return {k: round(v / max(self.samples, 1), 3) for k, v in self.counts.items()}
 
 
+def fixed_paced_rate(kind):
+    """The rate an experiment fixed for the paced run of `kind` ("signup", "new";
+    BENCH_PACED_SIGNUP / BENCH_PACED_NEW), or None: half of the stream's peak."""
+    v = os.environ.get("BENCH_PACED_" + kind.upper())
+    return float(v) if v else None
+
+
 def paced(s, url, kind, secret, peak, prefix):
     """The stream offered at half of `peak`, about 100 requests a second per
     connection, each connection waiting a delay before each request: calibrated by
@@ -553,7 +565,7 @@ def paced(s, url, kind, secret, peak, prefix):
     delay is fractional, webhook.lua keeps it exact on average). With fewer
     connections, a period shorter than a request's own time could not be offered:
     the run would measure a closed loop at the rate two connections reach."""
-    target = peak / 2
+    target = fixed_paced_rate(kind) or peak / 2
     conns = max(2, int(math.ceil(target / 100.0)))
     period = conns * 1000.0 / target
     need = int(target * (SECONDS + 4) * 1.5) + 200
@@ -649,6 +661,8 @@ def run():
                   " 'bench' || i || '@example.com' FROM generate_series(1, %s) AS i", ACCOUNTS)
             s.sql("UPDATE accounts SET stripe_customer_id = 'cus_' || split_part(email, '@', 1)"
                   " WHERE email LIKE 'bench%%@example.com'")
+            if EXPERIMENT_SQL:
+                s.sql(Path(EXPERIMENT_SQL).read_text())
             # Enough unique events for the whole baseline rate: a stream never
             # wraps around into duplicates (rows == requests says so).
             supply = int(res["baseline"]["tps"] * SECONDS) + 2000
@@ -817,9 +831,10 @@ def report(res):
         print("  (before the paced %s run: %d instances left to create, the worker took %.1f s%s)"
               % (name, w["backlog"], w["seconds"], "" if not w["left"] else
                  ", %d still left" % w["left"]))
-        print("  paced     %-7s at half of peak (%4.0f/s offered): %8.0f events/s p50 %.2f p99 %.2f ms"
+        print("  paced     %-7s at %-12s (%4.0f/s offered): %8.0f events/s p50 %.2f p99 %.2f ms"
               "  (target p99 <= 10 ms) %s   load %s"
-              % (name, p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"],
+              % (name, "a fixed rate" if fixed_paced_rate(key.split("_")[0])
+                 else "half of peak", p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"],
                  mark(key),
                  fmt_load(p["load"])))
         print(FsyncProbe.line(p["disk_fsync"]))
@@ -897,6 +912,8 @@ def main():
     print("  written to %s" % (OUT / "webhook.json"))
     if PROFILE:
         print("  statements: %s (a profiling run: not written to the docs)" % (OUT / "webhook-statements.txt"))
+    elif EXPERIMENT_SQL or fixed_paced_rate("signup") or fixed_paced_rate("new"):
+        print("  an experiment (BENCH_EXPERIMENT_SQL or BENCH_PACED_*): not written to the docs")
     elif os.environ.get("BENCH_NO_DOCS") != "1":
         write_doc(res)
     print("webhook: targets %s" % ("met" if ok else "MISSED"))
