@@ -559,7 +559,8 @@ def fixed_paced_rate(kind):
 
 
 def paced(s, url, kind, secret, peak, prefix):
-    """The stream offered at half of `peak`, about 100 requests a second per
+    """The stream offered at half of `peak` (or at the rate an experiment fixed:
+    fixed_paced_rate), about 100 requests a second per
     connection, each connection waiting a delay before each request: calibrated by
     a 3 s run so that delay + p50 makes one request period per connection (the
     delay is fractional, webhook.lua keeps it exact on average). With fewer
