@@ -79,6 +79,10 @@ CONNS = int(os.environ.get("BENCH_CONNS", "16"))
 PROFILE = os.environ.get("BENCH_PROFILE") == "1"
 PERF = os.environ.get("BENCH_PERF") == "1"
 EXPERIMENT_SQL = os.environ.get("BENCH_EXPERIMENT_SQL")
+# The paced runs' rates an experiment fixed, by stream ("signup", "new").
+PACED_RATE = {k: float(os.environ["BENCH_PACED_" + k.upper()]) for k in ("signup", "new")
+              if os.environ.get("BENCH_PACED_" + k.upper())}
+EXPERIMENT = bool(EXPERIMENT_SQL or PACED_RATE)
 ACCOUNTS = 1000
 LUA = ROOT / "scripts/bench/webhook.lua"
 OUT = ROOT / "build/bench"
@@ -551,22 +555,15 @@ class WaitSampler(Sampler):
         return {k: round(v / max(self.samples, 1), 3) for k, v in self.counts.items()}
 
 
-def fixed_paced_rate(kind):
-    """The rate an experiment fixed for the paced run of `kind` ("signup", "new";
-    BENCH_PACED_SIGNUP / BENCH_PACED_NEW), or None: half of the stream's peak."""
-    v = os.environ.get("BENCH_PACED_" + kind.upper())
-    return float(v) if v else None
-
-
 def paced(s, url, kind, secret, peak, prefix):
-    """The stream offered at half of `peak` (or at the rate an experiment fixed:
-    fixed_paced_rate), about 100 requests a second per
-    connection, each connection waiting a delay before each request: calibrated by
+    """The stream offered at half of `peak` (or at the rate an experiment fixed,
+    PACED_RATE), about 100 requests a second per connection, each connection
+    waiting a delay before each request: calibrated by
     a 3 s run so that delay + p50 makes one request period per connection (the
     delay is fractional, webhook.lua keeps it exact on average). With fewer
     connections, a period shorter than a request's own time could not be offered:
     the run would measure a closed loop at the rate two connections reach."""
-    target = fixed_paced_rate(kind) or peak / 2
+    target = PACED_RATE.get(kind, peak / 2)
     conns = max(2, int(math.ceil(target / 100.0)))
     period = conns * 1000.0 / target
     need = int(target * (SECONDS + 4) * 1.5) + 200
@@ -579,7 +576,8 @@ def paced(s, url, kind, secret, peak, prefix):
         r = wrk(url, conns, SECONDS, [f, conns, delay], threads=conns)
     # instances_behind: the instances the run asked for that the worker had not created
     # by its end; more than a few means it did not keep pace with the rate offered.
-    r.update(target_rps=round(target, 1), delay_ms=delay, connections=conns, disk_fsync=probe.summary(),
+    r.update(target_rps=round(target, 1), rate_fixed=kind in PACED_RATE, delay_ms=delay,
+             connections=conns, disk_fsync=probe.summary(),
              instances_behind=provisioning(s), sessions=waits.summary() if waits else None)
     return r
 
@@ -642,7 +640,8 @@ def run():
     pg = mr.Cluster(fsync=True)
     res = {"seconds": SECONDS, "connections": CONNS, "cores": os.cpu_count(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "machine": "%s, %d cores, %s" % (platform.node(), os.cpu_count(), platform.release())}
+           "machine": "%s, %d cores, %s" % (platform.node(), os.cpu_count(), platform.release()),
+           "experiment": EXPERIMENT}
     try:
         if PROFILE:
             track_statements(pg)
@@ -834,8 +833,8 @@ def report(res):
                  ", %d still left" % w["left"]))
         print("  paced     %-7s at %-12s (%4.0f/s offered): %8.0f events/s p50 %.2f p99 %.2f ms"
               "  (target p99 <= 10 ms) %s   load %s"
-              % (name, "a fixed rate" if fixed_paced_rate(key.split("_")[0])
-                 else "half of peak", p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"],
+              % (name, "a fixed rate" if p["rate_fixed"] else "half of peak",
+                 p["target_rps"], p["rps"], p["p50_ms"], p["p99_ms"],
                  mark(key),
                  fmt_load(p["load"])))
         print(FsyncProbe.line(p["disk_fsync"]))
@@ -913,7 +912,7 @@ def main():
     print("  written to %s" % (OUT / "webhook.json"))
     if PROFILE:
         print("  statements: %s (a profiling run: not written to the docs)" % (OUT / "webhook-statements.txt"))
-    elif EXPERIMENT_SQL or fixed_paced_rate("signup") or fixed_paced_rate("new"):
+    elif res["experiment"]:
         print("  an experiment (BENCH_EXPERIMENT_SQL or BENCH_PACED_*): not written to the docs")
     elif os.environ.get("BENCH_NO_DOCS") != "1":
         write_doc(res)
