@@ -110,12 +110,16 @@ static void wake_worker(mr_req *r, void *arg)
 
 /* ---- the request ----------------------------------------------------------- */
 
-/* The answer for process_stripe_event's result (evt_err: its error, or NULL). */
-static void answer(mr_req *r, const char *result, const char *evt_err)
+/* The answer for process_stripe_event's result (evt_err: its error, or NULL;
+ * code: a deferred event's reason, or NULL). */
+static void answer(mr_req *r, const char *result, const char *evt_err, const char *code)
 {
     if (!strcmp(result, "deferred")) {
-        /* Recorded with its error; Stripe retries (the account may be linked by then). */
-        mr_reply_error(r, 503, "account_not_found", "%s", evt_err ? evt_err : "not applicable yet");
+        /* Recorded with its error; Stripe retries (the account may be linked by then,
+         * the instance's names free). The code is the database's, of a fixed set. */
+        if (!code || strcmp(code, "instance_names_taken"))
+            code = "account_not_found";
+        mr_reply_error(r, 503, code, "%s", evt_err ? evt_err : "not applicable yet");
         return;
     }
     /* The answers without a message are constants: most deliveries get one. */
@@ -183,7 +187,7 @@ static int admit(mr_req *r, wh_event *evt)
     if (mr_idcache_has(g_seen, evt->id, mr_now_ms())) {
         mr_note(r, "event %.100s (%.60s): duplicate (settled, remembered)", evt->id, evt->type);
         mr_metrics_stripe_event(evt->type, "duplicate");
-        answer(r, "duplicate", NULL);
+        answer(r, "duplicate", NULL, NULL);
         wh_event_free(evt);
         return 0;
     }
@@ -195,7 +199,8 @@ static int admit(mr_req *r, wh_event *evt)
  * commit made work due (the lifecycle worker is to be woken). */
 static int settle(mr_req *r, wh_event *evt, mr_err e, char *out, const char *err, size_t others)
 {
-    const char *id = evt->id, *type = evt->type, *result = NULL, *owed = NULL, *evt_err = NULL;
+    const char *id = evt->id, *type = evt->type, *result = NULL, *owed = NULL, *evt_err = NULL,
+               *code = NULL;
     int wake = 0;
     if (e == MR_OK && out == NULL) {
         e = MR_EINTERNAL;
@@ -224,6 +229,7 @@ static int settle(mr_req *r, wh_event *evt, mr_err e, char *out, const char *err
     }
     (void)mr_json_str(res, "owed", &owed);
     (void)mr_json_str(res, "error", &evt_err);
+    (void)mr_json_str(res, "code", &code);
     wake = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res, "wake"));
     if (!strcmp(result, "refused")) {
         /* Someone made Stripe name an account that is not this customer's: an
@@ -248,7 +254,7 @@ static int settle(mr_req *r, wh_event *evt, mr_err e, char *out, const char *err
         mr_idcache_put(g_seen, id, mr_now_ms());
 
     /* 4. The answer. */
-    answer(r, result, evt_err);
+    answer(r, result, evt_err, code);
 
     cJSON_Delete(res);
     wh_event_free(evt);

@@ -1231,6 +1231,54 @@ def test_a_returning_customer_is_told_its_mindroom_is_back_with_its_data(stack, 
     assert "Welcome to MindRoom!" not in text and "up and running" not in text, text
 
 
+def test_a_customer_who_subscribes_again_while_its_instance_is_removed_gets_its_data_back(
+        stack, stripe, prov, resend):
+    """The customer cancels and subscribes again before its instance's destroy is done
+    (here the provisioner fails it for a while). The new subscription's event waits for
+    that destroy (recorded, 503 instance_names_taken, so that Stripe or the worker's
+    sweep applies it again) instead of starting an empty MindRoom beside the old one,
+    whose data would then be kept for nobody; once the destroy is done the event is
+    applied and the customer gets its MindRoom back, data and address."""
+    acc, email, tok = user(stack)
+    events = paid(stack, stripe, tok, acc)
+    [(sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s", acc)
+    first, _ = welcome_email(stack, resend, str(sid), email)
+
+    prov.behave("fail")                     # the destroy fails, and is retried with backoff
+    try:
+        sub = dict(events[1]["data"]["object"], status="canceled")
+        assert deliver(stack, stripe_event("customer.subscription.deleted", sub,
+                                           events[1]["created"] + 1)).status == 200
+        wait_until(lambda: instance(stack, str(sid))["attempts"] >= 1, timeout=15,
+                   what="the destroy failed once")
+        r = checkout(stack, tok, tier="enterprise")
+        assert r.status == 200, r
+        again = stripe.complete(r.json["id"])
+        assert deliver(stack, again[0]).status == 200               # checkout.session.completed
+        w = deliver(stack, again[1])                                # customer.subscription.created
+        assert w.status == 503 and error(w) == {
+            "code": "instance_names_taken",
+            "message": "the account's instance %s is still being removed; this subscription's "
+                       "instance is made on its data once it is" % first["dokku_app_name"]}, w
+        assert stack.sql("SELECT status FROM public.stripe_events WHERE id = %s",
+                         again[1]["id"]) == [("deferred",)]
+        assert stack.sql("SELECT count(*) FROM public.instances i JOIN public.subscriptions s "
+                         "ON s.id = i.subscription_id WHERE s.account_id = %s", acc) == [(1,)]
+    finally:
+        prov.behave("ok")
+    assert wait_status(stack, str(sid), "deprovisioned", timeout=30)
+
+    # Stripe delivers the event again (the worker's sweep would, too).
+    assert deliver(stack, again[1]).status == 200
+    [(new_sid,)] = stack.sql("SELECT id FROM public.subscriptions WHERE account_id = %s AND id <> %s",
+                             acc, sid)
+    second, mail = welcome_email(stack, resend, str(new_sid), email)
+    assert second["frontend_url"] == first["frontend_url"]
+    assert stack.sql("SELECT storage_taken_by FROM public.instances WHERE id = %s",
+                     first["id"]) == [(second["id"],)]
+    assert mail.json["subject"] == "Your MindRoom is back"
+
+
 def test_a_subscription_whose_first_payment_is_processing_refuses_a_second_checkout(stack, stripe, prov):
     """Paid by bank debit: Stripe completes the session (payment_status unpaid) and
     keeps the subscription incomplete until the debit clears, days later. No

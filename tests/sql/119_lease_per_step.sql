@@ -4,11 +4,17 @@
 BEGIN;
 SELECT plan(12);
 
+-- Each case on an account of its own: a new subscription of an account whose only
+-- instance is being destroyed waits for that destroy (202_resubscribed_while_removed).
+INSERT INTO auth.users (id, email) VALUES
+  ('99200000-0000-4000-8000-0000000000a0', 'lease119a@example.com'),
+  ('99300000-0000-4000-8000-0000000000a0', 'lease119b@example.com'),
+  ('99400000-0000-4000-8000-0000000000a0', 'lease119c@example.com');
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
   ('99100000-0000-4000-8000-000000000001', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'),
-  ('99200000-0000-4000-8000-000000000002', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'),
-  ('99300000-0000-4000-8000-000000000003', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active'),
-  ('99400000-0000-4000-8000-000000000004', '5eed5eed-0000-4000-8000-000000000001', 'price_starter', 'starter', 'active');
+  ('99200000-0000-4000-8000-000000000002', '99200000-0000-4000-8000-0000000000a0', 'price_starter', 'starter', 'active'),
+  ('99300000-0000-4000-8000-000000000003', '99300000-0000-4000-8000-0000000000a0', 'price_starter', 'starter', 'active'),
+  ('99400000-0000-4000-8000-000000000004', '99400000-0000-4000-8000-0000000000a0', 'price_starter', 'starter', 'active');
 
 CREATE TEMP TABLE r (k text PRIMARY KEY, v jsonb);
 GRANT ALL ON r TO service_role;
