@@ -119,11 +119,13 @@ static int fingerprint(const char *path, const char *form, char hex[65])
 /* Fills out from a {"object_id", "url", "expires_at"} object. */
 static mr_err take_result(const cJSON *v, int reused, mr_billing_result *out)
 {
-    const char *id = NULL, *url = NULL;
+    const char *id = NULL, *url = NULL, *attempt = NULL;
     int64_t exp = 0;
     if (mr_json_str(v, "object_id", &id) != MR_OK || !*id)
         return MR_EINTERNAL;
     mr_json_str(v, "url", &url);
+    if (reused && mr_json_str(v, "attempt_id", &attempt) == MR_OK)
+        snprintf(out->attempt_id, sizeof out->attempt_id, "%s", attempt);
     mr_json_i64(v, "expires_at", 0, INT64_MAX, &exp);
     out->object_id = strdup(id);
     out->url = url ? strdup(url) : NULL;

@@ -29,6 +29,8 @@ typedef struct {
     char *url;           /* its url, NULL when it has none (customers) */
     int64_t expires_at;  /* Unix seconds, 0 when it has none */
     int reused;          /* 1: answered from a stored attempt; Stripe was not called */
+    char attempt_id[40]; /* reused checkout: that attempt's id (to record the session's
+                            end); "" otherwise */
 } mr_billing_result;
 
 /* Makes the POST to `path` with `params` as attempt `kind` ("customer",

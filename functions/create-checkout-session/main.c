@@ -24,7 +24,11 @@
  *      account that never had a subscription, promotion codes when
  *      STRIPE_ALLOW_PROMOTION_CODES is on.
  * Steps 3 and 4 are attempts (lib/mr_billing.h): a call repeated after a lost
- * answer gets the same customer and the same open session, never new ones.
+ * answer gets the same customer and the same open session, never new ones. A
+ * session answered again so is read at Stripe first: one that expired there (an
+ * operator, the API) is recorded abandoned and a new one made; one complete (paid,
+ * its subscription still on its way) is recorded paid and answered 409
+ * checkout_completed.
  *   5. Only the newest session can be paid: the account's older sessions that
  *      may still be open are expired at Stripe and recorded abandoned
  *      (sql/migrations/122_checkout_supersedes.sql). Stripe refuses to expire one
@@ -135,14 +139,16 @@ typedef enum {
                      another checkout of the account expired it): nothing to pay */
     COMPLETE,     /* no longer open because it was completed: paid, or its payment processing */
     NOT_EXPIRED,  /* no answer, or another refusal: it stays open until it expires */
-    UNSURE        /* refused as no longer open, but what it is now could not be read */
+    UNSURE,       /* refused as no longer open, but what it is now could not be read */
+    OPEN          /* read: still open (a session about to be handed out again) */
 } expiry;
 
-/* What a checkout session Stripe refused to expire is now: GET
- * /v1/checkout/sessions/{id} and its status. Stripe refuses the expiry of any session
- * that is not open with the same 400 (invalid_request_error, no code, the status only
- * in its message), whether it was paid or had merely expired already. Fills why (for
- * the attempt's record) and returns COMPLETE, WAS_EXPIRED or UNSURE. */
+/* What a checkout session is now: GET /v1/checkout/sessions/{id} and its status, for
+ * one Stripe refused to expire and for one about to be handed out again. Stripe
+ * refuses the expiry of any session that is not open with the same 400
+ * (invalid_request_error, no code, the status only in its message), whether it was
+ * paid or had merely expired already. Fills why for a COMPLETE one (for the attempt's
+ * record) and returns COMPLETE, WAS_EXPIRED, OPEN or UNSURE (not read, or neither). */
 static expiry read_session(mr_req *r, const char *session, int64_t deadline, char *why,
                            size_t len)
 {
@@ -162,11 +168,12 @@ static expiry read_session(mr_req *r, const char *session, int64_t deadline, cha
         x = COMPLETE;
     else if (strcmp(status, "expired") == 0 && strcmp(payment, "paid") != 0)
         x = WAS_EXPIRED;
+    else if (strcmp(status, "open") == 0)
+        x = OPEN;
     if (x == COMPLETE)
         snprintf(why, len, "complete at Stripe (payment_status %.40s)", payment);
     else if (e != MR_OK)
-        mr_log(MR_LOG_WARN, "checkout session %.64s is no longer open, and reading it failed: %s",
-               session, err);
+        mr_log(MR_LOG_WARN, "reading checkout session %.64s failed: %s", session, err);
     else if (x == UNSURE)
         mr_log(MR_LOG_ERROR, "checkout session %.64s is no longer open but %.40s (payment_status "
                "%.40s) at Stripe (request %s)", session, status, payment, res.request_id);
@@ -199,8 +206,13 @@ static expiry expire_session(mr_req *r, const char *session, int64_t deadline, c
     mr_stripe_api_result_free(&res);
     if (e == MR_OK || (e == MR_EINTERNAL && status == 404))
         return EXPIRED;
-    if (e == MR_EINTERNAL && status == 400)
-        return read_session(r, session, deadline, why, len);
+    if (e == MR_EINTERNAL && status == 400) {
+        expiry x = read_session(r, session, deadline, why, len);
+        if (x == OPEN)
+            mr_log(MR_LOG_ERROR, "checkout session %.64s was refused its expiry, yet reads open",
+                   session);
+        return x == OPEN ? UNSURE : x;
+    }
     mr_log(MR_LOG_WARN, "could not expire checkout session %.64s: %s", session, err);
     return NOT_EXPIRED;
 }
@@ -404,6 +416,14 @@ static mr_err find_customer(mr_req *r, const char *account, const char *email, i
     return e;
 }
 
+/* A checkout of the account was paid and its subscription is not recorded yet. */
+static void reply_checkout_paid(mr_req *r)
+{
+    mr_reply_error(r, 409, "checkout_completed",
+                   "a checkout of this account was paid; its subscription is being set up "
+                   "(manage it in the billing portal)");
+}
+
 static void handle(mr_req *r)
 {
     if (!stripe.secret_key) {
@@ -438,9 +458,7 @@ static void handle(mr_req *r)
     /* Its subscription is on its way: anything sent now could be paid a second time
      * (a session a failed expiry left open would be answered again). */
     if (acc.checkout_paid) {
-        mr_reply_error(r, 409, "checkout_completed",
-                       "a checkout of this account was paid; its subscription is being set up "
-                       "(manage it in the billing portal)");
+        reply_checkout_paid(r);
         return;
     }
 
@@ -514,9 +532,31 @@ static void handle(mr_req *r)
     mr_billing_result s;
     mr_err e = mr_billing_call(r, &stripe, account, "checkout", "/v1/checkout/sessions", p,
                                deadline, &s);
+    /* A session answered again from its attempt (the same plan clicked again within the
+     * hour) may have ended at Stripe since: expired there (by an operator, through the
+     * API), or paid with its subscription still on its way. Read, it is recorded so,
+     * and an expired one replaced by a new session; one that cannot be read is handed
+     * out as before. */
+    int paid = 0;
+    if (e == MR_OK && s.reused && s.attempt_id[0]) {
+        char seen[120] = "";
+        expiry x = read_session(r, s.object_id, deadline, seen, sizeof seen);
+        if (x == WAS_EXPIRED || x == COMPLETE) {
+            e = x == COMPLETE ? record_paid(r, s.attempt_id, seen, &paid)
+                              : abandon(r, s.attempt_id, WAS_EXPIRED_WHY);
+            mr_billing_result_free(&s);
+            if (e == MR_OK && !paid)
+                e = mr_billing_call(r, &stripe, account, "checkout", "/v1/checkout/sessions", p,
+                                    deadline, &s);
+        }
+    }
     cJSON_Delete(p);
     if (e != MR_OK)
         return;
+    if (paid) {
+        reply_checkout_paid(r);
+        return;
+    }
     if (!s.url) {
         mr_billing_result_free(&s);
         mr_reply_error(r, 502, "stripe_error", "the payment provider sent a session without a URL");

@@ -207,6 +207,34 @@ def test_a_double_click_creates_one_customer_and_one_session(stack, stripe):
     assert [s["id"] for s in stripe.sessions.values() if s["client_reference_id"] == acc] == [a.json["id"]]
 
 
+def test_the_same_plan_clicked_again_after_its_session_ended_at_stripe_is_not_handed_that_session(
+        stack, stripe):
+    """The same plan clicked again within the hour gets the session the first click
+    made, unless it ended at Stripe meanwhile: one an operator expired in the
+    Dashboard is recorded abandoned and replaced by a new, payable session (not a page
+    that says it expired, at every click); one paid whose subscription is still on its
+    way is answered 409 checkout_completed."""
+    acc, _, tok = user(stack)
+    a = checkout(stack, tok, tier="starter", interval="month")
+    assert a.status == 200, a
+    again = checkout(stack, tok, tier="starter", interval="month")
+    assert again.status == 200 and again.json == a.json, again      # a reload: the same one
+    stripe.expire_outside(a.json["id"])
+    b = checkout(stack, tok, tier="starter", interval="month")
+    assert b.status == 200 and b.json["id"] != a.json["id"], b
+    assert stripe.sessions[b.json["id"]]["status"] == "open", (b.json, attempts(stack, acc))
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states[a.json["id"]] == "abandoned", states
+
+    stripe.complete(b.json["id"])          # paid; its webhook events are not delivered yet
+    c = checkout(stack, tok, tier="starter", interval="month")
+    assert c.status == 409 and error(c)["code"] == "checkout_completed", c
+    states = {obj: st for kind, st, _, obj, _ in attempts(stack, acc) if kind == "checkout"}
+    assert states[b.json["id"]] == "completed", states
+    assert [s for s in stripe.sessions.values()
+            if s["client_reference_id"] == acc and s["status"] == "open"] == []
+
+
 def test_stripe_down_then_back(stack, stripe):
     acc, _, tok = user(stack)
     stripe.down()
