@@ -120,8 +120,9 @@ SELECT public.billing_attempt_succeeded((pg_temp.begin('checkout', 's1') ->> 'at
                                         'cs_1', 'https://checkout.test/cs_1',
                                         extract(epoch FROM now() + interval '24 hours')::bigint, false);
 SELECT is(pg_temp.begin('checkout', 's1') - 'expires_at',
-          '{"state": "done", "object_id": "cs_1", "url": "https://checkout.test/cs_1"}',
-          'the same checkout request gets the same open session');
+          jsonb_build_object('state', 'done', 'object_id', 'cs_1', 'url', 'https://checkout.test/cs_1',
+                             'attempt_id', (SELECT b.id FROM public.billing_attempts b WHERE b.object_id = 'cs_1')),
+          'the same checkout request gets the same open session, and the attempt that made it');
 UPDATE public.billing_attempts SET created_at = now() - interval '2 hours' WHERE object_id = 'cs_1';
 SELECT is(pg_temp.begin('checkout', 's1') ->> 'state', 'send', 'an older one does not');
 -- Stripe keeps keys 24 hours: a pending attempt older than 23 is never resumed.
