@@ -13,10 +13,10 @@
  *   401 no token, not a token, unknown or revoked (a rotated token stops working
  *       with the rotation's commit); 400 a bad body (nothing counted).
  * With "Idempotency-Key: <1-255 visible ASCII characters>", a report whose key the
- * instance used before (until the end of the day after) counts nothing: it is
- * answered as the first one was, with the counters as they are and
- * "Idempotent-Replayed: true"; 422 when that first report named another agent or
- * tool.
+ * instance used before (until the end of the day after) for a counted report counts
+ * nothing: it is answered as the first one was, with the counters as they are and
+ * "Idempotent-Replayed: true"; one whose key holds a refusal is judged again; 422
+ * when that first report named another agent or tool.
  *
  * Verification: the token's key id finds its credential (public.instance_tokens:
  * instance id and SHA-256 of the token), and the hashes are compared in constant

@@ -949,6 +949,29 @@ def test_a_report_sent_again_with_its_key_is_counted_once(stack, dokku):
     assert usage(stack, iid)[0] == 2
 
 
+def test_a_report_refused_at_the_limit_and_sent_again_with_its_key_counts_once_the_limit_lifts(
+        stack, dokku):
+    """A report refused at the day's limit counted nothing. Sent again with its
+    Idempotency-Key once the limit lifted (here a larger limit the same day), the
+    message gets through, counted once; it is not refused again for good."""
+    c, inst = live_instance(stack, "starter")
+    iid, token = str(inst["id"]), token_of(dokku, inst)
+    stack.sql("UPDATE public.subscriptions SET max_messages_per_day = 1 WHERE id = %s", c.sid)
+    assert report(stack, token, {"agent": "general"},
+                  headers={"Idempotency-Key": "msg-" + uuid.uuid4().hex}).status == 200
+    key = {"Idempotency-Key": "msg-" + uuid.uuid4().hex}
+    r = report(stack, token, {"agent": "general"}, headers=key)
+    assert r.status == 429 and r.headers.get("Retry-After"), r
+    stack.sql("UPDATE public.subscriptions SET max_messages_per_day = 5 WHERE id = %s", c.sid)
+    again = report(stack, token, {"agent": "general"}, headers=key)
+    assert again.status == 200 and again.headers.get("Idempotent-Replayed") is None, again
+    assert again.json["remaining"] == 3, again
+    assert usage(stack, iid)[0] == 2
+    once_more = report(stack, token, {"agent": "general"}, headers=key)
+    assert once_more.status == 200 and once_more.headers.get("Idempotent-Replayed") == "true", once_more
+    assert usage(stack, iid)[0] == 2
+
+
 def test_a_days_limit_resets_at_midnight_utc_whatever_the_databases_zone(pg):
     """The day an instance's messages count in, and when its limit resets, are UTC's,
     as every date the customer is told: not the database server's zone (here UTC+14,

@@ -54,7 +54,7 @@ SELECT is(pg_temp.report('k5', 'aaaaaaaa-0000-4000-8000-000000000003', '00000000
 SELECT is(pg_temp.v('k5') ->> 'outcome', 'key_reused', 'too');
 SELECT is(pg_temp.sent(), 3, 'neither counted');
 
--- 3. A refusal is kept as such; keys are each instance's own ------------------------------
+-- 3. A refusal; keys are each instance's own -----------------------------------------------
 UPDATE public.subscriptions SET current_messages_today = 1000
  WHERE id = 'aaaaaaaa-0000-4000-8000-000000000002';
 SELECT is(pg_temp.report('k7', 'aaaaaaaa-0000-4000-8000-000000000003', '00000000000000a1',
