@@ -146,7 +146,9 @@ def test_a_repeated_call_after_a_lost_answer_creates_nothing_new(stack, stripe):
     n = len(stripe.requests)
     again = checkout(stack, tok, tier="professional", interval="year")
     assert again.status == 200 and again.json == first.json
-    assert len(stripe.requests) == n, "Stripe was called again"
+    # Nothing is made again: Stripe is only asked whether that session is still open.
+    assert [(r.method, r.path) for r in stripe.requests[n:]] == [
+        ("GET", "/v1/checkout/sessions/" + first.json["id"])], "Stripe was asked for more"
     assert len([a for a in attempts(stack, acc) if a[0] == "checkout"]) == 1
 
     # Another plan is another request: a new session (new key), the same customer.
