@@ -116,10 +116,10 @@ static void answer(mr_req *r, const char *result, const char *evt_err, const cha
 {
     if (!strcmp(result, "deferred")) {
         /* Recorded with its error; Stripe retries (the account may be linked by then,
-         * the instance's names free). The code is the database's, of a fixed set. */
-        if (!code || strcmp(code, "instance_names_taken"))
-            code = "account_not_found";
-        mr_reply_error(r, 503, code, "%s", evt_err ? evt_err : "not applicable yet");
+         * the instance's names free). The reason's code is the database's
+         * (stripe_handle_event), which names each. */
+        mr_reply_error(r, 503, code ? code : "account_not_found", "%s",
+                       evt_err ? evt_err : "not applicable yet");
         return;
     }
     /* The answers without a message are constants: most deliveries get one. */

@@ -27,12 +27,23 @@
 -- Stripe's redelivery or the worker's Stripe sweep (30 s, doubling, at most an hour
 -- apart), and marked failed after STRIPE_DEFER_MAX_HOURS, for the operator.
 --
+-- An invoice of a deleted account's customer has its subscription cancelled at
+-- Stripe, also one the database never recorded. An account's deletion cancels the
+-- subscriptions it has rows for (137); one whose first event was recorded failed (a
+-- price the catalogue lacked, or an event deferred past STRIPE_DEFER_MAX_HOURS) has
+-- none, and Stripe went on billing it every period, each invoice.paid recorded on no
+-- account (180) and nothing else. Such an invoice now records its subscription's
+-- cancellation (stripe_deleted_account_subscription, as a subscription event of a
+-- deleted account does, 159): once per subscription, and one Stripe cancelled already
+-- answers 404, which the worker counts as done.
+--
 -- provision-instance's 409 now says which holds the names (the trigger's message),
 -- not always "the instance names of this subscription are still taken", which stays
 -- for a live instance under them.
 --
 -- Redefines public.instances_names_of_kept_data (190_kept_storage_rule.sql),
--- public.stripe_handle_event (180_deleted_account_invoices.sql) and
+-- public.stripe_handle_event (180_deleted_account_invoices.sql: the deferral, the
+-- 'code', the WHEN 'invoice' branch) and
 -- public.lifecycle_provision (154_operator_stop_audited.sql: its unique_violation
 -- handler), each whole and unchanged but for the lines named above. CREATE OR REPLACE
 -- keeps their grants.
@@ -120,6 +131,7 @@ DECLARE
     v_refusal  jsonb;
     v_account  uuid;
     v_ref      text;
+    v_stripe_sub text;
     v_meta     text;
     v_cust     text;
     r          record;
@@ -212,13 +224,22 @@ BEGIN
             WHEN 'invoice' THEN
                 -- An invoice of a deleted account's customer (the last period's, a
                 -- proration, a payment retried after the deletion) is recorded on no
-                -- account, with its customer; one of a customer not known yet (its
-                -- checkout's link still on its way) is deferred as before.
+                -- account, with its customer, and its subscription is to be cancelled
+                -- at Stripe (stripe_cancellations: once; one cancelled already is
+                -- Stripe's 404, done): the deletion cancelled only the subscriptions
+                -- it had rows for, and one whose first event failed has none. One of a
+                -- customer not known yet (its checkout's link still on its way) is
+                -- deferred as before.
                 v_cust := public.stripe_id(v_obj -> 'customer');
+                v_stripe_sub := public.stripe_id(coalesce(v_obj -> 'subscription',
+                                                          v_obj #> '{parent,subscription_details,subscription}'));
                 BEGIN
                     v_account := public.stripe_account_for(v_cust, NULL);
                 EXCEPTION WHEN SQLSTATE 'MRW01' THEN
-                    IF public.stripe_deleted_account(v_cust, NULL) IS NULL THEN
+                    IF NOT public.stripe_deleted_account_subscription(
+                               v_stripe_sub, v_cust, NULL,
+                               CASE WHEN v_type = 'invoice.paid' THEN 'active'
+                                    ELSE 'past_due' END::public.subscription_status) THEN
                         RAISE;
                     END IF;
                     v_account := NULL;
@@ -228,8 +249,7 @@ BEGIN
                     'event_id', v_id,
                     'customer', v_cust,
                     'invoice_id', v_obj ->> 'id',
-                    'subscription', public.stripe_id(coalesce(v_obj -> 'subscription',
-                                                              v_obj #> '{parent,subscription_details,subscription}')),
+                    'subscription', v_stripe_sub,
                     'amount_due', v_obj -> 'amount_due',
                     'amount_paid', v_obj -> 'amount_paid',
                     'currency', v_obj -> 'currency',

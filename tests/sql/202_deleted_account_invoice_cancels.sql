@@ -1,4 +1,4 @@
--- 206_deleted_account_invoice_cancels.sql (206_deleted_account_invoice_cancels.sql,
+-- 202_deleted_account_invoice_cancels.sql (202_resubscribed_while_removed.sql,
 -- stripe_handle_event's invoice branch): a subscription whose first event failed (a
 -- price the catalogue lacks) has no row, so deleting the account did not cancel it at
 -- Stripe; its next invoice, of the deleted account's customer, records its
