@@ -161,6 +161,32 @@ def test_an_sso_user_with_a_password_users_email_signs_up_and_gets_an_account(su
     finally:
         supa.sql("supa", "DELETE FROM auth.users WHERE id IN (%s, %s)", (pw, sso), user="supabase_auth_admin")
 
+def test_a_user_supabase_auth_deletes_softly_loses_its_account(supa):
+    """The admin API's should_soft_delete keeps the auth.users row: Supabase Auth's one
+    UPDATE (as supabase_auth_admin) sets deleted_at and obfuscates the email. The
+    account goes as with a delete (its customer recorded for what Stripe sends later),
+    and the obfuscated email makes no account."""
+    uid = "dddddddd-0000-4000-8000-000000000004"
+    try:
+        supa.sql("supa", "INSERT INTO auth.users (id, email) VALUES (%s, 'soft@example.com')", (uid,),
+                 user="supabase_auth_admin")
+        supa.sql("supa", "UPDATE public.accounts SET stripe_customer_id = 'cus_soft' WHERE id = %s", (uid,))
+        supa.sql("supa", "UPDATE auth.users SET updated_at = now() WHERE id = %s", (uid,),
+                 user="supabase_auth_admin")
+        assert supa.sql("supa", "SELECT count(*) FROM public.accounts WHERE id = %s", (uid,)) == [(1,)]
+        supa.sql("supa", "UPDATE auth.users SET email = 'obfuscated@example.invalid', phone = NULL, "
+                         "deleted_at = now() WHERE id = %s", (uid,), user="supabase_auth_admin")
+        assert supa.sql("supa", "SELECT count(*) FROM public.accounts WHERE id = %s", (uid,)) == [(0,)]
+        assert supa.sql("supa", "SELECT stripe_customer_id FROM public.deleted_account_customers "
+                                "WHERE account_id = %s", (uid,)) == [("cus_soft",)]
+        supa.sql("supa", "UPDATE auth.users SET raw_user_meta_data = '{}' WHERE id = %s", (uid,),
+                 user="supabase_auth_admin")
+        assert supa.sql("supa", "SELECT count(*) FROM public.accounts WHERE id = %s", (uid,)) == [(0,)]
+    finally:
+        supa.sql("supa", "DELETE FROM auth.users WHERE id = %s", (uid,), user="supabase_auth_admin")
+        supa.sql("supa", "DELETE FROM public.deleted_account_customers WHERE account_id = %s", (uid,))
+
+
 def test_applying_twice_is_a_no_op(supa):
     roles = supa.sql("supa", ROLES_SNAPSHOT)
     dump = supa.dump_schema("supa")
