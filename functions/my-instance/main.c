@@ -119,7 +119,7 @@ static void restart(mr_req *r, const char *id)
         else if (!strcmp(st, "deprovisioned"))
             st = "destroyed";
         else if (!strcmp(st, "failed"))
-            st = "not running (a step failed)";
+            st = "not running"; /* a step failed, or the health checks: the notice says */
         mr_reply_error(r, 409, "not_running", "the instance is %s: only a running instance is "
                        "restarted%s%s", st, notice ? ". " : "", notice ? notice : "");
     } else if (!strcmp(outcome, "rate_limited")) {
