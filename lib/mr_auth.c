@@ -61,8 +61,10 @@ static mr_err int_setting(const char *name, int64_t def, int64_t min, int64_t ma
     return e;
 }
 
-/* An http(s) URL without whitespace; trailing slashes dropped. malloc'd copy. */
-static mr_err url_setting(const char *name, const char *value, char **out, char *err, size_t errlen)
+/* An http(s) URL without whitespace; trailing slashes dropped unless `exact` (an issuer
+ * is compared with a token's `iss` as it is written). malloc'd copy. */
+static mr_err url_setting(const char *name, const char *value, int exact, char **out, char *err,
+                          size_t errlen)
 {
     *out = NULL;
     if (strncmp(value, "http://", 7) != 0 && strncmp(value, "https://", 8) != 0)
@@ -72,19 +74,20 @@ static mr_err url_setting(const char *name, const char *value, char **out, char 
             return mr_seterr(err, errlen, MR_EINVAL, "%s contains whitespace or control characters",
                              name);
     size_t n = strlen(value);
-    while (n > 0 && value[n - 1] == '/')
+    while (!exact && n > 0 && value[n - 1] == '/')
         n--;
     *out = strndup(value, n);
     return *out ? MR_OK : mr_seterr(err, errlen, MR_EINTERNAL, "out of memory");
 }
 
-/* "<SUPABASE_URL><suffix>", or the explicit setting `name` when given. */
-static mr_err derived_url(const char *name, const char *base, const char *suffix, char **out,
-                          char *err, size_t errlen)
+/* "<SUPABASE_URL><suffix>", or the explicit setting `name` when given (as it is, when
+ * `exact`). */
+static mr_err derived_url(const char *name, const char *base, const char *suffix, int exact,
+                          char **out, char *err, size_t errlen)
 {
     const char *v = env(name);
     if (v)
-        return url_setting(name, v, out, err, errlen);
+        return url_setting(name, v, exact, out, err, errlen);
     if (!base)
         return mr_seterr(err, errlen, MR_EINVAL,
                          "SUPABASE_URL (or %s) is required with SUPABASE_AUTH_MODE jwks or both", name);
@@ -155,12 +158,12 @@ static mr_err load(mr_auth *a, char *err, size_t errlen)
 
     char *base = NULL;
     const char *url = env("SUPABASE_URL");
-    if (url && (e = url_setting("SUPABASE_URL", url, &base, err, errlen)) != MR_OK)
+    if (url && (e = url_setting("SUPABASE_URL", url, 0, &base, err, errlen)) != MR_OK)
         return e;
-    e = derived_url("SUPABASE_JWKS_URL", base, "/auth/v1/.well-known/jwks.json", &a->jwks_url,
+    e = derived_url("SUPABASE_JWKS_URL", base, "/auth/v1/.well-known/jwks.json", 0, &a->jwks_url,
                     err, errlen);
     if (e == MR_OK)
-        e = derived_url("SUPABASE_JWT_ISSUER", base, "/auth/v1", &a->issuer, err, errlen);
+        e = derived_url("SUPABASE_JWT_ISSUER", base, "/auth/v1", 1, &a->issuer, err, errlen);
     free(base);
     if (e != MR_OK)
         return e;

@@ -533,6 +533,44 @@ static void test_oauth_client_tokens(void **state)
     mr_auth_free(a);
 }
 
+/* An issuer set explicitly is the `iss` Supabase Auth writes, trailing slash and all:
+ * compared as it is written, never trimmed like the URLs. */
+static void test_explicit_issuer_is_exact(void **state)
+{
+    (void)state;
+    const test_key *keys[] = {&ec1};
+    char err[256] = "", *doc = tk_jwks(keys, 1);
+    const char *issuers[] = {"https://auth.example.com/", "https://auth.example.com"};
+    for (size_t i = 0; i < 2; i++) {
+        clear_env();
+        setenv("SUPABASE_AUTH_MODE", "jwks", 1);
+        setenv("SUPABASE_JWKS_URL", "http://127.0.0.1:1/jwks.json", 1);
+        setenv("SUPABASE_JWT_ISSUER", issuers[i], 1);
+        setenv("MR_JWT_LEEWAY_S", "0", 1);
+        mr_auth *a = NULL;
+        assert_int_equal(mr_auth_from_env(&a, err, sizeof(err)), MR_OK);
+        assert_int_equal(mr_jwks_cache_store(mr_auth_jwks(a), doc, strlen(doc), mr_now_ms(), err,
+                                             sizeof(err)), MR_OK);
+        char claims[512];
+        for (size_t j = 0; j < 2; j++) {
+            snprintf(claims, sizeof(claims), "{\"iss\":\"%s\",\"aud\":\"authenticated\",\"sub\":\"" USER
+                     "\",\"role\":\"authenticated\",\"exp\":1700003600,\"iat\":1699996400}", issuers[j]);
+            char *t = tk_sign(&ec1, "ES256", claims);
+            outcome o = bearer(a, t);
+            if (i == j) {
+                assert_int_equal(o.e, MR_OK);
+            } else {
+                assert_int_equal(o.e, MR_EAUTH);
+                assert_non_null(strstr(o.why, "wrong issuer"));
+            }
+            done(&o);
+            free(t);
+        }
+        mr_auth_free(a);
+    }
+    free(doc);
+}
+
 static void test_no_keys_is_503(void **state)
 {
     (void)state;
@@ -562,6 +600,7 @@ int main(void)
         cmocka_unit_test(test_legacy_and_both_modes),
         cmocka_unit_test(test_leeway),
         cmocka_unit_test(test_oauth_client_tokens),
+        cmocka_unit_test(test_explicit_issuer_is_exact),
         cmocka_unit_test(test_no_keys_is_503),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
