@@ -773,14 +773,16 @@ def test_environment_reaches_the_app_but_never_an_answer(stack, prov):
     sid = new_subscription(stack, "starter")
     provision(stack, sid, wait=True)
     secret = "sk-live-" + "z" * 24
+    # Values that are not strings reach the app as the text they were written as.
     stack.sql("UPDATE public.instances SET environment_vars = %s::jsonb WHERE subscription_id = %s",
-              '{"OPENAI_API_KEY": "%s", "N": 3}' % secret, sid)
+              '{"OPENAI_API_KEY": "%s", "N": 3, "RATE": 1.10, "BIG": 123456789012345678}' % secret, sid)
     r = provision(stack, sid, wait=True)                 # environment changed: an update
     assert r.status == 200, r
     assert secret not in r.text
     app = instance(stack, sid)["dokku_app_name"]
     env = creates_for(prov, app)[-1].json["env"]
     assert env["OPENAI_API_KEY"] == secret and env["N"] == "3"
+    assert env["RATE"] == "1.10" and env["BIG"] == "123456789012345678", env
     assert secret not in stack.log("provision-instance")
 
 
