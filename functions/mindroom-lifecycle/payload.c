@@ -41,7 +41,7 @@ static const mr_db_stmt read_env_stmt = {
 static const mr_db_stmt sealed_env_stmt = {
     "mr_pl_sealed_env", "SELECT public.instance_plain_env_sealed($1::uuid, $2::text)::text", 2};
 static const mr_db_stmt put_plain_stmt = {
-    "mr_pl_put_plain", "SELECT public.instance_plain_env_put($1::uuid, $2, $3, $4)", 4};
+    "mr_pl_put_plain", "SELECT public.instance_plain_env_put($1::uuid, $2, $3, $4, $5)", 5};
 static const mr_db_stmt issue_stmt = {
     "mr_pl_issue",
     "SELECT public.instance_secrets_issue($1::uuid, $2::jsonb, $3::jsonb, $4::jsonb)::text", 4};
@@ -107,8 +107,9 @@ static int operator_key(const char *iid, const char *name)
  * in force for each of its names. A sealed value is always newer than the column (an
  * operator's `mindroomctl env set`, whose update may be this very step, or one set
  * after an earlier attempt stored the legacy value and was stopped): it is kept and
- * sent, never replaced by the legacy one. The column is emptied only once every value
- * is stored, and only while it holds what was sealed. */
+ * sent, never replaced by the legacy one. A value is stored, and the column emptied
+ * once every value is, only while the column holds what was read (named by its digest):
+ * a name unset meanwhile is not stored again. */
 static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, size_t errlen)
 {
     const char *p1[] = {iid};
@@ -117,6 +118,9 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
     if (e != MR_OK)
         return e;
     cJSON *vars = text ? mr_json_parse(text, strlen(text)) : NULL;
+    char was[MR_ITOKEN_HASH_HEX_LEN + 1] = ""; /* what was read, named by its digest */
+    if (text)
+        mr_itoken_hash_hex(text, strlen(text), was);
     for (const cJSON *kv = vars ? vars->child : NULL; kv && e == MR_OK; kv = kv->next) {
         char *val = cJSON_IsString(kv) ? strdup(kv->valuestring) : cJSON_PrintUnformatted(kv);
         char *ct = NULL, digest[MR_SECRETS_DIGEST_LEN + 1], *out = NULL;
@@ -125,12 +129,13 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
         if (e == MR_OK)
             e = seal(iid, "env", kv->string, val, &ct, digest, err, errlen);
         if (e == MR_OK) {
-            const char *p[] = {iid, kv->string, ct, digest};
+            const char *p[] = {iid, kv->string, ct, digest, was};
             e = mr_db_call(w->db, &mr_service_identity, &put_plain_stmt, p, NULL, &out, err,
                            errlen);
         }
         /* out: the ciphertext in force; ours, or a sealed value's, opened instead of
-         * the legacy one (NULL: removed meanwhile, and that removal owes an update). */
+         * the legacy one (NULL: removed meanwhile, and that removal owes an update; or
+         * the column changed, and the step fails below). */
         if (e == MR_OK && out && strcmp(out, ct) != 0) {
             OPENSSL_cleanse(val, strlen(val));
             free(val);
@@ -149,8 +154,6 @@ static mr_err move_plain_env(worker *w, const char *iid, cJSON *env, char *err, 
     }
     payload_free(vars); /* the legacy values, wiped as text is below */
     if (e == MR_OK && text) {
-        char was[MR_ITOKEN_HASH_HEX_LEN + 1]; /* what was sealed, named by its digest */
-        mr_itoken_hash_hex(text, strlen(text), was);
         const char *p2[] = {iid, was};
         char *done = NULL;
         e = mr_db_call(w->db, &mr_service_identity, &sealed_env_stmt, p2, NULL, &done, err, errlen);
