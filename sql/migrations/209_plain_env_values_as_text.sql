@@ -17,7 +17,9 @@
 -- before this migration hashes the text it read too, now this one). A column that is
 -- not an object reads as {} and, once that is acknowledged, is emptied.
 --
--- public.instance_plain_env_values (new) is that rule, once. Redefines
+-- public.instance_plain_env_values (new) is that rule, once, and
+-- public.instance_plain_env_sha256 (new) the digest of it that names what was read.
+-- Redefines
 -- public.instance_plain_env (123_plain_env_sealed_first.sql) and
 -- public.instance_plain_env_sealed(uuid, text) (199_plain_env_sealed_by_digest.sql),
 -- whole; CREATE OR REPLACE keeps their grants.
@@ -36,6 +38,19 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION public.instance_plain_env_values(jsonb) FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION public.instance_plain_env_values(jsonb) TO service_role;
+
+-- The lowercase hex SHA-256 of environment_vars as the worker reads it
+-- (instance_plain_env's text): how the worker names what it read.
+CREATE FUNCTION public.instance_plain_env_sha256(p_vars jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$
+    SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
+               public.instance_plain_env_values(p_vars)::text, 'UTF8')), 'hex')
+$$;
+REVOKE ALL ON FUNCTION public.instance_plain_env_sha256(jsonb) FROM PUBLIC, anon, authenticated;
+GRANT EXECUTE ON FUNCTION public.instance_plain_env_sha256(jsonb) TO service_role;
 
 CREATE OR REPLACE FUNCTION public.instance_plain_env(p_instance_id uuid)
 RETURNS jsonb
@@ -58,9 +73,7 @@ BEGIN
     IF v IS NULL OR v = '{}'::jsonb THEN
         RETURN true;
     END IF;
-    IF pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-           public.instance_plain_env_values(v)::text, 'UTF8')), 'hex')
-       IS DISTINCT FROM p_was_sha256 THEN
+    IF public.instance_plain_env_sha256(v) IS DISTINCT FROM p_was_sha256 THEN
         RETURN false;
     END IF;
     UPDATE public.instances SET environment_vars = '{}'::jsonb WHERE id = p_instance_id;

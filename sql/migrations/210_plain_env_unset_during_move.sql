@@ -14,8 +14,7 @@
 -- Now:
 -- - instance_plain_env_put(id, name, ciphertext, digest, was_sha256) (new, what this
 --   worker calls) stores a legacy value only while the column still reads as what the
---   worker read (the SHA-256 of instance_plain_env's text, as instance_plain_env_sealed
---   takes it), under a share lock of the instance's row; otherwise it stores nothing
+--   worker read (instance_plain_env_sha256, as instance_plain_env_sealed takes it), under a share lock of the instance's row; otherwise it stores nothing
 --   and answers the value in force (NULL when none: the step then fails on the
 --   changed column, and the next one reads it again);
 -- - instance_secret_delete locks the instance's row before it deletes, so a store that
@@ -39,8 +38,7 @@ DECLARE
 BEGIN
     SELECT i.environment_vars INTO v_vars FROM public.instances i
      WHERE i.id = p_instance_id FOR SHARE;
-    IF FOUND AND pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-                     public.instance_plain_env_values(v_vars)::text, 'UTF8')), 'hex') = p_was_sha256 THEN
+    IF FOUND AND public.instance_plain_env_sha256(v_vars) = p_was_sha256 THEN
         INSERT INTO public.instance_secrets (instance_id, kind, name, ciphertext, digest)
         VALUES (p_instance_id, 'env', p_name, p_ciphertext, p_digest)
         ON CONFLICT (instance_id, kind, name) DO NOTHING;

@@ -3,22 +3,9 @@ value of that very name: whichever takes the instance's row first, the unset sta
 Two real connections, made the way the worker and mr-secrets make them."""
 import uuid
 
-import psycopg2
 import pytest
 
-from schema_cluster import Cluster, SEED
-from test_schema_account_locks import SEED_SUB, in_thread, session, wait_blocked
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = Cluster()
-    try:
-        assert c.migrate("mindroom").returncode == 0
-        assert c.psql_file("mindroom", SEED).returncode == 0
-        yield c
-    finally:
-        c.close()
+from test_schema_account_locks import SEED_SUB, cluster, in_thread, session, wait_blocked  # noqa: F401
 
 
 @pytest.fixture
