@@ -25,8 +25,17 @@
 -- - for an instance never placed on a target nor provisioned: instance_nowhere (130)
 --   reads attempts = 0 as "no step of it was ever tried", which a destroy skips.
 --
+-- And an instance that is not running and is asked to become something else (an
+-- unpaid subscription's stop, a cancellation's destroy, an operator's request) no
+-- longer tells the tenant what failed before: its error_message (my-instance's
+-- instance.error while it is not running) said "Setting up your instance failed: it
+-- is tried again automatically" for a failed instance being removed, which will not
+-- be tried again. A change of desired_status clears it; the new action's own failure
+-- sets it again (lifecycle_finish). A running instance's error_message is the health
+-- checks' (health.error) and stays. last_error, the operators', stays.
+--
 -- Redefines public.instances_work_owed (188_welcome_email_rejection_held.sql) whole,
--- unchanged but for the block after NEW.owed_action is set.
+-- unchanged but for the block after NEW.owed_action is set and the one before it.
 
 CREATE OR REPLACE FUNCTION public.instances_work_owed()
 RETURNS trigger
@@ -58,6 +67,13 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' AND NEW.claim_action IS NOT NULL AND NEW.attempts > OLD.attempts
           AND NOT coalesce(NEW.claim_action = ANY (OLD.rejected_actions), false) THEN
         NEW.rejected_actions := array_append(OLD.rejected_actions, NEW.claim_action);
+    END IF;
+
+    -- Asked to become something else while not running: what failed before is not
+    -- what happens now.
+    IF TG_OP = 'UPDATE' AND NEW.desired_status IS DISTINCT FROM OLD.desired_status
+       AND NEW.status <> 'running' AND NEW.error_message IS NOT DISTINCT FROM OLD.error_message THEN
+        NEW.error_message := NULL;
     END IF;
 
     v_action := public.lifecycle_owed_action(NEW);

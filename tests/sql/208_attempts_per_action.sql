@@ -1,11 +1,12 @@
 -- 208_attempts_per_action.sql: an owed action counts its own failures. A restart that
 -- kept failing leaves no count to the redeploy the health checks then owe, nor to the
 -- stop an unpaid subscription owes: each backs off from its own first failure, and
--- my-instance does not tell it as failing before it was tried. A step's failure still
+-- my-instance does not tell it as failing before it was tried, nor the failed
+-- instance being stopped as set up again. A step's failure still
 -- counts up across its own retries, and an instance never placed nor provisioned
 -- keeps its count (instance_nowhere reads it).
 BEGIN;
-SELECT plan(10);
+SELECT plan(12);
 \ir _helpers.inc
 
 INSERT INTO public.subscriptions (id, account_id, stripe_price_id, tier, status) VALUES
@@ -79,8 +80,18 @@ SELECT results_eq($$SELECT attempts, pg_temp.backoff() FROM pg_temp.inst()$$, $$
 SELECT public.instance_request((pg_temp.inst()).id, 'stopped');
 SELECT results_eq($$SELECT owed_action::text, attempts FROM pg_temp.inst()$$, $$VALUES ('stop', 0)$$,
                   'a stop billing asks for starts its own count');
-SELECT isnt(pg_temp.tenant_error(), public.instance_step_error('stop', false),
-            'and is not told as failing before it was tried');
+SELECT is(pg_temp.tenant_error(), NULL,
+          'and the failed instance being stopped is told neither as failing to stop, nor as set up again');
+SELECT is((pg_temp.inst()).last_error, 'provisioner 502', 'the operators'' last_error stays');
+
+-- A running instance asked to stop keeps its health checks' error (health.error).
+UPDATE public.instances SET status = 'provisioning' WHERE id = (pg_temp.inst()).id;
+UPDATE public.instances SET status = 'running', error_message = 'timeout after 5000 ms', attempts = 0
+ WHERE id = (pg_temp.inst()).id;
+SELECT public.instance_request((pg_temp.inst()).id, 'running');
+SELECT public.instance_request((pg_temp.inst()).id, 'stopped');
+SELECT is((pg_temp.inst()).error_message, 'timeout after 5000 ms',
+          'a running instance asked to stop keeps the health checks'' error');
 
 -- An instance never placed nor provisioned keeps its count (instance_nowhere).
 SELECT public.lifecycle_provision('72081000-0000-4000-8000-000000000001');
