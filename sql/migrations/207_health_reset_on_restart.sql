@@ -18,8 +18,9 @@
 -- a restart is not a healthy result.
 --
 -- Redefines public.health_reset_on_running (193_health_redeploy_backoff.sql) whole
--- and its trigger instances_health_reset (080_webhook_cost.sql), which fires only
--- when its WHEN holds, so an update that moves neither costs nothing more.
+-- and its trigger instances_health_reset (080_webhook_cost.sql). The trigger's WHEN
+-- is the one statement of when the health columns reset (the function, called only
+-- then, no longer repeats it), so an update that moves neither costs nothing more.
 
 CREATE OR REPLACE FUNCTION public.health_reset_on_running()
 RETURNS trigger
@@ -27,12 +28,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, public
 AS $$
 BEGIN
-    IF NEW.status = 'running' AND (OLD.status IS DISTINCT FROM 'running'
-                                   OR NEW.applied_restart_version > OLD.applied_restart_version) THEN
-        NEW.consecutive_failures := 0;
-        NEW.health_status := NULL;
-        NEW.last_health_check := NULL;
-    END IF;
+    -- Called by instances_health_reset only when its WHEN holds.
+    NEW.consecutive_failures := 0;
+    NEW.health_status := NULL;
+    NEW.last_health_check := NULL;
     RETURN NEW;
 END;
 $$;

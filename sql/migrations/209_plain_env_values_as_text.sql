@@ -19,8 +19,7 @@
 --
 -- public.instance_plain_env_values (new) is that rule, once, and
 -- public.instance_plain_env_sha256 (new) the digest of it that names what was read.
--- Redefines
--- public.instance_plain_env (123_plain_env_sealed_first.sql) and
+-- Redefines public.instance_plain_env (123_plain_env_sealed_first.sql) and
 -- public.instance_plain_env_sealed(uuid, text) (199_plain_env_sealed_by_digest.sql),
 -- whole; CREATE OR REPLACE keeps their grants.
 

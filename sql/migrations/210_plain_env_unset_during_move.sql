@@ -14,8 +14,9 @@
 -- Now:
 -- - instance_plain_env_put(id, name, ciphertext, digest, was_sha256) (new, what this
 --   worker calls) stores a legacy value only while the column still reads as what the
---   worker read (instance_plain_env_sha256, as instance_plain_env_sealed takes it), under a share lock of the instance's row; otherwise it stores nothing
---   and answers the value in force (NULL when none: the step then fails on the
+--   worker read (instance_plain_env_sha256, as instance_plain_env_sealed takes it),
+--   under a share lock of the instance's row: then it is the four-argument store
+--   (136); otherwise it stores nothing and answers the value in force (NULL when none: the step then fails on the
 --   changed column, and the next one reads it again);
 -- - instance_secret_delete locks the instance's row before it deletes, so a store that
 --   holds the lock is committed before the delete looks (and is deleted with it), and
@@ -39,9 +40,7 @@ BEGIN
     SELECT i.environment_vars INTO v_vars FROM public.instances i
      WHERE i.id = p_instance_id FOR SHARE;
     IF FOUND AND public.instance_plain_env_sha256(v_vars) = p_was_sha256 THEN
-        INSERT INTO public.instance_secrets (instance_id, kind, name, ciphertext, digest)
-        VALUES (p_instance_id, 'env', p_name, p_ciphertext, p_digest)
-        ON CONFLICT (instance_id, kind, name) DO NOTHING;
+        RETURN public.instance_plain_env_put(p_instance_id, p_name, p_ciphertext, p_digest);
     END IF;
     SELECT s.ciphertext INTO v FROM public.instance_secrets s
      WHERE s.instance_id = p_instance_id AND s.kind = 'env' AND s.name = p_name;

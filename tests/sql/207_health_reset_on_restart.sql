@@ -24,22 +24,13 @@ BEGIN
     RETURN (v #>> '{step,action}') || ':' || (f ->> 'outcome');
 END;
 $$;
--- One health round's failed result for the instance, counted, the n-th interval
--- (60 s) from now; returns whether it marked the instance failed.
-CREATE FUNCTION pg_temp.fails(p_round integer) RETURNS boolean LANGUAGE sql AS $$
-    SELECT h.marked_failed FROM public.health_record(
-        jsonb_build_array(jsonb_build_object('instance_id', (pg_temp.inst()).id, 'ok', false,
-                                             'health_status', 'unreachable: timeout after 5000 ms',
-                                             'error', 'timeout after 5000 ms')),
-        3, true, now() + make_interval(secs => 60 * p_round), 60) h
-$$;
-GRANT EXECUTE ON FUNCTION pg_temp.inst(), pg_temp.step(jsonb, boolean), pg_temp.fails(integer) TO service_role;
+GRANT EXECUTE ON FUNCTION pg_temp.inst(), pg_temp.step(jsonb, boolean), pg_temp.health_fails(uuid, integer) TO service_role;
 
 SET LOCAL role service_role;
 SELECT public.lifecycle_provision('72070000-0000-4000-8000-000000000001');
 SELECT is(pg_temp.step('{"ok": true, "welcome_email": {"ok": false, "error": "skipped", "retry_in_s": 3600}}', true),
           'create:done', 'created and running');
-SELECT pg_temp.fails(0), pg_temp.fails(1);
+SELECT pg_temp.health_fails((pg_temp.inst()).id, 0), pg_temp.health_fails((pg_temp.inst()).id, 1);
 SELECT is((pg_temp.inst()).consecutive_failures, 2, 'two checks in a row failed');
 RESET role;
 
@@ -52,7 +43,7 @@ SELECT results_eq($$SELECT status::text, consecutive_failures, health_status, la
                       FROM pg_temp.inst()$$,
                   $$VALUES ('running', 0, NULL::text, NULL::timestamptz)$$,
                   'the restarted instance counts afresh and shows no result from before the restart');
-SELECT is(pg_temp.fails(2), false, 'a failed check while it starts again does not fail it');
+SELECT is(pg_temp.health_fails((pg_temp.inst()).id, 2), false, 'a failed check while it starts again does not fail it');
 SELECT results_eq($$SELECT status::text, consecutive_failures FROM pg_temp.inst()$$,
                   $$VALUES ('running', 1)$$, 'it is the first of a new count');
 RESET role;
@@ -64,7 +55,7 @@ SELECT is(pg_temp.step('{"ok": true}', false), 'update:done', 'an update');
 SELECT results_eq($$SELECT consecutive_failures, health_status FROM pg_temp.inst()$$,
                   $$VALUES (1, 'unreachable: timeout after 5000 ms')$$,
                   'keeps the count and the last result: it restarted nothing');
-SELECT is((pg_temp.fails(3), pg_temp.fails(4))::text, '(f,t)',
+SELECT is((pg_temp.health_fails((pg_temp.inst()).id, 3), pg_temp.health_fails((pg_temp.inst()).id, 4))::text, '(f,t)',
           'and the threshold is reached after three failed checks since the restart');
 RESET role;
 

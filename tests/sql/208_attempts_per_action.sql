@@ -34,13 +34,6 @@ $$;
 CREATE FUNCTION pg_temp.backoff() RETURNS integer LANGUAGE sql AS $$
     SELECT round(extract(epoch FROM (pg_temp.inst()).next_attempt_at - now()))::integer
 $$;
-CREATE FUNCTION pg_temp.fails(p_round integer) RETURNS boolean LANGUAGE sql AS $$
-    SELECT h.marked_failed FROM public.health_record(
-        jsonb_build_array(jsonb_build_object('instance_id', (pg_temp.inst()).id, 'ok', false,
-                                             'health_status', 'unreachable: timeout after 5000 ms',
-                                             'error', 'timeout after 5000 ms')),
-        3, true, now() + make_interval(secs => 60 * p_round), 60) h
-$$;
 CREATE FUNCTION pg_temp.tenant_error() RETURNS text LANGUAGE plpgsql AS $$
 DECLARE v text; v_id uuid := (pg_temp.inst()).id;
 BEGIN
@@ -63,7 +56,7 @@ SELECT results_eq($$SELECT status::text, owed_action::text, attempts, pg_temp.ba
                   'a restart that failed five times backs off as its fifth failure (30 s x 2^4)');
 
 -- The health checks fail it: a redeploy (create) is owed.
-SELECT pg_temp.fails(0), pg_temp.fails(1), pg_temp.fails(2);
+SELECT pg_temp.health_fails((pg_temp.inst()).id, n) FROM generate_series(0, 2) n;
 SELECT results_eq($$SELECT status::text, owed_action::text, attempts FROM pg_temp.inst()$$,
                   $$VALUES ('failed', 'create', 0)$$,
                   'the redeploy the health checks owe has failed no time yet');
