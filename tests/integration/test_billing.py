@@ -806,6 +806,32 @@ def test_a_pending_customer_attempt_of_the_users_old_email_is_looked_for_not_lef
         ("checkout", "succeeded", r.json["id"])], rows
 
 
+def test_a_customer_attempt_pending_past_its_resume_is_looked_for_not_made_again(stack, stripe):
+    """A customer attempt whose answer was lost is resumed by the same request for 23
+    hours. A user back a day later sends the same request, but the attempt is given up
+    for a new key: the customer Stripe made behind the first is looked for first and
+    taken, never made a second time."""
+    acc, email, tok = user(stack)
+    stripe.next(("executed", 500, {"Stripe-Should-Retry": "false"}))
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 503 and error(r)["code"] == "stripe_unavailable", r
+    assert [(k, s) for k, s, _, _, _ in attempts(stack, acc)] == [("customer", "pending")]
+    made = made_for(stripe, acc)
+    assert len(made) == 1, made
+    stack.sql("UPDATE public.billing_attempts SET created_at = now() - interval '30 hours' "
+              "WHERE account_id = %s", acc)
+    r = checkout(stack, tok, tier="starter")
+    assert r.status == 200, r
+    assert customer_of(stack, acc) == made[0]
+    assert made_for(stripe, acc) == made
+    calls = stripe.recorded("/v1/customers")
+    assert [(c.method, c.query.get("email")) for c in calls[1:]] == [("GET", email)], calls
+    rows = attempts(stack, acc)
+    assert [(k, s, o) for k, s, _, o, _ in rows] == [
+        ("customer", "abandoned", None), ("customer", "succeeded", made[0]),
+        ("checkout", "succeeded", r.json["id"])], rows
+
+
 def test_a_cancellation_applies_whatever_its_price(stack, stripe, prov):
     """customer.subscription.deleted always means cancelled: a price the catalogue
     lacks (switched to in Stripe's portal, a plan row removed) keeps the recorded
