@@ -485,6 +485,34 @@ def test_adopting_the_old_host_keeps_its_owed_teardown_ahead_of_a_new_instance_t
         host.stop()
 
 
+def test_adopting_takes_no_instance_waiting_for_room(pg, resend):
+    # --adopt gives a registered host what DOKKU_PROVISIONER_URL holds. An instance
+    # that waits for room on the targets there are was never made anywhere: placement
+    # places it where its plan fits, never adopt onto a host without room.
+    h1, h2 = ProvisionerStandin().start(), ProvisionerStandin().start()
+    try:
+        with own_targets(pg, resend, [("h1", h1)], H2_TOKEN=h2.token) as s:
+            ok(ctl(s, "target", "set", "h1", "--capacity-mb", 500))
+            sid = new_subscription(s, "starter", account=new_account(s)[0])
+            assert provision(s, sid).status == 202
+            wait_until(lambda: s.sql("SELECT public.lifecycle_target_wait(i) FROM public.instances i "
+                                     "WHERE subscription_id = %s", sid)[0][0] == "no_capacity",
+                       timeout=10, what="waiting for room")
+            ok(ctl(s, "target", "add", "h2", "--url", h2.url, "--token-ref", "env:H2_TOKEN",
+                   "--capacity-mb", 500, "--adopt"))
+            assert target_of(s, sid) is None
+            assert s.sql("SELECT free_mb FROM public.target_summary() WHERE name = 'h2'") == [(500,)]
+            # Room on h2: placed there by the rule, and made.
+            ok(ctl(s, "target", "set", "h2", "--capacity-mb", 100000))
+            s.sql("SELECT public.lifecycle_wake()")
+            inst = running(s, sid, timeout=30)
+            assert target_of(s, sid) == "h2"
+            assert inst["dokku_app_name"] in h2.apps and not h1.requests
+    finally:
+        h1.stop()
+        h2.stop()
+
+
 def test_a_hung_target_leaves_the_workers_free_for_a_healthy_one(pg, resend):
     # Two targets added with mindroomctl's defaults and the worker's default of two
     # processes (a two-core host). One target accepts connections and never answers:

@@ -475,6 +475,26 @@ def test_stuck_lists_a_step_held_for_an_operator_until_asked_again(stack, prov, 
     assert stuck_line(envfile, iid)[0] is None
 
 
+def test_stuck_lists_a_destroyed_instances_held_purge_not_its_kept_data(stack, prov, envfile, tmp_path):
+    # A destroyed instance's data, kept for its retention, is owed nothing an operator
+    # must see; a purge of it the provisioner rejected is held for one, and listed.
+    _, _, sid, inst = customer_running(stack, prov, envfile, tmp_path)
+    iid = str(inst["id"])
+    ok(ctl("--env", envfile, "deprovision", "--instance", iid, "--mode", "destroy", "--wait"))
+    assert instance(stack, sid)["owed_action"] == "destroy_storage"
+    assert stuck_line(envfile, iid)[0] is None
+    prov.next("reject")
+    fails(ctl("--env", envfile, "purge", "--instance", iid, "--wait"), 1,
+          "deprovision-instance answered HTTP 502")
+    line, out = stuck_line(envfile, iid)
+    assert line and " deprovisioned " in line and " destroy_storage " in line, out
+    assert " held " in line and "rejected: " in line, out
+    ok(ctl("--env", envfile, "purge", "--instance", iid, "--wait"))
+    assert stack.sql("SELECT storage_destroyed_at IS NOT NULL FROM public.instances WHERE id = %s",
+                     iid) == [(True,)]
+    assert stuck_line(envfile, iid)[0] is None
+
+
 def test_stuck_lists_a_running_instance_whose_last_health_check_failed(stack, prov, envfile, tmp_path):
     # What the documented alert on failing checks sends the operator to: the instance
     # and what failed, for as long as its last check failed.
@@ -518,6 +538,29 @@ def test_stuck_lists_a_deleted_accounts_subscription_stripe_still_charges(stack,
     stack.sql("SELECT public.stripe_cancellation_finish(%s, 'cancelled', NULL, 1, 1)", sub)
     out = ok(ctl("--env", envfile, "stuck"))
     assert sub not in out, out
+
+
+def test_a_wait_that_ends_with_the_work_still_owed_exits_1(stack, prov, envfile):
+    # --wait answers only when done: the function's own wait (MR_PROVISION_WAIT_MS,
+    # 8 s here) running out with the step still owed is not success.
+    try:
+        assert concurrency(envfile, "0") == (0, 0)
+        sid = new_subscription(stack, "starter")
+        t0 = time.monotonic()
+        p = ctl("--env", envfile, "provision", sid, "--wait", timeout=60)
+        assert time.monotonic() - t0 >= 8.0
+        fails(p, 1, "provision-instance waited and the work is still owed", "mindroomctl stuck")
+        answer = json.loads(p.stdout)
+        assert answer["instance"]["status"] == "provisioning", answer
+        assert answer["instance"]["owed_action"] == "create", answer
+    finally:
+        stack.sql("UPDATE public.lifecycle_limits SET max_in_flight = 8 WHERE scope = 'global'")
+        stack.sql("SELECT public.lifecycle_wake()")
+    wait_until(lambda: instance(stack, sid)["status"] == "running", timeout=15, what="running")
+    # Without --wait, a 202 is the request recorded: success.
+    iid = str(instance(stack, sid)["id"])
+    r = json.loads(ok(ctl("--env", envfile, "deprovision", "--instance", iid, "--mode", "stop")))
+    assert r["instance"]["owed_action"] == "stop", r
 
 
 def test_concurrency_shows_sets_and_a_raised_limit_is_used_at_once(stack, prov, envfile):
