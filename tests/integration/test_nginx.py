@@ -246,6 +246,9 @@ def test_production_rate_limits_provision_with_json_429(prod):
             assert r.json == {"error": {"code": "rate_limited", "message": "too many requests"}}
             assert r.headers["Content-Type"] == "application/json"
             assert r.headers.get("Retry-After")
+            # A browser's script may read it, and the request id.
+            exposed = {h.strip().lower() for h in r.headers.get("Access-Control-Expose-Headers", "").split(",")}
+            assert {"x-request-id", "retry-after"} <= exposed, r.headers
     # burst=10 at 30 r/min: the first ~11 pass, the rest are limited.
     assert 403 in statuses and statuses.count(429) >= 10, statuses
     # A client that waits the Retry-After it was given is let through: at 30 r/min

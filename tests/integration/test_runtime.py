@@ -372,6 +372,9 @@ def test_requests_nginx_cannot_read_are_answered_json(stack, case, status):
     err = json.loads(body)
     assert set(err) == {"error"} and set(err["error"]) == {"code", "message"}, err
     assert headers.get("Access-Control-Allow-Origin") == "*" and headers.get("X-Request-Id"), headers
+    # ...which the page's script can read (a support report names it).
+    exposed = {h.strip().lower() for h in headers.get("Access-Control-Expose-Headers", "").split(",")}
+    assert {"x-request-id", "retry-after"} <= exposed, headers
 
 
 def test_the_error_pages_are_not_a_path(stack):
