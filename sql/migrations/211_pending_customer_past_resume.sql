@@ -99,12 +99,12 @@ AS $$
           FROM public.billing_attempts b
          WHERE b.account_id = p_account_id AND b.kind = 'customer'
            AND (b.status IN ('failed', 'abandoned')
-                OR (b.status = 'pending' AND b.email IS DISTINCT FROM p_email
-                    AND b.email IS NOT NULL)
-                -- Pending, and given up by the next request soon if not already.
+                -- Pending, and not to be resumed: another email, or given up by the
+                -- next request soon if not already.
                 OR (b.status = 'pending'
-                    AND b.created_at <= now() - public.billing_attempt_resume_window('customer')
-                                              + interval '1 hour')))
+                    AND ((b.email IS NOT NULL AND b.email IS DISTINCT FROM p_email)
+                         OR b.created_at <= now() - public.billing_attempt_resume_window('customer')
+                                                  + interval '1 hour'))))
     SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM unsure) THEN '{}'::text[] ELSE ARRAY(
         SELECT e.email
           FROM (SELECT p_email AS email, 'infinity'::timestamptz AS at
